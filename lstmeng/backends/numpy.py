@@ -1,0 +1,217 @@
+"""NumPy reference backend: the executable specification of the contract.
+
+Every fast backend is tested against this one, so it favours plain, readable
+arithmetic over speed, with the structure that keeps it reasonable: one GEMM
+for the input projection of all steps, one GEMM per step for the recurrence,
+the weight gradients as GEMMs over all steps at the end of the backward.
+With ``training=False`` it keeps no per-step workspace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+
+import numpy as np
+
+from lstmeng import activations
+from lstmeng.backends.base import Backend, SequenceForward, SequenceGrads
+
+
+@dataclasses.dataclass
+class _Workspace:
+    """What the backward needs, time-major and in input time order.
+
+    x: [T, B, I] inputs after input dropout; h_in: [T, B, H] h(t-1) as it
+    entered the recurrence (after recurrent dropout); c_prev: [T, B, H];
+    gates: [T, B, 4H] activated gates (i, f, g, o); cell_act: [T, B, H]
+    activation(c(t)); mask: [T, B] bool or None; seen_before: [T, B] bool, a
+    real step came earlier in processing order (None without mask).
+    """
+
+    x: np.ndarray
+    h_in: np.ndarray
+    c_prev: np.ndarray
+    gates: np.ndarray
+    cell_act: np.ndarray
+    mask: np.ndarray | None
+    seen_before: np.ndarray | None
+    last_real: np.ndarray | None
+    kernel: np.ndarray
+    recurrent_kernel: np.ndarray
+    has_bias: bool
+    activation: str
+    recurrent_activation: str
+    reverse: bool
+    zero_output_for_mask: bool
+    return_sequences: bool
+    input_dropout_mask: np.ndarray | None
+    recurrent_dropout_mask: np.ndarray | None
+
+
+def last_output_rows(mask_tb, reverse: bool, zero_output_for_mask: bool):
+    """Which rows have a nonzero last output, and it equals the final h.
+
+    Args:
+        mask_tb: ``[T, B]`` bool.
+    Returns:
+        ``[B]`` bool: with zero_output_for_mask, the last processed step is
+        real; otherwise the row has any real step.
+    """
+    if zero_output_for_mask:
+        return mask_tb[0] if reverse else mask_tb[-1]
+    return mask_tb.any(axis=0)
+
+
+class NumpyBackend(Backend):
+    """Reference implementation in NumPy (float32 and float64, every activation)."""
+
+    name = "numpy"
+
+    def probe(self) -> str:
+        return f"CPU: {platform.processor() or platform.machine()} (NumPy {np.__version__})"
+
+    def sequence_forward(self, x, h0, c0, kernel, recurrent_kernel, bias, mask=None, *,
+                         activation="tanh", recurrent_activation="sigmoid", reverse=False,
+                         zero_output_for_mask=False, return_sequences=True,
+                         input_dropout_mask=None, recurrent_dropout_mask=None, training=False):
+        act = activations.FUNCTIONS[activation]
+        ract = activations.FUNCTIONS[recurrent_activation]
+        batch, steps, _ = x.shape
+        units = recurrent_kernel.shape[0]
+        dtype = x.dtype
+
+        x_tb = np.swapaxes(x, 0, 1)  # [T, B, I], a view
+        if input_dropout_mask is not None:
+            x_tb = x_tb * input_dropout_mask[None]
+        # One GEMM for every step's input projection: [T*B, I] @ [I, 4H].
+        projection = (np.ascontiguousarray(x_tb).reshape(steps * batch, -1) @ kernel)
+        projection = projection.reshape(steps, batch, 4 * units)
+        if bias is not None:
+            projection += bias
+
+        mask_tb = None if mask is None else np.ascontiguousarray(np.swapaxes(mask, 0, 1))
+        h = np.array(h0, dtype=dtype, copy=True)
+        c = np.array(c0, dtype=dtype, copy=True)
+        previous_output = np.zeros((batch, units), dtype)
+        outputs = np.zeros((batch, steps, units), dtype) if return_sequences else None
+        if training:
+            h_in_all = np.empty((steps, batch, units), dtype)
+            c_prev_all = np.empty((steps, batch, units), dtype)
+            gates_all = np.empty((steps, batch, 4 * units), dtype)
+            cell_act_all = np.empty((steps, batch, units), dtype)
+            seen_before = None if mask is None else np.empty((steps, batch), bool)
+        seen = np.zeros(batch, bool)
+
+        order = range(steps - 1, -1, -1) if reverse else range(steps)
+        for t in order:
+            h_in = h if recurrent_dropout_mask is None else h * recurrent_dropout_mask
+            z = projection[t] + h_in @ recurrent_kernel
+            i = ract(z[:, :units])
+            f = ract(z[:, units:2 * units])
+            g = act(z[:, 2 * units:3 * units])
+            o = ract(z[:, 3 * units:])
+            c_new = f * c + i * g
+            cell_act = act(c_new)
+            h_new = o * cell_act
+            if training:
+                h_in_all[t] = h_in
+                c_prev_all[t] = c
+                gates_all[t] = np.concatenate([i, f, g, o], axis=1)
+                cell_act_all[t] = cell_act
+            if mask_tb is None:
+                h, c, output = h_new, c_new, h_new
+            else:
+                real = mask_tb[t][:, None]
+                if training:
+                    seen_before[t] = seen
+                seen = seen | mask_tb[t]
+                h = np.where(real, h_new, h)
+                c = np.where(real, c_new, c)
+                skipped = np.zeros_like(h_new) if zero_output_for_mask else previous_output
+                output = np.where(real, h_new, skipped)
+            previous_output = output
+            if return_sequences:
+                outputs[:, t] = output
+        if not return_sequences:
+            outputs = previous_output
+
+        workspace = None
+        if training:
+            workspace = _Workspace(
+                x=np.ascontiguousarray(x_tb), h_in=h_in_all, c_prev=c_prev_all, gates=gates_all,
+                cell_act=cell_act_all, mask=mask_tb, seen_before=seen_before,
+                last_real=None if mask_tb is None else last_output_rows(mask_tb, reverse, zero_output_for_mask),
+                kernel=kernel, recurrent_kernel=recurrent_kernel, has_bias=bias is not None,
+                activation=activation, recurrent_activation=recurrent_activation,
+                reverse=reverse, zero_output_for_mask=zero_output_for_mask,
+                return_sequences=return_sequences, input_dropout_mask=input_dropout_mask,
+                recurrent_dropout_mask=recurrent_dropout_mask,
+            )
+        return SequenceForward(outputs=outputs, h=h, c=c, workspace=workspace)
+
+    def sequence_backward(self, doutputs, dh, dc, workspace):
+        ws = workspace
+        dact = activations.DERIVATIVES_FROM_OUTPUT[ws.activation]
+        dract = activations.DERIVATIVES_FROM_OUTPUT[ws.recurrent_activation]
+        steps, batch, units = ws.c_prev.shape
+        dtype = ws.gates.dtype
+
+        dh = np.array(dh, dtype=dtype, copy=True)
+        dc = np.array(dc, dtype=dtype, copy=True)
+        if not ws.return_sequences:
+            # The last output is the final h on the rows where it is not zero.
+            rows = np.ones(batch, bool) if ws.last_real is None else ws.last_real
+            dh += np.where(rows[:, None], doutputs, 0)
+        gate_grads = np.empty((steps, batch, 4 * units), dtype)
+        recurrent_t = ws.recurrent_kernel.T
+
+        order = range(steps) if ws.reverse else range(steps - 1, -1, -1)
+        for t in order:
+            if ws.return_sequences:
+                dy = doutputs[:, t]
+                if ws.mask is not None:
+                    real = ws.mask[t][:, None]
+                    # A masked step's output is the carried h once a real step
+                    # came before it (and not zeroed); its gradient joins dh.
+                    reaches_h = real | (ws.seen_before[t][:, None] & (not ws.zero_output_for_mask))
+                    dy = np.where(reaches_h, dy, 0)
+                dh_total = dh + dy
+            else:
+                dh_total = dh
+            gates = ws.gates[t]
+            i, f, g, o = (gates[:, k * units:(k + 1) * units] for k in range(4))
+            cell_act = ws.cell_act[t]
+            do = dh_total * cell_act
+            dc_total = dc + dh_total * o * dact(cell_act)
+            di = dc_total * g
+            dg = dc_total * i
+            df = dc_total * ws.c_prev[t]
+            dc_prev = dc_total * f
+            dz = np.concatenate(
+                [di * dract(i), df * dract(f), dg * dact(g), do * dract(o)], axis=1)
+            dh_prev = dz @ recurrent_t
+            if ws.recurrent_dropout_mask is not None:
+                dh_prev *= ws.recurrent_dropout_mask
+            if ws.mask is None:
+                dh, dc = dh_prev, dc_prev
+            else:
+                real = ws.mask[t][:, None]
+                dz = np.where(real, dz, 0)
+                dh = np.where(real, dh_prev, dh_total)
+                dc = np.where(real, dc_prev, dc)
+            gate_grads[t] = dz
+
+        flat_gate_grads = gate_grads.reshape(steps * batch, 4 * units)
+        dkernel = ws.x.reshape(steps * batch, -1).T @ flat_gate_grads
+        drecurrent_kernel = ws.h_in.reshape(steps * batch, units).T @ flat_gate_grads
+        dbias = flat_gate_grads.sum(axis=0)
+        dx_tb = (flat_gate_grads @ ws.kernel.T).reshape(steps, batch, -1)
+        if ws.input_dropout_mask is not None:
+            dx_tb *= ws.input_dropout_mask[None]
+        dx = np.ascontiguousarray(np.swapaxes(dx_tb, 0, 1))
+        return SequenceGrads(dx=dx, dh0=dh, dc0=dc, dkernel=dkernel,
+                             drecurrent_kernel=drecurrent_kernel, dbias=dbias)
+
+
+backend = NumpyBackend()

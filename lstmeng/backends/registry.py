@@ -1,0 +1,231 @@
+"""Backend registry: built-in table, entry-point plugins, the process default.
+
+Built-in backends live in one table ``name -> module``; third-party backends
+register through the entry-point group ``lstmeng.backends`` (the entry point
+loads a ``Backend`` instance or subclass). Nothing is imported until a backend
+is asked for, and a backend that fails to import or probe becomes an
+"unavailable: <reason>" row, never an error at ``import lstmeng``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import os
+import threading
+import warnings
+from importlib import metadata
+
+from lstmeng.backends.base import Backend
+
+ENTRY_POINT_GROUP = "lstmeng.backends"
+ENVIRONMENT_VARIABLE = "LSTMENG_BACKEND"
+
+#: name -> module holding a module-level ``backend`` instance.
+BUILTIN_BACKENDS = {
+    "numpy": "lstmeng.backends.numpy",
+    "cython": "lstmeng.backends.cython",
+    "numba_cuda": "lstmeng.backends.numba_cuda",
+    "tensorflow": "lstmeng.backends.tensorflow",
+}
+
+# Preference order for "auto" on host (NumPy) arrays.
+HOST_PREFERENCE = ("cython", "numpy")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendInfo:
+    """One row of ``list_backends()``."""
+
+    name: str
+    available: bool
+    reason: str
+    device: str
+
+
+_lock = threading.RLock()
+_cache: dict[str, tuple[Backend | None, BackendInfo]] = {}
+_plugins: dict[str, metadata.EntryPoint] | None = None
+_default = threading.local()
+_process_default: list[str | None] = [None]
+
+
+def _plugin_entry_points() -> dict[str, metadata.EntryPoint]:
+    global _plugins
+    if _plugins is None:
+        found = {}
+        try:
+            for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
+                if entry_point.name not in BUILTIN_BACKENDS:
+                    found[entry_point.name] = entry_point
+        except Exception as error:  # a broken distribution must not break lstmeng
+            warnings.warn(f"lstmeng: could not read entry points {ENTRY_POINT_GROUP!r}: {error}")
+        _plugins = found
+    return _plugins
+
+
+def known_backend_names() -> list[str]:
+    """Built-in names, then plugin names."""
+    return list(BUILTIN_BACKENDS) + sorted(_plugin_entry_points())
+
+
+def _load(name: str) -> tuple[Backend | None, BackendInfo]:
+    try:
+        if name in BUILTIN_BACKENDS:
+            backend = importlib.import_module(BUILTIN_BACKENDS[name]).backend
+        else:
+            loaded = _plugin_entry_points()[name].load()
+            backend = loaded() if isinstance(loaded, type) else loaded
+        if not isinstance(backend, Backend):
+            raise TypeError(f"{type(backend).__name__} is not an lstmeng.backends.Backend")
+        device = backend.probe()
+        return backend, BackendInfo(name, True, "", device)
+    except Exception as error:  # import errors, missing drivers, plugin bugs: all become reasons
+        reason = f"{type(error).__name__}: {error}" if not isinstance(error, NotImplementedError) else str(error)
+        if name not in BUILTIN_BACKENDS:
+            warnings.warn(f"lstmeng backend plugin {name!r} is unavailable: {reason}")
+        return None, BackendInfo(name, False, reason.strip() or type(error).__name__, "")
+
+
+def _entry(name: str) -> tuple[Backend | None, BackendInfo]:
+    with _lock:
+        if name not in _cache:
+            _cache[name] = _load(name)
+        return _cache[name]
+
+
+def refresh() -> None:
+    """Forget cached probes and plugin lists (after installing a plugin or a driver)."""
+    global _plugins
+    with _lock:
+        _cache.clear()
+        _plugins = None
+
+
+def list_backends() -> list[BackendInfo]:
+    """Every known backend with whether it is available, why not, and its device.
+
+    Example:
+        >>> import lstmeng as le
+        >>> [info.name for info in le.list_backends()][:2]
+        ['numpy', 'cython']
+    """
+    return [_entry(name)[1] for name in known_backend_names()]
+
+
+def _unavailable_message(name: str) -> str:
+    rows = list_backends()
+    available = [row.name for row in rows if row.available]
+    reasons = "; ".join(f"{row.name}: {row.reason}" for row in rows if not row.available)
+    message = f"available backends: {available}"
+    if reasons:
+        message += f"; unavailable: {reasons}"
+    return message
+
+
+def get_backend_object(name: str) -> Backend:
+    """The Backend instance registered as ``name``; ValueError if unknown or unavailable."""
+    if name not in known_backend_names():
+        raise ValueError(f"unknown backend {name!r}; {_unavailable_message(name)}")
+    backend, info = _entry(name)
+    if backend is None:
+        raise ValueError(f"backend {name!r} is unavailable ({info.reason}); {_unavailable_message(name)}")
+    return backend
+
+
+def _check_name(name: str) -> str:
+    if name == "auto":
+        return name
+    get_backend_object(name)
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide default backend by name ("auto" restores automatic choice)."""
+    _process_default[0] = _check_name(name)
+
+
+def get_backend() -> str:
+    """The default backend name in force: a ``use_backend`` scope, else ``set_backend``,
+    else the LSTMENG_BACKEND environment variable, else "auto"."""
+    scoped = getattr(_default, "stack", None)
+    if scoped:
+        return scoped[-1]
+    if _process_default[0] is not None:
+        return _process_default[0]
+    return os.environ.get(ENVIRONMENT_VARIABLE, "auto") or "auto"
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Scoped default backend (per thread).
+
+    Example:
+        >>> import lstmeng as le
+        >>> with le.use_backend("numpy"):
+        ...     le.get_backend()
+        'numpy'
+    """
+    _check_name(name)
+    stack = getattr(_default, "stack", None)
+    if stack is None:
+        stack = _default.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def array_kind(array) -> str:
+    """"tensorflow", "cuda" or "host", decided without importing TensorFlow or Numba."""
+    module = type(array).__module__ or ""
+    if module.startswith(("tensorflow", "tf_keras")):
+        return "tensorflow"
+    if hasattr(array, "__cuda_array_interface__"):
+        return "cuda"
+    return "host"
+
+
+def backend_for_array(array) -> Backend:
+    """The backend whose arrays ``array`` is: numba_cuda, tensorflow, or numpy for host arrays."""
+    kind = array_kind(array)
+    return get_backend_object({"tensorflow": "tensorflow", "cuda": "numba_cuda"}.get(kind, "numpy"))
+
+
+def resolve(requested: str, array, dtype, activation: str, recurrent_activation: str) -> Backend:
+    """Choose the backend for one call.
+
+    ``requested`` is a layer's ``backend`` argument. "auto" defers to the
+    default in force; if that is "auto" too, the input's array type decides:
+    CUDA arrays -> numba_cuda, tf.Tensor -> tensorflow, host arrays -> the
+    first of HOST_PREFERENCE that is available and supports the configuration.
+    A backend named explicitly that cannot run this configuration raises
+    ValueError with the reason.
+    """
+    name = requested if requested != "auto" else get_backend()
+    if name != "auto":
+        backend = get_backend_object(name)
+        try:
+            backend.check_support(dtype, activation, recurrent_activation)
+        except NotImplementedError as error:
+            raise ValueError(f"backend {name!r} cannot run this layer: {error}") from None
+        return backend
+    kind = array_kind(array)
+    candidates = {"tensorflow": ("tensorflow",), "cuda": ("numba_cuda",)}.get(kind, HOST_PREFERENCE)
+    reasons = []
+    for candidate in candidates:
+        backend, info = _entry(candidate)
+        if backend is None:
+            reasons.append(f"{candidate}: {info.reason}")
+            continue
+        try:
+            backend.check_support(dtype, activation, recurrent_activation)
+        except NotImplementedError as error:
+            reasons.append(f"{candidate}: {error}")
+            continue
+        return backend
+    if kind == "host":
+        raise ValueError(f"no backend can run this layer ({'; '.join(reasons)})")
+    raise ValueError(f"input is a {kind} array but no {kind} backend can run it ({'; '.join(reasons)})")

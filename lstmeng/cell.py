@@ -1,0 +1,134 @@
+"""LSTMCell: one step at a time, for decoders and custom loops.
+
+Each ``training=True`` call pushes its workspace on a tape; each ``backward``
+pops the most recent one, so a loop of N steps is backpropagated by N
+``backward`` calls in reverse order. Weight gradients accumulate over those
+calls into ``grads``; they start from zero at the first backward after a
+training call that found the tape empty (a new unrolled sequence). Dropout
+masks are drawn at such a call and reused until the tape is empty again, as
+Keras's cell reuses them over one sequence.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lstmeng import _validation
+from lstmeng._weights import LSTMWeights, prepare_input, prepare_state
+
+
+class LSTMCell(LSTMWeights):
+    """One LSTM step with Keras's cell options (see ``LSTM`` for them).
+
+    Example:
+        >>> import numpy as np, lstmeng as le
+        >>> cell = le.LSTMCell(3, seed=0)
+        >>> x_t = np.ones((2, 4), "float32")
+        >>> h, (h_again, c) = cell(x_t, training=True)
+        >>> dx_t, (dh_prev, dc_prev) = cell.backward(np.ones_like(h))
+        >>> dx_t.shape, dh_prev.shape
+        ((2, 4), (2, 3))
+    """
+
+    def __init__(self, units, **options):
+        super().__init__(units, **options)
+        self._tape = []
+        self._sequence_dropout = (None, None)
+        self._grads_pending_reset = False
+
+    def get_config(self) -> dict:
+        return self._options_config()
+
+    @classmethod
+    def from_config(cls, config: dict) -> "LSTMCell":
+        return cls(**config)
+
+    def __call__(self, x_t, states=None, training=False):
+        """One step.
+
+        Args:
+            x_t: ``[B, I]``.
+            states: ``[h, c]``, each ``[B, H]``; zeros when None.
+            training: apply dropout and keep the step for ``backward``.
+
+        Returns:
+            ``h, [h, c]`` with the new states ``[B, H]``.
+        """
+        backend = self._resolve_backend(x_t)
+        x_t = prepare_input(backend, x_t, self.dtype, "x_t")
+        _validation.check_rank(x_t, "x_t", 2, "(batch, features)")
+        batch, features = _validation.shape_of(x_t)
+        self._ensure_built(features, "x_t")
+        shape = (batch, self.units)
+        if states is None:
+            h, c = backend.zeros(shape, self.dtype), backend.zeros(shape, self.dtype)
+        else:
+            if not isinstance(states, (list, tuple)) or len(states) != 2:
+                raise ValueError(f"states must be a list [h, c] of arrays of shape {shape}")
+            h = prepare_state(backend, states[0], self.dtype, "states[0]", shape)
+            c = prepare_state(backend, states[1], self.dtype, "states[1]", shape)
+        if training and not self._tape:
+            self._sequence_dropout = self._dropout_masks(batch, training=True)
+            self._grads_pending_reset = True
+        input_mask, recurrent_mask = self._sequence_dropout if training else (None, None)
+        if input_mask is not None and input_mask.shape[0] != batch:
+            raise ValueError(f"x_t has batch {batch} but this unrolled sequence started with batch "
+                             f"{input_mask.shape[0]}; backpropagate or call reset_dropout_mask() first")
+        if batch == 0:
+            h_new, c_new, workspace = h, c, None
+        else:
+            kernel, recurrent_kernel, bias = self._weights_for(backend)
+            result = backend.cell_forward(
+                x_t, h, c, kernel, recurrent_kernel, bias,
+                activation=self.activation, recurrent_activation=self.recurrent_activation,
+                input_dropout_mask=None if input_mask is None else backend.asarray(input_mask, self.dtype),
+                recurrent_dropout_mask=None if recurrent_mask is None else backend.asarray(recurrent_mask, self.dtype),
+                training=training)
+            h_new, c_new, workspace = result.h, result.c, result.workspace
+        if training:
+            self._tape.append((backend, workspace, batch))
+        return h_new, [h_new, c_new]
+
+    def reset_dropout_mask(self):
+        """Forget the recorded steps and the dropout masks of the current sequence."""
+        self._tape = []
+        self._sequence_dropout = (None, None)
+
+    def backward(self, dh, dc=None):
+        """Backward of the most recent unconsumed training step.
+
+        Args:
+            dh, dc: ``[B, H]`` gradients of the step's new h and c (dc None = zeros).
+
+        Returns:
+            ``dx_t [B, I], [dh_prev, dc_prev]``; adds the step's weight gradients to ``grads``.
+        """
+        if not self._tape:
+            raise RuntimeError("backward needs a call with training=True first (one backward per step)")
+        backend, workspace, batch = self._tape[-1]
+        shape = (batch, self.units)
+        dh = prepare_input(backend, dh, self.dtype, "dh")
+        _validation.check_shape(dh, "dh", shape)
+        if dc is None:
+            dc = backend.zeros(shape, self.dtype)
+        else:
+            dc = prepare_input(backend, dc, self.dtype, "dc")
+            _validation.check_shape(dc, "dc", shape)
+        self._tape.pop()
+        if workspace is None:
+            dx = backend.zeros((0, self.input_size), self.dtype)
+            step_grads = {name: np.zeros(shape_, self.dtype)
+                          for name, shape_ in self.weight_shapes(self.input_size).items()}
+            dh_prev, dc_prev = dh, dc
+        else:
+            grads = backend.cell_backward(dh, dc, workspace)
+            self._store_grads(backend, grads)
+            step_grads = self.grads
+            dx, dh_prev, dc_prev = grads.dx, grads.dh0, grads.dc0
+        if self._grads_pending_reset:
+            self._accumulated = {name: np.zeros_like(value) for name, value in step_grads.items()}
+            self._grads_pending_reset = False
+        for name, value in step_grads.items():
+            self._accumulated[name] = self._accumulated[name] + value
+        self.grads = dict(self._accumulated)
+        return dx, [dh_prev, dc_prev]

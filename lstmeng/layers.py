@@ -1,0 +1,250 @@
+"""The LSTM layer: Keras's options, explicit backward, any backend.
+
+The layer validates its arguments, turns lengths into a mask, draws dropout
+masks and hands the whole sequence to one backend call; it never loops over
+time in Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from lstmeng import _validation, masking
+from lstmeng._weights import LSTMWeights, prepare_input, prepare_state
+from lstmeng.backends.base import SequenceGrads
+
+
+@dataclasses.dataclass
+class _Tape:
+    """What the last training forward left for ``backward``."""
+
+    backend: Any
+    workspace: Any            # None for an empty batch or zero time steps
+    batch: int
+    steps: int
+    got_initial_state: bool
+
+
+class LSTM(LSTMWeights):
+    """Long short-term memory layer with Keras 3's semantics and an explicit backward pass.
+
+    Args:
+        units: H, the size of the hidden and cell states.
+        activation: "tanh" | "relu" | "sigmoid" | "linear" (cell input and output).
+        recurrent_activation: "sigmoid" | "hard_sigmoid" (gates).
+        use_bias, kernel_initializer, recurrent_initializer, bias_initializer,
+            unit_forget_bias: as in Keras.
+        dropout, recurrent_dropout: inverted-dropout rates in [0, 1) on the
+            inputs and on h(t-1) in the recurrence; one mask per sequence.
+        return_sequences: return ``[B, T, H]`` instead of the last output ``[B, H]``.
+        return_state: also return the final states: ``[y, h, c]``.
+        go_backwards: process the sequence in reverse and return it reversed.
+        stateful: the final states of a call are the initial states of the next.
+        zero_output_for_mask: masked steps output zeros, not the previous output.
+        time_major: x is ``[T, B, I]`` (and sequence outputs ``[T, B, H]``).
+        dtype: "float32" | "float64".
+        backend: a backend name, or "auto" (see ``lstmeng.list_backends``).
+        seed: seeds weight initialization and dropout masks.
+
+    Example:
+        >>> import numpy as np, lstmeng as le
+        >>> lstm = le.LSTM(4, return_sequences=True, seed=0)
+        >>> x = np.ones((2, 3, 5), "float32")
+        >>> y = lstm(x, lengths=[3, 1], training=True)
+        >>> y.shape
+        (2, 3, 4)
+        >>> dx = lstm.backward(np.ones_like(y))
+        >>> dx.shape, lstm.grads["kernel"].shape
+        ((2, 3, 5), (5, 16))
+    """
+
+    def __init__(self, units, *, activation="tanh", recurrent_activation="sigmoid", use_bias=True,
+                 kernel_initializer="glorot_uniform", recurrent_initializer="orthogonal",
+                 bias_initializer="zeros", unit_forget_bias=True, dropout=0.0, recurrent_dropout=0.0,
+                 return_sequences=False, return_state=False, go_backwards=False, stateful=False,
+                 zero_output_for_mask=False, time_major=False, dtype="float32", backend="auto", seed=None):
+        super().__init__(
+            units, activation=activation, recurrent_activation=recurrent_activation, use_bias=use_bias,
+            kernel_initializer=kernel_initializer, recurrent_initializer=recurrent_initializer,
+            bias_initializer=bias_initializer, unit_forget_bias=unit_forget_bias, dropout=dropout,
+            recurrent_dropout=recurrent_dropout, dtype=dtype, backend=backend, seed=seed)
+        self.return_sequences = bool(return_sequences)
+        self.return_state = bool(return_state)
+        self.go_backwards = bool(go_backwards)
+        self.stateful = bool(stateful)
+        self.zero_output_for_mask = bool(zero_output_for_mask)
+        self.time_major = bool(time_major)
+        self.states = None            # [h, c] kept between calls when stateful
+        self.initial_state_grads = None
+        self._tape: _Tape | None = None
+        self._last_states = None
+
+    # -- configuration -----------------------------------------------------------
+    def get_config(self) -> dict:
+        """Constructor arguments as a JSON-friendly dict."""
+        config = self._options_config()
+        config.update(return_sequences=self.return_sequences, return_state=self.return_state,
+                      go_backwards=self.go_backwards, stateful=self.stateful,
+                      zero_output_for_mask=self.zero_output_for_mask, time_major=self.time_major)
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict) -> "LSTM":
+        return cls(**config)
+
+    def reset_state(self, states=None):
+        """Stateful layers: forget the carried states, or set them to ``[h, c]`` each ``[B, H]``."""
+        if states is None:
+            self.states = None
+            return
+        if not isinstance(states, (list, tuple)) or len(states) != 2:
+            raise ValueError("states must be a list [h, c] of two arrays of shape (batch, units)")
+        h = _validation.check_numeric_array(states[0], "states[0]", self.dtype)
+        c = _validation.check_numeric_array(states[1], "states[1]", self.dtype)
+        _validation.check_rank(h, "states[0]", 2, "(batch, units)")
+        _validation.check_shape(h, "states[0]", (h.shape[0], self.units))
+        _validation.check_shape(c, "states[1]", h.shape)
+        self.states = [h.copy(), c.copy()]
+
+    # -- forward -----------------------------------------------------------------
+    def __call__(self, x, mask=None, lengths=None, initial_state=None, training=False, check_finite=False):
+        """Run the layer.
+
+        Args:
+            x: ``[B, T, I]`` (``[T, B, I]`` when time_major).
+            mask: bool ``[B, T]``, True = real step. lengths: ints ``[B]`` for a
+                right-padded batch. Give one or neither.
+            initial_state: ``[h0, c0]``, each ``[B, H]``.
+            training: apply dropout and keep what ``backward`` needs.
+            check_finite: raise on NaN/inf in x, naming the first bad row and step.
+
+        Returns:
+            y, or ``[y, h, c]`` with return_state; y is ``[B, H]``, or
+            ``[B, T, H]`` with return_sequences.
+        """
+        outputs, h, c = self._forward(x, mask, lengths, initial_state, training, check_finite,
+                                      input_order=False)
+        return [outputs, h, c] if self.return_state else outputs
+
+    def _forward(self, x, mask, lengths, initial_state, training, check_finite, input_order):
+        """The call proper. ``input_order=True`` leaves a go_backwards sequence in input order
+        (Bidirectional's backward direction needs it so) instead of reversing it."""
+        backend = self._resolve_backend(x)
+        x = prepare_input(backend, x, self.dtype)
+        _validation.check_rank(x, "x", 3, "(time, batch, features)" if self.time_major
+                               else "(batch, time, features)")
+        if self.time_major:
+            x = backend.swap_batch_time(x)
+        batch, steps, features = _validation.shape_of(x)
+        self._ensure_built(features)
+        mask = masking.resolve_mask(mask, lengths, batch, steps)
+        h0, c0, got_initial_state = self._initial_states(backend, initial_state, batch)
+        if check_finite:
+            _validation.check_finite(backend.to_numpy(x))
+        self._tape = None
+
+        if batch == 0 or steps == 0:
+            outputs = (backend.zeros((batch, steps, self.units), self.dtype) if self.return_sequences
+                       else backend.zeros((batch, self.units), self.dtype))
+            h, c = h0, c0
+            workspace = None
+        else:
+            input_dropout_mask, recurrent_dropout_mask = self._dropout_masks(batch, training)
+            kernel, recurrent_kernel, bias = self._weights_for(backend)
+            result = backend.sequence_forward(
+                x, h0, c0, kernel, recurrent_kernel, bias, mask,
+                activation=self.activation, recurrent_activation=self.recurrent_activation,
+                reverse=self.go_backwards, zero_output_for_mask=self.zero_output_for_mask,
+                return_sequences=self.return_sequences,
+                input_dropout_mask=None if input_dropout_mask is None else backend.asarray(input_dropout_mask, self.dtype),
+                recurrent_dropout_mask=None if recurrent_dropout_mask is None else backend.asarray(recurrent_dropout_mask, self.dtype),
+                training=training)
+            outputs, h, c, workspace = result.outputs, result.h, result.c, result.workspace
+        if training:
+            self._tape = _Tape(backend, workspace, batch, steps, got_initial_state)
+        if self.stateful:
+            self.states = [h, c]
+        self._last_states = [h, c]
+        if self.return_sequences:
+            if self.go_backwards and not input_order:
+                outputs = backend.flip_time(outputs)
+            if self.time_major:
+                outputs = backend.swap_batch_time(outputs)
+        return outputs, h, c
+
+    def _initial_states(self, backend, initial_state, batch):
+        shape = (batch, self.units)
+        if initial_state is not None:
+            if not isinstance(initial_state, (list, tuple)) or len(initial_state) != 2:
+                raise ValueError(
+                    f"initial_state must be a list [h0, c0] of arrays of shape {shape}, got {type(initial_state).__name__}"
+                    + (f" of length {len(initial_state)}" if isinstance(initial_state, (list, tuple)) else ""))
+            return (prepare_state(backend, initial_state[0], self.dtype, "initial_state[0]", shape),
+                    prepare_state(backend, initial_state[1], self.dtype, "initial_state[1]", shape), True)
+        if self.stateful and self.states is not None:
+            if _validation.shape_of(self.states[0]) != shape:
+                raise ValueError(f"stateful layer carries states of shape {_validation.shape_of(self.states[0])} "
+                                 f"but x has batch {batch}; call reset_state() first")
+            return backend.asarray(self.states[0], self.dtype), backend.asarray(self.states[1], self.dtype), False
+        zeros = backend.zeros(shape, self.dtype)
+        return zeros, backend.zeros(shape, self.dtype), False
+
+    # -- backward ----------------------------------------------------------------
+    def backward(self, dy, dh=None, dc=None):
+        """Gradients of the outputs of the last ``training=True`` call.
+
+        Args:
+            dy: same shape as the returned y.
+            dh, dc: ``[B, H]`` gradients of the returned final states, or None.
+
+        Returns:
+            dx, same shape as x. Also sets ``grads`` and ``initial_state_grads``.
+        """
+        backend, grads = self._backward(dy, dh, dc, input_order=False)
+        return backend.swap_batch_time(grads.dx) if self.time_major else grads.dx
+
+    def _backward(self, dy, dh, dc, input_order):
+        """Returns (backend, SequenceGrads) with dx batch-major ``[B, T, I]``."""
+        tape = self._tape
+        if tape is None:
+            raise RuntimeError("backward needs a forward call with training=True first "
+                               "(each forward can be backpropagated once)")
+        backend = tape.backend
+        state_shape = (tape.batch, self.units)
+        if self.return_sequences:
+            expected = (tape.steps, tape.batch, self.units) if self.time_major else (tape.batch, tape.steps, self.units)
+        else:
+            expected = state_shape
+        dy = self._prepare_grad(backend, dy, "dy", expected)
+        dh = backend.zeros(state_shape, self.dtype) if dh is None else self._prepare_grad(backend, dh, "dh", state_shape)
+        dc = backend.zeros(state_shape, self.dtype) if dc is None else self._prepare_grad(backend, dc, "dc", state_shape)
+        if self.return_sequences:
+            if self.time_major:
+                dy = backend.swap_batch_time(dy)
+            if self.go_backwards and not input_order:
+                dy = backend.flip_time(dy)
+
+        if tape.workspace is None:  # empty batch or zero steps: outputs were constants
+            grads = SequenceGrads(
+                dx=backend.zeros((tape.batch, tape.steps, self.input_size), self.dtype), dh0=dh, dc0=dc,
+                dkernel=np.zeros(self.weight_shapes(self.input_size)["kernel"], self.dtype),
+                drecurrent_kernel=np.zeros((self.units, 4 * self.units), self.dtype),
+                dbias=np.zeros(4 * self.units, self.dtype))
+        else:
+            grads = backend.sequence_backward(dy, dh, dc, tape.workspace)
+        self._tape = None
+        self._store_grads(backend, grads)
+        self.initial_state_grads = [grads.dh0, grads.dc0] if tape.got_initial_state else None
+        return backend, grads
+
+    def _prepare_grad(self, backend, array, argument, shape):
+        array = prepare_input(backend, array, self.dtype, argument)
+        _validation.check_shape(array, argument, shape)
+        return array
+
+    def __repr__(self) -> str:
+        return (f"LSTM(units={self.units}, return_sequences={self.return_sequences}, "
+                f"go_backwards={self.go_backwards}, backend={self.backend!r})")
