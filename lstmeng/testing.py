@@ -1,1 +1,281 @@
-"""Placeholder; the conformance suite is written next."""
+"""Conformance suite: checks any backend (built in or a plugin) against the NumPy reference.
+
+Use it from pytest::
+
+    import pytest
+    from lstmeng import testing
+
+    @pytest.mark.parametrize("case", testing.conformance_cases(), ids=str)
+    def test_my_backend(case):
+        testing.check_case("my_backend", case)
+
+Each case runs the backend's whole-sequence forward (with and without
+``training``) and backward, and its cell step, on the same inputs as the NumPy
+backend, and compares outputs, final states, dx, initial-state gradients and
+weight gradients. Cases cover every mask pattern (none, right padding, left
+padding, holes, fully-masked rows), reverse, zero_output_for_mask,
+return_sequences, initial states, dropout masks, every activation, no bias, in
+every dtype the backend claims. ``size`` scales the shapes for real-size runs
+on a device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+
+from lstmeng.backends import registry
+
+MASK_PATTERNS = ("none", "right", "left", "holes", "fully_masked", "random")
+ACTIVATION_PAIRS = (("tanh", "sigmoid"), ("relu", "hard_sigmoid"), ("sigmoid", "sigmoid"),
+                    ("linear", "hard_sigmoid"))
+#: (rtol, atol) per dtype for outputs; gradients get 10x.
+TOLERANCES = {"float32": (2e-5, 2e-5), "float64": (1e-10, 1e-11)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One configuration of the conformance suite."""
+
+    dtype: str
+    mask: str
+    reverse: bool
+    zero_output_for_mask: bool
+    return_sequences: bool
+    initial_state: bool
+    dropout: bool
+    activation: str
+    recurrent_activation: str
+    use_bias: bool
+    batch: int = 5
+    steps: int = 7
+    input_size: int = 4
+    units: int = 6
+    seed: int = 0
+
+    def __str__(self) -> str:
+        flags = [self.dtype, f"mask={self.mask}", "rev" if self.reverse else "fwd",
+                 "zero" if self.zero_output_for_mask else "prev", "seq" if self.return_sequences else "last",
+                 f"{self.activation}/{self.recurrent_activation}", f"B{self.batch}T{self.steps}I{self.input_size}H{self.units}"]
+        if self.initial_state:
+            flags.append("h0")
+        if self.dropout:
+            flags.append("dropout")
+        if not self.use_bias:
+            flags.append("nobias")
+        return "-".join(flags)
+
+
+def conformance_cases(dtypes=("float32", "float64"), size=1, cases_per_dtype=None) -> list[Case]:
+    """The suite's cases.
+
+    Every combination of mask pattern, reverse, zero_output_for_mask and
+    return_sequences appears once per dtype; initial state, dropout,
+    activations and bias rotate through them so each also meets every mask
+    pattern. ``size`` multiplies batch, input size and units (time grows
+    too) for real-size runs; ``cases_per_dtype`` keeps a spread-out subset.
+    """
+    cases = []
+    for dtype in dtypes:
+        combos = list(itertools.product(MASK_PATTERNS, (False, True), (False, True), (True, False)))
+        chosen = []
+        for index, (mask, reverse, zero, sequences) in enumerate(combos):
+            activation, recurrent_activation = ACTIVATION_PAIRS[index % len(ACTIVATION_PAIRS)]
+            chosen.append(Case(
+                dtype=dtype, mask=mask, reverse=reverse, zero_output_for_mask=zero,
+                return_sequences=sequences, initial_state=index % 2 == 0, dropout=index % 3 == 0,
+                activation=activation, recurrent_activation=recurrent_activation,
+                use_bias=index % 5 != 4, batch=5 * size, steps=7 * size if size > 1 else 7,
+                input_size=4 * size, units=6 * size, seed=index))
+        if cases_per_dtype is not None and cases_per_dtype < len(chosen):
+            picks = np.linspace(0, len(chosen) - 1, cases_per_dtype).round().astype(int)
+            chosen = [chosen[i] for i in sorted(set(picks))]
+        cases.extend(chosen)
+    return cases
+
+
+def make_mask(pattern: str, batch: int, steps: int, rng) -> np.ndarray | None:
+    """A ``[B, T]`` bool mask of the named pattern (None for "none")."""
+    if pattern == "none":
+        return None
+    if pattern == "right":
+        lengths = rng.integers(1, steps + 1, size=batch)
+        lengths[0] = steps
+        return np.arange(steps)[None] < lengths[:, None]
+    if pattern == "left":
+        lengths = rng.integers(1, steps + 1, size=batch)
+        return np.arange(steps)[None] >= (steps - lengths)[:, None]
+    if pattern == "holes":
+        mask = rng.random((batch, steps)) < 0.6
+        mask[:, 0] = True
+        return mask
+    if pattern == "fully_masked":
+        mask = np.arange(steps)[None] < rng.integers(1, steps + 1, size=batch)[:, None]
+        mask[::2] = False
+        return mask
+    if pattern == "random":
+        return rng.random((batch, steps)) < 0.5
+    raise ValueError(f"unknown mask pattern {pattern!r}; expected one of {MASK_PATTERNS}")
+
+
+def make_inputs(case: Case) -> dict:
+    """Deterministic host inputs of a case: arrays and keyword options of ``sequence_forward``."""
+    rng = np.random.default_rng(case.seed)
+    dtype = np.dtype(case.dtype)
+    B, T, I, H = case.batch, case.steps, case.input_size, case.units
+    scale = 1.0 / np.sqrt(max(I, H))
+
+    def normal(*shape, s=1.0):
+        return (rng.normal(size=shape) * s).astype(dtype)
+
+    inputs = {
+        "x": normal(B, T, I),
+        "h0": normal(B, H, s=0.5) if case.initial_state else np.zeros((B, H), dtype),
+        "c0": normal(B, H, s=0.5) if case.initial_state else np.zeros((B, H), dtype),
+        "kernel": normal(I, 4 * H, s=scale * 1.5),
+        "recurrent_kernel": normal(H, 4 * H, s=scale * 1.5),
+        "bias": normal(4 * H, s=0.5) if case.use_bias else None,
+        "mask": make_mask(case.mask, B, T, rng),
+        "input_dropout_mask": None,
+        "recurrent_dropout_mask": None,
+    }
+    if case.dropout:
+        inputs["input_dropout_mask"] = ((rng.random((B, I)) < 0.7) / 0.7).astype(dtype)
+        inputs["recurrent_dropout_mask"] = ((rng.random((B, H)) < 0.8) / 0.8).astype(dtype)
+    out_shape = (B, T, H) if case.return_sequences else (B, H)
+    inputs["doutputs"] = normal(*out_shape)
+    inputs["dh"] = normal(B, H)
+    inputs["dc"] = normal(B, H)
+    return inputs
+
+
+def _options(case: Case) -> dict:
+    return dict(activation=case.activation, recurrent_activation=case.recurrent_activation,
+                reverse=case.reverse, zero_output_for_mask=case.zero_output_for_mask,
+                return_sequences=case.return_sequences)
+
+
+def run_backend(backend, case: Case, inputs: dict, training: bool = True) -> dict:
+    """Run forward (and backward when training) of ``backend`` on host ``inputs``; host results."""
+    dtype = np.dtype(case.dtype)
+
+    def device(array):
+        return None if array is None else backend.asarray(array, dtype)
+
+    mask = inputs["mask"]
+    forward = backend.sequence_forward(
+        device(inputs["x"]), device(inputs["h0"]), device(inputs["c0"]), device(inputs["kernel"]),
+        device(inputs["recurrent_kernel"]), device(inputs["bias"]),
+        None if mask is None else backend.asarray(mask, np.bool_),
+        input_dropout_mask=device(inputs["input_dropout_mask"]),
+        recurrent_dropout_mask=device(inputs["recurrent_dropout_mask"]),
+        training=training, **_options(case))
+    result = {"outputs": backend.to_numpy(forward.outputs), "h": backend.to_numpy(forward.h),
+              "c": backend.to_numpy(forward.c)}
+    if training:
+        grads = backend.sequence_backward(device(inputs["doutputs"]), device(inputs["dh"]),
+                                          device(inputs["dc"]), forward.workspace)
+        for name in ("dx", "dh0", "dc0", "dkernel", "drecurrent_kernel"):
+            result[name] = backend.to_numpy(getattr(grads, name))
+        if case.use_bias:
+            result["dbias"] = backend.to_numpy(grads.dbias)
+    else:
+        result["workspace"] = forward.workspace
+    return result
+
+
+def assert_close(actual, expected, what: str, dtype: str, gradient: bool = False) -> None:
+    """Assert ``actual`` matches ``expected`` within the suite's tolerance for ``dtype``."""
+    rtol, atol = TOLERANCES[dtype]
+    if gradient:
+        rtol, atol = rtol * 10, atol * 10
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{what}: shape {actual.shape}, expected {expected.shape}")
+    # Scale atol with the magnitude so large gradients are compared relatively.
+    atol = atol * max(1.0, float(np.abs(expected).max(initial=0.0)))
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
+
+
+def check_case(backend_name: str, case: Case) -> None:
+    """Compare backend ``backend_name`` with the NumPy reference on ``case``.
+
+    Skips (pytest.skip) when the backend does not claim the case's dtype or
+    activations; raises AssertionError on any mismatch.
+    """
+    backend = registry.get_backend_object(backend_name)
+    try:
+        backend.check_support(case.dtype, case.activation, case.recurrent_activation)
+    except NotImplementedError as error:
+        import pytest
+        pytest.skip(f"{backend_name}: {error}")
+    reference = registry.get_backend_object("numpy")
+    inputs = make_inputs(case)
+    expected = run_backend(reference, case, inputs, training=True)
+    actual = run_backend(backend, case, inputs, training=True)
+    for name, value in expected.items():
+        assert_close(actual[name], value, f"{case}: {name}", case.dtype, gradient=name.startswith("d"))
+    inference = run_backend(backend, case, inputs, training=False)
+    for name in ("outputs", "h", "c"):
+        assert_close(inference[name], expected[name], f"{case}: {name} (training=False)", case.dtype)
+    if inference["workspace"] is not None:
+        raise AssertionError(f"{case}: forward with training=False returned a workspace")
+    check_cell(backend_name, case)
+
+
+def check_cell(backend_name: str, case: Case) -> None:
+    """Compare the backend's single-step cell forward and backward with the reference."""
+    backend = registry.get_backend_object(backend_name)
+    reference = registry.get_backend_object("numpy")
+    inputs = make_inputs(case)
+    dtype = np.dtype(case.dtype)
+    results = []
+    for engine in (reference, backend):
+        def device(array):
+            return None if array is None else engine.asarray(array, dtype)
+        step = engine.cell_forward(
+            device(inputs["x"][:, 0]), device(inputs["h0"]), device(inputs["c0"]), device(inputs["kernel"]),
+            device(inputs["recurrent_kernel"]), device(inputs["bias"]),
+            activation=case.activation, recurrent_activation=case.recurrent_activation,
+            input_dropout_mask=device(inputs["input_dropout_mask"]),
+            recurrent_dropout_mask=device(inputs["recurrent_dropout_mask"]), training=True)
+        grads = engine.cell_backward(device(inputs["dh"]), device(inputs["dc"]), step.workspace)
+        results.append({
+            "h": engine.to_numpy(step.h), "c": engine.to_numpy(step.c), "dx": engine.to_numpy(grads.dx),
+            "dh0": engine.to_numpy(grads.dh0), "dc0": engine.to_numpy(grads.dc0),
+            "dkernel": engine.to_numpy(grads.dkernel), "drecurrent_kernel": engine.to_numpy(grads.drecurrent_kernel)})
+    for name, value in results[0].items():
+        assert_close(results[1][name], value, f"{case}: cell {name}", case.dtype, gradient=name.startswith("d"))
+
+
+def finite_difference_check(loss_and_grads, params: dict, rng=None, samples: int = 6,
+                            epsilon: float = 1e-6, rtol: float = 1e-5) -> None:
+    """Check analytic gradients against central differences (float64).
+
+    Args:
+        loss_and_grads: ``() -> (loss: float, grads: dict)``; grads has the
+            keys of ``params``.
+        params: name -> float64 array, perturbed in place (and restored).
+        samples: entries checked per array.
+    """
+    rng = np.random.default_rng(0) if rng is None else rng
+    _, grads = loss_and_grads()
+    grads = {name: np.array(value, copy=True) for name, value in grads.items()}
+    for name, array in params.items():
+        if array.size == 0:
+            continue
+        for flat_index in rng.choice(array.size, size=min(samples, array.size), replace=False):
+            index = np.unravel_index(flat_index, array.shape)
+            original = array[index]
+            array[index] = original + epsilon
+            plus, _ = loss_and_grads()
+            array[index] = original - epsilon
+            minus, _ = loss_and_grads()
+            array[index] = original
+            numeric = (plus - minus) / (2 * epsilon)
+            analytic = grads[name][index]
+            if not np.isclose(analytic, numeric, rtol=rtol, atol=rtol * max(1.0, abs(numeric))):
+                raise AssertionError(f"d loss / d {name}{list(index)}: analytic {analytic!r}, "
+                                     f"finite difference {numeric!r}")
