@@ -1,0 +1,96 @@
+"""Backends available in this process, and what the cross-backend suites share.
+
+The reliability suites (properties, gradients, determinism, concurrency,
+memory, extremes, bad input) are parametrised over every backend that
+``le.list_backends()`` reports available at collection time, so a backend
+joins them as soon as it lands. numba_cuda under the CUDA simulator
+(tests/conftest.py sets NUMBA_ENABLE_CUDASIM=1) runs every kernel thread in
+Python, so it gets tiny shapes and few examples.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import lstmeng as le
+from lstmeng.backends import registry
+
+AVAILABLE = [info.name for info in le.list_backends() if info.available]
+UNAVAILABLE = {info.name: info.reason for info in le.list_backends() if not info.available}
+CUDA_SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+
+def is_simulated(name: str) -> bool:
+    """True when ``name`` runs its kernels in the (slow, Python) CUDA simulator."""
+    return name == "numba_cuda" and CUDA_SIMULATED
+
+
+def backends(exclude=(), only=None) -> list:
+    """pytest params of the available backends (ids = names), minus ``exclude``.
+
+    ``only`` restricts to those names (e.g. host backends for RSS tests).
+    """
+    names = [name for name in AVAILABLE if name not in exclude and (only is None or name in only)]
+    return [pytest.param(name, id=name) for name in names]
+
+
+def fast_backends(exclude=()) -> list:
+    """Available backends except the simulated one: for tests whose sizes the simulator cannot afford."""
+    return backends(exclude=tuple(exclude) + (("numba_cuda",) if CUDA_SIMULATED else ()))
+
+
+def dtypes_of(name: str) -> tuple[str, ...]:
+    """The float dtypes backend ``name`` claims."""
+    return tuple(registry.get_backend_object(name).dtypes)
+
+
+#: Largest (batch, steps, input_size, units) drawn per backend by the property tests.
+SIZE_LIMITS = {"default": (6, 8, 5, 6), "simulated": (3, 3, 3, 3)}
+
+
+def size_limits(name: str) -> tuple[int, int, int, int]:
+    return SIZE_LIMITS["simulated" if is_simulated(name) else "default"]
+
+
+def to_host(array) -> np.ndarray:
+    """Copy a backend's array (ndarray, tf.Tensor, CUDA device array) to a host ndarray."""
+    if array is None or isinstance(array, np.ndarray):
+        return array
+    if hasattr(array, "copy_to_host"):
+        return array.copy_to_host()
+    if hasattr(array, "numpy"):
+        return array.numpy()
+    return np.asarray(array)
+
+
+# (rtol, atol) per dtype: outputs, and gradients (longer chains of rounding).
+# atol is scaled by max(1, max |expected|) so large values compare relatively;
+# float32 leaves room for a different GEMM summation order in every step.
+TOLERANCES = {
+    "float32": {"output": (1e-4, 2e-5), "gradient": (1e-3, 2e-4)},
+    "float64": {"output": (1e-9, 1e-11), "gradient": (1e-8, 1e-10)},
+}
+
+
+def assert_close(actual, expected, what: str, dtype, gradient: bool = False) -> None:
+    """Assert a backend's result matches the NumPy reference within TOLERANCES."""
+    dtype = np.dtype(dtype).name
+    rtol, atol = TOLERANCES[dtype]["gradient" if gradient else "output"]
+    actual, expected = to_host(actual), to_host(expected)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape}, expected {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype}, expected {expected.dtype}"
+    atol = atol * max(1.0, float(np.abs(expected).max(initial=0.0)))
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
+
+
+def random_weights(layer, rng, scale: float = 1.0) -> list[np.ndarray]:
+    """Weights for a built LSTM/LSTMCell with every gate in its working range (not just the initializer's)."""
+    shapes = layer.weight_shapes(layer.input_size)
+    weights = [rng.normal(size=shapes[name]) * scale / np.sqrt(max(shapes[name][0], 1))
+               for name in ("kernel", "recurrent_kernel")]
+    if layer.use_bias:
+        weights.append(rng.normal(size=shapes["bias"]) * 0.5 * scale)
+    return [w.astype(layer.dtype) for w in weights]
