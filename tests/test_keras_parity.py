@@ -9,6 +9,7 @@ gradients that ``tf.GradientTape`` computes for the loss
 from __future__ import annotations
 
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -26,13 +27,23 @@ ACTIVATION_PAIRS = (("tanh", "sigmoid"), ("relu", "hard_sigmoid"), ("sigmoid", "
                     ("linear", "hard_sigmoid"), ("tanh", "hard_sigmoid"), ("relu", "sigmoid"))
 
 
-def numpy_backends():
-    """Backends to compare: numpy always, plus every other available backend for host arrays."""
-    names = [info.name for info in le.list_backends() if info.available and info.name != "tensorflow"]
-    return names or ["numpy"]
+def core_backends():
+    """numpy always; other host backends only on request (LSTMENG_CORE_BACKENDS="cython,..." or "all").
+
+    Every backend is compared with numpy by the conformance and reliability
+    suites; these tests pin the reference to Keras, so by default they run on it.
+    """
+    requested = os.environ.get("LSTMENG_CORE_BACKENDS", "")
+    if not requested:
+        return ["numpy"]
+    import _backends  # probes every backend: only when asked
+
+    available = [p.values[0] for p in _backends.fast_backends()]
+    wanted = available if requested == "all" else requested.split(",")
+    return ["numpy"] + [name for name in wanted if name in available and name not in ("numpy", "tensorflow")]
 
 
-BACKENDS = numpy_backends()
+BACKENDS = core_backends()
 
 
 # -- helpers ---------------------------------------------------------------------
