@@ -1,0 +1,193 @@
+/*
+ * Per-row elementwise work of the LSTM kernels in _cython_lstm.pyx: gate
+ * nonlinearities, cell update and their derivatives, for one batch row of
+ * H units at a time (the row's 4H gates stay in L1 while all of it runs).
+ *
+ * Why C and not Cython: the row loops must vectorise, and on x86-64 that
+ * means AVX2 where the CPU has it while the binary still runs everywhere.
+ * GCC/Clang `target_clones` compile each row function twice (AVX2 and
+ * baseline) and pick one at load time; Cython cannot attach that attribute.
+ * exp is a branch-free polynomial (Cody-Waite range reduction) instead of
+ * libm's, because a libm call in the loop stops vectorisation; inputs are
+ * clamped first so |x| ~ 1e4 gives finite, saturated results.
+ *
+ * Activation kinds (same numbers as in _cython_lstm.pyx):
+ *   0 tanh, 1 relu, 2 sigmoid, 3 linear, 4 hard_sigmoid (Keras 3:
+ *   clip(x/6 + 0.5, 0, 1)).
+ * Gate order within a row of 4H: i, f, g (cell candidate), o.
+ */
+#ifndef LSTMENG_LSTM_ROWS_H
+#define LSTMENG_LSTM_ROWS_H
+
+#include <stdint.h>
+#include <string.h>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) \
+    && defined(__linux__) && !defined(LSTMENG_NO_CLONES)
+#define LSTMENG_SIMD __attribute__((target_clones("avx2", "default")))
+#else
+#define LSTMENG_SIMD
+#endif
+
+enum { LSTMENG_TANH = 0, LSTMENG_RELU = 1, LSTMENG_SIGMOID = 2, LSTMENG_LINEAR = 3,
+       LSTMENG_HARD_SIGMOID = 4 };
+
+/* exp for float32: x clamped to [-87, 88] (finite result, normal scale). */
+static inline float lstmeng_exp_f32(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    /* Adding 1.5 * 2^23 rounds to the nearest integer, which then sits in the low mantissa bits. */
+    const float shifted = x * 1.44269504088896341f + 12582912.0f;
+    const float k = shifted - 12582912.0f;
+    int32_t k_bits;
+    memcpy(&k_bits, &shifted, sizeof k_bits);
+    const int32_t k_int = k_bits - 0x4B400000;
+    const float r = (x - k * 0.693359375f) - k * (-2.12194440e-4f);
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t scale_bits = (k_int + 127) << 23;
+    float scale;
+    memcpy(&scale, &scale_bits, sizeof scale);
+    return p * scale;
+}
+
+/* exp for float64: x clamped to [-708, 709]; Taylor to r^13 (error < 1e-17 on |r| <= ln2/2). */
+static inline double lstmeng_exp_f64(double x) {
+    x = x < -708.0 ? -708.0 : x;
+    x = x > 709.0 ? 709.0 : x;
+    const double shifted = x * 1.4426950408889634074 + 6755399441055744.0;
+    const double k = shifted - 6755399441055744.0;
+    int64_t k_bits;
+    memcpy(&k_bits, &shifted, sizeof k_bits);
+    const int64_t k_int = k_bits - INT64_C(0x4338000000000000);
+    const double r = (x - k * 6.93145751953125e-1) - k * 1.42860682030941723212e-6;
+    double p = 1.0 / 6227020800.0;
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    const int64_t scale_bits = (k_int + 1023) << 52;
+    double scale;
+    memcpy(&scale, &scale_bits, sizeof scale);
+    return p * scale;
+}
+
+/*
+ * The row functions, written once for both float types. T is the float type,
+ * S the suffix (f32/f64).
+ *
+ * lstmeng_act_S(kind, in, out, n): out[j] = act(in[j]); in == out allowed.
+ * lstmeng_dact_S(kind, y, out, n): out[j] = act'(x) written from y = act(x).
+ *
+ * lstmeng_forward_row_S(gates, c, c_prev, cell_act, h, H, act, ract)
+ *   gates: [4H] pre-activations in, activated gates out (i, f, g, o)
+ *   c:     [H]  cell state in, new cell state out
+ *   c_prev, cell_act: [H] or NULL: where to keep c(t-1) and act(c(t)) for the backward
+ *   h:     [H]  new hidden state out
+ *
+ * lstmeng_backward_row_S(gates, cell_act, c_prev, dh, dc, scratch, H, act, ract)
+ *   gates:    [4H] activated gates in, gate-input gradients dz out
+ *   cell_act, c_prev: [H] from the forward
+ *   dh:       [H]  gradient reaching h(t) (output + carried)
+ *   dc:       [H]  gradient of c(t) in, of c(t-1) out
+ *   scratch:  [5H]
+ */
+#define LSTMENG_DEFINE_ROWS(T, S, EXP)                                                          \
+    static inline void lstmeng_act_##S(int kind, const T *in, T *out, int64_t n) {              \
+        int64_t j;                                                                              \
+        switch (kind) {                                                                         \
+        case LSTMENG_TANH:                                                                      \
+            for (j = 0; j < n; j++) out[j] = (T)1 - (T)2 / (EXP((T)2 * in[j]) + (T)1);          \
+            break;                                                                              \
+        case LSTMENG_RELU:                                                                      \
+            for (j = 0; j < n; j++) out[j] = in[j] > (T)0 ? in[j] : (T)0;                       \
+            break;                                                                              \
+        case LSTMENG_SIGMOID:                                                                   \
+            for (j = 0; j < n; j++) out[j] = (T)1 / ((T)1 + EXP(-in[j]));                        \
+            break;                                                                              \
+        case LSTMENG_HARD_SIGMOID:                                                              \
+            for (j = 0; j < n; j++) {                                                           \
+                T v = in[j] / (T)6 + (T)0.5;                                                    \
+                v = v < (T)0 ? (T)0 : v;                                                        \
+                out[j] = v > (T)1 ? (T)1 : v;                                                   \
+            }                                                                                   \
+            break;                                                                              \
+        default: /* linear */                                                                   \
+            if (in != out) memcpy(out, in, (size_t)n * sizeof(T));                              \
+        }                                                                                       \
+    }                                                                                           \
+    static inline void lstmeng_dact_##S(int kind, const T *y, T *out, int64_t n) {              \
+        int64_t j;                                                                              \
+        switch (kind) {                                                                         \
+        case LSTMENG_TANH:                                                                      \
+            for (j = 0; j < n; j++) out[j] = (T)1 - y[j] * y[j];                                \
+            break;                                                                              \
+        case LSTMENG_RELU:                                                                      \
+            for (j = 0; j < n; j++) out[j] = y[j] > (T)0 ? (T)1 : (T)0;                         \
+            break;                                                                              \
+        case LSTMENG_SIGMOID:                                                                   \
+            for (j = 0; j < n; j++) out[j] = y[j] * ((T)1 - y[j]);                              \
+            break;                                                                              \
+        case LSTMENG_HARD_SIGMOID: /* flat outside (0, 1), slope 1/6 inside */                 \
+            for (j = 0; j < n; j++) out[j] = (y[j] > (T)0 && y[j] < (T)1) ? (T)1 / (T)6 : (T)0; \
+            break;                                                                              \
+        default: /* linear */                                                                   \
+            for (j = 0; j < n; j++) out[j] = (T)1;                                              \
+        }                                                                                       \
+    }                                                                                           \
+    LSTMENG_SIMD static void lstmeng_forward_row_##S(T *gates, T *c, T *c_prev, T *cell_act,    \
+                                                     T *h, int64_t H, int act, int ract) {      \
+        int64_t j;                                                                              \
+        T *in_gate = gates, *forget_gate = gates + H, *candidate = gates + 2 * H;               \
+        T *out_gate = gates + 3 * H;                                                            \
+        lstmeng_act_##S(ract, gates, gates, 2 * H);                                             \
+        lstmeng_act_##S(act, candidate, candidate, H);                                          \
+        lstmeng_act_##S(ract, out_gate, out_gate, H);                                           \
+        if (c_prev != NULL) memcpy(c_prev, c, (size_t)H * sizeof(T));                           \
+        for (j = 0; j < H; j++) c[j] = forget_gate[j] * c[j] + in_gate[j] * candidate[j];       \
+        /* act(c) goes where the backward wants it, or straight into h */                      \
+        T *activated = cell_act != NULL ? cell_act : h;                                         \
+        lstmeng_act_##S(act, c, activated, H);                                                  \
+        for (j = 0; j < H; j++) h[j] = out_gate[j] * activated[j];                              \
+    }                                                                                           \
+    LSTMENG_SIMD static void lstmeng_backward_row_##S(T *gates, const T *cell_act,              \
+                                                      const T *c_prev, const T *dh, T *dc,      \
+                                                      T *scratch, int64_t H, int act,           \
+                                                      int ract) {                               \
+        int64_t j;                                                                              \
+        T *d_in = scratch, *d_forget = scratch + H, *d_candidate = scratch + 2 * H;             \
+        T *d_out = scratch + 3 * H, *d_cell = scratch + 4 * H;                                  \
+        /* derivatives of each nonlinearity, from its stored output */                         \
+        lstmeng_dact_##S(ract, gates, d_in, 2 * H);                                             \
+        lstmeng_dact_##S(act, gates + 2 * H, d_candidate, H);                                   \
+        lstmeng_dact_##S(ract, gates + 3 * H, d_out, H);                                        \
+        lstmeng_dact_##S(act, cell_act, d_cell, H);                                             \
+        for (j = 0; j < H; j++) {                                                               \
+            const T i = gates[j], f = gates[H + j], g = gates[2 * H + j], o = gates[3 * H + j]; \
+            const T dc_total = dc[j] + dh[j] * o * d_cell[j];                                   \
+            gates[j] = dc_total * g * d_in[j];                                                  \
+            gates[H + j] = dc_total * c_prev[j] * d_forget[j];                                  \
+            gates[2 * H + j] = dc_total * i * d_candidate[j];                                   \
+            gates[3 * H + j] = dh[j] * cell_act[j] * d_out[j];                                  \
+            dc[j] = dc_total * f;                                                               \
+        }                                                                                       \
+    }
+
+LSTMENG_DEFINE_ROWS(float, f32, lstmeng_exp_f32)
+LSTMENG_DEFINE_ROWS(double, f64, lstmeng_exp_f64)
+
+#endif

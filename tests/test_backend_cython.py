@@ -1,0 +1,197 @@
+"""The cython backend: conformance with the NumPy reference, layer parity, threads, variable-length path."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import lstmeng as le
+from lstmeng import testing
+from lstmeng.backends import registry
+
+cython_module = pytest.importorskip("lstmeng.backends.cython")
+pytestmark = pytest.mark.skipif(
+    cython_module._cython_lstm is None, reason="the cython extension is not built")
+
+
+@pytest.mark.parametrize("case", testing.conformance_cases(), ids=str)
+def test_conformance(case):
+    testing.check_case("cython", case)
+
+
+@pytest.mark.parametrize("case", testing.conformance_cases(size=3, cases_per_dtype=8), ids=str)
+def test_conformance_larger_shapes(case):
+    testing.check_case("cython", case)
+
+
+def test_available_with_cpu_device():
+    backend = registry.get_backend_object("cython")
+    assert backend.probe().startswith("CPU")
+    assert le.LSTM(3, backend="auto")._resolve_backend(np.zeros((1, 1, 2))).name == "cython"
+
+
+def _right_padded_inputs(batch=9, steps=12, features=5, seed=3, dtype="float64"):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch, steps, features)).astype(dtype)
+    lengths = rng.integers(0, steps + 1, size=batch)
+    lengths[1] = steps
+    return x, lengths
+
+
+def _layer_pair(make, dtype="float64"):
+    """Two identical models, on the cython and on the numpy backend."""
+    ours, reference = make("cython"), make("numpy")
+    return ours, reference
+
+
+def _run(model, x, mask, dy_seed=0):
+    y = model(x, mask=mask, training=True)
+    first = y[0] if isinstance(y, list) else y
+    dy = np.random.default_rng(dy_seed).normal(size=first.shape).astype(first.dtype)
+    dx = model.backward(dy)
+    return first, dx, {name: np.array(value) for name, value in model.grads.items()}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kind", ["lstm", "bidirectional", "sequential"])
+def test_layers_match_numpy_backend(kind, dtype):
+    x, lengths = _right_padded_inputs(dtype=dtype)
+    holes = np.random.default_rng(1).random(lengths.shape + (x.shape[1],)) < 0.7
+    for mask in (le.lengths_to_mask(lengths, x.shape[1]), holes):
+
+        def make(backend):
+            if kind == "lstm":
+                return le.LSTM(7, return_sequences=True, go_backwards=True, dtype=dtype,
+                               backend=backend, seed=4, dropout=0.2, recurrent_dropout=0.1)
+            if kind == "bidirectional":
+                return le.Bidirectional(le.LSTM(6, return_sequences=True, dtype=dtype,
+                                                backend=backend, seed=5), merge_mode="concat")
+            return le.Sequential([
+                le.Bidirectional(le.LSTM(6, return_sequences=True, dtype=dtype, backend=backend, seed=6),
+                                 merge_mode="sum"),
+                le.LSTM(5, dtype=dtype, backend=backend, seed=7)])
+
+        ours, reference = make("cython"), make("numpy")
+        y, dx, grads = _run(ours, x, mask)
+        y_ref, dx_ref, grads_ref = _run(reference, x, mask)
+        testing.assert_close(y, y_ref, f"{kind} outputs", dtype)
+        testing.assert_close(dx, dx_ref, f"{kind} dx", dtype, gradient=True)
+        assert grads.keys() == grads_ref.keys()
+        for name in grads:
+            testing.assert_close(grads[name], grads_ref[name], f"{kind} d{name}", dtype, gradient=True)
+
+
+def _forward_backward(backend, inputs, options):
+    forward = backend.sequence_forward(
+        inputs["x"], inputs["h0"], inputs["c0"], inputs["kernel"], inputs["recurrent_kernel"],
+        inputs["bias"], inputs["mask"], training=True, **options)
+    grads = backend.sequence_backward(inputs["doutputs"], inputs["dh"], inputs["dc"], forward.workspace)
+    return [forward.outputs, forward.h, forward.c, grads.dx, grads.dh0, grads.dc0, grads.dkernel,
+            grads.drecurrent_kernel, grads.dbias]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("zero_output_for_mask", [False, True])
+@pytest.mark.parametrize("return_sequences", [False, True])
+def test_variable_length_path_matches_general_path(reverse, zero_output_for_mask, return_sequences):
+    rng = np.random.default_rng(11)
+    batch, steps, features, units = 13, 17, 6, 8
+    lengths = rng.integers(0, steps + 1, size=batch)
+    inputs = {
+        "x": rng.normal(size=(batch, steps, features)), "h0": rng.normal(size=(batch, units)),
+        "c0": rng.normal(size=(batch, units)), "kernel": rng.normal(size=(features, 4 * units)) * 0.4,
+        "recurrent_kernel": rng.normal(size=(units, 4 * units)) * 0.4, "bias": rng.normal(size=4 * units),
+        "mask": le.lengths_to_mask(lengths, steps),
+        "doutputs": rng.normal(size=(batch, steps, units) if return_sequences else (batch, units)),
+        "dh": rng.normal(size=(batch, units)), "dc": rng.normal(size=(batch, units)),
+    }
+    options = dict(reverse=reverse, zero_output_for_mask=zero_output_for_mask,
+                   return_sequences=return_sequences)
+    packed = cython_module.CythonBackend(packed_variable_length=True)
+    general = cython_module.CythonBackend(packed_variable_length=False)
+    # The two paths really differ: sorted rows and shrinking steps vs the full mask.
+    layout = cython_module._layout(inputs["mask"], batch, steps, True)
+    assert layout.mask is None and layout.offsets[-1] == lengths.sum()
+    assert cython_module._layout(inputs["mask"], batch, steps, False).mask is not None
+    for got, expected in zip(_forward_backward(packed, inputs, options),
+                             _forward_backward(general, inputs, options)):
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_two_threads_match_sequential_runs():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(16, 40, 12)).astype("float32")
+    mask = rng.random((16, 40)) < 0.8
+    layers = [le.LSTM(32, return_sequences=True, backend="cython", seed=seed) for seed in (1, 2)]
+
+    def run(layer):
+        y = layer(x, mask=mask, training=True)
+        dx = layer.backward(np.ones_like(y))
+        return y, dx, layer.grads["recurrent_kernel"].copy()
+
+    sequential = [run(layer) for layer in layers]
+    concurrent = [None, None]
+
+    def worker(index):
+        for _ in range(5):
+            concurrent[index] = run(layers[index])
+
+    threads = [threading.Thread(target=worker, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for got, expected in zip(concurrent, sequential):
+        for a, b in zip(got, expected):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("activation,recurrent_activation",
+                         [("tanh", "sigmoid"), ("sigmoid", "hard_sigmoid"), ("linear", "sigmoid")])
+def test_large_activations_stay_finite(dtype, activation, recurrent_activation):
+    rng = np.random.default_rng(0)
+    backend = registry.get_backend_object("cython")
+    reference = registry.get_backend_object("numpy")
+    x = (rng.normal(size=(3, 5, 4)) * 1e4).astype(dtype)
+    arrays = [np.zeros((3, 6), dtype), np.zeros((3, 6), dtype),
+              rng.normal(size=(4, 24)).astype(dtype), rng.normal(size=(6, 24)).astype(dtype),
+              np.zeros(24, dtype)]
+    options = dict(activation=activation, recurrent_activation=recurrent_activation)
+    ours = backend.sequence_forward(x, *arrays, **options)
+    expected = reference.sequence_forward(x, *arrays, **options)
+    if activation != "linear":  # linear lets c grow without bound: only check it is finite
+        testing.assert_close(ours.outputs, expected.outputs, "saturated outputs", dtype)
+    assert np.isfinite(ours.outputs).all() and np.isfinite(ours.c).all()
+
+
+def test_inference_keeps_no_workspace_and_chunks_match_training():
+    rng = np.random.default_rng(5)
+    batch, steps = 3, 700  # more steps than one inference chunk (1024 packed rows)
+    backend = registry.get_backend_object("cython")
+    args = (rng.normal(size=(batch, steps, 4)), np.zeros((batch, 5)), np.zeros((batch, 5)),
+            rng.normal(size=(4, 20)) * 0.5, rng.normal(size=(5, 20)) * 0.5, rng.normal(size=20))
+    for reverse in (False, True):
+        inference = backend.sequence_forward(*args, reverse=reverse, training=False)
+        training = backend.sequence_forward(*args, reverse=reverse, training=True)
+        assert inference.workspace is None
+        np.testing.assert_allclose(inference.outputs, training.outputs, rtol=1e-12, atol=1e-12)
+
+
+def test_workspace_is_consumed_once():
+    backend = registry.get_backend_object("cython")
+    args = [np.ones((2, 3, 4)), np.zeros((2, 5)), np.zeros((2, 5)), np.ones((4, 20)) * 0.1,
+            np.ones((5, 20)) * 0.1, None]
+    forward = backend.sequence_forward(*args, training=True)
+    backend.sequence_backward(np.ones((2, 3, 5)), np.zeros((2, 5)), np.zeros((2, 5)), forward.workspace)
+    with pytest.raises(RuntimeError, match="already used"):
+        backend.sequence_backward(np.ones((2, 3, 5)), np.zeros((2, 5)), np.zeros((2, 5)), forward.workspace)
+
+
+def test_num_threads_honours_omp_num_threads(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cython_module.num_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cython_module.num_threads() >= 1
