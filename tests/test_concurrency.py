@@ -1,0 +1,109 @@
+"""Concurrency: two Python threads, each with its own layer on the same backend,
+give the results they give one after the other.
+
+The Cython kernels release the GIL, so two calls really overlap; a buffer,
+workspace or thread pool shared by accident between layers (or a
+module-level scratch array sized by the last call) shows up here as wrong
+numbers. The two threads use different batch sizes and sequence lengths so
+a shared buffer cannot happen to fit both.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import lstmeng as le
+
+from _backends import AVAILABLE, dtypes_of, to_host
+
+# The simulator runs its own Python threads per kernel launch and is too slow to
+# overlap meaningfully; every other backend joins.
+THREADED = [pytest.param(name, id=name) for name in AVAILABLE if name != "numba_cuda"]
+# Rounds per thread: many for the fast GIL-free kernels (more chances to overlap), few elsewhere.
+ROUNDS = {"cython": 40}
+DEFAULT_ROUNDS = 5
+
+
+def _job(backend_name, dtype, seed, batch, steps):
+    """A layer and its inputs; ``run()`` does one training step and returns host results."""
+    rng = np.random.default_rng(seed)
+    layer = le.Bidirectional(le.LSTM(24, return_sequences=True, dtype=dtype, backend=backend_name,
+                                     dropout=0.1, recurrent_dropout=0.1, seed=seed))
+    x = rng.normal(size=(batch, steps, 16)).astype(dtype)
+    lengths = rng.integers(1, steps + 1, size=batch)
+    dy = rng.normal(size=(batch, steps, 48)).astype(dtype)
+
+    def run():
+        y = layer(x, lengths=lengths, training=True)
+        dx = layer.backward(dy)
+        inference = layer(x, lengths=lengths, training=False)
+        return [to_host(y), to_host(dx), to_host(inference)] + [grad.copy() for grad in layer.grads.values()]
+
+    return run
+
+
+def _jobs(backend_name, dtype):
+    return [_job(backend_name, dtype, seed=1, batch=8, steps=40), _job(backend_name, dtype, seed=2, batch=3, steps=57)]
+
+
+@pytest.mark.parametrize("backend_name", THREADED)
+def test_two_threads_match_sequential(backend_name):
+    dtype = dtypes_of(backend_name)[0]
+    rounds = ROUNDS.get(backend_name, DEFAULT_ROUNDS)
+    # Sequential: each job's results (dropout masks advance each round).
+    sequential = [[run() for _ in range(rounds)] for run in _jobs(backend_name, dtype)]
+
+    concurrent = [[], []]
+    errors = []
+    barrier = threading.Barrier(2)
+
+    def worker(index, run):
+        try:
+            barrier.wait()
+            for _ in range(rounds):
+                concurrent[index].append(run())
+        except BaseException as error:  # surfaced in the main thread below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(index, run)) for index, run in enumerate(_jobs(backend_name, dtype))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    for index in range(2):
+        assert len(concurrent[index]) == rounds
+        for round_, (got, expected) in enumerate(zip(concurrent[index], sequential[index])):
+            for position, (a, e) in enumerate(zip(got, expected)):
+                # Identical inputs and the same kernels: only a race can make these differ.
+                np.testing.assert_array_equal(a, e, err_msg=f"{backend_name}: thread {index}, round {round_}, "
+                                                            f"result {position} differs from the sequential run")
+
+
+@pytest.mark.parametrize("backend_name", THREADED)
+def test_backend_scope_is_per_thread(backend_name):
+    """``use_backend`` in one thread does not change the backend another thread's auto layer resolves."""
+    baseline = le.get_backend()
+    if baseline == backend_name:
+        pytest.skip(f"the process default is already {backend_name!r}")
+    seen = {}
+    inside = threading.Event()
+    release = threading.Event()
+
+    def scoped():
+        with le.use_backend(backend_name):
+            seen["scoped"] = le.get_backend()
+            inside.set()
+            release.wait(timeout=30)
+
+    thread = threading.Thread(target=scoped)
+    thread.start()
+    inside.wait(timeout=30)
+    seen["other"] = le.get_backend()
+    release.set()
+    thread.join()
+    assert seen["scoped"] == backend_name
+    assert seen["other"] == baseline
