@@ -28,6 +28,21 @@ class _Tape:
     got_initial_state: bool
 
 
+@dataclasses.dataclass
+class _Call:
+    """A call's arguments after checking: x batch-major ``[B, T, I]`` in the backend's
+    kind, mask ``[B, T]`` or None, initial states ``[B, H]``."""
+
+    backend: Any
+    x: Any
+    mask: Any
+    h0: Any
+    c0: Any
+    got_initial_state: bool
+    batch: int
+    steps: int
+
+
 class LSTM(LSTMWeights):
     """Long short-term memory layer with Keras 3's semantics and an explicit backward pass.
 
@@ -132,6 +147,20 @@ class LSTM(LSTMWeights):
     def _forward(self, x, mask, lengths, initial_state, training, check_finite, input_order):
         """The call proper. ``input_order=True`` leaves a go_backwards sequence in input order
         (Bidirectional's backward direction needs it so) instead of reversing it."""
+        call = self._prepare_call(x, mask, lengths, initial_state, check_finite)
+        return self._run_call(call, training, input_order)
+
+    def _prepare_call(self, x, mask, lengths, initial_state, check_finite, state_argument="initial_state",
+                      state_offset=0, build=True):
+        """Check every argument of a call and build the layer if needed; computes nothing.
+
+        Kept apart from ``_run_call`` so that Bidirectional can check both
+        directions' arguments before either direction runs (an error must
+        leave states, dropout generators and tapes untouched).
+        ``state_argument``/``state_offset`` name the initial states in messages
+        (Bidirectional's backward states are ``initial_state[2]`` and ``[3]``);
+        ``build=False`` leaves building an unbuilt layer to the caller.
+        """
         backend = self._resolve_backend(x)
         x = prepare_input(backend, x, self.dtype)
         _validation.check_rank(x, "x", 3, "(time, batch, features)" if self.time_major
@@ -139,13 +168,22 @@ class LSTM(LSTMWeights):
         if self.time_major:
             x = backend.swap_batch_time(x)
         batch, steps, features = _validation.shape_of(x)
-        self._ensure_built(features)
+        self._check_input_size(features)
         mask = masking.resolve_mask(mask, lengths, batch, steps)
-        h0, c0, got_initial_state = self._initial_states(backend, initial_state, batch)
+        h0, c0, got_initial_state = self._initial_states(backend, initial_state, batch, state_argument,
+                                                         state_offset)
         if check_finite:
             _validation.check_finite(backend.to_numpy(x))
-        self._tape = None
+        if build:
+            # Built only once every argument is known good, so a bad first call leaves the layer unbuilt.
+            self._ensure_built(features)
+        return _Call(backend, x, mask, h0, c0, got_initial_state, batch, steps)
 
+    def _run_call(self, call, training, input_order):
+        """Run a call checked by ``_prepare_call``; returns (outputs, h, c)."""
+        backend, x, mask, batch, steps = call.backend, call.x, call.mask, call.batch, call.steps
+        h0, c0 = call.h0, call.c0
+        self._tape = None
         if batch == 0 or steps == 0:
             outputs = (backend.zeros((batch, steps, self.units), self.dtype) if self.return_sequences
                        else backend.zeros((batch, self.units), self.dtype))
@@ -164,7 +202,7 @@ class LSTM(LSTMWeights):
                 training=training)
             outputs, h, c, workspace = result.outputs, result.h, result.c, result.workspace
         if training:
-            self._tape = _Tape(backend, workspace, batch, steps, got_initial_state)
+            self._tape = _Tape(backend, workspace, batch, steps, call.got_initial_state)
         if self.stateful:
             self.states = [h, c]
         self._last_states = [h, c]
@@ -175,15 +213,15 @@ class LSTM(LSTMWeights):
                 outputs = backend.swap_batch_time(outputs)
         return outputs, h, c
 
-    def _initial_states(self, backend, initial_state, batch):
+    def _initial_states(self, backend, initial_state, batch, argument="initial_state", offset=0):
         shape = (batch, self.units)
         if initial_state is not None:
             if not isinstance(initial_state, (list, tuple)) or len(initial_state) != 2:
                 raise ValueError(
-                    f"initial_state must be a list [h0, c0] of arrays of shape {shape}, got {type(initial_state).__name__}"
+                    f"{argument} must be a list [h0, c0] of arrays of shape {shape}, got {type(initial_state).__name__}"
                     + (f" of length {len(initial_state)}" if isinstance(initial_state, (list, tuple)) else ""))
-            return (prepare_state(backend, initial_state[0], self.dtype, "initial_state[0]", shape),
-                    prepare_state(backend, initial_state[1], self.dtype, "initial_state[1]", shape), True)
+            return (prepare_state(backend, initial_state[0], self.dtype, f"{argument}[{offset}]", shape),
+                    prepare_state(backend, initial_state[1], self.dtype, f"{argument}[{offset + 1}]", shape), True)
         if self.stateful and self.states is not None:
             if _validation.shape_of(self.states[0]) != shape:
                 raise ValueError(f"stateful layer carries states of shape {_validation.shape_of(self.states[0])} "

@@ -145,19 +145,26 @@ class Bidirectional:
     def __call__(self, x, mask=None, lengths=None, initial_state=None, training=False, check_finite=False):
         """Same arguments as ``LSTM.__call__``; initial_state is ``[h_fw, c_fw, h_bw, c_bw]``."""
         if initial_state is not None and (not isinstance(initial_state, (list, tuple)) or len(initial_state) != 4):
-            raise ValueError("initial_state of Bidirectional must be [h_fw, c_fw, h_bw, c_bw]")
-        if self.forward_layer.built and not self.backward_layer.built:
-            self.backward_layer.build(self.forward_layer.input_size)
+            raise ValueError("initial_state of Bidirectional must be a list [h_fw, c_fw, h_bw, c_bw], got "
+                             + (f"{type(initial_state).__name__} of length {len(initial_state)}"
+                                if isinstance(initial_state, (list, tuple)) else type(initial_state).__name__))
         states = (None, None) if initial_state is None else (list(initial_state[:2]), list(initial_state[2:]))
-        y_forward, h_forward, c_forward = self.forward_layer._forward(
-            x, mask, lengths, states[0], training, check_finite, input_order=True)
+        # Both directions' arguments are checked before either direction runs or
+        # is built: an error leaves states, dropout generators and weights as they were.
+        forward_call = self.forward_layer._prepare_call(x, mask, lengths, states[0], check_finite, build=False)
+        backward_call = self.backward_layer._prepare_call(x, mask, lengths, states[1], False, state_offset=2,
+                                                          build=False)
+        features = _validation.shape_of(forward_call.x)[2]
+        self.forward_layer._ensure_built(features)
+        self.backward_layer._ensure_built(features)
+        y_forward, h_forward, c_forward = self.forward_layer._run_call(forward_call, training, input_order=True)
         try:
-            y_backward, h_backward, c_backward = self.backward_layer._forward(
-                x, mask, lengths, states[1], training, False, input_order=True)
+            y_backward, h_backward, c_backward = self.backward_layer._run_call(backward_call, training,
+                                                                                input_order=True)
         except Exception:
             self.forward_layer._tape = None
             raise
-        backend = self.forward_layer._resolve_backend(x)
+        backend = forward_call.backend
         self._last_states = [h_forward, c_forward, h_backward, c_backward]
         self._merge_inputs = (backend, y_forward, y_backward) if training else None
         merged = self._merge(backend, y_forward, y_backward)
