@@ -98,10 +98,13 @@ class LSTMWeights:
         if len(weights) != len(names):
             raise ValueError(f"set_weights expects {len(names)} arrays ({', '.join(names)}), got {len(weights)}")
         arrays = [np.asarray(w) for w in weights]
-        input_size = self.input_size if self.built else (arrays[0].shape[0] if arrays[0].ndim == 2 else -1)
-        shapes = self.weight_shapes(max(input_size, 1))
+        input_size = self.input_size if self.built else (arrays[0].shape[0] if arrays[0].ndim == 2 else 0)
+        if input_size < 1:
+            raise ValueError(f"set_weights: kernel must have shape (input_size >= 1, {4 * self.units}), "
+                             f"got {arrays[0].shape}")
+        shapes = self.weight_shapes(input_size)
         for name, array in zip(names, arrays):
-            if array.shape != shapes[name] or input_size < 1:
+            if array.shape != shapes[name]:
                 raise ValueError(f"set_weights: {name} must have shape {shapes[name]}, got {array.shape}")
             if not np.issubdtype(array.dtype, np.number):
                 raise TypeError(f"set_weights: {name} must be numeric, got dtype {array.dtype}")
@@ -130,12 +133,16 @@ class LSTMWeights:
     def _resolve_backend(self, x):
         return registry.resolve(self.backend, x, self.dtype, self.activation, self.recurrent_activation)
 
-    def _ensure_built(self, input_size: int, argument: str = "x"):
-        if not self.built:
-            self.build(input_size)
-        elif input_size != self.input_size:
+    def _check_input_size(self, input_size: int, argument: str = "x") -> None:
+        """Raise if the layer is built for another number of features."""
+        if self.built and input_size != self.input_size:
             raise ValueError(
                 f"{argument} has {input_size} features but the layer was built for {self.input_size}")
+
+    def _ensure_built(self, input_size: int, argument: str = "x"):
+        self._check_input_size(input_size, argument)
+        if not self.built:
+            self.build(input_size)
 
     def _dropout_masks(self, batch: int, training: bool):
         """Inverted-dropout masks ``[B, I]`` and ``[B, H]`` (None when off), one per sequence."""

@@ -27,6 +27,9 @@ def lengths_to_mask(lengths, maxlen=None) -> np.ndarray:
     lengths = np.asarray(lengths)
     if lengths.ndim != 1:
         raise ValueError(f"lengths must be 1-D (batch,), got shape {lengths.shape}")
+    if lengths.size and (lengths.dtype == bool or not np.issubdtype(lengths.dtype, np.number)
+                         or np.issubdtype(lengths.dtype, np.complexfloating)):
+        raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
     if lengths.size and not np.issubdtype(lengths.dtype, np.integer):
         if not np.all(np.equal(np.mod(lengths, 1), 0)):
             raise ValueError(f"lengths must be integers, got {lengths.dtype} values {lengths.tolist()[:5]}")
