@@ -1,0 +1,1 @@
+"""The lstmeng asv suite: one module per area, shared pieces in ``common``."""

@@ -1,0 +1,27 @@
+"""``le.LSTMCell``: one time step, the unit of work of decoders and custom loops."""
+
+import lstmeng as le
+
+from .common import BACKENDS, SHAPE_NAMES, SHAPES, Benchmark, host_inputs, require_backend, synchronizer, to_backend
+
+
+class CellStep(Benchmark):
+    """One step of ``[B, I]`` inputs and ``[B, H]`` states (the shape's B, I, H)."""
+
+    params = (BACKENDS, SHAPE_NAMES)
+    param_names = ("backend", "shape")
+
+    def setup(self, backend, shape_name):
+        require_backend(backend)
+        shape = SHAPES[shape_name]
+        x, _, dy = host_inputs(shape)
+        self.cell = le.LSTMCell(shape.units, backend=backend, seed=0)
+        self.cell.build(shape.input_size)
+        self.x_t = to_backend(backend, x[:, 0, :].copy())
+        self.states = [to_backend(backend, dy[:, 0, :].copy()), to_backend(backend, dy[:, 1, :].copy())]
+        self.synchronize = synchronizer(backend)
+        self.time_cell_step(backend, shape_name)
+
+    def time_cell_step(self, backend, shape):
+        self.cell(self.x_t, states=self.states)
+        self.synchronize()

@@ -1,0 +1,330 @@
+"""What every lstmeng benchmark shares: backends, shapes, inputs, timing helpers.
+
+Every benchmark is parametrised over ``BACKENDS`` and a few named shapes. A
+backend that is not available on the machine (not built, library missing, no
+GPU) makes ``setup`` raise ``NotImplementedError``, which asv records as
+"skipped" rather than "failed". Optional libraries (torch, TensorFlow, numba)
+are imported only inside ``setup`` or the helpers below, never at module
+level, so benchmark discovery works wherever lstmeng itself imports.
+
+Inputs are deterministic (a fixed seed per shape) and cached per process, so
+repeated setups of the same shape do not redraw them. All allocation, device
+copies, warm-up and JIT compilation happen in ``setup``; the timed calls only
+run the layer and, for device backends, wait for the device to finish.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import os
+import time
+
+import numpy as np
+
+import lstmeng as le
+
+#: Every backend the registry knows; unavailable ones skip.
+BACKENDS = ("numpy", "cython", "numba_cuda", "tensorflow")
+
+#: Compute dtype of every benchmark (what the fast backends are tuned for).
+DTYPE = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """Problem size of one benchmark case.
+
+    Attributes:
+        batch, steps, input_size, units: B, T, I, H.
+        variable_length: right-padded batch whose rows have different lengths
+            (passed as ``lengths``), as after ``le.pad_sequences``.
+    """
+
+    batch: int
+    steps: int
+    input_size: int
+    units: int
+    variable_length: bool = False
+
+
+#: The named shapes. A name is part of every result key, so changing a shape's
+#: numbers without renaming it would silently break the history graphs.
+SHAPES = {
+    # One sequence: per-step overhead dominates (serving, decoders).
+    "latency-B1": Shape(batch=1, steps=32, input_size=64, units=128),
+    # A typical training minibatch.
+    "mid-B64": Shape(batch=64, steps=32, input_size=64, units=128),
+    # Wide layer: the recurrent GEMM dominates.
+    "large-H512": Shape(batch=16, steps=16, input_size=128, units=512),
+    # The mid batch with rows of 8..32 real steps.
+    "varlen-B64": Shape(batch=64, steps=32, input_size=64, units=128, variable_length=True),
+}
+SHAPE_NAMES = tuple(SHAPES)
+
+
+class Benchmark:
+    """Base class: asv settings shared by the suite.
+
+    ``repeat = (min, max, seconds)``: at least 2 samples, stop after 10 or
+    after 4 s, so the slow (numpy, large) cases stay affordable while fast ones
+    still collect enough samples for asv's statistics.
+    """
+
+    timeout = 240.0
+    rounds = 2
+    repeat = (2, 10, 4.0)
+    warmup_time = 0.05
+
+
+# -- backends -------------------------------------------------------------------
+
+def cuda_simulator_enabled() -> bool:
+    """True when numba runs CUDA kernels in its Python simulator (tests, CPU-only CI)."""
+    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+
+
+def require_backend(name: str) -> None:
+    """Raise NotImplementedError (asv: skip) unless backend ``name`` can run here.
+
+    Only ``name`` is imported and probed: asking the registry for the full
+    list would import TensorFlow and numba in every benchmark process.
+    """
+    from lstmeng.backends import registry
+    if name == "numba_cuda" and cuda_simulator_enabled():
+        # The simulator interprets kernels in Python: its timings mean nothing.
+        raise NotImplementedError("numba_cuda: CUDA simulator is on (NUMBA_ENABLE_CUDASIM)")
+    if name not in registry.BUILTIN_BACKENDS:
+        raise NotImplementedError(f"backend {name!r} is not known to this lstmeng")
+    try:
+        importlib.import_module(registry.BUILTIN_BACKENDS[name]).backend.probe()
+    except NotImplementedError as error:
+        raise NotImplementedError(f"backend {name!r} is unavailable: {error}") from None
+    except Exception as error:  # the registry reports these as unavailable too
+        raise NotImplementedError(f"backend {name!r} failed to load: {type(error).__name__}: {error}") from None
+
+
+def to_backend(name: str, array: np.ndarray):
+    """Copy a host array to backend ``name``'s own array kind (device array, tf.Tensor)."""
+    from lstmeng.backends import registry
+    return registry.get_backend_object(name).asarray(array, array.dtype)
+
+
+def synchronizer(name: str):
+    """A function that waits until backend ``name`` has finished its queued work.
+
+    Device backends run asynchronously: a timed call must end with this, or
+    it measures only the kernel launches.
+    """
+    if name == "numba_cuda":
+        from numba import cuda
+        return cuda.synchronize
+    if name == "tensorflow":
+        import tensorflow as tf
+        if tf.config.list_logical_devices("GPU"):
+            return tf.test.experimental.sync_devices
+    # Host backends return finished results.
+    return lambda: None
+
+
+# -- inputs ---------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def host_inputs(shape: Shape):
+    """Deterministic inputs for ``shape``, cached per process.
+
+    Returns:
+        x: ``[B, T, I]`` in DTYPE.
+        lengths: ``[B]`` ints in [T/4, T] with at least one full row, or None
+            for a fixed-length batch.
+        dy: ``[B, T, H]`` output gradient for the training step.
+    """
+    rng = np.random.default_rng([shape.batch, shape.steps, shape.input_size, shape.units])
+    x = rng.standard_normal((shape.batch, shape.steps, shape.input_size)).astype(DTYPE)
+    dy = rng.standard_normal((shape.batch, shape.steps, shape.units)).astype(DTYPE)
+    lengths = None
+    if shape.variable_length:
+        lengths = rng.integers(max(1, shape.steps // 4), shape.steps + 1, size=shape.batch)
+        lengths[0] = shape.steps
+    return x, lengths, dy
+
+
+def real_steps(shape: Shape) -> int:
+    """Sum over the batch of each row's real (unpadded) time steps."""
+    _, lengths, _ = host_inputs(shape)
+    return shape.batch * shape.steps if lengths is None else int(np.sum(lengths))
+
+
+def forward_flops(shape: Shape) -> float:
+    """Useful floating-point operations of one forward pass: 8*H*(I+H) per real row-step.
+
+    (Two GEMMs of 2*I*4H and 2*H*4H flops per row and step; elementwise work
+    is not counted.) Padded steps are not useful work, so a variable-length
+    batch counts only its real steps. A training step is 3x this.
+    """
+    return 8.0 * real_steps(shape) * shape.units * (shape.input_size + shape.units)
+
+
+# -- one layer on one backend -----------------------------------------------------
+
+class LayerRun:
+    """One ``le.LSTM(return_sequences=True)`` on one backend, inputs already on its device.
+
+    The constructor does all the allocation and runs one inference and one
+    training step, so JIT compilation, kernel caches and thread pools are
+    warm before anything is timed.
+    """
+
+    def __init__(self, backend: str, shape_name: str):
+        require_backend(backend)
+        self.shape = shape = SHAPES[shape_name]
+        x, self.lengths, dy = host_inputs(shape)
+        self.layer = le.LSTM(shape.units, return_sequences=True, backend=backend, seed=0)
+        self.layer.build(shape.input_size)
+        self.x = to_backend(backend, x)
+        self.dy = to_backend(backend, dy)
+        self.synchronize = synchronizer(backend)
+        self.forward()
+        self.training_step()
+
+    def forward(self):
+        """Inference over the whole batch; returns ``[B, T, H]``."""
+        outputs = self.layer(self.x, lengths=self.lengths)
+        self.synchronize()
+        return outputs
+
+    def training_step(self):
+        """Training forward and the full backward (dx and weight gradients); returns dx ``[B, T, I]``."""
+        self.layer(self.x, lengths=self.lengths, training=True)
+        dx = self.layer.backward(self.dy)
+        self.synchronize()
+        return dx
+
+
+# -- timing inside one process ------------------------------------------------------
+
+def best_seconds(function, repeats: int = 5, budget_seconds: float = 1.5) -> float:
+    """Fastest of up to ``repeats`` calls (at least 2), stopping once ``budget_seconds`` is spent.
+
+    The minimum is the least noisy estimate on a shared machine: noise only
+    ever adds time.
+    """
+    best = float("inf")
+    started = time.perf_counter()
+    for index in range(repeats):
+        begin = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - begin)
+        if index >= 1 and time.perf_counter() - started > budget_seconds:
+            break
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_peak_gflops(backend: str) -> float:
+    """Achieved GFLOP/s of a square DTYPE matrix product on the device backend ``name`` uses.
+
+    This is the reference "peak" the track_ benchmarks divide by: measured in
+    the same process and the same conditions as the LSTM, so machine noise
+    and clock changes largely cancel in the ratio.
+
+    Raises:
+        NotImplementedError: no matrix product is available for that device
+            (numba_cuda without torch's CUDA build).
+    """
+    if backend in ("numpy", "cython"):
+        size = 1024
+        a = np.ones((size, size), DTYPE)
+        b = np.ones((size, size), DTYPE)
+        product, synchronize = (lambda: a @ b), (lambda: None)
+    elif backend == "tensorflow":
+        import tensorflow as tf
+        size = 4096 if tf.config.list_logical_devices("GPU") else 1024
+        a = tf.ones((size, size), DTYPE)
+        b = tf.ones((size, size), DTYPE)
+        product, synchronize = (lambda: tf.linalg.matmul(a, b)), synchronizer("tensorflow")
+    elif backend == "numba_cuda":
+        torch = import_torch()
+        if not torch.cuda.is_available():
+            raise NotImplementedError("numba_cuda matmul peak needs torch with CUDA (cuBLAS)")
+        size = 4096
+        a = torch.ones((size, size), dtype=torch.float32, device="cuda")
+        b = torch.ones((size, size), dtype=torch.float32, device="cuda")
+        product, synchronize = (lambda: a @ b), torch.cuda.synchronize
+    else:
+        raise NotImplementedError(f"no matmul reference for backend {backend!r}")
+
+    def timed_product():
+        product()
+        synchronize()
+
+    timed_product()  # warm-up: thread pools, cuBLAS handles, TF graph caches
+    seconds = best_seconds(timed_product, repeats=7, budget_seconds=1.0)
+    return 2.0 * size ** 3 / seconds / 1e9
+
+
+# -- torch.nn.LSTM, the outside reference ----------------------------------------------
+
+def import_torch():
+    """torch, or NotImplementedError (asv: skip) when it is not installed."""
+    try:
+        import torch
+    except ImportError as error:
+        raise NotImplementedError(f"torch is not installed: {error}") from None
+    return torch
+
+
+class TorchRun:
+    """``torch.nn.LSTM`` on the same shape and inputs as ``LayerRun``, warmed up.
+
+    A variable-length batch goes through ``pack_padded_sequence``, torch's own
+    way of skipping padding. The device is CUDA for numba_cuda (and for
+    tensorflow when TF sees a GPU), else the CPU.
+    """
+
+    def __init__(self, backend: str, shape_name: str):
+        torch = self.torch = import_torch()
+        shape = SHAPES[shape_name]
+        on_gpu = backend == "numba_cuda"
+        if backend == "tensorflow":
+            import tensorflow as tf
+            on_gpu = bool(tf.config.list_logical_devices("GPU"))
+        if on_gpu and not torch.cuda.is_available():
+            raise NotImplementedError("torch has no CUDA device to compare a GPU backend with")
+        device = "cuda" if on_gpu else "cpu"
+        self.synchronize = torch.cuda.synchronize if on_gpu else (lambda: None)
+        x, lengths, dy = host_inputs(shape)
+        torch.manual_seed(0)
+        self.lstm = torch.nn.LSTM(shape.input_size, shape.units, batch_first=True).to(device)
+        self.x = torch.tensor(x, device=device, requires_grad=True)
+        self.lengths = None if lengths is None else torch.as_tensor(lengths)
+        dy = torch.tensor(dy, device=device)
+        if lengths is not None:
+            # The gradient of a packed output is itself packed.
+            dy = torch.nn.utils.rnn.pack_padded_sequence(dy, self.lengths, batch_first=True,
+                                                         enforce_sorted=False).data
+        self.dy = dy
+        self.forward()
+        self.training_step()
+
+    def _outputs(self):
+        if self.lengths is None:
+            return self.lstm(self.x)[0]
+        packed = self.torch.nn.utils.rnn.pack_padded_sequence(self.x, self.lengths, batch_first=True,
+                                                              enforce_sorted=False)
+        return self.lstm(packed)[0].data
+
+    def forward(self):
+        """Inference (no autograd graph)."""
+        with self.torch.inference_mode():
+            outputs = self._outputs()
+        self.synchronize()
+        return outputs
+
+    def training_step(self):
+        """Forward with autograd and backward to the input and the weights."""
+        self.lstm.zero_grad(set_to_none=True)
+        self.x.grad = None
+        self._outputs().backward(self.dy)
+        self.synchronize()
