@@ -91,9 +91,16 @@ def load(path):
         except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError, json.JSONDecodeError) as error:
             raise ValueError(f"{path!r} is not a valid lstmeng file: {error}") from None
     try:
-        obj = CLASSES[class_name].from_config(document["config"])
+        config = document.get("config")
+        if not isinstance(config, dict):
+            raise TypeError(f"config must be a JSON object, got {type(config).__name__}")
+        obj = CLASSES[class_name].from_config(config)
         if weights:
             obj.set_weights(weights)
-    except (TypeError, ValueError, KeyError) as error:
-        raise ValueError(f"{path!r} holds a config or weights that do not agree: {error}") from None
+    except KeyError as error:
+        raise ValueError(f"{path!r} is an lstmeng file whose {class_name} config lacks the key {error}") from None
+    # AttributeError: a nested config entry of the wrong JSON type (e.g. a string where a dict belongs).
+    except (TypeError, ValueError, AttributeError) as error:
+        raise ValueError(f"{path!r} is an lstmeng file whose {class_name} config or weights are invalid: "
+                         f"{error}") from None
     return obj
