@@ -1,19 +1,571 @@
-"""Placeholder until the numba_cuda backend lands: it reports itself unavailable."""
+"""The numba_cuda backend: LSTM forward and backward on NVIDIA GPUs with numba-cuda kernels.
 
-from lstmeng.backends.base import Backend
+No CUDA C++ and no cuDNN: every kernel is Python compiled by ``numba.cuda.jit``.
+
+* Input projection of all time steps: one tiled shared-memory GEMM launch,
+  bias folded in (``_cuda_gemm``).
+* Recurrence: ONE cooperative launch per layer and direction, one grid
+  barrier per step, each block owning a slice of hidden units with its slice
+  of the recurrent weights in shared memory when it fits
+  (``_cuda_recurrence``). The backward mirrors it in reverse time; the weight
+  gradients are GEMMs over all steps.
+* Arrays: NumPy arrays are copied in (and results are device arrays); any
+  object with ``__cuda_array_interface__`` (Numba device arrays, CuPy,
+  PyTorch CUDA tensors) is used in place, without a copy. The array helpers
+  (add, concatenate, flip_time, ...) run as small kernels, so a Sequential or
+  Bidirectional model on the GPU never round-trips through the host. Results
+  are Numba device arrays (``numba.cuda.cudadrv.devicearray.DeviceNDArray``);
+  ``cupy.asarray(result)`` or ``torch.as_tensor(result, device="cuda")`` wrap
+  them without a copy.
+
+Streams: every launch goes to Numba's default stream, which orders it with
+PyTorch's and CuPy's default streams; work queued on other streams must be
+synchronised by the caller.
+
+Under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, set before numba is
+imported) the same kernels run in Python, slowly, for tests: the backend then
+reports "CUDA simulator" as its device and returns simulator arrays that carry
+a ``__cuda_array_interface__`` so that the layers treat them exactly as device
+arrays. A cooperative grid is one block there (see ``_cuda_recurrence``).
+
+Example (on a machine with a GPU)::
+
+    import numpy as np, lstmeng as le
+    from numba import cuda
+    x = cuda.to_device(np.random.rand(8, 100, 256).astype("float32"))
+    lstm = le.LSTM(256, return_sequences=True)      # "auto" picks numba_cuda for device arrays
+    y = lstm(x)                                      # a device array [8, 100, 256]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from importlib import metadata
+
+import numpy as np
+
+from lstmeng.backends.base import Backend, SequenceForward, SequenceGrads
+
+try:  # numba is optional: without it the backend reports itself unavailable.
+    import numba
+    from numba import cuda
+    _IMPORT_ERROR = None
+except Exception as error:  # ImportError, or a broken numba/CUDA toolkit install
+    numba = cuda = None
+    _IMPORT_ERROR = error
+
+#: Default CUDA limit on dynamic shared memory per block without opting in.
+DEFAULT_SHARED_LIMIT_BYTES = 48 * 1024
 
 
-class _Pending(Backend):
+def simulator_enabled() -> bool:
+    """True when numba runs CUDA kernels in its Python simulator (NUMBA_ENABLE_CUDASIM=1)."""
+    return numba is not None and bool(numba.config.ENABLE_CUDASIM)
+
+
+def _numba_cuda_version() -> str:
+    try:
+        return metadata.version("numba-cuda")
+    except metadata.PackageNotFoundError:
+        return f"bundled with numba {numba.__version__}"
+
+
+@dataclasses.dataclass
+class _Workspace:
+    """What ``sequence_backward`` needs from a training forward (device arrays).
+
+    x_in: [B, T, I] inputs after input dropout; h_in, c_prev, cell_act:
+    [B, T, H]; gates: [B, T, 4H] activated; mask, seen_before: [B, T] bool or
+    None; last_output_rows: [B] bool or None.
+    """
+
+    x_in: object
+    h_in: object
+    c_prev: object
+    gates: object
+    cell_act: object
+    mask: object
+    seen_before: object
+    last_output_rows: object
+    kernel: object
+    recurrent_kernel: object
+    activation: str
+    recurrent_activation: str
+    reverse: bool
+    zero_output_for_mask: bool
+    return_sequences: bool
+    input_dropout_mask: object
+    recurrent_dropout_mask: object
+
+
+class NumbaCudaBackend(Backend):
+    """LSTM on NVIDIA GPUs through numba-cuda kernels (float32 and float64)."""
+
     name = "numba_cuda"
+    dtypes = ("float32", "float64")
 
-    def probe(self):
-        raise NotImplementedError("the numba_cuda backend is not part of this build yet")
+    def __init__(self):
+        self._partitions: dict = {}
+        self._dummies: dict = {}
+        #: Where the recurrence keeps each block's slice of the recurrent
+        #: weights: None = shared memory when it fits (the fast path), False =
+        #: always global memory / L2 (the fallback for sizes that do not fit;
+        #: tests set it to cover that path at small sizes).
+        self.weights_in_shared: bool | None = None
 
-    def sequence_forward(self, *args, **kwargs):
-        raise NotImplementedError
+    # -- availability ------------------------------------------------------------
+    def probe(self) -> str:
+        if _IMPORT_ERROR is not None:
+            raise NotImplementedError(
+                f"numba-cuda is not installed or failed to import ({type(_IMPORT_ERROR).__name__}: "
+                f"{_IMPORT_ERROR}); install it with pip install 'lstmeng[cuda]'")
+        if simulator_enabled():
+            return f"CUDA simulator (NUMBA_ENABLE_CUDASIM=1, numba-cuda {_numba_cuda_version()}): for tests, not speed"
+        try:
+            available = cuda.is_available()
+            device = cuda.get_current_device() if available else None
+        except Exception as error:  # CudaSupportError: no driver library, driver too old, ...
+            raise NotImplementedError(f"no usable CUDA driver or GPU: {str(error).strip()}") from None
+        if device is None:
+            raise NotImplementedError("no CUDA GPU found (numba.cuda.is_available() is False: "
+                                      "no NVIDIA driver, or no GPU visible to this process)")
+        name = device.name.decode() if isinstance(device.name, bytes) else str(device.name)
+        major, minor = device.compute_capability
+        return (f"GPU: {name} (compute capability {major}.{minor}, {device.MULTIPROCESSOR_COUNT} SMs), "
+                f"numba-cuda {_numba_cuda_version()}")
 
-    def sequence_backward(self, *args, **kwargs):
-        raise NotImplementedError
+    # -- device arrays -------------------------------------------------------------
+    def owns(self, array) -> bool:
+        if cuda is None:
+            return False
+        if simulator_enabled():
+            return isinstance(array, _fake_array_class())
+        return cuda.is_cuda_array(array)
+
+    def _view(self, array):
+        """A numba device array viewing ``array`` (one of ours or any CUDA array): no copy."""
+        if simulator_enabled():
+            return _simulated(array)
+        if isinstance(array, cuda.cudadrv.devicearray.DeviceNDArray):
+            return array
+        return cuda.as_cuda_array(array)
+
+    def _empty(self, shape, dtype):
+        return _simulated(cuda.device_array(tuple(shape), dtype=np.dtype(dtype))) if simulator_enabled() \
+            else cuda.device_array(tuple(shape), dtype=np.dtype(dtype))
+
+    def asarray(self, array, dtype):
+        dtype = np.dtype(dtype)
+        if self.owns(array):
+            device = self._view(array)
+            if device.dtype == dtype:
+                return device
+            return self._copy(device, dtype)
+        host = np.ascontiguousarray(np.asarray(array, dtype=dtype))
+        device = cuda.to_device(host)
+        return _simulated(device) if simulator_enabled() else device
+
+    def to_numpy(self, array) -> np.ndarray:
+        if not self.owns(array):
+            return np.asarray(array)
+        device = self._view(array)
+        if not device.is_c_contiguous():
+            device = self._copy(device, device.dtype)
+        return device.copy_to_host()
+
+    def zeros(self, shape, dtype):
+        out = self._empty(shape, dtype)
+        if out.size:
+            from lstmeng.backends import _cuda_elementwise as ew
+            ew.fill_1d[ew.blocks_for(out.size), ew.ELEMENTWISE_THREADS](out.reshape(out.size), 0)
+        return out
+
+    def expand_time(self, x):
+        x = self._contiguous(self._view(x))
+        return self._wrap(x.reshape(x.shape[0], 1, x.shape[1]))
+
+    def swap_batch_time(self, x):
+        return self._permute(x, 0)
+
+    def flip_time(self, y):
+        return self._permute(y, 1)
+
+    def add(self, a, b):
+        return self._binary(1, a, b)
+
+    def multiply(self, a, b):
+        return self._binary(2, a, b)
+
+    def scale(self, a, factor: float):
+        return self._binary(3, a, None, factor)
+
+    def concatenate(self, arrays, axis: int = -1):
+        pieces = [self._view(array) for array in arrays]
+        ndim = len(pieces[0].shape)
+        if axis not in (-1, ndim - 1):
+            raise NotImplementedError(f"numba_cuda concatenates along the last axis only, got axis={axis}")
+        # tuple(): the simulator's shapes take no negative indices.
+        shape = tuple(pieces[0].shape)[:-1] + (sum(tuple(p.shape)[-1] for p in pieces),)
+        out = self._empty(shape, pieces[0].dtype)
+        start = 0
+        for piece in pieces:
+            width = tuple(piece.shape)[-1]
+            self._copy_into(piece, _last_axis_slice(out, start, start + width))
+            start += width
+        return out
+
+    def split_last(self, array, sizes):
+        device = self._view(array)
+        pieces, start = [], 0
+        for size in sizes:
+            pieces.append(self._copy(_last_axis_slice(device, start, start + size), device.dtype))
+            start += size
+        return pieces
+
+    # -- array helper kernels ------------------------------------------------------
+    def _wrap(self, device):
+        return _simulated(device) if simulator_enabled() else device
+
+    def _copy_into(self, source, target):
+        """target[...] = source (cast to target's dtype); any strides, same shape."""
+        from lstmeng.backends import _cuda_elementwise as ew
+        size = int(np.prod(target.shape))
+        if size:
+            ew.BINARY_KERNELS[len(target.shape)][ew.blocks_for(size), ew.ELEMENTWISE_THREADS](
+                ew.OP_COPY, source, source, 0.0, target)
+
+    def _copy(self, source, dtype):
+        """A fresh C-contiguous device copy of ``source`` in ``dtype``."""
+        out = self._empty(source.shape, dtype)
+        self._copy_into(source, out)
+        return out
+
+    def _contiguous(self, device):
+        return device if device.is_c_contiguous() else self._copy(device, device.dtype)
+
+    def _binary(self, op, a, b, factor=0.0):
+        from lstmeng.backends import _cuda_elementwise as ew
+        a = self._view(a) if self.owns(a) else self.asarray(a, np.result_type(a))
+        b = a if b is None else self.asarray(b, a.dtype)
+        if tuple(a.shape) != tuple(b.shape):
+            raise ValueError(f"numba_cuda elementwise operands must have equal shapes, got "
+                             f"{tuple(a.shape)} and {tuple(b.shape)}")
+        out = self._empty(a.shape, a.dtype)
+        size = int(np.prod(a.shape))
+        if size:
+            ew.BINARY_KERNELS[len(a.shape)][ew.blocks_for(size), ew.ELEMENTWISE_THREADS](
+                op, a, b, float(factor), out)
+        return out
+
+    def _permute(self, x, mode):
+        from lstmeng.backends import _cuda_elementwise as ew
+        x = self._view(x)
+        if len(x.shape) != 3:
+            raise NotImplementedError(f"numba_cuda swaps and flips 3-D arrays, got shape {tuple(x.shape)}")
+        n0, n1, n2 = (int(n) for n in x.shape)
+        shape = (n1, n0, n2) if mode == ew.PERMUTE_SWAP_01 else (n0, n1, n2)
+        out = self._empty(shape, x.dtype)
+        if n0 * n1 * n2:
+            ew.permute_3d[ew.blocks_for(n0 * n1 * n2), ew.ELEMENTWISE_THREADS](mode, x, out)
+        return out
+
+    def _dummy(self, ndim, dtype):
+        """A placeholder array [1]*ndim for kernel arguments a configuration does not use."""
+        key = (ndim, np.dtype(dtype).name)
+        if key not in self._dummies:
+            self._dummies[key] = self.zeros((1,) * ndim, dtype)
+        return self._dummies[key]
+
+    # -- the fused sequence call -----------------------------------------------------
+    def sequence_forward(self, x, h0, c0, kernel, recurrent_kernel, bias, mask=None, *,
+                         activation="tanh", recurrent_activation="sigmoid", reverse=False,
+                         zero_output_for_mask=False, return_sequences=True,
+                         input_dropout_mask=None, recurrent_dropout_mask=None, training=False):
+        from lstmeng.backends import _cuda_elementwise as ew
+        from lstmeng.backends import _cuda_gemm as gemm
+        from lstmeng.backends import _cuda_recurrence as rec
+
+        dtype = np.dtype(x.dtype.name if hasattr(x.dtype, "name") else x.dtype)
+        x = self.asarray(x, dtype)
+        h0, c0 = self.asarray(h0, dtype), self.asarray(c0, dtype)
+        kernel, recurrent_kernel = self.asarray(kernel, dtype), self.asarray(recurrent_kernel, dtype)
+        bias = None if bias is None else self.asarray(bias, dtype)
+        batch, steps, features = (int(n) for n in x.shape)
+        units = int(recurrent_kernel.shape[0])
+
+        # x after input dropout, [B, T, I] C-contiguous so that it is the GEMM's [B*T, I].
+        if input_dropout_mask is not None:
+            input_dropout_mask = self.asarray(input_dropout_mask, dtype)
+            x_in = self._empty((batch, steps, features), dtype)
+            ew.scale_rows_3d[ew.blocks_for(x_in.size), ew.ELEMENTWISE_THREADS](x, input_dropout_mask, x_in)
+        else:
+            x_in = self._contiguous(x)
+        projection = self._empty((batch, steps, 4 * units), dtype)
+        gemm.launch_gemm(x_in.reshape(batch * steps, features), kernel,
+                         projection.reshape(batch * steps, 4 * units), bias,
+                         tiles=self._gemm_tiles(), dummy_bias=self._dummy(1, dtype))
+
+        has_mask = mask is not None
+        if has_mask:
+            mask = self.asarray(mask, np.bool_)
+            seen_before = self._empty((batch, steps), np.bool_)
+            last_output_rows = self._empty((batch,), np.bool_)
+            ew.mask_summary[ew.blocks_for(batch), ew.ELEMENTWISE_THREADS](
+                mask, bool(reverse), bool(zero_output_for_mask), seen_before, last_output_rows)
+        else:
+            mask = seen_before = self._dummy(2, np.bool_)
+            last_output_rows = self._dummy(1, np.bool_)
+        has_recurrent_dropout = recurrent_dropout_mask is not None
+        recurrent_dropout = (self.asarray(recurrent_dropout_mask, dtype) if has_recurrent_dropout
+                             else self._dummy(2, dtype))
+
+        h_buffers = self._empty((2, batch, units), dtype)
+        self._copy_into(h0, h_buffers[0])
+        c_state = self._copy(c0, dtype)
+        outputs = self._empty((batch, steps, units), dtype) if return_sequences else self._dummy(3, dtype)
+        if training:
+            h_in, c_prev, cell_act = (self._empty((batch, steps, units), dtype) for _ in range(3))
+            gates = self._empty((batch, steps, 4 * units), dtype)
+        else:
+            h_in = c_prev = cell_act = gates = self._dummy(3, dtype)
+
+        codes = rec.ACTIVATION_CODES
+        self._launch_recurrence(
+            "forward", dtype, units,
+            (projection, recurrent_kernel, recurrent_dropout, mask, seen_before, h_buffers, c_state,
+             outputs, h_in, c_prev, gates, cell_act),
+            (codes[activation], codes[recurrent_activation], bool(reverse), bool(zero_output_for_mask),
+             bool(return_sequences), bool(training), has_mask, has_recurrent_dropout))
+
+        h = self._copy(h_buffers[steps % 2], dtype)
+        if not return_sequences:
+            outputs = self._empty((batch, units), dtype)
+            ew.select_rows[ew.blocks_for(outputs.size), ew.ELEMENTWISE_THREADS](
+                h, last_output_rows, has_mask, outputs)
+        workspace = None
+        if training:
+            workspace = _Workspace(
+                x_in=x_in, h_in=h_in, c_prev=c_prev, gates=gates, cell_act=cell_act,
+                mask=mask if has_mask else None, seen_before=seen_before if has_mask else None,
+                last_output_rows=last_output_rows if has_mask else None, kernel=kernel,
+                recurrent_kernel=recurrent_kernel, activation=activation,
+                recurrent_activation=recurrent_activation, reverse=bool(reverse),
+                zero_output_for_mask=bool(zero_output_for_mask), return_sequences=bool(return_sequences),
+                input_dropout_mask=input_dropout_mask,
+                recurrent_dropout_mask=recurrent_dropout if has_recurrent_dropout else None)
+        return SequenceForward(outputs=outputs, h=h, c=c_state, workspace=workspace)
+
+    def sequence_backward(self, doutputs, dh, dc, workspace):
+        from lstmeng.backends import _cuda_elementwise as ew
+        from lstmeng.backends import _cuda_gemm as gemm
+        from lstmeng.backends import _cuda_recurrence as rec
+
+        ws = workspace
+        dtype = np.dtype(ws.gates.dtype)
+        batch, steps, gate_columns = (int(n) for n in ws.gates.shape)
+        units = gate_columns // 4
+        features = int(ws.x_in.shape[2])
+        doutputs = self.asarray(doutputs, dtype)
+        dh, dc = self.asarray(dh, dtype), self.asarray(dc, dtype)
+        has_mask = ws.mask is not None
+
+        dh_state = self._empty((batch, units), dtype)
+        if ws.return_sequences:
+            self._copy_into(dh, dh_state)
+        else:
+            # The last output is the final h on the rows where it is not zero.
+            ew.add_selected_rows[ew.blocks_for(batch * units), ew.ELEMENTWISE_THREADS](
+                dh, doutputs, ws.last_output_rows if has_mask else self._dummy(1, np.bool_), has_mask, dh_state)
+        dc_state = self._copy(dc, dtype)
+        scratch = self._empty((batch, units), dtype)
+        gate_grads = self._empty((batch, steps, gate_columns), dtype)
+        mask = ws.mask if has_mask else self._dummy(2, np.bool_)
+        seen_before = ws.seen_before if has_mask else self._dummy(2, np.bool_)
+        has_recurrent_dropout = ws.recurrent_dropout_mask is not None
+        codes = rec.ACTIVATION_CODES
+        self._launch_recurrence(
+            "backward", dtype, units,
+            (doutputs if ws.return_sequences else self._dummy(3, dtype), ws.recurrent_kernel,
+             ws.recurrent_dropout_mask if has_recurrent_dropout else self._dummy(2, dtype), mask, seen_before,
+             ws.gates, ws.cell_act, ws.c_prev, dh_state, dc_state, scratch, gate_grads),
+            (codes[ws.activation], codes[ws.recurrent_activation], ws.reverse, ws.zero_output_for_mask,
+             ws.return_sequences, has_mask, has_recurrent_dropout))
+
+        # Weight gradients: GEMMs over all B*T rows at once.
+        tiles, no_bias = self._gemm_tiles(), self._dummy(1, dtype)
+        flat_gate_grads = gate_grads.reshape(batch * steps, gate_columns)
+        dkernel = self._empty((features, gate_columns), dtype)
+        gemm.launch_gemm(ws.x_in.reshape(batch * steps, features), flat_gate_grads, dkernel,
+                         transpose_a=True, tiles=tiles, dummy_bias=no_bias)
+        drecurrent_kernel = self._empty((units, gate_columns), dtype)
+        gemm.launch_gemm(ws.h_in.reshape(batch * steps, units), flat_gate_grads, drecurrent_kernel,
+                         transpose_a=True, tiles=tiles, dummy_bias=no_bias)
+        dbias = self.zeros((gate_columns,), dtype)
+        threads = ew.ELEMENTWISE_THREADS
+        ew.column_sums[(math.ceil(gate_columns / threads), math.ceil(batch * steps / ew.COLUMN_SUM_ROWS)),
+                       threads](flat_gate_grads, dbias)
+        dx = self._empty((batch, steps, features), dtype)
+        gemm.launch_gemm(flat_gate_grads, ws.kernel, dx.reshape(batch * steps, features),
+                         transpose_b=True, tiles=tiles, dummy_bias=no_bias)
+        if ws.input_dropout_mask is not None:
+            ew.scale_rows_3d[ew.blocks_for(dx.size), threads](dx, ws.input_dropout_mask, dx)
+        return SequenceGrads(dx=dx, dh0=dh_state, dc0=dc_state, dkernel=dkernel,
+                             drecurrent_kernel=drecurrent_kernel, dbias=dbias)
+
+    def cell_backward(self, dh, dc, workspace) -> SequenceGrads:
+        grads = self.sequence_backward(self.zeros_like(dh), dh, dc, workspace)
+        batch, _, features = (int(n) for n in grads.dx.shape)
+        grads.dx = self._wrap(grads.dx.reshape(batch, features))
+        return grads
+
+    # -- launch configuration ----------------------------------------------------------
+    def _gemm_tiles(self):
+        from lstmeng.backends import _cuda_gemm as gemm
+        return gemm.SIMULATOR_TILES if simulator_enabled() else gemm.GPU_TILES
+
+    def _recurrence_shape(self):
+        from lstmeng.backends import _cuda_recurrence as rec
+        return rec.SIMULATOR_SHAPE if simulator_enabled() else rec.GPU_SHAPE
+
+    def _launch_recurrence(self, direction, dtype, units, arrays, flags):
+        """Launch the forward or backward recurrence as one cooperative grid.
+
+        ``arrays`` and ``flags`` are the kernel's arguments before and after
+        ``units_per_block``; ``weights_in_shared`` is appended here.
+        """
+        from lstmeng.backends import _cuda_recurrence as rec
+        shape = self._recurrence_shape()
+        make = rec.forward_kernel if direction == "forward" else rec.backward_kernel
+        kernel = make(dtype, shape)
+        if simulator_enabled():
+            # The simulator's cooperative grids hold one block (it runs blocks in turn).
+            in_shared = self.weights_in_shared is not False
+            shared_bytes = shape.shared_values(units, units, in_shared) * dtype.itemsize
+            kernel[1, shape.threads, 0, shared_bytes](*arrays, units, *flags, in_shared)
+            return
+        probe_arguments = (*arrays, units, *flags, False)
+        launch = self._partition(direction, kernel, probe_arguments, dtype, units, shape)
+        compiled, blocks, units_per_block, in_shared, shared_bytes = launch
+        compiled[blocks, shape.threads, 0, shared_bytes](*arrays, units_per_block, *flags, in_shared)
+
+    def _partition(self, direction, kernel, arguments, dtype, units, shape):
+        """Grid size, unit slices and weight placement for one recurrence on this GPU (cached)."""
+        from lstmeng.backends import _cuda_recurrence as rec
+        compiled = kernel.specialize(*arguments)
+        key = (direction, dtype.name, units, id(compiled), self.weights_in_shared)
+        if key in self._partitions:
+            return self._partitions[key]
+        device = cuda.get_current_device()
+        overload = next(iter(compiled.overloads.values()))
+        try:
+            optin_limit = int(device.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        except Exception:
+            optin_limit = DEFAULT_SHARED_LIMIT_BYTES
+        if self.weights_in_shared is False:
+            optin_limit = 0
+        max_blocks = int(device.MULTIPROCESSOR_COUNT)   # at most one block per SM
+        for _ in range(64):
+            units_per_block, blocks, in_shared = rec.choose_partition(
+                units, dtype.itemsize, shape, max_blocks, optin_limit)
+            shared_bytes = shape.shared_values(units, units_per_block, in_shared) * dtype.itemsize
+            if shared_bytes > DEFAULT_SHARED_LIMIT_BYTES and not _allow_dynamic_shared(overload, shared_bytes):
+                in_shared = False
+                shared_bytes = shape.shared_values(units, units_per_block, False) * dtype.itemsize
+            cooperative_limit = overload.max_cooperative_grid_blocks(shape.threads, shared_bytes)
+            if blocks <= cooperative_limit:
+                break
+            if cooperative_limit >= 1:
+                max_blocks = cooperative_limit      # fewer, larger unit slices
+            elif optin_limit > 0:
+                optin_limit = 0                     # weights from global memory: the smallest footprint
+            else:
+                break
+        else:
+            cooperative_limit = 0
+        if blocks > cooperative_limit:
+            raise RuntimeError(f"numba_cuda: the {direction} recurrence kernel cannot run as a cooperative grid "
+                               f"on this GPU ({blocks} blocks of {shape.threads} threads with {shared_bytes} "
+                               f"bytes of shared memory; the limit is {cooperative_limit} blocks)")
+        self._partitions[key] = (compiled, blocks, units_per_block, in_shared, shared_bytes)
+        return self._partitions[key]
 
 
-backend = _Pending()
+def _allow_dynamic_shared(overload, nbytes: int) -> bool:
+    """Raise the kernel's dynamic shared-memory limit above 48 KB through the CUDA driver.
+
+    Numba's launch API stops at the default 48 KB; larger dynamic shared memory
+    needs CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES set on the function
+    first (what cudaFuncSetAttribute does in CUDA C++). Returns False when the
+    driver refuses, so the caller reads the weights from global memory instead.
+    """
+    try:
+        from numba.cuda.cudadrv import driver as numba_driver
+        function = overload._codelibrary.get_cufunc()
+        attribute = numba_driver.binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        try:
+            numba_driver.driver.cuKernelSetAttribute(attribute, int(nbytes), function.handle, function.device.id)
+        except Exception:
+            numba_driver.driver.cuFuncSetAttribute(function.handle, attribute, int(nbytes))
+        return True
+    except Exception:
+        return False
+
+
+def _last_axis_slice(array, start, stop):
+    """``array[..., start:stop]`` as a device view (numba device arrays take no Ellipsis)."""
+    if len(array.shape) == 1:
+        return array[start:stop]
+    if len(array.shape) == 2:
+        return array[:, start:stop]
+    return array[:, :, start:stop]
+
+
+# -- the simulator's arrays -----------------------------------------------------------
+_SIMULATED_CLASS = None
+
+
+def _fake_array_class():
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+    return FakeCUDAArray
+
+
+def _simulated(array):
+    """Under the simulator: ``array`` as a simulator array that carries ``__cuda_array_interface__``.
+
+    numba's simulator arrays wrap a host ndarray and have no CUDA array
+    interface, so lstmeng's registry would take them for host arrays. This
+    subclass adds the interface (pointing at the host buffer, which is what
+    the simulator's "device" memory is) so the layers route them exactly as
+    they route real device arrays. It is never used on a GPU.
+    """
+    global _SIMULATED_CLASS
+    fake = _fake_array_class()
+    if _SIMULATED_CLASS is None:
+        class SimulatedDeviceArray(fake):
+            @property
+            def __cuda_array_interface__(self):
+                interface = dict(self._ary.__array_interface__)
+                interface["version"] = 3
+                interface.setdefault("strides", None)
+                interface["stream"] = None
+                return interface
+
+            def __getitem__(self, index):
+                item = super().__getitem__(index)
+                return _simulated(item) if isinstance(item, fake) else item
+
+            def reshape(self, *args, **kwargs):
+                return _simulated(super().reshape(*args, **kwargs))
+
+        _SIMULATED_CLASS = SimulatedDeviceArray
+    if isinstance(array, _SIMULATED_CLASS):
+        return array
+    if isinstance(array, fake):
+        return _SIMULATED_CLASS(array._ary, stream=array.stream)
+    if isinstance(array, np.ndarray):
+        raise TypeError("numba_cuda (simulator): expected a device array, got a host ndarray")
+    raise TypeError(f"numba_cuda: {type(array).__name__} is not a CUDA array the simulator can use")
+
+
+backend = NumbaCudaBackend()

@@ -1,0 +1,343 @@
+"""GPU benchmark: lstmeng's numba_cuda backend beside torch.nn.LSTM (cuDNN), float32.
+
+Usage (on a machine with an NVIDIA GPU, numba-cuda and PyTorch with CUDA)::
+
+    python benchmarks/gpu_bench.py                 # the full sweep of issue 4
+    python benchmarks/gpu_bench.py --quick         # a few shapes, fewer repeats
+    python benchmarks/gpu_bench.py --output docs/benchmarks/numba_cuda_<gpu>.txt
+    python benchmarks/gpu_bench.py --simulate      # one tiny shape under the CUDA simulator:
+                                                   # exercises the script's logic, no timings
+
+Method: both engines run in this one process on the same inputs and weights
+(torch's weight_ih / weight_hh are the transposes of lstmeng's kernel /
+recurrent_kernel in the same gate order; b_ih holds the bias, b_hh zero).
+cuDNN gets float32 with TF32 off (``torch.backends.cudnn.allow_tf32 = False``,
+``torch.backends.cuda.matmul.allow_tf32 = False``) and its native time-major
+layout; numba_cuda gets lstmeng's batch-major ``[B, T, I]``. Each timed run
+is bracketed by CUDA events on the default stream (Numba and PyTorch both
+use it), after warm-up runs that absorb JIT compilation and cuDNN's
+autotuning; the median of the runs is reported. Inputs rotate among three
+sets so repeated runs do not just re-read a warm L2. The numba_cuda time
+includes its Python launch overhead (several launches per call), which is
+part of what a user pays.
+
+Before the table, the script measures the cost of one empty grid-wide barrier
+(``cuda.cg.this_grid().sync()`` in a persistent one-block-per-SM grid): that
+is the floor per time step of a persistent recurrence kernel.
+
+Modes: "inference" is a forward with training=False (torch: under no_grad);
+"train" is forward with training=True plus the backward of the output
+sequence (dx and the weight gradients; torch: x.requires_grad and
+y.backward(dy)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+FULL = dict(batches=(1, 8, 64, 256), units=(256, 512, 1024), steps=(100, 1000))
+QUICK = dict(batches=(1, 64), units=(256, 1024), steps=(100,))
+SIMULATE = dict(batches=(2,), units=(4,), steps=(3,))
+
+#: numba.cuda, imported by main() after --simulate has set NUMBA_ENABLE_CUDASIM. A
+#: module global, not a local import: the simulator swaps a kernel's global ``cuda``.
+cuda = None
+
+# Issue 4's targets: (mode, largest batch it covers) -> minimum speedup over cuDNN.
+TARGETS = [("inference", 8, 2.0), ("inference", 64, 1.0), ("inference", 256, 0.7),
+           ("train", 8, 1.0), ("train", 64, 0.7)]
+STEP_TARGET_US = 2.0   # inference, B <= 8, H = 1024
+
+
+def target_for(mode: str, batch: int):
+    """Minimum speedup over cuDNN the issue asks for at this mode and batch (None: no target)."""
+    for target_mode, largest_batch, speedup in TARGETS:
+        if mode == target_mode and batch <= largest_batch:
+            return speedup
+    return None
+
+
+def parse_arguments(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="a few shapes and fewer repeats")
+    group.add_argument("--simulate", action="store_true",
+                       help="one tiny shape under the CUDA simulator (checks the logic; no timings)")
+    parser.add_argument("--repeats", type=int, default=30, help="most timed runs per shape and engine")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs first")
+    parser.add_argument("--budget", type=float, default=2.0,
+                        help="seconds of timed runs per shape and engine (fewer repeats for slow shapes)")
+    parser.add_argument("--output", help="also write the report to this file")
+    return parser.parse_args(argv)
+
+
+class Report:
+    """Prints lines and keeps them for --output."""
+
+    def __init__(self):
+        self.lines = []
+
+    def __call__(self, line=""):
+        print(line, flush=True)
+        self.lines.append(line)
+
+
+def main(argv=None) -> int:
+    global cuda
+    args = parse_arguments(argv)
+    if args.simulate:
+        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"    # before numba is first imported
+    import numpy as np
+
+    from lstmeng.backends import registry
+
+    report = Report()
+    backend, info = registry._entry("numba_cuda")
+    if backend is None:
+        print(f"no CUDA GPU usable by numba_cuda ({info.reason}); nothing to benchmark.")
+        return 0
+    from lstmeng.backends import numba_cuda
+    cuda = numba_cuda.cuda
+    simulated = numba_cuda.simulator_enabled()
+    if simulated and not args.simulate:
+        print("no CUDA GPU: NUMBA_ENABLE_CUDASIM=1 is set (the CUDA simulator); unset it on a GPU machine, "
+              "or pass --simulate to check the script's logic.")
+        return 0
+    torch = _import_torch(report, simulated)
+
+    report(f"# lstmeng numba_cuda vs torch.nn.LSTM, float32 — {info.device}")
+    if torch is not None:
+        cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        device_name = torch.cuda.get_device_name() if not simulated else "CPU (simulate mode)"
+        report(f"# torch {torch.__version__} on {device_name}, cuDNN {cudnn}, "
+               f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
+               f"matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}")
+    report(f"# python {sys.version.split()[0]}, numpy {np.__version__}; "
+           f"warm-up {args.warmup} runs, then the median of up to {args.repeats} runs "
+           f"(about {args.budget} s of runs per cell), CUDA events")
+    if simulated:
+        report("# simulator: kernels run in Python; times below are not GPU timings and claim nothing")
+
+    floor_us = measure_grid_sync(report, simulated)
+    sweep = SIMULATE if args.simulate else QUICK if args.quick else FULL
+    rows = []
+    for steps in sweep["steps"]:
+        for units in sweep["units"]:
+            for batch in sweep["batches"]:
+                for mode in ("inference", "train"):
+                    rows.append(run_shape(backend, torch, np, mode, batch, units, steps, args, simulated))
+    print_table(report, rows, floor_us, simulated)
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as handle:
+            handle.write("\n".join(report.lines) + "\n")
+        print(f"report written to {args.output}")
+    return 0
+
+
+def _import_torch(report, simulated):
+    try:
+        import torch
+    except ImportError as error:
+        report(f"# torch is not importable ({error}); timing numba_cuda only")
+        return None
+    if not simulated and not torch.cuda.is_available():
+        report("# torch has no CUDA device; timing numba_cuda only")
+        return None
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
+    return torch
+
+
+def measure_grid_sync(report, simulated):
+    """Per-barrier cost of cuda.cg.this_grid().sync() in a one-block-per-SM grid (µs), or None."""
+    import numpy as np
+
+    @cuda.jit
+    def grid_sync_loop(count, sink):
+        grid = cuda.cg.this_grid()
+        for _ in range(count):
+            grid.sync()
+        if cuda.grid(1) == 0:
+            sink[0] = count
+
+    sink = cuda.to_device(np.zeros(1, np.int64))
+    threads = 256 if not simulated else 4
+    if simulated:
+        grid_sync_loop[1, threads](3, sink)
+        assert int(sink.copy_to_host()[0]) == 3
+        report("# grid barrier floor: kernel ran under the simulator (one block); no timing")
+        return None
+    compiled = grid_sync_loop.specialize(1, sink)
+    overload = next(iter(compiled.overloads.values()))
+    sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
+    blocks = min(sms, overload.max_cooperative_grid_blocks(threads))
+    times = {}
+    for count in (1000, 11000):
+        compiled[blocks, threads](count, sink)     # warm-up
+        samples = []
+        for _ in range(5):
+            start, end = cuda.event(), cuda.event()
+            start.record()
+            compiled[blocks, threads](count, sink)
+            end.record()
+            end.synchronize()
+            samples.append(cuda.event_elapsed_time(start, end))
+        times[count] = statistics.median(samples)
+    per_sync_us = (times[11000] - times[1000]) / 10000 * 1000
+    report(f"# grid barrier floor: {per_sync_us:.2f} us per cuda.cg.this_grid().sync() "
+           f"({blocks} blocks x {threads} threads, {sms} SMs)")
+    return per_sync_us
+
+
+class _Inputs:
+    """Inputs and weights of one shape, for both engines (three rotating input sets)."""
+
+    def __init__(self, backend, torch, np, batch, units, steps, simulated):
+        rng = np.random.default_rng(batch * 7919 + units * 31 + steps)
+        features = units
+        scale = 1.0 / math.sqrt(units)
+        self.kernel = rng.uniform(-scale, scale, (features, 4 * units)).astype(np.float32)
+        self.recurrent = rng.uniform(-scale, scale, (units, 4 * units)).astype(np.float32)
+        self.bias = rng.uniform(-scale, scale, 4 * units).astype(np.float32)
+        self.x = [rng.normal(size=(batch, steps, features)).astype(np.float32) for _ in range(3)]
+        self.dy = rng.normal(size=(batch, steps, units)).astype(np.float32)
+        device = lambda array: backend.asarray(array, np.float32)   # noqa: E731
+        self.device_x = [device(x) for x in self.x]
+        self.device_weights = (device(self.kernel), device(self.recurrent), device(self.bias))
+        self.device_zeros = device(np.zeros((batch, units), np.float32))
+        self.device_dy = device(self.dy)
+        self.torch_lstm = None
+        if torch is not None:
+            where = "cpu" if simulated else "cuda"
+            lstm = torch.nn.LSTM(features, units, batch_first=False).to(where)
+            with torch.no_grad():
+                lstm.weight_ih_l0.copy_(torch.from_numpy(self.kernel.T.copy()))
+                lstm.weight_hh_l0.copy_(torch.from_numpy(self.recurrent.T.copy()))
+                lstm.bias_ih_l0.copy_(torch.from_numpy(self.bias))
+                lstm.bias_hh_l0.zero_()
+            self.torch_lstm = lstm
+            # cuDNN's native layout is time-major [T, B, I].
+            self.torch_x = [torch.from_numpy(x.transpose(1, 0, 2).copy()).to(where) for x in self.x]
+            self.torch_dy = torch.from_numpy(self.dy.transpose(1, 0, 2).copy()).to(where)
+
+
+def run_shape(backend, torch, np, mode, batch, units, steps, args, simulated):
+    """Time one (mode, B, H=I, T) cell for both engines; returns a row dict."""
+    inputs = _Inputs(backend, torch, np, batch, units, steps, simulated)
+    zeros = inputs.device_zeros
+    kernel, recurrent, bias = inputs.device_weights
+    training = mode == "train"
+
+    def ours(index):
+        forward = backend.sequence_forward(inputs.device_x[index], zeros, zeros, kernel, recurrent, bias,
+                                           training=training, return_sequences=True)
+        if training:
+            grads = backend.sequence_backward(inputs.device_dy, zeros, zeros, forward.workspace)
+            return forward.outputs, grads.dx
+        return forward.outputs, None
+
+    def theirs(index):
+        x = inputs.torch_x[index]
+        if training:
+            x = x.detach().requires_grad_(True)
+            y, _ = inputs.torch_lstm(x)
+            y.backward(inputs.torch_dy)
+            return y, x.grad
+        with torch.no_grad():
+            y, _ = inputs.torch_lstm(x)
+        return y, None
+
+    row = dict(mode=mode, batch=batch, units=units, steps=steps)
+    ours_results = [None if r is None else backend.to_numpy(r) for r in ours(0)]
+    row["ours_ms"] = _time(ours, args, simulated, "numba")
+    if inputs.torch_lstm is not None:
+        # Outputs (and dx when training), time-major from torch: compared batch-major.
+        theirs_results = [None if r is None else r.detach().cpu().numpy().transpose(1, 0, 2) for r in theirs(0)]
+        differences = [np.abs(mine - other).max() / max(np.abs(other).max(), 1e-30)
+                       for mine, other in zip(ours_results, theirs_results) if other is not None]
+        row["max_relative_difference"] = float(max(differences))
+        row["theirs_ms"] = _time(theirs, args, simulated, "torch", torch)
+    return row
+
+
+def _time(run, args, simulated, engine, torch=None):
+    """Median milliseconds of ``run(i)`` with CUDA events after warm-up; None under the simulator."""
+    if simulated:
+        run(1)
+        return None
+    if engine == "numba":
+        def event_pair():
+            return cuda.event(), cuda.event()
+
+        def elapsed(start, end):
+            end.synchronize()
+            return cuda.event_elapsed_time(start, end)
+    else:
+        def event_pair():
+            return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def elapsed(start, end):
+            end.synchronize()
+            return start.elapsed_time(end)
+
+    for index in range(args.warmup):
+        run(index % 3)
+    samples = []
+    began = time.perf_counter()
+    while len(samples) < max(args.repeats, 1):
+        start, end = event_pair()
+        start.record()
+        run(len(samples) % 3)
+        end.record()
+        samples.append(elapsed(start, end))
+        if len(samples) >= 5 and time.perf_counter() - began > args.budget:
+            break
+    return statistics.median(samples)
+
+
+def print_table(report, rows, floor_us, simulated):
+    report()
+    header = (f"{'mode':<9} {'B':>4} {'H=I':>5} {'T':>5} | {'numba_cuda ms':>13} {'us/step':>8} | "
+              f"{'cuDNN ms':>9} {'us/step':>8} | {'speedup':>7} {'target':>7} {'met':>4} | {'max rel diff':>12}")
+    report(header)
+    report("-" * len(header))
+    for row in rows:
+        ours, theirs = row.get("ours_ms"), row.get("theirs_ms")
+        ours_step = None if ours is None else ours * 1000 / row["steps"]
+        theirs_step = None if theirs is None else theirs * 1000 / row["steps"]
+        speedup = None if ours is None or theirs is None else theirs / ours
+        target = target_for(row["mode"], row["batch"])
+        met = "" if speedup is None or target is None else ("yes" if speedup >= target else "no")
+        if (row["mode"] == "inference" and row["batch"] <= 8 and row["units"] == 1024 and ours_step is not None
+                and ours_step > STEP_TARGET_US):
+            met = "no*"
+        report(f"{row['mode']:<9} {row['batch']:>4} {row['units']:>5} {row['steps']:>5} | "
+               f"{_fmt(ours, 13, 3)} {_fmt(ours_step, 8, 2)} | {_fmt(theirs, 9, 3)} {_fmt(theirs_step, 8, 2)} | "
+               f"{_fmt(speedup, 7, 2)} {_fmt(target, 7, 1)} {met:>4} | "
+               f"{_fmt(row.get('max_relative_difference'), 12, 1, 'e')}")
+    report()
+    report("speedup = cuDNN time / numba_cuda time (above 1: numba_cuda faster). target: issue 4's minimum "
+           "speedup; 'no*': slower than the 2 us/step target at H=1024, B<=8.")
+    if floor_us is not None:
+        report(f"floor: one grid barrier per step costs {floor_us:.2f} us (forward: 1 per step; backward: 1 per step).")
+    if simulated:
+        report("simulator run: max relative difference (outputs, and dx when training) checks that both engines "
+               "computed the same LSTM; "
+               "no timings are claimed.")
+
+
+def _fmt(value, width, digits, kind="f"):
+    if value is None:
+        return f"{'n/a':>{width}}"
+    return f"{value:>{width}.{digits}{kind}}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
