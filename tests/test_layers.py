@@ -1,0 +1,463 @@
+"""Layer API behaviour: shapes, return_state, stateful, time_major, LSTMCell's tape, Sequential's
+params/grads, weights and config round trips, empty batches and zero steps, dtypes and casting.
+
+References are independent of the code under test where values matter: a
+hand-written NumPy LSTM step (``reference_lstm``), the whole-sequence run for
+a stateful or cell-by-cell run, and transposition for time_major.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lstmeng as le
+
+RNG = np.random.default_rng(0)
+BATCH, STEPS, FEATURES, UNITS = 3, 5, 2, 4
+
+
+def sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def reference_lstm(x, kernel, recurrent_kernel, bias, h=None, c=None):
+    """Plain LSTM (tanh / sigmoid, gate order i, f, g, o), written out from the equations.
+
+    x: [B, T, I]. Returns outputs [B, T, H], h [B, H], c [B, H].
+    """
+    batch, steps, _ = x.shape
+    units = recurrent_kernel.shape[0]
+    h = np.zeros((batch, units)) if h is None else h
+    c = np.zeros((batch, units)) if c is None else c
+    outputs = []
+    for t in range(steps):
+        z = x[:, t] @ kernel + h @ recurrent_kernel + bias
+        i, f, g, o = (z[:, k * units:(k + 1) * units] for k in range(4))
+        c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+        h = sigmoid(o) * np.tanh(c)
+        outputs.append(h)
+    return np.stack(outputs, axis=1), h, c
+
+
+def lstm(**options):
+    options.setdefault("backend", "numpy")
+    options.setdefault("dtype", "float64")
+    return le.LSTM(UNITS, seed=0, bias_initializer="normal", **options).build(FEATURES)
+
+
+def x_of(batch=BATCH, steps=STEPS, dtype="float64"):
+    return RNG.normal(size=(batch, steps, FEATURES)).astype(dtype)
+
+
+# -- shapes and values -----------------------------------------------------------------
+@pytest.mark.parametrize("return_sequences", [True, False])
+@pytest.mark.parametrize("return_state", [True, False])
+@pytest.mark.parametrize("time_major", [True, False])
+def test_output_shapes(return_sequences, return_state, time_major):
+    layer = lstm(return_sequences=return_sequences, return_state=return_state, time_major=time_major)
+    x = x_of()
+    out = layer(np.swapaxes(x, 0, 1) if time_major else x)
+    y = out[0] if return_state else out
+    if return_sequences:
+        assert y.shape == ((STEPS, BATCH, UNITS) if time_major else (BATCH, STEPS, UNITS))
+    else:
+        assert y.shape == (BATCH, UNITS)
+    if return_state:
+        assert len(out) == 3 and out[1].shape == out[2].shape == (BATCH, UNITS)
+    else:
+        assert isinstance(out, np.ndarray)
+
+
+def test_matches_handwritten_reference_with_initial_state():
+    layer = lstm(return_sequences=True, return_state=True)
+    kernel, recurrent_kernel, bias = layer.get_weights()
+    x = x_of()
+    h0, c0 = RNG.normal(size=(BATCH, UNITS)), RNG.normal(size=(BATCH, UNITS))
+    y, h, c = layer(x, initial_state=[h0, c0])
+    expected_y, expected_h, expected_c = reference_lstm(x, kernel, recurrent_kernel, bias, h0, c0)
+    np.testing.assert_allclose(y, expected_y, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(h, expected_h, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(c, expected_c, rtol=1e-12, atol=1e-14)
+    np.testing.assert_array_equal(y[:, -1], h)  # no mask: the last output is the final h
+
+
+def test_go_backwards_is_the_reversed_sequence_reversed_back():
+    x = x_of()
+    forward = lstm(return_sequences=True, return_state=True)
+    backward = lstm(return_sequences=True, return_state=True, go_backwards=True)
+    y_back, h_back, _ = backward(x)
+    y_rev, h_rev, _ = forward(x[:, ::-1])
+    np.testing.assert_allclose(y_back, y_rev, rtol=1e-12)  # returned in processing order, as Keras does
+    np.testing.assert_allclose(h_back, h_rev, rtol=1e-12)
+
+
+def test_time_major_equals_transposed_batch_major_including_backward():
+    x = x_of()
+    mask = le.lengths_to_mask([5, 2, 4], maxlen=STEPS)
+    dy = RNG.normal(size=(BATCH, STEPS, UNITS))
+    batch_major = lstm(return_sequences=True, go_backwards=True)
+    time_major = lstm(return_sequences=True, go_backwards=True, time_major=True)
+    y = batch_major(x, mask=mask, training=True)
+    y_t = time_major(np.swapaxes(x, 0, 1), mask=mask, training=True)  # mask stays (batch, time)
+    np.testing.assert_allclose(np.swapaxes(y_t, 0, 1), y, rtol=1e-12)
+    dx = batch_major.backward(dy)
+    dx_t = time_major.backward(np.swapaxes(dy, 0, 1))
+    np.testing.assert_allclose(np.swapaxes(dx_t, 0, 1), dx, rtol=1e-12)
+    for name in batch_major.grads:
+        np.testing.assert_allclose(time_major.grads[name], batch_major.grads[name], rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_dtype_of_outputs_and_grads(dtype):
+    layer = lstm(dtype=dtype, return_sequences=True)
+    y = layer(x_of(dtype="float64"), training=True)  # float64 input is cast to the layer dtype
+    assert y.dtype == dtype
+    dx = layer.backward(np.ones_like(y))
+    assert dx.dtype == dtype and all(g.dtype == dtype for g in layer.grads.values())
+    assert all(w.dtype == dtype for w in layer.get_weights())
+
+
+def test_integer_and_bool_inputs_are_cast():
+    layer = lstm(dtype="float32")
+    ints = RNG.integers(-2, 3, size=(BATCH, STEPS, FEATURES))
+    np.testing.assert_array_equal(layer(ints), layer(ints.astype("float32")))
+    assert layer(ints).dtype == np.float32
+    np.testing.assert_array_equal(layer(ints.tolist()), layer(ints.astype("float32")))
+    bools = ints > 0
+    np.testing.assert_array_equal(layer(bools), layer(bools.astype("float32")))
+    h0 = RNG.integers(0, 2, size=(BATCH, UNITS))
+    np.testing.assert_array_equal(layer(ints, initial_state=[h0, h0]),
+                                  layer(ints, initial_state=[h0.astype("float32")] * 2))
+    np.testing.assert_array_equal(layer(ints, lengths=np.array([5, 1, 3], np.int32)),
+                                  layer(ints, lengths=[5, 1, 3]))
+
+
+def test_check_finite_passes_finite_input_unchanged():
+    layer = lstm()
+    x = x_of()
+    np.testing.assert_array_equal(layer(x, check_finite=True), layer(x))
+
+
+# -- return_state and initial-state gradients ---------------------------------------------
+def test_initial_state_grads_only_when_initial_state_given():
+    layer = lstm(return_state=True)
+    x = x_of()
+    y, h, c = layer(x, training=True)
+    layer.backward(np.ones_like(y))
+    assert layer.initial_state_grads is None
+    state = [np.zeros((BATCH, UNITS)), np.zeros((BATCH, UNITS))]
+    layer(x, initial_state=state, training=True)
+    layer.backward(np.ones_like(y), dh=np.ones_like(h))
+    assert [g.shape for g in layer.initial_state_grads] == [(BATCH, UNITS)] * 2
+
+
+# -- stateful -----------------------------------------------------------------------------
+def test_stateful_two_calls_equal_one_long_call():
+    x = x_of(steps=6)
+    whole = lstm(return_sequences=True, return_state=True)
+    y, h, c = whole(x)
+    stateful = lstm(return_sequences=True, return_state=True, stateful=True)
+    y1, _, _ = stateful(x[:, :4])
+    y2, h2, c2 = stateful(x[:, 4:])
+    np.testing.assert_allclose(np.concatenate([y1, y2], axis=1), y, rtol=1e-12)
+    np.testing.assert_allclose(h2, h, rtol=1e-12)
+    np.testing.assert_allclose(stateful.states[1], c, rtol=1e-12)
+
+
+def test_stateful_reset_state_and_explicit_states():
+    x = x_of()
+    stateful = lstm(stateful=True)
+    fresh = lstm()
+    first = stateful(x)
+    assert not np.allclose(stateful(x), first)  # the carried state changes the result
+    stateful.reset_state()
+    assert stateful.states is None
+    np.testing.assert_array_equal(stateful(x), fresh(x))
+    h, c = RNG.normal(size=(BATCH, UNITS)), RNG.normal(size=(BATCH, UNITS))
+    stateful.reset_state([h, c])
+    np.testing.assert_allclose(stateful(x), fresh(x, initial_state=[h, c]), rtol=1e-12)
+    with pytest.raises(ValueError, match=r"stateful layer carries states of shape \(3, 4\) but x has batch 2"):
+        stateful(x[:2])
+    with pytest.raises(ValueError, match=r"states\[1\] must have shape \(3, 4\), got \(2, 4\)"):
+        stateful.reset_state([h, c[:2]])
+    with pytest.raises(ValueError, match=r"states must be a list \[h, c\]"):
+        stateful.reset_state(h)
+    # An explicit initial_state overrides the carried one.
+    np.testing.assert_allclose(stateful(x, initial_state=[h, c]), fresh(x, initial_state=[h, c]), rtol=1e-12)
+
+
+def test_stateful_bidirectional_and_sequential_reset():
+    x = x_of()
+    bi = le.Bidirectional(le.LSTM(UNITS, stateful=True, dtype="float64", seed=1, backend="numpy"))
+    first = bi(x)
+    assert not np.allclose(bi(x), first)
+    bi.reset_state()
+    np.testing.assert_array_equal(bi(x), first)
+    states = [RNG.normal(size=(BATCH, UNITS)) for _ in range(4)]
+    bi.reset_state(states)
+    np.testing.assert_array_equal(bi.backward_layer.states[0], states[2])
+    model = le.Sequential([le.LSTM(UNITS, stateful=True, return_sequences=True, dtype="float64", seed=2,
+                                   backend="numpy"), le.LSTM(2, stateful=True, dtype="float64", seed=3,
+                                                             backend="numpy")])
+    first = model(x)
+    assert not np.allclose(model(x), first)
+    model.reset_state()
+    np.testing.assert_array_equal(model(x), first)
+
+
+# -- LSTMCell ----------------------------------------------------------------------------
+def test_cell_steps_equal_the_sequence_layer_forward_and_backward():
+    x = x_of()
+    layer = lstm(return_sequences=True, return_state=True)
+    cell = le.LSTMCell(UNITS, dtype="float64", backend="numpy").set_weights(layer.get_weights())
+    h0, c0 = RNG.normal(size=(BATCH, UNITS)), RNG.normal(size=(BATCH, UNITS))
+    y, h, c = layer(x, initial_state=[h0, c0], training=True)
+    states = [h0, c0]
+    for t in range(STEPS):
+        h_t, states = cell(x[:, t], states, training=True)
+        np.testing.assert_allclose(h_t, y[:, t], rtol=1e-12)
+        assert h_t is states[0]
+    np.testing.assert_allclose(states[1], c, rtol=1e-12)
+
+    dy = RNG.normal(size=y.shape)
+    dc_final = RNG.normal(size=(BATCH, UNITS))
+    dx = layer.backward(dy, dc=dc_final)
+    dh_next, dc_next = np.zeros((BATCH, UNITS)), dc_final
+    for t in reversed(range(STEPS)):
+        dx_t, (dh_next, dc_next) = cell.backward(dy[:, t] + dh_next, dc_next)
+        np.testing.assert_allclose(dx_t, dx[:, t], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dh_next, layer.initial_state_grads[0], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dc_next, layer.initial_state_grads[1], rtol=1e-10, atol=1e-12)
+    for name in layer.grads:  # accumulated over the five backward calls
+        np.testing.assert_allclose(cell.grads[name], layer.grads[name], rtol=1e-10, atol=1e-12)
+
+
+def test_cell_grads_restart_with_a_new_sequence_and_tape_is_lifo():
+    cell = le.LSTMCell(UNITS, dtype="float64", seed=4, backend="numpy").build(FEATURES)
+    x = x_of()
+    h, states = cell(x[:, 0], training=True)
+    cell.backward(np.ones_like(h))
+    one_step = {name: value.copy() for name, value in cell.grads.items()}
+    # A new sequence (the tape was empty): gradients start again from zero.
+    h, states = cell(x[:, 0], training=True)
+    cell.backward(np.ones_like(h))
+    for name in one_step:
+        np.testing.assert_array_equal(cell.grads[name], one_step[name])
+    # Two steps on the tape: the first backward belongs to the second step.
+    _, states = cell(x[:, 0], training=True)
+    h2, _ = cell(x[:, 1], states, training=True)
+    reference = le.LSTMCell(UNITS, dtype="float64", backend="numpy").set_weights(cell.get_weights())
+    _, reference_states = reference(x[:, 0])
+    reference(x[:, 1], reference_states, training=True)  # only the second step on its tape
+    dx_second, _ = cell.backward(np.ones_like(h2))
+    np.testing.assert_array_equal(dx_second, reference.backward(np.ones_like(h2))[0])
+    cell.backward(np.ones_like(h2))
+    with pytest.raises(RuntimeError, match="training=True"):
+        cell.backward(np.ones_like(h2))
+
+
+def test_cell_dropout_mask_is_reused_within_a_sequence():
+    cell = le.LSTMCell(UNITS, dropout=0.5, recurrent_dropout=0.5, dtype="float64", seed=5,
+                       backend="numpy").build(FEATURES)
+    x_t = RNG.normal(size=(BATCH, FEATURES))
+    first, _ = cell(x_t, training=True)
+    second, _ = cell(x_t, training=True)  # same sequence (tape not empty): same masks
+    np.testing.assert_array_equal(first, second)
+    cell.reset_dropout_mask()
+    assert not np.allclose(cell(x_t, training=True)[0], first)  # new sequence, new masks
+    np.testing.assert_array_equal(cell(x_t)[0], cell(x_t)[0])  # inference: no dropout
+    with pytest.raises(ValueError, match="x_t has batch 2 but this unrolled sequence started with batch 3"):
+        cell(x_t[:2], training=True)
+
+
+# -- Bidirectional, Dropout, Sequential ----------------------------------------------------------
+@pytest.mark.parametrize("merge_mode,width", [("concat", 2 * UNITS), ("sum", UNITS), ("mul", UNITS),
+                                              ("ave", UNITS), (None, UNITS)])
+def test_bidirectional_merges(merge_mode, width):
+    x = x_of()
+    layer = le.Bidirectional(le.LSTM(UNITS, return_sequences=True, dtype="float64", seed=6, backend="numpy"),
+                             merge_mode=merge_mode)
+    both = le.Bidirectional(le.LSTM(UNITS, return_sequences=True, dtype="float64", seed=6, backend="numpy"),
+                            merge_mode=None)
+    forward, backward = both(x)
+    merged = layer(x)
+    expected = {"concat": lambda: np.concatenate([forward, backward], -1), "sum": lambda: forward + backward,
+                "mul": lambda: forward * backward, "ave": lambda: (forward + backward) / 2,
+                None: lambda: [forward, backward]}[merge_mode]()
+    for actual, reference in zip(merged if merge_mode is None else [merged],
+                                 expected if merge_mode is None else [expected]):
+        assert actual.shape == (BATCH, STEPS, width)
+        np.testing.assert_allclose(actual, reference, rtol=1e-12)
+    if merge_mode != "concat":
+        assert layer.units == UNITS
+
+
+def test_bidirectional_weights_order_and_distinct_directions():
+    layer = le.Bidirectional(le.LSTM(UNITS, seed=7, backend="numpy")).build(FEATURES)
+    weights = layer.get_weights()
+    assert [w.shape for w in weights] == [(FEATURES, 16), (UNITS, 16), (16,)] * 2
+    assert not np.array_equal(weights[0], weights[3])  # the backward copy has its own weights
+    assert layer.backward_layer.go_backwards and not layer.forward_layer.go_backwards
+    assert sorted(layer.params) == sorted(f"{d}.{n}" for d in ("forward", "backward")
+                                          for n in ("kernel", "recurrent_kernel", "bias"))
+
+
+def test_dropout_layer():
+    x = np.ones((200, 50))
+    dropout = le.Dropout(0.25, seed=0)
+    assert dropout(x) is x
+    y = dropout(x, training=True)
+    kept = y != 0
+    assert set(np.unique(y)) == {0.0, 1.0 / 0.75}
+    assert abs(kept.mean() - 0.75) < 0.02
+    dy = RNG.normal(size=x.shape)
+    np.testing.assert_array_equal(dropout.backward(dy), dy * y)  # the same mask, scaled
+    np.testing.assert_array_equal(le.Dropout(0.25, seed=0)(x, training=True), y)  # seeded
+
+
+def test_sequential_params_grads_keys_and_live_params():
+    model = le.Sequential([le.Bidirectional(le.LSTM(UNITS, return_sequences=True, dtype="float64", seed=8,
+                                                    backend="numpy")),
+                           le.Dropout(0.2, seed=9),
+                           le.LSTM(3, use_bias=False, dtype="float64", seed=10, backend="numpy")]).build(FEATURES)
+    expected_keys = sorted([f"0.{d}.{n}" for d in ("forward", "backward") for n in ("kernel", "recurrent_kernel",
+                                                                                    "bias")]
+                           + ["2.kernel", "2.recurrent_kernel"])
+    assert sorted(model.params) == expected_keys
+    assert model.params["2.kernel"].shape == (2 * UNITS, 12)
+    x = x_of()
+    y = model(x, training=True)
+    dx = model.backward(np.ones_like(y))
+    assert dx.shape == x.shape
+    assert sorted(model.grads) == expected_keys
+    for key in expected_keys:
+        assert model.grads[key].shape == model.params[key].shape
+    # params are the live arrays: an in-place update (an optimizer step) changes the model.
+    before = model(x)
+    for key, value in model.params.items():
+        value -= 0.1 * model.grads[key]
+    assert not np.allclose(model(x), before)
+    np.testing.assert_array_equal(model.layers[2].params["kernel"], model.params["2.kernel"])
+    assert [None if s is None else len(s) for s in model.states] == [4, None, 2]
+
+
+# -- weights and config round trips -------------------------------------------------------------
+def test_lstm_config_and_weights_round_trip():
+    layer = le.LSTM(UNITS, activation="relu", recurrent_activation="hard_sigmoid", use_bias=False,
+                    kernel_initializer="uniform", recurrent_initializer="normal", dropout=0.1,
+                    recurrent_dropout=0.2, return_sequences=True, return_state=True, go_backwards=True,
+                    stateful=True, zero_output_for_mask=True, time_major=True, dtype="float64",
+                    backend="numpy", seed=11).build(FEATURES)
+    config = layer.get_config()
+    copy = le.LSTM.from_config(config)
+    assert copy.get_config() == config
+    copy.set_weights(layer.get_weights())
+    for a, b in zip(copy.get_weights(), layer.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # get_weights returns copies: changing them does not change the layer.
+    weights = layer.get_weights()
+    weights[0][:] = 0
+    assert np.any(layer.get_weights()[0] != 0)
+    x = np.swapaxes(x_of(), 0, 1)
+    for a, b in zip(copy(x), layer(x)):
+        np.testing.assert_array_equal(a, b)
+    assert le.LSTMCell.from_config(le.LSTMCell(3, activation="sigmoid").get_config()).activation == "sigmoid"
+
+
+def test_wrapper_config_and_weights_round_trip():
+    model = le.Sequential([le.Bidirectional(le.LSTM(UNITS, return_sequences=True, seed=12, backend="numpy"),
+                                            merge_mode="mul"),
+                           le.Dropout(0.3, seed=13), le.LSTM(2, seed=14, backend="numpy")]).build(FEATURES)
+    copy = le.Sequential.from_config(model.get_config())
+    assert copy.get_config() == model.get_config()
+    copy.set_weights(model.get_weights())
+    x = x_of(dtype="float32")
+    np.testing.assert_array_equal(copy(x), model(x))
+    assert len(model.get_weights()) == 9
+
+
+def test_set_weights_builds_an_unbuilt_layer_and_casts():
+    layer = le.LSTM(UNITS, backend="numpy")
+    layer.set_weights([np.ones((7, 16), int), np.zeros((UNITS, 16)), np.zeros(16)])
+    assert layer.built and layer.input_size == 7 and layer.params["kernel"].dtype == np.float32
+
+
+def test_initializers_and_unit_forget_bias():
+    layer = le.LSTM(8, seed=0).build(5)
+    kernel, recurrent_kernel, bias = layer.get_weights()
+    limit = np.sqrt(6 / (5 + 32))
+    assert np.abs(kernel).max() <= limit
+    # Orthogonal recurrent kernel: [8, 32] has orthonormal rows.
+    np.testing.assert_allclose(recurrent_kernel @ recurrent_kernel.T, np.eye(8), atol=1e-5)
+    np.testing.assert_array_equal(bias, np.r_[np.zeros(8), np.ones(8), np.zeros(16)])
+    no_forget = le.LSTM(8, unit_forget_bias=False, bias_initializer="ones").build(5)
+    np.testing.assert_array_equal(no_forget.get_weights()[2], np.ones(32))
+    custom = le.LSTM(2, kernel_initializer=lambda shape, rng: np.full(shape, 0.5)).build(3)
+    np.testing.assert_array_equal(custom.get_weights()[0], np.full((3, 8), 0.5))
+    # The same seed gives the same weights; another seed, others.
+    np.testing.assert_array_equal(le.LSTM(8, seed=0).build(5).get_weights()[0], kernel)
+    assert not np.array_equal(le.LSTM(8, seed=1).build(5).get_weights()[0], kernel)
+
+
+def test_hard_sigmoid_is_keras3s():
+    layer = le.LSTM(1, recurrent_activation="hard_sigmoid", activation="linear", backend="numpy",
+                    dtype="float64", return_state=True)
+    # One step with zero state: c = i * g, h = o * c, with every gate from one pre-activation z.
+    z = 2.1
+    layer.set_weights([np.full((1, 4), z), np.zeros((1, 4)), np.zeros(4)])
+    _, h, c = layer(np.ones((1, 1, 1)))
+    hard = np.clip(z / 6 + 0.5, 0, 1)
+    np.testing.assert_allclose(c, [[hard * z]], rtol=1e-15)
+    np.testing.assert_allclose(h, [[hard * hard * z]], rtol=1e-15)
+
+
+# -- empty batch and zero steps ---------------------------------------------------------------
+@pytest.mark.parametrize("return_sequences", [True, False])
+@pytest.mark.parametrize("batch,steps", [(0, STEPS), (BATCH, 0), (0, 0)])
+def test_empty_batch_and_zero_steps(batch, steps, return_sequences):
+    layer = lstm(return_sequences=return_sequences, return_state=True)
+    x = np.zeros((batch, steps, FEATURES))
+    h0, c0 = RNG.normal(size=(batch, UNITS)), RNG.normal(size=(batch, UNITS))
+    y, h, c = layer(x, initial_state=[h0, c0], training=True)
+    assert y.shape == ((batch, steps, UNITS) if return_sequences else (batch, UNITS))
+    assert np.all(y == 0)
+    np.testing.assert_array_equal(h, h0)  # zero steps: the states are the initial state
+    np.testing.assert_array_equal(c, c0)
+    dh, dc = RNG.normal(size=(batch, UNITS)), RNG.normal(size=(batch, UNITS))
+    dx = layer.backward(np.ones_like(y), dh=dh, dc=dc)
+    assert dx.shape == x.shape
+    np.testing.assert_array_equal(layer.initial_state_grads[0], dh)
+    np.testing.assert_array_equal(layer.initial_state_grads[1], dc)
+    assert {name: g.shape for name, g in layer.grads.items()} == {
+        "kernel": (FEATURES, 16), "recurrent_kernel": (UNITS, 16), "bias": (16,)}
+    assert all(np.all(g == 0) for g in layer.grads.values())
+    if steps == 0:
+        assert layer(x, lengths=np.zeros(batch, int), initial_state=[h0, c0])[1].shape == (batch, UNITS)
+
+
+@pytest.mark.parametrize("batch,steps", [(0, STEPS), (BATCH, 0)])
+def test_empty_inputs_through_wrappers_and_cell(batch, steps):
+    x = np.zeros((batch, steps, FEATURES), "float32")
+    bi = le.Bidirectional(le.LSTM(UNITS, return_sequences=True, backend="numpy"))
+    y = bi(x, training=True)
+    assert y.shape == (batch, steps, 2 * UNITS)
+    assert bi.backward(np.zeros_like(y)).shape == x.shape
+    model = le.Sequential([le.LSTM(UNITS, return_sequences=True, backend="numpy"), le.Dropout(0.5),
+                           le.LSTM(2, backend="numpy")])
+    y = model(x, training=True)
+    assert y.shape == (batch, 2) and np.all(y == 0)
+    assert model.backward(np.ones_like(y)).shape == x.shape
+    cell = le.LSTMCell(UNITS, backend="numpy")
+    h, (h_again, c) = cell(np.zeros((batch, FEATURES)), training=True)
+    assert h.shape == c.shape == (batch, UNITS)
+    dx, (dh, dc) = cell.backward(np.zeros((batch, UNITS)))
+    assert dx.shape == (batch, FEATURES) and dh.shape == (batch, UNITS)
+
+
+def test_inference_keeps_no_tape():
+    layer = lstm(return_sequences=True)
+    layer(x_of(), training=True)
+    layer(x_of())  # an inference call replaces the training tape
+    with pytest.raises(RuntimeError, match="training=True"):
+        layer.backward(np.zeros((BATCH, STEPS, UNITS)))
