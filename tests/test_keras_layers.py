@@ -369,3 +369,97 @@ def test_bad_arguments_raise_clear_errors():
         lk.LSTM(3, use_cudnn=True)
     with pytest.raises(TypeError, match="must be an LSTM layer"):
         lk.Bidirectional(keras.layers.GRU(3))
+
+
+# -- the seeds' Keras examples with lstmeng.keras.LSTM swapped in ---------------------------------
+VOCABULARY = 20
+POSITIVE, NEGATIVE = 1, 2  # sentiment words; 3.. are neutral fillers, 0 is padding
+
+
+def synthetic_sentiment(count, seed):
+    """Variable-length token sequences whose label is the majority sentiment of three words
+    far apart: the first, the middle and the last real token. Returns (tokens [N, T] right-padded
+    with 0, labels [N])."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(10, 25, size=count)
+    tokens = np.zeros((count, lengths.max()), "int32")
+    labels = np.zeros(count, "float32")
+    for row, length in enumerate(lengths):
+        tokens[row, :length] = rng.integers(3, VOCABULARY, size=length)
+        sentiments = rng.choice([POSITIVE, NEGATIVE], size=3)
+        tokens[row, [0, length // 2, length - 1]] = sentiments
+        labels[row] = float((sentiments == POSITIVE).sum() >= 2)
+    return tokens, labels
+
+
+def sentiment_classifier(kind, backend):
+    keras.utils.set_random_seed(5)
+    embedding = keras.layers.Embedding(VOCABULARY, 8, mask_zero=True)
+    if kind == "classifier":  # the seeds' Embedding -> LSTM -> Dropout -> Dense
+        recurrent = [lk.LSTM(16, backend=backend), keras.layers.Dropout(0.2)]
+    elif kind == "stacked":
+        recurrent = [lk.LSTM(16, return_sequences=True, backend=backend), lk.LSTM(8, backend=backend)]
+    else:
+        recurrent = [lk.Bidirectional(lk.LSTM(8, backend=backend))]
+    model = keras.Sequential([keras.Input((None,), dtype="int32"), embedding] + recurrent
+                             + [keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(optimizer=keras.optimizers.Adam(0.02), loss="binary_crossentropy", metrics=["accuracy"])
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["tensorflow", HOST_BACKENDS[-1]])
+@pytest.mark.parametrize("kind", ["classifier", "stacked", "bidirectional"])
+def test_seed_examples_learn_the_synthetic_sentiment_task(kind, backend):
+    train_tokens, train_labels = synthetic_sentiment(768, seed=0)
+    test_tokens, test_labels = synthetic_sentiment(256, seed=1)
+    assert 0.35 < test_labels.mean() < 0.65  # chance is about 50%
+    model = sentiment_classifier(kind, backend)
+    history = model.fit(train_tokens, train_labels, epochs=8, batch_size=32, verbose=0)
+    losses = history.history["loss"]
+    assert losses[-1] < 0.8 * losses[0], losses
+    _, accuracy = model.evaluate(test_tokens, test_labels, verbose=0)
+    assert accuracy > 0.75, (accuracy, losses)
+
+
+# -- tf.distribute ---------------------------------------------------------------------------
+MIRRORED_SCRIPT = r"""
+import json, sys
+import numpy as np
+import tensorflow as tf
+
+# Two logical CPU devices: must be configured before TF initialises its devices.
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import lstmeng.keras as lk
+
+backend = sys.argv[1]
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+rng = np.random.default_rng(0)
+x = rng.normal(size=(128, 6, 3)).astype("float32")
+y = x[:, 0, :1] - x[:, -1, 1:2]  # needs the first and the last step
+with strategy.scope():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6, 3)), lk.LSTM(8, backend=backend), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse")
+history = model.fit(x, y, epochs=8, batch_size=32, verbose=0)
+print(json.dumps({"replicas": strategy.num_replicas_in_sync, "loss": history.history["loss"]}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["tensorflow", HOST_BACKENDS[-1]])
+def test_mirrored_strategy_over_two_logical_cpus(backend):
+    """model.fit under MirroredStrategy; a subprocess, so the device split happens before TF starts."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT, backend], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["replicas"] == 2
+    losses = report["loss"]
+    assert all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
