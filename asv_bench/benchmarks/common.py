@@ -67,14 +67,16 @@ SHAPE_NAMES = tuple(SHAPES)
 class Benchmark:
     """Base class: asv settings shared by the suite.
 
-    ``repeat = (min, max, seconds)``: at least 2 samples, stop after 10 or
-    after 4 s, so the slow (numpy, large) cases stay affordable while fast ones
-    still collect enough samples for asv's statistics.
+    One round, and ``repeat = (min, max, seconds)`` = at least 2 samples,
+    at most 5, stop after 1.5 s: the whole suite must stay affordable on a
+    2-core machine for every recorded commit, and the slow cases (numpy at
+    H=512, about a second per training step) dominate. asv's statistics still
+    get several samples of the fast cases.
     """
 
     timeout = 240.0
-    rounds = 2
-    repeat = (2, 10, 4.0)
+    rounds = 1
+    repeat = (2, 5, 1.5)
     warmup_time = 0.05
 
 
