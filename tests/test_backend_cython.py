@@ -21,8 +21,22 @@ def test_conformance(case):
     testing.check_case("cython", case)
 
 
+@pytest.fixture
+def three_parts(monkeypatch):
+    """Split even tiny batches over three threads, so the multi-part code runs."""
+    monkeypatch.setattr(cython_module, "MIN_ROWS_PER_PART", 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    if cython_module._parts(5) != 3:
+        pytest.skip("this build runs one part (no OpenMP or no OpenBLAS thread control)")
+
+
 @pytest.mark.parametrize("case", testing.conformance_cases(size=3, cases_per_dtype=8), ids=str)
 def test_conformance_larger_shapes(case):
+    testing.check_case("cython", case)
+
+
+@pytest.mark.parametrize("case", testing.conformance_cases(cases_per_dtype=24), ids=str)
+def test_conformance_three_parts(case, three_parts):
     testing.check_case("cython", case)
 
 
@@ -95,7 +109,11 @@ def _forward_backward(backend, inputs, options):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("zero_output_for_mask", [False, True])
 @pytest.mark.parametrize("return_sequences", [False, True])
-def test_variable_length_path_matches_general_path(reverse, zero_output_for_mask, return_sequences):
+@pytest.mark.parametrize("parts", [1, 3])
+def test_variable_length_path_matches_general_path(reverse, zero_output_for_mask, return_sequences,
+                                                   parts, monkeypatch):
+    monkeypatch.setattr(cython_module, "MIN_ROWS_PER_PART", 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(parts))
     rng = np.random.default_rng(11)
     batch, steps, features, units = 13, 17, 6, 8
     lengths = rng.integers(0, steps + 1, size=batch)
@@ -112,9 +130,9 @@ def test_variable_length_path_matches_general_path(reverse, zero_output_for_mask
     packed = cython_module.CythonBackend(packed_variable_length=True)
     general = cython_module.CythonBackend(packed_variable_length=False)
     # The two paths really differ: sorted rows and shrinking steps vs the full mask.
-    layout = cython_module._layout(inputs["mask"], batch, steps, True)
-    assert layout.mask is None and layout.offsets[-1] == lengths.sum()
-    assert cython_module._layout(inputs["mask"], batch, steps, False).mask is not None
+    layout = cython_module._layout(inputs["mask"], batch, steps, parts, True)
+    assert layout.mask is None and layout.rows == lengths.sum()
+    assert cython_module._layout(inputs["mask"], batch, steps, parts, False).mask is not None
     for got, expected in zip(_forward_backward(packed, inputs, options),
                              _forward_backward(general, inputs, options)):
         np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)

@@ -26,9 +26,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import os
 import platform
+import threading
 
 import numpy as np
 
@@ -42,9 +45,12 @@ except ImportError as error:  # not built (e.g. a source checkout without a comp
 else:
     _IMPORT_ERROR = None
 
-#: Inference computes the input projection this many packed rows at a time
-#: (at least one step), so no [T, B, 4H] buffer is kept without training.
+#: Inference computes the input projection this many packed rows per part at a
+#: time (at least one step), so no [T, B, 4H] buffer is kept without training.
 INFERENCE_CHUNK_ROWS = 1024
+#: A part (a thread's share of the batch) gets at least this many rows: fewer
+#: would make its per-step GEMM too thin to run near the machine's peak.
+MIN_ROWS_PER_PART = 16
 
 
 def num_threads() -> int:
@@ -70,23 +76,120 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _openblas_thread_functions():
+    """(get, set) of the thread count of the OpenBLAS behind scipy.linalg.cython_blas, or None.
+
+    scipy links its own OpenBLAS (symbols prefixed ``scipy_``); it is found
+    among the loaded libraries. Any other BLAS gives None: the kernels then
+    run one part and leave threading to that BLAS.
+    """
+    import scipy.linalg.cython_blas  # noqa: F401  (loads scipy's BLAS)
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and ".so" in line}
+    except OSError:
+        return None
+    # numpy ships its own OpenBLAS too; prefer the one scipy ships.
+    for path in sorted(paths, key=lambda path: "scipy" not in path):
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            get = getattr(library, f"{prefix}_get_num_threads", None)
+            set_ = getattr(library, f"{prefix}_set_num_threads", None)
+            if get is not None and set_ is not None and "numpy" not in path:
+                get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
+                return get, set_
+    return None
+
+
+class _SingleThreadedBlas:
+    """Keeps BLAS at one thread while any multi-part kernel runs (a reference count).
+
+    The kernels split the batch over OpenMP threads and call BLAS from each;
+    a multi-threaded BLAS would then start its own pool under ours. OpenBLAS's
+    thread count is process-wide, so BLAS calls made elsewhere during a kernel
+    also run on one thread (slower, still correct).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = 1
+        self._functions = None if _cython_lstm is None else _openblas_thread_functions()
+
+    @property
+    def available(self) -> bool:
+        return self._functions is not None
+
+    @contextlib.contextmanager
+    def __call__(self):
+        get, set_ = self._functions
+        with self._lock:
+            if self._users == 0:
+                self._saved = get()
+                set_(1)
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    set_(self._saved)
+
+
+_single_threaded_blas = _SingleThreadedBlas()
+
+
+def _parts(batch: int) -> int:
+    """How many threads share the batch: one pool, OpenMP's, with BLAS on one thread each."""
+    if not (_cython_lstm is not None and _cython_lstm.HAVE_OPENMP and _single_threaded_blas.available):
+        return 1
+    return max(1, min(num_threads(), batch // MIN_ROWS_PER_PART))
+
+
+def _threads_for(layout):
+    """Context for a kernel call: BLAS on one thread when several parts run in parallel."""
+    return _single_threaded_blas() if len(layout.row_begin) > 2 else contextlib.nullcontext()
+
+
 @dataclasses.dataclass
 class _Layout:
-    """Which packed rows each step owns (see ``ext/_cython_lstm.pyx``).
+    """Which packed rows each part and step own (see ``ext/_cython_lstm.pyx``).
 
-    order: [B] caller's row of each packed row; active: [T] rows in step t;
-    offsets: [T + 1] first packed row of step t; mask: [B, T] uint8 for the
-    general path, None when every packed row is a real step.
+    order: [B] caller's row of each packed-order row; row_begin: [P + 1] the
+    parts' ranges in ``order``; active: [P, T] rows of part p in step t;
+    offsets: [P, T + 1] first packed row of part p's step t; mask: [B, T]
+    uint8 for the general path, None when every packed row is a real step.
     """
 
     order: np.ndarray
+    row_begin: np.ndarray
     active: np.ndarray
     offsets: np.ndarray
     mask: np.ndarray | None
 
+    @property
+    def rows(self) -> int:
+        """N, the number of packed rows."""
+        return int(self.offsets[-1, -1])
 
-def _layout(mask, batch: int, steps: int, packed_variable_length: bool) -> _Layout:
-    """Choose the general or the variable-length (sorted, shrinking) layout for ``mask`` [B, T]."""
+
+def _packed_offsets(active: np.ndarray) -> np.ndarray:
+    """[P, T + 1] offsets of parts laid out one after another, each time-major."""
+    ends = np.cumsum(active.sum(axis=1))
+    starts = np.concatenate([[0], ends[:-1]])
+    return (starts[:, None] + np.concatenate(
+        [np.zeros((active.shape[0], 1), np.intp), np.cumsum(active, axis=1)], axis=1)).astype(np.intp)
+
+
+def _layout(mask, batch: int, steps: int, parts: int, packed_variable_length: bool) -> _Layout:
+    """Split the batch into ``parts`` and choose the general or the variable-length layout.
+
+    mask: [B, T] bool or None.
+    """
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
         lengths = mask.sum(axis=1)
@@ -94,17 +197,20 @@ def _layout(mask, batch: int, steps: int, packed_variable_length: bool) -> _Layo
         if is_right_padded and bool((lengths == steps).all()):
             mask = None  # every step real
         elif is_right_padded and packed_variable_length:
-            order = np.argsort(-lengths, kind="stable").astype(np.intp)
-            # active[t] = rows longer than t; with rows sorted these are the first active[t].
-            shorter_or_equal = np.cumsum(np.bincount(lengths, minlength=steps + 1))[:steps]
-            active = (batch - shorter_or_equal).astype(np.intp)
-            offsets = np.concatenate([[0], np.cumsum(active)]).astype(np.intp)
-            return _Layout(order, active, offsets, None)
-    identity = np.arange(batch, dtype=np.intp)
-    active = np.full(steps, batch, dtype=np.intp)
-    offsets = np.arange(steps + 1, dtype=np.intp) * batch
+            by_length = np.argsort(-lengths, kind="stable")
+            # Deal the sorted rows round-robin so every part gets long and short rows;
+            # each part's rows stay sorted, so its active rows are always a prefix.
+            part_rows = [by_length[part::parts] for part in range(parts)]
+            order = np.concatenate(part_rows).astype(np.intp)
+            row_begin = np.concatenate([[0], np.cumsum([len(rows) for rows in part_rows])]).astype(np.intp)
+            time = np.arange(steps)
+            active = np.stack([(lengths[rows][:, None] > time[None, :]).sum(axis=0)
+                               for rows in part_rows]).astype(np.intp)
+            return _Layout(order, row_begin, active, _packed_offsets(active), None)
+    row_begin = (np.arange(parts + 1) * batch // parts).astype(np.intp)
+    active = np.repeat(np.diff(row_begin)[:, None], steps, axis=1).astype(np.intp)
     mask_bytes = None if mask is None else np.ascontiguousarray(mask).view(np.uint8)
-    return _Layout(identity, active, offsets, mask_bytes)
+    return _Layout(np.arange(batch, dtype=np.intp), row_begin, active, _packed_offsets(active), mask_bytes)
 
 
 @dataclasses.dataclass
@@ -181,31 +287,38 @@ class CythonBackend(Backend):
         h0, c0 = _contiguous(h0, dtype), _contiguous(c0, dtype)
         input_dropout_mask = _contiguous(input_dropout_mask, dtype)
         recurrent_dropout_mask = _contiguous(recurrent_dropout_mask, dtype)
-        layout = _layout(mask, batch, steps, self.packed_variable_length)
+        layout = _layout(mask, batch, steps, _parts(batch), self.packed_variable_length)
 
         sequence_outputs = np.empty((batch, steps, units), dtype) if return_sequences else None
         last_output = None if return_sequences else np.empty((batch, units), dtype)
         h_out, c_out = np.empty((batch, units), dtype), np.empty((batch, units), dtype)
         if training:
-            rows = int(layout.offsets[-1])
+            rows = layout.rows
             chunk_steps = steps
+            part_chunk_rows = 0
             packed_x = np.empty((rows, features), dtype)
             gates = np.empty((rows, 4 * units), dtype)
             c_prev, cell_act, h_in = (np.empty((rows, units), dtype) for _ in range(3))
         else:
-            chunk_steps = max(1, min(steps, INFERENCE_CHUNK_ROWS // max(batch, 1)))
-            packed_x = np.empty((chunk_steps * batch, features), dtype)
-            gates = np.empty((chunk_steps * batch, 4 * units), dtype)
+            part_batch = int(np.diff(layout.row_begin).max())
+            chunk_steps = max(1, min(steps, INFERENCE_CHUNK_ROWS // max(part_batch, 1)))
+            part_chunk_rows = chunk_steps * part_batch
+            parts = len(layout.row_begin) - 1
+            packed_x = np.empty((parts * part_chunk_rows, features), dtype)
+            gates = np.empty((parts * part_chunk_rows, 4 * units), dtype)
             c_prev = cell_act = h_in = None
         h_state, c_state, h_in_step = (np.empty((batch, units), dtype) for _ in range(3))
 
-        _specialization(_cython_lstm.forward, dtype)(
-            x, h0, c0, kernel, recurrent_kernel, bias, layout.mask,
-            input_dropout_mask, recurrent_dropout_mask,
-            layout.order, layout.active, layout.offsets,
-            _cython_lstm.ACTIVATION_KINDS[activation], _cython_lstm.ACTIVATION_KINDS[recurrent_activation],
-            reverse, zero_output_for_mask, sequence_outputs, last_output, h_out, c_out,
-            packed_x, gates, c_prev, cell_act, h_in, h_state, c_state, h_in_step, chunk_steps)
+        with _threads_for(layout):
+            _specialization(_cython_lstm.forward, dtype)(
+                x, h0, c0, kernel, recurrent_kernel, bias, layout.mask,
+                input_dropout_mask, recurrent_dropout_mask,
+                layout.order, layout.row_begin, layout.active, layout.offsets,
+                _cython_lstm.ACTIVATION_KINDS[activation],
+                _cython_lstm.ACTIVATION_KINDS[recurrent_activation],
+                reverse, zero_output_for_mask, sequence_outputs, last_output, h_out, c_out,
+                packed_x, gates, c_prev, cell_act, h_in, h_state, c_state, h_in_step,
+                chunk_steps, part_chunk_rows)
 
         workspace = None
         if training:
@@ -235,16 +348,17 @@ class CythonBackend(Backend):
         drecurrent_kernel = np.empty((units, 4 * units), dtype)
         dbias = np.empty(4 * units, dtype)
         layout = ws.layout
-        _specialization(_cython_lstm.backward, dtype)(
-            doutputs if ws.return_sequences else None, None if ws.return_sequences else doutputs,
-            _contiguous(dh, dtype), _contiguous(dc, dtype), ws.kernel, ws.recurrent_kernel,
-            layout.mask, ws.input_dropout_mask, ws.recurrent_dropout_mask,
-            layout.order, layout.active, layout.offsets,
-            _cython_lstm.ACTIVATION_KINDS[ws.activation],
-            _cython_lstm.ACTIVATION_KINDS[ws.recurrent_activation],
-            ws.reverse, ws.zero_output_for_mask,
-            ws.packed_x, ws.gates, ws.c_prev, ws.cell_act, ws.h_in,
-            dx, dh0, dc0, dkernel, drecurrent_kernel, dbias)
+        with _threads_for(layout):
+            _specialization(_cython_lstm.backward, dtype)(
+                doutputs if ws.return_sequences else None, None if ws.return_sequences else doutputs,
+                _contiguous(dh, dtype), _contiguous(dc, dtype), ws.kernel, ws.recurrent_kernel,
+                layout.mask, ws.input_dropout_mask, ws.recurrent_dropout_mask,
+                layout.order, layout.row_begin, layout.active, layout.offsets,
+                _cython_lstm.ACTIVATION_KINDS[ws.activation],
+                _cython_lstm.ACTIVATION_KINDS[ws.recurrent_activation],
+                ws.reverse, ws.zero_output_for_mask,
+                ws.packed_x, ws.gates, ws.c_prev, ws.cell_act, ws.h_in,
+                dx, dh0, dc0, dkernel, drecurrent_kernel, dbias)
         return SequenceGrads(dx=dx, dh0=dh0, dc0=dc0, dkernel=dkernel,
                              drecurrent_kernel=drecurrent_kernel, dbias=dbias)
 

@@ -1,0 +1,201 @@
+"""Compare lstmeng's cython backend with torch.nn.LSTM and keras.layers.LSTM on the CPU.
+
+Everything is measured in one process and one run, so the ratios are fair on a
+noisy machine: best of several repeats, float32, batch-major input, the same
+thread count for every library. FLOPs: forward = 8*B*T*H*(I+H),
+forward+backward = 3x that. "peak" is scipy's sgemm on a large square matrix,
+measured in the same run. A library that is not installed is skipped.
+
+Usage:
+    python benchmarks/compare_cpu.py                       # the issue's four shapes
+    python benchmarks/compare_cpu.py --shapes 64,100,256,256 --repeats 10
+    python benchmarks/compare_cpu.py --no-keras --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+SHAPES = ((64, 100, 256, 256), (32, 200, 128, 512), (256, 50, 128, 128), (1, 500, 64, 128))
+
+
+def best_time(function, repeats: int, warmup: int = 1) -> float:
+    """Best wall time of ``function()`` in seconds over ``repeats`` calls after ``warmup``."""
+    for _ in range(warmup):
+        function()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def forward_flops(batch, steps, features, units) -> float:
+    return 8.0 * batch * steps * units * (features + units)
+
+
+def sgemm_peak(repeats: int, size: int = 2048) -> float:
+    """GFLOP/s of scipy's float32 GEMM (the BLAS the cython backend uses) on a large square matrix."""
+    from scipy.linalg import blas
+    a = np.asfortranarray(np.random.default_rng(0).random((size, size), dtype=np.float32))
+    seconds = best_time(lambda: blas.sgemm(1.0, a, a), repeats)
+    return 2.0 * size ** 3 / seconds / 1e9
+
+
+def lstmeng_timings(shape, repeats, lengths=None):
+    """(forward s, forward+backward s) of the cython backend through the LSTM layer."""
+    import lstmeng as le
+    batch, steps, features, units = shape
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, steps, features), dtype=np.float32)
+    layer = le.LSTM(units, return_sequences=True, backend="cython", seed=0)
+    layer.build(features)
+    dy = np.ones((batch, steps, units), np.float32)
+
+    def forward():
+        layer(x, lengths=lengths, training=False)
+
+    def forward_backward():
+        layer(x, lengths=lengths, training=True)
+        layer.backward(dy)
+
+    return best_time(forward, repeats), best_time(forward_backward, repeats)
+
+
+def torch_timings(shape, repeats, threads):
+    import torch
+    torch.set_num_threads(threads)
+    batch, steps, features, units = shape
+    lstm = torch.nn.LSTM(features, units, batch_first=True)
+    x = torch.randn(batch, steps, features)
+
+    def forward():
+        with torch.no_grad():
+            lstm(x)
+
+    x_grad = x.clone().requires_grad_(True)
+    dy = torch.ones(batch, steps, units)
+
+    def forward_backward():
+        y, _ = lstm(x_grad)
+        y.backward(dy)
+
+    return best_time(forward, repeats), best_time(forward_backward, repeats)
+
+
+def keras_timings(shape, repeats):
+    import keras
+    import tensorflow as tf
+    batch, steps, features, units = shape
+    layer = keras.layers.LSTM(units, return_sequences=True)
+    x = tf.random.normal((batch, steps, features))
+    layer(x)
+
+    @tf.function
+    def forward():
+        return layer(x, training=False)
+
+    @tf.function
+    def forward_backward():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y)
+        return tape.gradient(loss, [x] + layer.trainable_weights)
+
+    return (best_time(lambda: forward().numpy(), repeats),
+            best_time(lambda: [g.numpy() for g in forward_backward()], repeats))
+
+
+def library_available(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", nargs="*", default=None,
+                        help="B,T,I,H shapes (default: the issue's four)")
+    parser.add_argument("--repeats", type=int, default=5, help="best of this many runs")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for every library (default: lstmeng's num_threads())")
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--no-keras", action="store_true")
+    parser.add_argument("--no-variable-length", action="store_true",
+                        help="skip the lengths-uniform-in-1..T row")
+    args = parser.parse_args(argv)
+
+    from lstmeng.backends import cython as cython_backend
+    threads = args.threads or cython_backend.num_threads()
+    # OpenBLAS and TensorFlow read their thread counts at start-up.
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split(",")) for s in args.shapes]
+    use_torch = not args.no_torch and library_available("torch")
+    use_keras = not args.no_keras and library_available("keras") and library_available("tensorflow")
+    if use_keras:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        import tensorflow as tf
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+
+    peak = sgemm_peak(args.repeats)
+    print(f"CPU: {cython_backend.cpu_name()}; threads: {threads}; float32; best of {args.repeats}")
+    print(f"sgemm peak (scipy, 2048^3): {peak:.1f} GFLOP/s")
+    print(f"libraries: lstmeng-cython" + (", torch" if use_torch else " (torch missing)")
+          + (", keras" if use_keras else " (keras missing)"))
+    header = (f"{'B,T,I,H':>16} {'library':>8} | {'fwd ms':>8} {'GFLOP/s':>7} {'%peak':>5} | "
+              f"{'fwd+bwd ms':>10} {'GFLOP/s':>7} {'%peak':>5}")
+    print(header)
+    print("-" * len(header))
+    summary = []
+    for shape in shapes:
+        flops = forward_flops(*shape)
+        results = {"cython": lstmeng_timings(shape, args.repeats)}
+        if use_torch:
+            results["torch"] = torch_timings(shape, args.repeats, threads)
+        if use_keras:
+            results["keras"] = keras_timings(shape, max(2, args.repeats // 2))
+        for library, (forward, forward_backward) in results.items():
+            print(f"{','.join(map(str, shape)):>16} {library:>8} | {forward * 1e3:8.2f} "
+                  f"{flops / forward / 1e9:7.1f} {flops / forward / 1e9 / peak:5.0%} | "
+                  f"{forward_backward * 1e3:10.2f} {3 * flops / forward_backward / 1e9:7.1f} "
+                  f"{3 * flops / forward_backward / 1e9 / peak:5.0%}")
+        summary.append((shape, results))
+        sys.stdout.flush()
+
+    print()
+    print("speed-ups of lstmeng-cython (time of the other library / ours):")
+    for shape, results in summary:
+        ours = results["cython"]
+        parts = []
+        for library in ("torch", "keras"):
+            if library in results:
+                theirs = results[library]
+                parts.append(f"vs {library}: fwd {theirs[0] / ours[0]:.2f}x, "
+                             f"fwd+bwd {theirs[1] / ours[1]:.2f}x")
+        print(f"{','.join(map(str, shape)):>16}  " + ("; ".join(parts) or "(no other library)"))
+
+    if not args.no_variable_length:
+        print()
+        print("variable length (lengths uniform in 1..T) / full length, lstmeng-cython:")
+        for shape in shapes:
+            batch, steps = shape[0], shape[1]
+            if batch < 8:
+                continue
+            lengths = np.random.default_rng(1).integers(1, steps + 1, size=batch)
+            full = lstmeng_timings(shape, args.repeats)
+            variable = lstmeng_timings(shape, args.repeats, lengths=lengths)
+            print(f"{','.join(map(str, shape)):>16}  fwd {variable[0] / full[0]:.2f}, "
+                  f"fwd+bwd {variable[1] / full[1]:.2f}  (mean length / T = "
+                  f"{lengths.mean() / steps:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
