@@ -4,7 +4,9 @@ Every fast backend is tested against this one, so it favours plain, readable
 arithmetic over speed, with the structure that keeps it reasonable: one GEMM
 for the input projection of all steps, one GEMM per step for the recurrence,
 the weight gradients as GEMMs over all steps at the end of the backward.
-With ``training=False`` it keeps no per-step workspace.
+With ``training=False`` it keeps no per-step workspace and projects the input
+in blocks of INFERENCE_BLOCK_STEPS steps, so memory beyond the output is
+O(B x H).
 """
 
 from __future__ import annotations
@@ -49,6 +51,26 @@ class _Workspace:
     recurrent_dropout_mask: np.ndarray | None
 
 
+#: Steps whose input projection an inference forward computes at once (one GEMM).
+INFERENCE_BLOCK_STEPS = 64
+
+
+def _dropped_input(x_tb, input_dropout_mask):
+    """Contiguous ``[K, B, I]`` inputs of K steps, times the ``[B, I]`` dropout mask if any."""
+    if input_dropout_mask is not None:
+        x_tb = x_tb * input_dropout_mask[None]
+    return np.ascontiguousarray(x_tb)
+
+
+def _input_projection(x_tb, kernel, bias):
+    """``x_tb [K, B, I] @ kernel [I, 4H] (+ bias)`` as one GEMM: ``[K, B, 4H]``."""
+    steps, batch, _ = x_tb.shape
+    projection = (x_tb.reshape(steps * batch, -1) @ kernel).reshape(steps, batch, -1)
+    if bias is not None:
+        projection += bias
+    return projection
+
+
 def last_output_rows(mask_tb, reverse: bool, zero_output_for_mask: bool):
     """Which rows have a nonzero last output, and it equals the final h.
 
@@ -82,15 +104,13 @@ class NumpyBackend(Backend):
         dtype = x.dtype
 
         x_tb = np.swapaxes(x, 0, 1)  # [T, B, I], a view
-        if input_dropout_mask is not None:
-            x_tb = x_tb * input_dropout_mask[None]
-        # One GEMM for every step's input projection: [T*B, I] @ [I, 4H].
-        projection = (np.ascontiguousarray(x_tb).reshape(steps * batch, -1) @ kernel)
-        projection = projection.reshape(steps, batch, 4 * units)
-        if bias is not None:
-            projection += bias
+        # Training keeps per-step arrays anyway, so one GEMM projects every step's
+        # input. Inference projects INFERENCE_BLOCK_STEPS steps at a time, so that
+        # memory beyond the output stays O(B x H) however long the sequence.
+        block_steps = max(1, steps if training else min(steps, INFERENCE_BLOCK_STEPS))
+        block_start, projection = None, None
 
-        mask_tb = None if mask is None else np.ascontiguousarray(np.swapaxes(mask, 0, 1))
+        mask_tb = None if mask is None else np.swapaxes(mask, 0, 1)  # [T, B], a view
         h = np.array(h0, dtype=dtype, copy=True)
         c = np.array(c0, dtype=dtype, copy=True)
         previous_output = np.zeros((batch, units), dtype)
@@ -105,8 +125,12 @@ class NumpyBackend(Backend):
 
         order = range(steps - 1, -1, -1) if reverse else range(steps)
         for t in order:
+            if block_start is None or not block_start <= t < block_start + block_steps:
+                block_start = t - t % block_steps
+                x_block = _dropped_input(x_tb[block_start:block_start + block_steps], input_dropout_mask)
+                projection = _input_projection(x_block, kernel, bias)
             h_in = h if recurrent_dropout_mask is None else h * recurrent_dropout_mask
-            z = projection[t] + h_in @ recurrent_kernel
+            z = projection[t - block_start] + h_in @ recurrent_kernel
             i = ract(z[:, :units])
             f = ract(z[:, units:2 * units])
             g = act(z[:, 2 * units:3 * units])
@@ -138,9 +162,11 @@ class NumpyBackend(Backend):
 
         workspace = None
         if training:
+            # Training ran one block, so x_block holds every step's (dropped-out) input.
             workspace = _Workspace(
-                x=np.ascontiguousarray(x_tb), h_in=h_in_all, c_prev=c_prev_all, gates=gates_all,
-                cell_act=cell_act_all, mask=mask_tb, seen_before=seen_before,
+                x=x_block, h_in=h_in_all, c_prev=c_prev_all, gates=gates_all,
+                cell_act=cell_act_all, mask=None if mask_tb is None else np.ascontiguousarray(mask_tb),
+                seen_before=seen_before,
                 last_real=None if mask_tb is None else last_output_rows(mask_tb, reverse, zero_output_for_mask),
                 kernel=kernel, recurrent_kernel=recurrent_kernel, has_bias=bias is not None,
                 activation=activation, recurrent_activation=recurrent_activation,
