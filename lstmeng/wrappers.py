@@ -45,6 +45,8 @@ class Bidirectional:
         self.merge_mode = _validation.check_choice(merge_mode, "merge_mode", MERGE_MODES)
         if backward_layer is None:
             config = layer.get_config()
+            for key in ("kernel_initializer", "recurrent_initializer", "bias_initializer"):
+                config[key] = getattr(layer, key)  # a callable, not the name get_config gives it
             config["go_backwards"] = not layer.go_backwards
             if config["seed"] is not None:
                 config["seed"] += 1  # different weights and dropout masks from the forward copy
@@ -257,6 +259,8 @@ class Dropout:
         self.params, self.grads = {}, {}
 
     def __call__(self, x, training=False):
+        if registry.array_kind(x) == "host":
+            x = np.asarray(x)
         if not training or self.rate == 0:
             self._tape = ("identity", None, tuple(x.shape)) if training else None
             return x
@@ -338,6 +342,9 @@ class Sequential:
             if getattr(layer, "return_state", False):
                 raise ValueError(f"layers[{index}] has return_state=True; inside Sequential read "
                                  "model.states instead")
+            if isinstance(layer, Bidirectional) and layer.merge_mode is None:
+                raise ValueError(f"layers[{index}]: merge_mode=None returns two outputs; "
+                                 "use a merging mode inside Sequential")
         self.layers = layers
         self.states = None
 
@@ -350,7 +357,7 @@ class Sequential:
             if isinstance(layer, Dropout):
                 continue
             layer.build(size)
-            size = layer.units * (2 if isinstance(layer, Bidirectional) and layer.merge_mode is None else 1)
+            size = layer.units
         return self
 
     @property
@@ -408,22 +415,21 @@ class Sequential:
         """Run every layer in turn. x: ``[B, T, I]``; mask ``[B, T]`` or lengths ``[B]``."""
         if mask is not None and lengths is not None:
             raise ValueError("give mask or lengths, not both")
+        recurrent = self._recurrent()
         if lengths is not None:
             from lstmeng.masking import lengths_to_mask
             shape = _validation.shape_of(x)
-            mask = lengths_to_mask(np.asarray(lengths), maxlen=shape[0] if getattr(self.layers[0], "time_major", False)
-                                   else shape[1])
+            # The first recurrent layer (not layers[0], which may be a Dropout) says how x is laid out.
+            time_major = bool(recurrent) and recurrent[0].time_major
+            mask = lengths_to_mask(np.asarray(lengths), maxlen=shape[0] if time_major else shape[1])
         states = []
         for index, layer in enumerate(self.layers):
             if isinstance(layer, Dropout):
                 x = layer(x, training=training)
                 states.append(None)
                 continue
-            out = layer(x, mask=mask, training=training, check_finite=check_finite and index == 0)
-            if isinstance(layer, Bidirectional) and layer.merge_mode is None:
-                raise ValueError(f"layers[{index}]: merge_mode=None returns two outputs; "
-                                 "use a merging mode inside Sequential")
-            x = out
+            # The input is checked by the first recurrent layer, wherever it stands.
+            x = layer(x, mask=mask, training=training, check_finite=check_finite and layer is recurrent[0])
             states.append(_final_states(layer))
             if not layer.return_sequences:
                 mask = None
