@@ -18,6 +18,7 @@ import zipfile
 
 import numpy as np
 
+from lstmeng import initializers
 from lstmeng.layers import LSTM
 from lstmeng.cell import LSTMCell
 from lstmeng.wrappers import LAYER_CLASSES, Sequential
@@ -51,11 +52,37 @@ def save(obj, path) -> None:
     if name not in CLASSES or not isinstance(obj, CLASSES[name]):
         raise TypeError(f"save expects one of {sorted(CLASSES)}, got {type(obj).__name__}")
     weights = obj.get_weights()
-    document = {"format": FORMAT, "version": VERSION, "class_name": name, "config": obj.get_config(),
+    config = _without_custom_initializers(obj.get_config(), built=_input_size(obj) is not None)
+    document = {"format": FORMAT, "version": VERSION, "class_name": name, "config": config,
                 "input_size": _input_size(obj), "weights": len(weights)}
     arrays = {f"weight_{i}": np.asarray(w) for i, w in enumerate(weights)}
     with open(os.fspath(path), "wb") as handle:
         np.savez(handle, __lstmeng__=np.array(json.dumps(document)), **arrays)
+
+
+def _without_custom_initializers(config, built: bool):
+    """``config`` with callable initializers (saved by name, not loadable) replaced by the defaults.
+
+    A built layer's file holds its weights, so its initializers are never used
+    again; an unbuilt layer with a callable initializer cannot be saved.
+    """
+    if isinstance(config, list):
+        return [_without_custom_initializers(entry, built) for entry in config]
+    if not isinstance(config, dict):
+        return config
+    cleaned = {}
+    for key, value in config.items():
+        if key in _DEFAULT_INITIALIZERS and value not in initializers.INITIALIZERS:
+            if not built:
+                raise ValueError(f"cannot save an unbuilt layer whose {key} is a callable ({value!r}): "
+                                 "build it first, so that the file holds its weights")
+            value = _DEFAULT_INITIALIZERS[key]
+        cleaned[key] = _without_custom_initializers(value, built)
+    return cleaned
+
+
+_DEFAULT_INITIALIZERS = {"kernel_initializer": "glorot_uniform", "recurrent_initializer": "orthogonal",
+                         "bias_initializer": "zeros"}
 
 
 def load(path):
