@@ -217,6 +217,8 @@ def test_bad_dropout_layer_and_sequential_members():
         le.Sequential([le.LSTM(UNITS), "lstm"])
     with expect_error(ValueError, r"layers\[0\]", "return_state"):
         le.Sequential([le.LSTM(UNITS, return_state=True)])
+    with expect_error(ValueError, r"layers\[1\]", "merge_mode=None"):
+        le.Sequential([le.LSTM(UNITS, return_sequences=True), le.Bidirectional(le.LSTM(UNITS), merge_mode=None)])
 
 
 # -- set_weights ------------------------------------------------------------------------

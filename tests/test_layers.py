@@ -461,3 +461,47 @@ def test_inference_keeps_no_tape():
     layer(x_of())  # an inference call replaces the training tape
     with pytest.raises(RuntimeError, match="training=True"):
         layer.backward(np.zeros((BATCH, STEPS, UNITS)))
+
+
+def test_long_sequence_inference_equals_training_and_memory_stays_flat():
+    """Inference projects the input in blocks of steps: same numbers, memory O(B x H) in T."""
+    import tracemalloc
+
+    layer = lstm(return_sequences=False, go_backwards=True, dropout=0.0)
+    x = x_of(steps=150)
+    mask = le.lengths_to_mask([150, 70, 1], maxlen=150)
+    np.testing.assert_array_equal(layer(x, mask=mask), layer(x, mask=mask, training=True))
+    peaks = {}
+    for steps in (200, 1000):
+        x = RNG.normal(size=(2, steps, FEATURES))
+        layer(x[:, :3])
+        tracemalloc.start()
+        layer(x)
+        peaks[steps] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    # 800 more steps of a [T, B, 4H] projection alone would be 800 * 2 * 16 * 8 = 200 KiB.
+    assert peaks[1000] - peaks[200] < 32 * 1024, peaks
+
+
+def test_sequential_leading_dropout_keeps_checks_and_layout():
+    x = x_of()
+    x[1, 2, 0] = np.nan
+    model = le.Sequential([le.Dropout(0.1), lstm()])
+    with pytest.raises(ValueError, match="batch row 1, time step 2"):
+        model(x, check_finite=True)
+    time_major = le.Sequential([le.Dropout(0.1), lstm(time_major=True)])
+    x = x_of()
+    expected = lstm(time_major=True)(np.swapaxes(x, 0, 1), lengths=[5, 2, 3])
+    np.testing.assert_array_equal(time_major(np.swapaxes(x, 0, 1), lengths=[5, 2, 3]), expected)
+
+
+def test_dropout_accepts_host_lists():
+    y = le.Dropout(0.5, seed=0)([[1.0, 2.0, 3.0]], training=True)
+    assert isinstance(y, np.ndarray) and set(np.unique(y)) <= {0.0, 2.0, 4.0, 6.0}
+
+
+def test_bidirectional_copies_callable_initializers():
+    layer = le.Bidirectional(le.LSTM(UNITS, recurrent_initializer=lambda shape, rng: np.zeros(shape),
+                                     backend="numpy")).build(FEATURES)
+    assert np.all(layer.forward_layer.get_weights()[1] == 0)
+    assert np.all(layer.backward_layer.get_weights()[1] == 0)

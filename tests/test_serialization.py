@@ -194,3 +194,16 @@ def test_load_missing_file_and_directory(tmp_path):
         le.load(tmp_path / "missing.npz")
     with pytest.raises(ValueError, match="not an lstmeng"):
         le.load(tmp_path)
+
+
+def test_callable_initializers(tmp_path):
+    """A built layer's file holds its weights, so a callable initializer does not block saving."""
+    model = le.Sequential([
+        le.Bidirectional(le.LSTM(3, recurrent_initializer=lambda shape, rng: np.full(shape, 0.1),
+                                 return_sequences=True, backend="numpy")),
+        le.LSTM(2, kernel_initializer=lambda shape, rng: np.full(shape, -0.2), backend="numpy")]).build(2)
+    le.save(model, tmp_path / "model.npz")
+    loaded = le.load(tmp_path / "model.npz")
+    np.testing.assert_array_equal(loaded(X), model(X))
+    with pytest.raises(ValueError, match="unbuilt layer whose kernel_initializer is a callable"):
+        le.save(le.LSTM(2, kernel_initializer=lambda shape, rng: np.zeros(shape)), tmp_path / "unbuilt.npz")
