@@ -300,6 +300,27 @@ def test_model_save_and_load_round_trip(backend, tmp_path):
     np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), rtol=0, atol=0)
 
 
+def test_weights_files_are_interchangeable_with_keras(tmp_path):
+    """A .weights.h5 saved from a Keras model loads into the lstmeng.keras model, and back."""
+    rng, x, _ = random_inputs(25)
+
+    def build(lstm, bidirectional):
+        return keras.Sequential([keras.Input((None, x.shape[-1])),
+                                 bidirectional(lstm(4, return_sequences=True)), lstm(2)])
+
+    reference = build(keras.layers.LSTM, keras.layers.Bidirectional)
+    randomize(reference, rng)
+    reference.save_weights(tmp_path / "keras.weights.h5")
+    mine = build(lambda *a, **k: lk.LSTM(*a, backend="numpy", **k), lk.Bidirectional)
+    mine.load_weights(tmp_path / "keras.weights.h5")
+    np.testing.assert_allclose(mine(x).numpy(), reference(x).numpy(), rtol=OUTPUT_TOLERANCE, atol=OUTPUT_TOLERANCE)
+    mine.save_weights(tmp_path / "mine.weights.h5")
+    again = build(keras.layers.LSTM, keras.layers.Bidirectional)
+    again.load_weights(tmp_path / "mine.weights.h5")
+    for loaded, original in zip(again.get_weights(), reference.get_weights()):
+        np.testing.assert_array_equal(loaded, original)
+
+
 # -- tf.function, fit, XLA ---------------------------------------------------------------------
 def small_regression_model(backend, jit_compile):
     keras.utils.set_random_seed(1)
