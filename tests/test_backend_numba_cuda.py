@@ -364,3 +364,66 @@ def test_gpu_benchmark_script_runs_in_simulate_mode(capsys):
     assert [row.split()[0] for row in rows] == ["inference", "train"], output
     for row in rows:   # numba_cuda against torch.nn.LSTM on the same weights: outputs and dx
         assert float(row.split("|")[-1]) < 1e-5, row
+
+
+# -- compiling for a real GPU without one ------------------------------------------------------
+_COMPILE_CHECK = r'''
+import re, sys, types
+import numpy as np, numba
+from numba import cuda, typeof
+try:
+    cuda.compile_ptx(lambda a: None, (numba.float32[:],), cc=(9, 0))
+except Exception as error:
+    print("SKIP", type(error).__name__, str(error).splitlines()[0]); sys.exit(0)
+import numba.cuda.dispatcher as dispatcher
+# Device functions ask the current device for its compute capability; there may be none.
+dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
+from lstmeng.backends import _cuda_elementwise as ew, _cuda_gemm as gm, _cuda_recurrence as rec
+i64, b1, f64 = numba.int64, numba.boolean, numba.float64
+def A(shape, dtype):
+    return typeof(np.empty(shape, dtype))
+for name in ("float32", "float64"):
+    dt = np.dtype(name)
+    f1, f2, f3, m1, m2 = A(2, dt), A((2, 2), dt), A((2, 2, 2), dt), A(2, bool), A((2, 2), bool)
+    strided = typeof(np.empty((4, 4), dt)[:, 1:3])
+    kernels = [
+        ("gemm", gm.gemm_kernel(dt, gm.GPU_TILES), (f2, f2, f2, f1, b1, b1, b1, b1)),
+        ("gemm large", gm.gemm_kernel(dt, gm.GPU_LARGE_TILES), (f2, f2, f2, f1, b1, b1, b1, b1)),
+        ("gemm strided", gm.gemm_kernel(dt, gm.GPU_TILES), (strided, strided, f2, f1, b1, b1, b1, b1)),
+        ("forward", rec.forward_kernel(dt, rec.GPU_SHAPES[name]),
+         (f3, f2, f2, m2, m2, strided, f2, f3, f2, f3, f3, f3, f3, f3) + (i64,) * 3 + (b1,) * 7),
+        ("backward", rec.backward_kernel(dt, rec.GPU_SHAPES[name]),
+         (f3, f2, f2, m2, m2, f3, f3, f3, f2, f2, f2, f3) + (i64,) * 3 + (b1,) * 6),
+        ("binary_1d", ew.binary_1d, (i64, f1, f1, f64, f1)),
+        ("binary_2d", ew.binary_2d, (i64, strided, strided, f64, f2)),
+        ("binary_3d", ew.binary_3d, (i64, f3, f3, f64, f3)),
+        ("permute_3d", ew.permute_3d, (i64, f3, f3)), ("fill_1d", ew.fill_1d, (f1, i64)),
+        ("scale_rows_3d", ew.scale_rows_3d, (f3, f2, f3)), ("select_rows", ew.select_rows, (f2, m1, b1, f2)),
+        ("add_selected_rows", ew.add_selected_rows, (f2, f2, m1, b1, f2)),
+        ("column_sums", ew.column_sums, (f2, f1)), ("mask_summary", ew.mask_summary, (m2, b1, b1, m2, m1)),
+    ]
+    for label, kernel, signature in kernels:
+        ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))
+        depot = re.findall(r"__local_depot\d+\[(\d+)\]", ptx)
+        print("OK", name, label, "local bytes", depot[0] if depot else 0)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(REAL_GPU, reason="the GPU session compiles and runs the kernels for real")
+def test_kernels_compile_to_ptx_for_hopper():
+    """The simulator runs kernels as Python and type-checks nothing; here numba compiles every
+    kernel to sm_90 PTX (needs libnvvm and nvrtc, e.g. pip install nvidia-nvvm nvidia-cuda-nvrtc
+    with their lib folder on LD_LIBRARY_PATH; skipped without them), and the hot kernels must
+    keep their accumulators in registers (no local-memory depot)."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], capture_output=True, text=True, env=env,
+                            timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    if result.stdout.startswith("SKIP"):
+        pytest.skip(f"no CUDA compiler libraries: {result.stdout.strip()}")
+    lines = [line for line in result.stdout.splitlines() if line.startswith("OK")]
+    assert len(lines) == 30, result.stdout
+    for line in lines:
+        if any(hot in line for hot in ("gemm", "forward", "backward")):
+            assert line.endswith("local bytes 0"), line

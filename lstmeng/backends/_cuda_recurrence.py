@@ -75,7 +75,12 @@ class RecurrenceShape:
         return weights + self.rows * self.k_tile + self.threads * self.rows
 
 
-GPU_SHAPE = RecurrenceShape()
+#: GPU shapes per dtype. k_tile = 1024 stages a whole h(t-1) row chunk at once for
+#: H <= 1024 (all loads in flight together, one barrier pair per chunk); the
+#: staging buffers stay under the default 48 KB (float32: 8*1024*4 + 256*8*4 =
+#: 40 KB; float64 with 4 rows: 40 KB), so only the weight slice needs the opt-in.
+GPU_SHAPES = {"float32": RecurrenceShape(threads=256, rows=8, k_tile=1024),
+              "float64": RecurrenceShape(threads=256, rows=4, k_tile=1024)}
 SIMULATOR_SHAPE = RecurrenceShape(threads=8, rows=2, k_tile=4)
 
 _kernels: dict = {}
@@ -144,7 +149,7 @@ def _make_forward(dtype, shape: RecurrenceShape):
     activate, _, ZERO = _device_math(dtype)
 
     @cuda.jit
-    def forward_recurrence(projection, recurrent_kernel, recurrent_dropout, mask, seen_before,
+    def forward_recurrence(projection, recurrent_kernel, recurrent_dropout, mask, seen_before, h0, c0,
                            h_buffers, c_state, outputs, h_in_ws, c_prev_ws, gates_ws, cell_act_ws,
                            units_per_block, activation, recurrent_activation, reverse,
                            zero_output_for_mask, return_sequences, training, has_mask,
@@ -156,8 +161,9 @@ def _make_forward(dtype, shape: RecurrenceShape):
             recurrent_kernel: [H, 4H].
             recurrent_dropout: [B, H] (read when has_recurrent_dropout).
             mask: [B, T] bool; seen_before: [B, T] bool (read when has_mask).
-            h_buffers: [2, B, H]; buffer 0 holds h0 on entry, buffer T % 2 the final h on exit.
-            c_state: [B, H]; c0 on entry, the final c on exit.
+            h0, c0: [B, H] initial states (any strides).
+            h_buffers: [2, B, H] out; buffer T % 2 holds the final h on exit.
+            c_state: [B, H] out: the final c.
             outputs: [B, T, H] written when return_sequences.
             h_in_ws, c_prev_ws, cell_act_ws: [B, T, H]; gates_ws: [B, T, 4H]
                 activated gates; written when training (the backward's workspace).
@@ -181,6 +187,14 @@ def _make_forward(dtype, shape: RecurrenceShape):
                 gate, unit = local // owned, local % owned
                 weights[index] = recurrent_kernel[k, gate * units + unit_begin + unit]
             cuda.syncthreads()
+
+        # Each block copies the initial states of its units in (no separate
+        # launches); every block reads all of h0 at step 0, hence the barrier.
+        for item in range(thread, batch * owned, THREADS):
+            b, u = item // owned, unit_begin + item % owned
+            h_buffers[0, b, u] = h0[b, u]
+            c_state[b, u] = c0[b, u]
+        grid.sync()
 
         # Units are processed in groups small enough that every column of a
         # group has at least one thread; the K splits share a column's dot product.

@@ -321,8 +321,7 @@ class NumbaCudaBackend(Backend):
                              else self._dummy(2, dtype))
 
         h_buffers = self._empty((2, batch, units), dtype)
-        self._copy_into(h0, h_buffers[0])
-        c_state = self._copy(c0, dtype)
+        c_state = self._empty((batch, units), dtype)
         outputs = self._empty((batch, steps, units), dtype) if return_sequences else self._dummy(3, dtype)
         if training:
             h_in, c_prev, cell_act = (self._empty((batch, steps, units), dtype) for _ in range(3))
@@ -333,12 +332,12 @@ class NumbaCudaBackend(Backend):
         codes = rec.ACTIVATION_CODES
         self._launch_recurrence(
             "forward", dtype, units,
-            (projection, recurrent_kernel, recurrent_dropout, mask, seen_before, h_buffers, c_state,
+            (projection, recurrent_kernel, recurrent_dropout, mask, seen_before, h0, c0, h_buffers, c_state,
              outputs, h_in, c_prev, gates, cell_act),
             (codes[activation], codes[recurrent_activation], bool(reverse), bool(zero_output_for_mask),
              bool(return_sequences), bool(training), has_mask, has_recurrent_dropout))
 
-        h = self._copy(h_buffers[steps % 2], dtype)
+        h = self._wrap(h_buffers[steps % 2])   # a view: no extra launch
         if not return_sequences:
             outputs = self._empty((batch, units), dtype)
             ew.select_rows[ew.blocks_for(outputs.size), ew.ELEMENTWISE_THREADS](
@@ -422,11 +421,11 @@ class NumbaCudaBackend(Backend):
     # -- launch configuration ----------------------------------------------------------
     def _gemm_tiles(self):
         from lstmeng.backends import _cuda_gemm as gemm
-        return gemm.SIMULATOR_TILES if simulator_enabled() else gemm.GPU_TILES
+        return gemm.SIMULATOR_TILES if simulator_enabled() else None   # None: chosen per GEMM shape
 
-    def _recurrence_shape(self):
+    def _recurrence_shape(self, dtype):
         from lstmeng.backends import _cuda_recurrence as rec
-        return rec.SIMULATOR_SHAPE if simulator_enabled() else rec.GPU_SHAPE
+        return rec.SIMULATOR_SHAPE if simulator_enabled() else rec.GPU_SHAPES[dtype.name]
 
     def _launch_recurrence(self, direction, dtype, units, arrays, flags):
         """Launch the forward or backward recurrence as one cooperative grid.
@@ -435,7 +434,7 @@ class NumbaCudaBackend(Backend):
         ``units_per_block``; ``weights_in_shared`` is appended here.
         """
         from lstmeng.backends import _cuda_recurrence as rec
-        shape = self._recurrence_shape()
+        shape = self._recurrence_shape(dtype)
         make = rec.forward_kernel if direction == "forward" else rec.backward_kernel
         kernel = make(dtype, shape)
         if simulator_enabled():
