@@ -10,7 +10,8 @@ benchmarks record:
   device (> 1: lstmeng is faster), where torch is installed.
 """
 
-from .common import BACKENDS, SHAPE_NAMES, SHAPES, Benchmark, LayerRun, TorchRun, best_seconds, forward_flops, matmul_peak_gflops
+from .common import (BACKENDS, SHAPE_NAMES, SHAPES, Benchmark, LayerRun, TorchRun, best_seconds, forward_flops,
+                     matmul_peak_gflops, speed_ratio)
 
 
 class FractionOfMatmulPeak(Benchmark):
@@ -22,6 +23,8 @@ class FractionOfMatmulPeak(Benchmark):
 
     def setup(self, backend, shape):
         self.run = LayerRun(backend, shape)
+        self.run.forward()  # warm-up of both timed calls
+        self.run.training_step()
         self.peak_gflops = matmul_peak_gflops(backend)
         self.flops = forward_flops(SHAPES[shape])
 
@@ -44,17 +47,12 @@ class SpeedVersusTorch(Benchmark):
     def setup(self, backend, shape):
         self.run = LayerRun(backend, shape)
         self.torch_run = TorchRun(backend, shape)
-
-    def _ratio(self, lstmeng_call, torch_call):
-        # Alternate the two so that a burst of machine load hits both.
-        lstmeng_seconds = torch_seconds = float("inf")
-        for _ in range(2):
-            lstmeng_seconds = min(lstmeng_seconds, best_seconds(lstmeng_call, repeats=3, budget_seconds=0.75))
-            torch_seconds = min(torch_seconds, best_seconds(torch_call, repeats=3, budget_seconds=0.75))
-        return torch_seconds / lstmeng_seconds
+        for run in (self.run, self.torch_run):  # warm-up of both timed calls
+            run.forward()
+            run.training_step()
 
     def track_forward_speed_vs_torch(self, backend, shape):
-        return self._ratio(self.run.forward, self.torch_run.forward)
+        return speed_ratio(self.torch_run.forward, self.run.forward)
 
     def track_training_speed_vs_torch(self, backend, shape):
-        return self._ratio(self.run.training_step, self.torch_run.training_step)
+        return speed_ratio(self.torch_run.training_step, self.run.training_step)

@@ -11,6 +11,7 @@ class LayerForward(Benchmark):
 
     def setup(self, backend, shape):
         self.run = LayerRun(backend, shape)
+        self.run.forward()  # warm-up
 
     def time_forward(self, backend, shape):
         self.run.forward()
@@ -24,6 +25,7 @@ class LayerTrainingStep(Benchmark):
 
     def setup(self, backend, shape):
         self.run = LayerRun(backend, shape)
+        self.run.training_step()  # warm-up
 
     def time_training_step(self, backend, shape):
         self.run.training_step()
