@@ -132,6 +132,7 @@ def main(argv=None) -> int:
                 for mode in ("inference", "train"):
                     rows.append(run_shape(backend, torch, np, mode, batch, units, steps, args, simulated))
     print_table(report, rows, floor_us, simulated)
+    report_partitions(report, backend)
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as handle:
@@ -331,6 +332,20 @@ def print_table(report, rows, floor_us, simulated):
         report("simulator run: max relative difference (outputs, and dx when training) checks that both engines "
                "computed the same LSTM; "
                "no timings are claimed.")
+
+
+def report_partitions(report, backend):
+    """How the recurrence kernels were launched: grid, units per block, weights on chip or not."""
+    if not backend._partitions:
+        return
+    report("recurrence launches (direction, dtype, H): blocks x threads, units per block, "
+           "weights in shared memory, dynamic shared bytes")
+    for key, (compiled, blocks, units_per_block, in_shared, shared_bytes) in sorted(
+            backend._partitions.items(), key=lambda item: (item[0][0], item[0][1], item[0][2])):
+        direction, dtype, units = key[:3]
+        threads = backend._recurrence_shape(__import__("numpy").dtype(dtype)).threads
+        report(f"  {direction:<8} {dtype} H={units:<5} {blocks:>4} x {threads}, {units_per_block:>3} units/block, "
+               f"weights in shared: {'yes' if in_shared else 'no '}, {shared_bytes} B")
 
 
 def _fmt(value, width, digits, kind="f"):

@@ -237,6 +237,19 @@ def test_sequential_on_device(backend, monkeypatch):
         np.testing.assert_allclose(gpu.grads[name], host.grads[name], rtol=2e-4, atol=2e-5, err_msg=name)
 
 
+def test_stateful_layer_keeps_states_on_device(backend):
+    rng = np.random.default_rng(5)
+    chunks = [rng.normal(size=(2, 3, 3)).astype(np.float32) for _ in range(2)]
+    host = le.LSTM(4, stateful=True, return_sequences=True, backend="numpy", seed=6)
+    gpu = le.LSTM(4, stateful=True, return_sequences=True, backend="numba_cuda", seed=6)
+    for chunk in chunks:
+        expected = host(chunk)
+        actual = gpu(backend.asarray(chunk, np.float32))
+        assert _device_kind(actual) and all(_device_kind(state) for state in gpu.states)
+        np.testing.assert_allclose(backend.to_numpy(actual), expected, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(backend.to_numpy(gpu.states[1]), host.states[1], rtol=2e-5, atol=2e-5)
+
+
 def test_host_arrays_in_device_arrays_out(backend):
     """NumPy inputs are copied in; the results stay on the device."""
     lstm = le.LSTM(3, backend="numba_cuda", seed=0)
@@ -299,6 +312,7 @@ def test_empty_batch_on_device(backend):
 
 
 # -- availability --------------------------------------------------------------------------
+@pytest.mark.slow   # list_backends() probes every backend, TensorFlow included (an import of seconds)
 def test_list_backends_row():
     row = next(info for info in le.list_backends() if info.name == "numba_cuda")
     assert row.available, row.reason
