@@ -46,6 +46,21 @@ def test_import_lstmeng_does_not_import_tensorflow():
     assert result.stdout.strip() == "False"
 
 
+def test_without_tensorflow_the_backend_is_listed_unavailable():
+    code = ("import sys; sys.modules['tensorflow'] = None\n"  # makes `import tensorflow` fail
+            "import lstmeng as le\n"
+            "row = {r.name: r for r in le.list_backends()}['tensorflow']\n"
+            "print(row.available, '|', row.reason)\n"
+            "try:\n"
+            "    le.LSTM(2, backend='tensorflow')\n"
+            "except ValueError as error:\n"
+            "    print('ValueError |', error)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    listed, refused = result.stdout.strip().splitlines()
+    assert listed.startswith("False | tensorflow is not installed")
+    assert refused.startswith("ValueError |") and "tensorflow is not installed" in refused
+
+
 def test_tensor_inputs_give_tensor_outputs_and_auto_picks_tensorflow():
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(3, 4, 2)).astype("float32"))
