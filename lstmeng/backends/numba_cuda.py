@@ -9,7 +9,8 @@ No CUDA C++ and no cuDNN: every kernel is Python compiled by ``numba.cuda.jit``.
   of the recurrent weights in shared memory when it fits
   (``_cuda_recurrence``). The backward mirrors it in reverse time; the weight
   gradients are GEMMs over all steps.
-* Arrays: NumPy arrays are copied in (and results are device arrays); any
+* Arrays: NumPy arrays are copied in and the results copied out (the
+  training workspace stays on the device); any
   object with ``__cuda_array_interface__`` (Numba device arrays, CuPy,
   PyTorch CUDA tensors) is used in place, without a copy. The array helpers
   (add, concatenate, flip_time, ...) run as small kernels, so a Sequential or
@@ -287,6 +288,7 @@ class NumbaCudaBackend(Backend):
         from lstmeng.backends import _cuda_recurrence as rec
 
         dtype = np.dtype(x.dtype.name if hasattr(x.dtype, "name") else x.dtype)
+        copy_out = not self.owns(x)   # host inputs get host results (the workspace stays on the device)
         x = self.asarray(x, dtype)
         h0, c0 = self.asarray(h0, dtype), self.asarray(c0, dtype)
         kernel, recurrent_kernel = self.asarray(kernel, dtype), self.asarray(recurrent_kernel, dtype)
@@ -353,6 +355,8 @@ class NumbaCudaBackend(Backend):
                 zero_output_for_mask=bool(zero_output_for_mask), return_sequences=bool(return_sequences),
                 input_dropout_mask=input_dropout_mask,
                 recurrent_dropout_mask=recurrent_dropout if has_recurrent_dropout else None)
+        if copy_out:
+            outputs, h, c_state = self.to_numpy(outputs), self.to_numpy(h), self.to_numpy(c_state)
         return SequenceForward(outputs=outputs, h=h, c=c_state, workspace=workspace)
 
     def sequence_backward(self, doutputs, dh, dc, workspace):
@@ -365,6 +369,7 @@ class NumbaCudaBackend(Backend):
         batch, steps, gate_columns = (int(n) for n in ws.gates.shape)
         units = gate_columns // 4
         features = int(ws.x_in.shape[2])
+        copy_out = not self.owns(doutputs)   # host gradients in, host gradients out
         doutputs = self.asarray(doutputs, dtype)
         dh, dc = self.asarray(dh, dtype), self.asarray(dc, dtype)
         has_mask = ws.mask is not None
@@ -409,13 +414,21 @@ class NumbaCudaBackend(Backend):
                          transpose_b=True, tiles=tiles, dummy_bias=no_bias)
         if ws.input_dropout_mask is not None:
             ew.scale_rows_3d[ew.blocks_for(dx.size), threads](dx, ws.input_dropout_mask, dx)
-        return SequenceGrads(dx=dx, dh0=dh_state, dc0=dc_state, dkernel=dkernel,
-                             drecurrent_kernel=drecurrent_kernel, dbias=dbias)
+        grads = SequenceGrads(dx=dx, dh0=dh_state, dc0=dc_state, dkernel=dkernel,
+                              drecurrent_kernel=drecurrent_kernel, dbias=dbias)
+        if copy_out:
+            for field in dataclasses.fields(grads):
+                setattr(grads, field.name, self.to_numpy(getattr(grads, field.name)))
+        return grads
 
     def cell_backward(self, dh, dc, workspace) -> SequenceGrads:
-        grads = self.sequence_backward(self.zeros_like(dh), dh, dc, workspace)
+        doutputs = self.zeros(tuple(dh.shape), workspace.gates.dtype)
+        if not self.owns(dh):
+            doutputs = self.to_numpy(doutputs)
+        grads = self.sequence_backward(doutputs, dh, dc, workspace)
         batch, _, features = (int(n) for n in grads.dx.shape)
-        grads.dx = self._wrap(grads.dx.reshape(batch, features))
+        dx = grads.dx.reshape(batch, features)
+        grads.dx = dx if isinstance(dx, np.ndarray) else self._wrap(dx)
         return grads
 
     # -- launch configuration ----------------------------------------------------------
