@@ -131,6 +131,8 @@ def main(argv=None) -> int:
             for batch in sweep["batches"]:
                 for mode in ("inference", "train"):
                     rows.append(run_shape(backend, torch, np, mode, batch, units, steps, args, simulated))
+                    if torch is not None and not simulated:
+                        torch.cuda.empty_cache()   # hand cached blocks back for numba's next shape
     print_table(report, rows, floor_us, simulated)
     report_partitions(report, backend)
     if args.output:

@@ -129,6 +129,65 @@ def test_float32_relative_error_against_float64_reference(backend, batch, units)
         assert error < 1e-5, f"{name}: relative error {error:.2e}"
 
 
+# -- launch configuration on a GPU (decision logic, with a stand-in device) ----------------
+class _StandInOverload:
+    """Answers max_cooperative_grid_blocks like an H100 would: one 256-thread block per SM
+    while the block's shared memory fits ``optin`` bytes."""
+
+    def __init__(self, sms, optin):
+        self.sms, self.optin = sms, optin
+
+    def max_cooperative_grid_blocks(self, threads, shared_bytes=0):
+        return self.sms if shared_bytes <= self.optin else 0
+
+
+class _StandInKernel:
+    def __init__(self, overload):
+        self.overloads = {"signature": overload}
+
+    def specialize(self, *arguments):
+        return self
+
+
+@pytest.mark.parametrize("units,dtype,optin_allowed,expected", [
+    # float32, H=1024 on 132 SMs: 128 blocks of 8 units, weights (128 KB) + staging (40 KB) on chip.
+    (1024, "float32", True, (128, 8, True, (4 * 1024 * 8 + 8 * 1024 + 256 * 8) * 4)),
+    (512, "float32", True, (128, 4, True, (4 * 512 * 4 + 8 * 1024 + 256 * 8) * 4)),
+    # The driver refuses the opt-in: weights from global memory, staging only (40 KB).
+    (1024, "float32", False, (128, 8, False, (8 * 1024 + 256 * 8) * 4)),
+    # float64, H=1024: the weight slice (256 KB) does not fit in 227 KB.
+    (1024, "float64", True, (128, 8, False, (4 * 1024 + 256 * 4) * 8)),
+    # More units than threads can hold columns for: 2 groups per block.
+    (4096, "float32", True, (128, 32, False, (8 * 1024 + 256 * 8) * 4)),
+])
+def test_gpu_launch_partition(monkeypatch, units, dtype, optin_allowed, expected):
+    from lstmeng.backends import _cuda_recurrence as rec
+    from lstmeng.backends import numba_cuda
+    device = type("StandInH100", (), {"MULTIPROCESSOR_COUNT": 132, "MAX_SHARED_MEMORY_PER_BLOCK_OPTIN": 227 * 1024})
+    monkeypatch.setattr(numba_cuda.cuda, "get_current_device", lambda: device(), raising=False)
+    monkeypatch.setattr(numba_cuda, "_allow_dynamic_shared", lambda overload, nbytes: optin_allowed)
+    backend = numba_cuda.NumbaCudaBackend()
+    dtype = np.dtype(dtype)
+    kernel = _StandInKernel(_StandInOverload(132, 227 * 1024 if optin_allowed else 48 * 1024))
+    _, blocks, units_per_block, in_shared, shared_bytes = backend._partition(
+        "forward", kernel, (), dtype, units, rec.GPU_SHAPES[dtype.name])
+    assert (blocks, units_per_block, in_shared, shared_bytes) == expected
+
+
+def test_gpu_launch_partition_shrinks_the_grid_to_the_cooperative_limit(monkeypatch):
+    from lstmeng.backends import _cuda_recurrence as rec
+    from lstmeng.backends import numba_cuda
+    device = type("StandIn", (), {"MULTIPROCESSOR_COUNT": 132, "MAX_SHARED_MEMORY_PER_BLOCK_OPTIN": 227 * 1024})
+    monkeypatch.setattr(numba_cuda.cuda, "get_current_device", lambda: device(), raising=False)
+    monkeypatch.setattr(numba_cuda, "_allow_dynamic_shared", lambda overload, nbytes: True)
+    backend = numba_cuda.NumbaCudaBackend()
+    # Another context holds part of the GPU: only 40 blocks can be co-resident.
+    kernel = _StandInKernel(_StandInOverload(40, 227 * 1024))
+    _, blocks, units_per_block, in_shared, _ = backend._partition(
+        "backward", kernel, (), np.dtype("float32"), 256, rec.GPU_SHAPES["float32"])
+    assert blocks <= 40 and blocks * units_per_block >= 256 and in_shared
+
+
 # -- device arrays through the layers -----------------------------------------------------
 def _device_kind(array) -> bool:
     return registry.array_kind(array) == "cuda" and _backend().owns(array)

@@ -148,7 +148,8 @@ class NumbaCudaBackend(Backend):
         """A numba device array viewing ``array`` (one of ours or any CUDA array): no copy."""
         if simulator_enabled():
             return _simulated(array)
-        if isinstance(array, cuda.cudadrv.devicearray.DeviceNDArray):
+        from numba.cuda.cudadrv.devicearray import DeviceNDArray
+        if isinstance(array, DeviceNDArray):
             return array
         return cuda.as_cuda_array(array)
 
