@@ -6,6 +6,8 @@ their public attributes.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from lstmeng.layers import LSTM
@@ -59,6 +61,10 @@ def from_keras(keras_layer, backend="auto"):
     if class_name == "Dropout":
         return Dropout(keras_layer.rate)
     if class_name == "Sequential":
+        if any(type(layer).__name__ == "Masking" for layer in keras_layer.layers):
+            # lstmeng has no Masking layer: the mask is an argument of the call.
+            warnings.warn("from_keras: the Keras Masking layer is dropped; give the lstmeng model "
+                          "mask= (or lengths=) to get the same outputs on padded input", stacklevel=2)
         layers = [layer for layer in keras_layer.layers if type(layer).__name__ not in ("InputLayer", "Masking")]
         return Sequential([from_keras(layer, backend=backend) for layer in layers])
     raise TypeError(f"from_keras converts keras LSTM, Bidirectional(LSTM), Dropout and Sequential; got {class_name}")
