@@ -407,3 +407,14 @@ def test_from_keras_sequential():
     # Same weights in the same order.
     for actual, expected in zip(mine.get_weights(), keras_model.get_weights(), strict=True):
         np.testing.assert_array_equal(actual, expected)
+
+
+def test_from_keras_sequential_with_masking_warns_and_matches_with_mask():
+    rng = np.random.default_rng(24)
+    keras_model = keras.Sequential([keras.Input(shape=(None, 3)), keras.layers.Masking(0.0),
+                                    keras.layers.LSTM(4, return_sequences=True), keras.layers.LSTM(2)])
+    random_weights(keras_model, rng)
+    with pytest.warns(UserWarning, match="Masking layer is dropped"):
+        mine = le.from_keras(keras_model, backend="numpy")
+    x, mask = le.pad_sequences([rng.normal(size=(n, 3)) for n in (6, 2, 4)])
+    assert_outputs_close(mine(x, mask=mask), keras_model(x).numpy(), "y")
