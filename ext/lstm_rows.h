@@ -32,16 +32,21 @@
 enum { LSTMENG_TANH = 0, LSTMENG_RELU = 1, LSTMENG_SIGMOID = 2, LSTMENG_LINEAR = 3,
        LSTMENG_HARD_SIGMOID = 4 };
 
-/* exp for float32: x clamped to [-87, 88] (finite result, normal scale). */
+/* Clamping bounds of exp's argument: finite results with a normal scale 2^k. */
+#define LSTMENG_EXP_MIN_f32 -87.0f
+#define LSTMENG_EXP_MAX_f32 88.0f
+#define LSTMENG_EXP_MIN_f64 -708.0
+#define LSTMENG_EXP_MAX_f64 709.0
+
+/* exp for float32, x already clamped to [-87, 88]. (The clamp runs as its own
+ * loop: GCC does not if-convert it inside this function, which would leave
+ * the exp loop scalar.) */
 static inline float lstmeng_exp_f32(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    x = x > 88.0f ? 88.0f : x;
     /* Adding 1.5 * 2^23 rounds to the nearest integer, which then sits in the low mantissa bits. */
     const float shifted = x * 1.44269504088896341f + 12582912.0f;
     const float k = shifted - 12582912.0f;
-    int32_t k_bits;
-    memcpy(&k_bits, &shifted, sizeof k_bits);
-    const int32_t k_int = k_bits - 0x4B400000;
+    union { float f; int32_t i; } bits = { shifted };
+    const int32_t k_int = bits.i - 0x4B400000;
     const float r = (x - k * 0.693359375f) - k * (-2.12194440e-4f);
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
@@ -50,21 +55,16 @@ static inline float lstmeng_exp_f32(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    const int32_t scale_bits = (k_int + 127) << 23;
-    float scale;
-    memcpy(&scale, &scale_bits, sizeof scale);
-    return p * scale;
+    bits.i = (k_int + 127) << 23; /* k_int + 127 >= 1 after the clamp */
+    return p * bits.f;
 }
 
-/* exp for float64: x clamped to [-708, 709]; Taylor to r^13 (error < 1e-17 on |r| <= ln2/2). */
+/* exp for float64, x already clamped to [-708, 709]; Taylor to r^13 (error < 1e-17 on |r| <= ln2/2). */
 static inline double lstmeng_exp_f64(double x) {
-    x = x < -708.0 ? -708.0 : x;
-    x = x > 709.0 ? 709.0 : x;
     const double shifted = x * 1.4426950408889634074 + 6755399441055744.0;
     const double k = shifted - 6755399441055744.0;
-    int64_t k_bits;
-    memcpy(&k_bits, &shifted, sizeof k_bits);
-    const int64_t k_int = k_bits - INT64_C(0x4338000000000000);
+    union { double f; int64_t i; } bits = { shifted };
+    const int64_t k_int = bits.i - INT64_C(0x4338000000000000);
     const double r = (x - k * 6.93145751953125e-1) - k * 1.42860682030941723212e-6;
     double p = 1.0 / 6227020800.0;
     p = p * r + 1.0 / 479001600.0;
@@ -80,10 +80,8 @@ static inline double lstmeng_exp_f64(double x) {
     p = p * r + 0.5;
     p = p * r + 1.0;
     p = p * r + 1.0;
-    const int64_t scale_bits = (k_int + 1023) << 52;
-    double scale;
-    memcpy(&scale, &scale_bits, sizeof scale);
-    return p * scale;
+    bits.i = (k_int + 1023) << 52; /* k_int + 1023 >= 2 after the clamp */
+    return p * bits.f;
 }
 
 /*
@@ -107,24 +105,35 @@ static inline double lstmeng_exp_f64(double x) {
  *   scratch:  [5H]
  */
 #define LSTMENG_DEFINE_ROWS(T, S, EXP)                                                          \
+    /* out[j] = scale * in[j] clamped to exp's range */                                        \
+    static inline void lstmeng_clamped_##S(const T *in, T *out, int64_t n, T scale) {           \
+        int64_t j;                                                                              \
+        for (j = 0; j < n; j++) {                                                               \
+            const T v = scale * in[j];                                                          \
+            out[j] = v < LSTMENG_EXP_MIN_##S ? LSTMENG_EXP_MIN_##S : v;                         \
+        }                                                                                       \
+        for (j = 0; j < n; j++) out[j] = out[j] > LSTMENG_EXP_MAX_##S ? LSTMENG_EXP_MAX_##S : out[j]; \
+    }                                                                                           \
     static inline void lstmeng_act_##S(int kind, const T *in, T *out, int64_t n) {              \
         int64_t j;                                                                              \
         switch (kind) {                                                                         \
-        case LSTMENG_TANH:                                                                      \
-            for (j = 0; j < n; j++) out[j] = (T)1 - (T)2 / (EXP((T)2 * in[j]) + (T)1);          \
+        case LSTMENG_TANH: /* 1 - 2 / (exp(2x) + 1) */                                         \
+            lstmeng_clamped_##S(in, out, n, (T)2);                                              \
+            for (j = 0; j < n; j++) out[j] = (T)1 - (T)2 / (EXP(out[j]) + (T)1);                \
             break;                                                                              \
         case LSTMENG_RELU:                                                                      \
             for (j = 0; j < n; j++) out[j] = in[j] > (T)0 ? in[j] : (T)0;                       \
             break;                                                                              \
-        case LSTMENG_SIGMOID:                                                                   \
-            for (j = 0; j < n; j++) out[j] = (T)1 / ((T)1 + EXP(-in[j]));                        \
+        case LSTMENG_SIGMOID: /* 1 / (1 + exp(-x)) */                                          \
+            lstmeng_clamped_##S(in, out, n, (T)-1);                                             \
+            for (j = 0; j < n; j++) out[j] = (T)1 / ((T)1 + EXP(out[j]));                       \
             break;                                                                              \
         case LSTMENG_HARD_SIGMOID:                                                              \
             for (j = 0; j < n; j++) {                                                           \
-                T v = in[j] / (T)6 + (T)0.5;                                                    \
-                v = v < (T)0 ? (T)0 : v;                                                        \
-                out[j] = v > (T)1 ? (T)1 : v;                                                   \
+                const T v = in[j] / (T)6 + (T)0.5;                                              \
+                out[j] = v < (T)0 ? (T)0 : v;                                                   \
             }                                                                                   \
+            for (j = 0; j < n; j++) out[j] = out[j] > (T)1 ? (T)1 : out[j];                     \
             break;                                                                              \
         default: /* linear */                                                                   \
             if (in != out) memcpy(out, in, (size_t)n * sizeof(T));                              \
@@ -143,7 +152,8 @@ static inline double lstmeng_exp_f64(double x) {
             for (j = 0; j < n; j++) out[j] = y[j] * ((T)1 - y[j]);                              \
             break;                                                                              \
         case LSTMENG_HARD_SIGMOID: /* flat outside (0, 1), slope 1/6 inside */                 \
-            for (j = 0; j < n; j++) out[j] = (y[j] > (T)0 && y[j] < (T)1) ? (T)1 / (T)6 : (T)0; \
+            for (j = 0; j < n; j++) out[j] = y[j] > (T)0 ? (T)1 / (T)6 : (T)0;                 \
+            for (j = 0; j < n; j++) out[j] = y[j] < (T)1 ? out[j] : (T)0;                       \
             break;                                                                              \
         default: /* linear */                                                                   \
             for (j = 0; j < n; j++) out[j] = (T)1;                                              \

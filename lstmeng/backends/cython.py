@@ -151,8 +151,12 @@ def _parts(batch: int) -> int:
 
 
 def _threads_for(layout):
-    """Context for a kernel call: BLAS on one thread when several parts run in parallel."""
-    return _single_threaded_blas() if len(layout.row_begin) > 2 else contextlib.nullcontext()
+    """Context for a kernel call: BLAS on one thread whenever the kernels own the threading.
+
+    Also with a single part (a batch too small to split): its per-step
+    products are too small for BLAS threads to pay for their wake-ups.
+    """
+    return _single_threaded_blas() if _single_threaded_blas.available else contextlib.nullcontext()
 
 
 @dataclasses.dataclass
