@@ -71,15 +71,25 @@ def main(argv=None) -> int:
     if args.machine:
         command[4:4] = ["--machine", args.machine]
     print("+ (cd asv_bench &&", " ".join(command[1:]) + ")", flush=True)
-    status = subprocess.run(command, cwd=ASV_DIR).returncode
-    if status == 0:
-        print(f"asv_regression: no key benchmark is more than {args.factor}x slower on {head[:8]} than on {base[:8]}")
-    elif status == 1:
-        print(f"asv_regression: REGRESSION: a key benchmark is more than {args.factor}x slower (or failing) "
+    # asv continuous exits 1 both for "performance decreased" and for "could
+    # not build a commit", so its verdict line decides, not its exit status.
+    process = subprocess.Popen(command, cwd=ASV_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in process.stdout:
+        print(line, end="", flush=True)
+        output.append(line)
+    returncode = process.wait()
+    output = "".join(output)
+    if "PERFORMANCE DECREASED" in output:
+        print(f"asv_regression: REGRESSION: a key benchmark is more than {args.factor}x slower (or newly failing) "
               f"on {head[:8]} than on {base[:8]}; see the table above", file=sys.stderr)
+        status = 1
+    elif returncode == 0 and ("NOT SIGNIFICANTLY CHANGED" in output or "PERFORMANCE INCREASED" in output):
+        print(f"asv_regression: no key benchmark is more than {args.factor}x slower on {head[:8]} than on {base[:8]}")
+        status = 0
     else:
-        print(f"asv_regression: asv could not build or run one of the commits (exit status {status})",
-              file=sys.stderr)
+        print(f"asv_regression: asv could not build or run one of the commits (exit status {returncode}); "
+              "see its output above", file=sys.stderr)
         status = 2
     return status
 
