@@ -48,9 +48,13 @@ def shape_of(array) -> tuple:
 
 def check_numeric_array(x, argument: str, dtype):
     """Host arrays: convert to ``dtype`` (ints are cast); non-numeric raises TypeError."""
-    array = np.asarray(x)
+    try:
+        array = np.asarray(x)
+    except (ValueError, TypeError) as error:  # ragged nested lists, objects NumPy cannot convert
+        raise TypeError(f"{argument} must be a numeric array, got {type(x).__name__} that NumPy cannot "
+                        f"convert ({error})") from None
     if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
-        raise TypeError(f"{argument} must be a numeric array, got dtype {array.dtype}")
+        raise TypeError(f"{argument} must be a numeric array, got {type(x).__name__} of dtype {array.dtype}")
     if np.issubdtype(array.dtype, np.complexfloating):
         raise TypeError(f"{argument} must be real, got dtype {array.dtype}")
     return array.astype(dtype, copy=False)
