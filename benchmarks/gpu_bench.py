@@ -338,16 +338,15 @@ def print_table(report, rows, floor_us, simulated):
 
 def report_partitions(report, backend):
     """How the recurrence kernels were launched: grid, units per block, weights on chip or not."""
-    if not backend._partitions:
+    if not backend.launch_log:
         return
-    report("recurrence launches (direction, dtype, H): blocks x threads, units per block, "
+    report("recurrence launches (direction, dtype, H, rows per chunk): blocks x threads, units per block, "
            "weights in shared memory, dynamic shared bytes")
-    for key, (compiled, blocks, units_per_block, in_shared, shared_bytes) in sorted(
-            backend._partitions.items(), key=lambda item: (item[0][0], item[0][1], item[0][2])):
-        direction, dtype, units = key[:3]
-        threads = backend._recurrence_shape(__import__("numpy").dtype(dtype)).threads
-        report(f"  {direction:<8} {dtype} H={units:<5} {blocks:>4} x {threads}, {units_per_block:>3} units/block, "
-               f"weights in shared: {'yes' if in_shared else 'no '}, {shared_bytes} B")
+    for (direction, dtype, units, rows), (blocks, threads, units_per_block, in_shared, shared_bytes) in sorted(
+            backend.launch_log.items()):
+        report(f"  {direction:<8} {dtype} H={units:<5} rows={rows} {blocks:>4} x {threads}, "
+               f"{units_per_block:>3} units/block, weights in shared: {'yes' if in_shared else 'no '}, "
+               f"{shared_bytes} B")
 
 
 def _fmt(value, width, digits, kind="f"):

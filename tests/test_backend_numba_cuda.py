@@ -174,6 +174,16 @@ def test_gpu_launch_partition(monkeypatch, units, dtype, optin_allowed, expected
     assert (blocks, units_per_block, in_shared, shared_bytes) == expected
 
 
+@pytest.mark.parametrize("dtype,batch,rows", [("float32", 1, 1), ("float32", 2, 2), ("float32", 3, 4),
+                                              ("float32", 8, 8), ("float32", 256, 8), ("float64", 8, 4)])
+def test_gpu_rows_per_chunk_follow_the_batch(monkeypatch, dtype, batch, rows):
+    """Small batches compute only their rows (B=1: one row, not 8 with 7 of padding)."""
+    from lstmeng.backends import numba_cuda
+    monkeypatch.setattr(numba_cuda, "simulator_enabled", lambda: False)
+    shape = numba_cuda.NumbaCudaBackend()._recurrence_shape(np.dtype(dtype), batch)
+    assert (shape.rows, shape.threads, shape.k_tile) == (rows, 256, 1024)
+
+
 def test_gpu_launch_partition_shrinks_the_grid_to_the_cooperative_limit(monkeypatch):
     from lstmeng.backends import _cuda_recurrence as rec
     from lstmeng.backends import numba_cuda
@@ -456,7 +466,7 @@ def test_gpu_benchmark_script_runs_in_simulate_mode(capsys):
 
 # -- compiling for a real GPU without one ------------------------------------------------------
 _COMPILE_CHECK = r'''
-import re, sys, types
+import dataclasses, re, sys, types
 import numpy as np, numba
 from numba import cuda, typeof
 try:
@@ -481,6 +491,10 @@ for name in ("float32", "float64"):
         ("forward", rec.forward_kernel(dt, rec.GPU_SHAPES[name]),
          (f3, f2, f2, m2, m2, strided, f2, f3, f2, f3, f3, f3, f3, f3) + (i64,) * 3 + (b1,) * 7),
         ("backward", rec.backward_kernel(dt, rec.GPU_SHAPES[name]),
+         (f3, f2, f2, m2, m2, f3, f3, f3, f2, f2, f2, f3) + (i64,) * 3 + (b1,) * 6),
+        ("forward rows=1", rec.forward_kernel(dt, dataclasses.replace(rec.GPU_SHAPES[name], rows=1)),
+         (f3, f2, f2, m2, m2, f2, f2, f3, f2, f3, f3, f3, f3, f3) + (i64,) * 3 + (b1,) * 7),
+        ("backward rows=1", rec.backward_kernel(dt, dataclasses.replace(rec.GPU_SHAPES[name], rows=1)),
          (f3, f2, f2, m2, m2, f3, f3, f3, f2, f2, f2, f3) + (i64,) * 3 + (b1,) * 6),
         ("binary_1d", ew.binary_1d, (i64, f1, f1, f64, f1)),
         ("binary_2d", ew.binary_2d, (i64, strided, strided, f64, f2)),
@@ -511,7 +525,7 @@ def test_kernels_compile_to_ptx_for_hopper():
     if result.stdout.startswith("SKIP"):
         pytest.skip(f"no CUDA compiler libraries: {result.stdout.strip()}")
     lines = [line for line in result.stdout.splitlines() if line.startswith("OK")]
-    assert len(lines) == 30, result.stdout
+    assert len(lines) == 34, result.stdout
     for line in lines:
         if any(hot in line for hot in ("gemm", "forward", "backward")):
             assert line.endswith("local bytes 0"), line

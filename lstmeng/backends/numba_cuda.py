@@ -114,6 +114,9 @@ class NumbaCudaBackend(Backend):
         #: always global memory / L2 (the fallback for sizes that do not fit;
         #: tests set it to cover that path at small sizes).
         self.weights_in_shared: bool | None = None
+        #: GPU recurrence launches so far: (direction, dtype, H, rows per chunk) ->
+        #: (blocks, threads, units per block, weights in shared memory, shared bytes).
+        self.launch_log: dict = {}
 
     # -- availability ------------------------------------------------------------
     def probe(self) -> str:
@@ -334,7 +337,7 @@ class NumbaCudaBackend(Backend):
 
         codes = rec.ACTIVATION_CODES
         self._launch_recurrence(
-            "forward", dtype, units,
+            "forward", dtype, units, batch,
             (projection, recurrent_kernel, recurrent_dropout, mask, seen_before, h0, c0, h_buffers, c_state,
              outputs, h_in, c_prev, gates, cell_act),
             (codes[activation], codes[recurrent_activation], bool(reverse), bool(zero_output_for_mask),
@@ -390,7 +393,7 @@ class NumbaCudaBackend(Backend):
         has_recurrent_dropout = ws.recurrent_dropout_mask is not None
         codes = rec.ACTIVATION_CODES
         self._launch_recurrence(
-            "backward", dtype, units,
+            "backward", dtype, units, batch,
             (doutputs if ws.return_sequences else self._dummy(3, dtype), ws.recurrent_kernel,
              ws.recurrent_dropout_mask if has_recurrent_dropout else self._dummy(2, dtype), mask, seen_before,
              ws.gates, ws.cell_act, ws.c_prev, dh_state, dc_state, scratch, gate_grads),
@@ -437,18 +440,29 @@ class NumbaCudaBackend(Backend):
         from lstmeng.backends import _cuda_gemm as gemm
         return gemm.SIMULATOR_TILES if simulator_enabled() else None   # None: chosen per GEMM shape
 
-    def _recurrence_shape(self, dtype):
-        from lstmeng.backends import _cuda_recurrence as rec
-        return rec.SIMULATOR_SHAPE if simulator_enabled() else rec.GPU_SHAPES[dtype.name]
+    def _recurrence_shape(self, dtype, batch: int):
+        """Compile-time shape of the recurrence kernels for ``dtype`` and ``batch`` rows.
 
-    def _launch_recurrence(self, direction, dtype, units, arrays, flags):
+        On a GPU the rows per chunk shrink to the next power of two >= B for small
+        batches (B = 1 computes one row, not 8 of which 7 are padding): a
+        separately compiled kernel per row count, as register arrays need a
+        compile-time size.
+        """
+        from lstmeng.backends import _cuda_recurrence as rec
+        if simulator_enabled():
+            return rec.SIMULATOR_SHAPE
+        shape = rec.GPU_SHAPES[dtype.name]
+        rows = min(shape.rows, 1 << max(0, int(batch) - 1).bit_length())
+        return dataclasses.replace(shape, rows=rows)
+
+    def _launch_recurrence(self, direction, dtype, units, batch, arrays, flags):
         """Launch the forward or backward recurrence as one cooperative grid.
 
         ``arrays`` and ``flags`` are the kernel's arguments before and after
         ``units_per_block``; ``weights_in_shared`` is appended here.
         """
         from lstmeng.backends import _cuda_recurrence as rec
-        shape = self._recurrence_shape(dtype)
+        shape = self._recurrence_shape(dtype, batch)
         make = rec.forward_kernel if direction == "forward" else rec.backward_kernel
         kernel = make(dtype, shape)
         if simulator_enabled():
@@ -501,6 +515,8 @@ class NumbaCudaBackend(Backend):
                                f"on this GPU ({blocks} blocks of {shape.threads} threads with {shared_bytes} "
                                f"bytes of shared memory; the limit is {cooperative_limit} blocks)")
         self._partitions[key] = (compiled, blocks, units_per_block, in_shared, shared_bytes)
+        self.launch_log[(direction, dtype.name, units, shape.rows)] = (
+            blocks, shape.threads, units_per_block, in_shared, shared_bytes)
         return self._partitions[key]
 
 
