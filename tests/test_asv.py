@@ -112,6 +112,15 @@ def test_unavailable_backends_skip_with_not_implemented_error():
     common.require_backend("numpy")  # always available: no exception
 
 
+def test_backend_selection_variable_skips_the_others(monkeypatch):
+    common, _ = _load_suite()
+    monkeypatch.setenv(common.BACKENDS_VARIABLE, "cython, tensorflow")
+    with pytest.raises(NotImplementedError, match=common.BACKENDS_VARIABLE):
+        common.require_backend("numpy")
+    monkeypatch.setenv(common.BACKENDS_VARIABLE, "numpy")
+    common.require_backend("numpy")
+
+
 def test_variable_length_flops_count_only_real_steps(tiny_shapes):
     common = tiny_shapes
     shape = common.SHAPES["varlen-B64"]

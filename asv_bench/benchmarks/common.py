@@ -28,6 +28,10 @@ import lstmeng as le
 #: Every backend the registry knows; unavailable ones skip.
 BACKENDS = ("numpy", "cython", "numba_cuda", "tensorflow")
 
+#: Environment variable with a comma-separated subset of BACKENDS to run (the
+#: others skip), e.g. to record only the backend an environment adds.
+BACKENDS_VARIABLE = "LSTMENG_ASV_BACKENDS"
+
 #: Compute dtype of every benchmark (what the fast backends are tuned for).
 DTYPE = "float32"
 
@@ -95,6 +99,9 @@ def require_backend(name: str) -> None:
     list would import TensorFlow and numba in every benchmark process.
     """
     from lstmeng.backends import registry
+    selected = os.environ.get(BACKENDS_VARIABLE, "").strip()
+    if selected and name not in [entry.strip() for entry in selected.split(",")]:
+        raise NotImplementedError(f"backend {name!r} not selected by {BACKENDS_VARIABLE}={selected}")
     if name == "numba_cuda" and cuda_simulator_enabled():
         # The simulator interprets kernels in Python: its timings mean nothing.
         raise NotImplementedError("numba_cuda: CUDA simulator is on (NUMBA_ENABLE_CUDASIM)")
