@@ -204,6 +204,11 @@ class Bidirectional:
             dstates = [None] * 4
         elif len(dstates) != 4:
             raise ValueError("dstates must be [dh_fw, dc_fw, dh_bw, dc_bw] (entries may be None)")
+        # Checked here, before the forward direction's backward runs and consumes its tape.
+        directions = (self.forward_layer, self.forward_layer, self.backward_layer, self.backward_layer)
+        for index, (direction, state_grad) in enumerate(zip(directions, dstates)):
+            if state_grad is not None and direction._tape is not None:
+                _validation.check_shape(state_grad, f"dstates[{index}]", (direction._tape.batch, direction.units))
         forward_tape = self.forward_layer._tape
         _, forward_grads = self.forward_layer._backward(dy_forward, dstates[0], dstates[1], input_order=True)
         try:
