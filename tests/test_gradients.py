@@ -78,9 +78,8 @@ def check_gradients(layer, x, *, mask=None, initial_state=None, call_options=Non
             dx = model.backward(dy, grads_in[merged:] or None)
         else:
             dx = model.backward(grads_in[0])
-        flat_weights = dict(zip(model.params, model.params.values()))
         grads = {f"w{i}": model.grads[name] for i, name in enumerate(_weight_names(model))}
-        assert len(grads) == len(flat_weights) == len(weights)
+        assert len(grads) == len(model.params) == len(weights)
         grads["x"] = dx
         if initial_state is not None:
             for i, value in enumerate(model.initial_state_grads):
