@@ -353,6 +353,8 @@ def test_host_backend_fits_without_xla(backend):
     assert not lk.LSTM(3, backend=backend).supports_jit
     model = small_regression_model(backend, jit_compile="auto")
     assert not model.jit_compile  # numpy_function is not XLA-compilable
+    with pytest.warns(UserWarning, match="doesn't support `jit_compile=True`"):
+        assert not small_regression_model(backend, jit_compile=True).jit_compile
     stored_before = len(lk._workspaces)
     history = model.fit(x, target, epochs=4, batch_size=8, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
