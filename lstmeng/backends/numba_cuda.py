@@ -10,7 +10,8 @@ No CUDA C++ and no cuDNN: every kernel is Python compiled by ``numba.cuda.jit``.
   (``_cuda_recurrence``). The backward mirrors it in reverse time; the weight
   gradients are GEMMs over all steps.
 * Arrays: NumPy arrays are copied in and the results copied out (the
-  training workspace stays on the device); any
+  training workspace stays on the device; the array helpers keep host
+  arrays on the host); any
   object with ``__cuda_array_interface__`` (Numba device arrays, CuPy,
   PyTorch CUDA tensors) is used in place, without a copy. The array helpers
   (add, concatenate, flip_time, ...) run as small kernels, so a Sequential or
@@ -186,27 +187,35 @@ class NumbaCudaBackend(Backend):
             ew.fill_1d[ew.blocks_for(out.size), ew.ELEMENTWISE_THREADS](out.reshape(out.size), 0)
         return out
 
+    # The helpers below keep host arrays on the host (the NumPy defaults) and
+    # device arrays on the device, so NumPy in gives NumPy out and device
+    # arrays never round-trip through the host.
     def expand_time(self, x):
+        if not self.owns(x):
+            return super().expand_time(x)
         x = self._contiguous(self._view(x))
         return self._wrap(x.reshape(x.shape[0], 1, x.shape[1]))
 
     def swap_batch_time(self, x):
-        return self._permute(x, 0)
+        return self._permute(x, 0) if self.owns(x) else super().swap_batch_time(x)
 
     def flip_time(self, y):
-        return self._permute(y, 1)
+        return self._permute(y, 1) if self.owns(y) else super().flip_time(y)
 
     def add(self, a, b):
-        return self._binary(1, a, b)
+        return self._binary(1, a, b) if self.owns(a) or self.owns(b) else super().add(a, b)
 
     def multiply(self, a, b):
-        return self._binary(2, a, b)
+        return self._binary(2, a, b) if self.owns(a) or self.owns(b) else super().multiply(a, b)
 
     def scale(self, a, factor: float):
-        return self._binary(3, a, None, factor)
+        return self._binary(3, a, None, factor) if self.owns(a) else super().scale(a, factor)
 
     def concatenate(self, arrays, axis: int = -1):
-        pieces = [self._view(array) for array in arrays]
+        if not any(self.owns(array) for array in arrays):
+            return super().concatenate(arrays, axis)
+        pieces = [self.asarray(array, np.result_type(array.dtype)) if not self.owns(array) else self._view(array)
+                  for array in arrays]
         ndim = len(pieces[0].shape)
         if axis not in (-1, ndim - 1):
             raise NotImplementedError(f"numba_cuda concatenates along the last axis only, got axis={axis}")
@@ -221,6 +230,8 @@ class NumbaCudaBackend(Backend):
         return out
 
     def split_last(self, array, sizes):
+        if not self.owns(array):
+            return super().split_last(array, sizes)
         device = self._view(array)
         pieces, start = [], 0
         for size in sizes:
@@ -251,7 +262,7 @@ class NumbaCudaBackend(Backend):
 
     def _binary(self, op, a, b, factor=0.0):
         from lstmeng.backends import _cuda_elementwise as ew
-        a = self._view(a) if self.owns(a) else self.asarray(a, np.result_type(a))
+        a = self._view(a) if self.owns(a) else self.asarray(a, np.result_type(b.dtype))
         b = a if b is None else self.asarray(b, a.dtype)
         if tuple(a.shape) != tuple(b.shape):
             raise ValueError(f"numba_cuda elementwise operands must have equal shapes, got "
