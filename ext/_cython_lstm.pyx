@@ -50,6 +50,13 @@ cdef extern from "lstm_rows.h" nogil:
                                   const double *dh, double *dc, double *scratch, Py_ssize_t H,
                                   int act, int ract)
 
+cdef extern from "lstm_gemm.h" nogil:
+    int lstmeng_packed_gemm_supported()
+    void lstmeng_pack_panels_f32(const float *b, Py_ssize_t K, Py_ssize_t G, int transpose,
+                                 float *packed)
+    void lstmeng_gemm_packed_f32(Py_ssize_t rows, Py_ssize_t G, Py_ssize_t K, const float *a,
+                                 Py_ssize_t lda, const float *packed, float *c, Py_ssize_t ldc)
+
 cdef extern from *:
     """
     #ifdef _OPENMP
@@ -62,6 +69,10 @@ cdef extern from *:
 
 #: Whether this build runs parts on OpenMP threads (else parts run one after another).
 HAVE_OPENMP = bool(LSTMENG_HAVE_OPENMP)
+
+#: Whether float32 steps use the packed-panel FMA kernel of lstm_gemm.h (else BLAS).
+PACKED_GEMM = bool(lstmeng_packed_gemm_supported())
+cdef bint packed_gemm = PACKED_GEMM
 
 #: Activation names -> the kind numbers of lstm_rows.h.
 ACTIVATION_KINDS = {"tanh": 0, "relu": 1, "sigmoid": 2, "linear": 3, "hard_sigmoid": 4}
@@ -152,6 +163,26 @@ cdef inline floating *pointer1(floating[::1] array) noexcept nogil:
     return NULL if array is None or array.shape[0] == 0 else &array[0]
 
 
+cdef float *packed_panels(floating[:, ::1] matrix, bint transpose, Py_ssize_t columns,
+                          object keep):
+    """The float32 matrix (or its transpose) packed for lstm_gemm.h, or NULL for BLAS.
+
+    matrix: [K, columns] (or [columns, K] with transpose). ``keep`` (a list)
+    holds the packed array alive for the call.
+    """
+    cdef float[::1] packed
+    if floating is double:
+        return NULL
+    else:
+        if not packed_gemm or columns % 32 != 0 or matrix.shape[0] * matrix.shape[1] == 0:
+            return NULL
+        packed = np.empty(matrix.shape[0] * matrix.shape[1], np.float32)
+        keep.append(packed)
+        lstmeng_pack_panels_f32(&matrix[0, 0], matrix.shape[1] if transpose else matrix.shape[0],
+                                columns, transpose, &packed[0])
+        return &packed[0]
+
+
 def check_blas_sizes(*sizes):
     """Raise ValueError when a GEMM dimension would not fit BLAS's 32-bit int."""
     for size in sizes:
@@ -162,6 +193,7 @@ def check_blas_sizes(*sizes):
 cdef void forward_part(
         Py_ssize_t part, Py_ssize_t B, Py_ssize_t T, Py_ssize_t I, Py_ssize_t H,
         floating *x, floating *h0, floating *c0, floating *kernel, floating *recurrent_kernel,
+        float *recurrent_packed,
         floating *bias, const unsigned char *mask, floating *in_drop, floating *rec_drop,
         const Py_ssize_t[::1] order, const Py_ssize_t[::1] row_begin,
         const Py_ssize_t[:, ::1] active, const Py_ssize_t[:, ::1] offsets,
@@ -231,8 +263,15 @@ cdef void forward_part(
                     scaled_copy(h_in + i * H, h_state + r * H, rec_drop + order[r] * H, H)
             else:
                 h_in = h_state + r_begin * H
-            gemm(False, False, n_rows, G, H, <floating>1, h_in, H, recurrent_kernel, G,
-                 <floating>1, step_gates, G)
+            if floating is float:
+                if recurrent_packed != NULL:
+                    lstmeng_gemm_packed_f32(n_rows, G, H, h_in, H, recurrent_packed, step_gates, G)
+                else:
+                    gemm(False, False, n_rows, G, H, <floating>1, h_in, H, recurrent_kernel, G,
+                         <floating>1, step_gates, G)
+            else:
+                gemm(False, False, n_rows, G, H, <floating>1, h_in, H, recurrent_kernel, G,
+                     <floating>1, step_gates, G)
 
             for i in range(n_rows):
                 r = r_begin + i
@@ -334,12 +373,15 @@ def forward(floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
     cdef floating *c_state_ptr = &c_state[0, 0]
     cdef floating *h_in_step_ptr = &h_in_step[0, 0]
     cdef unsigned char *seen_ptr = &seen[0]
+    keep = []
+    # recurrent_kernel [H, 4H] packed once for every step's product (float32, AVX2).
+    cdef float *recurrent_packed = packed_panels(recurrent_kernel, False, 4 * H, keep)
 
     check_blas_sizes(offsets[P - 1, T], 4 * H, I, H, part_chunk_rows * P)
     with nogil:
         for part in prange(P, num_threads=P, schedule="static"):
             forward_part(part, B, T, I, H, x_ptr, h0_ptr, c0_ptr, kernel_ptr, recurrent_ptr,
-                         bias_ptr, mask_ptr, in_drop, rec_drop, order, row_begin, active, offsets,
+                         recurrent_packed, bias_ptr, mask_ptr, in_drop, rec_drop, order, row_begin, active, offsets,
                          act, ract, reverse, zero_output_for_mask, sequence_ptr, last_ptr,
                          h_out_ptr, c_out_ptr, packed_ptr, gates_ptr, c_prev_ptr, cell_act_ptr,
                          h_in_ptr, h_state_ptr, c_state_ptr, h_in_step_ptr, seen_ptr,
@@ -349,7 +391,8 @@ def forward(floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
 cdef void backward_part(
         Py_ssize_t part, Py_ssize_t B, Py_ssize_t T, Py_ssize_t H,
         floating *doutputs_sequence, floating *doutputs_last, floating *dh, floating *dc,
-        floating *recurrent_kernel, const unsigned char *mask, floating *rec_drop,
+        floating *recurrent_kernel, float *recurrent_t_packed, const unsigned char *mask,
+        floating *rec_drop,
         const Py_ssize_t[::1] order, const Py_ssize_t[::1] row_begin,
         const Py_ssize_t[:, ::1] active, const Py_ssize_t[:, ::1] offsets,
         int act, int ract, bint reverse, bint zero_output_for_mask,
@@ -428,8 +471,17 @@ cdef void backward_part(
                 memset(step_gates + i * G, 0, G * sizeof(floating))
             previous_real[r] = real
         # dh(t-1) = dz(t) @ R^T for the step's rows.
-        gemm(False, True, n_rows, H, G, <floating>1, step_gates, G, recurrent_kernel, G,
-             <floating>0, dh_recurrent + r_begin * H, H)
+        if floating is float:
+            if recurrent_t_packed != NULL:
+                memset(dh_recurrent + r_begin * H, 0, n_rows * H * sizeof(float))
+                lstmeng_gemm_packed_f32(n_rows, H, G, step_gates, G, recurrent_t_packed,
+                                        dh_recurrent + r_begin * H, H)
+            else:
+                gemm(False, True, n_rows, H, G, <floating>1, step_gates, G, recurrent_kernel, G,
+                     <floating>0, dh_recurrent + r_begin * H, H)
+        else:
+            gemm(False, True, n_rows, H, G, <floating>1, step_gates, G, recurrent_kernel, G,
+                 <floating>0, dh_recurrent + r_begin * H, H)
 
     for r in range(r_begin, r_end):
         row = order[r]
@@ -509,12 +561,15 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
     cdef unsigned char *previous_real_ptr = &previous_real[0]
     cdef Py_ssize_t *first_real_ptr = &first_real[0]
     cdef Py_ssize_t *last_real_ptr = &last_real[0]
-    cdef floating *dz
+    keep = []
+    # R^T [4H, H] packed once for every step's dh product (float32, AVX2).
+    cdef float *recurrent_t_packed = packed_panels(recurrent_kernel, True, H, keep)
 
     check_blas_sizes(N, G, I, H)
     with nogil:
         for part in prange(P, num_threads=P, schedule="static"):
-            backward_part(part, B, T, H, dseq, dlast, dh_ptr, dc_ptr, recurrent_ptr, mask_ptr,
+            backward_part(part, B, T, H, dseq, dlast, dh_ptr, dc_ptr, recurrent_ptr,
+                          recurrent_t_packed, mask_ptr,
                           rec_drop, order, row_begin, active, offsets, act, ract, reverse,
                           zero_output_for_mask, gates_ptr, c_prev_ptr, cell_act_ptr, dh0_ptr,
                           dc0_ptr, dh_carry_ptr, dh_recurrent_ptr, dc_state_ptr,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -38,6 +39,22 @@ def test_conformance_larger_shapes(case):
 @pytest.mark.parametrize("case", testing.conformance_cases(cases_per_dtype=24), ids=str)
 def test_conformance_three_parts(case, three_parts):
     testing.check_case("cython", case)
+
+
+# Units a multiple of 32 take the packed-panel FMA kernel for the per-step
+# products in float32 (forward and backward), when the CPU has AVX2 and FMA.
+@pytest.mark.parametrize("case", [
+    dataclasses.replace(case, units=32, batch=9)
+    for case in testing.conformance_cases(dtypes=("float32",), cases_per_dtype=16)], ids=str)
+def test_conformance_packed_kernel_sizes(case):
+    testing.check_case("cython", case)
+
+
+def test_packed_kernel_is_used_where_supported():
+    from lstmeng.backends import _cython_lstm
+    cpu_flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
+    if " avx2" in cpu_flags and " fma" in cpu_flags:
+        assert _cython_lstm.PACKED_GEMM
 
 
 def test_available_with_cpu_device():

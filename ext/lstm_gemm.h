@@ -1,0 +1,146 @@
+/*
+ * The recurrent product of one step in float32, C[rows, G] += A[rows, K] @ B
+ * with B [K, G], for the thin shapes of an LSTM step (rows = one thread's
+ * share of the batch; B the recurrent kernel, or its transpose in the
+ * backward, the same B at every step).
+ *
+ * Why not BLAS here: a BLAS GEMM packs B again at every call, and for a step
+ * B is the whole recurrent kernel (H x 4H, megabytes) while A has only a few
+ * rows, so repacking costs about as much as the arithmetic. Here B is packed
+ * once per sequence (lstmeng_pack_panels_f32) into column panels of 16 floats
+ * and each step runs a 6 x 16 register-blocked FMA kernel over them. The
+ * kernel is AVX2+FMA code chosen at run time (lstmeng_packed_gemm_supported);
+ * on other CPUs, compilers or in float64 the caller uses BLAS instead.
+ *
+ * Panel layout: packed[(panel * K + k) * 16 + c] = B[k, panel * 16 + c];
+ * G must be a multiple of 32 (an even number of panels).
+ */
+#ifndef LSTMENG_LSTM_GEMM_H
+#define LSTMENG_LSTM_GEMM_H
+
+#include <stdint.h>
+#include <string.h>
+
+#define LSTMENG_PANEL 16
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) \
+    && !defined(LSTMENG_NO_CLONES)
+#define LSTMENG_HAVE_FMA_KERNEL 1
+#include <immintrin.h>
+#else
+#define LSTMENG_HAVE_FMA_KERNEL 0
+#endif
+
+/* 1 when lstmeng_gemm_packed_f32 can run on this CPU (AVX2 and FMA). */
+static int lstmeng_packed_gemm_supported(void) {
+#if LSTMENG_HAVE_FMA_KERNEL
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
+/* Pack row-major b [K, G] into panels; with transpose, pack b^T (b is [G, K]). */
+static void lstmeng_pack_panels_f32(const float *b, int64_t K, int64_t G, int transpose,
+                                    float *packed) {
+    int64_t panel, k, col;
+    for (panel = 0; panel < G / LSTMENG_PANEL; panel++)
+        for (k = 0; k < K; k++)
+            for (col = 0; col < LSTMENG_PANEL; col++)
+                packed[(panel * K + k) * LSTMENG_PANEL + col] =
+                    transpose ? b[(panel * LSTMENG_PANEL + col) * K + k]
+                              : b[k * G + panel * LSTMENG_PANEL + col];
+}
+
+#if LSTMENG_HAVE_FMA_KERNEL
+#define LSTMENG_FMA_TARGET __attribute__((target("avx2,fma")))
+
+/* Six rows of A times one panel: 12 accumulators, two 8-float halves per row. */
+LSTMENG_FMA_TARGET static inline void lstmeng_block6_f32(const float *a, int64_t lda,
+                                                         const float *panel, int64_t K, float *c,
+                                                         int64_t ldc) {
+    const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda;
+    const float *a4 = a + 4 * lda, *a5 = a + 5 * lda;
+    __m256 c00 = _mm256_loadu_ps(c), c01 = _mm256_loadu_ps(c + 8);
+    __m256 c10 = _mm256_loadu_ps(c + ldc), c11 = _mm256_loadu_ps(c + ldc + 8);
+    __m256 c20 = _mm256_loadu_ps(c + 2 * ldc), c21 = _mm256_loadu_ps(c + 2 * ldc + 8);
+    __m256 c30 = _mm256_loadu_ps(c + 3 * ldc), c31 = _mm256_loadu_ps(c + 3 * ldc + 8);
+    __m256 c40 = _mm256_loadu_ps(c + 4 * ldc), c41 = _mm256_loadu_ps(c + 4 * ldc + 8);
+    __m256 c50 = _mm256_loadu_ps(c + 5 * ldc), c51 = _mm256_loadu_ps(c + 5 * ldc + 8);
+    int64_t k;
+    for (k = 0; k < K; k++) {
+        const __m256 p0 = _mm256_loadu_ps(panel + k * LSTMENG_PANEL);
+        const __m256 p1 = _mm256_loadu_ps(panel + k * LSTMENG_PANEL + 8);
+        __m256 x;
+        x = _mm256_broadcast_ss(a0 + k); c00 = _mm256_fmadd_ps(x, p0, c00); c01 = _mm256_fmadd_ps(x, p1, c01);
+        x = _mm256_broadcast_ss(a1 + k); c10 = _mm256_fmadd_ps(x, p0, c10); c11 = _mm256_fmadd_ps(x, p1, c11);
+        x = _mm256_broadcast_ss(a2 + k); c20 = _mm256_fmadd_ps(x, p0, c20); c21 = _mm256_fmadd_ps(x, p1, c21);
+        x = _mm256_broadcast_ss(a3 + k); c30 = _mm256_fmadd_ps(x, p0, c30); c31 = _mm256_fmadd_ps(x, p1, c31);
+        x = _mm256_broadcast_ss(a4 + k); c40 = _mm256_fmadd_ps(x, p0, c40); c41 = _mm256_fmadd_ps(x, p1, c41);
+        x = _mm256_broadcast_ss(a5 + k); c50 = _mm256_fmadd_ps(x, p0, c50); c51 = _mm256_fmadd_ps(x, p1, c51);
+    }
+    _mm256_storeu_ps(c, c00); _mm256_storeu_ps(c + 8, c01);
+    _mm256_storeu_ps(c + ldc, c10); _mm256_storeu_ps(c + ldc + 8, c11);
+    _mm256_storeu_ps(c + 2 * ldc, c20); _mm256_storeu_ps(c + 2 * ldc + 8, c21);
+    _mm256_storeu_ps(c + 3 * ldc, c30); _mm256_storeu_ps(c + 3 * ldc + 8, c31);
+    _mm256_storeu_ps(c + 4 * ldc, c40); _mm256_storeu_ps(c + 4 * ldc + 8, c41);
+    _mm256_storeu_ps(c + 5 * ldc, c50); _mm256_storeu_ps(c + 5 * ldc + 8, c51);
+}
+
+/* One row of A times two panels, k unrolled by two: 8 independent FMA chains. */
+LSTMENG_FMA_TARGET static inline void lstmeng_row_f32(const float *a, const float *panels,
+                                                      int64_t K, float *c) {
+    const float *q = panels, *s = panels + K * LSTMENG_PANEL;
+    __m256 e0 = _mm256_setzero_ps(), e1 = _mm256_setzero_ps(), e2 = _mm256_setzero_ps();
+    __m256 e3 = _mm256_setzero_ps(), o0 = _mm256_setzero_ps(), o1 = _mm256_setzero_ps();
+    __m256 o2 = _mm256_setzero_ps(), o3 = _mm256_setzero_ps();
+    int64_t k;
+    for (k = 0; k + 1 < K; k += 2) {
+        const __m256 x = _mm256_broadcast_ss(a + k), y = _mm256_broadcast_ss(a + k + 1);
+        e0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q + k * 16), e0);
+        e1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q + k * 16 + 8), e1);
+        e2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(s + k * 16), e2);
+        e3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(s + k * 16 + 8), e3);
+        o0 = _mm256_fmadd_ps(y, _mm256_loadu_ps(q + k * 16 + 16), o0);
+        o1 = _mm256_fmadd_ps(y, _mm256_loadu_ps(q + k * 16 + 24), o1);
+        o2 = _mm256_fmadd_ps(y, _mm256_loadu_ps(s + k * 16 + 16), o2);
+        o3 = _mm256_fmadd_ps(y, _mm256_loadu_ps(s + k * 16 + 24), o3);
+    }
+    if (k < K) {
+        const __m256 x = _mm256_broadcast_ss(a + k);
+        e0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q + k * 16), e0);
+        e1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q + k * 16 + 8), e1);
+        e2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(s + k * 16), e2);
+        e3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(s + k * 16 + 8), e3);
+    }
+    _mm256_storeu_ps(c, _mm256_add_ps(_mm256_loadu_ps(c), _mm256_add_ps(e0, o0)));
+    _mm256_storeu_ps(c + 8, _mm256_add_ps(_mm256_loadu_ps(c + 8), _mm256_add_ps(e1, o1)));
+    _mm256_storeu_ps(c + 16, _mm256_add_ps(_mm256_loadu_ps(c + 16), _mm256_add_ps(e2, o2)));
+    _mm256_storeu_ps(c + 24, _mm256_add_ps(_mm256_loadu_ps(c + 24), _mm256_add_ps(e3, o3)));
+}
+
+/* C[rows, G] += A[rows, K] @ B, B packed by lstmeng_pack_panels_f32. */
+LSTMENG_FMA_TARGET static void lstmeng_gemm_packed_f32(int64_t rows, int64_t G, int64_t K,
+                                                       const float *a, int64_t lda,
+                                                       const float *packed, float *c, int64_t ldc) {
+    int64_t panel, r0;
+    /* Row blocks outside, panels inside: the six rows of A stay in L1 while the
+     * panels stream from L2. */
+    for (r0 = 0; r0 + 6 <= rows; r0 += 6)
+        for (panel = 0; panel < G / LSTMENG_PANEL; panel++)
+            lstmeng_block6_f32(a + r0 * lda, lda, packed + panel * K * LSTMENG_PANEL, K,
+                               c + r0 * ldc + panel * LSTMENG_PANEL, ldc);
+    for (; r0 < rows; r0++)
+        for (panel = 0; panel + 1 < G / LSTMENG_PANEL; panel += 2)
+            lstmeng_row_f32(a + r0 * lda, packed + panel * K * LSTMENG_PANEL, K,
+                            c + r0 * ldc + panel * LSTMENG_PANEL);
+}
+#else
+static void lstmeng_gemm_packed_f32(int64_t rows, int64_t G, int64_t K, const float *a,
+                                    int64_t lda, const float *packed, float *c, int64_t ldc) {
+    (void)rows; (void)G; (void)K; (void)a; (void)lda; (void)packed; (void)c; (void)ldc;
+}
+#endif
+
+#endif
