@@ -132,6 +132,35 @@ def test_variable_length_flops_count_only_real_steps(tiny_shapes):
     assert common.forward_flops(fixed) == 8 * fixed.batch * fixed.steps * fixed.units * (fixed.input_size + fixed.units)
 
 
+class _FakeClock:
+    """A perf_counter that advances only when a fake workload says so."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def workload(self, durations):
+        durations = iter(durations)
+
+        def run():
+            self.now += next(durations)
+        return run
+
+
+def test_timing_helpers_take_the_fastest_call(monkeypatch):
+    common, _ = _load_suite()
+    clock = _FakeClock()
+    monkeypatch.setattr(common.time, "perf_counter", clock)
+    # min of the slowed-down calls is the undisturbed 0.2 s; the budget stops after 3 calls.
+    assert common.best_seconds(clock.workload([0.5, 0.2, 0.9, 0.3]), min_repeats=3, budget_seconds=1.0) == pytest.approx(0.2)
+    # reference best 0.6 s, candidate best 0.2 s: the candidate is 3x faster.
+    candidate = clock.workload([0.4, 0.2, 0.3])
+    reference = clock.workload([0.6, 0.9, 0.7])
+    assert common.speed_ratio(reference, candidate, min_rounds=3, budget_seconds=0.1) == pytest.approx(3.0)
+
+
 def test_inputs_are_deterministic():
     common, _ = _load_suite()
     shape = common.Shape(batch=2, steps=3, input_size=4, units=5, variable_length=True)

@@ -213,37 +213,41 @@ class LayerRun:
 
 # -- timing inside one process ------------------------------------------------------
 
-def best_seconds(function, repeats: int = 5, budget_seconds: float = 1.5) -> float:
-    """Fastest of up to ``repeats`` calls (at least 2), stopping once ``budget_seconds`` is spent.
+def best_seconds(function, min_repeats: int = 3, budget_seconds: float = 0.5, max_repeats: int = 200) -> float:
+    """Fastest of repeated calls: at least ``min_repeats``, then more until ``budget_seconds`` is spent.
 
-    The minimum is the least noisy estimate on a shared machine: noise only
-    ever adds time.
+    The minimum is the least noisy estimate on a shared machine (noise only
+    ever adds time), and fast calls get many tries to find an undisturbed one.
     """
     best = float("inf")
     started = time.perf_counter()
-    for index in range(repeats):
+    for index in range(max_repeats):
         begin = time.perf_counter()
         function()
         best = min(best, time.perf_counter() - begin)
-        if index >= 1 and time.perf_counter() - started > budget_seconds:
+        if index + 1 >= min_repeats and time.perf_counter() - started > budget_seconds:
             break
     return best
 
 
-def speed_ratio(reference, candidate, rounds: int = 3) -> float:
+def speed_ratio(reference, candidate, min_rounds: int = 3, budget_seconds: float = 1.0,
+                max_rounds: int = 200) -> float:
     """Best time of ``reference`` / best time of ``candidate`` (> 1: candidate is faster).
 
-    The two calls alternate, so a burst of machine load hits both rather
-    than one of them.
+    The two calls alternate, so a burst of machine load hits both rather than
+    one of them; rounds continue as in ``best_seconds``.
     """
     reference_best = candidate_best = float("inf")
-    for _ in range(rounds):
+    started = time.perf_counter()
+    for index in range(max_rounds):
         begin = time.perf_counter()
         candidate()
         candidate_best = min(candidate_best, time.perf_counter() - begin)
         begin = time.perf_counter()
         reference()
         reference_best = min(reference_best, time.perf_counter() - begin)
+        if index + 1 >= min_rounds and time.perf_counter() - started > budget_seconds:
+            break
     return reference_best / candidate_best
 
 
@@ -286,7 +290,7 @@ def matmul_peak_gflops(backend: str) -> float:
         synchronize()
 
     timed_product()  # warm-up: thread pools, cuBLAS handles, TF graph caches
-    seconds = best_seconds(timed_product, repeats=7, budget_seconds=1.0)
+    seconds = best_seconds(timed_product, min_repeats=5, budget_seconds=0.5)
     return 2.0 * size ** 3 / seconds / 1e9
 
 
