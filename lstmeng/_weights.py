@@ -106,8 +106,8 @@ class LSTMWeights:
         for name, array in zip(names, arrays):
             if array.shape != shapes[name]:
                 raise ValueError(f"set_weights: {name} must have shape {shapes[name]}, got {array.shape}")
-            if not np.issubdtype(array.dtype, np.number):
-                raise TypeError(f"set_weights: {name} must be numeric, got dtype {array.dtype}")
+            if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+                raise TypeError(f"set_weights: {name} must be real numbers, got dtype {array.dtype}")
         self.params = {name: np.array(array, dtype=self.dtype, copy=True) for name, array in zip(names, arrays)}
         self.input_size = input_size
         return self
