@@ -235,7 +235,8 @@ SET_WEIGHTS_CASES = {
     "recurrent shape": ([np.ones((3, 16)), np.ones((4, 12)), np.ones(16)], ValueError,
                         ["recurrent_kernel", r"\(4, 16\)", r"\(4, 12\)"]),
     "bias shape": ([np.ones((3, 16)), np.ones((4, 16)), np.ones(15)], ValueError, ["bias", r"\(16,\)", r"\(15,\)"]),
-    "non-numeric": ([np.ones((3, 16)), np.ones((4, 16)), np.full(16, "a")], TypeError, ["bias", "numeric", "<U1"]),
+    "non-numeric": ([np.ones((3, 16)), np.ones((4, 16)), np.full(16, "a")], TypeError, ["bias", "real numbers", "<U1"]),
+    "complex": ([np.ones((3, 16)) + 1j, np.ones((4, 16)), np.ones(16)], TypeError, ["kernel", "real numbers", "complex"]),
 }
 
 
