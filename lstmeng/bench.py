@@ -7,10 +7,12 @@ Every runner gets the same float32 input ``x: [B, T, I]``, the same weights
 - ``infer``: the forward pass without keeping anything for a backward;
 - ``train``: forward and backward (gradients of x and of the weights).
 
-Time is the best of ``repeats`` calls after warm-up calls (which also trace
-tf.function and JIT-compile). FLOPs are counted as forward = 8*B*T*H*(I+H) and
+Time is the best of ``repeats`` calls after two warm-up calls (which also
+trace tf.function and JIT-compile); the runners take turns call by call, so
+that a busy moment on a shared machine hits all of them alike. FLOPs are counted as forward = 8*B*T*H*(I+H) and
 train = 3x forward, and compared with the float32 matrix-multiply peak measured
-in the same run (SciPy's BLAS sgemm on a square problem, best of several).
+in the same run (SciPy's BLAS sgemm on a square problem, measured beside
+every shape and at the end, best of all).
 Every library gets the same thread count (``--threads``, default
 OMP_NUM_THREADS or the usable cores).
 """
@@ -190,16 +192,12 @@ def torch_runner(problem: Problem, threads: int) -> dict[str, Callable[[], objec
 
 
 def keras_runner(problem: Problem, threads: int) -> dict[str, Callable[[], object]]:
-    """keras.layers.LSTM on TensorFlow, each mode one tf.function; train = GradientTape forward + backward."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tensorflow as tf
+    """keras.layers.LSTM on TensorFlow, each mode one tf.function; train = GradientTape forward + backward.
 
-    try:  # only possible before TensorFlow's runtime starts; later calls keep the first setting
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-    except RuntimeError:
-        pass
+    TensorFlow's thread count is set once, by ``configure_tensorflow_threads``, before its runtime starts.
+    """
     import keras
+    import tensorflow as tf
 
     shape = problem.shape
     layer = keras.layers.LSTM(shape.units, return_sequences=True)
@@ -232,6 +230,22 @@ def peer_missing_reason(peer: str) -> str | None:
     return None
 
 
+def configure_tensorflow_threads(threads: int) -> str:
+    """Give TensorFlow ``threads`` threads; must run before anything starts its runtime.
+
+    Returns a note for the report: empty when it worked.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError as error:  # the runtime was started earlier in this process
+        return f"TensorFlow's thread count could not be set ({error})"
+    return ""
+
+
 # -- the run --------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Measurement:
@@ -260,7 +274,8 @@ class BenchResult:
     peak_size: int
     measurements: list[Measurement]
     skipped: dict[str, str]         # name -> reason
-    failed: list[str]               # "name shape mode: error" for runners that raised
+    failed: list[str]               # "name shape: error" for runners that raised
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def ratio(self, measurement: Measurement, peer: str) -> float | None:
         """How many times faster ``measurement`` is than ``peer`` on its shape and mode (None: no peer time)."""
@@ -286,6 +301,7 @@ class BenchResult:
                 for m in self.measurements],
             "skipped": self.skipped,
             "failed": self.failed,
+            "notes": self.notes,
         }
 
 
@@ -333,26 +349,70 @@ def run_bench(backends: list[str] | None = None, peers: list[str] = PEERS, shape
             make = torch_runner if peer == "torch" else keras_runner
             runners.append((peer, "peer", lambda problem, make=make: make(problem, threads)))
 
-    measurements, failed = [], []
+    notes = []
+    uses_tensorflow = "tensorflow" in [name for name, _, _ in runners] or "keras" in [name for name, _, _ in runners]
+    if uses_tensorflow and importlib.util.find_spec("tensorflow") is not None:
+        note = configure_tensorflow_threads(threads)
+        if note:
+            notes.append(note)
+
+    measurements, failed, peaks = [], [], []
     with info.blas_threads(threads):
-        say(f"measuring the sgemm peak ({peak_size}x{peak_size})")
-        peak = sgemm_peak(peak_size, repeats)
         for shape in shapes:
+            # The peak is measured again beside every shape and the best kept:
+            # on a shared machine one early measurement may catch a busy moment.
+            say(f"measuring the sgemm peak ({peak_size}x{peak_size})")
+            peaks.append(sgemm_peak(peak_size, repeats))
             problem = Problem.random(shape)
+            calls = {}
             for name, kind, make in runners:
                 try:
-                    calls = make(problem)
+                    made = make(problem)
                     for mode in modes:
-                        say(f"{shape} {mode} {name}")
                         # Two warm-up calls: the first traces tf.function / compiles kernels.
-                        seconds, done = best_time(calls[mode], repeats, warmup=2)
-                        measurements.append(Measurement(shape, mode, name, kind, seconds, done, peak))
+                        made[mode]()
+                        made[mode]()
+                    calls[name] = (kind, made)
                 except ImportError as error:
                     skipped[name] = f"import failed: {error}"
                 except Exception as error:  # one runner's failure must not hide the others' numbers
                     failed.append(f"{name} {shape}: {type(error).__name__}: {error}")
+            for mode in modes:
+                say(f"{shape} {mode}: {', '.join(calls)}")
+                timings = _interleaved_best_times({name: made[mode] for name, (_, made) in calls.items()},
+                                                  repeats, failed, f"{shape} {mode}")
+                for name, (seconds, done) in timings.items():
+                    measurements.append(Measurement(shape, mode, name, calls[name][0], seconds, done, 0.0))
+        peaks.append(sgemm_peak(peak_size, repeats))
+    peak = max(peaks)
+    for measurement in measurements:
+        measurement.peak_gflops = peak
     return BenchResult(cpu=info.cpu_model(), threads=threads, peak_gflops=peak, peak_size=peak_size,
-                       measurements=measurements, skipped=skipped, failed=failed)
+                       measurements=measurements, skipped=skipped, failed=failed, notes=notes)
+
+
+def _interleaved_best_times(calls: dict[str, Callable[[], object]], repeats: int, failed: list[str], label: str,
+                            budget_s: float = 30.0) -> dict[str, tuple[float, int]]:
+    """Best time of each call, taking the runners in turn (round-robin) so that a busy moment on a
+    shared machine lands on all of them rather than on one. A runner stops early once its timed
+    calls have used ``budget_s`` (always after at least one)."""
+    best = {name: math.inf for name in calls}
+    done = {name: 0 for name in calls}
+    spent = {name: 0.0 for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            if name not in best or (done[name] and spent[name] >= budget_s):
+                continue
+            start = time.perf_counter()
+            try:
+                call()
+            except Exception as error:
+                failed.append(f"{name} {label}: {type(error).__name__}: {error}")
+                del best[name]
+                continue
+            elapsed = time.perf_counter() - start
+            best[name], done[name], spent[name] = min(best[name], elapsed), done[name] + 1, spent[name] + elapsed
+    return {name: (best[name], done[name]) for name in best}
 
 
 def render(result: BenchResult) -> str:
@@ -373,11 +433,13 @@ def render(result: BenchResult) -> str:
                          for index, (cell, width) in enumerate(zip(cells, widths))).rstrip()
 
     lines = [f"CPU: {result.cpu}; {result.threads} threads for every library",
-             f"float32 sgemm peak: {result.peak_gflops:.1f} GFLOP/s (SciPy BLAS, {result.peak_size}^3, best of run)",
+             f"float32 sgemm peak: {result.peak_gflops:.1f} GFLOP/s (SciPy BLAS, {result.peak_size}^3, best of the run)",
              "FLOPs: forward 8*B*T*H*(I+H), train = forward+backward = 3x; "
              "'x peer' = peer's time / this time (above 1: faster than the peer)", "",
              line(header), line(["-" * width for width in widths])]
     lines += [line(row) for row in rows]
+    if result.notes:
+        lines += [""] + [f"note: {note}" for note in result.notes]
     if result.skipped:
         lines += ["", "skipped:"] + [f"  {name}: {reason}" for name, reason in result.skipped.items()]
     if result.failed:

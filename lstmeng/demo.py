@@ -215,6 +215,10 @@ class DemoModel:
 
     def __init__(self, input_features: int, first_units: int, second_units: int, backend: str, seed: int,
                  vocabulary: int | None = None):
+        # The sequences go to the backend's own array type (a GPU backend's
+        # device arrays); the embedding, head and loss stay on the host.
+        self.backend = registry.get_backend_object(
+            resolve_backend_name(backend, np.zeros((1, 1, input_features), np.float32)))
         rng = np.random.default_rng(seed)
         self.embedding = Embedding(vocabulary, input_features, rng) if vocabulary else None
         self.recurrent = le.Sequential([
@@ -243,12 +247,14 @@ class DemoModel:
     def __call__(self, inputs: np.ndarray, mask: np.ndarray, training: bool = False) -> np.ndarray:
         """Returns the head's output ``[N, 1]`` (a value, or a logit for sentiment)."""
         x = self.embedding(inputs) if self.embedding is not None else inputs
-        return self.head(self.recurrent(x, mask=mask, training=training))
+        features = self.recurrent(self.backend.asarray(x, np.dtype(np.float32)), mask=mask, training=training)
+        return self.head(self.backend.to_numpy(features))
 
     def backward(self, doutput: np.ndarray) -> None:
-        dx = self.recurrent.backward(self.head.backward(doutput))
+        dfeatures = self.backend.asarray(self.head.backward(doutput), np.dtype(np.float32))
+        dx = self.recurrent.backward(dfeatures)
         if self.embedding is not None:
-            self.embedding.backward(dx)
+            self.embedding.backward(self.backend.to_numpy(dx))
 
 
 # -- tasks -----------------------------------------------------------------------------------------------------
@@ -379,7 +385,7 @@ def _train(task: TaskSpec, backend: str, epochs: int | None, seed: int, progress
     validation = task.make(task.validation_size, rng)
     model = DemoModel(task.input_features, task.first_units, task.second_units, backend, seed,
                       vocabulary=task.vocabulary)
-    backend_name = resolve_backend_name(backend, np.zeros((1, 1, task.input_features), np.float32))
+    backend_name = model.backend.name
     optimizer = Adam(task.learning_rate)
 
     batch_loss, train_loss, scores = [], [], []
