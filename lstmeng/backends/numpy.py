@@ -158,7 +158,9 @@ class NumpyBackend(Backend):
             if return_sequences:
                 outputs[:, t] = output
         if not return_sequences:
-            outputs = previous_output
+            # A copy: without a mask the last output is the very array h, and a
+            # caller scaling y in place must not change the returned (or carried) state.
+            outputs = previous_output.copy()
 
         workspace = None
         if training:
