@@ -505,3 +505,12 @@ def test_bidirectional_copies_callable_initializers():
                                      backend="numpy")).build(FEATURES)
     assert np.all(layer.forward_layer.get_weights()[1] == 0)
     assert np.all(layer.backward_layer.get_weights()[1] == 0)
+
+
+def test_last_output_does_not_alias_the_final_state():
+    layer = lstm(return_state=True)
+    y, h, c = layer(x_of())
+    np.testing.assert_array_equal(y, h)
+    assert not np.shares_memory(y, h)
+    y *= 2  # a caller's in-place change of y leaves h alone
+    assert not np.allclose(y, h)
