@@ -31,8 +31,25 @@ def _sizes(backend_name):
     simulator's slowness get fewer entries per array.
     """
     if is_simulated(backend_name):
-        return 2, 3, 2, 2, 2
+        return 2, 3, 2, 2, 1
     return 3, 5, 3, 4, (2 if backend_name == "tensorflow" else 5)
+
+
+def _checked(arrays, backend_name):
+    """The arrays to perturb: all of them, or for the simulator (every call runs the
+    kernels in Python) the inputs, the initial states and the first and last weight
+    arrays; every weight's gradient still feeds dx, which is checked."""
+    if not is_simulated(backend_name):
+        return arrays
+    weights = [name for name in arrays if name.endswith(("kernel", "bias"))]
+    keep = {name for name in arrays if name not in weights} | {weights[0], weights[-1]}
+    return {name: array for name, array in arrays.items() if name in keep}
+
+
+def _simulator_budget(backend_name, case_index):
+    """The simulator runs the first case of a parametrised family only (CI time budget)."""
+    if is_simulated(backend_name) and case_index > 0:
+        pytest.skip("CUDA simulator: the first case of this family only, to keep CI within its budget")
 
 
 def _mask(batch, steps):
@@ -57,6 +74,7 @@ LAYER_OPTIONS = [
 @pytest.mark.parametrize("backend_name", FLOAT64_BACKENDS)
 @pytest.mark.parametrize("options", LAYER_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_lstm_finite_differences(backend_name, options):
+    _simulator_budget(backend_name, LAYER_OPTIONS.index(options) // 2)
     batch, steps, input_size, units, samples = _sizes(backend_name)
     rng = np.random.default_rng(1)
     layer = le.LSTM(units, return_state=True, dtype="float64", backend=backend_name, seed=3, **options)
@@ -75,7 +93,8 @@ def test_lstm_finite_differences(backend_name, options):
         dh0, dc0 = layer.initial_state_grads
         return loss, dict(layer.grads, x=to_host(dx), h0=to_host(dh0), c0=to_host(dc0))
 
-    finite_difference_check(loss_and_grads, {**layer.params, **inputs}, rng=rng, samples=samples)
+    finite_difference_check(loss_and_grads, _checked({**layer.params, **inputs}, backend_name), rng=rng,
+                            samples=samples)
 
 
 @pytest.mark.parametrize("backend_name", FLOAT64_BACKENDS)
@@ -104,13 +123,15 @@ def test_cell_finite_differences(backend_name):
             dx[t] = to_host(step_dx)
         return loss, dict(cell.grads, x=dx, h0=to_host(dh), c0=to_host(dc))
 
-    finite_difference_check(loss_and_grads, {**cell.params, **inputs}, rng=rng, samples=samples)
+    finite_difference_check(loss_and_grads, _checked({**cell.params, **inputs}, backend_name), rng=rng,
+                            samples=samples)
 
 
 @pytest.mark.parametrize("backend_name", FLOAT64_BACKENDS)
 @pytest.mark.parametrize("merge_mode", ["concat", "mul"])
 @pytest.mark.parametrize("return_sequences", [True, False])
 def test_bidirectional_finite_differences(backend_name, merge_mode, return_sequences):
+    _simulator_budget(backend_name, (merge_mode != "concat") + (not return_sequences))
     batch, steps, input_size, units, samples = _sizes(backend_name)
     rng = np.random.default_rng(3)
     bi = le.Bidirectional(le.LSTM(units, return_sequences=return_sequences, return_state=True, dtype="float64",
@@ -133,7 +154,8 @@ def test_bidirectional_finite_differences(backend_name, merge_mode, return_seque
         grads.update({f"state{k}": to_host(g) for k, g in enumerate(bi.initial_state_grads)})
         return loss, grads
 
-    finite_difference_check(loss_and_grads, {**bi.params, **inputs}, rng=rng, samples=samples)
+    finite_difference_check(loss_and_grads, _checked({**bi.params, **inputs}, backend_name), rng=rng,
+                            samples=samples)
 
 
 @pytest.mark.parametrize("backend_name", FLOAT64_BACKENDS)
@@ -160,4 +182,5 @@ def test_sequential_three_layers_finite_differences(backend_name):
         dx = model.backward(dy)
         return loss, dict(model.grads, x=to_host(dx))
 
-    finite_difference_check(loss_and_grads, {**model.params, **inputs}, rng=rng, samples=samples)
+    finite_difference_check(loss_and_grads, _checked({**model.params, **inputs}, backend_name), rng=rng,
+                            samples=samples)

@@ -186,15 +186,20 @@ def test_blas_dimension_guard_at_int32_limit():
 
 @cython_only
 def test_packed_row_offsets_are_64_bit_beyond_2_to_31():
-    """Row offsets (the kernels' index base, Py_ssize_t) for B*T > 2^31 are exact, without an 8 GB array."""
+    """Row offsets (the kernels' index base, Py_ssize_t) for B*T > 2^31 are exact, without an 8 GB array.
+
+    Two parts of 2^31 packed rows each: the second part starts exactly at 2^31,
+    where a 32-bit offset would wrap to a negative number.
+    """
     from lstmeng.backends import cython as cython_module
 
     batch, steps = 2**20, 2**12  # 2^32 packed rows
-    layout = cython_module._layout(None, batch, steps, packed_variable_length=True)
+    layout = cython_module._layout(None, batch, steps, parts=2, packed_variable_length=True)
     assert layout.offsets.dtype.itemsize == 8 and layout.active.dtype.itemsize == 8
-    assert int(layout.offsets[-1]) == batch * steps == 2**32
-    assert int(layout.offsets[steps // 2 + 1]) - int(layout.offsets[steps // 2]) == batch
-    assert np.all(np.diff(layout.offsets) == batch)
+    assert layout.rows == batch * steps == 2**32
+    assert int(layout.offsets[1, 0]) == 2**31
+    assert np.all(np.diff(layout.offsets, axis=1) == batch // 2)
+    assert int(layout.offsets[1, -1]) == 2**32
 
 
 @cython_only
@@ -202,10 +207,14 @@ def test_variable_length_offsets_are_64_bit():
     """The sorted, shrinking-batch layout keeps 64-bit offsets and counts every real step once."""
     from lstmeng.backends import cython as cython_module
 
-    lengths = np.array([3, 7, 1, 7, 5])
+    lengths = np.array([3, 7, 1, 7, 5, 2])
     mask = np.arange(7)[None] < lengths[:, None]
-    layout = cython_module._layout(mask, 5, 7, packed_variable_length=True)
+    layout = cython_module._layout(mask, 6, 7, parts=2, packed_variable_length=True)
     assert layout.offsets.dtype.itemsize == 8 and layout.order.dtype.itemsize == 8
-    assert int(layout.offsets[-1]) == lengths.sum()
-    np.testing.assert_array_equal(layout.active, (lengths[None, :] > np.arange(7)[:, None]).sum(axis=1))
-    np.testing.assert_array_equal(lengths[layout.order], np.sort(lengths)[::-1])
+    assert layout.rows == lengths.sum()
+    np.testing.assert_array_equal(np.sort(layout.order), np.arange(6))
+    # Per step, the parts together hold exactly the rows still running.
+    np.testing.assert_array_equal(layout.active.sum(axis=0), (lengths[:, None] > np.arange(7)[None]).sum(axis=0))
+    for part in range(2):
+        rows = layout.order[layout.row_begin[part]:layout.row_begin[part + 1]]
+        assert np.all(np.diff(lengths[rows]) <= 0), "each part's rows are sorted longest first"

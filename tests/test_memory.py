@@ -56,10 +56,11 @@ KNOWN_WORKSPACE_OVERHEAD = {
     "numba_cuda": _SEVEN_H_PLUS_I.format(
         arrays="x_in [B,T,I], h_in, c_prev, cell_act [B,T,H], gates [B,T,4H] (+ bool masks)", measured="1.361x at the simulator's I = H = 3"),
 }
+# numpy's inference grew with T too until it projected the input in chunks of steps.
 KNOWN_INFERENCE_GROWTH = {
-    "numpy": ("inference keeps the transposed input copy [T,B,I] and the whole input projection "
-              "[T,B,4H] (lstmeng/backends/numpy.py sequence_forward): measured +8.3 MB from T=256 to "
-              "T=4096 at B=4, I=8, H=32 float32, i.e. (I + 4H) * 4 bytes per (row, step)"),
+    "cython": ("inference allocates the layout's index arrays active [P, T] and offsets [P, T + 1] (intp, "
+               "lstmeng/backends/cython.py _layout) even without a mask: 16 bytes per step at P = 1, "
+               "measured +61,496 B from T=256 to T=4096 at B=4, I=8, H=32 (allowance 16 KiB)"),
 }
 
 
@@ -73,12 +74,14 @@ def _resident_bytes() -> int:
         return int(statm.read().split()[1]) * 4096
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
-@pytest.mark.parametrize("backend_name", [name for name in HOST_TRACED if name in AVAILABLE])
-def test_resident_memory_flat_over_1000_training_calls(backend_name):
-    """1,000 forward+backward calls (dropout, varying lengths) leave RSS within 4 MB."""
-    batch, steps, input_size, units = 16, 16, 32, 64
+# -- measurements (shared by the tests and by ``python tests/test_memory.py``) ----------------------------
+
+RSS_SHAPE = (16, 10, 32, 64)  # batch, steps, input_size, units: a mid-size layer, ~ms per call
+
+
+def rss_growth_over_1000_calls(backend_name) -> int:
+    """RSS growth (bytes) over 1,000 forward+backward calls, after 100 warm-up calls."""
+    batch, steps, input_size, units = RSS_SHAPE
     layer = le.LSTM(units, return_sequences=True, dropout=0.1, recurrent_dropout=0.1, backend=backend_name, seed=0)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, steps, input_size)).astype("float32")
@@ -96,8 +99,7 @@ def test_resident_memory_flat_over_1000_training_calls(backend_name):
     for call in range(1000):
         train_step(call)
     gc.collect()
-    growth = _resident_bytes() - before
-    assert growth < 4 * 2**20, f"{backend_name}: RSS grew by {growth / 2**20:.2f} MiB over 1,000 calls"
+    return _resident_bytes() - before
 
 
 def _traced(function):
@@ -113,50 +115,48 @@ def _traced(function):
     return current - before, peak - before, result
 
 
-@pytest.mark.parametrize("backend_name", _params([n for n in HOST_TRACED if n in AVAILABLE], KNOWN_INFERENCE_GROWTH))
-def test_inference_memory_does_not_grow_with_time(backend_name):
-    """training=False, return_sequences=False: peak memory beyond x is the same for T=256 and T=4096."""
-    batch, input_size, units = 4, 8, 32
+INFERENCE_SHAPE = (4, 8, 32)  # batch, input_size, units
+INFERENCE_STEPS = (256, 4096)
+
+
+def inference_peaks(backend_name) -> dict[int, int]:
+    """tracemalloc peak (bytes beyond x) of an inference call, return_sequences=False, per T."""
+    batch, input_size, units = INFERENCE_SHAPE
     layer = le.LSTM(units, backend=backend_name, seed=0).build(input_size)
     rng = np.random.default_rng(0)
     layer(rng.normal(size=(batch, 3, input_size)).astype("float32"))  # first-call setup outside the measurement
     peaks = {}
-    for steps in (256, 4096):
+    for steps in INFERENCE_STEPS:
         x = rng.normal(size=(batch, steps, input_size)).astype("float32")
         _, peaks[steps], y = _traced(lambda: layer(x))
         assert y.shape == (batch, units)
-    growth = peaks[4096] - peaks[256]
-    # O(B x H) allows a few [B, H] buffers; B*H*4 = 512 bytes here, so 64 KiB is generous.
-    assert growth <= 64 * 1024, (f"{backend_name}: inference peak grew by {growth} bytes from T=256 "
-                                 f"({peaks[256]} B) to T=4096 ({peaks[4096]} B)")
+    return peaks
 
 
 def _per_step_bytes(measure, batch, short, long):
     return (measure(long) - measure(short)) / (batch * (long - short))
 
 
-@pytest.mark.parametrize("backend_name", _params([n for n in HOST_TRACED if n in AVAILABLE],
-                                                 KNOWN_WORKSPACE_OVERHEAD))
-def test_training_memory_within_10_percent_of_theoretical(backend_name):
-    """What a training forward keeps alive (tracemalloc), per (row, step), vs 6H * itemsize."""
-    batch, input_size, units = 8, 32, 32
+TRAINING_SHAPE = (8, 32, 32)  # batch, input_size, units (float32)
+
+
+def traced_training_bytes_per_step(backend_name) -> tuple[float, float]:
+    """(bytes a training forward keeps alive, peak bytes during it) per (row, step), via tracemalloc."""
+    batch, input_size, units = TRAINING_SHAPE
     layer = le.LSTM(units, backend=backend_name, seed=0).build(input_size)
     rng = np.random.default_rng(0)
     layer(rng.normal(size=(batch, 3, input_size)).astype("float32"), training=True)
     layer.backward(np.ones((batch, units), "float32"))
+    peaks = {}
 
     def retained(steps):
         x = rng.normal(size=(batch, steps, input_size)).astype("float32")
-        kept, _, y = _traced(lambda: layer(x, training=True))
+        kept, peaks[steps], y = _traced(lambda: layer(x, training=True))
         layer.backward(np.ones_like(y))  # release the workspace before the next measurement
         return kept - y.nbytes
 
-    per_step = _per_step_bytes(retained, batch, 32, 256)
-    theoretical = 6 * units * 4
-    assert per_step >= 0.5 * theoretical, f"tracemalloc does not see {backend_name}'s workspace ({per_step} B)"
-    assert per_step <= WORKSPACE_BOUND * theoretical, (
-        f"{backend_name}: {per_step:.0f} bytes per (row, step) = {per_step / theoretical:.3f}x "
-        f"the theoretical 6H*4 = {theoretical}")
+    kept = _per_step_bytes(retained, batch, 32, 256)
+    return kept, (peaks[256] - peaks[32]) / (batch * (256 - 32))
 
 
 def _array_bytes(value) -> int:
@@ -177,15 +177,15 @@ def workspace_bytes(workspace) -> int:
     return sum(_array_bytes(value) for value in values)
 
 
-OTHER_BACKENDS = [name for name in AVAILABLE if name not in HOST_TRACED]
+def workspace_shape(backend_name):
+    """(batch, input_size, units, short T, long T) for the workspace-array measurement."""
+    return (2, 3, 3, 2, 6) if is_simulated(backend_name) else (8, 32, 32, 8, 40)
 
 
-@pytest.mark.parametrize("backend_name", _params(OTHER_BACKENDS, KNOWN_WORKSPACE_OVERHEAD))
-def test_training_workspace_arrays_within_10_percent(backend_name):
-    """Backends whose memory tracemalloc cannot see: the workspace's arrays per (row, step) vs 6H * itemsize."""
+def workspace_array_bytes_per_step(backend_name) -> float:
+    """Bytes of the arrays in the workspace ``sequence_forward`` returns, per (row, step)."""
     backend = registry.get_backend_object(backend_name)
-    batch, input_size, units = (2, 3, 3) if is_simulated(backend_name) else (8, 32, 32)
-    short, long = (2, 6) if is_simulated(backend_name) else (8, 40)
+    batch, input_size, units, short, long = workspace_shape(backend_name)
     rng = np.random.default_rng(0)
     kernel = rng.normal(size=(input_size, 4 * units)).astype("float32")
     recurrent_kernel = rng.normal(size=(units, 4 * units)).astype("float32")
@@ -201,9 +201,69 @@ def test_training_workspace_arrays_within_10_percent(backend_name):
             backend.asarray(mask, np.bool_), training=True)
         return workspace_bytes(forward.workspace)
 
-    per_step = _per_step_bytes(held, batch, short, long)
+    return _per_step_bytes(held, batch, short, long)
+
+
+# -- tests ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+@pytest.mark.parametrize("backend_name", [name for name in HOST_TRACED if name in AVAILABLE])
+def test_resident_memory_flat_over_1000_training_calls(backend_name):
+    """1,000 forward+backward calls (dropout, varying lengths) leave RSS within 4 MiB."""
+    growth = rss_growth_over_1000_calls(backend_name)
+    assert growth < 4 * 2**20, f"{backend_name}: RSS grew by {growth / 2**20:.2f} MiB over 1,000 calls"
+
+
+@pytest.mark.parametrize("backend_name", _params([n for n in HOST_TRACED if n in AVAILABLE], KNOWN_INFERENCE_GROWTH))
+def test_inference_memory_does_not_grow_with_time(backend_name):
+    """training=False, return_sequences=False: peak memory beyond x is the same for T=256 and T=4096."""
+    peaks = inference_peaks(backend_name)
+    short, long = INFERENCE_STEPS
+    growth = peaks[long] - peaks[short]
+    # O(B x H) allows a few [B, H] buffers; B*H*4 = 512 bytes here, so 16 KiB is generous.
+    assert growth <= 16 * 1024, (f"{backend_name}: inference peak grew by {growth} bytes from T={short} "
+                                 f"({peaks[short]} B) to T={long} ({peaks[long]} B)")
+
+
+def _check_workspace(backend_name, per_step, units):
     theoretical = 6 * units * 4
-    assert per_step >= 0.5 * theoretical, f"{backend_name}: the workspace holds no per-step arrays?"
+    assert per_step >= 0.5 * theoretical, f"{backend_name}: no per-step workspace seen ({per_step} B)"
     assert per_step <= WORKSPACE_BOUND * theoretical, (
         f"{backend_name}: {per_step:.0f} bytes per (row, step) = {per_step / theoretical:.3f}x "
         f"the theoretical 6H*4 = {theoretical}")
+
+
+@pytest.mark.parametrize("backend_name", _params([n for n in HOST_TRACED if n in AVAILABLE],
+                                                 KNOWN_WORKSPACE_OVERHEAD))
+def test_training_memory_within_10_percent_of_theoretical(backend_name):
+    """What a training forward keeps alive (tracemalloc), per (row, step), vs 6H * itemsize."""
+    kept, _ = traced_training_bytes_per_step(backend_name)
+    _check_workspace(backend_name, kept, TRAINING_SHAPE[2])
+
+
+OTHER_BACKENDS = [name for name in AVAILABLE if name not in HOST_TRACED]
+
+
+@pytest.mark.parametrize("backend_name", _params(OTHER_BACKENDS, KNOWN_WORKSPACE_OVERHEAD))
+def test_training_workspace_arrays_within_10_percent(backend_name):
+    """Backends whose memory tracemalloc cannot see: the workspace's arrays per (row, step) vs 6H * itemsize."""
+    _check_workspace(backend_name, workspace_array_bytes_per_step(backend_name), workspace_shape(backend_name)[2])
+
+
+if __name__ == "__main__":
+    # The numbers of docs/reliability.md: python tests/test_memory.py
+    for name in AVAILABLE:
+        if name in HOST_TRACED:
+            peaks = inference_peaks(name)
+            kept, peak = traced_training_bytes_per_step(name)
+            units = TRAINING_SHAPE[2]
+            print(f"{name}: inference peak beyond x {peaks} bytes (B, I, H = {INFERENCE_SHAPE}); training keeps "
+                  f"{kept:.0f} B per (row, step) = {kept / (24 * units):.3f}x 6H*4, peak {peak:.0f} B "
+                  f"= {peak / (24 * units):.3f}x (B, I, H = {TRAINING_SHAPE}); "
+                  f"RSS growth over 1,000 calls {rss_growth_over_1000_calls(name) / 2**20:.2f} MiB")
+        else:
+            units = workspace_shape(name)[2]
+            held = workspace_array_bytes_per_step(name)
+            print(f"{name}: workspace arrays {held:.0f} B per (row, step) = {held / (24 * units):.3f}x 6H*4 "
+                  f"(B, I, H, T1, T2 = {workspace_shape(name)})")

@@ -155,7 +155,7 @@ def check_against_reference(backend_name, case):
 
 @pytest.mark.parametrize("backend_name", COMPARED)
 def test_layer_matches_reference(backend_name):
-    @_settings(backend_name, examples=60, simulated_examples=12)
+    @_settings(backend_name, examples=60, simulated_examples=6)
     @given(case=layer_cases(backend_name))
     def run(case):
         check_against_reference(backend_name, case)
@@ -169,7 +169,7 @@ def test_layer_matches_reference(backend_name):
 def test_bidirectional_matches_reference(backend_name):
     max_batch, max_steps, max_input, max_units = size_limits(backend_name)
 
-    @_settings(backend_name, examples=20, simulated_examples=5)
+    @_settings(backend_name, examples=20, simulated_examples=3)
     @given(dtype=st.sampled_from(dtypes_of(backend_name)), batch=st.integers(1, max_batch),
            steps=st.integers(1, max_steps), input_size=st.integers(1, max_input),
            units=st.integers(1, max_units), merge_mode=st.sampled_from(["concat", "sum", "mul", "ave"]),
@@ -208,7 +208,7 @@ def test_cell_unrolled_matches_reference(backend_name):
     """A few unrolled cell steps (dropout masks reused per sequence), backward step by step."""
     max_batch, max_steps, max_input, max_units = size_limits(backend_name)
 
-    @_settings(backend_name, examples=20, simulated_examples=5)
+    @_settings(backend_name, examples=20, simulated_examples=3)
     @given(dtype=st.sampled_from(dtypes_of(backend_name)), batch=st.integers(0, max_batch),
            steps=st.integers(1, max_steps), input_size=st.integers(1, max_input),
            units=st.integers(1, max_units), dropout=st.sampled_from([0.0, 0.3]),
@@ -262,7 +262,7 @@ def _property_layer(backend_name, dtype, units, input_size, seed, **options):
 def test_metamorphic_properties(backend_name):
     max_batch, max_steps, max_input, max_units = size_limits(backend_name)
 
-    @_settings(backend_name, examples=25, simulated_examples=5)
+    @_settings(backend_name, examples=25, simulated_examples=2)
     @given(dtype=st.sampled_from(dtypes_of(backend_name)), batch=st.integers(2, max(2, max_batch)),
            steps=st.integers(1, max_steps), input_size=st.integers(1, max_input),
            units=st.integers(1, max_units), zero_output_for_mask=st.booleans(),
