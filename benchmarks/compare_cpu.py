@@ -6,10 +6,15 @@ thread count for every library. FLOPs: forward = 8*B*T*H*(I+H),
 forward+backward = 3x that. "peak" is scipy's sgemm on a large square matrix,
 measured in the same run. A library that is not installed is skipped.
 
+On a shared machine whose other load distorts wall times, ``--cpu-time``
+runs every library on one thread and times process CPU time instead, which
+other processes disturb much less (single-core ratios; no threading effects).
+
 Usage:
     python benchmarks/compare_cpu.py                       # the issue's four shapes
     python benchmarks/compare_cpu.py --shapes 64,100,256,256 --repeats 10
     python benchmarks/compare_cpu.py --no-keras --threads 1
+    python benchmarks/compare_cpu.py --cpu-time            # one thread, CPU time
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import time
 import numpy as np
 
 SHAPES = ((64, 100, 256, 256), (32, 200, 128, 512), (256, 50, 128, 128), (1, 500, 64, 128))
+#: The clock of every measurement: wall time, or process CPU time with --cpu-time.
+clock = time.perf_counter
 
 
 def best_time(function, repeats: int, warmup: int = 1) -> float:
@@ -30,9 +37,9 @@ def best_time(function, repeats: int, warmup: int = 1) -> float:
         function()
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         function()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return best
 
 
@@ -129,12 +136,20 @@ def main(argv=None) -> int:
     parser.add_argument("--no-keras", action="store_true")
     parser.add_argument("--no-variable-length", action="store_true",
                         help="skip the lengths-uniform-in-1..T row")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="one thread everywhere, timed by process CPU time (for loaded machines)")
     args = parser.parse_args(argv)
 
+    global clock
+    if args.cpu_time:
+        clock = time.process_time
+        args.threads = 1
+    # The same thread count for every library; OpenBLAS reads it when it loads,
+    # so it is set before anything imports scipy.
+    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "0").split(",")[0] or 0) \
+        or len(os.sched_getaffinity(0))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     from lstmeng.backends import cython as cython_backend
-    threads = args.threads or cython_backend.num_threads()
-    # OpenBLAS and TensorFlow read their thread counts at start-up.
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split(",")) for s in args.shapes]
     use_torch = not args.no_torch and library_available("torch")
     use_keras = not args.no_keras and library_available("keras") and library_available("tensorflow")
@@ -145,7 +160,9 @@ def main(argv=None) -> int:
         tf.config.threading.set_inter_op_parallelism_threads(1)
 
     peak = sgemm_peak(args.repeats)
-    print(f"CPU: {cython_backend.cpu_name()}; threads: {threads}; float32; best of {args.repeats}")
+    print(f"CPU: {cython_backend.cpu_name()}; threads: {threads}; float32; best of {args.repeats}; "
+          f"{'process CPU time' if args.cpu_time else 'wall time'}; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"sgemm peak (scipy, 2048^3): {peak:.1f} GFLOP/s")
     print(f"libraries: lstmeng-cython" + (", torch" if use_torch else " (torch missing)")
           + (", keras" if use_keras else " (keras missing)"))

@@ -504,7 +504,8 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
              floating[:, ::1] c_prev_all, floating[:, ::1] cell_act_all,
              floating[:, ::1] h_in_all,
              floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:, ::1] dc0,
-             floating[:, ::1] dkernel, floating[:, ::1] drecurrent_kernel, floating[::1] dbias):
+             floating[:, ::1] dkernel, floating[:, ::1] drecurrent_kernel, floating[::1] dbias,
+             Py_ssize_t threads=1):
     """Backward of `forward` (training); the workspace arrays are overwritten.
 
     doutputs_sequence: [B, T, H] or None; doutputs_last: [B, H] or None
@@ -513,14 +514,17 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
     (become the gate-input gradients dz), c_prev_all, cell_act_all,
     h_in_all [N, H]. Outputs: dx [B, T, I] (must be zero on entry: steps
     outside the packed rows get no gradient), dh0, dc0 [B, H], dkernel
-    [I, 4H], drecurrent_kernel [H, 4H], dbias [4H].
+    [I, 4H], drecurrent_kernel [H, 4H], dbias [4H]. threads: how many
+    threads share the weight-gradient GEMMs (by gate columns), also when the
+    batch is a single part.
     """
     cdef Py_ssize_t B = dh.shape[0], P = row_begin.shape[0] - 1, T = offsets.shape[1] - 1
     cdef Py_ssize_t I = kernel.shape[0], H = recurrent_kernel.shape[0], G = 4 * H
     cdef Py_ssize_t N = offsets[P - 1, T]
     cdef Py_ssize_t part, t, i, r, row, j, column_begin, column_end
     # Gate columns per thread for the weight gradients, a multiple of 16 (whole cache lines).
-    cdef Py_ssize_t column_block = ((G + P - 1) // P + 15) // 16 * 16
+    cdef Py_ssize_t column_threads = max(1, threads) if LSTMENG_HAVE_OPENMP else 1
+    cdef Py_ssize_t column_block = ((G + column_threads - 1) // column_threads + 15) // 16 * 16
     dtype = np.asarray(dh).dtype
     # Per-row state of the backward time loop, in packed row order: dh_carry is the
     # gradient reaching h for rows whose later step was masked or not processed,
@@ -578,7 +582,7 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
 
         # Weight gradients over all packed rows, each thread a block of gate columns:
         # dK = X^T dz, dR = H_in^T dz, db = column sums of dz.
-        for part in prange(P, num_threads=P, schedule="static"):
+        for part in prange(column_threads, num_threads=column_threads, schedule="static"):
             column_begin = part * column_block
             column_end = min(G, column_begin + column_block)
             if column_begin < column_end:

@@ -11,11 +11,13 @@ computes the rows still running, so a batch with lengths spread over 1..T
 costs about half of the full batch. Any other mask takes the general path,
 which checks the mask per row and step.
 
-Threads: the GEMMs run on the BLAS library's own thread pool (scipy's
-OpenBLAS, sized by ``OMP_NUM_THREADS``/``OPENBLAS_NUM_THREADS`` at start-up);
-the elementwise passes run on the calling thread, so no second pool ever
-spins against BLAS's. The GIL is released for the whole sequence, so layers
-on different Python threads run in parallel.
+Threads: one pool, OpenMP's. The batch is split into parts, one per thread
+(``num_threads()``, which honours ``OMP_NUM_THREADS``); rows are independent,
+so each thread runs the whole sequence for its part without synchronising per
+step. BLAS is held at one thread meanwhile, so its pool never spins against
+ours. Without OpenMP or without OpenBLAS's thread control, one part runs and
+BLAS threads as it likes. The GIL is released for the whole sequence, so
+layers on different Python threads run in parallel.
 
 Example:
     >>> import numpy as np, lstmeng as le
@@ -362,7 +364,8 @@ class CythonBackend(Backend):
                 _cython_lstm.ACTIVATION_KINDS[ws.recurrent_activation],
                 ws.reverse, ws.zero_output_for_mask,
                 ws.packed_x, ws.gates, ws.c_prev, ws.cell_act, ws.h_in,
-                dx, dh0, dc0, dkernel, drecurrent_kernel, dbias)
+                dx, dh0, dc0, dkernel, drecurrent_kernel, dbias,
+                num_threads() if _single_threaded_blas.available else 1)
         return SequenceGrads(dx=dx, dh0=dh0, dc0=dc0, dkernel=dkernel,
                              drecurrent_kernel=drecurrent_kernel, dbias=dbias)
 
