@@ -90,9 +90,14 @@ def tiny_shapes(monkeypatch):
     return common
 
 
+@pytest.mark.parametrize("backend", ["numpy", "cython", pytest.param("tensorflow", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("cls, method", CASES, ids=[f"{cls.__name__}.{name}" for cls, name in CASES])
-def test_benchmark_runs_on_numpy_backend(tiny_shapes, cls, method):
-    for params in itertools.product(["numpy"], *cls.params[1:]):
+def test_benchmark_runs_at_tiny_size(tiny_shapes, cls, method, backend):
+    try:
+        tiny_shapes.require_backend(backend)
+    except NotImplementedError as error:
+        pytest.skip(str(error))
+    for params in itertools.product([backend], *cls.params[1:]):
         benchmark = cls()
         benchmark.setup(*params)
         result = getattr(benchmark, method)(*params)
