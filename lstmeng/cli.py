@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train Bidirectional(LSTM) -> LSTM -> dense with lstmeng on a synthetic task with "
                     "variable-length (padded, masked) sequences. adding: the adding problem (validation MSE "
                     "must drop below 0.01; predicting the mean scores ~0.167). sentiment: the label depends "
-                    "on two tokens far apart (validation accuracy must exceed 90%%).")
+                    "on two tokens far apart (validation accuracy must exceed 90%).")
     demo_parser.add_argument("--task", choices=demo.TASKS, default="adding", help="default: adding")
     demo_parser.add_argument("--backend", default="auto", help="backend name (see `lstmeng info`); default: auto")
     demo_parser.add_argument("--epochs", type=int, help="default: the task's setting, which meets its target")
