@@ -413,14 +413,7 @@ BAD_WEIGHT_FILES = ["bidirectional backward kernel shape", "bidirectional extra 
                     "0-d weight", "pickled weight among valid ones"]
 
 
-COMPLEX_WEIGHTS_BUG = (
-    "lstmeng/_weights.py set_weights accepts complex arrays (np.issubdtype(complex, np.number) is True) and "
-    "casts them to float, dropping the imaginary part with only a ComplexWarning; le.load of a file with "
-    "complex weights therefore succeeds, while a complex x is refused with TypeError 'must be real'")
-
-
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=COMPLEX_WEIGHTS_BUG))
-                                  if name == "complex weights" else name for name in BAD_WEIGHT_FILES])
+@pytest.mark.parametrize("name", BAD_WEIGHT_FILES)
 def test_load_weights_disagreeing_with_config(name, tmp_path):
     flag = tmp_path / "executed.flag"
     files = _bad_weight_files(flag)
