@@ -24,7 +24,6 @@ import contextlib
 import io
 import json
 import pickle
-import zipfile
 
 import numpy as np
 import pytest
