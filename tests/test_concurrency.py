@@ -83,6 +83,33 @@ def test_two_threads_match_sequential(backend_name):
                                                             f"result {position} differs from the sequential run")
 
 
+def _process_wide_blas_threads(backend_name):
+    """OpenBLAS's process-wide thread count, which the cython kernels lower while they run
+    (a reference-counted switch, lstmeng/backends/cython.py); None where not applicable."""
+    if backend_name != "cython":
+        return None
+    from lstmeng.backends import cython as cython_module
+
+    switch = cython_module._single_threaded_blas
+    return switch._functions[0]() if switch.available else None
+
+
+@pytest.mark.parametrize("backend_name", [name for name in AVAILABLE if name == "cython"])
+def test_overlapping_calls_restore_process_wide_state(backend_name):
+    """Two threads entering and leaving the kernels in every interleaving leave the
+    process-wide BLAS thread count as it was (no thread restores another's value)."""
+    before = _process_wide_blas_threads(backend_name)
+    if before is None:
+        pytest.skip("the OpenBLAS thread-count functions were not found (the kernels then change nothing)")
+    runs = _jobs(backend_name, dtypes_of(backend_name)[0])
+    threads = [threading.Thread(target=lambda run=run: [run() for _ in range(10)]) for run in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert _process_wide_blas_threads(backend_name) == before
+
+
 @pytest.mark.parametrize("backend_name", THREADED)
 def test_backend_scope_is_per_thread(backend_name):
     """``use_backend`` in one thread does not change the backend another thread's auto layer resolves."""
