@@ -184,11 +184,11 @@ def test_python_dash_m_runs_bench_and_reports_errors(tmp_path):
     assert report["machine"]["threads"] == 1
     assert "numpy" in done.stdout
 
-    failed = subprocess.run([sys.executable, "-m", "lstmeng", "demo", "--backend", "no_such_backend"],
+    failed = subprocess.run([sys.executable, "-m", "lstmeng", "bench", "--shapes", "64,100,256"],
                             capture_output=True, text=True, env=environment, timeout=600)
     assert failed.returncode == cli.USAGE_ERROR
     assert "Traceback" not in failed.stderr
-    assert "unknown backend 'no_such_backend'" in failed.stderr
+    assert "bad shape '64,100,256'" in failed.stderr
 
 
 # -- demo: command line ---------------------------------------------------------------------------------------
