@@ -19,9 +19,11 @@ only proves that the suite works.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,6 +81,11 @@ def main(argv=None) -> int:
     parser.add_argument("--bench", default=None, help="only benchmarks matching this regular expression")
     args = parser.parse_args(argv)
     deadline = time.monotonic() + args.timeout
+    # asv run writes results/<machine>/machine.json even with --dry-run; the
+    # smoke machine must not appear among the recorded ones.
+    machine_results = ASV_DIR / "results" / MACHINE
+    if not machine_results.exists():
+        atexit.register(shutil.rmtree, machine_results, ignore_errors=True)
 
     def remaining() -> float:
         return max(1.0, deadline - time.monotonic())
