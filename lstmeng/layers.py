@@ -204,7 +204,10 @@ class LSTM(LSTMWeights):
         if training:
             self._tape = _Tape(backend, workspace, batch, steps, call.got_initial_state)
         if self.stateful:
-            self.states = [h, c]
+            # Host arrays are mutable: carry copies so that a caller editing the
+            # returned h or c in place does not change the next call's state.
+            # (tf.Tensor is immutable; device arrays are the caller's to keep.)
+            self.states = [h.copy(), c.copy()] if isinstance(h, np.ndarray) else [h, c]
         self._last_states = [h, c]
         if self.return_sequences:
             if self.go_backwards and not input_order:

@@ -165,6 +165,19 @@ def test_stateful_two_calls_equal_one_long_call():
     np.testing.assert_allclose(stateful.states[1], c, rtol=1e-12)
 
 
+def test_stateful_carried_state_is_not_the_returned_array():
+    # Editing the returned states in place must not change what the next call starts from.
+    x = x_of(steps=6)
+    whole = lstm(return_sequences=True, return_state=True)
+    y, _, _ = whole(x)
+    stateful = lstm(return_sequences=True, return_state=True, stateful=True)
+    _, h1, c1 = stateful(x[:, :3])
+    h1[...] = 0.0
+    c1[...] = 0.0
+    y2, _, _ = stateful(x[:, 3:])
+    np.testing.assert_allclose(y2, y[:, 3:], rtol=1e-12)
+
+
 def test_stateful_reset_state_and_explicit_states():
     x = x_of()
     stateful = lstm(stateful=True)
