@@ -223,6 +223,23 @@ def _weights_only(shapes, model):
     return [shape for shape in shapes if shape not in allowed]
 
 
+def _check_training_step_on_device(backend, monkeypatch, host, gpu, x, expected, rng, **call):
+    """Run ``gpu`` on device arrays and compare with the host model's ``expected`` output:
+    outputs and dx stay on the device, only weight gradients come to the host, and the
+    outputs, dx and weight gradients match the numpy model's."""
+    copies = _HostCopies(backend, monkeypatch)
+    actual = gpu(backend.asarray(x, np.float32), training=True, **call)
+    assert _device_kind(actual)
+    dy = rng.normal(size=expected.shape).astype(np.float32)
+    dx_device = gpu.backward(backend.asarray(dy, np.float32))
+    assert _device_kind(dx_device)
+    assert _weights_only(copies.shapes, gpu) == []
+    np.testing.assert_allclose(backend.to_numpy(actual), expected, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(backend.to_numpy(dx_device), host.backward(dy), rtol=2e-4, atol=2e-5)
+    for name in host.grads:
+        np.testing.assert_allclose(gpu.grads[name], host.grads[name], rtol=2e-4, atol=2e-5, err_msg=name)
+
+
 @pytest.mark.parametrize("go_backwards", [False, True])
 def test_lstm_device_array_in_device_array_out(backend, monkeypatch, go_backwards):
     batch, steps, features, units = 3, 4, 3, 4
@@ -262,17 +279,7 @@ def test_bidirectional_on_device(backend, monkeypatch, merge_mode):
                            merge_mode=merge_mode)
     expected = host(x, lengths=lengths, training=True)
     gpu.set_weights(host.get_weights())
-    copies = _HostCopies(backend, monkeypatch)
-    actual = gpu(backend.asarray(x, np.float32), lengths=lengths, training=True)
-    assert _device_kind(actual)
-    dy = rng.normal(size=expected.shape).astype(np.float32)
-    dx_device = gpu.backward(backend.asarray(dy, np.float32))
-    assert _device_kind(dx_device)
-    assert _weights_only(copies.shapes, gpu) == []
-    np.testing.assert_allclose(backend.to_numpy(actual), expected, rtol=2e-5, atol=2e-5)
-    np.testing.assert_allclose(backend.to_numpy(dx_device), host.backward(dy), rtol=2e-4, atol=2e-5)
-    for name in host.grads:
-        np.testing.assert_allclose(gpu.grads[name], host.grads[name], rtol=2e-4, atol=2e-5, err_msg=name)
+    _check_training_step_on_device(backend, monkeypatch, host, gpu, x, expected, rng, lengths=lengths)
 
 
 def test_sequential_on_device(backend, monkeypatch):
@@ -293,17 +300,7 @@ def test_sequential_on_device(backend, monkeypatch):
     # Building draws the initial weights from each layer's seeded generator; build
     # the same way as the host model so the dropout masks drawn next are the same.
     gpu.build(features).set_weights(host.get_weights())
-    copies = _HostCopies(backend, monkeypatch)
-    actual = gpu(backend.asarray(x, np.float32), mask=mask, training=True)
-    assert _device_kind(actual)
-    dy = rng.normal(size=expected.shape).astype(np.float32)
-    dx_device = gpu.backward(backend.asarray(dy, np.float32))
-    assert _device_kind(dx_device)
-    assert _weights_only(copies.shapes, gpu) == []
-    np.testing.assert_allclose(backend.to_numpy(actual), expected, rtol=2e-5, atol=2e-5)
-    np.testing.assert_allclose(backend.to_numpy(dx_device), host.backward(dy), rtol=2e-4, atol=2e-5)
-    for name in host.grads:
-        np.testing.assert_allclose(gpu.grads[name], host.grads[name], rtol=2e-4, atol=2e-5, err_msg=name)
+    _check_training_step_on_device(backend, monkeypatch, host, gpu, x, expected, rng, mask=mask)
 
 
 def test_stateful_layer_keeps_states_on_device(backend):
