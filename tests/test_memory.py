@@ -47,8 +47,6 @@ _SEVEN_H_PLUS_I = ("keeps {arrays} per (row, step): (7H + I) elements, 1.33x the
                    "at I = H (measured {measured}); cell_act is recomputable from c and the input "
                    "copy is only needed with input dropout")
 KNOWN_WORKSPACE_OVERHEAD = {
-    "numpy": _SEVEN_H_PLUS_I.format(
-        arrays="x copy [T,B,I], h_in, c_prev, cell_act [T,B,H], gates [T,B,4H]", measured="1.333x"),
     "cython": _SEVEN_H_PLUS_I.format(
         arrays="packed_x [N,I], h_in, c_prev, cell_act [N,H], gates [N,4H]", measured="1.336x"),
     "tensorflow": _SEVEN_H_PLUS_I.format(

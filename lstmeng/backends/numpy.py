@@ -24,18 +24,22 @@ from lstmeng.backends.base import Backend, SequenceForward, SequenceGrads
 class _Workspace:
     """What the backward needs, time-major and in input time order.
 
-    x: [T, B, I] inputs after input dropout; h_in: [T, B, H] h(t-1) as it
-    entered the recurrence (after recurrent dropout); c_prev: [T, B, H];
-    gates: [T, B, 4H] activated gates (i, f, g, o); cell_act: [T, B, H]
-    activation(c(t)); mask: [T, B] bool or None; seen_before: [T, B] bool, a
-    real step came earlier in processing order (None without mask).
+    x: [B, T, I] the caller's input array itself (batch-major, before input
+    dropout): referenced, not copied, so it must not change before the
+    backward; h_in: [T, B, H] h(t-1) as it entered the recurrence (after
+    recurrent dropout); c_prev: [T, B, H]; gates: [T, B, 4H] activated gates
+    (i, f, g, o); mask: [T, B] bool or None; seen_before: [T, B] bool, a real
+    step came earlier in processing order (None without mask).
+
+    That is 6H values per (row, step), the theoretical workspace: the
+    backward recomputes activation(c(t)) from the gates and c(t-1), and
+    re-applies the [B, I] input dropout mask to x.
     """
 
     x: np.ndarray
     h_in: np.ndarray
     c_prev: np.ndarray
     gates: np.ndarray
-    cell_act: np.ndarray
     mask: np.ndarray | None
     seen_before: np.ndarray | None
     last_real: np.ndarray | None
@@ -69,6 +73,24 @@ def _input_projection(x_tb, kernel, bias):
     if bias is not None:
         projection += bias
     return projection
+
+
+def _input_gradient_product(x, input_dropout_mask, gate_grads):
+    """dkernel ``[I, 4H]`` = sum over (b, t) of (x * mask)[b, t]^T gate_grads[t, b].
+
+    Args:
+        x: ``[B, T, I]`` the forward's input; input_dropout_mask: ``[B, I]`` or None;
+        gate_grads: ``[T, B, 4H]``.
+
+    The dropped-out input is a temporary of the backward (the forward keeps x
+    only), and the gate gradients are made batch-major to meet x's layout.
+    """
+    batch, steps, features = x.shape
+    if input_dropout_mask is not None:
+        x = x * input_dropout_mask[:, None, :]
+    flat_x = x.reshape(batch * steps, features)
+    flat_gate_grads = np.swapaxes(gate_grads, 0, 1).reshape(batch * steps, -1)
+    return flat_x.T @ flat_gate_grads
 
 
 def last_output_rows(mask_tb, reverse: bool, zero_output_for_mask: bool):
@@ -119,7 +141,6 @@ class NumpyBackend(Backend):
             h_in_all = np.empty((steps, batch, units), dtype)
             c_prev_all = np.empty((steps, batch, units), dtype)
             gates_all = np.empty((steps, batch, 4 * units), dtype)
-            cell_act_all = np.empty((steps, batch, units), dtype)
             seen_before = None if mask is None else np.empty((steps, batch), bool)
         seen = np.zeros(batch, bool)
 
@@ -142,7 +163,6 @@ class NumpyBackend(Backend):
                 h_in_all[t] = h_in
                 c_prev_all[t] = c
                 gates_all[t] = np.concatenate([i, f, g, o], axis=1)
-                cell_act_all[t] = cell_act
             if mask_tb is None:
                 h, c, output = h_new, c_new, h_new
             else:
@@ -164,10 +184,9 @@ class NumpyBackend(Backend):
 
         workspace = None
         if training:
-            # Training ran one block, so x_block holds every step's (dropped-out) input.
             workspace = _Workspace(
-                x=x_block, h_in=h_in_all, c_prev=c_prev_all, gates=gates_all,
-                cell_act=cell_act_all, mask=None if mask_tb is None else np.ascontiguousarray(mask_tb),
+                x=x, h_in=h_in_all, c_prev=c_prev_all, gates=gates_all,
+                mask=None if mask_tb is None else np.ascontiguousarray(mask_tb),
                 seen_before=seen_before,
                 last_real=None if mask_tb is None else last_output_rows(mask_tb, reverse, zero_output_for_mask),
                 kernel=kernel, recurrent_kernel=recurrent_kernel, has_bias=bias is not None,
@@ -180,6 +199,7 @@ class NumpyBackend(Backend):
 
     def sequence_backward(self, doutputs, dh, dc, workspace):
         ws = workspace
+        act = activations.FUNCTIONS[ws.activation]
         dact = activations.DERIVATIVES_FROM_OUTPUT[ws.activation]
         dract = activations.DERIVATIVES_FROM_OUTPUT[ws.recurrent_activation]
         steps, batch, units = ws.c_prev.shape
@@ -209,7 +229,8 @@ class NumpyBackend(Backend):
                 dh_total = dh
             gates = ws.gates[t]
             i, f, g, o = (gates[:, k * units:(k + 1) * units] for k in range(4))
-            cell_act = ws.cell_act[t]
+            # activation(c(t)), recomputed exactly as the forward computed it.
+            cell_act = act(f * ws.c_prev[t] + i * g)
             do = dh_total * cell_act
             dc_total = dc + dh_total * o * dact(cell_act)
             di = dc_total * g
@@ -231,7 +252,7 @@ class NumpyBackend(Backend):
             gate_grads[t] = dz
 
         flat_gate_grads = gate_grads.reshape(steps * batch, 4 * units)
-        dkernel = ws.x.reshape(steps * batch, -1).T @ flat_gate_grads
+        dkernel = _input_gradient_product(ws.x, ws.input_dropout_mask, gate_grads)
         drecurrent_kernel = ws.h_in.reshape(steps * batch, units).T @ flat_gate_grads
         dbias = flat_gate_grads.sum(axis=0)
         dx_tb = (flat_gate_grads @ ws.kernel.T).reshape(steps, batch, -1)
