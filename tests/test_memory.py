@@ -2,8 +2,9 @@
 workspace within 10% of the theoretical one.
 
 Theoretical training workspace (docs/reliability.md): what the backward of
-one layer direction needs per processed step and batch row, with nothing
-recomputed and the caller's input referenced rather than copied::
+one layer direction needs per processed step and batch row, with no gate
+recomputed (only activation(c(t)), elementwise from the gates and c(t-1))
+and the caller's input referenced rather than copied::
 
     gates (i, f, g, o activated)  4H
     cell state c(t-1)              H
@@ -13,11 +14,14 @@ recomputed and the caller's input referenced rather than copied::
 
 Workspace size is measured as the growth per (row, step) between a short and
 a long sequence, which cancels what does not scale with B x T (weights,
-masks, Python objects). numpy and cython allocate their workspaces as NumPy
+Python objects; bool masks add 1 or 2 bytes per (row, step), inside the
+allowance). numpy and cython allocate their workspaces as NumPy
 arrays, which tracemalloc traces, so for them tracemalloc measures
 everything the forward keeps alive; TensorFlow's and CUDA's allocators are
 invisible to tracemalloc, so for those backends the arrays held by the
-returned workspace are summed instead.
+returned workspace are summed instead, except the caller's own input array
+(excluded by identity: ``value is x``, the very array passed to
+``sequence_forward``), which the workspace references rather than keeps.
 
 A backend that misses a bound is marked xfail(strict=True) with the measured
 numbers and the arrays responsible: visible, and an XPASS once it is fixed.
@@ -49,8 +53,6 @@ _SEVEN_H_PLUS_I = ("keeps {arrays} per (row, step): (7H + I) elements, 1.33x the
 KNOWN_WORKSPACE_OVERHEAD = {
     "cython": _SEVEN_H_PLUS_I.format(
         arrays="packed_x [N,I], h_in, c_prev, cell_act [N,H], gates [N,4H]", measured="1.336x"),
-    "tensorflow": _SEVEN_H_PLUS_I.format(
-        arrays="x [T,B,I], h_in, c_prev, cell_act [T,B,H], gates [T,B,4H] (+ bool masks)", measured="1.336x"),
     "numba_cuda": _SEVEN_H_PLUS_I.format(
         arrays="x_in [B,T,I], h_in, c_prev, cell_act [B,T,H], gates [B,T,4H] (+ bool masks)", measured="1.361x at the simulator's I = H = 3"),
 }
@@ -164,15 +166,16 @@ def _array_bytes(value) -> int:
     return int(np.prod([int(n) for n in value.shape])) * dtype.itemsize
 
 
-def workspace_bytes(workspace) -> int:
-    """Bytes of the arrays a backend's workspace holds (fields of a dataclass, or a dict/list)."""
+def workspace_bytes(workspace, caller_input) -> int:
+    """Bytes of the arrays a backend's workspace holds (fields of a dataclass, or a dict/list),
+    except ``caller_input`` itself (by identity): the caller's x, referenced rather than kept."""
     if dataclasses.is_dataclass(workspace):
         values = [getattr(workspace, field.name) for field in dataclasses.fields(workspace)]
     elif isinstance(workspace, dict):
         values = list(workspace.values())
     else:
         values = list(workspace)
-    return sum(_array_bytes(value) for value in values)
+    return sum(_array_bytes(value) for value in values if value is not caller_input)
 
 
 def workspace_shape(backend_name):
@@ -189,15 +192,15 @@ def workspace_array_bytes_per_step(backend_name) -> float:
     recurrent_kernel = rng.normal(size=(units, 4 * units)).astype("float32")
 
     def held(steps):
-        x = rng.normal(size=(batch, steps, input_size)).astype("float32")
+        x = backend.asarray(rng.normal(size=(batch, steps, input_size)).astype("float32"), np.float32)
         mask = np.ones((batch, steps), bool)
         mask[0, -1] = False
         zeros = np.zeros((batch, units), "float32")
         forward = backend.sequence_forward(
-            backend.asarray(x, np.float32), backend.asarray(zeros, np.float32), backend.asarray(zeros, np.float32),
+            x, backend.asarray(zeros, np.float32), backend.asarray(zeros, np.float32),
             backend.asarray(kernel, np.float32), backend.asarray(recurrent_kernel, np.float32), None,
             backend.asarray(mask, np.bool_), training=True)
-        return workspace_bytes(forward.workspace)
+        return workspace_bytes(forward.workspace, caller_input=x)
 
     return _per_step_bytes(held, batch, short, long)
 

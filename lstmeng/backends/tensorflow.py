@@ -91,12 +91,17 @@ class _Options:
 class _Workspace:
     """What the backward needs, time-major and in input time order (TF tensors).
 
-    x: [T, B, I] inputs after input dropout; h_in: [T, B, H] h(t-1) as it
-    entered the recurrence (after recurrent dropout); c_prev: [T, B, H];
-    gates: [T, B, 4H] activated gates (i, f, g, o); cell_act: [T, B, H]
-    activation(c(t)); mask: [T, B] bool or None; seen_before: [T, B] bool, a
-    real step came earlier in processing order; last_real: [B] bool, the last
-    output equals the final h on this row (both None without a mask).
+    x: [B, T, I] the input tensor the forward was given (before input
+    dropout), referenced, not copied; h_in: [T, B, H] h(t-1) as it entered
+    the recurrence (after recurrent dropout); c_prev: [T, B, H]; gates:
+    [T, B, 4H] activated gates (i, f, g, o); mask: [B, T] bool or None;
+    seen_before: [T, B] bool, a real step came earlier in processing order;
+    last_real: [B] bool, the last output equals the final h on this row (both
+    None without a mask).
+
+    That is 6H values per (row, step), the theoretical workspace: the
+    backward recomputes activation(c(t)) from the gates and c(t-1), and
+    re-applies the [B, I] input dropout mask to x.
     """
 
     options: _Options
@@ -104,7 +109,6 @@ class _Workspace:
     h_in: object
     c_prev: object
     gates: object
-    cell_act: object
     mask: object
     seen_before: object
     last_real: object
@@ -124,7 +128,7 @@ def _forward_graph(options: _Options, x, h0, c0, kernel, recurrent_kernel, bias,
     """The traced forward. x: [B, T, I]; h0, c0: [B, H]; mask: [B, T] bool.
 
     Returns (outputs, h, c) and, when training, the workspace tensors
-    (x_tb, h_in, c_prev, gates, cell_act, seen_before, last_real).
+    (h_in, c_prev, gates, seen_before, last_real).
     """
     act = _activation(options.activation)
     ract = _activation(options.recurrent_activation)
@@ -152,7 +156,7 @@ def _forward_graph(options: _Options, x, h0, c0, kernel, recurrent_kernel, bias,
     if options.return_sequences:
         carry["outputs"] = new_array()
     if options.training:
-        for name in ("h_in", "c_prev", "gates", "cell_act"):
+        for name in ("h_in", "c_prev", "gates"):
             carry[name] = new_array()
         if options.has_mask:
             carry["seen_before"] = tf.TensorArray(tf.bool, size=steps)
@@ -172,7 +176,6 @@ def _forward_graph(options: _Options, x, h0, c0, kernel, recurrent_kernel, bias,
             carry["h_in"] = carry["h_in"].write(t, h_in)
             carry["c_prev"] = carry["c_prev"].write(t, c)
             carry["gates"] = carry["gates"].write(t, tf.concat([i, f, g, o], axis=1))
-            carry["cell_act"] = carry["cell_act"].write(t, cell_act)
         if options.has_mask:
             real_rows = mask_tb[t]
             real = real_rows[:, None]
@@ -197,7 +200,7 @@ def _forward_graph(options: _Options, x, h0, c0, kernel, recurrent_kernel, bias,
         outputs = carry["previous_output"]
     results = [outputs, carry["h"], carry["c"]]
     if options.training:
-        results += [x_tb] + [carry[name].stack() for name in ("h_in", "c_prev", "gates", "cell_act")]
+        results += [carry[name].stack() for name in ("h_in", "c_prev", "gates")]
         if options.has_mask:
             if options.zero_output_for_mask:
                 last_real = mask_tb[0] if options.reverse else mask_tb[-1]
@@ -207,12 +210,13 @@ def _forward_graph(options: _Options, x, h0, c0, kernel, recurrent_kernel, bias,
     return tuple(results)
 
 
-def _backward_graph(options: _Options, doutputs, dh, dc, x_tb, h_in, c_prev, gates, cell_act,
+def _backward_graph(options: _Options, doutputs, dh, dc, x, h_in, c_prev, gates,
                     mask, seen_before, last_real, kernel, recurrent_kernel,
                     input_dropout_mask, recurrent_dropout_mask):
     """The traced backward. doutputs: [B, T, H] or [B, H]; dh, dc: [B, H]; the
     workspace tensors as in ``_Workspace``. Returns (dx, dh0, dc0, dkernel,
     drecurrent_kernel, dbias)."""
+    act = _activation(options.activation)
     dact = _derivative_from_output(options.activation)
     dract = _derivative_from_output(options.recurrent_activation)
     steps, batch = tf.shape(c_prev)[0], tf.shape(c_prev)[1]
@@ -243,7 +247,8 @@ def _backward_graph(options: _Options, doutputs, dh, dc, x_tb, h_in, c_prev, gat
         else:
             dh_total = dh
         i, f, g, o = tf.split(gates[t], 4, axis=1)
-        activated_cell = cell_act[t]
+        # activation(c(t)), recomputed exactly as the forward computed it.
+        activated_cell = act(f * c_prev[t] + i * g)
         do = dh_total * activated_cell
         dc_total = dc + dh_total * o * dact(activated_cell)
         di = dc_total * g
@@ -267,9 +272,15 @@ def _backward_graph(options: _Options, doutputs, dh, dc, x_tb, h_in, c_prev, gat
     _, dh0, dc0, gate_grads = tf.while_loop(
         lambda step, *_: step < steps, body, (tf.constant(0), dh, dc, gate_grads))
     # Weight gradients as matmuls over all steps: [T*B, .]^T @ [T*B, 4H].
-    flat_gate_grads = tf.reshape(gate_grads.stack(), [steps * batch, 4 * units])
-    features = tf.shape(x_tb)[2]
-    dkernel = tf.matmul(tf.reshape(x_tb, [steps * batch, features]), flat_gate_grads, transpose_a=True)
+    gate_grads = gate_grads.stack()  # [T, B, 4H]
+    flat_gate_grads = tf.reshape(gate_grads, [steps * batch, 4 * units])
+    features = tf.shape(x)[2]
+    # dkernel meets x in its own batch-major layout; x times the input
+    # dropout mask is a temporary here, the forward keeps x only.
+    x_in = x * input_dropout_mask[:, None, :] if options.has_input_dropout else x
+    dkernel = tf.matmul(tf.reshape(x_in, [batch * steps, features]),
+                        tf.reshape(tf.transpose(gate_grads, [1, 0, 2]), [batch * steps, 4 * units]),
+                        transpose_a=True)
     drecurrent_kernel = tf.matmul(tf.reshape(h_in, [steps * batch, units]), flat_gate_grads, transpose_a=True)
     dbias = tf.reduce_sum(flat_gate_grads, axis=0)
     dx_tb = tf.reshape(tf.matmul(flat_gate_grads, kernel, transpose_b=True), [steps, batch, features])
@@ -331,15 +342,15 @@ class TensorflowBackend(Backend):
             if function is None:
                 dtype = tf.as_dtype(options.dtype)
 
-                def backward(doutputs, dh, dc, x_tb, h_in, c_prev, gates, cell_act, mask, seen_before,
+                def backward(doutputs, dh, dc, x, h_in, c_prev, gates, mask, seen_before,
                              last_real, kernel, recurrent_kernel, input_dropout_mask, recurrent_dropout_mask):
-                    return _backward_graph(options, doutputs, dh, dc, x_tb, h_in, c_prev, gates, cell_act,
+                    return _backward_graph(options, doutputs, dh, dc, x, h_in, c_prev, gates,
                                            mask, seen_before, last_real, kernel, recurrent_kernel,
                                            input_dropout_mask, recurrent_dropout_mask)
 
                 masked = options.has_mask
                 signature = [_spec(3 if options.return_sequences else 2, dtype), _spec(2, dtype), _spec(2, dtype),
-                             _spec(3, dtype), _spec(3, dtype), _spec(3, dtype), _spec(3, dtype), _spec(3, dtype),
+                             _spec(3, dtype), _spec(3, dtype), _spec(3, dtype), _spec(3, dtype),
                              _spec(2 if masked else 1, tf.bool), _spec(2 if masked else 1, tf.bool),
                              _spec(1, tf.bool), _spec(2, dtype), _spec(2, dtype),
                              _spec(2 if options.has_input_dropout else 1, dtype),
@@ -368,10 +379,12 @@ class TensorflowBackend(Backend):
         outputs, h, c = results[:3]
         workspace = None
         if training:
-            x_tb, h_in, c_prev, gates, cell_act = results[3:8]
-            seen_before, last_real = results[8:10] if options.has_mask else (None, None)
+            h_in, c_prev, gates = results[3:6]
+            seen_before, last_real = results[6:8] if options.has_mask else (None, None)
+            # x is the caller's tensor (converted once when it came as NumPy):
+            # referenced, not copied; the backward must not see it changed.
             workspace = _Workspace(
-                options=options, x=x_tb, h_in=h_in, c_prev=c_prev, gates=gates, cell_act=cell_act,
+                options=options, x=tensors[0], h_in=h_in, c_prev=c_prev, gates=gates,
                 mask=tensors[6] if options.has_mask else None, seen_before=seen_before, last_real=last_real,
                 kernel=tensors[3], recurrent_kernel=tensors[4],
                 input_dropout_mask=tensors[7] if options.has_input_dropout else None,
@@ -386,7 +399,7 @@ class TensorflowBackend(Backend):
         empty = tf.zeros([0], dtype)
         results = self._backward_function(options)(
             self.asarray(doutputs, dtype), self.asarray(dh, dtype), self.asarray(dc, dtype),
-            ws.x, ws.h_in, ws.c_prev, ws.gates, ws.cell_act,
+            ws.x, ws.h_in, ws.c_prev, ws.gates,
             ws.mask if options.has_mask else empty_bool,
             ws.seen_before if options.has_mask else empty_bool,
             ws.last_real if options.has_mask else empty_bool,
