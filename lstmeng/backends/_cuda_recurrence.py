@@ -150,7 +150,7 @@ def _make_forward(dtype, shape: RecurrenceShape):
 
     @cuda.jit
     def forward_recurrence(projection, recurrent_kernel, recurrent_dropout, mask, seen_before, h0, c0,
-                           h_buffers, c_state, outputs, h_in_ws, c_prev_ws, gates_ws, cell_act_ws,
+                           h_buffers, c_state, outputs, h_in_ws, c_prev_ws, gates_ws,
                            units_per_block, activation, recurrent_activation, reverse,
                            zero_output_for_mask, return_sequences, training, has_mask,
                            has_recurrent_dropout, weights_in_shared):
@@ -165,8 +165,9 @@ def _make_forward(dtype, shape: RecurrenceShape):
             h_buffers: [2, B, H] out; buffer T % 2 holds the final h on exit.
             c_state: [B, H] out: the final c.
             outputs: [B, T, H] written when return_sequences.
-            h_in_ws, c_prev_ws, cell_act_ws: [B, T, H]; gates_ws: [B, T, 4H]
-                activated gates; written when training (the backward's workspace).
+            h_in_ws, c_prev_ws: [B, T, H]; gates_ws: [B, T, 4H] activated
+                gates; written when training (the backward's workspace; it
+                recomputes activation(c(t)) from them).
         """
         grid = cuda.cg.this_grid()
         shared = cuda.shared.array(0, dtype=element)
@@ -277,7 +278,6 @@ def _make_forward(dtype, shape: RecurrenceShape):
                                 gates_ws[b, t, units + u] = forget_gate
                                 gates_ws[b, t, 2 * units + u] = candidate
                                 gates_ws[b, t, 3 * units + u] = output_gate
-                                cell_act_ws[b, t, u] = cell_act
                             real = True
                             if has_mask:
                                 real = mask[b, t]
@@ -302,11 +302,11 @@ def _make_forward(dtype, shape: RecurrenceShape):
 def _make_backward(dtype, shape: RecurrenceShape):
     THREADS, ROWS, K_TILE = shape.threads, shape.rows, shape.k_tile
     element = numba.from_dtype(dtype)
-    _, derivative, ZERO = _device_math(dtype)
+    activate, derivative, ZERO = _device_math(dtype)
 
     @cuda.jit
     def backward_recurrence(doutputs, recurrent_kernel, recurrent_dropout, mask, seen_before,
-                            gates_ws, cell_act_ws, c_prev_ws, dh_state, dc_state, dh_total_scratch,
+                            gates_ws, c_prev_ws, dh_state, dc_state, dh_total_scratch,
                             gate_grads, units_per_block, activation, recurrent_activation, reverse,
                             zero_output_for_mask, return_sequences, has_mask, has_recurrent_dropout,
                             weights_in_shared):
@@ -316,7 +316,7 @@ def _make_backward(dtype, shape: RecurrenceShape):
             doutputs: [B, T, H] gradient of the sequence outputs (read when return_sequences).
             recurrent_kernel: [H, 4H].
             recurrent_dropout: [B, H]; mask, seen_before: [B, T] bool.
-            gates_ws: [B, T, 4H]; cell_act_ws, c_prev_ws: [B, T, H] (the forward's workspace).
+            gates_ws: [B, T, 4H]; c_prev_ws: [B, T, H] (the forward's workspace).
             dh_state, dc_state: [B, H] gradients of the final states on entry
                 (the last output's gradient already added), of h0 and c0 on exit.
             dh_total_scratch: [B, H] scratch (dh + dy of the current step).
@@ -362,11 +362,14 @@ def _make_backward(dtype, shape: RecurrenceShape):
                 forget_gate = gates_ws[b, t, units + u]
                 candidate = gates_ws[b, t, 2 * units + u]
                 output_gate = gates_ws[b, t, 3 * units + u]
-                cell_act = cell_act_ws[b, t, u]
+                c_old = c_prev_ws[b, t, u]
+                # activation(c(t)), recomputed exactly as the forward computed it.
+                c_new = forget_gate * c_old + input_gate * candidate
+                cell_act = activate(activation, c_new)
                 d_output_gate = dh_total * cell_act
                 dc_total = dc_state[b, u] + dh_total * output_gate * derivative(activation, cell_act)
                 dz_i = dc_total * candidate * derivative(recurrent_activation, input_gate)
-                dz_f = dc_total * c_prev_ws[b, t, u] * derivative(recurrent_activation, forget_gate)
+                dz_f = dc_total * c_old * derivative(recurrent_activation, forget_gate)
                 dz_g = dc_total * input_gate * derivative(activation, candidate)
                 dz_o = d_output_gate * derivative(recurrent_activation, output_gate)
                 if real:

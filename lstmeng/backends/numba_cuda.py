@@ -77,16 +77,22 @@ def _numba_cuda_version() -> str:
 class _Workspace:
     """What ``sequence_backward`` needs from a training forward (device arrays).
 
-    x_in: [B, T, I] inputs after input dropout; h_in, c_prev, cell_act:
-    [B, T, H]; gates: [B, T, 4H] activated; mask, seen_before: [B, T] bool or
-    None; last_output_rows: [B] bool or None.
+    x: [B, T, I] the input before input dropout: the caller's device array
+    itself (referenced, not copied, any strides), or for a host input its
+    device copy, which is the input's residence on the device (the only copy
+    kept); h_in, c_prev: [B, T, H]; gates: [B, T, 4H] activated; mask,
+    seen_before: [B, T] bool or None; last_output_rows: [B] bool or None.
+
+    That is 6H values per (row, step), the theoretical workspace: the
+    backward kernel recomputes activation(c(t)) from the gates and c(t-1),
+    and the dropped-out input for the dkernel GEMM is a temporary of the
+    backward.
     """
 
-    x_in: object
+    x: object
     h_in: object
     c_prev: object
     gates: object
-    cell_act: object
     mask: object
     seen_before: object
     last_output_rows: object
@@ -260,6 +266,20 @@ class NumbaCudaBackend(Backend):
     def _contiguous(self, device):
         return device if device.is_c_contiguous() else self._copy(device, device.dtype)
 
+    def _gemm_input(self, x, input_dropout_mask):
+        """x ``[B, T, I]`` times the ``[B, I]`` input dropout mask (or None), C-contiguous.
+
+        That is the GEMMs' ``[B*T, I]`` operand: x itself when it is
+        contiguous and there is no dropout, else a fresh array that the caller
+        uses and drops (the workspace keeps x only).
+        """
+        from lstmeng.backends import _cuda_elementwise as ew
+        if input_dropout_mask is None:
+            return self._contiguous(x)
+        out = self._empty(tuple(x.shape), x.dtype)
+        ew.scale_rows_3d[ew.blocks_for(out.size), ew.ELEMENTWISE_THREADS](x, input_dropout_mask, out)
+        return out
+
     def _binary(self, op, a, b, factor=0.0):
         from lstmeng.backends import _cuda_elementwise as ew
         a = self._view(a) if self.owns(a) else self.asarray(a, np.result_type(b.dtype))
@@ -311,13 +331,9 @@ class NumbaCudaBackend(Backend):
         batch, steps, features = (int(n) for n in x.shape)
         units = int(recurrent_kernel.shape[0])
 
-        # x after input dropout, [B, T, I] C-contiguous so that it is the GEMM's [B*T, I].
         if input_dropout_mask is not None:
             input_dropout_mask = self.asarray(input_dropout_mask, dtype)
-            x_in = self._empty((batch, steps, features), dtype)
-            ew.scale_rows_3d[ew.blocks_for(x_in.size), ew.ELEMENTWISE_THREADS](x, input_dropout_mask, x_in)
-        else:
-            x_in = self._contiguous(x)
+        x_in = self._gemm_input(x, input_dropout_mask)   # a temporary unless it is x itself
         projection = self._empty((batch, steps, 4 * units), dtype)
         gemm.launch_gemm(x_in.reshape(batch * steps, features), kernel,
                          projection.reshape(batch * steps, 4 * units), bias,
@@ -341,16 +357,16 @@ class NumbaCudaBackend(Backend):
         c_state = self._empty((batch, units), dtype)
         outputs = self._empty((batch, steps, units), dtype) if return_sequences else self._dummy(3, dtype)
         if training:
-            h_in, c_prev, cell_act = (self._empty((batch, steps, units), dtype) for _ in range(3))
+            h_in, c_prev = (self._empty((batch, steps, units), dtype) for _ in range(2))
             gates = self._empty((batch, steps, 4 * units), dtype)
         else:
-            h_in = c_prev = cell_act = gates = self._dummy(3, dtype)
+            h_in = c_prev = gates = self._dummy(3, dtype)
 
         codes = rec.ACTIVATION_CODES
         self._launch_recurrence(
             "forward", dtype, units, batch,
             (projection, recurrent_kernel, recurrent_dropout, mask, seen_before, h0, c0, h_buffers, c_state,
-             outputs, h_in, c_prev, gates, cell_act),
+             outputs, h_in, c_prev, gates),
             (codes[activation], codes[recurrent_activation], bool(reverse), bool(zero_output_for_mask),
              bool(return_sequences), bool(training), has_mask, has_recurrent_dropout))
 
@@ -362,7 +378,7 @@ class NumbaCudaBackend(Backend):
         workspace = None
         if training:
             workspace = _Workspace(
-                x_in=x_in, h_in=h_in, c_prev=c_prev, gates=gates, cell_act=cell_act,
+                x=x, h_in=h_in, c_prev=c_prev, gates=gates,
                 mask=mask if has_mask else None, seen_before=seen_before if has_mask else None,
                 last_output_rows=last_output_rows if has_mask else None, kernel=kernel,
                 recurrent_kernel=recurrent_kernel, activation=activation,
@@ -383,7 +399,7 @@ class NumbaCudaBackend(Backend):
         dtype = np.dtype(ws.gates.dtype)
         batch, steps, gate_columns = (int(n) for n in ws.gates.shape)
         units = gate_columns // 4
-        features = int(ws.x_in.shape[2])
+        features = int(ws.x.shape[2])
         copy_out = not self.owns(doutputs)   # host gradients in, host gradients out
         doutputs = self.asarray(doutputs, dtype)
         dh, dc = self.asarray(dh, dtype), self.asarray(dc, dtype)
@@ -407,7 +423,7 @@ class NumbaCudaBackend(Backend):
             "backward", dtype, units, batch,
             (doutputs if ws.return_sequences else self._dummy(3, dtype), ws.recurrent_kernel,
              ws.recurrent_dropout_mask if has_recurrent_dropout else self._dummy(2, dtype), mask, seen_before,
-             ws.gates, ws.cell_act, ws.c_prev, dh_state, dc_state, scratch, gate_grads),
+             ws.gates, ws.c_prev, dh_state, dc_state, scratch, gate_grads),
             (codes[ws.activation], codes[ws.recurrent_activation], ws.reverse, ws.zero_output_for_mask,
              ws.return_sequences, has_mask, has_recurrent_dropout))
 
@@ -415,7 +431,8 @@ class NumbaCudaBackend(Backend):
         tiles, no_bias = self._gemm_tiles(), self._dummy(1, dtype)
         flat_gate_grads = gate_grads.reshape(batch * steps, gate_columns)
         dkernel = self._empty((features, gate_columns), dtype)
-        gemm.launch_gemm(ws.x_in.reshape(batch * steps, features), flat_gate_grads, dkernel,
+        x_in = self._gemm_input(ws.x, ws.input_dropout_mask)   # a temporary unless it is ws.x itself
+        gemm.launch_gemm(x_in.reshape(batch * steps, features), flat_gate_grads, dkernel,
                          transpose_a=True, tiles=tiles, dummy_bias=no_bias)
         drecurrent_kernel = self._empty((units, gate_columns), dtype)
         gemm.launch_gemm(ws.h_in.reshape(batch * steps, units), flat_gate_grads, drecurrent_kernel,
