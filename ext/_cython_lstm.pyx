@@ -8,24 +8,43 @@
 # arrays such as gates [N, 4H] (N = offsets[P - 1, T]); packed row i of that
 # step is batch row order[row_begin[p] + i].
 #   - general path: parts are contiguous row ranges, active[p, t] = part size,
-#     and a [B, T] mask decides per row and step whether the step is real;
+#     and a [B, T] mask (or none) decides per row and step whether the step is
+#     real. Its active and offsets are *uniform*: passed as [P, 1] arrays (the
+#     part's rows and its first packed row), so nothing of length T is
+#     allocated for them (inference memory stays O(B x H));
 #   - variable-length path (right-padded batch): rows sorted by decreasing
 #     length and dealt round-robin to the parts (so they stay balanced), each
 #     part sorted again, active[p, t] = its rows longer than t: the finished
 #     rows of a step are not in it, so they cost no GEMM rows and no
-#     elementwise work.
+#     elementwise work. active is [P, T], offsets [P, T + 1].
+#
+# Unit split. A batch too small to split by rows (one part) can instead be
+# split by *units*: each of the team's threads owns the units u0 .. u1 - 1,
+# i.e. the gate columns i, f, g, o of those units, and does their share of
+# every product and all of their elementwise work. h(t) is exchanged through
+# memory with one barrier per step (lstm_sync.h): in the forward each thread
+# writes its slice of h(t - 1) into the step's input rows, all wait, then each
+# multiplies the whole h(t - 1) by its columns of the recurrent kernel; in the
+# backward each writes its gate gradients, all wait, then each computes its
+# slice of dh(t - 1) = dz(t) @ R^T from the whole dz(t). This is what makes a
+# batch of one use both cores.
 #
 # Per step the forward does one recurrent GEMM into the gate rows (which hold
-# the input projection, computed for all of a part's steps by one GEMM
-# beforehand, bias folded in), then one pass over the step's rows for
-# nonlinearities, cell update, masking and output write. The backward does one
-# pass for the gate gradients and one GEMM for dh per step; then the weight
-# gradients as two GEMMs over all packed rows (split by gate columns across
-# the threads), the bias gradient as a column sum, and dx as one GEMM per part.
+# the input projection, computed for a chunk of steps by one GEMM beforehand,
+# bias folded in), then one pass over the step's rows for nonlinearities, cell
+# update, masking and output write. The backward does one pass for the gate
+# gradients and one GEMM for dh per step; then the weight gradients as two
+# GEMMs over all packed rows (split by gate columns across the threads), the
+# bias gradient as a column sum, and dx as one GEMM per part.
 #
-# Threads: one pool, OpenMP's. When P > 1 the caller has set BLAS to one thread
-# for the duration of the call, so each BLAS call runs on the OpenMP thread
-# that makes it. The GIL is released for the whole sequence.
+# Training workspace, per packed row: the activated gates (4H), c(t-1) and
+# h(t-1) (H each): the theoretical minimum. act(c(t)) is recomputed in the
+# backward and the inputs are read again from the caller's x.
+#
+# Threads: one pool, OpenMP's. When more than one thread runs, the caller has
+# set BLAS to one thread for the duration of the call, so each BLAS call runs
+# on the OpenMP thread that makes it. The GIL is released for the whole
+# sequence.
 #
 # Shapes use B batch, T steps, I input features, H units, G = 4H gate columns,
 # N packed rows. All index arithmetic is Py_ssize_t (64-bit).
@@ -33,29 +52,36 @@
 from libc.string cimport memcpy, memset
 from libc.limits cimport INT_MAX
 from cython cimport floating
-from cython.parallel cimport prange
+from cython.parallel cimport prange, parallel
 from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
 import numpy as np
 
 cdef extern from "lstm_rows.h" nogil:
-    void lstmeng_forward_row_f32(float *gates, float *c, float *c_prev, float *cell_act,
-                                 float *h, Py_ssize_t H, int act, int ract)
-    void lstmeng_forward_row_f64(double *gates, double *c, double *c_prev, double *cell_act,
-                                 double *h, Py_ssize_t H, int act, int ract)
-    void lstmeng_backward_row_f32(float *gates, const float *cell_act, const float *c_prev,
-                                  const float *dh, float *dc, float *scratch, Py_ssize_t H,
-                                  int act, int ract)
-    void lstmeng_backward_row_f64(double *gates, const double *cell_act, const double *c_prev,
-                                  const double *dh, double *dc, double *scratch, Py_ssize_t H,
+    void lstmeng_forward_row_f32(float *gates, float *c, float *c_prev, float *h,
+                                 Py_ssize_t n, Py_ssize_t stride, int act, int ract)
+    void lstmeng_forward_row_f64(double *gates, double *c, double *c_prev, double *h,
+                                 Py_ssize_t n, Py_ssize_t stride, int act, int ract)
+    void lstmeng_backward_row_f32(float *gates, const float *c_prev, const float *dh, float *dc,
+                                  float *scratch, Py_ssize_t n, Py_ssize_t stride, int act, int ract)
+    void lstmeng_backward_row_f64(double *gates, const double *c_prev, const double *dh,
+                                  double *dc, double *scratch, Py_ssize_t n, Py_ssize_t stride,
                                   int act, int ract)
 
 cdef extern from "lstm_gemm.h" nogil:
     int lstmeng_packed_gemm_supported()
-    void lstmeng_pack_panels_f32(const float *b, Py_ssize_t K, Py_ssize_t G, int transpose,
-                                 float *packed)
+    void lstmeng_pack_panels_f32(const float *b, Py_ssize_t K, Py_ssize_t G, Py_ssize_t ld,
+                                 int transpose, float *packed)
     void lstmeng_gemm_packed_f32(Py_ssize_t rows, Py_ssize_t G, Py_ssize_t K, const float *a,
                                  Py_ssize_t lda, const float *packed, float *c, Py_ssize_t ldc)
+
+cdef extern from "lstm_sync.h" nogil:
+    ctypedef struct lstmeng_barrier:
+        pass
+    int lstmeng_team_size()
+    int lstmeng_thread_index()
+    void lstmeng_barrier_init(lstmeng_barrier *barrier)
+    void lstmeng_barrier_wait(lstmeng_barrier *barrier, Py_ssize_t team)
 
 cdef extern from *:
     """
@@ -76,6 +102,71 @@ cdef bint packed_gemm = PACKED_GEMM
 
 #: Activation names -> the kind numbers of lstm_rows.h.
 ACTIVATION_KINDS = {"tanh": 0, "relu": 1, "sigmoid": 2, "linear": 3, "hard_sigmoid": 4}
+
+#: Packed-kernel panels are 16 columns and its kernels take them in pairs.
+cdef Py_ssize_t PANEL_PAIR = 32
+
+
+cdef struct Layout:
+    # See the module comment. uniform: active and offsets are [P] (per part: its
+    # rows, its first packed row) and every step of a part has the same rows.
+    const Py_ssize_t *order      # [B]
+    const Py_ssize_t *row_begin  # [P + 1]
+    const Py_ssize_t *active     # [P, T], or [P] when uniform
+    const Py_ssize_t *offsets    # [P, T + 1], or [P] when uniform
+    Py_ssize_t T
+    bint uniform
+
+
+cdef Layout make_layout(const Py_ssize_t[::1] order, const Py_ssize_t[::1] row_begin,
+                        const Py_ssize_t[:, ::1] active, const Py_ssize_t[:, ::1] offsets,
+                        Py_ssize_t T):
+    cdef Layout layout
+    layout.order = &order[0] if order.shape[0] > 0 else NULL
+    layout.row_begin = &row_begin[0]
+    layout.uniform = offsets.shape[1] == 1 and active.shape[1] == 1
+    if not layout.uniform and (active.shape[1] != T or offsets.shape[1] != T + 1):
+        raise ValueError(f"layout arrays active {tuple(active.shape)} and offsets "
+                         f"{tuple(offsets.shape)} do not match T = {T}")
+    layout.active = &active[0, 0] if active.shape[1] > 0 else NULL
+    layout.offsets = &offsets[0, 0]
+    layout.T = T
+    return layout
+
+
+cdef inline Py_ssize_t step_rows(const Layout *layout, Py_ssize_t part, Py_ssize_t t) noexcept nogil:
+    """Rows of part ``part`` processed in step ``t`` (a prefix of the part's rows)."""
+    if layout.uniform:
+        return layout.active[part]
+    return layout.active[part * layout.T + t]
+
+
+cdef inline Py_ssize_t step_offset(const Layout *layout, Py_ssize_t part, Py_ssize_t t) noexcept nogil:
+    """First packed row of part ``part``'s step ``t`` (t = T: one past its last row)."""
+    if layout.uniform:
+        return layout.offsets[part] + t * layout.active[part]
+    return layout.offsets[part * (layout.T + 1) + t]
+
+
+def packed_row_offset(const Py_ssize_t[:, ::1] active, const Py_ssize_t[:, ::1] offsets,
+                      Py_ssize_t T, Py_ssize_t part, Py_ssize_t t):
+    """First packed row of part ``part``'s step ``t`` in a layout (uniform or not), as
+    the kernels compute it; part = P - 1, t = T gives N, the number of packed rows."""
+    cdef Py_ssize_t[::1] order = np.zeros(1, np.intp)
+    cdef Py_ssize_t[::1] row_begin = np.zeros(offsets.shape[0] + 1, np.intp)
+    cdef Layout layout = make_layout(order, row_begin, active, offsets, T)
+    if not (0 <= part < offsets.shape[0] and 0 <= t <= T):
+        raise IndexError(f"part {part} or step {t} outside the layout's {offsets.shape[0]} parts "
+                         f"and {T} steps")
+    return step_offset(&layout, part, t)
+
+
+cdef inline Py_ssize_t unit_bound(Py_ssize_t member, Py_ssize_t team, Py_ssize_t H) noexcept nogil:
+    """First unit of team member ``member`` (member = team: H). Slices are whole panel
+    pairs where H allows, so every slice can use the packed kernel."""
+    if H % PANEL_PAIR == 0:
+        return member * (H // PANEL_PAIR) // team * PANEL_PAIR
+    return member * H // team
 
 
 cdef void gemm(bint trans_a, bint trans_b, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
@@ -122,21 +213,22 @@ cdef void gemm(bint trans_a, bint trans_b, Py_ssize_t m, Py_ssize_t n, Py_ssize_
         dgemm(&tb, &ta, &im, &i_n, &ik, &alpha, b, &ilda, a, &ildb, &beta, c, &ildc)
 
 
-cdef inline void forward_row(floating *gates, floating *c, floating *c_prev, floating *cell_act,
-                             floating *h, Py_ssize_t H, int act, int ract) noexcept nogil:
+
+cdef inline void forward_row(floating *gates, floating *c, floating *c_prev, floating *h,
+                             Py_ssize_t n, Py_ssize_t stride, int act, int ract) noexcept nogil:
     if floating is float:
-        lstmeng_forward_row_f32(gates, c, c_prev, cell_act, h, H, act, ract)
+        lstmeng_forward_row_f32(gates, c, c_prev, h, n, stride, act, ract)
     else:
-        lstmeng_forward_row_f64(gates, c, c_prev, cell_act, h, H, act, ract)
+        lstmeng_forward_row_f64(gates, c, c_prev, h, n, stride, act, ract)
 
 
-cdef inline void backward_row(floating *gates, floating *cell_act, floating *c_prev,
-                              floating *dh, floating *dc, floating *scratch, Py_ssize_t H,
+cdef inline void backward_row(floating *gates, floating *c_prev, floating *dh, floating *dc,
+                              floating *scratch, Py_ssize_t n, Py_ssize_t stride,
                               int act, int ract) noexcept nogil:
     if floating is float:
-        lstmeng_backward_row_f32(gates, cell_act, c_prev, dh, dc, scratch, H, act, ract)
+        lstmeng_backward_row_f32(gates, c_prev, dh, dc, scratch, n, stride, act, ract)
     else:
-        lstmeng_backward_row_f64(gates, cell_act, c_prev, dh, dc, scratch, H, act, ract)
+        lstmeng_backward_row_f64(gates, c_prev, dh, dc, scratch, n, stride, act, ract)
 
 
 cdef inline void scaled_copy(floating *dst, floating *src, floating *scale,
@@ -150,37 +242,111 @@ cdef inline void scaled_copy(floating *dst, floating *src, floating *scale,
             dst[j] = src[j] * scale[j]
 
 
-cdef inline floating *rows_of(floating *array, Py_ssize_t row, Py_ssize_t width) noexcept nogil:
-    """Pointer to row ``row`` of a row-major [*, width] array, or NULL when array is NULL."""
-    return NULL if array == NULL else array + row * width
+cdef inline floating *rows_of(floating *array, Py_ssize_t row, Py_ssize_t width,
+                              Py_ssize_t first=0) noexcept nogil:
+    """Pointer to element ``first`` of row ``row`` of a row-major [*, width] array,
+    or NULL when array is NULL."""
+    return NULL if array == NULL else array + row * width + first
 
 
 cdef inline floating *pointer2(floating[:, ::1] array) noexcept nogil:
-    return NULL if array is None else &array[0, 0]
+    return NULL if array is None or array.shape[0] * array.shape[1] == 0 else &array[0, 0]
 
 
 cdef inline floating *pointer1(floating[::1] array) noexcept nogil:
     return NULL if array is None or array.shape[0] == 0 else &array[0]
 
 
-cdef float *packed_panels(floating[:, ::1] matrix, bint transpose, Py_ssize_t columns,
-                          object keep):
-    """The float32 matrix (or its transpose) packed for lstm_gemm.h, or NULL for BLAS.
+cdef inline bint packed_slice_usable(Py_ssize_t H, Py_ssize_t width, Py_ssize_t columns) noexcept nogil:
+    """Whether a slice of ``width`` units can use the packed kernel: the whole row of
+    ``columns`` gate columns at once (width = H), else each gate's block alone."""
+    if not packed_gemm or width == 0:
+        return False
+    return columns % PANEL_PAIR == 0 if width == H else width % PANEL_PAIR == 0
 
-    matrix: [K, columns] (or [columns, K] with transpose). ``keep`` (a list)
-    holds the packed array alive for the call.
-    """
-    cdef float[::1] packed
-    if floating is double:
-        return NULL
+
+cdef void pack_recurrent_slice(const float *recurrent_kernel, Py_ssize_t H, Py_ssize_t u0,
+                               Py_ssize_t width, float *packed) noexcept nogil:
+    """Columns of units u0 .. u0 + width - 1 of recurrent_kernel [H, 4H], packed:
+    the whole [H, 4H] at once when width = H, else the i, f, g, o blocks one
+    after another ([H, width] each)."""
+    cdef Py_ssize_t G = 4 * H, gate
+    if width == H:
+        lstmeng_pack_panels_f32(recurrent_kernel, H, G, G, 0, packed)
     else:
-        if not packed_gemm or columns % 32 != 0 or matrix.shape[0] * matrix.shape[1] == 0:
-            return NULL
-        packed = np.empty(matrix.shape[0] * matrix.shape[1], np.float32)
-        keep.append(packed)
-        lstmeng_pack_panels_f32(&matrix[0, 0], matrix.shape[1] if transpose else matrix.shape[0],
-                                columns, transpose, &packed[0])
-        return &packed[0]
+        for gate in range(4):
+            lstmeng_pack_panels_f32(recurrent_kernel + gate * H + u0, H, width, G, 0,
+                                    packed + gate * H * width)
+
+
+cdef void pack_recurrent_transpose_slice(const float *recurrent_kernel, Py_ssize_t H,
+                                         Py_ssize_t u0, Py_ssize_t width,
+                                         float *packed) noexcept nogil:
+    """R^T [4H, H]'s columns u0 .. u0 + width - 1 (R's rows), packed."""
+    lstmeng_pack_panels_f32(recurrent_kernel + u0 * 4 * H, 4 * H, width, 4 * H, 1, packed)
+
+
+cdef void gates_product(Py_ssize_t rows, Py_ssize_t K, floating *a, Py_ssize_t lda,
+                        floating *weights, float *packed, floating *gates, Py_ssize_t H,
+                        Py_ssize_t u0, Py_ssize_t width, floating beta) noexcept nogil:
+    """gates[:, columns of units u0 .. u0 + width) = a @ weights[:, same] + beta * gates.
+
+    a: [rows, K] (row stride lda); weights: [K, 4H]; gates: [rows, 4H]. packed:
+    weights' slice from pack_recurrent_slice (float32 only; beta must be 1), or
+    NULL for BLAS.
+    """
+    cdef Py_ssize_t G = 4 * H, gate
+    if width == 0 or rows == 0:
+        return
+    if floating is float:
+        if packed != NULL:
+            if width == H:
+                lstmeng_gemm_packed_f32(rows, G, K, a, lda, packed, gates, G)
+            else:
+                for gate in range(4):
+                    lstmeng_gemm_packed_f32(rows, width, K, a, lda, packed + gate * K * width,
+                                            gates + gate * H + u0, G)
+            return
+    if width == H:
+        gemm(False, False, rows, G, K, <floating>1, a, lda, weights, G, beta, gates, G)
+    else:
+        for gate in range(4):
+            gemm(False, False, rows, width, K, <floating>1, a, lda, weights + gate * H + u0, G,
+                 beta, gates + gate * H + u0, G)
+
+
+cdef void hidden_gradient_product(Py_ssize_t rows, Py_ssize_t H, floating *dz,
+                                  floating *recurrent_kernel, float *packed_t,
+                                  floating *dh, Py_ssize_t u0, Py_ssize_t width) noexcept nogil:
+    """dh[:, u0 .. u0 + width) = dz @ R[u0 .. u0 + width, :]^T.
+
+    dz: [rows, 4H]; recurrent_kernel R: [H, 4H]; dh: [rows, H]; packed_t:
+    from pack_recurrent_transpose_slice (float32), or NULL for BLAS.
+    """
+    cdef Py_ssize_t G = 4 * H, i
+    if width == 0 or rows == 0:
+        return
+    if floating is float:
+        if packed_t != NULL:
+            for i in range(rows):
+                memset(dh + i * H + u0, 0, width * sizeof(float))
+            lstmeng_gemm_packed_f32(rows, width, G, dz, G, packed_t, dh + u0, H)
+            return
+    gemm(False, True, rows, width, G, <floating>1, dz, G, recurrent_kernel + u0 * G, G,
+         <floating>0, dh + u0, H)
+
+
+cdef void copy_step_inputs(const Layout *layout, Py_ssize_t part, Py_ssize_t t, Py_ssize_t T,
+                           Py_ssize_t I, floating *x, floating *in_drop, floating *packed_x,
+                           Py_ssize_t shift) noexcept nogil:
+    """Step t's rows of part ``part`` from x [B, T, I], input dropout applied, into
+    packed_x at packed row (offset + shift)."""
+    cdef Py_ssize_t r_begin = layout.row_begin[part], first = step_offset(layout, part, t)
+    cdef Py_ssize_t i, row
+    for i in range(step_rows(layout, part, t)):
+        row = layout.order[r_begin + i]
+        scaled_copy(packed_x + (first + i + shift) * I, x + (row * T + t) * I,
+                    rows_of(in_drop, row, I), I)
 
 
 def check_blas_sizes(*sizes):
@@ -191,130 +357,137 @@ def check_blas_sizes(*sizes):
 
 
 cdef void forward_part(
-        Py_ssize_t part, Py_ssize_t B, Py_ssize_t T, Py_ssize_t I, Py_ssize_t H,
+        Py_ssize_t part, Py_ssize_t u0, Py_ssize_t u1, Py_ssize_t team, Py_ssize_t member,
+        lstmeng_barrier *barrier, const Layout *layout,
+        Py_ssize_t B, Py_ssize_t T, Py_ssize_t I, Py_ssize_t H,
         floating *x, floating *h0, floating *c0, floating *kernel, floating *recurrent_kernel,
         float *recurrent_packed,
         floating *bias, const unsigned char *mask, floating *in_drop, floating *rec_drop,
-        const Py_ssize_t[::1] order, const Py_ssize_t[::1] row_begin,
-        const Py_ssize_t[:, ::1] active, const Py_ssize_t[:, ::1] offsets,
         int act, int ract, bint reverse, bint zero_output_for_mask,
         floating *sequence_outputs, floating *last_output, floating *h_out, floating *c_out,
-        floating *packed_x, floating *gates, floating *c_prev_all, floating *cell_act_all,
+        floating *packed_x, floating *gates, floating *c_prev_all,
         floating *h_in_all, floating *h_state, floating *c_state, floating *h_in_step,
         unsigned char *seen, Py_ssize_t chunk_steps, Py_ssize_t part_chunk_rows) noexcept nogil:
-    """The whole forward sequence of one part's rows (see ``forward`` for the arguments)."""
-    cdef Py_ssize_t G = 4 * H
-    cdef Py_ssize_t r_begin = row_begin[part], r_end = row_begin[part + 1]
+    """The whole forward sequence of one part's rows, units u0 .. u1 - 1.
+
+    A whole part (u0 = 0, u1 = H, team = 1) needs no synchronisation. A unit
+    slice is one ``member`` of a ``team`` that covers all units of the part
+    together; every member makes the same sequence of barrier calls. See
+    ``forward`` for the arrays; recurrent_packed is this slice's packed
+    recurrent kernel or NULL; seen is this thread's [B].
+    """
+    cdef Py_ssize_t G = 4 * H, width = u1 - u0
+    cdef Py_ssize_t r_begin = layout.row_begin[part], r_end = layout.row_begin[part + 1]
     cdef bint training = h_in_all != NULL
-    cdef Py_ssize_t step, chunk_first, chunk_last, t, t_lo, t_hi, i, r, row, n_rows
-    cdef Py_ssize_t buffer_shift, first_row, rows
+    cdef Py_ssize_t step, chunk_first, chunk_last, t, t_lo, t_hi, i, r, row, n_rows, gate
+    cdef Py_ssize_t x_shift, gate_shift, first_row, rows, step_first, processed = 0
     cdef floating *h_in
     cdef floating *step_gates
     cdef floating *out_row
     cdef bint real
 
     for r in range(r_begin, r_end):
-        memcpy(h_state + r * H, h0 + order[r] * H, H * sizeof(floating))
-        memcpy(c_state + r * H, c0 + order[r] * H, H * sizeof(floating))
+        memcpy(h_state + r * H + u0, h0 + layout.order[r] * H + u0, width * sizeof(floating))
+        memcpy(c_state + r * H + u0, c0 + layout.order[r] * H + u0, width * sizeof(floating))
         seen[r] = 0
 
     chunk_first = 0
     while chunk_first < T:
         chunk_last = min(chunk_first + chunk_steps, T)
-        # Input times of this chunk of processing steps, and where their packed rows
-        # live: in the workspace (training), or in this part's slice of the chunk buffer.
+        # Input times of this chunk of processing steps. Their inputs go to this part's
+        # slice of the chunk buffer; their gates to the workspace (training) or to the
+        # part's slice of the gate chunk buffer (inference).
         if reverse:
             t_lo, t_hi = T - chunk_last, T - chunk_first
         else:
             t_lo, t_hi = chunk_first, chunk_last
-        first_row = offsets[part, t_lo]
-        buffer_shift = 0 if training else part * part_chunk_rows - first_row
-        rows = offsets[part, t_hi] - first_row
+        first_row = step_offset(layout, part, t_lo)
+        rows = step_offset(layout, part, t_hi) - first_row
+        x_shift = part * part_chunk_rows - first_row
+        gate_shift = 0 if training else x_shift
+        # A team shares the copying (every team-th step each), then waits for all of it.
         for t in range(t_lo, t_hi):
-            for i in range(active[part, t]):
-                row = order[r_begin + i]
-                scaled_copy(packed_x + (offsets[part, t] + i + buffer_shift) * I, x + (row * T + t) * I,
-                            rows_of(in_drop, row, I), I)
-        # The input projection of every step in the chunk: one GEMM, bias folded in
-        # by starting from broadcast bias rows (beta = 1).
-        step_gates = gates + (first_row + buffer_shift) * G
+            if (t - t_lo) % team == member:
+                copy_step_inputs(layout, part, t, T, I, x, in_drop, packed_x, x_shift)
+        lstmeng_barrier_wait(barrier, team)
+        # The input projection of every step in the chunk: one GEMM (per gate block
+        # for a unit slice), bias folded in by starting from broadcast bias rows.
+        step_gates = gates + (first_row + gate_shift) * G
         if bias != NULL:
             for i in range(rows):
-                memcpy(step_gates + i * G, bias, G * sizeof(floating))
-        gemm(False, False, rows, G, I, <floating>1, packed_x + (first_row + buffer_shift) * I, I,
-             kernel, G, <floating>(1 if bias != NULL else 0), step_gates, G)
+                for gate in range(4):
+                    memcpy(step_gates + i * G + gate * H + u0, bias + gate * H + u0,
+                           width * sizeof(floating))
+        gates_product(rows, I, packed_x + (first_row + x_shift) * I, I, kernel, NULL,
+                      step_gates, H, u0, width, <floating>(1 if bias != NULL else 0))
 
         for step in range(chunk_first, chunk_last):
             t = T - 1 - step if reverse else step
-            n_rows = active[part, t]
+            n_rows = step_rows(layout, part, t)
             if n_rows == 0:
                 continue
-            step_gates = gates + (offsets[part, t] + buffer_shift) * G
-            # h(t-1) as it enters the recurrence (after recurrent dropout).
+            step_first = step_offset(layout, part, t)
+            step_gates = gates + (step_first + gate_shift) * G
+            # h(t-1) as it enters the recurrence (after recurrent dropout): kept for the
+            # backward, or in one of two alternating buffers when a team shares it (a
+            # member may still read the last step's while another writes this one's).
             if training:
-                h_in = h_in_all + offsets[part, t] * H
-                for i in range(n_rows):
-                    r = r_begin + i
-                    scaled_copy(h_in + i * H, h_state + r * H, rows_of(rec_drop, order[r], H), H)
-            elif rec_drop != NULL:
-                h_in = h_in_step + r_begin * H
-                for i in range(n_rows):
-                    r = r_begin + i
-                    scaled_copy(h_in + i * H, h_state + r * H, rec_drop + order[r] * H, H)
+                h_in = h_in_all + step_first * H
+            elif rec_drop != NULL or team > 1:
+                h_in = h_in_step + (processed % 2) * B * H + r_begin * H
             else:
                 h_in = h_state + r_begin * H
-            if floating is float:
-                if recurrent_packed != NULL:
-                    lstmeng_gemm_packed_f32(n_rows, G, H, h_in, H, recurrent_packed, step_gates, G)
-                else:
-                    gemm(False, False, n_rows, G, H, <floating>1, h_in, H, recurrent_kernel, G,
-                         <floating>1, step_gates, G)
-            else:
-                gemm(False, False, n_rows, G, H, <floating>1, h_in, H, recurrent_kernel, G,
-                     <floating>1, step_gates, G)
+            if h_in != h_state + r_begin * H:
+                for i in range(n_rows):
+                    r = r_begin + i
+                    scaled_copy(h_in + i * H + u0, h_state + r * H + u0,
+                                rows_of(rec_drop, layout.order[r], H, u0), width)
+            processed += 1
+            lstmeng_barrier_wait(barrier, team)
+            gates_product(n_rows, H, h_in, H, recurrent_kernel, recurrent_packed, step_gates,
+                          H, u0, width, <floating>1)
 
             for i in range(n_rows):
                 r = r_begin + i
-                row = order[r]
+                row = layout.order[r]
                 real = mask == NULL or mask[row * T + t]
                 if real:
-                    forward_row(step_gates + i * G, c_state + r * H,
-                                rows_of(c_prev_all, offsets[part, t] + i, H),
-                                rows_of(cell_act_all, offsets[part, t] + i, H),
-                                h_state + r * H, H, act, ract)
+                    forward_row(step_gates + i * G + u0, c_state + r * H + u0,
+                                rows_of(c_prev_all, step_first + i, H, u0),
+                                h_state + r * H + u0, width, H, act, ract)
                     seen[r] = 1
                 if sequence_outputs != NULL:
-                    out_row = sequence_outputs + (row * T + t) * H
+                    out_row = sequence_outputs + (row * T + t) * H + u0
                     if real or (seen[r] and not zero_output_for_mask):
-                        memcpy(out_row, h_state + r * H, H * sizeof(floating))
+                        memcpy(out_row, h_state + r * H + u0, width * sizeof(floating))
                     else:
-                        memset(out_row, 0, H * sizeof(floating))
+                        memset(out_row, 0, width * sizeof(floating))
         chunk_first = chunk_last
 
     for r in range(r_begin, r_end):
-        row = order[r]
+        row = layout.order[r]
         i = r - r_begin
         if sequence_outputs != NULL:
             # Rows outside active[p, t] (finished rows of the variable-length path) are
             # masked steps: they repeat h once a real step came (forward, these steps
             # come after the real ones; reversed, before), else they are zeros.
             for t in range(T):
-                if i >= active[part, t]:
-                    out_row = sequence_outputs + (row * T + t) * H
+                if i >= step_rows(layout, part, t):
+                    out_row = sequence_outputs + (row * T + t) * H + u0
                     if seen[r] and not zero_output_for_mask and not reverse:
-                        memcpy(out_row, h_state + r * H, H * sizeof(floating))
+                        memcpy(out_row, h_state + r * H + u0, width * sizeof(floating))
                     else:
-                        memset(out_row, 0, H * sizeof(floating))
+                        memset(out_row, 0, width * sizeof(floating))
         else:
             # The last processed step's output.
             t = 0 if reverse else T - 1
-            real = i < active[part, t] and (mask == NULL or mask[row * T + t])
+            real = i < step_rows(layout, part, t) and (mask == NULL or mask[row * T + t])
             if real or (seen[r] and not zero_output_for_mask):
-                memcpy(last_output + row * H, h_state + r * H, H * sizeof(floating))
+                memcpy(last_output + row * H + u0, h_state + r * H + u0, width * sizeof(floating))
             else:
-                memset(last_output + row * H, 0, H * sizeof(floating))
-        memcpy(h_out + row * H, h_state + r * H, H * sizeof(floating))
-        memcpy(c_out + row * H, c_state + r * H, H * sizeof(floating))
+                memset(last_output + row * H + u0, 0, width * sizeof(floating))
+        memcpy(h_out + row * H + u0, h_state + r * H + u0, width * sizeof(floating))
+        memcpy(c_out + row * H + u0, c_state + r * H + u0, width * sizeof(floating))
 
 
 def forward(floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
@@ -327,30 +500,38 @@ def forward(floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
             floating[:, :, ::1] sequence_outputs, floating[:, ::1] last_output,
             floating[:, ::1] h_out, floating[:, ::1] c_out,
             floating[:, ::1] packed_x, floating[:, ::1] gates,
-            floating[:, ::1] c_prev_all, floating[:, ::1] cell_act_all,
-            floating[:, ::1] h_in_all,
-            floating[:, ::1] h_state, floating[:, ::1] c_state, floating[:, ::1] h_in_step,
-            Py_ssize_t chunk_steps, Py_ssize_t part_chunk_rows):
+            floating[:, ::1] c_prev_all, floating[:, ::1] h_in_all,
+            floating[:, ::1] h_state, floating[:, ::1] c_state, floating[:, :, ::1] h_in_step,
+            Py_ssize_t chunk_steps, Py_ssize_t part_chunk_rows,
+            Py_ssize_t threads=1, bint split_units=False):
     """Whole-sequence forward of one layer and direction; writes into the given arrays.
 
     x: [B, T, I]; h0, c0: [B, H]; kernel: [I, 4H]; recurrent_kernel: [H, 4H];
     bias: [4H] or None; mask: [B, T] (uint8, 1 = real) or None when every
     packed row of a step is real; input_dropout_mask: [B, I] or None;
     recurrent_dropout_mask: [B, H] or None; order: [B]; row_begin: [P + 1];
-    active: [P, T]; offsets: [P, T + 1] (see the module comment).
+    active: [P, T] and offsets: [P, T + 1], or both [P, 1] for a uniform
+    layout (see the module comment).
     sequence_outputs: [B, T, H] or None; last_output: [B, H] or None
         (exactly one is given).
     h_out, c_out: [B, H] final states (caller's row order).
-    Training (h_in_all given): packed_x [N, I], gates [N, 4H],
-        c_prev_all, cell_act_all, h_in_all [N, H] are the workspace and
-        chunk_steps must be T. Inference (h_in_all None): packed_x
-        [P * part_chunk_rows, I] and gates [P * part_chunk_rows, 4H] are
-        reused per chunk of chunk_steps steps; nothing per step is kept.
-    h_state, c_state, h_in_step: [B, H] scratch in packed row order.
+    packed_x: [P * part_chunk_rows, I] the input rows of a chunk of
+        chunk_steps steps per part (part_chunk_rows >= chunk_steps * the
+        largest part).
+    Training (h_in_all given): gates [N, 4H], c_prev_all, h_in_all [N, H]
+        are the workspace. Inference (h_in_all and c_prev_all None): gates
+        [P * part_chunk_rows, 4H] is reused per chunk; nothing per step is kept.
+    h_state, c_state: [B, H] and h_in_step: [2, B, H] scratch in packed row
+    order.
+    threads: OpenMP threads to run (the parts share them; with split_units,
+    a single part's units are split among them).
     """
     cdef Py_ssize_t B = x.shape[0], T = x.shape[1], I = x.shape[2]
-    cdef Py_ssize_t H = recurrent_kernel.shape[0], P = row_begin.shape[0] - 1, part
-    cdef unsigned char[::1] seen = np.zeros(B + 1, np.uint8)
+    cdef Py_ssize_t H = recurrent_kernel.shape[0], G = 4 * H, P = row_begin.shape[0] - 1
+    cdef Py_ssize_t part, member, team, u0, u1, team_threads = max(1, threads)
+    cdef Layout layout = make_layout(order, row_begin, active, offsets, T)
+    cdef unsigned char[::1] seen = np.zeros(team_threads * (B + 1), np.uint8)
+    cdef lstmeng_barrier barrier
     cdef const unsigned char *mask_ptr = NULL if mask is None else &mask[0, 0]
     cdef floating *x_ptr = &x[0, 0, 0]
     cdef floating *h0_ptr = &h0[0, 0]
@@ -367,43 +548,71 @@ def forward(floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
     cdef floating *packed_ptr = pointer2(packed_x)
     cdef floating *gates_ptr = pointer2(gates)
     cdef floating *c_prev_ptr = pointer2(c_prev_all)
-    cdef floating *cell_act_ptr = pointer2(cell_act_all)
     cdef floating *h_in_ptr = pointer2(h_in_all)
     cdef floating *h_state_ptr = &h_state[0, 0]
     cdef floating *c_state_ptr = &c_state[0, 0]
-    cdef floating *h_in_step_ptr = &h_in_step[0, 0]
+    cdef floating *h_in_step_ptr = &h_in_step[0, 0, 0]
     cdef unsigned char *seen_ptr = &seen[0]
-    keep = []
-    # recurrent_kernel [H, 4H] packed once for every step's product (float32, AVX2).
-    cdef float *recurrent_packed = packed_panels(recurrent_kernel, False, 4 * H, keep)
+    # The recurrent kernel [H, 4H] packed for every step's product (float32, AVX2):
+    # once here for whole parts, by each member for its own slice when units are split.
+    cdef float[::1] packed_weights = np.empty(H * G if floating is float and packed_gemm else 1,
+                                              np.float32)
+    cdef float *packed_base = &packed_weights[0]
+    cdef float *slice_packed
 
-    check_blas_sizes(offsets[P - 1, T], 4 * H, I, H, part_chunk_rows * P)
-    with nogil:
-        for part in prange(P, num_threads=P, schedule="static"):
-            forward_part(part, B, T, I, H, x_ptr, h0_ptr, c0_ptr, kernel_ptr, recurrent_ptr,
-                         recurrent_packed, bias_ptr, mask_ptr, in_drop, rec_drop, order, row_begin, active, offsets,
-                         act, ract, reverse, zero_output_for_mask, sequence_ptr, last_ptr,
-                         h_out_ptr, c_out_ptr, packed_ptr, gates_ptr, c_prev_ptr, cell_act_ptr,
-                         h_in_ptr, h_state_ptr, c_state_ptr, h_in_step_ptr, seen_ptr,
-                         chunk_steps, part_chunk_rows)
+    if not (floating is float) or not packed_slice_usable(H, H, G):
+        packed_base = NULL
+    if packed_base != NULL and not split_units:
+        if floating is float:
+            pack_recurrent_slice(&recurrent_kernel[0, 0], H, 0, H, packed_base)
+    check_blas_sizes(step_offset(&layout, P - 1, T), G, I, H, part_chunk_rows * P)
+    lstmeng_barrier_init(&barrier)
+    with nogil, parallel(num_threads=team_threads):
+        member = lstmeng_thread_index()
+        team = lstmeng_team_size()
+        if split_units:
+            u0 = unit_bound(member, team, H)
+            u1 = unit_bound(member + 1, team, H)
+            slice_packed = NULL
+            if floating is float:
+                if packed_base != NULL and packed_slice_usable(H, u1 - u0, G):
+                    slice_packed = packed_base + u0 * G
+                    pack_recurrent_slice(&recurrent_kernel[0, 0], H, u0, u1 - u0, slice_packed)
+            forward_part(0, u0, u1, team, member, &barrier, &layout, B, T, I, H, x_ptr, h0_ptr,
+                         c0_ptr, kernel_ptr, recurrent_ptr, slice_packed, bias_ptr, mask_ptr,
+                         in_drop, rec_drop, act, ract, reverse, zero_output_for_mask,
+                         sequence_ptr, last_ptr, h_out_ptr, c_out_ptr, packed_ptr, gates_ptr,
+                         c_prev_ptr, h_in_ptr, h_state_ptr, c_state_ptr, h_in_step_ptr,
+                         seen_ptr + member * (B + 1), chunk_steps, part_chunk_rows)
+        else:
+            part = member
+            while part < P:
+                forward_part(part, 0, H, 1, 0, &barrier, &layout, B, T, I, H, x_ptr, h0_ptr,
+                             c0_ptr, kernel_ptr, recurrent_ptr, packed_base, bias_ptr, mask_ptr,
+                             in_drop, rec_drop, act, ract, reverse, zero_output_for_mask,
+                             sequence_ptr, last_ptr, h_out_ptr, c_out_ptr, packed_ptr, gates_ptr,
+                             c_prev_ptr, h_in_ptr, h_state_ptr, c_state_ptr, h_in_step_ptr,
+                             seen_ptr, chunk_steps, part_chunk_rows)
+                part = part + team
 
 
 cdef void backward_part(
-        Py_ssize_t part, Py_ssize_t B, Py_ssize_t T, Py_ssize_t H,
+        Py_ssize_t part, Py_ssize_t u0, Py_ssize_t u1, Py_ssize_t team,
+        lstmeng_barrier *barrier, const Layout *layout, Py_ssize_t B, Py_ssize_t T, Py_ssize_t H,
         floating *doutputs_sequence, floating *doutputs_last, floating *dh, floating *dc,
         floating *recurrent_kernel, float *recurrent_t_packed, const unsigned char *mask,
-        floating *rec_drop,
-        const Py_ssize_t[::1] order, const Py_ssize_t[::1] row_begin,
-        const Py_ssize_t[:, ::1] active, const Py_ssize_t[:, ::1] offsets,
-        int act, int ract, bint reverse, bint zero_output_for_mask,
-        floating *gates, floating *c_prev_all, floating *cell_act_all,
+        floating *rec_drop, int act, int ract, bint reverse, bint zero_output_for_mask,
+        floating *gates, floating *c_prev_all,
         floating *dh0, floating *dc0, floating *dh_carry, floating *dh_recurrent,
         floating *dc_state, floating *dh_total, floating *scratch,
         unsigned char *previous_real, Py_ssize_t *first_real, Py_ssize_t *last_real) noexcept nogil:
-    """The backward time loop of one part's rows (see ``backward`` for the arguments)."""
-    cdef Py_ssize_t G = 4 * H
-    cdef Py_ssize_t r_begin = row_begin[part], r_end = row_begin[part + 1]
-    cdef Py_ssize_t step, position, t, i, r, row, j, n_rows
+    """The backward time loop of one part's rows, units u0 .. u1 - 1 (a whole part, or
+    one member's slice: see forward_part). dh_total [H] and scratch [6H] are this
+    thread's; previous_real, first_real, last_real [B] this thread's (or shared by
+    whole parts, whose rows are disjoint)."""
+    cdef Py_ssize_t G = 4 * H, width = u1 - u0
+    cdef Py_ssize_t r_begin = layout.row_begin[part], r_end = layout.row_begin[part + 1]
+    cdef Py_ssize_t step, position, t, i, r, row, j, n_rows, step_first, gate
     cdef bint real
     cdef floating *step_gates
     cdef floating *dy
@@ -414,117 +623,113 @@ cdef void backward_part(
         last_real[r] = -1
     for position in range(T):
         t = T - 1 - position if reverse else position
-        for i in range(active[part, t]):
+        for i in range(step_rows(layout, part, t)):
             r = r_begin + i
-            if mask == NULL or mask[order[r] * T + t]:
+            if mask == NULL or mask[layout.order[r] * T + t]:
                 if first_real[r] == T:
                     first_real[r] = position
                 last_real[r] = position
 
     for r in range(r_begin, r_end):
-        row = order[r]
+        row = layout.order[r]
         i = r - r_begin
         previous_real[r] = 0
-        memcpy(dh_carry + r * H, dh + row * H, H * sizeof(floating))
-        memcpy(dc_state + r * H, dc + row * H, H * sizeof(floating))
+        memcpy(dh_carry + r * H + u0, dh + row * H + u0, width * sizeof(floating))
+        memcpy(dc_state + r * H + u0, dc + row * H + u0, width * sizeof(floating))
         if doutputs_last != NULL:
             # The last output is h on the rows where it is not zero (see the forward).
             if last_real[r] == T - 1 or (last_real[r] >= 0 and not zero_output_for_mask):
-                for j in range(H):
+                for j in range(u0, u1):
                     dh_carry[r * H + j] += doutputs_last[row * H + j]
         elif not zero_output_for_mask and last_real[r] >= 0:
             # Steps outside active[p, t] after the row's first real step repeat h.
             for t in range(T):
                 position = T - 1 - t if reverse else t
-                if i >= active[part, t] and position > first_real[r]:
-                    for j in range(H):
+                if i >= step_rows(layout, part, t) and position > first_real[r]:
+                    for j in range(u0, u1):
                         dh_carry[r * H + j] += doutputs_sequence[(row * T + t) * H + j]
 
     for step in range(T - 1, -1, -1):
         t = T - 1 - step if reverse else step
-        n_rows = active[part, t]
+        n_rows = step_rows(layout, part, t)
         if n_rows == 0:
             continue
-        step_gates = gates + offsets[part, t] * G
+        step_first = step_offset(layout, part, t)
+        step_gates = gates + step_first * G
         for i in range(n_rows):
             r = r_begin + i
-            row = order[r]
+            row = layout.order[r]
             real = mask == NULL or mask[row * T + t]
             # Gradient reaching h(t): from the recurrence (or the carry) plus this
             # step's output when that output is h (a real step, or a masked one
             # repeating h after an earlier real step).
             if previous_real[r]:
-                scaled_copy(dh_total, dh_recurrent + r * H, rows_of(rec_drop, row, H), H)
+                scaled_copy(dh_total, dh_recurrent + r * H + u0, rows_of(rec_drop, row, H, u0), width)
             else:
-                memcpy(dh_total, dh_carry + r * H, H * sizeof(floating))
+                memcpy(dh_total, dh_carry + r * H + u0, width * sizeof(floating))
             if doutputs_sequence != NULL and (
                     real or (step > first_real[r] and not zero_output_for_mask)):
-                dy = doutputs_sequence + (row * T + t) * H
-                for j in range(H):
+                dy = doutputs_sequence + (row * T + t) * H + u0
+                for j in range(width):
                     dh_total[j] += dy[j]
             if real:
-                backward_row(step_gates + i * G, cell_act_all + (offsets[part, t] + i) * H,
-                             c_prev_all + (offsets[part, t] + i) * H, dh_total, dc_state + r * H,
-                             scratch, H, act, ract)
+                backward_row(step_gates + i * G + u0, c_prev_all + (step_first + i) * H + u0,
+                             dh_total, dc_state + r * H + u0, scratch, width, H, act, ract)
             else:
-                memcpy(dh_carry + r * H, dh_total, H * sizeof(floating))
-                memset(step_gates + i * G, 0, G * sizeof(floating))
+                memcpy(dh_carry + r * H + u0, dh_total, width * sizeof(floating))
+                for gate in range(4):
+                    memset(step_gates + i * G + gate * H + u0, 0, width * sizeof(floating))
             previous_real[r] = real
-        # dh(t-1) = dz(t) @ R^T for the step's rows.
-        if floating is float:
-            if recurrent_t_packed != NULL:
-                memset(dh_recurrent + r_begin * H, 0, n_rows * H * sizeof(float))
-                lstmeng_gemm_packed_f32(n_rows, H, G, step_gates, G, recurrent_t_packed,
-                                        dh_recurrent + r_begin * H, H)
-            else:
-                gemm(False, True, n_rows, H, G, <floating>1, step_gates, G, recurrent_kernel, G,
-                     <floating>0, dh_recurrent + r_begin * H, H)
-        else:
-            gemm(False, True, n_rows, H, G, <floating>1, step_gates, G, recurrent_kernel, G,
-                 <floating>0, dh_recurrent + r_begin * H, H)
+        # dh(t-1) = dz(t) @ R^T for the step's rows: a team needs every member's dz(t).
+        lstmeng_barrier_wait(barrier, team)
+        hidden_gradient_product(n_rows, H, step_gates, recurrent_kernel, recurrent_t_packed,
+                                dh_recurrent + r_begin * H, u0, width)
 
     for r in range(r_begin, r_end):
-        row = order[r]
+        row = layout.order[r]
         if previous_real[r]:
-            scaled_copy(dh0 + row * H, dh_recurrent + r * H, rows_of(rec_drop, row, H), H)
+            scaled_copy(dh0 + row * H + u0, dh_recurrent + r * H + u0, rows_of(rec_drop, row, H, u0),
+                        width)
         else:
-            memcpy(dh0 + row * H, dh_carry + r * H, H * sizeof(floating))
-        memcpy(dc0 + row * H, dc_state + r * H, H * sizeof(floating))
+            memcpy(dh0 + row * H + u0, dh_carry + r * H + u0, width * sizeof(floating))
+        memcpy(dc0 + row * H + u0, dc_state + r * H + u0, width * sizeof(floating))
 
 
 def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_last,
-             floating[:, ::1] dh, floating[:, ::1] dc,
+             floating[:, ::1] dh, floating[:, ::1] dc, floating[:, :, ::1] x,
              floating[:, ::1] kernel, floating[:, ::1] recurrent_kernel,
              const unsigned char[:, ::1] mask,
              floating[:, ::1] input_dropout_mask, floating[:, ::1] recurrent_dropout_mask,
              const Py_ssize_t[::1] order, const Py_ssize_t[::1] row_begin,
              const Py_ssize_t[:, ::1] active, const Py_ssize_t[:, ::1] offsets,
              int act, int ract, bint reverse, bint zero_output_for_mask,
-             floating[:, ::1] packed_x, floating[:, ::1] gates,
-             floating[:, ::1] c_prev_all, floating[:, ::1] cell_act_all,
-             floating[:, ::1] h_in_all,
+             floating[:, ::1] gates, floating[:, ::1] c_prev_all, floating[:, ::1] h_in_all,
              floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:, ::1] dc0,
              floating[:, ::1] dkernel, floating[:, ::1] drecurrent_kernel, floating[::1] dbias,
-             Py_ssize_t threads=1):
+             Py_ssize_t threads=1, bint split_units=False):
     """Backward of `forward` (training); the workspace arrays are overwritten.
 
     doutputs_sequence: [B, T, H] or None; doutputs_last: [B, H] or None
     (exactly one given); dh, dc: [B, H] gradients of the final states;
-    workspace arrays as written by `forward`: packed_x [N, I], gates [N, 4H]
-    (become the gate-input gradients dz), c_prev_all, cell_act_all,
-    h_in_all [N, H]. Outputs: dx [B, T, I] (must be zero on entry: steps
-    outside the packed rows get no gradient), dh0, dc0 [B, H], dkernel
-    [I, 4H], drecurrent_kernel [H, 4H], dbias [4H]. threads: how many
-    threads share the weight-gradient GEMMs (by gate columns), also when the
-    batch is a single part.
+    x: [B, T, I] the forward's inputs (read again: the workspace keeps no copy);
+    workspace arrays as written by `forward`: gates [N, 4H] (become the
+    gate-input gradients dz), c_prev_all, h_in_all [N, H]. Outputs: dx
+    [B, T, I] (must be zero on entry: steps outside the packed rows get no
+    gradient), dh0, dc0 [B, H], dkernel [I, 4H], drecurrent_kernel [H, 4H],
+    dbias [4H]. threads: OpenMP threads (the parts share them, or with
+    split_units they split one part's units as in `forward`; the weight
+    gradients are split by gate columns among them).
     """
-    cdef Py_ssize_t B = dh.shape[0], P = row_begin.shape[0] - 1, T = offsets.shape[1] - 1
+    cdef Py_ssize_t B = dh.shape[0], P = row_begin.shape[0] - 1, T = x.shape[1]
     cdef Py_ssize_t I = kernel.shape[0], H = recurrent_kernel.shape[0], G = 4 * H
-    cdef Py_ssize_t N = offsets[P - 1, T]
-    cdef Py_ssize_t part, t, i, r, row, j, column_begin, column_end
+    cdef Layout layout = make_layout(order, row_begin, active, offsets, T)
+    cdef Py_ssize_t N = step_offset(&layout, P - 1, T)
+    cdef Py_ssize_t part, t, member, team, u0, u1, column_begin, column_end
+    cdef Py_ssize_t team_threads = max(1, threads)
     # Gate columns per thread for the weight gradients, a multiple of 16 (whole cache lines).
-    cdef Py_ssize_t column_threads = max(1, threads) if LSTMENG_HAVE_OPENMP else 1
+    cdef Py_ssize_t column_threads = team_threads if LSTMENG_HAVE_OPENMP else 1
     cdef Py_ssize_t column_block = ((G + column_threads - 1) // column_threads + 15) // 16 * 16
+    cdef Py_ssize_t per_thread_rows = B + 1 if split_units else 0
     dtype = np.asarray(dh).dtype
     # Per-row state of the backward time loop, in packed row order: dh_carry is the
     # gradient reaching h for rows whose later step was masked or not processed,
@@ -532,16 +737,21 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
     cdef floating[:, ::1] dh_carry = np.empty((B, H), dtype)
     cdef floating[:, ::1] dh_recurrent = np.empty((B, H), dtype)
     cdef floating[:, ::1] dc_state = np.empty((B, H), dtype)
-    cdef floating[:, ::1] dh_total = np.empty((P, H), dtype)
-    cdef floating[:, ::1] scratch = np.empty((P, 5 * H), dtype)
-    cdef unsigned char[::1] previous_real = np.zeros(B + 1, np.uint8)
-    cdef Py_ssize_t[::1] first_real = np.empty(B + 1, np.intp)
-    cdef Py_ssize_t[::1] last_real = np.empty(B + 1, np.intp)
+    cdef floating[:, ::1] dh_total = np.empty((team_threads, H), dtype)
+    cdef floating[:, ::1] scratch = np.empty((team_threads, 6 * H), dtype)
+    # The inputs again, in packed rows after input dropout, for dK = X^T dz; then
+    # overwritten by dz @ K^T on the way to dx.
+    cdef floating[:, ::1] packed_x = np.empty((N, I), dtype)
+    cdef unsigned char[::1] previous_real = np.zeros(team_threads * (B + 1), np.uint8)
+    cdef Py_ssize_t[::1] first_real = np.empty(team_threads * (B + 1), np.intp)
+    cdef Py_ssize_t[::1] last_real = np.empty(team_threads * (B + 1), np.intp)
+    cdef lstmeng_barrier barrier
     cdef const unsigned char *mask_ptr = NULL if mask is None else &mask[0, 0]
     cdef floating *dseq = NULL if doutputs_sequence is None else &doutputs_sequence[0, 0, 0]
     cdef floating *dlast = pointer2(doutputs_last)
     cdef floating *dh_ptr = &dh[0, 0]
     cdef floating *dc_ptr = &dc[0, 0]
+    cdef floating *x_ptr = &x[0, 0, 0]
     cdef floating *kernel_ptr = pointer2(kernel)
     cdef floating *recurrent_ptr = &recurrent_kernel[0, 0]
     cdef floating *in_drop = pointer2(input_dropout_mask)
@@ -549,7 +759,6 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
     cdef floating *packed_ptr = pointer2(packed_x)
     cdef floating *gates_ptr = pointer2(gates)
     cdef floating *c_prev_ptr = pointer2(c_prev_all)
-    cdef floating *cell_act_ptr = pointer2(cell_act_all)
     cdef floating *h_in_ptr = pointer2(h_in_all)
     cdef floating *dx_ptr = &dx[0, 0, 0]
     cdef floating *dh0_ptr = &dh0[0, 0]
@@ -565,20 +774,56 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
     cdef unsigned char *previous_real_ptr = &previous_real[0]
     cdef Py_ssize_t *first_real_ptr = &first_real[0]
     cdef Py_ssize_t *last_real_ptr = &last_real[0]
-    keep = []
-    # R^T [4H, H] packed once for every step's dh product (float32, AVX2).
-    cdef float *recurrent_t_packed = packed_panels(recurrent_kernel, True, H, keep)
+    # R^T [4H, H] packed for every step's dh product (float32, AVX2): once here for
+    # whole parts, by each member for its own slice when units are split.
+    cdef float[::1] packed_weights = np.empty(H * G if floating is float and packed_gemm else 1,
+                                              np.float32)
+    cdef float *packed_base = &packed_weights[0]
+    cdef float *slice_packed
 
+    if not (floating is float) or not packed_slice_usable(H, H, H):
+        packed_base = NULL
+    if packed_base != NULL and not split_units:
+        if floating is float:
+            pack_recurrent_transpose_slice(&recurrent_kernel[0, 0], H, 0, H, packed_base)
     check_blas_sizes(N, G, I, H)
+    lstmeng_barrier_init(&barrier)
     with nogil:
-        for part in prange(P, num_threads=P, schedule="static"):
-            backward_part(part, B, T, H, dseq, dlast, dh_ptr, dc_ptr, recurrent_ptr,
-                          recurrent_t_packed, mask_ptr,
-                          rec_drop, order, row_begin, active, offsets, act, ract, reverse,
-                          zero_output_for_mask, gates_ptr, c_prev_ptr, cell_act_ptr, dh0_ptr,
-                          dc0_ptr, dh_carry_ptr, dh_recurrent_ptr, dc_state_ptr,
-                          dh_total_ptr + part * H, scratch_ptr + part * 5 * H, previous_real_ptr,
-                          first_real_ptr, last_real_ptr)
+        with parallel(num_threads=team_threads):
+            member = lstmeng_thread_index()
+            team = lstmeng_team_size()
+            if split_units:
+                u0 = unit_bound(member, team, H)
+                u1 = unit_bound(member + 1, team, H)
+                slice_packed = NULL
+                if floating is float:
+                    if packed_base != NULL and packed_slice_usable(H, u1 - u0, H):
+                        slice_packed = packed_base + u0 * G
+                        pack_recurrent_transpose_slice(&recurrent_kernel[0, 0], H, u0, u1 - u0,
+                                                       slice_packed)
+                backward_part(0, u0, u1, team, &barrier, &layout, B, T, H, dseq, dlast, dh_ptr,
+                              dc_ptr, recurrent_ptr, slice_packed, mask_ptr, rec_drop, act, ract,
+                              reverse, zero_output_for_mask, gates_ptr, c_prev_ptr, dh0_ptr,
+                              dc0_ptr, dh_carry_ptr, dh_recurrent_ptr, dc_state_ptr,
+                              dh_total_ptr + member * H, scratch_ptr + member * 6 * H,
+                              previous_real_ptr + member * per_thread_rows,
+                              first_real_ptr + member * per_thread_rows,
+                              last_real_ptr + member * per_thread_rows)
+            else:
+                part = member
+                while part < P:
+                    backward_part(part, 0, H, 1, &barrier, &layout, B, T, H, dseq, dlast, dh_ptr,
+                                  dc_ptr, recurrent_ptr, packed_base, mask_ptr, rec_drop, act,
+                                  ract, reverse, zero_output_for_mask, gates_ptr, c_prev_ptr,
+                                  dh0_ptr, dc0_ptr, dh_carry_ptr, dh_recurrent_ptr, dc_state_ptr,
+                                  dh_total_ptr + member * H, scratch_ptr + member * 6 * H,
+                                  previous_real_ptr, first_real_ptr, last_real_ptr)
+                    part = part + team
+
+        # The inputs in packed rows, each thread a share of the steps.
+        for t in prange(T, num_threads=team_threads, schedule="static"):
+            for part in range(P):
+                copy_step_inputs(&layout, part, t, T, I, x_ptr, in_drop, packed_ptr, 0)
 
         # Weight gradients over all packed rows, each thread a block of gate columns:
         # dK = X^T dz, dR = H_in^T dz, db = column sums of dz.
@@ -589,11 +834,15 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
                 gemm_columns(I, H, G, N, column_begin, column_end, packed_ptr, h_in_ptr, gates_ptr,
                              dkernel_ptr, drecurrent_ptr, dbias_ptr)
 
-        # dx = dz @ K^T, one GEMM per part written over its packed_x rows (consumed
-        # above), then scattered to [B, T, I] with the input dropout mask.
-        for part in prange(P, num_threads=P, schedule="static"):
-            dx_part(part, T, I, G, kernel_ptr, gates_ptr, packed_ptr, dx_ptr, in_drop,
-                    order, row_begin, active, offsets)
+        # dx = dz @ K^T written over the packed input rows (consumed above), then
+        # scattered to [B, T, I] with the input dropout mask; each thread a share
+        # of the packed rows.
+        for part in prange(team_threads, num_threads=team_threads, schedule="static"):
+            dx_rows(part * N // team_threads, (part + 1) * N // team_threads, I, G,
+                    kernel_ptr, gates_ptr, packed_ptr)
+        for t in prange(T, num_threads=team_threads, schedule="static"):
+            for part in range(P):
+                scatter_step_gradients(&layout, part, t, T, I, packed_ptr, dx_ptr, in_drop)
 
 
 cdef void gemm_columns(Py_ssize_t I, Py_ssize_t H, Py_ssize_t G, Py_ssize_t N,
@@ -614,16 +863,19 @@ cdef void gemm_columns(Py_ssize_t I, Py_ssize_t H, Py_ssize_t G, Py_ssize_t N,
             dbias[column_begin + j] += dz_row[j]
 
 
-cdef void dx_part(Py_ssize_t part, Py_ssize_t T, Py_ssize_t I, Py_ssize_t G, floating *kernel,
-                  floating *dz, floating *packed_x, floating *dx, floating *in_drop,
-                  const Py_ssize_t[::1] order, const Py_ssize_t[::1] row_begin,
-                  const Py_ssize_t[:, ::1] active, const Py_ssize_t[:, ::1] offsets) noexcept nogil:
-    """dx of one part's rows: dz @ K^T into its packed rows, then scattered into dx [B, T, I]."""
-    cdef Py_ssize_t first_row = offsets[part, 0], rows = offsets[part, T] - first_row, t, i, row
-    gemm(False, True, rows, I, G, <floating>1, dz + first_row * G, G, kernel, G,
-         <floating>0, packed_x + first_row * I, I)
-    for t in range(T):
-        for i in range(active[part, t]):
-            row = order[row_begin[part] + i]
-            scaled_copy(dx + (row * T + t) * I, packed_x + (offsets[part, t] + i) * I,
-                        rows_of(in_drop, row, I), I)
+cdef void dx_rows(Py_ssize_t row_first, Py_ssize_t row_end, Py_ssize_t I, Py_ssize_t G,
+                  floating *kernel, floating *dz, floating *packed_x) noexcept nogil:
+    """Packed rows row_first .. row_end - 1 of dz @ K^T into packed_x [N, I]."""
+    gemm(False, True, row_end - row_first, I, G, <floating>1, dz + row_first * G, G, kernel, G,
+         <floating>0, packed_x + row_first * I, I)
+
+
+cdef void scatter_step_gradients(const Layout *layout, Py_ssize_t part, Py_ssize_t t,
+                                 Py_ssize_t T, Py_ssize_t I, floating *packed_dx, floating *dx,
+                                 floating *in_drop) noexcept nogil:
+    """Step t's packed rows of part ``part`` into dx [B, T, I], through the input dropout mask."""
+    cdef Py_ssize_t r_begin = layout.row_begin[part], first = step_offset(layout, part, t)
+    cdef Py_ssize_t i, row
+    for i in range(step_rows(layout, part, t)):
+        row = layout.order[r_begin + i]
+        scaled_copy(dx + (row * T + t) * I, packed_dx + (first + i) * I, rows_of(in_drop, row, I), I)

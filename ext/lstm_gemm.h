@@ -41,16 +41,18 @@ static int lstmeng_packed_gemm_supported(void) {
 #endif
 }
 
-/* Pack row-major b [K, G] into panels; with transpose, pack b^T (b is [G, K]). */
-static void lstmeng_pack_panels_f32(const float *b, int64_t K, int64_t G, int transpose,
-                                    float *packed) {
+/* Pack the [K, G] block of a row-major matrix with row stride ld into panels:
+ * B[k, col] = b[k * ld + col]; with transpose, B[k, col] = b[col * ld + k]
+ * (b^T's block). A thread owning a slice of the units packs its own columns. */
+static void lstmeng_pack_panels_f32(const float *b, int64_t K, int64_t G, int64_t ld,
+                                    int transpose, float *packed) {
     int64_t panel, k, col;
     for (panel = 0; panel < G / LSTMENG_PANEL; panel++)
         for (k = 0; k < K; k++)
             for (col = 0; col < LSTMENG_PANEL; col++)
                 packed[(panel * K + k) * LSTMENG_PANEL + col] =
-                    transpose ? b[(panel * LSTMENG_PANEL + col) * K + k]
-                              : b[k * G + panel * LSTMENG_PANEL + col];
+                    transpose ? b[(panel * LSTMENG_PANEL + col) * ld + k]
+                              : b[k * ld + panel * LSTMENG_PANEL + col];
 }
 
 #if LSTMENG_HAVE_FMA_KERNEL

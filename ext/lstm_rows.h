@@ -91,18 +91,23 @@ static inline double lstmeng_exp_f64(double x) {
  * lstmeng_act_S(kind, in, out, n): out[j] = act(in[j]); in == out allowed.
  * lstmeng_dact_S(kind, y, out, n): out[j] = act'(x) written from y = act(x).
  *
- * lstmeng_forward_row_S(gates, c, c_prev, cell_act, h, H, act, ract)
- *   gates: [4H] pre-activations in, activated gates out (i, f, g, o)
- *   c:     [H]  cell state in, new cell state out
- *   c_prev, cell_act: [H] or NULL: where to keep c(t-1) and act(c(t)) for the backward
- *   h:     [H]  new hidden state out
+ * lstmeng_forward_row_S(gates, c, c_prev, h, n, stride, act, ract)
+ *   gates: the i, f, g, o gate pre-activations of n units at gates, gates + stride,
+ *          gates + 2 stride, gates + 3 stride (stride = H for a whole row of 4H;
+ *          a thread owning units u0 .. u0 + n - 1 passes gates + u0 and stride H);
+ *          activated gates out
+ *   c:     [n]  cell state in, new cell state out
+ *   c_prev: [n] or NULL: where to keep c(t-1) for the backward
+ *   h:     [n]  new hidden state out
  *
- * lstmeng_backward_row_S(gates, cell_act, c_prev, dh, dc, scratch, H, act, ract)
- *   gates:    [4H] activated gates in, gate-input gradients dz out
- *   cell_act, c_prev: [H] from the forward
- *   dh:       [H]  gradient reaching h(t) (output + carried)
- *   dc:       [H]  gradient of c(t) in, of c(t-1) out
- *   scratch:  [5H]
+ * lstmeng_backward_row_S(gates, c_prev, dh, dc, scratch, n, stride, act, ract)
+ *   gates:    activated gates in (laid out as above), gate-input gradients dz out
+ *   c_prev:   [n]  c(t-1) from the forward; c(t) = f c(t-1) + i g and act(c(t))
+ *             are recomputed here (the same arithmetic as the forward's), which
+ *             is cheaper than keeping a [T, B, H] array of them alive
+ *   dh:       [n]  gradient reaching h(t) (output + carried)
+ *   dc:       [n]  gradient of c(t) in, of c(t-1) out
+ *   scratch:  [6n]
  */
 #define LSTMENG_DEFINE_ROWS(T, S, EXP)                                                          \
     /* out[j] = scale * in[j] clamped to exp's range */                                        \
@@ -159,40 +164,45 @@ static inline double lstmeng_exp_f64(double x) {
             for (j = 0; j < n; j++) out[j] = (T)1;                                              \
         }                                                                                       \
     }                                                                                           \
-    LSTMENG_SIMD static void lstmeng_forward_row_##S(T *gates, T *c, T *c_prev, T *cell_act,    \
-                                                     T *h, int64_t H, int act, int ract) {      \
+    LSTMENG_SIMD static void lstmeng_forward_row_##S(T *gates, T *c, T *c_prev, T *h,           \
+                                                     int64_t n, int64_t stride, int act,        \
+                                                     int ract) {                                \
         int64_t j;                                                                              \
-        T *in_gate = gates, *forget_gate = gates + H, *candidate = gates + 2 * H;               \
-        T *out_gate = gates + 3 * H;                                                            \
-        lstmeng_act_##S(ract, gates, gates, 2 * H);                                             \
-        lstmeng_act_##S(act, candidate, candidate, H);                                          \
-        lstmeng_act_##S(ract, out_gate, out_gate, H);                                           \
-        if (c_prev != NULL) memcpy(c_prev, c, (size_t)H * sizeof(T));                           \
-        for (j = 0; j < H; j++) c[j] = forget_gate[j] * c[j] + in_gate[j] * candidate[j];       \
-        /* act(c) goes where the backward wants it, or straight into h */                      \
-        T *activated = cell_act != NULL ? cell_act : h;                                         \
-        lstmeng_act_##S(act, c, activated, H);                                                  \
-        for (j = 0; j < H; j++) h[j] = out_gate[j] * activated[j];                              \
+        T *in_gate = gates, *forget_gate = gates + stride, *candidate = gates + 2 * stride;     \
+        T *out_gate = gates + 3 * stride;                                                       \
+        lstmeng_act_##S(ract, in_gate, in_gate, n);                                             \
+        lstmeng_act_##S(ract, forget_gate, forget_gate, n);                                     \
+        lstmeng_act_##S(act, candidate, candidate, n);                                          \
+        lstmeng_act_##S(ract, out_gate, out_gate, n);                                           \
+        if (c_prev != NULL) memcpy(c_prev, c, (size_t)n * sizeof(T));                           \
+        for (j = 0; j < n; j++) c[j] = forget_gate[j] * c[j] + in_gate[j] * candidate[j];       \
+        lstmeng_act_##S(act, c, h, n); /* act(c), then scaled in place */                      \
+        for (j = 0; j < n; j++) h[j] = out_gate[j] * h[j];                                      \
     }                                                                                           \
-    LSTMENG_SIMD static void lstmeng_backward_row_##S(T *gates, const T *cell_act,              \
-                                                      const T *c_prev, const T *dh, T *dc,      \
-                                                      T *scratch, int64_t H, int act,           \
-                                                      int ract) {                               \
+    LSTMENG_SIMD static void lstmeng_backward_row_##S(T *gates, const T *c_prev, const T *dh,   \
+                                                      T *dc, T *scratch, int64_t n,             \
+                                                      int64_t stride, int act, int ract) {      \
         int64_t j;                                                                              \
-        T *d_in = scratch, *d_forget = scratch + H, *d_candidate = scratch + 2 * H;             \
-        T *d_out = scratch + 3 * H, *d_cell = scratch + 4 * H;                                  \
-        /* derivatives of each nonlinearity, from its stored output */                         \
-        lstmeng_dact_##S(ract, gates, d_in, 2 * H);                                             \
-        lstmeng_dact_##S(act, gates + 2 * H, d_candidate, H);                                   \
-        lstmeng_dact_##S(ract, gates + 3 * H, d_out, H);                                        \
-        lstmeng_dact_##S(act, cell_act, d_cell, H);                                             \
-        for (j = 0; j < H; j++) {                                                               \
-            const T i = gates[j], f = gates[H + j], g = gates[2 * H + j], o = gates[3 * H + j]; \
+        T *in_gate = gates, *forget_gate = gates + stride, *candidate = gates + 2 * stride;     \
+        T *out_gate = gates + 3 * stride;                                                       \
+        T *d_in = scratch, *d_forget = scratch + n, *d_candidate = scratch + 2 * n;             \
+        T *d_out = scratch + 3 * n, *cell_act = scratch + 4 * n, *d_cell = scratch + 5 * n;     \
+        /* c(t) exactly as the forward computed it, then act(c(t)) */                          \
+        for (j = 0; j < n; j++) cell_act[j] = forget_gate[j] * c_prev[j] + in_gate[j] * candidate[j]; \
+        lstmeng_act_##S(act, cell_act, cell_act, n);                                            \
+        /* derivatives of each nonlinearity, from its output */                                \
+        lstmeng_dact_##S(ract, in_gate, d_in, n);                                               \
+        lstmeng_dact_##S(ract, forget_gate, d_forget, n);                                       \
+        lstmeng_dact_##S(act, candidate, d_candidate, n);                                       \
+        lstmeng_dact_##S(ract, out_gate, d_out, n);                                             \
+        lstmeng_dact_##S(act, cell_act, d_cell, n);                                             \
+        for (j = 0; j < n; j++) {                                                               \
+            const T i = in_gate[j], f = forget_gate[j], g = candidate[j], o = out_gate[j];      \
             const T dc_total = dc[j] + dh[j] * o * d_cell[j];                                   \
-            gates[j] = dc_total * g * d_in[j];                                                  \
-            gates[H + j] = dc_total * c_prev[j] * d_forget[j];                                  \
-            gates[2 * H + j] = dc_total * i * d_candidate[j];                                   \
-            gates[3 * H + j] = dh[j] * cell_act[j] * d_out[j];                                  \
+            in_gate[j] = dc_total * g * d_in[j];                                                \
+            forget_gate[j] = dc_total * c_prev[j] * d_forget[j];                                \
+            candidate[j] = dc_total * i * d_candidate[j];                                       \
+            out_gate[j] = dh[j] * cell_act[j] * d_out[j];                                       \
             dc[j] = dc_total * f;                                                               \
         }                                                                                       \
     }

@@ -42,6 +42,46 @@ def test_conformance_three_parts(case, three_parts):
     testing.check_case("cython", case)
 
 
+@pytest.fixture(params=[2, 3, 4], ids=lambda threads: f"{threads}threads")
+def split_units(request, monkeypatch):
+    """Split the units of every batch among 2, 3 or 4 threads (one barrier per step).
+
+    With the conformance suite's 6 units, 4 threads get slices of 1, 2, 1 and 2
+    units; with 64 units, 3 threads get 0, 32 and 32 (a member with no units
+    still takes part in every barrier).
+    """
+    monkeypatch.setattr(cython_module.backend, "split_units", True)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(request.param))
+    if not cython_module._team(1, 6, True)[2]:
+        pytest.skip("this build runs one thread (no OpenMP or no OpenBLAS thread control)")
+    return request.param
+
+
+@pytest.mark.parametrize("case", testing.conformance_cases(), ids=str)
+def test_conformance_split_units(case, split_units):
+    testing.check_case("cython", case)
+
+
+# Slices of whole panel pairs take the packed kernel per gate block (float32).
+@pytest.mark.parametrize("case", [
+    dataclasses.replace(case, units=64, batch=3)
+    for case in testing.conformance_cases(dtypes=("float32",), cases_per_dtype=8)], ids=str)
+def test_conformance_split_units_packed_kernel_sizes(case, split_units):
+    testing.check_case("cython", case)
+
+
+def test_small_batches_split_units_by_default(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    if not cython_module._team(1, 128, "auto")[2]:
+        pytest.skip("this build runs one thread (no OpenMP or no OpenBLAS thread control)")
+    assert cython_module._team(1, 128, "auto") == (1, 2, True)
+    assert cython_module._team(1, cython_module.MIN_UNITS_TO_SPLIT - 1, "auto") == (1, 1, False)
+    assert cython_module._team(64, 128, "auto") == (2, 2, False)
+    assert cython_module._team(1, 128, False) == (1, 1, False)
+    with pytest.raises(ValueError, match="split_units"):
+        cython_module.CythonBackend(split_units="yes")
+
+
 # Units a multiple of 32 take the packed-panel FMA kernel for the per-step
 # products in float32 (forward and backward), when the CPU has AVX2 and FMA.
 @pytest.mark.parametrize("case", [

@@ -197,9 +197,18 @@ def test_packed_row_offsets_are_64_bit_beyond_2_to_31():
     layout = cython_module._layout(None, batch, steps, parts=2, packed_variable_length=True)
     assert layout.offsets.dtype.itemsize == 8 and layout.active.dtype.itemsize == 8
     assert layout.rows == batch * steps == 2**32
-    assert int(layout.offsets[1, 0]) == 2**31
-    assert np.all(np.diff(layout.offsets, axis=1) == batch // 2)
-    assert int(layout.offsets[1, -1]) == 2**32
+    # The uniform layout keeps one offset per part; the kernels compute the rest.
+    assert layout.offset(1, 0) == 2**31
+    assert layout.offset(0, steps - 1) == (steps - 1) * batch // 2
+    assert layout.offset(1, 1) - layout.offset(1, 0) == batch // 2
+    assert layout.offset(1, steps) == 2**32
+    with pytest.raises(IndexError):
+        layout.offset(2, 0)
+
+    # The variable-length layout keeps [P, T + 1] offsets; every row at full length.
+    mask = np.ones((4, 3), bool)
+    mask[0, -1] = False
+    assert cython_module._layout(mask, 4, 3, parts=2, packed_variable_length=True).rows == 11
 
 
 @cython_only

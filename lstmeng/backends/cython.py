@@ -14,10 +14,19 @@ which checks the mask per row and step.
 Threads: one pool, OpenMP's. The batch is split into parts, one per thread
 (``num_threads()``, which honours ``OMP_NUM_THREADS``); rows are independent,
 so each thread runs the whole sequence for its part without synchronising per
-step. BLAS is held at one thread meanwhile, so its pool never spins against
-ours. Without OpenMP or without OpenBLAS's thread control, one part runs and
-BLAS threads as it likes. The GIL is released for the whole sequence, so
-layers on different Python threads run in parallel.
+step. A batch too small to split by rows (fewer than ``MIN_ROWS_PER_PART``
+rows per thread; a batch of one, say) is split by units instead: each thread
+owns a slice of the units and the threads meet at one barrier per step. BLAS
+is held at one thread meanwhile, so its pool never spins against ours.
+Without OpenMP or without OpenBLAS's thread control, one thread runs and BLAS
+threads as it likes. The GIL is released for the whole sequence, so layers on
+different Python threads run in parallel.
+
+Training keeps the theoretical workspace only: per processed (row, step) the
+activated gates (4H), c(t-1) and h(t-1) (H each); the backward recomputes
+act(c(t)) and reads the inputs again from the caller's ``x``, which must not
+be changed between a training forward and its backward (as with PyTorch's
+saved tensors).
 
 Example:
     >>> import numpy as np, lstmeng as le
@@ -47,12 +56,16 @@ except ImportError as error:  # not built (e.g. a source checkout without a comp
 else:
     _IMPORT_ERROR = None
 
-#: Inference computes the input projection this many packed rows per part at a
-#: time (at least one step), so no [T, B, 4H] buffer is kept without training.
-INFERENCE_CHUNK_ROWS = 1024
+#: The input projection runs this many packed rows per part at a time (at least
+#: one step): no [T, B, I] copy of the inputs is made, and inference keeps no
+#: [T, B, 4H] gate buffer either.
+CHUNK_ROWS = 1024
 #: A part (a thread's share of the batch) gets at least this many rows: fewer
 #: would make its per-step GEMM too thin to run near the machine's peak.
 MIN_ROWS_PER_PART = 16
+#: Smallest layer whose units are split among threads when its batch is too
+#: small to split by rows: below it a step is too short to pay for a barrier.
+MIN_UNITS_TO_SPLIT = 64
 
 
 def num_threads() -> int:
@@ -152,6 +165,20 @@ def _parts(batch: int) -> int:
     return max(1, min(num_threads(), batch // MIN_ROWS_PER_PART))
 
 
+def _team(batch: int, units: int, split_units) -> tuple[int, int, bool]:
+    """(parts, threads, split_units) for a batch: parts by rows when the batch is large
+    enough, else (with ``split_units`` "auto" or True) one part whose units the
+    threads share. split_units True forces the unit split whenever threads
+    are available (tests use it to run that path at tiny sizes)."""
+    parts = _parts(batch)
+    threading = (_cython_lstm is not None and _cython_lstm.HAVE_OPENMP
+                 and _single_threaded_blas.available and num_threads() > 1)
+    if parts == 1 and threading and split_units is not False and (
+            split_units is True or units >= MIN_UNITS_TO_SPLIT):
+        return 1, num_threads(), True
+    return parts, parts, False
+
+
 def _threads_for(layout):
     """Context for a kernel call: BLAS on one thread whenever the kernels own the threading.
 
@@ -167,8 +194,11 @@ class _Layout:
 
     order: [B] caller's row of each packed-order row; row_begin: [P + 1] the
     parts' ranges in ``order``; active: [P, T] rows of part p in step t;
-    offsets: [P, T + 1] first packed row of part p's step t; mask: [B, T]
-    uint8 for the general path, None when every packed row is a real step.
+    offsets: [P, T + 1] first packed row of part p's step t; or, for the
+    general path, both [P, 1]: every step of part p has active[p, 0] rows
+    from offsets[p, 0] + t * active[p, 0] (nothing of length T is kept);
+    mask: [B, T] uint8 for the general path, None when every packed row is a
+    real step; steps: T.
     """
 
     order: np.ndarray
@@ -176,11 +206,16 @@ class _Layout:
     active: np.ndarray
     offsets: np.ndarray
     mask: np.ndarray | None
+    steps: int
 
     @property
     def rows(self) -> int:
         """N, the number of packed rows."""
-        return int(self.offsets[-1, -1])
+        return self.offset(len(self.row_begin) - 2, self.steps)
+
+    def offset(self, part: int, step: int) -> int:
+        """First packed row of part ``part``'s step ``step`` (as the kernels compute it)."""
+        return int(_cython_lstm.packed_row_offset(self.active, self.offsets, self.steps, part, step))
 
 
 def _packed_offsets(active: np.ndarray) -> np.ndarray:
@@ -212,29 +247,31 @@ def _layout(mask, batch: int, steps: int, parts: int, packed_variable_length: bo
             time = np.arange(steps)
             active = np.stack([(lengths[rows][:, None] > time[None, :]).sum(axis=0)
                                for rows in part_rows]).astype(np.intp)
-            return _Layout(order, row_begin, active, _packed_offsets(active), None)
+            return _Layout(order, row_begin, active, _packed_offsets(active), None, steps)
     row_begin = (np.arange(parts + 1) * batch // parts).astype(np.intp)
-    active = np.repeat(np.diff(row_begin)[:, None], steps, axis=1).astype(np.intp)
+    active = np.diff(row_begin)[:, None].astype(np.intp)
+    offsets = (row_begin[:-1, None] * steps).astype(np.intp)
     mask_bytes = None if mask is None else np.ascontiguousarray(mask).view(np.uint8)
-    return _Layout(np.arange(batch, dtype=np.intp), row_begin, active, _packed_offsets(active), mask_bytes)
+    return _Layout(np.arange(batch, dtype=np.intp), row_begin, active, offsets, mask_bytes, steps)
 
 
 @dataclasses.dataclass
 class _Workspace:
-    """What the backward needs, all in packed row order (N packed rows).
+    """What the backward needs, in packed row order (N packed rows) but for x.
 
-    packed_x: [N, I] inputs after input dropout; gates: [N, 4H] activated
-    gates (the backward overwrites them with their gradients); c_prev,
-    cell_act, h_in: [N, H] c(t-1), activation(c(t)) and h(t-1) after
-    recurrent dropout.
+    x: [B, T, I] the caller's inputs (a reference, not a copy); gates:
+    [N, 4H] activated gates (the backward overwrites them with their
+    gradients); c_prev, h_in: [N, H] c(t-1) and h(t-1) after recurrent
+    dropout. threads, split_units: the forward's team.
     """
 
     layout: _Layout
-    packed_x: np.ndarray
+    x: np.ndarray
     gates: np.ndarray
     c_prev: np.ndarray
-    cell_act: np.ndarray
     h_in: np.ndarray
+    threads: int
+    split_units: bool
     kernel: np.ndarray
     recurrent_kernel: np.ndarray
     input_dropout_mask: np.ndarray | None
@@ -265,12 +302,19 @@ class CythonBackend(Backend):
         packed_variable_length: take the sorted, shrinking-batch path for
             right-padded masks (the default); False forces the general
             masked path, which gives the same numbers (tests compare them).
+        split_units: "auto" (the default) splits the units of a batch too
+            small to split by rows among the threads when the layer has at
+            least ``MIN_UNITS_TO_SPLIT`` units; True whenever there are
+            threads (any size: tests use it); False never.
     """
 
     name = "cython"
 
-    def __init__(self, packed_variable_length: bool = True):
+    def __init__(self, packed_variable_length: bool = True, split_units="auto"):
+        if split_units not in ("auto", True, False):
+            raise ValueError(f"split_units must be 'auto', True or False, got {split_units!r}")
         self.packed_variable_length = packed_variable_length
+        self.split_units = split_units
 
     def probe(self) -> str:
         if _cython_lstm is None:
@@ -293,27 +337,26 @@ class CythonBackend(Backend):
         h0, c0 = _contiguous(h0, dtype), _contiguous(c0, dtype)
         input_dropout_mask = _contiguous(input_dropout_mask, dtype)
         recurrent_dropout_mask = _contiguous(recurrent_dropout_mask, dtype)
-        layout = _layout(mask, batch, steps, _parts(batch), self.packed_variable_length)
+        parts, threads, split_units = _team(batch, units, self.split_units)
+        layout = _layout(mask, batch, steps, parts, self.packed_variable_length)
 
         sequence_outputs = np.empty((batch, steps, units), dtype) if return_sequences else None
         last_output = None if return_sequences else np.empty((batch, units), dtype)
         h_out, c_out = np.empty((batch, units), dtype), np.empty((batch, units), dtype)
+        # The inputs reach the projection GEMM a chunk of steps at a time, in packed rows.
+        part_batch = int(np.diff(layout.row_begin).max())
+        chunk_steps = max(1, min(steps, CHUNK_ROWS // max(part_batch, 1)))
+        part_chunk_rows = chunk_steps * part_batch
+        packed_x = np.empty((parts * part_chunk_rows, features), dtype)
         if training:
             rows = layout.rows
-            chunk_steps = steps
-            part_chunk_rows = 0
-            packed_x = np.empty((rows, features), dtype)
             gates = np.empty((rows, 4 * units), dtype)
-            c_prev, cell_act, h_in = (np.empty((rows, units), dtype) for _ in range(3))
+            c_prev, h_in = np.empty((rows, units), dtype), np.empty((rows, units), dtype)
         else:
-            part_batch = int(np.diff(layout.row_begin).max())
-            chunk_steps = max(1, min(steps, INFERENCE_CHUNK_ROWS // max(part_batch, 1)))
-            part_chunk_rows = chunk_steps * part_batch
-            parts = len(layout.row_begin) - 1
-            packed_x = np.empty((parts * part_chunk_rows, features), dtype)
             gates = np.empty((parts * part_chunk_rows, 4 * units), dtype)
-            c_prev = cell_act = h_in = None
-        h_state, c_state, h_in_step = (np.empty((batch, units), dtype) for _ in range(3))
+            c_prev = h_in = None
+        h_state, c_state = np.empty((batch, units), dtype), np.empty((batch, units), dtype)
+        h_in_step = np.empty((2, batch, units), dtype)
 
         with _threads_for(layout):
             _specialization(_cython_lstm.forward, dtype)(
@@ -323,14 +366,14 @@ class CythonBackend(Backend):
                 _cython_lstm.ACTIVATION_KINDS[activation],
                 _cython_lstm.ACTIVATION_KINDS[recurrent_activation],
                 reverse, zero_output_for_mask, sequence_outputs, last_output, h_out, c_out,
-                packed_x, gates, c_prev, cell_act, h_in, h_state, c_state, h_in_step,
-                chunk_steps, part_chunk_rows)
+                packed_x, gates, c_prev, h_in, h_state, c_state, h_in_step,
+                chunk_steps, part_chunk_rows, threads, split_units)
 
         workspace = None
         if training:
             workspace = _Workspace(
-                layout=layout, packed_x=packed_x, gates=gates, c_prev=c_prev, cell_act=cell_act,
-                h_in=h_in, kernel=kernel, recurrent_kernel=recurrent_kernel,
+                layout=layout, x=x, gates=gates, c_prev=c_prev, h_in=h_in, threads=threads,
+                split_units=split_units, kernel=kernel, recurrent_kernel=recurrent_kernel,
                 input_dropout_mask=input_dropout_mask, recurrent_dropout_mask=recurrent_dropout_mask,
                 activation=activation, recurrent_activation=recurrent_activation, reverse=reverse,
                 zero_output_for_mask=zero_output_for_mask, return_sequences=return_sequences,
@@ -357,15 +400,16 @@ class CythonBackend(Backend):
         with _threads_for(layout):
             _specialization(_cython_lstm.backward, dtype)(
                 doutputs if ws.return_sequences else None, None if ws.return_sequences else doutputs,
-                _contiguous(dh, dtype), _contiguous(dc, dtype), ws.kernel, ws.recurrent_kernel,
+                _contiguous(dh, dtype), _contiguous(dc, dtype), ws.x, ws.kernel, ws.recurrent_kernel,
                 layout.mask, ws.input_dropout_mask, ws.recurrent_dropout_mask,
                 layout.order, layout.row_begin, layout.active, layout.offsets,
                 _cython_lstm.ACTIVATION_KINDS[ws.activation],
                 _cython_lstm.ACTIVATION_KINDS[ws.recurrent_activation],
                 ws.reverse, ws.zero_output_for_mask,
-                ws.packed_x, ws.gates, ws.c_prev, ws.cell_act, ws.h_in,
-                dx, dh0, dc0, dkernel, drecurrent_kernel, dbias,
-                num_threads() if _single_threaded_blas.available else 1)
+                ws.gates, ws.c_prev, ws.h_in, dx, dh0, dc0, dkernel, drecurrent_kernel, dbias,
+                # Every thread shares the weight-gradient GEMMs, also when the batch is one part.
+                max(ws.threads, num_threads() if _single_threaded_blas.available else 1),
+                ws.split_units)
         return SequenceGrads(dx=dx, dh0=dh0, dc0=dc0, dkernel=dkernel,
                              drecurrent_kernel=drecurrent_kernel, dbias=dbias)
 
