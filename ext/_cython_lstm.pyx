@@ -51,6 +51,7 @@
 
 from libc.string cimport memcpy, memset
 from libc.limits cimport INT_MAX
+from libc.stdint cimport int64_t
 from cython cimport floating
 from cython.parallel cimport prange, parallel
 from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
@@ -76,12 +77,10 @@ cdef extern from "lstm_gemm.h" nogil:
                                  Py_ssize_t lda, const float *packed, float *c, Py_ssize_t ldc)
 
 cdef extern from "lstm_sync.h" nogil:
-    ctypedef struct lstmeng_barrier:
-        pass
+    const int LSTMENG_FLAG_STRIDE
     int lstmeng_team_size()
     int lstmeng_thread_index()
-    void lstmeng_barrier_init(lstmeng_barrier *barrier)
-    void lstmeng_barrier_wait(lstmeng_barrier *barrier, Py_ssize_t team)
+    void lstmeng_barrier_wait(int64_t *flags, int64_t member, int64_t team, int64_t calls)
 
 cdef extern from *:
     """
@@ -358,7 +357,7 @@ def check_blas_sizes(*sizes):
 
 cdef void forward_part(
         Py_ssize_t part, Py_ssize_t u0, Py_ssize_t u1, Py_ssize_t team, Py_ssize_t member,
-        lstmeng_barrier *barrier, const Layout *layout,
+        int64_t *barrier_flags, const Layout *layout,
         Py_ssize_t B, Py_ssize_t T, Py_ssize_t I, Py_ssize_t H,
         floating *x, floating *h0, floating *c0, floating *kernel, floating *recurrent_kernel,
         float *recurrent_packed,
@@ -381,6 +380,7 @@ cdef void forward_part(
     cdef bint training = h_in_all != NULL
     cdef Py_ssize_t step, chunk_first, chunk_last, t, t_lo, t_hi, i, r, row, n_rows, gate
     cdef Py_ssize_t x_shift, gate_shift, first_row, rows, step_first, processed = 0
+    cdef int64_t barriers = 0
     cdef floating *h_in
     cdef floating *step_gates
     cdef floating *out_row
@@ -409,7 +409,8 @@ cdef void forward_part(
         for t in range(t_lo, t_hi):
             if (t - t_lo) % team == member:
                 copy_step_inputs(layout, part, t, T, I, x, in_drop, packed_x, x_shift)
-        lstmeng_barrier_wait(barrier, team)
+        lstmeng_barrier_wait(barrier_flags, member, team, barriers)
+        barriers += 1
         # The input projection of every step in the chunk: one GEMM (per gate block
         # for a unit slice), bias folded in by starting from broadcast bias rows.
         step_gates = gates + (first_row + gate_shift) * G
@@ -443,7 +444,8 @@ cdef void forward_part(
                     scaled_copy(h_in + i * H + u0, h_state + r * H + u0,
                                 rows_of(rec_drop, layout.order[r], H, u0), width)
             processed += 1
-            lstmeng_barrier_wait(barrier, team)
+            lstmeng_barrier_wait(barrier_flags, member, team, barriers)
+            barriers += 1
             gates_product(n_rows, H, h_in, H, recurrent_kernel, recurrent_packed, step_gates,
                           H, u0, width, <floating>1)
 
@@ -531,7 +533,8 @@ def forward(floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
     cdef Py_ssize_t part, member, team, u0, u1, team_threads = max(1, threads)
     cdef Layout layout = make_layout(order, row_begin, active, offsets, T)
     cdef unsigned char[::1] seen = np.zeros(team_threads * (B + 1), np.uint8)
-    cdef lstmeng_barrier barrier
+    cdef int64_t[::1] barrier_flags = np.zeros(team_threads * LSTMENG_FLAG_STRIDE, np.int64)
+    cdef int64_t *flags_ptr = &barrier_flags[0]
     cdef const unsigned char *mask_ptr = NULL if mask is None else &mask[0, 0]
     cdef floating *x_ptr = &x[0, 0, 0]
     cdef floating *h0_ptr = &h0[0, 0]
@@ -566,7 +569,6 @@ def forward(floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
         if floating is float:
             pack_recurrent_slice(&recurrent_kernel[0, 0], H, 0, H, packed_base)
     check_blas_sizes(step_offset(&layout, P - 1, T), G, I, H, part_chunk_rows * P)
-    lstmeng_barrier_init(&barrier)
     with nogil, parallel(num_threads=team_threads):
         member = lstmeng_thread_index()
         team = lstmeng_team_size()
@@ -578,7 +580,7 @@ def forward(floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
                 if packed_base != NULL and packed_slice_usable(H, u1 - u0, G):
                     slice_packed = packed_base + u0 * G
                     pack_recurrent_slice(&recurrent_kernel[0, 0], H, u0, u1 - u0, slice_packed)
-            forward_part(0, u0, u1, team, member, &barrier, &layout, B, T, I, H, x_ptr, h0_ptr,
+            forward_part(0, u0, u1, team, member, flags_ptr, &layout, B, T, I, H, x_ptr, h0_ptr,
                          c0_ptr, kernel_ptr, recurrent_ptr, slice_packed, bias_ptr, mask_ptr,
                          in_drop, rec_drop, act, ract, reverse, zero_output_for_mask,
                          sequence_ptr, last_ptr, h_out_ptr, c_out_ptr, packed_ptr, gates_ptr,
@@ -587,7 +589,7 @@ def forward(floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
         else:
             part = member
             while part < P:
-                forward_part(part, 0, H, 1, 0, &barrier, &layout, B, T, I, H, x_ptr, h0_ptr,
+                forward_part(part, 0, H, 1, 0, flags_ptr, &layout, B, T, I, H, x_ptr, h0_ptr,
                              c0_ptr, kernel_ptr, recurrent_ptr, packed_base, bias_ptr, mask_ptr,
                              in_drop, rec_drop, act, ract, reverse, zero_output_for_mask,
                              sequence_ptr, last_ptr, h_out_ptr, c_out_ptr, packed_ptr, gates_ptr,
@@ -597,8 +599,8 @@ def forward(floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
 
 
 cdef void backward_part(
-        Py_ssize_t part, Py_ssize_t u0, Py_ssize_t u1, Py_ssize_t team,
-        lstmeng_barrier *barrier, const Layout *layout, Py_ssize_t B, Py_ssize_t T, Py_ssize_t H,
+        Py_ssize_t part, Py_ssize_t u0, Py_ssize_t u1, Py_ssize_t team, Py_ssize_t member,
+        int64_t *barrier_flags, const Layout *layout, Py_ssize_t B, Py_ssize_t T, Py_ssize_t H,
         floating *doutputs_sequence, floating *doutputs_last, floating *dh, floating *dc,
         floating *recurrent_kernel, float *recurrent_t_packed, const unsigned char *mask,
         floating *rec_drop, int act, int ract, bint reverse, bint zero_output_for_mask,
@@ -613,6 +615,7 @@ cdef void backward_part(
     cdef Py_ssize_t G = 4 * H, width = u1 - u0
     cdef Py_ssize_t r_begin = layout.row_begin[part], r_end = layout.row_begin[part + 1]
     cdef Py_ssize_t step, position, t, i, r, row, j, n_rows, step_first, gate
+    cdef int64_t barriers = 0
     cdef bint real
     cdef floating *step_gates
     cdef floating *dy
@@ -681,7 +684,8 @@ cdef void backward_part(
                     memset(step_gates + i * G + gate * H + u0, 0, width * sizeof(floating))
             previous_real[r] = real
         # dh(t-1) = dz(t) @ R^T for the step's rows: a team needs every member's dz(t).
-        lstmeng_barrier_wait(barrier, team)
+        lstmeng_barrier_wait(barrier_flags, member, team, barriers)
+        barriers += 1
         hidden_gradient_product(n_rows, H, step_gates, recurrent_kernel, recurrent_t_packed,
                                 dh_recurrent + r_begin * H, u0, width)
 
@@ -745,7 +749,8 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
     cdef unsigned char[::1] previous_real = np.zeros(team_threads * (B + 1), np.uint8)
     cdef Py_ssize_t[::1] first_real = np.empty(team_threads * (B + 1), np.intp)
     cdef Py_ssize_t[::1] last_real = np.empty(team_threads * (B + 1), np.intp)
-    cdef lstmeng_barrier barrier
+    cdef int64_t[::1] barrier_flags = np.zeros(team_threads * LSTMENG_FLAG_STRIDE, np.int64)
+    cdef int64_t *flags_ptr = &barrier_flags[0]
     cdef const unsigned char *mask_ptr = NULL if mask is None else &mask[0, 0]
     cdef floating *dseq = NULL if doutputs_sequence is None else &doutputs_sequence[0, 0, 0]
     cdef floating *dlast = pointer2(doutputs_last)
@@ -787,7 +792,6 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
         if floating is float:
             pack_recurrent_transpose_slice(&recurrent_kernel[0, 0], H, 0, H, packed_base)
     check_blas_sizes(N, G, I, H)
-    lstmeng_barrier_init(&barrier)
     with nogil:
         with parallel(num_threads=team_threads):
             member = lstmeng_thread_index()
@@ -801,7 +805,7 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
                         slice_packed = packed_base + u0 * G
                         pack_recurrent_transpose_slice(&recurrent_kernel[0, 0], H, u0, u1 - u0,
                                                        slice_packed)
-                backward_part(0, u0, u1, team, &barrier, &layout, B, T, H, dseq, dlast, dh_ptr,
+                backward_part(0, u0, u1, team, member, flags_ptr, &layout, B, T, H, dseq, dlast, dh_ptr,
                               dc_ptr, recurrent_ptr, slice_packed, mask_ptr, rec_drop, act, ract,
                               reverse, zero_output_for_mask, gates_ptr, c_prev_ptr, dh0_ptr,
                               dc0_ptr, dh_carry_ptr, dh_recurrent_ptr, dc_state_ptr,
@@ -812,7 +816,7 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
             else:
                 part = member
                 while part < P:
-                    backward_part(part, 0, H, 1, &barrier, &layout, B, T, H, dseq, dlast, dh_ptr,
+                    backward_part(part, 0, H, 1, 0, flags_ptr, &layout, B, T, H, dseq, dlast, dh_ptr,
                                   dc_ptr, recurrent_ptr, packed_base, mask_ptr, rec_drop, act,
                                   ract, reverse, zero_output_for_mask, gates_ptr, c_prev_ptr,
                                   dh0_ptr, dc0_ptr, dh_carry_ptr, dh_recurrent_ptr, dc_state_ptr,

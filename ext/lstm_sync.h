@@ -7,14 +7,19 @@
  * step. OpenMP's own barrier cannot be used there (Cython runs the team in a
  * `parallel` block whose body calls our functions; an orphaned
  * `omp barrier` would be legal, but we also need the team size and an
- * inexpensive spin), so this is a small sense-counting spin barrier.
+ * inexpensive spin), so this is a small flag barrier: each member publishes
+ * how many barriers it has reached on its own cache line and waits until
+ * every other member's count has caught up. Unlike a shared counter, no line
+ * is written by two threads, so a barrier between two cores costs about one
+ * cache-line transfer each way.
  *
  * lstmeng_team_size(), lstmeng_thread_index(): the calling OpenMP thread's
  * team size and index (1 and 0 without OpenMP: the kernels then run one slice).
  *
- * lstmeng_barrier_wait(barrier, team): returns once `team` threads have
- * called it for this round. Acquire/release ordering makes every write made
- * before the call visible to every thread after it. A thread spins for a while
+ * lstmeng_barrier_wait(flags, member, team, calls): returns once every
+ * member of the team has made its (calls + 1)-th call. Acquire/release
+ * ordering makes every write made before the call visible to every thread
+ * after it. A thread spins for a while
  * and then yields its core, so a machine with more runnable threads than cores
  * (two layers on two Python threads, say) still makes progress.
  */
@@ -27,10 +32,9 @@
 #include <omp.h>
 #endif
 
-typedef struct {
-    int64_t arrived;    /* threads arrived in the current round */
-    int64_t generation; /* rounds completed */
-} lstmeng_barrier;
+/* Each member's count of barrier calls lives LSTMENG_FLAG_STRIDE int64s (128
+ * bytes) from the next one's: never on a shared cache line, aligned or not. */
+#define LSTMENG_FLAG_STRIDE 16
 
 static inline int lstmeng_team_size(void) {
 #ifdef _OPENMP
@@ -48,29 +52,25 @@ static inline int lstmeng_thread_index(void) {
 #endif
 }
 
-static inline void lstmeng_barrier_init(lstmeng_barrier *barrier) {
-    barrier->arrived = 0;
-    barrier->generation = 0;
-}
-
 static inline void lstmeng_cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
 #endif
 }
 
-static inline void lstmeng_barrier_wait(lstmeng_barrier *barrier, int64_t team) {
-    int64_t generation, spins = 0;
+/* flags: [team * LSTMENG_FLAG_STRIDE] int64, zero before the team's first call;
+ * calls: how many times this member has called it before (the same count in
+ * every member, since all make the same calls). */
+static inline void lstmeng_barrier_wait(int64_t *flags, int64_t member, int64_t team, int64_t calls) {
+    int64_t other, spins = 0;
     if (team <= 1) return;
-    generation = __atomic_load_n(&barrier->generation, __ATOMIC_ACQUIRE);
-    if (__atomic_add_fetch(&barrier->arrived, 1, __ATOMIC_ACQ_REL) == team) {
-        __atomic_store_n(&barrier->arrived, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&barrier->generation, generation + 1, __ATOMIC_RELEASE);
-        return;
-    }
-    while (__atomic_load_n(&barrier->generation, __ATOMIC_ACQUIRE) == generation) {
-        if (++spins < 4096) lstmeng_cpu_relax();
-        else sched_yield();
+    __atomic_store_n(&flags[member * LSTMENG_FLAG_STRIDE], calls + 1, __ATOMIC_RELEASE);
+    for (other = 0; other < team; other++) {
+        if (other == member) continue;
+        while (__atomic_load_n(&flags[other * LSTMENG_FLAG_STRIDE], __ATOMIC_ACQUIRE) <= calls) {
+            if (++spins < 4096) lstmeng_cpu_relax();
+            else sched_yield();
+        }
     }
 }
 
