@@ -59,6 +59,8 @@ from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 import numpy as np
 
 cdef extern from "lstm_rows.h" nogil:
+    int lstmeng_fast_rows
+    int lstmeng_fast_rows_supported()
     void lstmeng_forward_row_f32(float *gates, float *c, float *c_prev, float *h,
                                  Py_ssize_t n, Py_ssize_t stride, int act, int ract)
     void lstmeng_forward_row_f64(double *gates, double *c, double *c_prev, double *h,
@@ -98,6 +100,21 @@ HAVE_OPENMP = bool(LSTMENG_HAVE_OPENMP)
 #: Whether float32 steps use the packed-panel FMA kernel of lstm_gemm.h (else BLAS).
 PACKED_GEMM = bool(lstmeng_packed_gemm_supported())
 cdef bint packed_gemm = PACKED_GEMM
+
+#: Whether this CPU runs the fused AVX2 gate kernels (float32, tanh / sigmoid; lstm_rows_fast.h).
+FAST_GATE_MATH = bool(lstmeng_fast_rows_supported())
+lstmeng_fast_rows = FAST_GATE_MATH
+
+
+def use_fast_gate_math(bint enabled):
+    """Switch the fused AVX2 gate kernels on (where the CPU has them) or off, process-wide;
+    returns the previous setting. For tests, which run the generic row code on the same
+    CPU: do not switch between a training forward and its backward."""
+    global lstmeng_fast_rows
+    previous = bool(lstmeng_fast_rows)
+    lstmeng_fast_rows = enabled and FAST_GATE_MATH
+    return previous
+
 
 #: Activation names -> the kind numbers of lstm_rows.h.
 ACTIVATION_KINDS = {"tanh": 0, "relu": 1, "sigmoid": 2, "linear": 3, "hard_sigmoid": 4}

@@ -9,7 +9,10 @@
  * baseline) and pick one at load time; Cython cannot attach that attribute.
  * exp is a branch-free polynomial (Cody-Waite range reduction) instead of
  * libm's, because a libm call in the loop stops vectorisation; inputs are
- * clamped first so |x| ~ 1e4 gives finite, saturated results.
+ * clamped first so |x| ~ 1e4 gives finite, saturated results. float32 rows
+ * with the default activations (tanh, sigmoid) go through the fused AVX2
+ * kernels of lstm_rows_fast.h where the CPU has them; these generic loops
+ * do the rest (other activations, float64, the last n % 8 units).
  *
  * Activation kinds (same numbers as in _cython_lstm.pyx):
  *   0 tanh, 1 relu, 2 sigmoid, 3 linear, 4 hard_sigmoid (Keras 3:
@@ -21,6 +24,8 @@
 
 #include <stdint.h>
 #include <string.h>
+
+#include "lstm_rows_fast.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) \
     && defined(__linux__) && !defined(LSTMENG_NO_CLONES)
@@ -164,7 +169,7 @@ static inline double lstmeng_exp_f64(double x) {
             for (j = 0; j < n; j++) out[j] = (T)1;                                              \
         }                                                                                       \
     }                                                                                           \
-    LSTMENG_SIMD static void lstmeng_forward_row_##S(T *gates, T *c, T *c_prev, T *h,           \
+    LSTMENG_SIMD static void lstmeng_forward_row_generic_##S(T *gates, T *c, T *c_prev, T *h,   \
                                                      int64_t n, int64_t stride, int act,        \
                                                      int ract) {                                \
         int64_t j;                                                                              \
@@ -179,7 +184,8 @@ static inline double lstmeng_exp_f64(double x) {
         lstmeng_act_##S(act, c, h, n); /* act(c), then scaled in place */                      \
         for (j = 0; j < n; j++) h[j] = out_gate[j] * h[j];                                      \
     }                                                                                           \
-    LSTMENG_SIMD static void lstmeng_backward_row_##S(T *gates, const T *c_prev, const T *dh,   \
+    LSTMENG_SIMD static void lstmeng_backward_row_generic_##S(T *gates, const T *c_prev,        \
+                                                              const T *dh,                      \
                                                       T *dc, T *scratch, int64_t n,             \
                                                       int64_t stride, int act, int ract) {      \
         int64_t j;                                                                              \
@@ -209,5 +215,38 @@ static inline double lstmeng_exp_f64(double x) {
 
 LSTMENG_DEFINE_ROWS(float, f32, lstmeng_exp_f32)
 LSTMENG_DEFINE_ROWS(double, f64, lstmeng_exp_f64)
+
+/* Whether float32 rows with tanh / sigmoid take the fused AVX2 kernels of
+ * lstm_rows_fast.h: set once at import from lstmeng_fast_rows_supported();
+ * tests switch it off to run the generic code on the same CPU. */
+static int lstmeng_fast_rows = 0;
+
+static inline void lstmeng_forward_row_f32(float *gates, float *c, float *c_prev, float *h,
+                                           int64_t n, int64_t stride, int act, int ract) {
+    int64_t done = 0;
+#if LSTMENG_HAVE_FAST_ROWS
+    if (lstmeng_fast_rows && act == LSTMENG_TANH && ract == LSTMENG_SIGMOID)
+        done = lstmeng_forward_row_fast_f32(gates, c, c_prev, h, n, stride);
+#endif
+    if (done < n)
+        lstmeng_forward_row_generic_f32(gates + done, c + done, c_prev == NULL ? NULL : c_prev + done,
+                                        h + done, n - done, stride, act, ract);
+}
+
+static inline void lstmeng_backward_row_f32(float *gates, const float *c_prev, const float *dh,
+                                            float *dc, float *scratch, int64_t n, int64_t stride,
+                                            int act, int ract) {
+    int64_t done = 0;
+#if LSTMENG_HAVE_FAST_ROWS
+    if (lstmeng_fast_rows && act == LSTMENG_TANH && ract == LSTMENG_SIGMOID)
+        done = lstmeng_backward_row_fast_f32(gates, c_prev, dh, dc, n, stride);
+#endif
+    if (done < n)
+        lstmeng_backward_row_generic_f32(gates + done, c_prev + done, dh + done, dc + done, scratch,
+                                         n - done, stride, act, ract);
+}
+
+#define lstmeng_forward_row_f64 lstmeng_forward_row_generic_f64
+#define lstmeng_backward_row_f64 lstmeng_backward_row_generic_f64
 
 #endif

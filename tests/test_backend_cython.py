@@ -70,6 +70,70 @@ def test_conformance_split_units_packed_kernel_sizes(case, split_units):
     testing.check_case("cython", case)
 
 
+@pytest.fixture
+def generic_gate_math():
+    """The generic row code instead of the fused AVX2 gate kernels (float32, tanh / sigmoid)."""
+    previous = cython_module._cython_lstm.use_fast_gate_math(False)
+    yield
+    cython_module._cython_lstm.use_fast_gate_math(previous)
+
+
+@pytest.mark.parametrize("case", testing.conformance_cases(dtypes=("float32",)), ids=str)
+def test_conformance_generic_gate_math(case, generic_gate_math):
+    testing.check_case("cython", case)
+
+
+def test_fast_gate_math_is_used_where_supported():
+    if not os.path.exists("/proc/cpuinfo"):
+        pytest.skip("no /proc/cpuinfo to read the CPU flags from")
+    with open("/proc/cpuinfo") as cpuinfo:
+        flags = cpuinfo.read()
+    if " avx2" in flags and " fma" in flags:
+        assert cython_module._cython_lstm.FAST_GATE_MATH
+
+
+def _fast_and_generic(x, dy, units):
+    """(outputs, dx, dbias, dkernel, drecurrent_kernel) with the fast and with the generic gate code."""
+    results = []
+    for fast in (True, False):
+        previous = cython_module._cython_lstm.use_fast_gate_math(fast)
+        try:
+            layer = le.LSTM(units, return_sequences=True, backend="cython", seed=0)
+            y = layer(x, training=True)
+            dx = layer.backward(dy)
+            results.append((y, dx, *(layer.grads[name] for name in sorted(layer.grads))))
+        finally:
+            cython_module._cython_lstm.use_fast_gate_math(previous)
+    return results
+
+
+@pytest.mark.parametrize("units", [8, 13, 64])  # whole vectors of 8, a remainder, several
+def test_fast_and_generic_gate_math_agree(units):
+    """Both row codes against each other (each is held to float64 by the conformance suite)."""
+    if not cython_module._cython_lstm.FAST_GATE_MATH:
+        pytest.skip("this CPU has no AVX2+FMA")
+    rng = np.random.default_rng(units)
+    x = (rng.normal(size=(3, 9, 5)) * 3).astype(np.float32)
+    dy = rng.normal(size=(3, 9, units)).astype(np.float32)
+    fast, generic = _fast_and_generic(x, dy, units)
+    for fast_value, generic_value in zip(fast, generic):
+        np.testing.assert_allclose(fast_value, generic_value, rtol=2e-5, atol=2e-5)
+
+
+def test_fast_gate_math_saturates_like_the_generic_code():
+    """Inputs of 1e4 saturate every gate: finite outputs and gradients, the same outputs.
+    (Gradients through saturated gates are differences of numbers near 1 in float32:
+    they are compared for finiteness only.)"""
+    if not cython_module._cython_lstm.FAST_GATE_MATH:
+        pytest.skip("this CPU has no AVX2+FMA")
+    rng = np.random.default_rng(0)
+    x = rng.choice([-1e4, 1e4], size=(2, 6, 4)).astype(np.float32)
+    dy = rng.normal(size=(2, 6, 16)).astype(np.float32)
+    fast, generic = _fast_and_generic(x, dy, 16)
+    assert all(np.all(np.isfinite(value)) for value in fast)
+    np.testing.assert_allclose(fast[0], generic[0], rtol=1e-5, atol=1e-6)
+
+
 def test_small_batches_split_units_by_default(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     if not cython_module._team(1, 128, "auto")[2]:
