@@ -302,6 +302,23 @@ cdef void pack_recurrent_transpose_slice(const float *recurrent_kernel, Py_ssize
     lstmeng_pack_panels_f32(recurrent_kernel + u0 * 4 * H, 4 * H, width, 4 * H, 1, packed)
 
 
+cdef float *pack_slice(float *base, const float *recurrent_kernel, Py_ssize_t H, Py_ssize_t u0,
+                       Py_ssize_t u1, bint transpose) noexcept nogil:
+    """Units u0 .. u1 - 1 of recurrent_kernel [H, 4H] (forward) or of its transpose
+    (backward, transpose) packed into their place in base [H * 4H] for the packed
+    kernel; NULL (use BLAS) when base is NULL or the slice cannot use it."""
+    cdef Py_ssize_t width = u1 - u0
+    cdef float *packed
+    if base == NULL or not packed_slice_usable(H, width, H if transpose else 4 * H):
+        return NULL
+    packed = base + u0 * 4 * H
+    if transpose:
+        pack_recurrent_transpose_slice(recurrent_kernel, H, u0, width, packed)
+    else:
+        pack_recurrent_slice(recurrent_kernel, H, u0, width, packed)
+    return packed
+
+
 cdef void gates_product(Py_ssize_t rows, Py_ssize_t K, floating *a, Py_ssize_t lda,
                         floating *weights, float *packed, floating *gates, Py_ssize_t H,
                         Py_ssize_t u0, Py_ssize_t width, floating beta) noexcept nogil:
@@ -577,14 +594,14 @@ def forward(floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
     # once here for whole parts, by each member for its own slice when units are split.
     cdef float[::1] packed_weights = np.empty(H * G if floating is float and packed_gemm else 1,
                                               np.float32)
-    cdef float *packed_base = &packed_weights[0]
+    cdef float *packed_base = NULL
     cdef float *slice_packed
 
-    if not (floating is float) or not packed_slice_usable(H, H, G):
-        packed_base = NULL
-    if packed_base != NULL and not split_units:
-        if floating is float:
-            pack_recurrent_slice(&recurrent_kernel[0, 0], H, 0, H, packed_base)
+    if floating is float:
+        if packed_gemm:
+            packed_base = &packed_weights[0]
+        if not split_units:
+            packed_base = pack_slice(packed_base, &recurrent_kernel[0, 0], H, 0, H, False)
     check_blas_sizes(step_offset(&layout, P - 1, T), G, I, H, part_chunk_rows * P)
     with nogil, parallel(num_threads=team_threads):
         member = lstmeng_thread_index()
@@ -594,9 +611,7 @@ def forward(floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
             u1 = unit_bound(member + 1, team, H)
             slice_packed = NULL
             if floating is float:
-                if packed_base != NULL and packed_slice_usable(H, u1 - u0, G):
-                    slice_packed = packed_base + u0 * G
-                    pack_recurrent_slice(&recurrent_kernel[0, 0], H, u0, u1 - u0, slice_packed)
+                slice_packed = pack_slice(packed_base, &recurrent_kernel[0, 0], H, u0, u1, False)
             forward_part(0, u0, u1, team, member, flags_ptr, &layout, B, T, I, H, x_ptr, h0_ptr,
                          c0_ptr, kernel_ptr, recurrent_ptr, slice_packed, bias_ptr, mask_ptr,
                          in_drop, rec_drop, act, ract, reverse, zero_output_for_mask,
@@ -800,14 +815,14 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
     # whole parts, by each member for its own slice when units are split.
     cdef float[::1] packed_weights = np.empty(H * G if floating is float and packed_gemm else 1,
                                               np.float32)
-    cdef float *packed_base = &packed_weights[0]
+    cdef float *packed_base = NULL
     cdef float *slice_packed
 
-    if not (floating is float) or not packed_slice_usable(H, H, H):
-        packed_base = NULL
-    if packed_base != NULL and not split_units:
-        if floating is float:
-            pack_recurrent_transpose_slice(&recurrent_kernel[0, 0], H, 0, H, packed_base)
+    if floating is float:
+        if packed_gemm:
+            packed_base = &packed_weights[0]
+        if not split_units:
+            packed_base = pack_slice(packed_base, &recurrent_kernel[0, 0], H, 0, H, True)
     check_blas_sizes(N, G, I, H)
     with nogil:
         with parallel(num_threads=team_threads):
@@ -818,10 +833,7 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
                 u1 = unit_bound(member + 1, team, H)
                 slice_packed = NULL
                 if floating is float:
-                    if packed_base != NULL and packed_slice_usable(H, u1 - u0, H):
-                        slice_packed = packed_base + u0 * G
-                        pack_recurrent_transpose_slice(&recurrent_kernel[0, 0], H, u0, u1 - u0,
-                                                       slice_packed)
+                    slice_packed = pack_slice(packed_base, &recurrent_kernel[0, 0], H, u0, u1, True)
                 backward_part(0, u0, u1, team, member, flags_ptr, &layout, B, T, H, dseq, dlast, dh_ptr,
                               dc_ptr, recurrent_ptr, slice_packed, mask_ptr, rec_drop, act, ract,
                               reverse, zero_output_for_mask, gates_ptr, c_prev_ptr, dh0_ptr,

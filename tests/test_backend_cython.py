@@ -83,15 +83,6 @@ def test_conformance_generic_gate_math(case, generic_gate_math):
     testing.check_case("cython", case)
 
 
-def test_fast_gate_math_is_used_where_supported():
-    if not os.path.exists("/proc/cpuinfo"):
-        pytest.skip("no /proc/cpuinfo to read the CPU flags from")
-    with open("/proc/cpuinfo") as cpuinfo:
-        flags = cpuinfo.read()
-    if " avx2" in flags and " fma" in flags:
-        assert cython_module._cython_lstm.FAST_GATE_MATH
-
-
 def _fast_and_generic(x, dy, units):
     """(outputs, dx, dbias, dkernel, drecurrent_kernel) with the fast and with the generic gate code."""
     results = []
@@ -155,13 +146,15 @@ def test_conformance_packed_kernel_sizes(case):
     testing.check_case("cython", case)
 
 
-def test_packed_kernel_is_used_where_supported():
+def test_avx2_kernels_are_used_where_supported():
+    """The packed-panel step product and the fused gate kernels, on every CPU with AVX2 and FMA."""
     if not os.path.exists("/proc/cpuinfo"):
         pytest.skip("no /proc/cpuinfo to read the CPU flags from")
     with open("/proc/cpuinfo") as cpuinfo:
         flags = cpuinfo.read()
     if " avx2" in flags and " fma" in flags:
         assert cython_module._cython_lstm.PACKED_GEMM
+        assert cython_module._cython_lstm.FAST_GATE_MATH
 
 
 def test_available_with_cpu_device():
