@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import os
 import platform
 import threading
@@ -158,11 +159,18 @@ class _SingleThreadedBlas:
 _single_threaded_blas = _SingleThreadedBlas()
 
 
-def _parts(batch: int) -> int:
-    """How many threads share the batch: one pool, OpenMP's, with BLAS on one thread each."""
+def _kernel_threads() -> int:
+    """Threads the kernels may run: one pool, OpenMP's, with BLAS on one thread each;
+    1 without OpenMP or without control over BLAS's threads."""
     if not (_cython_lstm is not None and _cython_lstm.HAVE_OPENMP and _single_threaded_blas.available):
         return 1
-    return max(1, min(num_threads(), batch // MIN_ROWS_PER_PART))
+    return num_threads()
+
+
+def _parts(batch: int, threads: int | None = None) -> int:
+    """How many threads share the batch by rows (at least MIN_ROWS_PER_PART each)."""
+    threads = _kernel_threads() if threads is None else threads
+    return max(1, min(threads, batch // MIN_ROWS_PER_PART))
 
 
 def _team(batch: int, units: int, split_units) -> tuple[int, int, bool]:
@@ -170,12 +178,11 @@ def _team(batch: int, units: int, split_units) -> tuple[int, int, bool]:
     enough, else (with ``split_units`` "auto" or True) one part whose units the
     threads share. split_units True forces the unit split whenever threads
     are available (tests use it to run that path at tiny sizes)."""
-    parts = _parts(batch)
-    threading = (_cython_lstm is not None and _cython_lstm.HAVE_OPENMP
-                 and _single_threaded_blas.available and num_threads() > 1)
-    if parts == 1 and threading and split_units is not False and (
+    threads = _kernel_threads()
+    parts = _parts(batch, threads)
+    if parts == 1 and threads > 1 and split_units is not False and (
             split_units is True or units >= MIN_UNITS_TO_SPLIT):
-        return 1, num_threads(), True
+        return 1, threads, True
     return parts, parts, False
 
 
@@ -198,7 +205,7 @@ class _Layout:
     general path, both [P, 1]: every step of part p has active[p, 0] rows
     from offsets[p, 0] + t * active[p, 0] (nothing of length T is kept);
     mask: [B, T] uint8 for the general path, None when every packed row is a
-    real step; steps: T.
+    real step; steps: T; largest_part: rows of the largest part.
     """
 
     order: np.ndarray
@@ -207,6 +214,7 @@ class _Layout:
     offsets: np.ndarray
     mask: np.ndarray | None
     steps: int
+    largest_part: int
 
     @property
     def rows(self) -> int:
@@ -247,12 +255,23 @@ def _layout(mask, batch: int, steps: int, parts: int, packed_variable_length: bo
             time = np.arange(steps)
             active = np.stack([(lengths[rows][:, None] > time[None, :]).sum(axis=0)
                                for rows in part_rows]).astype(np.intp)
-            return _Layout(order, row_begin, active, _packed_offsets(active), None, steps)
+            return _Layout(order, row_begin, active, _packed_offsets(active), None, steps,
+                           max(len(rows) for rows in part_rows))
+    mask_bytes = None if mask is None else np.ascontiguousarray(mask).view(np.uint8)
+    return dataclasses.replace(_uniform_layout(batch, steps, parts), mask=mask_bytes)
+
+
+@functools.lru_cache(maxsize=64)
+def _uniform_layout(batch: int, steps: int, parts: int) -> _Layout:
+    """The general path's layout: contiguous parts, every row in every step. Cached (a
+    training loop calls with the same shapes every step); its arrays are read-only."""
     row_begin = (np.arange(parts + 1) * batch // parts).astype(np.intp)
     active = np.diff(row_begin)[:, None].astype(np.intp)
     offsets = (row_begin[:-1, None] * steps).astype(np.intp)
-    mask_bytes = None if mask is None else np.ascontiguousarray(mask).view(np.uint8)
-    return _Layout(np.arange(batch, dtype=np.intp), row_begin, active, offsets, mask_bytes, steps)
+    arrays = (np.arange(batch, dtype=np.intp), row_begin, active, offsets)
+    for array in arrays:
+        array.flags.writeable = False
+    return _Layout(*arrays, None, steps, int(active.max()))
 
 
 @dataclasses.dataclass
@@ -344,7 +363,7 @@ class CythonBackend(Backend):
         last_output = None if return_sequences else np.empty((batch, units), dtype)
         h_out, c_out = np.empty((batch, units), dtype), np.empty((batch, units), dtype)
         # The inputs reach the projection GEMM a chunk of steps at a time, in packed rows.
-        part_batch = int(np.diff(layout.row_begin).max())
+        part_batch = layout.largest_part
         chunk_steps = max(1, min(steps, CHUNK_ROWS // max(part_batch, 1)))
         part_chunk_rows = chunk_steps * part_batch
         packed_x = np.empty((parts * part_chunk_rows, features), dtype)
