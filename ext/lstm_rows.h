@@ -170,8 +170,8 @@ static inline double lstmeng_exp_f64(double x) {
         }                                                                                       \
     }                                                                                           \
     LSTMENG_SIMD static void lstmeng_forward_row_generic_##S(T *gates, T *c, T *c_prev, T *h,   \
-                                                     int64_t n, int64_t stride, int act,        \
-                                                     int ract) {                                \
+                                                             int64_t n, int64_t stride, int act, \
+                                                             int ract) {                        \
         int64_t j;                                                                              \
         T *in_gate = gates, *forget_gate = gates + stride, *candidate = gates + 2 * stride;     \
         T *out_gate = gates + 3 * stride;                                                       \
@@ -185,9 +185,9 @@ static inline double lstmeng_exp_f64(double x) {
         for (j = 0; j < n; j++) h[j] = out_gate[j] * h[j];                                      \
     }                                                                                           \
     LSTMENG_SIMD static void lstmeng_backward_row_generic_##S(T *gates, const T *c_prev,        \
-                                                              const T *dh,                      \
-                                                      T *dc, T *scratch, int64_t n,             \
-                                                      int64_t stride, int act, int ract) {      \
+                                                              const T *dh, T *dc, T *scratch,   \
+                                                              int64_t n, int64_t stride,        \
+                                                              int act, int ract) {              \
         int64_t j;                                                                              \
         T *in_gate = gates, *forget_gate = gates + stride, *candidate = gates + 2 * stride;     \
         T *out_gate = gates + 3 * stride;                                                       \
