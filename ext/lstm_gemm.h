@@ -58,62 +58,33 @@ static void lstmeng_pack_panels_f32(const float *b, int64_t K, int64_t G, int64_
 #if LSTMENG_HAVE_FMA_KERNEL
 #define LSTMENG_FMA_TARGET __attribute__((target("avx2,fma")))
 
-/* Six rows of A times one panel: 12 accumulators, two 8-float halves per row. */
-LSTMENG_FMA_TARGET static inline void lstmeng_block6_f32(const float *a, int64_t lda,
-                                                         const float *panel, int64_t K, float *c,
-                                                         int64_t ldc) {
-    const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda;
-    const float *a4 = a + 4 * lda, *a5 = a + 5 * lda;
-    __m256 c00 = _mm256_loadu_ps(c), c01 = _mm256_loadu_ps(c + 8);
-    __m256 c10 = _mm256_loadu_ps(c + ldc), c11 = _mm256_loadu_ps(c + ldc + 8);
-    __m256 c20 = _mm256_loadu_ps(c + 2 * ldc), c21 = _mm256_loadu_ps(c + 2 * ldc + 8);
-    __m256 c30 = _mm256_loadu_ps(c + 3 * ldc), c31 = _mm256_loadu_ps(c + 3 * ldc + 8);
-    __m256 c40 = _mm256_loadu_ps(c + 4 * ldc), c41 = _mm256_loadu_ps(c + 4 * ldc + 8);
-    __m256 c50 = _mm256_loadu_ps(c + 5 * ldc), c51 = _mm256_loadu_ps(c + 5 * ldc + 8);
+/* ROWS rows of A times one panel: 2 ROWS accumulators, two 8-float halves per
+ * row. Called with a constant ROWS (6 for the main blocks, 4 for the rows a
+ * part of 16 or 10 leaves), so after inlining the row loops unroll and every
+ * accumulator lives in a register: 12 (or 8) independent FMA chains. */
+LSTMENG_FMA_TARGET static inline __attribute__((always_inline)) void lstmeng_block_f32(
+        const int rows, const float *a, int64_t lda, const float *panel, int64_t K, float *c,
+        int64_t ldc) {
+    __m256 low[6], high[6];
     int64_t k;
+    int r;
+    for (r = 0; r < rows; r++) {
+        low[r] = _mm256_loadu_ps(c + r * ldc);
+        high[r] = _mm256_loadu_ps(c + r * ldc + 8);
+    }
     for (k = 0; k < K; k++) {
         const __m256 p0 = _mm256_loadu_ps(panel + k * LSTMENG_PANEL);
         const __m256 p1 = _mm256_loadu_ps(panel + k * LSTMENG_PANEL + 8);
-        __m256 x;
-        x = _mm256_broadcast_ss(a0 + k); c00 = _mm256_fmadd_ps(x, p0, c00); c01 = _mm256_fmadd_ps(x, p1, c01);
-        x = _mm256_broadcast_ss(a1 + k); c10 = _mm256_fmadd_ps(x, p0, c10); c11 = _mm256_fmadd_ps(x, p1, c11);
-        x = _mm256_broadcast_ss(a2 + k); c20 = _mm256_fmadd_ps(x, p0, c20); c21 = _mm256_fmadd_ps(x, p1, c21);
-        x = _mm256_broadcast_ss(a3 + k); c30 = _mm256_fmadd_ps(x, p0, c30); c31 = _mm256_fmadd_ps(x, p1, c31);
-        x = _mm256_broadcast_ss(a4 + k); c40 = _mm256_fmadd_ps(x, p0, c40); c41 = _mm256_fmadd_ps(x, p1, c41);
-        x = _mm256_broadcast_ss(a5 + k); c50 = _mm256_fmadd_ps(x, p0, c50); c51 = _mm256_fmadd_ps(x, p1, c51);
+        for (r = 0; r < rows; r++) {
+            const __m256 x = _mm256_broadcast_ss(a + r * lda + k);
+            low[r] = _mm256_fmadd_ps(x, p0, low[r]);
+            high[r] = _mm256_fmadd_ps(x, p1, high[r]);
+        }
     }
-    _mm256_storeu_ps(c, c00); _mm256_storeu_ps(c + 8, c01);
-    _mm256_storeu_ps(c + ldc, c10); _mm256_storeu_ps(c + ldc + 8, c11);
-    _mm256_storeu_ps(c + 2 * ldc, c20); _mm256_storeu_ps(c + 2 * ldc + 8, c21);
-    _mm256_storeu_ps(c + 3 * ldc, c30); _mm256_storeu_ps(c + 3 * ldc + 8, c31);
-    _mm256_storeu_ps(c + 4 * ldc, c40); _mm256_storeu_ps(c + 4 * ldc + 8, c41);
-    _mm256_storeu_ps(c + 5 * ldc, c50); _mm256_storeu_ps(c + 5 * ldc + 8, c51);
-}
-
-/* Four rows of A times one panel (the rows a part of 16 or 10 leaves after its
- * six-row blocks): 8 accumulators, still enough independent FMA chains. */
-LSTMENG_FMA_TARGET static inline void lstmeng_block4_f32(const float *a, int64_t lda,
-                                                         const float *panel, int64_t K, float *c,
-                                                         int64_t ldc) {
-    const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda;
-    __m256 c00 = _mm256_loadu_ps(c), c01 = _mm256_loadu_ps(c + 8);
-    __m256 c10 = _mm256_loadu_ps(c + ldc), c11 = _mm256_loadu_ps(c + ldc + 8);
-    __m256 c20 = _mm256_loadu_ps(c + 2 * ldc), c21 = _mm256_loadu_ps(c + 2 * ldc + 8);
-    __m256 c30 = _mm256_loadu_ps(c + 3 * ldc), c31 = _mm256_loadu_ps(c + 3 * ldc + 8);
-    int64_t k;
-    for (k = 0; k < K; k++) {
-        const __m256 p0 = _mm256_loadu_ps(panel + k * LSTMENG_PANEL);
-        const __m256 p1 = _mm256_loadu_ps(panel + k * LSTMENG_PANEL + 8);
-        __m256 x;
-        x = _mm256_broadcast_ss(a0 + k); c00 = _mm256_fmadd_ps(x, p0, c00); c01 = _mm256_fmadd_ps(x, p1, c01);
-        x = _mm256_broadcast_ss(a1 + k); c10 = _mm256_fmadd_ps(x, p0, c10); c11 = _mm256_fmadd_ps(x, p1, c11);
-        x = _mm256_broadcast_ss(a2 + k); c20 = _mm256_fmadd_ps(x, p0, c20); c21 = _mm256_fmadd_ps(x, p1, c21);
-        x = _mm256_broadcast_ss(a3 + k); c30 = _mm256_fmadd_ps(x, p0, c30); c31 = _mm256_fmadd_ps(x, p1, c31);
+    for (r = 0; r < rows; r++) {
+        _mm256_storeu_ps(c + r * ldc, low[r]);
+        _mm256_storeu_ps(c + r * ldc + 8, high[r]);
     }
-    _mm256_storeu_ps(c, c00); _mm256_storeu_ps(c + 8, c01);
-    _mm256_storeu_ps(c + ldc, c10); _mm256_storeu_ps(c + ldc + 8, c11);
-    _mm256_storeu_ps(c + 2 * ldc, c20); _mm256_storeu_ps(c + 2 * ldc + 8, c21);
-    _mm256_storeu_ps(c + 3 * ldc, c30); _mm256_storeu_ps(c + 3 * ldc + 8, c31);
 }
 
 /* One row of A times two panels, k unrolled by two: 8 independent FMA chains. */
@@ -163,9 +134,9 @@ LSTMENG_FMA_TARGET static void lstmeng_gemm_packed_f32(int64_t rows, int64_t G, 
         for (panel = pair; panel < pair + 2; panel++) {
             const float *panel_data = packed + panel * K * LSTMENG_PANEL;
             for (r0 = 0; r0 < blocked; r0 += 6)
-                lstmeng_block6_f32(a + r0 * lda, lda, panel_data, K, c + r0 * ldc + panel * LSTMENG_PANEL, ldc);
+                lstmeng_block_f32(6, a + r0 * lda, lda, panel_data, K, c + r0 * ldc + panel * LSTMENG_PANEL, ldc);
             if (rows - blocked >= 4)
-                lstmeng_block4_f32(a + blocked * lda, lda, panel_data, K,
+                lstmeng_block_f32(4, a + blocked * lda, lda, panel_data, K,
                                    c + blocked * ldc + panel * LSTMENG_PANEL, ldc);
         }
         for (r0 = rows - blocked >= 4 ? blocked + 4 : blocked; r0 < rows; r0++)

@@ -62,7 +62,10 @@ class SequenceForward:
         h: ``[B, H]`` final hidden state (the state after the last real step).
         c: ``[B, H]`` final cell state.
         workspace: opaque object for ``sequence_backward``; None when the
-            forward ran with ``training=False``.
+            forward ran with ``training=False``. It may reference the ``x``
+            given to the forward instead of copying it (every built-in backend
+            does, to keep the theoretical 6H workspace), so callers must not
+            change ``x`` in place before the backward.
     """
 
     outputs: Any
