@@ -742,7 +742,7 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
              floating[:, ::1] gates, floating[:, ::1] c_prev_all, floating[:, ::1] h_in_all,
              floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:, ::1] dc0,
              floating[:, ::1] dkernel, floating[:, ::1] drecurrent_kernel, floating[::1] dbias,
-             Py_ssize_t threads=1, bint split_units=False):
+             floating[:, ::1] packed_x, Py_ssize_t threads=1, bint split_units=False):
     """Backward of `forward` (training); the workspace arrays are overwritten.
 
     doutputs_sequence: [B, T, H] or None; doutputs_last: [B, H] or None
@@ -752,7 +752,8 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
     gate-input gradients dz), c_prev_all, h_in_all [N, H]. Outputs: dx
     [B, T, I] (must be zero on entry: steps outside the packed rows get no
     gradient), dh0, dc0 [B, H], dkernel [I, 4H], drecurrent_kernel [H, 4H],
-    dbias [4H]. threads: OpenMP threads (the parts share them, or with
+    dbias [4H]. packed_x: [N, I] scratch (the inputs in packed rows for dK = X^T dz,
+    then dz @ K^T on the way to dx). threads: OpenMP threads (the parts share them, or with
     split_units they split one part's units as in `forward`; the weight
     gradients are split by gate columns among them).
     """
@@ -775,9 +776,6 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
     cdef floating[:, ::1] dc_state = np.empty((B, H), dtype)
     cdef floating[:, ::1] dh_total = np.empty((team_threads, H), dtype)
     cdef floating[:, ::1] scratch = np.empty((team_threads, 6 * H), dtype)
-    # The inputs again, in packed rows after input dropout, for dK = X^T dz; then
-    # overwritten by dz @ K^T on the way to dx.
-    cdef floating[:, ::1] packed_x = np.empty((N, I), dtype)
     cdef unsigned char[::1] previous_real = np.zeros(team_threads * (B + 1), np.uint8)
     cdef Py_ssize_t[::1] first_real = np.empty(team_threads * (B + 1), np.intp)
     cdef Py_ssize_t[::1] last_real = np.empty(team_threads * (B + 1), np.intp)
@@ -823,6 +821,8 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
             packed_base = &packed_weights[0]
         if not split_units:
             packed_base = pack_slice(packed_base, &recurrent_kernel[0, 0], H, 0, H, True)
+    if packed_x.shape[0] != N or packed_x.shape[1] != I:
+        raise ValueError(f"packed_x must be [{N}, {I}], got {list(packed_x.shape)[:2]}")
     check_blas_sizes(N, G, I, H)
     with nogil:
         with parallel(num_threads=team_threads):

@@ -47,6 +47,7 @@ import threading
 
 import numpy as np
 
+from lstmeng.backends._buffer_cache import BufferCache
 from lstmeng.backends.base import Backend, SequenceForward, SequenceGrads
 
 try:
@@ -67,6 +68,9 @@ MIN_ROWS_PER_PART = 16
 #: Smallest layer whose units are split among threads when its batch is too
 #: small to split by rows: below it a step is too short to pay for a barrier.
 MIN_UNITS_TO_SPLIT = 64
+#: Bytes of released scratch and workspace arrays a backend keeps for its next calls
+#: (see ``lstmeng.backends._buffer_cache``): a few workspaces of a mid-sized layer.
+BUFFER_CACHE_BYTES = 512 * 2**20
 
 
 def num_threads() -> int:
@@ -281,7 +285,9 @@ class _Workspace:
     x: [B, T, I] the caller's inputs (a reference, not a copy); gates:
     [N, 4H] activated gates (the backward overwrites them with their
     gradients); c_prev, h_in: [N, H] c(t-1) and h(t-1) after recurrent
-    dropout. threads, split_units: the forward's team.
+    dropout. threads, split_units: the forward's team. Once a backward has
+    consumed it, gates, c_prev and h_in are None (their memory went back to
+    the backend's buffer cache).
     """
 
     layout: _Layout
@@ -325,15 +331,27 @@ class CythonBackend(Backend):
             small to split by rows among the threads when the layer has at
             least ``MIN_UNITS_TO_SPLIT`` units; True whenever there are
             threads (any size: tests use it); False never.
+        buffer_cache_bytes: how many bytes of released scratch and consumed
+            workspace arrays to keep for the next calls (a training loop then
+            reuses its memory instead of having fresh pages zeroed every
+            step); 0 keeps none. ``release_buffers()`` frees them.
     """
 
     name = "cython"
 
-    def __init__(self, packed_variable_length: bool = True, split_units="auto"):
+    def __init__(self, packed_variable_length: bool = True, split_units="auto",
+                 buffer_cache_bytes: int = BUFFER_CACHE_BYTES):
         if split_units not in ("auto", True, False):
             raise ValueError(f"split_units must be 'auto', True or False, got {split_units!r}")
+        if not isinstance(buffer_cache_bytes, (int, np.integer)) or buffer_cache_bytes < 0:
+            raise ValueError(f"buffer_cache_bytes must be an int >= 0, got {buffer_cache_bytes!r}")
         self.packed_variable_length = packed_variable_length
         self.split_units = split_units
+        self._buffers = BufferCache(int(buffer_cache_bytes))
+
+    def release_buffers(self) -> None:
+        """Free the scratch and workspace memory kept for later calls."""
+        self._buffers.clear()
 
     def probe(self) -> str:
         if _cython_lstm is None:
@@ -366,16 +384,17 @@ class CythonBackend(Backend):
         part_batch = layout.largest_part
         chunk_steps = max(1, min(steps, CHUNK_ROWS // max(part_batch, 1)))
         part_chunk_rows = chunk_steps * part_batch
-        packed_x = np.empty((parts * part_chunk_rows, features), dtype)
+        take = self._buffers.take
+        packed_x = take((parts * part_chunk_rows, features), dtype)
         if training:
             rows = layout.rows
-            gates = np.empty((rows, 4 * units), dtype)
-            c_prev, h_in = np.empty((rows, units), dtype), np.empty((rows, units), dtype)
+            gates = take((rows, 4 * units), dtype)
+            c_prev, h_in = take((rows, units), dtype), take((rows, units), dtype)
         else:
-            gates = np.empty((parts * part_chunk_rows, 4 * units), dtype)
+            gates = take((parts * part_chunk_rows, 4 * units), dtype)
             c_prev = h_in = None
-        h_state, c_state = np.empty((batch, units), dtype), np.empty((batch, units), dtype)
-        h_in_step = np.empty((2, batch, units), dtype)
+        h_state, c_state = take((batch, units), dtype), take((batch, units), dtype)
+        h_in_step = take((2, batch, units), dtype)
 
         with _threads_for(layout):
             _specialization(_cython_lstm.forward, dtype)(
@@ -387,6 +406,7 @@ class CythonBackend(Backend):
                 reverse, zero_output_for_mask, sequence_outputs, last_output, h_out, c_out,
                 packed_x, gates, c_prev, h_in, h_state, c_state, h_in_step,
                 chunk_steps, part_chunk_rows, threads, split_units)
+        self._buffers.give(packed_x, h_state, c_state, h_in_step, None if training else gates)
 
         workspace = None
         if training:
@@ -416,6 +436,7 @@ class CythonBackend(Backend):
         drecurrent_kernel = np.empty((units, 4 * units), dtype)
         dbias = np.empty(4 * units, dtype)
         layout = ws.layout
+        packed_x = self._buffers.take((layout.rows, features), dtype)
         with _threads_for(layout):
             _specialization(_cython_lstm.backward, dtype)(
                 doutputs if ws.return_sequences else None, None if ws.return_sequences else doutputs,
@@ -426,9 +447,13 @@ class CythonBackend(Backend):
                 _cython_lstm.ACTIVATION_KINDS[ws.recurrent_activation],
                 ws.reverse, ws.zero_output_for_mask,
                 ws.gates, ws.c_prev, ws.h_in, dx, dh0, dc0, dkernel, drecurrent_kernel, dbias,
+                packed_x,
                 # Every thread shares the weight-gradient GEMMs, also when the batch is one part.
                 max(ws.threads, num_threads() if _single_threaded_blas.available else 1),
                 ws.split_units)
+        # The consumed workspace and the scratch serve later calls; the workspace lets go of them.
+        self._buffers.give(packed_x, ws.gates, ws.c_prev, ws.h_in)
+        ws.gates = ws.c_prev = ws.h_in = None
         return SequenceGrads(dx=dx, dh0=dh0, dc0=dc0, dkernel=dkernel,
                              drecurrent_kernel=drecurrent_kernel, dbias=dbias)
 

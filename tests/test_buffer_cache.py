@@ -1,0 +1,163 @@
+"""The host buffer cache (lstmeng.backends._buffer_cache) and its use by the cython backend.
+
+The cache must reuse memory only where nothing else can see it: outputs of a
+call are never overwritten by a later call, a workspace is recycled only once
+its backward consumed it, and results are bit-identical with and without it.
+"""
+
+import numpy as np
+import pytest
+
+from lstmeng.backends import cython as cython_backend
+from lstmeng.backends._buffer_cache import BufferCache
+
+
+def test_take_gives_requested_shape_and_dtype():
+    cache = BufferCache(2**20)
+    array = cache.take((3, 5), np.float64)
+    assert array.shape == (3, 5) and array.dtype == np.float64 and array.flags.c_contiguous
+
+
+def test_released_buffer_serves_next_request_of_similar_size():
+    cache = BufferCache(2**20)
+    first = cache.take((64, 32), np.float32)    # 8,192 bytes
+    cache.give(first)
+    assert cache.cached_bytes() == first.nbytes
+    second = cache.take((40, 32), np.float64)   # 10,240 bytes: more than the cached buffer
+    assert not np.shares_memory(first, second)
+    third = cache.take((48, 32), np.float32)    # 6,144 bytes: fits, and 8,192 is under twice that
+    assert np.shares_memory(first, third)
+    assert cache.cached_bytes() == 0
+
+
+def test_small_request_does_not_pin_a_large_buffer():
+    cache = BufferCache(2**20)
+    big = cache.take((1024,), np.float32)
+    cache.give(big)
+    small = cache.take((100,), np.float32)      # 400 bytes: 4,096 is more than twice that
+    assert not np.shares_memory(big, small)
+    assert cache.cached_bytes() == big.nbytes
+
+
+def test_cache_keeps_at_most_max_bytes_dropping_oldest():
+    cache = BufferCache(10_000)
+    arrays = [cache.take((1000,), np.float32) for _ in range(3)]   # 4,000 bytes each
+    cache.give(*arrays)
+    assert cache.cached_bytes() == 8_000
+    # The oldest went: the two newest remain.
+    again = [cache.take((1000,), np.float32) for _ in range(2)]
+    assert not any(np.shares_memory(arrays[0], array) for array in again)
+    assert all(any(np.shares_memory(kept, array) for array in again) for kept in arrays[1:])
+
+
+def test_larger_than_max_bytes_and_zero_cache_keep_nothing():
+    cache = BufferCache(100)
+    cache.give(cache.take((1000,), np.float32))
+    assert cache.cached_bytes() == 0
+    empty = BufferCache(0)
+    empty.give(empty.take((4,), np.float32))
+    assert empty.cached_bytes() == 0
+
+
+def test_double_give_and_views_of_foreign_memory():
+    cache = BufferCache(2**20)
+    array = cache.take((256,), np.float32)
+    cache.give(array, array)
+    assert cache.cached_bytes() == array.nbytes   # one entry
+    cache.clear()
+    assert cache.cached_bytes() == 0
+    # A view of an array that does not own its memory (here a view of a view of bytes) is skipped.
+    foreign = np.frombuffer(bytearray(1024), np.float32)
+    cache.give(foreign)
+    assert cache.cached_bytes() == 0
+
+
+def test_negative_max_bytes_rejected():
+    with pytest.raises(ValueError, match="max_bytes"):
+        BufferCache(-1)
+
+
+# -- the cython backend ---------------------------------------------------------------------------
+
+pytestmark_cython = pytest.mark.skipif(cython_backend._cython_lstm is None, reason="extension not built")
+
+
+def _problem(batch=5, steps=7, inputs=3, units=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return dict(
+        x=rng.normal(size=(batch, steps, inputs)).astype(np.float32),
+        h0=rng.normal(size=(batch, units)).astype(np.float32),
+        c0=rng.normal(size=(batch, units)).astype(np.float32),
+        kernel=rng.normal(size=(inputs, 4 * units)).astype(np.float32),
+        recurrent_kernel=rng.normal(size=(units, 4 * units)).astype(np.float32),
+        bias=rng.normal(size=4 * units).astype(np.float32))
+
+
+def _train_step(backend, problem, dy):
+    forward = backend.sequence_forward(training=True, **problem)
+    zeros = np.zeros_like(problem["h0"])
+    grads = backend.sequence_backward(dy, zeros, zeros, forward.workspace)
+    return forward, grads
+
+
+@pytestmark_cython
+def test_training_loop_reuses_workspace_and_matches_uncached():
+    cached = cython_backend.CythonBackend()
+    uncached = cython_backend.CythonBackend(buffer_cache_bytes=0)
+    problem = _problem()
+    dy = np.random.default_rng(1).normal(size=(5, 7, 4)).astype(np.float32)
+    first, _ = _train_step(cached, problem, dy)
+    assert first.workspace.gates is None       # consumed: the workspace let go of its arrays
+    second = cached.sequence_forward(training=True, **problem)
+    assert cached._buffers.cached_bytes() < first.outputs.nbytes * 100   # bounded
+    reference, reference_grads = _train_step(uncached, problem, dy)
+    zeros = np.zeros_like(problem["h0"])
+    grads = cached.sequence_backward(dy, zeros, zeros, second.workspace)
+    for got, want in [(second.outputs, reference.outputs), (second.h, reference.h),
+                      (grads.dx, reference_grads.dx), (grads.dkernel, reference_grads.dkernel),
+                      (grads.drecurrent_kernel, reference_grads.drecurrent_kernel),
+                      (grads.dbias, reference_grads.dbias), (grads.dh0, reference_grads.dh0)]:
+        np.testing.assert_array_equal(got, want)
+
+
+@pytestmark_cython
+def test_workspace_memory_is_recycled_only_after_its_backward():
+    backend = cython_backend.CythonBackend()
+    problem = _problem()
+    dy = np.ones((5, 7, 4), np.float32)
+    _train_step(backend, problem, dy)                       # fills the cache
+    pending = backend.sequence_forward(training=True, **problem)
+    other = backend.sequence_forward(training=True, **problem)
+    for name in ("gates", "c_prev", "h_in"):
+        assert not np.shares_memory(getattr(pending.workspace, name), getattr(other.workspace, name))
+    saved = pending.workspace.gates.copy()
+    zeros = np.zeros_like(problem["h0"])
+    backend.sequence_backward(dy, zeros, zeros, other.workspace)   # releases other's arrays
+    backend.sequence_forward(training=True, **problem)             # may take them again
+    np.testing.assert_array_equal(pending.workspace.gates, saved)   # pending's untouched
+
+
+@pytestmark_cython
+@pytest.mark.parametrize("return_sequences", [True, False])
+def test_outputs_are_never_reused(return_sequences):
+    backend = cython_backend.CythonBackend()
+    problem = _problem()
+    first = backend.sequence_forward(return_sequences=return_sequences, **problem)
+    kept = [first.outputs.copy(), first.h.copy(), first.c.copy()]
+    changed = dict(problem, x=problem["x"] * 2)
+    for _ in range(3):
+        backend.sequence_forward(return_sequences=return_sequences, **changed)
+        _train_step(backend, changed, np.ones((5, 7, 4), np.float32))
+    for got, want in zip([first.outputs, first.h, first.c], kept):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytestmark_cython
+def test_release_buffers_and_bad_size():
+    backend = cython_backend.CythonBackend()
+    _train_step(backend, _problem(), np.ones((5, 7, 4), np.float32))
+    assert backend._buffers.cached_bytes() > 0
+    backend.release_buffers()
+    assert backend._buffers.cached_bytes() == 0
+    with pytest.raises(ValueError, match="buffer_cache_bytes"):
+        cython_backend.CythonBackend(buffer_cache_bytes=-1)
