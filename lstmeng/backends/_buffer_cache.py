@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -49,7 +50,7 @@ class BufferCache:
         at least its size (and at most twice it, so small requests do not pin large buffers),
         or a new one."""
         dtype = np.dtype(dtype)
-        needed = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        needed = math.prod(shape) * dtype.itemsize
         with self._lock:
             fitting = [index for index, owner in enumerate(self._free)
                        if needed <= owner.nbytes <= 2 * needed]
