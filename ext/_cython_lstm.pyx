@@ -258,6 +258,13 @@ cdef inline void scaled_copy(floating *dst, floating *src, floating *scale,
             dst[j] = src[j] * scale[j]
 
 
+cdef inline void add_row(floating *total, const floating *values, Py_ssize_t n) noexcept nogil:
+    """total[j] += values[j] for j < n."""
+    cdef Py_ssize_t j
+    for j in range(n):
+        total[j] += values[j]
+
+
 cdef inline floating *rows_of(floating *array, Py_ssize_t row, Py_ssize_t width,
                               Py_ssize_t first=0) noexcept nogil:
     """Pointer to element ``first`` of row ``row`` of a row-major [*, width] array,
@@ -638,12 +645,13 @@ cdef void backward_part(
         floating *rec_drop, int act, int ract, bint reverse, bint zero_output_for_mask,
         floating *gates, floating *c_prev_all,
         floating *dh0, floating *dc0, floating *dh_carry, floating *dh_recurrent,
-        floating *dc_state, floating *dh_total, floating *scratch,
+        floating *dc_state, floating *dh_total, floating *scratch, floating *dbias_partial,
         unsigned char *previous_real, Py_ssize_t *first_real, Py_ssize_t *last_real) noexcept nogil:
     """The backward time loop of one part's rows, units u0 .. u1 - 1 (a whole part, or
     one member's slice: see forward_part). dh_total [H] and scratch [6H] are this
-    thread's; previous_real, first_real, last_real [B] this thread's (or shared by
-    whole parts, whose rows are disjoint)."""
+    thread's; dbias_partial [4H] is this thread's sum of dz over the rows it
+    processed (added to, in its units' columns); previous_real, first_real,
+    last_real [B] this thread's (or shared by whole parts, whose rows are disjoint)."""
     cdef Py_ssize_t G = 4 * H, width = u1 - u0
     cdef Py_ssize_t r_begin = layout.row_begin[part], r_end = layout.row_begin[part + 1]
     cdef Py_ssize_t step, position, t, i, r, row, j, n_rows, step_first, gate
@@ -710,6 +718,10 @@ cdef void backward_part(
             if real:
                 backward_row(step_gates + i * G + u0, c_prev_all + (step_first + i) * H + u0,
                              dh_total, dc_state + r * H + u0, scratch, width, H, act, ract)
+                # The bias gradient, while the row's dz is still in L1 (a pass over all
+                # of dz at the end would read it from memory again).
+                for gate in range(4):
+                    add_row(dbias_partial + gate * H + u0, step_gates + i * G + gate * H + u0, width)
             else:
                 memcpy(dh_carry + r * H + u0, dh_total, width * sizeof(floating))
                 for gate in range(4):
@@ -776,6 +788,7 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
     cdef floating[:, ::1] dc_state = np.empty((B, H), dtype)
     cdef floating[:, ::1] dh_total = np.empty((team_threads, H), dtype)
     cdef floating[:, ::1] scratch = np.empty((team_threads, 6 * H), dtype)
+    cdef floating[:, ::1] dbias_partial = np.zeros((team_threads, G), dtype)
     cdef unsigned char[::1] previous_real = np.zeros(team_threads * (B + 1), np.uint8)
     cdef Py_ssize_t[::1] first_real = np.empty(team_threads * (B + 1), np.intp)
     cdef Py_ssize_t[::1] last_real = np.empty(team_threads * (B + 1), np.intp)
@@ -806,6 +819,7 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
     cdef floating *dc_state_ptr = &dc_state[0, 0]
     cdef floating *dh_total_ptr = &dh_total[0, 0]
     cdef floating *scratch_ptr = &scratch[0, 0]
+    cdef floating *dbias_partial_ptr = &dbias_partial[0, 0]
     cdef unsigned char *previous_real_ptr = &previous_real[0]
     cdef Py_ssize_t *first_real_ptr = &first_real[0]
     cdef Py_ssize_t *last_real_ptr = &last_real[0]
@@ -839,6 +853,7 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
                               reverse, zero_output_for_mask, gates_ptr, c_prev_ptr, dh0_ptr,
                               dc0_ptr, dh_carry_ptr, dh_recurrent_ptr, dc_state_ptr,
                               dh_total_ptr + member * H, scratch_ptr + member * 6 * H,
+                              dbias_partial_ptr + member * G,
                               previous_real_ptr + member * per_thread_rows,
                               first_real_ptr + member * per_thread_rows,
                               last_real_ptr + member * per_thread_rows)
@@ -850,6 +865,7 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
                                   ract, reverse, zero_output_for_mask, gates_ptr, c_prev_ptr,
                                   dh0_ptr, dc0_ptr, dh_carry_ptr, dh_recurrent_ptr, dc_state_ptr,
                                   dh_total_ptr + member * H, scratch_ptr + member * 6 * H,
+                                  dbias_partial_ptr + member * G,
                                   previous_real_ptr, first_real_ptr, last_real_ptr)
                     part = part + team
 
@@ -859,13 +875,15 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
                 copy_step_inputs(&layout, part, t, T, I, x_ptr, in_drop, packed_ptr, 0)
 
         # Weight gradients over all packed rows, each thread a block of gate columns:
-        # dK = X^T dz, dR = H_in^T dz, db = column sums of dz.
+        # dK = X^T dz, dR = H_in^T dz; db = the threads' column sums of dz added up.
         for part in prange(column_threads, num_threads=column_threads, schedule="static"):
             column_begin = part * column_block
             column_end = min(G, column_begin + column_block)
             if column_begin < column_end:
                 gemm_columns(I, H, G, N, column_begin, column_end, packed_ptr, h_in_ptr, gates_ptr,
-                             dkernel_ptr, drecurrent_ptr, dbias_ptr)
+                             dkernel_ptr, drecurrent_ptr)
+                sum_partials(dbias_ptr, dbias_partial_ptr, team_threads, G, column_begin,
+                             column_end)
 
         # dx = dz @ K^T written over the packed input rows (consumed above), then
         # scattered to [B, T, I] with the input dropout mask; each thread a share
@@ -881,19 +899,24 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
 cdef void gemm_columns(Py_ssize_t I, Py_ssize_t H, Py_ssize_t G, Py_ssize_t N,
                        Py_ssize_t column_begin, Py_ssize_t column_end, floating *packed_x,
                        floating *h_in_all, floating *dz, floating *dkernel,
-                       floating *drecurrent_kernel, floating *dbias) noexcept nogil:
-    """Gate columns column_begin .. column_end - 1 of dK [I, G], dR [H, G] and db [G]."""
-    cdef Py_ssize_t width = column_end - column_begin, r, j
-    cdef floating *dz_row
+                       floating *drecurrent_kernel) noexcept nogil:
+    """Gate columns column_begin .. column_end - 1 of dK [I, G] and dR [H, G]."""
+    cdef Py_ssize_t width = column_end - column_begin
     gemm(True, False, I, width, N, <floating>1, packed_x, I, dz + column_begin, G,
          <floating>0, dkernel + column_begin, G)
     gemm(True, False, H, width, N, <floating>1, h_in_all, H, dz + column_begin, G,
          <floating>0, drecurrent_kernel + column_begin, G)
-    memset(dbias + column_begin, 0, width * sizeof(floating))
-    for r in range(N):
-        dz_row = dz + r * G + column_begin
-        for j in range(width):
-            dbias[column_begin + j] += dz_row[j]
+
+
+cdef void sum_partials(floating *total, const floating *partials, Py_ssize_t count,
+                       Py_ssize_t G, Py_ssize_t column_begin, Py_ssize_t column_end) noexcept nogil:
+    """total[j] = sum of partials[k, j] over k < count (partials [count, G]) for the
+    columns column_begin .. column_end - 1."""
+    cdef Py_ssize_t k
+    memcpy(total + column_begin, partials + column_begin,
+           (column_end - column_begin) * sizeof(floating))
+    for k in range(1, count):
+        add_row(total + column_begin, partials + k * G + column_begin, column_end - column_begin)
 
 
 cdef void dx_rows(Py_ssize_t row_first, Py_ssize_t row_end, Py_ssize_t I, Py_ssize_t G,
