@@ -1,0 +1,117 @@
+"""A/B timing of the cython backend: the working tree against a git revision, in one process.
+
+Why: the development machine is shared and its speed drifts by 15-30 % within
+minutes, so two benchmark runs taken one after the other cannot show a 2-5 %
+kernel change. This builds REV into a cache folder (``git worktree`` +
+``pip install --target``), loads its extension and backend module beside the
+working tree's, and times both on the same arrays, calls interleaved; the
+best and median of each and their ratio are printed, with the largest
+difference between the two results (a kernel change should not change them
+beyond rounding).
+
+    python tools/ab_cython.py --base HEAD~1 --shape 64,100,256,256 --mode train --repeats 16
+
+The working tree's extension is the one the editable install builds on import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def build_revision(revision: str) -> str:
+    """Folder holding an installed build of ``revision`` (built once per commit, then reused)."""
+    commit = subprocess.run(["git", "-C", REPOSITORY, "rev-parse", revision], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    target = os.path.join(tempfile.gettempdir(), f"lstmeng-ab-{commit[:12]}")
+    if glob.glob(os.path.join(target, "lstmeng", "backends", "_cython_lstm*.so")):
+        return target
+    source = target + "-src"
+    if not os.path.isdir(source):
+        subprocess.run(["git", "-C", REPOSITORY, "worktree", "add", "--detach", "-f", source, commit],
+                       check=True)
+    print(f"building {revision} ({commit[:12]}) into {target} ...", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-build-isolation",
+                    "--no-deps", "--target", target, source], check=True)
+    return target
+
+
+def _load(name: str, path: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def base_backend_module(folder: str):
+    """The backend module of the build in ``folder``, bound to that build's extension."""
+    extension = _load("_cython_lstm", glob.glob(os.path.join(folder, "lstmeng", "backends", "_cython_lstm*.so"))[0])
+    module = _load("lstmeng_ab_base_cython", os.path.join(folder, "lstmeng", "backends", "cython.py"))
+    module._cython_lstm = extension
+    return module
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default="HEAD", help="git revision to compare against (default HEAD)")
+    parser.add_argument("--shape", default="64,100,256,256", help="B,T,I,H")
+    parser.add_argument("--mode", choices=("infer", "train"), default="train")
+    parser.add_argument("--lengths", action="store_true", help="lengths uniform in 1..T (variable-length path)")
+    parser.add_argument("--repeats", type=int, default=12)
+    args = parser.parse_args(argv)
+
+    import lstmeng.backends.cython as working_tree
+    base = base_backend_module(build_revision(args.base))
+    batch, steps, inputs, units = (int(value) for value in args.shape.split(","))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, steps, inputs), dtype=np.float32)
+    dy = rng.standard_normal((batch, steps, units), dtype=np.float32)
+    kernel = (0.05 * rng.standard_normal((inputs, 4 * units))).astype(np.float32)
+    recurrent_kernel = (0.05 * rng.standard_normal((units, 4 * units))).astype(np.float32)
+    bias = np.zeros(4 * units, np.float32)
+    zeros = np.zeros((batch, units), np.float32)
+    mask = None
+    if args.lengths:
+        lengths = rng.integers(1, steps + 1, batch)
+        mask = np.arange(steps)[None, :] < lengths[:, None]
+
+    backends = {"base": base.CythonBackend(), "tree": working_tree.CythonBackend()}
+    times = {name: [] for name in backends}
+    results = {}
+    for _ in range(args.repeats + 1):   # the first round warms up and is not counted
+        for name, backend in backends.items():
+            start = time.perf_counter()
+            forward = backend.sequence_forward(x, zeros, zeros, kernel, recurrent_kernel, bias, mask,
+                                               training=args.mode == "train")
+            if args.mode == "train":
+                grads = backend.sequence_backward(dy, zeros, zeros, forward.workspace)
+                results[name] = (forward.outputs, grads.dx, grads.dkernel, grads.drecurrent_kernel, grads.dbias)
+            else:
+                results[name] = (forward.outputs, forward.h, forward.c)
+            times[name].append(time.perf_counter() - start)
+    flops = 8.0 * batch * steps * units * (inputs + units) * (3 if args.mode == "train" else 1)
+    for name, measured in times.items():
+        measured = measured[1:]
+        print(f"{name:4} ({args.base if name == 'base' else 'working tree'}): best {min(measured) * 1e3:.2f} ms "
+              f"({flops / min(measured) / 1e9:.0f} GFLOP/s), median {np.median(measured) * 1e3:.2f} ms")
+    base_times, tree_times = times["base"][1:], times["tree"][1:]
+    difference = max(float(np.max(np.abs(a - b))) for a, b in zip(results["base"], results["tree"]))
+    print(f"working tree vs base: {min(base_times) / min(tree_times):.3f}x faster (best), "
+          f"{np.median(base_times) / np.median(tree_times):.3f}x (median); largest result difference {difference:.3g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
