@@ -43,7 +43,7 @@ class BufferCache:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = int(max_bytes)
         self._lock = threading.Lock()
-        self._free: list[np.ndarray] = []   # owners (1-D uint8), oldest first
+        self._free: list[np.ndarray] = []   # arrays owning their memory, oldest first
 
     def take(self, shape: tuple[int, ...], dtype) -> np.ndarray:
         """An uninitialised C-contiguous array of ``shape`` and ``dtype``: a cached buffer of
