@@ -13,13 +13,13 @@ from lstmeng.backends._buffer_cache import BufferCache
 
 
 def test_take_gives_requested_shape_and_dtype():
-    cache = BufferCache(2**20)
+    cache = BufferCache(2**20, min_bytes=0)
     array = cache.take((3, 5), np.float64)
     assert array.shape == (3, 5) and array.dtype == np.float64 and array.flags.c_contiguous
 
 
 def test_released_buffer_serves_next_request_of_similar_size():
-    cache = BufferCache(2**20)
+    cache = BufferCache(2**20, min_bytes=0)
     first = cache.take((64, 32), np.float32)    # 8,192 bytes
     cache.give(first)
     assert cache.cached_bytes() == first.nbytes
@@ -31,7 +31,7 @@ def test_released_buffer_serves_next_request_of_similar_size():
 
 
 def test_small_request_does_not_pin_a_large_buffer():
-    cache = BufferCache(2**20)
+    cache = BufferCache(2**20, min_bytes=0)
     big = cache.take((1024,), np.float32)
     cache.give(big)
     small = cache.take((100,), np.float32)      # 400 bytes: 4,096 is more than twice that
@@ -40,7 +40,7 @@ def test_small_request_does_not_pin_a_large_buffer():
 
 
 def test_cache_keeps_at_most_max_bytes_dropping_oldest():
-    cache = BufferCache(10_000)
+    cache = BufferCache(10_000, min_bytes=0)
     arrays = [cache.take((1000,), np.float32) for _ in range(3)]   # 4,000 bytes each
     cache.give(*arrays)
     assert cache.cached_bytes() == 8_000
@@ -51,16 +51,16 @@ def test_cache_keeps_at_most_max_bytes_dropping_oldest():
 
 
 def test_larger_than_max_bytes_and_zero_cache_keep_nothing():
-    cache = BufferCache(100)
+    cache = BufferCache(100, min_bytes=0)
     cache.give(cache.take((1000,), np.float32))
     assert cache.cached_bytes() == 0
-    empty = BufferCache(0)
+    empty = BufferCache(0, min_bytes=0)
     empty.give(empty.take((4,), np.float32))
     assert empty.cached_bytes() == 0
 
 
 def test_double_give_and_views_of_foreign_memory():
-    cache = BufferCache(2**20)
+    cache = BufferCache(2**20, min_bytes=0)
     array = cache.take((256,), np.float32)
     cache.give(array, array)
     assert cache.cached_bytes() == array.nbytes   # one entry
@@ -70,6 +70,16 @@ def test_double_give_and_views_of_foreign_memory():
     foreign = np.frombuffer(bytearray(1024), np.float32)
     cache.give(foreign)
     assert cache.cached_bytes() == 0
+
+
+def test_small_arrays_bypass_the_cache():
+    cache = BufferCache(2**30)                  # default min_bytes: 256 KiB
+    small = cache.take((100, 100), np.float32)  # 40 KB
+    cache.give(small)
+    assert cache.cached_bytes() == 0
+    large = cache.take((256, 1024), np.float32)  # 1 MiB
+    cache.give(large)
+    assert cache.cached_bytes() == large.nbytes
 
 
 def test_negative_max_bytes_rejected():
@@ -82,7 +92,12 @@ def test_negative_max_bytes_rejected():
 pytestmark_cython = pytest.mark.skipif(cython_backend._cython_lstm is None, reason="extension not built")
 
 
-def _problem(batch=5, steps=7, inputs=3, units=4, seed=0):
+# Large enough that the gates ([B*T, 4H], 1 MiB) and the outputs ([B, T, H], 256 KiB) reach the
+# cache's size threshold, so that a mistake of giving them back would show.
+BATCH, STEPS, INPUTS, UNITS = 16, 32, 8, 128
+
+
+def _problem(batch=BATCH, steps=STEPS, inputs=INPUTS, units=UNITS, seed=0):
     rng = np.random.default_rng(seed)
     return dict(
         x=rng.normal(size=(batch, steps, inputs)).astype(np.float32),
@@ -105,7 +120,7 @@ def test_training_loop_reuses_workspace_and_matches_uncached():
     cached = cython_backend.CythonBackend()
     uncached = cython_backend.CythonBackend(buffer_cache_bytes=0)
     problem = _problem()
-    dy = np.random.default_rng(1).normal(size=(5, 7, 4)).astype(np.float32)
+    dy = np.random.default_rng(1).normal(size=(BATCH, STEPS, UNITS)).astype(np.float32)
     first, _ = _train_step(cached, problem, dy)
     assert first.workspace.gates is None       # consumed: the workspace let go of its arrays
     second = cached.sequence_forward(training=True, **problem)
@@ -124,7 +139,7 @@ def test_training_loop_reuses_workspace_and_matches_uncached():
 def test_workspace_memory_is_recycled_only_after_its_backward():
     backend = cython_backend.CythonBackend()
     problem = _problem()
-    dy = np.ones((5, 7, 4), np.float32)
+    dy = np.ones((BATCH, STEPS, UNITS), np.float32)
     _train_step(backend, problem, dy)                       # fills the cache
     pending = backend.sequence_forward(training=True, **problem)
     other = backend.sequence_forward(training=True, **problem)
@@ -147,7 +162,7 @@ def test_outputs_are_never_reused(return_sequences):
     changed = dict(problem, x=problem["x"] * 2)
     for _ in range(3):
         backend.sequence_forward(return_sequences=return_sequences, **changed)
-        _train_step(backend, changed, np.ones((5, 7, 4), np.float32))
+        _train_step(backend, changed, np.ones((BATCH, STEPS, UNITS), np.float32))
     for got, want in zip([first.outputs, first.h, first.c], kept):
         np.testing.assert_array_equal(got, want)
 
@@ -155,7 +170,7 @@ def test_outputs_are_never_reused(return_sequences):
 @pytestmark_cython
 def test_release_buffers_and_bad_size():
     backend = cython_backend.CythonBackend()
-    _train_step(backend, _problem(), np.ones((5, 7, 4), np.float32))
+    _train_step(backend, _problem(), np.ones((BATCH, STEPS, UNITS), np.float32))
     assert backend._buffers.cached_bytes() > 0
     backend.release_buffers()
     assert backend._buffers.cached_bytes() == 0
