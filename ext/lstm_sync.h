@@ -32,6 +32,16 @@
 #include <omp.h>
 #endif
 
+/* How many pause instructions a waiting member spins before it starts to
+ * yield its core (about 5 us on Zen 3, where a pause takes ~65 cycles). A
+ * barrier between two running cores completes in well under a microsecond,
+ * so longer spins only matter when a member is not running: with more
+ * threads than cores (OMP_NUM_THREADS above the cores, another busy
+ * process), every step's barrier then cost the whole spin before the waiter
+ * gave its core to the member it waits for (4,096 pauses: a batch-1 forward
+ * with two threads on one core took 4-5 ms instead of 0.2). */
+#define LSTMENG_SPINS_BEFORE_YIELD 256
+
 /* Each member's count of barrier calls lives LSTMENG_FLAG_STRIDE int64s (128
  * bytes) from the next one's: never on a shared cache line, aligned or not. */
 #define LSTMENG_FLAG_STRIDE 16
@@ -68,7 +78,7 @@ static inline void lstmeng_barrier_wait(int64_t *flags, int64_t member, int64_t 
     for (other = 0; other < team; other++) {
         if (other == member) continue;
         while (__atomic_load_n(&flags[other * LSTMENG_FLAG_STRIDE], __ATOMIC_ACQUIRE) <= calls) {
-            if (++spins < 4096) lstmeng_cpu_relax();
+            if (++spins < LSTMENG_SPINS_BEFORE_YIELD) lstmeng_cpu_relax();
             else sched_yield();
         }
     }
