@@ -66,7 +66,7 @@ def test_double_give_and_views_of_foreign_memory():
     assert cache.cached_bytes() == array.nbytes   # one entry
     cache.clear()
     assert cache.cached_bytes() == 0
-    # A view of an array that does not own its memory (here a view of a view of bytes) is skipped.
+    # An array over memory NumPy does not own (a bytearray here) is never cached.
     foreign = np.frombuffer(bytearray(1024), np.float32)
     cache.give(foreign)
     assert cache.cached_bytes() == 0
@@ -89,7 +89,7 @@ def test_negative_max_bytes_rejected():
 
 # -- the cython backend ---------------------------------------------------------------------------
 
-pytestmark_cython = pytest.mark.skipif(cython_backend._cython_lstm is None, reason="extension not built")
+needs_extension = pytest.mark.skipif(cython_backend._cython_lstm is None, reason="extension not built")
 
 
 # Large enough that the gates ([B*T, 4H], 1 MiB) and the outputs ([B, T, H], 256 KiB) reach the
@@ -115,7 +115,7 @@ def _train_step(backend, problem, dy):
     return forward, grads
 
 
-@pytestmark_cython
+@needs_extension
 def test_training_loop_reuses_workspace_and_matches_uncached():
     cached = cython_backend.CythonBackend()
     uncached = cython_backend.CythonBackend(buffer_cache_bytes=0)
@@ -135,7 +135,7 @@ def test_training_loop_reuses_workspace_and_matches_uncached():
         np.testing.assert_array_equal(got, want)
 
 
-@pytestmark_cython
+@needs_extension
 def test_workspace_memory_is_recycled_only_after_its_backward():
     backend = cython_backend.CythonBackend()
     problem = _problem()
@@ -152,7 +152,7 @@ def test_workspace_memory_is_recycled_only_after_its_backward():
     np.testing.assert_array_equal(pending.workspace.gates, saved)   # pending's untouched
 
 
-@pytestmark_cython
+@needs_extension
 @pytest.mark.parametrize("return_sequences", [True, False])
 def test_outputs_are_never_reused(return_sequences):
     backend = cython_backend.CythonBackend()
@@ -167,7 +167,7 @@ def test_outputs_are_never_reused(return_sequences):
         np.testing.assert_array_equal(got, want)
 
 
-@pytestmark_cython
+@needs_extension
 def test_release_buffers_and_bad_size():
     backend = cython_backend.CythonBackend()
     _train_step(backend, _problem(), np.ones((BATCH, STEPS, UNITS), np.float32))
