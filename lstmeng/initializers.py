@@ -19,7 +19,13 @@ def orthogonal(shape, rng):
     # the result is uniformly distributed over orthogonal matrices.
     rows, cols = shape[0], int(np.prod(shape[1:])) if len(shape) > 1 else 1
     flat = rng.normal(size=(max(rows, cols), min(rows, cols)))
-    q, r = np.linalg.qr(flat)
+    # One BLAS thread: a multi-threaded OpenBLAS call leaves its idle workers
+    # busy-waiting for ~0.1 s, and they took a core from the layer's first calls
+    # (a new layer's first ~10 forwards ran at half speed). The QR of an [H, 4H]
+    # matrix is milliseconds on one thread.
+    from lstmeng.info import blas_threads
+    with blas_threads(1):
+        q, r = np.linalg.qr(flat)
     q *= np.sign(np.diag(r))
     if rows < cols:
         q = q.T
