@@ -33,6 +33,9 @@ from lstmeng import info
 MODES = ("infer", "train")
 PEERS = ("torch", "keras")
 DEFAULT_SHAPES = "64,100,256,256;32,200,128,512;256,50,128,128;1,500,64,128"
+#: How long OpenBLAS's workers keep busy-waiting after a multi-threaded call (its thread
+#: timeout, 2^28 cycles, ~0.1 s), with a margin: the pause after each sgemm peak measurement.
+BLAS_SPIN_SECONDS = 0.25
 
 
 class BenchError(ValueError):
@@ -365,6 +368,10 @@ def run_bench(backends: list[str] | None = None, peers: list[str] = PEERS, shape
             # on a shared machine one early measurement may catch a busy moment.
             say(f"measuring the sgemm peak ({peak_size}x{peak_size})")
             peaks.append(sgemm_peak(peak_size, repeats))
+            # OpenBLAS's idle workers busy-wait for ~0.1 s after a multi-threaded product, and
+            # calls timed meanwhile share their cores with them (a whole batch-1 row fits in that
+            # window). Let them go to sleep first.
+            time.sleep(BLAS_SPIN_SECONDS)
             problem = Problem.random(shape)
             calls = {}
             for name, kind, make in runners:
