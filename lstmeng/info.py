@@ -13,6 +13,7 @@ import ctypes
 import importlib.util
 import os
 import platform
+import threading
 from importlib import metadata
 
 import lstmeng
@@ -121,26 +122,32 @@ def loaded_openblas() -> list[OpenBLAS]:
     return libraries
 
 
+#: Held by a ``blas_threads`` block: the counts are process-wide, so two threads saving and
+#: restoring them at once could leave one thread's limit in place (reentrant: blocks nest).
+_BLAS_THREADS_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def blas_threads(count: int | None):
     """Run the block with every loaded OpenBLAS limited to ``count`` threads (None: leave as is).
 
     Loads SciPy's BLAS first so that it is limited too. Restores the previous
-    counts afterwards.
+    counts afterwards. Blocks in other Python threads wait for this one.
     """
     if count is None:
         yield
         return
     import scipy.linalg.blas  # noqa: F401  (loads SciPy's OpenBLAS so that it can be limited too)
-    libraries = loaded_openblas()
-    previous = [library.threads for library in libraries]
-    for library in libraries:
-        library.threads = count
-    try:
-        yield
-    finally:
-        for library, threads in zip(libraries, previous):
-            library.threads = threads
+    with _BLAS_THREADS_LOCK:
+        libraries = loaded_openblas()
+        previous = [library.threads for library in libraries]
+        for library in libraries:
+            library.threads = count
+        try:
+            yield
+        finally:
+            for library, threads in zip(libraries, previous):
+                library.threads = threads
 
 
 def _blas_build(module_name: str) -> str:
