@@ -12,6 +12,8 @@ beyond rounding).
     python tools/ab_cython.py --base HEAD~1 --shape 64,100,256,256 --mode train --repeats 16
 
 The working tree's extension is the one the editable install builds on import.
+The builds stay in the temp folder (lstmeng-ab-COMMIT, and its -src worktree);
+delete them and run ``git worktree prune`` to clean up.
 """
 
 from __future__ import annotations
