@@ -60,7 +60,6 @@ import numpy as np
 
 cdef extern from "lstm_rows.h" nogil:
     int lstmeng_fast_rows
-    int lstmeng_fast_rows_supported()
     void lstmeng_forward_row_f32(float *gates, float *c, float *c_prev, float *h,
                                  Py_ssize_t n, Py_ssize_t stride, int act, int ract)
     void lstmeng_forward_row_f64(double *gates, double *c, double *c_prev, double *h,
@@ -71,8 +70,10 @@ cdef extern from "lstm_rows.h" nogil:
                                   double *dc, double *scratch, Py_ssize_t n, Py_ssize_t stride,
                                   int act, int ract)
 
+cdef extern from "lstm_cpu.h" nogil:
+    int lstmeng_avx2_fma_supported()
+
 cdef extern from "lstm_gemm.h" nogil:
-    int lstmeng_packed_gemm_supported()
     void lstmeng_pack_panels_f32(const float *b, Py_ssize_t K, Py_ssize_t G, Py_ssize_t ld,
                                  int transpose, float *packed)
     void lstmeng_gemm_packed_f32(Py_ssize_t rows, Py_ssize_t G, Py_ssize_t K, const float *a,
@@ -98,11 +99,11 @@ cdef extern from *:
 HAVE_OPENMP = bool(LSTMENG_HAVE_OPENMP)
 
 #: Whether float32 steps use the packed-panel FMA kernel of lstm_gemm.h (else BLAS).
-PACKED_GEMM = bool(lstmeng_packed_gemm_supported())
+PACKED_GEMM = bool(lstmeng_avx2_fma_supported())
 cdef bint packed_gemm = PACKED_GEMM
 
 #: Whether this CPU runs the fused AVX2 gate kernels (float32, tanh / sigmoid; lstm_rows_fast.h).
-FAST_GATE_MATH = bool(lstmeng_fast_rows_supported())
+FAST_GATE_MATH = bool(lstmeng_avx2_fma_supported())
 lstmeng_fast_rows = FAST_GATE_MATH
 
 

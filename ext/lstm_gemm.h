@@ -9,7 +9,7 @@
  * rows, so repacking costs about as much as the arithmetic. Here B is packed
  * once per sequence (lstmeng_pack_panels_f32) into column panels of 16 floats
  * and each step runs 6 x 16 (and 4 x 16) register-blocked FMA kernels over them. The
- * kernel is AVX2+FMA code chosen at run time (lstmeng_packed_gemm_supported);
+ * kernel is AVX2+FMA code chosen at run time (lstmeng_avx2_fma_supported);
  * on other CPUs, compilers or in float64 the caller uses BLAS instead.
  *
  * Panel layout: packed[(panel * K + k) * 16 + c] = B[k, panel * 16 + c];
@@ -23,23 +23,7 @@
 
 #define LSTMENG_PANEL 16
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) \
-    && !defined(LSTMENG_NO_CLONES)
-#define LSTMENG_HAVE_FMA_KERNEL 1
-#include <immintrin.h>
-#else
-#define LSTMENG_HAVE_FMA_KERNEL 0
-#endif
-
-/* 1 when lstmeng_gemm_packed_f32 can run on this CPU (AVX2 and FMA). */
-static int lstmeng_packed_gemm_supported(void) {
-#if LSTMENG_HAVE_FMA_KERNEL
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    return 0;
-#endif
-}
+#include "lstm_cpu.h"
 
 /* Pack the [K, G] block of a row-major matrix with row stride ld into panels:
  * B[k, col] = b[k * ld + col]; with transpose, B[k, col] = b[col * ld + k]
@@ -55,14 +39,13 @@ static void lstmeng_pack_panels_f32(const float *b, int64_t K, int64_t G, int64_
                               : b[k * ld + panel * LSTMENG_PANEL + col];
 }
 
-#if LSTMENG_HAVE_FMA_KERNEL
-#define LSTMENG_FMA_TARGET __attribute__((target("avx2,fma")))
+#if LSTMENG_HAVE_AVX2_FMA
 
 /* ROWS rows of A times one panel: 2 ROWS accumulators, two 8-float halves per
  * row. Called with a constant ROWS (6 for the main blocks, 4 for the rows a
  * part of 16 or 10 leaves), so after inlining the row loops unroll and every
  * accumulator lives in a register: 12 (or 8) independent FMA chains. */
-LSTMENG_FMA_TARGET static inline __attribute__((always_inline)) void lstmeng_block_f32(
+LSTMENG_AVX2_FMA static inline __attribute__((always_inline)) void lstmeng_block_f32(
         const int rows, const float *a, int64_t lda, const float *panel, int64_t K, float *c,
         int64_t ldc) {
     __m256 low[6], high[6];
@@ -88,7 +71,7 @@ LSTMENG_FMA_TARGET static inline __attribute__((always_inline)) void lstmeng_blo
 }
 
 /* One row of A times two panels, k unrolled by two: 8 independent FMA chains. */
-LSTMENG_FMA_TARGET static inline void lstmeng_row_f32(const float *a, const float *panels,
+LSTMENG_AVX2_FMA static inline void lstmeng_row_f32(const float *a, const float *panels,
                                                       int64_t K, float *c) {
     const float *q = panels, *s = panels + K * LSTMENG_PANEL;
     __m256 e0 = _mm256_setzero_ps(), e1 = _mm256_setzero_ps(), e2 = _mm256_setzero_ps();
@@ -120,7 +103,7 @@ LSTMENG_FMA_TARGET static inline void lstmeng_row_f32(const float *a, const floa
 }
 
 /* C[rows, G] += A[rows, K] @ B, B packed by lstmeng_pack_panels_f32. */
-LSTMENG_FMA_TARGET static void lstmeng_gemm_packed_f32(int64_t rows, int64_t G, int64_t K,
+LSTMENG_AVX2_FMA static void lstmeng_gemm_packed_f32(int64_t rows, int64_t G, int64_t K,
                                                        const float *a, int64_t lda,
                                                        const float *packed, float *c, int64_t ldc) {
     int64_t pair, panel, r0;

@@ -217,15 +217,19 @@ LSTMENG_DEFINE_ROWS(float, f32, lstmeng_exp_f32)
 LSTMENG_DEFINE_ROWS(double, f64, lstmeng_exp_f64)
 
 /* Whether float32 rows with tanh / sigmoid take the fused AVX2 kernels of
- * lstm_rows_fast.h: set once at import from lstmeng_fast_rows_supported();
+ * lstm_rows_fast.h: set once at import from lstmeng_avx2_fma_supported();
  * tests switch it off to run the generic code on the same CPU. */
 static int lstmeng_fast_rows = 0;
+
+static inline int lstmeng_use_fast_rows(int act, int ract) {
+    return LSTMENG_HAVE_FAST_ROWS && lstmeng_fast_rows && act == LSTMENG_TANH && ract == LSTMENG_SIGMOID;
+}
 
 static inline void lstmeng_forward_row_f32(float *gates, float *c, float *c_prev, float *h,
                                            int64_t n, int64_t stride, int act, int ract) {
     int64_t done = 0;
 #if LSTMENG_HAVE_FAST_ROWS
-    if (lstmeng_fast_rows && act == LSTMENG_TANH && ract == LSTMENG_SIGMOID)
+    if (lstmeng_use_fast_rows(act, ract))
         done = lstmeng_forward_row_fast_f32(gates, c, c_prev, h, n, stride);
 #endif
     if (done < n)
@@ -238,7 +242,7 @@ static inline void lstmeng_backward_row_f32(float *gates, const float *c_prev, c
                                             int act, int ract) {
     int64_t done = 0;
 #if LSTMENG_HAVE_FAST_ROWS
-    if (lstmeng_fast_rows && act == LSTMENG_TANH && ract == LSTMENG_SIGMOID)
+    if (lstmeng_use_fast_rows(act, ract))
         done = lstmeng_backward_row_fast_f32(gates, c_prev, dh, dc, n, stride);
 #endif
     if (done < n)

@@ -23,11 +23,10 @@
 
 #include <stdint.h>
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) \
-    && !defined(LSTMENG_NO_CLONES)
+#include "lstm_cpu.h"
+
+#if LSTMENG_HAVE_AVX2_FMA
 #define LSTMENG_HAVE_FAST_ROWS 1
-#include <immintrin.h>
-#define LSTMENG_AVX2_FMA __attribute__((target("avx2,fma")))
 
 LSTMENG_AVX2_FMA static inline __m256 lstmeng_exp8(__m256 x) {
     /* x already clamped to [-87, 88]; see lstmeng_exp_f32 */
@@ -125,15 +124,8 @@ LSTMENG_AVX2_FMA static int64_t lstmeng_backward_row_fast_f32(float *gates, cons
     }
     return j;
 }
-
-/* 1 when the CPU runs the functions above (AVX2 and FMA). */
-static int lstmeng_fast_rows_supported(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
 #else
 #define LSTMENG_HAVE_FAST_ROWS 0
-static int lstmeng_fast_rows_supported(void) { return 0; }
 #endif
 
 #endif
