@@ -127,19 +127,28 @@ def loaded_openblas() -> list[OpenBLAS]:
 _BLAS_THREADS_LOCK = threading.RLock()
 
 
+def is_numpy_openblas(library: OpenBLAS) -> bool:
+    """Whether ``library`` is the OpenBLAS bundled in NumPy's wheel (``numpy.libs/``)."""
+    return os.path.basename(os.path.dirname(library.path)).startswith("numpy")
+
+
 @contextlib.contextmanager
-def blas_threads(count: int | None):
+def blas_threads(count: int | None, numpy_only: bool = False):
     """Run the block with every loaded OpenBLAS limited to ``count`` threads (None: leave as is).
 
     Loads SciPy's BLAS first so that it is limited too. Restores the previous
     counts afterwards. Blocks in other Python threads wait for this one.
+    ``numpy_only`` limits only the OpenBLAS of NumPy's wheel: the cython
+    kernels lower SciPy's count from any thread while they run (their own
+    reference count), and a block restoring it around them could undo theirs.
     """
     if count is None:
         yield
         return
     import scipy.linalg.blas  # noqa: F401  (loads SciPy's OpenBLAS so that it can be limited too)
     with _BLAS_THREADS_LOCK:
-        libraries = loaded_openblas()
+        libraries = [library for library in loaded_openblas()
+                     if not numpy_only or is_numpy_openblas(library)]
         previous = [library.threads for library in libraries]
         for library in libraries:
             library.threads = count
