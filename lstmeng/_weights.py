@@ -1,11 +1,18 @@
-"""What LSTM and LSTMCell share: options, weights, dropout masks, backend choice.
+"""What LSTM and LSTMCell share: options, weights, dropout masks, backend and device choice.
 
-Weights are host NumPy arrays in Keras's layout and gate order
-(input, forget, cell candidate, output)::
+Weights are in Keras's layout and gate order (input, forget, cell
+candidate, output)::
 
     kernel:           [I, 4H]
     recurrent_kernel: [H, 4H]
     bias:             [4H]     (absent when use_bias=False)
+
+They live where the compute runs (PyTorch's and Keras's convention): host
+NumPy arrays on "cpu", Numba device arrays on "cuda:N". ``to(device)`` moves
+params, grads and carried states; ``get_weights`` always returns host copies
+and ``set_weights`` copies in. A layer on the GPU copies a host input in and
+its results out (NumPy in, NumPy out); a CUDA array given to a layer on the
+CPU is an error that names both devices, as PyTorch's is.
 """
 
 from __future__ import annotations
@@ -49,6 +56,11 @@ class LSTMWeights:
         self.params: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
         self.input_size: int | None = None
+        # Where params, grads and states live: "cpu" or "cuda:N". A layer that names
+        # numba_cuda starts on the GPU; an "auto" layer moves there at its first call
+        # if that call brings a CUDA array (``_device_chosen`` False until then).
+        self._device = current_cuda_device() if backend == "numba_cuda" else "cpu"
+        self._device_chosen = backend != "auto"
 
     # -- weights ---------------------------------------------------------------
     @property
@@ -78,15 +90,16 @@ class LSTMWeights:
                 # Keras: bias = [init(H), ones(H), init(2H)] so the forget gate starts open.
                 bias[self.units:2 * self.units] = 1.0
             params["bias"] = bias
-        self.params = params
+        self.params = {name: self._on_device(value) for name, value in params.items()}
         self.input_size = input_size
         return self
 
     def get_weights(self) -> list[np.ndarray]:
-        """[kernel (I, 4H), recurrent_kernel (H, 4H), bias (4H,)] as copies (no bias if use_bias=False)."""
+        """[kernel (I, 4H), recurrent_kernel (H, 4H), bias (4H,)] as host NumPy copies (no bias if
+        use_bias=False), wherever the layer lives."""
         if not self.built:
             return []
-        return [self.params[name].copy() for name in WEIGHT_NAMES if name in self.params]
+        return [host_copy(self.params[name]) for name in WEIGHT_NAMES if name in self.params]
 
     def set_weights(self, weights):
         """Load Keras-layout weights; builds the layer from their shapes if needed.
@@ -97,7 +110,7 @@ class LSTMWeights:
         names = [name for name in WEIGHT_NAMES if name != "bias" or self.use_bias]
         if len(weights) != len(names):
             raise ValueError(f"set_weights expects {len(names)} arrays ({', '.join(names)}), got {len(weights)}")
-        arrays = [np.asarray(w) for w in weights]
+        arrays = [host_copy(w) for w in weights]
         input_size = self.input_size if self.built else (arrays[0].shape[0] if arrays[0].ndim == 2 else 0)
         if input_size < 1:
             raise ValueError(f"set_weights: kernel must have shape (input_size >= 1, {4 * self.units}), "
@@ -108,9 +121,53 @@ class LSTMWeights:
                 raise ValueError(f"set_weights: {name} must have shape {shapes[name]}, got {array.shape}")
             if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
                 raise TypeError(f"set_weights: {name} must be real numbers, got dtype {array.dtype}")
-        self.params = {name: np.array(array, dtype=self.dtype, copy=True) for name, array in zip(names, arrays)}
+        host = {name: np.array(array, dtype=self.dtype, copy=True) for name, array in zip(names, arrays)}
+        # Copied to the device before anything is assigned: a failed copy changes nothing.
+        self.params = {name: self._on_device(array) for name, array in host.items()}
         self.input_size = input_size
         return self
+
+    # -- device ----------------------------------------------------------------
+    @property
+    def device(self) -> str:
+        """Where params, grads and states live: "cpu" or "cuda:N"."""
+        return self._device
+
+    def to(self, device):
+        """Move params, grads and carried states to ``device`` ("cpu", "cuda", "cuda:N"); returns self.
+
+        On "cuda" the layer computes with the numba_cuda backend and keeps its
+        weights and gradients there: a training loop moves no weight over the bus.
+
+        Example:
+            >>> import lstmeng as le
+            >>> le.LSTM(4).to("cpu").device
+            'cpu'
+        """
+        target = parse_device(device)
+        if target != "cpu" and self.backend not in ("auto", "numba_cuda"):
+            raise ValueError(f"to({device!r}): this layer's backend is {self.backend!r}, which computes on the "
+                             "CPU; build it with backend='auto' or 'numba_cuda' to run it on a GPU")
+        move = _mover(target)
+        # Everything is moved first and assigned last: a failed copy leaves the layer as it was.
+        moved = {"params": {name: move(value) for name, value in self.params.items()},
+                 "grads": {name: move(value) for name, value in self.grads.items()}}
+        extra = self._moved_states(move)
+        self.params, self.grads = moved["params"], moved["grads"]
+        self._assign_moved_states(extra)
+        self._device, self._device_chosen = target, True
+        return self
+
+    def _moved_states(self, move):
+        """States other than params and grads, moved by ``move`` (subclasses add theirs)."""
+        return None
+
+    def _assign_moved_states(self, moved) -> None:
+        pass
+
+    def _on_device(self, array):
+        """A host array placed on this layer's device (itself on the CPU)."""
+        return array if self._device == "cpu" else _mover(self._device)(array)
 
     def _options_config(self) -> dict:
         return {
@@ -130,8 +187,39 @@ class LSTMWeights:
         }
 
     # -- per call --------------------------------------------------------------
-    def _resolve_backend(self, x):
+    def _resolve_backend(self, x, argument="x"):
+        """The backend of a call with input ``x``; on the GPU always numba_cuda.
+
+        An "auto" layer never called nor moved adopts the GPU when its first
+        input is a CUDA array (its weights are copied there once). Otherwise a
+        CUDA array given to a layer on the CPU is an error naming both devices.
+        """
+        kind = registry.array_kind(x)
+        if self._device == "cpu" and kind == "cuda":
+            if not self._device_chosen and registry.get_backend() in ("auto", "numba_cuda"):
+                self.to("cuda")
+            else:
+                raise ValueError(
+                    f"{argument}: expected an array on cpu, where this layer's parameters are, got an array "
+                    f"on {current_cuda_device()}; call layer.to('cuda') first (or pass a NumPy array)")
+        self._device_chosen = True
+        if self._device != "cpu":
+            if kind == "tensorflow":
+                raise ValueError(f"{argument}: this layer lives on {self._device} and takes CUDA or NumPy "
+                                 "arrays, got a tf.Tensor; pass x.numpy() or call layer.to('cpu')")
+            backend = registry.get_backend_object("numba_cuda")
+            try:
+                backend.check_support(self.dtype, self.activation, self.recurrent_activation)
+            except NotImplementedError as error:
+                raise ValueError(f"backend 'numba_cuda' cannot run this layer: {error}") from None
+            return backend
         return registry.resolve(self.backend, x, self.dtype, self.activation, self.recurrent_activation)
+
+    def _to_call_device(self, backend, array):
+        """A host array made the backend's kind when the layer lives on the GPU (copied in)."""
+        if self._device != "cpu" and array is not None and registry.array_kind(array) == "host":
+            return backend.asarray(array, self.dtype)
+        return array
 
     def _check_input_size(self, input_size: int, argument: str = "x") -> None:
         """Raise if the layer is built for another number of features."""
@@ -161,22 +249,90 @@ class LSTMWeights:
                 backend.asarray(self.params["bias"], self.dtype) if self.use_bias else None)
 
     def _store_grads(self, backend, grads) -> None:
-        self.grads = {
-            "kernel": backend.to_numpy(grads.dkernel),
-            "recurrent_kernel": backend.to_numpy(grads.drecurrent_kernel),
-        }
+        """Keep the weight gradients where the weights are: no copy on the GPU."""
+        keep = (lambda array: array) if self._device != "cpu" else backend.to_numpy
+        self.grads = {"kernel": keep(grads.dkernel), "recurrent_kernel": keep(grads.drecurrent_kernel)}
         if self.use_bias:
-            self.grads["bias"] = backend.to_numpy(grads.dbias)
+            self.grads["bias"] = keep(grads.dbias)
+
+    def _zero_weight_grads(self, backend) -> dict:
+        """Zero gradients for every weight, on the layer's device (a call with no step)."""
+        shapes = self.weight_shapes(self.input_size)
+        if self._device != "cpu":
+            return {name: backend.zeros(shape, self.dtype) for name, shape in shapes.items()}
+        return {name: np.zeros(shape, self.dtype) for name, shape in shapes.items()}
+
+
+def array_dtype_name(array, argument="x") -> str:
+    """NumPy's name of a backend array's dtype ("float32"), whatever library made it.
+
+    CUDA arrays are read through ``__cuda_array_interface__['typestr']`` ("<f4"),
+    the one field torch, CuPy and Numba agree on (torch's own dtype prints as
+    "torch.float32").
+    """
+    if registry.array_kind(array) == "cuda":
+        try:
+            interface = array.__cuda_array_interface__
+        except RuntimeError as error:  # torch: a tensor that requires grad exports no interface
+            raise TypeError(f"{argument}: cannot read this CUDA array without a copy ({error}); "
+                            f"pass {argument}.detach()") from None
+        return np.dtype(interface["typestr"]).name
+    dtype = array.dtype
+    return getattr(dtype, "name", str(dtype))
 
 
 def prepare_input(backend, x, dtype, argument="x"):
     """Host input: checked and cast to ``dtype``; a backend's own arrays: dtype checked."""
     if registry.array_kind(x) == "host":
         return _validation.check_numeric_array(x, argument, dtype)
-    name = getattr(x.dtype, "name", str(x.dtype))
+    name = array_dtype_name(x, argument)
     if name != dtype.name:
         raise TypeError(f"{argument} must have dtype {dtype.name} on this layer, got {name}")
     return backend.asarray(x, dtype)
+
+
+def host_copy(array) -> np.ndarray:
+    """A host NumPy copy of a host, CUDA or TensorFlow array."""
+    if registry.array_kind(array) == "host":
+        return np.array(array, copy=True)
+    return np.array(registry.backend_for_array(array).to_numpy(array), copy=True)
+
+
+def current_cuda_device() -> str:
+    """"cuda:N" for numba's current CUDA device (0 under the simulator)."""
+    backend = registry.get_backend_object("numba_cuda")
+    return f"cuda:{backend.device_index()}"
+
+
+def parse_device(device) -> str:
+    """"cpu", "cuda" or "cuda:N" (or a torch.device) -> "cpu" or "cuda:N"; ValueError otherwise.
+
+    "cuda:N" must be numba's current device: lstmeng launches on the current
+    CUDA context, so another GPU is selected with numba.cuda.select_device(N)
+    (or ``with numba.cuda.gpus[N]:``) before the layer is moved and called.
+    """
+    text = str(device).strip().lower()
+    if text == "cpu":
+        return "cpu"
+    if text != "cuda" and not (text.startswith("cuda:") and text[5:].isdigit()):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    current = current_cuda_device()   # ValueError naming why when numba_cuda is unavailable
+    if text != "cuda" and text != current:
+        raise ValueError(f"device {text!r} is not numba's current CUDA device ({current}); select it first "
+                         f"with numba.cuda.select_device({text[5:]}) or `with numba.cuda.gpus[{text[5:]}]:`")
+    return current
+
+
+def _mover(target: str):
+    """A function that returns its array on ``target`` ("cpu" or "cuda:N"), copying only when needed."""
+    if target == "cpu":
+        return lambda array: array if registry.array_kind(array) == "host" else host_copy(array)
+    backend = registry.get_backend_object("numba_cuda")
+
+    def to_cuda(array):
+        dtype = np.dtype(array_dtype_name(array)) if registry.array_kind(array) == "cuda" else array.dtype
+        return backend.asarray(array, dtype)
+    return to_cuda
 
 
 def prepare_state(backend, state, dtype, argument, shape):

@@ -15,6 +15,7 @@ import numpy as np
 
 from lstmeng import _validation
 from lstmeng._weights import LSTMWeights, prepare_input, prepare_state
+from lstmeng.backends import registry
 
 
 class LSTMCell(LSTMWeights):
@@ -54,9 +55,11 @@ class LSTMCell(LSTMWeights):
         Returns:
             ``h, [h, c]`` with the new states ``[B, H]``.
         """
-        backend = self._resolve_backend(x_t)
+        backend = self._resolve_backend(x_t, "x_t")
         x_t = prepare_input(backend, x_t, self.dtype, "x_t")
         _validation.check_rank(x_t, "x_t", 2, "(batch, features)")
+        host_io = self.device != "cpu" and registry.array_kind(x_t) == "host"
+        x_t = self._to_call_device(backend, x_t)
         batch, features = _validation.shape_of(x_t)
         self._ensure_built(features, "x_t")
         shape = (batch, self.units)
@@ -65,8 +68,8 @@ class LSTMCell(LSTMWeights):
         else:
             if not isinstance(states, (list, tuple)) or len(states) != 2:
                 raise ValueError(f"states must be a list [h, c] of arrays of shape {shape}")
-            h = prepare_state(backend, states[0], self.dtype, "states[0]", shape)
-            c = prepare_state(backend, states[1], self.dtype, "states[1]", shape)
+            h = self._to_call_device(backend, prepare_state(backend, states[0], self.dtype, "states[0]", shape))
+            c = self._to_call_device(backend, prepare_state(backend, states[1], self.dtype, "states[1]", shape))
         if training and not self._tape:
             self._sequence_dropout = self._dropout_masks(batch, training=True)
             self._grads_pending_reset = True
@@ -86,7 +89,9 @@ class LSTMCell(LSTMWeights):
                 training=training)
             h_new, c_new, workspace = result.h, result.c, result.workspace
         if training:
-            self._tape.append((backend, workspace, batch))
+            self._tape.append((backend, workspace, batch, host_io))
+        if host_io:  # a GPU cell called with host arrays: NumPy in, NumPy out
+            h_new, c_new = backend.to_numpy(h_new), backend.to_numpy(c_new)
         return h_new, [h_new, c_new]
 
     def reset_dropout_mask(self):
@@ -105,7 +110,7 @@ class LSTMCell(LSTMWeights):
         """
         if not self._tape:
             raise RuntimeError("backward needs a call with training=True first (one backward per step)")
-        backend, workspace, batch = self._tape[-1]
+        backend, workspace, batch, host_io = self._tape[-1]
         shape = (batch, self.units)
         dh = prepare_input(backend, dh, self.dtype, "dh")
         _validation.check_shape(dh, "dh", shape)
@@ -114,11 +119,11 @@ class LSTMCell(LSTMWeights):
         else:
             dc = prepare_input(backend, dc, self.dtype, "dc")
             _validation.check_shape(dc, "dc", shape)
+        dh, dc = self._to_call_device(backend, dh), self._to_call_device(backend, dc)
         self._tape.pop()
         if workspace is None:
             dx = backend.zeros((0, self.input_size), self.dtype)
-            step_grads = {name: np.zeros(shape_, self.dtype)
-                          for name, shape_ in self.weight_shapes(self.input_size).items()}
+            step_grads = self._zero_weight_grads(backend)
             dh_prev, dc_prev = dh, dc
         else:
             grads = backend.cell_backward(dh, dc, workspace)
@@ -126,9 +131,13 @@ class LSTMCell(LSTMWeights):
             step_grads = self.grads
             dx, dh_prev, dc_prev = grads.dx, grads.dh0, grads.dc0
         if self._grads_pending_reset:
-            self._accumulated = {name: np.zeros_like(value) for name, value in step_grads.items()}
+            self._accumulated = step_grads   # fresh arrays from this backward: the sum starts here
             self._grads_pending_reset = False
-        for name, value in step_grads.items():
-            self._accumulated[name] = self._accumulated[name] + value
+        else:
+            # backend.add keeps device gradients on the device (NumPy's + on the host).
+            self._accumulated = {name: backend.add(self._accumulated[name], value)
+                                 for name, value in step_grads.items()}
         self.grads = dict(self._accumulated)
+        if host_io:
+            dx, dh_prev, dc_prev = (backend.to_numpy(array) for array in (dx, dh_prev, dc_prev))
         return dx, [dh_prev, dc_prev]

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from lstmeng import _validation, masking
-from lstmeng._weights import LSTMWeights, prepare_input, prepare_state
+from lstmeng.backends import registry
+from lstmeng._weights import LSTMWeights, host_copy, prepare_input, prepare_state
 from lstmeng.backends.base import SequenceGrads
 
 
@@ -26,6 +27,7 @@ class _Tape:
     batch: int
     steps: int
     got_initial_state: bool
+    host_io: bool = False     # a GPU layer called with host arrays: copy dy in and dx out too
 
 
 @dataclasses.dataclass
@@ -41,6 +43,7 @@ class _Call:
     got_initial_state: bool
     batch: int
     steps: int
+    host_io: bool = False     # a GPU layer called with a host x: results are copied out
 
 
 class LSTM(LSTMWeights):
@@ -117,12 +120,18 @@ class LSTM(LSTMWeights):
             return
         if not isinstance(states, (list, tuple)) or len(states) != 2:
             raise ValueError("states must be a list [h, c] of two arrays of shape (batch, units)")
-        h = _validation.check_numeric_array(states[0], "states[0]", self.dtype)
-        c = _validation.check_numeric_array(states[1], "states[1]", self.dtype)
+        h = _validation.check_numeric_array(host_copy(states[0]), "states[0]", self.dtype)
+        c = _validation.check_numeric_array(host_copy(states[1]), "states[1]", self.dtype)
         _validation.check_rank(h, "states[0]", 2, "(batch, units)")
         _validation.check_shape(h, "states[0]", (h.shape[0], self.units))
         _validation.check_shape(c, "states[1]", h.shape)
-        self.states = [h.copy(), c.copy()]
+        self.states = [self._on_device(h.copy()), self._on_device(c.copy())]
+
+    def _moved_states(self, move):
+        return None if self.states is None else [move(state) for state in self.states]
+
+    def _assign_moved_states(self, moved) -> None:
+        self.states = moved
 
     # -- forward -----------------------------------------------------------------
     def __call__(self, x, mask=None, lengths=None, initial_state=None, training=False, check_finite=False):
@@ -165,6 +174,8 @@ class LSTM(LSTMWeights):
         x = prepare_input(backend, x, self.dtype)
         _validation.check_rank(x, "x", 3, "(time, batch, features)" if self.time_major
                                else "(batch, time, features)")
+        host_io = self.device != "cpu" and registry.array_kind(x) == "host"
+        x = self._to_call_device(backend, x)
         if self.time_major:
             x = backend.swap_batch_time(x)
         batch, steps, features = _validation.shape_of(x)
@@ -177,7 +188,7 @@ class LSTM(LSTMWeights):
         if build:
             # Built only once every argument is known good, so a bad first call leaves the layer unbuilt.
             self._ensure_built(features)
-        return _Call(backend, x, mask, h0, c0, got_initial_state, batch, steps)
+        return _Call(backend, x, mask, h0, c0, got_initial_state, batch, steps, host_io)
 
     def _run_call(self, call, training, input_order):
         """Run a call checked by ``_prepare_call``; returns (outputs, h, c)."""
@@ -202,18 +213,20 @@ class LSTM(LSTMWeights):
                 training=training)
             outputs, h, c, workspace = result.outputs, result.h, result.c, result.workspace
         if training:
-            self._tape = _Tape(backend, workspace, batch, steps, call.got_initial_state)
+            self._tape = _Tape(backend, workspace, batch, steps, call.got_initial_state, call.host_io)
         if self.stateful:
             # Host arrays are mutable: carry copies so that a caller editing the
             # returned h or c in place does not change the next call's state.
             # (tf.Tensor is immutable; device arrays are the caller's to keep.)
             self.states = [h.copy(), c.copy()] if isinstance(h, np.ndarray) else [h, c]
-        self._last_states = [h, c]
         if self.return_sequences:
             if self.go_backwards and not input_order:
                 outputs = backend.flip_time(outputs)
             if self.time_major:
                 outputs = backend.swap_batch_time(outputs)
+        if call.host_io:  # NumPy in, NumPy out; the carried states stay on the device
+            outputs, h, c = (backend.to_numpy(array) for array in (outputs, h, c))
+        self._last_states = [h, c]
         return outputs, h, c
 
     def _initial_states(self, backend, initial_state, batch, argument="initial_state", offset=0):
@@ -223,8 +236,9 @@ class LSTM(LSTMWeights):
                 raise ValueError(
                     f"{argument} must be a list [h0, c0] of arrays of shape {shape}, got {type(initial_state).__name__}"
                     + (f" of length {len(initial_state)}" if isinstance(initial_state, (list, tuple)) else ""))
-            return (prepare_state(backend, initial_state[0], self.dtype, f"{argument}[{offset}]", shape),
-                    prepare_state(backend, initial_state[1], self.dtype, f"{argument}[{offset + 1}]", shape), True)
+            h0 = prepare_state(backend, initial_state[0], self.dtype, f"{argument}[{offset}]", shape)
+            c0 = prepare_state(backend, initial_state[1], self.dtype, f"{argument}[{offset + 1}]", shape)
+            return self._to_call_device(backend, h0), self._to_call_device(backend, c0), True
         if self.stateful and self.states is not None:
             if _validation.shape_of(self.states[0]) != shape:
                 raise ValueError(f"stateful layer carries states of shape {_validation.shape_of(self.states[0])} "
@@ -262,6 +276,7 @@ class LSTM(LSTMWeights):
         dy = self._prepare_grad(backend, dy, "dy", expected)
         dh = backend.zeros(state_shape, self.dtype) if dh is None else self._prepare_grad(backend, dh, "dh", state_shape)
         dc = backend.zeros(state_shape, self.dtype) if dc is None else self._prepare_grad(backend, dc, "dc", state_shape)
+        dy, dh, dc = (self._to_call_device(backend, array) for array in (dy, dh, dc))
         if self.return_sequences:
             if self.time_major:
                 dy = backend.swap_batch_time(dy)
@@ -269,15 +284,17 @@ class LSTM(LSTMWeights):
                 dy = backend.flip_time(dy)
 
         if tape.workspace is None:  # empty batch or zero steps: outputs were constants
+            zero = self._zero_weight_grads(backend)
             grads = SequenceGrads(
                 dx=backend.zeros((tape.batch, tape.steps, self.input_size), self.dtype), dh0=dh, dc0=dc,
-                dkernel=np.zeros(self.weight_shapes(self.input_size)["kernel"], self.dtype),
-                drecurrent_kernel=np.zeros((self.units, 4 * self.units), self.dtype),
-                dbias=np.zeros(4 * self.units, self.dtype))
+                dkernel=zero["kernel"], drecurrent_kernel=zero["recurrent_kernel"],
+                dbias=zero.get("bias", np.zeros(4 * self.units, self.dtype)))
         else:
             grads = backend.sequence_backward(dy, dh, dc, tape.workspace)
         self._tape = None
         self._store_grads(backend, grads)
+        if tape.host_io:  # host dy in, host dx and state gradients out; weight gradients stay on the device
+            grads.dx, grads.dh0, grads.dc0 = (backend.to_numpy(array) for array in (grads.dx, grads.dh0, grads.dc0))
         self.initial_state_grads = [grads.dh0, grads.dc0] if tape.got_initial_state else None
         return backend, grads
 

@@ -6,8 +6,16 @@ config is JSON, so a hostile file can fail to load but cannot run code.
 File layout::
 
     __lstmeng__   the JSON document {"format": "lstmeng", "version": 1,
-                  "class_name": ..., "config": ..., "input_size": ..., "weights": N}
-    weight_0 .. weight_{N-1}   the arrays of get_weights(), in order
+                  "class_name": ..., "config": ..., "input_size": ..., "weights": N,
+                  "optimizer": {"config": ..., "state_keys": [k_0, ...]}  (only when saved with one)}
+    weight_0 .. weight_{N-1}   the arrays of get_weights(), in order (host copies,
+                  from either device)
+    optimizer_state_0 ..       the arrays of the optimizer's ``state_dict()["state"]``,
+                  in the order of state_keys
+
+An optimizer (``lstmeng.optim``) is saved through its ``state_dict()``:
+``{"config": <JSON-able dict>, "state": {str: host ndarray}}``, and restored
+with ``load_state_dict`` of the same dict.
 """
 
 from __future__ import annotations
@@ -37,8 +45,12 @@ def _input_size(obj):
     return getattr(obj, "input_size", None)
 
 
-def save(obj, path) -> None:
+def save(obj, path, optimizer=None) -> None:
     """Write ``obj`` (LSTM, LSTMCell, Bidirectional, Sequential) to ``path`` (.npz).
+
+    The weights are saved as host copies wherever ``obj`` lives. With
+    ``optimizer`` (anything with ``state_dict()``, e.g. ``le.optim.Adam``)
+    its configuration and state go into the same file.
 
     Example:
         >>> import os, tempfile, numpy as np, lstmeng as le
@@ -56,8 +68,34 @@ def save(obj, path) -> None:
     document = {"format": FORMAT, "version": VERSION, "class_name": name, "config": config,
                 "input_size": _input_size(obj), "weights": len(weights)}
     arrays = {f"weight_{i}": np.asarray(w) for i, w in enumerate(weights)}
+    if optimizer is not None:
+        optimizer_document, optimizer_arrays = _optimizer_entries(optimizer)
+        document["optimizer"] = optimizer_document
+        arrays.update(optimizer_arrays)
     with open(os.fspath(path), "wb") as handle:
         np.savez(handle, __lstmeng__=np.array(json.dumps(document)), **arrays)
+
+
+def _optimizer_entries(optimizer):
+    """The JSON entry and the arrays of ``optimizer.state_dict()``; errors before anything is written."""
+    if not hasattr(optimizer, "state_dict"):
+        raise TypeError(f"optimizer must have a state_dict() method (an lstmeng.optim optimizer), "
+                        f"got {type(optimizer).__name__}")
+    state_dict = optimizer.state_dict()
+    if not isinstance(state_dict, dict) or set(state_dict) != {"config", "state"}:
+        raise ValueError("optimizer.state_dict() must return {'config': dict, 'state': {str: array}}, got "
+                         + (f"keys {sorted(state_dict)}" if isinstance(state_dict, dict)
+                            else type(state_dict).__name__))
+    try:
+        json.dumps(state_dict["config"])
+    except TypeError as error:
+        raise ValueError(f"optimizer.state_dict()['config'] must be JSON-serialisable: {error}") from None
+    keys = list(state_dict["state"])
+    if not all(isinstance(key, str) for key in keys):
+        raise ValueError("optimizer.state_dict()['state'] must have string keys")
+    from lstmeng._weights import host_copy  # device state (optimizer on the GPU) comes to the host here
+    arrays = {f"optimizer_state_{i}": host_copy(state_dict["state"][key]) for i, key in enumerate(keys)}
+    return {"config": state_dict["config"], "state_keys": keys}, arrays
 
 
 def _without_custom_initializers(config, built: bool):
@@ -85,9 +123,30 @@ _DEFAULT_INITIALIZERS = {"kernel_initializer": "glorot_uniform", "recurrent_init
                          "bias_initializer": "zeros"}
 
 
-def load(path):
-    """Read a file written by ``save`` and return the layer or model it holds."""
+def load(path, device=None, optimizer=None):
+    """Read a file written by ``save`` and return the layer or model it holds.
+
+    Args:
+        path: the .npz file.
+        device: None (where the saved config puts it: the GPU for
+            backend="numba_cuda", else the CPU), "cpu", "cuda" or "cuda:N".
+        optimizer: an optimizer whose ``load_state_dict`` receives the state
+            saved with the model (ValueError if the file holds none). Build it
+            over the loaded model first when resuming training, e.g.
+            ``model = le.load(p, device="cuda"); opt = le.optim.Adam(model);
+            le.serialization.load_optimizer_state(p, opt)``.
+
+    Example:
+        >>> import os, tempfile, lstmeng as le
+        >>> path = os.path.join(tempfile.mkdtemp(), "lstm.npz")
+        >>> le.save(le.LSTM(3, seed=0).build(2), path)
+        >>> le.load(path, device="cpu").device
+        'cpu'
+    """
     path = os.fspath(path)
+    if device is not None:
+        from lstmeng._weights import parse_device
+        parse_device(device)   # a bad or unavailable device is named before the file is read
     if not os.path.exists(path):
         raise FileNotFoundError(f"no lstmeng file at {path!r}")
     try:
@@ -115,6 +174,7 @@ def load(path):
             if not isinstance(count, int) or count < 0:
                 raise ValueError(f"bad weight count {count!r}")
             weights = [archive[f"weight_{i}"] for i in range(count)]
+            optimizer_state = _read_optimizer_state(archive, document) if optimizer is not None else None
         except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError, json.JSONDecodeError) as error:
             raise ValueError(f"{path!r} is not a valid lstmeng file: {error}") from None
     try:
@@ -122,6 +182,8 @@ def load(path):
         if not isinstance(config, dict):
             raise TypeError(f"config must be a JSON object, got {type(config).__name__}")
         obj = CLASSES[class_name].from_config(config)
+        if device is not None:
+            obj.to(device)   # before the weights go in: they are copied once, straight to the device
         if weights:
             obj.set_weights(weights)
     except KeyError as error:
@@ -130,4 +192,30 @@ def load(path):
     except (TypeError, ValueError, AttributeError) as error:
         raise ValueError(f"{path!r} is an lstmeng file whose {class_name} config or weights are invalid: "
                          f"{error}") from None
+    if optimizer is not None:
+        optimizer.load_state_dict(optimizer_state)
     return obj
+
+
+def load_optimizer_state(path, optimizer) -> None:
+    """Load the optimizer state saved by ``save(..., optimizer=...)`` into ``optimizer``."""
+    path = os.fspath(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            document = json.loads(str(archive["__lstmeng__"]))
+            state = _read_optimizer_state(archive, document)
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path!r} holds no valid lstmeng optimizer state: {error}") from None
+    optimizer.load_state_dict(state)
+
+
+def _read_optimizer_state(archive, document) -> dict:
+    """``{"config": ..., "state": {key: host array}}`` as ``state_dict()`` returned it when saved."""
+    entry = document.get("optimizer")
+    if entry is None:
+        raise ValueError("it was saved without an optimizer (save(obj, path, optimizer=...))")
+    keys = entry.get("state_keys") if isinstance(entry, dict) else None
+    if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
+        raise ValueError("its optimizer entry has no list of state keys")
+    return {"config": entry.get("config"),
+            "state": {key: archive[f"optimizer_state_{i}"] for i, key in enumerate(keys)}}

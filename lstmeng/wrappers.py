@@ -2,8 +2,8 @@
 
 Each has the same verbs as LSTM: ``__call__``, ``backward``, ``params`` /
 ``grads``, ``build``, ``get_weights`` / ``set_weights`` (in Keras's order, so a
-Keras model's weights load into the equivalent lstmeng model) and
-``get_config`` / ``from_config``.
+Keras model's weights load into the equivalent lstmeng model),
+``get_config`` / ``from_config``, and ``to(device)`` / ``device``.
 """
 
 from __future__ import annotations
@@ -78,6 +78,17 @@ class Bidirectional:
     @property
     def input_size(self):
         return self.forward_layer.input_size
+
+    # -- device -------------------------------------------------------------------
+    @property
+    def device(self) -> str:
+        """Where both directions' params, grads and states live: "cpu" or "cuda:N"."""
+        return self.forward_layer.device
+
+    def to(self, device):
+        """Move both directions to ``device`` ("cpu", "cuda", "cuda:N"); returns self."""
+        _move_all([self.forward_layer, self.backward_layer], device)
+        return self
 
     # -- weights and config -------------------------------------------------------
     def build(self, input_size):
@@ -352,9 +363,27 @@ class Sequential:
                                  "use a merging mode inside Sequential")
         self.layers = layers
         self.states = None
+        self._host_io = False   # the last training call took a host x on the GPU: copy dy in, dx out
 
     def _recurrent(self):
         return [layer for layer in self.layers if not isinstance(layer, Dropout)]
+
+    @property
+    def device(self) -> str:
+        """Where the recurrent layers' params, grads and states live ("cpu" without any)."""
+        recurrent = self._recurrent()
+        return recurrent[0].device if recurrent else "cpu"
+
+    def to(self, device):
+        """Move every layer to ``device`` ("cpu", "cuda", "cuda:N"); returns self."""
+        _move_all(self._recurrent(), device)
+        return self
+
+    def _device_backend(self, x):
+        """numba_cuda when the model lives on the GPU and ``x`` is a host array (copied in once), else None."""
+        if self.device == "cpu" or registry.array_kind(x) != "host":
+            return None
+        return registry.get_backend_object("numba_cuda")
 
     def build(self, input_size):
         size = input_size
@@ -427,6 +456,12 @@ class Sequential:
             # The first recurrent layer (not layers[0], which may be a Dropout) says how x is laid out.
             time_major = bool(recurrent) and recurrent[0].time_major
             mask = lengths_to_mask(np.asarray(lengths), maxlen=shape[0] if time_major else shape[1])
+        # A model on the GPU called with a host x: one copy in, one copy out, instead of
+        # a round trip through the host between layers.
+        copy_backend = self._device_backend(x)
+        if copy_backend is not None:
+            x = copy_backend.asarray(_validation.check_numeric_array(x, "x", recurrent[0].dtype),
+                                     recurrent[0].dtype)
         states = []
         for index, layer in enumerate(self.layers):
             if isinstance(layer, Dropout):
@@ -438,17 +473,40 @@ class Sequential:
             states.append(_final_states(layer))
             if not layer.return_sequences:
                 mask = None
+        if copy_backend is not None:  # NumPy in, NumPy out: the reported states too
+            states = [None if group is None else [copy_backend.to_numpy(state) for state in group]
+                      for group in states]
         self.states = states
-        return x
+        self._host_io = copy_backend is not None and training
+        return x if copy_backend is None else copy_backend.to_numpy(x)
 
     def backward(self, dy):
         """Backpropagate ``dy`` (shape of the last output) through every layer; returns dx."""
+        copy_backend = self._device_backend(dy) if self._host_io else None
+        if copy_backend is not None:
+            recurrent = self._recurrent()
+            dy = copy_backend.asarray(_validation.check_numeric_array(dy, "dy", recurrent[-1].dtype),
+                                      recurrent[-1].dtype)
         for layer in reversed(self.layers):
             dy = layer.backward(dy)
-        return dy
+        return dy if copy_backend is None else copy_backend.to_numpy(dy)
 
     def __repr__(self):
         return "Sequential([" + ", ".join(repr(layer) for layer in self.layers) + "])"
+
+
+def _move_all(layers, device) -> None:
+    """``layer.to(device)`` for each layer; on an error the layers already moved go back."""
+    moved = []
+    try:
+        for layer in layers:
+            previous = layer.device
+            layer.to(device)
+            moved.append((layer, previous))
+    except Exception:
+        for layer, previous in reversed(moved):
+            layer.to(previous)
+        raise
 
 
 def _final_states(layer):

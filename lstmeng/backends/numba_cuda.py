@@ -132,6 +132,7 @@ class NumbaCudaBackend(Backend):
                 f"numba-cuda is not installed or failed to import ({type(_IMPORT_ERROR).__name__}: "
                 f"{_IMPORT_ERROR}); install it with pip install 'lstmeng[cuda]'")
         if simulator_enabled():
+            _check_compile_and_launch()
             return f"CUDA simulator (NUMBA_ENABLE_CUDASIM=1, numba-cuda {_numba_cuda_version()}): for tests, not speed"
         try:
             available = cuda.is_available()
@@ -141,17 +142,26 @@ class NumbaCudaBackend(Backend):
         if device is None:
             raise NotImplementedError("no CUDA GPU found (numba.cuda.is_available() is False: "
                                       "no NVIDIA driver, or no GPU visible to this process)")
+        _check_compile_and_launch()
         name = device.name.decode() if isinstance(device.name, bytes) else str(device.name)
         major, minor = device.compute_capability
         return (f"GPU: {name} (compute capability {major}.{minor}, {device.MULTIPROCESSOR_COUNT} SMs), "
                 f"numba-cuda {_numba_cuda_version()}")
 
     # -- device arrays -------------------------------------------------------------
+    def device_index(self) -> int:
+        """Numba's current CUDA device (the one every launch goes to); 0 under the simulator."""
+        if simulator_enabled():
+            return 0
+        return int(cuda.get_current_device().id)
+
     def owns(self, array) -> bool:
         if cuda is None:
             return False
         if simulator_enabled():
-            return isinstance(array, _fake_array_class())
+            # Simulator arrays, and stand-ins for CuPy/torch arrays in tests: any object
+            # with a CUDA array interface (its "device" memory is host memory there).
+            return isinstance(array, _fake_array_class()) or hasattr(array, "__cuda_array_interface__")
         return cuda.is_cuda_array(array)
 
     def _view(self, array):
@@ -160,8 +170,8 @@ class NumbaCudaBackend(Backend):
             return _simulated(array)
         from numba.cuda.cudadrv.devicearray import DeviceNDArray
         if isinstance(array, DeviceNDArray):
-            return array
-        return cuda.as_cuda_array(array)
+            return _canonical_view(array)
+        return _canonical_view(cuda.as_cuda_array(array))
 
     def _empty(self, shape, dtype):
         return _simulated(cuda.device_array(tuple(shape), dtype=np.dtype(dtype))) if simulator_enabled() \
@@ -174,7 +184,7 @@ class NumbaCudaBackend(Backend):
             if device.dtype == dtype:
                 return device
             return self._copy(device, dtype)
-        host = np.ascontiguousarray(np.asarray(array, dtype=dtype))
+        host = _canonical_host(np.asarray(array, dtype=dtype))
         device = cuda.to_device(host)
         return _simulated(device) if simulator_enabled() else device
 
@@ -488,8 +498,25 @@ class NumbaCudaBackend(Backend):
 
         ``arrays`` and ``flags`` are the kernel's arguments before and after
         ``units_per_block``; ``weights_in_shared`` is appended here.
+
+        Two designs: batches of at most ``SMALL_BATCH_MAX_ROWS`` rows run the
+        small-batch kernels (``_cuda_recurrence_small``: a warp per unit, a
+        counter barrier) when they fit this GPU; larger batches, and whatever
+        the small design cannot hold, the general kernels. The attribute
+        ``recurrence_design`` (tests, benchmarks) forces one: "small" (an error
+        when it does not apply) or "general"; None chooses.
         """
         from lstmeng.backends import _cuda_recurrence as rec
+        from lstmeng.backends import _cuda_recurrence_small as small
+        design = getattr(self, "recurrence_design", None)
+        if design != "general" and (design == "small" or batch <= small.SMALL_BATCH_MAX_ROWS):
+            if small.launch(direction, dtype, units, batch, arrays, flags, weights_in_shared=self.weights_in_shared,
+                            allocate=self._empty, allow_dynamic_shared=_allow_dynamic_shared,
+                            launch_log=self.launch_log):
+                return
+            if design == "small":
+                raise RuntimeError(f"numba_cuda: the small-batch {direction} recurrence does not apply to "
+                                   f"B={batch}, H={units}, {dtype.name} on this device")
         shape = self._recurrence_shape(dtype, batch)
         make = rec.forward_kernel if direction == "forward" else rec.backward_kernel
         kernel = make(dtype, shape)
@@ -569,6 +596,76 @@ def _allow_dynamic_shared(overload, nbytes: int) -> bool:
         return False
 
 
+def _canonical_host(host: np.ndarray) -> np.ndarray:
+    """``host`` C-contiguous with the strides NumPy gives a fresh array.
+
+    NumPy calls ``x[:, ::-1]`` C-contiguous when the flipped axis has length 1,
+    but keeps its negative stride; Numba's device arrays take the strides as
+    they are, and slicing such an array gives a zero-length axis (the
+    ``incompatible shape: (2, 0, 1) vs. (2, 1, 1)`` a batch of one-step
+    sequences raised on the GPU). A copy with canonical strides avoids it.
+    """
+    host = np.ascontiguousarray(host)
+    if host.strides != _c_strides(host.shape, host.itemsize):
+        host = host.copy()
+    return host
+
+
+def _c_strides(shape, itemsize: int) -> tuple:
+    strides, step = [], itemsize
+    for extent in reversed(tuple(shape)):
+        strides.append(step)
+        step *= max(int(extent), 1)
+    return tuple(reversed(strides))
+
+
+def _canonical_view(device):
+    """A device array with canonical C strides when it is C-contiguous under other strides
+    (torch and CuPy may report any stride on an axis of length 1); no copy."""
+    if device.size == 0 or not device.is_c_contiguous():
+        return device
+    canonical = _c_strides(device.shape, device.dtype.itemsize)
+    if tuple(device.strides) == canonical:
+        return device
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+    return DeviceNDArray(device.shape, canonical, device.dtype, gpu_data=device.gpu_data)
+
+
+_COMPILE_CHECK: list = []   # [None] once a kernel compiled and ran, [message] when it failed
+
+
+def _check_compile_and_launch() -> None:
+    """Compile and launch one tiny kernel once per process; NotImplementedError with the fix if it fails.
+
+    Importing numba-cuda and finding a GPU does not prove that kernels compile:
+    numba-cuda 0.30.4 fails at the first compile under NumPy 2.5 (``module
+    'numpy' has no attribute 'row_stack'``), and a probe that skips this
+    reports the backend available while every call fails.
+    """
+    if not _COMPILE_CHECK:
+        try:
+            from lstmeng.backends import _cuda_elementwise as ew
+            probe = cuda.device_array(1, dtype=np.float32)
+            ew.fill_1d[1, 1](probe, 1.0)
+            if float(probe.copy_to_host()[0]) != 1.0:
+                raise RuntimeError("a one-element fill kernel wrote the wrong value")
+            _COMPILE_CHECK.append(None)
+        except Exception as error:
+            _COMPILE_CHECK.append(_compile_failure_message(error))
+    if _COMPILE_CHECK[0] is not None:
+        raise NotImplementedError(_COMPILE_CHECK[0])
+
+
+def _compile_failure_message(error) -> str:
+    """What went wrong at the first kernel compile, with the fix when it is a known incompatibility."""
+    text = f"{type(error).__name__}: {str(error).strip()}"
+    message = f"numba-cuda {_numba_cuda_version()} cannot compile and launch a kernel here ({text})"
+    if "row_stack" in text or ("numpy" in text and "has no attribute" in text):
+        message += (f"; numba-cuda {_numba_cuda_version()} needs numpy<2.5 (this is NumPy {np.__version__}): "
+                    "pip install 'numpy<2.5'")
+    return message
+
+
 def _last_axis_slice(array, start, stop):
     """``array[..., start:stop]`` as a device view (numba device arrays take no Ellipsis)."""
     if len(array.shape) == 1:
@@ -622,7 +719,22 @@ def _simulated(array):
         return _SIMULATED_CLASS(array._ary, stream=array.stream)
     if isinstance(array, np.ndarray):
         raise TypeError("numba_cuda (simulator): expected a device array, got a host ndarray")
+    interface = getattr(array, "__cuda_array_interface__", None)
+    if interface is not None:
+        # A foreign CUDA array (a test's stand-in for CuPy or torch): the simulator's
+        # "device" memory is host memory, so its pointer is read in place, as on a GPU.
+        return _SIMULATED_CLASS(np.asarray(_HostView(interface, array)))
     raise TypeError(f"numba_cuda: {type(array).__name__} is not a CUDA array the simulator can use")
+
+
+class _HostView:
+    """Presents a CUDA array interface as NumPy's array interface (simulator only); keeps its owner alive."""
+
+    def __init__(self, interface, owner):
+        self._owner = owner
+        self.__array_interface__ = {"shape": tuple(interface["shape"]), "typestr": interface["typestr"],
+                                    "data": tuple(interface["data"]), "strides": interface.get("strides"),
+                                    "version": 3}
 
 
 backend = NumbaCudaBackend()
