@@ -64,7 +64,9 @@ class LSTMCell(LSTMWeights):
         self._ensure_built(features, "x_t")
         shape = (batch, self.units)
         if states is None:
-            h, c = backend.zeros(shape, self.dtype), backend.zeros(shape, self.dtype)
+            # Read only when there are rows (the step returns new states): shared zeros.
+            zeros = backend.zeros_constant if batch else backend.zeros
+            h, c = zeros(shape, self.dtype), zeros(shape, self.dtype)
         else:
             if not isinstance(states, (list, tuple)) or len(states) != 2:
                 raise ValueError(f"states must be a list [h, c] of arrays of shape {shape}")
@@ -115,7 +117,7 @@ class LSTMCell(LSTMWeights):
         dh = prepare_input(backend, dh, self.dtype, "dh")
         _validation.check_shape(dh, "dh", shape)
         if dc is None:
-            dc = backend.zeros(shape, self.dtype)
+            dc = (backend.zeros_constant if workspace is not None else backend.zeros)(shape, self.dtype)
         else:
             dc = prepare_input(backend, dc, self.dtype, "dc")
             _validation.check_shape(dc, "dc", shape)

@@ -182,7 +182,7 @@ class LSTM(LSTMWeights):
         self._check_input_size(features)
         mask = masking.resolve_mask(mask, lengths, batch, steps)
         h0, c0, got_initial_state = self._initial_states(backend, initial_state, batch, state_argument,
-                                                         state_offset)
+                                                         state_offset, steps)
         if check_finite:
             _validation.check_finite(backend.to_numpy(x))
         if build:
@@ -229,7 +229,7 @@ class LSTM(LSTMWeights):
         self._last_states = [h, c]
         return outputs, h, c
 
-    def _initial_states(self, backend, initial_state, batch, argument="initial_state", offset=0):
+    def _initial_states(self, backend, initial_state, batch, argument="initial_state", offset=0, steps=1):
         shape = (batch, self.units)
         if initial_state is not None:
             if not isinstance(initial_state, (list, tuple)) or len(initial_state) != 2:
@@ -244,8 +244,11 @@ class LSTM(LSTMWeights):
                 raise ValueError(f"stateful layer carries states of shape {_validation.shape_of(self.states[0])} "
                                  f"but x has batch {batch}; call reset_state() first")
             return backend.asarray(self.states[0], self.dtype), backend.asarray(self.states[1], self.dtype), False
-        zeros = backend.zeros(shape, self.dtype)
-        return zeros, backend.zeros(shape, self.dtype), False
+        if batch and steps:
+            # Read only (a call with steps returns new states): shared zeros, no fill per call.
+            zeros = backend.zeros_constant(shape, self.dtype)
+            return zeros, zeros, False
+        return backend.zeros(shape, self.dtype), backend.zeros(shape, self.dtype), False
 
     # -- backward ----------------------------------------------------------------
     def backward(self, dy, dh=None, dc=None):
@@ -274,8 +277,11 @@ class LSTM(LSTMWeights):
         else:
             expected = state_shape
         dy = self._prepare_grad(backend, dy, "dy", expected)
-        dh = backend.zeros(state_shape, self.dtype) if dh is None else self._prepare_grad(backend, dh, "dh", state_shape)
-        dc = backend.zeros(state_shape, self.dtype) if dc is None else self._prepare_grad(backend, dc, "dc", state_shape)
+        # Default state gradients are read only when there is a workspace (the backward copies
+        # them); without one they are returned as the initial states' gradients: fresh zeros.
+        zeros = backend.zeros_constant if tape.workspace is not None else backend.zeros
+        dh = zeros(state_shape, self.dtype) if dh is None else self._prepare_grad(backend, dh, "dh", state_shape)
+        dc = zeros(state_shape, self.dtype) if dc is None else self._prepare_grad(backend, dc, "dc", state_shape)
         dy, dh, dc = (self._to_call_device(backend, array) for array in (dy, dh, dc))
         if self.return_sequences:
             if self.time_major:
@@ -289,6 +295,10 @@ class LSTM(LSTMWeights):
                 dx=backend.zeros((tape.batch, tape.steps, self.input_size), self.dtype), dh0=dh, dc0=dc,
                 dkernel=zero["kernel"], drecurrent_kernel=zero["recurrent_kernel"],
                 dbias=zero.get("bias", np.zeros(4 * self.units, self.dtype)))
+        elif self._device != "cpu" and backend.accepts_grads_out:
+            # On the GPU the gradients are written into the arrays of the last backward (as
+            # PyTorch's .grad): a training loop allocates none. Copy them to keep them.
+            grads = backend.sequence_backward(dy, dh, dc, tape.workspace, grads_out=self.grads)
         else:
             grads = backend.sequence_backward(dy, dh, dc, tape.workspace)
         self._tape = None

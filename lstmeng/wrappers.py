@@ -79,6 +79,10 @@ class Bidirectional:
     def input_size(self):
         return self.forward_layer.input_size
 
+    @property
+    def dtype(self):
+        return self.forward_layer.dtype
+
     # -- device -------------------------------------------------------------------
     @property
     def device(self) -> str:

@@ -166,6 +166,34 @@ def add_selected_rows(base, extra, rows, has_rows, out):
         out[b, u] = value
 
 
+@cuda.jit
+def backward_prologue(dh, dc, last_doutputs, rows, add_last_output, has_rows, dh_state, dc_state, dbias):
+    """The backward's three set-ups in one launch (each used to be its own):
+
+    dh_state[b, u] = dh[b, u] + (last_doutputs[b, u] if add_last_output and (rows[b] or not has_rows));
+    dc_state[b, u] = dc[b, u]; dbias[n] = 0 (``column_sums`` adds into it next).
+
+    Args:
+        dh, dc, dh_state, dc_state: [B, H]; last_doutputs: [B, H] gradient of the
+            last output (return_sequences=False; then it is the final h on the
+            rows where ``rows`` is True) or a [1, 1] placeholder; rows: [B] bool or
+            a [1] placeholder; dbias: [4H].
+    """
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    units = dh_state.shape[1]
+    state_count = dh_state.shape[0] * units
+    for flat in range(start, max(state_count, dbias.shape[0]), stride):
+        if flat < state_count:
+            b, u = flat // units, flat % units
+            value = dh[b, u]
+            if add_last_output and (not has_rows or rows[b]):
+                value += last_doutputs[b, u]
+            dh_state[b, u] = value
+            dc_state[b, u] = dc[b, u]
+        if flat < dbias.shape[0]:
+            dbias[flat] = 0
+
+
 #: Rows summed by one thread of ``column_sums`` before its atomic add.
 COLUMN_SUM_ROWS = 256
 

@@ -108,6 +108,9 @@ class Backend(abc.ABC):
     name: str = "?"
     #: Float dtypes the backend computes in.
     dtypes: tuple[str, ...] = ("float32", "float64")
+    #: True when ``sequence_backward`` takes ``grads_out=`` (a dict of the
+    #: caller's weight-gradient arrays to overwrite in place; numba_cuda).
+    accepts_grads_out: bool = False
 
     # -- what the backend can do -------------------------------------------
     @abc.abstractmethod
@@ -248,6 +251,11 @@ class Backend(abc.ABC):
 
     def zeros_like(self, array):
         return self.zeros(tuple(array.shape), array.dtype)
+
+    def zeros_constant(self, shape, dtype):
+        """A zero array that the caller promises never to write (default initial states and
+        state gradients); a backend may hand the same array to every call."""
+        return self.zeros(shape, dtype)
 
     def expand_time(self, x):
         """``[B, I]`` -> ``[B, 1, I]``."""

@@ -90,8 +90,8 @@ class _Workspace:
     """
 
     x: object
-    h_in: object
-    c_prev: object
+    h_in: object          # h_in, c_prev, gates, seen_before, last_output_rows come from the
+    c_prev: object        # backend's device pool and go back to it when the backward has run
     gates: object
     mask: object
     seen_before: object
@@ -105,6 +105,13 @@ class _Workspace:
     return_sequences: bool
     input_dropout_mask: object
     recurrent_dropout_mask: object
+    consumed: bool = False   # set by the backward, which hands the pooled arrays back
+
+
+#: Most bytes of idle scratch the device pool keeps between calls (see ``_device_pool``).
+DEVICE_POOL_MAX_BYTES = 1 << 30
+#: Most shapes of shared read-only zero arrays kept (``zeros_constant``).
+CONSTANT_ZEROS_KEPT = 16
 
 
 class NumbaCudaBackend(Backend):
@@ -112,10 +119,14 @@ class NumbaCudaBackend(Backend):
 
     name = "numba_cuda"
     dtypes = ("float32", "float64")
+    #: ``sequence_backward`` may write the weight gradients into arrays the caller passes.
+    accepts_grads_out = True
 
     def __init__(self):
         self._partitions: dict = {}
         self._dummies: dict = {}
+        self._constant_zeros: dict = {}
+        self._pool = None   # created at the first scratch request (needs a device)
         #: Where the recurrence keeps each block's slice of the recurrent
         #: weights: None = shared memory when it fits (the fast path), False =
         #: always global memory / L2 (the fallback for sizes that do not fit;
@@ -203,6 +214,43 @@ class NumbaCudaBackend(Backend):
             ew.fill_1d[ew.blocks_for(out.size), ew.ELEMENTWISE_THREADS](out.reshape(out.size), 0)
         return out
 
+    def zeros_constant(self, shape, dtype):
+        """A shared zero array that no caller writes: default initial states and state
+        gradients, without a fill launch and an allocation per call."""
+        key = (tuple(int(n) for n in shape), np.dtype(dtype).name)
+        zeros = self._constant_zeros.get(key)
+        if zeros is None:
+            if len(self._constant_zeros) >= CONSTANT_ZEROS_KEPT:
+                self._constant_zeros.pop(next(iter(self._constant_zeros)))   # the oldest shape
+            zeros = self._constant_zeros[key] = self.zeros(key[0], dtype)
+        return zeros
+
+    # -- scratch memory ------------------------------------------------------------
+    def _scratch(self, shape, dtype):
+        """An uninitialised device array from the pool, for arrays that never reach the caller;
+        hand it back with ``_release`` once the launches that use it are queued."""
+        if not int(np.prod(shape)):
+            return self._empty(shape, dtype)
+        if self._pool is None:
+            from lstmeng.backends._device_pool import DevicePool
+            self._pool = DevicePool(lambda nbytes: cuda.device_array(nbytes, dtype=np.uint8),
+                                    DEVICE_POOL_MAX_BYTES, wrap=self._wrap)
+        return self._pool.take(shape, dtype)
+
+    def _release(self, *arrays) -> None:
+        if self._pool is not None:
+            self._pool.give(*arrays)
+
+    def release_buffers(self) -> None:
+        """Free the device pool's idle scratch and the shared zero arrays."""
+        if self._pool is not None:
+            self._pool.clear()
+        self._constant_zeros.clear()
+
+    def pool_allocations(self) -> int:
+        """Device blocks the scratch pool has allocated so far (flat in a steady training loop)."""
+        return 0 if self._pool is None else self._pool.allocations
+
     # The helpers below keep host arrays on the host (the NumPy defaults) and
     # device arrays on the device, so NumPy in gives NumPy out and device
     # arrays never round-trip through the host.
@@ -286,7 +334,7 @@ class NumbaCudaBackend(Backend):
         from lstmeng.backends import _cuda_elementwise as ew
         if input_dropout_mask is None:
             return self._contiguous(x)
-        out = self._empty(tuple(x.shape), x.dtype)
+        out = self._scratch(tuple(x.shape), x.dtype)
         ew.scale_rows_3d[ew.blocks_for(out.size), ew.ELEMENTWISE_THREADS](x, input_dropout_mask, out)
         return out
 
@@ -344,16 +392,17 @@ class NumbaCudaBackend(Backend):
         if input_dropout_mask is not None:
             input_dropout_mask = self.asarray(input_dropout_mask, dtype)
         x_in = self._gemm_input(x, input_dropout_mask)   # a temporary unless it is x itself
-        projection = self._empty((batch, steps, 4 * units), dtype)
+        projection = self._scratch((batch, steps, 4 * units), dtype)
         gemm.launch_gemm(x_in.reshape(batch * steps, features), kernel,
                          projection.reshape(batch * steps, 4 * units), bias,
                          tiles=self._gemm_tiles(), dummy_bias=self._dummy(1, dtype))
+        self._release(x_in)   # a no-op unless it came from the pool
 
         has_mask = mask is not None
         if has_mask:
             mask = self.asarray(mask, np.bool_)
-            seen_before = self._empty((batch, steps), np.bool_)
-            last_output_rows = self._empty((batch,), np.bool_)
+            seen_before = self._scratch((batch, steps), np.bool_)
+            last_output_rows = self._scratch((batch,), np.bool_)
             ew.mask_summary[ew.blocks_for(batch), ew.ELEMENTWISE_THREADS](
                 mask, bool(reverse), bool(zero_output_for_mask), seen_before, last_output_rows)
         else:
@@ -367,8 +416,8 @@ class NumbaCudaBackend(Backend):
         c_state = self._empty((batch, units), dtype)
         outputs = self._empty((batch, steps, units), dtype) if return_sequences else self._dummy(3, dtype)
         if training:
-            h_in, c_prev = (self._empty((batch, steps, units), dtype) for _ in range(2))
-            gates = self._empty((batch, steps, 4 * units), dtype)
+            h_in, c_prev = (self._scratch((batch, steps, units), dtype) for _ in range(2))
+            gates = self._scratch((batch, steps, 4 * units), dtype)
         else:
             h_in = c_prev = gates = self._dummy(3, dtype)
 
@@ -380,11 +429,14 @@ class NumbaCudaBackend(Backend):
             (codes[activation], codes[recurrent_activation], bool(reverse), bool(zero_output_for_mask),
              bool(return_sequences), bool(training), has_mask, has_recurrent_dropout))
 
+        self._release(projection)
         h = self._wrap(h_buffers[steps % 2])   # a view: no extra launch
         if not return_sequences:
             outputs = self._empty((batch, units), dtype)
             ew.select_rows[ew.blocks_for(outputs.size), ew.ELEMENTWISE_THREADS](
                 h, last_output_rows, has_mask, outputs)
+        if has_mask and not training:
+            self._release(seen_before, last_output_rows)
         workspace = None
         if training:
             workspace = _Workspace(
@@ -400,12 +452,19 @@ class NumbaCudaBackend(Backend):
             outputs, h, c_state = self.to_numpy(outputs), self.to_numpy(h), self.to_numpy(c_state)
         return SequenceForward(outputs=outputs, h=h, c=c_state, workspace=workspace)
 
-    def sequence_backward(self, doutputs, dh, dc, workspace):
+    def sequence_backward(self, doutputs, dh, dc, workspace, grads_out=None):
+        """The contract's backward; ``grads_out`` (numba_cuda only): None, or a dict with device
+        arrays "kernel" [I, 4H], "recurrent_kernel" [H, 4H] and optionally "bias" [4H] that
+        receive the weight gradients in place (a GPU layer's ``grads``: no allocation per step).
+        The workspace's pooled arrays go back to the pool: each workspace is consumed once."""
         from lstmeng.backends import _cuda_elementwise as ew
         from lstmeng.backends import _cuda_gemm as gemm
         from lstmeng.backends import _cuda_recurrence as rec
 
         ws = workspace
+        if ws.consumed:
+            raise RuntimeError("numba_cuda: this workspace was consumed by an earlier sequence_backward "
+                               "(its device memory has been reused); run the forward again")
         dtype = np.dtype(ws.gates.dtype)
         batch, steps, gate_columns = (int(n) for n in ws.gates.shape)
         units = gate_columns // 4
@@ -415,16 +474,17 @@ class NumbaCudaBackend(Backend):
         dh, dc = self.asarray(dh, dtype), self.asarray(dc, dtype)
         has_mask = ws.mask is not None
 
+        dkernel, drecurrent_kernel, dbias = self._weight_grad_arrays(grads_out, features, gate_columns, dtype)
         dh_state = self._empty((batch, units), dtype)
-        if ws.return_sequences:
-            self._copy_into(dh, dh_state)
-        else:
-            # The last output is the final h on the rows where it is not zero.
-            ew.add_selected_rows[ew.blocks_for(batch * units), ew.ELEMENTWISE_THREADS](
-                dh, doutputs, ws.last_output_rows if has_mask else self._dummy(1, np.bool_), has_mask, dh_state)
-        dc_state = self._copy(dc, dtype)
-        scratch = self._empty((batch, units), dtype)
-        gate_grads = self._empty((batch, steps, gate_columns), dtype)
+        dc_state = self._empty((batch, units), dtype)
+        # One launch sets dh_state (plus the last output's gradient on the rows where the
+        # last output is the final h), dc_state and zeroes dbias for column_sums.
+        ew.backward_prologue[ew.blocks_for(max(batch * units, gate_columns)), ew.ELEMENTWISE_THREADS](
+            dh, dc, self._dummy(2, dtype) if ws.return_sequences else doutputs,
+            ws.last_output_rows if has_mask else self._dummy(1, np.bool_), not ws.return_sequences, has_mask,
+            dh_state, dc_state, dbias)
+        scratch = self._scratch((batch, units), dtype)
+        gate_grads = self._scratch((batch, steps, gate_columns), dtype)
         mask = ws.mask if has_mask else self._dummy(2, np.bool_)
         seen_before = ws.seen_before if has_mask else self._dummy(2, np.bool_)
         has_recurrent_dropout = ws.recurrent_dropout_mask is not None
@@ -440,14 +500,12 @@ class NumbaCudaBackend(Backend):
         # Weight gradients: GEMMs over all B*T rows at once.
         tiles, no_bias = self._gemm_tiles(), self._dummy(1, dtype)
         flat_gate_grads = gate_grads.reshape(batch * steps, gate_columns)
-        dkernel = self._empty((features, gate_columns), dtype)
         x_in = self._gemm_input(ws.x, ws.input_dropout_mask)   # a temporary unless it is ws.x itself
         gemm.launch_gemm(x_in.reshape(batch * steps, features), flat_gate_grads, dkernel,
                          transpose_a=True, tiles=tiles, dummy_bias=no_bias)
-        drecurrent_kernel = self._empty((units, gate_columns), dtype)
+        self._release(x_in, scratch)
         gemm.launch_gemm(ws.h_in.reshape(batch * steps, units), flat_gate_grads, drecurrent_kernel,
                          transpose_a=True, tiles=tiles, dummy_bias=no_bias)
-        dbias = self.zeros((gate_columns,), dtype)
         threads = ew.ELEMENTWISE_THREADS
         ew.column_sums[(math.ceil(gate_columns / threads), math.ceil(batch * steps / ew.COLUMN_SUM_ROWS)),
                        threads](flat_gate_grads, dbias)
@@ -456,6 +514,9 @@ class NumbaCudaBackend(Backend):
                          transpose_b=True, tiles=tiles, dummy_bias=no_bias)
         if ws.input_dropout_mask is not None:
             ew.scale_rows_3d[ew.blocks_for(dx.size), threads](dx, ws.input_dropout_mask, dx)
+        # Every launch that reads them is queued (one stream): the memory can serve the next call.
+        self._release(gate_grads, ws.h_in, ws.c_prev, ws.gates, ws.seen_before, ws.last_output_rows)
+        ws.consumed = True
         grads = SequenceGrads(dx=dx, dh0=dh_state, dc0=dc_state, dkernel=dkernel,
                               drecurrent_kernel=drecurrent_kernel, dbias=dbias)
         if copy_out:
@@ -463,8 +524,21 @@ class NumbaCudaBackend(Backend):
                 setattr(grads, field.name, self.to_numpy(getattr(grads, field.name)))
         return grads
 
+    def _weight_grad_arrays(self, grads_out, features, gate_columns, dtype):
+        """(dkernel [I, 4H], drecurrent_kernel [H, 4H], dbias [4H]): the caller's arrays from
+        ``grads_out`` where they have the right shape and dtype, else fresh ones."""
+        shapes = {"kernel": (features, gate_columns), "recurrent_kernel": (gate_columns // 4, gate_columns),
+                  "bias": (gate_columns,)}
+        arrays = []
+        for name, shape in shapes.items():
+            given = None if grads_out is None else grads_out.get(name)
+            usable = (given is not None and self.owns(given) and tuple(given.shape) == shape
+                      and np.dtype(given.dtype) == dtype and self._view(given).is_c_contiguous())
+            arrays.append(self._view(given) if usable else self._empty(shape, dtype))
+        return tuple(arrays)
+
     def cell_backward(self, dh, dc, workspace) -> SequenceGrads:
-        doutputs = self.zeros(tuple(dh.shape), workspace.gates.dtype)
+        doutputs = self.zeros_constant(tuple(dh.shape), workspace.gates.dtype)   # read only
         if not self.owns(dh):
             doutputs = self.to_numpy(doutputs)
         grads = self.sequence_backward(doutputs, dh, dc, workspace)
