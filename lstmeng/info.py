@@ -196,6 +196,22 @@ def gpu_devices() -> tuple[list[dict], str]:
         return [], f"probe failed: {type(error).__name__}: {error}"
 
 
+def cuda_gemm_path(devices: list[dict]) -> str:
+    """Which GEMM the numba_cuda backend uses here (cuBLAS via CuPy or its Numba kernel), and why.
+
+    Asked only where numba_cuda could run (a device, or the simulator): probing
+    CuPy creates a cuBLAS handle.
+    """
+    simulator = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+    if importlib.util.find_spec("numba") is None or not (devices or simulator):
+        return "not probed: no CUDA device for numba_cuda"
+    try:
+        from lstmeng.backends import _cuda_gemm
+        return _cuda_gemm.gemm_path()
+    except Exception as error:
+        return f"probe failed: {type(error).__name__}: {error}"
+
+
 # -- everything -----------------------------------------------------------------------------------------------
 def library_versions() -> dict[str, str | None]:
     """Installed version of each optional library (None when absent), from package metadata."""
@@ -218,7 +234,7 @@ def gather() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": {"model": cpu_model(), "logical_cores": os.cpu_count(), "usable_cores": usable_cores()},
-        "gpu": {"devices": devices, "note": gpu_note},
+        "gpu": {"devices": devices, "note": gpu_note, "gemm": cuda_gemm_path(devices)},
         "backends": [{"name": row.name, "available": row.available, "reason": row.reason, "device": row.device}
                      for row in lstmeng.list_backends()],
         "default_backend": lstmeng.get_backend(),
@@ -244,6 +260,7 @@ def render(info: dict) -> str:
             lines.append(f"GPU {index}: {device['name']}, {device['memory_gib']} GiB")
     else:
         lines.append(f"GPU: {gpu['note']}")
+    lines.append(f"CUDA GEMM: {gpu['gemm']}")
     lines += ["", f"Backends (default: {info['default_backend']}):"]
     width = max(len(row["name"]) for row in info["backends"])
     for row in info["backends"]:
