@@ -178,9 +178,9 @@ def _activation_functions(name: str, scalar):
 
 
 # -- source generation ---------------------------------------------------------------------
-def _barrier(config: SmallRecurrenceConfig, indent: str) -> str:
+def _barrier(simulator: bool, indent: str) -> str:
     """The arrival-counter grid barrier; ``barrier_index`` counts this launch's barriers from 0."""
-    poll = ("barrier_counter[0]" if config.simulator      # the simulator has no ldcv; one block anyway
+    poll = ("barrier_counter[0]" if simulator      # the simulator has no ldcv; one block anyway
             else "cuda.ldcv(barrier_counter, 0)")         # ld.global.cv: never served from a stale L1 line
     lines = [
         "cuda.syncthreads()                  # every warp of the block has stored its part of the step",
@@ -221,9 +221,12 @@ def _load(config: SmallRecurrenceConfig, array: str, index: str) -> str:
 
 
 def _unroll(c: SmallRecurrenceConfig) -> int:
-    """k steps per pass of the FMA loop: the largest of 8, 4, 2, 1 that divides the trip count."""
+    """k steps per pass of the FMA loop: the largest of 8, 4, 2, 1 that divides the trip count.
+
+    The simulator unrolls at most 2, so that its tiny sizes still run the loop more than once.
+    """
     trips = c.reduction_length // WARP
-    return next(u for u in (8, 4, 2, 1) if trips % u == 0)
+    return next(u for u in ((2, 1) if c.simulator else (8, 4, 2, 1)) if trips % u == 0)
 
 
 def _forward_source(c: SmallRecurrenceConfig) -> str:
@@ -371,7 +374,7 @@ def forward_recurrence_small(projection, recurrent_kernel, recurrent_dropout, ma
         s.append('''            outputs[row, t, unit] = output''')
     s.append('''        if step + 1 < steps:
             barrier_index = step''')
-    s.append(_barrier(c, "            "))
+    s.append(_barrier(c.simulator, "            "))
     s.append('''    if owns_cell:
         c_state[row, unit] = c
 ''')
@@ -473,7 +476,7 @@ def backward_recurrence_small(doutputs, recurrent_kernel, recurrent_dropout, mas
             gate_grads[row, t, 2 * H + unit] = dz_g
             gate_grads[row, t, 3 * H + unit] = dz_o
         barrier_index = step''')
-    s.append(_barrier(c, "        "))
+    s.append(_barrier(c.simulator, "        "))
     s.append('''        # Phase B: dh(t-1)[:, unit] = dz(t) [B, 4H] @ recurrent_kernel[unit, :].
         for index in range(thread, ROWS * KP, THREADS):
             r = index // KP
@@ -539,6 +542,29 @@ def _build(config: SmallRecurrenceConfig):
     function = namespace[name]
     function.__source__ = source
     return cuda.jit(function)
+
+
+def barrier_loop_kernel(blocks: int):
+    """A kernel that runs ``count`` empty barriers of this module's kind (for the benchmark).
+
+    Launch as ``kernel[blocks, threads](count, barrier_counter)`` with a cooperative-size grid
+    and the same ``blocks`` it was built for; barrier_counter: [1] uint32.
+    """
+    simulator = bool(numba.config.ENABLE_CUDASIM)
+    key = ("barrier loop", blocks, simulator)
+    if key not in _kernels:
+        source = "\n".join([
+            "def barrier_loop(count, barrier_counter):",
+            "    thread = cuda.threadIdx.x",
+            "    if cuda.blockIdx.x == 0 and thread == 0:",
+            "        barrier_counter[0] = 0",
+            "    cuda.cg.this_grid().sync()",
+            "    for barrier_index in range(count):",
+            _barrier(simulator, "        ")])
+        namespace = {"cuda": cuda, "numba": numba, "BLOCKS": blocks, "ONE_ARRIVAL": np.uint32(1)}
+        exec(compile(source, "<lstmeng barrier loop>", "exec"), namespace)
+        _kernels[key] = cuda.jit(namespace["barrier_loop"])
+    return _kernels[key]
 
 
 # -- launch planning ---------------------------------------------------------------------------
@@ -613,7 +639,10 @@ def launch(direction, dtype, units, batch, arrays, flags, *, weights_in_shared, 
         if config is None:
             return False
         counter, scratch = scratch_arrays(config.blocks * config.weight_values(), dtype, allocate)
-        kernel_for(config)[1, config.threads, 0, config.shared_values() * dtype.itemsize](*arrays, counter, scratch)
+        shared_bytes = config.shared_values() * dtype.itemsize
+        kernel_for(config)[1, config.threads, 0, shared_bytes](*arrays, counter, scratch)
+        launch_log[(direction, dtype.name, units, batch, "small")] = (
+            1, config.threads, config.units_per_block, config.weights_in_shared, shared_bytes)
         return True
     key = (direction, dtype.name, units, batch, tuple(flags), weights_in_shared)
     if key not in _launch_plans:
