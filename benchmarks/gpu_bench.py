@@ -7,6 +7,10 @@ Usage (on a machine with an NVIDIA GPU, numba-cuda and PyTorch with CUDA)::
     python benchmarks/gpu_bench.py --output docs/benchmarks/numba_cuda_<gpu>.txt
     python benchmarks/gpu_bench.py --simulate      # one tiny shape under the CUDA simulator:
                                                    # exercises the script's logic, no timings
+    python benchmarks/gpu_bench.py --train-loop    # training loop with Adam, params on the device (< 60 s)
+    python benchmarks/gpu_bench.py --overhead      # per-call overhead at B=1, T=1 and device memory
+                                                   # over 1,000 training steps (< 60 s)
+    python benchmarks/gpu_bench.py --overhead --simulate   # (either mode) the logic under the simulator
 
 Method: both engines run in this one process on the same inputs and weights
 (torch's weight_ih / weight_hh are the transposes of lstmeng's kernel /
@@ -29,6 +33,18 @@ Modes: "inference" is a forward with training=False (torch: under no_grad);
 "train" is forward with training=True plus the backward of the output
 sequence (dx and the weight gradients; torch: x.requires_grad and
 y.backward(dy)).
+
+``--train-loop`` and ``--overhead`` time what a user's loop pays, through the
+public layer API rather than the backend: an ``le.LSTM`` moved to the GPU
+(params and grads on the device, inputs already there), its forward, backward
+and an ``le.optim.Adam`` step, beside ``torch.nn.LSTM`` + ``torch.optim.Adam``
+(cuDNN). Each sample is the wall time of one step followed by a device
+synchronise (``time.perf_counter``), so Python and launch overhead count; the
+median is reported. ``--overhead`` uses B=1, T=1, I=256, H=1024, where the
+fixed cost of a call is all there is (issue 14's targets: inference <= 150 us,
+training step <= 500 us), and reports the device memory in use before and
+after 1,000 training steps (``cuda.current_context().get_memory_info()``;
+flat means no growth per step).
 """
 
 from __future__ import annotations
@@ -66,8 +82,12 @@ def parse_arguments(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help="a few shapes and fewer repeats")
-    group.add_argument("--simulate", action="store_true",
-                       help="one tiny shape under the CUDA simulator (checks the logic; no timings)")
+    group.add_argument("--train-loop", action="store_true",
+                       help="forward + backward + Adam with params on the device, beside torch + cuDNN")
+    group.add_argument("--overhead", action="store_true",
+                       help="per-call wall time at B=1, T=1, I=256, H=1024, and device memory over 1,000 steps")
+    parser.add_argument("--simulate", action="store_true",
+                        help="tiny shapes under the CUDA simulator (checks the logic; no timings)")
     parser.add_argument("--repeats", type=int, default=30, help="most timed runs per shape and engine")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs first")
     parser.add_argument("--budget", type=float, default=2.0,
@@ -117,11 +137,17 @@ def main(argv=None) -> int:
         report(f"# torch {torch.__version__} on {device_name}, cuDNN {cudnn}, "
                f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
                f"matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}")
-    report(f"# python {sys.version.split()[0]}, numpy {np.__version__}; "
-           f"warm-up {args.warmup} runs, then the median of up to {args.repeats} runs "
-           f"(about {args.budget} s of runs per cell), CUDA events")
+    if not (args.train_loop or args.overhead):
+        report(f"# python {sys.version.split()[0]}, numpy {np.__version__}; "
+               f"warm-up {args.warmup} runs, then the median of up to {args.repeats} runs "
+               f"(about {args.budget} s of runs per cell), CUDA events")
     if simulated:
         report("# simulator: kernels run in Python; times below are not GPU timings and claim nothing")
+
+    if args.train_loop or args.overhead:
+        run_loop_modes(report, backend, torch, np, args, simulated)
+        _write_output(report, args)
+        return 0
 
     floor_us = measure_grid_sync(report, simulated)
     sweep = SIMULATE if args.simulate else QUICK if args.quick else FULL
@@ -135,12 +161,179 @@ def main(argv=None) -> int:
                         torch.cuda.empty_cache()   # hand cached blocks back for numba's next shape
     print_table(report, rows, floor_us, simulated)
     report_partitions(report, backend)
+    _write_output(report, args)
+    return 0
+
+
+def _write_output(report, args):
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as handle:
             handle.write("\n".join(report.lines) + "\n")
         print(f"report written to {args.output}")
-    return 0
+
+
+# -- --train-loop and --overhead: the public API, as a user's training loop runs it -------------------
+#: (B, T, I, H) of --train-loop: small to large; each row costs a few seconds on an H100.
+TRAIN_LOOP_SHAPES = ((1, 100, 256, 256), (64, 100, 256, 256), (1, 100, 256, 1024))
+OVERHEAD_SHAPE = (1, 1, 256, 1024)
+SIMULATED_SHAPE = (2, 3, 4, 4)
+#: Issue 14's per-call targets at OVERHEAD_SHAPE (microseconds of wall time).
+OVERHEAD_TARGETS_US = {"inference": 150.0, "train step (fwd+bwd+Adam)": 500.0}
+MEMORY_STEPS = 1000
+
+
+def run_loop_modes(report, backend, torch, np, args, simulated):
+    """--train-loop / --overhead: time le.LSTM on the device (+ le.optim.Adam) beside torch."""
+    import lstmeng as le
+
+    adam, why_not = _adam_factory(le)
+    if adam is None:
+        report(f"# {why_not}: the training rows time forward + backward only (no optimizer step)")
+    repeats = 3 if simulated else (200 if args.overhead else 30)
+    if args.overhead:
+        shapes, kinds = [SIMULATED_SHAPE if simulated else OVERHEAD_SHAPE], ("inference", "train")
+    else:
+        shapes, kinds = ([SIMULATED_SHAPE] if simulated else TRAIN_LOOP_SHAPES), ("train",)
+    report(f"# {'overhead' if args.overhead else 'train-loop'}: wall time of one call + device synchronise, "
+           f"median of {repeats} after {args.warmup} warm-up calls; float32; inputs on the device")
+    rows = []
+    for batch, steps, features, units in shapes:
+        setup = _LoopSetup(le, backend, torch, np, adam, batch, steps, features, units, simulated)
+        if setup.torch_lstm is not None:   # same weights, same inputs: the same outputs first
+            report(f"# B, T, I, H = {batch}, {steps}, {features}, {units}: outputs agree with torch, max relative "
+                   f"difference {setup.output_difference(backend, np):.1e}")
+        for kind in kinds:
+            train_label = "train step (fwd+bwd+Adam)" if adam is not None else "train step (fwd+bwd)"
+            label = "inference" if kind == "inference" else train_label
+            ours = _wall_median(setup.ours_inference if kind == "inference" else setup.ours_train,
+                                setup.synchronize_ours, args.warmup, repeats)
+            theirs = None
+            if setup.torch_lstm is not None:
+                theirs = _wall_median(setup.theirs_inference if kind == "inference" else setup.theirs_train,
+                                      setup.synchronize_theirs, args.warmup, repeats)
+            rows.append((label, (batch, steps, features, units), ours, theirs))
+    header = f"{'what':<27} {'B, T, I, H':<18} | {'lstmeng us':>10} | {'torch+cuDNN us':>14} | {'target us':>9} {'met':>4}"
+    report()
+    report(header)
+    report("-" * len(header))
+    for label, shape, ours, theirs in rows:
+        target = OVERHEAD_TARGETS_US.get(label) if args.overhead else None
+        met = "" if target is None or simulated else ("yes" if ours <= target else "no")
+        report(f"{label:<27} {', '.join(map(str, shape)):<18} | {_fmt(None if simulated else ours, 10, 1)} | "
+               f"{_fmt(None if simulated or theirs is None else theirs, 14, 1)} | {_fmt(target, 9, 0)} {met:>4}")
+    if simulated:
+        report("simulator run: the loop ran; no timings are claimed.")
+    if args.overhead:
+        _report_memory(report, backend, setup, simulated)
+
+
+def _adam_factory(le):
+    """``le.optim.Adam`` as ``make(layer)``, or (None, why) while lstmeng.optim is not there yet."""
+    try:
+        from lstmeng import optim
+        adam = optim.Adam
+    except (ImportError, AttributeError) as error:
+        return None, f"lstmeng.optim.Adam is not available ({type(error).__name__}: {error})"
+    return (lambda layer: adam(layer, lr=1e-3)), None
+
+
+class _LoopSetup:
+    """One layer on the device with its optimizer, and torch's twin, for one (B, T, I, H)."""
+
+    def __init__(self, le, backend, torch, np, adam, batch, steps, features, units, simulated):
+        rng = np.random.default_rng(batch * 7919 + units * 31 + steps)
+        self.layer = le.LSTM(units, return_sequences=True, seed=0).build(features).to("cuda")
+        self.optimizer = adam(self.layer) if adam is not None else None
+        self.x = backend.asarray(rng.normal(size=(batch, steps, features)).astype(np.float32), np.float32)
+        self.dy = backend.asarray(rng.normal(size=(batch, steps, units)).astype(np.float32), np.float32)
+        self.torch_lstm = None
+        if torch is not None:
+            where = "cpu" if simulated else "cuda"
+            kernel, recurrent, bias = self.layer.get_weights()
+            lstm = torch.nn.LSTM(features, units, batch_first=True).to(where)
+            with torch.no_grad():
+                lstm.weight_ih_l0.copy_(torch.from_numpy(kernel.T.copy()))
+                lstm.weight_hh_l0.copy_(torch.from_numpy(recurrent.T.copy()))
+                lstm.bias_ih_l0.copy_(torch.from_numpy(bias))
+                lstm.bias_hh_l0.zero_()
+            self.torch_lstm = lstm
+            self.torch_optimizer = torch.optim.Adam(lstm.parameters(), lr=1e-3)
+            self.torch_x = torch.from_numpy(backend.to_numpy(self.x)).to(where)
+            self.torch_dy = torch.from_numpy(backend.to_numpy(self.dy)).to(where)
+            self.torch = torch
+            self.torch_device = where
+
+    def output_difference(self, backend, np):
+        """max |y_ours - y_torch| / max |y_torch| of one inference call."""
+        ours = backend.to_numpy(self.layer(self.x))
+        with self.torch.no_grad():
+            theirs = self.torch_lstm(self.torch_x)[0].cpu().numpy()
+        return float(np.abs(ours - theirs).max() / max(float(np.abs(theirs).max()), 1e-30))
+
+    def ours_inference(self):
+        self.layer(self.x)
+
+    def ours_train(self):
+        y = self.layer(self.x, training=True)
+        self.layer.backward(self.dy)
+        if self.optimizer is not None:
+            self.optimizer.step()
+        return y
+
+    def theirs_inference(self):
+        with self.torch.no_grad():
+            self.torch_lstm(self.torch_x)
+
+    def theirs_train(self):
+        self.torch_optimizer.zero_grad(set_to_none=True)
+        y, _ = self.torch_lstm(self.torch_x)
+        y.backward(self.torch_dy)
+        self.torch_optimizer.step()
+
+    def synchronize_ours(self):
+        cuda.synchronize()
+
+    def synchronize_theirs(self):
+        if self.torch_device == "cuda":
+            self.torch.cuda.synchronize()
+
+
+def _wall_median(run, synchronize, warmup, repeats):
+    """Median microseconds of ``run(); synchronize()`` by wall clock, after ``warmup`` calls."""
+    for _ in range(max(warmup, 1)):
+        run()
+    synchronize()
+    samples = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        run()
+        synchronize()
+        samples.append((time.perf_counter() - began) * 1e6)
+    return statistics.median(samples)
+
+
+def _report_memory(report, backend, setup, simulated):
+    """Device memory in use before and after MEMORY_STEPS training steps of the last shape."""
+    steps = 5 if simulated else MEMORY_STEPS
+    context = cuda.current_context()
+    cuda.synchronize()
+    free_before, total = context.get_memory_info()
+    pool_before = backend.pool_allocations()
+    for _ in range(steps):
+        setup.ours_train()
+    cuda.synchronize()
+    free_after, _ = context.get_memory_info()
+    report()
+    if simulated or not math.isfinite(free_before):
+        report(f"device memory over {steps} training steps: the simulator has no device memory to measure; "
+               f"scratch pool blocks allocated during them: {backend.pool_allocations() - pool_before}")
+        return
+    delta_mib = (free_before - free_after) / 2**20
+    report(f"device memory over {steps} training steps: in use before {(total - free_before) / 2**20:.1f} MiB, "
+           f"after {(total - free_after) / 2**20:.1f} MiB, delta {delta_mib:+.1f} MiB "
+           f"({'flat' if abs(delta_mib) < 1 else 'GROWS'}); scratch pool blocks allocated during them: "
+           f"{backend.pool_allocations() - pool_before}")
 
 
 def _import_torch(report, simulated):

@@ -469,3 +469,24 @@ def test_probe_reports_a_failing_compile_with_its_fix(backend, monkeypatch):
     monkeypatch.undo()
     numba_cuda._COMPILE_CHECK.clear()
     assert backend.probe()                      # a real compile and launch succeeds again
+
+
+# -- the benchmark's training-loop and overhead modes -------------------------------------------
+@pytest.mark.skipif(REAL_GPU, reason="the simulator is off in this session")
+@pytest.mark.parametrize("mode", ["--train-loop", "--overhead"])
+def test_gpu_bench_loop_modes_run_under_the_simulator(backend, capsys, mode):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench_loop", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([mode, "--simulate"]) == 0
+    output = capsys.readouterr().out
+    rows = [line for line in output.splitlines() if line.startswith(("inference", "train step"))]
+    assert [row.split()[0] for row in rows] == (["inference", "train"] if mode == "--overhead" else ["train"])
+    for line in output.splitlines():
+        if "outputs agree with torch" in line:
+            assert float(line.rsplit(" ", 1)[-1]) < 1e-5, line
+    if mode == "--overhead":
+        assert "device memory over 5 training steps" in output and "blocks allocated during them: 0" in output
