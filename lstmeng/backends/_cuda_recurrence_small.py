@@ -17,13 +17,13 @@ indices ``k = i*32 + l``; the warp meets its partial sums with
 backward ``dh`` and ``dc``) in registers across all steps.
 
 Per step (forward): stage ``h(t-1) * recurrent_dropout`` of all B rows in
-shared memory (``[B, HP]``, read with ``ld.global.cg`` from the double
-buffer ``h_buffers[2, B, H]``), ``syncthreads``, the dot products (weights
-from shared memory in exactly the order the lanes read them, so a block's
-slice is contiguous and each load is one conflict-free 128-byte row), the
-butterfly, the cell update, then the grid barrier. Backward: phase A (gate
-gradients of the own unit from the registers), barrier, phase B (stage
-``dz(t) [B, 4H]``, ``dh(t-1)[:, unit] = dz @ recurrent_kernel[unit, :]``).
+shared memory (``[B, HP]``, from the double buffer ``h_buffers[2, B, H]``),
+``syncthreads``, the dot products (weights from shared memory in exactly the
+order the lanes read them, so a block's slice is contiguous and each load is
+one conflict-free 128-byte row), the butterfly, the cell update, then the
+grid barrier. Backward: phase A (gate gradients of the own unit from the
+registers), barrier, phase B (stage ``dz(t) [B, 4H]``,
+``dh(t-1)[:, unit] = dz @ recurrent_kernel[unit, :]``).
 
 Compile time. Every launch-wide value is a constant of the generated source:
 H, B (= ROWS, the row count; one kernel per batch size <= 16), units per
@@ -34,31 +34,32 @@ generator (a ``cuda.local.array`` indexed in a loop can land in local
 memory), and the FMA loop has a constant trip count with no branch. Kernels
 are cached per ``SmallRecurrenceConfig``.
 
-Grid barrier (``_BARRIER``). The launch stays cooperative (the driver checks
+Grid barrier (``_barrier``). The launch stays cooperative (the driver checks
 that all blocks are co-resident, without which any software barrier can
 deadlock), but steps synchronise through an arrival counter: after
 ``syncthreads``, thread 0 of every block issues ``threadfence`` (release: the
 block's h(t)/dz(t) stores are visible at device scope before its arrival
-is), ``atomic.add(counter, 1)``, then polls the counter with ``ld.global.cv``
-(no L1 caching, so it sees other SMs' arrivals) until it reaches
+is), ``atomic.add(counter, 1)``, then polls the counter with atomic adds of 0
+(served by L2, so other SMs' arrivals are seen) until it reaches
 ``(barrier_index + 1) * BLOCKS``, then ``threadfence`` (acquire: no later load
 is satisfied before the arrivals were observed) and ``syncthreads``. The
 target only grows, so the counter is never reset during a launch (no reset
-race); it is zeroed by block 0 before the launch's one ``this_grid().sync()``.
-Data published by other blocks is read with ``ld.global.cg`` (L2) so no stale
-L1 line of an earlier step can be hit.
+race); block 0 zeroes it before the launch's one ``this_grid().sync()``.
+After the barrier, data other blocks published is read with plain loads, as
+CUDA's own grid sync does. Not ``cuda.ldcv``/``ldcg``: numba emits them as
+inline asm without side effects, which LLVM hoisted out of the spin loop
+(a deadlock; seen in the PTX).
 
 Weights. Each block lays its slice out itself at the start of the launch
 (in shared memory, or when that does not fit in a global scratch slice only
 that block reads): no separate layout kernel and no cache that could go
 stale when an optimizer updates ``recurrent_kernel`` in place.
 
-Under the CUDA simulator (NUMBA_ENABLE_CUDASIM=1) the simulator has no warp
-shuffles and no ``ldcv``/``ldcg`` (they are ``None`` there), and a
-cooperative grid is one block; the generator then emits a shared-memory
-reduction and plain loads instead (``SIMULATOR`` in the config). Everything
-else - the layout, the staging, the counter barrier with its atomic, the
-flags - is the same source.
+Under the CUDA simulator (NUMBA_ENABLE_CUDASIM=1) there are no warp shuffles
+and a cooperative grid is one block; the generator then emits a shared-memory
+reduction instead of the butterfly and polls the counter with a plain read
+(``simulator`` in the config). Everything else - the layout, the staging,
+the counter barrier with its atomic arrival, the flags - is the same source.
 """
 
 from __future__ import annotations
@@ -180,8 +181,11 @@ def _activation_functions(name: str, scalar):
 # -- source generation ---------------------------------------------------------------------
 def _barrier(simulator: bool, indent: str) -> str:
     """The arrival-counter grid barrier; ``barrier_index`` counts this launch's barriers from 0."""
-    poll = ("barrier_counter[0]" if simulator      # the simulator has no ldcv; one block anyway
-            else "cuda.ldcv(barrier_counter, 0)")         # ld.global.cv: never served from a stale L1 line
+    # The poll is an atomic (atom.global.add of 0: served by L2, never by a stale L1 line).
+    # Not cuda.ldcv: numba emits it as inline asm without side effects, and LLVM hoists it
+    # out of the spin loop (seen in the PTX: the loop then re-tests one stale register
+    # forever - a deadlock on the GPU). The simulator runs one block; a plain read is enough.
+    poll = "barrier_counter[0]" if simulator else "cuda.atomic.add(barrier_counter, 0, NO_ARRIVAL)"
     lines = [
         "cuda.syncthreads()                  # every warp of the block has stored its part of the step",
         "if thread == 0:",
@@ -216,8 +220,13 @@ def _warp_sum(config: SmallRecurrenceConfig, names: list[str], indent: str) -> s
 
 
 def _load(config: SmallRecurrenceConfig, array: str, index: str) -> str:
-    """A load of data another block published this launch: L2 only on a GPU (ld.global.cg)."""
-    return f"{array}[{index}]" if config.simulator else f"cuda.ldcg({array}, ({index}))"
+    """A load of data another block published this launch.
+
+    A plain load, as in CUDA's own grid sync: the acquire fence of the barrier orders it
+    after the other blocks' release fences. (cuda.ldcg is inline asm without side effects
+    that LLVM may move across the barrier, so it is not used.)
+    """
+    return f"{array}[{index}]"
 
 
 def _unroll(c: SmallRecurrenceConfig) -> int:
@@ -526,7 +535,7 @@ def _build(config: SmallRecurrenceConfig):
     namespace = {
         "cuda": cuda, "numba": numba,
         "ELEMENT": numba.from_dtype(dtype), "ZERO": scalar(0), "ONE": scalar(1),
-        "ONE_ARRIVAL": np.uint32(1), "FULL_MASK": np.uint32(0xFFFFFFFF),
+        "ONE_ARRIVAL": np.uint32(1), "NO_ARRIVAL": np.uint32(0), "FULL_MASK": np.uint32(0xFFFFFFFF),
         "H": config.units, "ROWS": config.rows, "U": config.units_per_block, "BLOCKS": config.blocks,
         "THREADS": config.threads, "KP": config.reduction_length,
         "NK": config.reduction_length // WARP, "NJ": config.reduction_length // WARP,
@@ -561,7 +570,8 @@ def barrier_loop_kernel(blocks: int):
             "    cuda.cg.this_grid().sync()",
             "    for barrier_index in range(count):",
             _barrier(simulator, "        ")])
-        namespace = {"cuda": cuda, "numba": numba, "BLOCKS": blocks, "ONE_ARRIVAL": np.uint32(1)}
+        namespace = {"cuda": cuda, "numba": numba, "BLOCKS": blocks, "ONE_ARRIVAL": np.uint32(1),
+                     "NO_ARRIVAL": np.uint32(0)}
         exec(compile(source, "<lstmeng barrier loop>", "exec"), namespace)
         _kernels[key] = cuda.jit(namespace["barrier_loop"])
     return _kernels[key]
