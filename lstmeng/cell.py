@@ -96,6 +96,15 @@ class LSTMCell(LSTMWeights):
             h_new, c_new = backend.to_numpy(h_new), backend.to_numpy(c_new)
         return h_new, [h_new, c_new]
 
+    def _moved_states(self, move):
+        # The gradient sum of the current unrolled sequence moves with the grads.
+        accumulated = getattr(self, "_accumulated", None)
+        return None if accumulated is None else {name: move(value) for name, value in accumulated.items()}
+
+    def _assign_moved_states(self, moved) -> None:
+        if moved is not None:
+            self._accumulated = moved
+
     def reset_dropout_mask(self):
         """Forget the recorded steps and the dropout masks of the current sequence."""
         self._tape = []
