@@ -47,6 +47,7 @@ import dataclasses
 import linecache
 import math
 import os
+import threading
 
 import numba
 import numpy as np
@@ -201,30 +202,116 @@ def launch_gemm(a, b, c, bias=None, *, transpose_a=False, transpose_b=False, acc
 
 
 # -- the Numba kernel -----------------------------------------------------------------------------------------
-def choose_tiles(rows: int, columns: int, dtype=np.float32) -> GemmTiles:
-    """GPU tile shape for a ``[rows, columns]`` output of ``dtype``."""
-    large = GPU_LARGE_TILES
+#: Split-K: a product whose output has fewer tiles than SMs (the weight gradients: [I, 4H] outputs over
+#: K = B*T) gives each block a K range; partial products go to a workspace that one kernel sums in a
+#: fixed order (deterministic, unlike atomics). Each split keeps at least this much of K.
+SPLIT_K_MIN_DEPTH = 512
+SPLIT_K_MAX = 16
+#: Blocks to aim for with split-K: two per SM of an H100/H200 (132 SMs).
+SPLIT_K_TARGET_BLOCKS = 264
+
+
+def choose_splits(blocks: int, depth: int) -> int:
+    """How many K ranges to give ``blocks`` output tiles over ``depth`` (1: no split)."""
+    if blocks >= LARGE_TILE_MIN_BLOCKS:
+        return 1
+    return max(1, min(math.ceil(SPLIT_K_TARGET_BLOCKS / max(blocks, 1)), depth // SPLIT_K_MIN_DEPTH, SPLIT_K_MAX))
+
+
+def choose_tiles(rows: int, columns: int, dtype=np.float32, depth: int = 0) -> GemmTiles:
+    """GPU tile shape for a ``[rows, columns]`` output of ``dtype`` over ``depth``: the large tiles
+    whenever they, split over K where K allows, still give every SM a block."""
     if np.dtype(dtype).itemsize > 4:
         return GPU_TILES
-    if math.ceil(rows / large.tile_m) * math.ceil(columns / large.tile_n) >= LARGE_TILE_MIN_BLOCKS:
+    large = GPU_LARGE_TILES
+    blocks = math.ceil(rows / large.tile_m) * math.ceil(columns / large.tile_n)
+    if blocks * choose_splits(blocks, depth) >= LARGE_TILE_MIN_BLOCKS:
         return large
     return GPU_TILES
 
 
 def launch_numba_gemm(a, b, c, bias=None, *, transpose_a=False, transpose_b=False, accumulate=False,
-                      tiles: GemmTiles | None = None):
-    """``c = op(a) @ op(b) (+ bias) (+ c)`` on the Numba kernel (arguments as in ``launch_gemm``)."""
+                      tiles: GemmTiles | None = None, splits: int | None = None):
+    """``c = op(a) @ op(b) (+ bias) (+ c)`` on the Numba kernel (arguments as in ``launch_gemm``).
+
+    ``splits`` None chooses the split-K factor on a GPU (1 under the simulator).
+    """
     rows, columns = c.shape
-    if tiles is None:
-        tiles = SIMULATOR_TILES if _simulator_enabled() else choose_tiles(rows, columns, c.dtype)
-    kernel = gemm_kernel(c.dtype, tiles, transpose_a=bool(transpose_a), transpose_b=bool(transpose_b),
-                         with_bias=bias is not None, accumulate=bool(accumulate))
     if rows == 0 or columns == 0:
         return
     depth = a.shape[0] if transpose_a else a.shape[1]
-    operands = [_flat(a, "a"), _flat(b, "b"), _flat(c, "c")] + ([] if bias is None else [bias])
+    simulator = _simulator_enabled()
+    if tiles is None:
+        tiles = SIMULATOR_TILES if simulator else choose_tiles(rows, columns, c.dtype, depth)
     grid = (math.ceil(columns / tiles.tile_n), math.ceil(rows / tiles.tile_m))
-    kernel[grid, tiles.threads](*operands, rows, columns, depth)
+    if splits is None:
+        splits = 1 if simulator else choose_splits(grid[0] * grid[1], depth)
+    k_per_split = math.ceil(math.ceil(depth / max(splits, 1)) / tiles.tile_k) * tiles.tile_k
+    splits = math.ceil(depth / k_per_split) if depth else 1
+    flat_a, flat_b, flat_c = _flat(a, "a"), _flat(b, "b"), _flat(c, "c")
+    if splits == 1:
+        kernel = gemm_kernel(c.dtype, tiles, transpose_a=bool(transpose_a), transpose_b=bool(transpose_b),
+                             with_bias=bias is not None, accumulate=bool(accumulate))
+        operands = [flat_a, flat_b, flat_c] + ([] if bias is None else [bias])
+        kernel[grid, tiles.threads](*operands, rows, columns, depth)
+        return
+    partial = gemm_kernel(c.dtype, tiles, transpose_a=bool(transpose_a), transpose_b=bool(transpose_b),
+                          split_k=True)
+    total = rows * columns
+    finish = _split_sum_kernel(with_bias=bias is not None, accumulate=bool(accumulate))
+    # The workspace is shared: the lock keeps each call's two launches adjacent in the (one, in-order)
+    # default stream, so no other call's partial products land in between.
+    with _workspace_lock:
+        workspace = _workspace(splits * total, c.dtype)
+        partial[(grid[0], grid[1], splits), tiles.threads](flat_a, flat_b, workspace, rows, columns, depth,
+                                                          k_per_split)
+        blocks = max(1, min(4096, math.ceil(total / SPLIT_SUM_THREADS)))
+        finish[blocks, SPLIT_SUM_THREADS](workspace, flat_c, flat_c if bias is None else bias, splits, columns)
+
+
+SPLIT_SUM_THREADS = 256
+_workspace_lock = threading.Lock()
+_workspaces: dict = {}
+
+
+def _workspace(size: int, dtype):
+    """A device array of at least ``size`` elements of ``dtype`` for split-K partials (grown, kept)."""
+    key = (np.dtype(dtype).name, _device_id())
+    held = _workspaces.get(key)
+    if held is None or held.size < size:
+        held = _workspaces[key] = cuda.device_array(max(size, 2 * held.size if held is not None else size),
+                                                    np.dtype(dtype))
+    return held[:size]
+
+
+def _device_id() -> int:
+    if _simulator_enabled():
+        return 0
+    return int(cuda.get_current_device().id)
+
+
+_split_sums: dict = {}
+
+
+def _split_sum_kernel(*, with_bias: bool, accumulate: bool):
+    """c[i] = sum over s of workspace[s * M*N + i] (+ bias[i % N]) (+ c[i]), flags fixed at compile time."""
+    key = (with_bias, accumulate)
+    if key not in _split_sums:
+        @cuda.jit
+        def split_sum(workspace, c, bias, splits, columns):
+            """workspace: [splits * M*N], c: [M*N], bias: [N] (read only when with_bias)."""
+            total = c.size
+            for index in range(cuda.grid(1), total, cuda.gridsize(1)):
+                value = workspace[index]
+                for split in range(1, splits):      # a fixed order: the sum is deterministic
+                    value += workspace[split * total + index]
+                if with_bias:
+                    value += bias[index % columns]
+                if accumulate:
+                    value += c[index]
+                c[index] = value
+        _split_sums[key] = split_sum
+    return _split_sums[key]
 
 
 def _flat(array, name: str):
@@ -240,13 +327,13 @@ _kernels: dict = {}
 
 
 def gemm_kernel(dtype, tiles: GemmTiles, *, transpose_a=False, transpose_b=False, with_bias=False,
-                accumulate=False):
+                accumulate=False, split_k=False):
     """The compiled Numba GEMM kernel for one variant (generated once, then cached)."""
-    key = (np.dtype(dtype).name, tiles, transpose_a, transpose_b, with_bias, accumulate,
+    key = (np.dtype(dtype).name, tiles, transpose_a, transpose_b, with_bias, accumulate, split_k,
            _simulator_enabled())
     if key not in _kernels:
         source = kernel_source(tiles, transpose_a=transpose_a, transpose_b=transpose_b,
-                               with_bias=with_bias, accumulate=accumulate,
+                               with_bias=with_bias, accumulate=accumulate, split_k=split_k,
                                device_code=not _simulator_enabled())
         options = {} if tiles.max_registers is None or _simulator_enabled() else {
             "max_registers": tiles.max_registers}
@@ -264,7 +351,7 @@ def _define(source: str, dtype, key):
 
 
 def kernel_source(tiles: GemmTiles, *, transpose_a: bool, transpose_b: bool, with_bias: bool,
-                  accumulate: bool, device_code: bool = True) -> str:
+                  accumulate: bool, split_k: bool = False, device_code: bool = True) -> str:
     """Python source of one GEMM kernel variant: every flag and tile size is a literal in it.
 
     The kernel takes the operands flattened (C order) plus their logical
@@ -274,10 +361,14 @@ def kernel_source(tiles: GemmTiles, *, transpose_a: bool, transpose_b: bool, wit
     The thread's outputs are two groups of ``thread_m/2`` rows, ``tile_m/2``
     apart (likewise for columns): each group is one aligned 16-byte shared
     read, and a warp's reads cover consecutive addresses.
-    ``device_code`` False leaves out what the simulator rejects (shared
-    array alignment).
+    ``split_k``: block z covers K range ``[z*k_per_split, (z+1)*k_per_split)``
+    and writes its partial product to slab z of c (``[splits, M, N]``); no
+    bias or accumulation (the sum kernel adds them). ``device_code`` False
+    leaves out what the simulator rejects (shared array alignment).
     """
     tiles.check()
+    if split_k and (with_bias or accumulate):
+        raise ValueError("split-K partial kernels take no bias and do not accumulate")
     TM, TN, TK = tiles.tile_m, tiles.tile_n, tiles.tile_k
     threads = tiles.threads
     threads_n = TN // tiles.thread_n
@@ -322,23 +413,31 @@ def kernel_source(tiles: GemmTiles, *, transpose_a: bool, transpose_b: bool, wit
             emit(f"{indent}{name}_shift = {k_begin} * {name}_leading")
         for load in range(count):
             emit(f"{indent}{name}_next{load} = ZERO")
-            emit(f"{indent}if {name}_exists{load} and {k_begin} + {name}_k{load} < depth:")
+            emit(f"{indent}if {name}_exists{load} and {k_begin} + {name}_k{load} < k_last:")
             emit(f"{indent}    {name}_next{load} = {name}[uint64({name}_start + {name}_offset{load} + {shift})]")
 
     def shared_stores(name: str, count: int, buffer: str, indent: str) -> None:
         for load in range(count):
             emit(f"{indent}{name}_tile[{buffer}, {name}_k{load}, {name}_outer{load}] = {name}_next{load}")
 
-    emit("def gemm(a, b, c" + (", bias" if with_bias else "") + ", rows, columns, depth):")
+    emit("def gemm(a, b, c" + (", bias" if with_bias else "") + ", rows, columns, depth"
+         + (", k_per_split):" if split_k else "):"))
     emit('    """c[M, N] = op(a) @ op(b)' + (" + bias[N]" if with_bias else "") + (" + c" if accumulate else "")
          + ".\n\n    a: [" + ("K*M" if transpose_a else "M*K") + "], b: [" + ("N*K" if transpose_b else "K*N")
-         + "], c: [M*N] flattened in C order" + (", bias: [N]" if with_bias else "")
+         + "], c: [" + ("splits*M*N" if split_k else "M*N") + "] flattened in C order"
+         + (", bias: [N]" if with_bias else "")
          + "; rows M, columns N, depth K.\n    \"\"\"")
     emit(f"    a_tile = cuda.shared.array((2, {TK}, {TM}), element{align})")
     emit(f"    b_tile = cuda.shared.array((2, {TK}, {TN}), element{align})")
     emit("    thread = cuda.threadIdx.x")
     emit(f"    row_begin = cuda.blockIdx.y * {TM}")
     emit(f"    column_begin = cuda.blockIdx.x * {TN}")
+    if split_k:
+        emit("    k_first = cuda.blockIdx.z * k_per_split")
+        emit("    k_last = min(depth, k_first + k_per_split)")
+    else:
+        emit("    k_first = 0")
+        emit("    k_last = depth")
     emit(f"    row_base = (thread // {threads_n}) * {half_m}")
     emit(f"    column_base = (thread % {threads_n}) * {half_n}")
     emit(f"    a_leading = {'rows' if transpose_a else 'depth'}")
@@ -348,13 +447,13 @@ def kernel_source(tiles: GemmTiles, *, transpose_a: bool, transpose_b: bool, wit
     for i in range(tiles.thread_m):
         emit("    " + " = ".join(f"acc{i}_{j}" for j in range(tiles.thread_n)) + " = ZERO")
     # Prologue: slice 0 into buffer 0.
-    global_loads("a", loads_a, not transpose_a, "0", "    ")
-    global_loads("b", loads_b, transpose_b, "0", "    ")
+    global_loads("a", loads_a, not transpose_a, "k_first", "    ")
+    global_loads("b", loads_b, transpose_b, "k_first", "    ")
     shared_stores("a", loads_a, "0", "    ")
     shared_stores("b", loads_b, "0", "    ")
     emit("    cuda.syncthreads()")
     emit("    buffer = 0")
-    emit(f"    for k_begin in range(0, depth, {TK}):")
+    emit(f"    for k_begin in range(k_first, k_last, {TK}):")
     emit(f"        k_next = k_begin + {TK}")
     # The next slice's global loads first: their latency hides behind this slice's FMAs.
     global_loads("a", loads_a, not transpose_a, "k_next", "        ")
@@ -380,7 +479,7 @@ def kernel_source(tiles: GemmTiles, *, transpose_a: bool, transpose_b: bool, wit
     for i, offset in enumerate(row_offsets):
         emit(f"    row = row_begin + row_base + {offset}")
         emit("    if row < rows:")
-        emit("        row_start = row * columns")
+        emit("        row_start = " + ("(cuda.blockIdx.z * rows + row)" if split_k else "row") + " * columns")
         for j in range(tiles.thread_n):
             emit(f"        if column{j} < columns:")
             target = f"c[uint64(row_start + column{j})]"
