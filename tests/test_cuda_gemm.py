@@ -112,6 +112,33 @@ def test_numba_gemm_other_tile_shapes(tiles, transpose_a, transpose_b):
 
 
 @needs_simulator
+@pytest.mark.parametrize("splits, depth", [(2, 8), (3, 37), (5, 9), (4, 0)])
+@pytest.mark.parametrize("with_bias, accumulate", [(False, False), (True, True)])
+def test_numba_gemm_split_over_k(splits, depth, with_bias, accumulate):
+    """Split-K (partial products per K range, then one ordered sum) gives the same product."""
+    flags = dict(transpose_a=True, transpose_b=False)
+    a, b, bias, c0 = operands(10, 9, depth, dtype=np.float32, **flags)
+    bias = bias if with_bias else None
+    result = run_gemm(gemm.launch_numba_gemm, a, b, bias, c0, accumulate=accumulate, splits=splits, **flags)
+    assert relative_error(result, reference(a, b, bias, c0, accumulate=accumulate, **flags)) < 1e-6
+
+
+@needs_simulator
+def test_split_k_is_deterministic():
+    flags = dict(transpose_a=True, transpose_b=False)
+    a, b, bias, c0 = operands(9, 9, 40, dtype=np.float32, **flags)
+    first = run_gemm(gemm.launch_numba_gemm, a, b, None, c0, splits=4, **flags)
+    np.testing.assert_array_equal(first, run_gemm(gemm.launch_numba_gemm, a, b, None, c0, splits=4, **flags))
+
+
+def test_split_k_only_where_the_output_cannot_fill_the_gpu():
+    assert gemm.choose_splits(blocks=6400, depth=256) == 1            # projection: plenty of tiles
+    assert gemm.choose_splits(blocks=16, depth=6400) == 12            # dkernel [256, 1024] over B*T = 6400
+    assert gemm.choose_splits(blocks=16, depth=300) == 1              # too little K to share
+    assert gemm.choose_splits(blocks=1, depth=10 ** 6) == gemm.SPLIT_K_MAX
+
+
+@needs_simulator
 def test_launch_gemm_without_cupy_runs_the_numba_kernel(path_switch):
     flags = dict(transpose_a=False, transpose_b=True)
     a, b, bias, c0 = operands(12, 10, 6, dtype=np.float32, **flags)
@@ -145,7 +172,8 @@ def test_kernel_source_fixes_every_flag_at_generation():
 
 def test_tile_choice_follows_output_size_and_dtype():
     assert gemm.choose_tiles(25600, 4096) == gemm.GPU_LARGE_TILES
-    assert gemm.choose_tiles(256, 1024) == gemm.GPU_TILES          # 16 large tiles cannot fill a GPU
+    assert gemm.choose_tiles(256, 1024) == gemm.GPU_TILES          # 16 large tiles cannot fill a GPU ...
+    assert gemm.choose_tiles(256, 1024, np.float32, 6400) == gemm.GPU_LARGE_TILES   # ... unless K is split
     assert gemm.choose_tiles(25600, 4096, np.float64) == gemm.GPU_TILES
 
 
@@ -507,3 +535,49 @@ def test_gpu_cublas_writes_the_callers_array_without_copies(path_switch):
     assert c.device_ctypes_pointer.value == address          # the result is in the caller's array
     assert relative_error(c.copy_to_host(), reference(a, b, bias, c0, accumulate=False, **flags)) < 2e-5
     np.testing.assert_array_equal(a_device.copy_to_host(), a)  # inputs untouched
+
+
+# -- compiling for a real GPU without one ----------------------------------------------------------------------
+_PTX_CHECK = r'''
+import re, sys
+import numba
+import numpy as np
+from numba import cuda, types
+try:
+    cuda.compile_ptx(lambda a: None, (types.float32[:],), cc=(9, 0))
+except Exception as error:
+    print("SKIP", type(error).__name__, str(error).splitlines()[0]); sys.exit(0)
+from lstmeng.backends import _cuda_gemm as gemm
+for dtype, tiles in ((np.float32, gemm.GPU_LARGE_TILES), (np.float64, gemm.GPU_TILES)):
+    flat = types.Array(numba.from_dtype(np.dtype(dtype)), 1, "C")
+    for transpose_a, transpose_b, with_bias, split_k in ((False, False, True, False), (True, False, False, False),
+                                                        (False, True, False, False), (True, False, False, True)):
+        kernel = gemm.gemm_kernel(dtype, tiles, transpose_a=transpose_a, transpose_b=transpose_b,
+                                  with_bias=with_bias, split_k=split_k)
+        signature = (flat,) * (4 if with_bias else 3) + (types.int64,) * (4 if split_k else 3)
+        ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))
+        depot = re.findall(r"__local_depot\d+\[(\d+)\]", ptx)
+        print("OK", np.dtype(dtype).name, transpose_a, transpose_b, with_bias, split_k, "local bytes",
+              depot[0] if depot else 0, "ld.shared.v4" in ptx)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(REAL_GPU, reason="the GPU session compiles the kernels for real")
+def test_numba_gemm_compiles_to_hopper_ptx_with_accumulators_in_registers():
+    """Every kernel variant compiles to sm_90 PTX with no local-memory depot (the 8x8 accumulators stay in
+    registers), and the float32 kernel reads shared memory as 16-byte vectors. Skipped without libnvvm."""
+    import subprocess
+    env = {key: value for key, value in os.environ.items() if key != "NUMBA_ENABLE_CUDASIM"}
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", _PTX_CHECK], capture_output=True, text=True, env=env,
+                            timeout=900, cwd=repository)
+    assert result.returncode == 0, result.stdout + result.stderr
+    if result.stdout.startswith("SKIP"):
+        pytest.skip(f"no CUDA compiler libraries: {result.stdout.strip()}")
+    lines = [line for line in result.stdout.splitlines() if line.startswith("OK")]
+    assert len(lines) == 8, result.stdout
+    for line in lines:
+        assert "local bytes 0" in line, line
+        if "float32" in line:
+            assert line.endswith("True"), line
