@@ -213,7 +213,8 @@ def run_loop_modes(report, backend, torch, np, args, simulated):
                 theirs = _wall_median(setup.theirs_inference if kind == "inference" else setup.theirs_train,
                                       setup.synchronize_theirs, args.warmup, repeats)
             rows.append((label, (batch, steps, features, units), ours, theirs))
-    header = f"{'what':<27} {'B, T, I, H':<18} | {'lstmeng us':>10} | {'torch+cuDNN us':>14} | {'target us':>9} {'met':>4}"
+    header = (f"{'what':<27} {'B, T, I, H':<18} | {'lstmeng us':>10} | {'torch+cuDNN us':>14} | "
+              f"{'target us':>9} {'met':>4}")
     report()
     report(header)
     report("-" * len(header))
@@ -533,13 +534,15 @@ def report_partitions(report, backend):
     """How the recurrence kernels were launched: grid, units per block, weights on chip or not."""
     if not backend.launch_log:
         return
-    report("recurrence launches (direction, dtype, H, rows per chunk): blocks x threads, units per block, "
-           "weights in shared memory, dynamic shared bytes")
-    for (direction, dtype, units, rows), (blocks, threads, units_per_block, in_shared, shared_bytes) in sorted(
-            backend.launch_log.items()):
-        report(f"  {direction:<8} {dtype} H={units:<5} rows={rows} {blocks:>4} x {threads}, "
-               f"{units_per_block:>3} units/block, weights in shared: {'yes' if in_shared else 'no '}, "
-               f"{shared_bytes} B")
+    report("recurrence launches (direction, dtype, H, rows per chunk or batch[, kernel family]): blocks x "
+           "threads, units per block, weights in shared memory, dynamic shared bytes")
+    # Keys differ by kernel family (the small-batch kernels add the batch and "small"): printed as they are.
+    for key, (blocks, threads, units_per_block, in_shared, shared_bytes) in sorted(
+            backend.launch_log.items(), key=lambda item: tuple(str(part) for part in item[0])):
+        direction, dtype, units, *rest = key
+        report(f"  {direction:<8} {dtype} H={units:<5} {' '.join(str(part) for part in rest):<10} "
+               f"{blocks:>4} x {threads}, {units_per_block:>3} units/block, "
+               f"weights in shared: {'yes' if in_shared else 'no '}, {shared_bytes} B")
 
 
 def _fmt(value, width, digits, kind="f"):

@@ -14,7 +14,7 @@ import numpy as np
 
 from lstmeng import _validation, masking
 from lstmeng.backends import registry
-from lstmeng._weights import LSTMWeights, host_copy, prepare_input, prepare_state
+from lstmeng._weights import LSTMWeights, array_dtype_name, host_copy, prepare_input, prepare_state
 from lstmeng.backends.base import SequenceGrads
 
 
@@ -180,6 +180,9 @@ class LSTM(LSTMWeights):
             x = backend.swap_batch_time(x)
         batch, steps, features = _validation.shape_of(x)
         self._check_input_size(features)
+        if self.device != "cpu" and mask is not None and registry.array_kind(mask) == "cuda":
+            # A torch or CuPy mask viewed as a Numba array (dtype kept: resolve_mask checks it is bool).
+            mask = backend.asarray(mask, np.dtype(array_dtype_name(mask, "mask")))
         mask = masking.resolve_mask(mask, lengths, batch, steps)
         h0, c0, got_initial_state = self._initial_states(backend, initial_state, batch, state_argument,
                                                          state_offset, steps)

@@ -401,6 +401,11 @@ def test_foreign_cuda_arrays_are_used_in_place(backend):
     y = gpu(_TorchLikeTensor(backend.asarray(x, np.float32)), training=True)
     assert _on_device(backend, y)               # outputs are Numba device arrays (documented)
     np.testing.assert_allclose(backend.to_numpy(y), reference(x, training=True), rtol=2e-5, atol=2e-5)
+    # A mask from the same library (torch's bool prints as "torch.bool"): viewed in place too.
+    mask = np.array([[True, True, False], [True, False, False]])
+    masked = gpu(_TorchLikeTensor(backend.asarray(x, np.float32)),
+                 mask=_TorchLikeTensor(backend.asarray(mask, np.bool_)))
+    np.testing.assert_allclose(backend.to_numpy(masked), reference(x, mask=mask), rtol=2e-5, atol=2e-5)
     wrong = _TorchLikeTensor(backend.asarray(x.astype(np.float64), np.float64))
     with pytest.raises(TypeError, match="must have dtype float32 on this layer, got float64"):
         gpu(wrong)
