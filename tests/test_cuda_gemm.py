@@ -283,13 +283,18 @@ def _fake_cupy(device_count=1, handle_error=None, version="14.2.0"):
     return types.SimpleNamespace(__version__=version, cuda=cupy_cuda)
 
 
+@pytest.fixture
+def fake_cublas_bindings(path_switch):
+    path_switch.setattr(cublas_path, "_import_cublas", lambda: EmulatedCublas())
+
+
 @pytest.mark.parametrize("fake, expected", [
     (_fake_cupy(), (True, "CuPy 14.2.0 (float32/float64, no TF32)")),
     (_fake_cupy(device_count=0), (False, "CuPy 14.2.0 unusable: no CUDA device")),
     (_fake_cupy(handle_error=OSError("libcublas.so.13: cannot open shared object file\nmore")),
      (False, "CuPy 14.2.0 unusable: OSError: libcublas.so.13: cannot open shared object file")),
 ])
-def test_status_reports_why(path_switch, fake, expected):
+def test_status_reports_why(fake_cublas_bindings, path_switch, fake, expected):
     path_switch.setattr(cublas_path, "_import_cupy", lambda: fake)
     assert cublas_path.status() == expected
 
@@ -366,9 +371,8 @@ def emulated_cublas(path_switch):
     fake_cupy.cuda.Device = lambda device_id: contextlib.nullcontext()
     fake_cupy.cuda.ExternalStream = lambda handle, device_id: contextlib.nullcontext()
     fake_cupy.cuda.device = types.SimpleNamespace(get_cublas_handle=lambda: 7)
-    for name, module in (("cupy", fake_cupy), ("cupy.cuda", fake_cupy.cuda), ("cupy.cuda.cublas", fake_blas)):
-        path_switch.setitem(sys.modules, name, module)
     path_switch.setattr(cublas_path, "_import_cupy", lambda: fake_cupy)
+    path_switch.setattr(cublas_path, "_import_cublas", lambda: fake_blas)
     path_switch.setattr(cublas_path, "_pointer", lambda array: array.ctypes.data)
     path_switch.setattr(cublas_path, "_numba_device_id", lambda: 0)
     cublas_path._stream_for_numba.cache_clear()
@@ -483,7 +487,7 @@ def test_gpu_float32_without_tf32(path_switch, path):
     c = cuda.device_array((4096, 4096), np.float32)
     if path == "cublas":   # a handle left in TF32 mode by other code must not matter
         import cupy
-        from cupy.cuda import cublas
+        cublas = cublas_path._import_cublas()
         handle = cupy.cuda.device.get_cublas_handle()
         previous = cublas.getMathMode(handle)
         cublas.setMathMode(handle, 3)   # CUBLAS_TF32_TENSOR_OP_MATH
@@ -503,7 +507,7 @@ def test_gpu_tf32_check_can_fail(path_switch):
     if "cublas" not in _gpu_paths():
         pytest.skip(f"cuBLAS path unusable: {cublas_path.status()[1]}")
     import cupy
-    from cupy.cuda import cublas
+    cublas = cublas_path._import_cublas()
     a, b, _, _ = operands(4096, 4096, 4096, transpose_a=False, transpose_b=False, dtype=np.float32)
     expected = a.astype(np.float64) @ b.astype(np.float64)
     a_device, b_device, c = cupy.asarray(a), cupy.asarray(b), cupy.empty((4096, 4096), np.float32)

@@ -62,6 +62,15 @@ def _import_cupy():
     return cupy
 
 
+def _import_cublas():
+    """CuPy's low-level cuBLAS bindings (where CuPy's own code imports them from; older layouts second)."""
+    try:
+        from cupy_backends.cuda.libs import cublas
+    except ImportError:
+        from cupy.cuda import cublas
+    return cublas
+
+
 @functools.lru_cache(maxsize=1)
 def status() -> tuple[bool, str]:
     """(usable, description): whether cuBLAS through CuPy works here, cached per process.
@@ -82,6 +91,7 @@ def status() -> tuple[bool, str]:
         if cupy.cuda.runtime.getDeviceCount() < 1:
             return False, f"CuPy {version} unusable: no CUDA device"
         _handle(cupy)
+        _import_cublas()
     except Exception as error:
         first_line = (str(error).splitlines() or [""])[0]
         return False, f"CuPy {version} unusable: {type(error).__name__}: {first_line}"
@@ -156,7 +166,7 @@ def gemm(a, b, c, *, transpose_a: bool = False, transpose_b: bool = False, accum
         accumulate: add the product to c (beta = 1) instead of overwriting it.
     """
     cupy = _import_cupy()
-    from cupy.cuda import cublas
+    cublas = _import_cublas()
     rows, columns = c.shape
     depth = a.shape[0] if transpose_a else a.shape[1]
     compute_type, data_type = _TYPES[np.dtype(c.dtype)]
@@ -212,7 +222,7 @@ class _full_precision:
 def math_mode_allows_tf32() -> bool:
     """Whether CuPy's cuBLAS handle on the current device is set to allow TF32 (``gemm`` overrides it)."""
     cupy = _import_cupy()
-    from cupy.cuda import cublas
+    cublas = _import_cublas()
     return _reduces_precision(cublas.getMathMode(_handle(cupy)))
 
 
