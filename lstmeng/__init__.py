@@ -19,6 +19,7 @@ from lstmeng.cell import LSTMCell
 from lstmeng.conversion import from_keras, from_torch
 from lstmeng.layers import LSTM
 from lstmeng.masking import lengths_to_mask, pad_sequences
+from lstmeng import optim  # NumPy only: numba is imported when a device array is met
 from lstmeng.serialization import load, save
 from lstmeng.wrappers import Bidirectional, Dropout, Sequential
 
@@ -41,5 +42,6 @@ __all__ = [
     "set_backend",
     "get_backend",
     "use_backend",
+    "optim",
     "__version__",
 ]
