@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# One lease of a GPU machine, used in one call: every GPU check of the numba_cuda
+# backend, each phase under its own time limit, logs under $OUT.
+#
+# Usage on the device machine (from the repository root, .whl carried; see
+# docs/numba_cuda.md "Running the GPU checks"):
+#
+#     bash tools/gpu_session.sh [PHASE ...]
+#
+# Phases (default: all, in this order, most valuable first so that a cut-off run
+# still returns them): env small gemm overhead trainloop tests ncu sanitizer asv.
+# Every phase appends to $OUT/session.log (the device tool returns at most 8
+# files); a phase that runs past its limit is killed and the next one starts. The image's NumPy 2.5 cannot compile numba-cuda
+# 0.30.4 kernels, so NumPy 2.4 is installed from the carried wheels first.
+set -u
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    > /tmp/wheels.txt 2>&1 || { echo "wheel install failed"; cat /tmp/wheels.txt; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LSTMENG_REAL_CUDA=1
+unset NUMBA_ENABLE_CUDASIM
+
+phases=("$@")
+[ ${#phases[@]} -eq 0 ] && phases=(env small gemm overhead trainloop tests ncu sanitizer asv)
+START=$(date +%s)
+
+run_phase() {   # name, limit in seconds, command...
+    local name=$1 limit=$2; shift 2
+    local t0=$(date +%s)
+    echo "== $name (limit ${limit}s) at +$((t0 - START))s"
+    echo "==== phase $name" >> "$OUT/session.log"
+    timeout --signal=INT --kill-after=10 "$limit" "$@" > "/tmp/phase_$name.txt" 2>&1
+    local rc=$?
+    echo "== $name rc=$rc in $(( $(date +%s) - t0 ))s" >> "/tmp/phase_$name.txt"
+    cat "/tmp/phase_$name.txt" >> "$OUT/session.log"
+    tail -n 25 "/tmp/phase_$name.txt"
+}
+
+for phase in "${phases[@]}"; do
+    case $phase in
+    env)
+        run_phase env 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv;
+            python3 -c "import numpy, numba, numba_cuda, torch, cupy; print(\"numpy\", numpy.__version__, \"numba\", numba.__version__,
+            \"numba-cuda\", numba_cuda.__version__, \"torch\", torch.__version__, \"cudnn\", torch.backends.cudnn.version(), \"cupy\", cupy.__version__)";
+            python3 -m lstmeng info 2>&1 | tail -n 30' ;;
+    small)
+        run_phase small 170 python3 benchmarks/gpu_small_batch.py --out "$OUT" ;;
+    gemm)
+        run_phase gemm 100 python3 benchmarks/gpu_gemm.py --out "$OUT" ;;
+    overhead)
+        run_phase overhead 75 python3 benchmarks/gpu_bench.py --overhead ;;
+    trainloop)
+        run_phase trainloop 75 python3 benchmarks/gpu_bench.py --train-loop ;;
+    tests)
+        run_phase tests 200 python3 -m pytest -q -x -p no:cacheprovider --timeout=150 \
+            tests/test_cuda_small_batch.py tests/test_cuda_gemm.py tests/test_device_residency.py \
+            tests/test_optim.py tests/test_backend_numba_cuda.py ;;
+    ncu)
+        # One kernel of the small-batch forward at B=1, H=1024, T=200 (clocks left alone).
+        run_phase ncu 90 ncu --clock-control none --kernel-name regex:'forward' --launch-skip 2 --launch-count 1 \
+            --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+            python3 benchmarks/gpu_profile_one.py ;;
+    sanitizer)
+        run_phase sanitizer 90 bash -c 'for tool in racecheck synccheck; do
+            compute-sanitizer --tool $tool --print-limit 20 python3 benchmarks/gpu_profile_one.py --small; done' ;;
+    asv)
+        # numba_cuda rows of the asv suite for this commit, filed under the GPU's machine name.
+        run_phase asv 150 bash -c 'cd asv_bench && machine=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr " " "-" | tr A-Z a-z) &&
+            asv machine --yes --machine "$machine" > /dev/null &&
+            LSTMENG_ASV_BACKENDS=numba_cuda asv run -E existing:python3 --set-commit-hash $(git rev-parse HEAD) --machine "$machine" \
+                -a repeat=5 -a warmup_time=0.2 --show-stderr &&
+            tar -cf "$OUT/asv_results.tar" results/"$machine"' ;;
+    *) echo "unknown phase $phase" ;;
+    esac
+done
+echo "== done in $(( $(date +%s) - START ))s"
