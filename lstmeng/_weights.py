@@ -249,8 +249,9 @@ class LSTMWeights:
                 backend.asarray(self.params["bias"], self.dtype) if self.use_bias else None)
 
     def _store_grads(self, backend, grads) -> None:
-        """Keep the weight gradients where the weights are: no copy on the GPU."""
-        keep = (lambda array: array) if self._device != "cpu" else backend.to_numpy
+        """Keep the weight gradients where the weights are: no copy on the GPU (a copy only if the
+        layer was moved between its forward and its backward)."""
+        keep = _mover(self._device) if self._device != "cpu" else backend.to_numpy
         self.grads = {"kernel": keep(grads.dkernel), "recurrent_kernel": keep(grads.drecurrent_kernel)}
         if self.use_bias:
             self.grads["bias"] = keep(grads.dbias)
