@@ -17,7 +17,7 @@ Shapes (issue 16): for (B, T, I, H) in (64, 100, 256, 256), (256, 100, 256, 1024
 
 Paths: "numba" is ``launch_numba_gemm`` with its own tile choice; "numba r128"
 the same large-tile kernel compiled with a 128-register cap (two blocks per
-SM, but ptxas spills); "cublas" is ``launch_gemm`` forced onto cuBLAS via
+SM, but ptxas spills), on the projection only (compile time); "cublas" is ``launch_gemm`` forced onto cuBLAS via
 CuPy (bias included: a bias-row fill plus a beta = 1 GEMM); "torch" is
 ``torch.addmm`` / ``torch.mm`` on the same memory with TF32 off. Each is timed
 with CUDA events on the default stream around one call, median of several
@@ -236,6 +236,8 @@ def _runner(path, product, device, output, gemm, torch, cublas_usable, cublas_re
     if path == "numba r128":
         if simulate:
             return None, "register cap has no meaning in the simulator"
+        if not product.with_bias:   # each capped variant is one more compile: the projection only
+            return None, "measured on the projection only"
         depth = device[product.a].shape[0 if product.transpose_a else 1]
         tiles = gemm.choose_tiles(*output.shape, np.float32, depth)
         if tiles != gemm.GPU_LARGE_TILES:
