@@ -474,6 +474,17 @@ def _normwise_error(result, expected):
     return float(np.linalg.norm(result - expected) / np.linalg.norm(expected))
 
 
+_BIG_PRODUCT: dict = {}
+
+
+def _big_product():
+    """(a, b, a @ b in float64) for 4096^3, computed once per session (seconds on the host)."""
+    if not _BIG_PRODUCT:
+        a, b, _, _ = operands(4096, 4096, 4096, transpose_a=False, transpose_b=False, dtype=np.float32)
+        _BIG_PRODUCT.update(a=a, b=b, expected=a.astype(np.float64) @ b.astype(np.float64))
+    return _BIG_PRODUCT["a"], _BIG_PRODUCT["b"], _BIG_PRODUCT["expected"]
+
+
 @needs_gpu
 @pytest.mark.parametrize("path", ["numba", "cublas"])
 def test_gpu_float32_without_tf32(path_switch, path):
@@ -481,8 +492,7 @@ def test_gpu_float32_without_tf32(path_switch, path):
     if path not in _gpu_paths():
         pytest.skip(f"cuBLAS path unusable: {cublas_path.status()[1]}")
     path_switch.setenv(gemm.PATH_VARIABLE, path)
-    a, b, _, _ = operands(4096, 4096, 4096, transpose_a=False, transpose_b=False, dtype=np.float32)
-    expected = a.astype(np.float64) @ b.astype(np.float64)
+    a, b, expected = _big_product()
     a_device, b_device = cuda.to_device(a), cuda.to_device(b)
     c = cuda.device_array((4096, 4096), np.float32)
     if path == "cublas":   # a handle left in TF32 mode by other code must not matter
@@ -508,8 +518,7 @@ def test_gpu_tf32_check_can_fail(path_switch):
         pytest.skip(f"cuBLAS path unusable: {cublas_path.status()[1]}")
     import cupy
     cublas = cublas_path._import_cublas()
-    a, b, _, _ = operands(4096, 4096, 4096, transpose_a=False, transpose_b=False, dtype=np.float32)
-    expected = a.astype(np.float64) @ b.astype(np.float64)
+    a, b, expected = _big_product()
     a_device, b_device, c = cupy.asarray(a), cupy.asarray(b), cupy.empty((4096, 4096), np.float32)
     one, zero = np.ones((), np.float32), np.zeros((), np.float32)
     # Column-major: c.T = b.T @ a.T, as in _cuda_cublas.gemm; 77 = CUBLAS_COMPUTE_32F_FAST_TF32.

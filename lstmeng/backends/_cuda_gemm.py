@@ -490,23 +490,28 @@ def kernel_source(tiles: GemmTiles, *, transpose_a: bool, transpose_b: bool, wit
 
 # -- bias rows for the cuBLAS path -----------------------------------------------------------------------------
 BIAS_ROWS_THREADS = 256
+_bias_rows: dict = {}
 
 
-@cuda.jit
-def _bias_rows(bias, c, accumulate):
-    """c[m, n] = bias[n] (+ c[m, n]); bias: [N], c: [M, N]; grid-stride over all elements."""
-    rows, columns = c.shape
-    start = cuda.grid(1)
-    for index in range(start, rows * columns, cuda.gridsize(1)):
-        row, column = index // columns, index % columns
-        if accumulate:
-            c[row, column] += bias[column]
-        else:
-            c[row, column] = bias[column]
+def _bias_rows_kernel(accumulate: bool):
+    """c[m, n] = bias[n] (+ c[m, n]) with ``accumulate`` fixed at compile time (cached)."""
+    if accumulate not in _bias_rows:
+        @cuda.jit
+        def bias_rows(bias, c):
+            """bias: [N], c: [M, N]; grid-stride over all elements."""
+            rows, columns = c.shape
+            for index in range(cuda.grid(1), rows * columns, cuda.gridsize(1)):
+                row, column = index // columns, index % columns
+                if accumulate:
+                    c[row, column] += bias[column]
+                else:
+                    c[row, column] = bias[column]
+        _bias_rows[accumulate] = bias_rows
+    return _bias_rows[accumulate]
 
 
 def _launch_bias_rows(bias, c, accumulate) -> None:
     # A Numba kernel on the default stream rather than a CuPy elementwise kernel: no NVRTC compile
     # at first use, and the ordering with the cuBLAS call follows from the shared stream.
     blocks = max(1, min(1024, math.ceil(c.shape[0] * c.shape[1] / BIAS_ROWS_THREADS)))
-    _bias_rows[blocks, BIAS_ROWS_THREADS](bias, c, bool(accumulate))
+    _bias_rows_kernel(bool(accumulate))[blocks, BIAS_ROWS_THREADS](bias, c)
