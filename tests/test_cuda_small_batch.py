@@ -81,9 +81,9 @@ FLAG_CASES = [
           gpu_units=1024),
     _case(mask="holes", dtype="float64", activation="linear", recurrent_activation="sigmoid", reverse=True,
           dropout=True),
-    _case(mask="right", activation="sigmoid", recurrent_activation="linear", zero_output_for_mask=True,
+    _case(mask="right", activation="sigmoid", recurrent_activation="sigmoid", zero_output_for_mask=True,
           use_bias=False, units=5, gpu_units=1000),
-    _case(batch=1, units=8, steps=3, activation="hard_sigmoid", recurrent_activation="tanh", gpu_units=128),
+    _case(batch=1, units=8, steps=3, activation="linear", recurrent_activation="hard_sigmoid", gpu_units=128),
 ]
 
 
@@ -167,8 +167,9 @@ def test_design_follows_the_batch_and_falls_back(monkeypatch):
     ("backward", "float32", 1024, 1, (8, 128, True, (8 * 4096 + 4096) * 4)),
     ("backward", "float32", 1024, 8, (8, 128, False, 8 * 4096 * 4)),
     ("forward", "float64", 1024, 4, (8, 128, False, 4 * 1024 * 8)),
-    ("forward", "float32", 256, 8, (2, 128, True, (2 * 256 * 4 + 8 * 256) * 4)),
-    ("forward", "float32", 100, 1, (1, 100, True, (4 * 128 + 128) * 4)),   # H padded to 128 per dot product
+    # Small H: at least 8 warps per block (fewer arrivals at the barrier), H padded to 32s.
+    ("forward", "float32", 256, 8, (8, 32, True, (8 * 256 * 4 + 8 * 256) * 4)),
+    ("forward", "float32", 100, 1, (8, 13, True, (8 * 4 * 128 + 128) * 4)),
     ("forward", "float32", 8192, 1, None),          # 63 units per block: more than 32 warps
     ("backward", "float64", 4096, 16, None),        # dz staging alone exceeds shared memory
     ("forward", "float32", 256, 17, None),          # not a small batch

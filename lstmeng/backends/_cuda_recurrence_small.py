@@ -75,6 +75,11 @@ from numba import cuda
 SMALL_BATCH_MAX_ROWS = 16
 #: A warp owns one unit; a block holds at most 32 warps.
 MAX_UNITS_PER_BLOCK = 32
+#: ... and at least 8 when H allows: fewer blocks make the grid barrier cheaper (fewer
+#: arrivals on one counter) and give the staging copy more threads.
+MIN_UNITS_PER_BLOCK = 8
+#: Values each thread loads into registers before storing them to shared memory.
+STAGE_GROUP = 8
 WARP = 32
 
 ACTIVATION_NAMES = {0: "tanh", 1: "relu", 2: "sigmoid", 3: "linear", 4: "hard_sigmoid"}
@@ -181,22 +186,52 @@ def _activation_functions(name: str, scalar):
 # -- source generation ---------------------------------------------------------------------
 def _barrier(simulator: bool, indent: str) -> str:
     """The arrival-counter grid barrier; ``barrier_index`` counts this launch's barriers from 0."""
-    # The poll is an atomic (atom.global.add of 0: served by L2, never by a stale L1 line).
-    # Not cuda.ldcv: numba emits it as inline asm without side effects, and LLVM hoists it
-    # out of the spin loop (seen in the PTX: the loop then re-tests one stale register
-    # forever - a deadlock on the GPU). The simulator runs one block; a plain read is enough.
-    poll = "barrier_counter[0]" if simulator else "cuda.atomic.add(barrier_counter, 0, NO_ARRIVAL)"
+    # The poll is ld.global.cv (never served by a stale L1 line). numba emits cuda.ldcv as
+    # inline asm without side effects, which LLVM hoists out of a spin loop whose operands do
+    # not change (seen in the PTX: a loop re-testing one stale register, a deadlock). So the
+    # index of each poll is computed from the value the previous poll read (``seen >> 31``:
+    # always 0, as the counter stays below 2**31, but not provable at compile time), which
+    # keeps every poll inside the loop. The simulator runs one block: a plain read suffices.
+    poll = "barrier_counter[seen >> 31]" if simulator else "cuda.ldcv(barrier_counter, seen >> 31)"
     lines = [
         "cuda.syncthreads()                  # every warp of the block has stored its part of the step",
         "if thread == 0:",
         "    cuda.threadfence()              # release: those stores reach device scope before the arrival",
-        "    cuda.atomic.add(barrier_counter, 0, ONE_ARRIVAL)",
+        "    seen = cuda.atomic.add(barrier_counter, 0, ONE_ARRIVAL) + ONE_ARRIVAL",
         "    target = numba.uint32((barrier_index + 1) * BLOCKS)   # only grows: no reset between steps",
-        f"    while {poll} < target:",
-        "        pass",
+        "    while seen < target:",
+        f"        seen = {poll}",
         "    cuda.threadfence()              # acquire: no later load is served before the arrivals were seen",
         "cuda.syncthreads()",
     ]
+    return "\n".join(indent + line for line in lines)
+
+
+def _staging(c: SmallRecurrenceConfig, source: str, scale: str | None, indent: str) -> str:
+    """Code copying ``ROWS x KP`` values of ``source`` (an expression in r and k, valid for
+    k < LENGTH) into ``staged``, zero-padded, times ``scale`` (an expression, or None).
+
+    Each thread loads STAGE_GROUP values into registers before storing any, so their
+    latencies overlap (a plain strided loop waits for one L2 round trip per value).
+    Plain loads, as in CUDA's own grid sync: the barrier's acquire fence orders them after
+    the other blocks' release fences (cuda.ldcg, inline asm without side effects, could be
+    moved across the barrier by LLVM).
+    """
+    group = STAGE_GROUP
+    passes = math.ceil(c.rows * c.reduction_length / (group * c.threads))
+    lines = ["stage_pass = 0", f"while stage_pass < {passes}:",
+             f"    first = thread + stage_pass * {group * c.threads}"]
+    for g in range(group):
+        lines += [f"    i{g} = first + {g * c.threads}",
+                  f"    v{g} = ZERO",
+                  f"    if i{g} < ROWS * KP:",
+                  f"        r = i{g} // KP",
+                  f"        k = i{g} % KP",
+                  "        if k < LENGTH:",
+                  f"            v{g} = {source}" + (f" * {scale}" if scale else "")]
+    for g in range(group):
+        lines += [f"    if i{g} < ROWS * KP:", f"        staged[i{g}] = v{g}"]
+    lines += ["    stage_pass += 1"]
     return "\n".join(indent + line for line in lines)
 
 
@@ -217,16 +252,6 @@ def _warp_sum(config: SmallRecurrenceConfig, names: list[str], indent: str) -> s
         lines += [f"    {n} += reduction[first + other * {count} + {j}]" for j, n in enumerate(names)]
         lines += ["cuda.syncthreads()"]
     return "\n".join(indent + line for line in lines)
-
-
-def _load(config: SmallRecurrenceConfig, array: str, index: str) -> str:
-    """A load of data another block published this launch.
-
-    A plain load, as in CUDA's own grid sync: the acquire fence of the barrier orders it
-    after the other blocks' release fences. (cuda.ldcg is inline asm without side effects
-    that LLVM may move across the barrier, so it is not used.)
-    """
-    return f"{array}[{index}]"
 
 
 def _unroll(c: SmallRecurrenceConfig) -> int:
@@ -311,16 +336,10 @@ def forward_recurrence_small(projection, recurrent_kernel, recurrent_dropout, ma
             p_f = projection[row, t, H + unit]
             p_g = projection[row, t, 2 * H + unit]
             p_o = projection[row, t, 3 * H + unit]
-        for index in range(thread, ROWS * KP, THREADS):
-            r = index // KP
-            k = index % KP
-            value = ZERO
-            if k < H:''')
-    s.append("                value = " + _load(c, "h_buffers", "current, r, k"))
-    if c.has_recurrent_dropout:
-        s.append("                value *= recurrent_dropout[r, k]")
-    s.append('''            staged[index] = value
-        cuda.syncthreads()''')
+''')
+    s.append(_staging(c, "h_buffers[current, r, k]", "recurrent_dropout[r, k]" if c.has_recurrent_dropout else None,
+                      "        "))
+    s.append('''        cuda.syncthreads()''')
     for name in acc:
         s.append(f"        {name} = ZERO")
     # The FMA loop: UNROLL steps of k per pass with constant offsets from two
@@ -487,14 +506,9 @@ def backward_recurrence_small(doutputs, recurrent_kernel, recurrent_dropout, mas
         barrier_index = step''')
     s.append(_barrier(c.simulator, "        "))
     s.append('''        # Phase B: dh(t-1)[:, unit] = dz(t) [B, 4H] @ recurrent_kernel[unit, :].
-        for index in range(thread, ROWS * KP, THREADS):
-            r = index // KP
-            j = index % KP
-            value = ZERO
-            if j < 4 * H:''')
-    s.append("                value = " + _load(c, "gate_grads", "r, t, j"))
-    s.append('''            staged[index] = value
-        cuda.syncthreads()''')
+''')
+    s.append(_staging(c, "gate_grads[r, t, k]", None, "        "))
+    s.append('''        cuda.syncthreads()''')
     for name in acc:
         s.append(f"        {name} = ZERO")
     unroll = _unroll(c)
@@ -538,6 +552,7 @@ def _build(config: SmallRecurrenceConfig):
         "ONE_ARRIVAL": np.uint32(1), "NO_ARRIVAL": np.uint32(0), "FULL_MASK": np.uint32(0xFFFFFFFF),
         "H": config.units, "ROWS": config.rows, "U": config.units_per_block, "BLOCKS": config.blocks,
         "THREADS": config.threads, "KP": config.reduction_length,
+        "LENGTH": config.units if forward else 4 * config.units,
         "NK": config.reduction_length // WARP, "NJ": config.reduction_length // WARP,
         "WEIGHT_VALUES": config.weight_values(), "SHARED_VALUES": config.shared_values(),
         "ACCUMULATORS": 4 * config.rows if forward else config.rows,
@@ -614,7 +629,7 @@ def plan(direction, dtype, units, batch, flags, *, simulator, multiprocessors=No
     if simulator:
         units_per_block, blocks = units, 1     # the simulator's cooperative grids hold one block
     else:
-        units_per_block = math.ceil(units / max(1, int(multiprocessors)))
+        units_per_block = max(math.ceil(units / max(1, int(multiprocessors))), min(MIN_UNITS_PER_BLOCK, units))
         blocks = math.ceil(units / units_per_block)
     if units_per_block > MAX_UNITS_PER_BLOCK:
         return None
