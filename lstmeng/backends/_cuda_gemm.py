@@ -248,7 +248,15 @@ def launch_numba_gemm(a, b, c, bias=None, *, transpose_a=False, transpose_b=Fals
         splits = 1 if simulator else choose_splits(grid[0] * grid[1], depth)
     k_per_split = math.ceil(math.ceil(depth / max(splits, 1)) / tiles.tile_k) * tiles.tile_k
     splits = math.ceil(depth / k_per_split) if depth else 1
-    flat_a, flat_b, flat_c = _flat(a, "a"), _flat(b, "b"), _flat(c, "c")
+    if not _is_c_contiguous(c):
+        # A strided output: compute into a contiguous temporary and copy it back.
+        staged = _contiguous(c) if accumulate else cuda.device_array(tuple(c.shape), np.dtype(c.dtype))
+        launch_numba_gemm(a, b, staged, bias, transpose_a=transpose_a, transpose_b=transpose_b,
+                          accumulate=accumulate, tiles=tiles, splits=splits)
+        _launch_copy_2d(staged, c)
+        return
+    # Strided inputs (views of user arrays) are copied once; the kernel reads flat C-order operands.
+    flat_a, flat_b, flat_c = _flat(_contiguous(a), "a"), _flat(_contiguous(b), "b"), _flat(c, "c")
     if splits == 1:
         kernel = gemm_kernel(c.dtype, tiles, transpose_a=bool(transpose_a), transpose_b=bool(transpose_b),
                              with_bias=bias is not None, accumulate=bool(accumulate))
@@ -315,12 +323,40 @@ def _split_sum_kernel(*, with_bias: bool, accumulate: bool):
 
 
 def _flat(array, name: str):
-    """``array`` as a 1-D view in C order; ValueError unless it is C-contiguous (no copy is made)."""
-    contiguous = array.flags["C_CONTIGUOUS"] if hasattr(array, "flags") else array.is_c_contiguous()
-    if not contiguous:
+    """``array`` as a 1-D view in C order (no copy); ValueError unless it is C-contiguous."""
+    if not _is_c_contiguous(array):
         raise ValueError(f"launch_gemm: {name} must be C-contiguous, got strides {array.strides} "
                          f"for shape {array.shape}")
     return array.reshape(array.size)
+
+
+def _is_c_contiguous(array) -> bool:
+    return array.flags["C_CONTIGUOUS"] if hasattr(array, "flags") else array.is_c_contiguous()
+
+
+COPY_THREADS = 256
+
+
+@cuda.jit
+def _copy_2d(source, target):
+    """target[m, n] = source[m, n] for any strides; both [M, N]; grid-stride over the elements."""
+    rows, columns = target.shape
+    for index in range(cuda.grid(1), rows * columns, cuda.gridsize(1)):
+        target[index // columns, index % columns] = source[index // columns, index % columns]
+
+
+def _launch_copy_2d(source, target) -> None:
+    blocks = max(1, min(4096, math.ceil(source.shape[0] * source.shape[1] / COPY_THREADS)))
+    _copy_2d[blocks, COPY_THREADS](source, target)
+
+
+def _contiguous(array):
+    """``array`` itself when C-contiguous, else a C-contiguous device copy (strided views of user arrays)."""
+    if _is_c_contiguous(array):
+        return array
+    copy = cuda.device_array(tuple(array.shape), np.dtype(array.dtype))
+    _launch_copy_2d(array, copy)
+    return copy
 
 
 _kernels: dict = {}
