@@ -32,13 +32,17 @@ latency hides behind 512 FMAs. Each thread accumulates an 8x8 register tile
 as two 4-row by two 4-column groups 64 apart, so its shared reads are four
 aligned 16-byte vectors per k (LDS.128, 64 FMAs per 4 loads) and a warp reads
 them without bank conflicts. The kernel source is generated per variant
-(dtype, transpose_a, transpose_b, bias, accumulate, tile shape) with the
-8x8 accumulators as named scalars: Numba local arrays indexed in loops were
-left in local memory (the old kernel spilled at 8x8), and generated
+(dtype, transpose_a, transpose_b, bias, accumulate, split-K, tile shape) with
+the 8x8 accumulators as named scalars: Numba local arrays indexed in loops
+were left in local memory (the old kernel spilled at 8x8), and generated
 straight-line code puts every accumulator in a register and every transpose
-and flag at compile time. Small outputs use 64x64 tiles (4x4 per thread) so
-that the GPU still gets enough blocks; under the CUDA simulator the same
-generator emits 8x8 tiles with 4 threads so tests stay fast.
+and flag at compile time. Operands arrive flattened (C order) so that a
+global load is one add from a per-thread start. Outputs with fewer tiles than
+SMs (the weight gradients: small [I, 4H] over K = B*T) split K over blocks
+and sum the partials in a second, deterministic kernel; outputs too small
+even for that use 64x64 tiles (4x4 per thread), as does float64. Under the
+CUDA simulator the same generator emits 8x8 tiles with 4 threads so tests
+stay fast.
 """
 
 from __future__ import annotations
@@ -98,8 +102,9 @@ GPU_LARGE_TILES = GemmTiles(tile_m=128, tile_n=128, tile_k=8, thread_m=8, thread
 #: 64x64x8 tiles, 4x4 per thread, 256 threads: for outputs with too few large tiles, and for float64
 #: (8x8 float64 accumulators would need 128 registers on their own).
 GPU_TILES = GemmTiles(tile_m=64, tile_n=64, tile_k=8, thread_m=4, thread_n=4)
-#: Use the large tiles when they still give this many blocks (one per SM of an H100/H200: at about
-#: 128 registers a thread, two blocks fit an SM, and fewer blocks than SMs leave SMs idle).
+#: Use the large tiles when they (split over K if need be) still give this many blocks: one per SM of
+#: an H100/H200 (at 143-167 registers a thread one 256-thread block fits an SM; fewer blocks than SMs
+#: leave SMs idle).
 LARGE_TILE_MIN_BLOCKS = 132
 #: Under the simulator every thread is a Python thread: 4 threads, 8x8 tiles.
 SIMULATOR_TILES = GemmTiles(tile_m=8, tile_n=8, tile_k=4, thread_m=4, thread_n=4)
@@ -137,7 +142,7 @@ def _cublas_status() -> tuple[bool, str]:
 
 
 def gemm_path() -> str:
-    """The active GEMM path in words, with the reason, e.g. "cuBLAS via CuPy 14.2.0 (float32, no TF32)"."""
+    """The active GEMM path in words, with the reason, e.g. "Numba tiled GEMM (CuPy not installed)"."""
     requested = requested_path()
     if requested == "numba":
         return f"Numba tiled GEMM (forced by {PATH_VARIABLE}=numba)"
