@@ -61,8 +61,8 @@ class DevicePool:
         self._wrap = wrap if wrap is not None else (lambda array: array)
         self.max_bytes = int(max_bytes)
         self._lock = threading.Lock()
-        self._free: list = []                 # owner blocks not in use, oldest first
-        self._lent: dict[int, tuple] = {}     # id(array handed out) -> (weakref to it, owner block)
+        self._free: list[_Block] = []          # blocks not in use, oldest first
+        self._lent: dict[int, tuple] = {}      # id(array handed out) -> (weakref to it, its _Block, view key)
         #: Blocks allocated so far (a steady-state loop stops increasing it; tests read it).
         self.allocations = 0
 
@@ -72,19 +72,26 @@ class DevicePool:
         or a new one."""
         dtype = np.dtype(dtype)
         shape = tuple(int(n) for n in shape)
-        needed = max(1, math.prod(shape) * dtype.itemsize)
+        nbytes = math.prod(shape) * dtype.itemsize
+        needed = max(1, nbytes)
         with self._lock:
             self._forget_dead()
-            fitting = [index for index, owner in enumerate(self._free)
-                       if needed <= owner.size <= 2 * needed]
-            owner = (self._free.pop(min(fitting, key=lambda index: self._free[index].size))
+            fitting = [index for index, block in enumerate(self._free)
+                       if needed <= block.nbytes <= 2 * needed]
+            block = (self._free.pop(min(fitting, key=lambda index: self._free[index].nbytes))
                      if fitting else None)
-        if owner is None:
-            owner = self._allocate(needed)
+        if block is None:
+            block = _Block(self._allocate(needed), needed)
             self.allocations += 1
-        array = self._wrap(owner[:math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape))
+        key = (shape, dtype.str)
+        # A loop asks for the same shapes every step: the view made last time is handed out
+        # again (building a device-array view costs microseconds of Python per array).
+        array = block.views.pop(key, None)
+        if array is None:
+            array = self._wrap(block.owner[:nbytes].view(dtype).reshape(shape))
         with self._lock:
-            self._lent[id(array)] = (weakref.ref(array), owner)
+            # The record holds the array weakly, so an array dropped without give() frees its block.
+            self._lent[id(array)] = (weakref.ref(array), block, key)
         return array
 
     def give(self, *arrays) -> None:
@@ -98,24 +105,37 @@ class DevicePool:
                 if entry is None or entry[0]() is not array:
                     continue
                 del self._lent[id(array)]
-                owner = entry[1]
-                if owner.size > self.max_bytes or any(kept is owner for kept in self._free):
+                _, block, key = entry
+                if block.nbytes > self.max_bytes or any(kept is block for kept in self._free):
                     continue
-                self._free.append(owner)
-                while sum(kept.size for kept in self._free) > self.max_bytes:
+                block.views[key] = array
+                self._free.append(block)
+                while sum(kept.nbytes for kept in self._free) > self.max_bytes:
                     self._free.pop(0)
 
     def _forget_dead(self) -> None:
         """Drop the records of arrays collected without ``give`` (their blocks are freed with them)."""
-        for key in [key for key, (ref, _) in self._lent.items() if ref() is None]:
+        for key in [key for key, (ref, _, _) in self._lent.items() if ref() is None]:
             del self._lent[key]
 
     def cached_bytes(self) -> int:
         """Bytes kept for reuse now."""
         with self._lock:
-            return sum(owner.size for owner in self._free)
+            return sum(block.nbytes for block in self._free)
 
     def clear(self) -> None:
         """Drop every free block (their memory goes back to the driver once unreferenced)."""
         with self._lock:
             self._free.clear()
+
+
+class _Block:
+    """One device allocation: its owner array (1-D uint8), its size, and the views of it
+    handed out before, by (shape, dtype), kept while the block is free."""
+
+    __slots__ = ("owner", "nbytes", "views")
+
+    def __init__(self, owner, nbytes: int):
+        self.owner = owner
+        self.nbytes = int(nbytes)
+        self.views: dict = {}
