@@ -610,3 +610,24 @@ def test_numba_gemm_compiles_to_hopper_ptx_with_accumulators_in_registers():
         assert "local bytes 0" in line, line
         if "float32" in line:
             assert line.endswith("True"), line
+
+
+@needs_gpu
+def test_gpu_cublas_is_ordered_with_numba_launches(path_switch):
+    """Numba kernel -> cuBLAS -> Numba kernel with no synchronisation in between, while user code has a
+    non-blocking CuPy stream current: the GEMM must still run on numba's default stream, in order."""
+    if "cublas" not in _gpu_paths():
+        pytest.skip(f"cuBLAS path unusable: {cublas_path.status()[1]}")
+    import cupy
+    path_switch.setenv(gemm.PATH_VARIABLE, "cublas")
+    flags = dict(transpose_a=False, transpose_b=False)
+    a, b, bias, _ = operands(4096, 4096, 2048, dtype=np.float32, **flags)
+    a_source, b_device, bias_device = cuda.to_device(a), cuda.to_device(b), cuda.to_device(bias)
+    a_device = cuda.device_array_like(a_source)
+    c, c_copy = cuda.device_array((4096, 4096), np.float32), cuda.device_array((4096, 4096), np.float32)
+    cuda.synchronize()
+    with cupy.cuda.Stream(non_blocking=True):
+        gemm._launch_copy_2d(a_source, a_device)              # producer (numba, default stream)
+        gemm.launch_gemm(a_device, b_device, c, bias_device)  # cuBLAS
+        gemm._launch_copy_2d(c, c_copy)                       # consumer (numba, default stream)
+    assert relative_error(c_copy.copy_to_host(), reference(a, b, bias, 0, accumulate=False, **flags)) < 2e-5
