@@ -495,3 +495,39 @@ def test_gpu_bench_loop_modes_run_under_the_simulator(backend, capsys, mode):
             assert float(line.rsplit(" ", 1)[-1]) < 1e-5, line
     if mode == "--overhead":
         assert "device memory over 5 training steps" in output and "blocks allocated during them: 0" in output
+
+
+# -- the pool itself --------------------------------------------------------------------------
+def test_device_pool_reuses_bounds_and_frees(backend):
+    import gc
+    from numba import cuda
+    from lstmeng.backends import numba_cuda
+    from lstmeng.backends._device_pool import DevicePool
+    pool = DevicePool(lambda nbytes: cuda.device_array(nbytes, dtype=np.uint8), max_bytes=1000,
+                      wrap=numba_cuda._simulated)
+    a = pool.take((10, 10), np.float32)                  # 400 bytes, new
+    assert tuple(a.shape) == (10, 10) and np.dtype(a.dtype) == np.float32 and pool.allocations == 1
+    pool.give(a)
+    b = pool.take((10, 10), np.float32)                  # the same block, and the same view again
+    assert b is a and pool.allocations == 1
+    c = pool.take((4, 10), np.float32)                   # 160 bytes: a 400-byte block is over twice it
+    assert pool.allocations == 2
+    d = pool.take((2, 3), np.bool_)                      # tiny and of another dtype
+    pool.give(b, c, d, np.zeros(3))                      # arrays not from the pool are ignored
+    assert pool.cached_bytes() == 400 + 160 + 6
+    pool.give(b)                                         # given twice: kept once
+    assert pool.cached_bytes() == 566
+    big = pool.take((300,), np.float32)                  # 1200 bytes > max_bytes: never kept
+    pool.give(big)
+    assert pool.cached_bytes() == 566
+    kept = [pool.take((5, 5), np.float64) for _ in range(3)]   # 3 x 200 bytes, new blocks
+    pool.give(*kept)                                     # over 1000 bytes: the oldest blocks go
+    assert pool.cached_bytes() <= 1000
+    lost = pool.take((50,), np.float32)
+    record_count = len(pool._lent)
+    del lost
+    gc.collect()
+    pool.take((1,), np.float32)                          # forgets the record of the dropped array
+    assert len(pool._lent) == record_count
+    pool.clear()
+    assert pool.cached_bytes() == 0
