@@ -631,3 +631,16 @@ def test_gpu_cublas_is_ordered_with_numba_launches(path_switch):
         gemm.launch_gemm(a_device, b_device, c, bias_device)  # cuBLAS
         gemm._launch_copy_2d(c, c_copy)                       # consumer (numba, default stream)
     assert relative_error(c_copy.copy_to_host(), reference(a, b, bias, 0, accumulate=False, **flags)) < 2e-5
+
+
+@needs_gpu
+@pytest.mark.parametrize("path", ["numba", "cublas"])
+def test_gpu_float64_accumulate_and_split_k(path_switch, path):
+    """float64, accumulate and bias at an odd size whose K is split on the Numba path."""
+    if path not in _gpu_paths():
+        pytest.skip(f"cuBLAS path unusable: {cublas_path.status()[1]}")
+    path_switch.setenv(gemm.PATH_VARIABLE, path)
+    flags = dict(transpose_a=True, transpose_b=False)
+    a, b, bias, c0 = operands(130, 250, 3001, dtype=np.float64, **flags)
+    result = run_gemm(gemm.launch_gemm, a, b, bias, c0, accumulate=True, **flags)
+    assert relative_error(result, reference(a, b, bias, c0, accumulate=True, **flags)) < 1e-12
