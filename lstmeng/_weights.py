@@ -271,6 +271,9 @@ def array_dtype_name(array, argument="x") -> str:
     the one field torch, CuPy and Numba agree on (torch's own dtype prints as
     "torch.float32").
     """
+    dtype = getattr(array, "dtype", None)
+    if isinstance(dtype, np.dtype):   # Numba and CuPy arrays: no interface dict to build
+        return dtype.name
     if registry.array_kind(array) == "cuda":
         try:
             interface = array.__cuda_array_interface__
@@ -278,7 +281,6 @@ def array_dtype_name(array, argument="x") -> str:
             raise TypeError(f"{argument}: cannot read this CUDA array without a copy ({error}); "
                             f"pass {argument}.detach()") from None
         return np.dtype(interface["typestr"]).name
-    dtype = array.dtype
     return getattr(dtype, "name", str(dtype))
 
 
