@@ -51,6 +51,8 @@ class Bidirectional:
             if config["seed"] is not None:
                 config["seed"] += 1  # different weights and dropout masks from the forward copy
             backward_layer = LSTM.from_config(config)
+            if layer.device != "cpu":
+                backward_layer.to(layer.device)   # the copy lives where the forward layer does
         elif not isinstance(backward_layer, LSTM):
             raise TypeError(f"backward_layer must be an lstmeng.LSTM, got {type(backward_layer).__name__}")
         else:

@@ -169,6 +169,11 @@ def test_cell_and_wrappers_move_with_to(backend):
         np.testing.assert_allclose(backend.to_numpy(value), reference_cell.grads[name], rtol=2e-4, atol=2e-5)
 
 
+def test_bidirectional_makes_its_backward_copy_on_the_forward_layer_device(backend):
+    bidirectional = le.Bidirectional(le.LSTM(3, seed=0).to("cuda"))
+    assert bidirectional.forward_layer.device == bidirectional.backward_layer.device == "cuda:0"
+
+
 def test_stateful_states_move_with_the_layer(backend):
     layer = le.LSTM(3, stateful=True, backend="numba_cuda", seed=0)
     layer(np.ones((2, 2, 2), np.float32))
