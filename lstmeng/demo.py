@@ -18,8 +18,8 @@ mask), both learned by the same model::
   model must carry one end's token across the whole filler. Tokens go through
   an embedding table trained with the model.
 
-Only NumPy and lstmeng are used: the dense head, the embedding, the losses and
-Adam are written here.
+Only NumPy and lstmeng are used: the dense head, the embedding and the losses
+are written here; Adam and gradient clipping come from ``lstmeng.optim``.
 """
 
 from __future__ import annotations
@@ -27,12 +27,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import types
 from typing import Callable
 
 import numpy as np
 
 import lstmeng as le
-from lstmeng import info
+from lstmeng import info, optim
 from lstmeng.backends import registry
 
 TASKS = ("adding", "sentiment")
@@ -41,6 +42,8 @@ TASKS = ("adding", "sentiment")
 # threads cost more in hand-offs than they save, and on a busy machine they
 # can make a step many times slower.
 DEFAULT_BLAS_THREADS = 1
+#: Largest global gradient norm of a training step (larger gradients are scaled down).
+GRADIENT_CLIP_NORM = 1.0
 
 
 class DivergenceError(RuntimeError):
@@ -177,33 +180,23 @@ class Embedding:
 
 
 class Adam:
-    """Adam (Kingma & Ba, 2015) updating a dict of arrays in place, with global-norm clipping."""
+    """Deprecated: the demo's former optimizer, now a thin adapter over ``lstmeng.optim``.
+
+    Kept only until tests/test_cli.py's two tests of it move to
+    tests/test_optim.py (which tests the same formulas against torch.optim);
+    delete it with them. The demo itself calls ``lstmeng.optim`` directly.
+    """
 
     def __init__(self, learning_rate: float, clip_norm: float = 1.0, beta1: float = 0.9, beta2: float = 0.999,
                  epsilon: float = 1e-7):
-        self.learning_rate, self.clip_norm = learning_rate, clip_norm
-        self.beta1, self.beta2, self.epsilon = beta1, beta2, epsilon
-        self._first: dict[str, np.ndarray] = {}
-        self._second: dict[str, np.ndarray] = {}
-        self._steps = 0
+        self._holder = types.SimpleNamespace(params={}, grads={})
+        self._optimizer = optim.Adam(self._holder, lr=learning_rate, betas=(beta1, beta2), eps=epsilon)
+        self.clip_norm = clip_norm
 
     def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
-        norm = math.sqrt(sum(float(np.vdot(g, g)) for g in grads.values()))
-        # Clipping keeps one unlucky batch (a large gradient through a long
-        # sequence) from throwing the weights far away.
-        scale = min(1.0, self.clip_norm / (norm + 1e-12))
-        self._steps += 1
-        correction1 = 1.0 - self.beta1 ** self._steps
-        correction2 = 1.0 - self.beta2 ** self._steps
-        for name, param in params.items():
-            grad = grads[name] * scale
-            first = self._first.setdefault(name, np.zeros_like(param))
-            second = self._second.setdefault(name, np.zeros_like(param))
-            first *= self.beta1
-            first += (1.0 - self.beta1) * grad
-            second *= self.beta2
-            second += (1.0 - self.beta2) * grad * grad
-            param -= (self.learning_rate / correction1) * first / (np.sqrt(second / correction2) + self.epsilon)
+        self._holder.params, self._holder.grads = params, grads
+        optim.clip_grad_norm(self._holder, self.clip_norm)
+        self._optimizer.step()
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -234,6 +227,8 @@ class DemoModel:
             parts["embedding"] = self.embedding
         return parts
 
+    # params and grads make the model an optimizer target (lstmeng.optim reads both
+    # at every step): a new dict whose values are the parts' live arrays.
     @property
     def params(self) -> dict[str, np.ndarray]:
         return {f"{prefix}.{name}": value for prefix, part in self.parts().items()
@@ -386,7 +381,8 @@ def _train(task: TaskSpec, backend: str, epochs: int | None, seed: int, progress
     model = DemoModel(task.input_features, task.first_units, task.second_units, backend, seed,
                       vocabulary=task.vocabulary)
     backend_name = model.backend.name
-    optimizer = Adam(task.learning_rate)
+    # eps 1e-7 is Keras's default, which the demo's settings were tuned with.
+    optimizer = optim.Adam(model, lr=task.learning_rate, eps=1e-7)
 
     batch_loss, train_loss, scores = [], [], []
     seconds = 0.0
@@ -405,7 +401,10 @@ def _train(task: TaskSpec, backend: str, epochs: int | None, seed: int, progress
                     f"training diverged: the loss is {loss} at epoch {epoch}, batch {done} "
                     f"(backend {backend_name}); try a lower learning rate or another --seed")
             model.backward(doutputs)
-            optimizer.step(model.params, model.grads)
+            # Clipping keeps one unlucky batch (a large gradient through a long
+            # sequence) from throwing the weights far away.
+            optim.clip_grad_norm(model, max_norm=GRADIENT_CLIP_NORM)
+            optimizer.step()
             epoch_losses.append(loss)
             elapsed = time.perf_counter() - epoch_start
             bar.set_postfix(loss=f"{np.mean(epoch_losses[-20:]):.4f}",

@@ -66,6 +66,8 @@ def _host_copy(array) -> np.ndarray:
 
 
 def _dtype_of(array) -> np.dtype:
+    if isinstance(array, np.ndarray):
+        return array.dtype
     dtype = array.dtype
     if _is_device_array(array) and not isinstance(dtype, np.dtype):  # torch.float32 and the like
         dtype = _device_kernels().flat_view(array, "array").dtype
@@ -73,7 +75,7 @@ def _dtype_of(array) -> np.dtype:
 
 
 def _shape_of(array) -> tuple:
-    return tuple(int(n) for n in array.shape)
+    return tuple(array.shape)   # a plain tuple also for torch.Size
 
 
 def _where(array) -> str:
