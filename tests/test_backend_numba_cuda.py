@@ -225,7 +225,7 @@ def _weights_only(shapes, model):
 
 def _check_training_step_on_device(backend, monkeypatch, host, gpu, x, expected, rng, **call):
     """Run ``gpu`` on device arrays and compare with the host model's ``expected`` output:
-    outputs and dx stay on the device, only weight gradients come to the host, and the
+    outputs, dx and the weight gradients stay on the device (nothing comes to the host), and the
     outputs, dx and weight gradients match the numpy model's."""
     copies = _HostCopies(backend, monkeypatch)
     actual = gpu(backend.asarray(x, np.float32), training=True, **call)

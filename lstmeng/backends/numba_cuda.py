@@ -19,10 +19,17 @@ No CUDA C++ and no cuDNN: every kernel is Python compiled by ``numba.cuda.jit``.
   are Numba device arrays (``numba.cuda.cudadrv.devicearray.DeviceNDArray``);
   ``cupy.asarray(result)`` or ``torch.as_tensor(result, device="cuda")`` wrap
   them without a copy.
+* Memory: scratch and training workspaces come from a bounded device pool
+  (``_device_pool``; ``release_buffers()`` empties it), default states and
+  state gradients are shared read-only zero arrays, and a GPU layer's weight
+  gradients are written into its previous ones (``grads_out``), so a training
+  loop allocates only its outputs. Layers on the GPU keep their weights here
+  as device arrays (``LSTM.to("cuda")``): nothing is copied per call.
 
 Streams: every launch goes to Numba's default stream, which orders it with
 PyTorch's and CuPy's default streams; work queued on other streams must be
-synchronised by the caller.
+synchronised by the caller. The pool relies on that one stream: a block
+handed out again is only written by launches queued after its last reader.
 
 Under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, set before numba is
 imported) the same kernels run in Python, slowly, for tests: the backend then
