@@ -156,6 +156,8 @@ def _parameters_with_grads(models: list) -> list[_Parameter]:
         if _dtype_of(grad) != _dtype_of(value):
             raise TypeError(f"grads[{name!r}] has dtype {_dtype_of(grad)}, but the parameter has "
                             f"{_dtype_of(value)}")
+        if isinstance(value, np.ndarray) and not value.flags.writeable:
+            raise ValueError(f"params[{name!r}] is read-only: the optimizer updates parameters in place")
         if _where(grad) != _where(value):
             raise ValueError(f"grads[{name!r}] is on {_where(grad)} but the parameter is on {_where(value)}: "
                              f"keep both on one device")

@@ -285,6 +285,11 @@ def test_bad_models_and_gradients_raise_before_changing_anything():
     model.grads["bias"] = np.ones(8, np.float64)
     with pytest.raises(TypeError, match=r"grads\['bias'\] has dtype float64, but the parameter has float32"):
         optimizer.step()
+    model.grads["bias"] = np.ones(8, np.float32)
+    params["bias"].flags.writeable = False
+    with pytest.raises(ValueError, match=r"params\['bias'\] is read-only"):
+        optimizer.step()
+    params["bias"].flags.writeable = True
     for name in params:   # the kernel, checked first, was not updated either
         np.testing.assert_array_equal(params[name], before[name])
     assert optimizer.step_count == 0
