@@ -133,15 +133,25 @@ def benchmark(arguments) -> list[str]:
             row = {"shape": shape, "product": product.name, "m": rows, "n": columns_n, "k": depth}
             cells = []
             for path in paths:
-                run, reason = _runner(path, product, device, output, gemm, torch, cublas_usable, cublas_reason,
-                                      simulate)
+                try:
+                    run, reason = _runner(path, product, device, output, gemm, torch, cublas_usable,
+                                          cublas_reason, simulate)
+                except Exception as failure:
+                    run, reason = None, f"setup failed: {type(failure).__name__}: {failure}"
                 if run is None:
                     row[path] = {"skipped": reason}
                     cells.append(f"{'-':>17} {'-':>8}")
                     continue
-                _poison(output, simulate)   # a path that writes nothing must show up as an error
-                seconds = _median_time(run, cuda, arguments, simulate)
-                error = _error(output.copy_to_host()[np.ix_(*sample)], expected)
+                try:   # one run on the GPU: a failing path is reported, the others still measured
+                    _poison(output, simulate)   # a path that writes nothing must show up as an error
+                    seconds = _median_time(run, cuda, arguments, simulate)
+                    error = _error(output.copy_to_host()[np.ix_(*sample)], expected)
+                except Exception as failure:
+                    row[path] = {"failed": f"{type(failure).__name__}: {failure}"}
+                    cells.append(f"{'FAILED':>17} {'-':>8}")
+                    lines.append(f"  {path} on {product.name} {shape}: {type(failure).__name__}: {failure}")
+                    print(lines[-1], flush=True)
+                    continue
                 tflops = 2.0 * rows * columns_n * depth / seconds / 1e12
                 row[path] = {"ms": seconds * 1e3, "tflops": tflops, "max_rel_error": error}
                 cells.append(f"{tflops:>17.2f} {error:>8.1e}")

@@ -644,3 +644,23 @@ def test_gpu_float64_accumulate_and_split_k(path_switch, path):
     a, b, bias, c0 = operands(130, 250, 3001, dtype=np.float64, **flags)
     result = run_gemm(gemm.launch_gemm, a, b, bias, c0, accumulate=True, **flags)
     assert relative_error(result, reference(a, b, bias, c0, accumulate=True, **flags)) < 1e-12
+
+
+# -- the benchmark script -------------------------------------------------------------------------------------
+@needs_simulator
+def test_gemm_benchmark_runs_in_simulate_mode(tmp_path, capsys):
+    """benchmarks/gpu_gemm.py --simulate: every product on the Numba path, errors against float64 small,
+    cuBLAS reported as skipped with its reason, and the JSON written."""
+    import importlib.util
+    import json
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_gemm.py")
+    spec = importlib.util.spec_from_file_location("gpu_gemm", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--simulate", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_gemm.json").read_text())
+    assert len(report["rows"]) == len(script.SIMULATED_SHAPES) * len(script.PRODUCTS)
+    for row in report["rows"]:
+        assert row["numba"]["max_rel_error"] < 1e-6, row
+        assert row["cublas"] == {"skipped": "CUDA simulator"}
+    assert "gemm_path(): Numba tiled GEMM (CUDA simulator)" in capsys.readouterr().out
