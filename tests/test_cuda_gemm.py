@@ -648,7 +648,7 @@ def test_gpu_float64_accumulate_and_split_k(path_switch, path):
 
 # -- the benchmark script -------------------------------------------------------------------------------------
 @needs_simulator
-def test_gemm_benchmark_runs_in_simulate_mode(tmp_path, capsys):
+def test_gemm_benchmark_runs_in_simulate_mode(tmp_path, capsys, monkeypatch):
     """benchmarks/gpu_gemm.py --simulate: every product on the Numba path, errors against float64 small,
     cuBLAS reported as skipped with its reason, and the JSON written."""
     import importlib.util
@@ -656,6 +656,7 @@ def test_gemm_benchmark_runs_in_simulate_mode(tmp_path, capsys):
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_gemm.py")
     spec = importlib.util.spec_from_file_location("gpu_gemm", path)
     script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_gemm", script)   # dataclasses look their module up there
     spec.loader.exec_module(script)
     assert script.main(["--simulate", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu_gemm.json").read_text())
