@@ -506,10 +506,9 @@ def test_gpu_bench_loop_modes_run_under_the_simulator(backend, capsys, mode):
 def test_device_pool_reuses_bounds_and_frees(backend):
     import gc
     from numba import cuda
-    from lstmeng.backends import numba_cuda
     from lstmeng.backends._device_pool import DevicePool
     pool = DevicePool(lambda nbytes: cuda.device_array(nbytes, dtype=np.uint8), max_bytes=1000,
-                      wrap=numba_cuda._simulated)
+                      wrap=backend._wrap)   # the simulator's wrapper there, the identity on a GPU
     a = pool.take((10, 10), np.float32)                  # 400 bytes, new
     assert tuple(a.shape) == (10, 10) and np.dtype(a.dtype) == np.float32 and pool.allocations == 1
     pool.give(a)
