@@ -16,7 +16,8 @@ weight gradients. Cases cover every mask pattern (none, right padding, left
 padding, holes, fully-masked rows), reverse, zero_output_for_mask,
 return_sequences, initial states, dropout masks, every activation, no bias, in
 every dtype the backend claims. ``size`` scales the shapes for real-size runs
-on a device.
+on a device; every case stays well-conditioned at every size (see
+``RECURRENT_GAIN``), so the same tight tolerances hold at size 1 and size 8.
 """
 
 from __future__ import annotations
