@@ -65,7 +65,11 @@ def _array(shape, dtype):
 
 
 def _variants():
-    """(label, python function, numba signature) of every kernel variant in the report."""
+    """(label, python function, numba signature, dynamic shared bytes at launch) of every variant.
+
+    Shared memory is dynamic in both designs (sized at launch), so it comes from the
+    launch plan on a 132-SM sm_90 GPU with 227 KB of opt-in shared memory, not from ptxas.
+    """
     import numba.cuda.dispatcher as dispatcher
     # Device functions ask the current device for its compute capability; there is none here.
     dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=COMPUTE_CAPABILITY)
@@ -83,9 +87,13 @@ def _variants():
     variants = []
     for rows in (1, 8):
         shape = dataclasses.replace(general.GPU_SHAPES["float32"], rows=rows)
-        variants.append((f"general forward  rows={rows}", general.forward_kernel(dt, shape).py_func, general_forward))
-        variants.append((f"general backward rows={rows}", general.backward_kernel(dt, shape).py_func,
-                         general_backward))
+        for units in (1024, 256):
+            owned, _, in_shared = general.choose_partition(units, 4, shape, 132, 227 * 1024)
+            shared = shape.shared_values(units, owned, in_shared) * 4
+            variants.append((f"general forward  H={units} rows={rows}", general.forward_kernel(dt, shape).py_func,
+                             general_forward, shared))
+            variants.append((f"general backward H={units} rows={rows}", general.backward_kernel(dt, shape).py_func,
+                             general_backward, shared))
     codes = general.ACTIVATION_CODES
     for units in (1024, 256):
         for batch in (1, 8):
@@ -95,18 +103,18 @@ def _variants():
                                     optin_limit=227 * 1024)
                 label = (f"small forward  H={units} B={batch} {'training ' if training else 'inference'} "
                          f"U={config.units_per_block} weights {'shared' if config.weights_in_shared else 'global'}")
-                variants.append((label, small.kernel_for(config).py_func, small_forward))
+                variants.append((label, small.kernel_for(config).py_func, small_forward, config.shared_values() * 4))
             flags = (codes["tanh"], codes["sigmoid"], False, False, True, False, False)
             config = small.plan("backward", dt, units, batch, flags, simulator=False, multiprocessors=132,
                                 optin_limit=227 * 1024)
             label = (f"small backward H={units} B={batch}           U={config.units_per_block} weights "
                      f"{'shared' if config.weights_in_shared else 'global'}")
-            variants.append((label, small.kernel_for(config).py_func, small_backward))
+            variants.append((label, small.kernel_for(config).py_func, small_backward, config.shared_values() * 4))
     # The masked, dropout, reversed variant: the flags add code outside the FMA loop only.
     flags = (codes["tanh"], codes["sigmoid"], True, False, True, True, True, True)
     config = small.plan("forward", dt, 1024, 8, flags, simulator=False, multiprocessors=132, optin_limit=227 * 1024)
     variants.append(("small forward  H=1024 B=8 training+mask+dropout+reverse", small.kernel_for(config).py_func,
-                     small_forward))
+                     small_forward, config.shared_values() * 4))
     return variants
 
 
@@ -187,12 +195,12 @@ def report(out=sys.stdout) -> None:
           f"{_numba_cuda_version()})", file=out)
     print("loop: the smallest loop around the basic block with the most FMAs; instr/FMA = instructions / FMAs "
           "in it (static)", file=out)
-    header = (f"{'kernel variant':<66} {'regs':>4} {'spill':>5} {'stack':>5} {'loop instr':>10} "
+    header = (f"{'kernel variant':<66} {'regs':>4} {'spill':>5} {'stack':>5} {'smem KB':>7} {'loop instr':>10} "
               f"{'FMA':>4} {'instr/FMA':>9} {'block instr/FMA':>15}")
     print(header, file=out)
     print("-" * len(header), file=out)
     with tempfile.TemporaryDirectory() as folder:
-        for index, (label, function, signature) in enumerate(_variants()):
+        for index, (label, function, signature, shared_bytes) in enumerate(_variants()):
             ptx, _ = cuda.compile_ptx(function, signature, cc=COMPUTE_CAPABILITY)
             ptx_path, cubin_path = Path(folder, f"k{index}.ptx"), Path(folder, f"k{index}.cubin")
             ptx_path.write_text(ptx)
@@ -212,10 +220,14 @@ def report(out=sys.stdout) -> None:
             ratio = f"{loop / loop_fmas:.2f}" if loop_fmas else "-"
             block_ratio = f"{block / block_fmas:.2f}" if block_fmas else "-"
             spills = resources["spill_stores"] + resources["spill_loads"]
-            print(f"{label:<66} {resources['registers']:>4} {spills:>5} {resources['stack']:>5} {loop:>10} "
+            print(f"{label:<66} {resources['registers']:>4} {spills:>5} {resources['stack']:>5} "
+                  f"{shared_bytes / 1024:>7.1f} {loop:>10} "
                   f"{loop_fmas:>4} {ratio:>9} {block_ratio:>15}", file=out, flush=True)
     print("spill: bytes of spill stores + loads; stack: local memory frame bytes (cuda.local.array lands there); "
-          "shared memory is dynamic (chosen at launch), not in the object.", file=out)
+          "smem: dynamic shared memory per block from the launch plan (132 SMs, 227 KB opt-in).", file=out)
+    print("Where the FMA loop is unrolled completely (small design, H=256: 8 k-steps of 32 lanes), the smallest "
+          "loop around it is the whole time step, so 'instr/FMA' then counts the step's staging, reduction, "
+          "cell update and barrier too; 'block instr/FMA' is the dot-product code alone.", file=out)
 
 
 def _numba_cuda_version() -> str:
