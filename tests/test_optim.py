@@ -386,3 +386,37 @@ def test_device_and_host_gradients_cannot_mix(cuda_backend):
     model.grads = {key: np.ones(value.shape, np.float32) for key, value in model.params.items()}
     with pytest.raises(ValueError, match=r"grads\['kernel'\] is on cpu but the parameter is on cuda"):
         optim.Adam(model).step()
+
+
+def test_gpu_layer_trains_like_the_host_layer_without_host_copies(cuda_backend, monkeypatch):
+    """An LSTM on numba_cuda (params and grads on the device) stepped by Adam matches the NumPy layer,
+    and neither clip_grad_norm nor step copies a weight, gradient or moment across the bus."""
+    x = np.random.default_rng(0).normal(size=(2, 3, 3)).astype(np.float32)
+    host, gpu = le.LSTM(3, seed=0, backend="numpy"), le.LSTM(3, seed=0, backend="numba_cuda")
+    host_optimizer = optim.Adam(host, lr=1e-2, weight_decay=0.1)
+    gpu_optimizer = optim.Adam(gpu, lr=1e-2, weight_decay=0.1)
+    transfers = []
+    for step in range(3):
+        host(x, training=True)
+        host.backward(np.ones((2, 3), np.float32))
+        gpu(cuda_backend.asarray(x, np.float32), training=True)
+        gpu.backward(cuda_backend.asarray(np.ones((2, 3), np.float32), np.float32))
+        assert all(cuda_backend.owns(grad) for grad in gpu.grads.values())
+        host_norm = optim.clip_grad_norm(host, 0.5)
+        host_optimizer.step()
+        with monkeypatch.context() as patch:
+            for name in ("asarray", "to_numpy"):
+                original = getattr(cuda_backend, name)
+                patch.setattr(cuda_backend, name, lambda array, *rest, _name=name, _original=original: (
+                    transfers.append((step, _name, _shape_of_any(array))), _original(array, *rest))[1])
+            gpu_norm = optim.clip_grad_norm(gpu, 0.5)
+            gpu_optimizer.step()
+        assert gpu_norm == pytest.approx(host_norm, rel=1e-5)
+    # The only crossing: clip_grad_norm's one-element sum of squares, once per step.
+    assert transfers == [(step, "to_numpy", (1,)) for step in range(3)]
+    for name, value in host.params.items():
+        assert_close(cuda_backend.to_numpy(gpu.params[name]), value, "float32", name)
+
+
+def _shape_of_any(array):
+    return tuple(getattr(array, "shape", ()))
