@@ -78,8 +78,9 @@ MAX_UNITS_PER_BLOCK = 32
 #: ... and at least 8 when H allows: fewer blocks make the grid barrier cheaper (fewer
 #: arrivals on one counter) and give the staging copy more threads.
 MIN_UNITS_PER_BLOCK = 8
-#: Values each thread loads into registers before storing them to shared memory.
-STAGE_GROUP = 8
+#: At most this many values each thread loads into registers before storing them to
+#: shared memory (all of its share of a step's staging in one pass up to this size).
+MAX_STAGE_GROUP = 32
 WARP = 32
 
 ACTIVATION_NAMES = {0: "tanh", 1: "relu", 2: "sigmoid", 3: "linear", 4: "hard_sigmoid"}
@@ -211,13 +212,13 @@ def _staging(c: SmallRecurrenceConfig, source: str, scale: str | None, indent: s
     """Code copying ``ROWS x KP`` values of ``source`` (an expression in r and k, valid for
     k < LENGTH) into ``staged``, zero-padded, times ``scale`` (an expression, or None).
 
-    Each thread loads STAGE_GROUP values into registers before storing any, so their
-    latencies overlap (a plain strided loop waits for one L2 round trip per value).
+    Each thread loads up to MAX_STAGE_GROUP values into registers before storing any, so
+    their latencies overlap (a plain strided loop waits for one L2 round trip per value).
     Plain loads, as in CUDA's own grid sync: the barrier's acquire fence orders them after
     the other blocks' release fences (cuda.ldcg, inline asm without side effects, could be
     moved across the barrier by LLVM).
     """
-    group = STAGE_GROUP
+    group = min(MAX_STAGE_GROUP, math.ceil(c.rows * c.reduction_length / c.threads))
     passes = math.ceil(c.rows * c.reduction_length / (group * c.threads))
     lines = ["stage_pass = 0", f"while stage_pass < {passes}:",
              f"    first = thread + stage_pass * {group * c.threads}"]
