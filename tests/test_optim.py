@@ -420,3 +420,20 @@ def test_gpu_layer_trains_like_the_host_layer_without_host_copies(cuda_backend, 
 
 def _shape_of_any(array):
     return tuple(getattr(array, "shape", ()))
+
+
+def test_device_flat_views_are_built_once_and_leave_with_their_array(cuda_backend):
+    import gc
+
+    from lstmeng.backends import _cuda_optim
+    array = cuda_backend.asarray(np.zeros((3, 4), np.float32), np.float32)
+    first = _cuda_optim.flat_view(array, "param")
+    assert _cuda_optim.flat_view(array, "param") is first
+    assert first.shape == (12,)
+    key = id(array)
+    assert key in _cuda_optim._FLAT_VIEWS
+    del array, first
+    gc.collect()
+    assert key not in _cuda_optim._FLAT_VIEWS
+    with pytest.raises(ValueError, match="needs them C-contiguous"):
+        _cuda_optim.flat_view(cuda_backend.asarray(np.zeros((4, 6), np.float32), np.float32)[:, 1:3], "grad")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 
 import numpy as np
 from numba import cuda, float64
@@ -47,6 +48,16 @@ def is_device_array(array) -> bool:
     return _backend.owns(array)
 
 
+#: id(array) -> (weak reference to the array, its flat view). Parameters, moments
+#: and (on GPU layers) gradients are the same arrays at every step, and building a
+#: Numba device-array view is pure-Python work of the order of a launch (the device
+#: pool caches its views for the same reason), so each array's view is built once.
+#: Only arrays that are their own Numba view are cached (Numba's and the
+#: simulator's): the view of a CuPy or torch array holds that array, and caching it
+#: would keep it alive. An entry leaves with its array.
+_FLAT_VIEWS: dict[int, tuple] = {}
+
+
 def flat_view(array, what: str):
     """A 1-D Numba device view ``[N]`` of the CUDA array ``array`` (no copy).
 
@@ -54,11 +65,22 @@ def flat_view(array, what: str):
         ValueError: ``array`` is not C-contiguous (a flat view would need a copy,
             and the update would then miss the caller's array).
     """
+    key = id(array)
+    cached = _FLAT_VIEWS.get(key)
+    if cached is not None and cached[0]() is array:
+        return cached[1]
     view = _backend._view(array)
     if not view.is_c_contiguous():
         raise ValueError(f"{what}: the optimizer updates device arrays in place and needs them C-contiguous, "
                          f"got strides {view.strides} for shape {view.shape}")
-    return view.reshape(view.size)
+    flat = view.reshape(view.size)
+    if view is array:
+        try:
+            reference = weakref.ref(array, lambda _, key=key: _FLAT_VIEWS.pop(key, None))
+        except TypeError:   # not weakly referenceable: no cache
+            return flat
+        _FLAT_VIEWS[key] = (reference, flat)
+    return flat
 
 
 def zeros_like(array):
