@@ -354,6 +354,9 @@ def test_device_clip_grad_norm_and_zero_grad(cuda_backend, dtype, max_norm):
     device = _device_model(cuda_backend, random_arrays(dtype), dtype)
     device.grads = {key: cuda_backend.asarray(value, dtype) for key, value in grads.items()}
     assert optim.clip_grad_norm(device, max_norm) == pytest.approx(optim.clip_grad_norm(host, max_norm), rel=1e-6)
+    allocations = cuda_backend.pool_allocations()
+    optim.clip_grad_norm(device, 1e9)   # the norm's scalar comes back from the pool: no new allocation
+    assert cuda_backend.pool_allocations() == allocations
     for key in grads:
         assert_close(cuda_backend.to_numpy(device.grads[key]), host.grads[key], dtype, key)
     optim.SGD(device, lr=0.1).zero_grad()

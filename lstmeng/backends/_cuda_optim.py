@@ -224,14 +224,19 @@ def squared_norm(arrays) -> float:
     """sum(a**2) over the CUDA arrays ``arrays`` (float64 accumulation), as a Python float.
 
     One reduction launch per array into one device scalar, then one 8-byte
-    device-to-host copy (which waits for the launches).
+    device-to-host copy (which waits for the launches). The scalar comes from
+    the backend's scratch pool, so a training loop allocates nothing here.
     """
-    total = _backend.zeros((1,), np.float64)
-    for array in arrays:
-        flat = flat_view(array, "grad")
-        if flat.size:
-            _sum_of_squares[_launch_shape(flat.size)](flat, total)
-    return float(_backend.to_numpy(total)[0])
+    total = _backend._scratch((1,), np.float64)
+    try:
+        elementwise.fill_1d[1, THREADS](total, 0)
+        for array in arrays:
+            flat = flat_view(array, "grad")
+            if flat.size:
+                _sum_of_squares[_launch_shape(flat.size)](flat, total)
+        return float(_backend.to_numpy(total)[0])
+    finally:
+        _backend._release(total)
 
 
 def scale_in_place(array, factor: float) -> None:
