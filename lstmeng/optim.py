@@ -296,8 +296,9 @@ class Optimizer:
                 a hyperparameter, parameter names, a state array's shape).
         """
         if not isinstance(state_dict, Mapping) or not {"config", "state"} <= set(state_dict):
+            keys = sorted(state_dict) if isinstance(state_dict, Mapping) else "-"
             raise ValueError("state_dict must be a mapping with 'config' and 'state' (what state_dict() returns), "
-                             f"got {type(state_dict).__name__} with keys {sorted(state_dict) if isinstance(state_dict, Mapping) else '-'}")
+                             f"got {type(state_dict).__name__} with keys {keys}")
         saved = dict(state_dict["config"])
         kind = saved.pop("optimizer", None)
         if kind != type(self).__name__:

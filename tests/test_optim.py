@@ -168,7 +168,8 @@ def test_updates_the_live_weights_of_layers_and_models(make_model):
     for _ in range(3):
         _train_once(model, x)
         if tensors is None:  # torch starts from the same weights
-            tensors = {name: torch.nn.Parameter(torch.from_numpy(np.array(value))) for name, value in model.params.items()}
+            tensors = {name: torch.nn.Parameter(torch.from_numpy(np.array(value)))
+                       for name, value in model.params.items()}
             torch_optimizer = torch.optim.Adam(list(tensors.values()), lr=1e-2, foreach=False)
         for name, grad in model.grads.items():
             tensors[name].grad = torch.from_numpy(np.array(grad))
