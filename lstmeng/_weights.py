@@ -193,6 +193,8 @@ class LSTMWeights:
         An "auto" layer never called nor moved adopts the GPU when its first
         input is a CUDA array (its weights are copied there once). Otherwise a
         CUDA array given to a layer on the CPU is an error naming both devices.
+        A call settles the device once it has run (``_device_chosen``), so a
+        first call rejected by validation leaves the choice open.
         """
         kind = registry.array_kind(x)
         if self._device == "cpu" and kind == "cuda":
@@ -202,7 +204,6 @@ class LSTMWeights:
                 raise ValueError(
                     f"{argument}: expected an array on cpu, where this layer's parameters are, got an array "
                     f"on {current_cuda_device()}; call layer.to('cuda') first (or pass a NumPy array)")
-        self._device_chosen = True
         if self._device != "cpu":
             if kind == "tensorflow":
                 raise ValueError(f"{argument}: this layer lives on {self._device} and takes CUDA or NumPy "

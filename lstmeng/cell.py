@@ -90,6 +90,7 @@ class LSTMCell(LSTMWeights):
                 recurrent_dropout_mask=None if recurrent_mask is None else backend.asarray(recurrent_mask, self.dtype),
                 training=training)
             h_new, c_new, workspace = result.h, result.c, result.workspace
+        self._device_chosen = True   # a call has run here: later CUDA inputs to a CPU cell are errors
         if training:
             self._tape.append((backend, workspace, batch, host_io))
         if host_io:  # a GPU cell called with host arrays: NumPy in, NumPy out

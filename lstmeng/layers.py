@@ -227,6 +227,7 @@ class LSTM(LSTMWeights):
                 outputs = backend.flip_time(outputs)
             if self.time_major:
                 outputs = backend.swap_batch_time(outputs)
+        self._device_chosen = True   # a call has run here: later CUDA inputs to a CPU layer are errors
         if call.host_io:  # NumPy in, NumPy out; the carried states stay on the device
             outputs, h, c = (backend.to_numpy(array) for array in (outputs, h, c))
         self._last_states = [h, c]
