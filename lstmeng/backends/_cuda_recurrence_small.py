@@ -597,15 +597,22 @@ def barrier_loop_kernel(blocks: int):
 _scratch: dict = {}
 
 
+def _device_id():
+    """The current GPU's id (None under the simulator): scratch arrays and plans are per GPU."""
+    return None if numba.config.ENABLE_CUDASIM else cuda.get_current_device().id
+
+
 def scratch_arrays(values: int, dtype, allocate):
     """(barrier counter [1] uint32, weight scratch [values]) for a launch, reused across launches.
 
-    Launches on one stream run one after another, so one pair per (size, dtype) suffices;
-    the kernel zeroes the counter itself.
+    Launches on one stream run one after another, so one pair per (GPU, size, dtype)
+    suffices; the kernel zeroes the counter itself. (Two recurrences running at the same
+    time on different streams would share a counter: the backend launches on the default
+    stream only.)
     """
-    key = (max(1, int(values)), np.dtype(dtype).name)
+    key = (_device_id(), max(1, int(values)), np.dtype(dtype).name)
     if key not in _scratch:
-        _scratch[key] = (allocate((1,), np.uint32), allocate((key[0],), dtype))
+        _scratch[key] = (allocate((1,), np.uint32), allocate((key[1],), dtype))
     return _scratch[key]
 
 
@@ -670,7 +677,7 @@ def launch(direction, dtype, units, batch, arrays, flags, *, weights_in_shared, 
         launch_log[(direction, dtype.name, units, batch, "small")] = (
             1, config.threads, config.units_per_block, config.weights_in_shared, shared_bytes)
         return True
-    key = (direction, dtype.name, units, batch, tuple(flags), weights_in_shared)
+    key = (_device_id(), direction, dtype.name, units, batch, tuple(flags), weights_in_shared)
     if key not in _launch_plans:
         _launch_plans[key] = _plan_on_device(direction, dtype, units, batch, flags, arrays, weights_in_shared,
                                              allocate, allow_dynamic_shared)
