@@ -1,1 +1,456 @@
-"""Placeholder: being written in this session."""
+"""PyTorch modules ``LSTM`` and ``LSTMCell`` that compute through an lstmeng backend.
+
+They are drop-in replacements for ``torch.nn.LSTM`` and ``torch.nn.LSTMCell``
+(they subclass them): the same constructor and ``forward`` signatures, the
+same ``nn.Parameter`` names and layouts (``weight_ih_l0`` ``[4H, I]``,
+``weight_hh_l0`` ``[4H, H]``, ``bias_ih_l0``/``bias_hh_l0`` ``[4H]``,
+``..._reverse``), the same initialisation, ``PackedSequence`` in and out,
+``batch_first``, unbatched input and PyTorch's errors for bad input. So
+``state_dict`` checkpoints load both ways, and optimizers, ``clip_grad_norm_``
+and ``DistributedDataParallel`` work unchanged. Only ``backend=`` is added:
+an lstmeng backend name or "auto" (the default in force, else numba_cuda for
+CUDA tensors and cython, then numpy, for CPU tensors).
+
+How a call runs: each layer and direction is one ``torch.autograd.Function``
+whose forward is the backend's ``sequence_forward`` and whose backward is its
+``sequence_backward`` (see ``lstmeng.backends.base``). PyTorch's weights map
+to the contract's as ``kernel = weight_ih.T``, ``recurrent_kernel =
+weight_hh.T`` (the gate order i, f, g, o is the same) and ``bias = bias_ih +
+bias_hh``; the bias gradient goes to both biases.
+
+* CPU tensors reach the backend as ``tensor.numpy()`` views (no copy when the
+  tensor is contiguous; time-major input is made batch-major once) and the
+  results come back through ``torch.from_numpy`` (no copy).
+* CUDA tensors reach the numba_cuda backend through ``__cuda_array_interface__``
+  (no copy) and its device arrays come back through ``torch.as_tensor`` (no
+  copy). numba launches on the legacy default stream; when PyTorch's current
+  stream is another one, the default stream first waits for it and it then
+  waits for the default stream (events, no host synchronisation).
+* numba_cuda given CPU tensors copies them to the device and its results back
+  (how the tests run it under numba's CUDA simulator).
+
+Example:
+    >>> import torch, lstmeng.torch
+    >>> lstm = lstmeng.torch.LSTM(3, 8, num_layers=2, batch_first=True)   # was torch.nn.LSTM(3, 8, ...)
+    >>> output, (h_n, c_n) = lstm(torch.zeros(4, 5, 3))
+    >>> tuple(output.shape), tuple(h_n.shape)
+    ((4, 5, 8), (2, 4, 8))
+
+See docs/torch.md for every argument and every difference from ``torch.nn.LSTM``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import numpy as np
+import torch
+from torch.nn.utils.rnn import PackedSequence
+
+from lstmeng.backends import registry
+
+__all__ = ["LSTM", "LSTMCell"]
+
+#: Floating dtypes that autocast may hand the module; they are cast to the parameters' dtype.
+_AUTOCAST_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _check_backend_name(name) -> str:
+    """``name`` when it is "auto" or an available backend; ValueError listing the others."""
+    if not isinstance(name, str):
+        raise ValueError(f"backend must be a backend name or 'auto', got {name!r}")
+    if name != "auto":
+        registry.get_backend_object(name)
+    return name
+
+
+# -- tensors <-> backend arrays ------------------------------------------------------
+def _host_array(tensor: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a CPU tensor (a copy only when it is not contiguous)."""
+    return tensor.detach().contiguous().numpy()
+
+
+def _as_tensor(array, backend, device: torch.device) -> torch.Tensor:
+    """A backend result as a tensor on ``device``: NumPy arrays and CUDA arrays are wrapped, not copied."""
+    if isinstance(array, np.ndarray):
+        if not array.flags.writeable or any(stride < 0 for stride in array.strides):
+            array = np.array(array)   # torch.from_numpy takes neither
+        return torch.from_numpy(array).to(device)
+    if device.type == "cuda":
+        return torch.as_tensor(array, device=device)
+    return torch.from_numpy(np.ascontiguousarray(backend.to_numpy(array)))
+
+
+@contextlib.contextmanager
+def _numba_stream_order(device: torch.device):
+    """Orders numba's launches (legacy default stream) after PyTorch's current stream and back."""
+    if device.type != "cuda":
+        yield
+        return
+    current, default = torch.cuda.current_stream(device), torch.cuda.default_stream(device)
+    if current == default:
+        yield
+        return
+    default.wait_stream(current)
+    try:
+        yield
+    finally:
+        current.wait_stream(default)
+
+
+@dataclasses.dataclass
+class _DirectionCall:
+    """One layer direction's call of the backend contract, tensors in and out.
+
+    backend: the lstmeng Backend; device: where the tensors live; on_device:
+    the backend takes the CUDA tensors themselves (numba_cuda on a GPU);
+    mask: ``[B, T]`` bool NumPy array (packed input) or None; reverse:
+    process t = T-1 .. 0.
+    """
+
+    backend: object
+    device: torch.device
+    on_device: bool
+    mask: np.ndarray | None
+    reverse: bool
+
+    def _array(self, tensor):
+        if tensor is None:
+            return None
+        return tensor.detach() if self.on_device else _host_array(tensor)
+
+    def forward(self, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, training: bool):
+        """x: [B, T, I]; h0, c0: [B, H]; weight_ih: [4H, I]; weight_hh: [4H, H]; biases: [4H] or None.
+
+        Returns (outputs [B, T, H], h [B, H], c [B, H], workspace or None).
+        """
+        kernel = weight_ih.detach().t().contiguous()              # [I, 4H]
+        recurrent_kernel = weight_hh.detach().t().contiguous()    # [H, 4H]
+        bias = None if bias_ih is None else bias_ih.detach() + bias_hh.detach()
+        with _numba_stream_order(self.device):
+            result = self.backend.sequence_forward(
+                self._array(x), self._array(h0), self._array(c0), self._array(kernel),
+                self._array(recurrent_kernel), self._array(bias), self.mask, reverse=self.reverse,
+                # Packed input: PyTorch's padded outputs are zeros, and h_n, c_n are taken at
+                # each row's last real step, which the contract's masked steps give.
+                zero_output_for_mask=True, return_sequences=True, training=training)
+        tensors = (_as_tensor(array, self.backend, self.device) for array in (result.outputs, result.h, result.c))
+        return (*tensors, result.workspace)
+
+    def backward(self, doutputs, dh, dc, workspace):
+        """Gradients (dx [B, T, I], dh0, dc0 [B, H], dkernel [I, 4H], drecurrent_kernel [H, 4H], dbias [4H])."""
+        with _numba_stream_order(self.device):
+            grads = self.backend.sequence_backward(self._array(doutputs), self._array(dh), self._array(dc),
+                                                   workspace)
+        return tuple(_as_tensor(array, self.backend, self.device)
+                     for array in (grads.dx, grads.dh0, grads.dc0, grads.dkernel, grads.drecurrent_kernel,
+                                   grads.dbias))
+
+
+class _LSTMDirection(torch.autograd.Function):
+    """One layer in one direction: the backend's forward, and its explicit backward as the gradient."""
+
+    @staticmethod
+    def forward(ctx, call, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
+        outputs, h, c, workspace = call.forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, training=True)
+        ctx.call, ctx.workspace = call, workspace
+        # Saved for the version check (the workspace references x's memory, which must not
+        # change before the backward) and for a second backward (retain_graph=True).
+        ctx.save_for_backward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
+        return outputs, h, c
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, doutputs, dh, dc):
+        saved = ctx.saved_tensors
+        workspace = ctx.workspace
+        if getattr(workspace, "consumed", False):
+            # cython and numba_cuda reuse a workspace's memory in its backward: a second
+            # backward through the same graph (retain_graph=True) recomputes the forward.
+            workspace = ctx.call.forward(*saved, training=True)[3]
+        dx, dh0, dc0, dkernel, drecurrent_kernel, dbias = ctx.call.backward(doutputs, dh, dc, workspace)
+        needs = ctx.needs_input_grad
+        has_bias = saved[5] is not None
+        return (None,
+                dx if needs[1] else None,
+                dh0 if needs[2] else None,
+                dc0 if needs[3] else None,
+                dkernel.t() if needs[4] else None,
+                drecurrent_kernel.t() if needs[5] else None,
+                dbias if has_bias and needs[6] else None,
+                # Its own tensor: gradients that share memory would be scaled twice by
+                # in-place updates such as clip_grad_norm_.
+                dbias.clone() if has_bias and needs[7] else None)
+
+
+def _run_direction(call, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
+    """(outputs [B, T, H], h [B, H], c [B, H]) with gradients when any input needs them."""
+    tensors = (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _LSTMDirection.apply(call, *tensors)
+    return call.forward(*tensors, training=False)[:3]
+
+
+def _choose_backend(requested: str, x: torch.Tensor, dtype: torch.dtype):
+    """(backend, on_device) for a call on ``x``."""
+    dtype_name = str(dtype).replace("torch.", "")
+    if x.device.type == "cuda":
+        backend = registry.resolve(requested, x.detach(), dtype_name, "tanh", "sigmoid")
+        if not backend.owns(x.detach()):
+            raise ValueError(f"backend {backend.name!r} computes on the CPU but the input is on {x.device}; "
+                             "use backend='numba_cuda' (or 'auto') for CUDA tensors, or move module and input "
+                             "to the CPU")
+        return backend, True
+    if x.device.type != "cpu":
+        raise ValueError(f"lstmeng computes on CPU and CUDA tensors, got a tensor on {x.device}")
+    sample = np.empty((0,), dtype=dtype_name)
+    return registry.resolve(requested, sample, dtype_name, "tanh", "sigmoid"), False
+
+
+def _check_devices(input: torch.Tensor, hx, parameter: torch.Tensor) -> None:
+    """PyTorch's errors for tensors on different devices (checked before any computation)."""
+    if input.device != parameter.device:
+        raise RuntimeError(f"Input and parameter tensors are not at the same device, found input tensor at "
+                           f"{input.device} and parameter tensor at {parameter.device}")
+    for state in hx:
+        if state.device != input.device:
+            raise RuntimeError(f"Input and hidden tensors are not at the same device, found input tensor at "
+                               f"{input.device} and hidden tensor at {state.device}")
+
+
+def _check_state_dtypes(hx, dtype: torch.dtype) -> None:
+    for index, state in enumerate(hx):
+        if state.dtype != dtype:
+            raise RuntimeError(f"hx[{index}] dtype ({state.dtype}) does not match the input and weight dtype "
+                               f"({dtype})")
+
+
+def _autocast_input(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Under autocast, half-precision tensors are cast to the parameters' dtype (the backends
+    compute in float32 and float64 only); outside it, dtypes must match (checked elsewhere)."""
+    if tensor.dtype != dtype and tensor.dtype in _AUTOCAST_DTYPES and torch.is_autocast_enabled(
+            tensor.device.type):
+        return tensor.to(dtype)
+    return tensor
+
+
+def _autocast_off(device: torch.device):
+    """Autocast disabled for the module's own ops (they run in the parameters' dtype)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+# -- PackedSequence <-> padded batch-major -----------------------------------------------
+@dataclasses.dataclass
+class _PackedIndex:
+    """Where each row of a PackedSequence's data lives in the padded batch-major ``[B, T, ...]``.
+
+    rows, times: [N] original batch row and time step of each packed row
+    (original order: sorted_indices applied); mask: [B, T] bool, True at real steps.
+    """
+
+    rows: torch.Tensor
+    times: torch.Tensor
+    mask: np.ndarray
+
+    @classmethod
+    def of(cls, packed: PackedSequence) -> "_PackedIndex":
+        batch_sizes = packed.batch_sizes.cpu()               # [T] rows still running at each step
+        steps, batch = len(batch_sizes), int(batch_sizes[0])
+        times = torch.repeat_interleave(torch.arange(steps), batch_sizes)
+        step_starts = torch.cumsum(batch_sizes, 0) - batch_sizes
+        sorted_rows = torch.arange(len(times)) - step_starts[times]   # row in length-sorted order
+        rows = sorted_rows if packed.sorted_indices is None else packed.sorted_indices.cpu()[sorted_rows]
+        mask = np.zeros((batch, steps), dtype=bool)
+        mask[rows.numpy(), times.numpy()] = True
+        device = packed.data.device
+        return cls(rows.to(device), times.to(device), mask)
+
+    def pad(self, data: torch.Tensor) -> torch.Tensor:
+        """data [N, F] -> [B, T, F] with zeros after each row's length (differentiable)."""
+        batch, steps = self.mask.shape
+        padded = data.new_zeros((batch, steps, data.shape[1]))
+        return padded.index_put((self.rows, self.times), data)
+
+    def pack(self, padded: torch.Tensor) -> torch.Tensor:
+        """[B, T, F] -> data [N, F] in the PackedSequence's row order (differentiable)."""
+        return padded[self.rows, self.times]
+
+
+class LSTM(torch.nn.LSTM):
+    """``torch.nn.LSTM`` computed by an lstmeng backend.
+
+    Args:
+        input_size, hidden_size, num_layers, bias, batch_first, dropout,
+            bidirectional, device, dtype: as ``torch.nn.LSTM`` (float32 or
+            float64 parameters).
+        proj_size: must be 0 (NotImplementedError otherwise).
+        backend: an lstmeng backend name ("cython", "numpy", "numba_cuda",
+            a plugin) or "auto": the default in force (``lstmeng.use_backend``,
+            ``set_backend``, LSTMENG_BACKEND), else numba_cuda for CUDA
+            tensors and cython, then numpy, for CPU tensors.
+
+    ``forward(input, hx=None) -> output, (h_n, c_n)`` exactly as ``torch.nn.LSTM``:
+    input ``[T, B, I]`` (``[B, T, I]`` with batch_first), ``[T, I]`` unbatched,
+    or a PackedSequence; hx ``(h_0, c_0)``, each ``[num_layers * num_directions, B, H]``.
+    """
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.proj_size > 0:
+            raise NotImplementedError(f"lstmeng.torch.LSTM: proj_size > 0 is not supported (got proj_size="
+                                      f"{self.proj_size}); use torch.nn.LSTM for projected LSTMs")
+        self.backend = _check_backend_name(backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend!r}"
+
+    def forward(self, input, hx=None):
+        packed = isinstance(input, PackedSequence)
+        directions = 2 if self.bidirectional else 1
+        weight = self.weight_ih_l0
+        if packed:
+            data = _autocast_input(input.data, weight.dtype)
+            index = _PackedIndex.of(input)
+            batch = int(input.batch_sizes[0])
+            sequence = data
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            sequence = _autocast_input(input if is_batched else input.unsqueeze(batch_dim), weight.dtype)
+            batch = sequence.size(batch_dim)
+            index = None
+        if hx is None:
+            zeros = sequence.new_zeros((self.num_layers * directions, batch, self.hidden_size))
+            hx = (zeros, zeros)
+        else:
+            expected_dims = 3 if packed or is_batched else 2
+            if hx[0].dim() != expected_dims or hx[1].dim() != expected_dims:
+                kind = "batched 3-D" if expected_dims == 3 else "unbatched 2-D"
+                raise RuntimeError(f"For {kind} input, hx and cx should also be {expected_dims}-D but got "
+                                   f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+            if expected_dims == 2:
+                hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+            hx = tuple(_autocast_input(state, weight.dtype) for state in hx)
+        if hasattr(self, "_update_flat_weights"):
+            self._update_flat_weights()   # check_forward_args reads the dtype from _flat_weights
+        self.check_forward_args(sequence, hx, input.batch_sizes if packed else None)
+        _check_devices(sequence, hx, weight)
+        _check_state_dtypes(hx, weight.dtype)
+
+        with _autocast_off(sequence.device):
+            if packed:
+                x = index.pad(sequence)                       # [B, T, I] original row order
+            else:
+                x = sequence if self.batch_first else sequence.transpose(0, 1)   # [B, T, I]
+            output, h_n, c_n = self._layers(x, hx, None if index is None else index.mask)
+        if packed:
+            # Original row order throughout (hx was not permuted, h_n needs no unpermuting).
+            return (PackedSequence(index.pack(output), input.batch_sizes, input.sorted_indices,
+                                   input.unsorted_indices), (h_n, c_n))
+        if not self.batch_first:
+            output = output.transpose(0, 1).contiguous()      # nn.LSTM returns contiguous outputs
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
+        return output, (h_n, c_n)
+
+    @torch.compiler.disable
+    def _layers(self, x, hx, mask):
+        """The stacked layers on batch-major x [B, T, I] -> output [B, T, D*H], h_n, c_n [L*D, B, H].
+
+        Kept out of torch.compile graphs (a graph break): the backends compute outside PyTorch.
+        """
+        backend, on_device = _choose_backend(self.backend, x, self.weight_ih_l0.dtype)
+        h0, c0 = hx
+        directions = 2 if self.bidirectional else 1
+        layer_input, h_n, c_n = x, [], []
+        for layer in range(self.num_layers):
+            direction_outputs = []
+            for direction in range(directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                parameters = [getattr(self, f"{name}{suffix}") for name in ("weight_ih", "weight_hh")]
+                parameters += ([getattr(self, f"{name}{suffix}") for name in ("bias_ih", "bias_hh")] if self.bias
+                               else [None, None])
+                call = _DirectionCall(backend, x.device, on_device, mask, reverse=direction == 1)
+                state = layer * directions + direction
+                outputs, h, c = _run_direction(call, layer_input, h0[state], c0[state], *parameters)
+                direction_outputs.append(outputs)
+                h_n.append(h)
+                c_n.append(c)
+            layer_input = torch.cat(direction_outputs, dim=2) if directions == 2 else direction_outputs[0]
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = torch.nn.functional.dropout(layer_input, self.dropout, training=True)
+        return layer_input, torch.stack(h_n), torch.stack(c_n)
+
+
+class LSTMCell(torch.nn.LSTMCell):
+    """``torch.nn.LSTMCell`` computed by an lstmeng backend (a one-step sequence call).
+
+    Args:
+        input_size, hidden_size, bias, device, dtype: as ``torch.nn.LSTMCell``.
+        backend: as for ``LSTM``.
+
+    ``forward(input, hx=None) -> (h_1, c_1)``: input ``[B, I]`` or ``[I]``; hx
+    ``(h_0, c_0)`` each ``[B, H]`` or ``[H]``.
+    """
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = _check_backend_name(backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend!r}"
+
+    def forward(self, input, hx=None):
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            for position, state in enumerate(hx):
+                if state.dim() not in (1, 2):
+                    raise ValueError(f"LSTMCell: Expected hx[{position}] to be 1D or 2D, got {state.dim()}D "
+                                     "instead")
+        is_batched = input.dim() == 2
+        x = _autocast_input(input if is_batched else input.unsqueeze(0), self.weight_ih.dtype)
+        if hx is None:
+            zeros = x.new_zeros((x.size(0), self.hidden_size))
+            hx = (zeros, zeros)
+        else:
+            hx = tuple(_autocast_input(state if is_batched else state.unsqueeze(0), self.weight_ih.dtype)
+                       for state in hx)
+        self._check_cell_input(x, hx)
+        with _autocast_off(x.device):
+            h, c = self._step(x, hx)
+        if not is_batched:
+            h, c = h.squeeze(0), c.squeeze(0)
+        return h, c
+
+    def _check_cell_input(self, x, hx) -> None:
+        """PyTorch's errors for a cell call, before any computation."""
+        if x.dtype != self.weight_ih.dtype:
+            raise ValueError(f"LSTMCell input dtype ({x.dtype}) does not match weight dtype "
+                             f"({self.weight_ih.dtype}). Convert input: input.to({self.weight_ih.dtype})")
+        if x.size(1) != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {x.size(1)} expected {self.input_size}")
+        for position, state in enumerate(hx):
+            if state.size(0) != x.size(0):
+                raise RuntimeError(f"Input batch size {x.size(0)} doesn't match hidden{position} batch size "
+                                   f"{state.size(0)}")
+            if state.size(1) != self.hidden_size:
+                raise RuntimeError(f"hidden{position} has inconsistent hidden_size: got {state.size(1)}, "
+                                   f"expected {self.hidden_size}")
+        _check_devices(x, hx, self.weight_ih)
+        _check_state_dtypes(hx, self.weight_ih.dtype)
+
+    @torch.compiler.disable
+    def _step(self, x, hx):
+        """x [B, I], hx ([B, H], [B, H]) -> (h [B, H], c [B, H])."""
+        backend, on_device = _choose_backend(self.backend, x, self.weight_ih.dtype)
+        call = _DirectionCall(backend, x.device, on_device, None, reverse=False)
+        biases = (self.bias_ih, self.bias_hh) if self.bias else (None, None)
+        _, h, c = _run_direction(call, x.unsqueeze(1), hx[0], hx[1], self.weight_ih, self.weight_hh, *biases)
+        return h, c
