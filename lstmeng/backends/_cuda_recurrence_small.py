@@ -78,8 +78,8 @@ MAX_UNITS_PER_BLOCK = 32
 #: ... and at least 8 when H allows: fewer blocks make the grid barrier cheaper (fewer
 #: arrivals on one counter) and give the staging copy more threads.
 MIN_UNITS_PER_BLOCK = 8
-#: At most this many values each thread loads into registers before storing them to
-#: shared memory (all of its share of a step's staging in one pass up to this size).
+#: At most this many float32 values each thread loads into registers before storing them
+#: to shared memory (all of its share of a step's staging in one pass up to this size).
 MAX_STAGE_GROUP = 32
 WARP = 32
 
@@ -218,7 +218,11 @@ def _staging(c: SmallRecurrenceConfig, source: str, scale: str | None, indent: s
     the other blocks' release fences (cuda.ldcg, inline asm without side effects, could be
     moved across the barrier by LLVM).
     """
-    group = min(MAX_STAGE_GROUP, math.ceil(c.rows * c.reduction_length / c.threads))
+    # MAX_STAGE_GROUP float32 loads in flight; float64 values take two registers and with
+    # recurrent dropout each staged value is two loads: both halve the group (full groups
+    # spilled there in the SASS report).
+    largest = MAX_STAGE_GROUP * 4 // np.dtype(c.dtype).itemsize // (2 if scale else 1)
+    group = min(largest, math.ceil(c.rows * c.reduction_length / c.threads))
     passes = math.ceil(c.rows * c.reduction_length / (group * c.threads))
     lines = ["stage_pass = 0", f"while stage_pass < {passes}:",
              f"    first = thread + stage_pass * {group * c.threads}"]
