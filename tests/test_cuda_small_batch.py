@@ -124,6 +124,17 @@ def test_conformance_with_the_small_design(small_backend, case):
     testing.check_case("numba_cuda", case)
 
 
+@pytest.mark.parametrize("case", CONFORMANCE[::3], ids=str)
+def test_conformance_with_the_general_design_forced(case):
+    """The fallback (version 1) still runs small batches correctly when chosen."""
+    backend = _backend()
+    backend.recurrence_design = "general"
+    try:
+        testing.check_case("numba_cuda", case)
+    finally:
+        backend.recurrence_design = None
+
+
 # -- dispatch ---------------------------------------------------------------------------------------
 def test_design_follows_the_batch_and_falls_back(monkeypatch):
     """B <= SMALL_BATCH_MAX_ROWS takes the small design, larger batches and shapes it cannot hold the

@@ -122,6 +122,10 @@ class SmallRecurrenceConfig:
         per_unit = 4 * self.reduction_length if self.direction == "forward" else self.reduction_length
         return self.units_per_block * per_unit
 
+    def scratch_values(self) -> int:
+        """Values of the global weight scratch: every block's slice, when not in shared memory."""
+        return 0 if self.weights_in_shared else self.blocks * self.weight_values()
+
     def shared_values(self) -> int:
         """Values of dynamic shared memory per block."""
         staged = self.rows * self.reduction_length
@@ -671,11 +675,14 @@ def launch(direction, dtype, units, batch, arrays, flags, *, weights_in_shared, 
     """
     dtype = np.dtype(dtype)
     simulator = bool(numba.config.ENABLE_CUDASIM)
+    steps = int((arrays[0] if direction == "forward" else arrays[5]).shape[1])   # projection / gates_ws
+    if steps * units >= 2**31:
+        return False    # the barrier counter (steps x blocks <= steps x H arrivals) must stay below 2**31
     if simulator:
         config = plan(direction, dtype, units, batch, flags, simulator=True, weights_in_shared=weights_in_shared)
         if config is None:
             return False
-        counter, scratch = scratch_arrays(config.blocks * config.weight_values(), dtype, allocate)
+        counter, scratch = scratch_arrays(config.scratch_values(), dtype, allocate)
         shared_bytes = config.shared_values() * dtype.itemsize
         kernel_for(config)[1, config.threads, 0, shared_bytes](*arrays, counter, scratch)
         launch_log[(direction, dtype.name, units, batch, "small")] = (
@@ -689,7 +696,7 @@ def launch(direction, dtype, units, batch, arrays, flags, *, weights_in_shared, 
     if launch_plan is None:
         return False
     config, compiled, shared_bytes = launch_plan
-    counter, scratch = scratch_arrays(config.blocks * config.weight_values(), dtype, allocate)
+    counter, scratch = scratch_arrays(config.scratch_values(), dtype, allocate)
     compiled[config.blocks, config.threads, 0, shared_bytes](*arrays, counter, scratch)
     launch_log[(direction, dtype.name, units, batch, "small")] = (
         config.blocks, config.threads, config.units_per_block, config.weights_in_shared, shared_bytes)
@@ -714,7 +721,7 @@ def _plan_on_device(direction, dtype, units, batch, flags, arrays, weights_in_sh
     if config is not None and config.weights_in_shared:
         candidates.append(dataclasses.replace(config, weights_in_shared=False))
     for candidate in candidates:
-        counter, scratch = scratch_arrays(candidate.blocks * candidate.weight_values(), dtype, allocate)
+        counter, scratch = scratch_arrays(candidate.scratch_values(), dtype, allocate)
         compiled = kernel_for(candidate).specialize(*arrays, counter, scratch)
         overload = next(iter(compiled.overloads.values()))
         shared_bytes = candidate.shared_values() * dtype.itemsize
