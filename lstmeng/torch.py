@@ -178,10 +178,10 @@ class _LSTMDirection(torch.autograd.Function):
                 dc0 if needs[3] else None,
                 dkernel.t() if needs[4] else None,
                 drecurrent_kernel.t() if needs[5] else None,
+                # The same tensor for both biases: AccumulateGrad copies a gradient that is
+                # referenced elsewhere, so the two .grad never share memory (a test checks).
                 dbias if has_bias and needs[6] else None,
-                # Its own tensor: gradients that share memory would be scaled twice by
-                # in-place updates such as clip_grad_norm_.
-                dbias.clone() if has_bias and needs[7] else None)
+                dbias if has_bias and needs[7] else None)
 
 
 def _run_direction(call, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):

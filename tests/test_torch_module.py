@@ -1,0 +1,541 @@
+"""``lstmeng.torch.LSTM`` / ``LSTMCell`` against ``torch.nn.LSTM`` / ``torch.nn.LSTMCell`` themselves.
+
+PyTorch is the independent reference: each test builds the torch module, copies
+its state dict into the lstmeng module and compares outputs, h_n, c_n and the
+gradients of a random linear loss of all three with respect to the input, the
+initial states and every parameter. The cython backend runs every combination;
+numpy and numba_cuda (under numba's CUDA simulator, see conftest.py) run a
+subset. Sizes are tiny: the combinations, not the sizes, are what is tested.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+rnn_utils = pytest.importorskip("torch.nn.utils.rnn")
+
+import lstmeng.torch as lt  # noqa: E402
+
+INPUT_SIZE, HIDDEN_SIZE = 3, 4
+#: Lengths of the packed batch: unsorted, with a tie and a row of one step.
+LENGTHS = [5, 2, 4, 2, 1]
+TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
+GRAD_TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-9, atol=1e-9)}
+INPUT_KINDS = ("padded", "packed_sorted", "packed_unsorted", "unbatched")
+
+
+def make_pair(backend="cython", dtype=torch.float64, seed=0, **options):
+    """(torch.nn.LSTM, lstmeng.torch.LSTM) with the same weights."""
+    torch.manual_seed(seed)
+    reference = torch.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, **options).to(dtype)
+    mine = lt.LSTM(INPUT_SIZE, HIDDEN_SIZE, backend=backend, **options).to(dtype)
+    mine.load_state_dict(reference.state_dict())
+    return reference, mine
+
+
+def make_input(kind, batch_first, dtype, seed):
+    """(input tensor [B, T, I] or [T, B, I] or [T, I], batch size): a fresh leaf per call site."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, steps = (1, max(LENGTHS)) if kind == "unbatched" else (len(LENGTHS), max(LENGTHS))
+    x = torch.randn(batch, steps, INPUT_SIZE, generator=generator, dtype=dtype)
+    if kind == "unbatched":
+        return x[0], 1
+    return (x if batch_first else x.transpose(0, 1).contiguous()), batch
+
+
+def run(module, kind, x, hx, batch_first, loss_weights):
+    """Forward ``module`` on ``kind`` input, backward a fixed random linear loss.
+
+    Returns (outputs as padded tensor, h_n, c_n, packed output or None, gradients by name).
+    """
+    x = x.detach().clone().requires_grad_(True)
+    hx = None if hx is None else tuple(state.detach().clone().requires_grad_(True) for state in hx)
+    module.zero_grad(set_to_none=True)
+    packed_output = None
+    if kind.startswith("packed"):
+        lengths = torch.tensor(LENGTHS)
+        if kind == "packed_sorted":
+            lengths = lengths.sort(descending=True).values
+        packed = rnn_utils.pack_padded_sequence(x, lengths, batch_first=batch_first,
+                                                enforce_sorted=kind == "packed_sorted")
+        packed_output, (h_n, c_n) = module(packed, hx)
+        output, _ = rnn_utils.pad_packed_sequence(packed_output, batch_first=batch_first,
+                                                  total_length=max(LENGTHS))
+    else:
+        output, (h_n, c_n) = module(x, hx)
+    dy, dh, dc = loss_weights(output.shape, h_n.shape)
+    ((output * dy).sum() + (h_n * dh).sum() + (c_n * dc).sum()).backward()
+    grads = {"input": x.grad}
+    if hx is not None:
+        grads["h_0"], grads["c_0"] = hx[0].grad, hx[1].grad
+    grads.update({name: parameter.grad for name, parameter in module.named_parameters()})
+    return output, h_n, c_n, packed_output, grads
+
+
+def random_loss_weights(dtype, seed):
+    def weights(output_shape, state_shape):
+        generator = torch.Generator().manual_seed(seed)
+        return (torch.randn(output_shape, generator=generator, dtype=dtype),
+                torch.randn(state_shape, generator=generator, dtype=dtype),
+                torch.randn(state_shape, generator=generator, dtype=dtype))
+    return weights
+
+
+def assert_matches_torch(reference, mine, kind, hx_given, batch_first, dtype, seed=0, label=""):
+    x, batch = make_input(kind, batch_first, dtype, seed)
+    hx = None
+    if hx_given:
+        generator = torch.Generator().manual_seed(seed + 1)
+        layers = reference.num_layers * (2 if reference.bidirectional else 1)
+        shape = (layers, HIDDEN_SIZE) if kind == "unbatched" else (layers, batch, HIDDEN_SIZE)
+        hx = (torch.randn(shape, generator=generator, dtype=dtype), torch.randn(shape, generator=generator,
+                                                                                dtype=dtype))
+    loss_weights = random_loss_weights(dtype, seed + 2)
+    expected = run(reference, kind, x, hx, batch_first, loss_weights)
+    actual = run(mine, kind, x, hx, batch_first, loss_weights)
+    tolerance, grad_tolerance = TOLERANCES[dtype], GRAD_TOLERANCES[dtype]
+    for name, index in (("output", 0), ("h_n", 1), ("c_n", 2)):
+        assert actual[index].dtype == dtype and actual[index].shape == expected[index].shape, name
+        torch.testing.assert_close(actual[index], expected[index], **tolerance, msg=lambda m: f"{label} {name}: {m}")
+    if expected[3] is not None:
+        expected_packed, actual_packed = expected[3], actual[3]
+        torch.testing.assert_close(actual_packed.data, expected_packed.data, **tolerance)
+        assert torch.equal(actual_packed.batch_sizes, expected_packed.batch_sizes)
+        for field in ("sorted_indices", "unsorted_indices"):
+            expected_indices, actual_indices = getattr(expected_packed, field), getattr(actual_packed, field)
+            assert (expected_indices is None and actual_indices is None) or torch.equal(actual_indices,
+                                                                                        expected_indices), field
+    assert expected[4].keys() == actual[4].keys()
+    for name, expected_grad in expected[4].items():
+        assert actual[4][name] is not None, f"{label}: no gradient for {name}"
+        torch.testing.assert_close(actual[4][name], expected_grad, **grad_tolerance,
+                                   msg=lambda m: f"{label} gradient of {name}: {m}")
+
+
+PARITY_CASES = list(itertools.product([1, 2, 3], [False, True], [False, True], [True, False], [0.0, 0.4]))
+
+
+def parity_id(case):
+    layers, bidirectional, batch_first, bias, dropout = case
+    return (f"L{layers}-{'bi' if bidirectional else 'uni'}-{'bf' if batch_first else 'tf'}-"
+            f"{'bias' if bias else 'nobias'}-{'dropout_eval' if dropout else 'train'}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", PARITY_CASES, ids=parity_id)
+def test_cython_matches_torch_lstm(case, dtype):
+    """Every combination of the issue's options, each over every input kind with and without hx."""
+    num_layers, bidirectional, batch_first, bias, dropout = case
+    if dropout and num_layers == 1:
+        pytest.skip("inter-layer dropout needs two layers")
+    reference, mine = make_pair("cython", dtype, seed=num_layers, num_layers=num_layers, bias=bias,
+                                batch_first=batch_first, dropout=dropout, bidirectional=bidirectional)
+    if dropout:
+        # eval(): dropout off. In training mode the two draw different masks (different generators).
+        reference.eval()
+        mine.eval()
+    for kind, hx_given in itertools.product(INPUT_KINDS, [False, True]):
+        assert_matches_torch(reference, mine, kind, hx_given, batch_first, dtype,
+                             label=f"{kind}, hx {'given' if hx_given else 'None'}")
+
+
+@pytest.mark.parametrize("case", [(1, True, False, True), (2, False, True, False), (3, True, True, True)],
+                         ids=["L1-bi-tf-bias", "L2-uni-bf-nobias", "L3-bi-bf-bias"])
+def test_numpy_backend_matches_torch_lstm(case):
+    num_layers, bidirectional, batch_first, bias = case
+    reference, mine = make_pair("numpy", torch.float64, num_layers=num_layers, bidirectional=bidirectional,
+                                batch_first=batch_first, bias=bias)
+    for kind, hx_given in [("padded", True), ("packed_unsorted", False), ("packed_sorted", True), ("unbatched", False)]:
+        assert_matches_torch(reference, mine, kind, hx_given, batch_first, torch.float64, label=kind)
+
+
+@pytest.mark.parametrize("kind, hx_given, dtype", [("packed_unsorted", True, torch.float64),
+                                                   ("padded", False, torch.float32)])
+def test_numba_cuda_backend_matches_torch_lstm(kind, hx_given, dtype):
+    """CPU tensors through numba_cuda (host copies in and out); the CUDA simulator when there is no GPU.
+
+    Real CUDA tensors (the zero-copy ``__cuda_array_interface__`` path) are not
+    covered here: they need a GPU run.
+    """
+    from lstmeng.backends import registry
+
+    info = {row.name: row for row in registry.list_backends()}["numba_cuda"]
+    if not info.available:
+        pytest.skip(f"numba_cuda unavailable: {info.reason}")
+    reference, mine = make_pair("numba_cuda", dtype, num_layers=2, bidirectional=True)
+    assert_matches_torch(reference, mine, kind, hx_given, False, dtype, label=kind)
+
+
+# -- LSTMCell ---------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["cython", "numpy"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cell_matches_torch_lstm_cell(backend, bias):
+    torch.manual_seed(3)
+    reference = torch.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, bias=bias).double()
+    mine = lt.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, bias=bias, backend=backend).double()
+    mine.load_state_dict(reference.state_dict())
+    generator = torch.Generator().manual_seed(4)
+    for batched, hx_given in itertools.product([True, False], [True, False]):
+        shape = (3,) if batched else ()
+        x = torch.randn(*shape, INPUT_SIZE, generator=generator, dtype=torch.float64)
+        hx = tuple(torch.randn(*shape, HIDDEN_SIZE, generator=generator, dtype=torch.float64) for _ in range(2))
+        dh, dc = (torch.randn(*shape, HIDDEN_SIZE, generator=generator, dtype=torch.float64) for _ in range(2))
+        results = []
+        for module in (reference, mine):
+            module.zero_grad(set_to_none=True)
+            x_leaf = x.clone().requires_grad_(True)
+            hx_leaves = tuple(state.clone().requires_grad_(True) for state in hx) if hx_given else None
+            h, c = module(x_leaf, hx_leaves)
+            ((h * dh).sum() + (c * dc).sum()).backward()
+            grads = [x_leaf.grad] + ([state.grad for state in hx_leaves] if hx_given else [])
+            results.append([h, c] + grads + [parameter.grad for parameter in module.parameters()])
+        for expected, actual in zip(*results):
+            torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_cell_errors_match_torch():
+    torch.manual_seed(0)
+    reference = torch.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE)
+    mine = lt.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, backend="cython")
+    bad_calls = [
+        (torch.randn(2, 5),),
+        (torch.randn(2, 3, 3),),
+        (torch.randn(2, 3), (torch.zeros(2, 5), torch.zeros(2, 4))),
+        (torch.randn(2, 3), (torch.zeros(3, 4), torch.zeros(2, 4))),
+    ]
+    for arguments in bad_calls:
+        assert_same_error(reference, mine, arguments)
+
+
+# -- properties beyond parity --------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["numpy", "cython"])
+def test_gradcheck_float64(backend):
+    """Finite differences: input, states and every parameter of a 2-layer bidirectional packed LSTM."""
+    torch.manual_seed(0)
+    module = lt.LSTM(2, 3, num_layers=2, bidirectional=True, backend=backend).double()
+    names = [name for name, _ in module.named_parameters()]
+    lengths = torch.tensor([3, 1, 2])
+
+    def function(x, h0, c0, *parameters):
+        packed = rnn_utils.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        output, (h_n, c_n) = torch.func.functional_call(module, dict(zip(names, parameters)), (packed, (h0, c0)))
+        return output.data, h_n, c_n
+
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 3, 2, dtype=torch.float64, generator=generator, requires_grad=True)
+    h0, c0 = (torch.randn(4, 3, 3, dtype=torch.float64, generator=generator, requires_grad=True) for _ in range(2))
+    parameters = [parameter.detach().clone().requires_grad_(True) for parameter in module.parameters()]
+    assert torch.autograd.gradcheck(function, (x, h0, c0, *parameters), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_second_backward_with_retain_graph_recomputes():
+    """cython consumes its workspace in the backward; retain_graph=True must still work (same gradients)."""
+    reference, mine = make_pair("cython", torch.float64, num_layers=2)
+    x = torch.randn(4, 2, INPUT_SIZE, dtype=torch.float64)
+    grads = []
+    for module in (reference, mine):
+        module.zero_grad(set_to_none=True)
+        loss = module(x)[0].square().sum()
+        loss.backward(retain_graph=True)
+        loss.backward()
+        grads.append([parameter.grad for parameter in module.parameters()])
+    for expected, actual in zip(*grads):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_input_without_grad_and_frozen_module():
+    """needs_input_grad: no dx when the input needs none; no graph at all when nothing needs gradients."""
+    reference, mine = make_pair("cython", torch.float64)
+    x = torch.randn(4, 2, INPUT_SIZE, dtype=torch.float64)
+    mine(x)[0].sum().backward()
+    reference(x)[0].sum().backward()
+    assert x.grad is None
+    torch.testing.assert_close(mine.weight_ih_l0.grad, reference.weight_ih_l0.grad, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        output, (h_n, _) = mine(x)
+    assert output.grad_fn is None and h_n.grad_fn is None
+    torch.testing.assert_close(output, reference(x)[0].detach(), rtol=1e-10, atol=1e-10)
+
+
+def test_bias_gradients_do_not_share_memory():
+    """clip_grad_norm_ scales gradients in place: bias_ih and bias_hh must not alias (else scaled twice)."""
+    reference, mine = make_pair("cython", torch.float64, num_layers=2)
+    x = torch.randn(5, 3, INPUT_SIZE, dtype=torch.float64)
+    norms = []
+    for module in (reference, mine):
+        (module(x)[0] * 10).square().sum().backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm=0.5))
+    torch.testing.assert_close(norms[1], norms[0])
+    for layer in range(2):
+        bias_ih, bias_hh = getattr(mine, f"bias_ih_l{layer}"), getattr(mine, f"bias_hh_l{layer}")
+        assert bias_ih.grad.data_ptr() != bias_hh.grad.data_ptr()
+    for (name, expected), actual in zip(reference.named_parameters(), mine.parameters()):
+        torch.testing.assert_close(actual.grad, expected.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_inplace_change_of_input_before_backward_is_an_error():
+    """The workspace references the input's memory: PyTorch's version check catches a change."""
+    _, mine = make_pair("cython", torch.float64)
+    x = torch.randn(4, 2, INPUT_SIZE, dtype=torch.float64, requires_grad=True)
+    y = x * 1.0
+    output, _ = mine(y)
+    with torch.no_grad():
+        y.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        output.sum().backward()
+
+
+def test_dropout_only_in_training_mode():
+    torch.manual_seed(0)
+    mine = lt.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=2, dropout=0.5, backend="cython").double()
+    x = torch.randn(6, 8, INPUT_SIZE, dtype=torch.float64)
+    mine.eval()
+    first, second = mine(x)[0], mine(x)[0]
+    assert torch.equal(first, second)
+    mine.train()
+    torch.manual_seed(1)
+    dropped = mine(x)[0]
+    assert not torch.allclose(dropped, first)
+    no_dropout = lt.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=2, backend="cython").double()
+    no_dropout.load_state_dict(mine.state_dict())
+    assert torch.allclose(no_dropout(x)[0], first)
+
+
+def test_adam_training_decreases_loss():
+    torch.manual_seed(0)
+    lstm = lt.LSTM(2, 8, num_layers=2, batch_first=True, backend="cython")
+    head = torch.nn.Linear(8, 1)
+    optimizer = torch.optim.Adam([*lstm.parameters(), *head.parameters()], lr=0.02)
+    x = torch.randn(32, 10, 2)
+    target = x[:, 0, :1] * x[:, -1, 1:]           # needs memory of the first step
+
+    def loss():
+        output, _ = lstm(x)
+        return torch.nn.functional.mse_loss(head(output[:, -1]), target)
+
+    first = loss().item()
+    for _ in range(60):
+        optimizer.zero_grad()
+        value = loss()
+        value.backward()
+        optimizer.step()
+    assert loss().item() < 0.5 * first
+
+
+def test_state_dict_round_trip():
+    torch.manual_seed(0)
+    mine = lt.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=2, bidirectional=True, backend="cython")
+    reference = torch.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=2, bidirectional=True)
+    assert list(mine.state_dict()) == list(reference.state_dict())
+    assert all(mine.state_dict()[name].shape == value.shape for name, value in reference.state_dict().items())
+    reference.load_state_dict(mine.state_dict())          # lstmeng -> torch
+    buffer = io.BytesIO()
+    torch.save(mine.state_dict(), buffer)
+    buffer.seek(0)
+    restored = lt.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=2, bidirectional=True, backend="numpy")
+    restored.load_state_dict(torch.load(buffer))          # checkpoint -> lstmeng
+    x = torch.randn(5, 2, INPUT_SIZE)
+    torch.testing.assert_close(restored(x)[0], reference(x)[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mine(x)[0], reference(x)[0], rtol=1e-5, atol=1e-6)
+    whole = io.BytesIO()
+    torch.save(mine, whole)                               # the whole module pickles too
+    whole.seek(0)
+    torch.testing.assert_close(torch.load(whole, weights_only=False)(x)[0], mine(x)[0])
+
+
+def test_autocast_computes_in_parameter_dtype():
+    """Under autocast, bfloat16/float16 inputs are cast to the float32 parameters; the output is float32."""
+    torch.manual_seed(0)
+    mine = lt.LSTM(INPUT_SIZE, HIDDEN_SIZE, backend="cython")
+    x = torch.randn(5, 2, INPUT_SIZE).to(torch.bfloat16)
+    expected = mine(x.float())[0]
+    for dtype in (torch.bfloat16, torch.float16):
+        leaf = x.to(dtype).clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output, (h_n, _) = mine(leaf)
+        assert output.dtype == torch.float32 and h_n.dtype == torch.float32
+        torch.testing.assert_close(output, expected)
+        output.sum().backward()
+        assert leaf.grad.dtype == dtype
+    with pytest.raises(ValueError, match="does not match weight dtype"):
+        mine(x)                                           # outside autocast: PyTorch's dtype error
+
+
+def test_torch_compile_runs_with_graph_break():
+    """A compiled model containing the module runs and gives the eager numbers (gradients too)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, INPUT_SIZE), _LastOutput(lt.LSTM(INPUT_SIZE, HIDDEN_SIZE,
+                                                                                     batch_first=True,
+                                                                                     backend="cython")),
+                                torch.nn.Linear(HIDDEN_SIZE, 1))
+    x = torch.randn(3, 5, 2)
+    expected = model(x)
+    expected.sum().backward()
+    expected_grads = [parameter.grad.clone() for parameter in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, backend="aot_eager")
+    actual = compiled(x)
+    actual.sum().backward()
+    torch.testing.assert_close(actual, expected)
+    for parameter, expected_grad in zip(model.parameters(), expected_grads):
+        torch.testing.assert_close(parameter.grad, expected_grad)
+
+
+class _LastOutput(torch.nn.Module):
+    def __init__(self, lstm):
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, x):
+        return self.lstm(x)[0][:, -1]
+
+
+# -- bad input ------------------------------------------------------------------------------
+def assert_same_error(reference, mine, arguments):
+    """Both modules refuse ``arguments`` with the same exception type and message."""
+    with pytest.raises(Exception) as expected:
+        reference(*arguments)
+    with pytest.raises(expected.type) as actual:
+        mine(*arguments)
+    assert str(actual.value) == str(expected.value)
+
+
+def _bad_lstm_calls():
+    """label -> arguments that torch.nn.LSTM(3, 4, num_layers=2) refuses."""
+    x = torch.randn(5, 2, INPUT_SIZE)
+    states = torch.zeros(2, 2, HIDDEN_SIZE)
+    return {
+        "input 4-D": (x[None],),
+        "input size": (torch.randn(5, 2, INPUT_SIZE + 1),),
+        "input dtype": (x.double(),),
+        "h_0 shape": (x, (torch.zeros(2, 3, HIDDEN_SIZE), states)),
+        "c_0 shape": (x, (states, torch.zeros(1, 2, HIDDEN_SIZE))),
+        "hx 2-D for batched input": (x, (states[0], states[0])),
+        "hx 3-D for unbatched input": (x[:, 0], (states, states)),
+        "input device": (x.to("meta"),),
+        "hx device": (x, (states.to("meta"), states)),
+    }
+
+
+@pytest.mark.parametrize("label", list(_bad_lstm_calls()))
+def test_bad_input_errors_match_torch(label):
+    reference, mine = make_pair("cython", torch.float32, num_layers=2)
+    assert_same_error(reference, mine, _bad_lstm_calls()[label])
+
+
+def test_packed_input_is_checked_where_torch_does_not():
+    """torch.nn.LSTM (2.13) runs a PackedSequence without checking its feature size or hx's batch; we
+    raise the error it gives for the same mistake on padded input."""
+    _, mine = make_pair("cython", torch.float32, num_layers=2)
+    states = torch.zeros(2, 2, HIDDEN_SIZE)
+    with pytest.raises(RuntimeError, match=r"input.size\(-1\) must be equal to input_size. Expected 3, got 4"):
+        mine(rnn_utils.pack_sequence([torch.randn(3, INPUT_SIZE + 1)]))
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(2, 1, 4\), got \[2, 2, 4\]"):
+        mine(rnn_utils.pack_sequence([torch.randn(3, INPUT_SIZE)]), (states, states))
+
+
+def test_errors_without_a_torch_message_to_copy():
+    _, mine = make_pair("cython", torch.float32)
+    x = torch.randn(5, 2, INPUT_SIZE)
+    with pytest.raises(RuntimeError, match=r"hx\[0\] dtype \(torch.float64\) does not match"):
+        mine(x, (torch.zeros(1, 2, HIDDEN_SIZE, dtype=torch.float64), torch.zeros(1, 2, HIDDEN_SIZE)))
+    with pytest.raises(NotImplementedError, match="proj_size"):
+        lt.LSTM(INPUT_SIZE, HIDDEN_SIZE, proj_size=2)
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        lt.LSTM(INPUT_SIZE, HIDDEN_SIZE, backend="nope")
+    half = lt.LSTM(INPUT_SIZE, HIDDEN_SIZE, backend="cython").half()
+    with pytest.raises(ValueError, match="float16"):
+        half(x.half())
+
+
+def test_import_lstmeng_does_not_import_torch():
+    code = "import sys, lstmeng; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_is_a_torch_lstm_with_torch_repr():
+    mine = lt.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=2, backend="numpy")
+    assert isinstance(mine, torch.nn.LSTM)
+    assert repr(mine) == "LSTM(3, 4, num_layers=2, backend='numpy')"
+
+
+# -- distributed data parallel ---------------------------------------------------------------
+#: The model both the DDP workers and the single reference process build (same seed, same weights).
+DDP_MODEL = textwrap.dedent("""
+    import torch, lstmeng.torch as lt
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lstm = lt.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True, backend="cython")
+            self.head = torch.nn.Linear(8, 1)
+
+        def forward(self, x):
+            return self.head(self.lstm(x)[0][:, -1])
+
+    def train(model, x, target, steps=3):
+        \"\"\"SGD steps on mean squared error; returns the first step's gradients by name.\"\"\"
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        first_grads = None
+        for _ in range(steps):
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(x), target).backward()
+            if first_grads is None:
+                first_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+            optimizer.step()
+        return first_grads
+""")
+
+DDP_WORKER = DDP_MODEL + textwrap.dedent("""
+    import sys, torch.distributed as dist
+    rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    model = torch.nn.parallel.DistributedDataParallel(Model().double())
+    data = torch.load(out + ".data")
+    x, target = data["x"].chunk(2)[rank], data["target"].chunk(2)[rank]
+    grads = train(model, x, target)
+    torch.save({"grads": {name.removeprefix("module."): g for name, g in grads.items()},
+                "state": model.module.state_dict()}, f"{out}.{rank}")
+    dist.destroy_process_group()
+""")
+
+
+def test_distributed_data_parallel_matches_one_process(tmp_path):
+    """Two gloo processes on half the batch each: their averaged gradients are one process's on all of it."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    torch.manual_seed(1)
+    x, target = torch.randn(8, 5, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    out = str(tmp_path / "ddp")
+    torch.save({"x": x, "target": target}, out + ".data")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    workers = [subprocess.Popen([sys.executable, "-c", DDP_WORKER, str(rank), str(port), out], env=environment)
+               for rank in range(2)]
+    assert [worker.wait(timeout=240) for worker in workers] == [0, 0]
+
+    namespace = {}
+    exec(DDP_MODEL, namespace)
+    single = namespace["Model"]().double()
+    expected_grads = namespace["train"](single, x, target)
+    for rank in range(2):
+        result = torch.load(f"{out}.{rank}")
+        assert result["grads"].keys() == expected_grads.keys()
+        for name, expected in expected_grads.items():
+            torch.testing.assert_close(result["grads"][name], expected, rtol=1e-10, atol=1e-12,
+                                       msg=lambda m: f"rank {rank} gradient of {name}: {m}")
+        for name, expected in single.state_dict().items():
+            torch.testing.assert_close(result["state"][name], expected, rtol=1e-10, atol=1e-12)
