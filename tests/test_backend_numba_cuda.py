@@ -57,6 +57,7 @@ def backend():
     backend = _backend()
     yield backend
     backend.weights_in_shared = None
+    backend.recurrence_design = None
 
 
 # -- conformance with the NumPy reference ---------------------------------------------
@@ -86,8 +87,12 @@ def test_cases_cover_the_contract():
     assert {(case.activation, case.recurrent_activation) for case in CASES} == set(testing.ACTIVATION_PAIRS)
 
 
+@pytest.mark.parametrize("design", [None, "general"], ids=["auto-design", "general-design"])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_conformance(backend, case):
+def test_conformance(backend, case, design):
+    """Batches of up to 16 rows go to the small-batch kernels unless the general design is forced;
+    both must pass every case (tests/test_cuda_small_batch.py tests the small design further)."""
+    backend.recurrence_design = design
     testing.check_case("numba_cuda", case)
 
 
@@ -492,33 +497,54 @@ import numba.cuda.dispatcher as dispatcher
 # Device functions ask the current device for its compute capability; there may be none.
 dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
 from lstmeng.backends import _cuda_elementwise as ew, _cuda_gemm as gm, _cuda_recurrence as rec
+from lstmeng.backends import _cuda_recurrence_small as small
 i64, b1, f64 = numba.int64, numba.boolean, numba.float64
 def A(shape, dtype):
     return typeof(np.empty(shape, dtype))
+codes = rec.ACTIVATION_CODES
 for name in ("float32", "float64"):
     dt = np.dtype(name)
     f1, f2, f3, m1, m2 = A(2, dt), A((2, 2), dt), A((2, 2, 2), dt), A(2, bool), A((2, 2), bool)
     strided = typeof(np.empty((4, 4), dt)[:, 1:3])
+    counter = A(1, np.uint32)
+    general_forward = (f3, f2, f2, m2, m2, strided, f2, f3, f2, f3, f3, f3, f3) + (i64,) * 3 + (b1,) * 7
+    general_backward = (f3, f2, f2, m2, m2, f3, f3, f2, f2, f2, f3) + (i64,) * 3 + (b1,) * 6
+    small_forward = (f3, f2, f2, m2, m2, f2, f2, f3, f2, f3, f3, f3, f3, counter, f1)
+    small_backward = (f3, f2, f2, m2, m2, f3, f3, f2, f2, f2, f3, counter, f1)
     kernels = [
-        ("gemm", gm.gemm_kernel(dt, gm.GPU_TILES), (f2, f2, f2, f1, b1, b1, b1, b1)),
-        ("gemm large", gm.gemm_kernel(dt, gm.GPU_LARGE_TILES), (f2, f2, f2, f1, b1, b1, b1, b1)),
-        ("gemm strided", gm.gemm_kernel(dt, gm.GPU_TILES), (strided, strided, f2, f1, b1, b1, b1, b1)),
-        ("forward", rec.forward_kernel(dt, rec.GPU_SHAPES[name]),
-         (f3, f2, f2, m2, m2, strided, f2, f3, f2, f3, f3, f3, f3, f3) + (i64,) * 3 + (b1,) * 7),
-        ("backward", rec.backward_kernel(dt, rec.GPU_SHAPES[name]),
-         (f3, f2, f2, m2, m2, f3, f3, f3, f2, f2, f2, f3) + (i64,) * 3 + (b1,) * 6),
+        ("gemm", gm.gemm_kernel(dt, gm.GPU_TILES, with_bias=True), (f1, f1, f1, f1, i64, i64, i64)),
+        ("gemm large", gm.gemm_kernel(dt, gm.choose_tiles(10**5, 10**4, dt), transpose_b=True),
+         (f1, f1, f1, i64, i64, i64)),
+        ("gemm split", gm.gemm_kernel(dt, gm.choose_tiles(256, 1024, dt, 6400), transpose_a=True, split_k=True),
+         (f1, f1, f1, i64, i64, i64, i64)),
+        ("forward", rec.forward_kernel(dt, rec.GPU_SHAPES[name]), general_forward),
+        ("backward", rec.backward_kernel(dt, rec.GPU_SHAPES[name]), general_backward),
         ("forward rows=1", rec.forward_kernel(dt, dataclasses.replace(rec.GPU_SHAPES[name], rows=1)),
-         (f3, f2, f2, m2, m2, f2, f2, f3, f2, f3, f3, f3, f3, f3) + (i64,) * 3 + (b1,) * 7),
+         general_forward),
         ("backward rows=1", rec.backward_kernel(dt, dataclasses.replace(rec.GPU_SHAPES[name], rows=1)),
-         (f3, f2, f2, m2, m2, f3, f3, f3, f2, f2, f2, f3) + (i64,) * 3 + (b1,) * 6),
+         general_backward),
         ("binary_1d", ew.binary_1d, (i64, f1, f1, f64, f1)),
         ("binary_2d", ew.binary_2d, (i64, strided, strided, f64, f2)),
         ("binary_3d", ew.binary_3d, (i64, f3, f3, f64, f3)),
         ("permute_3d", ew.permute_3d, (i64, f3, f3)), ("fill_1d", ew.fill_1d, (f1, i64)),
         ("scale_rows_3d", ew.scale_rows_3d, (f3, f2, f3)), ("select_rows", ew.select_rows, (f2, m1, b1, f2)),
         ("add_selected_rows", ew.add_selected_rows, (f2, f2, m1, b1, f2)),
+        ("backward_prologue", ew.backward_prologue, (f2, f2, f2, m1, b1, b1, f2, f2, f1)),
         ("column_sums", ew.column_sums, (f2, f1)), ("mask_summary", ew.mask_summary, (m2, b1, b1, m2, m1)),
     ]
+    # The small-batch design (batch <= 16): an inference and a training forward, a backward,
+    # each as launched on a 132-SM sm_90 GPU with 227 KB of opt-in shared memory (float64's
+    # backward at H=1024, B=8 does not fit that design and falls back to the general kernel).
+    units = 1024 if name == "float32" else 512
+    for training in (False, True):
+        flags = (codes["tanh"], codes["sigmoid"], False, False, True, training, training, training)
+        config = small.plan("forward", dt, units, 8, flags, simulator=False, multiprocessors=132,
+                            optin_limit=227 * 1024)
+        kernels.append((f"small forward training={training}", small.kernel_for(config), small_forward))
+    flags = (codes["tanh"], codes["sigmoid"], False, False, True, False, False)
+    config = small.plan("backward", dt, units, 8, flags, simulator=False, multiprocessors=132,
+                        optin_limit=227 * 1024)
+    kernels.append(("small backward", small.kernel_for(config), small_backward))
     for label, kernel, signature in kernels:
         ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))
         depot = re.findall(r"__local_depot\d+\[(\d+)\]", ptx)
@@ -540,7 +566,7 @@ def test_kernels_compile_to_ptx_for_hopper():
     if result.stdout.startswith("SKIP"):
         pytest.skip(f"no CUDA compiler libraries: {result.stdout.strip()}")
     lines = [line for line in result.stdout.splitlines() if line.startswith("OK")]
-    assert len(lines) == 34, result.stdout
+    assert len(lines) == 2 * 21, result.stdout
     for line in lines:
         if any(hot in line for hot in ("gemm", "forward", "backward")):
             assert line.endswith("local bytes 0"), line
