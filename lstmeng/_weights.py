@@ -17,12 +17,28 @@ CPU is an error that names both devices, as PyTorch's is.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, MutableMapping
+
 import numpy as np
 
 from lstmeng import _validation, activations, initializers
 from lstmeng.backends import registry
 
 WEIGHT_NAMES = ("kernel", "recurrent_kernel", "bias")
+
+
+def params_property():
+    """The ``params`` property of a layer with ``_params`` storage: a live ``LayerArrays``."""
+    return property(lambda self: LayerArrays(self, "params"),
+                    lambda self, mapping: LayerArrays(self, "params").assign_all(mapping),
+                    doc="name -> weight array, live: writes are checked and copied into the layer's arrays.")
+
+
+def grads_property():
+    """The ``grads`` property of a layer with ``_grads`` storage: a live ``LayerArrays``."""
+    return property(lambda self: LayerArrays(self, "grads"),
+                    lambda self, mapping: LayerArrays(self, "grads").assign_all(mapping),
+                    doc="name -> gradient of the last backward round (see TrainingTape), live and checked.")
 
 
 class LSTMWeights:
@@ -53,8 +69,9 @@ class LSTMWeights:
             raise ValueError(f"seed must be an integer or None, got {seed!r}")
         self.seed = None if seed is None else int(seed)
         self._rng = np.random.default_rng(self.seed)
-        self.params: dict[str, np.ndarray] = {}
-        self.grads: dict[str, np.ndarray] = {}
+        self._params: dict = {}
+        self._grads: dict = {}
+        self._tapes = TrainingTape()
         self.input_size: int | None = None
         # Where params, grads and states live: "cpu" or "cuda:N". A layer that names
         # numba_cuda starts on the GPU; an "auto" layer moves there at its first call
@@ -63,6 +80,19 @@ class LSTMWeights:
         self._device_chosen = backend != "auto"
 
     # -- weights ---------------------------------------------------------------
+    params = params_property()
+    grads = grads_property()
+
+    def zero_grads(self):
+        """Set every gradient to zero (allocating zeros where no backward ran yet); returns self."""
+        zero_grads_of(self)
+        return self
+
+    def reset_tape(self):
+        """Drop every training call not yet backpropagated (their workspaces are freed); returns self."""
+        self._tapes.clear()
+        return self
+
     @property
     def built(self) -> bool:
         return self.input_size is not None
@@ -90,7 +120,7 @@ class LSTMWeights:
                 # Keras: bias = [init(H), ones(H), init(2H)] so the forget gate starts open.
                 bias[self.units:2 * self.units] = 1.0
             params["bias"] = bias
-        self.params = {name: self._on_device(value) for name, value in params.items()}
+        self._params = {name: self._on_device(value) for name, value in params.items()}
         self.input_size = input_size
         return self
 
@@ -99,7 +129,7 @@ class LSTMWeights:
         use_bias=False), wherever the layer lives."""
         if not self.built:
             return []
-        return [host_copy(self.params[name]) for name in WEIGHT_NAMES if name in self.params]
+        return [host_copy(self._params[name]) for name in WEIGHT_NAMES if name in self._params]
 
     def set_weights(self, weights):
         """Load Keras-layout weights; builds the layer from their shapes if needed.
@@ -118,12 +148,17 @@ class LSTMWeights:
         shapes = self.weight_shapes(input_size)
         for name, array in zip(names, arrays):
             if array.shape != shapes[name]:
-                raise ValueError(f"set_weights: {name} must have shape {shapes[name]}, got {array.shape}")
+                transposed = array.ndim == 2 and array.shape[::-1] == shapes[name]
+                hint = "" if not transposed else (
+                    f" (the transpose of it: PyTorch's layout, [4H, I] in gate order i, f, g, o; convert a "
+                    f"torch.nn.LSTM with le.from_torch, or pass weight.T)")
+                raise ValueError(f"set_weights: {name} must have shape {shapes[name]} (Keras's layout), "
+                                 f"got {array.shape}{hint}")
             if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
                 raise TypeError(f"set_weights: {name} must be real numbers, got dtype {array.dtype}")
         host = {name: np.array(array, dtype=self.dtype, copy=True) for name, array in zip(names, arrays)}
         # Copied to the device before anything is assigned: a failed copy changes nothing.
-        self.params = {name: self._on_device(array) for name, array in host.items()}
+        self._params = {name: self._on_device(array) for name, array in host.items()}
         self.input_size = input_size
         return self
 
@@ -150,10 +185,10 @@ class LSTMWeights:
                              "CPU; build it with backend='auto' or 'numba_cuda' to run it on a GPU")
         move = _mover(target)
         # Everything is moved first and assigned last: a failed copy leaves the layer as it was.
-        moved = {"params": {name: move(value) for name, value in self.params.items()},
-                 "grads": {name: move(value) for name, value in self.grads.items()}}
+        moved = {"params": {name: move(value) for name, value in self._params.items()},
+                 "grads": {name: move(value) for name, value in self._grads.items()}}
         extra = self._moved_states(move)
-        self.params, self.grads = moved["params"], moved["grads"]
+        self._params, self._grads = moved["params"], moved["grads"]
         self._assign_moved_states(extra)
         self._device, self._device_chosen = target, True
         return self
@@ -245,17 +280,29 @@ class LSTMWeights:
         return input_mask, recurrent_mask
 
     def _weights_for(self, backend):
-        return (backend.asarray(self.params["kernel"], self.dtype),
-                backend.asarray(self.params["recurrent_kernel"], self.dtype),
-                backend.asarray(self.params["bias"], self.dtype) if self.use_bias else None)
+        return (backend.asarray(self._params["kernel"], self.dtype),
+                backend.asarray(self._params["recurrent_kernel"], self.dtype),
+                backend.asarray(self._params["bias"], self.dtype) if self.use_bias else None)
 
-    def _store_grads(self, backend, grads) -> None:
+    def _store_grads(self, backend, grads, accumulate=False) -> None:
         """Keep the weight gradients where the weights are: no copy on the GPU (a copy only if the
-        layer was moved between its forward and its backward)."""
+        layer was moved between its forward and its backward).
+
+        ``accumulate``: add them to the current gradients (a later backward of one tape)
+        instead of replacing them (the first backward of a tape).
+        """
         keep = _mover(self._device) if self._device != "cpu" else backend.to_numpy
-        self.grads = {"kernel": keep(grads.dkernel), "recurrent_kernel": keep(grads.drecurrent_kernel)}
+        fresh = {"kernel": keep(grads.dkernel), "recurrent_kernel": keep(grads.drecurrent_kernel)}
         if self.use_bias:
-            self.grads["bias"] = keep(grads.dbias)
+            fresh["bias"] = keep(grads.dbias)
+        self._set_grads(fresh, accumulate)
+
+    def _set_grads(self, fresh: dict, accumulate: bool) -> None:
+        """Replace the gradients with ``fresh``, or add ``fresh`` to them (on their device)."""
+        if accumulate and self._grads:
+            add = np.add if self._device == "cpu" else registry.get_backend_object("numba_cuda").add
+            fresh = {name: add(self._grads[name], value) for name, value in fresh.items()}
+        self._grads = fresh
 
     def _zero_weight_grads(self, backend) -> dict:
         """Zero gradients for every weight, on the layer's device (a call with no step)."""
@@ -263,6 +310,275 @@ class LSTMWeights:
         if self._device != "cpu":
             return {name: backend.zeros(shape, self.dtype) for name, shape in shapes.items()}
         return {name: np.zeros(shape, self.dtype) for name, shape in shapes.items()}
+
+
+# -- the training tape ---------------------------------------------------------------------------
+class TrainingTape:
+    """What training calls left for ``backward``, consumed last-in-first-out.
+
+    Every layer keeps one. A ``training=True`` call pushes an entry; an
+    inference call never touches the tape. ``backward`` pops the most recent
+    entry, so calls made one after the other (a shared encoder applied to two
+    inputs, tied weights, the steps of an ``LSTMCell`` unroll) are
+    backpropagated in reverse order.
+
+    The entries pushed since the tape was last empty form one *round*: the
+    first backward of a round replaces the layer's gradients, later ones add
+    to them, so after the round ``grads`` holds the gradient of everything
+    the round computed. A training call made after a backward starts a new
+    round: entries left unconsumed (a truncated unroll) are dropped, so a new
+    sequence never inherits a half-used tape.
+    """
+
+    def __init__(self):
+        self._entries: list = []
+        self._backward_ran = False   # a backward consumed an entry of the current round
+
+    def push(self, entry) -> bool:
+        """Record a training call; returns True when it starts a new round."""
+        if self._backward_ran:
+            self._entries.clear()   # a new round over leftovers of a truncated one: start clean
+            self._backward_ran = False
+        new_round = not self._entries
+        self._entries.append(entry)
+        return new_round
+
+    def peek(self, what: str = "backward"):
+        """The most recent unconsumed entry; RuntimeError when there is none."""
+        if not self._entries:
+            raise RuntimeError(f"{what} needs a forward call with training=True first (each training call is "
+                               "backpropagated once, most recent first)")
+        return self._entries[-1]
+
+    def pop(self) -> tuple:
+        """Consume the most recent entry; returns ``(entry, accumulate)`` where ``accumulate`` is
+        False for the round's first backward (which replaces the gradients)."""
+        entry = self.peek()
+        accumulate = self._backward_ran
+        self._entries.pop()
+        self._backward_ran = True
+        return entry, accumulate
+
+    def undo_pop(self, entry, accumulate: bool) -> None:
+        """Put back an entry popped by a backward that then failed elsewhere (nothing half-consumed)."""
+        self._entries.append(entry)
+        self._backward_ran = accumulate
+
+    def drop_last(self) -> None:
+        """Forget the entry just pushed (a call that failed after pushing it)."""
+        if self._entries:
+            self._entries.pop()
+
+    @property
+    def last(self):
+        return self._entries[-1] if self._entries else None
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._backward_ran = False
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+# -- params and grads: live, checked mappings ------------------------------------------------------
+class LayerArrays(MutableMapping):
+    """A layer's ``params`` or ``grads``: a live view of its arrays whose writes are checked.
+
+    Reading gives the layer's own arrays (updating one in place updates the
+    layer). ``mapping[name] = value`` copies ``value`` into the layer's array
+    after checking that it matches the parameter ``name`` in shape, dtype and
+    device; nothing is written when a check fails. Assigning the whole
+    mapping (``layer.grads = {...}``) checks every entry before writing any.
+    A gradient that no backward has made yet is stored (as given).
+
+    Example:
+        >>> import numpy as np, lstmeng as le
+        >>> lstm = le.LSTM(2, seed=0).build(3)
+        >>> lstm.params["bias"] = np.full(8, 0.5, np.float32)
+        >>> float(lstm.get_weights()[2][0])
+        0.5
+    """
+
+    def __init__(self, layer, kind: str):
+        self._layer, self._kind = layer, kind
+
+    def _storage(self) -> dict:
+        return getattr(self._layer, "_" + self._kind)
+
+    def __getitem__(self, name):
+        return self._storage()[name]
+
+    def __iter__(self):
+        return iter(list(self._storage()))
+
+    def __len__(self) -> int:
+        return len(self._storage())
+
+    def __contains__(self, name) -> bool:
+        return name in self._storage()
+
+    def __delitem__(self, name):
+        raise TypeError(f"{self._kind}: entries cannot be deleted (zero them with zero_grads(), or rebuild the layer)")
+
+    def __setitem__(self, name, value):
+        self.check(name, value)
+        self.write(name, value)
+
+    def check(self, name, value) -> None:
+        """Raise unless ``value`` can be written as ``name`` (shape, dtype, device of the parameter)."""
+        params = self._layer._params
+        if name not in params:
+            known = sorted(params) if params else "none: the layer is not built yet (call build() or the layer once)"
+            raise KeyError(f"{self._kind}: no parameter {name!r}; the parameters are {known}")
+        check_like(params[name], value, f"{self._kind}[{name!r}]")
+
+    def write(self, name, value) -> None:
+        storage = self._storage()
+        if name in storage:
+            copy_into(storage[name], value)
+        else:
+            storage[name] = value
+
+    def assign_all(self, mapping) -> None:
+        """``layer.<kind> = mapping``: every entry checked first, then all written."""
+        checked = _checked_mapping(mapping, self._kind)
+        for name, value in checked.items():
+            self.check(name, value)
+        for name, value in checked.items():
+            self.write(name, value)
+
+    def __repr__(self) -> str:
+        return f"{self._kind}({ {name: _describe(value) for name, value in self._storage().items()} })"
+
+
+class PrefixedArrays(MutableMapping):
+    """A model's ``params`` or ``grads``: its sublayers' live mappings under ``"<prefix>.<name>"``.
+
+    Writes go to the sublayer's mapping, so they are checked and reach its
+    arrays as on a single layer.
+    """
+
+    def __init__(self, children, kind: str):
+        self._children, self._kind = children, kind   # () -> [(prefix, layer)]
+
+    def _route(self, key):
+        if isinstance(key, str) and "." in key:
+            prefix, rest = key.split(".", 1)
+            for child_prefix, child in self._children():
+                if child_prefix == prefix:
+                    return getattr(child, self._kind), rest
+        known = sorted(getattr(self._model_params(), "keys")())
+        raise KeyError(f"{self._kind}: no parameter {key!r}; the parameters are {known}")
+
+    def _model_params(self):
+        return PrefixedArrays(self._children, "params")
+
+    def __getitem__(self, key):
+        mapping, rest = self._route(key)
+        return mapping[rest]
+
+    def __iter__(self):
+        keys = []
+        for prefix, child in self._children():
+            keys.extend(f"{prefix}.{name}" for name in getattr(child, self._kind))
+        return iter(keys)
+
+    def __len__(self) -> int:
+        return sum(len(getattr(child, self._kind)) for _, child in self._children())
+
+    def __contains__(self, key) -> bool:
+        try:
+            mapping, rest = self._route(key)
+        except KeyError:
+            return False
+        return rest in mapping
+
+    def __delitem__(self, key):
+        raise TypeError(f"{self._kind}: entries cannot be deleted")
+
+    def __setitem__(self, key, value):
+        self.check(key, value)
+        self.write(key, value)
+
+    def check(self, key, value) -> None:
+        mapping, rest = self._route(key)
+        try:
+            mapping.check(rest, value)
+        except (KeyError, ValueError, TypeError) as error:
+            raise type(error)(str(error.args[0]).replace(f"{self._kind}[{rest!r}]", f"{self._kind}[{key!r}]")
+                              .replace(f"no parameter {rest!r}", f"no parameter {key!r}")) from None
+
+    def write(self, key, value) -> None:
+        mapping, rest = self._route(key)
+        mapping.write(rest, value)
+
+    def assign_all(self, mapping) -> None:
+        checked = _checked_mapping(mapping, self._kind)
+        for key, value in checked.items():
+            self.check(key, value)
+        for key, value in checked.items():
+            self.write(key, value)
+
+    def __repr__(self) -> str:
+        return f"{self._kind}({ {key: _describe(self[key]) for key in self} })"
+
+
+def _checked_mapping(mapping, kind: str) -> dict:
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"{kind} must be assigned a mapping of name -> array, got {type(mapping).__name__}")
+    return dict(mapping)
+
+
+def _describe(array) -> str:
+    return f"{array_dtype_name(array)}{tuple(int(n) for n in array.shape)} on {_device_of(array)}"
+
+
+def _device_of(array) -> str:
+    kind = registry.array_kind(array)
+    return {"cuda": "cuda", "tensorflow": "tensorflow"}.get(kind, "cpu")
+
+
+def check_like(reference, value, what: str) -> None:
+    """Raise unless ``value`` has the shape, dtype and device of ``reference`` (error names all three)."""
+    if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+        if registry.array_kind(value) != "host":
+            raise TypeError(f"{what}: expected an array, got {type(value).__name__}")
+        value = np.asarray(value)
+    expected_device, actual_device = _device_of(reference), _device_of(value)
+    if expected_device != actual_device:
+        raise ValueError(f"{what}: expected an array on {expected_device}, where the parameter is, got one on "
+                         f"{actual_device}")
+    expected_shape, actual_shape = tuple(int(n) for n in reference.shape), tuple(int(n) for n in value.shape)
+    if expected_shape != actual_shape:
+        raise ValueError(f"{what}: expected shape {expected_shape}, got {actual_shape}")
+    expected_dtype, actual_dtype = array_dtype_name(reference), array_dtype_name(value, what)
+    if expected_dtype != actual_dtype:
+        raise TypeError(f"{what}: expected dtype {expected_dtype}, got {actual_dtype} (cast it with "
+                        f".astype('{expected_dtype}'))")
+
+
+def copy_into(target, value) -> None:
+    """Copy ``value`` into ``target`` in place (both checked alike by ``check_like``)."""
+    if registry.array_kind(target) == "host":
+        np.copyto(target, np.asarray(value))
+    else:
+        backend = registry.get_backend_object("numba_cuda")
+        target.copy_to_device(backend.asarray(value, np.dtype(array_dtype_name(value))))
+
+
+def zero_grads_of(layer) -> None:
+    """Zero a leaf layer's gradients in place, creating zero arrays for parameters without one."""
+    grads = layer._grads
+    for name, param in layer._params.items():
+        if name not in grads:
+            grads[name] = (np.zeros_like(param) if registry.array_kind(param) == "host"
+                           else registry.get_backend_object("numba_cuda").zeros_like(param))
+        elif registry.array_kind(grads[name]) == "host":
+            grads[name][...] = 0
+        else:
+            from lstmeng.backends import _cuda_optim   # the optimizer's in-place fill: no allocation
+            _cuda_optim.fill_zero(grads[name])
 
 
 def array_dtype_name(array, argument="x") -> str:

@@ -2,11 +2,16 @@
 
 Each ``training=True`` call pushes its workspace on a tape; each ``backward``
 pops the most recent one, so a loop of N steps is backpropagated by N
-``backward`` calls in reverse order. Weight gradients accumulate over those
-calls into ``grads``; they start from zero at the first backward after a
-training call that found the tape empty (a new unrolled sequence). Dropout
-masks are drawn at such a call and reused until the tape is empty again, as
-Keras's cell reuses them over one sequence.
+``backward`` calls in reverse order (inference calls never touch the tape).
+Weight gradients accumulate over those calls into ``grads``; the first
+backward of an unroll replaces them.
+
+An unroll starts at a training call that finds the tape empty, or at the
+first training call after a backward: steps left on the tape by a truncated
+backpropagation are dropped then, automatically, so a new sequence never
+inherits them (``reset_tape()`` drops them explicitly). Dropout masks are
+drawn when an unroll starts and reused over it, as Keras's cell reuses them
+over one sequence.
 """
 
 from __future__ import annotations
@@ -33,9 +38,7 @@ class LSTMCell(LSTMWeights):
 
     def __init__(self, units, **options):
         super().__init__(units, **options)
-        self._tape = []
         self._sequence_dropout = (None, None)
-        self._grads_pending_reset = False
 
     def get_config(self) -> dict:
         return self._options_config()
@@ -72,13 +75,12 @@ class LSTMCell(LSTMWeights):
                 raise ValueError(f"states must be a list [h, c] of arrays of shape {shape}")
             h = self._to_call_device(backend, prepare_state(backend, states[0], self.dtype, "states[0]", shape))
             c = self._to_call_device(backend, prepare_state(backend, states[1], self.dtype, "states[1]", shape))
-        if training and not self._tape:
-            self._sequence_dropout = self._dropout_masks(batch, training=True)
-            self._grads_pending_reset = True
-        input_mask, recurrent_mask = self._sequence_dropout if training else (None, None)
-        if input_mask is not None and input_mask.shape[0] != batch:
+        starts_unroll = training and (not self._tapes or self._tapes._backward_ran)
+        input_mask, recurrent_mask = (self._dropout_masks(batch, training=True) if starts_unroll
+                                      else self._sequence_dropout if training else (None, None))
+        if not starts_unroll and input_mask is not None and input_mask.shape[0] != batch:
             raise ValueError(f"x_t has batch {batch} but this unrolled sequence started with batch "
-                             f"{input_mask.shape[0]}; backpropagate or call reset_dropout_mask() first")
+                             f"{input_mask.shape[0]}; backpropagate it or call reset_tape() first")
         if batch == 0:
             h_new, c_new, workspace = h, c, None
         else:
@@ -92,24 +94,25 @@ class LSTMCell(LSTMWeights):
             h_new, c_new, workspace = result.h, result.c, result.workspace
         self._device_chosen = True   # a call has run here: later CUDA inputs to a CPU cell are errors
         if training:
-            self._tape.append((backend, workspace, batch, host_io))
+            self._tapes.push((backend, workspace, batch, host_io))
+            self._sequence_dropout = (input_mask, recurrent_mask)
         if host_io:  # a GPU cell called with host arrays: NumPy in, NumPy out
             h_new, c_new = backend.to_numpy(h_new), backend.to_numpy(c_new)
         return h_new, [h_new, c_new]
 
-    def _moved_states(self, move):
-        # The gradient sum of the current unrolled sequence moves with the grads.
-        accumulated = getattr(self, "_accumulated", None)
-        return None if accumulated is None else {name: move(value) for name, value in accumulated.items()}
+    def reset_tape(self):
+        """Drop the steps not yet backpropagated and the current unroll's dropout masks; returns self.
 
-    def _assign_moved_states(self, moved) -> None:
-        if moved is not None:
-            self._accumulated = moved
+        Not needed between sequences (a training call after a backward starts a
+        new unroll by itself); use it to abandon an unroll that no backward ran on.
+        """
+        self._tapes.clear()
+        self._sequence_dropout = (None, None)
+        return self
 
     def reset_dropout_mask(self):
-        """Forget the recorded steps and the dropout masks of the current sequence."""
-        self._tape = []
-        self._sequence_dropout = (None, None)
+        """Same as ``reset_tape()`` (its former name)."""
+        return self.reset_tape()
 
     def backward(self, dh, dc=None):
         """Backward of the most recent unconsumed training step.
@@ -118,11 +121,10 @@ class LSTMCell(LSTMWeights):
             dh, dc: ``[B, H]`` gradients of the step's new h and c (dc None = zeros).
 
         Returns:
-            ``dx_t [B, I], [dh_prev, dc_prev]``; adds the step's weight gradients to ``grads``.
+            ``dx_t [B, I], [dh_prev, dc_prev]``; adds the step's weight gradients to ``grads``
+            (the first backward of an unroll replaces them).
         """
-        if not self._tape:
-            raise RuntimeError("backward needs a call with training=True first (one backward per step)")
-        backend, workspace, batch, host_io = self._tape[-1]
+        backend, workspace, batch, host_io = self._tapes.peek()
         shape = (batch, self.units)
         dh = prepare_input(backend, dh, self.dtype, "dh")
         _validation.check_shape(dh, "dh", shape)
@@ -132,24 +134,17 @@ class LSTMCell(LSTMWeights):
             dc = prepare_input(backend, dc, self.dtype, "dc")
             _validation.check_shape(dc, "dc", shape)
         dh, dc = self._to_call_device(backend, dh), self._to_call_device(backend, dc)
-        self._tape.pop()
         if workspace is None:
             dx = backend.zeros((0, self.input_size), self.dtype)
-            step_grads = self._zero_weight_grads(backend)
             dh_prev, dc_prev = dh, dc
+            _, accumulate = self._tapes.pop()
+            self._set_grads(self._zero_weight_grads(backend), accumulate)
         else:
             grads = backend.cell_backward(dh, dc, workspace)
-            self._store_grads(backend, grads)
-            step_grads = self.grads
+            _, accumulate = self._tapes.pop()
+            # The unroll's first backward replaces grads; the others add to them.
+            self._store_grads(backend, grads, accumulate)
             dx, dh_prev, dc_prev = grads.dx, grads.dh0, grads.dc0
-        if self._grads_pending_reset:
-            self._accumulated = step_grads   # fresh arrays from this backward: the sum starts here
-            self._grads_pending_reset = False
-        else:
-            # backend.add keeps device gradients on the device (NumPy's + on the host).
-            self._accumulated = {name: backend.add(self._accumulated[name], value)
-                                 for name, value in step_grads.items()}
-        self.grads = dict(self._accumulated)
         if host_io:
             dx, dh_prev, dc_prev = (backend.to_numpy(array) for array in (dx, dh_prev, dc_prev))
         return dx, [dh_prev, dc_prev]

@@ -20,7 +20,7 @@ from lstmeng.backends.base import SequenceGrads
 
 @dataclasses.dataclass
 class _Tape:
-    """What the last training forward left for ``backward``."""
+    """What one training forward left for ``backward`` (an entry of the layer's ``TrainingTape``)."""
 
     backend: Any
     workspace: Any            # None for an empty batch or zero time steps
@@ -97,8 +97,12 @@ class LSTM(LSTMWeights):
         self.time_major = bool(time_major)
         self.states = None            # [h, c] kept between calls when stateful
         self.initial_state_grads = None
-        self._tape: _Tape | None = None
         self._last_states = None
+
+    @property
+    def _tape(self) -> _Tape | None:
+        """The most recent training call not yet backpropagated (None when there is none)."""
+        return self._tapes.last
 
     # -- configuration -----------------------------------------------------------
     def get_config(self) -> dict:
@@ -197,7 +201,6 @@ class LSTM(LSTMWeights):
         """Run a call checked by ``_prepare_call``; returns (outputs, h, c)."""
         backend, x, mask, batch, steps = call.backend, call.x, call.mask, call.batch, call.steps
         h0, c0 = call.h0, call.c0
-        self._tape = None
         if batch == 0 or steps == 0:
             outputs = (backend.zeros((batch, steps, self.units), self.dtype) if self.return_sequences
                        else backend.zeros((batch, self.units), self.dtype))
@@ -215,8 +218,8 @@ class LSTM(LSTMWeights):
                 recurrent_dropout_mask=None if recurrent_dropout_mask is None else backend.asarray(recurrent_dropout_mask, self.dtype),
                 training=training)
             outputs, h, c, workspace = result.outputs, result.h, result.c, result.workspace
-        if training:
-            self._tape = _Tape(backend, workspace, batch, steps, call.got_initial_state, call.host_io)
+        if training:   # an inference call leaves the tape as it is
+            self._tapes.push(_Tape(backend, workspace, batch, steps, call.got_initial_state, call.host_io))
         if self.stateful:
             # Host arrays are mutable: carry copies so that a caller editing the
             # returned h or c in place does not change the next call's state.
@@ -256,7 +259,13 @@ class LSTM(LSTMWeights):
 
     # -- backward ----------------------------------------------------------------
     def backward(self, dy, dh=None, dc=None):
-        """Gradients of the outputs of the last ``training=True`` call.
+        """Gradients of the outputs of the most recent ``training=True`` call not yet backpropagated.
+
+        Training calls are recorded on a tape and backpropagated last-in-first-out;
+        inference calls in between do not touch it. The first backward after
+        the tape was empty replaces ``grads``; the backward of an earlier
+        training call of the same round adds to them (a layer applied twice
+        gets the sum of both uses' gradients). See ``TrainingTape``.
 
         Args:
             dy: same shape as the returned y.
@@ -264,16 +273,21 @@ class LSTM(LSTMWeights):
 
         Returns:
             dx, same shape as x. Also sets ``grads`` and ``initial_state_grads``.
+
+        Example:
+            >>> import numpy as np, lstmeng as le
+            >>> encoder = le.LSTM(3, seed=0)
+            >>> a, b = np.ones((2, 4, 5), "float32"), np.zeros((1, 2, 5), "float32")
+            >>> y_a, y_b = encoder(a, training=True), encoder(b, training=True)
+            >>> encoder.backward(np.ones_like(y_b)).shape, encoder.backward(np.ones_like(y_a)).shape
+            ((1, 2, 5), (2, 4, 5))
         """
         backend, grads = self._backward(dy, dh, dc, input_order=False)
         return backend.swap_batch_time(grads.dx) if self.time_major else grads.dx
 
     def _backward(self, dy, dh, dc, input_order):
         """Returns (backend, SequenceGrads) with dx batch-major ``[B, T, I]``."""
-        tape = self._tape
-        if tape is None:
-            raise RuntimeError("backward needs a forward call with training=True first "
-                               "(each forward can be backpropagated once)")
+        tape = self._tapes.peek()
         backend = tape.backend
         state_shape = (tape.batch, self.units)
         if self.return_sequences:
@@ -293,20 +307,21 @@ class LSTM(LSTMWeights):
             if self.go_backwards and not input_order:
                 dy = backend.flip_time(dy)
 
+        accumulate = self._tapes._backward_ran   # a later backward of this round adds to grads
         if tape.workspace is None:  # empty batch or zero steps: outputs were constants
             zero = self._zero_weight_grads(backend)
             grads = SequenceGrads(
                 dx=backend.zeros((tape.batch, tape.steps, self.input_size), self.dtype), dh0=dh, dc0=dc,
                 dkernel=zero["kernel"], drecurrent_kernel=zero["recurrent_kernel"],
                 dbias=zero.get("bias", np.zeros(4 * self.units, self.dtype)))
-        elif self._device != "cpu" and backend.accepts_grads_out:
+        elif self._device != "cpu" and backend.accepts_grads_out and not accumulate:
             # On the GPU the gradients are written into the arrays of the last backward (as
             # PyTorch's .grad): a training loop allocates none. Copy them to keep them.
-            grads = backend.sequence_backward(dy, dh, dc, tape.workspace, grads_out=self.grads)
+            grads = backend.sequence_backward(dy, dh, dc, tape.workspace, grads_out=self._grads)
         else:
             grads = backend.sequence_backward(dy, dh, dc, tape.workspace)
-        self._tape = None
-        self._store_grads(backend, grads)
+        self._tapes.pop()
+        self._store_grads(backend, grads, accumulate)
         if tape.host_io:  # host dy in, host dx and state gradients out; weight gradients stay on the device
             grads.dx, grads.dh0, grads.dc0 = (backend.to_numpy(array) for array in (grads.dx, grads.dh0, grads.dc0))
         self.initial_state_grads = [grads.dh0, grads.dc0] if tape.got_initial_state else None

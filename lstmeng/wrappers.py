@@ -1,4 +1,4 @@
-"""Bidirectional, Dropout and Sequential: layers built from LSTM layers.
+"""Bidirectional, Dropout and Sequential: layers built from LSTM layers (and Dense, Embedding).
 
 Each has the same verbs as LSTM: ``__call__``, ``backward``, ``params`` /
 ``grads``, ``build``, ``get_weights`` / ``set_weights`` (in Keras's order, so a
@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from lstmeng import _validation
+from lstmeng._weights import LayerArrays, PrefixedArrays, TrainingTape
 from lstmeng.backends import registry
+from lstmeng.dense import Dense, Embedding
 from lstmeng.layers import LSTM
 
 MERGE_MODES = ("concat", "sum", "mul", "ave", None)
@@ -69,7 +71,7 @@ class Bidirectional:
         self.time_major = layer.time_major
         for direction in (self.forward_layer, self.backward_layer):
             direction.zero_output_for_mask = self.return_sequences
-        self._merge_inputs = None
+        self._tapes = TrainingTape()   # per training call: (backend, y_forward, y_backward) for the unmerge
         self._last_states = None
 
     @property
@@ -102,13 +104,27 @@ class Bidirectional:
         self.backward_layer.build(input_size)
         return self
 
-    @property
-    def params(self) -> dict:
-        return _prefixed({"forward": self.forward_layer.params, "backward": self.backward_layer.params})
+    def _directions(self):
+        return [("forward", self.forward_layer), ("backward", self.backward_layer)]
 
-    @property
-    def grads(self) -> dict:
-        return _prefixed({"forward": self.forward_layer.grads, "backward": self.backward_layer.grads})
+    params = property(lambda self: PrefixedArrays(self._directions, "params"),
+                      lambda self, mapping: PrefixedArrays(self._directions, "params").assign_all(mapping),
+                      doc='"forward.<name>" / "backward.<name>" -> the directions\' live arrays (writes checked).')
+    grads = property(lambda self: PrefixedArrays(self._directions, "grads"),
+                     lambda self, mapping: PrefixedArrays(self._directions, "grads").assign_all(mapping),
+                     doc="The directions' gradients under the keys of ``params``.")
+
+    def zero_grads(self):
+        """Set both directions' gradients to zero; returns self."""
+        self.forward_layer.zero_grads()
+        self.backward_layer.zero_grads()
+        return self
+
+    def reset_tape(self):
+        """Drop every training call not yet backpropagated; returns self."""
+        for tape in (self._tapes, self.forward_layer._tapes, self.backward_layer._tapes):
+            tape.clear()
+        return self
 
     def get_weights(self) -> list:
         return self.forward_layer.get_weights() + self.backward_layer.get_weights()
@@ -126,7 +142,7 @@ class Bidirectional:
             self.backward_layer.set_weights(weights[count:])
         except Exception:
             if saved[1] is None:
-                self.forward_layer.params, self.forward_layer.input_size = {}, None
+                self.forward_layer._params, self.forward_layer.input_size = {}, None
             else:
                 self.forward_layer.set_weights(saved[0])  # nothing half-updated
             raise
@@ -181,11 +197,13 @@ class Bidirectional:
             y_backward, h_backward, c_backward = self.backward_layer._run_call(backward_call, training,
                                                                                 input_order=True)
         except Exception:
-            self.forward_layer._tape = None
+            if training:
+                self.forward_layer._tapes.drop_last()
             raise
         backend = forward_call.backend
         self._last_states = [h_forward, c_forward, h_backward, c_backward]
-        self._merge_inputs = (backend, y_forward, y_backward) if training else None
+        if training:   # an inference call leaves the tape as it is
+            self._tapes.push((backend, y_forward, y_backward))
         merged = self._merge(backend, y_forward, y_backward)
         if self.return_state:
             outputs = merged if isinstance(merged, list) else [merged]
@@ -204,7 +222,7 @@ class Bidirectional:
         return [y_forward, y_backward]
 
     def backward(self, dy, dstates=None):
-        """Gradients of the last training call.
+        """Gradients of the most recent training call not yet backpropagated (see ``LSTM.backward``).
 
         Args:
             dy: gradient of the merged output (a list ``[dy_fw, dy_bw]`` when merge_mode is None).
@@ -213,9 +231,7 @@ class Bidirectional:
         Returns:
             dx, same shape as x.
         """
-        if self._merge_inputs is None:
-            raise RuntimeError("backward needs a forward call with training=True first")
-        backend, y_forward, y_backward = self._merge_inputs
+        backend, y_forward, y_backward = self._tapes.peek()
         dy_forward, dy_backward = self._unmerge(backend, dy, y_forward, y_backward)
         if dstates is None:
             dstates = [None] * 4
@@ -226,14 +242,17 @@ class Bidirectional:
         for index, (direction, state_grad) in enumerate(zip(directions, dstates)):
             if state_grad is not None and direction._tape is not None:
                 _validation.check_shape(state_grad, f"dstates[{index}]", (direction._tape.batch, direction.units))
-        forward_tape = self.forward_layer._tape
+        forward_entry, forward_accumulate = self.forward_layer._tape, self.forward_layer._tapes._backward_ran
+        forward_grads_before = dict(self.forward_layer._grads)
         _, forward_grads = self.forward_layer._backward(dy_forward, dstates[0], dstates[1], input_order=True)
         try:
             _, backward_grads = self.backward_layer._backward(dy_backward, dstates[2], dstates[3], input_order=True)
         except Exception:
-            self.forward_layer._tape = forward_tape
+            # Nothing half-consumed: the forward direction's entry goes back on its tape.
+            self.forward_layer._tapes.undo_pop(forward_entry, forward_accumulate)
+            self.forward_layer._grads = forward_grads_before
             raise
-        self._merge_inputs = None
+        self._tapes.pop()
         dx = backend.add(forward_grads.dx, backward_grads.dx)
         return backend.swap_batch_time(dx) if self.time_major else dx
 
@@ -277,14 +296,26 @@ class Dropout:
             raise ValueError(f"seed must be an integer or None, got {seed!r}")
         self.seed = None if seed is None else int(seed)
         self._rng = np.random.default_rng(self.seed)
-        self._tape = None
-        self.params, self.grads = {}, {}
+        self._tapes = TrainingTape()
+        self._params, self._grads = {}, {}
+
+    params = property(lambda self: LayerArrays(self, "params"), doc="Empty: Dropout has no weights.")
+    grads = property(lambda self: LayerArrays(self, "grads"), doc="Empty: Dropout has no weights.")
+
+    def zero_grads(self):
+        return self
+
+    def reset_tape(self):
+        self._tapes.clear()
+        return self
 
     def __call__(self, x, training=False):
         if registry.array_kind(x) == "host":
             x = np.asarray(x)
-        if not training or self.rate == 0:
-            self._tape = ("identity", None, tuple(x.shape)) if training else None
+        if not training:   # an inference call leaves the tape as it is
+            return x
+        if self.rate == 0:
+            self._tapes.push(("identity", None, tuple(x.shape)))
             return x
         backend = registry.backend_for_array(x) if registry.array_kind(x) != "host" else None
         keep = 1.0 - self.rate
@@ -292,19 +323,18 @@ class Dropout:
         dtype = np.dtype(getattr(x.dtype, "name", str(x.dtype)))
         noise = (self._rng.random(shape) < keep).astype(dtype) / dtype.type(keep)
         if backend is None:
-            self._tape = ("host", noise, shape)
+            self._tapes.push(("host", noise, shape))
             return np.asarray(x) * noise
         noise = backend.asarray(noise, dtype)
-        self._tape = ("backend", (backend, noise), shape)
+        self._tapes.push(("backend", (backend, noise), shape))
         return backend.multiply(x, noise)
 
     def backward(self, dy):
-        if self._tape is None:
-            raise RuntimeError("backward needs a forward call with training=True first")
-        kind, noise, shape = self._tape
+        """dy: the output's shape; returns dx (the most recent training call's, as LSTM.backward)."""
+        kind, noise, shape = self._tapes.peek()
         if _validation.shape_of(dy) != shape:
             raise ValueError(f"dy must have shape {shape}, got {_validation.shape_of(dy)}")
-        self._tape = None
+        self._tapes.pop()
         if kind == "identity":
             return dy
         if kind == "host":
@@ -331,35 +361,50 @@ class Dropout:
         return f"Dropout({self.rate})"
 
 
-LAYER_CLASSES = {"LSTM": LSTM, "Bidirectional": Bidirectional, "Dropout": Dropout}
+LAYER_CLASSES = {"LSTM": LSTM, "Bidirectional": Bidirectional, "Dropout": Dropout, "Dense": Dense,
+                 "Embedding": Embedding}
+_RECURRENT = (LSTM, Bidirectional)
+_HOST_ONLY = (Dense, Embedding)   # compute on host arrays: the model copies device activations to them
 
 
 class Sequential:
-    """A stack of LSTM, Bidirectional and Dropout layers.
+    """A stack of layers: Embedding, LSTM, Bidirectional, Dropout and Dense.
 
-    The mask travels with the sequence: every layer that returns sequences
-    passes it on; a layer that returns its last output consumes it.
-    ``params`` and ``grads`` are flat dicts keyed ``"<index>.<name>"``, e.g.
-    ``"0.forward.kernel"``, ``"2.recurrent_kernel"``. After each call
-    ``states`` holds the final states of each recurrent layer (``[h, c]``, or
-    ``[h_fw, c_fw, h_bw, c_bw]`` for Bidirectional), None for others.
+    The mask travels with the sequence: an ``Embedding(mask_zero=True)`` makes
+    one from its ids (``ids != 0``), every layer that returns sequences passes
+    it on (Dense and Dropout too), and a layer that returns its last output
+    consumes it. ``initial_state`` goes to the first recurrent layer; after a
+    backward its gradients are in ``initial_state_grads`` (as on LSTM).
+
+    ``params`` and ``grads`` are live mappings keyed ``"<index>.<name>"``, e.g.
+    ``"0.forward.kernel"``, ``"2.recurrent_kernel"``: an assignment
+    ``model.params[k] = new`` is checked (shape, dtype, device) and copied into
+    the sublayer's array. After each call ``states`` holds the final states of
+    each recurrent layer (``[h, c]``, or ``[h_fw, c_fw, h_bw, c_bw]`` for
+    Bidirectional), None for others.
+
+    Training calls are backpropagated last-in-first-out, as on every layer
+    (see ``LSTM.backward``); inference calls in between are not recorded.
+
+    On the GPU (``model.to("cuda")``) the recurrent layers live on the device
+    and Dense/Embedding on the host: activations are copied between them.
 
     Example:
         >>> import numpy as np, lstmeng as le
-        >>> model = le.Sequential([le.Bidirectional(le.LSTM(4, return_sequences=True, seed=0)),
-        ...                        le.Dropout(0.2, seed=1), le.LSTM(3, seed=2)])
-        >>> x, mask = le.pad_sequences([np.ones((5, 2)), np.ones((3, 2))])
-        >>> y = model(x, mask=mask, training=True)
-        >>> dx = model.backward(np.ones_like(y))
-        >>> y.shape, dx.shape, sorted(model.grads)[:2]
-        ((2, 3), (2, 5, 2), ['0.backward.bias', '0.backward.kernel'])
+        >>> model = le.Sequential([le.Embedding(20, 4, mask_zero=True, seed=0),
+        ...                        le.Bidirectional(le.LSTM(4, return_sequences=True, seed=1)),
+        ...                        le.LSTM(3, seed=2), le.Dense(2, seed=3)])
+        >>> ids = np.array([[5, 2, 7, 0], [3, 9, 0, 0]])
+        >>> y = model(ids, training=True)
+        >>> model.backward(np.ones_like(y)) is None, y.shape, sorted(model.grads)[:2]
+        (True, (2, 2), ['0.embeddings', '1.backward.bias'])
     """
 
     def __init__(self, layers):
         layers = list(layers)
         for index, layer in enumerate(layers):
             if not isinstance(layer, tuple(LAYER_CLASSES.values())):
-                raise TypeError(f"layers[{index}] must be an LSTM, Bidirectional or Dropout, "
+                raise TypeError(f"layers[{index}] must be one of {', '.join(LAYER_CLASSES)}, "
                                 f"got {type(layer).__name__}")
             if getattr(layer, "return_state", False):
                 raise ValueError(f"layers[{index}] has return_state=True; inside Sequential read "
@@ -367,12 +412,38 @@ class Sequential:
             if isinstance(layer, Bidirectional) and layer.merge_mode is None:
                 raise ValueError(f"layers[{index}]: merge_mode=None returns two outputs; "
                                  "use a merging mode inside Sequential")
+            if isinstance(layer, Embedding) and index != 0:
+                raise ValueError(f"layers[{index}] is an Embedding: it takes integer ids, so it must be layers[0]")
         self.layers = layers
         self.states = None
-        self._host_io = False   # the last training call took a host x on the GPU: copy dy in, dx out
+        self.initial_state_grads = None
+        self._tapes = TrainingTape()   # per training call: the array kinds and shapes between layers
 
     def _recurrent(self):
-        return [layer for layer in self.layers if not isinstance(layer, Dropout)]
+        return [layer for layer in self.layers if isinstance(layer, _RECURRENT)]
+
+    def _indexed(self):
+        return [(str(index), layer) for index, layer in enumerate(self.layers)]
+
+    params = property(lambda self: PrefixedArrays(self._indexed, "params"),
+                      lambda self, mapping: PrefixedArrays(self._indexed, "params").assign_all(mapping),
+                      doc='"<index>.<name>" -> the layers\' live arrays (writes checked and copied in).')
+    grads = property(lambda self: PrefixedArrays(self._indexed, "grads"),
+                     lambda self, mapping: PrefixedArrays(self._indexed, "grads").assign_all(mapping),
+                     doc="The layers' gradients under the keys of ``params``.")
+
+    def zero_grads(self):
+        """Set every layer's gradients to zero; returns self."""
+        for layer in self.layers:
+            layer.zero_grads()
+        return self
+
+    def reset_tape(self):
+        """Drop every training call not yet backpropagated, in every layer; returns self."""
+        self._tapes.clear()
+        for layer in self.layers:
+            layer.reset_tape()
+        return self
 
     @property
     def device(self) -> str:
@@ -381,32 +452,25 @@ class Sequential:
         return recurrent[0].device if recurrent else "cpu"
 
     def to(self, device):
-        """Move every layer to ``device`` ("cpu", "cuda", "cuda:N"); returns self."""
+        """Move every recurrent layer to ``device`` ("cpu", "cuda", "cuda:N"); returns self.
+
+        Dense and Embedding stay on the host (they compute on host arrays).
+        """
         _move_all(self._recurrent(), device)
         return self
 
-    def _device_backend(self, x):
-        """numba_cuda when the model lives on the GPU and ``x`` is a host array (copied in once), else None."""
-        if self.device == "cpu" or registry.array_kind(x) != "host":
-            return None
-        return registry.get_backend_object("numba_cuda")
-
-    def build(self, input_size):
+    def build(self, input_size=None):
+        """Build every layer for ``input_size`` features (ignored after an Embedding); returns self."""
         size = input_size
         for layer in self.layers:
             if isinstance(layer, Dropout):
                 continue
-            layer.build(size)
+            if isinstance(layer, Embedding):
+                layer.build()
+            else:
+                layer.build(size)
             size = layer.units
         return self
-
-    @property
-    def params(self) -> dict:
-        return _prefixed({str(i): layer.params for i, layer in enumerate(self.layers)})
-
-    @property
-    def grads(self) -> dict:
-        return _prefixed({str(i): layer.grads for i, layer in enumerate(self.layers)})
 
     def get_weights(self) -> list:
         return [w for layer in self.layers for w in layer.get_weights()]
@@ -416,21 +480,23 @@ class Sequential:
         counts = [len(_expected_weight_names(layer)) for layer in self.layers]
         if len(weights) != sum(counts):
             raise ValueError(f"set_weights expects {sum(counts)} arrays (layer by layer), got {len(weights)}")
-        saved = [(layer.get_weights(), getattr(layer, "input_size", None)) for layer in self.layers]
+        saved = [layer.get_weights() for layer in self.layers]
         start = 0
         try:
             for layer, count in zip(self.layers, counts):
                 layer.set_weights(weights[start:start + count])
                 start += count
         except Exception:
-            for layer, (old, input_size) in zip(self.layers, saved):
+            for layer, old in zip(self.layers, saved):
                 if old:
                     layer.set_weights(old)
-                elif isinstance(layer, LSTM):
-                    layer.params, layer.input_size = {}, None
                 elif isinstance(layer, Bidirectional):
                     for direction in (layer.forward_layer, layer.backward_layer):
-                        direction.params, direction.input_size = {}, None
+                        direction._params, direction.input_size = {}, None
+                elif not isinstance(layer, Dropout):
+                    layer._params = {}
+                    if hasattr(layer, "input_size"):
+                        layer.input_size = None
             raise
         return self
 
@@ -451,8 +517,56 @@ class Sequential:
         for layer in self._recurrent():
             layer.reset_state()
 
-    def __call__(self, x, mask=None, lengths=None, training=False, check_finite=False):
-        """Run every layer in turn. x: ``[B, T, I]``; mask ``[B, T]`` or lengths ``[B]``."""
+    def summary(self, input_size=None) -> str:
+        """A table of the layers, their output shapes and parameter counts (also printed).
+
+        Shapes use None for the batch and time sizes; an unbuilt layer's
+        parameters are counted once ``input_size`` (or a first call) settles them.
+
+        Example:
+            >>> import lstmeng as le
+            >>> text = le.Sequential([le.Embedding(50, 8), le.LSTM(16), le.Dense(3)]).summary()
+            Layer                         Output shape            Params
+            0 Embedding(50, 8)            (None, None, 8)            400
+            1 LSTM(16)                    (None, 16)                1600
+            2 Dense(3, linear)            (None, 3)                   51
+            Total parameters: 2051
+        """
+        rows, total = [], 0
+        size = input_size
+        sequence = True
+        for index, layer in enumerate(self.layers):
+            count = _parameter_count(layer, size)
+            total += count or 0
+            if isinstance(layer, Embedding):
+                size, sequence = layer.output_dim, True
+            elif isinstance(layer, _RECURRENT):
+                size, sequence = layer.units, bool(layer.return_sequences)
+            elif isinstance(layer, Dense):
+                size = layer.units
+            shape = ("None", "None", str(size)) if sequence else ("None", str(size))
+            rows.append((f"{index} {_short_name(layer)}", "(" + ", ".join(shape) + ")",
+                         "?" if count is None else str(count)))
+        lines = [f"{'Layer':<30}{'Output shape':<20}{'Params':>10}"]
+        lines += [f"{name:<30}{shape:<20}{count:>10}" for name, shape, count in rows]
+        lines.append(f"Total parameters: {total}")
+        text = "\n".join(lines)
+        print(text)
+        return text
+
+    def __call__(self, x, mask=None, lengths=None, initial_state=None, training=False, check_finite=False):
+        """Run every layer in turn.
+
+        Args:
+            x: ``[B, T, I]`` features, or integer ids ``[B, T]`` when layers[0] is an Embedding.
+            mask: bool ``[B, T]`` (True = real step) or lengths: ints ``[B]``; one or neither.
+            initial_state: the first recurrent layer's (``[h0, c0]``, or four arrays for Bidirectional).
+            training: record the call for ``backward``.
+            check_finite: the first recurrent layer raises on NaN/inf in its input.
+
+        Returns:
+            the last layer's output, in the array kind of x (NumPy in, NumPy out).
+        """
         if mask is not None and lengths is not None:
             raise ValueError("give mask or lengths, not both")
         recurrent = self._recurrent()
@@ -462,43 +576,110 @@ class Sequential:
             # The first recurrent layer (not layers[0], which may be a Dropout) says how x is laid out.
             time_major = bool(recurrent) and recurrent[0].time_major
             mask = lengths_to_mask(np.asarray(lengths), maxlen=shape[0] if time_major else shape[1])
-        # A model on the GPU called with a host x: one copy in, one copy out, instead of
-        # a round trip through the host between layers.
-        copy_backend = self._device_backend(x)
-        if copy_backend is not None:
-            x = copy_backend.asarray(_validation.check_numeric_array(x, "x", recurrent[0].dtype),
-                                     recurrent[0].dtype)
-        states = []
-        for index, layer in enumerate(self.layers):
-            if isinstance(layer, Dropout):
+        if initial_state is not None and not recurrent:
+            raise ValueError("initial_state is given but the model has no recurrent layer")
+        input_kind = registry.array_kind(x)
+        input_shape = _validation.shape_of(x) if hasattr(x, "shape") else np.shape(x)
+        states, kinds = [], []
+        for layer in self.layers:
+            if isinstance(layer, Embedding):
+                ids = _to_host(x)
+                made = layer.compute_mask(ids)
+                x = layer(ids, training=training)
+                if made is not None:
+                    mask = made if mask is None else np.logical_and(_to_host(mask), made)
+            elif isinstance(layer, Dense):
+                x = layer(_to_host(x), training=training)
+            elif isinstance(layer, Dropout):
                 x = layer(x, training=training)
-                states.append(None)
-                continue
-            # The input is checked by the first recurrent layer, wherever it stands.
-            x = layer(x, mask=mask, training=training, check_finite=check_finite and layer is recurrent[0])
-            states.append(_final_states(layer))
-            if not layer.return_sequences:
-                mask = None
-        if copy_backend is not None:  # NumPy in, NumPy out: the reported states too
-            states = [None if group is None else [copy_backend.to_numpy(state) for state in group]
-                      for group in states]
+            else:
+                if layer.device != "cpu" and registry.array_kind(x) == "host":
+                    # One copy in for a run of GPU layers, instead of a round trip per layer.
+                    x = registry.get_backend_object("numba_cuda").asarray(
+                        _validation.check_numeric_array(x, "x", layer.dtype), layer.dtype)
+                first = layer is recurrent[0]
+                x = layer(x, mask=mask, initial_state=initial_state if first else None, training=training,
+                          check_finite=check_finite and first)
+                if not layer.return_sequences:
+                    mask = None
+            states.append(_final_states(layer) if isinstance(layer, _RECURRENT) else None)
+            kinds.append((registry.array_kind(x), _validation.shape_of(x)))
+        if input_kind == "host":   # NumPy in, NumPy out: the output and the reported states too
+            x = _to_host(x)
+            states = [None if group is None else [_to_host(state) for state in group] for group in states]
         self.states = states
-        self._host_io = copy_backend is not None and training
-        return x if copy_backend is None else copy_backend.to_numpy(x)
+        if training:   # an inference call leaves the tape as it is
+            self._tapes.push((input_kind, input_shape, kinds, initial_state is not None,
+                              (registry.array_kind(x), _validation.shape_of(x))))
+        return x
 
     def backward(self, dy):
-        """Backpropagate ``dy`` (shape of the last output) through every layer; returns dx."""
-        copy_backend = self._device_backend(dy) if self._host_io else None
-        if copy_backend is not None:
-            recurrent = self._recurrent()
-            dy = copy_backend.asarray(_validation.check_numeric_array(dy, "dy", recurrent[-1].dtype),
-                                      recurrent[-1].dtype)
-        for layer in reversed(self.layers):
+        """Backpropagate ``dy`` (the output's shape) through every layer, most recent training call first.
+
+        Returns:
+            dx in the array kind of the call's x, or None when layers[0] is an Embedding (ids have no
+            gradient). Sets every layer's ``grads`` and, when the call had an initial_state,
+            ``initial_state_grads``.
+        """
+        input_kind, input_shape, kinds, got_initial_state, (_, output_shape) = self._tapes.peek()
+        # Checked before any layer consumes its tape: a bad dy leaves every tape as it was.
+        _validation.check_shape(dy, "dy", output_shape)
+        recurrent = self._recurrent()
+        for index in reversed(range(len(self.layers))):
+            layer = self.layers[index]
+            if kinds[index][0] == "cuda" and registry.array_kind(dy) == "host":
+                dy = registry.get_backend_object("numba_cuda").asarray(
+                    _validation.check_numeric_array(dy, "dy", layer.dtype), layer.dtype)
+            elif kinds[index][0] == "host":
+                dy = _to_host(dy)
             dy = layer.backward(dy)
-        return dy if copy_backend is None else copy_backend.to_numpy(dy)
+            if recurrent and layer is recurrent[0]:
+                grads = layer.initial_state_grads if got_initial_state else None
+                self.initial_state_grads = None if grads is None else [_to_host(g) if input_kind == "host" else g
+                                                                       for g in grads]
+        self._tapes.pop()
+        if dy is None:
+            return None
+        return _to_host(dy) if input_kind == "host" else dy
 
     def __repr__(self):
         return "Sequential([" + ", ".join(repr(layer) for layer in self.layers) + "])"
+
+
+def _to_host(array):
+    """A CUDA or TensorFlow array copied to a host NumPy array; host arrays as they are."""
+    if array is None or registry.array_kind(array) == "host":
+        return array
+    return registry.backend_for_array(array).to_numpy(array)
+
+
+def _short_name(layer) -> str:
+    if isinstance(layer, Dense):
+        return f"Dense({layer.units}, {layer.activation or 'linear'})"
+    if isinstance(layer, Embedding):
+        return f"Embedding({layer.input_dim}, {layer.output_dim})"
+    if isinstance(layer, Bidirectional):
+        return f"Bidirectional(LSTM({layer.forward_layer.units}), {layer.merge_mode})"
+    if isinstance(layer, LSTM):
+        return f"LSTM({layer.units})"
+    return repr(layer)
+
+
+def _parameter_count(layer, input_size):
+    """Number of weights of ``layer`` for ``input_size`` input features (None while unknown)."""
+    if isinstance(layer, Dropout):
+        return 0
+    if layer.built if not isinstance(layer, Bidirectional) else layer.forward_layer.built:
+        return int(sum(int(np.prod(value.shape)) for value in layer.params.values()))
+    if isinstance(layer, Embedding):
+        return layer.input_dim * layer.output_dim
+    if input_size is None:
+        return None
+    if isinstance(layer, Dense):
+        return input_size * layer.units + (layer.units if layer.use_bias else 0)
+    directions = [layer.forward_layer, layer.backward_layer] if isinstance(layer, Bidirectional) else [layer]
+    return sum(int(sum(np.prod(shape) for shape in direction.weight_shapes(input_size).values()))
+               for direction in directions)
 
 
 def _move_all(layers, device) -> None:
@@ -523,15 +704,10 @@ def _final_states(layer):
 def _expected_weight_names(layer):
     if isinstance(layer, Dropout):
         return []
+    if isinstance(layer, Dense):
+        return ["kernel"] + (["bias"] if layer.use_bias else [])
+    if isinstance(layer, Embedding):
+        return ["embeddings"]
     if isinstance(layer, Bidirectional):
         return _expected_weight_names(layer.forward_layer) + _expected_weight_names(layer.backward_layer)
     return ["kernel", "recurrent_kernel"] + (["bias"] if layer.use_bias else [])
-
-
-def _prefixed(groups: dict) -> dict:
-    """Flatten ``{"0": {"kernel": a}}`` to ``{"0.kernel": a}``, nested dicts included."""
-    flat = {}
-    for prefix, values in groups.items():
-        for name, value in values.items():
-            flat[f"{prefix}.{name}"] = value
-    return flat

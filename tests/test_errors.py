@@ -215,7 +215,7 @@ def test_bad_merge_mode_and_wrapped_layer():
 def test_bad_dropout_layer_and_sequential_members():
     with expect_error(ValueError, "rate", r"\[0, 1\)", "1.5"):
         le.Dropout(1.5)
-    with expect_error(TypeError, r"layers\[1\]", "LSTM, Bidirectional or Dropout", "str"):
+    with expect_error(TypeError, r"layers\[1\]", "LSTM, Bidirectional, Dropout, Dense, Embedding", "str"):
         le.Sequential([le.LSTM(UNITS), "lstm"])
     with expect_error(ValueError, r"layers\[0\]", "return_state"):
         le.Sequential([le.LSTM(UNITS, return_state=True)])

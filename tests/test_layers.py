@@ -470,8 +470,12 @@ def test_empty_inputs_through_wrappers_and_cell(batch, steps):
 
 def test_inference_keeps_no_tape():
     layer = lstm(return_sequences=True)
+    layer(x_of())  # an inference call records nothing
+    with pytest.raises(RuntimeError, match="training=True"):
+        layer.backward(np.zeros((BATCH, STEPS, UNITS)))
     layer(x_of(), training=True)
-    layer(x_of())  # an inference call replaces the training tape
+    layer(x_of())  # ... and leaves the training call's tape alone (issue 18; tests/test_traps.py)
+    layer.backward(np.zeros((BATCH, STEPS, UNITS)))
     with pytest.raises(RuntimeError, match="training=True"):
         layer.backward(np.zeros((BATCH, STEPS, UNITS)))
 

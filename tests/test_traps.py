@@ -1,0 +1,187 @@
+"""The three training traps of issue 18, each against an independent reference.
+
+1. Assignments through ``params``/``grads`` reach the weights on every layer and model (checked).
+2. A partly backpropagated ``LSTMCell`` unroll does not leak into the next sequence's gradients.
+3. Inference calls between a training forward and its backward leave the tape alone, and
+   several training calls are backpropagated last-in-first-out with gradients summed
+   (checked against finite differences).
+"""
+
+import re
+
+import numpy as np
+import pytest
+
+import lstmeng as le
+from lstmeng.testing import finite_difference_check
+
+
+def _models():
+    """One of each layer and model, built for 3 input features, float64 on NumPy."""
+    lstm = le.LSTM(4, dtype="float64", backend="numpy", seed=0).build(3)
+    bidirectional = le.Bidirectional(le.LSTM(2, return_sequences=True, dtype="float64", backend="numpy",
+                                             seed=1)).build(3)
+    sequential = le.Sequential([le.Bidirectional(le.LSTM(2, return_sequences=True, dtype="float64",
+                                                         backend="numpy", seed=2)),
+                                le.LSTM(3, dtype="float64", backend="numpy", seed=3)]).build(3)
+    cell = le.LSTMCell(2, dtype="float64", backend="numpy", seed=4).build(3)
+    return {"LSTM": lstm, "Bidirectional": bidirectional, "Sequential": sequential, "LSTMCell": cell}
+
+
+# -- trap 1: params / grads assignments ----------------------------------------------------------
+@pytest.mark.parametrize("name", ["LSTM", "Bidirectional", "Sequential", "LSTMCell"])
+def test_assignment_through_params_changes_the_weights(name):
+    model = _models()[name]
+    before = [w.copy() for w in model.get_weights()]
+    for key in list(model.params):
+        model.params[key] = model.params[key] - 0.5          # a new array, not an in-place update
+    after = model.get_weights()
+    assert len(after) == len(before)
+    for old, new in zip(before, after):
+        np.testing.assert_allclose(new, old - 0.5)
+
+
+@pytest.mark.parametrize("name", ["LSTM", "Bidirectional", "Sequential", "LSTMCell"])
+def test_bad_assignments_name_key_expected_actual_and_change_nothing(name):
+    model = _models()[name]
+    key = sorted(model.params)[0]
+    before = [w.copy() for w in model.get_weights()]
+    shape = model.params[key].shape
+    with pytest.raises(ValueError, match=rf"params\['{re.escape(key)}'\].*shape {re.escape(str(shape))}.*got \(1, 1\)"):
+        model.params[key] = np.zeros((1, 1))
+    with pytest.raises(TypeError, match=rf"params\['{re.escape(key)}'\].*dtype float64.*got float32"):
+        model.params[key] = np.zeros(shape, np.float32)
+    with pytest.raises(KeyError, match="no parameter 'nonexistent'"):
+        model.params["nonexistent"] = np.zeros(shape)
+    for old, new in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(new, old)
+
+
+@pytest.mark.parametrize("name", ["LSTM", "Bidirectional", "Sequential"])
+def test_grads_assignment_reaches_the_sublayer_and_whole_mapping_assignment_is_checked(name):
+    model = _models()[name]
+    grads = {key: np.full(value.shape, 2.0) for key, value in model.params.items()}
+    model.grads = grads
+    for key in grads:
+        np.testing.assert_array_equal(model.grads[key], 2.0)
+    # The optimizer sees them: clip_grad_norm scales what it reads from the mapping.
+    total = float(np.sqrt(sum(np.sum(value ** 2) for value in grads.values())))
+    assert le.optim.clip_grad_norm(model, 1.0) == pytest.approx(total)
+    bad = dict(grads)
+    first = sorted(bad)[0]
+    bad[first] = np.zeros((7,))
+    with pytest.raises(ValueError, match=rf"grads\['{re.escape(first)}'\]"):
+        model.grads = bad
+    # Nothing was written by the failed assignment (the clipped values are still there).
+    for key in grads:
+        np.testing.assert_allclose(model.grads[key], 2.0 / total, rtol=1e-5)
+    model.zero_grads()
+    assert all(not np.any(value) for value in model.grads.values())
+
+
+# -- trap 2: a partly backpropagated LSTMCell unroll ----------------------------------------------
+def _unroll(cell, xs, training=True):
+    states, outputs = None, []
+    for x_t in xs:
+        h, states = cell(x_t, states, training=training)
+        outputs.append(h)
+    return outputs
+
+
+def _backprop_all(cell, output_grads):
+    dh_next = dc_next = None
+    for dh_out in reversed(output_grads):
+        dh = dh_out if dh_next is None else dh_out + dh_next
+        _, (dh_next, dc_next) = cell.backward(dh, dc_next)
+
+
+def test_partly_backpropagated_unroll_does_not_leak_into_the_next_sequence():
+    rng = np.random.default_rng(0)
+    first = [rng.normal(size=(2, 3)) for _ in range(5)]
+    second = [rng.normal(size=(2, 3)) for _ in range(4)]
+    dys = [rng.normal(size=(2, 2)) for _ in range(4)]
+
+    clean = le.LSTMCell(2, dtype="float64", backend="numpy", seed=7).build(3)
+    _unroll(clean, second)
+    _backprop_all(clean, dys)
+    expected = {key: value.copy() for key, value in clean.grads.items()}
+
+    cell = le.LSTMCell(2, dtype="float64", backend="numpy", seed=7).build(3)
+    _unroll(cell, first)
+    cell.backward(np.ones((2, 2)))      # truncated: 4 of the 5 steps are never backpropagated
+    _unroll(cell, second)               # a new unroll after a backward starts clean
+    _backprop_all(cell, dys)
+    for key in expected:
+        np.testing.assert_allclose(cell.grads[key], expected[key], rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="backward needs"):
+        cell.backward(np.ones((2, 2)))  # the 5 steps of the first unroll were dropped
+
+
+def test_reset_tape_drops_unconsumed_steps():
+    cell = le.LSTMCell(2, dtype="float64", backend="numpy", seed=7).build(3)
+    _unroll(cell, [np.ones((2, 3))] * 3)
+    cell.reset_tape()
+    with pytest.raises(RuntimeError, match="backward needs"):
+        cell.backward(np.ones((2, 2)))
+
+
+# -- trap 3: calls between a training forward and its backward ------------------------------------
+def _weighted_sum(outputs, weights):
+    return sum(float(np.sum(output * weight)) for output, weight in zip(outputs, weights))
+
+
+@pytest.mark.parametrize("name", ["LSTM", "Bidirectional", "Sequential"])
+def test_inference_call_between_forward_and_backward_leaves_the_tape(name):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 4, 3))
+    reference = _models()[name]
+    y = reference(x, training=True)
+    dy = rng.normal(size=y.shape)
+    expected_dx = reference.backward(dy)
+    expected = {key: value.copy() for key, value in reference.grads.items()}
+
+    model = _models()[name]
+    model(x, training=True)
+    model(rng.normal(size=(5, 2, 3)), training=False)     # a validation batch of another shape
+    dx = model.backward(dy)
+    np.testing.assert_allclose(dx, expected_dx, rtol=1e-12)
+    for key in expected:
+        np.testing.assert_allclose(model.grads[key], expected[key], rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["LSTM", "Bidirectional", "Sequential"])
+def test_two_training_calls_backpropagate_last_in_first_out_and_sum(name):
+    """A shared encoder applied to two inputs: the gradient of the sum of both uses."""
+    rng = np.random.default_rng(2)
+    model = _models()[name]
+    x1, x2 = rng.normal(size=(2, 4, 3)), rng.normal(size=(3, 2, 3))
+    y1 = model(x1, training=True)
+    y2 = model(x2, training=True)
+    w1, w2 = rng.normal(size=y1.shape), rng.normal(size=y2.shape)
+    dx2 = model.backward(w2)
+    dx1 = model.backward(w1)
+    assert dx1.shape == x1.shape and dx2.shape == x2.shape
+
+    def loss_and_grads():
+        loss = _weighted_sum([model(x1, training=True), model(x2, training=True)], [w1, w2])
+        model.backward(w2)
+        model.backward(w1)
+        return loss, {key: value.copy() for key, value in model.grads.items()}
+
+    # Compares every parameter's summed gradient with central differences.
+    finite_difference_check(loss_and_grads, model.params, rng=rng, samples=4)
+
+    def loss_of_x1():
+        return _weighted_sum([model(x1), model(x2)], [w1, w2])
+
+    index = (1, 0, 2)
+    step = 1e-6
+    saved = x1[index]
+    x1[index] = saved + step
+    up = loss_of_x1()
+    x1[index] = saved - step
+    down = loss_of_x1()
+    x1[index] = saved
+    assert dx1[index] == pytest.approx((up - down) / (2 * step), rel=1e-5, abs=1e-8)
+    with pytest.raises(RuntimeError, match="backward needs"):
+        model.backward(w1)
