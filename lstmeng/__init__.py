@@ -17,7 +17,9 @@ from lstmeng.backends.registry import (
 )
 from lstmeng.cell import LSTMCell
 from lstmeng.conversion import from_keras, from_torch
+from lstmeng.dense import Dense, Embedding
 from lstmeng.layers import LSTM
+from lstmeng import losses
 from lstmeng.masking import lengths_to_mask, pad_sequences
 from lstmeng import optim  # NumPy only: numba is imported when a device array is met
 from lstmeng.serialization import load, save
@@ -30,7 +32,10 @@ __all__ = [
     "LSTMCell",
     "Bidirectional",
     "Dropout",
+    "Dense",
+    "Embedding",
     "Sequential",
+    "losses",
     "BackendInfo",
     "pad_sequences",
     "lengths_to_mask",

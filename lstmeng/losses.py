@@ -1,1 +1,190 @@
-"""Placeholder: being written in this session."""
+"""Losses with their gradients: each returns ``(loss, dpredictions)``.
+
+The loss is a Python float, the mean over the counted entries; the gradient
+has the predictions' shape and dtype and is what the model's ``backward``
+takes. Every loss takes an optional bool ``mask`` over the leading axes (True
+= counted), for padded steps of a sequence: masked entries add nothing to
+the loss, get a zero gradient, and are not counted in the mean::
+
+    logits [B, T, C], targets [B, T], mask [[T, T, F], ...]  ->  mean over the True steps
+
+Host arrays (NumPy, or anything ``np.asarray`` converts, tf.Tensor included)
+on every backend. A CUDA device array raises NotImplementedError: copy the
+model's output to the host (a ``Sequential`` returns NumPy for NumPy input).
+
+Example:
+    >>> import numpy as np, lstmeng as le
+    >>> loss, dlogits = le.losses.softmax_cross_entropy(np.zeros((2, 3)), np.array([0, 2]))
+    >>> round(loss, 4), dlogits.shape
+    (1.0986, (2, 3))
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lstmeng.backends import registry
+
+__all__ = ["mean_squared_error", "softmax_cross_entropy", "binary_cross_entropy", "get", "LOSSES"]
+
+
+def _host(array, argument: str) -> np.ndarray:
+    if registry.array_kind(array) == "cuda":
+        raise NotImplementedError(f"{argument} is a CUDA device array; lstmeng.losses computes on host arrays only "
+                                  f"(pass {argument}.copy_to_host())")
+    array = np.asarray(array)
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise TypeError(f"{argument} must be a numeric array, got dtype {array.dtype}")
+    return array
+
+
+def _float(predictions, argument: str) -> np.ndarray:
+    predictions = _host(predictions, argument)
+    if not np.issubdtype(predictions.dtype, np.floating):
+        predictions = predictions.astype(np.float32)
+    return predictions
+
+
+def _weights(mask, shape: tuple, argument: str = "mask") -> tuple[np.ndarray | None, float]:
+    """The mask as 0/1 weights of ``shape`` (None = all counted) and the number of counted entries."""
+    if mask is None:
+        return None, float(np.prod(shape)) if shape else 1.0
+    mask = _host(mask, argument)
+    if mask.dtype != bool:
+        raise TypeError(f"{argument} must be boolean (True = counted), got dtype {mask.dtype}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{argument} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    return mask, float(mask.sum())
+
+
+def _finish(total, gradient, count, predictions) -> tuple[float, np.ndarray]:
+    """Mean loss and gradient; with nothing counted, 0 and zeros (not NaN)."""
+    if count == 0:
+        return 0.0, np.zeros_like(predictions)
+    return float(total / count), (gradient / count).astype(predictions.dtype, copy=False)
+
+
+def mean_squared_error(predictions, targets, mask=None) -> tuple[float, np.ndarray]:
+    """Mean of ``(predictions - targets)**2`` over every counted element.
+
+    Args:
+        predictions: ``[B, ..., F]`` float.
+        targets: same shape.
+        mask: bool over the leading axes ``[B, ...]`` (without F), or None.
+
+    Returns:
+        (loss, dpredictions) with dpredictions = 2 (p - t) / count.
+
+    Example:
+        >>> import numpy as np, lstmeng as le
+        >>> le.losses.mean_squared_error(np.array([[1.0], [3.0]]), np.array([[0.0], [1.0]]))[0]
+        2.5
+    """
+    predictions = _float(predictions, "predictions")
+    targets = _host(targets, "targets")
+    if targets.shape != predictions.shape:
+        raise ValueError(f"targets must have the predictions' shape {predictions.shape}, got {targets.shape}")
+    error = predictions - targets.astype(predictions.dtype)
+    weights, count = _weights(mask, predictions.shape[:-1])
+    if weights is not None:
+        error = error * weights[..., None]
+        count *= predictions.shape[-1] if predictions.ndim else 1
+    return _finish(np.sum(error * error, dtype=np.float64), 2.0 * error, count, predictions)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - np.max(logits, axis=-1, keepdims=True)   # no overflow for large logits
+    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+def softmax_cross_entropy(logits, targets, mask=None) -> tuple[float, np.ndarray]:
+    """Cross-entropy of ``softmax(logits)`` against class ids or one-hot (or soft) targets.
+
+    Args:
+        logits: ``[B, ..., C]`` unnormalised scores (a Dense layer without activation).
+        targets: integer class ids ``[B, ...]`` in [0, C), or probabilities ``[B, ..., C]``.
+        mask: bool ``[B, ...]`` (e.g. ``[B, T]`` for padded steps), or None.
+
+    Returns:
+        (mean loss over counted positions, dlogits = (softmax - onehot) / count).
+
+    Example:
+        >>> import numpy as np, lstmeng as le
+        >>> logits = np.array([[[2.0, 0.0], [0.0, 0.0]]])          # [B=1, T=2, C=2]
+        >>> loss, _ = le.losses.softmax_cross_entropy(logits, np.array([[0, 1]]), mask=np.array([[True, False]]))
+        >>> round(loss, 4)                                         # only step 0 counts
+        0.1269
+    """
+    logits = _float(logits, "logits")
+    if logits.ndim < 1:
+        raise ValueError(f"logits must have a class axis, got shape {logits.shape}")
+    classes = logits.shape[-1]
+    targets = _host(targets, "targets")
+    if targets.shape == logits.shape[:-1] and np.issubdtype(targets.dtype, np.integer):
+        if targets.size and (targets.min() < 0 or targets.max() >= classes):
+            bad = targets[(targets < 0) | (targets >= classes)].flat[0]
+            raise ValueError(f"targets must be class ids in [0, {classes}), got {int(bad)}")
+        probabilities = np.zeros(logits.shape, logits.dtype)
+        np.put_along_axis(probabilities, targets[..., None].astype(np.int64), 1.0, axis=-1)
+    elif targets.shape == logits.shape:
+        probabilities = targets.astype(logits.dtype)
+    else:
+        raise ValueError(f"targets must be integer class ids of shape {logits.shape[:-1]} or one-hot of shape "
+                         f"{logits.shape}, got {targets.dtype} of shape {targets.shape}")
+    log_probabilities = _log_softmax(logits)
+    per_position = -np.sum(probabilities * log_probabilities, axis=-1, dtype=np.float64)
+    gradient = np.exp(log_probabilities) * np.sum(probabilities, axis=-1, keepdims=True) - probabilities
+    weights, count = _weights(mask, logits.shape[:-1])
+    if weights is not None:
+        per_position = per_position * weights
+        gradient = gradient * weights[..., None]
+    return _finish(np.sum(per_position), gradient, count, logits)
+
+
+def binary_cross_entropy(logits, targets, mask=None) -> tuple[float, np.ndarray]:
+    """Cross-entropy of ``sigmoid(logits)`` against 0/1 (or soft) targets, from the logits (stable).
+
+    Args:
+        logits: ``[B, ...]`` float.
+        targets: same shape, in [0, 1].
+        mask: bool of the logits' shape, or None.
+
+    Returns:
+        (mean loss, dlogits = (sigmoid(logits) - targets) / count).
+
+    Example:
+        >>> import numpy as np, lstmeng as le
+        >>> round(le.losses.binary_cross_entropy(np.array([0.0]), np.array([1.0]))[0], 4)   # log 2
+        0.6931
+    """
+    logits = _float(logits, "logits")
+    targets = _host(targets, "targets")
+    if targets.shape != logits.shape:
+        raise ValueError(f"targets must have the logits' shape {logits.shape}, got {targets.shape}")
+    targets = targets.astype(logits.dtype)
+    # log(1 + e^z) - z y, written with logaddexp so that no exp overflows.
+    per_entry = np.logaddexp(0.0, logits) - logits * targets
+    gradient = 0.5 * (1.0 + np.tanh(0.5 * logits)) - targets   # sigmoid in tanh form: no overflow
+    weights, count = _weights(mask, logits.shape)
+    if weights is not None:
+        per_entry, gradient = per_entry * weights, gradient * weights
+    return _finish(np.sum(per_entry, dtype=np.float64), gradient, count, logits)
+
+
+#: Names ``le.fit`` accepts for ``loss``.
+LOSSES = {
+    "mean_squared_error": mean_squared_error,
+    "mse": mean_squared_error,
+    "softmax_cross_entropy": softmax_cross_entropy,
+    "binary_cross_entropy": binary_cross_entropy,
+}
+
+
+def get(loss):
+    """A loss function from its name (see ``LOSSES``) or the callable itself."""
+    if callable(loss):
+        return loss
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {sorted(LOSSES)} or a callable (predictions, targets[, mask]) -> "
+                         f"(loss, gradient), got {loss!r}")
+    return LOSSES[loss]
