@@ -295,6 +295,28 @@ def test_inplace_change_of_input_before_backward_is_an_error():
         output.sum().backward()
 
 
+def test_cpu_tensors_reach_the_backend_without_copies(monkeypatch):
+    """batch_first contiguous input: the backend reads the tensor's memory, and the module's output
+    is the backend's output array itself (torch.from_numpy)."""
+    from lstmeng.backends import registry
+
+    backend = registry.get_backend_object("cython")
+    seen = {}
+    original_forward = backend.sequence_forward
+
+    def spy(x, *args, **kwargs):
+        result = original_forward(x, *args, **kwargs)
+        seen["x"], seen["outputs"] = x, result.outputs
+        return result
+
+    monkeypatch.setattr(backend, "sequence_forward", spy)
+    _, mine = make_pair("cython", torch.float32, batch_first=True)
+    x = torch.randn(4, 6, INPUT_SIZE, requires_grad=True)
+    output, _ = mine(x)
+    assert np.shares_memory(seen["x"], x.detach().numpy())
+    assert output.data_ptr() == seen["outputs"].__array_interface__["data"][0]
+
+
 def test_dropout_only_in_training_mode():
     torch.manual_seed(0)
     mine = lt.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=2, dropout=0.5, backend="cython").double()
@@ -371,8 +393,16 @@ def test_autocast_computes_in_parameter_dtype():
         mine(x)                                           # outside autocast: PyTorch's dtype error
 
 
-def test_torch_compile_runs_with_graph_break():
-    """A compiled model containing the module runs and gives the eager numbers (gradients too)."""
+@pytest.mark.parametrize("allow_rnn", [False, True])
+def test_torch_compile_runs_with_graph_break(allow_rnn):
+    """A compiled model containing the module gives the eager numbers (gradients too).
+
+    Dynamo refuses RNN modules by default (as for torch.nn.LSTM: the frame runs
+    eagerly); with allow_rnn=True it compiles the layers around the module and
+    breaks the graph at the backend call.
+    """
+    import torch._dynamo
+
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(2, INPUT_SIZE), _LastOutput(lt.LSTM(INPUT_SIZE, HIDDEN_SIZE,
                                                                                      batch_first=True,
@@ -383,12 +413,23 @@ def test_torch_compile_runs_with_graph_break():
     expected.sum().backward()
     expected_grads = [parameter.grad.clone() for parameter in model.parameters()]
     model.zero_grad(set_to_none=True)
-    compiled = torch.compile(model, backend="aot_eager")
-    actual = compiled(x)
-    actual.sum().backward()
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(allow_rnn=allow_rnn):
+        compiled = torch.compile(model, backend=counting_backend)
+        actual = compiled(x)
+        actual.sum().backward()
+    torch._dynamo.reset()
     torch.testing.assert_close(actual, expected)
     for parameter, expected_grad in zip(model.parameters(), expected_grads):
         torch.testing.assert_close(parameter.grad, expected_grad)
+    if allow_rnn:
+        assert len(graphs) >= 2, "the Linear layers before and after the LSTM were not compiled"
 
 
 class _LastOutput(torch.nn.Module):
