@@ -23,6 +23,7 @@ from lstmeng import losses
 from lstmeng.masking import lengths_to_mask, pad_sequences
 from lstmeng import optim  # NumPy only: numba is imported when a device array is met
 from lstmeng.serialization import load, save
+from lstmeng.training import History, evaluate, fit
 from lstmeng.wrappers import Bidirectional, Dropout, Sequential
 
 __version__ = "0.1.0"
@@ -36,6 +37,9 @@ __all__ = [
     "Embedding",
     "Sequential",
     "losses",
+    "fit",
+    "evaluate",
+    "History",
     "BackendInfo",
     "pad_sequences",
     "lengths_to_mask",

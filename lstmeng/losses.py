@@ -85,10 +85,12 @@ def mean_squared_error(predictions, targets, mask=None) -> tuple[float, np.ndarr
     if targets.shape != predictions.shape:
         raise ValueError(f"targets must have the predictions' shape {predictions.shape}, got {targets.shape}")
     error = predictions - targets.astype(predictions.dtype)
+    if predictions.ndim == 0:
+        raise ValueError("predictions must be an array of shape (batch, ..., features), got a scalar")
     weights, count = _weights(mask, predictions.shape[:-1])
     if weights is not None:
         error = error * weights[..., None]
-        count *= predictions.shape[-1] if predictions.ndim else 1
+    count *= predictions.shape[-1]   # the mean is over elements, not positions
     return _finish(np.sum(error * error, dtype=np.float64), 2.0 * error, count, predictions)
 
 
