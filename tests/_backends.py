@@ -11,6 +11,7 @@ Python, so it gets tiny shapes and few examples.
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -21,6 +22,35 @@ from lstmeng.backends import registry
 AVAILABLE = [info.name for info in le.list_backends() if info.available]
 UNAVAILABLE = {info.name: info.reason for info in le.list_backends() if not info.available}
 CUDA_SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+
+#: LSTMENG_REAL_CUDA=1: the numba_cuda tests run on a real GPU at realistic sizes (tests/conftest.py
+#: then leaves the CUDA simulator off).
+REAL_GPU = os.environ.get("LSTMENG_REAL_CUDA") == "1"
+
+
+def numba_cuda_backend():
+    """The numba_cuda backend object; skips the test where it is unavailable (fails on a real GPU run)."""
+    backend, info = registry._entry("numba_cuda")
+    if backend is None:
+        if REAL_GPU:
+            pytest.fail(f"LSTMENG_REAL_CUDA=1 but numba_cuda is unavailable: {info.reason}")
+        pytest.skip(f"numba_cuda unavailable: {info.reason}")
+    return backend
+
+
+def fast_simulator_thread_switches():
+    """Module fixture body: a short GIL switch interval while the CUDA simulator runs.
+
+    The simulator runs every CUDA thread as a Python thread and polls them at each
+    barrier; with the default 5 ms switch interval each barrier costs milliseconds,
+    with 0.2 ms the CUDA test modules run about 5x faster. Use as
+    ``fixture = pytest.fixture(autouse=True, scope="module")(fast_simulator_thread_switches)``.
+    """
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(previous if REAL_GPU else 2e-4)
+    yield
+    sys.setswitchinterval(previous)
 
 
 def is_simulated(name: str) -> bool:

@@ -28,28 +28,11 @@ import lstmeng as le
 from lstmeng import testing
 from lstmeng.backends import registry
 
-REAL_GPU = os.environ.get("LSTMENG_REAL_CUDA") == "1"
+from _backends import REAL_GPU, fast_simulator_thread_switches, numba_cuda_backend
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _backend():
-    backend, info = registry._entry("numba_cuda")
-    if backend is None:
-        if REAL_GPU:
-            pytest.fail(f"LSTMENG_REAL_CUDA=1 but numba_cuda is unavailable: {info.reason}")
-        pytest.skip(f"numba_cuda unavailable: {info.reason}")
-    return backend
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_simulator_thread_switches():
-    # The simulator runs every CUDA thread as a Python thread and polls them at
-    # each barrier; with the default 5 ms GIL switch interval each barrier
-    # costs milliseconds. A short interval makes the tests ~5x faster.
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(previous if REAL_GPU else 2e-4)
-    yield
-    sys.setswitchinterval(previous)
+_backend = numba_cuda_backend
+_fast_simulator_thread_switches = pytest.fixture(autouse=True, scope="module")(fast_simulator_thread_switches)
 
 
 @pytest.fixture

@@ -14,37 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lstmeng import testing
-from lstmeng.backends import registry
 
-REAL_GPU = os.environ.get("LSTMENG_REAL_CUDA") == "1"
+from _backends import REAL_GPU, fast_simulator_thread_switches, numba_cuda_backend
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _backend():
-    backend, info = registry._entry("numba_cuda")
-    if backend is None:
-        if REAL_GPU:
-            pytest.fail(f"LSTMENG_REAL_CUDA=1 but numba_cuda is unavailable: {info.reason}")
-        pytest.skip(f"numba_cuda unavailable: {info.reason}")
-    return backend
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_simulator_thread_switches():
-    # The simulator runs each CUDA thread as a Python thread; a short GIL switch
-    # interval makes its barriers cheap (see test_backend_numba_cuda.py).
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(previous if REAL_GPU else 2e-4)
-    yield
-    sys.setswitchinterval(previous)
+_backend = numba_cuda_backend
+_fast_simulator_thread_switches = pytest.fixture(autouse=True, scope="module")(fast_simulator_thread_switches)
 
 
 @pytest.fixture
