@@ -18,8 +18,8 @@ mask), both learned by the same model::
   model must carry one end's token across the whole filler. Tokens go through
   an embedding table trained with the model.
 
-Only NumPy and lstmeng are used: the dense head, the embedding and the losses
-are written here; Adam and gradient clipping come from ``lstmeng.optim``.
+Only NumPy and lstmeng's public pieces are used: ``le.Embedding``, ``le.Dense``,
+``le.Sequential``, ``le.losses`` and ``le.optim`` (Adam, gradient clipping).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import types
 from typing import Callable
 
 import numpy as np
@@ -139,117 +138,48 @@ def make_sentiment(count: int, rng: np.random.Generator, min_length: int = 15, m
     return Dataset(tokens.astype(np.int64), mask, labels)
 
 
-# -- the model's NumPy parts ----------------------------------------------------------------------------------
-class Dense:
-    """``y = x @ weight + bias`` with its backward. x: ``[N, F]``, weight ``[F, O]``, bias ``[O]``."""
-
-    def __init__(self, in_features: int, out_features: int, rng: np.random.Generator):
-        limit = math.sqrt(6.0 / (in_features + out_features))  # Glorot uniform, as Keras's Dense
-        self.params = {"weight": rng.uniform(-limit, limit, (in_features, out_features)).astype(np.float32),
-                       "bias": np.zeros(out_features, np.float32)}
-        self.grads: dict[str, np.ndarray] = {}
-        self._inputs = None
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        self._inputs = x
-        return x @ self.params["weight"] + self.params["bias"]
-
-    def backward(self, dy: np.ndarray) -> np.ndarray:
-        """dy: ``[N, O]``; returns dx ``[N, F]`` and sets ``grads``."""
-        self.grads = {"weight": self._inputs.T @ dy, "bias": dy.sum(axis=0)}
-        return dy @ self.params["weight"].T
-
-
-class Embedding:
-    """A trainable lookup table ``[V, E]``: token ids ``[N, T]`` -> vectors ``[N, T, E]``."""
-
-    def __init__(self, vocabulary: int, features: int, rng: np.random.Generator):
-        self.params = {"table": rng.uniform(-0.5, 0.5, (vocabulary, features)).astype(np.float32)}
-        self.grads: dict[str, np.ndarray] = {}
-        self._tokens = None
-
-    def __call__(self, tokens: np.ndarray) -> np.ndarray:
-        self._tokens = tokens
-        return self.params["table"][tokens]
-
-    def backward(self, dy: np.ndarray) -> None:
-        """dy: ``[N, T, E]``; a row of the table collects the gradients of every place it was looked up."""
-        table_grad = np.zeros_like(self.params["table"])
-        np.add.at(table_grad, self._tokens.reshape(-1), dy.reshape(-1, dy.shape[-1]))
-        self.grads = {"table": table_grad}
-
-
-class Adam:
-    """Deprecated: the demo's former optimizer, now a thin adapter over ``lstmeng.optim``.
-
-    Kept only until tests/test_cli.py's two tests of it move to
-    tests/test_optim.py (which tests the same formulas against torch.optim);
-    delete it with them. The demo itself calls ``lstmeng.optim`` directly.
-    """
-
-    def __init__(self, learning_rate: float, clip_norm: float = 1.0, beta1: float = 0.9, beta2: float = 0.999,
-                 epsilon: float = 1e-7):
-        self._holder = types.SimpleNamespace(params={}, grads={})
-        self._optimizer = optim.Adam(self._holder, lr=learning_rate, betas=(beta1, beta2), eps=epsilon)
-        self.clip_norm = clip_norm
-
-    def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
-        self._holder.params, self._holder.grads = params, grads
-        optim.clip_grad_norm(self._holder, self.clip_norm)
-        self._optimizer.step()
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * z))  # tanh form: no overflow for large |z|
-
-
+# -- the model -------------------------------------------------------------------------------------------------
 class DemoModel:
-    """[Embedding] -> Bidirectional(LSTM) -> LSTM -> Dense(1), trained end to end."""
+    """[Embedding] -> Bidirectional(LSTM) -> LSTM -> Dense(1): one ``le.Sequential``, trained end to end.
+
+    The embedding table and the head start from the draws the demo's settings
+    were tuned with (U(-0.5, 0.5) for the table, Glorot uniform for the head,
+    from ``np.random.default_rng(seed)``), loaded with ``set_weights``.
+    """
 
     def __init__(self, input_features: int, first_units: int, second_units: int, backend: str, seed: int,
                  vocabulary: int | None = None):
-        # The sequences go to the backend's own array type (a GPU backend's
-        # device arrays); the embedding, head and loss stay on the host.
         self.backend = registry.get_backend_object(
             resolve_backend_name(backend, np.zeros((1, 1, input_features), np.float32)))
-        rng = np.random.default_rng(seed)
-        self.embedding = Embedding(vocabulary, input_features, rng) if vocabulary else None
-        self.recurrent = le.Sequential([
+        embedding = le.Embedding(vocabulary, input_features, seed=seed) if vocabulary else None
+        head = le.Dense(1, seed=seed)
+        self.model = le.Sequential(([embedding] if embedding else []) + [
             le.Bidirectional(le.LSTM(first_units, return_sequences=True, backend=backend, seed=seed + 1)),
             le.LSTM(second_units, backend=backend, seed=seed + 3),
-        ])
-        self.recurrent.build(input_features)
-        self.head = Dense(second_units, 1, rng)
+            head,
+        ]).build(input_features)
+        rng = np.random.default_rng(seed)
+        if embedding is not None:
+            embedding.set_weights([rng.uniform(-0.5, 0.5, (vocabulary, input_features)).astype(np.float32)])
+        limit = math.sqrt(6.0 / (second_units + 1))  # Glorot uniform, as Keras's Dense
+        head.set_weights([rng.uniform(-limit, limit, (second_units, 1)).astype(np.float32),
+                          np.zeros(1, np.float32)])
 
-    def parts(self) -> dict:
-        parts = {"lstm": self.recurrent, "head": self.head}
-        if self.embedding is not None:
-            parts["embedding"] = self.embedding
-        return parts
-
-    # params and grads make the model an optimizer target (lstmeng.optim reads both
-    # at every step): a new dict whose values are the parts' live arrays.
+    # params and grads make the model an optimizer target (lstmeng.optim reads both at every step).
     @property
-    def params(self) -> dict[str, np.ndarray]:
-        return {f"{prefix}.{name}": value for prefix, part in self.parts().items()
-                for name, value in part.params.items()}
+    def params(self):
+        return self.model.params
 
     @property
-    def grads(self) -> dict[str, np.ndarray]:
-        return {f"{prefix}.{name}": value for prefix, part in self.parts().items()
-                for name, value in part.grads.items()}
+    def grads(self):
+        return self.model.grads
 
     def __call__(self, inputs: np.ndarray, mask: np.ndarray, training: bool = False) -> np.ndarray:
         """Returns the head's output ``[N, 1]`` (a value, or a logit for sentiment)."""
-        x = self.embedding(inputs) if self.embedding is not None else inputs
-        features = self.recurrent(self.backend.asarray(x, np.dtype(np.float32)), mask=mask, training=training)
-        return self.head(self.backend.to_numpy(features))
+        return self.model(inputs, mask=mask, training=training)
 
     def backward(self, doutput: np.ndarray) -> None:
-        dfeatures = self.backend.asarray(self.head.backward(doutput), np.dtype(np.float32))
-        dx = self.recurrent.backward(dfeatures)
-        if self.embedding is not None:
-            self.embedding.backward(self.backend.to_numpy(dx))
+        self.model.backward(doutput)
 
 
 # -- tasks -----------------------------------------------------------------------------------------------------
@@ -292,13 +222,9 @@ def loss_and_gradient(task: TaskSpec, outputs: np.ndarray, targets: np.ndarray) 
 
     adding: mean squared error. sentiment: binary cross-entropy on the logit.
     """
-    count = len(targets)
     if task.name == "adding":
-        error = outputs - targets
-        return float(np.mean(error * error)), (2.0 / count) * error
-    # log(1 + exp(-|z|)) + max(z, 0) - z*y is the stable form of the cross-entropy.
-    loss = np.logaddexp(0.0, outputs) - outputs * targets
-    return float(np.mean(loss)), (_sigmoid(outputs) - targets) / count
+        return le.losses.mean_squared_error(outputs, targets)
+    return le.losses.binary_cross_entropy(outputs, targets)
 
 
 def baseline(task: TaskSpec, train: Dataset, validation: Dataset) -> float:
