@@ -4,9 +4,11 @@ The same model (a stacked LSTM, its last output into a Linear head), the same
 initial weights (one state dict loaded into both), the same data and the same
 optimizer (Adam), in one process. After one warm-up epoch each, epochs
 alternate between the implementations and the best epoch of each is kept, so
-load from other processes hits both alike. Prints the per-epoch times, the
-ratio torch / lstmeng (> 1: lstmeng is faster) and each model's final loss
-(the two train the same model, so the losses agree to rounding).
+load from other processes hits both alike. Prints the best and the median
+epoch time of each, the ratio of the best times torch / lstmeng (> 1: lstmeng
+is faster) and each model's final loss (the two train the same model, so the
+losses agree to rounding). On a shared machine the median shows how much the
+load moved the numbers.
 
 Shapes (the issue's targets):
     batch   B=64, T=100, I=H=256, 2 layers      target: lstmeng >= 1.3x faster
@@ -16,7 +18,7 @@ Threads: ``--threads`` (default 2) for both: ``torch.set_num_threads`` and
 OMP_NUM_THREADS, which the cython backend reads.
 
 Usage:
-    python benchmarks/torch_fit.py                 # both shapes, 3 timed epochs each
+    python benchmarks/torch_fit.py                 # both shapes, 5 timed epochs each
     python benchmarks/torch_fit.py --quick         # smaller epochs, 1 timed epoch (a minute)
     python benchmarks/torch_fit.py --shape online --backend numpy
 """
@@ -54,7 +56,7 @@ SHAPES = {
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=[*SHAPES, "both"], default="both")
-    parser.add_argument("--repeats", type=int, default=3, help="timed epochs per implementation")
+    parser.add_argument("--repeats", type=int, default=5, help="timed epochs per implementation")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backend", default="auto", help="lstmeng backend (auto: cython, else numpy)")
     parser.add_argument("--quick", action="store_true", help="fewer sequences per epoch and one timed epoch")
@@ -118,7 +120,7 @@ class Trainer:
 
 
 def measure(shape: Shape, args) -> dict:
-    import lstmeng.torch  # noqa: F401  (fails early if the module cannot be imported)
+    import numpy as np
 
     samples = shape.quick_samples if args.quick else shape.samples
     repeats = 1 if args.quick else args.repeats
@@ -127,12 +129,13 @@ def measure(shape: Shape, args) -> dict:
     trainers = {"torch.nn.LSTM": Trainer(reference), "lstmeng.torch.LSTM": Trainer(mine)}
     for trainer in trainers.values():
         trainer.epoch(x, target, shape.batch)             # warm-up: allocator, thread pools
-    best = {name: float("inf") for name in trainers}
+    seconds = {name: [] for name in trainers}
     for _ in range(repeats):
         for name, trainer in trainers.items():
-            best[name] = min(best[name], trainer.epoch(x, target, shape.batch))
-    return {"best": best, "losses": {name: trainer.loss for name, trainer in trainers.items()},
-            "samples": samples, "backend": mine.lstm.backend}
+            seconds[name].append(trainer.epoch(x, target, shape.batch))
+    return {"best": {name: min(times) for name, times in seconds.items()},
+            "median": {name: float(np.median(times)) for name, times in seconds.items()},
+            "losses": {name: trainer.loss for name, trainer in trainers.items()}, "samples": samples}
 
 
 def cpu_name() -> str:
@@ -162,15 +165,19 @@ def main():
     print(f"CPU: {cpu_name()}, {args.threads} threads; torch {torch.__version__}; lstmeng backend {backend!r}"
           f"{'; --quick' if args.quick else ''}")
     names = list(SHAPES) if args.shape == "both" else [args.shape]
-    print(f"{'shape':<42} {'torch s/epoch':>14} {'lstmeng s/epoch':>16} {'speed-up':>9}   final losses (torch, lstmeng)")
+    print(f"{'shape':<42} {'torch s/epoch':>14} {'lstmeng s/epoch':>16} {'speed-up':>9}   "
+          "final losses (torch, lstmeng)")
+    print(f"{'':<42} {'best (median)':>14} {'best (median)':>16} {'(best)':>9}")
     for name in names:
         shape = SHAPES[name]
         result = measure(shape, args)
-        best, losses = result["best"], result["losses"]
+        best, median, losses = result["best"], result["median"], result["losses"]
         ratio = best["torch.nn.LSTM"] / best["lstmeng.torch.LSTM"]
         label = (f"{shape.name}: B={shape.batch} T={shape.steps} I={shape.features} H={shape.units} "
                  f"L={shape.layers} x{result['samples']}")
-        print(f"{label:<42} {best['torch.nn.LSTM']:>14.3f} {best['lstmeng.torch.LSTM']:>16.3f} {ratio:>8.2f}x"
+        torch_times = f"{best['torch.nn.LSTM']:.3f} ({median['torch.nn.LSTM']:.3f})"
+        lstmeng_times = f"{best['lstmeng.torch.LSTM']:.3f} ({median['lstmeng.torch.LSTM']:.3f})"
+        print(f"{label:<42} {torch_times:>14} {lstmeng_times:>16} {ratio:>8.2f}x"
               f"   {losses['torch.nn.LSTM']:.5f}, {losses['lstmeng.torch.LSTM']:.5f}", flush=True)
 
 

@@ -201,6 +201,11 @@ def _choose_backend(requested: str, x: torch.Tensor, dtype: torch.dtype):
             raise ValueError(f"backend {backend.name!r} computes on the CPU but the input is on {x.device}; "
                              "use backend='numba_cuda' (or 'auto') for CUDA tensors, or move module and input "
                              "to the CPU")
+        # numba launches on its current device; a tensor elsewhere would be read from the wrong GPU.
+        numba_device = getattr(backend, "device_index", lambda: x.device.index)()
+        if x.device.index is not None and x.device.index != numba_device:
+            raise ValueError(f"backend {backend.name!r} runs on CUDA device {numba_device} but the input is on "
+                             f"{x.device}; select the device first (numba.cuda.select_device({x.device.index}))")
         return backend, True
     if x.device.type != "cpu":
         raise ValueError(f"lstmeng computes on CPU and CUDA tensors, got a tensor on {x.device}")

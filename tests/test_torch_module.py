@@ -122,7 +122,9 @@ def assert_matches_torch(reference, mine, kind, hx_given, batch_first, dtype, se
                                    msg=lambda m: f"{label} gradient of {name}: {m}")
 
 
-PARITY_CASES = list(itertools.product([1, 2, 3], [False, True], [False, True], [True, False], [0.0, 0.4]))
+# Inter-layer dropout needs two layers: (1 layer, dropout) is not a case.
+PARITY_CASES = [case for case in itertools.product([1, 2, 3], [False, True], [False, True], [True, False], [0.0, 0.4])
+                if not (case[0] == 1 and case[4])]
 
 
 def parity_id(case):
@@ -136,8 +138,6 @@ def parity_id(case):
 def test_cython_matches_torch_lstm(case, dtype):
     """Every combination of the issue's options, each over every input kind with and without hx."""
     num_layers, bidirectional, batch_first, bias, dropout = case
-    if dropout and num_layers == 1:
-        pytest.skip("inter-layer dropout needs two layers")
     reference, mine = make_pair("cython", dtype, seed=num_layers, num_layers=num_layers, bias=bias,
                                 batch_first=batch_first, dropout=dropout, bidirectional=bidirectional)
     if dropout:
