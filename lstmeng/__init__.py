@@ -3,7 +3,7 @@
 Example:
     >>> import numpy as np, lstmeng as le
     >>> model = le.Sequential([le.Bidirectional(le.LSTM(8, return_sequences=True, seed=0)), le.LSTM(4, seed=1)])
-    >>> x, mask = le.pad_sequences([np.ones((5, 3)), np.ones((2, 3))])
+    >>> x, mask = le.pad_batch([np.ones((5, 3)), np.ones((2, 3))])
     >>> model(x, mask=mask).shape
     (2, 4)
 """
@@ -20,7 +20,7 @@ from lstmeng.conversion import from_keras, from_torch
 from lstmeng.dense import Dense, Embedding
 from lstmeng.layers import LSTM
 from lstmeng import losses
-from lstmeng.masking import lengths_to_mask, pad_sequences
+from lstmeng.masking import lengths_to_mask, pad_batch, pad_sequences
 from lstmeng import optim  # NumPy only: numba is imported when a device array is met
 from lstmeng.serialization import load, save
 from lstmeng.training import History, evaluate, fit
@@ -42,6 +42,7 @@ __all__ = [
     "History",
     "BackendInfo",
     "pad_sequences",
+    "pad_batch",
     "lengths_to_mask",
     "save",
     "load",

@@ -1,5 +1,9 @@
 """Padding and masks: from a list of sequences to ``x: [B, T, I]`` and ``mask: [B, T]``.
 
+``pad_batch(sequences)`` returns ``(x, mask)`` for feature sequences (padding at
+the end); ``pad_sequences`` is Keras's function under Keras's name (padding
+and truncating at the front, int32, the array only).
+
 A mask is bool ``[B, T]`` with True at real steps. ``lengths: [B]`` describes a
 right-padded batch and means ``arange(T) < lengths[:, None]``::
 
@@ -66,12 +70,13 @@ def resolve_mask(mask, lengths, batch: int, steps: int):
     return mask
 
 
-def pad_sequences(sequences, maxlen=None, dtype="float32", padding="post",
-                  truncating="post", value=0.0):
-    """Stack variable-length sequences into ``x: [B, T, F]`` and ``mask: [B, T]``.
+def pad_batch(sequences, maxlen=None, dtype="float32", padding="post", truncating="post", value=0.0):
+    """Stack variable-length sequences of feature vectors into ``x: [B, T, F]`` and ``mask: [B, T]``.
+
+    (This was ``pad_sequences`` before that name took Keras's semantics.)
 
     Args:
-        sequences: list of arrays ``[t_b, F]`` (or ``[t_b]`` for scalars per step).
+        sequences: list of arrays ``[t_b, F]`` (or ``[t_b]`` for scalars per step: F = 1).
         maxlen: T; defaults to the longest sequence.
         padding: "post" pads at the end, "pre" at the start.
         truncating: "post" drops steps at the end, "pre" at the start.
@@ -82,37 +87,89 @@ def pad_sequences(sequences, maxlen=None, dtype="float32", padding="post",
 
     Example:
         >>> import numpy as np, lstmeng as le
-        >>> x, mask = le.pad_sequences([np.ones((2, 3)), np.ones((1, 3))])
+        >>> x, mask = le.pad_batch([np.ones((2, 3)), np.ones((1, 3))])
         >>> x.shape, mask.tolist()
         ((2, 2, 3), [[True, True], [True, False]])
     """
     _validation.check_choice(padding, "padding", ("post", "pre"))
     _validation.check_choice(truncating, "truncating", ("post", "pre"))
-    dtype = np.dtype(dtype)
-    if isinstance(sequences, np.ndarray) and sequences.ndim >= 2 and sequences.dtype != object:
-        sequences = list(sequences)
-    if not isinstance(sequences, (list, tuple)):
-        raise TypeError(f"sequences must be a list of arrays, got {type(sequences).__name__}")
     arrays = []
-    for index, sequence in enumerate(sequences):
-        array = np.asarray(sequence)
-        if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
-            raise TypeError(f"sequences[{index}] must be numeric, got dtype {array.dtype}")
+    for index, array in enumerate(_numeric_sequences(sequences)):
         if array.ndim == 1:
             array = array[:, None]
         if array.ndim != 2:
             raise ValueError(f"sequences[{index}] must be (time,) or (time, features), got shape {array.shape}")
         arrays.append(array)
-    features = {a.shape[1] for a in arrays if a.shape[0] > 0} or {a.shape[1] for a in arrays} or {1}
-    if len(features) > 1:
-        raise ValueError(f"every sequence must have the same number of features, got {sorted(features)}")
-    feature_size = features.pop()
+    return _pad(arrays, maxlen, dtype, padding, truncating, value, empty_sample=(1,))
+
+
+def pad_sequences(sequences, maxlen=None, dtype="int32", padding="pre", truncating="pre", value=0.0):
+    """Keras's ``pad_sequences``: a list of sequences as one array ``[B, T, ...]``, padded and truncated.
+
+    Same arguments, defaults and result as ``keras.utils.pad_sequences``: the
+    padding and the truncation are at the *front* ("pre") unless asked
+    otherwise, the result is int32 unless ``dtype`` says otherwise (token ids),
+    and only the array is returned. For a mask, use ``padding="post"`` with an
+    ``Embedding(mask_zero=True)`` (id 0 = padding), or ``pad_batch``, which
+    returns ``(x, mask)`` for feature sequences. Note that lstmeng's recurrent
+    layers, like Keras's, treat the mask the same wherever the padding is.
+
+    Args:
+        sequences: list of sequences, each a list or array ``[t_b, ...]``.
+        maxlen: T; defaults to the longest sequence.
+        dtype: of the result ("int32"; a float dtype for feature sequences).
+        padding: "pre" (default) or "post".
+        truncating: "pre" (default: keep the end) or "post".
+        value: fill value.
+
+    Returns:
+        np.ndarray ``[B, T]`` (``[B, T, ...]`` for sequences of vectors).
+
+    Example:
+        >>> import lstmeng as le
+        >>> le.pad_sequences([[1, 2, 3], [4]]).tolist()
+        [[1, 2, 3], [0, 0, 4]]
+        >>> le.pad_sequences([[1, 2, 3], [4]], maxlen=2, padding="post").tolist()
+        [[2, 3], [4, 0]]
+    """
+    _validation.check_choice(padding, "padding", ("post", "pre"))
+    _validation.check_choice(truncating, "truncating", ("post", "pre"))
+    arrays = list(_numeric_sequences(sequences))
+    for index, array in enumerate(arrays):
+        if array.ndim == 0:
+            raise ValueError(f"sequences[{index}] must be a sequence (a list or an array of rank >= 1), "
+                             f"got the scalar {array.item()!r}")
+    return _pad(arrays, maxlen, dtype, padding, truncating, value, empty_sample=())[0]
+
+
+def _numeric_sequences(sequences):
+    """Each sequence as a NumPy array, checked numeric."""
+    if isinstance(sequences, np.ndarray) and sequences.ndim >= 2 and sequences.dtype != object:
+        sequences = list(sequences)
+    if not isinstance(sequences, (list, tuple)):
+        raise TypeError(f"sequences must be a list of arrays, got {type(sequences).__name__}")
+    for index, sequence in enumerate(sequences):
+        array = np.asarray(sequence)
+        if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+            raise TypeError(f"sequences[{index}] must be numeric, got dtype {array.dtype}")
+        yield array
+
+
+def _pad(arrays, maxlen, dtype, padding, truncating, value, empty_sample):
+    """The padding both functions share: ``x [B, T, *sample]`` and ``mask [B, T]``
+    (``empty_sample`` is the sample shape of an empty list)."""
+    dtype = np.dtype(dtype)
+    samples = {a.shape[1:] for a in arrays if a.shape[0] > 0} or {a.shape[1:] for a in arrays} or {empty_sample}
+    if len(samples) > 1:
+        raise ValueError(f"every sequence must have the same number of features, got "
+                         f"{sorted(shape[0] if len(shape) == 1 else shape for shape in samples)}")
+    sample_shape = samples.pop()
     if maxlen is None:
         maxlen = max((a.shape[0] for a in arrays), default=0)
     elif isinstance(maxlen, bool) or int(maxlen) != maxlen or maxlen < 0:
         raise ValueError(f"maxlen must be a non-negative integer or None, got {maxlen!r}")
     maxlen = int(maxlen)
-    x = np.full((len(arrays), maxlen, feature_size), value, dtype=dtype)
+    x = np.full((len(arrays), maxlen) + sample_shape, value, dtype=dtype)
     mask = np.zeros((len(arrays), maxlen), dtype=bool)
     for row, array in enumerate(arrays):
         kept = array[:maxlen] if truncating == "post" else array[max(0, array.shape[0] - maxlen):]

@@ -280,19 +280,19 @@ def test_non_finite_input_stays_in_its_row(backend_name, bad):
 
 def test_pad_sequences_bad_input_then_every_backend():
     with pytest.raises(ValueError, match="same number of features"):
-        le.pad_sequences([np.ones((2, 3)), np.ones((2, 4))])
+        le.pad_batch([np.ones((2, 3)), np.ones((2, 4))])
     with pytest.raises(TypeError, match="numeric"):
-        le.pad_sequences([np.array([["a", "b"]])])
+        le.pad_batch([np.array([["a", "b"]])])
     with pytest.raises(ValueError, match="padding"):
-        le.pad_sequences([np.ones((2, 3))], padding="middle")
+        le.pad_batch([np.ones((2, 3))], padding="middle")
     with pytest.raises(ValueError, match="maxlen"):
-        le.pad_sequences([np.ones((2, 3))], maxlen=-1)
+        le.pad_batch([np.ones((2, 3))], maxlen=-1)
     with pytest.raises(TypeError):
-        le.pad_sequences(np.ones(3))
-    x, mask = le.pad_sequences([np.ones((3, 2)), np.ones((1, 2)), np.zeros((0, 2))], padding="pre")
+        le.pad_batch(np.ones(3))
+    x, mask = le.pad_batch([np.ones((3, 2)), np.ones((1, 2)), np.zeros((0, 2))], padding="pre")
     expected = _lstm("numpy")(x, mask=mask)
     for name in AVAILABLE:
-        assert_close(to_host(_lstm(name)(x, mask=mask)), expected, f"{name} on pad_sequences output", "float32")
+        assert_close(to_host(_lstm(name)(x, mask=mask)), expected, f"{name} on pad_batch output", "float32")
 
 
 # -- save / load ----------------------------------------------------------------------------------------------

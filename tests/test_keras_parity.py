@@ -416,5 +416,5 @@ def test_from_keras_sequential_with_masking_warns_and_matches_with_mask():
     random_weights(keras_model, rng)
     with pytest.warns(UserWarning, match="Masking layer is dropped"):
         mine = le.from_keras(keras_model, backend="numpy")
-    x, mask = le.pad_sequences([rng.normal(size=(n, 3)) for n in (6, 2, 4)])
+    x, mask = le.pad_batch([rng.normal(size=(n, 3)) for n in (6, 2, 4)])
     assert_outputs_close(mine(x, mask=mask), keras_model(x).numpy(), "y")

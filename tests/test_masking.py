@@ -1,4 +1,4 @@
-"""Masks and padding: lengths_to_mask, pad_sequences, and the masking semantics of the layers.
+"""Masks and padding: lengths_to_mask, pad_batch, pad_sequences (Keras's), and the masking semantics of the layers.
 
 The semantics are checked against independent facts rather than captured
 output: a right-padded row gives what the same row gives alone, unpadded; a
@@ -41,45 +41,81 @@ def test_lengths_to_mask():
         le.lengths_to_mask([0.5])
 
 
-def test_pad_sequences_post_and_pre():
+def test_pad_batch_post_and_pre():
     sequences = [np.arange(6.0).reshape(3, 2), np.array([[7.0, 8.0]])]
-    x, mask = le.pad_sequences(sequences)
+    x, mask = le.pad_batch(sequences)
     assert x.dtype == np.float32 and x.shape == (2, 3, 2)
     np.testing.assert_array_equal(x[0], sequences[0])
     np.testing.assert_array_equal(x[1], [[7, 8], [0, 0], [0, 0]])
     np.testing.assert_array_equal(mask, [[True] * 3, [True, False, False]])
 
-    x, mask = le.pad_sequences(sequences, padding="pre", value=-1.0, dtype="float64")
+    x, mask = le.pad_batch(sequences, padding="pre", value=-1.0, dtype="float64")
     assert x.dtype == np.float64
     np.testing.assert_array_equal(x[1], [[-1, -1], [-1, -1], [7, 8]])
     np.testing.assert_array_equal(mask[1], [False, False, True])
 
-    x, mask = le.pad_sequences(sequences, maxlen=2)  # truncating="post" keeps the start
+    x, mask = le.pad_batch(sequences, maxlen=2)  # truncating="post" keeps the start
     np.testing.assert_array_equal(x[0], [[0, 1], [2, 3]])
-    x, mask = le.pad_sequences(sequences, maxlen=2, truncating="pre")
+    x, mask = le.pad_batch(sequences, maxlen=2, truncating="pre")
     np.testing.assert_array_equal(x[0], [[2, 3], [4, 5]])
     assert mask.all(axis=1).tolist() == [True, False]
 
 
-def test_pad_sequences_scalars_empty_and_errors():
-    x, mask = le.pad_sequences([[1, 2, 3], [4]])
+def test_pad_batch_scalars_empty_and_errors():
+    x, mask = le.pad_batch([[1, 2, 3], [4]])
     assert x.shape == (2, 3, 1) and x[1, 0, 0] == 4 and mask.sum() == 4
-    x, mask = le.pad_sequences([np.zeros((0, 2)), np.ones((2, 2))])
+    x, mask = le.pad_batch([np.zeros((0, 2)), np.ones((2, 2))])
     assert x.shape == (2, 2, 2) and mask.tolist() == [[False, False], [True, True]]
-    x, mask = le.pad_sequences([])
+    x, mask = le.pad_batch([])
     assert x.shape == (0, 0, 1) and mask.shape == (0, 0)
-    x, mask = le.pad_sequences([np.ones((3, 2))], maxlen=0)
+    x, mask = le.pad_batch([np.ones((3, 2))], maxlen=0)
     assert x.shape == (1, 0, 2)
     with pytest.raises(ValueError, match=r"same number of features, got \[2, 3\]"):
-        le.pad_sequences([np.ones((2, 2)), np.ones((2, 3))])
+        le.pad_batch([np.ones((2, 2)), np.ones((2, 3))])
     with pytest.raises(TypeError, match=r"sequences\[1\] must be numeric"):
-        le.pad_sequences([np.ones((2, 2)), np.array([["a", "b"]])])
+        le.pad_batch([np.ones((2, 2)), np.array([["a", "b"]])])
     with pytest.raises(ValueError, match="padding must be one of"):
-        le.pad_sequences([np.ones(2)], padding="middle")
+        le.pad_batch([np.ones(2)], padding="middle")
     with pytest.raises(ValueError, match="maxlen must be a non-negative integer"):
-        le.pad_sequences([np.ones(2)], maxlen=-1)
+        le.pad_batch([np.ones(2)], maxlen=-1)
     with pytest.raises(ValueError, match=r"sequences\[0\] must be \(time,\) or \(time, features\)"):
-        le.pad_sequences([np.ones((2, 2, 2))])
+        le.pad_batch([np.ones((2, 2, 2))])
+
+
+PAD_SEQUENCES_CASES = [
+    {}, {"padding": "post"}, {"maxlen": 2}, {"maxlen": 2, "truncating": "post"},
+    {"maxlen": 5, "padding": "post", "value": 9}, {"dtype": "float32", "value": -1.5},
+]
+
+
+@pytest.mark.parametrize("options", PAD_SEQUENCES_CASES, ids=str)
+def test_pad_sequences_has_keras_semantics(options):
+    token_lists = [[1, 2, 3], [4], [], [5, 6, 7, 8]]
+    got = le.pad_sequences(token_lists, **options)
+    # Keras's documented rule, written out: truncate then pad, both at the front by default.
+    maxlen = options.get("maxlen", 4)
+    expected = np.full((4, maxlen), options.get("value", 0), dtype=options.get("dtype", "int32"))
+    for row, tokens in enumerate(token_lists):
+        kept = tokens[-maxlen:] if options.get("truncating", "pre") == "pre" else tokens[:maxlen]
+        if kept:
+            if options.get("padding", "pre") == "pre":
+                expected[row, maxlen - len(kept):] = kept
+            else:
+                expected[row, :len(kept)] = kept
+    assert isinstance(got, np.ndarray) and got.dtype == expected.dtype
+    np.testing.assert_array_equal(got, expected)
+    keras = pytest.importorskip("keras")
+    np.testing.assert_array_equal(got, keras.utils.pad_sequences(token_lists, **options))
+
+
+def test_pad_sequences_of_vectors_and_errors():
+    got = le.pad_sequences([np.ones((2, 3)), np.ones((1, 3))], dtype="float32")
+    assert got.shape == (2, 2, 3) and got[1, 0].tolist() == [0, 0, 0] and got[1, 1].tolist() == [1, 1, 1]
+    assert le.pad_sequences([]).shape == (0, 0)
+    with pytest.raises(ValueError, match=r"sequences\[1\] must be a sequence"):
+        le.pad_sequences([[1], 2])
+    with pytest.raises(ValueError, match="truncating must be one of"):
+        le.pad_sequences([[1]], truncating="middle")
 
 
 # -- semantics -------------------------------------------------------------------------
@@ -89,7 +125,7 @@ def test_right_padded_row_equals_the_row_alone(go_backwards, zero_output_for_mas
     """Final states and real-step outputs of a padded row are those of the unpadded row."""
     lengths = np.array([5, 3, 1])
     sequences = [RNG.normal(size=(n, FEATURES)) for n in lengths]
-    x, mask = le.pad_sequences(sequences, dtype="float64", value=9.0)  # padding values must not matter
+    x, mask = le.pad_batch(sequences, dtype="float64", value=9.0)  # padding values must not matter
     layer = lstm(return_sequences=True, return_state=True, go_backwards=go_backwards,
                  zero_output_for_mask=zero_output_for_mask)
     y, h, c = layer(x, mask=mask)
@@ -175,7 +211,7 @@ def test_left_padding_gives_zero_outputs_before_first_real_step():
 def test_bidirectional_backward_direction_starts_at_each_rows_last_real_step():
     lengths = np.array([5, 2])
     sequences = [RNG.normal(size=(n, FEATURES)) for n in lengths]
-    x, mask = le.pad_sequences(sequences, dtype="float64")
+    x, mask = le.pad_batch(sequences, dtype="float64")
     layer = le.Bidirectional(le.LSTM(UNITS, return_sequences=True, return_state=True, dtype="float64",
                                      backend="numpy", seed=1), merge_mode=None)
     y_forward, y_backward, h_fw, c_fw, h_bw, c_bw = layer(x, mask=mask)
