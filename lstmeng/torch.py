@@ -118,7 +118,12 @@ class _DirectionCall:
     def _array(self, tensor):
         if tensor is None:
             return None
-        return tensor.detach() if self.on_device else _host_array(tensor)
+        if self.on_device:
+            # A Numba view of the CUDA tensor (no copy): the backend reads dtypes as NumPy dtypes,
+            # which torch's are not. detach(): a tensor that requires grad exports no interface.
+            from numba import cuda
+            return cuda.as_cuda_array(tensor.detach())
+        return _host_array(tensor)
 
     def forward(self, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, training: bool):
         """x: [B, T, I]; h0, c0: [B, H]; weight_ih: [4H, I]; weight_hh: [4H, H]; biases: [4H] or None.
