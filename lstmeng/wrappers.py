@@ -547,8 +547,9 @@ class Sequential:
             shape = ("None", "None", str(size)) if sequence else ("None", str(size))
             rows.append((f"{index} {_short_name(layer)}", "(" + ", ".join(shape) + ")",
                          "?" if count is None else str(count)))
-        lines = [f"{'Layer':<30}{'Output shape':<20}{'Params':>10}"]
-        lines += [f"{name:<30}{shape:<20}{count:>10}" for name, shape, count in rows]
+        width = max([30] + [len(name) + 2 for name, _, _ in rows])
+        lines = [f"{'Layer':<{width}}{'Output shape':<20}{'Params':>10}"]
+        lines += [f"{name:<{width}}{shape:<20}{count:>10}" for name, shape, count in rows]
         lines.append(f"Total parameters: {total}")
         text = "\n".join(lines)
         print(text)
