@@ -17,6 +17,7 @@ CPU is an error that names both devices, as PyTorch's is.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, MutableMapping
 
 import numpy as np
@@ -330,9 +331,13 @@ class TrainingTape:
     sequence never inherits a half-used tape.
     """
 
-    def __init__(self):
+    def __init__(self, warn_after: int = 256):
         self._entries: list = []
         self._backward_ran = False   # a backward consumed an entry of the current round
+        # Training calls never backpropagated keep their workspaces alive (training=True used for
+        # inference, e.g. Monte Carlo dropout): say so once, when a round grows this long.
+        self._warn_after = warn_after
+        self._warned = False
 
     def push(self, entry) -> bool:
         """Record a training call; returns True when it starts a new round."""
@@ -341,6 +346,11 @@ class TrainingTape:
             self._backward_ran = False
         new_round = not self._entries
         self._entries.append(entry)
+        if len(self._entries) > self._warn_after and not self._warned:
+            self._warned = True
+            warnings.warn(f"{len(self._entries)} training calls are recorded and none was backpropagated: "
+                          "their workspaces stay in memory until backward() or reset_tape(); call with "
+                          "training=False where no backward follows", ResourceWarning, stacklevel=4)
         return new_round
 
     def peek(self, what: str = "backward"):

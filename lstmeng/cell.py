@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from lstmeng import _validation
-from lstmeng._weights import LSTMWeights, prepare_input, prepare_state
+from lstmeng._weights import LSTMWeights, TrainingTape, prepare_input, prepare_state
 from lstmeng.backends import registry
 
 
@@ -38,6 +38,7 @@ class LSTMCell(LSTMWeights):
 
     def __init__(self, units, **options):
         super().__init__(units, **options)
+        self._tapes = TrainingTape(warn_after=100_000)   # one entry per step: unrolls are long
         self._sequence_dropout = (None, None)
 
     def get_config(self) -> dict:
@@ -61,7 +62,7 @@ class LSTMCell(LSTMWeights):
         backend = self._resolve_backend(x_t, "x_t")
         x_t = prepare_input(backend, x_t, self.dtype, "x_t")
         _validation.check_rank(x_t, "x_t", 2, "(batch, features)")
-        host_io = self.device != "cpu" and registry.array_kind(x_t) == "host"
+        host_io = registry.array_kind(x_t) == "host"   # NumPy in, NumPy out (GPU cell, TensorFlow backend)
         x_t = self._to_call_device(backend, x_t)
         batch, features = _validation.shape_of(x_t)
         self._ensure_built(features, "x_t")
@@ -96,7 +97,7 @@ class LSTMCell(LSTMWeights):
         if training:
             self._tapes.push((backend, workspace, batch, host_io))
             self._sequence_dropout = (input_mask, recurrent_mask)
-        if host_io:  # a GPU cell called with host arrays: NumPy in, NumPy out
+        if host_io and registry.array_kind(h_new) != "host":  # NumPy in, NumPy out
             h_new, c_new = backend.to_numpy(h_new), backend.to_numpy(c_new)
         return h_new, [h_new, c_new]
 
@@ -145,6 +146,6 @@ class LSTMCell(LSTMWeights):
             # The unroll's first backward replaces grads; the others add to them.
             self._store_grads(backend, grads, accumulate)
             dx, dh_prev, dc_prev = grads.dx, grads.dh0, grads.dc0
-        if host_io:
+        if host_io and registry.array_kind(dx) != "host":
             dx, dh_prev, dc_prev = (backend.to_numpy(array) for array in (dx, dh_prev, dc_prev))
         return dx, [dh_prev, dc_prev]

@@ -27,7 +27,7 @@ class _Tape:
     batch: int
     steps: int
     got_initial_state: bool
-    host_io: bool = False     # a GPU layer called with host arrays: copy dy in and dx out too
+    host_io: bool = False     # called with a host x: dx and state gradients come back as host arrays
 
 
 @dataclasses.dataclass
@@ -43,7 +43,7 @@ class _Call:
     got_initial_state: bool
     batch: int
     steps: int
-    host_io: bool = False     # a GPU layer called with a host x: results are copied out
+    host_io: bool = False     # x was a host array: results come back as host arrays
 
 
 class LSTM(LSTMWeights):
@@ -178,7 +178,8 @@ class LSTM(LSTMWeights):
         x = prepare_input(backend, x, self.dtype)
         _validation.check_rank(x, "x", 3, "(time, batch, features)" if self.time_major
                                else "(batch, time, features)")
-        host_io = self.device != "cpu" and registry.array_kind(x) == "host"
+        # NumPy in, NumPy out: results of a GPU layer or of the TensorFlow backend are copied out.
+        host_io = registry.array_kind(x) == "host"
         x = self._to_call_device(backend, x)
         if self.time_major:
             x = backend.swap_batch_time(x)
@@ -231,8 +232,8 @@ class LSTM(LSTMWeights):
             if self.time_major:
                 outputs = backend.swap_batch_time(outputs)
         self._device_chosen = True   # a call has run here: later CUDA inputs to a CPU layer are errors
-        if call.host_io:  # NumPy in, NumPy out; the carried states stay on the device
-            outputs, h, c = (backend.to_numpy(array) for array in (outputs, h, c))
+        if call.host_io:  # NumPy in, NumPy out; carried states stay in the backend's kind
+            outputs, h, c = (_to_host(backend, array) for array in (outputs, h, c))
         self._last_states = [h, c]
         return outputs, h, c
 
@@ -323,7 +324,7 @@ class LSTM(LSTMWeights):
         self._tapes.pop()
         self._store_grads(backend, grads, accumulate)
         if tape.host_io:  # host dy in, host dx and state gradients out; weight gradients stay on the device
-            grads.dx, grads.dh0, grads.dc0 = (backend.to_numpy(array) for array in (grads.dx, grads.dh0, grads.dc0))
+            grads.dx, grads.dh0, grads.dc0 = (_to_host(backend, array) for array in (grads.dx, grads.dh0, grads.dc0))
         self.initial_state_grads = [grads.dh0, grads.dc0] if tape.got_initial_state else None
         return backend, grads
 
@@ -335,3 +336,8 @@ class LSTM(LSTMWeights):
     def __repr__(self) -> str:
         return (f"LSTM(units={self.units}, return_sequences={self.return_sequences}, "
                 f"go_backwards={self.go_backwards}, backend={self.backend!r})")
+
+
+def _to_host(backend, array):
+    """``array`` as a host array (copied out of a device or a tf.Tensor; a host array as it is)."""
+    return array if registry.array_kind(array) == "host" else backend.to_numpy(array)

@@ -149,10 +149,16 @@ def load(path, device=None, optimizer=None):
         parse_device(device)   # a bad or unavailable device is named before the file is read
     if not os.path.exists(path):
         raise FileNotFoundError(f"no lstmeng file at {path!r}")
+    kind = _file_kind(path)
+    if kind != "a zip archive":
+        # Said from the file's first bytes: NumPy's own message would suggest allow_pickle, which
+        # lstmeng never uses (unpickling runs code from the file).
+        raise ValueError(f"{path!r} is not an lstmeng file: le.save writes .npz (zip) archives, and this is {kind}")
     try:
         archive = np.load(path, allow_pickle=False)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
-        raise ValueError(f"{path!r} is not an lstmeng .npz file ({error})") from None
+        reason = "it holds Python objects, which lstmeng never loads" if "pickle" in str(error) else str(error)
+        raise ValueError(f"{path!r} is not an lstmeng .npz file ({reason})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise ValueError(f"{path!r} is not an lstmeng .npz file (a bare .npy array)")
     with archive:
@@ -195,6 +201,27 @@ def load(path, device=None, optimizer=None):
     if optimizer is not None:
         optimizer.load_state_dict(optimizer_state)
     return obj
+
+
+#: First bytes of the files people mistake for lstmeng files -> what to call them.
+_MAGIC = ((b"PK\x03\x04", "a zip archive"), (b"PK\x05\x06", "a zip archive"), (b"\x93NUMPY", "a bare NumPy .npy array"),
+          (b"\x89HDF", "an HDF5 file (a Keras .h5/.keras model? convert it with le.from_keras)"))
+
+
+def _file_kind(path) -> str:
+    """What the file at ``path`` is, from its first bytes: "a zip archive" for an .npz, else a description."""
+    if os.path.isdir(path):
+        return "a directory"
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    if not head:
+        return "an empty file"
+    if head[:1] == b"\x80" and 2 <= head[1] <= 5:
+        return "a Python pickle (e.g. a torch.save or pickle.dump file; lstmeng never unpickles)"
+    return "not a zip archive"
 
 
 def load_optimizer_state(path, optimizer) -> None:

@@ -82,10 +82,13 @@ def test_numpy_inputs_run_on_the_tensorflow_backend():
     reference = le.LSTM(4, dtype="float64", backend="numpy", go_backwards=True, return_sequences=True, seed=1)
     y = lstm(x, lengths=[6, 2], training=True)
     expected = reference(x, lengths=[6, 2], training=True)
-    assert isinstance(y, tf.Tensor)
-    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-12, atol=1e-12)
+    assert isinstance(y, np.ndarray)   # NumPy in, NumPy out (issue 18)
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
     dy = rng.normal(size=expected.shape)
-    np.testing.assert_allclose(lstm.backward(dy).numpy(), reference.backward(dy), rtol=1e-10, atol=1e-12)
+    dx = lstm.backward(dy)
+    assert isinstance(dx, np.ndarray)
+    np.testing.assert_allclose(dx, reference.backward(dy), rtol=1e-10, atol=1e-12)
+    assert isinstance(lstm(tf.constant(x)), tf.Tensor)   # tf.Tensor in, tf.Tensor out
     for name in ("kernel", "recurrent_kernel", "bias"):
         np.testing.assert_allclose(lstm.grads[name], reference.grads[name], rtol=1e-10, atol=1e-12)
 

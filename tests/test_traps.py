@@ -185,3 +185,87 @@ def test_two_training_calls_backpropagate_last_in_first_out_and_sum(name):
     assert dx1[index] == pytest.approx((up - down) / (2 * step), rel=1e-5, abs=1e-8)
     with pytest.raises(RuntimeError, match="backward needs"):
         model.backward(w1)
+
+
+def test_training_calls_never_backpropagated_warn_once():
+    lstm = le.LSTM(2, backend="numpy", seed=0)
+    x = np.ones((1, 2, 3), "float32")
+    with pytest.warns(ResourceWarning, match="257 training calls are recorded"):
+        for _ in range(300):
+            lstm(x, training=True)
+    lstm.reset_tape()
+    with pytest.raises(RuntimeError, match="backward needs"):
+        lstm.backward(np.ones((1, 2), "float32"))
+
+
+# -- papercuts found on the way (issue 18) -----------------------------------------------------------
+def test_misspelt_backend_is_answered_with_did_you_mean_before_any_probe(monkeypatch):
+    from lstmeng.backends import registry
+
+    def no_probe(name):
+        raise AssertionError(f"probed {name!r} to answer a typo")
+
+    monkeypatch.setattr(registry, "_entry", no_probe)
+    with pytest.raises(ValueError, match=r"unknown backend 'cythn'; did you mean 'cython'\?"):
+        le.LSTM(2, backend="cythn")
+    with pytest.raises(ValueError, match=r"did you mean 'numba_cuda'"):
+        le.set_backend("numba-cuda")
+
+
+def test_a_missing_optional_library_is_reported_without_importing(monkeypatch):
+    import importlib.util
+
+    from lstmeng.backends import registry
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "tensorflow" else real_find_spec(name, *args))
+    backend, info = registry._load("tensorflow")
+    assert backend is None and not info.available
+    assert info.reason == "tensorflow is not installed (pip install tensorflow)"
+
+
+def test_tensorflow_backend_gives_numpy_for_numpy_input():
+    pytest.importorskip("tensorflow")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3, 4)).astype("float32")
+    with le.use_backend("tensorflow"):
+        lstm = le.LSTM(3, return_sequences=True, return_state=True, seed=0)
+        y, h, c = lstm(x, training=True)
+        dx = lstm.backward(np.ones_like(y))
+        bidirectional = le.Bidirectional(le.LSTM(2, return_sequences=True, seed=1))
+        merged = bidirectional(x, training=True)
+        dx_bidirectional = bidirectional.backward(np.ones_like(merged))
+        cell = le.LSTMCell(2, seed=2)
+        h_cell, (_, c_cell) = cell(x[:, 0], training=True)
+        dx_cell, _ = cell.backward(np.ones_like(h_cell))
+        model = le.Sequential([le.LSTM(3, seed=3), le.Dense(1, seed=4)])
+        out = model(x, training=True)
+        dx_model = model.backward(np.ones_like(out))
+    for array in (y, h, c, dx, merged, dx_bidirectional, h_cell, c_cell, dx_cell, out, dx_model):
+        assert isinstance(array, np.ndarray), type(array)
+    assert y.T.shape == (3, 3, 2)   # NumPy code works on the result (a tf.Tensor has no .T)
+    reference = le.LSTM(3, return_sequences=True, backend="numpy", seed=0)
+    np.testing.assert_allclose(y, reference(x), rtol=1e-5, atol=1e-6)
+
+
+def test_set_weights_in_pytorch_layout_points_to_from_torch():
+    lstm = le.LSTM(4, seed=0).build(3)
+    kernel, recurrent_kernel, bias = lstm.get_weights()
+    with pytest.raises(ValueError, match=r"kernel must have shape \(3, 16\).*got \(16, 3\).*le\.from_torch"):
+        lstm.set_weights([kernel.T, recurrent_kernel.T, bias])
+
+
+def test_load_of_a_non_lstmeng_file_says_what_it_is_and_never_suggests_unpickling(tmp_path):
+    import pickle
+
+    cases = {"model.pkl": "a Python pickle", "array.npy": "a bare NumPy .npy array", "notes.txt": "not a zip archive"}
+    with open(tmp_path / "model.pkl", "wb") as handle:
+        pickle.dump({"weights": [1, 2]}, handle)
+    np.save(tmp_path / "array.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (tmp_path / "notes.txt").write_text("hello")
+    for name, kind in cases.items():
+        with pytest.raises(ValueError) as info:
+            le.load(tmp_path / name)
+        message = str(info.value)
+        assert "is not an lstmeng file" in message and kind in message
+        assert "allow_pickle" not in message and "pickle.load" not in message

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import importlib
+import importlib.util
 import os
 import threading
 import warnings
@@ -29,6 +31,10 @@ BUILTIN_BACKENDS = {
     "numba_cuda": "lstmeng.backends.numba_cuda",
     "tensorflow": "lstmeng.backends.tensorflow",
 }
+
+#: Built-in backends' optional dependency: checked with importlib.util.find_spec (no import) before
+#: the backend module is imported, so that a missing library costs nothing to report.
+OPTIONAL_DEPENDENCIES = {"numba_cuda": "numba", "tensorflow": "tensorflow"}
 
 # Preference order for "auto" on host (NumPy) arrays.
 HOST_PREFERENCE = ("cython", "numpy")
@@ -71,6 +77,9 @@ def known_backend_names() -> list[str]:
 
 
 def _load(name: str) -> tuple[Backend | None, BackendInfo]:
+    dependency = OPTIONAL_DEPENDENCIES.get(name)
+    if dependency is not None and importlib.util.find_spec(dependency) is None:
+        return None, BackendInfo(name, False, f"{dependency} is not installed (pip install {dependency})", "")
     try:
         if name in BUILTIN_BACKENDS:
             backend = importlib.import_module(BUILTIN_BACKENDS[name]).backend
@@ -125,8 +134,17 @@ def _unavailable_message(name: str) -> str:
 
 
 def get_backend_object(name: str) -> Backend:
-    """The Backend instance registered as ``name``; ValueError if unknown or unavailable."""
-    if name not in known_backend_names():
+    """The Backend instance registered as ``name``; ValueError if unknown or unavailable.
+
+    A misspelt name close to a known one is answered at once with a "did you
+    mean", before any backend is imported or probed.
+    """
+    known = known_backend_names()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6) if isinstance(name, str) else []
+        if close:
+            raise ValueError(f"unknown backend {name!r}; did you mean {close[0]!r}? (known backends: {known}; "
+                             "le.list_backends() says which are available)")
         raise ValueError(f"unknown backend {name!r}; {_unavailable_message(name)}")
     backend, info = _entry(name)
     if backend is None:

@@ -434,27 +434,34 @@ class TensorflowBackend(Backend):
     def expand_time(self, x):
         return tf.expand_dims(x, 1)
 
+    # The array helpers keep the kind they are given: on host arrays (a layer called with NumPy,
+    # whose results were already copied out) they are NumPy's, so NumPy in gives NumPy out.
     def swap_batch_time(self, x):
+        if not self.owns(x):
+            return super().swap_batch_time(x)
         rank = len(x.shape)
         return tf.transpose(x, [1, 0] + list(range(2, rank)))
 
     def flip_time(self, y):
-        return tf.reverse(y, axis=[1])
+        return tf.reverse(y, axis=[1]) if self.owns(y) else super().flip_time(y)
 
     def add(self, a, b):
-        return tf.add(a, b)
+        return tf.add(a, b) if self.owns(a) or self.owns(b) else super().add(a, b)
 
     def multiply(self, a, b):
-        return tf.multiply(a, b)
+        return tf.multiply(a, b) if self.owns(a) or self.owns(b) else super().multiply(a, b)
 
     def scale(self, a, factor: float):
-        return a * tf.cast(factor, a.dtype)
+        return a * tf.cast(factor, a.dtype) if self.owns(a) else super().scale(a, factor)
 
     def concatenate(self, arrays, axis: int = -1):
-        return tf.concat(list(arrays), axis=axis)
+        arrays = list(arrays)
+        if not any(self.owns(array) for array in arrays):
+            return super().concatenate(arrays, axis)
+        return tf.concat(arrays, axis=axis)
 
     def split_last(self, array, sizes):
-        return tf.split(array, list(sizes), axis=-1)
+        return tf.split(array, list(sizes), axis=-1) if self.owns(array) else super().split_last(array, sizes)
 
 
 def _tf_dtype(dtype):
