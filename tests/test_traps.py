@@ -269,3 +269,64 @@ def test_load_of_a_non_lstmeng_file_says_what_it_is_and_never_suggests_unpicklin
         message = str(info.value)
         assert "is not an lstmeng file" in message and kind in message
         assert "allow_pickle" not in message and "pickle.load" not in message
+
+
+# -- the same contracts on every backend (the simulator at a tiny size) -------------------------------
+from _backends import backends, dtypes_of, to_host  # noqa: E402
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_two_training_calls_sum_like_the_numpy_backend(backend):
+    """LIFO backward with summed gradients (the GPU's grads_out path included) equals the NumPy spec."""
+    dtype = "float64" if "float64" in dtypes_of(backend) else "float32"
+    rng = np.random.default_rng(5)
+    x1, x2 = rng.normal(size=(2, 3, 2)), rng.normal(size=(1, 2, 2))
+    w1, w2 = rng.normal(size=(2, 3)), rng.normal(size=(1, 3))
+    results = {}
+    for name in ("numpy", backend):
+        lstm = le.LSTM(3, dtype=dtype, backend=name, seed=0)
+        for _ in range(2):   # the second round replaces the first round's gradients
+            lstm(x1.astype(dtype), training=True)
+            lstm(x2.astype(dtype), training=True)
+            dx2 = lstm.backward(w2.astype(dtype))
+            dx1 = lstm.backward(w1.astype(dtype))
+        results[name] = {"dx1": to_host(dx1), "dx2": to_host(dx2),
+                         **{key: to_host(value) for key, value in lstm.grads.items()}}
+    tolerance = 1e-10 if dtype == "float64" else 2e-5
+    for key, value in results["numpy"].items():
+        np.testing.assert_allclose(results[backend][key], value, rtol=tolerance, atol=tolerance, err_msg=key)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_truncated_cell_unroll_starts_clean_on_every_backend(backend):
+    dtype = "float64" if "float64" in dtypes_of(backend) else "float32"
+    rng = np.random.default_rng(6)
+    first = [rng.normal(size=(1, 2)).astype(dtype) for _ in range(3)]
+    second = [rng.normal(size=(1, 2)).astype(dtype) for _ in range(2)]
+    dys = [rng.normal(size=(1, 2)).astype(dtype) for _ in range(2)]
+    results = {}
+    for name in ("numpy", backend):
+        cell = le.LSTMCell(2, dtype=dtype, backend=name, seed=1)
+        _unroll(cell, first)
+        cell.backward(np.ones((1, 2), dtype))
+        _unroll(cell, second)
+        _backprop_all(cell, [to_host(dy) for dy in dys])
+        results[name] = {key: to_host(value) for key, value in cell.grads.items()}
+    tolerance = 1e-10 if dtype == "float64" else 2e-5
+    for key, value in results["numpy"].items():
+        np.testing.assert_allclose(results[backend][key], value, rtol=tolerance, atol=tolerance, err_msg=key)
+
+
+@pytest.mark.parametrize("backend", backends(only=("numba_cuda",)))
+def test_device_params_take_device_arrays_only(backend):
+    lstm = le.LSTM(2, backend=backend, seed=0).build(3)
+    cuda = le.backends.registry.get_backend_object(backend)
+    host_bias = np.full(8, 0.25, np.float32)
+    with pytest.raises(ValueError, match=r"params\['bias'\]: expected an array on cuda.*got one on cpu"):
+        lstm.params["bias"] = host_bias
+    before = lstm.params["bias"]
+    lstm.params["bias"] = cuda.asarray(host_bias, np.dtype("float32"))
+    assert lstm.params["bias"] is before                       # written into the same device array
+    np.testing.assert_array_equal(lstm.get_weights()[2], host_bias)
+    lstm.zero_grads()
+    assert all(not to_host(value).any() for value in lstm.grads.values())
