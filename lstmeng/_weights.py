@@ -435,13 +435,17 @@ class LayerArrays(MutableMapping):
         self.check(name, value)
         self.write(name, value)
 
-    def check(self, name, value) -> None:
-        """Raise unless ``value`` can be written as ``name`` (shape, dtype, device of the parameter)."""
+    def check(self, name, value, shown=None) -> None:
+        """Raise unless ``value`` can be written as ``name`` (shape, dtype, device of the parameter).
+
+        ``shown`` is the key the user wrote (a model's ``"1.forward.kernel"``), named in errors.
+        """
         params = self._layer._params
+        shown = name if shown is None else shown
         if name not in params:
             known = sorted(params) if params else "none: the layer is not built yet (call build() or the layer once)"
-            raise KeyError(f"{self._kind}: no parameter {name!r}; the parameters are {known}")
-        check_like(params[name], value, f"{self._kind}[{name!r}]")
+            raise KeyError(f"{self._kind}: no parameter {shown!r}; the parameters are {known}")
+        check_like(params[name], value, f"{self._kind}[{shown!r}]")
 
     def write(self, name, value) -> None:
         storage = self._storage()
@@ -478,11 +482,8 @@ class PrefixedArrays(MutableMapping):
             for child_prefix, child in self._children():
                 if child_prefix == prefix:
                     return getattr(child, self._kind), rest
-        known = sorted(getattr(self._model_params(), "keys")())
+        known = sorted(PrefixedArrays(self._children, "params"))
         raise KeyError(f"{self._kind}: no parameter {key!r}; the parameters are {known}")
-
-    def _model_params(self):
-        return PrefixedArrays(self._children, "params")
 
     def __getitem__(self, key):
         mapping, rest = self._route(key)
@@ -511,13 +512,9 @@ class PrefixedArrays(MutableMapping):
         self.check(key, value)
         self.write(key, value)
 
-    def check(self, key, value) -> None:
+    def check(self, key, value, shown=None) -> None:
         mapping, rest = self._route(key)
-        try:
-            mapping.check(rest, value)
-        except (KeyError, ValueError, TypeError) as error:
-            raise type(error)(str(error.args[0]).replace(f"{self._kind}[{rest!r}]", f"{self._kind}[{key!r}]")
-                              .replace(f"no parameter {rest!r}", f"no parameter {key!r}")) from None
+        mapping.check(rest, value, key if shown is None else shown)
 
     def write(self, key, value) -> None:
         mapping, rest = self._route(key)
