@@ -252,6 +252,19 @@ def _autocast_off(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _batch_major_mask(mask, expected_shape: tuple, is_batched: bool, batch_first: bool) -> np.ndarray:
+    """``mask`` (tensor or array, the input's layout without its feature axis) as ``[B, T]`` bool NumPy."""
+    array = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    if array.dtype != np.bool_:
+        raise ValueError(f"mask must be bool (True = real step), got dtype {array.dtype}")
+    if tuple(array.shape) != expected_shape:
+        raise ValueError(f"mask must have the input's shape without its feature axis, {expected_shape}, "
+                         f"got {tuple(array.shape)}")
+    if not is_batched:
+        return array[None, :]
+    return array if batch_first else np.ascontiguousarray(array.T)
+
+
 # -- PackedSequence <-> padded batch-major -----------------------------------------------
 @dataclasses.dataclass
 class _PackedIndex:
@@ -302,9 +315,19 @@ class LSTM(torch.nn.LSTM):
             ``set_backend``, LSTMENG_BACKEND), else numba_cuda for CUDA
             tensors and cython, then numpy, for CPU tensors.
 
-    ``forward(input, hx=None) -> output, (h_n, c_n)`` exactly as ``torch.nn.LSTM``:
-    input ``[T, B, I]`` (``[B, T, I]`` with batch_first), ``[T, I]`` unbatched,
-    or a PackedSequence; hx ``(h_0, c_0)``, each ``[num_layers * num_directions, B, H]``.
+    ``forward(input, hx=None, *, mask=None) -> output, (h_n, c_n)`` exactly as
+    ``torch.nn.LSTM``: input ``[T, B, I]`` (``[B, T, I]`` with batch_first),
+    ``[T, I]`` unbatched, or a PackedSequence; hx ``(h_0, c_0)``, each
+    ``[num_layers * num_directions, B, H]``.
+
+    ``mask`` (lstmeng only, padded input only): bool, input's shape without the
+    feature axis (``[T, B]``, ``[B, T]`` with batch_first, ``[T]`` unbatched),
+    True = real step. Any pattern: holes, left padding. A masked step keeps h
+    and c and outputs zeros, so each row computes as if its masked steps were
+    removed, and h_n, c_n are the states after its last real step (the
+    reverse direction: after its first). For example, a row masked
+    ``[True, False, True]`` gives the outputs of the two-step sequence
+    (x0, x2) at steps 0 and 2 and zeros at step 1.
     """
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
@@ -317,8 +340,10 @@ class LSTM(torch.nn.LSTM):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, *, mask=None):
         packed = isinstance(input, PackedSequence)
+        if packed and mask is not None:
+            raise ValueError("mask= is for padded input; a PackedSequence carries its own lengths")
         directions = 2 if self.bidirectional else 1
         weight = self.weight_ih_l0
         if packed:
@@ -334,6 +359,8 @@ class LSTM(torch.nn.LSTM):
             sequence = _autocast_input(input if is_batched else input.unsqueeze(batch_dim), weight.dtype)
             batch = sequence.size(batch_dim)
             index = None
+            if mask is not None:
+                mask = _batch_major_mask(mask, tuple(input.shape[:-1]), is_batched, self.batch_first)
         if hx is None:
             zeros = sequence.new_zeros((self.num_layers * directions, batch, self.hidden_size))
             hx = (zeros, zeros)
@@ -357,7 +384,7 @@ class LSTM(torch.nn.LSTM):
                 x = index.pad(sequence)                       # [B, T, I] original row order
             else:
                 x = sequence if self.batch_first else sequence.transpose(0, 1)   # [B, T, I]
-            output, h_n, c_n = self._layers(x, hx, None if index is None else index.mask)
+            output, h_n, c_n = self._layers(x, hx, index.mask if packed else mask)
         if packed:
             # Original row order throughout (hx was not permuted, h_n needs no unpermuting).
             return (PackedSequence(index.pack(output), input.batch_sizes, input.sorted_indices,

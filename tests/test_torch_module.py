@@ -177,6 +177,78 @@ def test_numba_cuda_backend_matches_torch_lstm(kind, hx_given, dtype):
     assert_matches_torch(reference, mine, kind, hx_given, False, dtype, label=kind)
 
 
+# -- lstmeng-only: masks with holes and left padding -------------------------------------------
+def compressed_reference(reference, x_batch_major, mask, hx, dy, dh, dc):
+    """torch.nn.LSTM run row by row on each row's real steps only (the masked ones removed).
+
+    Returns (outputs [B, T, D*H] with zeros at masked steps, h_n, c_n, dx [B, T, I], parameter grads):
+    what a masked call must give, computed without any mask.
+    """
+    batch, steps, _ = x_batch_major.shape
+    reference.zero_grad(set_to_none=True)
+    outputs, h_rows, c_rows, dx = [], [], [], torch.zeros_like(x_batch_major)
+    for row in range(batch):
+        real = torch.from_numpy(mask[row])
+        x_row = x_batch_major[row, real].detach().clone().requires_grad_(True)      # [T_real, I]
+        hx_row = (hx[0][:, row], hx[1][:, row])
+        if len(x_row):
+            output_row, (h_row, c_row) = reference(x_row, hx_row)
+        else:                                   # no real step: zeros out, the initial states kept
+            output_row, h_row, c_row = x_row.new_zeros((0, dy.shape[2])), *hx_row
+        padded = x_batch_major.new_zeros((steps, dy.shape[2]))
+        padded[real] = output_row
+        loss = (padded * dy[row]).sum() + (h_row * dh[:, row]).sum() + (c_row * dc[:, row]).sum()
+        if loss.requires_grad:
+            loss.backward()
+            dx[row, real] = x_row.grad
+        outputs.append(padded.detach())
+        h_rows.append(h_row.detach())
+        c_rows.append(c_row.detach())
+    grads = {name: parameter.grad for name, parameter in reference.named_parameters()}
+    return torch.stack(outputs), torch.stack(h_rows, 1), torch.stack(c_rows, 1), dx, grads
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "time_first"])
+@pytest.mark.parametrize("backend", ["cython", "numpy"])
+def test_mask_with_holes_and_left_padding_matches_compressed_rows(backend, batch_first):
+    reference, mine = make_pair(backend, torch.float64, num_layers=2, bidirectional=True, batch_first=batch_first)
+    mask = np.array([[True, False, True, True, False, True],     # holes
+                     [False, False, True, True, True, True],     # left padding
+                     [True, True, True, True, True, True],
+                     [False, False, False, False, False, False],  # no real step
+                     [True, True, False, False, False, False]])   # right padding
+    batch, steps = mask.shape
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(batch, steps, INPUT_SIZE, generator=generator, dtype=torch.float64)
+    hx = tuple(torch.randn(4, batch, HIDDEN_SIZE, generator=generator, dtype=torch.float64) for _ in range(2))
+    dy = torch.randn(batch, steps, 2 * HIDDEN_SIZE, generator=generator, dtype=torch.float64)
+    dh, dc = (torch.randn(4, batch, HIDDEN_SIZE, generator=generator, dtype=torch.float64) for _ in range(2))
+    expected = compressed_reference(reference, x, mask, hx, dy, dh, dc)
+
+    x_leaf = (x if batch_first else x.transpose(0, 1)).clone().requires_grad_(True)
+    output, (h_n, c_n) = mine(x_leaf, hx, mask=torch.from_numpy(mask if batch_first else mask.T.copy()))
+    output_batch_major = output if batch_first else output.transpose(0, 1)
+    ((output_batch_major * dy).sum() + (h_n * dh).sum() + (c_n * dc).sum()).backward()
+    dx = x_leaf.grad if batch_first else x_leaf.grad.transpose(0, 1)
+    for name, actual, wanted in [("output", output_batch_major, expected[0]), ("h_n", h_n, expected[1]),
+                                 ("c_n", c_n, expected[2]), ("dx", dx, expected[3])]:
+        torch.testing.assert_close(actual, wanted, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    for name, parameter in mine.named_parameters():
+        torch.testing.assert_close(parameter.grad, expected[4][name], rtol=1e-9, atol=1e-10,
+                                   msg=lambda m: f"gradient of {name}: {m}")
+
+
+def test_mask_errors():
+    _, mine = make_pair("cython", torch.float32)
+    x = torch.randn(5, 2, INPUT_SIZE)
+    with pytest.raises(ValueError, match=r"mask must have the input's shape without its feature axis, \(5, 2\)"):
+        mine(x, mask=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask must be bool"):
+        mine(x, mask=torch.ones(5, 2))
+    with pytest.raises(ValueError, match="PackedSequence carries its own lengths"):
+        mine(rnn_utils.pack_sequence([x[:, 0]]), mask=torch.ones(5, 1, dtype=torch.bool))
+
+
 # -- LSTMCell ---------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["cython", "numpy"])
 @pytest.mark.parametrize("bias", [True, False])
