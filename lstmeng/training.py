@@ -211,7 +211,8 @@ def fit(model, loss, optimizer, data, *, epochs: int = 1, batch_size: int = 32, 
             value, doutputs = _loss(loss_function, outputs, targets[rows], batch_mask)
             if not math.isfinite(value):
                 bar.close()
-                model.reset_tape() if hasattr(model, "reset_tape") else None
+                if hasattr(model, "reset_tape"):
+                    model.reset_tape()   # the failed batch's tape is never backpropagated
                 raise FloatingPointError(f"the loss is {value} at epoch {epoch}, batch {batch_number}; lower the "
                                          "learning rate, set clip_norm, or check the data for NaN/inf")
             model.backward(doutputs)
