@@ -353,6 +353,16 @@ class TrainingTape:
                           "training=False where no backward follows", ResourceWarning, stacklevel=4)
         return new_round
 
+    @property
+    def next_backward_adds(self) -> bool:
+        """True when the next backward adds to the gradients (a backward of this round already ran)."""
+        return self._backward_ran
+
+    @property
+    def next_call_starts_round(self) -> bool:
+        """True when the next training call starts a new round (the tape is empty or was backpropagated)."""
+        return not self._entries or self._backward_ran
+
     def peek(self, what: str = "backward"):
         """The most recent unconsumed entry; RuntimeError when there is none."""
         if not self._entries:

@@ -76,7 +76,7 @@ class LSTMCell(LSTMWeights):
                 raise ValueError(f"states must be a list [h, c] of arrays of shape {shape}")
             h = self._to_call_device(backend, prepare_state(backend, states[0], self.dtype, "states[0]", shape))
             c = self._to_call_device(backend, prepare_state(backend, states[1], self.dtype, "states[1]", shape))
-        starts_unroll = training and (not self._tapes or self._tapes._backward_ran)
+        starts_unroll = training and self._tapes.next_call_starts_round
         input_mask, recurrent_mask = (self._dropout_masks(batch, training=True) if starts_unroll
                                       else self._sequence_dropout if training else (None, None))
         if not starts_unroll and input_mask is not None and input_mask.shape[0] != batch:

@@ -308,7 +308,7 @@ class LSTM(LSTMWeights):
             if self.go_backwards and not input_order:
                 dy = backend.flip_time(dy)
 
-        accumulate = self._tapes._backward_ran   # a later backward of this round adds to grads
+        accumulate = self._tapes.next_backward_adds   # a later backward of this round adds to grads
         if tape.workspace is None:  # empty batch or zero steps: outputs were constants
             zero = self._zero_weight_grads(backend)
             grads = SequenceGrads(

@@ -242,7 +242,7 @@ class Bidirectional:
         for index, (direction, state_grad) in enumerate(zip(directions, dstates)):
             if state_grad is not None and direction._tape is not None:
                 _validation.check_shape(state_grad, f"dstates[{index}]", (direction._tape.batch, direction.units))
-        forward_entry, forward_accumulate = self.forward_layer._tape, self.forward_layer._tapes._backward_ran
+        forward_entry, forward_accumulate = self.forward_layer._tape, self.forward_layer._tapes.next_backward_adds
         forward_grads_before = dict(self.forward_layer._grads)
         _, forward_grads = self.forward_layer._backward(dy_forward, dstates[0], dstates[1], input_order=True)
         try:
