@@ -176,3 +176,23 @@ def test_sequential_with_dense_and_embedding_round_trips_through_save(tmp_path):
     np.testing.assert_allclose(le.load(tmp_path / "model.npz")(ids), expected, rtol=1e-6)
     with pytest.raises(ValueError, match=r"layers\[1\] is an Embedding"):
         le.Sequential([le.LSTM(2), le.Embedding(3, 2)])
+
+
+@pytest.mark.parametrize("activation", ["tanh", "softmax"])
+def test_dense_and_embedding_match_keras_with_the_same_weights(activation):
+    keras = pytest.importorskip("keras")
+    rng = np.random.default_rng(5)
+    dense = le.Dense(5, activation=activation, seed=0).build(4)
+    keras_dense = keras.layers.Dense(5, activation=activation)
+    keras_dense.build((None, 4))
+    keras_dense.set_weights(dense.get_weights())       # Keras's names, order and layout
+    x = rng.normal(size=(2, 3, 4)).astype("float32")
+    np.testing.assert_allclose(dense(x), np.asarray(keras_dense(x)), rtol=1e-5, atol=1e-6)
+
+    embedding = le.Embedding(7, 3, mask_zero=True, seed=0).build()
+    keras_embedding = keras.layers.Embedding(7, 3, mask_zero=True)
+    keras_embedding.build((None, 4))
+    keras_embedding.set_weights(embedding.get_weights())
+    ids = np.array([[1, 6, 0, 0], [3, 3, 2, 0]])
+    np.testing.assert_allclose(embedding(ids), np.asarray(keras_embedding(ids)), rtol=1e-6)
+    np.testing.assert_array_equal(embedding.compute_mask(ids), np.asarray(keras_embedding.compute_mask(ids)))
