@@ -105,7 +105,7 @@ class _DirectionCall:
 
     backend: the lstmeng Backend; device: where the tensors live; on_device:
     the backend takes the CUDA tensors themselves (numba_cuda on a GPU);
-    mask: ``[B, T]`` bool NumPy array (packed input) or None; reverse:
+    mask: ``[B, T]`` bool NumPy array (packed input, ``mask=``) or None; reverse:
     process t = T-1 .. 0.
     """
 
@@ -138,7 +138,8 @@ class _DirectionCall:
                 self._array(x), self._array(h0), self._array(c0), self._array(kernel),
                 self._array(recurrent_kernel), self._array(bias), self.mask, reverse=self.reverse,
                 # Packed input: PyTorch's padded outputs are zeros, and h_n, c_n are taken at
-                # each row's last real step, which the contract's masked steps give.
+                # each row's last real step, which the contract's masked steps give (and mask=
+                # then means "as if the masked steps were removed").
                 zero_output_for_mask=True, return_sequences=True, training=training)
         tensors = (_as_tensor(array, self.backend, self.device) for array in (result.outputs, result.h, result.c))
         return (*tensors, result.workspace)
