@@ -7,6 +7,8 @@ import pytest
 
 import lstmeng as le
 
+from _backends import backends
+
 
 def _data(rows=48, seed=0):
     rng = np.random.default_rng(seed)
@@ -117,3 +119,19 @@ def test_fit_names_bad_arguments_and_a_diverging_loss():
     bad[3, 0, 0] = np.nan
     with pytest.raises(FloatingPointError, match="epoch 1, batch 1"):
         le.fit(model, "mse", optimizer, (bad, targets), batch_size=16, progress=False)
+
+
+@pytest.mark.parametrize("backend", backends(only=("cython", "numba_cuda")))
+def test_fit_on_another_backend_matches_numpy(backend):
+    """The same fit on cython or the CUDA simulator (device LSTM, host Dense) ends with the NumPy weights."""
+    x, targets, mask = _data(rows=8)
+    x = x[:, :3]
+    mask = mask[:, :3]
+    weights = {}
+    for name in ("numpy", backend):
+        model = le.Sequential([le.LSTM(3, backend=name, seed=0), le.Dense(1, seed=1)])
+        le.fit(model, "binary_cross_entropy", le.optim.Adam(model, lr=1e-2), (x, targets, mask), epochs=1,
+               batch_size=4, clip_norm=1.0, seed=0, progress=False)
+        weights[name] = model.get_weights()
+    for got, want in zip(weights[backend], weights["numpy"]):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
