@@ -10,9 +10,10 @@ the same weights up to rounding.
 A "model" is any object with ``params`` and ``grads`` mappings of name ->
 array (``le.LSTM``, ``le.LSTMCell``, ``le.Bidirectional``, ``le.Sequential``, or
 your own), or a list of them. Both mappings are read again at every call,
-because layers build them on access and replace their gradient arrays at
-every backward; the arrays are always updated in place, because on a
-wrapper the mapping is a fresh dict whose values are the live arrays.
+because a layer's gradient arrays can be replaced by its backward and its
+weights by ``set_weights``; the arrays are always updated in place, so the
+layers (and a GPU layer's kernels) keep their own arrays and a step
+allocates nothing.
 
 Where the arrays live decides where the update runs: host NumPy arrays are
 updated with vectorised NumPy; CUDA arrays (anything with
