@@ -7,8 +7,8 @@ alternate between the implementations and the best epoch of each is kept, so
 load from other processes hits both alike. Prints the best and the median
 epoch time of each, the ratio of the best times torch / lstmeng (> 1: lstmeng
 is faster) and each model's final loss (the two train the same model, so the
-losses agree to rounding). On a shared machine the median shows how much the
-load moved the numbers.
+losses agree to rounding), after the CPU model and the load average. On a
+shared machine the median shows how much the load moved the numbers.
 
 Shapes (the issue's targets):
     batch   B=64, T=100, I=H=256, 2 layers      target: lstmeng >= 1.3x faster
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import time
 
 
@@ -138,23 +137,13 @@ def measure(shape: Shape, args) -> dict:
             "losses": {name: trainer.loss for name, trainer in trainers.items()}, "samples": samples}
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main():
     args = parse_args()
     # Before torch and the cython backend start their thread pools.
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import numpy as np
     import torch
+    from lstmeng import info
     from lstmeng.backends import registry
 
     torch.set_num_threads(args.threads)
@@ -162,7 +151,7 @@ def main():
         # What the module's "auto" picks for CPU float32 tensors (cython, else numpy).
         args.backend = registry.resolve("auto", np.empty(0, np.float32), "float32", "tanh", "sigmoid").name
     backend = args.backend
-    print(f"CPU: {cpu_name()}, {args.threads} threads; torch {torch.__version__}; lstmeng backend {backend!r}"
+    print(f"CPU: {info.cpu_model()}, {args.threads} threads, load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}; lstmeng backend {backend!r}"
           f"{'; --quick' if args.quick else ''}")
     names = list(SHAPES) if args.shape == "both" else [args.shape]
     print(f"{'shape':<42} {'torch s/epoch':>14} {'lstmeng s/epoch':>16} {'speed-up':>9}   "
