@@ -151,8 +151,8 @@ def main():
         # What the module's "auto" picks for CPU float32 tensors (cython, else numpy).
         args.backend = registry.resolve("auto", np.empty(0, np.float32), "float32", "tanh", "sigmoid").name
     backend = args.backend
-    print(f"CPU: {info.cpu_model()}, {args.threads} threads, load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}; lstmeng backend {backend!r}"
-          f"{'; --quick' if args.quick else ''}")
+    print(f"CPU: {info.cpu_model()}, {args.threads} threads, load average {os.getloadavg()[0]:.1f}; "
+          f"torch {torch.__version__}; lstmeng backend {backend!r}{'; --quick' if args.quick else ''}")
     names = list(SHAPES) if args.shape == "both" else [args.shape]
     print(f"{'shape':<42} {'torch s/epoch':>14} {'lstmeng s/epoch':>16} {'speed-up':>9}   "
           "final losses (torch, lstmeng)")
