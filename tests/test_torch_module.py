@@ -292,8 +292,11 @@ def test_cell_errors_match_torch():
 
 # -- properties beyond parity --------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["numpy", "cython"])
-def test_gradcheck_float64(backend):
+def test_gradcheck_float64(backend, monkeypatch):
     """Finite differences: input, states and every parameter of a 2-layer bidirectional packed LSTM."""
+    # About a thousand tiny calls: one kernel thread each (the cython backend reads OMP_NUM_THREADS
+    # per call), so a busy shared machine does not stall every call at a thread barrier.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.manual_seed(0)
     module = lt.LSTM(2, 3, num_layers=2, bidirectional=True, backend=backend).double()
     names = [name for name, _ in module.named_parameters()]
