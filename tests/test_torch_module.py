@@ -73,7 +73,7 @@ def run(module, kind, x, hx, batch_first, loss_weights):
                                                   total_length=max(LENGTHS))
     else:
         output, (h_n, c_n) = module(x, hx)
-    dy, dh, dc = loss_weights(output.shape, h_n.shape)
+    dy, dh, dc = (weight.to(output.device) for weight in loss_weights(output.shape, h_n.shape))
     ((output * dy).sum() + (h_n * dh).sum() + (c_n * dc).sum()).backward()
     grads = {"input": x.grad}
     if hx is not None:
@@ -91,15 +91,15 @@ def random_loss_weights(dtype, seed):
     return weights
 
 
-def assert_matches_torch(reference, mine, kind, hx_given, batch_first, dtype, seed=0, label=""):
+def assert_matches_torch(reference, mine, kind, hx_given, batch_first, dtype, seed=0, label="", device="cpu"):
     x, batch = make_input(kind, batch_first, dtype, seed)
+    x = x.to(device)
     hx = None
     if hx_given:
         generator = torch.Generator().manual_seed(seed + 1)
         layers = reference.num_layers * (2 if reference.bidirectional else 1)
         shape = (layers, HIDDEN_SIZE) if kind == "unbatched" else (layers, batch, HIDDEN_SIZE)
-        hx = (torch.randn(shape, generator=generator, dtype=dtype), torch.randn(shape, generator=generator,
-                                                                                dtype=dtype))
+        hx = tuple(torch.randn(shape, generator=generator, dtype=dtype).to(device) for _ in range(2))
     loss_weights = random_loss_weights(dtype, seed + 2)
     expected = run(reference, kind, x, hx, batch_first, loss_weights)
     actual = run(mine, kind, x, hx, batch_first, loss_weights)
@@ -175,6 +175,26 @@ def test_numba_cuda_backend_matches_torch_lstm(kind, hx_given, dtype):
     # One bidirectional layer: the simulator runs kernels in Python, and stacking is backend-independent.
     reference, mine = make_pair("numba_cuda", dtype, num_layers=1, bidirectional=True)
     assert_matches_torch(reference, mine, kind, hx_given, False, dtype, label=kind)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with LSTMENG_REAL_CUDA=1)")
+@pytest.mark.parametrize("side_stream", [False, True], ids=["default_stream", "side_stream"])
+def test_cuda_tensors_match_torch_lstm(side_stream):
+    """CUDA tensors through numba_cuda without copies ("auto" picks it), on PyTorch's default stream and
+    on a side stream. Written without a GPU: it has not run yet."""
+    from lstmeng.backends import numba_cuda
+
+    if numba_cuda.simulator_enabled():
+        pytest.skip("numba's CUDA simulator is on; run with LSTMENG_REAL_CUDA=1 to use the GPU")
+    # float64: cuDNN may compute float32 LSTMs in TF32, far outside float32 tolerances.
+    reference, mine = make_pair("auto", torch.float64, num_layers=2, bidirectional=True)
+    reference.cuda()
+    mine.cuda()
+    stream = torch.cuda.Stream() if side_stream else torch.cuda.current_stream()
+    with torch.cuda.stream(stream):
+        for kind, hx_given in [("packed_unsorted", True), ("padded", False), ("unbatched", True)]:
+            assert_matches_torch(reference, mine, kind, hx_given, False, torch.float64, label=kind, device="cuda")
+    torch.cuda.synchronize()
 
 
 # -- lstmeng-only: masks with holes and left padding -------------------------------------------
