@@ -106,7 +106,7 @@ class _DirectionCall:
     backend: the lstmeng Backend; device: where the tensors live; on_device:
     the backend takes the CUDA tensors themselves (numba_cuda on a GPU);
     mask: ``[B, T]`` bool NumPy array (packed input, ``mask=``) or None; reverse:
-    process t = T-1 .. 0.
+    process t = T-1 .. 0; recurrent_dropout_mask: ``[B, H]`` tensor or None.
     """
 
     backend: object
@@ -114,6 +114,7 @@ class _DirectionCall:
     on_device: bool
     mask: np.ndarray | None
     reverse: bool
+    recurrent_dropout_mask: torch.Tensor | None = None
 
     def _array(self, tensor):
         if tensor is None:
@@ -137,6 +138,7 @@ class _DirectionCall:
             result = self.backend.sequence_forward(
                 self._array(x), self._array(h0), self._array(c0), self._array(kernel),
                 self._array(recurrent_kernel), self._array(bias), self.mask, reverse=self.reverse,
+                recurrent_dropout_mask=self._array(self.recurrent_dropout_mask),
                 # Packed input: PyTorch's padded outputs are zeros, and h_n, c_n are taken at
                 # each row's last real step, which the contract's masked steps give (and mask=
                 # then means "as if the masked steps were removed").
@@ -315,6 +317,11 @@ class LSTM(torch.nn.LSTM):
             a plugin) or "auto": the default in force (``lstmeng.use_backend``,
             ``set_backend``, LSTMENG_BACKEND), else numba_cuda for CUDA
             tensors and cython, then numpy, for CPU tensors.
+        recurrent_dropout: lstmeng only, 0 by default. In training mode, each
+            layer and direction draws one ``[B, H]`` inverted-dropout mask per
+            call (0 or 1/(1 - rate), PyTorch's generator) that multiplies
+            h(t-1) where it enters the recurrence at every step (the carried
+            state is not dropped): Keras's recurrent dropout. Off in eval().
 
     ``forward(input, hx=None, *, mask=None) -> output, (h_n, c_n)`` exactly as
     ``torch.nn.LSTM``: input ``[T, B, I]`` (``[B, T, I]`` with batch_first),
@@ -331,15 +338,19 @@ class LSTM(torch.nn.LSTM):
     (x0, x2) at steps 0 and 2 and zeros at step 1.
     """
 
-    def __init__(self, *args, backend: str = "auto", **kwargs):
+    def __init__(self, *args, backend: str = "auto", recurrent_dropout: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
+        if not isinstance(recurrent_dropout, (int, float)) or not 0 <= recurrent_dropout < 1:
+            raise ValueError(f"recurrent_dropout must be a number in [0, 1), got {recurrent_dropout!r}")
+        self.recurrent_dropout = float(recurrent_dropout)
         if self.proj_size > 0:
             raise NotImplementedError(f"lstmeng.torch.LSTM: proj_size > 0 is not supported (got proj_size="
                                       f"{self.proj_size}); use torch.nn.LSTM for projected LSTMs")
         self.backend = _check_backend_name(backend)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, backend={self.backend!r}"
+        extra = f", recurrent_dropout={self.recurrent_dropout}" if self.recurrent_dropout else ""
+        return f"{super().extra_repr()}{extra}, backend={self.backend!r}"
 
     def forward(self, input, hx=None, *, mask=None):
         packed = isinstance(input, PackedSequence)
@@ -397,6 +408,13 @@ class LSTM(torch.nn.LSTM):
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return output, (h_n, c_n)
 
+    def _recurrent_dropout_mask(self, x):
+        """[B, H] inverted-dropout mask for one layer direction, or None (eval, or no recurrent dropout)."""
+        if not (self.training and self.recurrent_dropout > 0):
+            return None
+        keep = 1.0 - self.recurrent_dropout
+        return x.new_empty((x.shape[0], self.hidden_size)).bernoulli_(keep).div_(keep)
+
     @torch.compiler.disable
     def _layers(self, x, hx, mask):
         """The stacked layers on batch-major x [B, T, I] -> output [B, T, D*H], h_n, c_n [L*D, B, H].
@@ -414,7 +432,8 @@ class LSTM(torch.nn.LSTM):
                 parameters = [getattr(self, f"{name}{suffix}") for name in ("weight_ih", "weight_hh")]
                 parameters += ([getattr(self, f"{name}{suffix}") for name in ("bias_ih", "bias_hh")] if self.bias
                                else [None, None])
-                call = _DirectionCall(backend, x.device, on_device, mask, reverse=direction == 1)
+                call = _DirectionCall(backend, x.device, on_device, mask, reverse=direction == 1,
+                                      recurrent_dropout_mask=self._recurrent_dropout_mask(x))
                 state = layer * directions + direction
                 outputs, h, c = _run_direction(call, layer_input, h0[state], c0[state], *parameters)
                 direction_outputs.append(outputs)

@@ -269,6 +269,62 @@ def test_mask_errors():
         mine(rnn_utils.pack_sequence([x[:, 0]]), mask=torch.ones(5, 1, dtype=torch.bool))
 
 
+def manual_lstm(x, h0, c0, weight_ih, weight_hh, bias, recurrent_dropout_mask):
+    """An LSTM written in torch ops: x [B, T, I] -> outputs [B, T, H], h, c; h(t-1) times the [B, H]
+    mask where it enters the recurrence (the carried h is not dropped)."""
+    h, c, outputs = h0, c0, []
+    for step in range(x.shape[1]):
+        gates = x[:, step] @ weight_ih.T + (h * recurrent_dropout_mask) @ weight_hh.T + bias
+        i, f, g, o = gates.chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outputs.append(h)
+    return torch.stack(outputs, dim=1), h, c
+
+
+@pytest.mark.parametrize("backend", ["cython", "numpy"])
+def test_recurrent_dropout_matches_a_manual_lstm_with_the_same_mask(backend):
+    """recurrent_dropout (lstmeng only): the mask the module draws, redrawn from the same seed, in an LSTM
+    written in torch ops; outputs and every gradient. Off in eval()."""
+    rate = 0.4
+    torch.manual_seed(0)
+    mine = lt.LSTM(INPUT_SIZE, HIDDEN_SIZE, batch_first=True, recurrent_dropout=rate, backend=backend).double()
+    x = torch.randn(5, 6, INPUT_SIZE, dtype=torch.float64)
+    h0, c0 = (torch.randn(1, 5, HIDDEN_SIZE, dtype=torch.float64) for _ in range(2))
+    dy = torch.randn(5, 6, HIDDEN_SIZE, dtype=torch.float64)
+
+    torch.manual_seed(7)
+    x_mine = x.clone().requires_grad_(True)
+    output, (h_n, c_n) = mine(x_mine, (h0, c0))
+    ((output * dy).sum() + h_n.sum() + 2 * c_n.sum()).backward()
+
+    torch.manual_seed(7)                          # the one draw the module made: [B, H] for its one direction
+    keep = 1 - rate
+    dropout_mask = torch.empty(5, HIDDEN_SIZE, dtype=torch.float64).bernoulli_(keep).div_(keep)
+    assert 0 < int((dropout_mask == 0).sum()) < dropout_mask.numel()
+    weights = {name: parameter.detach().clone().requires_grad_(True) for name, parameter in mine.named_parameters()}
+    x_manual = x.clone().requires_grad_(True)
+    expected, h, c = manual_lstm(x_manual, h0[0], c0[0], weights["weight_ih_l0"], weights["weight_hh_l0"],
+                                 weights["bias_ih_l0"] + weights["bias_hh_l0"], dropout_mask)
+    ((expected * dy).sum() + h.sum() + 2 * c.sum()).backward()
+    torch.testing.assert_close(output, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(h_n[0], h, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x_mine.grad, x_manual.grad, rtol=1e-9, atol=1e-11)
+    for name, parameter in mine.named_parameters():
+        torch.testing.assert_close(parameter.grad, weights[name].grad, rtol=1e-9, atol=1e-11, msg=name)
+
+    mine.eval()
+    reference = torch.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, batch_first=True).double()
+    reference.load_state_dict(mine.state_dict())
+    torch.testing.assert_close(mine(x, (h0, c0))[0], reference(x, (h0, c0))[0], rtol=1e-10, atol=1e-12)
+
+
+def test_recurrent_dropout_is_validated():
+    for rate in (-0.1, 1.0, "0.5"):
+        with pytest.raises(ValueError, match="recurrent_dropout must be a number in"):
+            lt.LSTM(INPUT_SIZE, HIDDEN_SIZE, recurrent_dropout=rate)
+
+
 # -- LSTMCell ---------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["cython", "numpy"])
 @pytest.mark.parametrize("bias", [True, False])
