@@ -7,9 +7,11 @@ same ``nn.Parameter`` names and layouts (``weight_ih_l0`` ``[4H, I]``,
 ``..._reverse``), the same initialisation, ``PackedSequence`` in and out,
 ``batch_first``, unbatched input and PyTorch's errors for bad input. So
 ``state_dict`` checkpoints load both ways, and optimizers, ``clip_grad_norm_``
-and ``DistributedDataParallel`` work unchanged. Only ``backend=`` is added:
-an lstmeng backend name or "auto" (the default in force, else numba_cuda for
-CUDA tensors and cython, then numpy, for CPU tensors).
+and ``DistributedDataParallel`` work unchanged. Added: ``backend=``, an
+lstmeng backend name or "auto" (the default in force, else numba_cuda for
+CUDA tensors and cython, then numpy, for CPU tensors), and two lstmeng-only
+options of ``LSTM``, off by default: ``recurrent_dropout=`` and
+``forward(..., mask=)`` (masks with holes or left padding).
 
 How a call runs: each layer and direction is one ``torch.autograd.Function``
 whose forward is the backend's ``sequence_forward`` and whose backward is its
