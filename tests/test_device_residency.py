@@ -416,6 +416,22 @@ def test_foreign_cuda_arrays_are_used_in_place(backend):
         gpu(wrong)
 
 
+def test_backend_takes_foreign_cuda_arrays_directly(backend):
+    """The backend contract itself (what lstmeng.torch calls) reads a foreign CUDA array's dtype from
+    its interface: np.dtype(torch.float32) raises, and sequence_forward used to call it."""
+    rng = np.random.default_rng(3)
+    batch, steps, features, units = 2, 3, 2, 3
+    host = {"x": rng.normal(size=(batch, steps, features)), "h0": np.zeros((batch, units)),
+            "c0": np.zeros((batch, units)), "kernel": rng.normal(size=(features, 4 * units)),
+            "recurrent_kernel": rng.normal(size=(units, 4 * units)), "bias": rng.normal(size=4 * units)}
+    host = {name: value.astype(np.float32) for name, value in host.items()}
+    foreign = {name: _TorchLikeTensor(backend.asarray(value, np.float32)) for name, value in host.items()}
+    got = backend.sequence_forward(**foreign)
+    want = registry.get_backend_object("numpy").sequence_forward(**host)
+    np.testing.assert_allclose(backend.to_numpy(got.outputs), want.outputs, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(backend.to_numpy(got.c), want.c, rtol=2e-5, atol=2e-5)
+
+
 # -- bugs found on the real GPU -----------------------------------------------------------------
 def test_one_step_batch_with_all_rows_empty_matches_numpy(backend):
     """batch=2, steps=1, lengths [0, 0], with the flipped input of the metamorphic test:
