@@ -61,11 +61,7 @@ class LSTMWeights:
         self.dropout = _validation.check_rate(dropout, "dropout")
         self.recurrent_dropout = _validation.check_rate(recurrent_dropout, "recurrent_dropout")
         self.dtype = _validation.check_dtype(dtype)
-        if not isinstance(backend, str):
-            raise ValueError(f"backend must be a backend name or 'auto', got {backend!r}")
-        if backend != "auto":
-            registry.get_backend_object(backend)  # unknown or unavailable: ValueError now
-        self.backend = backend
+        self.backend = registry.check_backend_choice(backend)   # unknown or unavailable: ValueError now
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
             raise ValueError(f"seed must be an integer or None, got {seed!r}")
         self.seed = None if seed is None else int(seed)

@@ -55,12 +55,7 @@ def _activation_name(function, argument: str, allowed) -> str:
     return name
 
 
-def _check_backend_name(name) -> str:
-    if not isinstance(name, str):
-        raise ValueError(f"backend must be a backend name or 'auto', got {name!r}")
-    if name != "auto":
-        registry.get_backend_object(name)  # unknown or unavailable: ValueError listing the others
-    return name
+_check_backend_name = registry.check_backend_choice
 
 
 def _runs_in_tensorflow(name: str) -> bool:

@@ -58,13 +58,7 @@ __all__ = ["LSTM", "LSTMCell"]
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _check_backend_name(name) -> str:
-    """``name`` when it is "auto" or an available backend; ValueError listing the others."""
-    if not isinstance(name, str):
-        raise ValueError(f"backend must be a backend name or 'auto', got {name!r}")
-    if name != "auto":
-        registry.get_backend_object(name)
-    return name
+_check_backend_name = registry.check_backend_choice
 
 
 # -- tensors <-> backend arrays ------------------------------------------------------

@@ -152,11 +152,21 @@ def get_backend_object(name: str) -> Backend:
     return backend
 
 
-def _check_name(name: str) -> str:
-    if name == "auto":
-        return name
-    get_backend_object(name)
+def check_backend_choice(name) -> str:
+    """``name`` when it is "auto" or an available backend's name, else a ValueError naming the problem.
+
+    What every layer's ``backend=`` argument accepts (lstmeng's layers, lstmeng.keras,
+    lstmeng.torch): an unknown or unavailable name fails at construction, with the
+    available ones listed, not at the first call.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"backend must be a backend name or 'auto', got {name!r}")
+    if name != "auto":
+        get_backend_object(name)
     return name
+
+
+_check_name = check_backend_choice
 
 
 def set_backend(name: str) -> None:
