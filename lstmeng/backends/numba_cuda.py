@@ -139,6 +139,10 @@ class NumbaCudaBackend(Backend):
         #: always global memory / L2 (the fallback for sizes that do not fit;
         #: tests set it to cover that path at small sizes).
         self.weights_in_shared: bool | None = None
+        #: Which recurrence design runs: None = chosen per call (the small-batch
+        #: kernels for B <= SMALL_BATCH_MAX_ROWS when they fit, else the general
+        #: ones); "small" or "general" force one (tests and benchmarks).
+        self.recurrence_design: str | None = None
         #: GPU recurrence launches so far: (direction, dtype, H, rows per chunk) ->
         #: (blocks, threads, units per block, weights in shared memory, shared bytes).
         self.launch_log: dict = {}
@@ -589,7 +593,7 @@ class NumbaCudaBackend(Backend):
         """
         from lstmeng.backends import _cuda_recurrence as rec
         from lstmeng.backends import _cuda_recurrence_small as small
-        design = getattr(self, "recurrence_design", None)
+        design = self.recurrence_design
         if design != "general" and (design == "small" or batch <= small.SMALL_BATCH_MAX_ROWS):
             if small.launch(direction, dtype, units, batch, arrays, flags, weights_in_shared=self.weights_in_shared,
                             allocate=self._empty, allow_dynamic_shared=_allow_dynamic_shared,
