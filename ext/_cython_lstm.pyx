@@ -72,6 +72,10 @@ cdef extern from "lstm_rows.h" nogil:
 
 cdef extern from "lstm_cpu.h" nogil:
     int lstmeng_avx2_fma_supported()
+    int lstmeng_avx512_supported()
+    int lstmeng_best_isa()
+    int lstmeng_isa
+    const int LSTMENG_ISA_SCALAR, LSTMENG_ISA_AVX2, LSTMENG_ISA_AVX512
 
 cdef extern from "lstm_gemm.h" nogil:
     void lstmeng_pack_panels_f32(const float *b, Py_ssize_t K, Py_ssize_t G, Py_ssize_t ld,
@@ -98,17 +102,54 @@ cdef extern from *:
 #: Whether this build runs parts on OpenMP threads (else parts run one after another).
 HAVE_OPENMP = bool(LSTMENG_HAVE_OPENMP)
 
-#: Whether float32 steps use the packed-panel FMA kernel of lstm_gemm.h (else BLAS).
-PACKED_GEMM = bool(lstmeng_avx2_fma_supported())
+#: Hand-written kernel families by name (lstm_cpu.h), in increasing order of preference.
+ISA_CODES = {"scalar": LSTMENG_ISA_SCALAR, "avx2": LSTMENG_ISA_AVX2, "avx512": LSTMENG_ISA_AVX512}
+_ISA_NAMES = {code: name for name, code in ISA_CODES.items()}
+
+#: The kernel families this CPU (and this build) runs, best last: "scalar" always.
+SUPPORTED_ISAS = tuple(name for name, code in ISA_CODES.items() if code <= lstmeng_best_isa())
+
+#: The best of them, the one used unless a test chooses another (use_isa).
+BEST_ISA = _ISA_NAMES[lstmeng_best_isa()]
+
+#: Whether float32 steps can use the packed-panel FMA kernels of lstm_gemm.h (AVX2 or
+#: AVX-512; else BLAS) on this CPU.
+PACKED_GEMM = lstmeng_best_isa() >= LSTMENG_ISA_AVX2
+# Whether they are used now: the ISA in use is not "scalar".
 cdef bint packed_gemm = PACKED_GEMM
 
-#: Whether this CPU runs the fused AVX2 gate kernels (float32, tanh / sigmoid; lstm_rows_fast.h).
-FAST_GATE_MATH = bool(lstmeng_avx2_fma_supported())
+#: Whether this CPU runs the fused gate kernels (float32, tanh / sigmoid; lstm_rows_fast.h).
+FAST_GATE_MATH = PACKED_GEMM
 lstmeng_fast_rows = FAST_GATE_MATH
+lstmeng_isa = lstmeng_best_isa()
+
+
+def isa():
+    """The name of the kernel family in use: "avx512", "avx2" or "scalar" (see use_isa)."""
+    return _ISA_NAMES[lstmeng_isa]
+
+
+def use_isa(name):
+    """Run the hand-written kernels of one instruction set, process-wide; returns the
+    previous name. "avx512" and "avx2": the packed step product and the fused gate
+    rows of that set; "scalar": BLAS for the step product and the compiler-vectorised
+    generic rows. For tests, which run every path the CPU supports: do not switch
+    between a training forward and its backward, nor while another thread runs a call.
+
+    Raises ValueError for a name this CPU or build does not run (see SUPPORTED_ISAS).
+    """
+    global lstmeng_isa, packed_gemm
+    if name not in SUPPORTED_ISAS:
+        raise ValueError(f"instruction set {name!r} is not available here: this CPU and build "
+                         f"run {SUPPORTED_ISAS}")
+    previous = isa()
+    lstmeng_isa = ISA_CODES[name]
+    packed_gemm = lstmeng_isa != LSTMENG_ISA_SCALAR
+    return previous
 
 
 def use_fast_gate_math(bint enabled):
-    """Switch the fused AVX2 gate kernels on (where the CPU has them) or off, process-wide;
+    """Switch the fused gate kernels on (where the CPU has them) or off, process-wide;
     returns the previous setting. For tests, which run the generic row code on the same
     CPU: do not switch between a training forward and its backward."""
     global lstmeng_fast_rows
@@ -598,7 +639,7 @@ def forward(floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
     cdef floating *c_state_ptr = &c_state[0, 0]
     cdef floating *h_in_step_ptr = &h_in_step[0, 0, 0]
     cdef unsigned char *seen_ptr = &seen[0]
-    # The recurrent kernel [H, 4H] packed for every step's product (float32, AVX2):
+    # The recurrent kernel [H, 4H] packed for every step's product (float32, AVX2 or AVX-512):
     # once here for whole parts, by each member for its own slice when units are split.
     cdef float[::1] packed_weights = np.empty(H * G if floating is float and packed_gemm else 1,
                                               np.float32)
@@ -824,7 +865,7 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
     cdef unsigned char *previous_real_ptr = &previous_real[0]
     cdef Py_ssize_t *first_real_ptr = &first_real[0]
     cdef Py_ssize_t *last_real_ptr = &last_real[0]
-    # R^T [4H, H] packed for every step's dh product (float32, AVX2): once here for
+    # R^T [4H, H] packed for every step's dh product (float32, AVX2 or AVX-512): once here for
     # whole parts, by each member for its own slice when units are split.
     cdef float[::1] packed_weights = np.empty(H * G if floating is float and packed_gemm else 1,
                                               np.float32)

@@ -11,8 +11,9 @@
  * libm's, because a libm call in the loop stops vectorisation; inputs are
  * clamped first so |x| ~ 1e4 gives finite, saturated results. float32 rows
  * with the default activations (tanh, sigmoid) go through the fused AVX2
- * kernels of lstm_rows_fast.h where the CPU has them; these generic loops
- * do the rest (other activations, float64, the last n % 8 units).
+ * kernels of lstm_rows_fast.h (AVX-512 or AVX2) where the CPU has them; these
+ * generic loops do the rest (other activations, float64, the last n % 8
+ * units after the AVX2 kernel).
  *
  * Activation kinds (same numbers as in _cython_lstm.pyx):
  *   0 tanh, 1 relu, 2 sigmoid, 3 linear, 4 hard_sigmoid (Keras 3:
@@ -216,21 +217,29 @@ static inline double lstmeng_exp_f64(double x) {
 LSTMENG_DEFINE_ROWS(float, f32, lstmeng_exp_f32)
 LSTMENG_DEFINE_ROWS(double, f64, lstmeng_exp_f64)
 
-/* Whether float32 rows with tanh / sigmoid take the fused AVX2 kernels of
- * lstm_rows_fast.h: set once at import from lstmeng_avx2_fma_supported();
- * tests switch it off to run the generic code on the same CPU. */
+/* Whether float32 rows with tanh / sigmoid take the fused kernels of
+ * lstm_rows_fast.h (those of lstmeng_isa: AVX-512 or AVX2): set once at
+ * import from what the CPU supports; tests switch it off to run the generic
+ * code on the same CPU. */
 static int lstmeng_fast_rows = 0;
 
 static inline int lstmeng_use_fast_rows(int act, int ract) {
-    return LSTMENG_HAVE_FAST_ROWS && lstmeng_fast_rows && act == LSTMENG_TANH && ract == LSTMENG_SIGMOID;
+    return LSTMENG_HAVE_FAST_ROWS && lstmeng_fast_rows && lstmeng_isa != LSTMENG_ISA_SCALAR
+           && act == LSTMENG_TANH && ract == LSTMENG_SIGMOID;
 }
 
 static inline void lstmeng_forward_row_f32(float *gates, float *c, float *c_prev, float *h,
                                            int64_t n, int64_t stride, int act, int ract) {
     int64_t done = 0;
 #if LSTMENG_HAVE_FAST_ROWS
-    if (lstmeng_use_fast_rows(act, ract))
-        done = lstmeng_forward_row_fast_f32(gates, c, c_prev, h, n, stride);
+    if (lstmeng_use_fast_rows(act, ract)) {
+#if LSTMENG_HAVE_AVX512
+        if (lstmeng_isa == LSTMENG_ISA_AVX512)
+            done = lstmeng_forward_row_avx512_f32(gates, c, c_prev, h, n, stride);
+        else
+#endif
+            done = lstmeng_forward_row_fast_f32(gates, c, c_prev, h, n, stride);
+    }
 #endif
     if (done < n)
         lstmeng_forward_row_generic_f32(gates + done, c + done, c_prev == NULL ? NULL : c_prev + done,
@@ -242,8 +251,14 @@ static inline void lstmeng_backward_row_f32(float *gates, const float *c_prev, c
                                             int act, int ract) {
     int64_t done = 0;
 #if LSTMENG_HAVE_FAST_ROWS
-    if (lstmeng_use_fast_rows(act, ract))
-        done = lstmeng_backward_row_fast_f32(gates, c_prev, dh, dc, n, stride);
+    if (lstmeng_use_fast_rows(act, ract)) {
+#if LSTMENG_HAVE_AVX512
+        if (lstmeng_isa == LSTMENG_ISA_AVX512)
+            done = lstmeng_backward_row_avx512_f32(gates, c_prev, dh, dc, n, stride);
+        else
+#endif
+            done = lstmeng_backward_row_fast_f32(gates, c_prev, dh, dc, n, stride);
+    }
 #endif
     if (done < n)
         lstmeng_backward_row_generic_f32(gates + done, c_prev + done, dh + done, dc + done, scratch,
