@@ -117,6 +117,9 @@ BEST_ISA = _ISA_NAMES[lstmeng_best_isa()]
 PACKED_GEMM = lstmeng_best_isa() >= LSTMENG_ISA_AVX2
 # Whether they are used now: the ISA in use is not "scalar".
 cdef bint packed_gemm = PACKED_GEMM
+# Whether the input projection uses them too (AVX-512 only: the AVX2 kernel lost to
+# OpenBLAS at 1024-row chunks, 56-59 against 70 GFLOP/s; see docs/cython.md).
+cdef bint packed_projection = lstmeng_best_isa() == LSTMENG_ISA_AVX512
 
 #: Whether this CPU runs the fused gate kernels (float32, tanh / sigmoid; lstm_rows_fast.h).
 FAST_GATE_MATH = PACKED_GEMM
@@ -138,13 +141,14 @@ def use_isa(name):
 
     Raises ValueError for a name this CPU or build does not run (see SUPPORTED_ISAS).
     """
-    global lstmeng_isa, packed_gemm
+    global lstmeng_isa, packed_gemm, packed_projection
     if name not in SUPPORTED_ISAS:
         raise ValueError(f"instruction set {name!r} is not available here: this CPU and build "
                          f"run {SUPPORTED_ISAS}")
     previous = isa()
     lstmeng_isa = ISA_CODES[name]
     packed_gemm = lstmeng_isa != LSTMENG_ISA_SCALAR
+    packed_projection = lstmeng_isa == LSTMENG_ISA_AVX512
     return previous
 
 
@@ -330,18 +334,18 @@ cdef inline bint packed_slice_usable(Py_ssize_t H, Py_ssize_t width, Py_ssize_t 
     return columns % PANEL_PAIR == 0 if width == H else width % PANEL_PAIR == 0
 
 
-cdef void pack_recurrent_slice(const float *recurrent_kernel, Py_ssize_t H, Py_ssize_t u0,
-                               Py_ssize_t width, float *packed) noexcept nogil:
-    """Columns of units u0 .. u0 + width - 1 of recurrent_kernel [H, 4H], packed:
-    the whole [H, 4H] at once when width = H, else the i, f, g, o blocks one
-    after another ([H, width] each)."""
+cdef void pack_weight_slice(const float *weights, Py_ssize_t K, Py_ssize_t H, Py_ssize_t u0,
+                            Py_ssize_t width, float *packed) noexcept nogil:
+    """Columns of units u0 .. u0 + width - 1 of weights [K, 4H] (the recurrent kernel,
+    K = H, or the input kernel, K = I), packed: the whole [K, 4H] at once when
+    width = H, else the i, f, g, o blocks one after another ([K, width] each)."""
     cdef Py_ssize_t G = 4 * H, gate
     if width == H:
-        lstmeng_pack_panels_f32(recurrent_kernel, H, G, G, 0, packed)
+        lstmeng_pack_panels_f32(weights, K, G, G, 0, packed)
     else:
         for gate in range(4):
-            lstmeng_pack_panels_f32(recurrent_kernel + gate * H + u0, H, width, G, 0,
-                                    packed + gate * H * width)
+            lstmeng_pack_panels_f32(weights + gate * H + u0, K, width, G, 0,
+                                    packed + gate * K * width)
 
 
 cdef void pack_recurrent_transpose_slice(const float *recurrent_kernel, Py_ssize_t H,
@@ -351,20 +355,21 @@ cdef void pack_recurrent_transpose_slice(const float *recurrent_kernel, Py_ssize
     lstmeng_pack_panels_f32(recurrent_kernel + u0 * 4 * H, 4 * H, width, 4 * H, 1, packed)
 
 
-cdef float *pack_slice(float *base, const float *recurrent_kernel, Py_ssize_t H, Py_ssize_t u0,
-                       Py_ssize_t u1, bint transpose) noexcept nogil:
-    """Units u0 .. u1 - 1 of recurrent_kernel [H, 4H] (forward) or of its transpose
-    (backward, transpose) packed into their place in base [H * 4H] for the packed
+cdef float *pack_slice(float *base, const float *weights, Py_ssize_t K, Py_ssize_t H,
+                       Py_ssize_t u0, Py_ssize_t u1, bint transpose) noexcept nogil:
+    """Units u0 .. u1 - 1 of weights [K, 4H] (forward: the recurrent kernel, K = H, or
+    the input kernel, K = I) or of the recurrent kernel's transpose (backward,
+    transpose, K = H) packed into their place in base [K * 4H] for the packed
     kernel; NULL (use BLAS) when base is NULL or the slice cannot use it."""
     cdef Py_ssize_t width = u1 - u0
     cdef float *packed
-    if base == NULL or not packed_slice_usable(H, width, H if transpose else 4 * H):
+    if base == NULL or K == 0 or not packed_slice_usable(H, width, H if transpose else 4 * H):
         return NULL
-    packed = base + u0 * 4 * H
+    packed = base + u0 * 4 * K
     if transpose:
-        pack_recurrent_transpose_slice(recurrent_kernel, H, u0, width, packed)
+        pack_recurrent_transpose_slice(weights, H, u0, width, packed)
     else:
-        pack_recurrent_slice(recurrent_kernel, H, u0, width, packed)
+        pack_weight_slice(weights, K, H, u0, width, packed)
     return packed
 
 
@@ -374,7 +379,7 @@ cdef void gates_product(Py_ssize_t rows, Py_ssize_t K, floating *a, Py_ssize_t l
     """gates[:, columns of units u0 .. u0 + width) = a @ weights[:, same] + beta * gates.
 
     a: [rows, K] (row stride lda); weights: [K, 4H]; gates: [rows, 4H]. packed:
-    weights' slice from pack_recurrent_slice (float32 only; beta must be 1), or
+    weights' slice from pack_weight_slice (float32 only; beta must be 1), or
     NULL for BLAS.
     """
     cdef Py_ssize_t G = 4 * H, gate
@@ -443,7 +448,7 @@ cdef void forward_part(
         int64_t *barrier_flags, const Layout *layout,
         Py_ssize_t B, Py_ssize_t T, Py_ssize_t I, Py_ssize_t H,
         floating *x, floating *h0, floating *c0, floating *kernel, floating *recurrent_kernel,
-        float *recurrent_packed,
+        float *kernel_packed, float *recurrent_packed,
         floating *bias, const unsigned char *mask, floating *in_drop, floating *rec_drop,
         int act, int ract, bint reverse, bint zero_output_for_mask,
         floating *sequence_outputs, floating *last_output, floating *h_out, floating *c_out,
@@ -455,8 +460,9 @@ cdef void forward_part(
     A whole part (u0 = 0, u1 = H, team = 1) needs no synchronisation. A unit
     slice is one ``member`` of a ``team`` that covers all units of the part
     together; every member makes the same sequence of barrier calls. See
-    ``forward`` for the arrays; recurrent_packed is this slice's packed
-    recurrent kernel or NULL; seen is this thread's [B].
+    ``forward`` for the arrays; kernel_packed and recurrent_packed are this
+    slice's packed input and recurrent kernels or NULL (BLAS); seen is this
+    thread's [B].
     """
     cdef Py_ssize_t G = 4 * H, width = u1 - u0
     cdef Py_ssize_t r_begin = layout.row_begin[part], r_end = layout.row_begin[part + 1]
@@ -497,13 +503,17 @@ cdef void forward_part(
         # The input projection of every step in the chunk: one GEMM (per gate block
         # for a unit slice), bias folded in by starting from broadcast bias rows.
         step_gates = gates + (first_row + gate_shift) * G
-        if bias != NULL:
+        if bias != NULL or kernel_packed != NULL:  # the packed kernel only accumulates
             for i in range(rows):
                 for gate in range(4):
-                    memcpy(step_gates + i * G + gate * H + u0, bias + gate * H + u0,
-                           width * sizeof(floating))
-        gates_product(rows, I, packed_x + (first_row + x_shift) * I, I, kernel, NULL,
-                      step_gates, H, u0, width, <floating>(1 if bias != NULL else 0))
+                    if bias != NULL:
+                        memcpy(step_gates + i * G + gate * H + u0, bias + gate * H + u0,
+                               width * sizeof(floating))
+                    else:
+                        memset(step_gates + i * G + gate * H + u0, 0, width * sizeof(floating))
+        gates_product(rows, I, packed_x + (first_row + x_shift) * I, I, kernel, kernel_packed,
+                      step_gates, H, u0, width,
+                      <floating>(1 if bias != NULL or kernel_packed != NULL else 0))
 
         for step in range(chunk_first, chunk_last):
             t = T - 1 - step if reverse else step
@@ -645,12 +655,21 @@ def forward(floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
                                               np.float32)
     cdef float *packed_base = NULL
     cdef float *slice_packed
+    # The input kernel [I, 4H] packed the same way for the input projection, where the
+    # ISA's kernel beats BLAS at it (packed_projection: AVX-512; see lstm_gemm.h).
+    cdef bint project_packed = floating is float and packed_projection and I > 0
+    cdef float[::1] packed_input_weights = np.empty(I * G if project_packed else 1, np.float32)
+    cdef float *packed_input_base = NULL
+    cdef float *input_slice_packed
 
     if floating is float:
         if packed_gemm:
             packed_base = &packed_weights[0]
+        if project_packed:
+            packed_input_base = &packed_input_weights[0]
         if not split_units:
-            packed_base = pack_slice(packed_base, &recurrent_kernel[0, 0], H, 0, H, False)
+            packed_base = pack_slice(packed_base, &recurrent_kernel[0, 0], H, H, 0, H, False)
+            packed_input_base = pack_slice(packed_input_base, kernel_ptr, I, H, 0, H, False)
     check_blas_sizes(step_offset(&layout, P - 1, T), G, I, H, part_chunk_rows * P)
     with nogil, parallel(num_threads=team_threads):
         member = lstmeng_thread_index()
@@ -659,10 +678,13 @@ def forward(floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
             u0 = unit_bound(member, team, H)
             u1 = unit_bound(member + 1, team, H)
             slice_packed = NULL
+            input_slice_packed = NULL
             if floating is float:
-                slice_packed = pack_slice(packed_base, &recurrent_kernel[0, 0], H, u0, u1, False)
+                slice_packed = pack_slice(packed_base, &recurrent_kernel[0, 0], H, H, u0, u1, False)
+                input_slice_packed = pack_slice(packed_input_base, kernel_ptr, I, H, u0, u1, False)
             forward_part(0, u0, u1, team, member, flags_ptr, &layout, B, T, I, H, x_ptr, h0_ptr,
-                         c0_ptr, kernel_ptr, recurrent_ptr, slice_packed, bias_ptr, mask_ptr,
+                         c0_ptr, kernel_ptr, recurrent_ptr, input_slice_packed, slice_packed,
+                         bias_ptr, mask_ptr,
                          in_drop, rec_drop, act, ract, reverse, zero_output_for_mask,
                          sequence_ptr, last_ptr, h_out_ptr, c_out_ptr, packed_ptr, gates_ptr,
                          c_prev_ptr, h_in_ptr, h_state_ptr, c_state_ptr, h_in_step_ptr,
@@ -671,7 +693,8 @@ def forward(floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
             part = member
             while part < P:
                 forward_part(part, 0, H, 1, 0, flags_ptr, &layout, B, T, I, H, x_ptr, h0_ptr,
-                             c0_ptr, kernel_ptr, recurrent_ptr, packed_base, bias_ptr, mask_ptr,
+                             c0_ptr, kernel_ptr, recurrent_ptr, packed_input_base, packed_base,
+                             bias_ptr, mask_ptr,
                              in_drop, rec_drop, act, ract, reverse, zero_output_for_mask,
                              sequence_ptr, last_ptr, h_out_ptr, c_out_ptr, packed_ptr, gates_ptr,
                              c_prev_ptr, h_in_ptr, h_state_ptr, c_state_ptr, h_in_step_ptr,
@@ -876,7 +899,7 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
         if packed_gemm:
             packed_base = &packed_weights[0]
         if not split_units:
-            packed_base = pack_slice(packed_base, &recurrent_kernel[0, 0], H, 0, H, True)
+            packed_base = pack_slice(packed_base, &recurrent_kernel[0, 0], H, H, 0, H, True)
     if packed_x.shape[0] != N or packed_x.shape[1] != I:
         raise ValueError(f"packed_x must be [{N}, {I}], got {list(packed_x.shape)[:2]}")
     check_blas_sizes(N, G, I, H)
@@ -889,7 +912,8 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
                 u1 = unit_bound(member + 1, team, H)
                 slice_packed = NULL
                 if floating is float:
-                    slice_packed = pack_slice(packed_base, &recurrent_kernel[0, 0], H, u0, u1, True)
+                    slice_packed = pack_slice(packed_base, &recurrent_kernel[0, 0], H, H, u0, u1,
+                                              True)
                 backward_part(0, u0, u1, team, member, flags_ptr, &layout, B, T, H, dseq, dlast, dh_ptr,
                               dc_ptr, recurrent_ptr, slice_packed, mask_ptr, rec_drop, act, ract,
                               reverse, zero_output_for_mask, gates_ptr, c_prev_ptr, dh0_ptr,

@@ -142,6 +142,10 @@ LSTMENG_AVX2_FMA static void lstmeng_gemm_packed_avx2_f32(int64_t rows, int64_t 
 
 /* Rows of A per AVX-512 block: ROWS x 2 zmm accumulators (24 of 32 registers). */
 #define LSTMENG_AVX512_BLOCK_ROWS 12
+#ifndef LSTMENG_AVX512_ROW_GROUP
+/* Rows of A per pass over all of B in tall products (a multiple of 12). */
+#define LSTMENG_AVX512_ROW_GROUP 192
+#endif
 
 /* ROWS rows of A times two adjacent panels (32 columns): 2 ROWS independent FMA
  * chains in zmm registers. Called with constant ROWS (12, 8, 4), so after
@@ -205,32 +209,42 @@ LSTMENG_AVX512 static inline void lstmeng_row_avx512_f32(const float *a, const f
                                                  _mm512_add_ps(acc[5], acc[7]))));
 }
 
+/* Rows r0 .. r1 - 1 of C times one panel pair, in blocks of 12, 8, 4 and single rows. */
+LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_pair_avx512_f32(
+        int64_t r0, int64_t r1, int64_t K, const float *a, int64_t lda, const float *panels,
+        float *c_pair, int64_t ldc) {
+    for (; r0 + LSTMENG_AVX512_BLOCK_ROWS <= r1; r0 += LSTMENG_AVX512_BLOCK_ROWS)
+        lstmeng_block_avx512_f32(LSTMENG_AVX512_BLOCK_ROWS, a + r0 * lda, lda, panels, K,
+                                 c_pair + r0 * ldc, ldc);
+    if (r1 - r0 >= 8) {
+        lstmeng_block_avx512_f32(8, a + r0 * lda, lda, panels, K, c_pair + r0 * ldc, ldc);
+        r0 += 8;
+    }
+    if (r1 - r0 >= 4) {
+        lstmeng_block_avx512_f32(4, a + r0 * lda, lda, panels, K, c_pair + r0 * ldc, ldc);
+        r0 += 4;
+    }
+    for (; r0 < r1; r0++)
+        lstmeng_row_avx512_f32(a + r0 * lda, panels, K, c_pair + r0 * ldc);
+}
+
 /* C[rows, G] += A[rows, K] @ B, B packed by lstmeng_pack_panels_f32 (AVX-512).
  * Panel pairs outside, rows inside, as in the AVX2 kernel: B streams once per
- * step and each pair (K x 32 floats) serves every row block from L1/L2. */
+ * step and each pair (K x 32 floats) serves every row block from L1/L2. Taller
+ * products (the input projection: a chunk of 1024 rows) go through the rows in
+ * groups of LSTMENG_AVX512_ROW_GROUP, so a group's A stays in L2 while every
+ * panel pair passes over it. */
 LSTMENG_AVX512 static void lstmeng_gemm_packed_avx512_f32(int64_t rows, int64_t G, int64_t K,
                                                          const float *a, int64_t lda,
                                                          const float *packed, float *c,
                                                          int64_t ldc) {
-    int64_t pair, r0, left;
-    for (pair = 0; pair + 1 < G / LSTMENG_PANEL; pair += 2) {
-        const float *panels = packed + pair * K * LSTMENG_PANEL;
-        float *c_pair = c + pair * LSTMENG_PANEL;
-        for (r0 = 0; r0 + LSTMENG_AVX512_BLOCK_ROWS <= rows; r0 += LSTMENG_AVX512_BLOCK_ROWS)
-            lstmeng_block_avx512_f32(LSTMENG_AVX512_BLOCK_ROWS, a + r0 * lda, lda, panels, K,
-                                     c_pair + r0 * ldc, ldc);
-        left = rows - r0;
-        if (left >= 8) {
-            lstmeng_block_avx512_f32(8, a + r0 * lda, lda, panels, K, c_pair + r0 * ldc, ldc);
-            r0 += 8;
-            left -= 8;
-        }
-        if (left >= 4) {
-            lstmeng_block_avx512_f32(4, a + r0 * lda, lda, panels, K, c_pair + r0 * ldc, ldc);
-            r0 += 4;
-        }
-        for (; r0 < rows; r0++)
-            lstmeng_row_avx512_f32(a + r0 * lda, panels, K, c_pair + r0 * ldc);
+    int64_t pair, group, group_end;
+    for (group = 0; group < rows; group = group_end) {
+        group_end = rows - group <= LSTMENG_AVX512_ROW_GROUP + LSTMENG_AVX512_ROW_GROUP / 2
+                        ? rows : group + LSTMENG_AVX512_ROW_GROUP;
+        for (pair = 0; pair + 1 < G / LSTMENG_PANEL; pair += 2)
+            lstmeng_pair_avx512_f32(group, group_end, K, a, lda, packed + pair * K * LSTMENG_PANEL,
+                                    c + pair * LSTMENG_PANEL, ldc);
     }
 }
 #endif
