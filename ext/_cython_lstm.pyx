@@ -894,12 +894,20 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
                                               np.float32)
     cdef float *packed_base = NULL
     cdef float *slice_packed
+    # K^T [4H, I] packed for dx = dz @ K^T where the input projection uses the packed
+    # kernel too (AVX-512, I a multiple of 32).
+    cdef bint dx_packed = floating is float and packed_projection and I > 0 and I % PANEL_PAIR == 0
+    cdef float[::1] packed_kernel_t = np.empty(G * I if dx_packed else 1, np.float32)
+    cdef float *kernel_t_packed = NULL
 
     if floating is float:
         if packed_gemm:
             packed_base = &packed_weights[0]
         if not split_units:
             packed_base = pack_slice(packed_base, &recurrent_kernel[0, 0], H, H, 0, H, True)
+        if dx_packed:
+            kernel_t_packed = &packed_kernel_t[0]
+            lstmeng_pack_panels_f32(kernel_ptr, G, I, G, 1, kernel_t_packed)
     if packed_x.shape[0] != N or packed_x.shape[1] != I:
         raise ValueError(f"packed_x must be [{N}, {I}], got {list(packed_x.shape)[:2]}")
     check_blas_sizes(N, G, I, H)
@@ -956,7 +964,7 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
         # of the packed rows.
         for part in prange(team_threads, num_threads=team_threads, schedule="static"):
             dx_rows(part * N // team_threads, (part + 1) * N // team_threads, I, G,
-                    kernel_ptr, gates_ptr, packed_ptr)
+                    kernel_ptr, kernel_t_packed, gates_ptr, packed_ptr)
         for t in prange(T, num_threads=team_threads, schedule="static"):
             for part in range(P):
                 scatter_step_gradients(&layout, part, t, T, I, packed_ptr, dx_ptr, in_drop)
@@ -986,8 +994,16 @@ cdef void sum_partials(floating *total, const floating *partials, Py_ssize_t cou
 
 
 cdef void dx_rows(Py_ssize_t row_first, Py_ssize_t row_end, Py_ssize_t I, Py_ssize_t G,
-                  floating *kernel, floating *dz, floating *packed_x) noexcept nogil:
-    """Packed rows row_first .. row_end - 1 of dz @ K^T into packed_x [N, I]."""
+                  floating *kernel, float *kernel_t_packed, floating *dz,
+                  floating *packed_x) noexcept nogil:
+    """Packed rows row_first .. row_end - 1 of dz @ K^T into packed_x [N, I], through
+    the packed kernel when kernel_t_packed (K^T [4H, I] packed) is given, else BLAS."""
+    if floating is float:
+        if kernel_t_packed != NULL:
+            memset(packed_x + row_first * I, 0, (row_end - row_first) * I * sizeof(float))
+            lstmeng_gemm_packed_f32(row_end - row_first, I, G, dz + row_first * G, G,
+                                    kernel_t_packed, packed_x + row_first * I, I)
+            return
     gemm(False, True, row_end - row_first, I, G, <floating>1, dz + row_first * G, G, kernel, G,
          <floating>0, packed_x + row_first * I, I)
 

@@ -42,13 +42,15 @@ def test_conformance(case, isa):
     testing.check_case("cython", case)
 
 
-# Units a multiple of 32 take the packed step product (float32); batches of 1, 3, 13, 16,
-# 21, 31 rows leave every remainder of the AVX-512 row blocks (12 + 1, 12 + 4, 12 + 8 + 1,
-# 12 + 12 + 4 + 3) and of the AVX2 ones (6 + 6 + 1, 6 + 6 + 4, ...); masks shrink the rows per
-# step further.
+# Units a multiple of 32 take the packed step product (float32), and on the AVX-512 path
+# the input projection too (any input size) and dx = dz @ K^T (input sizes a multiple of
+# 32); batches of 1, 3, 13, 16, 21, 31 rows leave every remainder of the AVX-512 row blocks
+# (12 + 1, 12 + 4, 12 + 8 + 1, 12 + 12 + 4 + 3) and of the AVX2 ones (6 + 6 + 1, 6 + 6 + 4,
+# ...); masks shrink the rows per step further.
 @pytest.mark.parametrize("case", [
-    dataclasses.replace(case, units=units, batch=batch)
-    for units, batch in ((32, 1), (32, 3), (64, 13), (32, 16), (32, 21), (64, 31))
+    dataclasses.replace(case, units=units, batch=batch, input_size=inputs)
+    for units, batch, inputs in ((32, 1, 4), (32, 3, 32), (64, 13, 64), (32, 16, 5), (32, 21, 32),
+                                 (64, 31, 4))
     for case in testing.conformance_cases(dtypes=("float32",), cases_per_dtype=4)], ids=str)
 def test_conformance_packed_kernel_sizes(case, isa):
     testing.check_case("cython", case)
