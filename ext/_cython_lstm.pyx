@@ -88,6 +88,8 @@ cdef extern from "lstm_sync.h" nogil:
     int lstmeng_team_size()
     int lstmeng_thread_index()
     void lstmeng_barrier_wait(int64_t *flags, int64_t member, int64_t team, int64_t calls)
+    void lstmeng_team_slow_waits(const int64_t *flags, int64_t team, int64_t *barriers,
+                                 int64_t *slow_wait_ns)
 
 cdef extern from *:
     """
@@ -620,6 +622,10 @@ def forward(floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
     order.
     threads: OpenMP threads to run (the parts share them; with split_units,
     a single part's units are split among them).
+
+    Returns (barriers, slow_wait_seconds): the per-step barriers each member of
+    a unit split made and the longest time a member waited at them after it
+    began to yield its core (0 and 0.0 without a split); see lstm_sync.h.
     """
     cdef Py_ssize_t B = x.shape[0], T = x.shape[1], I = x.shape[2]
     cdef Py_ssize_t H = recurrent_kernel.shape[0], G = 4 * H, P = row_begin.shape[0] - 1
@@ -700,6 +706,16 @@ def forward(floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
                              c_prev_ptr, h_in_ptr, h_state_ptr, c_state_ptr, h_in_step_ptr,
                              seen_ptr, chunk_steps, part_chunk_rows)
                 part = part + team
+    return team_barrier_stats(flags_ptr, team_threads)
+
+
+cdef tuple team_barrier_stats(const int64_t *flags, Py_ssize_t team):
+    """(barriers per member, seconds) of a unit-split call ((0, 0.0) for whole parts):
+    the longest time a member spent waiting at barriers after it began to yield its
+    core (lstm_sync.h)."""
+    cdef int64_t barriers, slow_wait_ns
+    lstmeng_team_slow_waits(flags, team, &barriers, &slow_wait_ns)
+    return barriers, slow_wait_ns * 1e-9
 
 
 cdef void backward_part(
@@ -832,7 +848,8 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
     dbias [4H]. packed_x: [N, I] scratch (the inputs in packed rows for dK = X^T dz,
     then dz @ K^T on the way to dx). threads: OpenMP threads (the parts share them, or with
     split_units they split one part's units as in `forward`; the weight
-    gradients are split by gate columns among them).
+    gradients are split by gate columns among them). Returns (barriers,
+    slow_wait_seconds) as `forward` does.
     """
     cdef Py_ssize_t B = dh.shape[0], P = row_begin.shape[0] - 1, T = x.shape[1]
     cdef Py_ssize_t I = kernel.shape[0], H = recurrent_kernel.shape[0], G = 4 * H
@@ -968,6 +985,7 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
         for t in prange(T, num_threads=team_threads, schedule="static"):
             for part in range(P):
                 scatter_step_gradients(&layout, part, t, T, I, packed_ptr, dx_ptr, in_drop)
+    return team_barrier_stats(flags_ptr, team_threads)
 
 
 cdef void gemm_columns(Py_ssize_t I, Py_ssize_t H, Py_ssize_t G, Py_ssize_t N,

@@ -22,12 +22,25 @@
  * after it. A thread spins for a while
  * and then yields its core, so a machine with more runnable threads than cores
  * (two layers on two Python threads, say) still makes progress.
+ *
+ * The time of each wait that had to yield (another member was
+ * LSTMENG_SPINS_BEFORE_YIELD pauses, ~5 us, late: on an idle machine a
+ * barrier completes in well under a microsecond) is added up, in
+ * nanoseconds, in the member's LSTMENG_SLOW_WAIT_NS slot; after the team has
+ * joined, the caller reads how long the split lost waiting
+ * (lstmeng_team_slow_waits) and the backend stops splitting for a while when
+ * that is a noticeable part of the call (issue 17: with another process on
+ * one of two cores, a batch-1 training step took 19.3 ms split, 2.2 ms on one
+ * thread). Time, not a count: with a CPU-bound process on the other core, 2
+ * slow waits of 501 cost 15 ms of a 1.4 ms forward (each waits for a
+ * scheduler time slice), while 500 short ones may cost little.
  */
 #ifndef LSTMENG_LSTM_SYNC_H
 #define LSTMENG_LSTM_SYNC_H
 
 #include <sched.h>
 #include <stdint.h>
+#include <time.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -45,6 +58,15 @@
 /* Each member's count of barrier calls lives LSTMENG_FLAG_STRIDE int64s (128
  * bytes) from the next one's: never on a shared cache line, aligned or not. */
 #define LSTMENG_FLAG_STRIDE 16
+/* Slot (within a member's LSTMENG_FLAG_STRIDE) of its nanoseconds of slow waits:
+ * written by that member only, read after the team joins. */
+#define LSTMENG_SLOW_WAIT_NS 1
+
+static inline int64_t lstmeng_now_ns(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+}
 
 static inline int lstmeng_team_size(void) {
 #ifdef _OPENMP
@@ -72,15 +94,35 @@ static inline void lstmeng_cpu_relax(void) {
  * calls: how many times this member has called it before (the same count in
  * every member, since all make the same calls). */
 static inline void lstmeng_barrier_wait(int64_t *flags, int64_t member, int64_t team, int64_t calls) {
-    int64_t other, spins = 0;
+    int64_t other, spins = 0, slow_since = 0;
     if (team <= 1) return;
     __atomic_store_n(&flags[member * LSTMENG_FLAG_STRIDE], calls + 1, __ATOMIC_RELEASE);
     for (other = 0; other < team; other++) {
         if (other == member) continue;
         while (__atomic_load_n(&flags[other * LSTMENG_FLAG_STRIDE], __ATOMIC_ACQUIRE) <= calls) {
-            if (++spins < LSTMENG_SPINS_BEFORE_YIELD) lstmeng_cpu_relax();
-            else sched_yield();
+            if (++spins < LSTMENG_SPINS_BEFORE_YIELD) {
+                lstmeng_cpu_relax();
+            } else {
+                if (spins == LSTMENG_SPINS_BEFORE_YIELD) slow_since = lstmeng_now_ns();
+                sched_yield();
+            }
         }
+    }
+    if (slow_since != 0)
+        flags[member * LSTMENG_FLAG_STRIDE + LSTMENG_SLOW_WAIT_NS] += lstmeng_now_ns() - slow_since;
+}
+
+/* After the team joined: the barriers each member made, and the longest time (ns)
+ * any member spent in slow waits. */
+static inline void lstmeng_team_slow_waits(const int64_t *flags, int64_t team, int64_t *barriers,
+                                           int64_t *slow_wait_ns) {
+    int64_t member;
+    *barriers = 0;
+    *slow_wait_ns = 0;
+    for (member = 0; member < team; member++) {
+        if (flags[member * LSTMENG_FLAG_STRIDE] > *barriers) *barriers = flags[member * LSTMENG_FLAG_STRIDE];
+        if (flags[member * LSTMENG_FLAG_STRIDE + LSTMENG_SLOW_WAIT_NS] > *slow_wait_ns)
+            *slow_wait_ns = flags[member * LSTMENG_FLAG_STRIDE + LSTMENG_SLOW_WAIT_NS];
     }
 }
 

@@ -27,6 +27,7 @@ def test_conformance(case):
 def three_parts(monkeypatch):
     """Split even tiny batches over three threads, so the multi-part code runs."""
     monkeypatch.setattr(cython_module, "MIN_ROWS_PER_PART", 1)
+    monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     if cython_module._parts(5) != 3:
         pytest.skip("this build runs one part (no OpenMP or no OpenBLAS thread control)")
@@ -51,6 +52,7 @@ def split_units(request, monkeypatch):
     still takes part in every barrier).
     """
     monkeypatch.setattr(cython_module.backend, "split_units", True)
+    monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)
     monkeypatch.setenv("OMP_NUM_THREADS", str(request.param))
     if not cython_module._team(1, 6, True)[2]:
         pytest.skip("this build runs one thread (no OpenMP or no OpenBLAS thread control)")
@@ -227,6 +229,7 @@ def _forward_backward(backend, inputs, options):
 def test_variable_length_path_matches_general_path(reverse, zero_output_for_mask, return_sequences,
                                                    parts, monkeypatch):
     monkeypatch.setattr(cython_module, "MIN_ROWS_PER_PART", 1)
+    monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)
     monkeypatch.setenv("OMP_NUM_THREADS", str(parts))
     rng = np.random.default_rng(11)
     batch, steps, features, units = 13, 17, 6, 8
@@ -327,3 +330,69 @@ def test_num_threads_honours_omp_num_threads(monkeypatch):
     assert cython_module.num_threads() == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert cython_module.num_threads() >= 1
+
+
+def test_small_calls_run_one_thread(monkeypatch):
+    """A call below MIN_FLOPS_TO_THREAD runs one thread even where the batch could split."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    if cython_module._team(64, 128, "auto")[1] != 2:
+        pytest.skip("this build runs one thread (no OpenMP or no OpenBLAS thread control)")
+    small = cython_module.MIN_FLOPS_TO_THREAD / 2
+    assert cython_module._team(64, 128, "auto", small) == (1, 1, False)
+    assert cython_module._team(1, 128, "auto", small) == (1, 1, False)
+    assert cython_module._team(64, 128, "auto", 2 * cython_module.MIN_FLOPS_TO_THREAD) == (2, 2, False)
+
+
+def test_unit_split_governor_backs_off_and_recovers():
+    """A losing split (members waiting a noticeable part of the call) is skipped for 1, 2,
+    4, ... calls, capped; calls where it does not lose halve the back-off again."""
+    governor = cython_module._UnitSplitGovernor()
+    losing = (100, 1.01 * cython_module.LOSING_WAIT_FRACTION, 1.0)
+    fine = (100, 0.99 * cython_module.LOSING_WAIT_FRACTION, 1.0)
+
+    def skipped_calls():
+        count = 0
+        while not governor.allow():
+            count += 1
+        return count
+
+    assert skipped_calls() == 0
+    skips = []
+    for _ in range(9):
+        governor.record(*losing)
+        skips.append(skipped_calls())
+    assert skips == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    for _ in range(2):
+        governor.record(*losing)
+        assert skipped_calls() == cython_module.MAX_SPLIT_BACKOFF_CALLS == 256
+    governor.record(*fine)
+    governor.record(*fine)
+    governor.record(*losing)
+    assert skipped_calls() == 64
+    governor.record(0, 0.0, 1.0)  # no split made: nothing learnt
+    assert skipped_calls() == 0
+
+
+def test_split_calls_report_their_barriers(monkeypatch):
+    """The kernels return (barriers per member, slow-wait seconds); a T-step unit split
+    makes at least T barriers in the forward and T in the backward; whole parts none."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    if not cython_module._team(1, 64, True)[2]:
+        pytest.skip("this build runs one thread (no OpenMP or no OpenBLAS thread control)")
+    monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)
+    records = []
+    monkeypatch.setattr(cython_module._UnitSplitGovernor, "record",
+                        lambda self, barriers, slow, seconds: records.append((barriers, slow)))
+    rng = np.random.default_rng(0)
+    steps, units = 9, 64
+    args = (rng.normal(size=(1, steps, 3)).astype(np.float32), np.zeros((1, units), np.float32),
+            np.zeros((1, units), np.float32), rng.normal(size=(3, 4 * units)).astype(np.float32),
+            rng.normal(size=(units, 4 * units)).astype(np.float32), None)
+    backend = cython_module.CythonBackend()
+    forward = backend.sequence_forward(*args, training=True)
+    backend.sequence_backward(np.ones((1, steps, units), np.float32), args[1], args[2],
+                              forward.workspace)
+    assert len(records) == 2 and all(barriers >= steps and 0 <= slow for barriers, slow in records)
+    records.clear()
+    cython_module.CythonBackend(split_units=False).sequence_forward(*args)
+    assert records == []

@@ -60,6 +60,7 @@ def test_conformance_packed_kernel_sizes(case, isa):
 def two_thread_unit_split(monkeypatch):
     """Split the units of every batch between two threads (the per-gate-block products)."""
     monkeypatch.setattr(cython_module.backend, "split_units", True)
+    monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     if not cython_module._team(1, 64, True)[2]:
         pytest.skip("this build runs one thread (no OpenMP or no OpenBLAS thread control)")

@@ -44,6 +44,7 @@ import functools
 import os
 import platform
 import threading
+import time
 
 import numpy as np
 
@@ -68,6 +69,20 @@ MIN_ROWS_PER_PART = 16
 #: Smallest layer whose units are split among threads when its batch is too
 #: small to split by rows: below it a step is too short to pay for a barrier.
 MIN_UNITS_TO_SPLIT = 64
+#: A call whose forward does fewer FLOPs than this (8*B*T*H*(I+H)) runs on one
+#: thread, backward included: it lasts a few hundred microseconds on one core, so
+#: a second thread saves little on an idle machine and, on a busy one, waiting for
+#: it at a parallel region's end cost milliseconds (issue 17: (1, 200, 32, 64)
+#: training, best 0.34 ms on either thread count, median 50-80 ms with two threads
+#: on a machine running other work).
+MIN_FLOPS_TO_THREAD = 2**25
+#: The unit split is "losing" in a call when a member spent more than this fraction
+#: of the call waiting at barriers after it began to yield its core (another member
+#: more than ~5 us late: descheduled); the next calls then run one thread (see
+#: _UnitSplitGovernor).
+LOSING_WAIT_FRACTION = 0.1
+#: Most calls a losing unit split is skipped before it is tried again.
+MAX_SPLIT_BACKOFF_CALLS = 256
 #: Bytes of released scratch and workspace arrays a backend keeps for its next calls
 #: (see ``lstmeng.backends._buffer_cache``): a few workspaces of a mid-sized layer.
 BUFFER_CACHE_BYTES = 512 * 2**20
@@ -171,23 +186,71 @@ def _kernel_threads() -> int:
     return num_threads()
 
 
+def _gradient_threads() -> int:
+    """Threads the backward's weight-gradient products may use (BLAS at one thread each)."""
+    return num_threads() if _single_threaded_blas.available else 1
+
+
 def _parts(batch: int, threads: int | None = None) -> int:
     """How many threads share the batch by rows (at least MIN_ROWS_PER_PART each)."""
     threads = _kernel_threads() if threads is None else threads
     return max(1, min(threads, batch // MIN_ROWS_PER_PART))
 
 
-def _team(batch: int, units: int, split_units) -> tuple[int, int, bool]:
+def _team(batch: int, units: int, split_units, flops: float | None = None) -> tuple[int, int, bool]:
     """(parts, threads, split_units) for a batch: parts by rows when the batch is large
     enough, else (with ``split_units`` "auto" or True) one part whose units the
     threads share. split_units True forces the unit split whenever threads
-    are available (tests use it to run that path at tiny sizes)."""
+    are available (tests use it to run that path at tiny sizes). flops: the
+    forward's FLOPs; below MIN_FLOPS_TO_THREAD one thread runs (None: no limit)."""
     threads = _kernel_threads()
+    if flops is not None and flops < MIN_FLOPS_TO_THREAD:
+        threads = 1
     parts = _parts(batch, threads)
     if parts == 1 and threads > 1 and split_units is not False and (
             split_units is True or units >= MIN_UNITS_TO_SPLIT):
         return 1, threads, True
     return parts, parts, False
+
+
+class _UnitSplitGovernor:
+    """Whether to split units now: stops the split for a while after a call in which it lost.
+
+    The unit split meets at a barrier every step; when another process holds
+    one of the cores, a member is descheduled and every barrier waits for it
+    (issue 17: a batch-1 training step 9x slower than on one thread). The
+    kernels time the waits that had to yield their core; after a call where
+    they took more than LOSING_WAIT_FRACTION of its time, the next ``backoff``
+    calls run on one thread, and ``backoff`` doubles (up to
+    MAX_SPLIT_BACKOFF_CALLS) each time the split loses again, halving back
+    after each call where it did not: the split is retried ever more rarely
+    while the machine stays busy, and comes back once it is idle.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._skip = 0
+        self._backoff = 1
+
+    def allow(self) -> bool:
+        """Whether this call may split (counts the call when it may not)."""
+        with self._lock:
+            if self._skip > 0:
+                self._skip -= 1
+                return False
+            return True
+
+    def record(self, barriers: int, slow_wait_seconds: float, call_seconds: float) -> None:
+        """Account a split call: its barriers and slow-wait time (from the kernels) and
+        its wall time."""
+        if barriers <= 0:
+            return
+        with self._lock:
+            if slow_wait_seconds > LOSING_WAIT_FRACTION * call_seconds:
+                self._skip = self._backoff
+                self._backoff = min(2 * self._backoff, MAX_SPLIT_BACKOFF_CALLS)
+            else:
+                self._backoff = max(1, self._backoff // 2)
 
 
 def _threads_for(layout):
@@ -285,7 +348,8 @@ class _Workspace:
     x: [B, T, I] the caller's inputs (a reference, not a copy); gates:
     [N, 4H] activated gates (the backward overwrites them with their
     gradients); c_prev, h_in: [N, H] c(t-1) and h(t-1) after recurrent
-    dropout. threads, split_units: the forward's team. Once a backward has
+    dropout. threads, split_units: the forward's team; thread_budget: the
+    threads the backward's weight-gradient products may use. Once a backward has
     consumed it, gates, c_prev and h_in are None (their memory went back to
     the backend's buffer cache).
     """
@@ -296,6 +360,7 @@ class _Workspace:
     c_prev: np.ndarray
     h_in: np.ndarray
     threads: int
+    thread_budget: int
     split_units: bool
     kernel: np.ndarray
     recurrent_kernel: np.ndarray
@@ -348,6 +413,7 @@ class CythonBackend(Backend):
         self.packed_variable_length = packed_variable_length
         self.split_units = split_units
         self._buffers = BufferCache(int(buffer_cache_bytes))
+        self._split_governor = _UnitSplitGovernor()
 
     def release_buffers(self) -> None:
         """Free the scratch and workspace memory kept for later calls."""
@@ -374,7 +440,15 @@ class CythonBackend(Backend):
         h0, c0 = _contiguous(h0, dtype), _contiguous(c0, dtype)
         input_dropout_mask = _contiguous(input_dropout_mask, dtype)
         recurrent_dropout_mask = _contiguous(recurrent_dropout_mask, dtype)
-        parts, threads, split_units = _team(batch, units, self.split_units)
+        flops = 8.0 * batch * steps * units * (features + units)
+        parts, threads, split_units = _team(batch, units, self.split_units, flops)
+        # Threads the backward's weight-gradient products may use: none beyond the
+        # forward's for a call too small to thread.
+        thread_budget = threads if flops < MIN_FLOPS_TO_THREAD else _gradient_threads()
+        if split_units and self.split_units == "auto" and not self._split_governor.allow():
+            # The split has been losing: another process holds a core, and every
+            # parallel region's end would wait for it too. One thread, backward included.
+            parts, threads, split_units, thread_budget = 1, 1, False, 1
         layout = _layout(mask, batch, steps, parts, self.packed_variable_length)
 
         sequence_outputs = np.empty((batch, steps, units), dtype) if return_sequences else None
@@ -396,8 +470,9 @@ class CythonBackend(Backend):
         h_state, c_state = take((batch, units), dtype), take((batch, units), dtype)
         h_in_step = take((2, batch, units), dtype)
 
+        start = time.perf_counter()
         with _threads_for(layout):
-            _specialization(_cython_lstm.forward, dtype)(
+            barrier_stats = _specialization(_cython_lstm.forward, dtype)(
                 x, h0, c0, kernel, recurrent_kernel, bias, layout.mask,
                 input_dropout_mask, recurrent_dropout_mask,
                 layout.order, layout.row_begin, layout.active, layout.offsets,
@@ -406,13 +481,15 @@ class CythonBackend(Backend):
                 reverse, zero_output_for_mask, sequence_outputs, last_output, h_out, c_out,
                 packed_x, gates, c_prev, h_in, h_state, c_state, h_in_step,
                 chunk_steps, part_chunk_rows, threads, split_units)
+        if split_units:
+            self._split_governor.record(*barrier_stats, time.perf_counter() - start)
         self._buffers.give(packed_x, h_state, c_state, h_in_step, None if training else gates)
 
         workspace = None
         if training:
             workspace = _Workspace(
                 layout=layout, x=x, gates=gates, c_prev=c_prev, h_in=h_in, threads=threads,
-                split_units=split_units, kernel=kernel, recurrent_kernel=recurrent_kernel,
+                thread_budget=thread_budget, split_units=split_units, kernel=kernel, recurrent_kernel=recurrent_kernel,
                 input_dropout_mask=input_dropout_mask, recurrent_dropout_mask=recurrent_dropout_mask,
                 activation=activation, recurrent_activation=recurrent_activation, reverse=reverse,
                 zero_output_for_mask=zero_output_for_mask, return_sequences=return_sequences,
@@ -437,8 +514,14 @@ class CythonBackend(Backend):
         dbias = np.empty(4 * units, dtype)
         layout = ws.layout
         packed_x = self._buffers.take((layout.rows, features), dtype)
+        # The forward's unit split, unless it has been losing since (the workspace is
+        # the same either way).
+        split_units, threads = ws.split_units, max(ws.threads if ws.split_units else 1, ws.thread_budget)
+        if split_units and self.split_units == "auto" and not self._split_governor.allow():
+            split_units, threads = False, 1
+        start = time.perf_counter()
         with _threads_for(layout):
-            _specialization(_cython_lstm.backward, dtype)(
+            barrier_stats = _specialization(_cython_lstm.backward, dtype)(
                 doutputs if ws.return_sequences else None, None if ws.return_sequences else doutputs,
                 _contiguous(dh, dtype), _contiguous(dc, dtype), ws.x, ws.kernel, ws.recurrent_kernel,
                 layout.mask, ws.input_dropout_mask, ws.recurrent_dropout_mask,
@@ -448,9 +531,11 @@ class CythonBackend(Backend):
                 ws.reverse, ws.zero_output_for_mask,
                 ws.gates, ws.c_prev, ws.h_in, dx, dh0, dc0, dkernel, drecurrent_kernel, dbias,
                 packed_x,
-                # Every thread shares the weight-gradient GEMMs, also when the batch is one part.
-                max(ws.threads, num_threads() if _single_threaded_blas.available else 1),
-                ws.split_units)
+                # Every thread of the budget shares the weight-gradient GEMMs, also when the
+                # batch is one part.
+                threads, split_units)
+        if split_units:
+            self._split_governor.record(*barrier_stats, time.perf_counter() - start)
         # The consumed workspace and the scratch serve later calls; the workspace lets go of them.
         self._buffers.give(packed_x, ws.gates, ws.c_prev, ws.h_in)
         ws.gates = ws.c_prev = ws.h_in = None
