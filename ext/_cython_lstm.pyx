@@ -82,6 +82,8 @@ cdef extern from "lstm_gemm.h" nogil:
                                  int transpose, float *packed)
     void lstmeng_gemm_packed_f32(Py_ssize_t rows, Py_ssize_t G, Py_ssize_t K, const float *a,
                                  Py_ssize_t lda, const float *packed, float *c, Py_ssize_t ldc)
+    void lstmeng_gemm_at_packed_f32(Py_ssize_t rows, Py_ssize_t G, Py_ssize_t K, const float *a,
+                                    Py_ssize_t lda, const float *packed, float *c, Py_ssize_t ldc)
 
 cdef extern from "lstm_sync.h" nogil:
     const int LSTMENG_FLAG_STRIDE
@@ -169,6 +171,9 @@ ACTIVATION_KINDS = {"tanh": 0, "relu": 1, "sigmoid": 2, "linear": 3, "hard_sigmo
 
 #: Packed-kernel panels are 16 columns and its kernels take them in pairs.
 cdef Py_ssize_t PANEL_PAIR = 32
+# Packed rows of dz per chunk of the packed weight-gradient products: 256 x 32
+# floats (a panel pair) are 32 KB, within L1.
+cdef Py_ssize_t WEIGHT_GRADIENT_CHUNK = 256
 
 
 cdef struct Layout:
@@ -859,7 +864,15 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
     cdef Py_ssize_t team_threads = max(1, threads)
     # Gate columns per thread for the weight gradients, a multiple of 16 (whole cache lines).
     cdef Py_ssize_t column_threads = team_threads if LSTMENG_HAVE_OPENMP else 1
-    cdef Py_ssize_t column_block = ((G + column_threads - 1) // column_threads + 15) // 16 * 16
+    # The weight gradients through the packed kernel (AVX-512, float32): blocks of whole
+    # panel pairs, dz packed WEIGHT_GRADIENT_CHUNK rows at a time into each thread's panels.
+    cdef bint weights_packed = floating is float and packed_projection and G % PANEL_PAIR == 0
+    cdef Py_ssize_t column_round = PANEL_PAIR if weights_packed else 16
+    cdef Py_ssize_t column_block = ((G + column_threads - 1) // column_threads + column_round - 1) \
+        // column_round * column_round
+    cdef float[:, ::1] gradient_panels = np.empty(
+        (column_threads, WEIGHT_GRADIENT_CHUNK * column_block if weights_packed else 1), np.float32)
+    cdef float *gradient_panels_ptr = &gradient_panels[0, 0]
     cdef Py_ssize_t per_thread_rows = B + 1 if split_units else 0
     dtype = np.asarray(dh).dtype
     # Per-row state of the backward time loop, in packed row order: dh_carry is the
@@ -971,8 +984,13 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
             column_begin = part * column_block
             column_end = min(G, column_begin + column_block)
             if column_begin < column_end:
-                gemm_columns(I, H, G, N, column_begin, column_end, packed_ptr, h_in_ptr, gates_ptr,
-                             dkernel_ptr, drecurrent_ptr)
+                if floating is float and weights_packed:
+                    gemm_columns_packed(I, H, G, N, column_begin, column_end, packed_ptr, h_in_ptr,
+                                        gates_ptr, dkernel_ptr, drecurrent_ptr,
+                                        gradient_panels_ptr + part * WEIGHT_GRADIENT_CHUNK * column_block)
+                else:
+                    gemm_columns(I, H, G, N, column_begin, column_end, packed_ptr, h_in_ptr,
+                                 gates_ptr, dkernel_ptr, drecurrent_ptr)
                 sum_partials(dbias_ptr, dbias_partial_ptr, team_threads, G, column_begin,
                              column_end)
 
@@ -998,6 +1016,32 @@ cdef void gemm_columns(Py_ssize_t I, Py_ssize_t H, Py_ssize_t G, Py_ssize_t N,
          <floating>0, dkernel + column_begin, G)
     gemm(True, False, H, width, N, <floating>1, h_in_all, H, dz + column_begin, G,
          <floating>0, drecurrent_kernel + column_begin, G)
+
+
+cdef void gemm_columns_packed(Py_ssize_t I, Py_ssize_t H, Py_ssize_t G, Py_ssize_t N,
+                              Py_ssize_t column_begin, Py_ssize_t column_end, float *packed_x,
+                              float *h_in_all, float *dz, float *dkernel, float *drecurrent_kernel,
+                              float *panels) noexcept nogil:
+    """gemm_columns with the packed kernel: dK = X^T dz and dR = H_in^T dz, X (packed_x
+    [N, I]) and H_in ([N, H]) read transposed in place, dz's columns column_begin ..
+    column_end - 1 (whole panel pairs) packed WEIGHT_GRADIENT_CHUNK rows at a time into
+    panels [WEIGHT_GRADIENT_CHUNK * width] (one chunk of panels stays in L1/L2 while both
+    products use it)."""
+    cdef Py_ssize_t width = column_end - column_begin, row, first, rows
+    for row in range(I):
+        memset(dkernel + row * G + column_begin, 0, width * sizeof(float))
+    for row in range(H):
+        memset(drecurrent_kernel + row * G + column_begin, 0, width * sizeof(float))
+    first = 0
+    while first < N:
+        rows = min(WEIGHT_GRADIENT_CHUNK, N - first)
+        lstmeng_pack_panels_f32(dz + first * G + column_begin, rows, width, G, 0, panels)
+        if I > 0:
+            lstmeng_gemm_at_packed_f32(I, width, rows, packed_x + first * I, I, panels,
+                                       dkernel + column_begin, G)
+        lstmeng_gemm_at_packed_f32(H, width, rows, h_in_all + first * H, H, panels,
+                                   drecurrent_kernel + column_begin, G)
+        first += rows
 
 
 cdef void sum_partials(floating *total, const floating *partials, Py_ssize_t count,

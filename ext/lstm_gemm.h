@@ -147,40 +147,51 @@ LSTMENG_AVX2_FMA static void lstmeng_gemm_packed_avx2_f32(int64_t rows, int64_t 
 #define LSTMENG_AVX512_ROW_GROUP 192
 #endif
 
+/* A's element (r, k) is a[r * row_step + k * k_step] in the AVX-512 functions:
+ * (lda, 1) for a row-major A, (1, lda) for the transpose of a row-major matrix
+ * (the weight gradients' X^T and H_in^T, read in place: a block's 12 rows are
+ * then 12 consecutive floats at each k). The drivers pass constants for one of
+ * the two, so each instantiation has the addressing of its own layout. */
+
 /* ROWS rows of A times two adjacent panels (32 columns): 2 ROWS independent FMA
  * chains in zmm registers. Called with constant ROWS (12, 8, 4), so after
  * inlining the row loops unroll and the accumulators stay in registers. */
 LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_block_avx512_f32(
-        const int rows, const float *a, int64_t lda, const float *panels, int64_t K, float *c,
-        int64_t ldc) {
+        const int rows, const float *a, const int64_t row_step, const int64_t k_step,
+        const float *panels, int64_t K, float *c, int64_t ldc) {
     const float *first = panels, *second = panels + K * LSTMENG_PANEL;
     __m512 left[LSTMENG_AVX512_BLOCK_ROWS], right[LSTMENG_AVX512_BLOCK_ROWS];
     int64_t k;
     int r;
+    /* From zero, C added at the end: a product over K in chunks (the weight
+     * gradients, 256 rows of dz at a time) then sums each chunk apart, which kept
+     * their float32 error at BLAS's (4.5e-6 -> below 1e-6 of the largest value
+     * at (256, 50, 128, 128), N = 12800). */
     for (r = 0; r < rows; r++) {
-        left[r] = _mm512_loadu_ps(c + r * ldc);
-        right[r] = _mm512_loadu_ps(c + r * ldc + LSTMENG_PANEL);
+        left[r] = _mm512_setzero_ps();
+        right[r] = _mm512_setzero_ps();
     }
     for (k = 0; k < K; k++) {
         const __m512 p0 = _mm512_loadu_ps(first + k * LSTMENG_PANEL);
         const __m512 p1 = _mm512_loadu_ps(second + k * LSTMENG_PANEL);
         for (r = 0; r < rows; r++) {
-            const __m512 x = _mm512_set1_ps(a[r * lda + k]);
+            const __m512 x = _mm512_set1_ps(a[r * row_step + k * k_step]);
             left[r] = _mm512_fmadd_ps(x, p0, left[r]);
             right[r] = _mm512_fmadd_ps(x, p1, right[r]);
         }
     }
     for (r = 0; r < rows; r++) {
-        _mm512_storeu_ps(c + r * ldc, left[r]);
-        _mm512_storeu_ps(c + r * ldc + LSTMENG_PANEL, right[r]);
+        _mm512_storeu_ps(c + r * ldc, _mm512_add_ps(_mm512_loadu_ps(c + r * ldc), left[r]));
+        _mm512_storeu_ps(c + r * ldc + LSTMENG_PANEL,
+                         _mm512_add_ps(_mm512_loadu_ps(c + r * ldc + LSTMENG_PANEL), right[r]));
     }
 }
 
 /* One row of A times two panels, k unrolled by four: 8 independent FMA chains
  * (one row alone would leave 2 chains, a quarter of the FMA units busy; a
  * batch-1 step is all rows like this). */
-LSTMENG_AVX512 static inline void lstmeng_row_avx512_f32(const float *a, const float *panels,
-                                                        int64_t K, float *c) {
+LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_row_avx512_f32(
+        const float *a, const int64_t k_step, const float *panels, int64_t K, float *c) {
     const float *q = panels, *s = panels + K * LSTMENG_PANEL;
     __m512 acc[8];
     int64_t k;
@@ -188,7 +199,7 @@ LSTMENG_AVX512 static inline void lstmeng_row_avx512_f32(const float *a, const f
     for (lane = 0; lane < 8; lane++) acc[lane] = _mm512_setzero_ps();
     for (k = 0; k + 3 < K; k += 4) {
         for (lane = 0; lane < 4; lane++) {
-            const __m512 x = _mm512_set1_ps(a[k + lane]);
+            const __m512 x = _mm512_set1_ps(a[(k + lane) * k_step]);
             acc[2 * lane] = _mm512_fmadd_ps(x, _mm512_loadu_ps(q + (k + lane) * LSTMENG_PANEL),
                                             acc[2 * lane]);
             acc[2 * lane + 1] = _mm512_fmadd_ps(x, _mm512_loadu_ps(s + (k + lane) * LSTMENG_PANEL),
@@ -196,7 +207,7 @@ LSTMENG_AVX512 static inline void lstmeng_row_avx512_f32(const float *a, const f
         }
     }
     for (; k < K; k++) {
-        const __m512 x = _mm512_set1_ps(a[k]);
+        const __m512 x = _mm512_set1_ps(a[k * k_step]);
         acc[0] = _mm512_fmadd_ps(x, _mm512_loadu_ps(q + k * LSTMENG_PANEL), acc[0]);
         acc[1] = _mm512_fmadd_ps(x, _mm512_loadu_ps(s + k * LSTMENG_PANEL), acc[1]);
     }
@@ -211,21 +222,23 @@ LSTMENG_AVX512 static inline void lstmeng_row_avx512_f32(const float *a, const f
 
 /* Rows r0 .. r1 - 1 of C times one panel pair, in blocks of 12, 8, 4 and single rows. */
 LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_pair_avx512_f32(
-        int64_t r0, int64_t r1, int64_t K, const float *a, int64_t lda, const float *panels,
-        float *c_pair, int64_t ldc) {
+        int64_t r0, int64_t r1, int64_t K, const float *a, const int64_t row_step,
+        const int64_t k_step, const float *panels, float *c_pair, int64_t ldc) {
     for (; r0 + LSTMENG_AVX512_BLOCK_ROWS <= r1; r0 += LSTMENG_AVX512_BLOCK_ROWS)
-        lstmeng_block_avx512_f32(LSTMENG_AVX512_BLOCK_ROWS, a + r0 * lda, lda, panels, K,
-                                 c_pair + r0 * ldc, ldc);
+        lstmeng_block_avx512_f32(LSTMENG_AVX512_BLOCK_ROWS, a + r0 * row_step, row_step, k_step,
+                                 panels, K, c_pair + r0 * ldc, ldc);
     if (r1 - r0 >= 8) {
-        lstmeng_block_avx512_f32(8, a + r0 * lda, lda, panels, K, c_pair + r0 * ldc, ldc);
+        lstmeng_block_avx512_f32(8, a + r0 * row_step, row_step, k_step, panels, K,
+                                 c_pair + r0 * ldc, ldc);
         r0 += 8;
     }
     if (r1 - r0 >= 4) {
-        lstmeng_block_avx512_f32(4, a + r0 * lda, lda, panels, K, c_pair + r0 * ldc, ldc);
+        lstmeng_block_avx512_f32(4, a + r0 * row_step, row_step, k_step, panels, K,
+                                 c_pair + r0 * ldc, ldc);
         r0 += 4;
     }
     for (; r0 < r1; r0++)
-        lstmeng_row_avx512_f32(a + r0 * lda, panels, K, c_pair + r0 * ldc);
+        lstmeng_row_avx512_f32(a + r0 * row_step, k_step, panels, K, c_pair + r0 * ldc);
 }
 
 /* C[rows, G] += A[rows, K] @ B, B packed by lstmeng_pack_panels_f32 (AVX-512).
@@ -234,18 +247,34 @@ LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_pair_av
  * products (the input projection: a chunk of 1024 rows) go through the rows in
  * groups of LSTMENG_AVX512_ROW_GROUP, so a group's A stays in L2 while every
  * panel pair passes over it. */
-LSTMENG_AVX512 static void lstmeng_gemm_packed_avx512_f32(int64_t rows, int64_t G, int64_t K,
-                                                         const float *a, int64_t lda,
-                                                         const float *packed, float *c,
-                                                         int64_t ldc) {
+LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_gemm_avx512_f32(
+        int64_t rows, int64_t G, int64_t K, const float *a, const int64_t row_step,
+        const int64_t k_step, const float *packed, float *c, int64_t ldc) {
     int64_t pair, group, group_end;
     for (group = 0; group < rows; group = group_end) {
         group_end = rows - group <= LSTMENG_AVX512_ROW_GROUP + LSTMENG_AVX512_ROW_GROUP / 2
                         ? rows : group + LSTMENG_AVX512_ROW_GROUP;
         for (pair = 0; pair + 1 < G / LSTMENG_PANEL; pair += 2)
-            lstmeng_pair_avx512_f32(group, group_end, K, a, lda, packed + pair * K * LSTMENG_PANEL,
-                                    c + pair * LSTMENG_PANEL, ldc);
+            lstmeng_pair_avx512_f32(group, group_end, K, a, row_step, k_step,
+                                    packed + pair * K * LSTMENG_PANEL, c + pair * LSTMENG_PANEL, ldc);
     }
+}
+
+/* C[rows, G] += A[rows, K] @ B, A row-major (row stride lda). */
+LSTMENG_AVX512 static void lstmeng_gemm_packed_avx512_f32(int64_t rows, int64_t G, int64_t K,
+                                                         const float *a, int64_t lda,
+                                                         const float *packed, float *c,
+                                                         int64_t ldc) {
+    lstmeng_gemm_avx512_f32(rows, G, K, a, lda, 1, packed, c, ldc);
+}
+
+/* C[rows, G] += A^T[rows, K] @ B for a row-major A [K, rows] (row stride lda), read
+ * in place: the weight gradients X^T dz and H_in^T dz (lstmeng_gemm_at_packed_f32). */
+LSTMENG_AVX512 static void lstmeng_gemm_at_packed_avx512_f32(int64_t rows, int64_t G, int64_t K,
+                                                            const float *a, int64_t lda,
+                                                            const float *packed, float *c,
+                                                            int64_t ldc) {
+    lstmeng_gemm_avx512_f32(rows, G, K, a, 1, lda, packed, c, ldc);
 }
 #endif
 
@@ -261,6 +290,17 @@ static void lstmeng_gemm_packed_f32(int64_t rows, int64_t G, int64_t K, const fl
 #endif
 #if LSTMENG_HAVE_AVX2_FMA
     lstmeng_gemm_packed_avx2_f32(rows, G, K, a, lda, packed, c, ldc);
+#else
+    (void)rows; (void)G; (void)K; (void)a; (void)lda; (void)packed; (void)c; (void)ldc;
+#endif
+}
+
+/* C[rows, G] += A^T @ B, A [K, rows] row-major (lda), B packed: AVX-512 only (the
+ * caller checks lstmeng_isa and uses BLAS otherwise). */
+static void lstmeng_gemm_at_packed_f32(int64_t rows, int64_t G, int64_t K, const float *a,
+                                       int64_t lda, const float *packed, float *c, int64_t ldc) {
+#if LSTMENG_HAVE_AVX512
+    lstmeng_gemm_at_packed_avx512_f32(rows, G, K, a, lda, packed, c, ldc);
 #else
     (void)rows; (void)G; (void)K; (void)a; (void)lda; (void)packed; (void)c; (void)ldc;
 #endif
