@@ -27,7 +27,6 @@ def test_conformance(case):
 def three_parts(monkeypatch):
     """Split even tiny batches over three threads, so the multi-part code runs."""
     monkeypatch.setattr(cython_module, "MIN_ROWS_PER_PART", 1)
-    monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     if cython_module._parts(5) != 3:
         pytest.skip("this build runs one part (no OpenMP or no OpenBLAS thread control)")
@@ -229,7 +228,6 @@ def _forward_backward(backend, inputs, options):
 def test_variable_length_path_matches_general_path(reverse, zero_output_for_mask, return_sequences,
                                                    parts, monkeypatch):
     monkeypatch.setattr(cython_module, "MIN_ROWS_PER_PART", 1)
-    monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)
     monkeypatch.setenv("OMP_NUM_THREADS", str(parts))
     rng = np.random.default_rng(11)
     batch, steps, features, units = 13, 17, 6, 8
@@ -333,14 +331,15 @@ def test_num_threads_honours_omp_num_threads(monkeypatch):
 
 
 def test_small_calls_run_one_thread(monkeypatch):
-    """A call below MIN_FLOPS_TO_THREAD runs one thread even where the batch could split."""
+    """A one-part call below MIN_FLOPS_TO_THREAD runs one thread instead of splitting its
+    units; batches split by rows keep their threads."""
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     if cython_module._team(64, 128, "auto")[1] != 2:
         pytest.skip("this build runs one thread (no OpenMP or no OpenBLAS thread control)")
     small = cython_module.MIN_FLOPS_TO_THREAD / 2
-    assert cython_module._team(64, 128, "auto", small) == (1, 1, False)
     assert cython_module._team(1, 128, "auto", small) == (1, 1, False)
-    assert cython_module._team(64, 128, "auto", 2 * cython_module.MIN_FLOPS_TO_THREAD) == (2, 2, False)
+    assert cython_module._team(1, 128, "auto", 2 * cython_module.MIN_FLOPS_TO_THREAD) == (1, 2, True)
+    assert cython_module._team(64, 128, "auto", small) == (2, 2, False)
 
 
 def test_unit_split_governor_backs_off_and_recovers():

@@ -69,12 +69,14 @@ MIN_ROWS_PER_PART = 16
 #: Smallest layer whose units are split among threads when its batch is too
 #: small to split by rows: below it a step is too short to pay for a barrier.
 MIN_UNITS_TO_SPLIT = 64
-#: A call whose forward does fewer FLOPs than this (8*B*T*H*(I+H)) runs on one
-#: thread, backward included: it lasts a few hundred microseconds on one core, so
-#: a second thread saves little on an idle machine and, on a busy one, waiting for
-#: it at a parallel region's end cost milliseconds (issue 17: (1, 200, 32, 64)
-#: training, best 0.34 ms on either thread count, median 50-80 ms with two threads
-#: on a machine running other work).
+#: A batch too small to split by rows whose forward does fewer FLOPs than this
+#: (8*B*T*H*(I+H)) runs on one thread, backward included, instead of splitting its
+#: units: it lasts a few hundred microseconds on one core, so a second thread saved
+#: nothing on an idle machine ((1, 200, 32, 64) and (1, 100, 32, 128): the same
+#: best and median times either way), while on a busy one waiting for it cost
+#: milliseconds (issue 17: (1, 200, 32, 64) training, median 50-80 ms with two
+#: threads). Batches split by rows keep their threads: at (32, 50, 16, 32) and
+#: (64, 50, 16, 16), 13-20 MFLOP, two threads were 1.6-1.7x faster when idle.
 MIN_FLOPS_TO_THREAD = 2**25
 #: The unit split is "losing" in a call when a member spent more than this fraction
 #: of the call waiting at barriers after it began to yield its core (another member
@@ -202,11 +204,12 @@ def _team(batch: int, units: int, split_units, flops: float | None = None) -> tu
     enough, else (with ``split_units`` "auto" or True) one part whose units the
     threads share. split_units True forces the unit split whenever threads
     are available (tests use it to run that path at tiny sizes). flops: the
-    forward's FLOPs; below MIN_FLOPS_TO_THREAD one thread runs (None: no limit)."""
+    forward's FLOPs; below MIN_FLOPS_TO_THREAD a batch of one part runs one thread
+    (None: no limit)."""
     threads = _kernel_threads()
-    if flops is not None and flops < MIN_FLOPS_TO_THREAD:
-        threads = 1
     parts = _parts(batch, threads)
+    if parts == 1 and flops is not None and flops < MIN_FLOPS_TO_THREAD:
+        threads = 1
     if parts == 1 and threads > 1 and split_units is not False and (
             split_units is True or units >= MIN_UNITS_TO_SPLIT):
         return 1, threads, True
@@ -443,8 +446,8 @@ class CythonBackend(Backend):
         flops = 8.0 * batch * steps * units * (features + units)
         parts, threads, split_units = _team(batch, units, self.split_units, flops)
         # Threads the backward's weight-gradient products may use: none beyond the
-        # forward's for a call too small to thread.
-        thread_budget = threads if flops < MIN_FLOPS_TO_THREAD else _gradient_threads()
+        # forward's for a one-part call too small to thread.
+        thread_budget = threads if parts == 1 and flops < MIN_FLOPS_TO_THREAD else _gradient_threads()
         if split_units and self.split_units == "auto" and not self._split_governor.allow():
             # The split has been losing: another process holds a core, and every
             # parallel region's end would wait for it too. One thread, backward included.
