@@ -840,7 +840,8 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
              floating[:, ::1] gates, floating[:, ::1] c_prev_all, floating[:, ::1] h_in_all,
              floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:, ::1] dc0,
              floating[:, ::1] dkernel, floating[:, ::1] drecurrent_kernel, floating[::1] dbias,
-             floating[:, ::1] packed_x, Py_ssize_t threads=1, bint split_units=False):
+             floating[:, ::1] packed_x, Py_ssize_t threads=1, bint split_units=False,
+             Py_ssize_t run_threads=0):
     """Backward of `forward` (training); the workspace arrays are overwritten.
 
     doutputs_sequence: [B, T, H] or None; doutputs_last: [B, H] or None
@@ -853,7 +854,10 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
     dbias [4H]. packed_x: [N, I] scratch (the inputs in packed rows for dK = X^T dz,
     then dz @ K^T on the way to dx). threads: OpenMP threads (the parts share them, or with
     split_units they split one part's units as in `forward`; the weight
-    gradients are split by gate columns among them). Returns (barriers,
+    gradients are split by gate columns among them). run_threads: how many
+    threads run those shares (0: threads); fewer than threads run the same
+    shares one after another, so the results do not depend on it (without a
+    unit split; the busy-machine fallback uses it). Returns (barriers,
     slow_wait_seconds) as `forward` does.
     """
     cdef Py_ssize_t B = dh.shape[0], P = row_begin.shape[0] - 1, T = x.shape[1]
@@ -862,6 +866,7 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
     cdef Py_ssize_t N = step_offset(&layout, P - 1, T)
     cdef Py_ssize_t part, t, member, team, u0, u1, column_begin, column_end
     cdef Py_ssize_t team_threads = max(1, threads)
+    cdef Py_ssize_t running_threads = min(team_threads, run_threads) if run_threads > 0 else team_threads
     # Gate columns per thread for the weight gradients, a multiple of 16 (whole cache lines).
     cdef Py_ssize_t column_threads = team_threads if LSTMENG_HAVE_OPENMP else 1
     # The weight gradients through the packed kernel (AVX-512, float32): blocks of whole
@@ -942,7 +947,7 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
         raise ValueError(f"packed_x must be [{N}, {I}], got {list(packed_x.shape)[:2]}")
     check_blas_sizes(N, G, I, H)
     with nogil:
-        with parallel(num_threads=team_threads):
+        with parallel(num_threads=running_threads):
             member = lstmeng_thread_index()
             team = lstmeng_team_size()
             if split_units:
@@ -974,13 +979,14 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
                     part = part + team
 
         # The inputs in packed rows, each thread a share of the steps.
-        for t in prange(T, num_threads=team_threads, schedule="static"):
+        for t in prange(T, num_threads=running_threads, schedule="static"):
             for part in range(P):
                 copy_step_inputs(&layout, part, t, T, I, x_ptr, in_drop, packed_ptr, 0)
 
         # Weight gradients over all packed rows, each thread a block of gate columns:
         # dK = X^T dz, dR = H_in^T dz; db = the threads' column sums of dz added up.
-        for part in prange(column_threads, num_threads=column_threads, schedule="static"):
+        for part in prange(column_threads, num_threads=min(column_threads, running_threads),
+                           schedule="static"):
             column_begin = part * column_block
             column_end = min(G, column_begin + column_block)
             if column_begin < column_end:
@@ -997,10 +1003,10 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
         # dx = dz @ K^T written over the packed input rows (consumed above), then
         # scattered to [B, T, I] with the input dropout mask; each thread a share
         # of the packed rows.
-        for part in prange(team_threads, num_threads=team_threads, schedule="static"):
+        for part in prange(team_threads, num_threads=running_threads, schedule="static"):
             dx_rows(part * N // team_threads, (part + 1) * N // team_threads, I, G,
                     kernel_ptr, kernel_t_packed, gates_ptr, packed_ptr)
-        for t in prange(T, num_threads=team_threads, schedule="static"):
+        for t in prange(T, num_threads=running_threads, schedule="static"):
             for part in range(P):
                 scatter_step_gradients(&layout, part, t, T, I, packed_ptr, dx_ptr, in_drop)
     return team_barrier_stats(flags_ptr, team_threads)

@@ -395,3 +395,47 @@ def test_split_calls_report_their_barriers(monkeypatch):
     records.clear()
     cython_module.CythonBackend(split_units=False).sequence_forward(*args)
     assert records == []
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_busy_machine_fallback_gives_the_same_numbers(dtype, isa, monkeypatch):
+    """A backend whose unit split has backed off (one thread) returns what a split backend
+    returns: the backward keeps its shares of the weight-gradient and dx products, only
+    run one after another. Exactly, where every product is our packed kernel or float64
+    BLAS; in float32 on the avx2 and scalar paths the forward's BLAS products differ in
+    shape between the split (per gate block of a unit slice) and one thread (whole rows),
+    and so in the last bits."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    if not cython_module._team(1, 128, True)[2]:
+        pytest.skip("this build runs one thread (no OpenMP or no OpenBLAS thread control)")
+    extension = cython_module._cython_lstm
+    if isa not in extension.SUPPORTED_ISAS:
+        pytest.skip(f"this CPU or build does not run {isa}")
+    previous = extension.use_isa(isa)
+    try:
+        rng = np.random.default_rng(3)
+        batch, steps, inputs, units = 16, 32, 8, 128   # one part: a unit split by default
+        # Weights of 0.1: a contracting recurrence, so rounding differences stay rounding.
+        args = [(rng.normal(size=shape) * scale).astype(dtype) for shape, scale in
+                [((batch, steps, inputs), 1), ((batch, units), 1), ((batch, units), 1),
+                 ((inputs, 4 * units), 0.1), ((units, 4 * units), 0.1), ((4 * units,), 0.1)]]
+        dy = rng.normal(size=(batch, steps, units)).astype(dtype)
+        split, backed_off = cython_module.CythonBackend(), cython_module.CythonBackend()
+        backed_off._split_governor._skip = 10**9
+        results = []
+        for backend in (split, backed_off):
+            forward = backend.sequence_forward(*args, training=True)
+            grads = backend.sequence_backward(dy, args[1] * 0, args[2] * 0, forward.workspace)
+            results.append((forward.workspace.split_units, forward.outputs, forward.h, forward.c,
+                            grads.dx, grads.dkernel, grads.drecurrent_kernel, grads.dbias,
+                            grads.dh0))
+    finally:
+        extension.use_isa(previous)
+    assert results[0][0] and not results[1][0]
+    exact = dtype == "float64" or isa == "avx512"
+    for got, want in zip(results[1][1:], results[0][1:]):
+        if exact:
+            np.testing.assert_array_equal(got, want)
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

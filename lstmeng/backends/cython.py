@@ -352,7 +352,8 @@ class _Workspace:
     [N, 4H] activated gates (the backward overwrites them with their
     gradients); c_prev, h_in: [N, H] c(t-1) and h(t-1) after recurrent
     dropout. threads, split_units: the forward's team; thread_budget: the
-    threads the backward's weight-gradient products may use. Once a backward has
+    shares of the backward's weight-gradient and dx products; run_one_thread:
+    the forward fell back to one thread (busy machine). Once a backward has
     consumed it, gates, c_prev and h_in are None (their memory went back to
     the backend's buffer cache).
     """
@@ -364,6 +365,7 @@ class _Workspace:
     h_in: np.ndarray
     threads: int
     thread_budget: int
+    run_one_thread: bool
     split_units: bool
     kernel: np.ndarray
     recurrent_kernel: np.ndarray
@@ -445,13 +447,16 @@ class CythonBackend(Backend):
         recurrent_dropout_mask = _contiguous(recurrent_dropout_mask, dtype)
         flops = 8.0 * batch * steps * units * (features + units)
         parts, threads, split_units = _team(batch, units, self.split_units, flops)
-        # Threads the backward's weight-gradient products may use: none beyond the
-        # forward's for a one-part call too small to thread.
+        # Shares of the backward's products after its time loop (weight gradients, dx):
+        # one for a one-part call too small to thread, else one per thread. Fixed by
+        # the shape alone, so the results never depend on the busy-machine fallback.
         thread_budget = threads if parts == 1 and flops < MIN_FLOPS_TO_THREAD else _gradient_threads()
+        run_one_thread = False
         if split_units and self.split_units == "auto" and not self._split_governor.allow():
             # The split has been losing: another process holds a core, and every
-            # parallel region's end would wait for it too. One thread, backward included.
-            parts, threads, split_units, thread_budget = 1, 1, False, 1
+            # parallel region's end would wait for it too. One thread, backward included
+            # (the same shares, run one after another).
+            parts, threads, split_units, run_one_thread = 1, 1, False, True
         layout = _layout(mask, batch, steps, parts, self.packed_variable_length)
 
         sequence_outputs = np.empty((batch, steps, units), dtype) if return_sequences else None
@@ -492,7 +497,8 @@ class CythonBackend(Backend):
         if training:
             workspace = _Workspace(
                 layout=layout, x=x, gates=gates, c_prev=c_prev, h_in=h_in, threads=threads,
-                thread_budget=thread_budget, split_units=split_units, kernel=kernel, recurrent_kernel=recurrent_kernel,
+                thread_budget=thread_budget, run_one_thread=run_one_thread,
+                split_units=split_units, kernel=kernel, recurrent_kernel=recurrent_kernel,
                 input_dropout_mask=input_dropout_mask, recurrent_dropout_mask=recurrent_dropout_mask,
                 activation=activation, recurrent_activation=recurrent_activation, reverse=reverse,
                 zero_output_for_mask=zero_output_for_mask, return_sequences=return_sequences,
@@ -520,8 +526,9 @@ class CythonBackend(Backend):
         # The forward's unit split, unless it has been losing since (the workspace is
         # the same either way).
         split_units, threads = ws.split_units, max(ws.threads if ws.split_units else 1, ws.thread_budget)
+        run_threads = 1 if ws.run_one_thread else 0
         if split_units and self.split_units == "auto" and not self._split_governor.allow():
-            split_units, threads = False, 1
+            split_units, run_threads = False, 1
         start = time.perf_counter()
         with _threads_for(layout):
             barrier_stats = _specialization(_cython_lstm.backward, dtype)(
@@ -536,7 +543,7 @@ class CythonBackend(Backend):
                 packed_x,
                 # Every thread of the budget shares the weight-gradient GEMMs, also when the
                 # batch is one part.
-                threads, split_units)
+                threads, split_units, run_threads)
         if split_units:
             self._split_governor.record(*barrier_stats, time.perf_counter() - start)
         # The consumed workspace and the scratch serve later calls; the workspace lets go of them.
