@@ -237,7 +237,15 @@ LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_pair_av
                                  c_pair + r0 * ldc, ldc);
         r0 += 4;
     }
-    for (; r0 < r1; r0++)
+    /* 3 or 2 rows: one pass over the panels (the single-row kernel would read them
+     * once per row; the shrinking steps of a variable-length batch end in such rows). */
+    if (r1 - r0 == 3)
+        lstmeng_block_avx512_f32(3, a + r0 * row_step, row_step, k_step, panels, K,
+                                 c_pair + r0 * ldc, ldc);
+    else if (r1 - r0 == 2)
+        lstmeng_block_avx512_f32(2, a + r0 * row_step, row_step, k_step, panels, K,
+                                 c_pair + r0 * ldc, ldc);
+    else if (r1 - r0 == 1)
         lstmeng_row_avx512_f32(a + r0 * row_step, k_step, panels, K, c_pair + r0 * ldc);
 }
 
