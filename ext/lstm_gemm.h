@@ -15,11 +15,15 @@
  *  - AVX2+FMA: 6 x 16 and 4 x 16 blocks (12 / 8 ymm accumulators of 16).
  *  - AVX-512:  a panel row is one zmm. Blocks of 12 x 32 (two panels: 24 of
  *    the 32 zmm registers accumulate, 2 hold the panel rows, the rest the
- *    broadcasts), then 8 x 32 and 4 x 32 for the rest of the rows: 2 panel
- *    loads and 12 broadcasts feed 24 FMAs, within the two load ports of a
- *    Xeon core. The AVX2 kernel on an AVX-512 Xeon ran the step product at
- *    1.8x the time OpenBLAS's AVX-512 sgemm took for the same FLOPs
- *    (/work/shared/cpu/xeon-avx512-profile.md, 43 % of an inference call).
+ *    broadcasts), then 8, 4, 3 or 2 rows x 32 and a single-row kernel for the
+ *    rest of the rows: 2 panel loads and 12 broadcasts feed 24 FMAs, within
+ *    the two load ports of a Xeon core. The AVX2 kernel on an AVX-512 Xeon
+ *    ran the step product at 1.8x the time OpenBLAS's AVX-512 sgemm took for
+ *    the same FLOPs (/work/shared/cpu/xeon-avx512-profile.md, 43 % of an
+ *    inference call); on a Zen 5 core this kernel reached 250-267 GFLOP/s at
+ *    step shapes against the AVX2 kernel's 128-134 (C microbenchmark, one
+ *    core). The AVX-512 path also runs the input projection, dx and (A read
+ *    transposed in place) the weight gradients through it: see docs/cython.md.
  *
  * Panel layout (both kernels): packed[(panel * K + k) * 16 + c] =
  * B[k, panel * 16 + c]; G must be a multiple of 32 (an even number of panels).
