@@ -34,6 +34,7 @@ import numpy as np
 import lstmeng as le
 from lstmeng import info, optim
 from lstmeng.backends import registry
+from lstmeng.training import _progress_bar   # the same per-epoch bar as le.fit
 
 TASKS = ("adding", "sentiment")
 
@@ -351,22 +352,6 @@ def _train(task: TaskSpec, backend: str, epochs: int | None, seed: int, progress
                       reached=bool(scores) and task.reached(scores[-1]))
 
 
-class _NoBar:
-    def set_postfix(self, *args, **kwargs):
-        pass
-
-    def update(self, count):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress_bar(total: int, description: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=description, unit="batch", leave=True, dynamic_ncols=True)
 
 
 def summary(result: DemoResult) -> str:

@@ -289,6 +289,7 @@ class _NoBar:
 
 
 def _progress_bar(total: int, description: str, enabled: bool):
+    """A tqdm bar of ``total`` batches (on stderr), or a silent stand-in; le.fit and the demo use it."""
     if not enabled:
         return _NoBar()
     from tqdm.auto import tqdm
