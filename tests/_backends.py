@@ -53,6 +53,21 @@ def fast_simulator_thread_switches():
     sys.setswitchinterval(previous)
 
 
+def numerical_gradient(function, array, step=1e-6):
+    """Central differences of a scalar ``function()`` with respect to every entry of ``array``
+    (changed in place and restored; use float64 arrays)."""
+    gradient = np.zeros_like(array)
+    for index in np.ndindex(array.shape):
+        saved = array[index]
+        array[index] = saved + step
+        up = function()
+        array[index] = saved - step
+        down = function()
+        array[index] = saved
+        gradient[index] = (up - down) / (2 * step)
+    return gradient
+
+
 def is_simulated(name: str) -> bool:
     """True when ``name`` runs its kernels in the (slow, Python) CUDA simulator."""
     return name == "numba_cuda" and CUDA_SIMULATED

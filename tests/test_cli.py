@@ -15,6 +15,8 @@ import lstmeng as le
 from lstmeng import bench, cli, demo, info
 from lstmeng.backends import registry
 
+from _backends import numerical_gradient
+
 TINY_SHAPES = "2,3,4,5;3,4,2,3"
 
 
@@ -280,20 +282,6 @@ def test_argparse_mistakes_exit_2(capsys):
 
 
 # -- demo: its losses against independent references ---------------------------------------------------------
-def numerical_gradient(function, array, step=1e-6):
-    """Central differences of the scalar function() w.r.t. every entry of array (float64)."""
-    gradient = np.zeros_like(array)
-    for index in np.ndindex(array.shape):
-        saved = array[index]
-        array[index] = saved + step
-        up = function()
-        array[index] = saved - step
-        down = function()
-        array[index] = saved
-        gradient[index] = (up - down) / (2 * step)
-    return gradient
-
-
 @pytest.mark.parametrize("task_name", demo.TASKS)
 def test_losses_match_their_formulas_and_finite_differences(task_name):
     rng = np.random.default_rng(2)

@@ -6,21 +6,7 @@ import pytest
 import lstmeng as le
 from lstmeng.testing import finite_difference_check
 
-from _backends import backends, dtypes_of, is_simulated
-
-
-def numerical_gradient(function, array, step=1e-6):
-    """Central differences of a scalar ``function()`` with respect to every entry of ``array``."""
-    gradient = np.zeros_like(array)
-    for index in np.ndindex(array.shape):
-        saved = array[index]
-        array[index] = saved + step
-        up = function()
-        array[index] = saved - step
-        down = function()
-        array[index] = saved
-        gradient[index] = (up - down) / (2 * step)
-    return gradient
+from _backends import backends, dtypes_of, is_simulated, numerical_gradient
 
 
 # -- Dense -------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import lstmeng as le
 from lstmeng import losses
 
-from test_dense import numerical_gradient
+from _backends import numerical_gradient
 
 
 def _check_gradient(loss_function, predictions, *args, **kwargs):
