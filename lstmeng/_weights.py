@@ -24,6 +24,7 @@ import numpy as np
 
 from lstmeng import _validation, activations, initializers
 from lstmeng.backends import registry
+from lstmeng.backends.base import numpy_dtype
 
 WEIGHT_NAMES = ("kernel", "recurrent_kernel", "bias")
 
@@ -147,8 +148,8 @@ class LSTMWeights:
             if array.shape != shapes[name]:
                 transposed = array.ndim == 2 and array.shape[::-1] == shapes[name]
                 hint = "" if not transposed else (
-                    f" (the transpose of it: PyTorch's layout, [4H, I] in gate order i, f, g, o; convert a "
-                    f"torch.nn.LSTM with le.from_torch, or pass weight.T)")
+                    " (the transpose of it: PyTorch's layout, [4H, I] in gate order i, f, g, o; convert a "
+                    "torch.nn.LSTM with le.from_torch, or pass weight.T)")
                 raise ValueError(f"set_weights: {name} must have shape {shapes[name]} (Keras's layout), "
                                  f"got {array.shape}{hint}")
             if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
@@ -606,11 +607,10 @@ def array_dtype_name(array, argument="x") -> str:
         return dtype.name
     if registry.array_kind(array) == "cuda":
         try:
-            interface = array.__cuda_array_interface__
+            return numpy_dtype(array).name
         except RuntimeError as error:  # torch: a tensor that requires grad exports no interface
             raise TypeError(f"{argument}: cannot read this CUDA array without a copy ({error}); "
                             f"pass {argument}.detach()") from None
-        return np.dtype(interface["typestr"]).name
     return getattr(dtype, "name", str(dtype))
 
 

@@ -16,8 +16,6 @@ over one sequence.
 
 from __future__ import annotations
 
-import numpy as np
-
 from lstmeng import _validation
 from lstmeng._weights import LSTMWeights, TrainingTape, prepare_input, prepare_state
 from lstmeng.backends import registry

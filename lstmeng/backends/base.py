@@ -52,6 +52,23 @@ ACTIVATIONS = ("tanh", "relu", "sigmoid", "linear")
 RECURRENT_ACTIVATIONS = ("sigmoid", "hard_sigmoid")
 
 
+def numpy_dtype(array) -> np.dtype:
+    """The NumPy dtype of a host array or of a CUDA array of any library.
+
+    torch's dtypes are not NumPy's (``np.dtype(torch.float32)`` raises), so a
+    CUDA array's dtype is read from ``__cuda_array_interface__['typestr']``,
+    the field torch, CuPy and Numba export alike. (A torch tensor that requires
+    grad exports no interface: the RuntimeError is the caller's to explain.)
+    """
+    dtype = getattr(array, "dtype", None)
+    if isinstance(dtype, np.dtype):
+        return dtype
+    interface = getattr(array, "__cuda_array_interface__", None)
+    if interface is not None:
+        return np.dtype(interface["typestr"])
+    return np.dtype(getattr(dtype, "name", dtype))
+
+
 @dataclasses.dataclass
 class SequenceForward:
     """What a whole-sequence forward returns.

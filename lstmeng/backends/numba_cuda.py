@@ -54,7 +54,7 @@ from importlib import metadata
 
 import numpy as np
 
-from lstmeng.backends.base import Backend, SequenceForward, SequenceGrads
+from lstmeng.backends.base import Backend, SequenceForward, SequenceGrads, numpy_dtype
 
 try:  # numba is optional: without it the backend reports itself unavailable.
     import numba
@@ -391,7 +391,7 @@ class NumbaCudaBackend(Backend):
         from lstmeng.backends import _cuda_gemm as gemm
         from lstmeng.backends import _cuda_recurrence as rec
 
-        dtype = _numpy_dtype(x)
+        dtype = numpy_dtype(x)
         copy_out = not self.owns(x)   # host inputs get host results (the workspace stays on the device)
         x = self.asarray(x, dtype)
         h0, c0 = self.asarray(h0, dtype), self.asarray(c0, dtype)
@@ -544,7 +544,7 @@ class NumbaCudaBackend(Backend):
         for name, shape in shapes.items():
             given = None if grads_out is None else grads_out.get(name)
             usable = (given is not None and self.owns(given) and tuple(given.shape) == shape
-                      and _numpy_dtype(given) == dtype and self._view(given).is_c_contiguous())
+                      and numpy_dtype(given) == dtype and self._view(given).is_c_contiguous())
             arrays.append(self._view(given) if usable else self._empty(shape, dtype))
         return tuple(arrays)
 
@@ -749,22 +749,6 @@ def _compile_failure_message(error) -> str:
         message += (f"; numba-cuda {_numba_cuda_version()} needs numpy<2.5 (this is NumPy {np.__version__}): "
                     "pip install 'numpy<2.5'")
     return message
-
-
-def _numpy_dtype(array) -> np.dtype:
-    """The NumPy dtype of a host array or of a CUDA array of any library.
-
-    torch's dtypes are not NumPy's (``np.dtype(torch.float32)`` raises), so a
-    CUDA array's dtype is read from ``__cuda_array_interface__['typestr']``,
-    the field every library exports alike.
-    """
-    dtype = getattr(array, "dtype", None)
-    if isinstance(dtype, np.dtype):
-        return dtype
-    interface = getattr(array, "__cuda_array_interface__", None)
-    if interface is not None:
-        return np.dtype(interface["typestr"])
-    return np.dtype(getattr(dtype, "name", dtype))
 
 
 def _last_axis_slice(array, start, stop):
