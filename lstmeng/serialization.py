@@ -1,7 +1,10 @@
 """Save and load layers and models as ``.npz``: a JSON config plus plain arrays.
 
 Nothing is ever unpickled: files are opened with ``allow_pickle=False`` and the
-config is JSON, so a hostile file can fail to load but cannot run code.
+config is JSON, so a hostile file can fail to load but cannot run code. ``load``
+checks every array's shape against the shapes the config and the header's
+``input_size`` imply before any weight goes in: a file that disagrees with
+itself is refused, naming the entry, the expected and the actual shape.
 
 File layout::
 
@@ -29,7 +32,8 @@ import numpy as np
 from lstmeng import initializers
 from lstmeng.layers import LSTM
 from lstmeng.cell import LSTMCell
-from lstmeng.wrappers import LAYER_CLASSES, Sequential
+from lstmeng.dense import Dense, Embedding
+from lstmeng.wrappers import LAYER_CLASSES, Bidirectional, Dropout, Sequential
 
 FORMAT = "lstmeng"
 VERSION = 1
@@ -188,19 +192,101 @@ def load(path, device=None, optimizer=None):
         if not isinstance(config, dict):
             raise TypeError(f"config must be a JSON object, got {type(config).__name__}")
         obj = CLASSES[class_name].from_config(config)
-        if device is not None:
-            obj.to(device)   # before the weights go in: they are copied once, straight to the device
-        if weights:
-            obj.set_weights(weights)
     except KeyError as error:
         raise ValueError(f"{path!r} is an lstmeng file whose {class_name} config lacks the key {error}") from None
     # AttributeError: a nested config entry of the wrong JSON type (e.g. a string where a dict belongs).
     except (TypeError, ValueError, AttributeError) as error:
-        raise ValueError(f"{path!r} is an lstmeng file whose {class_name} config or weights are invalid: "
-                         f"{error}") from None
+        raise ValueError(f"{path!r} is an lstmeng file whose {class_name} config is invalid: {error}") from None
+    # Every array against the shape the config implies, before any goes in: set_weights of an
+    # unbuilt layer would otherwise build it from the arrays' shapes, whatever the config says.
+    problem = _weights_disagree(obj, document.get("input_size"), weights)
+    if problem:
+        raise ValueError(f"{path!r} is an lstmeng file whose weights disagree with its {class_name} config: "
+                         f"{problem}")
+    try:
+        if device is not None:
+            obj.to(device)   # before the weights go in: they are copied once, straight to the device
+        if weights:
+            obj.set_weights(weights)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path!r} is an lstmeng file whose {class_name} weights are invalid: {error}") from None
     if optimizer is not None:
         optimizer.load_state_dict(optimizer_state)
     return obj
+
+
+def _expected_weights(obj, input_size) -> list[tuple[str, tuple, str]]:
+    """``(name, shape, why)`` of each array of ``obj.get_weights()``, in order, as its config implies.
+
+    ``name`` is the weight's key in ``obj.params`` ("kernel", "1.forward.bias"); ``why`` says
+    where the shape comes from. ``input_size`` is the header's (the features of the first layer
+    that has them); a dimension it leaves unknown is None.
+    """
+    if isinstance(obj, Sequential):
+        expected, size, first = [], None, True
+        for index, layer in enumerate(obj.layers):
+            if isinstance(layer, Dropout):
+                continue
+            if isinstance(layer, Embedding):
+                expected.append((f"{index}.embeddings", (layer.input_dim, layer.output_dim),
+                                 f"input_dim={layer.input_dim}, output_dim={layer.output_dim}"))
+            else:
+                if first:
+                    # The header's input_size is the first such layer's (after an Embedding: its output_dim).
+                    if size is not None and input_size is not None and input_size != size:
+                        raise _Disagreement(f"the header's input_size is {input_size} but layers[{index}] "
+                                            f"follows an Embedding of output_dim {size}")
+                    size, first = input_size, False
+                expected.extend((f"{index}.{name}", shape, why)
+                                for name, shape, why in _expected_weights(layer, size))
+            size = layer.units
+        return expected
+    if isinstance(obj, Bidirectional):
+        return [(f"{prefix}.{name}", shape, why)
+                for prefix, direction in (("forward", obj.forward_layer), ("backward", obj.backward_layer))
+                for name, shape, why in _expected_weights(direction, input_size)]
+    if isinstance(obj, Dense):
+        expected = [("kernel", (input_size, obj.units), f"input_size={input_size}, units={obj.units}")]
+        if obj.use_bias:
+            expected.append(("bias", (obj.units,), f"units={obj.units}"))
+        return expected
+    # LSTM, LSTMCell: Keras's layout.
+    units = obj.units
+    expected = [("kernel", (input_size, 4 * units), f"input_size={input_size}, units={units}"),
+                ("recurrent_kernel", (units, 4 * units), f"units={units}")]
+    if obj.use_bias:
+        expected.append(("bias", (4 * units,), f"units={units}"))
+    return expected
+
+
+class _Disagreement(Exception):
+    """A header whose parts contradict each other (the message says how)."""
+
+
+def _weights_disagree(obj, input_size, weights) -> str | None:
+    """Why ``weights`` (the file's arrays) cannot be ``obj``'s for the header's ``input_size``; None if they can."""
+    if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, int)
+                                   or input_size < 1):
+        return f"the header's input_size must be a positive integer or null, got {input_size!r}"
+    try:
+        expected = _expected_weights(obj, input_size)
+    except _Disagreement as error:
+        return str(error)
+    if not weights:
+        if input_size is None or not expected:
+            return None   # an unbuilt layer: its weights are made at its first call
+        return (f"the header's input_size is {input_size}, so the file must hold {len(expected)} weights "
+                f"({', '.join(name for name, _, _ in expected)}), but it holds none")
+    if len(weights) != len(expected):
+        return (f"the config implies {len(expected)} weights ({', '.join(name for name, _, _ in expected)}), "
+                f"the file holds {len(weights)}")
+    for index, ((name, shape, why), array) in enumerate(zip(expected, weights)):
+        if None in shape:
+            return (f"the header's input_size is null (an unbuilt layer) but the file holds weights "
+                    f"(weight_{index}, {name}, has shape {tuple(array.shape)})")
+        if tuple(array.shape) != shape:
+            return f"weight_{index} ({name}) must have shape {shape} ({why}), got {tuple(array.shape)}"
+    return None
 
 
 #: First bytes of the files people mistake for lstmeng files -> what to call them.

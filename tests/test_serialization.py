@@ -207,3 +207,144 @@ def test_callable_initializers(tmp_path):
     np.testing.assert_array_equal(loaded(X), model(X))
     with pytest.raises(ValueError, match="unbuilt layer whose kernel_initializer is a callable"):
         le.save(le.LSTM(2, kernel_initializer=lambda shape, rng: np.zeros(shape)), tmp_path / "unbuilt.npz")
+
+
+# -- weights against the config ------------------------------------------------------------
+def shape_check_models():
+    """Every class le.save writes, built, with every kind of sublayer whose weights it holds."""
+    return {
+        "LSTM": le.LSTM(4, seed=1, backend="numpy").build(3),
+        "LSTM no bias": le.LSTM(2, use_bias=False, seed=2, backend="numpy").build(3),
+        "LSTMCell": le.LSTMCell(3, seed=3, backend="numpy").build(2),
+        "Bidirectional": le.Bidirectional(
+            le.LSTM(3, return_sequences=True, seed=4, backend="numpy"),
+            backward_layer=le.LSTM(2, return_sequences=True, go_backwards=True, seed=5, backend="numpy")).build(3),
+        "Sequential": le.Sequential([
+            le.Bidirectional(le.LSTM(3, return_sequences=True, seed=6, backend="numpy"), merge_mode="sum"),
+            le.Dropout(0.25, seed=7), le.LSTM(2, return_sequences=True, seed=8, backend="numpy"),
+            le.Dense(4, seed=9), le.Dense(1, use_bias=False, seed=10)]).build(3),
+        "Sequential with Embedding": le.Sequential([
+            le.Embedding(11, 5, mask_zero=True, seed=11),
+            le.Bidirectional(le.LSTM(3, return_sequences=True, seed=12, backend="numpy")),
+            le.LSTM(2, seed=13, backend="numpy"), le.Dense(3, seed=14)]).build(),
+        "Sequential of one Embedding": le.Sequential([le.Embedding(7, 2, seed=15)]).build(),
+    }
+
+
+def saved_parts(model, tmp_path):
+    """(header, {entry: array}) of ``model`` as le.save writes it."""
+    path = tmp_path / "saved.npz"
+    le.save(model, path, optimizer=le.optim.SGD(model, lr=0.1, momentum=0.9))
+    with np.load(path, allow_pickle=False) as archive:
+        return (json.loads(str(archive["__lstmeng__"])),
+                {name: archive[name] for name in archive.files if name != "__lstmeng__"})
+
+
+def write_parts(path, document, arrays):
+    np.savez(path, __lstmeng__=np.array(json.dumps(document)), **arrays)
+
+
+class RecordingOptimizer:
+    def __init__(self):
+        self.loaded = None
+
+    def load_state_dict(self, state):
+        self.loaded = state
+
+
+@pytest.mark.parametrize("name", list(shape_check_models()))
+def test_load_refuses_each_weight_of_the_wrong_shape(name, tmp_path):
+    """Any one array of another shape than the config implies is refused, naming its entry, the
+    expected and the actual shape; nothing is loaded (not even the optimizer's state)."""
+    model = shape_check_models()[name]
+    document, arrays = saved_parts(model, tmp_path)
+    weights = model.get_weights()
+    assert document["weights"] == len(weights) > 0
+    keys = list(model.params)
+    for index, weight in enumerate(weights):
+        for bad_shape in (weight.shape[:-1] + (weight.shape[-1] + 1,),   # one column (or entry) more
+                          (weight.shape[0] + 1,) + weight.shape[1:],     # one row more
+                          weight.shape + (1,)):                           # one axis more
+            changed = dict(arrays, **{f"weight_{index}": np.zeros(bad_shape, weight.dtype)})
+            path = tmp_path / f"bad_{index}.npz"
+            write_parts(path, document, changed)
+            optimizer = RecordingOptimizer()
+            with pytest.raises(ValueError) as info:
+                le.load(path, optimizer=optimizer)
+            message = str(info.value)
+            assert str(path) in message and f"weight_{index} ({keys[index]})" in message, message
+            assert f"must have shape {tuple(weight.shape)}" in message and f"got {bad_shape}" in message, message
+            assert optimizer.loaded is None
+    # The untouched file loads, with its optimizer state.
+    path = tmp_path / "good.npz"
+    write_parts(path, document, arrays)
+    optimizer = RecordingOptimizer()
+    loaded = le.load(path, optimizer=optimizer)
+    assert optimizer.loaded is not None
+    for actual, original in zip(loaded.get_weights(), weights, strict=True):
+        np.testing.assert_array_equal(actual, original)
+
+
+def test_load_refuses_a_kernel_for_other_inputs_than_the_header_says(tmp_path):
+    """Issue 13, item 10: header input_size 3, kernel of 4 rows: refused, not a layer for 4 inputs."""
+    document, arrays = saved_parts(le.LSTM(2, seed=0, backend="numpy").build(3), tmp_path)
+    path = tmp_path / "four_rows.npz"
+    write_parts(path, document, dict(arrays, weight_0=np.zeros((4, 8), "float32")))
+    with pytest.raises(ValueError, match=r"weight_0 \(kernel\) must have shape \(3, 8\) \(input_size=3, "
+                                         r"units=2\), got \(4, 8\)"):
+        le.load(path)
+    # The same file with the header saying 4: a consistent file, a layer for 4 inputs.
+    write_parts(path, dict(document, input_size=4), dict(arrays, weight_0=np.zeros((4, 8), "float32")))
+    assert le.load(path).input_size == 4
+
+
+@pytest.mark.parametrize("name", ["LSTM", "Sequential", "Sequential with Embedding"])
+def test_load_refuses_a_header_input_size_the_weights_contradict(name, tmp_path):
+    model = shape_check_models()[name]
+    document, arrays = saved_parts(model, tmp_path)
+    path = tmp_path / "header.npz"
+    write_parts(path, dict(document, input_size=document["input_size"] + 1), arrays)
+    with pytest.raises(ValueError, match="weights disagree with its .* config"):
+        le.load(path)
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"input_size": None}, "input_size is null"),
+    ({"input_size": "3"}, "input_size must be a positive integer or null, got '3'"),
+    ({"input_size": 0}, "input_size must be a positive integer or null, got 0"),
+    ({"input_size": True}, "input_size must be a positive integer or null, got True"),
+])
+def test_load_refuses_bad_header_input_size(changes, expected, tmp_path):
+    document, arrays = saved_parts(le.LSTM(2, seed=0, backend="numpy").build(3), tmp_path)
+    path = tmp_path / "header.npz"
+    write_parts(path, dict(document, **changes), arrays)
+    with pytest.raises(ValueError, match=expected):
+        le.load(path)
+
+
+def test_load_refuses_missing_or_extra_weights(tmp_path):
+    document, arrays = saved_parts(le.LSTM(2, seed=0, backend="numpy").build(3), tmp_path)
+    path = tmp_path / "count.npz"
+    write_parts(path, dict(document, weights=0), {})
+    with pytest.raises(ValueError, match=r"input_size is 3, so the file must hold 3 weights \(kernel, "
+                                         r"recurrent_kernel, bias\), but it holds none"):
+        le.load(path)
+    write_parts(path, dict(document, weights=2), {"weight_0": arrays["weight_0"], "weight_1": arrays["weight_1"]})
+    with pytest.raises(ValueError, match=r"the config implies 3 weights .*, the file holds 2"):
+        le.load(path)
+    # A bias for a layer whose config says use_bias=False.
+    document, arrays = saved_parts(le.LSTM(2, use_bias=False, seed=0, backend="numpy").build(3), tmp_path)
+    write_parts(path, dict(document, weights=3), dict(arrays, weight_2=np.zeros(8, "float32")))
+    with pytest.raises(ValueError, match=r"implies 2 weights \(kernel, recurrent_kernel\), the file holds 3"):
+        le.load(path)
+
+
+def test_load_refuses_embedding_output_size_the_next_layer_contradicts(tmp_path):
+    model = shape_check_models()["Sequential with Embedding"]
+    document, arrays = saved_parts(model, tmp_path)
+    config = json.loads(json.dumps(document["config"]))
+    config["layers"][0]["config"]["output_dim"] = 6   # the table and the next kernel are for 5
+    path = tmp_path / "embedding.npz"
+    write_parts(path, dict(document, config=config), arrays)
+    with pytest.raises(ValueError, match="input_size is 5 but layers.1. follows an Embedding of output_dim 6"):
+        le.load(path)
