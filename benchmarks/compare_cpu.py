@@ -26,6 +26,8 @@ import time
 
 import numpy as np
 
+from lstmeng._runtime import threads as runtime_threads
+
 SHAPES = ((64, 100, 256, 256), (32, 200, 128, 512), (256, 50, 128, 128), (1, 500, 64, 128))
 #: The clock of every measurement: wall time, or process CPU time with --cpu-time.
 clock = time.perf_counter
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
                         help="B,T,I,H shapes (default: the issue's four)")
     parser.add_argument("--repeats", type=int, default=5, help="best of this many runs")
     parser.add_argument("--threads", type=int, default=None,
-                        help="threads for every library (default: lstmeng's num_threads())")
+                        help="threads for every library (default: OMP_NUM_THREADS, else the usable cores)")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--no-keras", action="store_true")
     parser.add_argument("--no-variable-length", action="store_true",
@@ -168,9 +170,8 @@ def main(argv=None) -> int:
     # The same thread count for every library; OpenBLAS reads it when it loads,
     # so it is set before anything imports scipy.
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "0").split(",")[0] or 0) \
-        or len(os.sched_getaffinity(0))
+        or runtime_threads.usable_cores()
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    from lstmeng.backends import cython as cython_backend
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split(",")) for s in args.shapes]
     use_torch = not args.no_torch and library_available("torch")
     use_keras = not args.no_keras and library_available("keras") and library_available("tensorflow")
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
         tf.config.threading.set_inter_op_parallelism_threads(1)
 
     peak = sgemm_peak(args.repeats)
-    print(f"CPU: {cython_backend.cpu_name()}; threads: {threads}; float32; best of {args.repeats}; "
+    print(f"CPU: {runtime_threads.cpu_model()}; threads: {threads}; float32; best of {args.repeats}; "
           f"{'process CPU time' if args.cpu_time else 'wall time'}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"sgemm peak (scipy, 2048^3): {peak:.1f} GFLOP/s")

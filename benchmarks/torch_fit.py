@@ -143,7 +143,7 @@ def main():
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import numpy as np
     import torch
-    from lstmeng import info
+    from lstmeng._runtime import threads
     from lstmeng.backends import registry
 
     torch.set_num_threads(args.threads)
@@ -151,7 +151,7 @@ def main():
         # What the module's "auto" picks for CPU float32 tensors (cython, else numpy).
         args.backend = registry.resolve("auto", np.empty(0, np.float32), "float32", "tanh", "sigmoid").name
     backend = args.backend
-    print(f"CPU: {info.cpu_model()}, {args.threads} threads, load average {os.getloadavg()[0]:.1f}; "
+    print(f"CPU: {threads.cpu_model()}, {args.threads} threads, load average {os.getloadavg()[0]:.1f}; "
           f"torch {torch.__version__}; lstmeng backend {backend!r}{'; --quick' if args.quick else ''}")
     names = list(SHAPES) if args.shape == "both" else [args.shape]
     print(f"{'shape':<42} {'torch s/epoch':>14} {'lstmeng s/epoch':>16} {'speed-up':>9}   "

@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from lstmeng import info
+from lstmeng._runtime import threads as runtime_threads
 
 MODES = ("infer", "train")
 PEERS = ("torch", "keras")
@@ -331,7 +331,7 @@ def run_bench(backends: list[str] | None = None, peers: list[str] = PEERS, shape
     if bad_peers:
         raise BenchError(f"unknown peer {bad_peers[0]!r}; peers: {', '.join(PEERS)} (or 'none')")
     shapes = parse_shapes(DEFAULT_SHAPES) if shapes is None else shapes
-    threads = info.thread_count() if threads is None else threads
+    threads = runtime_threads.thread_count() if threads is None else threads
     if threads < 1:
         raise BenchError(f"--threads must be >= 1, got {threads}")
     say = progress or (lambda message: None)
@@ -362,7 +362,7 @@ def run_bench(backends: list[str] | None = None, peers: list[str] = PEERS, shape
             notes.append(note)
 
     measurements, failed, peaks = [], [], []
-    with info.blas_threads(threads):
+    with runtime_threads.blas_limits(threads):
         for shape in shapes:
             # The peak is measured again beside every shape and the best kept:
             # on a shared machine one early measurement may catch a busy moment.
@@ -396,7 +396,7 @@ def run_bench(backends: list[str] | None = None, peers: list[str] = PEERS, shape
     peak = max(peaks)
     for measurement in measurements:
         measurement.peak_gflops = peak
-    return BenchResult(cpu=info.cpu_model(), threads=threads, peak_gflops=peak, peak_size=peak_size,
+    return BenchResult(cpu=runtime_threads.cpu_model(), threads=threads, peak_gflops=peak, peak_size=peak_size,
                        measurements=measurements, skipped=skipped, failed=failed, notes=notes)
 
 

@@ -32,7 +32,8 @@ from typing import Callable
 import numpy as np
 
 import lstmeng as le
-from lstmeng import info, optim
+from lstmeng import optim
+from lstmeng._runtime import threads
 from lstmeng.backends import registry
 from lstmeng.training import _progress_bar   # the same per-epoch bar as le.fit
 
@@ -295,7 +296,7 @@ def run_demo(task_name: str = "adding", backend: str = "auto", epochs: int | Non
     Raises:
         DivergenceError: a batch's loss is NaN or infinite.
     """
-    with info.blas_threads(blas_threads):
+    with threads.blas_limits(blas_threads):
         return _train(TASK_SPECS[task_name], backend, epochs, seed, progress, train_size)
 
 

@@ -1,4 +1,5 @@
-"""`lstmeng info`: what this machine offers lstmeng, and the BLAS thread controls the other commands use.
+"""`lstmeng info`: what this machine offers lstmeng. It only reports: thread counts are read and set
+in ``lstmeng._runtime.threads``.
 
 Everything here is read without side effects: optional libraries are found by
 their distribution metadata (importing TensorFlow to read its version would
@@ -8,15 +9,13 @@ installed.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import importlib.util
 import os
 import platform
-import threading
 from importlib import metadata
 
 import lstmeng
+from lstmeng._runtime import threads
 
 #: Distributions reported under "optional libraries", in this order.
 OPTIONAL_LIBRARIES = ("tensorflow", "tensorflow-cpu", "keras", "torch", "numba", "numba-cuda", "matplotlib",
@@ -25,140 +24,7 @@ OPTIONAL_LIBRARIES = ("tensorflow", "tensorflow-cpu", "keras", "torch", "numba",
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "LSTMENG_BACKEND")
 
 
-# -- CPU ------------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    """The CPU's marketing name ("AMD EPYC 7B13"), from /proc/cpuinfo where there is one."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
-            for line in cpuinfo:
-                if line.lower().startswith(("model name", "hardware", "cpu model")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask), which containers often cut below cpu_count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def thread_count() -> int:
-    """The thread count the benchmark gives every library: OMP_NUM_THREADS if set, else the usable cores."""
-    value = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if value.isdigit() and int(value) > 0:
-        return int(value)
-    return usable_cores()
-
-
 # -- BLAS -----------------------------------------------------------------------------------------------------
-class OpenBLAS:
-    """One OpenBLAS library loaded in this process (NumPy and SciPy each ship their own).
-
-    The symbol names differ between builds: plain ``openblas_*``, the 64-bit
-    integer ``*64_`` builds, and the ``scipy_openblas_*`` builds in NumPy's and
-    SciPy's wheels. Found through /proc/self/maps, so only on Linux.
-    """
-
-    PREFIXES = ("scipy_openblas_", "openblas_")
-    SUFFIXES = ("64_", "")
-
-    def __init__(self, path: str):
-        self.path = path
-        self._library = ctypes.CDLL(path)
-        self._get_threads = self._function("get_num_threads", ctypes.c_int, [])
-        self._set_threads = self._function("set_num_threads", None, [ctypes.c_int])
-        self._get_config = self._function("get_config", ctypes.c_char_p, [])
-
-    def _function(self, name, restype, argtypes):
-        for prefix in self.PREFIXES:
-            for suffix in self.SUFFIXES:
-                function = getattr(self._library, f"{prefix}{name}{suffix}", None)
-                if function is not None:
-                    function.restype, function.argtypes = restype, argtypes
-                    return function
-        return None
-
-    @property
-    def usable(self) -> bool:
-        return self._get_threads is not None and self._set_threads is not None
-
-    @property
-    def threads(self) -> int:
-        return int(self._get_threads())
-
-    @threads.setter
-    def threads(self, count: int) -> None:
-        self._set_threads(int(count))
-
-    @property
-    def config(self) -> str:
-        return self._get_config().decode(errors="replace").strip() if self._get_config else ""
-
-
-def loaded_openblas() -> list[OpenBLAS]:
-    """Every OpenBLAS loaded in this process that exposes its thread controls."""
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            paths = []
-            for line in maps:
-                fields = line.split()
-                path = fields[-1] if len(fields) >= 6 else ""
-                if "openblas" in os.path.basename(path).lower() and path not in paths:
-                    paths.append(path)
-    except OSError:
-        return []
-    libraries = []
-    for path in paths:
-        try:
-            library = OpenBLAS(path)
-        except OSError:
-            continue
-        if library.usable:
-            libraries.append(library)
-    return libraries
-
-
-#: Held by a ``blas_threads`` block: the counts are process-wide, so two threads saving and
-#: restoring them at once could leave one thread's limit in place (reentrant: blocks nest).
-_BLAS_THREADS_LOCK = threading.RLock()
-
-
-def is_numpy_openblas(library: OpenBLAS) -> bool:
-    """Whether ``library`` is the OpenBLAS bundled in NumPy's wheel (``numpy.libs/``)."""
-    return os.path.basename(os.path.dirname(library.path)).startswith("numpy")
-
-
-@contextlib.contextmanager
-def blas_threads(count: int | None, numpy_only: bool = False):
-    """Run the block with every loaded OpenBLAS limited to ``count`` threads (None: leave as is).
-
-    Loads SciPy's BLAS first so that it is limited too. Restores the previous
-    counts afterwards. Blocks in other Python threads wait for this one.
-    ``numpy_only`` limits only the OpenBLAS of NumPy's wheel: the cython
-    kernels lower SciPy's count from any thread while they run (their own
-    reference count), and a block restoring it around them could undo theirs.
-    """
-    if count is None:
-        yield
-        return
-    import scipy.linalg.blas  # noqa: F401  (loads SciPy's OpenBLAS so that it can be limited too)
-    with _BLAS_THREADS_LOCK:
-        libraries = [library for library in loaded_openblas()
-                     if not numpy_only or is_numpy_openblas(library)]
-        previous = [library.threads for library in libraries]
-        for library in libraries:
-            library.threads = count
-        try:
-            yield
-        finally:
-            for library, threads in zip(libraries, previous):
-                library.threads = threads
-
-
 def _blas_build(module_name: str) -> str:
     """``name version`` of the BLAS a module (numpy or scipy) was built against."""
     try:
@@ -233,7 +99,8 @@ def gather() -> dict:
         "lstmeng": lstmeng.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": {"model": cpu_model(), "logical_cores": os.cpu_count(), "usable_cores": usable_cores()},
+        "cpu": {"model": threads.cpu_model(), "logical_cores": os.cpu_count(), "usable_cores": threads.usable_cores(),
+                "cpu_quota": threads.cpu_quota(), "kernel_threads": threads.thread_count()},
         "gpu": {"devices": devices, "note": gpu_note, "gemm": cuda_gemm_path(devices)},
         "backends": [{"name": row.name, "available": row.available, "reason": row.reason, "device": row.device}
                      for row in lstmeng.list_backends()],
@@ -241,8 +108,10 @@ def gather() -> dict:
         "blas": {
             "numpy": _blas_build("numpy"),
             "scipy": _blas_build("scipy"),
-            "openblas_runtime": [{"library": os.path.basename(library.path), "threads": library.threads,
-                                  "config": library.config} for library in loaded_openblas()],
+            # Every BLAS and OpenMP runtime loaded, as threadpoolctl sees (and would set) them.
+            "runtime": [{"library": os.path.basename(entry["filepath"]), "api": entry["internal_api"],
+                         "version": entry.get("version"), "threads": entry["num_threads"],
+                         "threading_layer": entry.get("threading_layer")} for entry in threads.blas_report()],
         },
         "threads": {name: os.environ.get(name) for name in THREAD_VARIABLES},
         "libraries": library_versions(),
@@ -253,7 +122,9 @@ def render(info: dict) -> str:
     """The text ``lstmeng info`` prints."""
     lines = [f"lstmeng {info['lstmeng']}  (Python {info['python']}, {info['platform']})", ""]
     cpu = info["cpu"]
-    lines.append(f"CPU: {cpu['model']}, {cpu['logical_cores']} logical cores ({cpu['usable_cores']} usable)")
+    quota = f", CPU quota {cpu['cpu_quota']:g}" if cpu["cpu_quota"] is not None else ""
+    lines.append(f"CPU: {cpu['model']}, {cpu['logical_cores']} logical cores ({cpu['usable_cores']} usable{quota}); "
+                 f"lstmeng's kernels use {cpu['kernel_threads']} threads")
     gpu = info["gpu"]
     if gpu["devices"]:
         for index, device in enumerate(gpu["devices"]):
@@ -267,9 +138,13 @@ def render(info: dict) -> str:
         state = f"available    {row['device']}" if row["available"] else f"unavailable  {row['reason']}"
         lines.append(f"  {row['name']:<{width}}  {state}")
     blas = info["blas"]
-    lines += ["", "BLAS:", f"  numpy built with {blas['numpy']}", f"  scipy built with {blas['scipy']}"]
-    for library in blas["openblas_runtime"]:
-        lines.append(f"  {library['library']}: {library['threads']} threads  {library['config']}")
+    lines += ["", "BLAS and OpenMP:", f"  numpy built with {blas['numpy']}", f"  scipy built with {blas['scipy']}"]
+    if not blas["runtime"]:
+        lines.append("  threadpoolctl finds no BLAS or OpenMP runtime it can control: the cython kernels run one thread")
+    for library in blas["runtime"]:
+        layer = f", {library['threading_layer']}" if library["threading_layer"] else ""
+        version = f" {library['version']}" if library["version"] else ""
+        lines.append(f"  {library['library']}: {library['api']}{version}, {library['threads']} threads{layer}")
     lines += ["", "Thread settings:"]
     lines += [f"  {name}={value if value is not None else '(unset)'}" for name, value in info["threads"].items()]
     lines += ["", "Libraries:"]

@@ -22,10 +22,9 @@ def orthogonal(shape, rng):
     # One BLAS thread: a multi-threaded OpenBLAS call leaves its idle workers
     # busy-waiting for ~0.1 s, and they took a core from the layer's first calls
     # (a new layer's first ~10 forwards ran at half speed). The QR of an [H, 4H]
-    # matrix is milliseconds on one thread. Only NumPy's own OpenBLAS (the one
-    # np.linalg uses): SciPy's count belongs to the cython kernels while they run.
-    from lstmeng.info import blas_threads
-    with blas_threads(1, numpy_only=True):
+    # matrix is milliseconds on one thread.
+    from lstmeng._runtime.threads import single_threaded_blas
+    with single_threaded_blas():
         q, r = np.linalg.qr(flat)
     q *= np.sign(np.diag(r))
     if rows < cols:

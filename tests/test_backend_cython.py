@@ -323,13 +323,6 @@ def test_workspace_is_consumed_once():
         backend.sequence_backward(np.ones((2, 3, 5)), np.zeros((2, 5)), np.zeros((2, 5)), forward.workspace)
 
 
-def test_num_threads_honours_omp_num_threads(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert cython_module.num_threads() == 3
-    monkeypatch.delenv("OMP_NUM_THREADS")
-    assert cython_module.num_threads() >= 1
-
-
 def test_small_calls_run_one_thread(monkeypatch):
     """A one-part call below MIN_FLOPS_TO_THREAD runs one thread instead of splitting its
     units; batches split by rows keep their threads."""

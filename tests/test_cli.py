@@ -78,50 +78,6 @@ def test_info_names_every_backend_with_its_state(capsys, tmp_path, broken_plugin
     assert "OMP_NUM_THREADS" in out
 
 
-def test_openblas_threads_are_limited_and_restored():
-    import scipy.linalg.blas  # noqa: F401  (load SciPy's OpenBLAS too)
-
-    libraries = info.loaded_openblas()
-    if not libraries:
-        pytest.skip("no OpenBLAS with thread controls loaded here (not Linux, or another BLAS)")
-    before = [library.threads for library in libraries]
-    with info.blas_threads(1):
-        assert [library.threads for library in info.loaded_openblas()] == [1] * len(libraries)
-    assert [library.threads for library in info.loaded_openblas()] == before
-
-
-def test_openblas_threads_restored_when_threads_overlap():
-    """Blocks in two Python threads that overlap (a layer built on each) leave the counts as
-    they found them: without the lock the later restore could reinstate the other's limit."""
-    import threading
-    import time
-
-    import scipy.linalg.blas  # noqa: F401
-
-    libraries = info.loaded_openblas()
-    if not libraries:
-        pytest.skip("no OpenBLAS with thread controls loaded here")
-    before = [library.threads for library in libraries]
-    entered = threading.Event()
-
-    def first():
-        with info.blas_threads(1):
-            entered.set()
-            time.sleep(0.05)   # the second thread asks while this block is open
-
-    def second():
-        entered.wait()
-        with info.blas_threads(1):
-            time.sleep(0.1)    # ... and would restore after the first one did
-
-    threads = [threading.Thread(target=first), threading.Thread(target=second)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert [library.threads for library in info.loaded_openblas()] == before
-
-
 # -- bench ----------------------------------------------------------------------------------------------------
 def test_parse_shapes():
     assert bench.parse_shapes("64,100,256,256; 1x500x64x128;") == [

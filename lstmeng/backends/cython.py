@@ -12,14 +12,15 @@ costs about half of the full batch. Any other mask takes the general path,
 which checks the mask per row and step.
 
 Threads: one pool, OpenMP's. The batch is split into parts, one per thread
-(``num_threads()``, which honours ``OMP_NUM_THREADS``); rows are independent,
+(``lstmeng._runtime.threads.thread_count()``: ``OMP_NUM_THREADS``, the CPU quota,
+``threadpool_limits``); rows are independent,
 so each thread runs the whole sequence for its part without synchronising per
 step. A batch too small to split by rows (fewer than ``MIN_ROWS_PER_PART``
 rows per thread; a batch of one, say) is split by units instead: each thread
 owns a slice of the units and the threads meet at one barrier per step. BLAS
 is held at one thread meanwhile, so its pool never spins against ours.
-Without OpenMP or without OpenBLAS's thread control, one thread runs and BLAS
-threads as it likes. The GIL is released for the whole sequence, so layers on
+Without OpenMP or without a BLAS whose threads threadpoolctl can set, one
+thread runs and BLAS threads as it likes (``probe()`` says so). The GIL is released for the whole sequence, so layers on
 different Python threads run in parallel.
 
 Training keeps the theoretical workspace only: per processed (row, step) the
@@ -37,17 +38,14 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
 import functools
-import os
-import platform
 import threading
 import time
 
 import numpy as np
 
+from lstmeng._runtime import threads
 from lstmeng.backends._buffer_cache import BufferCache
 from lstmeng.backends.base import Backend, SequenceForward, SequenceGrads
 
@@ -90,107 +88,26 @@ MAX_SPLIT_BACKOFF_CALLS = 256
 BUFFER_CACHE_BYTES = 512 * 2**20
 
 
-def num_threads() -> int:
-    """Threads the backend may use: ``OMP_NUM_THREADS`` if set, else the CPUs this process may run on."""
-    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    if value.isdigit() and int(value) > 0:
-        return int(value)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def cpu_name() -> str:
-    """The CPU model name (from /proc/cpuinfo where there is one)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _openblas_thread_functions():
-    """(get, set) of the thread count of the OpenBLAS behind scipy.linalg.cython_blas, or None.
-
-    scipy links its own OpenBLAS (symbols prefixed ``scipy_``); it is found
-    among the loaded libraries. Any other BLAS gives None: the kernels then
-    run one part and leave threading to that BLAS.
-    """
-    import scipy.linalg.cython_blas  # noqa: F401  (loads scipy's BLAS)
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and ".so" in line}
-    except OSError:
-        return None
-    # numpy ships its own OpenBLAS too; prefer the one scipy ships.
-    for path in sorted(paths, key=lambda path: "scipy" not in path):
-        try:
-            library = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix in ("scipy_openblas", "openblas"):
-            get = getattr(library, f"{prefix}_get_num_threads", None)
-            set_ = getattr(library, f"{prefix}_set_num_threads", None)
-            if get is not None and set_ is not None and "numpy" not in path:
-                get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
-                return get, set_
-    return None
-
-
-class _SingleThreadedBlas:
-    """Keeps BLAS at one thread while any multi-part kernel runs (a reference count).
-
-    The kernels split the batch over OpenMP threads and call BLAS from each;
-    a multi-threaded BLAS would then start its own pool under ours. OpenBLAS's
-    thread count is process-wide, so BLAS calls made elsewhere during a kernel
-    also run on one thread (slower, still correct).
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._users = 0
-        self._saved = 1
-        self._functions = None if _cython_lstm is None else _openblas_thread_functions()
-
-    @property
-    def available(self) -> bool:
-        return self._functions is not None
-
-    @contextlib.contextmanager
-    def __call__(self):
-        get, set_ = self._functions
-        with self._lock:
-            if self._users == 0:
-                self._saved = get()
-                set_(1)
-            self._users += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._users -= 1
-                if self._users == 0:
-                    set_(self._saved)
-
-
-_single_threaded_blas = _SingleThreadedBlas()
-
-
 def _kernel_threads() -> int:
     """Threads the kernels may run: one pool, OpenMP's, with BLAS on one thread each;
-    1 without OpenMP or without control over BLAS's threads."""
-    if not (_cython_lstm is not None and _cython_lstm.HAVE_OPENMP and _single_threaded_blas.available):
+    1 without OpenMP or without control over BLAS's threads (``probe()`` says which)."""
+    if not (_cython_lstm is not None and _cython_lstm.HAVE_OPENMP and threads.blas_controllable()):
         return 1
-    return num_threads()
+    return threads.thread_count()
 
 
 def _gradient_threads() -> int:
     """Threads the backward's weight-gradient products may use (BLAS at one thread each)."""
-    return num_threads() if _single_threaded_blas.available else 1
+    return threads.thread_count() if threads.blas_controllable() else 1
+
+
+def _one_thread_reason() -> str:
+    """Why the kernels run one thread where more were asked for ("" when they don't)."""
+    if _cython_lstm is not None and not _cython_lstm.HAVE_OPENMP:
+        return ": built without OpenMP"
+    if not threads.blas_controllable():
+        return ": no BLAS whose threads threadpoolctl can set"
+    return ""
 
 
 def _parts(batch: int, threads: int | None = None) -> int:
@@ -262,7 +179,7 @@ def _threads_for(layout):
     Also with a single part (a batch too small to split): its per-step
     products are too small for BLAS threads to pay for their wake-ups.
     """
-    return _single_threaded_blas() if _single_threaded_blas.available else contextlib.nullcontext()
+    return threads.single_threaded_blas()
 
 
 @dataclasses.dataclass
@@ -428,7 +345,7 @@ class CythonBackend(Backend):
         if _cython_lstm is None:
             raise NotImplementedError(f"the compiled extension lstmeng.backends._cython_lstm "
                                       f"is not built: {_IMPORT_ERROR}")
-        return f"CPU: {cpu_name()} ({num_threads()} threads, BLAS via scipy)"
+        return f"CPU: {threads.cpu_model()} ({_kernel_threads()} threads{_one_thread_reason()}, BLAS via scipy)"
 
     def sequence_forward(self, x, h0, c0, kernel, recurrent_kernel, bias, mask=None, *,
                          activation="tanh", recurrent_activation="sigmoid", reverse=False,

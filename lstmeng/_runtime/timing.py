@@ -1,0 +1,1 @@
+"""Benchmark timers (being written)."""
