@@ -17,7 +17,9 @@ CPU is an error that names both devices, as PyTorch's is.
 
 from __future__ import annotations
 
+import os
 import warnings
+import zlib
 from collections.abc import Mapping, MutableMapping
 
 import numpy as np
@@ -302,12 +304,83 @@ class LSTMWeights:
             fresh = {name: add(self._grads[name], value) for name, value in fresh.items()}
         self._grads = fresh
 
+    def _input_guard(self, x, argument: str, host_io: bool):
+        """An ``InputGuard`` of the input a training call's workspace references, under
+        ``LSTMENG_DEBUG=1``; None otherwise, and when ``x`` is a device copy this layer made of
+        a host input (the caller's array is not referenced then)."""
+        if not debug_checks() or (self._device != "cpu" and host_io):
+            return None
+        return InputGuard.of(x, argument)
+
     def _zero_weight_grads(self, backend) -> dict:
         """Zero gradients for every weight, on the layer's device (a call with no step)."""
         shapes = self.weight_shapes(self.input_size)
         if self._device != "cpu":
             return {name: backend.zeros(shape, self.dtype) for name, shape in shapes.items()}
         return {name: np.zeros(shape, self.dtype) for name, shape in shapes.items()}
+
+
+# -- LSTMENG_DEBUG: inputs changed between a training forward and its backward ---------------------
+DEBUG_ENV = "LSTMENG_DEBUG"
+
+
+def debug_checks() -> bool:
+    """True when ``LSTMENG_DEBUG`` is set to anything but "", "0", "false", "no" or "off".
+
+    Read at every training call (one environment lookup), so it can be switched
+    on for one part of a program, or in a test with ``monkeypatch.setenv``.
+    """
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _checksum(array):
+    """(shape, dtype, CRC-32 of the contents) of a host or CUDA array; None for immutable kinds.
+
+    One pass over the array (a device array is copied to the host first): the
+    price of the debug switch, paid at the training forward and at its backward.
+    """
+    kind = registry.array_kind(array)
+    if kind == "tensorflow":   # a tf.Tensor cannot change in place
+        return None
+    host = np.asarray(array) if kind == "host" else registry.backend_for_array(array).to_numpy(array)
+    host = np.ascontiguousarray(host)
+    return tuple(int(n) for n in host.shape), host.dtype.str, zlib.crc32(host.reshape(-1).view(np.uint8))
+
+
+class InputGuard:
+    """Catches an input changed in place between a training forward and its backward.
+
+    The workspace of a training call references the caller's ``x`` instead of
+    copying it (as PyTorch's saved tensors do), so an in-place change before
+    the backward silently gives wrong gradients. With ``LSTMENG_DEBUG=1`` the
+    layer keeps a checksum of ``x`` on its tape and ``backward`` recomputes it
+    and raises on a mismatch, as PyTorch's version counter does.
+    """
+
+    __slots__ = ("array", "argument", "checksum")
+
+    def __init__(self, array, argument: str, checksum):
+        self.array, self.argument, self.checksum = array, argument, checksum
+
+    @classmethod
+    def of(cls, array, argument: str):
+        """The guard of ``array`` (named ``argument`` in errors); None when it cannot change in place."""
+        checksum = _checksum(array)
+        return None if checksum is None else cls(array, argument, checksum)
+
+    def check(self) -> None:
+        """RuntimeError if the array's contents (or shape) changed since the guard was made."""
+        now = _checksum(self.array)
+        if now == self.checksum:
+            return
+        what = (f"its shape changed from {self.checksum[0]} to {now[0]}" if now[0] != self.checksum[0]
+                else "its values changed")
+        name = self.argument
+        raise RuntimeError(
+            f"{name} was modified in place since the training forward call that this backward belongs to "
+            f"({what}): the workspace references {name} instead of copying it, so the gradients would be wrong. "
+            f"Leave {name} unchanged until its backward has run, or pass a copy ({name}.copy()) to the "
+            f"training call; reset_tape() drops the call. (Checked because {DEBUG_ENV} is set.)")
 
 
 # -- the training tape ---------------------------------------------------------------------------

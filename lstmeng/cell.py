@@ -93,7 +93,8 @@ class LSTMCell(LSTMWeights):
             h_new, c_new, workspace = result.h, result.c, result.workspace
         self._device_chosen = True   # a call has run here: later CUDA inputs to a CPU cell are errors
         if training:
-            self._tapes.push((backend, workspace, batch, host_io))
+            guard = None if workspace is None else self._input_guard(x_t, "x_t", host_io)
+            self._tapes.push((backend, workspace, batch, host_io, guard))
             self._sequence_dropout = (input_mask, recurrent_mask)
         if host_io and registry.array_kind(h_new) != "host":  # NumPy in, NumPy out
             h_new, c_new = backend.to_numpy(h_new), backend.to_numpy(c_new)
@@ -123,7 +124,9 @@ class LSTMCell(LSTMWeights):
             ``dx_t [B, I], [dh_prev, dc_prev]``; adds the step's weight gradients to ``grads``
             (the first backward of an unroll replaces them).
         """
-        backend, workspace, batch, host_io = self._tapes.peek()
+        backend, workspace, batch, host_io, input_guard = self._tapes.peek()
+        if input_guard is not None:   # LSTMENG_DEBUG: x_t unchanged since the forward?
+            input_guard.check()
         shape = (batch, self.units)
         dh = prepare_input(backend, dh, self.dtype, "dh")
         _validation.check_shape(dh, "dh", shape)

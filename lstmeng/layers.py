@@ -28,6 +28,7 @@ class _Tape:
     steps: int
     got_initial_state: bool
     host_io: bool = False     # called with a host x: dx and state gradients come back as host arrays
+    input_guard: Any = None   # LSTMENG_DEBUG: checksum of the x the workspace references (InputGuard)
 
 
 @dataclasses.dataclass
@@ -220,7 +221,8 @@ class LSTM(LSTMWeights):
                 training=training)
             outputs, h, c, workspace = result.outputs, result.h, result.c, result.workspace
         if training:   # an inference call leaves the tape as it is
-            self._tapes.push(_Tape(backend, workspace, batch, steps, call.got_initial_state, call.host_io))
+            guard = None if workspace is None else self._input_guard(x, "x", call.host_io)
+            self._tapes.push(_Tape(backend, workspace, batch, steps, call.got_initial_state, call.host_io, guard))
         if self.stateful:
             # Host arrays are mutable: carry copies so that a caller editing the
             # returned h or c in place does not change the next call's state.
@@ -289,6 +291,8 @@ class LSTM(LSTMWeights):
     def _backward(self, dy, dh, dc, input_order):
         """Returns (backend, SequenceGrads) with dx batch-major ``[B, T, I]``."""
         tape = self._tapes.peek()
+        if tape.input_guard is not None:   # LSTMENG_DEBUG: x unchanged since the forward?
+            tape.input_guard.check()
         backend = tape.backend
         state_shape = (tape.batch, self.units)
         if self.return_sequences:
