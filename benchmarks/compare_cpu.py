@@ -27,55 +27,22 @@ import time
 import numpy as np
 
 from lstmeng._runtime import threads as runtime_threads
+from lstmeng._runtime import timing
 
 SHAPES = ((64, 100, 256, 256), (32, 200, 128, 512), (256, 50, 128, 128), (1, 500, 64, 128))
 #: The clock of every measurement: wall time, or process CPU time with --cpu-time.
 clock = time.perf_counter
 
 
-def best_time(function, repeats: int, warmup: int = 1) -> float:
-    """Best wall time of ``function()`` in seconds over ``repeats`` calls after ``warmup``."""
-    for _ in range(warmup):
-        function()
-    best = float("inf")
-    for _ in range(repeats):
-        start = clock()
-        function()
-        best = min(best, clock() - start)
-    return best
-
-
-def interleaved_best_times(functions, repeats: int, warmup: int = 1) -> list[float]:
-    """Best time of each function, calling them in turn, so that a busy moment of a shared
-    machine falls on all of them instead of on one."""
-    for function in functions:
-        for _ in range(warmup):
-            function()
-    best = [float("inf")] * len(functions)
-    for _ in range(repeats):
-        for index, function in enumerate(functions):
-            start = clock()
-            function()
-            best[index] = min(best[index], clock() - start)
-    return best
-
-
-def forward_flops(batch, steps, features, units) -> float:
-    return 8.0 * batch * steps * units * (features + units)
-
-
-def sgemm_peak(repeats: int, size: int = 2048) -> float:
-    """GFLOP/s of scipy's float32 GEMM (the BLAS the cython backend uses) on a large square matrix."""
-    from scipy.linalg import blas
-    a = np.asfortranarray(np.random.default_rng(0).random((size, size), dtype=np.float32))
-    seconds = best_time(lambda: blas.sgemm(1.0, a, a), repeats)
-    return 2.0 * size ** 3 / seconds / 1e9
+def _best(function, repeats: int) -> float:
+    """Best time of ``function()`` in seconds (by ``clock``) over ``repeats`` calls after one warm-up."""
+    return timing.best_time(function, repeats, min_repeats=repeats, warmup=1, clock=clock).seconds
 
 
 def lstmeng_timings(shape, repeats, lengths=None):
     """(forward s, forward+backward s) of the cython backend through the LSTM layer."""
     forward, forward_backward = lstmeng_calls(shape, lengths)
-    return best_time(forward, repeats), best_time(forward_backward, repeats)
+    return _best(forward, repeats), _best(forward_backward, repeats)
 
 
 def lstmeng_calls(shape, lengths=None):
@@ -116,7 +83,7 @@ def torch_timings(shape, repeats, threads):
         y, _ = lstm(x_grad)
         y.backward(dy)
 
-    return best_time(forward, repeats), best_time(forward_backward, repeats)
+    return _best(forward, repeats), _best(forward_backward, repeats)
 
 
 def keras_timings(shape, repeats):
@@ -139,8 +106,8 @@ def keras_timings(shape, repeats):
             loss = tf.reduce_sum(y)
         return tape.gradient(loss, [x] + layer.trainable_weights)
 
-    return (best_time(lambda: forward().numpy(), repeats),
-            best_time(lambda: [g.numpy() for g in forward_backward()], repeats))
+    return (_best(lambda: forward().numpy(), repeats),
+            _best(lambda: [g.numpy() for g in forward_backward()], repeats))
 
 
 def library_available(name: str) -> bool:
@@ -181,12 +148,12 @@ def main(argv=None) -> int:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
 
-    peak = sgemm_peak(args.repeats)
+    peak = timing.blas_gemm_peak(2048, args.repeats, clock=clock)
     print(f"CPU: {runtime_threads.cpu_model()}; threads: {threads}; float32; best of {args.repeats}; "
           f"{'process CPU time' if args.cpu_time else 'wall time'}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"sgemm peak (scipy, 2048^3): {peak:.1f} GFLOP/s")
-    print(f"libraries: lstmeng-cython" + (", torch" if use_torch else " (torch missing)")
+    print("libraries: lstmeng-cython" + (", torch" if use_torch else " (torch missing)")
           + (", keras" if use_keras else " (keras missing)"))
     header = (f"{'B,T,I,H':>16} {'library':>8} | {'fwd ms':>8} {'GFLOP/s':>7} {'%peak':>5} | "
               f"{'fwd+bwd ms':>10} {'GFLOP/s':>7} {'%peak':>5}")
@@ -194,7 +161,7 @@ def main(argv=None) -> int:
     print("-" * len(header))
     summary = []
     for shape in shapes:
-        flops = forward_flops(*shape)
+        flops = timing.Shape(*shape).forward_flops
         results = {"cython": lstmeng_timings(shape, args.repeats)}
         if use_torch:
             results["torch"] = torch_timings(shape, args.repeats, threads)
@@ -231,9 +198,11 @@ def main(argv=None) -> int:
             # Full and variable length interleaved call by call: the ratio is what matters.
             (full_forward, full_both), (variable_forward, variable_both) = (
                 lstmeng_calls(shape), lstmeng_calls(shape, lengths))
-            forwards = interleaved_best_times([full_forward, variable_forward], args.repeats)
-            boths = interleaved_best_times([full_both, variable_both], args.repeats)
-            full, variable = (forwards[0], boths[0]), (forwards[1], boths[1])
+            forwards = timing.interleaved_best_times({"full": full_forward, "variable": variable_forward},
+                                                     args.repeats, warmup=1, clock=clock)
+            boths = timing.interleaved_best_times({"full": full_both, "variable": variable_both},
+                                                  args.repeats, warmup=1, clock=clock)
+            full, variable = [(forwards[key].seconds, boths[key].seconds) for key in ("full", "variable")]
             print(f"{','.join(map(str, shape)):>16}  fwd {variable[0] / full[0]:.2f}, "
                   f"fwd+bwd {variable[1] / full[1]:.2f}  (mean length / T = "
                   f"{lengths.mean() / steps:.2f})")

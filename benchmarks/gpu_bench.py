@@ -50,11 +50,20 @@ flat means no growth per step).
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import statistics
 import sys
-import time
+
+from lstmeng._runtime.timing import (
+    Report,
+    fmt,
+    median_event_ms,
+    median_time,
+    numba_event_clock,
+    torch_event_clock,
+)
 
 FULL = dict(batches=(1, 8, 64, 256), units=(256, 512, 1024), steps=(100, 1000))
 QUICK = dict(batches=(1, 64), units=(256, 1024), steps=(100,))
@@ -94,17 +103,6 @@ def parse_arguments(argv=None):
                         help="seconds of timed runs per shape and engine (fewer repeats for slow shapes)")
     parser.add_argument("--output", help="also write the report to this file")
     return parser.parse_args(argv)
-
-
-class Report:
-    """Prints lines and keeps them for --output."""
-
-    def __init__(self):
-        self.lines = []
-
-    def __call__(self, line=""):
-        print(line, flush=True)
-        self.lines.append(line)
 
 
 def main(argv=None) -> int:
@@ -222,8 +220,8 @@ def run_loop_modes(report, backend, torch, np, args, simulated):
     for label, shape, ours, theirs in rows:
         target = OVERHEAD_TARGETS_US.get(label) if args.overhead else None
         met = "" if target is None or simulated else ("yes" if ours <= target else "no")
-        report(f"{label:<27} {', '.join(map(str, shape)):<18} | {_fmt(None if simulated else ours, 10, 1)} | "
-               f"{_fmt(None if simulated or theirs is None else theirs, 14, 1)} | {_fmt(target, 9, 0)} {met:>4}")
+        report(f"{label:<27} {', '.join(map(str, shape)):<18} | {fmt(None if simulated else ours, 10, 1)} | "
+               f"{fmt(None if simulated or theirs is None else theirs, 14, 1)} | {fmt(target, 9, 0)} {met:>4}")
     if simulated:
         report("simulator run: the loop ran; no timings are claimed.")
     if args.overhead:
@@ -303,16 +301,7 @@ class _LoopSetup:
 
 def _wall_median(run, synchronize, warmup, repeats):
     """Median microseconds of ``run(); synchronize()`` by wall clock, after ``warmup`` calls."""
-    for _ in range(max(warmup, 1)):
-        run()
-    synchronize()
-    samples = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        run()
-        synchronize()
-        samples.append((time.perf_counter() - began) * 1e6)
-    return statistics.median(samples)
+    return median_time(run, repeats, warmup=warmup, synchronize=synchronize) * 1e6
 
 
 def _report_memory(report, backend, setup, simulated):
@@ -406,7 +395,7 @@ class _Inputs:
         self.bias = rng.uniform(-scale, scale, 4 * units).astype(np.float32)
         self.x = [rng.normal(size=(batch, steps, features)).astype(np.float32) for _ in range(3)]
         self.dy = rng.normal(size=(batch, steps, units)).astype(np.float32)
-        device = lambda array: backend.asarray(array, np.float32)   # noqa: E731
+        device = lambda array: backend.asarray(array, np.float32)
         self.device_x = [device(x) for x in self.x]
         self.device_weights = (device(self.kernel), device(self.recurrent), device(self.bias))
         self.device_zeros = device(np.zeros((batch, units), np.float32))
@@ -466,38 +455,18 @@ def run_shape(backend, torch, np, mode, batch, units, steps, args, simulated):
 
 
 def _time(run, args, simulated, engine, torch=None):
-    """Median milliseconds of ``run(i)`` with CUDA events after warm-up; None under the simulator."""
+    """Median milliseconds of ``run(i)`` with CUDA events after warm-up; None under the simulator.
+
+    ``i`` cycles through the three input sets; at least 5 timed runs, then up to ``args.repeats``
+    within ``args.budget`` seconds.
+    """
     if simulated:
         run(1)
         return None
-    if engine == "numba":
-        def event_pair():
-            return cuda.event(), cuda.event()
-
-        def elapsed(start, end):
-            end.synchronize()
-            return cuda.event_elapsed_time(start, end)
-    else:
-        def event_pair():
-            return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-        def elapsed(start, end):
-            end.synchronize()
-            return start.elapsed_time(end)
-
-    for index in range(args.warmup):
-        run(index % 3)
-    samples = []
-    began = time.perf_counter()
-    while len(samples) < max(args.repeats, 1):
-        start, end = event_pair()
-        start.record()
-        run(len(samples) % 3)
-        end.record()
-        samples.append(elapsed(start, end))
-        if len(samples) >= 5 and time.perf_counter() - began > args.budget:
-            break
-    return statistics.median(samples)
+    events = numba_event_clock(cuda) if engine == "numba" else torch_event_clock(torch)
+    calls = itertools.count()
+    return median_event_ms(lambda: run(next(calls) % 3), events, args.repeats, warmup=args.warmup, min_repeats=5,
+                           budget_s=args.budget)
 
 
 def print_table(report, rows, floor_us, simulated):
@@ -517,9 +486,9 @@ def print_table(report, rows, floor_us, simulated):
                 and ours_step > STEP_TARGET_US):
             met = "no*"
         report(f"{row['mode']:<9} {row['batch']:>4} {row['units']:>5} {row['steps']:>5} | "
-               f"{_fmt(ours, 13, 3)} {_fmt(ours_step, 8, 2)} | {_fmt(theirs, 9, 3)} {_fmt(theirs_step, 8, 2)} | "
-               f"{_fmt(speedup, 7, 2)} {_fmt(target, 7, 1)} {met:>4} | "
-               f"{_fmt(row.get('max_relative_difference'), 12, 1, 'e')}")
+               f"{fmt(ours, 13, 3)} {fmt(ours_step, 8, 2)} | {fmt(theirs, 9, 3)} {fmt(theirs_step, 8, 2)} | "
+               f"{fmt(speedup, 7, 2)} {fmt(target, 7, 1)} {met:>4} | "
+               f"{fmt(row.get('max_relative_difference'), 12, 1, 'e')}")
     report()
     report("speedup = cuDNN time / numba_cuda time (above 1: numba_cuda faster). target: issue 4's minimum "
            "speedup; 'no*': slower than the 2 us/step target at H=1024, B<=8.")
@@ -544,12 +513,6 @@ def report_partitions(report, backend):
         report(f"  {direction:<8} {dtype} H={units:<5} {' '.join(str(part) for part in rest):<10} "
                f"{blocks:>4} x {threads}, {units_per_block:>3} units/block, "
                f"weights in shared: {'yes' if in_shared else 'no '}, {shared_bytes} B")
-
-
-def _fmt(value, width, digits, kind="f"):
-    if value is None:
-        return f"{'n/a':>{width}}"
-    return f"{value:>{width}.{digits}{kind}}"
 
 
 if __name__ == "__main__":

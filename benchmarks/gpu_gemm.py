@@ -34,12 +34,13 @@ import json
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+from lstmeng._runtime import timing
 
 LSTM_SHAPES = ((64, 100, 256, 256), (256, 100, 256, 1024), (64, 200, 512, 1024))
 SIMULATED_SHAPES = ((2, 3, 5, 3), (1, 4, 6, 5))
@@ -294,22 +295,11 @@ def _poison(output, simulate) -> None:
 
 
 def _median_time(run, cuda, arguments, simulate) -> float:
-    for _ in range(arguments.warmup):
-        run()
-    samples = []
-    for _ in range(arguments.repeats):
-        if simulate:
-            begin = time.perf_counter()
-            run()
-            samples.append(time.perf_counter() - begin)
-            continue
-        start, stop = cuda.event(), cuda.event()
-        start.record()
-        run()
-        stop.record()
-        stop.synchronize()
-        samples.append(cuda.event_elapsed_time(start, stop) / 1e3)
-    return statistics.median(samples)
+    """Median seconds of ``run()``: between CUDA events, or by wall clock under the simulator."""
+    if simulate:
+        return timing.median_time(run, arguments.repeats, warmup=arguments.warmup)
+    return timing.median_event_ms(run, timing.numba_event_clock(cuda), arguments.repeats,
+                                  warmup=arguments.warmup) / 1e3
 
 
 # -- SASS report ----------------------------------------------------------------------------------------------

@@ -42,6 +42,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from lstmeng._runtime.timing import (
+    Report,
+    fmt,
+    median_event_ms,
+    numba_event_clock,
+    torch_event_clock,
+)
+
 SHAPES = [(1, 256, 256), (1, 256, 512), (1, 256, 1024), (8, 256, 256), (8, 256, 512), (8, 256, 1024),
           (1, 64, 128)]                       # (B, I, H)
 STEPS = 1000
@@ -53,15 +61,6 @@ TIME_BUDGET_S = 130.0
 REPEATS = 5
 
 cuda = None   # numba.cuda, imported after --simulate set NUMBA_ENABLE_CUDASIM
-
-
-class Report:
-    def __init__(self):
-        self.lines = []
-
-    def __call__(self, line=""):
-        print(line, flush=True)
-        self.lines.append(line)
 
 
 def main(argv=None) -> int:
@@ -287,24 +286,8 @@ def _reference(torch, np, host, simulated):
 
 def _median_ms(run, torch=None):
     """Median milliseconds of ``run()`` between CUDA events on the default stream, after one warm-up."""
-    run()
-    samples = []
-    for _ in range(REPEATS):
-        if torch is None:
-            start, end = cuda.event(), cuda.event()
-            start.record()
-            run()
-            end.record()
-            end.synchronize()
-            samples.append(cuda.event_elapsed_time(start, end))
-        else:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-    return statistics.median(samples)
+    events = numba_event_clock(cuda) if torch is None else torch_event_clock(torch)
+    return median_event_ms(run, events, REPEATS, warmup=1)
 
 
 def print_table(report, rows, simulated):
@@ -330,7 +313,7 @@ def print_table(report, rows, simulated):
 
 
 def _fmt(value, width, digits=2):
-    return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+    return fmt(value, width, digits, missing="-")
 
 
 # -- 3. barrier stress -----------------------------------------------------------------------------

@@ -24,11 +24,17 @@ import importlib.util
 import math
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from lstmeng._runtime import threads as runtime_threads
+from lstmeng._runtime.timing import (
+    FLOPS_FORMULA,
+    Shape,
+    blas_gemm_peak,
+    interleaved_best_times,
+)
 
 MODES = ("infer", "train")
 PEERS = ("torch", "keras")
@@ -36,27 +42,13 @@ DEFAULT_SHAPES = "64,100,256,256;32,200,128,512;256,50,128,128;1,500,64,128"
 #: How long OpenBLAS's workers keep busy-waiting after a multi-threaded call (its thread
 #: timeout, 2^28 cycles, ~0.1 s), with a margin: the pause after each sgemm peak measurement.
 BLAS_SPIN_SECONDS = 0.25
+#: Seconds of timed calls after which a slow runner (the NumPy backend at large shapes) stops
+#: early, always after at least one call; the others take their ``repeats`` turns.
+RUNNER_BUDGET_S = 30.0
 
 
 class BenchError(ValueError):
     """A mistake in the benchmark's arguments (reported as one line, no traceback)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    """One problem: batch B, time steps T, input features I, units H."""
-
-    batch: int
-    steps: int
-    inputs: int
-    units: int
-
-    def flops(self, mode: str) -> float:
-        forward = 8.0 * self.batch * self.steps * self.units * (self.inputs + self.units)
-        return forward if mode == "infer" else 3.0 * forward
-
-    def __str__(self) -> str:
-        return f"{self.batch},{self.steps},{self.inputs},{self.units}"
 
 
 def parse_shapes(text: str) -> list[Shape]:
@@ -85,35 +77,6 @@ def split_names(text: str) -> list[str]:
     """``"a,b c"`` -> ["a", "b", "c"]; "none" or "" -> []."""
     names = [name for name in text.replace(",", " ").split() if name]
     return [] if names == ["none"] else names
-
-
-# -- timing ---------------------------------------------------------------------------------------------------
-def best_time(function: Callable[[], object], repeats: int, warmup: int = 1, budget_s: float = 30.0) -> tuple[float, int]:
-    """(best seconds of one call, timed calls made): ``warmup`` untimed calls, then up to ``repeats`` timed.
-
-    A slow runner (the NumPy backend at large shapes) stops early once the
-    timed calls have used ``budget_s``, but always after at least one.
-    """
-    for _ in range(warmup):
-        function()
-    best, done, spent = math.inf, 0, 0.0
-    while done < repeats and (done == 0 or spent < budget_s):
-        start = time.perf_counter()
-        function()
-        elapsed = time.perf_counter() - start
-        best, done, spent = min(best, elapsed), done + 1, spent + elapsed
-    return best, done
-
-
-def sgemm_peak(size: int, repeats: int) -> float:
-    """Best float32 GFLOP/s of SciPy's BLAS sgemm on ``[size, size] @ [size, size]``."""
-    from scipy.linalg import blas
-
-    rng = np.random.default_rng(0)
-    a = np.asfortranarray(rng.standard_normal((size, size), dtype=np.float32))
-    b = np.asfortranarray(rng.standard_normal((size, size), dtype=np.float32))
-    seconds, _ = best_time(lambda: blas.sgemm(1.0, a, b), max(repeats, 3))
-    return 2.0 * size ** 3 / seconds / 1e9
 
 
 # -- runners --------------------------------------------------------------------------------------------------
@@ -295,7 +258,7 @@ class BenchResult:
             "machine": {"cpu": self.cpu, "threads": self.threads},
             "sgemm_peak_gflops": self.peak_gflops,
             "sgemm_peak_size": self.peak_size,
-            "flops": "forward = 8*B*T*H*(I+H); train (forward+backward) = 3x forward",
+            "flops": FLOPS_FORMULA,
             "results": [
                 {"shape": dataclasses.asdict(m.shape), "mode": m.mode, "name": m.name, "kind": m.kind,
                  "ms": m.seconds * 1e3, "gflops": m.gflops, "peak_fraction": m.peak_fraction,
@@ -367,7 +330,7 @@ def run_bench(backends: list[str] | None = None, peers: list[str] = PEERS, shape
             # The peak is measured again beside every shape and the best kept:
             # on a shared machine one early measurement may catch a busy moment.
             say(f"measuring the sgemm peak ({peak_size}x{peak_size})")
-            peaks.append(sgemm_peak(peak_size, repeats))
+            peaks.append(blas_gemm_peak(peak_size, max(repeats, 3)))
             # OpenBLAS's idle workers busy-wait for ~0.1 s after a multi-threaded product, and
             # calls timed meanwhile share their cores with them (a whole batch-1 row fits in that
             # window). Let them go to sleep first.
@@ -388,40 +351,19 @@ def run_bench(backends: list[str] | None = None, peers: list[str] = PEERS, shape
                     failed.append(f"{name} {shape}: {type(error).__name__}: {error}")
             for mode in modes:
                 say(f"{shape} {mode}: {', '.join(calls)}")
-                timings = _interleaved_best_times({name: made[mode] for name, (_, made) in calls.items()},
-                                                  repeats, failed, f"{shape} {mode}")
-                for name, (seconds, done) in timings.items():
-                    measurements.append(Measurement(shape, mode, name, calls[name][0], seconds, done, 0.0))
-        peaks.append(sgemm_peak(peak_size, repeats))
+                timings = interleaved_best_times(
+                    {name: made[mode] for name, (_, made) in calls.items()}, repeats, budget_s=RUNNER_BUDGET_S,
+                    on_error=lambda name, error, label=f"{shape} {mode}": failed.append(
+                        f"{name} {label}: {type(error).__name__}: {error}"))
+                for name, timing in timings.items():
+                    measurements.append(Measurement(shape, mode, name, calls[name][0], timing.seconds, timing.calls,
+                                                    0.0))
+        peaks.append(blas_gemm_peak(peak_size, max(repeats, 3)))
     peak = max(peaks)
     for measurement in measurements:
         measurement.peak_gflops = peak
     return BenchResult(cpu=runtime_threads.cpu_model(), threads=threads, peak_gflops=peak, peak_size=peak_size,
                        measurements=measurements, skipped=skipped, failed=failed, notes=notes)
-
-
-def _interleaved_best_times(calls: dict[str, Callable[[], object]], repeats: int, failed: list[str], label: str,
-                            budget_s: float = 30.0) -> dict[str, tuple[float, int]]:
-    """Best time of each call, taking the runners in turn (round-robin) so that a busy moment on a
-    shared machine lands on all of them rather than on one. A runner stops early once its timed
-    calls have used ``budget_s`` (always after at least one)."""
-    best = {name: math.inf for name in calls}
-    done = {name: 0 for name in calls}
-    spent = {name: 0.0 for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            if name not in best or (done[name] and spent[name] >= budget_s):
-                continue
-            start = time.perf_counter()
-            try:
-                call()
-            except Exception as error:
-                failed.append(f"{name} {label}: {type(error).__name__}: {error}")
-                del best[name]
-                continue
-            elapsed = time.perf_counter() - start
-            best[name], done[name], spent[name] = min(best[name], elapsed), done[name] + 1, spent[name] + elapsed
-    return {name: (best[name], done[name]) for name in best}
 
 
 def render(result: BenchResult) -> str:

@@ -15,6 +15,7 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -86,7 +87,7 @@ def tiny_shapes(monkeypatch):
     common, _ = _load_suite()
     for name, shape in list(common.SHAPES.items()):
         monkeypatch.setitem(common.SHAPES, name, common.Shape(
-            batch=min(shape.batch, 3), steps=5, input_size=4, units=6, variable_length=shape.variable_length))
+            batch=min(shape.batch, 3), steps=5, inputs=4, units=6, variable_length=shape.variable_length))
     return common
 
 
@@ -131,10 +132,10 @@ def test_variable_length_flops_count_only_real_steps(tiny_shapes):
     shape = common.SHAPES["varlen-B64"]
     _, lengths, _ = common.host_inputs(shape)
     assert lengths.max() == shape.steps and lengths.min() >= 1
-    per_row_step = 8 * shape.units * (shape.input_size + shape.units)
+    per_row_step = 8 * shape.units * (shape.inputs + shape.units)
     assert common.forward_flops(shape) == per_row_step * int(lengths.sum())
     fixed = common.SHAPES["mid-B64"]
-    assert common.forward_flops(fixed) == 8 * fixed.batch * fixed.steps * fixed.units * (fixed.input_size + fixed.units)
+    assert common.forward_flops(fixed) == 8 * fixed.batch * fixed.steps * fixed.units * (fixed.inputs + fixed.units)
 
 
 class _FakeClock:
@@ -157,7 +158,7 @@ class _FakeClock:
 def test_timing_helpers_take_the_fastest_call(monkeypatch):
     common, _ = _load_suite()
     clock = _FakeClock()
-    monkeypatch.setattr(common.time, "perf_counter", clock)
+    monkeypatch.setattr(time, "perf_counter", clock)   # lstmeng._runtime.timing reads it at each call
     # min of the slowed-down calls is the undisturbed 0.2 s; the budget stops after 3 calls.
     assert common.best_seconds(clock.workload([0.5, 0.2, 0.9, 0.3]), min_repeats=3, budget_seconds=1.0) == pytest.approx(0.2)
     # reference best 0.6 s, candidate best 0.2 s: the candidate is 3x faster.
@@ -168,7 +169,7 @@ def test_timing_helpers_take_the_fastest_call(monkeypatch):
 
 def test_inputs_are_deterministic():
     common, _ = _load_suite()
-    shape = common.Shape(batch=2, steps=3, input_size=4, units=5, variable_length=True)
+    shape = common.Shape(batch=2, steps=3, inputs=4, units=5, variable_length=True)
     first = common.host_inputs(shape)
     common.host_inputs.cache_clear()
     second = common.host_inputs(shape)

@@ -16,7 +16,7 @@ class CellStep(Benchmark):
         shape = SHAPES[shape_name]
         x, _, dy = host_inputs(shape)
         self.cell = le.LSTMCell(shape.units, backend=backend, seed=0)
-        self.cell.build(shape.input_size)
+        self.cell.build(shape.inputs)
         self.x_t = to_backend(backend, x[:, 0, :].copy())
         self.states = [to_backend(backend, dy[:, 0, :].copy()), to_backend(backend, dy[:, 1, :].copy())]
         self.synchronize = synchronizer(backend)

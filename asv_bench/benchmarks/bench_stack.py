@@ -29,7 +29,7 @@ class BidirectionalStack(Benchmark):
             le.Bidirectional(le.LSTM(shape.units, return_sequences=True, backend=backend, seed=0)),
             le.Bidirectional(le.LSTM(shape.units, return_sequences=True, backend=backend, seed=1)),
         ])
-        self.model.build(shape.input_size)
+        self.model.build(shape.inputs)
         self.x = to_backend(backend, x)
         # The stack's output has 2H features (forward and backward directions concatenated).
         self.dy = to_backend(backend, np.concatenate([dy, dy[:, ::-1]], axis=-1))

@@ -1,5 +1,9 @@
 """What every lstmeng benchmark shares: backends, shapes, inputs, timing helpers.
 
+The timers, the matrix-product GFLOP/s and the FLOP formula are lstmeng's own
+(``lstmeng._runtime.timing``, also used by ``lstmeng bench`` and the scripts in
+``benchmarks/``); this module only sets the suite's policy (repeats, budgets).
+
 Every benchmark is parametrised over ``BACKENDS`` and a few named shapes. A
 backend that is not available on the machine (not built, library missing, no
 GPU) makes ``setup`` raise ``NotImplementedError``, which asv records as
@@ -19,11 +23,11 @@ import dataclasses
 import functools
 import importlib
 import os
-import time
 
 import numpy as np
 
 import lstmeng as le
+from lstmeng._runtime import timing
 
 #: Every backend the registry knows; unavailable ones skip.
 BACKENDS = ("numpy", "cython", "numba_cuda", "tensorflow")
@@ -37,19 +41,15 @@ DTYPE = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
-class Shape:
+class Shape(timing.Shape):
     """Problem size of one benchmark case.
 
     Attributes:
-        batch, steps, input_size, units: B, T, I, H.
+        batch, steps, inputs, units: B, T, I, H.
         variable_length: right-padded batch whose rows have different lengths
             (passed as ``lengths``), as after ``le.pad_sequences``.
     """
 
-    batch: int
-    steps: int
-    input_size: int
-    units: int
     variable_length: bool = False
 
 
@@ -57,14 +57,14 @@ class Shape:
 #: numbers without renaming it would silently break the history graphs.
 SHAPES = {
     # One sequence: per-step overhead dominates (serving, decoders).
-    "latency-B1": Shape(batch=1, steps=32, input_size=64, units=128),
+    "latency-B1": Shape(batch=1, steps=32, inputs=64, units=128),
     # A typical training minibatch.
-    "mid-B64": Shape(batch=64, steps=32, input_size=64, units=128),
+    "mid-B64": Shape(batch=64, steps=32, inputs=64, units=128),
     # Wide layer: the recurrent GEMM dominates. (Few steps: the numpy
     # reference needs about a second per training step here already.)
-    "large-H512": Shape(batch=16, steps=8, input_size=128, units=512),
+    "large-H512": Shape(batch=16, steps=8, inputs=128, units=512),
     # The mid batch with rows of 8..32 real steps.
-    "varlen-B64": Shape(batch=64, steps=32, input_size=64, units=128, variable_length=True),
+    "varlen-B64": Shape(batch=64, steps=32, inputs=64, units=128, variable_length=True),
 }
 SHAPE_NAMES = tuple(SHAPES)
 
@@ -150,8 +150,8 @@ def host_inputs(shape: Shape):
             for a fixed-length batch.
         dy: ``[B, T, H]`` output gradient for the training step.
     """
-    rng = np.random.default_rng([shape.batch, shape.steps, shape.input_size, shape.units])
-    x = rng.standard_normal((shape.batch, shape.steps, shape.input_size)).astype(DTYPE)
+    rng = np.random.default_rng([shape.batch, shape.steps, shape.inputs, shape.units])
+    x = rng.standard_normal((shape.batch, shape.steps, shape.inputs)).astype(DTYPE)
     dy = rng.standard_normal((shape.batch, shape.steps, shape.units)).astype(DTYPE)
     lengths = None
     if shape.variable_length:
@@ -173,7 +173,7 @@ def forward_flops(shape: Shape) -> float:
     is not counted.) Padded steps are not useful work, so a variable-length
     batch counts only its real steps. A training step is 3x this.
     """
-    return 8.0 * real_steps(shape) * shape.units * (shape.input_size + shape.units)
+    return timing.forward_flops(real_steps(shape), 1, shape.inputs, shape.units)
 
 
 # -- one layer on one backend -----------------------------------------------------
@@ -192,7 +192,7 @@ class LayerRun:
         self.shape = shape = SHAPES[shape_name]
         x, self.lengths, dy = host_inputs(shape)
         self.layer = le.LSTM(shape.units, return_sequences=True, backend=backend, seed=0)
-        self.layer.build(shape.input_size)
+        self.layer.build(shape.inputs)
         self.x = to_backend(backend, x)
         self.dy = to_backend(backend, dy)
         self.synchronize = synchronizer(backend)
@@ -219,15 +219,7 @@ def best_seconds(function, min_repeats: int = 3, budget_seconds: float = 0.5, ma
     The minimum is the least noisy estimate on a shared machine (noise only
     ever adds time), and fast calls get many tries to find an undisturbed one.
     """
-    best = float("inf")
-    started = time.perf_counter()
-    for index in range(max_repeats):
-        begin = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - begin)
-        if index + 1 >= min_repeats and time.perf_counter() - started > budget_seconds:
-            break
-    return best
+    return timing.best_time(function, max_repeats, min_repeats=min_repeats, budget_s=budget_seconds).seconds
 
 
 def speed_ratio(reference, candidate, min_rounds: int = 3, budget_seconds: float = 1.0,
@@ -235,20 +227,11 @@ def speed_ratio(reference, candidate, min_rounds: int = 3, budget_seconds: float
     """Best time of ``reference`` / best time of ``candidate`` (> 1: candidate is faster).
 
     The two calls alternate, so a burst of machine load hits both rather than
-    one of them; rounds continue as in ``best_seconds``.
+    one of them; each gets half of ``budget_seconds``, as in ``best_seconds``.
     """
-    reference_best = candidate_best = float("inf")
-    started = time.perf_counter()
-    for index in range(max_rounds):
-        begin = time.perf_counter()
-        candidate()
-        candidate_best = min(candidate_best, time.perf_counter() - begin)
-        begin = time.perf_counter()
-        reference()
-        reference_best = min(reference_best, time.perf_counter() - begin)
-        if index + 1 >= min_rounds and time.perf_counter() - started > budget_seconds:
-            break
-    return reference_best / candidate_best
+    best = timing.interleaved_best_times({"candidate": candidate, "reference": reference}, max_rounds,
+                                         min_repeats=min_rounds, budget_s=budget_seconds / 2)
+    return best["reference"].seconds / best["candidate"].seconds
 
 
 @functools.lru_cache(maxsize=None)
@@ -285,14 +268,10 @@ def matmul_peak_gflops(backend: str) -> float:
     else:
         raise NotImplementedError(f"no matmul reference for backend {backend!r}")
 
-    def timed_product():
-        product()
-        synchronize()
-
-    timed_product()  # warm-up: thread pools, cuBLAS handles, TF graph caches
-    # Many tries: on a loaded machine an undisturbed two-thread product is rare.
-    seconds = best_seconds(timed_product, min_repeats=10, budget_seconds=1.0)
-    return 2.0 * size ** 3 / seconds / 1e9
+    # One warm-up call (thread pools, cuBLAS handles, TF graph caches), then many tries: on a
+    # loaded machine an undisturbed two-thread product is rare.
+    return timing.square_matmul_gflops(product, size, 200, min_repeats=10, budget_s=1.0, warmup=1,
+                                       synchronize=synchronize)
 
 
 # -- torch.nn.LSTM, the outside reference ----------------------------------------------
@@ -327,7 +306,7 @@ class TorchRun:
         self.synchronize = torch.cuda.synchronize if on_gpu else (lambda: None)
         x, lengths, dy = host_inputs(shape)
         torch.manual_seed(0)
-        self.lstm = torch.nn.LSTM(shape.input_size, shape.units, batch_first=True).to(device)
+        self.lstm = torch.nn.LSTM(shape.inputs, shape.units, batch_first=True).to(device)
         self.x = torch.tensor(x, device=device, requires_grad=True)
         self.lengths = None if lengths is None else torch.as_tensor(lengths)
         dy = torch.tensor(dy, device=device)
