@@ -357,7 +357,7 @@ class InputGuard:
     and raises on a mismatch, as PyTorch's version counter does.
     """
 
-    __slots__ = ("array", "argument", "checksum")
+    __slots__ = ("argument", "array", "checksum")
 
     def __init__(self, array, argument: str, checksum):
         self.array, self.argument, self.checksum = array, argument, checksum

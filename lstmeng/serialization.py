@@ -30,9 +30,9 @@ import zipfile
 import numpy as np
 
 from lstmeng import initializers
-from lstmeng.layers import LSTM
 from lstmeng.cell import LSTMCell
 from lstmeng.dense import Dense, Embedding
+from lstmeng.layers import LSTM  # noqa: F401  (lstmeng.serialization.LSTM, as before)
 from lstmeng.wrappers import LAYER_CLASSES, Bidirectional, Dropout, Sequential
 
 FORMAT = "lstmeng"

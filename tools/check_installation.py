@@ -106,7 +106,7 @@ def planned_files(build_dir: str) -> set[str]:
         raise CannotInspect("ninja is not on PATH (pip install ninja)")
     # Reconfigures when a meson.build changed since the last build (what the editable loader would do
     # on import); compiles nothing.
-    result = subprocess.run([ninja, "-C", build_dir, "build.ninja"], capture_output=True, text=True)
+    result = subprocess.run([ninja, "-C", build_dir, "build.ninja"], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise CannotInspect(f"`ninja -C {build_dir} build.ninja` failed:\n{result.stdout}{result.stderr}")
     path = os.path.join(build_dir, "meson-info", "intro-installed.json")
@@ -130,7 +130,7 @@ def wheel_files(root: str = ROOT) -> tuple[set[str], str]:
     """Files of a wheel built from ``root`` (without build isolation), and that wheel's EXT_SUFFIX."""
     with tempfile.TemporaryDirectory(prefix="lstmeng-wheel-") as folder:
         result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
-                                 "-q", "-w", folder, root], capture_output=True, text=True)
+                                 "-q", "-w", folder, root], capture_output=True, text=True, check=False)
         wheels = glob.glob(os.path.join(folder, "*.whl"))
         if result.returncode != 0 or len(wheels) != 1:
             raise CannotInspect(f"building a wheel failed:\n{result.stdout}{result.stderr}")
