@@ -53,7 +53,11 @@ import numba
 import numpy as np
 from numba import cuda
 
-ACTIVATION_CODES = {"tanh": 0, "relu": 1, "sigmoid": 2, "linear": 3, "hard_sigmoid": 4}
+from lstmeng.backends.base import ACTIVATION_CODES
+
+# The codes the device functions switch on (compile-time constants to Numba).
+_TANH, _RELU, _SIGMOID, _HARD_SIGMOID = (ACTIVATION_CODES[name] for name in ("tanh", "relu", "sigmoid",
+                                                                             "hard_sigmoid"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,31 +102,31 @@ def _device_math(dtype):
 
     @cuda.jit(device=True)
     def activate(code, x):
-        if code == 0:
+        if code == _TANH:
             return math.tanh(x)
-        if code == 1:
+        if code == _RELU:
             return max(x, ZERO)
-        if code == 2:
+        if code == _SIGMOID:
             # exp of -|x| only, as the reference, so large inputs saturate cleanly.
             if x >= ZERO:
                 return ONE / (ONE + math.exp(-x))
             e = math.exp(x)
             return e / (ONE + e)
-        if code == 4:
+        if code == _HARD_SIGMOID:
             return min(max(x / SIX + HALF, ZERO), ONE)
-        return x
+        return x  # linear
 
     @cuda.jit(device=True)
     def derivative_from_output(code, y):
-        if code == 0:
+        if code == _TANH:
             return ONE - y * y
-        if code == 1:
+        if code == _RELU:
             return ONE if y > ZERO else ZERO
-        if code == 2:
+        if code == _SIGMOID:
             return y * (ONE - y)
-        if code == 4:
+        if code == _HARD_SIGMOID:
             return ONE / SIX if (y > ZERO and y < ONE) else ZERO
-        return ONE
+        return ONE  # linear
 
     return activate, derivative_from_output, ZERO
 

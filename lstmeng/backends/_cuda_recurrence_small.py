@@ -80,6 +80,8 @@ import numba
 import numpy as np
 from numba import cuda
 
+from lstmeng.backends.base import ACTIVATION_NAMES
+
 #: Batches up to this size use this design (one compiled kernel per batch size).
 SMALL_BATCH_MAX_ROWS = 16
 #: A warp owns one unit; a block holds at most 32 warps.
@@ -91,8 +93,6 @@ MIN_UNITS_PER_BLOCK = 8
 #: to shared memory (all of its share of a step's staging in one pass up to this size).
 MAX_STAGE_GROUP = 32
 WARP = 32
-
-ACTIVATION_NAMES = {0: "tanh", 1: "relu", 2: "sigmoid", 3: "linear", 4: "hard_sigmoid"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +106,7 @@ class SmallRecurrenceConfig:
     units_per_block: int      # U: warps per block, one unit each
     blocks: int
     weights_in_shared: bool
-    activation: int           # codes of _cuda_recurrence.ACTIVATION_CODES
+    activation: int           # codes of base.ACTIVATION_CODES
     recurrent_activation: int
     reverse: bool
     zero_output_for_mask: bool

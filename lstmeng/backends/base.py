@@ -48,6 +48,15 @@ from typing import Any
 
 import numpy as np
 
+#: The activation table: every activation by name, and the number that compiled kernels know it
+#: by. One table for every backend: the NumPy and TensorFlow backends key their functions by the
+#: names, the CUDA kernels (lstmeng/backends/_cuda_recurrence*.py) and the Cython extension's C enum
+#: (ext/lstm_rows.h, exposed as ``_cython_lstm.ACTIVATION_KINDS``) use the codes;
+#: tests/test_activations.py checks that each of them matches this table.
+ACTIVATION_CODES = {"tanh": 0, "relu": 1, "sigmoid": 2, "linear": 3, "hard_sigmoid": 4}
+ACTIVATION_NAMES = {code: name for name, code in ACTIVATION_CODES.items()}
+#: Which of them each argument accepts: ``activation`` (the cell input and the cell state) and
+#: ``recurrent_activation`` (the gates).
 ACTIVATIONS = ("tanh", "relu", "sigmoid", "linear")
 RECURRENT_ACTIVATIONS = ("sigmoid", "hard_sigmoid")
 
