@@ -136,16 +136,7 @@ class Bidirectional:
         if len(weights) != count + backward_count:
             raise ValueError(f"set_weights expects {count + backward_count} arrays (forward layer's, then "
                              f"backward layer's), got {len(weights)}")
-        saved = (self.forward_layer.get_weights(), self.forward_layer.input_size)
-        self.forward_layer.set_weights(weights[:count])
-        try:
-            self.backward_layer.set_weights(weights[count:])
-        except Exception:
-            if saved[1] is None:
-                self.forward_layer._params, self.forward_layer.input_size = {}, None
-            else:
-                self.forward_layer.set_weights(saved[0])  # nothing half-updated
-            raise
+        _set_weights_all_or_nothing([(self.forward_layer, weights[:count]), (self.backward_layer, weights[count:])])
         return self
 
     def get_config(self) -> dict:
@@ -480,24 +471,9 @@ class Sequential:
         counts = [len(_expected_weight_names(layer)) for layer in self.layers]
         if len(weights) != sum(counts):
             raise ValueError(f"set_weights expects {sum(counts)} arrays (layer by layer), got {len(weights)}")
-        saved = [layer.get_weights() for layer in self.layers]
-        start = 0
-        try:
-            for layer, count in zip(self.layers, counts):
-                layer.set_weights(weights[start:start + count])
-                start += count
-        except Exception:
-            for layer, old in zip(self.layers, saved):
-                if old:
-                    layer.set_weights(old)
-                elif isinstance(layer, Bidirectional):
-                    for direction in (layer.forward_layer, layer.backward_layer):
-                        direction._params, direction.input_size = {}, None
-                elif not isinstance(layer, Dropout):
-                    layer._params = {}
-                    if hasattr(layer, "input_size"):
-                        layer.input_size = None
-            raise
+        starts = [sum(counts[:index]) for index in range(len(counts))]
+        _set_weights_all_or_nothing([(layer, weights[start:start + count])
+                                     for layer, start, count in zip(self.layers, starts, counts)])
         return self
 
     def get_config(self) -> dict:
@@ -645,6 +621,39 @@ class Sequential:
 
     def __repr__(self):
         return "Sequential([" + ", ".join(repr(layer) for layer in self.layers) + "])"
+
+
+def _set_weights_all_or_nothing(assignments) -> None:
+    """``layer.set_weights(weights)`` for each ``(layer, weights)`` in turn, as one transaction.
+
+    Every layer's own ``set_weights`` checks all its arrays before it assigns any (a failed call
+    changes nothing). When one raises here, the layers already set get back what they had (their
+    weights, or unbuilt if they had none) and the error propagates: nothing is left half-updated.
+    Used by ``Bidirectional`` (its two directions) and ``Sequential`` (its layers).
+    """
+    done = []
+    try:
+        for layer, weights in assignments:
+            saved = layer.get_weights()
+            layer.set_weights(weights)
+            done.append((layer, saved))
+    except Exception:
+        for layer, saved in reversed(done):
+            _restore_weights(layer, saved)
+        raise
+
+
+def _restore_weights(layer, saved: list) -> None:
+    """Give ``layer`` back the weights ``saved`` (from its ``get_weights``); [] makes it unbuilt again."""
+    if saved:
+        layer.set_weights(saved)
+    elif isinstance(layer, Bidirectional):
+        for direction in (layer.forward_layer, layer.backward_layer):
+            _restore_weights(direction, [])
+    elif not isinstance(layer, Dropout):
+        layer._params = {}
+        if hasattr(layer, "input_size"):
+            layer.input_size = None
 
 
 def _to_host(array):
