@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import lstmeng as le
+from lstmeng import testing
 from lstmeng.backends import registry
 
 AVAILABLE = [info.name for info in le.list_backends() if info.available]
@@ -111,24 +112,12 @@ def to_host(array) -> np.ndarray:
     return np.asarray(array)
 
 
-# (rtol, atol) per dtype: outputs, and gradients (longer chains of rounding).
-# atol is scaled by max(1, max |expected|) so large values compare relatively;
-# float32 leaves room for a different GEMM summation order in every step.
-TOLERANCES = {
-    "float32": {"output": (1e-4, 2e-5), "gradient": (1e-3, 2e-4)},
-    "float64": {"output": (1e-9, 1e-11), "gradient": (1e-8, 1e-10)},
-}
-
-
 def assert_close(actual, expected, what: str, dtype, gradient: bool = False) -> None:
-    """Assert a backend's result matches the NumPy reference within TOLERANCES."""
-    dtype = np.dtype(dtype).name
-    rtol, atol = TOLERANCES[dtype]["gradient" if gradient else "output"]
+    """Assert a backend's result (any array kind) matches the NumPy reference within the tolerance
+    table of lstmeng.testing (``testing.TOLERANCES``), with the same dtype."""
     actual, expected = to_host(actual), to_host(expected)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape}, expected {expected.shape}"
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype}, expected {expected.dtype}"
-    atol = atol * max(1.0, float(np.abs(expected).max(initial=0.0)))
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
+    testing.assert_close(actual, expected, what, np.dtype(dtype).name, gradient)
 
 
 def random_weights(layer, rng, scale: float = 1.0) -> list[np.ndarray]:

@@ -5,7 +5,7 @@ and zero steps, every Core option, dropout with a fixed seed, a mask of any
 pattern) and the same layer runs on the backend under test and on
 backend="numpy" through the public API. Outputs, final states, dx, every
 weight gradient and the initial-state gradients must agree within
-``_backends.TOLERANCES``. Metamorphic properties (go_backwards = forward on
+``lstmeng.testing.TOLERANCES``. Metamorphic properties (go_backwards = forward on
 the flipped sequence, time_major = transposed, lengths = mask, rows are
 independent, fully-masked rows keep the initial state) check every backend,
 the reference included, against itself.
