@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import lstmeng as le
-from lstmeng import bench, cli, demo, info
+from lstmeng.cli import commands as cli
+from lstmeng.cli import bench, demo, info
 from lstmeng.backends import registry
 
 from _backends import numerical_gradient
@@ -306,3 +307,14 @@ def test_default_sentiment_demo_reaches_the_accuracy_target():
     result = demo.run_demo("sentiment", progress=False)
     assert result.baseline < 0.6
     assert result.final > 0.9, result.validation
+
+
+def test_library_never_imports_the_cli():
+    """Data flows one way: importing the library (every public module) loads nothing of lstmeng.cli."""
+    code = ("import sys, lstmeng, lstmeng.layers, lstmeng.cell, lstmeng.wrappers, lstmeng.serialization, "
+            "lstmeng.initializers, lstmeng.training, lstmeng.optim, lstmeng.testing, lstmeng.backends.registry; "
+            "lstmeng.list_backends(); "
+            "print(sorted(name for name in sys.modules if name.startswith('lstmeng.cli')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

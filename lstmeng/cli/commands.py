@@ -23,7 +23,8 @@ class UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lstmeng import __version__, bench, demo
+    from lstmeng import __version__
+    from lstmeng.cli import bench, demo
 
     parser = argparse.ArgumentParser(
         prog="lstmeng", description="lstmeng: one LSTM API on NumPy, Cython, CUDA and TensorFlow backends.")
@@ -103,7 +104,7 @@ def _write_json(data: dict, path: str) -> None:
 
 # -- commands ---------------------------------------------------------------------------------------------------
 def run_info(arguments) -> int:
-    from lstmeng import info
+    from lstmeng.cli import info
 
     if arguments.json:
         _check_writable(arguments.json, "--json")
@@ -115,7 +116,7 @@ def run_info(arguments) -> int:
 
 
 def run_demo(arguments) -> int:
-    from lstmeng import demo
+    from lstmeng.cli import demo
     from lstmeng.backends import registry
 
     if arguments.backend != "auto":
@@ -148,7 +149,7 @@ def run_demo(arguments) -> int:
 
 
 def run_bench(arguments) -> int:
-    from lstmeng import bench
+    from lstmeng.cli import bench
 
     for option in ("json", "plot"):
         if getattr(arguments, option):
