@@ -386,6 +386,7 @@ cdef void hidden_gradient_product(Py_ssize_t rows, Py_ssize_t H, floating *dz,
     gemm(False, True, rows, width, G, <floating>1, dz, G, recurrent_kernel + u0 * G, G,
          <floating>0, dh + u0, H)
 
+
 cdef void copy_step_inputs(const LstmProblem *problem, Py_ssize_t part, Py_ssize_t t,
                            floating *x, floating *in_drop, floating *packed_x,
                            Py_ssize_t shift) noexcept nogil:
@@ -716,6 +717,7 @@ def forward(floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
     cdef float[::1] packed_input_weights = np.empty(I * G if project_packed else 1, np.float32)
     cdef float *packed_input_base = NULL
 
+    memset(&buffers, 0, sizeof(buffers))
     buffers.x = &x[0, 0, 0]
     buffers.h0 = &h0[0, 0]
     buffers.c0 = &c0[0, 0]
