@@ -58,40 +58,8 @@ from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
 import numpy as np
 
-cdef extern from "lstm_rows.h" nogil:
-    int lstmeng_fast_rows
-    void lstmeng_forward_row_f32(float *gates, float *c, float *c_prev, float *h,
-                                 Py_ssize_t n, Py_ssize_t stride, int act, int ract)
-    void lstmeng_forward_row_f64(double *gates, double *c, double *c_prev, double *h,
-                                 Py_ssize_t n, Py_ssize_t stride, int act, int ract)
-    void lstmeng_backward_row_f32(float *gates, const float *c_prev, const float *dh, float *dc,
-                                  float *scratch, Py_ssize_t n, Py_ssize_t stride, int act, int ract)
-    void lstmeng_backward_row_f64(double *gates, const double *c_prev, const double *dh,
-                                  double *dc, double *scratch, Py_ssize_t n, Py_ssize_t stride,
-                                  int act, int ract)
-
-cdef extern from "lstm_cpu.h" nogil:
-    int lstmeng_avx2_fma_supported()
-    int lstmeng_avx512_supported()
-    int lstmeng_best_isa()
-    int lstmeng_isa
-    const int LSTMENG_ISA_SCALAR, LSTMENG_ISA_AVX2, LSTMENG_ISA_AVX512
-
-cdef extern from "lstm_gemm.h" nogil:
-    void lstmeng_pack_panels_f32(const float *b, Py_ssize_t K, Py_ssize_t G, Py_ssize_t ld,
-                                 int transpose, float *packed)
-    void lstmeng_gemm_packed_f32(Py_ssize_t rows, Py_ssize_t G, Py_ssize_t K, const float *a,
-                                 Py_ssize_t lda, const float *packed, float *c, Py_ssize_t ldc)
-    void lstmeng_gemm_at_packed_f32(Py_ssize_t rows, Py_ssize_t G, Py_ssize_t K, const float *a,
-                                    Py_ssize_t lda, const float *packed, float *c, Py_ssize_t ldc)
-
-cdef extern from "lstm_sync.h" nogil:
-    const int LSTMENG_FLAG_STRIDE
-    int lstmeng_team_size()
-    int lstmeng_thread_index()
-    void lstmeng_barrier_wait(int64_t *flags, int64_t member, int64_t team, int64_t calls)
-    void lstmeng_team_slow_waits(const int64_t *flags, int64_t team, int64_t *barriers,
-                                 int64_t *slow_wait_ns)
+# The C headers, the structs (LstmProblem, LstmBuffers, LstmGradients, TeamShare,
+# Layout) and the kernel signatures are declared in _cython_lstm.pxd.
 
 cdef extern from *:
     """
@@ -174,17 +142,6 @@ cdef Py_ssize_t PANEL_PAIR = 32
 # Packed rows of dz per chunk of the packed weight-gradient products: 256 x 32
 # floats (a panel pair) are 32 KB, within L1.
 cdef Py_ssize_t WEIGHT_GRADIENT_CHUNK = 256
-
-
-cdef struct Layout:
-    # See the module comment. uniform: active and offsets are [P] (per part: its
-    # rows, its first packed row) and every step of a part has the same rows.
-    const Py_ssize_t *order      # [B]
-    const Py_ssize_t *row_begin  # [P + 1]
-    const Py_ssize_t *active     # [P, T], or [P] when uniform
-    const Py_ssize_t *offsets    # [P, T + 1], or [P] when uniform
-    Py_ssize_t T
-    bint uniform
 
 
 cdef Layout make_layout(const Py_ssize_t[::1] order, const Py_ssize_t[::1] row_begin,
@@ -430,11 +387,13 @@ cdef void hidden_gradient_product(Py_ssize_t rows, Py_ssize_t H, floating *dz,
          <floating>0, dh + u0, H)
 
 
-cdef void copy_step_inputs(const Layout *layout, Py_ssize_t part, Py_ssize_t t, Py_ssize_t T,
-                           Py_ssize_t I, floating *x, floating *in_drop, floating *packed_x,
+cdef void copy_step_inputs(const LstmProblem *problem, Py_ssize_t part, Py_ssize_t t,
+                           floating *x, floating *in_drop, floating *packed_x,
                            Py_ssize_t shift) noexcept nogil:
     """Step t's rows of part ``part`` from x [B, T, I], input dropout applied, into
     packed_x at packed row (offset + shift)."""
+    cdef const Layout *layout = &problem.layout
+    cdef Py_ssize_t T = problem.steps, I = problem.inputs
     cdef Py_ssize_t r_begin = layout.row_begin[part], first = step_offset(layout, part, t)
     cdef Py_ssize_t i, row
     for i in range(step_rows(layout, part, t)):
@@ -450,122 +409,198 @@ def check_blas_sizes(*sizes):
             raise ValueError(f"dimension {size} exceeds the BLAS int limit {INT_MAX}")
 
 
-cdef void forward_part(
-        Py_ssize_t part, Py_ssize_t u0, Py_ssize_t u1, Py_ssize_t team, Py_ssize_t member,
-        int64_t *barrier_flags, const Layout *layout,
-        Py_ssize_t B, Py_ssize_t T, Py_ssize_t I, Py_ssize_t H,
-        floating *x, floating *h0, floating *c0, floating *kernel, floating *recurrent_kernel,
-        float *kernel_packed, float *recurrent_packed,
-        floating *bias, const unsigned char *mask, floating *in_drop, floating *rec_drop,
-        int act, int ract, bint reverse, bint zero_output_for_mask,
-        floating *sequence_outputs, floating *last_output, floating *h_out, floating *c_out,
-        floating *packed_x, floating *gates, floating *c_prev_all,
-        floating *h_in_all, floating *h_state, floating *c_state, floating *h_in_step,
-        unsigned char *seen, Py_ssize_t chunk_steps, Py_ssize_t part_chunk_rows) noexcept nogil:
-    """The whole forward sequence of one part's rows, units u0 .. u1 - 1.
+cdef void team_wait(const LstmProblem *problem, TeamShare *share) noexcept nogil:
+    """Return once every member of the share's team has made this barrier call (every
+    member makes the same sequence of calls; a team of one passes at once)."""
+    lstmeng_barrier_wait(problem.barrier_flags, share.member, share.team, share.barriers)
+    share.barriers += 1
 
-    A whole part (u0 = 0, u1 = H, team = 1) needs no synchronisation. A unit
-    slice is one ``member`` of a ``team`` that covers all units of the part
-    together; every member makes the same sequence of barrier calls. See
-    ``forward`` for the arrays; kernel_packed and recurrent_packed are this
-    slice's packed input and recurrent kernels or NULL (BLAS); seen is this
-    thread's [B].
-    """
-    cdef Py_ssize_t G = 4 * H, width = u1 - u0
-    cdef Py_ssize_t r_begin = layout.row_begin[part], r_end = layout.row_begin[part + 1]
-    cdef bint training = h_in_all != NULL
-    cdef Py_ssize_t step, chunk_first, chunk_last, t, t_lo, t_hi, i, r, row, n_rows, gate
-    cdef Py_ssize_t x_shift, gate_shift, first_row, rows, step_first, processed = 0
-    cdef int64_t barriers = 0
-    cdef floating *h_in
+
+# The forward. Every kernel below copies the struct fields it uses into locals
+# at its top: the compiler must otherwise reload them after each call it does
+# not inline, as the structs are reached through pointers.
+
+cdef void forward_part(const LstmProblem *problem, const LstmBuffers *buffers,
+                       TeamShare *share, floating zero) noexcept nogil:
+    """The whole forward sequence of one share (a part's rows, units u0 .. u1 - 1):
+    per chunk of steps the input projection, then per step the recurrent product
+    and the row math; the final states and outputs at the end."""
+    cdef Py_ssize_t T = problem.steps, G = problem.gate_columns, part = share.part
+    cdef Py_ssize_t chunk_first = 0, chunk_last, step, t, gate_shift
+    cdef floating *gates = <floating *>buffers.gates
     cdef floating *step_gates
-    cdef floating *out_row
-    cdef bint real
+    share.barriers = 0
+    share.steps_run = 0
+    load_initial_state(problem, buffers, share, zero)
+    while chunk_first < T:
+        chunk_last = min(chunk_first + problem.chunk_steps, T)
+        gate_shift = project_chunk(problem, buffers, share, chunk_first, chunk_last, zero)
+        for step in range(chunk_first, chunk_last):
+            t = T - 1 - step if problem.reverse else step
+            if step_rows(&problem.layout, part, t) == 0:
+                continue
+            step_gates = gates + (step_offset(&problem.layout, part, t) + gate_shift) * G
+            recurrent_step_product(problem, buffers, share, t, step_gates)
+            cell_rows(problem, buffers, share, t, step_gates)
+        chunk_first = chunk_last
+    publish_part_outputs(problem, buffers, share, zero)
 
-    for r in range(r_begin, r_end):
+
+cdef void load_initial_state(const LstmProblem *problem, const LstmBuffers *buffers,
+                             TeamShare *share, floating zero) noexcept nogil:
+    """h0, c0 of the share's rows and units into h_state, c_state (packed row order)."""
+    cdef const Layout *layout = &problem.layout
+    cdef Py_ssize_t H = problem.units, u0 = share.u0, width = share.u1 - share.u0, r
+    cdef floating *h0 = <floating *>buffers.h0
+    cdef floating *c0 = <floating *>buffers.c0
+    cdef floating *h_state = <floating *>buffers.h_state
+    cdef floating *c_state = <floating *>buffers.c_state
+    for r in range(layout.row_begin[share.part], layout.row_begin[share.part + 1]):
         memcpy(h_state + r * H + u0, h0 + layout.order[r] * H + u0, width * sizeof(floating))
         memcpy(c_state + r * H + u0, c0 + layout.order[r] * H + u0, width * sizeof(floating))
-        seen[r] = 0
+        share.seen[r] = 0
 
-    chunk_first = 0
-    while chunk_first < T:
-        chunk_last = min(chunk_first + chunk_steps, T)
-        # Input times of this chunk of processing steps. Their inputs go to this part's
-        # slice of the chunk buffer; their gates to the workspace (training) or to the
-        # part's slice of the gate chunk buffer (inference).
-        if reverse:
-            t_lo, t_hi = T - chunk_last, T - chunk_first
-        else:
-            t_lo, t_hi = chunk_first, chunk_last
-        first_row = step_offset(layout, part, t_lo)
-        rows = step_offset(layout, part, t_hi) - first_row
-        x_shift = part * part_chunk_rows - first_row
-        gate_shift = 0 if training else x_shift
-        # A team shares the copying (every team-th step each), then waits for all of it.
-        for t in range(t_lo, t_hi):
-            if (t - t_lo) % team == member:
-                copy_step_inputs(layout, part, t, T, I, x, in_drop, packed_x, x_shift)
-        lstmeng_barrier_wait(barrier_flags, member, team, barriers)
-        barriers += 1
-        # The input projection of every step in the chunk: one GEMM (per gate block
-        # for a unit slice), bias folded in by starting from broadcast bias rows.
-        step_gates = gates + (first_row + gate_shift) * G
-        if bias != NULL or kernel_packed != NULL:  # the packed kernel only accumulates
-            for i in range(rows):
-                for gate in range(4):
-                    if bias != NULL:
-                        memcpy(step_gates + i * G + gate * H + u0, bias + gate * H + u0,
-                               width * sizeof(floating))
-                    else:
-                        memset(step_gates + i * G + gate * H + u0, 0, width * sizeof(floating))
-        gates_product(rows, I, packed_x + (first_row + x_shift) * I, I, kernel, kernel_packed,
-                      step_gates, H, u0, width,
-                      <floating>(1 if bias != NULL or kernel_packed != NULL else 0))
 
-        for step in range(chunk_first, chunk_last):
-            t = T - 1 - step if reverse else step
-            n_rows = step_rows(layout, part, t)
-            if n_rows == 0:
-                continue
-            step_first = step_offset(layout, part, t)
-            step_gates = gates + (step_first + gate_shift) * G
-            # h(t-1) as it enters the recurrence (after recurrent dropout): kept for the
-            # backward, or in one of two alternating buffers when a team shares it (a
-            # member may still read the last step's while another writes this one's).
-            if training:
-                h_in = h_in_all + step_first * H
-            elif rec_drop != NULL or team > 1:
-                h_in = h_in_step + (processed % 2) * B * H + r_begin * H
+cdef Py_ssize_t project_chunk(const LstmProblem *problem, const LstmBuffers *buffers,
+                              TeamShare *share, Py_ssize_t chunk_first, Py_ssize_t chunk_last,
+                              floating zero) noexcept nogil:
+    """The input projection x(t) @ K + bias of processing steps chunk_first ..
+    chunk_last - 1 as one GEMM (per gate block for a unit slice) into the gate
+    rows; returns the shift from a packed row to its row of the gates buffer.
+
+    The chunk's inputs go to this part's slice of packed_x; its gates to the
+    workspace (training: shift 0) or to the part's slice of the gate chunk
+    buffer (inference).
+    """
+    cdef const Layout *layout = &problem.layout
+    cdef Py_ssize_t T = problem.steps, I = problem.inputs, H = problem.units, G = problem.gate_columns
+    cdef Py_ssize_t part = share.part, u0 = share.u0, width = share.u1 - share.u0
+    cdef Py_ssize_t t_lo, t_hi, first_row, rows, x_shift, gate_shift, t, i, gate
+    cdef floating *bias = <floating *>buffers.bias
+    cdef floating *packed_x = <floating *>buffers.packed_x
+    cdef floating *step_gates
+    cdef float *kernel_packed = share.kernel_packed
+    # The chunk's input times (processing steps run backwards in time when reversed).
+    if problem.reverse:
+        t_lo, t_hi = T - chunk_last, T - chunk_first
+    else:
+        t_lo, t_hi = chunk_first, chunk_last
+    first_row = step_offset(layout, part, t_lo)
+    rows = step_offset(layout, part, t_hi) - first_row
+    x_shift = part * problem.part_chunk_rows - first_row
+    gate_shift = 0 if problem.training else x_shift
+    # A team shares the copying (every team-th step each), then waits for all of it.
+    for t in range(t_lo, t_hi):
+        if (t - t_lo) % share.team == share.member:
+            copy_step_inputs(problem, part, t, <floating *>buffers.x,
+                             <floating *>buffers.input_dropout, packed_x, x_shift)
+    team_wait(problem, share)
+    # Bias folded in by starting from broadcast bias rows (zeros without bias
+    # where the packed kernel, which only accumulates, runs).
+    step_gates = <floating *>buffers.gates + (first_row + gate_shift) * G
+    if bias != NULL or kernel_packed != NULL:
+        for i in range(rows):
+            for gate in range(4):
+                if bias != NULL:
+                    memcpy(step_gates + i * G + gate * H + u0, bias + gate * H + u0,
+                           width * sizeof(floating))
+                else:
+                    memset(step_gates + i * G + gate * H + u0, 0, width * sizeof(floating))
+    gates_product(rows, I, packed_x + (first_row + x_shift) * I, I, <floating *>buffers.kernel,
+                  kernel_packed, step_gates, H, u0, width,
+                  <floating>(1 if bias != NULL or kernel_packed != NULL else 0))
+    return gate_shift
+
+
+cdef void recurrent_step_product(const LstmProblem *problem, const LstmBuffers *buffers,
+                                 TeamShare *share, Py_ssize_t t,
+                                 floating *step_gates) noexcept nogil:
+    """step_gates [rows, 4H] += h(t - 1) @ R for the share's rows and units of step t.
+
+    h(t - 1) as it enters the recurrence (after recurrent dropout) is kept for
+    the backward (training), or put in one of two alternating buffers when a
+    team shares it (a member may still read the last step's while another
+    writes this one's), or read from h_state in place.
+    """
+    cdef const Layout *layout = &problem.layout
+    cdef Py_ssize_t B = problem.batch, H = problem.units, part = share.part
+    cdef Py_ssize_t u0 = share.u0, width = share.u1 - share.u0
+    cdef Py_ssize_t r_begin = layout.row_begin[part], n_rows = step_rows(layout, part, t)
+    cdef Py_ssize_t i, r
+    cdef floating *h_state = <floating *>buffers.h_state
+    cdef floating *rec_drop = <floating *>buffers.recurrent_dropout
+    cdef floating *h_in
+    if problem.training:
+        h_in = <floating *>buffers.h_in_all + step_offset(layout, part, t) * H
+    elif rec_drop != NULL or share.team > 1:
+        h_in = <floating *>buffers.h_in_step + (share.steps_run % 2) * B * H + r_begin * H
+    else:
+        h_in = h_state + r_begin * H
+    if h_in != h_state + r_begin * H:
+        for i in range(n_rows):
+            r = r_begin + i
+            scaled_copy(h_in + i * H + u0, h_state + r * H + u0,
+                        rows_of(rec_drop, layout.order[r], H, u0), width)
+    share.steps_run += 1
+    team_wait(problem, share)
+    gates_product(n_rows, H, h_in, H, <floating *>buffers.recurrent_kernel, share.recurrent_packed,
+                  step_gates, H, u0, width, <floating>1)
+
+
+cdef void cell_rows(const LstmProblem *problem, const LstmBuffers *buffers, TeamShare *share,
+                    Py_ssize_t t, floating *step_gates) noexcept nogil:
+    """Step t's row math for the share's rows and units: nonlinearities, cell update
+    (real steps only, c(t - 1) kept for the backward), masking and output write."""
+    cdef const Layout *layout = &problem.layout
+    cdef Py_ssize_t T = problem.steps, H = problem.units, G = problem.gate_columns, part = share.part
+    cdef Py_ssize_t u0 = share.u0, width = share.u1 - share.u0
+    cdef Py_ssize_t r_begin = layout.row_begin[part], step_first = step_offset(layout, part, t)
+    cdef Py_ssize_t i, r, row
+    cdef const unsigned char *mask = problem.mask
+    cdef int act = problem.act, ract = problem.ract
+    cdef bint zero_output_for_mask = problem.zero_output_for_mask, real
+    cdef unsigned char *seen = share.seen
+    cdef floating *c_state = <floating *>buffers.c_state
+    cdef floating *h_state = <floating *>buffers.h_state
+    cdef floating *c_prev_all = <floating *>buffers.c_prev_all
+    cdef floating *sequence_outputs = <floating *>buffers.sequence_outputs
+    cdef floating *out_row
+    for i in range(step_rows(layout, part, t)):
+        r = r_begin + i
+        row = layout.order[r]
+        real = mask == NULL or mask[row * T + t]
+        if real:
+            forward_row(step_gates + i * G + u0, c_state + r * H + u0,
+                        rows_of(c_prev_all, step_first + i, H, u0),
+                        h_state + r * H + u0, width, H, act, ract)
+            seen[r] = 1
+        if sequence_outputs != NULL:
+            out_row = sequence_outputs + (row * T + t) * H + u0
+            if real or (seen[r] and not zero_output_for_mask):
+                memcpy(out_row, h_state + r * H + u0, width * sizeof(floating))
             else:
-                h_in = h_state + r_begin * H
-            if h_in != h_state + r_begin * H:
-                for i in range(n_rows):
-                    r = r_begin + i
-                    scaled_copy(h_in + i * H + u0, h_state + r * H + u0,
-                                rows_of(rec_drop, layout.order[r], H, u0), width)
-            processed += 1
-            lstmeng_barrier_wait(barrier_flags, member, team, barriers)
-            barriers += 1
-            gates_product(n_rows, H, h_in, H, recurrent_kernel, recurrent_packed, step_gates,
-                          H, u0, width, <floating>1)
+                memset(out_row, 0, width * sizeof(floating))
 
-            for i in range(n_rows):
-                r = r_begin + i
-                row = layout.order[r]
-                real = mask == NULL or mask[row * T + t]
-                if real:
-                    forward_row(step_gates + i * G + u0, c_state + r * H + u0,
-                                rows_of(c_prev_all, step_first + i, H, u0),
-                                h_state + r * H + u0, width, H, act, ract)
-                    seen[r] = 1
-                if sequence_outputs != NULL:
-                    out_row = sequence_outputs + (row * T + t) * H + u0
-                    if real or (seen[r] and not zero_output_for_mask):
-                        memcpy(out_row, h_state + r * H + u0, width * sizeof(floating))
-                    else:
-                        memset(out_row, 0, width * sizeof(floating))
-        chunk_first = chunk_last
 
+cdef void publish_part_outputs(const LstmProblem *problem, const LstmBuffers *buffers,
+                               TeamShare *share, floating zero) noexcept nogil:
+    """The share's final states, in the caller's row order, and its outputs of the
+    steps no step processed (sequence) or its last output."""
+    cdef const Layout *layout = &problem.layout
+    cdef Py_ssize_t T = problem.steps, H = problem.units, part = share.part
+    cdef Py_ssize_t u0 = share.u0, width = share.u1 - share.u0
+    cdef Py_ssize_t r_begin = layout.row_begin[part], r_end = layout.row_begin[part + 1]
+    cdef Py_ssize_t i, r, row, t
+    cdef const unsigned char *mask = problem.mask
+    cdef bint zero_output_for_mask = problem.zero_output_for_mask, reverse = problem.reverse, real
+    cdef unsigned char *seen = share.seen
+    cdef floating *h_state = <floating *>buffers.h_state
+    cdef floating *c_state = <floating *>buffers.c_state
+    cdef floating *sequence_outputs = <floating *>buffers.sequence_outputs
+    cdef floating *last_output = <floating *>buffers.last_output
+    cdef floating *h_out = <floating *>buffers.h_out
+    cdef floating *c_out = <floating *>buffers.c_out
+    cdef floating *out_row
     for r in range(r_begin, r_end):
         row = layout.order[r]
         i = r - r_begin
@@ -590,6 +625,35 @@ cdef void forward_part(
                 memset(last_output + row * H + u0, 0, width * sizeof(floating))
         memcpy(h_out + row * H + u0, h_state + r * H + u0, width * sizeof(floating))
         memcpy(c_out + row * H + u0, c_state + r * H + u0, width * sizeof(floating))
+
+
+cdef LstmProblem make_problem(const Py_ssize_t[::1] order, const Py_ssize_t[::1] row_begin,
+                              const Py_ssize_t[:, ::1] active, const Py_ssize_t[:, ::1] offsets,
+                              Py_ssize_t B, Py_ssize_t T, Py_ssize_t I, Py_ssize_t H,
+                              const unsigned char[:, ::1] mask, int act, int ract,
+                              bint reverse, bint zero_output_for_mask,
+                              int64_t *barrier_flags) except *:
+    """The LstmProblem of a forward or backward call (its forward-only fields zero)."""
+    cdef LstmProblem problem
+    memset(&problem, 0, sizeof(problem))
+    problem.layout = make_layout(order, row_begin, active, offsets, T)
+    problem.batch, problem.steps, problem.inputs, problem.units = B, T, I, H
+    problem.gate_columns = 4 * H
+    problem.parts = row_begin.shape[0] - 1
+    problem.packed_rows = step_offset(&problem.layout, problem.parts - 1, T)
+    problem.mask = NULL if mask is None else &mask[0, 0]
+    problem.act, problem.ract = act, ract
+    problem.reverse, problem.zero_output_for_mask = reverse, zero_output_for_mask
+    problem.barrier_flags = barrier_flags
+    return problem
+
+
+cdef TeamShare whole_part(Py_ssize_t part, Py_ssize_t H) noexcept nogil:
+    """A share running all units of a part alone (scratch pointers NULL)."""
+    cdef TeamShare share
+    memset(&share, 0, sizeof(share))
+    share.part, share.u0, share.u1, share.team, share.member = part, 0, H, 1, 0
+    return share
 
 
 def forward(floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
@@ -633,45 +697,49 @@ def forward(floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
     began to yield its core (0 and 0.0 without a split); see lstm_sync.h.
     """
     cdef Py_ssize_t B = x.shape[0], T = x.shape[1], I = x.shape[2]
-    cdef Py_ssize_t H = recurrent_kernel.shape[0], G = 4 * H, P = row_begin.shape[0] - 1
-    cdef Py_ssize_t part, member, team, u0, u1, team_threads = max(1, threads)
-    cdef Layout layout = make_layout(order, row_begin, active, offsets, T)
+    cdef Py_ssize_t H = recurrent_kernel.shape[0], G = 4 * H
+    cdef Py_ssize_t part, member, team_threads = max(1, threads)
     cdef unsigned char[::1] seen = np.zeros(team_threads * (B + 1), np.uint8)
     cdef int64_t[::1] barrier_flags = np.zeros(team_threads * LSTMENG_FLAG_STRIDE, np.int64)
-    cdef int64_t *flags_ptr = &barrier_flags[0]
-    cdef const unsigned char *mask_ptr = NULL if mask is None else &mask[0, 0]
-    cdef floating *x_ptr = &x[0, 0, 0]
-    cdef floating *h0_ptr = &h0[0, 0]
-    cdef floating *c0_ptr = &c0[0, 0]
-    cdef floating *kernel_ptr = pointer2(kernel)
-    cdef floating *recurrent_ptr = &recurrent_kernel[0, 0]
-    cdef floating *bias_ptr = pointer1(bias)
-    cdef floating *in_drop = pointer2(input_dropout_mask)
-    cdef floating *rec_drop = pointer2(recurrent_dropout_mask)
-    cdef floating *sequence_ptr = NULL if sequence_outputs is None else &sequence_outputs[0, 0, 0]
-    cdef floating *last_ptr = pointer2(last_output)
-    cdef floating *h_out_ptr = &h_out[0, 0]
-    cdef floating *c_out_ptr = &c_out[0, 0]
-    cdef floating *packed_ptr = pointer2(packed_x)
-    cdef floating *gates_ptr = pointer2(gates)
-    cdef floating *c_prev_ptr = pointer2(c_prev_all)
-    cdef floating *h_in_ptr = pointer2(h_in_all)
-    cdef floating *h_state_ptr = &h_state[0, 0]
-    cdef floating *c_state_ptr = &c_state[0, 0]
-    cdef floating *h_in_step_ptr = &h_in_step[0, 0, 0]
-    cdef unsigned char *seen_ptr = &seen[0]
+    cdef LstmProblem problem = make_problem(order, row_begin, active, offsets, B, T, I, H, mask,
+                                            act, ract, reverse, zero_output_for_mask,
+                                            &barrier_flags[0])
+    cdef LstmBuffers buffers
+    cdef TeamShare share
     # The recurrent kernel [H, 4H] packed for every step's product (float32, AVX2 or AVX-512):
     # once here for whole parts, by each member for its own slice when units are split.
     cdef float[::1] packed_weights = np.empty(H * G if floating is float and packed_gemm else 1,
                                               np.float32)
     cdef float *packed_base = NULL
-    cdef float *slice_packed
     # The input kernel [I, 4H] packed the same way for the input projection, where the
     # ISA's kernel beats BLAS at it (packed_projection: AVX-512; see lstm_gemm.h).
     cdef bint project_packed = floating is float and packed_projection and I > 0
     cdef float[::1] packed_input_weights = np.empty(I * G if project_packed else 1, np.float32)
     cdef float *packed_input_base = NULL
-    cdef float *input_slice_packed
+
+    memset(&buffers, 0, sizeof(buffers))
+    buffers.x = &x[0, 0, 0]
+    buffers.h0 = &h0[0, 0]
+    buffers.c0 = &c0[0, 0]
+    buffers.kernel = pointer2(kernel)
+    buffers.recurrent_kernel = &recurrent_kernel[0, 0]
+    buffers.bias = pointer1(bias)
+    buffers.input_dropout = pointer2(input_dropout_mask)
+    buffers.recurrent_dropout = pointer2(recurrent_dropout_mask)
+    buffers.sequence_outputs = NULL if sequence_outputs is None else &sequence_outputs[0, 0, 0]
+    buffers.last_output = pointer2(last_output)
+    buffers.h_out = &h_out[0, 0]
+    buffers.c_out = &c_out[0, 0]
+    buffers.packed_x = pointer2(packed_x)
+    buffers.gates = pointer2(gates)
+    buffers.c_prev_all = pointer2(c_prev_all)
+    buffers.h_in_all = pointer2(h_in_all)
+    buffers.h_state = &h_state[0, 0]
+    buffers.c_state = &c_state[0, 0]
+    buffers.h_in_step = &h_in_step[0, 0, 0]
+    problem.training = buffers.h_in_all != NULL
+    problem.chunk_steps = chunk_steps
+    problem.part_chunk_rows = part_chunk_rows
 
     if floating is float:
         if packed_gemm:
@@ -680,38 +748,34 @@ def forward(floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
             packed_input_base = &packed_input_weights[0]
         if not split_units:
             packed_base = pack_slice(packed_base, &recurrent_kernel[0, 0], H, H, 0, H, False)
-            packed_input_base = pack_slice(packed_input_base, kernel_ptr, I, H, 0, H, False)
-    check_blas_sizes(step_offset(&layout, P - 1, T), G, I, H, part_chunk_rows * P)
+            packed_input_base = pack_slice(packed_input_base, <float *>buffers.kernel, I, H, 0, H,
+                                           False)
+    check_blas_sizes(problem.packed_rows, G, I, H, part_chunk_rows * problem.parts)
     with nogil, parallel(num_threads=team_threads):
         member = lstmeng_thread_index()
-        team = lstmeng_team_size()
+        share = whole_part(0, H)
         if split_units:
-            u0 = unit_bound(member, team, H)
-            u1 = unit_bound(member + 1, team, H)
-            slice_packed = NULL
-            input_slice_packed = NULL
+            share.team = lstmeng_team_size()
+            share.member = member
+            share.u0 = unit_bound(member, share.team, H)
+            share.u1 = unit_bound(member + 1, share.team, H)
+            share.seen = &seen[0] + member * (B + 1)
             if floating is float:
-                slice_packed = pack_slice(packed_base, &recurrent_kernel[0, 0], H, H, u0, u1, False)
-                input_slice_packed = pack_slice(packed_input_base, kernel_ptr, I, H, u0, u1, False)
-            forward_part(0, u0, u1, team, member, flags_ptr, &layout, B, T, I, H, x_ptr, h0_ptr,
-                         c0_ptr, kernel_ptr, recurrent_ptr, input_slice_packed, slice_packed,
-                         bias_ptr, mask_ptr,
-                         in_drop, rec_drop, act, ract, reverse, zero_output_for_mask,
-                         sequence_ptr, last_ptr, h_out_ptr, c_out_ptr, packed_ptr, gates_ptr,
-                         c_prev_ptr, h_in_ptr, h_state_ptr, c_state_ptr, h_in_step_ptr,
-                         seen_ptr + member * (B + 1), chunk_steps, part_chunk_rows)
+                share.recurrent_packed = pack_slice(packed_base, &recurrent_kernel[0, 0], H, H,
+                                                    share.u0, share.u1, False)
+                share.kernel_packed = pack_slice(packed_input_base, <float *>buffers.kernel, I, H,
+                                                 share.u0, share.u1, False)
+            forward_part(&problem, &buffers, &share, <floating>0)
         else:
+            share.seen = &seen[0]
+            share.recurrent_packed = packed_base
+            share.kernel_packed = packed_input_base
             part = member
-            while part < P:
-                forward_part(part, 0, H, 1, 0, flags_ptr, &layout, B, T, I, H, x_ptr, h0_ptr,
-                             c0_ptr, kernel_ptr, recurrent_ptr, packed_input_base, packed_base,
-                             bias_ptr, mask_ptr,
-                             in_drop, rec_drop, act, ract, reverse, zero_output_for_mask,
-                             sequence_ptr, last_ptr, h_out_ptr, c_out_ptr, packed_ptr, gates_ptr,
-                             c_prev_ptr, h_in_ptr, h_state_ptr, c_state_ptr, h_in_step_ptr,
-                             seen_ptr, chunk_steps, part_chunk_rows)
-                part = part + team
-    return team_barrier_stats(flags_ptr, team_threads)
+            while part < problem.parts:
+                share.part = part
+                forward_part(&problem, &buffers, &share, <floating>0)
+                part = part + lstmeng_team_size()
+    return team_barrier_stats(&barrier_flags[0], team_threads)
 
 
 cdef tuple team_barrier_stats(const int64_t *flags, Py_ssize_t team):
@@ -723,35 +787,54 @@ cdef tuple team_barrier_stats(const int64_t *flags, Py_ssize_t team):
     return barriers, slow_wait_ns * 1e-9
 
 
-cdef void backward_part(
-        Py_ssize_t part, Py_ssize_t u0, Py_ssize_t u1, Py_ssize_t team, Py_ssize_t member,
-        int64_t *barrier_flags, const Layout *layout, Py_ssize_t B, Py_ssize_t T, Py_ssize_t H,
-        floating *doutputs_sequence, floating *doutputs_last, floating *dh, floating *dc,
-        floating *recurrent_kernel, float *recurrent_t_packed, const unsigned char *mask,
-        floating *rec_drop, int act, int ract, bint reverse, bint zero_output_for_mask,
-        floating *gates, floating *c_prev_all,
-        floating *dh0, floating *dc0, floating *dh_carry, floating *dh_recurrent,
-        floating *dc_state, floating *dh_total, floating *scratch, floating *dbias_partial,
-        unsigned char *previous_real, Py_ssize_t *first_real, Py_ssize_t *last_real) noexcept nogil:
-    """The backward time loop of one part's rows, units u0 .. u1 - 1 (a whole part, or
-    one member's slice: see forward_part). dh_total [H] and scratch [6H] are this
-    thread's; dbias_partial [4H] is this thread's sum of dz over the rows it
-    processed (added to, in its units' columns); previous_real, first_real,
-    last_real [B] this thread's (or shared by whole parts, whose rows are disjoint)."""
-    cdef Py_ssize_t G = 4 * H, width = u1 - u0
-    cdef Py_ssize_t r_begin = layout.row_begin[part], r_end = layout.row_begin[part + 1]
-    cdef Py_ssize_t step, position, t, i, r, row, j, n_rows, step_first, gate
-    cdef int64_t barriers = 0
-    cdef bint real
-    cdef floating *step_gates
-    cdef floating *dy
+# The backward time loop.
 
-    # Processing positions of each row's first and last real step (T / -1 if none).
+cdef void backward_part(const LstmProblem *problem, const LstmBuffers *buffers,
+                        const LstmGradients *gradients, TeamShare *share,
+                        floating zero) noexcept nogil:
+    """The backward time loop of one share (a whole part, or one member's slice of
+    its units: see forward_part): per step the gate gradients dz(t) of the share's
+    rows and units, then dh(t - 1) = dz(t) @ R^T; the initial states' gradients
+    at the end. Adds the share's column sums of dz to its dbias_partial."""
+    cdef const Layout *layout = &problem.layout
+    cdef Py_ssize_t T = problem.steps, H = problem.units, G = problem.gate_columns, part = share.part
+    cdef Py_ssize_t u0 = share.u0, width = share.u1 - share.u0
+    cdef Py_ssize_t r_begin = layout.row_begin[part], step, t, n_rows
+    cdef floating *gates = <floating *>buffers.gates
+    cdef floating *step_gates
+    share.barriers = 0
+    find_real_steps(problem, share)
+    load_output_gradients(problem, gradients, share, zero)
+    for step in range(T - 1, -1, -1):
+        t = T - 1 - step if problem.reverse else step
+        n_rows = step_rows(layout, part, t)
+        if n_rows == 0:
+            continue
+        step_gates = gates + step_offset(layout, part, t) * G
+        gate_gradient_rows(problem, buffers, gradients, share, step, step_gates)
+        # dh(t-1) = dz(t) @ R^T for the step's rows: a team needs every member's dz(t).
+        team_wait(problem, share)
+        hidden_gradient_product(n_rows, H, step_gates, <floating *>buffers.recurrent_kernel,
+                                share.recurrent_packed,
+                                <floating *>gradients.dh_recurrent + r_begin * H, u0, width)
+    publish_state_gradients(problem, buffers, gradients, share, zero)
+
+
+cdef void find_real_steps(const LstmProblem *problem, TeamShare *share) noexcept nogil:
+    """Processing positions of each of the share's rows' first and last real step
+    (T and -1 if none) into first_real and last_real."""
+    cdef const Layout *layout = &problem.layout
+    cdef const unsigned char *mask = problem.mask
+    cdef Py_ssize_t T = problem.steps, part = share.part
+    cdef Py_ssize_t r_begin = layout.row_begin[part], r_end = layout.row_begin[part + 1]
+    cdef Py_ssize_t *first_real = share.first_real
+    cdef Py_ssize_t *last_real = share.last_real
+    cdef Py_ssize_t position, t, i, r
     for r in range(r_begin, r_end):
         first_real[r] = T
         last_real[r] = -1
     for position in range(T):
-        t = T - 1 - position if reverse else position
+        t = T - 1 - position if problem.reverse else position
         for i in range(step_rows(layout, part, t)):
             r = r_begin + i
             if mask == NULL or mask[layout.order[r] * T + t]:
@@ -759,10 +842,30 @@ cdef void backward_part(
                     first_real[r] = position
                 last_real[r] = position
 
+
+cdef void load_output_gradients(const LstmProblem *problem, const LstmGradients *gradients,
+                                TeamShare *share, floating zero) noexcept nogil:
+    """The gradient reaching the share's rows and units after the last processed
+    step: dh, dc, plus the gradients of outputs that no step computes (the last
+    output, or the outputs of steps outside active[p, t], where they repeat h)."""
+    cdef const Layout *layout = &problem.layout
+    cdef Py_ssize_t T = problem.steps, H = problem.units, part = share.part
+    cdef Py_ssize_t u0 = share.u0, u1 = share.u1, width = share.u1 - share.u0
+    cdef Py_ssize_t r_begin = layout.row_begin[part], r_end = layout.row_begin[part + 1]
+    cdef Py_ssize_t position, t, i, r, row, j
+    cdef bint zero_output_for_mask = problem.zero_output_for_mask, reverse = problem.reverse
+    cdef Py_ssize_t *first_real = share.first_real
+    cdef Py_ssize_t *last_real = share.last_real
+    cdef floating *dh = <floating *>gradients.dh
+    cdef floating *dc = <floating *>gradients.dc
+    cdef floating *doutputs_sequence = <floating *>gradients.doutputs_sequence
+    cdef floating *doutputs_last = <floating *>gradients.doutputs_last
+    cdef floating *dh_carry = <floating *>gradients.dh_carry
+    cdef floating *dc_state = <floating *>gradients.dc_state
     for r in range(r_begin, r_end):
         row = layout.order[r]
         i = r - r_begin
-        previous_real[r] = 0
+        share.previous_real[r] = 0
         memcpy(dh_carry + r * H + u0, dh + row * H + u0, width * sizeof(floating))
         memcpy(dc_state + r * H + u0, dc + row * H + u0, width * sizeof(floating))
         if doutputs_last != NULL:
@@ -778,50 +881,81 @@ cdef void backward_part(
                     for j in range(u0, u1):
                         dh_carry[r * H + j] += doutputs_sequence[(row * T + t) * H + j]
 
-    for step in range(T - 1, -1, -1):
-        t = T - 1 - step if reverse else step
-        n_rows = step_rows(layout, part, t)
-        if n_rows == 0:
-            continue
-        step_first = step_offset(layout, part, t)
-        step_gates = gates + step_first * G
-        for i in range(n_rows):
-            r = r_begin + i
-            row = layout.order[r]
-            real = mask == NULL or mask[row * T + t]
-            # Gradient reaching h(t): from the recurrence (or the carry) plus this
-            # step's output when that output is h (a real step, or a masked one
-            # repeating h after an earlier real step).
-            if previous_real[r]:
-                scaled_copy(dh_total, dh_recurrent + r * H + u0, rows_of(rec_drop, row, H, u0), width)
-            else:
-                memcpy(dh_total, dh_carry + r * H + u0, width * sizeof(floating))
-            if doutputs_sequence != NULL and (
-                    real or (step > first_real[r] and not zero_output_for_mask)):
-                dy = doutputs_sequence + (row * T + t) * H + u0
-                for j in range(width):
-                    dh_total[j] += dy[j]
-            if real:
-                backward_row(step_gates + i * G + u0, c_prev_all + (step_first + i) * H + u0,
-                             dh_total, dc_state + r * H + u0, scratch, width, H, act, ract)
-                # The bias gradient, while the row's dz is still in L1 (a pass over all
-                # of dz at the end would read it from memory again).
-                for gate in range(4):
-                    add_row(dbias_partial + gate * H + u0, step_gates + i * G + gate * H + u0, width)
-            else:
-                memcpy(dh_carry + r * H + u0, dh_total, width * sizeof(floating))
-                for gate in range(4):
-                    memset(step_gates + i * G + gate * H + u0, 0, width * sizeof(floating))
-            previous_real[r] = real
-        # dh(t-1) = dz(t) @ R^T for the step's rows: a team needs every member's dz(t).
-        lstmeng_barrier_wait(barrier_flags, member, team, barriers)
-        barriers += 1
-        hidden_gradient_product(n_rows, H, step_gates, recurrent_kernel, recurrent_t_packed,
-                                dh_recurrent + r_begin * H, u0, width)
 
-    for r in range(r_begin, r_end):
+cdef void gate_gradient_rows(const LstmProblem *problem, const LstmBuffers *buffers,
+                             const LstmGradients *gradients, TeamShare *share, Py_ssize_t step,
+                             floating *step_gates) noexcept nogil:
+    """Processing step ``step``'s row math for the share's rows and units: the gate
+    gradients dz(t) over the activated gates in step_gates (real steps; zeros for
+    masked ones, whose dh passes on through dh_carry), dc(t - 1), and the bias
+    gradient."""
+    cdef const Layout *layout = &problem.layout
+    cdef const unsigned char *mask = problem.mask
+    cdef Py_ssize_t T = problem.steps, H = problem.units, G = problem.gate_columns, part = share.part
+    cdef Py_ssize_t u0 = share.u0, width = share.u1 - share.u0
+    cdef Py_ssize_t t = T - 1 - step if problem.reverse else step
+    cdef Py_ssize_t r_begin = layout.row_begin[part], step_first = step_offset(layout, part, t)
+    cdef Py_ssize_t i, r, row, j, gate
+    cdef int act = problem.act, ract = problem.ract
+    cdef bint zero_output_for_mask = problem.zero_output_for_mask, real
+    cdef unsigned char *previous_real = share.previous_real
+    cdef Py_ssize_t *first_real = share.first_real
+    cdef floating *dh_total = <floating *>share.dh_total
+    cdef floating *scratch = <floating *>share.scratch
+    cdef floating *dbias_partial = <floating *>share.dbias_partial
+    cdef floating *rec_drop = <floating *>buffers.recurrent_dropout
+    cdef floating *c_prev_all = <floating *>buffers.c_prev_all
+    cdef floating *doutputs_sequence = <floating *>gradients.doutputs_sequence
+    cdef floating *dh_carry = <floating *>gradients.dh_carry
+    cdef floating *dh_recurrent = <floating *>gradients.dh_recurrent
+    cdef floating *dc_state = <floating *>gradients.dc_state
+    cdef floating *dy
+    for i in range(step_rows(layout, part, t)):
+        r = r_begin + i
         row = layout.order[r]
+        real = mask == NULL or mask[row * T + t]
+        # Gradient reaching h(t): from the recurrence (or the carry) plus this
+        # step's output when that output is h (a real step, or a masked one
+        # repeating h after an earlier real step).
         if previous_real[r]:
+            scaled_copy(dh_total, dh_recurrent + r * H + u0, rows_of(rec_drop, row, H, u0), width)
+        else:
+            memcpy(dh_total, dh_carry + r * H + u0, width * sizeof(floating))
+        if doutputs_sequence != NULL and (
+                real or (step > first_real[r] and not zero_output_for_mask)):
+            dy = doutputs_sequence + (row * T + t) * H + u0
+            for j in range(width):
+                dh_total[j] += dy[j]
+        if real:
+            backward_row(step_gates + i * G + u0, c_prev_all + (step_first + i) * H + u0,
+                         dh_total, dc_state + r * H + u0, scratch, width, H, act, ract)
+            # The bias gradient, while the row's dz is still in L1 (a pass over all
+            # of dz at the end would read it from memory again).
+            for gate in range(4):
+                add_row(dbias_partial + gate * H + u0, step_gates + i * G + gate * H + u0, width)
+        else:
+            memcpy(dh_carry + r * H + u0, dh_total, width * sizeof(floating))
+            for gate in range(4):
+                memset(step_gates + i * G + gate * H + u0, 0, width * sizeof(floating))
+        previous_real[r] = real
+
+
+cdef void publish_state_gradients(const LstmProblem *problem, const LstmBuffers *buffers,
+                                  const LstmGradients *gradients, TeamShare *share,
+                                  floating zero) noexcept nogil:
+    """dh0, dc0 of the share's rows and units, in the caller's row order."""
+    cdef const Layout *layout = &problem.layout
+    cdef Py_ssize_t H = problem.units, part = share.part
+    cdef Py_ssize_t u0 = share.u0, width = share.u1 - share.u0, r, row
+    cdef floating *rec_drop = <floating *>buffers.recurrent_dropout
+    cdef floating *dh0 = <floating *>gradients.dh0
+    cdef floating *dc0 = <floating *>gradients.dc0
+    cdef floating *dh_carry = <floating *>gradients.dh_carry
+    cdef floating *dh_recurrent = <floating *>gradients.dh_recurrent
+    cdef floating *dc_state = <floating *>gradients.dc_state
+    for r in range(layout.row_begin[part], layout.row_begin[part + 1]):
+        row = layout.order[r]
+        if share.previous_real[r]:
             scaled_copy(dh0 + row * H + u0, dh_recurrent + r * H + u0, rows_of(rec_drop, row, H, u0),
                         width)
         else:
@@ -860,11 +994,9 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
     unit split; the busy-machine fallback uses it). Returns (barriers,
     slow_wait_seconds) as `forward` does.
     """
-    cdef Py_ssize_t B = dh.shape[0], P = row_begin.shape[0] - 1, T = x.shape[1]
+    cdef Py_ssize_t B = dh.shape[0], T = x.shape[1]
     cdef Py_ssize_t I = kernel.shape[0], H = recurrent_kernel.shape[0], G = 4 * H
-    cdef Layout layout = make_layout(order, row_begin, active, offsets, T)
-    cdef Py_ssize_t N = step_offset(&layout, P - 1, T)
-    cdef Py_ssize_t part, t, member, team, u0, u1, column_begin, column_end
+    cdef Py_ssize_t part, t, member, N, P
     cdef Py_ssize_t team_threads = max(1, threads)
     cdef Py_ssize_t running_threads = min(team_threads, run_threads) if run_threads > 0 else team_threads
     # Gate columns per thread for the weight gradients, a multiple of 16 (whole cache lines).
@@ -877,7 +1009,6 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
         // column_round * column_round
     cdef float[:, ::1] gradient_panels = np.empty(
         (column_threads, WEIGHT_GRADIENT_CHUNK * column_block if weights_packed else 1), np.float32)
-    cdef float *gradient_panels_ptr = &gradient_panels[0, 0]
     cdef Py_ssize_t per_thread_rows = B + 1 if split_units else 0
     dtype = np.asarray(dh).dtype
     # Per-row state of the backward time loop, in packed row order: dh_carry is the
@@ -893,47 +1024,52 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
     cdef Py_ssize_t[::1] first_real = np.empty(team_threads * (B + 1), np.intp)
     cdef Py_ssize_t[::1] last_real = np.empty(team_threads * (B + 1), np.intp)
     cdef int64_t[::1] barrier_flags = np.zeros(team_threads * LSTMENG_FLAG_STRIDE, np.int64)
-    cdef int64_t *flags_ptr = &barrier_flags[0]
-    cdef const unsigned char *mask_ptr = NULL if mask is None else &mask[0, 0]
-    cdef floating *dseq = NULL if doutputs_sequence is None else &doutputs_sequence[0, 0, 0]
-    cdef floating *dlast = pointer2(doutputs_last)
-    cdef floating *dh_ptr = &dh[0, 0]
-    cdef floating *dc_ptr = &dc[0, 0]
-    cdef floating *x_ptr = &x[0, 0, 0]
-    cdef floating *kernel_ptr = pointer2(kernel)
-    cdef floating *recurrent_ptr = &recurrent_kernel[0, 0]
-    cdef floating *in_drop = pointer2(input_dropout_mask)
-    cdef floating *rec_drop = pointer2(recurrent_dropout_mask)
-    cdef floating *packed_ptr = pointer2(packed_x)
-    cdef floating *gates_ptr = pointer2(gates)
-    cdef floating *c_prev_ptr = pointer2(c_prev_all)
-    cdef floating *h_in_ptr = pointer2(h_in_all)
-    cdef floating *dx_ptr = &dx[0, 0, 0]
-    cdef floating *dh0_ptr = &dh0[0, 0]
-    cdef floating *dc0_ptr = &dc0[0, 0]
-    cdef floating *dkernel_ptr = pointer2(dkernel)
-    cdef floating *drecurrent_ptr = &drecurrent_kernel[0, 0]
-    cdef floating *dbias_ptr = &dbias[0]
-    cdef floating *dh_carry_ptr = &dh_carry[0, 0]
-    cdef floating *dh_recurrent_ptr = &dh_recurrent[0, 0]
-    cdef floating *dc_state_ptr = &dc_state[0, 0]
-    cdef floating *dh_total_ptr = &dh_total[0, 0]
-    cdef floating *scratch_ptr = &scratch[0, 0]
-    cdef floating *dbias_partial_ptr = &dbias_partial[0, 0]
-    cdef unsigned char *previous_real_ptr = &previous_real[0]
-    cdef Py_ssize_t *first_real_ptr = &first_real[0]
-    cdef Py_ssize_t *last_real_ptr = &last_real[0]
+    cdef LstmProblem problem = make_problem(order, row_begin, active, offsets, B, T, I, H, mask,
+                                            act, ract, reverse, zero_output_for_mask,
+                                            &barrier_flags[0])
+    cdef LstmBuffers buffers
+    cdef LstmGradients gradients
+    cdef TeamShare share
     # R^T [4H, H] packed for every step's dh product (float32, AVX2 or AVX-512): once here for
     # whole parts, by each member for its own slice when units are split.
     cdef float[::1] packed_weights = np.empty(H * G if floating is float and packed_gemm else 1,
                                               np.float32)
     cdef float *packed_base = NULL
-    cdef float *slice_packed
     # K^T [4H, I] packed for dx = dz @ K^T where the input projection uses the packed
     # kernel too (AVX-512, I a multiple of 32).
     cdef bint dx_packed = floating is float and packed_projection and I > 0 and I % PANEL_PAIR == 0
     cdef float[::1] packed_kernel_t = np.empty(G * I if dx_packed else 1, np.float32)
-    cdef float *kernel_t_packed = NULL
+
+    N, P = problem.packed_rows, problem.parts
+    memset(&buffers, 0, sizeof(buffers))
+    buffers.x = &x[0, 0, 0]
+    buffers.kernel = pointer2(kernel)
+    buffers.recurrent_kernel = &recurrent_kernel[0, 0]
+    buffers.input_dropout = pointer2(input_dropout_mask)
+    buffers.recurrent_dropout = pointer2(recurrent_dropout_mask)
+    buffers.packed_x = pointer2(packed_x)
+    buffers.gates = pointer2(gates)
+    buffers.c_prev_all = pointer2(c_prev_all)
+    buffers.h_in_all = pointer2(h_in_all)
+    problem.training = True
+    gradients.doutputs_sequence = (NULL if doutputs_sequence is None
+                                   else &doutputs_sequence[0, 0, 0])
+    gradients.doutputs_last = pointer2(doutputs_last)
+    gradients.dh = &dh[0, 0]
+    gradients.dc = &dc[0, 0]
+    gradients.dx = &dx[0, 0, 0]
+    gradients.dh0 = &dh0[0, 0]
+    gradients.dc0 = &dc0[0, 0]
+    gradients.dkernel = pointer2(dkernel)
+    gradients.drecurrent_kernel = &drecurrent_kernel[0, 0]
+    gradients.dbias = &dbias[0]
+    gradients.dh_carry = &dh_carry[0, 0]
+    gradients.dh_recurrent = &dh_recurrent[0, 0]
+    gradients.dc_state = &dc_state[0, 0]
+    gradients.dbias_partial = &dbias_partial[0, 0]
+    gradients.kernel_t_packed = NULL
+    gradients.gradient_panels = &gradient_panels[0, 0]
+    gradients.column_block = column_block
 
     if floating is float:
         if packed_gemm:
@@ -941,75 +1077,90 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
         if not split_units:
             packed_base = pack_slice(packed_base, &recurrent_kernel[0, 0], H, H, 0, H, True)
         if dx_packed:
-            kernel_t_packed = &packed_kernel_t[0]
-            lstmeng_pack_panels_f32(kernel_ptr, G, I, G, 1, kernel_t_packed)
+            gradients.kernel_t_packed = &packed_kernel_t[0]
+            lstmeng_pack_panels_f32(<float *>buffers.kernel, G, I, G, 1, gradients.kernel_t_packed)
     if packed_x.shape[0] != N or packed_x.shape[1] != I:
         raise ValueError(f"packed_x must be [{N}, {I}], got {list(packed_x.shape)[:2]}")
     check_blas_sizes(N, G, I, H)
     with nogil:
         with parallel(num_threads=running_threads):
             member = lstmeng_thread_index()
-            team = lstmeng_team_size()
+            share = whole_part(0, H)
+            share.dh_total = &dh_total[0, 0] + member * H
+            share.scratch = &scratch[0, 0] + member * 6 * H
+            share.dbias_partial = &dbias_partial[0, 0] + member * G
+            share.previous_real = &previous_real[0] + member * per_thread_rows
+            share.first_real = &first_real[0] + member * per_thread_rows
+            share.last_real = &last_real[0] + member * per_thread_rows
             if split_units:
-                u0 = unit_bound(member, team, H)
-                u1 = unit_bound(member + 1, team, H)
-                slice_packed = NULL
+                share.team = lstmeng_team_size()
+                share.member = member
+                share.u0 = unit_bound(member, share.team, H)
+                share.u1 = unit_bound(member + 1, share.team, H)
                 if floating is float:
-                    slice_packed = pack_slice(packed_base, &recurrent_kernel[0, 0], H, H, u0, u1,
-                                              True)
-                backward_part(0, u0, u1, team, member, flags_ptr, &layout, B, T, H, dseq, dlast, dh_ptr,
-                              dc_ptr, recurrent_ptr, slice_packed, mask_ptr, rec_drop, act, ract,
-                              reverse, zero_output_for_mask, gates_ptr, c_prev_ptr, dh0_ptr,
-                              dc0_ptr, dh_carry_ptr, dh_recurrent_ptr, dc_state_ptr,
-                              dh_total_ptr + member * H, scratch_ptr + member * 6 * H,
-                              dbias_partial_ptr + member * G,
-                              previous_real_ptr + member * per_thread_rows,
-                              first_real_ptr + member * per_thread_rows,
-                              last_real_ptr + member * per_thread_rows)
+                    share.recurrent_packed = pack_slice(packed_base, &recurrent_kernel[0, 0], H, H,
+                                                        share.u0, share.u1, True)
+                backward_part(&problem, &buffers, &gradients, &share, <floating>0)
             else:
+                share.recurrent_packed = packed_base
                 part = member
                 while part < P:
-                    backward_part(part, 0, H, 1, 0, flags_ptr, &layout, B, T, H, dseq, dlast, dh_ptr,
-                                  dc_ptr, recurrent_ptr, packed_base, mask_ptr, rec_drop, act,
-                                  ract, reverse, zero_output_for_mask, gates_ptr, c_prev_ptr,
-                                  dh0_ptr, dc0_ptr, dh_carry_ptr, dh_recurrent_ptr, dc_state_ptr,
-                                  dh_total_ptr + member * H, scratch_ptr + member * 6 * H,
-                                  dbias_partial_ptr + member * G,
-                                  previous_real_ptr, first_real_ptr, last_real_ptr)
-                    part = part + team
+                    share.part = part
+                    backward_part(&problem, &buffers, &gradients, &share, <floating>0)
+                    part = part + lstmeng_team_size()
 
         # The inputs in packed rows, each thread a share of the steps.
         for t in prange(T, num_threads=running_threads, schedule="static"):
             for part in range(P):
-                copy_step_inputs(&layout, part, t, T, I, x_ptr, in_drop, packed_ptr, 0)
+                copy_step_inputs(&problem, part, t, <floating *>buffers.x,
+                                 <floating *>buffers.input_dropout,
+                                 <floating *>buffers.packed_x, 0)
 
-        # Weight gradients over all packed rows, each thread a block of gate columns:
-        # dK = X^T dz, dR = H_in^T dz; db = the threads' column sums of dz added up.
+        # Weight gradients over all packed rows, each thread a block of gate columns.
         for part in prange(column_threads, num_threads=min(column_threads, running_threads),
                            schedule="static"):
-            column_begin = part * column_block
-            column_end = min(G, column_begin + column_block)
-            if column_begin < column_end:
-                if floating is float and weights_packed:
-                    gemm_columns_packed(I, H, G, N, column_begin, column_end, packed_ptr, h_in_ptr,
-                                        gates_ptr, dkernel_ptr, drecurrent_ptr,
-                                        gradient_panels_ptr + part * WEIGHT_GRADIENT_CHUNK * column_block)
-                else:
-                    gemm_columns(I, H, G, N, column_begin, column_end, packed_ptr, h_in_ptr,
-                                 gates_ptr, dkernel_ptr, drecurrent_ptr)
-                sum_partials(dbias_ptr, dbias_partial_ptr, team_threads, G, column_begin,
-                             column_end)
+            weight_gradient_columns(&problem, &buffers, &gradients, part, team_threads,
+                                    weights_packed, <floating>0)
 
         # dx = dz @ K^T written over the packed input rows (consumed above), then
         # scattered to [B, T, I] with the input dropout mask; each thread a share
         # of the packed rows.
         for part in prange(team_threads, num_threads=running_threads, schedule="static"):
             dx_rows(part * N // team_threads, (part + 1) * N // team_threads, I, G,
-                    kernel_ptr, kernel_t_packed, gates_ptr, packed_ptr)
+                    <floating *>buffers.kernel, gradients.kernel_t_packed,
+                    <floating *>buffers.gates, <floating *>buffers.packed_x)
         for t in prange(T, num_threads=running_threads, schedule="static"):
             for part in range(P):
-                scatter_step_gradients(&layout, part, t, T, I, packed_ptr, dx_ptr, in_drop)
-    return team_barrier_stats(flags_ptr, team_threads)
+                scatter_step_gradients(&problem, part, t, <floating *>buffers.packed_x,
+                                       <floating *>gradients.dx,
+                                       <floating *>buffers.input_dropout)
+    return team_barrier_stats(&barrier_flags[0], team_threads)
+
+
+cdef void weight_gradient_columns(const LstmProblem *problem, const LstmBuffers *buffers,
+                                  const LstmGradients *gradients, Py_ssize_t column_thread,
+                                  Py_ssize_t threads, bint packed, floating zero) noexcept nogil:
+    """Gate column block ``column_thread`` of the weight gradients over all packed
+    rows: dK = X^T dz, dR = H_in^T dz (through the packed kernel when ``packed``),
+    and db = the ``threads`` threads' column sums of dz added up."""
+    cdef Py_ssize_t I = problem.inputs, H = problem.units, G = problem.gate_columns, N = problem.packed_rows
+    cdef Py_ssize_t column_block = gradients.column_block
+    cdef Py_ssize_t column_begin = column_thread * column_block
+    cdef Py_ssize_t column_end = min(G, column_begin + column_block)
+    if column_begin >= column_end:
+        return
+    if floating is float and packed:
+        gemm_columns_packed(I, H, G, N, column_begin, column_end, <float *>buffers.packed_x,
+                            <float *>buffers.h_in_all, <float *>buffers.gates,
+                            <float *>gradients.dkernel, <float *>gradients.drecurrent_kernel,
+                            gradients.gradient_panels
+                            + column_thread * WEIGHT_GRADIENT_CHUNK * column_block)
+    else:
+        gemm_columns(I, H, G, N, column_begin, column_end, <floating *>buffers.packed_x,
+                     <floating *>buffers.h_in_all, <floating *>buffers.gates,
+                     <floating *>gradients.dkernel, <floating *>gradients.drecurrent_kernel)
+    sum_partials(<floating *>gradients.dbias, <floating *>gradients.dbias_partial, threads, G,
+                 column_begin, column_end)
 
 
 cdef void gemm_columns(Py_ssize_t I, Py_ssize_t H, Py_ssize_t G, Py_ssize_t N,
@@ -1076,10 +1227,12 @@ cdef void dx_rows(Py_ssize_t row_first, Py_ssize_t row_end, Py_ssize_t I, Py_ssi
          <floating>0, packed_x + row_first * I, I)
 
 
-cdef void scatter_step_gradients(const Layout *layout, Py_ssize_t part, Py_ssize_t t,
-                                 Py_ssize_t T, Py_ssize_t I, floating *packed_dx, floating *dx,
+cdef void scatter_step_gradients(const LstmProblem *problem, Py_ssize_t part, Py_ssize_t t,
+                                 floating *packed_dx, floating *dx,
                                  floating *in_drop) noexcept nogil:
     """Step t's packed rows of part ``part`` into dx [B, T, I], through the input dropout mask."""
+    cdef const Layout *layout = &problem.layout
+    cdef Py_ssize_t T = problem.steps, I = problem.inputs
     cdef Py_ssize_t r_begin = layout.row_begin[part], first = step_offset(layout, part, t)
     cdef Py_ssize_t i, row
     for i in range(step_rows(layout, part, t)):
