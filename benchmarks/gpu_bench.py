@@ -420,11 +420,15 @@ def run_shape(backend, torch, np, mode, batch, units, steps, args, simulated):
     inputs = _Inputs(backend, torch, np, batch, units, steps, simulated)
     zeros = inputs.device_zeros
     kernel, recurrent, bias = inputs.device_weights
+    from lstmeng.backends.base import SequenceOptions
+
     training = mode == "train"
+    options = SequenceOptions.for_call(bias=bias, mask=None, input_dropout_mask=None, recurrent_dropout_mask=None,
+                                       return_sequences=True, training=training)
 
     def ours(index):
-        forward = backend.sequence_forward(inputs.device_x[index], zeros, zeros, kernel, recurrent, bias,
-                                           training=training, return_sequences=True)
+        forward = backend.sequence_forward(inputs.device_x[index], zeros, zeros, kernel, recurrent, bias, None, None,
+                                           None, options)
         if training:
             grads = backend.sequence_backward(inputs.device_dy, zeros, zeros, forward.workspace)
             return forward.outputs, grads.dx

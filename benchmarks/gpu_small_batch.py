@@ -194,7 +194,7 @@ def run_shape(backend, torch, np, batch, features, units, steps, simulated, over
     def ours(design, training):
         backend.recurrence_design = design
         forward = backend.sequence_forward(dev["x"], dev["h0"], dev["c0"], dev["kernel"], dev["recurrent"],
-                                           dev["bias"], training=training)
+                                           dev["bias"], None, None, None, _options(dev["bias"], training))
         grads = backend.sequence_backward(dev["dy"], zeros, zeros, forward.workspace) if training else None
         return forward, grads
 
@@ -234,6 +234,13 @@ def run_shape(backend, torch, np, batch, features, units, steps, simulated, over
     return row
 
 
+def _options(bias, training):
+    """The SequenceOptions of this script's calls: no mask or dropout, full output sequences."""
+    from lstmeng.backends.base import SequenceOptions
+    return SequenceOptions.for_call(bias=bias, mask=None, input_dropout_mask=None, recurrent_dropout_mask=None,
+                                    training=training)
+
+
 def _relative_error(np, actual, expected):
     expected = np.asarray(expected, np.float64)
     return float(np.abs(np.asarray(actual, np.float64) - expected).max() / max(np.abs(expected).max(), 1e-30))
@@ -263,7 +270,7 @@ def _reference(torch, np, host, simulated):
         numpy_backend = registry.get_backend_object("numpy")
         f64 = {name: value.astype(np.float64) for name, value in host.items()}
         forward = numpy_backend.sequence_forward(f64["x"], f64["h0"], f64["c0"], f64["kernel"], f64["recurrent"],
-                                                 f64["bias"], training=True)
+                                                 f64["bias"], None, None, None, _options(f64["bias"], True))
         zeros = np.zeros_like(f64["h0"])
         grads = numpy_backend.sequence_backward(f64["dy"], zeros, zeros, forward.workspace)
         return {"y": forward.outputs, "h": forward.h, "c": forward.c, "dx": grads.dx, "dkernel": grads.dkernel,
@@ -333,7 +340,8 @@ def stress(report, backend, np, sizes):
         outputs = {}
         for run, design in (("small 1", "small"), ("small 2", "small"), ("general", "general")):
             backend.recurrence_design = design
-            forward = backend.sequence_forward(x, zeros, zeros, kernel, recurrent, bias)
+            forward = backend.sequence_forward(x, zeros, zeros, kernel, recurrent, bias, None, None, None,
+                                               _options(bias, False))
             outputs[run] = backend.to_numpy(forward.outputs)
         backend.recurrence_design = None
         identical = bool(np.array_equal(outputs["small 1"], outputs["small 2"]))

@@ -19,6 +19,7 @@ from __future__ import annotations
 from lstmeng import _validation
 from lstmeng._weights import LSTMWeights, TrainingTape, prepare_input, prepare_state
 from lstmeng.backends import registry
+from lstmeng.backends.base import SequenceOptions
 
 
 class LSTMCell(LSTMWeights):
@@ -84,12 +85,14 @@ class LSTMCell(LSTMWeights):
             h_new, c_new, workspace = h, c, None
         else:
             kernel, recurrent_kernel, bias = self._weights_for(backend)
-            result = backend.cell_forward(
-                x_t, h, c, kernel, recurrent_kernel, bias,
-                activation=self.activation, recurrent_activation=self.recurrent_activation,
-                input_dropout_mask=None if input_mask is None else backend.asarray(input_mask, self.dtype),
-                recurrent_dropout_mask=None if recurrent_mask is None else backend.asarray(recurrent_mask, self.dtype),
-                training=training)
+            input_dropout_mask = None if input_mask is None else backend.asarray(input_mask, self.dtype)
+            recurrent_dropout_mask = None if recurrent_mask is None else backend.asarray(recurrent_mask, self.dtype)
+            options = SequenceOptions.for_call(
+                bias=bias, mask=None, input_dropout_mask=input_dropout_mask,
+                recurrent_dropout_mask=recurrent_dropout_mask, activation=self.activation,
+                recurrent_activation=self.recurrent_activation, return_sequences=False, training=training)
+            result = backend.cell_forward(x_t, h, c, kernel, recurrent_kernel, bias, input_dropout_mask,
+                                          recurrent_dropout_mask, options)
             h_new, c_new, workspace = result.h, result.c, result.workspace
         self._device_chosen = True   # a call has run here: later CUDA inputs to a CPU cell are errors
         if training:

@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import threading
 
@@ -43,7 +44,7 @@ import numpy as np
 import tensorflow as tf
 
 from lstmeng.backends import registry
-from lstmeng.backends.base import ACTIVATIONS, RECURRENT_ACTIVATIONS
+from lstmeng.backends.base import ACTIVATIONS, RECURRENT_ACTIVATIONS, SequenceOptions
 
 __all__ = ["LSTM", "Bidirectional"]
 
@@ -140,11 +141,13 @@ class LSTM(keras.layers.LSTM):
         input_dropout_mask, recurrent_dropout_mask = self._dropout_masks(x, training)
         backend = registry.resolve(self.backend, x, dtype.name, self.activation_name,
                                    self.recurrent_activation_name)
-        options = dict(activation=self.activation_name, recurrent_activation=self.recurrent_activation_name,
-                       reverse=self.go_backwards, zero_output_for_mask=self.zero_output_for_mask,
-                       return_sequences=self.return_sequences)
         constants = dict(mask=mask, input_dropout_mask=input_dropout_mask,
                          recurrent_dropout_mask=recurrent_dropout_mask)
+        # training is set per forward (a gradient of an inference call recomputes with training=True).
+        options = SequenceOptions.for_call(
+            bias=bias, **constants, activation=self.activation_name,
+            recurrent_activation=self.recurrent_activation_name, reverse=self.go_backwards,
+            zero_output_for_mask=self.zero_output_for_mask, return_sequences=self.return_sequences)
         run = _tensorflow_sequence if backend.name == "tensorflow" else _host_sequence
         outputs, h, c = run(backend, options, constants, _keep_workspace(training),
                             x, h0, c0, kernel, recurrent_kernel, bias)
@@ -231,9 +234,8 @@ def _tensorflow_sequence(backend, options, constants, keep, x, h0, c0, kernel, r
 
     def forward(training, x, h0, c0, kernel, recurrent_kernel, bias):
         return backend.sequence_forward(x, h0, c0, kernel, recurrent_kernel, bias, constants["mask"],
-                                        input_dropout_mask=constants["input_dropout_mask"],
-                                        recurrent_dropout_mask=constants["recurrent_dropout_mask"],
-                                        training=training, **options)
+                                        constants["input_dropout_mask"], constants["recurrent_dropout_mask"],
+                                        dataclasses.replace(options, training=training))
 
     @tf.custom_gradient
     def sequence(x, h0, c0, kernel, recurrent_kernel, *maybe_bias):
@@ -241,7 +243,11 @@ def _tensorflow_sequence(backend, options, constants, keep, x, h0, c0, kernel, r
         result = forward(keep, x, h0, c0, *weights)
 
         def gradient(doutputs, dh, dc):
-            workspace = result.workspace if keep else forward(True, x, h0, c0, *weights).workspace
+            workspace = result.workspace
+            if workspace is None or workspace.consumed:
+                # No workspace kept, or a second gradient of this call (a persistent tape): a
+                # workspace is backpropagated once, so the forward runs again.
+                workspace = forward(True, x, h0, c0, *weights).workspace
             grads = backend.sequence_backward(_zeros_if_none(doutputs, result.outputs),
                                               _zeros_if_none(dh, result.h), _zeros_if_none(dc, result.c),
                                               workspace)
@@ -310,9 +316,8 @@ def _host_sequence(backend, options, constants, keep, x, h0, c0, kernel, recurre
         return backend.sequence_forward(
             host(x), host(h0), host(c0), host(kernel), host(recurrent_kernel),
             None if bias is None else host(bias), None if mask is None else host(mask, np.bool_),
-            input_dropout_mask=_maybe(host, optional.get("input_dropout_mask")),
-            recurrent_dropout_mask=_maybe(host, optional.get("recurrent_dropout_mask")),
-            training=training, **options)
+            _maybe(host, optional.get("input_dropout_mask")), _maybe(host, optional.get("recurrent_dropout_mask")),
+            dataclasses.replace(options, training=training))
 
     def split_inputs(arrays):
         """(x, h0, c0, kernel, recurrent_kernel, bias or None, optional list) from the flat inputs."""
@@ -338,7 +343,7 @@ def _host_sequence(backend, options, constants, keep, x, h0, c0, kernel, recurre
 
     batch, steps = x.shape[0], x.shape[1]
     units = recurrent_kernel.shape[0]
-    output_shape = [batch, steps, units] if options["return_sequences"] else [batch, units]
+    output_shape = [batch, steps, units] if options.return_sequences else [batch, units]
 
     @tf.custom_gradient
     def sequence(x, h0, c0, kernel, recurrent_kernel, *maybe_bias):

@@ -15,7 +15,7 @@ import numpy as np
 from lstmeng import _validation, masking
 from lstmeng.backends import registry
 from lstmeng._weights import LSTMWeights, array_dtype_name, host_copy, prepare_input, prepare_state
-from lstmeng.backends.base import SequenceGrads
+from lstmeng.backends.base import SequenceGrads, SequenceOptions
 
 
 @dataclasses.dataclass
@@ -211,14 +211,18 @@ class LSTM(LSTMWeights):
         else:
             input_dropout_mask, recurrent_dropout_mask = self._dropout_masks(batch, training)
             kernel, recurrent_kernel, bias = self._weights_for(backend)
-            result = backend.sequence_forward(
-                x, h0, c0, kernel, recurrent_kernel, bias, mask,
-                activation=self.activation, recurrent_activation=self.recurrent_activation,
-                reverse=self.go_backwards, zero_output_for_mask=self.zero_output_for_mask,
-                return_sequences=self.return_sequences,
-                input_dropout_mask=None if input_dropout_mask is None else backend.asarray(input_dropout_mask, self.dtype),
-                recurrent_dropout_mask=None if recurrent_dropout_mask is None else backend.asarray(recurrent_dropout_mask, self.dtype),
+            if input_dropout_mask is not None:
+                input_dropout_mask = backend.asarray(input_dropout_mask, self.dtype)
+            if recurrent_dropout_mask is not None:
+                recurrent_dropout_mask = backend.asarray(recurrent_dropout_mask, self.dtype)
+            options = SequenceOptions.for_call(
+                bias=bias, mask=mask, input_dropout_mask=input_dropout_mask,
+                recurrent_dropout_mask=recurrent_dropout_mask, activation=self.activation,
+                recurrent_activation=self.recurrent_activation, reverse=self.go_backwards,
+                zero_output_for_mask=self.zero_output_for_mask, return_sequences=self.return_sequences,
                 training=training)
+            result = backend.sequence_forward(x, h0, c0, kernel, recurrent_kernel, bias, mask, input_dropout_mask,
+                                              recurrent_dropout_mask, options)
             outputs, h, c, workspace = result.outputs, result.h, result.c, result.workspace
         if training:   # an inference call leaves the tape as it is
             guard = None if workspace is None else self._input_guard(x, "x", call.host_io)

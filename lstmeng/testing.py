@@ -28,6 +28,7 @@ import itertools
 import numpy as np
 
 from lstmeng.backends import registry
+from lstmeng.backends.base import SequenceOptions
 
 MASK_PATTERNS = ("none", "right", "left", "holes", "fully_masked", "random")
 ACTIVATION_PAIRS = (("tanh", "sigmoid"), ("relu", "hard_sigmoid"), ("sigmoid", "sigmoid"),
@@ -142,7 +143,7 @@ def make_mask(pattern: str, batch: int, steps: int, rng) -> np.ndarray | None:
 
 
 def make_inputs(case: Case) -> dict:
-    """Deterministic host inputs of a case: arrays and keyword options of ``sequence_forward``."""
+    """Deterministic host inputs of a case: the arrays of ``sequence_forward`` and the upstream gradients."""
     rng = np.random.default_rng(case.seed)
     dtype = np.dtype(case.dtype)
     B, T, I, H = case.batch, case.steps, case.input_size, case.units
@@ -173,10 +174,22 @@ def make_inputs(case: Case) -> dict:
     return inputs
 
 
-def _options(case: Case) -> dict:
-    return dict(activation=case.activation, recurrent_activation=case.recurrent_activation,
-                reverse=case.reverse, zero_output_for_mask=case.zero_output_for_mask,
-                return_sequences=case.return_sequences)
+def sequence_options(case: Case, inputs: dict, training: bool) -> SequenceOptions:
+    """The ``SequenceOptions`` of a case's sequence call on ``inputs`` (from ``make_inputs``)."""
+    return SequenceOptions.for_call(
+        bias=inputs["bias"], mask=inputs["mask"], input_dropout_mask=inputs["input_dropout_mask"],
+        recurrent_dropout_mask=inputs["recurrent_dropout_mask"], activation=case.activation,
+        recurrent_activation=case.recurrent_activation, reverse=case.reverse,
+        zero_output_for_mask=case.zero_output_for_mask, return_sequences=case.return_sequences,
+        training=training)
+
+
+def cell_options(case: Case, inputs: dict) -> SequenceOptions:
+    """The ``SequenceOptions`` of a case's training cell step (no mask, the new h as output)."""
+    return SequenceOptions.for_call(
+        bias=inputs["bias"], mask=None, input_dropout_mask=inputs["input_dropout_mask"],
+        recurrent_dropout_mask=inputs["recurrent_dropout_mask"], activation=case.activation,
+        recurrent_activation=case.recurrent_activation, return_sequences=False, training=True)
 
 
 def run_backend(backend, case: Case, inputs: dict, training: bool = True) -> dict:
@@ -191,9 +204,8 @@ def run_backend(backend, case: Case, inputs: dict, training: bool = True) -> dic
         device(inputs["x"]), device(inputs["h0"]), device(inputs["c0"]), device(inputs["kernel"]),
         device(inputs["recurrent_kernel"]), device(inputs["bias"]),
         None if mask is None else backend.asarray(mask, np.bool_),
-        input_dropout_mask=device(inputs["input_dropout_mask"]),
-        recurrent_dropout_mask=device(inputs["recurrent_dropout_mask"]),
-        training=training, **_options(case))
+        device(inputs["input_dropout_mask"]), device(inputs["recurrent_dropout_mask"]),
+        sequence_options(case, inputs, training))
     result = {"outputs": backend.to_numpy(forward.outputs), "h": backend.to_numpy(forward.h),
               "c": backend.to_numpy(forward.c)}
     if training:
@@ -258,9 +270,8 @@ def check_cell(backend_name: str, case: Case) -> None:
         step = engine.cell_forward(
             device(inputs["x"][:, 0]), device(inputs["h0"]), device(inputs["c0"]), device(inputs["kernel"]),
             device(inputs["recurrent_kernel"]), device(inputs["bias"]),
-            activation=case.activation, recurrent_activation=case.recurrent_activation,
-            input_dropout_mask=device(inputs["input_dropout_mask"]),
-            recurrent_dropout_mask=device(inputs["recurrent_dropout_mask"]), training=True)
+            device(inputs["input_dropout_mask"]), device(inputs["recurrent_dropout_mask"]),
+            cell_options(case, inputs))
         grads = engine.cell_backward(device(inputs["dh"]), device(inputs["dc"]), step.workspace)
         results.append({
             "h": engine.to_numpy(step.h), "c": engine.to_numpy(step.c), "dx": engine.to_numpy(grads.dx),

@@ -51,6 +51,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence
 
 from lstmeng.backends import registry
+from lstmeng.backends.base import SequenceOptions
 
 __all__ = ["LSTM", "LSTMCell"]
 
@@ -131,14 +132,16 @@ class _DirectionCall:
         recurrent_kernel = weight_hh.detach().t().contiguous()    # [H, 4H]
         bias = None if bias_ih is None else bias_ih.detach() + bias_hh.detach()
         with _numba_stream_order(self.device):
+            recurrent_dropout_mask = self._array(self.recurrent_dropout_mask)
+            # Packed input: PyTorch's padded outputs are zeros, and h_n, c_n are taken at each
+            # row's last real step, which the contract's masked steps give (and mask= then
+            # means "as if the masked steps were removed").
+            options = SequenceOptions.for_call(
+                bias=bias, mask=self.mask, input_dropout_mask=None, recurrent_dropout_mask=recurrent_dropout_mask,
+                reverse=self.reverse, zero_output_for_mask=True, return_sequences=True, training=training)
             result = self.backend.sequence_forward(
                 self._array(x), self._array(h0), self._array(c0), self._array(kernel),
-                self._array(recurrent_kernel), self._array(bias), self.mask, reverse=self.reverse,
-                recurrent_dropout_mask=self._array(self.recurrent_dropout_mask),
-                # Packed input: PyTorch's padded outputs are zeros, and h_n, c_n are taken at
-                # each row's last real step, which the contract's masked steps give (and mask=
-                # then means "as if the masked steps were removed").
-                zero_output_for_mask=True, return_sequences=True, training=training)
+                self._array(recurrent_kernel), self._array(bias), self.mask, None, recurrent_dropout_mask, options)
         tensors = (_as_tensor(array, self.backend, self.device) for array in (result.outputs, result.h, result.c))
         return (*tensors, result.workspace)
 

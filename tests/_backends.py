@@ -19,6 +19,7 @@ import pytest
 import lstmeng as le
 from lstmeng import testing
 from lstmeng.backends import registry
+from lstmeng.backends.base import SequenceOptions
 
 AVAILABLE = [info.name for info in le.list_backends() if info.available]
 UNAVAILABLE = {info.name: info.reason for info in le.list_backends() if not info.available}
@@ -128,3 +129,13 @@ def random_weights(layer, rng, scale: float = 1.0) -> list[np.ndarray]:
     if layer.use_bias:
         weights.append(rng.normal(size=shapes["bias"]) * 0.5 * scale)
     return [w.astype(layer.dtype) for w in weights]
+
+
+def sequence_forward(backend, x, h0, c0, kernel, recurrent_kernel, bias, mask=None, input_dropout_mask=None,
+                     recurrent_dropout_mask=None, **flags):
+    """``backend.sequence_forward`` with the ``SequenceOptions`` built from the arrays and ``flags``
+    (activation, reverse, training, ... as keywords): what the tests' direct backend calls share."""
+    options = SequenceOptions.for_call(bias=bias, mask=mask, input_dropout_mask=input_dropout_mask,
+                                       recurrent_dropout_mask=recurrent_dropout_mask, **flags)
+    return backend.sequence_forward(x, h0, c0, kernel, recurrent_kernel, bias, mask, input_dropout_mask,
+                                    recurrent_dropout_mask, options)

@@ -13,6 +13,8 @@ import lstmeng as le
 from lstmeng import testing
 from lstmeng.backends import registry
 
+from _backends import sequence_forward
+
 cython_module = pytest.importorskip("lstmeng.backends.cython")
 pytestmark = pytest.mark.skipif(
     cython_module._cython_lstm is None, reason="the cython extension is not built")
@@ -213,7 +215,7 @@ def test_layers_match_numpy_backend(kind, dtype):
 
 
 def _forward_backward(backend, inputs, options):
-    forward = backend.sequence_forward(
+    forward = sequence_forward(backend,
         inputs["x"], inputs["h0"], inputs["c0"], inputs["kernel"], inputs["recurrent_kernel"],
         inputs["bias"], inputs["mask"], training=True, **options)
     grads = backend.sequence_backward(inputs["doutputs"], inputs["dh"], inputs["dc"], forward.workspace)
@@ -293,8 +295,8 @@ def test_large_activations_stay_finite(dtype, activation, recurrent_activation):
               rng.normal(size=(4, 24)).astype(dtype), rng.normal(size=(6, 24)).astype(dtype),
               np.zeros(24, dtype)]
     options = dict(activation=activation, recurrent_activation=recurrent_activation)
-    ours = backend.sequence_forward(x, *arrays, **options)
-    expected = reference.sequence_forward(x, *arrays, **options)
+    ours = sequence_forward(backend, x, *arrays, **options)
+    expected = sequence_forward(reference, x, *arrays, **options)
     if activation != "linear":  # linear lets c grow without bound: only check it is finite
         testing.assert_close(ours.outputs, expected.outputs, "saturated outputs", dtype)
     assert np.isfinite(ours.outputs).all() and np.isfinite(ours.c).all()
@@ -307,8 +309,8 @@ def test_inference_keeps_no_workspace_and_chunks_match_training():
     args = (rng.normal(size=(batch, steps, 4)), np.zeros((batch, 5)), np.zeros((batch, 5)),
             rng.normal(size=(4, 20)) * 0.5, rng.normal(size=(5, 20)) * 0.5, rng.normal(size=20))
     for reverse in (False, True):
-        inference = backend.sequence_forward(*args, reverse=reverse, training=False)
-        training = backend.sequence_forward(*args, reverse=reverse, training=True)
+        inference = sequence_forward(backend, *args, reverse=reverse, training=False)
+        training = sequence_forward(backend, *args, reverse=reverse, training=True)
         assert inference.workspace is None
         np.testing.assert_allclose(inference.outputs, training.outputs, rtol=1e-12, atol=1e-12)
 
@@ -317,7 +319,7 @@ def test_workspace_is_consumed_once():
     backend = registry.get_backend_object("cython")
     args = [np.ones((2, 3, 4)), np.zeros((2, 5)), np.zeros((2, 5)), np.ones((4, 20)) * 0.1,
             np.ones((5, 20)) * 0.1, None]
-    forward = backend.sequence_forward(*args, training=True)
+    forward = sequence_forward(backend, *args, training=True)
     backend.sequence_backward(np.ones((2, 3, 5)), np.zeros((2, 5)), np.zeros((2, 5)), forward.workspace)
     with pytest.raises(RuntimeError, match="already used"):
         backend.sequence_backward(np.ones((2, 3, 5)), np.zeros((2, 5)), np.zeros((2, 5)), forward.workspace)
@@ -381,12 +383,12 @@ def test_split_calls_report_their_barriers(monkeypatch):
             np.zeros((1, units), np.float32), rng.normal(size=(3, 4 * units)).astype(np.float32),
             rng.normal(size=(units, 4 * units)).astype(np.float32), None)
     backend = cython_module.CythonBackend()
-    forward = backend.sequence_forward(*args, training=True)
+    forward = sequence_forward(backend, *args, training=True)
     backend.sequence_backward(np.ones((1, steps, units), np.float32), args[1], args[2],
                               forward.workspace)
     assert len(records) == 2 and all(barriers >= steps and 0 <= slow for barriers, slow in records)
     records.clear()
-    cython_module.CythonBackend(split_units=False).sequence_forward(*args)
+    sequence_forward(cython_module.CythonBackend(split_units=False), *args)
     assert records == []
 
 
@@ -418,7 +420,7 @@ def test_busy_machine_fallback_gives_the_same_numbers(dtype, isa, monkeypatch):
         backed_off._split_governor._skip = 10**9
         results = []
         for backend in (split, backed_off):
-            forward = backend.sequence_forward(*args, training=True)
+            forward = sequence_forward(backend, *args, training=True)
             grads = backend.sequence_backward(dy, args[1] * 0, args[2] * 0, forward.workspace)
             results.append((forward.workspace.split_units, forward.outputs, forward.h, forward.c,
                             grads.dx, grads.dkernel, grads.drecurrent_kernel, grads.dbias,

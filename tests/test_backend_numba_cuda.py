@@ -28,7 +28,7 @@ import lstmeng as le
 from lstmeng import testing
 from lstmeng.backends import registry
 
-from _backends import REAL_GPU, fast_simulator_thread_switches, numba_cuda_backend
+from _backends import REAL_GPU, fast_simulator_thread_switches, numba_cuda_backend, sequence_forward
 
 REPO = Path(__file__).resolve().parent.parent
 _backend = numba_cuda_backend
@@ -98,14 +98,14 @@ def test_float32_relative_error_against_float64_reference(backend, batch, units)
     bias = rng.normal(size=4 * units) * 0.1
     h0 = np.zeros((batch, units))
     reference = registry.get_backend_object("numpy")
-    expected = reference.sequence_forward(x, h0, h0, kernel, recurrent, bias, training=True)
+    expected = sequence_forward(reference, x, h0, h0, kernel, recurrent, bias, training=True)
     dy = rng.normal(size=expected.outputs.shape)
     expected_grads = reference.sequence_backward(dy, h0, h0, expected.workspace)
 
     def device(array):
         return backend.asarray(array.astype(np.float32), np.float32)
 
-    actual = backend.sequence_forward(device(x), device(h0), device(h0), device(kernel), device(recurrent),
+    actual = sequence_forward(backend, device(x), device(h0), device(h0), device(kernel), device(recurrent),
                                       device(bias), training=True)
     grads = backend.sequence_backward(device(dy), device(h0), device(h0), actual.workspace)
     pairs = {"outputs": (actual.outputs, expected.outputs), "dx": (grads.dx, expected_grads.dx),
@@ -317,7 +317,7 @@ def test_host_arrays_copy_in_and_out(backend):
     arguments = [inputs[name] for name in ("x", "h0", "c0", "kernel", "recurrent_kernel", "bias", "mask")]
     results = []
     for engine in (backend, registry.get_backend_object("numpy")):
-        forward = engine.sequence_forward(*arguments, training=True, return_sequences=True)
+        forward = sequence_forward(engine, *arguments, training=True, return_sequences=True)
         grads = engine.sequence_backward(inputs["doutputs"], inputs["dh"], inputs["dc"], forward.workspace)
         results.append([forward.outputs, forward.h, forward.c, grads.dx, grads.dh0, grads.drecurrent_kernel])
     for got, want in zip(*results):
@@ -484,14 +484,17 @@ from lstmeng.backends import _cuda_recurrence_small as small
 i64, b1, f64 = numba.int64, numba.boolean, numba.float64
 def A(shape, dtype):
     return typeof(np.empty(shape, dtype))
-codes = rec.ACTIVATION_CODES
+from lstmeng.backends.base import SequenceOptions
 for name in ("float32", "float64"):
     dt = np.dtype(name)
     f1, f2, f3, m1, m2 = A(2, dt), A((2, 2), dt), A((2, 2, 2), dt), A(2, bool), A((2, 2), bool)
     strided = typeof(np.empty((4, 4), dt)[:, 1:3])
     counter = A(1, np.uint32)
-    general_forward = (f3, f2, f2, m2, m2, strided, f2, f3, f2, f3, f3, f3, f3) + (i64,) * 3 + (b1,) * 7
-    general_backward = (f3, f2, f2, m2, m2, f3, f3, f2, f2, f2, f3) + (i64,) * 3 + (b1,) * 6
+    # The flags are compile-time constants of every recurrence kernel: masked training with recurrent
+    # dropout here, the configuration with the most code.
+    flagged = SequenceOptions(training=True, has_mask=True, has_recurrent_dropout=True)
+    general_forward = (f3, f2, f2, m2, m2, strided, f2, f3, f2, f3, f3, f3, f3, i64, b1)
+    general_backward = (f3, f2, f2, m2, m2, f3, f3, f2, f2, f2, f3, i64, b1)
     small_forward = (f3, f2, f2, m2, m2, f2, f2, f3, f2, f3, f3, f3, f3, counter, f1)
     small_backward = (f3, f2, f2, m2, m2, f3, f3, f2, f2, f2, f3, counter, f1)
     kernels = [
@@ -500,11 +503,11 @@ for name in ("float32", "float64"):
          (f1, f1, f1, i64, i64, i64)),
         ("gemm split", gm.gemm_kernel(dt, gm.choose_tiles(256, 1024, dt, 6400), transpose_a=True, split_k=True),
          (f1, f1, f1, i64, i64, i64, i64)),
-        ("forward", rec.forward_kernel(dt, rec.GPU_SHAPES[name]), general_forward),
-        ("backward", rec.backward_kernel(dt, rec.GPU_SHAPES[name]), general_backward),
-        ("forward rows=1", rec.forward_kernel(dt, dataclasses.replace(rec.GPU_SHAPES[name], rows=1)),
+        ("forward", rec.forward_kernel(dt, rec.GPU_SHAPES[name], flagged), general_forward),
+        ("backward", rec.backward_kernel(dt, rec.GPU_SHAPES[name], flagged), general_backward),
+        ("forward rows=1", rec.forward_kernel(dt, dataclasses.replace(rec.GPU_SHAPES[name], rows=1), flagged),
          general_forward),
-        ("backward rows=1", rec.backward_kernel(dt, dataclasses.replace(rec.GPU_SHAPES[name], rows=1)),
+        ("backward rows=1", rec.backward_kernel(dt, dataclasses.replace(rec.GPU_SHAPES[name], rows=1), flagged),
          general_backward),
         ("binary_1d", ew.binary_1d, (i64, f1, f1, f64, f1)),
         ("binary_2d", ew.binary_2d, (i64, strided, strided, f64, f2)),
@@ -520,13 +523,12 @@ for name in ("float32", "float64"):
     # backward at H=1024, B=8 does not fit that design and falls back to the general kernel).
     units = 1024 if name == "float32" else 512
     for training in (False, True):
-        flags = (codes["tanh"], codes["sigmoid"], False, False, True, training, training, training)
-        config = small.plan("forward", dt, units, 8, flags, simulator=False, multiprocessors=132,
+        options = SequenceOptions(training=training, has_mask=training, has_recurrent_dropout=training)
+        config = small.plan("forward", dt, units, 8, options, simulator=False, multiprocessors=132,
                             optin_limit=227 * 1024)
         kernels.append((f"small forward training={training}", small.kernel_for(config), small_forward))
-    flags = (codes["tanh"], codes["sigmoid"], False, False, True, False, False)
-    config = small.plan("backward", dt, units, 8, flags, simulator=False, multiprocessors=132,
-                        optin_limit=227 * 1024)
+    config = small.plan("backward", dt, units, 8, SequenceOptions(training=True), simulator=False,
+                        multiprocessors=132, optin_limit=227 * 1024)
     kernels.append(("small backward", small.kernel_for(config), small_backward))
     for label, kernel, signature in kernels:
         ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))

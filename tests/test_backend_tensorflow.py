@@ -15,6 +15,8 @@ tf = pytest.importorskip("tensorflow")
 import lstmeng as le  # noqa: E402
 from lstmeng.backends import registry  # noqa: E402
 
+from _backends import sequence_forward
+
 
 def _conformance_params():
     """Every case of the suite; a spread-out subset runs quickly, the rest is marked slow
@@ -122,7 +124,7 @@ def test_new_shapes_do_not_retrace():
     def run(batch, steps, features, units):
         x = rng.normal(size=(batch, steps, features)).astype("float32")
         zeros = np.zeros((batch, units), "float32")
-        forward = backend.sequence_forward(
+        forward = sequence_forward(backend,
             x, zeros, zeros, rng.normal(size=(features, 4 * units)).astype("float32"),
             rng.normal(size=(units, 4 * units)).astype("float32"), None,
             np.ones((batch, steps), bool), **kwargs)
@@ -130,11 +132,11 @@ def test_new_shapes_do_not_retrace():
         return forward
 
     forward = run(2, 3, 4, 5)
-    options = forward.workspace.options
+    options, dtype = forward.workspace.options, forward.workspace.dtype
     run(3, 7, 2, 6)
     run(1, 1, 1, 1)
-    assert backend._forward_function(options).experimental_get_tracing_count() == 1
-    assert backend._backward_function(options).experimental_get_tracing_count() == 1
+    assert backend._forward_function(options, dtype).experimental_get_tracing_count() == 1
+    assert backend._backward_function(options, dtype).experimental_get_tracing_count() == 1
 
 
 def test_runs_inside_tf_function_and_xla():
@@ -148,7 +150,7 @@ def test_runs_inside_tf_function_and_xla():
     zeros = tf.zeros((2, 2))
 
     def forward_backward(x):
-        forward = backend.sequence_forward(x, zeros, zeros, kernel, recurrent_kernel, None, mask,
+        forward = sequence_forward(backend, x, zeros, zeros, kernel, recurrent_kernel, None, mask,
                                            return_sequences=False, training=True)
         grads = backend.sequence_backward(tf.ones_like(forward.outputs), zeros, zeros, forward.workspace)
         return forward.outputs, grads.dx

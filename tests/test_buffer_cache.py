@@ -11,6 +11,8 @@ import pytest
 from lstmeng.backends import cython as cython_backend
 from lstmeng.backends._buffer_cache import BufferCache
 
+from _backends import sequence_forward
+
 
 def test_take_gives_requested_shape_and_dtype():
     cache = BufferCache(2**20, min_bytes=0)
@@ -109,7 +111,7 @@ def _problem(batch=BATCH, steps=STEPS, inputs=INPUTS, units=UNITS, seed=0):
 
 
 def _train_step(backend, problem, dy):
-    forward = backend.sequence_forward(training=True, **problem)
+    forward = sequence_forward(backend, training=True, **problem)
     zeros = np.zeros_like(problem["h0"])
     grads = backend.sequence_backward(dy, zeros, zeros, forward.workspace)
     return forward, grads
@@ -123,7 +125,7 @@ def test_training_loop_reuses_workspace_and_matches_uncached():
     dy = np.random.default_rng(1).normal(size=(BATCH, STEPS, UNITS)).astype(np.float32)
     first, _ = _train_step(cached, problem, dy)
     assert first.workspace.gates is None       # consumed: the workspace let go of its arrays
-    second = cached.sequence_forward(training=True, **problem)
+    second = sequence_forward(cached, training=True, **problem)
     assert cached._buffers.cached_bytes() < first.outputs.nbytes * 100   # bounded
     reference, reference_grads = _train_step(uncached, problem, dy)
     zeros = np.zeros_like(problem["h0"])
@@ -141,14 +143,14 @@ def test_workspace_memory_is_recycled_only_after_its_backward():
     problem = _problem()
     dy = np.ones((BATCH, STEPS, UNITS), np.float32)
     _train_step(backend, problem, dy)                       # fills the cache
-    pending = backend.sequence_forward(training=True, **problem)
-    other = backend.sequence_forward(training=True, **problem)
+    pending = sequence_forward(backend, training=True, **problem)
+    other = sequence_forward(backend, training=True, **problem)
     for name in ("gates", "c_prev", "h_in"):
         assert not np.shares_memory(getattr(pending.workspace, name), getattr(other.workspace, name))
     saved = pending.workspace.gates.copy()
     zeros = np.zeros_like(problem["h0"])
     backend.sequence_backward(dy, zeros, zeros, other.workspace)   # releases other's arrays
-    backend.sequence_forward(training=True, **problem)             # may take them again
+    sequence_forward(backend, training=True, **problem)             # may take them again
     np.testing.assert_array_equal(pending.workspace.gates, saved)   # pending's untouched
 
 
@@ -157,11 +159,11 @@ def test_workspace_memory_is_recycled_only_after_its_backward():
 def test_outputs_are_never_reused(return_sequences):
     backend = cython_backend.CythonBackend()
     problem = _problem()
-    first = backend.sequence_forward(return_sequences=return_sequences, **problem)
+    first = sequence_forward(backend, return_sequences=return_sequences, **problem)
     kept = [first.outputs.copy(), first.h.copy(), first.c.copy()]
     changed = dict(problem, x=problem["x"] * 2)
     for _ in range(3):
-        backend.sequence_forward(return_sequences=return_sequences, **changed)
+        sequence_forward(backend, return_sequences=return_sequences, **changed)
         _train_step(backend, changed, np.ones((BATCH, STEPS, UNITS), np.float32))
     for got, want in zip([first.outputs, first.h, first.c], kept):
         np.testing.assert_array_equal(got, want)

@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 from lstmeng import testing
+from lstmeng.backends.base import SequenceOptions
 
-from _backends import REAL_GPU, fast_simulator_thread_switches, numba_cuda_backend
+from _backends import REAL_GPU, fast_simulator_thread_switches, numba_cuda_backend, sequence_forward
 
 REPO = Path(__file__).resolve().parent.parent
 _backend = numba_cuda_backend
@@ -169,9 +170,8 @@ def test_design_follows_the_batch_and_falls_back(monkeypatch):
 def test_gpu_launch_plan(direction, dtype, units, batch, expected):
     """The GPU launch plan (no GPU needed): units per block, blocks, weight placement, shared bytes."""
     from lstmeng.backends import _cuda_recurrence_small as small
-    flags = (0, 2, False, False, True, True, False, False) if direction == "forward" else \
-        (0, 2, False, False, True, False, False)
-    config = small.plan(direction, dtype, units, batch, flags, simulator=False, multiprocessors=132,
+    options = SequenceOptions(training=True)
+    config = small.plan(direction, dtype, units, batch, options, simulator=False, multiprocessors=132,
                         optin_limit=227 * 1024)
     if expected is None:
         assert config is None
@@ -182,14 +182,19 @@ def test_gpu_launch_plan(direction, dtype, units, batch, expected):
 
 def test_kernel_cache_is_keyed_by_configuration():
     from lstmeng.backends import _cuda_recurrence_small as small
-    flags = (0, 2, False, False, True, True, False, False)
-    first = small.plan("forward", "float32", 64, 2, flags, simulator=False, multiprocessors=132,
+    options = SequenceOptions(training=True)
+    first = small.plan("forward", "float32", 64, 2, options, simulator=False, multiprocessors=132,
                        optin_limit=227 * 1024)
-    again = small.plan("forward", "float32", 64, 2, flags, simulator=False, multiprocessors=132,
-                       optin_limit=227 * 1024)
-    reversed_config = small.plan("forward", "float32", 64, 2, (0, 2, True) + flags[3:], simulator=False,
-                                 multiprocessors=132, optin_limit=227 * 1024)
+    again = small.plan("forward", "float32", 64, 2, SequenceOptions(training=True), simulator=False,
+                       multiprocessors=132, optin_limit=227 * 1024)
+    # The bias and the input dropout do not reach the recurrence: the same kernel.
+    without_bias = small.plan("forward", "float32", 64, 2, SequenceOptions(training=True, has_bias=False,
+                                                                           has_input_dropout=True),
+                              simulator=False, multiprocessors=132, optin_limit=227 * 1024)
+    reversed_config = small.plan("forward", "float32", 64, 2, SequenceOptions(training=True, reverse=True),
+                                 simulator=False, multiprocessors=132, optin_limit=227 * 1024)
     assert small.kernel_for(first) is small.kernel_for(again)
+    assert small.kernel_for(first) is small.kernel_for(without_bias)
     assert small.kernel_for(first) is not small.kernel_for(reversed_config)
     # Launch-wide flags are compile-time: the reversed kernel's source indexes time backwards.
     assert "t = steps - 1 - step" in small.kernel_for(reversed_config).py_func.__source__
@@ -238,7 +243,7 @@ def test_barrier_stress_thousands_of_steps(batch):
     try:
         for run, design in (("small 1", "small"), ("small 2", "small"), ("general", "general")):
             backend.recurrence_design = design
-            forward = backend.sequence_forward(x, zeros, zeros, kernel, recurrent, bias, training=True)
+            forward = sequence_forward(backend, x, zeros, zeros, kernel, recurrent, bias, training=True)
             grads = backend.sequence_backward(dy, zeros, zeros, forward.workspace)
             results[run] = {name: backend.to_numpy(value) for name, value in
                             (("outputs", forward.outputs), ("c", forward.c), ("dh0", grads.dh0),

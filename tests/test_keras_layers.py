@@ -22,6 +22,8 @@ import lstmeng as le  # noqa: E402
 import lstmeng.keras as lk  # noqa: E402
 from lstmeng.backends import numpy as numpy_backend  # noqa: E402
 
+from _backends import sequence_forward
+
 OUTPUT_TOLERANCE = 1e-5
 GRADIENT_TOLERANCE = 1e-4
 MASK_PATTERNS = ("none", "right", "left", "holes", "fully_masked")
@@ -258,13 +260,13 @@ def test_dropout_masks_are_per_sequence_seeded_and_inverted(backend):
     assert set(np.unique(input_mask)) <= {0.0, np.float32(1 / 0.7)}
     kernel, recurrent_kernel, bias = layer.get_weights()
     zeros = np.zeros((4, 5), "float32")
-    expected = numpy_backend.backend.sequence_forward(
+    expected = sequence_forward(numpy_backend.backend,
         x, zeros, zeros, kernel, recurrent_kernel, bias, mask, input_dropout_mask=input_mask,
         recurrent_dropout_mask=recurrent_mask).outputs
     np.testing.assert_allclose(y, expected, rtol=OUTPUT_TOLERANCE, atol=OUTPUT_TOLERANCE)
     # Inference ignores dropout; a second training call draws new masks.
     inference = layer(x, mask=mask, training=False).numpy()
-    plain = numpy_backend.backend.sequence_forward(x, zeros, zeros, kernel, recurrent_kernel, bias, mask).outputs
+    plain = sequence_forward(numpy_backend.backend, x, zeros, zeros, kernel, recurrent_kernel, bias, mask).outputs
     np.testing.assert_allclose(inference, plain, rtol=OUTPUT_TOLERANCE, atol=OUTPUT_TOLERANCE)
     assert not np.allclose(layer(x, mask=mask, training=True).numpy(), y)
 

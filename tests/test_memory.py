@@ -40,7 +40,7 @@ import pytest
 import lstmeng as le
 from lstmeng.backends import registry
 
-from _backends import AVAILABLE, is_simulated
+from _backends import AVAILABLE, is_simulated, sequence_forward
 
 HOST_TRACED = ("numpy", "cython")  # workspaces are NumPy arrays: tracemalloc sees them
 WORKSPACE_BOUND = 1.10
@@ -203,7 +203,7 @@ def workspace_array_bytes_per_step(backend_name) -> float:
         mask = np.ones((batch, steps), bool)
         mask[0, -1] = False
         zeros = np.zeros((batch, units), "float32")
-        forward = backend.sequence_forward(
+        forward = sequence_forward(backend,
             x, backend.asarray(zeros, np.float32), backend.asarray(zeros, np.float32),
             backend.asarray(kernel, np.float32), backend.asarray(recurrent_kernel, np.float32), None,
             backend.asarray(mask, np.bool_), training=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import glob
 import importlib.util
+import inspect
 import os
 import subprocess
 import sys
@@ -58,11 +59,31 @@ def _load(name: str, path: str):
 
 
 def base_backend_module(folder: str):
-    """The backend module of the build in ``folder``, bound to that build's extension."""
+    """The backend module of the build in ``folder``, bound to that build's extension and contract
+    (its ``backends/base.py``: the contract's classes change between revisions)."""
     extension = _load("_cython_lstm", glob.glob(os.path.join(folder, "lstmeng", "backends", "_cython_lstm*.so"))[0])
-    module = _load("lstmeng_ab_base_cython", os.path.join(folder, "lstmeng", "backends", "cython.py"))
+    contract_name = "lstmeng.backends.base"
+    working_contract = sys.modules.get(contract_name)
+    sys.modules[contract_name] = _load("lstmeng_ab_base_contract", os.path.join(folder, "lstmeng", "backends",
+                                                                                "base.py"))
+    try:
+        module = _load("lstmeng_ab_base_cython", os.path.join(folder, "lstmeng", "backends", "cython.py"))
+    finally:
+        if working_contract is not None:
+            sys.modules[contract_name] = working_contract
     module._cython_lstm = extension
     return module
+
+
+def sequence_forward(backend, x, zeros, kernel, recurrent_kernel, bias, mask, training: bool):
+    """One sequence forward through either contract: SequenceOptions (this tree; a backend only reads
+    its fields) or the keyword arguments of revisions before it."""
+    if "options" not in inspect.signature(backend.sequence_forward).parameters:
+        return backend.sequence_forward(x, zeros, zeros, kernel, recurrent_kernel, bias, mask, training=training)
+    from lstmeng.backends.base import SequenceOptions
+    options = SequenceOptions.for_call(bias=bias, mask=mask, input_dropout_mask=None, recurrent_dropout_mask=None,
+                                       training=training)
+    return backend.sequence_forward(x, zeros, zeros, kernel, recurrent_kernel, bias, mask, None, None, options)
 
 
 def main(argv=None) -> int:
@@ -95,8 +116,7 @@ def main(argv=None) -> int:
     for _ in range(args.repeats + 1):   # the first round warms up and is not counted
         for name, backend in backends.items():
             start = time.perf_counter()
-            forward = backend.sequence_forward(x, zeros, zeros, kernel, recurrent_kernel, bias, mask,
-                                               training=args.mode == "train")
+            forward = sequence_forward(backend, x, zeros, kernel, recurrent_kernel, bias, mask, args.mode == "train")
             if args.mode == "train":
                 grads = backend.sequence_backward(dy, zeros, zeros, forward.workspace)
                 results[name] = (forward.outputs, grads.dx, grads.dkernel, grads.drecurrent_kernel, grads.dbias)

@@ -75,13 +75,16 @@ def _variants():
     dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=COMPUTE_CAPABILITY)
     from lstmeng.backends import _cuda_recurrence as general
     from lstmeng.backends import _cuda_recurrence_small as small
+    from lstmeng.backends.base import SequenceOptions
 
     dt = np.dtype("float32")
     f1, f2, f3 = _array(2, dt), _array((2, 2), dt), _array((2, 2, 2), dt)
     m2, counter = _array((2, 2), bool), _array(1, np.uint32)
     i64, b1 = numba.int64, numba.boolean
-    general_forward = (f3, f2, f2, m2, m2, f2, f2, f3, f2, f3, f3, f3, f3) + (i64,) * 3 + (b1,) * 7
-    general_backward = (f3, f2, f2, m2, m2, f3, f3, f2, f2, f2, f3) + (i64,) * 3 + (b1,) * 6
+    # units_per_block and weights_in_shared: the flags are compile-time (SequenceOptions).
+    general_forward = (f3, f2, f2, m2, m2, f2, f2, f3, f2, f3, f3, f3, f3, i64, b1)
+    general_backward = (f3, f2, f2, m2, m2, f3, f3, f2, f2, f2, f3, i64, b1)
+    training_options = SequenceOptions(training=True)
     small_forward = (f3, f2, f2, m2, m2, f2, f2, f3, f2, f3, f3, f3, f3, counter, f1)
     small_backward = (f3, f2, f2, m2, m2, f3, f3, f2, f2, f2, f3, counter, f1)
     variants = []
@@ -90,29 +93,27 @@ def _variants():
         for units in (1024, 256):
             owned, _, in_shared = general.choose_partition(units, 4, shape, 132, 227 * 1024)
             shared = shape.shared_values(units, owned, in_shared) * 4
-            variants.append((f"general forward  H={units} rows={rows}", general.forward_kernel(dt, shape).py_func,
+            variants.append((f"general forward  H={units} rows={rows}", general.forward_kernel(dt, shape, training_options).py_func,
                              general_forward, shared))
-            variants.append((f"general backward H={units} rows={rows}", general.backward_kernel(dt, shape).py_func,
+            variants.append((f"general backward H={units} rows={rows}", general.backward_kernel(dt, shape, training_options).py_func,
                              general_backward, shared))
-    codes = general.ACTIVATION_CODES
     for units in (1024, 256):
         for batch in (1, 8):
             for training in (False, True):
-                flags = (codes["tanh"], codes["sigmoid"], False, False, True, training, False, False)
-                config = small.plan("forward", dt, units, batch, flags, simulator=False, multiprocessors=132,
-                                    optin_limit=227 * 1024)
+                config = small.plan("forward", dt, units, batch, SequenceOptions(training=training),
+                                    simulator=False, multiprocessors=132, optin_limit=227 * 1024)
                 label = (f"small forward  H={units} B={batch} {'training ' if training else 'inference'} "
                          f"U={config.units_per_block} weights {'shared' if config.weights_in_shared else 'global'}")
                 variants.append((label, small.kernel_for(config).py_func, small_forward, config.shared_values() * 4))
-            flags = (codes["tanh"], codes["sigmoid"], False, False, True, False, False)
-            config = small.plan("backward", dt, units, batch, flags, simulator=False, multiprocessors=132,
-                                optin_limit=227 * 1024)
+            config = small.plan("backward", dt, units, batch, training_options, simulator=False,
+                                multiprocessors=132, optin_limit=227 * 1024)
             label = (f"small backward H={units} B={batch}           U={config.units_per_block} weights "
                      f"{'shared' if config.weights_in_shared else 'global'}")
             variants.append((label, small.kernel_for(config).py_func, small_backward, config.shared_values() * 4))
     # The masked, dropout, reversed variant: the flags add code outside the FMA loop only.
-    flags = (codes["tanh"], codes["sigmoid"], True, False, True, True, True, True)
-    config = small.plan("forward", dt, 1024, 8, flags, simulator=False, multiprocessors=132, optin_limit=227 * 1024)
+    flagged = SequenceOptions(reverse=True, training=True, has_mask=True, has_recurrent_dropout=True)
+    config = small.plan("forward", dt, 1024, 8, flagged, simulator=False, multiprocessors=132,
+                        optin_limit=227 * 1024)
     variants.append(("small forward  H=1024 B=8 training+mask+dropout+reverse", small.kernel_for(config).py_func,
                      small_forward, config.shared_values() * 4))
     return variants

@@ -37,6 +37,12 @@ Masking, the carried previous output, zero_output_for_mask, reverse and the
 dropout masks follow ``lstmeng.backends.base`` exactly (see numpy.py, the
 reference); ``seen_before [B, T]`` comes from ``_cuda_elementwise.mask_summary``.
 
+Compile time. The launch-wide flags (activations, reverse,
+zero_output_for_mask, return_sequences, training, has_mask, recurrent
+dropout) are closure constants of the kernel, which numba freezes at compile
+time, so a flag is never tested at run time: one compiled kernel per
+(dtype, ``RecurrenceShape``, ``kernel_options(options)``), cached.
+
 Under the CUDA simulator a cooperative grid is limited to one block
 (numba's simulator runs blocks one after another), so there the same kernels
 run with a single block that owns every unit; the row chunking, K tiling, K
@@ -53,7 +59,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from lstmeng.backends.base import ACTIVATION_CODES
+from lstmeng.backends.base import ACTIVATION_CODES, SequenceOptions
 
 # The codes the device functions switch on (compile-time constants to Numba).
 _TANH, _RELU, _SIGMOID, _HARD_SIGMOID = (ACTIVATION_CODES[name] for name in ("tanh", "relu", "sigmoid",
@@ -88,6 +94,16 @@ GPU_SHAPES = {"float32": RecurrenceShape(threads=256, rows=8, k_tile=1024),
 SIMULATOR_SHAPE = RecurrenceShape(threads=8, rows=2, k_tile=4)
 
 _kernels: dict = {}
+
+
+def kernel_options(options: SequenceOptions) -> SequenceOptions:
+    """The projection of a call's options that the recurrence kernels of both designs compile in.
+
+    The bias is folded into the input projection and the input dropout applied
+    before it, so neither reaches the recurrence: calls that differ only there
+    share a kernel.
+    """
+    return dataclasses.replace(options, has_bias=False, has_input_dropout=False)
 
 
 def _numba_scalar(dtype):
@@ -131,33 +147,44 @@ def _device_math(dtype):
     return activate, derivative_from_output, ZERO
 
 
-def forward_kernel(dtype, shape: RecurrenceShape):
-    """The compiled forward recurrence kernel for ``dtype`` and ``shape`` (cached)."""
-    key = ("forward", np.dtype(dtype).name, shape)
+def forward_kernel(dtype, shape: RecurrenceShape, options: SequenceOptions):
+    """The forward recurrence kernel for ``dtype``, ``shape`` and the call's options (cached)."""
+    options = kernel_options(options)
+    key = ("forward", np.dtype(dtype).name, shape, options)
     if key not in _kernels:
-        _kernels[key] = _make_forward(np.dtype(dtype), shape)
+        _kernels[key] = _make_forward(np.dtype(dtype), shape, options)
     return _kernels[key]
 
 
-def backward_kernel(dtype, shape: RecurrenceShape):
-    """The compiled backward recurrence kernel for ``dtype`` and ``shape`` (cached)."""
-    key = ("backward", np.dtype(dtype).name, shape)
+def backward_kernel(dtype, shape: RecurrenceShape, options: SequenceOptions):
+    """The backward recurrence kernel for ``dtype``, ``shape`` and the forward's options (cached)."""
+    options = kernel_options(options)
+    key = ("backward", np.dtype(dtype).name, shape, options)
     if key not in _kernels:
-        _kernels[key] = _make_backward(np.dtype(dtype), shape)
+        _kernels[key] = _make_backward(np.dtype(dtype), shape, options)
     return _kernels[key]
 
 
-def _make_forward(dtype, shape: RecurrenceShape):
+def _compile_time_flags(options: SequenceOptions) -> tuple:
+    """(activation code, recurrent activation code, reverse, zero_output_for_mask,
+    return_sequences, training, has_mask, has_recurrent_dropout): the kernels' closure constants."""
+    return (ACTIVATION_CODES[options.activation], ACTIVATION_CODES[options.recurrent_activation],
+            options.reverse, options.zero_output_for_mask, options.return_sequences, options.training,
+            options.has_mask, options.has_recurrent_dropout)
+
+
+def _make_forward(dtype, shape: RecurrenceShape, options: SequenceOptions):
     THREADS, ROWS, K_TILE = shape.threads, shape.rows, shape.k_tile
     element = numba.from_dtype(dtype)   # element type of shared and local arrays
     activate, _, ZERO = _device_math(dtype)
+    # Closure constants: numba compiles them in (see the module docstring).
+    (activation, recurrent_activation, reverse, zero_output_for_mask, return_sequences, training, has_mask,
+     has_recurrent_dropout) = _compile_time_flags(options)
 
     @cuda.jit
     def forward_recurrence(projection, recurrent_kernel, recurrent_dropout, mask, seen_before, h0, c0,
                            h_buffers, c_state, outputs, h_in_ws, c_prev_ws, gates_ws,
-                           units_per_block, activation, recurrent_activation, reverse,
-                           zero_output_for_mask, return_sequences, training, has_mask,
-                           has_recurrent_dropout, weights_in_shared):
+                           units_per_block, weights_in_shared):
         """All T steps of one layer and direction.
 
         Args:
@@ -303,17 +330,18 @@ def _make_forward(dtype, shape: RecurrenceShape):
     return forward_recurrence
 
 
-def _make_backward(dtype, shape: RecurrenceShape):
+def _make_backward(dtype, shape: RecurrenceShape, options: SequenceOptions):
     THREADS, ROWS, K_TILE = shape.threads, shape.rows, shape.k_tile
     element = numba.from_dtype(dtype)
     activate, derivative, ZERO = _device_math(dtype)
+    # Closure constants: numba compiles them in (see the module docstring).
+    (activation, recurrent_activation, reverse, zero_output_for_mask, return_sequences, _, has_mask,
+     has_recurrent_dropout) = _compile_time_flags(options)
 
     @cuda.jit
     def backward_recurrence(doutputs, recurrent_kernel, recurrent_dropout, mask, seen_before,
                             gates_ws, c_prev_ws, dh_state, dc_state, dh_total_scratch,
-                            gate_grads, units_per_block, activation, recurrent_activation, reverse,
-                            zero_output_for_mask, return_sequences, has_mask, has_recurrent_dropout,
-                            weights_in_shared):
+                            gate_grads, units_per_block, weights_in_shared):
         """Backward of ``forward_recurrence`` over all T steps, in reverse processing order.
 
         Args:

@@ -1,7 +1,7 @@
 """The LSTM recurrence for small batches (B <= 16): persistent kernels, one warp per hidden unit.
 
-Why a second design. The general kernel (``_cuda_recurrence``) tests its
-launch-wide flags inside the step, keeps accumulators in local arrays, meets
+Why a second design. The general kernel (``_cuda_recurrence``) keeps
+accumulators in local arrays, meets
 partial sums in shared memory and pays ``this_grid().sync()`` (1.37 us on an
 H200) every step: about 45 instructions per useful FMA and 12.7 us per step
 at B=1, H=1024 (``docs/benchmarks/numba_cuda_notes.md``). At small batches
@@ -29,9 +29,9 @@ registers), barrier, phase B (stage ``dz(t) [B, 4H]``,
 
 Compile time. Every launch-wide value is a constant of the generated source:
 H, B (= ROWS, the row count; one kernel per batch size <= 16), units per
-block, blocks, activations, reverse, training, has_mask,
-zero_output_for_mask, return_sequences, recurrent dropout, weight placement,
-dtype. The per-row accumulators are separate scalars written out by the
+block, blocks, the call's options (``_cuda_recurrence.kernel_options``:
+activations, reverse, training, has_mask, zero_output_for_mask,
+return_sequences, recurrent dropout), weight placement, dtype. The per-row accumulators are separate scalars written out by the
 generator (a ``cuda.local.array`` indexed in a loop can land in local
 memory), and the FMA loop has a constant trip count with no branch. Kernels
 are cached per ``SmallRecurrenceConfig``. The source is generated (``exec``)
@@ -80,7 +80,8 @@ import numba
 import numpy as np
 from numba import cuda
 
-from lstmeng.backends.base import ACTIVATION_NAMES
+from lstmeng.backends._cuda_recurrence import kernel_options
+from lstmeng.backends.base import SequenceOptions
 
 #: Batches up to this size use this design (one compiled kernel per batch size).
 SMALL_BATCH_MAX_ROWS = 16
@@ -106,14 +107,7 @@ class SmallRecurrenceConfig:
     units_per_block: int      # U: warps per block, one unit each
     blocks: int
     weights_in_shared: bool
-    activation: int           # codes of base.ACTIVATION_CODES
-    recurrent_activation: int
-    reverse: bool
-    zero_output_for_mask: bool
-    return_sequences: bool
-    training: bool            # forward only (False for the backward)
-    has_mask: bool
-    has_recurrent_dropout: bool
+    options: SequenceOptions  # kernel_options() of the call's (the backward's: its forward's)
     simulator: bool
 
     @property
@@ -334,7 +328,7 @@ def forward_recurrence_small(projection, recurrent_kernel, recurrent_dropout, ma
         h_own = h0[row, unit]
         c = c0[row, unit]
         h_buffers[0, row, unit] = h_own''')
-    if c.has_recurrent_dropout:
+    if c.options.has_recurrent_dropout:
         s.append('''        dropout_own = recurrent_dropout[row, unit]''')
     s.append('''    if block == 0 and thread == 0:
         barrier_counter[0] = 0
@@ -342,7 +336,7 @@ def forward_recurrence_small(projection, recurrent_kernel, recurrent_dropout, ma
     cuda.cg.this_grid().sync()
 
     for step in range(steps):''')
-    s.append("        t = steps - 1 - step" if c.reverse else "        t = step")
+    s.append("        t = steps - 1 - step" if c.options.reverse else "        t = step")
     s.append('''        current = step % 2
         # The own unit's input projection, loaded before the staging so its latency hides.
         p_i = ZERO
@@ -355,7 +349,7 @@ def forward_recurrence_small(projection, recurrent_kernel, recurrent_dropout, ma
             p_g = projection[row, t, 2 * H + unit]
             p_o = projection[row, t, 3 * H + unit]
 ''')
-    s.append(_staging(c, "h_buffers[current, r, k]", "recurrent_dropout[r, k]" if c.has_recurrent_dropout else None,
+    s.append(_staging(c, "h_buffers[current, r, k]", "recurrent_dropout[r, k]" if c.options.has_recurrent_dropout else None,
                       "        "))
     s.append('''        cuda.syncthreads()''')
     for name in acc:
@@ -393,15 +387,15 @@ def forward_recurrence_small(projection, recurrent_kernel, recurrent_dropout, ma
             output_gate = activate_gate(z_o)
             c_new = forget_gate * c + input_gate * candidate
             h_new = output_gate * activate_cell(c_new)''')
-    if c.training:
+    if c.options.training:
         s.append('''            h_in_ws[row, t, unit] = h_own * dropout_own
             c_prev_ws[row, t, unit] = c
             gates_ws[row, t, unit] = input_gate
             gates_ws[row, t, H + unit] = forget_gate
             gates_ws[row, t, 2 * H + unit] = candidate
             gates_ws[row, t, 3 * H + unit] = output_gate''')
-    if c.has_mask:
-        zero_rule = "True" if c.zero_output_for_mask else "not seen_before[row, t]"
+    if c.options.has_mask:
+        zero_rule = "True" if c.options.zero_output_for_mask else "not seen_before[row, t]"
         s.append(f'''            if mask[row, t]:
                 h_own = h_new
                 c = c_new
@@ -416,7 +410,7 @@ def forward_recurrence_small(projection, recurrent_kernel, recurrent_dropout, ma
             c = c_new
             output = h_new''')
     s.append('''            h_buffers[1 - current, row, unit] = h_own''')
-    if c.return_sequences:
+    if c.options.return_sequences:
         s.append('''            outputs[row, t, unit] = output''')
     s.append('''        if step + 1 < steps:
             barrier_index = step''')
@@ -475,24 +469,24 @@ def backward_recurrence_small(doutputs, recurrent_kernel, recurrent_dropout, mas
     if owns_cell:
         dh = dh_state[row, unit]
         dc = dc_state[row, unit]''')
-    if c.has_recurrent_dropout:
+    if c.options.has_recurrent_dropout:
         s.append('''        dropout_own = recurrent_dropout[row, unit]''')
     s.append('''    if block == 0 and thread == 0:
         barrier_counter[0] = 0
     cuda.cg.this_grid().sync()
 
     for step in range(steps):''')
-    s.append("        t = step" if c.reverse else "        t = steps - 1 - step")
+    s.append("        t = step" if c.options.reverse else "        t = steps - 1 - step")
     s.append('''        # Phase A: gate gradients of (row, unit) from dh and dc.
         dh_total = dh
         real = True
         if owns_cell:''')
-    if c.has_mask:
+    if c.options.has_mask:
         s.append("            real = mask[row, t]")
-    if c.return_sequences:
-        if c.has_mask and not c.zero_output_for_mask:
+    if c.options.return_sequences:
+        if c.options.has_mask and not c.options.zero_output_for_mask:
             s.append("            if real or seen_before[row, t]:")
-        elif c.has_mask:
+        elif c.options.has_mask:
             s.append("            if real:")
         else:
             s.append("            if True:")
@@ -561,8 +555,8 @@ def _build(config: SmallRecurrenceConfig):
     """Generate, exec and ``cuda.jit`` the kernel source of ``config``."""
     dtype = np.dtype(config.dtype)
     scalar = {"float32": np.float32, "float64": np.float64}[dtype.name]
-    activate_cell, derive_cell = _activation_functions(ACTIVATION_NAMES[config.activation], scalar)
-    activate_gate, derive_gate = _activation_functions(ACTIVATION_NAMES[config.recurrent_activation], scalar)
+    activate_cell, derive_cell = _activation_functions(config.options.activation, scalar)
+    activate_gate, derive_gate = _activation_functions(config.options.recurrent_activation, scalar)
     forward = config.direction == "forward"
     namespace = {
         "cuda": cuda, "numba": numba,
@@ -633,12 +627,11 @@ def scratch_arrays(values: int, dtype, allocate):
     return _scratch[key]
 
 
-def plan(direction, dtype, units, batch, flags, *, simulator, multiprocessors=None, optin_limit=0,
-         weights_in_shared=None):
+def plan(direction, dtype, units, batch, options: SequenceOptions, *, simulator, multiprocessors=None,
+         optin_limit=0, weights_in_shared=None):
     """The configuration of a small-batch launch, or None when this design does not apply.
 
-    flags: the backend's flags tuple (activation codes first, then booleans as in
-    ``NumbaCudaBackend.sequence_forward``/``sequence_backward``). On a GPU the
+    options: the call's SequenceOptions (the backward's: its forward's). On a GPU the
     units are split over at most ``multiprocessors`` blocks (one block per SM),
     the weights go to shared memory when ``weights + staging`` fits
     ``optin_limit`` bytes and ``weights_in_shared`` is not False; the caller
@@ -646,11 +639,6 @@ def plan(direction, dtype, units, batch, flags, *, simulator, multiprocessors=No
     """
     if not 1 <= batch <= SMALL_BATCH_MAX_ROWS or units < 1:
         return None
-    if direction == "forward":
-        activation, recurrent_activation, reverse, zero_out, return_sequences, training, has_mask, dropout = flags
-    else:
-        activation, recurrent_activation, reverse, zero_out, return_sequences, has_mask, dropout = flags
-        training = False
     if simulator:
         units_per_block, blocks = units, 1     # the simulator's cooperative grids hold one block
     else:
@@ -661,9 +649,7 @@ def plan(direction, dtype, units, batch, flags, *, simulator, multiprocessors=No
     config = SmallRecurrenceConfig(
         direction=direction, dtype=np.dtype(dtype).name, units=int(units), rows=int(batch),
         units_per_block=units_per_block, blocks=blocks, weights_in_shared=weights_in_shared is not False,
-        activation=int(activation), recurrent_activation=int(recurrent_activation), reverse=bool(reverse),
-        zero_output_for_mask=bool(zero_out), return_sequences=bool(return_sequences), training=bool(training),
-        has_mask=bool(has_mask), has_recurrent_dropout=bool(dropout), simulator=bool(simulator))
+        options=kernel_options(options), simulator=bool(simulator))
     if simulator:
         return config
     itemsize = np.dtype(dtype).itemsize
@@ -674,11 +660,11 @@ def plan(direction, dtype, units, batch, flags, *, simulator, multiprocessors=No
     return config
 
 
-def launch(direction, dtype, units, batch, arrays, flags, *, weights_in_shared, allocate, allow_dynamic_shared,
+def launch(direction, dtype, units, batch, arrays, options, *, weights_in_shared, allocate, allow_dynamic_shared,
            launch_log):
     """Launch the small-batch recurrence if it applies and fits this GPU; False when it does not.
 
-    arrays, flags: as for the general kernels (``NumbaCudaBackend._launch_recurrence``).
+    arrays, options: as for the general kernels (``NumbaCudaBackend._launch_recurrence``).
     allocate(shape, dtype): a device array; allow_dynamic_shared(overload, nbytes): the
     backend's opt-in above 48 KB; launch_log: the backend's log of launch shapes.
     """
@@ -688,7 +674,7 @@ def launch(direction, dtype, units, batch, arrays, flags, *, weights_in_shared, 
     if steps * units >= 2**31:
         return False    # the barrier counter (steps x blocks <= steps x H arrivals) must stay below 2**31
     if simulator:
-        config = plan(direction, dtype, units, batch, flags, simulator=True, weights_in_shared=weights_in_shared)
+        config = plan(direction, dtype, units, batch, options, simulator=True, weights_in_shared=weights_in_shared)
         if config is None:
             return False
         counter, scratch = scratch_arrays(config.scratch_values(), dtype, allocate)
@@ -697,9 +683,9 @@ def launch(direction, dtype, units, batch, arrays, flags, *, weights_in_shared, 
         launch_log[(direction, dtype.name, units, batch, "small")] = (
             1, config.threads, config.units_per_block, config.weights_in_shared, shared_bytes)
         return True
-    key = (_device_id(), direction, dtype.name, units, batch, tuple(flags), weights_in_shared)
+    key = (_device_id(), direction, dtype.name, units, batch, kernel_options(options), weights_in_shared)
     if key not in _launch_plans:
-        _launch_plans[key] = _plan_on_device(direction, dtype, units, batch, flags, arrays, weights_in_shared,
+        _launch_plans[key] = _plan_on_device(direction, dtype, units, batch, options, arrays, weights_in_shared,
                                              allocate, allow_dynamic_shared)
     launch_plan = _launch_plans[key]
     if launch_plan is None:
@@ -715,7 +701,7 @@ def launch(direction, dtype, units, batch, arrays, flags, *, weights_in_shared, 
 _launch_plans: dict = {}
 
 
-def _plan_on_device(direction, dtype, units, batch, flags, arrays, weights_in_shared, allocate,
+def _plan_on_device(direction, dtype, units, batch, options, arrays, weights_in_shared, allocate,
                     allow_dynamic_shared):
     """(config, compiled kernel, shared bytes) that is co-resident on this GPU, or None."""
     device = cuda.get_current_device()
@@ -723,7 +709,7 @@ def _plan_on_device(direction, dtype, units, batch, flags, arrays, weights_in_sh
         optin_limit = int(device.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
     except Exception:
         optin_limit = 48 * 1024
-    config = plan(direction, dtype, units, batch, flags, simulator=False,
+    config = plan(direction, dtype, units, batch, options, simulator=False,
                   multiprocessors=int(device.MULTIPROCESSOR_COUNT), optin_limit=optin_limit,
                   weights_in_shared=weights_in_shared)
     candidates = [] if config is None else [config]

@@ -13,10 +13,16 @@ candidate, output)::
     recurrent_kernel: [H, 4H]
     bias:             [4H]
 
+Every call takes its arrays positionally and one ``SequenceOptions``: the
+activations, reverse, zero_output_for_mask, return_sequences, training and
+which optional arrays (bias, mask, dropout masks) are present. The options are
+frozen and hashable, so a backend keys its compiled kernels or traced
+functions by them, and its workspace keeps them for the backward.
+
 The sequence call is batch-major (``x: [B, T, I]``) like Keras; a backend may
 receive any strides and copies to the layout it prefers. Outputs are always
-written in input time order, also when ``reverse=True``: the layer flips them
-for ``go_backwards``.
+written in input time order, also when ``options.reverse``: the layer flips
+them for ``go_backwards``.
 
 Masking semantics (identical on every backend; they are Keras 3's)::
 
@@ -78,26 +84,132 @@ def numpy_dtype(array) -> np.dtype:
     return np.dtype(getattr(dtype, "name", dtype))
 
 
+@dataclasses.dataclass(frozen=True)
+class SequenceOptions:
+    """Everything a sequence or cell call computes apart from its arrays (frozen, hashable).
+
+    Build it with ``SequenceOptions.for_call``, which derives the ``has_*``
+    flags from the arrays the call passes. Backends key their compiled
+    kernels and traced functions by it (or by a projection of it: the flags
+    that are compile-time there), and their workspaces keep it.
+
+    Attributes:
+        activation: the cell input's and the cell state's activation, one of ACTIVATIONS.
+        recurrent_activation: the gates' activation, one of RECURRENT_ACTIVATIONS.
+        reverse: process t = T-1 .. 0; outputs still in input order.
+        zero_output_for_mask: masked steps output zeros instead of the previous output.
+        return_sequences: return ``[B, T, H]`` outputs; otherwise only the last
+            processed step's ``[B, H]`` (and keep no ``[B, T, H]`` buffer when
+            not training).
+        training: keep the workspace that the backward needs. Without it,
+            memory beyond the outputs is O(B x H).
+        has_bias, has_mask, has_input_dropout, has_recurrent_dropout: the call
+            passes a bias, a mask, an input dropout mask, a recurrent dropout
+            mask (the array is None exactly when its flag is False).
+
+    Example:
+        >>> from lstmeng.backends.base import SequenceOptions
+        >>> options = SequenceOptions.for_call(bias=None, mask=None, input_dropout_mask=None,
+        ...                                    recurrent_dropout_mask=None, reverse=True)
+        >>> options.reverse, options.has_bias, options.activation
+        (True, False, 'tanh')
+    """
+
+    activation: str = "tanh"
+    recurrent_activation: str = "sigmoid"
+    reverse: bool = False
+    zero_output_for_mask: bool = False
+    return_sequences: bool = True
+    training: bool = False
+    has_bias: bool = True
+    has_mask: bool = False
+    has_input_dropout: bool = False
+    has_recurrent_dropout: bool = False
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"SequenceOptions.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.recurrent_activation not in RECURRENT_ACTIVATIONS:
+            raise ValueError(f"SequenceOptions.recurrent_activation must be one of {RECURRENT_ACTIVATIONS}, "
+                             f"got {self.recurrent_activation!r}")
+        for field in dataclasses.fields(self)[2:]:
+            value = getattr(self, field.name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"SequenceOptions.{field.name} must be a bool, got {value!r}")
+            # np.bool_ and bool hash alike, but a plain bool keeps reprs and compile-time constants simple.
+            object.__setattr__(self, field.name, bool(value))
+
+    @classmethod
+    def for_call(cls, *, bias, mask, input_dropout_mask, recurrent_dropout_mask, activation: str = "tanh",
+                 recurrent_activation: str = "sigmoid", reverse: bool = False,
+                 zero_output_for_mask: bool = False, return_sequences: bool = True,
+                 training: bool = False) -> SequenceOptions:
+        """The options of a call that passes these optional arrays (each an array or None); the
+        flags are taken by truth value, as the layers' arguments are."""
+        return cls(activation=activation, recurrent_activation=recurrent_activation, reverse=bool(reverse),
+                   zero_output_for_mask=bool(zero_output_for_mask), return_sequences=bool(return_sequences),
+                   training=bool(training), has_bias=bias is not None, has_mask=mask is not None,
+                   has_input_dropout=input_dropout_mask is not None,
+                   has_recurrent_dropout=recurrent_dropout_mask is not None)
+
+    def check_arrays(self, bias, mask, input_dropout_mask, recurrent_dropout_mask) -> None:
+        """ValueError naming the first optional array whose presence disagrees with its flag."""
+        for name, flag, array in (("bias", "has_bias", bias), ("mask", "has_mask", mask),
+                                  ("input_dropout_mask", "has_input_dropout", input_dropout_mask),
+                                  ("recurrent_dropout_mask", "has_recurrent_dropout", recurrent_dropout_mask)):
+            if getattr(self, flag) != (array is not None):
+                given = "None" if array is None else "an array"
+                raise ValueError(f"{name} is {given} but SequenceOptions.{flag} is {getattr(self, flag)}; "
+                                 "build the options with SequenceOptions.for_call")
+
+
+@dataclasses.dataclass
+class Workspace:
+    """What a training forward keeps for its backward: the base of every backend's workspace.
+
+    Each backend extends it with its own arrays (any layout it likes); the
+    caller treats it as opaque and hands it to exactly one backward.
+
+    Attributes:
+        options: the forward's SequenceOptions.
+        consumed: set by the backward that used it (``consume``).
+    """
+
+    options: SequenceOptions
+    consumed: bool = dataclasses.field(default=False, init=False)
+
+    def consume(self, backend_name: str) -> None:
+        """Mark the workspace used by a backward; RuntimeError if a backward already used it.
+
+        Every backend calls this when its backward starts, so that a second
+        backward of one forward fails the same way everywhere.
+        """
+        if self.consumed:
+            raise RuntimeError(f"backend {backend_name!r}: this workspace was already used by a backward (each "
+                               "training forward is backpropagated once); run the forward again")
+        self.consumed = True
+
+
 @dataclasses.dataclass
 class SequenceForward:
-    """What a whole-sequence forward returns.
+    """What a whole-sequence (or single-step) forward returns.
 
     Attributes:
         outputs: ``[B, T, H]`` when return_sequences, else ``[B, H]`` (the
             output of the last step processed).
         h: ``[B, H]`` final hidden state (the state after the last real step).
         c: ``[B, H]`` final cell state.
-        workspace: opaque object for ``sequence_backward``; None when the
-            forward ran with ``training=False``. It may reference the ``x``
-            given to the forward instead of copying it (every built-in backend
-            does, to keep the theoretical 6H workspace), so callers must not
-            change ``x`` in place before the backward.
+        workspace: a ``Workspace`` for one backward; None when the forward ran
+            with ``training=False``. It may reference the ``x`` given to the
+            forward instead of copying it (every built-in backend does, to
+            keep the theoretical 6H workspace), so callers must not change
+            ``x`` in place before the backward.
     """
 
     outputs: Any
     h: Any
     c: Any
-    workspace: Any = None
+    workspace: Workspace | None = None
 
 
 @dataclasses.dataclass
@@ -120,7 +232,7 @@ class SequenceGrads:
 
 
 class Backend(abc.ABC):
-    """Base class of every backend (built in or a plugin).
+    """Base class of every backend (built in or a plugin): the LSTM kernels.
 
     Subclasses implement ``probe``, ``sequence_forward`` and
     ``sequence_backward``. The single-step cell calls default to a sequence of
@@ -163,94 +275,64 @@ class Backend(abc.ABC):
 
     # -- the fused sequence call --------------------------------------------
     @abc.abstractmethod
-    def sequence_forward(
-        self,
-        x,
-        h0,
-        c0,
-        kernel,
-        recurrent_kernel,
-        bias,
-        mask=None,
-        *,
-        activation: str = "tanh",
-        recurrent_activation: str = "sigmoid",
-        reverse: bool = False,
-        zero_output_for_mask: bool = False,
-        return_sequences: bool = True,
-        input_dropout_mask=None,
-        recurrent_dropout_mask=None,
-        training: bool = False,
-    ) -> SequenceForward:
+    def sequence_forward(self, x, h0, c0, kernel, recurrent_kernel, bias, mask, input_dropout_mask,
+                         recurrent_dropout_mask, options: SequenceOptions) -> SequenceForward:
         """Run one LSTM layer in one direction over a whole sequence.
 
         Args:
             x: ``[B, T, I]`` inputs (B >= 1, T >= 1), the layer's dtype.
             h0, c0: ``[B, H]`` initial states.
-            kernel: ``[I, 4H]``; recurrent_kernel: ``[H, 4H]``; bias: ``[4H]``
-                or None for no bias.
+            kernel: ``[I, 4H]``.
+            recurrent_kernel: ``[H, 4H]``.
+            bias: ``[4H]``, or None for no bias.
             mask: ``[B, T]`` bool, True = real step; None = every step real.
-            activation, recurrent_activation: names from ACTIVATIONS and
-                RECURRENT_ACTIVATIONS.
-            reverse: process t = T-1 .. 0; outputs still in input order.
-            zero_output_for_mask: masked steps output zeros instead of the
-                previous output.
-            return_sequences: return ``[B, T, H]`` outputs; otherwise only the
-                last processed step's ``[B, H]`` (and keep no ``[B, T, H]``
-                buffer when not training).
-            input_dropout_mask: ``[B, I]`` or None; recurrent_dropout_mask:
-                ``[B, H]`` or None.
-            training: keep the workspace that ``sequence_backward`` needs.
-                Without it, memory beyond the outputs is O(B x H).
+            input_dropout_mask: ``[B, I]`` or None.
+            recurrent_dropout_mask: ``[B, H]`` or None.
+            options: SequenceOptions; its ``has_*`` flags agree with the
+                optional arrays above.
 
         Returns:
-            SequenceForward.
+            SequenceForward, with a workspace when ``options.training``.
         """
 
     @abc.abstractmethod
-    def sequence_backward(self, doutputs, dh, dc, workspace) -> SequenceGrads:
-        """Backward pass of ``sequence_forward``.
+    def sequence_backward(self, doutputs, dh, dc, workspace: Workspace) -> SequenceGrads:
+        """Backward pass of ``sequence_forward``; consumes ``workspace`` (see ``Workspace.consume``).
 
         Args:
             doutputs: gradient of the outputs, same shape as the forward's
                 ``outputs`` (``[B, T, H]`` or ``[B, H]``).
             dh, dc: ``[B, H]`` gradients of the final states (zeros if unused).
-            workspace: the forward's workspace, consumed as is.
+            workspace: the forward's workspace; RuntimeError if a backward
+                already used it.
 
         Returns:
             SequenceGrads with dx ``[B, T, I]``.
         """
 
     # -- the single-step cell --------------------------------------------------
-    def cell_forward(
-        self,
-        x,
-        h,
-        c,
-        kernel,
-        recurrent_kernel,
-        bias,
-        *,
-        activation: str = "tanh",
-        recurrent_activation: str = "sigmoid",
-        input_dropout_mask=None,
-        recurrent_dropout_mask=None,
-        training: bool = False,
-    ) -> SequenceForward:
-        """One LSTM step. x: ``[B, I]``; h, c: ``[B, H]``.
+    def cell_forward(self, x, h, c, kernel, recurrent_kernel, bias, input_dropout_mask,
+                     recurrent_dropout_mask, options: SequenceOptions) -> SequenceForward:
+        """One LSTM step.
 
-        Returns SequenceForward whose outputs is the new h ``[B, H]``.
+        Args:
+            x: ``[B, I]``.
+            h, c: ``[B, H]`` states before the step.
+            kernel, recurrent_kernel, bias, input_dropout_mask,
+                recurrent_dropout_mask: as for ``sequence_forward``.
+            options: SequenceOptions of one step: no mask, return_sequences False.
+
+        Returns:
+            SequenceForward whose outputs is the new h ``[B, H]``.
         """
-        forward = self.sequence_forward(
-            self.expand_time(x), h, c, kernel, recurrent_kernel, bias, None,
-            activation=activation, recurrent_activation=recurrent_activation,
-            return_sequences=False, input_dropout_mask=input_dropout_mask,
-            recurrent_dropout_mask=recurrent_dropout_mask, training=training,
-        )
-        return forward
+        if options.has_mask or options.return_sequences:
+            raise ValueError("cell_forward takes the options of one step: has_mask and return_sequences "
+                             f"must be False, got {options}")
+        return self.sequence_forward(self.expand_time(x), h, c, kernel, recurrent_kernel, bias, None,
+                                     input_dropout_mask, recurrent_dropout_mask, options)
 
-    def cell_backward(self, dh, dc, workspace) -> SequenceGrads:
-        """Backward of ``cell_forward``: dh, dc ``[B, H]`` of the new states.
+    def cell_backward(self, dh, dc, workspace: Workspace) -> SequenceGrads:
+        """Backward of ``cell_forward``: dh, dc ``[B, H]`` of the new states; consumes ``workspace``.
 
         Returns SequenceGrads with dx ``[B, I]``.
         """
@@ -260,7 +342,7 @@ class Backend(abc.ABC):
 
     # -- array helpers (NumPy defaults) ---------------------------------------
     def owns(self, array) -> bool:
-        """True when ``array`` is of the kind this backend returns (not a host ndarray by default)."""
+        """True when ``array`` is of the kind this backend returns (not a host ndarray here)."""
         return False
 
     def asarray(self, array, dtype):
@@ -276,11 +358,12 @@ class Backend(abc.ABC):
         return np.zeros(shape, dtype=dtype)
 
     def zeros_like(self, array):
+        """A zero array of ``array``'s shape and dtype."""
         return self.zeros(tuple(array.shape), array.dtype)
 
     def zeros_constant(self, shape, dtype):
         """A zero array that the caller promises never to write (default initial states and
-        state gradients); a backend may hand the same array to every call."""
+        state gradients); an implementation may hand the same array to every call."""
         return self.zeros(shape, dtype)
 
     def expand_time(self, x):
@@ -296,15 +379,19 @@ class Backend(abc.ABC):
         return y[:, ::-1]
 
     def add(self, a, b):
+        """``a + b`` (same shapes)."""
         return a + b
 
     def multiply(self, a, b):
+        """``a * b`` (same shapes)."""
         return a * b
 
     def scale(self, a, factor: float):
+        """``a * factor``."""
         return a * factor
 
     def concatenate(self, arrays, axis: int = -1):
+        """Join ``arrays`` along ``axis`` (device implementations may support the last axis only)."""
         return np.concatenate(arrays, axis=axis)
 
     def split_last(self, array, sizes):

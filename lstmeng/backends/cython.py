@@ -47,7 +47,7 @@ import numpy as np
 
 from lstmeng._runtime import threads
 from lstmeng.backends._buffer_cache import BufferCache
-from lstmeng.backends.base import Backend, SequenceForward, SequenceGrads
+from lstmeng.backends.base import Backend, SequenceForward, SequenceGrads, Workspace
 
 try:
     from lstmeng.backends import _cython_lstm
@@ -262,7 +262,7 @@ def _uniform_layout(batch: int, steps: int, parts: int) -> _Layout:
 
 
 @dataclasses.dataclass
-class _Workspace:
+class _Workspace(Workspace):
     """What the backward needs, in packed row order (N packed rows) but for x.
 
     x: [B, T, I] the caller's inputs (a reference, not a copy); gates:
@@ -270,9 +270,11 @@ class _Workspace:
     gradients); c_prev, h_in: [N, H] c(t-1) and h(t-1) after recurrent
     dropout. threads, split_units: the forward's team; thread_budget: the
     shares of the backward's weight-gradient and dx products; run_one_thread:
-    the forward fell back to one thread (busy machine). Once a backward has
-    consumed it, gates, c_prev and h_in are None (their memory went back to
-    the backend's buffer cache).
+    the forward fell back to one thread (busy machine); kernel: [I, 4H];
+    recurrent_kernel: [H, 4H]; input_dropout_mask: [B, I] or None;
+    recurrent_dropout_mask: [B, H] or None. Once a backward has consumed it,
+    gates, c_prev and h_in are None (their memory went back to the backend's
+    buffer cache).
     """
 
     layout: _Layout
@@ -288,13 +290,7 @@ class _Workspace:
     recurrent_kernel: np.ndarray
     input_dropout_mask: np.ndarray | None
     recurrent_dropout_mask: np.ndarray | None
-    activation: str
-    recurrent_activation: str
-    reverse: bool
-    zero_output_for_mask: bool
-    return_sequences: bool
     input_shape: tuple
-    consumed: bool = False
 
 
 def _specialization(kernel, dtype):
@@ -347,10 +343,12 @@ class CythonBackend(Backend):
                                       f"is not built: {_IMPORT_ERROR}")
         return f"CPU: {threads.cpu_model()} ({_kernel_threads()} threads{_one_thread_reason()}, BLAS via scipy)"
 
-    def sequence_forward(self, x, h0, c0, kernel, recurrent_kernel, bias, mask=None, *,
-                         activation="tanh", recurrent_activation="sigmoid", reverse=False,
-                         zero_output_for_mask=False, return_sequences=True,
-                         input_dropout_mask=None, recurrent_dropout_mask=None, training=False):
+    def sequence_forward(self, x, h0, c0, kernel, recurrent_kernel, bias, mask, input_dropout_mask,
+                         recurrent_dropout_mask, options):
+        options.check_arrays(bias, mask, input_dropout_mask, recurrent_dropout_mask)
+        activation, recurrent_activation = options.activation, options.recurrent_activation
+        reverse, zero_output_for_mask = options.reverse, options.zero_output_for_mask
+        return_sequences, training = options.return_sequences, options.training
         x = np.asarray(x)
         dtype = x.dtype if x.dtype in (np.float32, np.float64) else np.dtype(np.float64)
         x = np.ascontiguousarray(x, dtype=dtype)
@@ -413,22 +411,18 @@ class CythonBackend(Backend):
         workspace = None
         if training:
             workspace = _Workspace(
-                layout=layout, x=x, gates=gates, c_prev=c_prev, h_in=h_in, threads=threads,
+                options, layout=layout, x=x, gates=gates, c_prev=c_prev, h_in=h_in, threads=threads,
                 thread_budget=thread_budget, run_one_thread=run_one_thread,
                 split_units=split_units, kernel=kernel, recurrent_kernel=recurrent_kernel,
                 input_dropout_mask=input_dropout_mask, recurrent_dropout_mask=recurrent_dropout_mask,
-                activation=activation, recurrent_activation=recurrent_activation, reverse=reverse,
-                zero_output_for_mask=zero_output_for_mask, return_sequences=return_sequences,
                 input_shape=x.shape)
         outputs = sequence_outputs if return_sequences else last_output
         return SequenceForward(outputs=outputs, h=h_out, c=c_out, workspace=workspace)
 
     def sequence_backward(self, doutputs, dh, dc, workspace):
-        ws = workspace
-        if ws.consumed:
-            raise RuntimeError("this forward's workspace was already used by a backward "
-                               "(the cython backend overwrites it); run the forward again")
-        ws.consumed = True
+        ws, options = workspace, workspace.options
+        # The backward overwrites the gates with their gradients: one backward per workspace.
+        ws.consume(self.name)
         dtype = ws.gates.dtype
         batch, steps, features = ws.input_shape
         units = ws.recurrent_kernel.shape[0]
@@ -449,13 +443,13 @@ class CythonBackend(Backend):
         start = time.perf_counter()
         with _threads_for(layout):
             barrier_stats = _specialization(_cython_lstm.backward, dtype)(
-                doutputs if ws.return_sequences else None, None if ws.return_sequences else doutputs,
+                doutputs if options.return_sequences else None, None if options.return_sequences else doutputs,
                 _contiguous(dh, dtype), _contiguous(dc, dtype), ws.x, ws.kernel, ws.recurrent_kernel,
                 layout.mask, ws.input_dropout_mask, ws.recurrent_dropout_mask,
                 layout.order, layout.row_begin, layout.active, layout.offsets,
-                _cython_lstm.ACTIVATION_KINDS[ws.activation],
-                _cython_lstm.ACTIVATION_KINDS[ws.recurrent_activation],
-                ws.reverse, ws.zero_output_for_mask,
+                _cython_lstm.ACTIVATION_KINDS[options.activation],
+                _cython_lstm.ACTIVATION_KINDS[options.recurrent_activation],
+                options.reverse, options.zero_output_for_mask,
                 ws.gates, ws.c_prev, ws.h_in, dx, dh0, dc0, dkernel, drecurrent_kernel, dbias,
                 packed_x,
                 # Every thread of the budget shares the weight-gradient GEMMs, also when the

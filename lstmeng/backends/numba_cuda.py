@@ -54,7 +54,7 @@ from importlib import metadata
 
 import numpy as np
 
-from lstmeng.backends.base import Backend, SequenceForward, SequenceGrads, numpy_dtype
+from lstmeng.backends.base import Backend, SequenceForward, SequenceGrads, Workspace, numpy_dtype
 
 try:  # numba is optional: without it the backend reports itself unavailable.
     import numba
@@ -81,38 +81,35 @@ def _numba_cuda_version() -> str:
 
 
 @dataclasses.dataclass
-class _Workspace:
+class _Workspace(Workspace):
     """What ``sequence_backward`` needs from a training forward (device arrays).
 
     x: [B, T, I] the input before input dropout: the caller's device array
     itself (referenced, not copied, any strides), or for a host input its
     device copy, which is the input's residence on the device (the only copy
     kept); h_in, c_prev: [B, T, H]; gates: [B, T, 4H] activated; mask,
-    seen_before: [B, T] bool or None; last_output_rows: [B] bool or None.
+    seen_before: [B, T] bool or None; last_output_rows: [B] bool or None;
+    kernel: [I, 4H]; recurrent_kernel: [H, 4H]; input_dropout_mask: [B, I]
+    or None; recurrent_dropout_mask: [B, H] or None.
 
     That is 6H values per (row, step), the theoretical workspace: the
     backward kernel recomputes activation(c(t)) from the gates and c(t-1),
     and the dropped-out input for the dkernel GEMM is a temporary of the
-    backward.
+    backward. h_in, c_prev, gates, seen_before and last_output_rows come from
+    the backend's device pool and go back to it when the backward has run.
     """
 
     x: object
-    h_in: object          # h_in, c_prev, gates, seen_before, last_output_rows come from the
-    c_prev: object        # backend's device pool and go back to it when the backward has run
+    h_in: object
+    c_prev: object
     gates: object
     mask: object
     seen_before: object
     last_output_rows: object
     kernel: object
     recurrent_kernel: object
-    activation: str
-    recurrent_activation: str
-    reverse: bool
-    zero_output_for_mask: bool
-    return_sequences: bool
     input_dropout_mask: object
     recurrent_dropout_mask: object
-    consumed: bool = False   # set by the backward, which hands the pooled arrays back
 
 
 #: Most bytes of idle scratch the device pool keeps between calls (see ``_device_pool``).
@@ -383,13 +380,13 @@ class NumbaCudaBackend(Backend):
         return self._dummies[key]
 
     # -- the fused sequence call -----------------------------------------------------
-    def sequence_forward(self, x, h0, c0, kernel, recurrent_kernel, bias, mask=None, *,
-                         activation="tanh", recurrent_activation="sigmoid", reverse=False,
-                         zero_output_for_mask=False, return_sequences=True,
-                         input_dropout_mask=None, recurrent_dropout_mask=None, training=False):
+    def sequence_forward(self, x, h0, c0, kernel, recurrent_kernel, bias, mask, input_dropout_mask,
+                         recurrent_dropout_mask, options):
         from lstmeng.backends import _cuda_elementwise as ew
         from lstmeng.backends import _cuda_gemm as gemm
-        from lstmeng.backends import _cuda_recurrence as rec
+
+        options.check_arrays(bias, mask, input_dropout_mask, recurrent_dropout_mask)
+        return_sequences, training = options.return_sequences, options.training
 
         dtype = numpy_dtype(x)
         copy_out = not self.owns(x)   # host inputs get host results (the workspace stays on the device)
@@ -415,7 +412,7 @@ class NumbaCudaBackend(Backend):
             seen_before = self._scratch((batch, steps), np.bool_)
             last_output_rows = self._scratch((batch,), np.bool_)
             ew.mask_summary[ew.blocks_for(batch), ew.ELEMENTWISE_THREADS](
-                mask, bool(reverse), bool(zero_output_for_mask), seen_before, last_output_rows)
+                mask, options.reverse, options.zero_output_for_mask, seen_before, last_output_rows)
         else:
             mask = seen_before = self._dummy(2, np.bool_)
             last_output_rows = self._dummy(1, np.bool_)
@@ -432,13 +429,11 @@ class NumbaCudaBackend(Backend):
         else:
             h_in = c_prev = gates = self._dummy(3, dtype)
 
-        codes = rec.ACTIVATION_CODES
         self._launch_recurrence(
             "forward", dtype, units, batch,
             (projection, recurrent_kernel, recurrent_dropout, mask, seen_before, h0, c0, h_buffers, c_state,
              outputs, h_in, c_prev, gates),
-            (codes[activation], codes[recurrent_activation], bool(reverse), bool(zero_output_for_mask),
-             bool(return_sequences), bool(training), has_mask, has_recurrent_dropout))
+            options)
 
         self._release(projection)
         h = self._wrap(h_buffers[steps % 2])   # a view: no extra launch
@@ -451,13 +446,10 @@ class NumbaCudaBackend(Backend):
         workspace = None
         if training:
             workspace = _Workspace(
-                x=x, h_in=h_in, c_prev=c_prev, gates=gates,
+                options, x=x, h_in=h_in, c_prev=c_prev, gates=gates,
                 mask=mask if has_mask else None, seen_before=seen_before if has_mask else None,
                 last_output_rows=last_output_rows if has_mask else None, kernel=kernel,
-                recurrent_kernel=recurrent_kernel, activation=activation,
-                recurrent_activation=recurrent_activation, reverse=bool(reverse),
-                zero_output_for_mask=bool(zero_output_for_mask), return_sequences=bool(return_sequences),
-                input_dropout_mask=input_dropout_mask,
+                recurrent_kernel=recurrent_kernel, input_dropout_mask=input_dropout_mask,
                 recurrent_dropout_mask=recurrent_dropout if has_recurrent_dropout else None)
         if copy_out:
             outputs, h, c_state = self.to_numpy(outputs), self.to_numpy(h), self.to_numpy(c_state)
@@ -470,12 +462,10 @@ class NumbaCudaBackend(Backend):
         The workspace's pooled arrays go back to the pool: each workspace is consumed once."""
         from lstmeng.backends import _cuda_elementwise as ew
         from lstmeng.backends import _cuda_gemm as gemm
-        from lstmeng.backends import _cuda_recurrence as rec
 
-        ws = workspace
-        if ws.consumed:
-            raise RuntimeError("numba_cuda: this workspace was consumed by an earlier sequence_backward "
-                               "(its device memory has been reused); run the forward again")
+        ws, options = workspace, workspace.options
+        # Its pooled arrays go back to the pool below, to be reused: one backward per workspace.
+        ws.consume(self.name)
         dtype = np.dtype(ws.gates.dtype)
         batch, steps, gate_columns = (int(n) for n in ws.gates.shape)
         units = gate_columns // 4
@@ -491,22 +481,19 @@ class NumbaCudaBackend(Backend):
         # One launch sets dh_state (plus the last output's gradient on the rows where the
         # last output is the final h), dc_state and zeroes dbias for column_sums.
         ew.backward_prologue[ew.blocks_for(max(batch * units, gate_columns)), ew.ELEMENTWISE_THREADS](
-            dh, dc, self._dummy(2, dtype) if ws.return_sequences else doutputs,
-            ws.last_output_rows if has_mask else self._dummy(1, np.bool_), not ws.return_sequences, has_mask,
+            dh, dc, self._dummy(2, dtype) if options.return_sequences else doutputs,
+            ws.last_output_rows if has_mask else self._dummy(1, np.bool_), not options.return_sequences, has_mask,
             dh_state, dc_state, dbias)
         scratch = self._scratch((batch, units), dtype)
         gate_grads = self._scratch((batch, steps, gate_columns), dtype)
         mask = ws.mask if has_mask else self._dummy(2, np.bool_)
         seen_before = ws.seen_before if has_mask else self._dummy(2, np.bool_)
-        has_recurrent_dropout = ws.recurrent_dropout_mask is not None
-        codes = rec.ACTIVATION_CODES
         self._launch_recurrence(
             "backward", dtype, units, batch,
-            (doutputs if ws.return_sequences else self._dummy(3, dtype), ws.recurrent_kernel,
-             ws.recurrent_dropout_mask if has_recurrent_dropout else self._dummy(2, dtype), mask, seen_before,
-             ws.gates, ws.c_prev, dh_state, dc_state, scratch, gate_grads),
-            (codes[ws.activation], codes[ws.recurrent_activation], ws.reverse, ws.zero_output_for_mask,
-             ws.return_sequences, has_mask, has_recurrent_dropout))
+            (doutputs if options.return_sequences else self._dummy(3, dtype), ws.recurrent_kernel,
+             ws.recurrent_dropout_mask if options.has_recurrent_dropout else self._dummy(2, dtype), mask,
+             seen_before, ws.gates, ws.c_prev, dh_state, dc_state, scratch, gate_grads),
+            options)
 
         # Weight gradients: GEMMs over all B*T rows at once.
         tiles, no_bias = self._gemm_tiles(), self._dummy(1, dtype)
@@ -527,7 +514,6 @@ class NumbaCudaBackend(Backend):
             ew.scale_rows_3d[ew.blocks_for(dx.size), threads](dx, ws.input_dropout_mask, dx)
         # Every launch that reads them is queued (one stream): the memory can serve the next call.
         self._release(gate_grads, ws.h_in, ws.c_prev, ws.gates, ws.seen_before, ws.last_output_rows)
-        ws.consumed = True
         grads = SequenceGrads(dx=dx, dh0=dh_state, dc0=dc_state, dkernel=dkernel,
                               drecurrent_kernel=drecurrent_kernel, dbias=dbias)
         if copy_out:
@@ -578,11 +564,13 @@ class NumbaCudaBackend(Backend):
         rows = min(shape.rows, 1 << max(0, int(batch) - 1).bit_length())
         return dataclasses.replace(shape, rows=rows)
 
-    def _launch_recurrence(self, direction, dtype, units, batch, arrays, flags):
+    def _launch_recurrence(self, direction, dtype, units, batch, arrays, options):
         """Launch the forward or backward recurrence as one cooperative grid.
 
-        ``arrays`` and ``flags`` are the kernel's arguments before and after
-        ``units_per_block``; ``weights_in_shared`` is appended here.
+        ``arrays`` are the kernel's arguments before ``units_per_block``;
+        ``units_per_block`` and ``weights_in_shared`` are appended here.
+        ``options`` (the call's, the backward's: its forward's) select the
+        compiled kernel: its flags are compile-time in both designs.
 
         Two designs: batches of at most ``SMALL_BATCH_MAX_ROWS`` rows run the
         small-batch kernels (``_cuda_recurrence_small``: a warp per unit, a
@@ -595,7 +583,7 @@ class NumbaCudaBackend(Backend):
         from lstmeng.backends import _cuda_recurrence_small as small
         design = self.recurrence_design
         if design != "general" and (design == "small" or batch <= small.SMALL_BATCH_MAX_ROWS):
-            if small.launch(direction, dtype, units, batch, arrays, flags, weights_in_shared=self.weights_in_shared,
+            if small.launch(direction, dtype, units, batch, arrays, options, weights_in_shared=self.weights_in_shared,
                             allocate=self._empty, allow_dynamic_shared=_allow_dynamic_shared,
                             launch_log=self.launch_log):
                 return
@@ -604,17 +592,17 @@ class NumbaCudaBackend(Backend):
                                    f"B={batch}, H={units}, {dtype.name} on this device")
         shape = self._recurrence_shape(dtype, batch)
         make = rec.forward_kernel if direction == "forward" else rec.backward_kernel
-        kernel = make(dtype, shape)
+        kernel = make(dtype, shape, options)
         if simulator_enabled():
             # The simulator's cooperative grids hold one block (it runs blocks in turn).
             in_shared = self.weights_in_shared is not False
             shared_bytes = shape.shared_values(units, units, in_shared) * dtype.itemsize
-            kernel[1, shape.threads, 0, shared_bytes](*arrays, units, *flags, in_shared)
+            kernel[1, shape.threads, 0, shared_bytes](*arrays, units, in_shared)
             return
-        probe_arguments = (*arrays, units, *flags, False)
+        probe_arguments = (*arrays, units, False)
         launch = self._partition(direction, kernel, probe_arguments, dtype, units, shape)
         compiled, blocks, units_per_block, in_shared, shared_bytes = launch
-        compiled[blocks, shape.threads, 0, shared_bytes](*arrays, units_per_block, *flags, in_shared)
+        compiled[blocks, shape.threads, 0, shared_bytes](*arrays, units_per_block, in_shared)
 
     def _partition(self, direction, kernel, arguments, dtype, units, shape):
         """Grid size, unit slices and weight placement for one recurrence on this GPU (cached)."""

@@ -17,11 +17,11 @@ import platform
 import numpy as np
 
 from lstmeng import activations
-from lstmeng.backends.base import Backend, SequenceForward, SequenceGrads
+from lstmeng.backends.base import Backend, SequenceForward, SequenceGrads, Workspace
 
 
 @dataclasses.dataclass
-class _Workspace:
+class _Workspace(Workspace):
     """What the backward needs, time-major and in input time order.
 
     x: [B, T, I] the caller's input array itself (batch-major, before input
@@ -29,7 +29,10 @@ class _Workspace:
     backward; h_in: [T, B, H] h(t-1) as it entered the recurrence (after
     recurrent dropout); c_prev: [T, B, H]; gates: [T, B, 4H] activated gates
     (i, f, g, o); mask: [T, B] bool or None; seen_before: [T, B] bool, a real
-    step came earlier in processing order (None without mask).
+    step came earlier in processing order (None without mask); last_real:
+    [B] bool, the last output equals the final h on this row (None without
+    mask); kernel: [I, 4H]; recurrent_kernel: [H, 4H]; input_dropout_mask:
+    [B, I] or None; recurrent_dropout_mask: [B, H] or None.
 
     That is 6H values per (row, step), the theoretical workspace: the
     backward recomputes activation(c(t)) from the gates and c(t-1), and
@@ -45,12 +48,6 @@ class _Workspace:
     last_real: np.ndarray | None
     kernel: np.ndarray
     recurrent_kernel: np.ndarray
-    has_bias: bool
-    activation: str
-    recurrent_activation: str
-    reverse: bool
-    zero_output_for_mask: bool
-    return_sequences: bool
     input_dropout_mask: np.ndarray | None
     recurrent_dropout_mask: np.ndarray | None
 
@@ -115,12 +112,13 @@ class NumpyBackend(Backend):
     def probe(self) -> str:
         return f"CPU: {platform.processor() or platform.machine()} (NumPy {np.__version__})"
 
-    def sequence_forward(self, x, h0, c0, kernel, recurrent_kernel, bias, mask=None, *,
-                         activation="tanh", recurrent_activation="sigmoid", reverse=False,
-                         zero_output_for_mask=False, return_sequences=True,
-                         input_dropout_mask=None, recurrent_dropout_mask=None, training=False):
-        act = activations.FUNCTIONS[activation]
-        ract = activations.FUNCTIONS[recurrent_activation]
+    def sequence_forward(self, x, h0, c0, kernel, recurrent_kernel, bias, mask, input_dropout_mask,
+                         recurrent_dropout_mask, options):
+        options.check_arrays(bias, mask, input_dropout_mask, recurrent_dropout_mask)
+        act = activations.FUNCTIONS[options.activation]
+        ract = activations.FUNCTIONS[options.recurrent_activation]
+        reverse, zero_output_for_mask = options.reverse, options.zero_output_for_mask
+        return_sequences, training = options.return_sequences, options.training
         batch, steps, _ = x.shape
         units = recurrent_kernel.shape[0]
         dtype = x.dtype
@@ -185,44 +183,41 @@ class NumpyBackend(Backend):
         workspace = None
         if training:
             workspace = _Workspace(
-                x=x, h_in=h_in_all, c_prev=c_prev_all, gates=gates_all,
+                options, x=x, h_in=h_in_all, c_prev=c_prev_all, gates=gates_all,
                 mask=None if mask_tb is None else np.ascontiguousarray(mask_tb),
                 seen_before=seen_before,
                 last_real=None if mask_tb is None else last_output_rows(mask_tb, reverse, zero_output_for_mask),
-                kernel=kernel, recurrent_kernel=recurrent_kernel, has_bias=bias is not None,
-                activation=activation, recurrent_activation=recurrent_activation,
-                reverse=reverse, zero_output_for_mask=zero_output_for_mask,
-                return_sequences=return_sequences, input_dropout_mask=input_dropout_mask,
+                kernel=kernel, recurrent_kernel=recurrent_kernel, input_dropout_mask=input_dropout_mask,
                 recurrent_dropout_mask=recurrent_dropout_mask,
             )
         return SequenceForward(outputs=outputs, h=h, c=c, workspace=workspace)
 
     def sequence_backward(self, doutputs, dh, dc, workspace):
-        ws = workspace
-        act = activations.FUNCTIONS[ws.activation]
-        dact = activations.DERIVATIVES_FROM_OUTPUT[ws.activation]
-        dract = activations.DERIVATIVES_FROM_OUTPUT[ws.recurrent_activation]
+        ws, options = workspace, workspace.options
+        act = activations.FUNCTIONS[options.activation]
+        dact = activations.DERIVATIVES_FROM_OUTPUT[options.activation]
+        dract = activations.DERIVATIVES_FROM_OUTPUT[options.recurrent_activation]
         steps, batch, units = ws.c_prev.shape
         dtype = ws.gates.dtype
 
         dh = np.array(dh, dtype=dtype, copy=True)
         dc = np.array(dc, dtype=dtype, copy=True)
-        if not ws.return_sequences:
+        if not options.return_sequences:
             # The last output is the final h on the rows where it is not zero.
             rows = np.ones(batch, bool) if ws.last_real is None else ws.last_real
             dh += np.where(rows[:, None], doutputs, 0)
         gate_grads = np.empty((steps, batch, 4 * units), dtype)
         recurrent_t = ws.recurrent_kernel.T
 
-        order = range(steps) if ws.reverse else range(steps - 1, -1, -1)
+        order = range(steps) if options.reverse else range(steps - 1, -1, -1)
         for t in order:
-            if ws.return_sequences:
+            if options.return_sequences:
                 dy = doutputs[:, t]
                 if ws.mask is not None:
                     real = ws.mask[t][:, None]
                     # A masked step's output is the carried h once a real step
                     # came before it (and not zeroed); its gradient joins dh.
-                    reaches_h = real | (ws.seen_before[t][:, None] & (not ws.zero_output_for_mask))
+                    reaches_h = real | (ws.seen_before[t][:, None] & (not options.zero_output_for_mask))
                     dy = np.where(reaches_h, dy, 0)
                 dh_total = dh + dy
             else:

@@ -11,8 +11,8 @@ all steps at the end. Inputs may be ``tf.Tensor`` or NumPy arrays; results are
 TensorFlow is imported when the registry first loads this module, never by
 ``import lstmeng``.
 
-Each configuration (activations, reverse, masking, dropout, dtype...) gets
-one ``tf.function`` with an ``input_signature`` whose batch, time and feature
+Each configuration (the call's ``SequenceOptions`` and the dtype) gets one
+``tf.function`` with an ``input_signature`` whose batch, time and feature
 sizes are ``None``: new shapes do not retrace.
 """
 
@@ -23,7 +23,7 @@ import threading
 
 import numpy as np
 
-from lstmeng.backends.base import Backend, SequenceForward, SequenceGrads
+from lstmeng.backends.base import Backend, SequenceForward, SequenceGrads, SequenceOptions, Workspace
 
 try:
     import tensorflow as tf
@@ -69,42 +69,27 @@ def _derivative_from_output(name):
             "hard_sigmoid": hard_sigmoid, "linear": linear}[name]
 
 
-# -- static configuration of one traced function --------------------------------------
-@dataclasses.dataclass(frozen=True)
-class _Options:
-    """Everything that changes the traced graph (the cache key of the tf.functions)."""
-
-    dtype: str
-    activation: str
-    recurrent_activation: str
-    reverse: bool
-    zero_output_for_mask: bool
-    return_sequences: bool
-    has_bias: bool
-    has_mask: bool
-    has_input_dropout: bool
-    has_recurrent_dropout: bool
-    training: bool
-
-
 @dataclasses.dataclass
-class _Workspace:
+class _Workspace(Workspace):
     """What the backward needs, time-major and in input time order (TF tensors).
 
-    x: [B, T, I] the input tensor the forward was given (before input
-    dropout), referenced, not copied; h_in: [T, B, H] h(t-1) as it entered
-    the recurrence (after recurrent dropout); c_prev: [T, B, H]; gates:
-    [T, B, 4H] activated gates (i, f, g, o); mask: [B, T] bool or None;
-    seen_before: [T, B] bool, a real step came earlier in processing order;
-    last_real: [B] bool, the last output equals the final h on this row (both
-    None without a mask).
+    dtype: the forward's dtype name (with the options, the key of the traced
+    backward); x: [B, T, I] the input tensor the forward was given (before
+    input dropout), referenced, not copied; h_in: [T, B, H] h(t-1) as it
+    entered the recurrence (after recurrent dropout); c_prev: [T, B, H];
+    gates: [T, B, 4H] activated gates (i, f, g, o); mask: [B, T] bool or
+    None; seen_before: [T, B] bool, a real step came earlier in processing
+    order; last_real: [B] bool, the last output equals the final h on this
+    row (both None without a mask); kernel: [I, 4H]; recurrent_kernel:
+    [H, 4H]; input_dropout_mask: [B, I] or None; recurrent_dropout_mask:
+    [B, H] or None.
 
     That is 6H values per (row, step), the theoretical workspace: the
     backward recomputes activation(c(t)) from the gates and c(t-1), and
     re-applies the [B, I] input dropout mask to x.
     """
 
-    options: _Options
+    dtype: str
     x: object
     h_in: object
     c_prev: object
@@ -123,7 +108,7 @@ def _time_index(step, steps, reverse: bool):
     return steps - 1 - step if reverse else step
 
 
-def _forward_graph(options: _Options, x, h0, c0, kernel, recurrent_kernel, bias, mask,
+def _forward_graph(options: SequenceOptions, x, h0, c0, kernel, recurrent_kernel, bias, mask,
                    input_dropout_mask, recurrent_dropout_mask):
     """The traced forward. x: [B, T, I]; h0, c0: [B, H]; mask: [B, T] bool.
 
@@ -210,7 +195,7 @@ def _forward_graph(options: _Options, x, h0, c0, kernel, recurrent_kernel, bias,
     return tuple(results)
 
 
-def _backward_graph(options: _Options, doutputs, dh, dc, x, h_in, c_prev, gates,
+def _backward_graph(options: SequenceOptions, doutputs, dh, dc, x, h_in, c_prev, gates,
                     mask, seen_before, last_real, kernel, recurrent_kernel,
                     input_dropout_mask, recurrent_dropout_mask):
     """The traced backward. doutputs: [B, T, H] or [B, H]; dh, dc: [B, H]; the
@@ -314,11 +299,13 @@ class TensorflowBackend(Backend):
         return f"{where} (TensorFlow {tf.__version__})"
 
     # -- traced functions, one per configuration -------------------------------------------
-    def _forward_function(self, options: _Options):
+    def _forward_function(self, options: SequenceOptions, dtype_name: str):
+        """The traced forward of one configuration: keyed by the options and the dtype."""
+        key = (options, dtype_name)
         with self._lock:
-            function = self._forward_functions.get(options)
+            function = self._forward_functions.get(key)
             if function is None:
-                dtype = tf.as_dtype(options.dtype)
+                dtype = tf.as_dtype(dtype_name)
 
                 def forward(x, h0, c0, kernel, recurrent_kernel, bias, mask,
                             input_dropout_mask, recurrent_dropout_mask):
@@ -333,14 +320,16 @@ class TensorflowBackend(Backend):
                              _spec(2, dtype) if options.has_input_dropout else _spec(1, dtype),
                              _spec(2, dtype) if options.has_recurrent_dropout else _spec(1, dtype)]
                 function = tf.function(forward, input_signature=signature, autograph=False)
-                self._forward_functions[options] = function
+                self._forward_functions[key] = function
             return function
 
-    def _backward_function(self, options: _Options):
+    def _backward_function(self, options: SequenceOptions, dtype_name: str):
+        """The traced backward of one configuration: keyed by the options and the dtype."""
+        key = (options, dtype_name)
         with self._lock:
-            function = self._backward_functions.get(options)
+            function = self._backward_functions.get(key)
             if function is None:
-                dtype = tf.as_dtype(options.dtype)
+                dtype = tf.as_dtype(dtype_name)
 
                 def backward(doutputs, dh, dc, x, h_in, c_prev, gates, mask, seen_before,
                              last_real, kernel, recurrent_kernel, input_dropout_mask, recurrent_dropout_mask):
@@ -356,35 +345,28 @@ class TensorflowBackend(Backend):
                              _spec(2 if options.has_input_dropout else 1, dtype),
                              _spec(2 if options.has_recurrent_dropout else 1, dtype)]
                 function = tf.function(backward, input_signature=signature, autograph=False)
-                self._backward_functions[options] = function
+                self._backward_functions[key] = function
             return function
 
     # -- the contract ---------------------------------------------------------------------
-    def sequence_forward(self, x, h0, c0, kernel, recurrent_kernel, bias, mask=None, *,
-                         activation="tanh", recurrent_activation="sigmoid", reverse=False,
-                         zero_output_for_mask=False, return_sequences=True,
-                         input_dropout_mask=None, recurrent_dropout_mask=None, training=False):
+    def sequence_forward(self, x, h0, c0, kernel, recurrent_kernel, bias, mask, input_dropout_mask,
+                         recurrent_dropout_mask, options):
+        options.check_arrays(bias, mask, input_dropout_mask, recurrent_dropout_mask)
         dtype = _dtype_name(x)
-        options = _Options(
-            dtype=dtype, activation=activation, recurrent_activation=recurrent_activation,
-            reverse=bool(reverse), zero_output_for_mask=bool(zero_output_for_mask),
-            return_sequences=bool(return_sequences), has_bias=bias is not None, has_mask=mask is not None,
-            has_input_dropout=input_dropout_mask is not None,
-            has_recurrent_dropout=recurrent_dropout_mask is not None, training=bool(training))
         tensors = [self.asarray(x, dtype), self.asarray(h0, dtype), self.asarray(c0, dtype),
                    self.asarray(kernel, dtype), self.asarray(recurrent_kernel, dtype),
                    _optional(self, bias, dtype), _optional(self, mask, "bool"),
                    _optional(self, input_dropout_mask, dtype), _optional(self, recurrent_dropout_mask, dtype)]
-        results = self._forward_function(options)(*tensors)
+        results = self._forward_function(options, dtype)(*tensors)
         outputs, h, c = results[:3]
         workspace = None
-        if training:
+        if options.training:
             h_in, c_prev, gates = results[3:6]
             seen_before, last_real = results[6:8] if options.has_mask else (None, None)
             # x is the caller's tensor (converted once when it came as NumPy):
             # referenced, not copied; the backward must not see it changed.
             workspace = _Workspace(
-                options=options, x=tensors[0], h_in=h_in, c_prev=c_prev, gates=gates,
+                options, dtype=dtype, x=tensors[0], h_in=h_in, c_prev=c_prev, gates=gates,
                 mask=tensors[6] if options.has_mask else None, seen_before=seen_before, last_real=last_real,
                 kernel=tensors[3], recurrent_kernel=tensors[4],
                 input_dropout_mask=tensors[7] if options.has_input_dropout else None,
@@ -394,10 +376,10 @@ class TensorflowBackend(Backend):
     def sequence_backward(self, doutputs, dh, dc, workspace):
         ws = workspace
         options = ws.options
-        dtype = options.dtype
+        dtype = ws.dtype
         empty_bool = tf.zeros([0], tf.bool)
         empty = tf.zeros([0], dtype)
-        results = self._backward_function(options)(
+        results = self._backward_function(options, dtype)(
             self.asarray(doutputs, dtype), self.asarray(dh, dtype), self.asarray(dc, dtype),
             ws.x, ws.h_in, ws.c_prev, ws.gates,
             ws.mask if options.has_mask else empty_bool,

@@ -1,0 +1,84 @@
+"""The backend contract's own objects (lstmeng/backends/base.py): SequenceOptions and Workspace."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from lstmeng.backends import registry
+from lstmeng.backends.base import ACTIVATIONS, RECURRENT_ACTIVATIONS, SequenceOptions, Workspace
+
+from _backends import sequence_forward
+
+
+def test_options_are_frozen_hashable_and_equal_by_value():
+    first = SequenceOptions(activation="relu", reverse=True, training=True)
+    again = SequenceOptions(activation="relu", reverse=np.bool_(True), training=True)
+    assert first == again and hash(first) == hash(again)
+    assert type(again.reverse) is bool   # np.bool_ is stored as bool: one key, plain constants
+    assert len({first, again, dataclasses.replace(first, reverse=False)}) == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        first.reverse = False
+
+
+def test_for_call_derives_the_presence_flags_from_the_arrays():
+    array = np.zeros(3)
+    options = SequenceOptions.for_call(bias=array, mask=None, input_dropout_mask=array,
+                                       recurrent_dropout_mask=None, training=1, return_sequences=0)
+    assert (options.has_bias, options.has_mask, options.has_input_dropout, options.has_recurrent_dropout) == (
+        True, False, True, False)
+    assert options.training is True and options.return_sequences is False
+    options.check_arrays(array, None, array, None)
+    with pytest.raises(ValueError, match=r"mask is an array but SequenceOptions.has_mask is False"):
+        options.check_arrays(array, np.ones((2, 2), bool), array, None)
+    with pytest.raises(ValueError, match=r"bias is None but SequenceOptions.has_bias is True"):
+        options.check_arrays(None, None, array, None)
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("activation", "hard_sigmoid", ACTIVATIONS), ("activation", "softmax", ACTIVATIONS),
+    ("recurrent_activation", "tanh", RECURRENT_ACTIVATIONS)])
+def test_options_refuse_activations_outside_the_table(field, value, allowed):
+    with pytest.raises(ValueError, match=rf"SequenceOptions.{field} must be one of .*got '{value}'"):
+        SequenceOptions(**{field: value})
+
+
+def test_options_refuse_non_bool_flags():
+    with pytest.raises(ValueError, match=r"SequenceOptions.training must be a bool, got 'yes'"):
+        SequenceOptions(training="yes")
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "cython", "tensorflow", "numba_cuda"])
+def test_backends_refuse_options_that_disagree_with_the_arrays(backend_name):
+    backend, info = registry._entry(backend_name)
+    if backend is None:
+        pytest.skip(f"{backend_name} unavailable: {info.reason}")
+    rng = np.random.default_rng(0)
+    x, zeros = rng.normal(size=(2, 3, 2)), np.zeros((2, 4))
+    kernel, recurrent_kernel, bias = rng.normal(size=(2, 16)), rng.normal(size=(4, 16)), np.zeros(16)
+    claims_no_bias = SequenceOptions(has_bias=False)
+    with pytest.raises(ValueError, match="has_bias"):
+        backend.sequence_forward(x, zeros, zeros, kernel, recurrent_kernel, bias, None, None, None, claims_no_bias)
+    # The same call with options built from its arrays runs.
+    assert sequence_forward(backend, x, zeros, zeros, kernel, recurrent_kernel, bias).outputs.shape == (2, 3, 4)
+
+
+def test_cell_forward_takes_the_options_of_one_step():
+    backend = registry.get_backend_object("numpy")
+    rng = np.random.default_rng(1)
+    x, zeros = rng.normal(size=(2, 2)), np.zeros((2, 4))
+    kernel, recurrent_kernel = rng.normal(size=(2, 16)), rng.normal(size=(4, 16))
+    with pytest.raises(ValueError, match="return_sequences"):
+        backend.cell_forward(x, zeros, zeros, kernel, recurrent_kernel, None, None, None,
+                             SequenceOptions(has_bias=False, return_sequences=True))
+
+
+def test_workspace_consume_marks_it_used_once():
+    workspace = Workspace(SequenceOptions(training=True))
+    assert not workspace.consumed
+    workspace.consume("mine")
+    assert workspace.consumed
+    with pytest.raises(RuntimeError, match="backend 'mine': this workspace was already used by a backward"):
+        workspace.consume("mine")
