@@ -12,7 +12,8 @@ Use it from pytest::
 Each case runs the backend's whole-sequence forward (with and without
 ``training``) and backward, and its cell step, on the same inputs as the NumPy
 backend, and compares outputs, final states, dx, initial-state gradients and
-weight gradients. Cases cover every mask pattern (none, right padding, left
+weight gradients; a second backward of one workspace must raise RuntimeError
+(a workspace is backpropagated once, on every backend). Cases cover every mask pattern (none, right padding, left
 padding, holes, fully-masked rows), reverse, zero_output_for_mask,
 return_sequences, initial states, dropout masks, every activation, no bias, in
 every dtype the backend claims. ``size`` scales the shapes for real-size runs
@@ -192,25 +193,28 @@ def cell_options(case: Case, inputs: dict) -> SequenceOptions:
         recurrent_activation=case.recurrent_activation, return_sequences=False, training=True)
 
 
+def _on_device(backend, case: Case, inputs: dict) -> dict:
+    """``inputs`` converted to the backend's arrays (the mask as bool)."""
+    dtype = np.dtype(case.dtype)
+    return {name: None if array is None else backend.asarray(array, np.bool_ if name == "mask" else dtype)
+            for name, array in inputs.items()}
+
+
+def _forward(backend, case: Case, arrays: dict, training: bool):
+    return backend.sequence_forward(
+        arrays["x"], arrays["h0"], arrays["c0"], arrays["kernel"], arrays["recurrent_kernel"], arrays["bias"],
+        arrays["mask"], arrays["input_dropout_mask"], arrays["recurrent_dropout_mask"],
+        sequence_options(case, arrays, training))
+
+
 def run_backend(backend, case: Case, inputs: dict, training: bool = True) -> dict:
     """Run forward (and backward when training) of ``backend`` on host ``inputs``; host results."""
-    dtype = np.dtype(case.dtype)
-
-    def device(array):
-        return None if array is None else backend.asarray(array, dtype)
-
-    mask = inputs["mask"]
-    forward = backend.sequence_forward(
-        device(inputs["x"]), device(inputs["h0"]), device(inputs["c0"]), device(inputs["kernel"]),
-        device(inputs["recurrent_kernel"]), device(inputs["bias"]),
-        None if mask is None else backend.asarray(mask, np.bool_),
-        device(inputs["input_dropout_mask"]), device(inputs["recurrent_dropout_mask"]),
-        sequence_options(case, inputs, training))
+    arrays = _on_device(backend, case, inputs)
+    forward = _forward(backend, case, arrays, training)
     result = {"outputs": backend.to_numpy(forward.outputs), "h": backend.to_numpy(forward.h),
               "c": backend.to_numpy(forward.c)}
     if training:
-        grads = backend.sequence_backward(device(inputs["doutputs"]), device(inputs["dh"]),
-                                          device(inputs["dc"]), forward.workspace)
+        grads = backend.sequence_backward(arrays["doutputs"], arrays["dh"], arrays["dc"], forward.workspace)
         for name in ("dx", "dh0", "dc0", "dkernel", "drecurrent_kernel"):
             result[name] = backend.to_numpy(getattr(grads, name))
         if case.use_bias:
@@ -255,6 +259,31 @@ def check_case(backend_name: str, case: Case) -> None:
     if inference["workspace"] is not None:
         raise AssertionError(f"{case}: forward with training=False returned a workspace")
     check_cell(backend_name, case)
+    check_single_backward(backend_name, case)
+
+
+def check_single_backward(backend_name: str, case: Case) -> None:
+    """A workspace is backpropagated once: a second ``sequence_backward`` or ``cell_backward`` of the
+    same workspace raises RuntimeError (``lstmeng.backends.base.Workspace``), on every backend."""
+    backend = registry.get_backend_object(backend_name)
+    inputs = make_inputs(case)
+    arrays = _on_device(backend, case, inputs)
+    forward = _forward(backend, case, arrays, training=True)
+    step = backend.cell_forward(
+        backend.asarray(inputs["x"][:, 0], np.dtype(case.dtype)), arrays["h0"], arrays["c0"], arrays["kernel"],
+        arrays["recurrent_kernel"], arrays["bias"], arrays["input_dropout_mask"], arrays["recurrent_dropout_mask"],
+        cell_options(case, inputs))
+    calls = {"sequence_backward": lambda: backend.sequence_backward(arrays["doutputs"], arrays["dh"], arrays["dc"],
+                                                                    forward.workspace),
+             "cell_backward": lambda: backend.cell_backward(arrays["dh"], arrays["dc"], step.workspace)}
+    for name, backward in calls.items():
+        backward()
+        try:
+            backward()
+        except RuntimeError:
+            continue
+        raise AssertionError(f"{case}: a second {name} of one workspace ran; the contract says it raises "
+                             "RuntimeError (a workspace is backpropagated once)")
 
 
 def check_cell(backend_name: str, case: Case) -> None:

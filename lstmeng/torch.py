@@ -172,9 +172,9 @@ class _LSTMDirection(torch.autograd.Function):
     def backward(ctx, doutputs, dh, dc):
         saved = ctx.saved_tensors
         workspace = ctx.workspace
-        if getattr(workspace, "consumed", False):
-            # cython and numba_cuda reuse a workspace's memory in its backward: a second
-            # backward through the same graph (retain_graph=True) recomputes the forward.
+        if workspace is not None and workspace.consumed:
+            # A workspace is backpropagated once (the contract): a second backward through the
+            # same graph (retain_graph=True) recomputes the forward.
             workspace = ctx.call.forward(*saved, training=True)[3]
         dx, dh0, dc0, dkernel, drecurrent_kernel, dbias = ctx.call.backward(doutputs, dh, dc, workspace)
         needs = ctx.needs_input_grad

@@ -239,7 +239,9 @@ class Bidirectional:
         try:
             _, backward_grads = self.backward_layer._backward(dy_backward, dstates[2], dstates[3], input_order=True)
         except Exception:
-            # Nothing half-consumed: the forward direction's entry goes back on its tape.
+            # The tapes stay in step: the forward direction's entry goes back on its tape. Every
+            # argument was checked above, so only the backend itself fails here; the forward
+            # direction's workspace is then consumed, and a retry says to run the forward again.
             self.forward_layer._tapes.undo_pop(forward_entry, forward_accumulate)
             self.forward_layer._grads = forward_grads_before
             raise
@@ -251,6 +253,11 @@ class Bidirectional:
         if self.merge_mode is None:
             if not isinstance(dy, (list, tuple)) or len(dy) != 2:
                 raise ValueError("with merge_mode=None, dy must be [dy_forward, dy_backward]")
+            # Checked before the forward direction's backward consumes its workspace.
+            for index, (gradient, output) in enumerate(zip(dy, (y_forward, y_backward))):
+                expected = _validation.shape_of(output)
+                if hasattr(gradient, "shape") and _validation.shape_of(gradient) != expected:
+                    raise ValueError(f"dy[{index}] must have shape {expected}, got {_validation.shape_of(gradient)}")
             return dy[0], dy[1]
         expected = _validation.shape_of(y_forward)
         if self.merge_mode == "concat":

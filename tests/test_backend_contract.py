@@ -7,6 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
+import lstmeng as le
+from lstmeng import testing
 from lstmeng.backends import registry
 from lstmeng.backends.base import ACTIVATIONS, RECURRENT_ACTIVATIONS, SequenceOptions, Workspace
 
@@ -82,3 +84,22 @@ def test_workspace_consume_marks_it_used_once():
     assert workspace.consumed
     with pytest.raises(RuntimeError, match="backend 'mine': this workspace was already used by a backward"):
         workspace.consume("mine")
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "cython", "tensorflow", "numba_cuda"])
+def test_every_backend_backpropagates_a_workspace_once(backend_name):
+    """The contract's rule, on each built-in backend (the conformance suite checks it on every case)."""
+    if registry._entry(backend_name)[0] is None:
+        pytest.skip(f"{backend_name} unavailable")
+    case = testing.conformance_cases(dtypes=("float64",), cases_per_dtype=1)[0]
+    testing.check_single_backward(backend_name, case)
+
+
+def test_bidirectional_checks_both_gradients_before_either_direction_consumes_its_workspace():
+    layer = le.Bidirectional(le.LSTM(3, return_sequences=True, seed=0, backend="numpy"), merge_mode=None)
+    x = np.random.default_rng(2).normal(size=(2, 4, 5)).astype("float32")
+    y_forward, y_backward = layer(x, training=True)
+    with pytest.raises(ValueError, match=r"dy\[1\] must have shape \(2, 4, 3\), got \(2, 4, 1\)"):
+        layer.backward([np.ones_like(y_forward), np.ones((2, 4, 1), "float32")])
+    # Nothing was consumed: the backward with good gradients runs.
+    assert layer.backward([np.ones_like(y_forward), np.ones_like(y_backward)]).shape == x.shape

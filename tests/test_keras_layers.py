@@ -488,3 +488,15 @@ def test_mirrored_strategy_over_two_logical_cpus(backend):
     assert report["replicas"] == 2
     losses = report["loss"]
     assert all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "numpy"])
+def test_a_persistent_tape_takes_the_gradient_twice(backend):
+    """A workspace is backpropagated once: a second gradient of one call runs the forward again."""
+    layer = lk.LSTM(3, return_sequences=True, backend=backend)
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 4, 5)).astype("float32"))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(layer(x, training=True) ** 2)
+    first, second = tape.gradient(loss, x), tape.gradient(loss, x)
+    np.testing.assert_array_equal(first.numpy(), second.numpy())

@@ -40,6 +40,12 @@ Dropout: ``input_dropout_mask: [B, I]`` multiplies x at every step and
 recurrence (not the carried state). Both hold 0 or 1/(1-rate) and are drawn by
 the layer, so every backend gives the same numbers for the same seed.
 
+Workspaces: a forward with ``options.training`` returns a ``Workspace`` (a
+subclass per backend holding its arrays) that exactly one backward consumes.
+A second backward of the same workspace raises RuntimeError on every backend
+(the cython and numba_cuda backends reuse its memory for the backward's
+results and later calls); run the forward again to backpropagate again.
+
 A backend says what it can do before it is called: ``probe()`` for the
 machine (is the library importable, is there a device), ``check_support()`` for
 a configuration (dtype, activation). Either raises ``NotImplementedError`` with

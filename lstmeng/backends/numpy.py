@@ -194,6 +194,7 @@ class NumpyBackend(Backend):
 
     def sequence_backward(self, doutputs, dh, dc, workspace):
         ws, options = workspace, workspace.options
+        ws.consume(self.name)   # one backward per workspace, as on every backend (see base.Workspace)
         act = activations.FUNCTIONS[options.activation]
         dact = activations.DERIVATIVES_FROM_OUTPUT[options.activation]
         dract = activations.DERIVATIVES_FROM_OUTPUT[options.recurrent_activation]

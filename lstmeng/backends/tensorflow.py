@@ -375,6 +375,7 @@ class TensorflowBackend(Backend):
 
     def sequence_backward(self, doutputs, dh, dc, workspace):
         ws = workspace
+        ws.consume(self.name)   # one backward per workspace, as on every backend (see base.Workspace)
         options = ws.options
         dtype = ws.dtype
         empty_bool = tf.zeros([0], tf.bool)
