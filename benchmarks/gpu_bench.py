@@ -245,8 +245,8 @@ class _LoopSetup:
         rng = np.random.default_rng(batch * 7919 + units * 31 + steps)
         self.layer = le.LSTM(units, return_sequences=True, seed=0).build(features).to("cuda")
         self.optimizer = adam(self.layer) if adam is not None else None
-        self.x = backend.asarray(rng.normal(size=(batch, steps, features)).astype(np.float32), np.float32)
-        self.dy = backend.asarray(rng.normal(size=(batch, steps, units)).astype(np.float32), np.float32)
+        self.x = backend.ops.asarray(rng.normal(size=(batch, steps, features)).astype(np.float32), np.float32)
+        self.dy = backend.ops.asarray(rng.normal(size=(batch, steps, units)).astype(np.float32), np.float32)
         self.torch_lstm = None
         if torch is not None:
             where = "cpu" if simulated else "cuda"
@@ -259,14 +259,14 @@ class _LoopSetup:
                 lstm.bias_hh_l0.zero_()
             self.torch_lstm = lstm
             self.torch_optimizer = torch.optim.Adam(lstm.parameters(), lr=1e-3)
-            self.torch_x = torch.from_numpy(backend.to_numpy(self.x)).to(where)
-            self.torch_dy = torch.from_numpy(backend.to_numpy(self.dy)).to(where)
+            self.torch_x = torch.from_numpy(backend.ops.to_numpy(self.x)).to(where)
+            self.torch_dy = torch.from_numpy(backend.ops.to_numpy(self.dy)).to(where)
             self.torch = torch
             self.torch_device = where
 
     def output_difference(self, backend, np):
         """max |y_ours - y_torch| / max |y_torch| of one inference call."""
-        ours = backend.to_numpy(self.layer(self.x))
+        ours = backend.ops.to_numpy(self.layer(self.x))
         with self.torch.no_grad():
             theirs = self.torch_lstm(self.torch_x)[0].cpu().numpy()
         return float(np.abs(ours - theirs).max() / max(float(np.abs(theirs).max()), 1e-30))
@@ -395,7 +395,7 @@ class _Inputs:
         self.bias = rng.uniform(-scale, scale, 4 * units).astype(np.float32)
         self.x = [rng.normal(size=(batch, steps, features)).astype(np.float32) for _ in range(3)]
         self.dy = rng.normal(size=(batch, steps, units)).astype(np.float32)
-        device = lambda array: backend.asarray(array, np.float32)
+        device = lambda array: backend.ops.asarray(array, np.float32)
         self.device_x = [device(x) for x in self.x]
         self.device_weights = (device(self.kernel), device(self.recurrent), device(self.bias))
         self.device_zeros = device(np.zeros((batch, units), np.float32))
@@ -446,7 +446,7 @@ def run_shape(backend, torch, np, mode, batch, units, steps, args, simulated):
         return y, None
 
     row = dict(mode=mode, batch=batch, units=units, steps=steps)
-    ours_results = [None if r is None else backend.to_numpy(r) for r in ours(0)]
+    ours_results = [None if r is None else backend.ops.to_numpy(r) for r in ours(0)]
     row["ours_ms"] = _time(ours, args, simulated, "numba")
     if inputs.torch_lstm is not None:
         # Outputs (and dx when training), time-major from torch: compared batch-major.

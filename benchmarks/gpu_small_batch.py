@@ -186,8 +186,8 @@ def run_shape(backend, torch, np, batch, features, units, steps, simulated, over
         "c0": (rng.normal(size=(batch, units)) * 0.5).astype(np.float32),
         "dy": rng.normal(size=(batch, steps, units)).astype(np.float32),
     }
-    dev = {name: backend.asarray(value, np.float32) for name, value in host.items()}
-    zeros = backend.asarray(np.zeros((batch, units), np.float32), np.float32)
+    dev = {name: backend.ops.asarray(value, np.float32) for name, value in host.items()}
+    zeros = backend.ops.asarray(np.zeros((batch, units), np.float32), np.float32)
     expected = _reference(torch, np, host, simulated)
     row = {"B": batch, "I": features, "H": units, "T": steps}
 
@@ -202,7 +202,7 @@ def run_shape(backend, torch, np, batch, features, units, steps, simulated, over
         forward, grads = ours(design, True)
         actual = {"y": forward.outputs, "h": forward.h, "c": forward.c, "dx": grads.dx, "dkernel": grads.dkernel,
                   "drecurrent_kernel": grads.drecurrent_kernel, "dbias": grads.dbias}
-        errors = {name: _relative_error(np, backend.to_numpy(actual[name]), expected[name]) for name in expected}
+        errors = {name: _relative_error(np, backend.ops.to_numpy(actual[name]), expected[name]) for name in expected}
         forward_error = max(errors[name] for name in ("y", "h", "c"))
         backward_error = max(errors[name] for name in ("dx", "dkernel", "drecurrent_kernel", "dbias"))
         row[f"{design} error"] = (forward_error, backward_error)
@@ -330,7 +330,7 @@ def stress(report, backend, np, sizes):
     units, steps, features = sizes["units"], sizes["steps"], sizes["features"]
     for batch in sizes["batches"]:
         def device(array):
-            return backend.asarray(array.astype(np.float32), np.float32)
+            return backend.ops.asarray(array.astype(np.float32), np.float32)
 
         x = device(rng.normal(size=(batch, steps, features)))
         kernel = device(rng.normal(size=(features, 4 * units)) / np.sqrt(features))
@@ -342,7 +342,7 @@ def stress(report, backend, np, sizes):
             backend.recurrence_design = design
             forward = backend.sequence_forward(x, zeros, zeros, kernel, recurrent, bias, None, None, None,
                                                _options(bias, False))
-            outputs[run] = backend.to_numpy(forward.outputs)
+            outputs[run] = backend.ops.to_numpy(forward.outputs)
         backend.recurrence_design = None
         identical = bool(np.array_equal(outputs["small 1"], outputs["small 2"]))
         difference = _relative_error(np, outputs["small 1"], outputs["general"])

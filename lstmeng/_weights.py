@@ -254,7 +254,7 @@ class LSTMWeights:
     def _to_call_device(self, backend, array):
         """A host array made the backend's kind when the layer lives on the GPU (copied in)."""
         if self._device != "cpu" and array is not None and registry.array_kind(array) == "host":
-            return backend.asarray(array, self.dtype)
+            return backend.ops.asarray(array, self.dtype)
         return array
 
     def _check_input_size(self, input_size: int, argument: str = "x") -> None:
@@ -280,9 +280,9 @@ class LSTMWeights:
         return input_mask, recurrent_mask
 
     def _weights_for(self, backend):
-        return (backend.asarray(self._params["kernel"], self.dtype),
-                backend.asarray(self._params["recurrent_kernel"], self.dtype),
-                backend.asarray(self._params["bias"], self.dtype) if self.use_bias else None)
+        return (backend.ops.asarray(self._params["kernel"], self.dtype),
+                backend.ops.asarray(self._params["recurrent_kernel"], self.dtype),
+                backend.ops.asarray(self._params["bias"], self.dtype) if self.use_bias else None)
 
     def _store_grads(self, backend, grads, accumulate=False) -> None:
         """Keep the weight gradients where the weights are: no copy on the GPU (a copy only if the
@@ -291,7 +291,7 @@ class LSTMWeights:
         ``accumulate``: add them to the current gradients (a later backward of one tape)
         instead of replacing them (the first backward of a tape).
         """
-        keep = _mover(self._device) if self._device != "cpu" else backend.to_numpy
+        keep = _mover(self._device) if self._device != "cpu" else backend.ops.to_numpy
         fresh = {"kernel": keep(grads.dkernel), "recurrent_kernel": keep(grads.drecurrent_kernel)}
         if self.use_bias:
             fresh["bias"] = keep(grads.dbias)
@@ -300,7 +300,7 @@ class LSTMWeights:
     def _set_grads(self, fresh: dict, accumulate: bool) -> None:
         """Replace the gradients with ``fresh``, or add ``fresh`` to them (on their device)."""
         if accumulate and self._grads:
-            add = np.add if self._device == "cpu" else registry.get_backend_object("numba_cuda").add
+            add = np.add if self._device == "cpu" else registry.get_backend_object("numba_cuda").ops.add
             fresh = {name: add(self._grads[name], value) for name, value in fresh.items()}
         self._grads = fresh
 
@@ -316,7 +316,7 @@ class LSTMWeights:
         """Zero gradients for every weight, on the layer's device (a call with no step)."""
         shapes = self.weight_shapes(self.input_size)
         if self._device != "cpu":
-            return {name: backend.zeros(shape, self.dtype) for name, shape in shapes.items()}
+            return {name: backend.ops.zeros(shape, self.dtype) for name, shape in shapes.items()}
         return {name: np.zeros(shape, self.dtype) for name, shape in shapes.items()}
 
 
@@ -342,7 +342,7 @@ def _checksum(array):
     kind = registry.array_kind(array)
     if kind == "tensorflow":   # a tf.Tensor cannot change in place
         return None
-    host = np.asarray(array) if kind == "host" else registry.backend_for_array(array).to_numpy(array)
+    host = np.asarray(array) if kind == "host" else registry.backend_for_array(array).ops.to_numpy(array)
     host = np.ascontiguousarray(host)
     return tuple(int(n) for n in host.shape), host.dtype.str, zlib.crc32(host.reshape(-1).view(np.uint8))
 
@@ -651,7 +651,7 @@ def copy_into(target, value) -> None:
         np.copyto(target, np.asarray(value))
     else:
         backend = registry.get_backend_object("numba_cuda")
-        target.copy_to_device(backend.asarray(value, np.dtype(array_dtype_name(value))))
+        target.copy_to_device(backend.ops.asarray(value, np.dtype(array_dtype_name(value))))
 
 
 def zero_grads_of(layer) -> None:
@@ -660,7 +660,7 @@ def zero_grads_of(layer) -> None:
     for name, param in layer._params.items():
         if name not in grads:
             grads[name] = (np.zeros_like(param) if registry.array_kind(param) == "host"
-                           else registry.get_backend_object("numba_cuda").zeros_like(param))
+                           else registry.get_backend_object("numba_cuda").ops.zeros_like(param))
         elif registry.array_kind(grads[name]) == "host":
             grads[name][...] = 0
         else:
@@ -694,14 +694,14 @@ def prepare_input(backend, x, dtype, argument="x"):
     name = array_dtype_name(x, argument)
     if name != dtype.name:
         raise TypeError(f"{argument} must have dtype {dtype.name} on this layer, got {name}")
-    return backend.asarray(x, dtype)
+    return backend.ops.asarray(x, dtype)
 
 
 def host_copy(array) -> np.ndarray:
     """A host NumPy copy of a host, CUDA or TensorFlow array."""
     if registry.array_kind(array) == "host":
         return np.array(array, copy=True)
-    return np.array(registry.backend_for_array(array).to_numpy(array), copy=True)
+    return np.array(registry.backend_for_array(array).ops.to_numpy(array), copy=True)
 
 
 def current_cuda_device() -> str:
@@ -737,7 +737,7 @@ def _mover(target: str):
 
     def to_cuda(array):
         dtype = np.dtype(array_dtype_name(array)) if registry.array_kind(array) == "cuda" else array.dtype
-        return backend.asarray(array, dtype)
+        return backend.ops.asarray(array, dtype)
     return to_cuda
 
 
@@ -748,4 +748,4 @@ def prepare_state(backend, state, dtype, argument, shape):
     if registry.array_kind(state) == "host":
         state = _validation.check_numeric_array(state, argument, dtype)
     _validation.check_shape(state, argument, shape)
-    return backend.asarray(state, dtype)
+    return backend.ops.asarray(state, dtype)

@@ -68,7 +68,7 @@ class LSTMCell(LSTMWeights):
         shape = (batch, self.units)
         if states is None:
             # Read only when there are rows (the step returns new states): shared zeros.
-            zeros = backend.zeros_constant if batch else backend.zeros
+            zeros = backend.ops.zeros_constant if batch else backend.ops.zeros
             h, c = zeros(shape, self.dtype), zeros(shape, self.dtype)
         else:
             if not isinstance(states, (list, tuple)) or len(states) != 2:
@@ -85,8 +85,8 @@ class LSTMCell(LSTMWeights):
             h_new, c_new, workspace = h, c, None
         else:
             kernel, recurrent_kernel, bias = self._weights_for(backend)
-            input_dropout_mask = None if input_mask is None else backend.asarray(input_mask, self.dtype)
-            recurrent_dropout_mask = None if recurrent_mask is None else backend.asarray(recurrent_mask, self.dtype)
+            input_dropout_mask = None if input_mask is None else backend.ops.asarray(input_mask, self.dtype)
+            recurrent_dropout_mask = None if recurrent_mask is None else backend.ops.asarray(recurrent_mask, self.dtype)
             options = SequenceOptions.for_call(
                 bias=bias, mask=None, input_dropout_mask=input_dropout_mask,
                 recurrent_dropout_mask=recurrent_dropout_mask, activation=self.activation,
@@ -100,7 +100,7 @@ class LSTMCell(LSTMWeights):
             self._tapes.push((backend, workspace, batch, host_io, guard))
             self._sequence_dropout = (input_mask, recurrent_mask)
         if host_io and registry.array_kind(h_new) != "host":  # NumPy in, NumPy out
-            h_new, c_new = backend.to_numpy(h_new), backend.to_numpy(c_new)
+            h_new, c_new = backend.ops.to_numpy(h_new), backend.ops.to_numpy(c_new)
         return h_new, [h_new, c_new]
 
     def reset_tape(self):
@@ -134,13 +134,13 @@ class LSTMCell(LSTMWeights):
         dh = prepare_input(backend, dh, self.dtype, "dh")
         _validation.check_shape(dh, "dh", shape)
         if dc is None:
-            dc = (backend.zeros_constant if workspace is not None else backend.zeros)(shape, self.dtype)
+            dc = (backend.ops.zeros_constant if workspace is not None else backend.ops.zeros)(shape, self.dtype)
         else:
             dc = prepare_input(backend, dc, self.dtype, "dc")
             _validation.check_shape(dc, "dc", shape)
         dh, dc = self._to_call_device(backend, dh), self._to_call_device(backend, dc)
         if workspace is None:
-            dx = backend.zeros((0, self.input_size), self.dtype)
+            dx = backend.ops.zeros((0, self.input_size), self.dtype)
             dh_prev, dc_prev = dh, dc
             _, accumulate = self._tapes.pop()
             self._set_grads(self._zero_weight_grads(backend), accumulate)
@@ -151,5 +151,5 @@ class LSTMCell(LSTMWeights):
             self._store_grads(backend, grads, accumulate)
             dx, dh_prev, dc_prev = grads.dx, grads.dh0, grads.dc0
         if host_io and registry.array_kind(dx) != "host":
-            dx, dh_prev, dc_prev = (backend.to_numpy(array) for array in (dx, dh_prev, dc_prev))
+            dx, dh_prev, dc_prev = (backend.ops.to_numpy(array) for array in (dx, dh_prev, dc_prev))
         return dx, [dh_prev, dc_prev]

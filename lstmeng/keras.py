@@ -308,7 +308,7 @@ def _host_sequence(backend, options, constants, keep, x, h0, c0, kernel, recurre
     optional_tensors = [constants[name] for name in optional_names]
 
     def host(array, kind=np_dtype):
-        return backend.asarray(np.asarray(array), kind)
+        return backend.ops.asarray(np.asarray(array), kind)
 
     def run_forward(training, x, h0, c0, kernel, recurrent_kernel, bias, optional):
         optional = dict(zip(optional_names, optional))
@@ -329,8 +329,9 @@ def _host_sequence(backend, options, constants, keep, x, h0, c0, kernel, recurre
     def forward_numpy(*arrays):
         result = run_forward(keep, *split_inputs(arrays))
         token = _workspaces.put(result.workspace) if keep else _NO_WORKSPACE
-        return (np.asarray(backend.to_numpy(result.outputs), np_dtype), np.asarray(backend.to_numpy(result.h), np_dtype),
-                np.asarray(backend.to_numpy(result.c), np_dtype), np.int64(token))
+        outputs, h, c = (np.asarray(backend.ops.to_numpy(array), np_dtype)
+                         for array in (result.outputs, result.h, result.c))
+        return outputs, h, c, np.int64(token)
 
     def backward_numpy(token, doutputs, dh, dc, *arrays):
         inputs = split_inputs(arrays)
@@ -339,7 +340,7 @@ def _host_sequence(backend, options, constants, keep, x, h0, c0, kernel, recurre
             workspace = run_forward(True, *inputs).workspace
         grads = backend.sequence_backward(host(doutputs), host(dh), host(dc), workspace)
         results = [grads.dx, grads.dh0, grads.dc0, grads.dkernel, grads.drecurrent_kernel, grads.dbias]
-        return tuple(np.asarray(backend.to_numpy(value), np_dtype) for value in results)
+        return tuple(np.asarray(backend.ops.to_numpy(value), np_dtype) for value in results)
 
     batch, steps = x.shape[0], x.shape[1]
     units = recurrent_kernel.shape[0]

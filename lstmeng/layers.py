@@ -183,17 +183,17 @@ class LSTM(LSTMWeights):
         host_io = registry.array_kind(x) == "host"
         x = self._to_call_device(backend, x)
         if self.time_major:
-            x = backend.swap_batch_time(x)
+            x = backend.ops.swap_batch_time(x)
         batch, steps, features = _validation.shape_of(x)
         self._check_input_size(features)
         if self.device != "cpu" and mask is not None and registry.array_kind(mask) == "cuda":
             # A torch or CuPy mask viewed as a Numba array (dtype kept: resolve_mask checks it is bool).
-            mask = backend.asarray(mask, np.dtype(array_dtype_name(mask, "mask")))
+            mask = backend.ops.asarray(mask, np.dtype(array_dtype_name(mask, "mask")))
         mask = masking.resolve_mask(mask, lengths, batch, steps)
         h0, c0, got_initial_state = self._initial_states(backend, initial_state, batch, state_argument,
                                                          state_offset, steps)
         if check_finite:
-            _validation.check_finite(backend.to_numpy(x))
+            _validation.check_finite(backend.ops.to_numpy(x))
         if build:
             # Built only once every argument is known good, so a bad first call leaves the layer unbuilt.
             self._ensure_built(features)
@@ -204,17 +204,17 @@ class LSTM(LSTMWeights):
         backend, x, mask, batch, steps = call.backend, call.x, call.mask, call.batch, call.steps
         h0, c0 = call.h0, call.c0
         if batch == 0 or steps == 0:
-            outputs = (backend.zeros((batch, steps, self.units), self.dtype) if self.return_sequences
-                       else backend.zeros((batch, self.units), self.dtype))
+            outputs = (backend.ops.zeros((batch, steps, self.units), self.dtype) if self.return_sequences
+                       else backend.ops.zeros((batch, self.units), self.dtype))
             h, c = h0, c0
             workspace = None
         else:
             input_dropout_mask, recurrent_dropout_mask = self._dropout_masks(batch, training)
             kernel, recurrent_kernel, bias = self._weights_for(backend)
             if input_dropout_mask is not None:
-                input_dropout_mask = backend.asarray(input_dropout_mask, self.dtype)
+                input_dropout_mask = backend.ops.asarray(input_dropout_mask, self.dtype)
             if recurrent_dropout_mask is not None:
-                recurrent_dropout_mask = backend.asarray(recurrent_dropout_mask, self.dtype)
+                recurrent_dropout_mask = backend.ops.asarray(recurrent_dropout_mask, self.dtype)
             options = SequenceOptions.for_call(
                 bias=bias, mask=mask, input_dropout_mask=input_dropout_mask,
                 recurrent_dropout_mask=recurrent_dropout_mask, activation=self.activation,
@@ -234,9 +234,9 @@ class LSTM(LSTMWeights):
             self.states = [h.copy(), c.copy()] if isinstance(h, np.ndarray) else [h, c]
         if self.return_sequences:
             if self.go_backwards and not input_order:
-                outputs = backend.flip_time(outputs)
+                outputs = backend.ops.flip_time(outputs)
             if self.time_major:
-                outputs = backend.swap_batch_time(outputs)
+                outputs = backend.ops.swap_batch_time(outputs)
         self._device_chosen = True   # a call has run here: later CUDA inputs to a CPU layer are errors
         if call.host_io:  # NumPy in, NumPy out; carried states stay in the backend's kind
             outputs, h, c = (_to_host(backend, array) for array in (outputs, h, c))
@@ -257,12 +257,13 @@ class LSTM(LSTMWeights):
             if _validation.shape_of(self.states[0]) != shape:
                 raise ValueError(f"stateful layer carries states of shape {_validation.shape_of(self.states[0])} "
                                  f"but x has batch {batch}; call reset_state() first")
-            return backend.asarray(self.states[0], self.dtype), backend.asarray(self.states[1], self.dtype), False
+            h0, c0 = (backend.ops.asarray(state, self.dtype) for state in self.states)
+            return h0, c0, False
         if batch and steps:
             # Read only (a call with steps returns new states): shared zeros, no fill per call.
-            zeros = backend.zeros_constant(shape, self.dtype)
+            zeros = backend.ops.zeros_constant(shape, self.dtype)
             return zeros, zeros, False
-        return backend.zeros(shape, self.dtype), backend.zeros(shape, self.dtype), False
+        return backend.ops.zeros(shape, self.dtype), backend.ops.zeros(shape, self.dtype), False
 
     # -- backward ----------------------------------------------------------------
     def backward(self, dy, dh=None, dc=None):
@@ -290,7 +291,7 @@ class LSTM(LSTMWeights):
             ((1, 2, 5), (2, 4, 5))
         """
         backend, grads = self._backward(dy, dh, dc, input_order=False)
-        return backend.swap_batch_time(grads.dx) if self.time_major else grads.dx
+        return backend.ops.swap_batch_time(grads.dx) if self.time_major else grads.dx
 
     def _backward(self, dy, dh, dc, input_order):
         """Returns (backend, SequenceGrads) with dx batch-major ``[B, T, I]``."""
@@ -306,21 +307,21 @@ class LSTM(LSTMWeights):
         dy = self._prepare_grad(backend, dy, "dy", expected)
         # Default state gradients are read only when there is a workspace (the backward copies
         # them); without one they are returned as the initial states' gradients: fresh zeros.
-        zeros = backend.zeros_constant if tape.workspace is not None else backend.zeros
+        zeros = backend.ops.zeros_constant if tape.workspace is not None else backend.ops.zeros
         dh = zeros(state_shape, self.dtype) if dh is None else self._prepare_grad(backend, dh, "dh", state_shape)
         dc = zeros(state_shape, self.dtype) if dc is None else self._prepare_grad(backend, dc, "dc", state_shape)
         dy, dh, dc = (self._to_call_device(backend, array) for array in (dy, dh, dc))
         if self.return_sequences:
             if self.time_major:
-                dy = backend.swap_batch_time(dy)
+                dy = backend.ops.swap_batch_time(dy)
             if self.go_backwards and not input_order:
-                dy = backend.flip_time(dy)
+                dy = backend.ops.flip_time(dy)
 
         accumulate = self._tapes.next_backward_adds   # a later backward of this round adds to grads
         if tape.workspace is None:  # empty batch or zero steps: outputs were constants
             zero = self._zero_weight_grads(backend)
             grads = SequenceGrads(
-                dx=backend.zeros((tape.batch, tape.steps, self.input_size), self.dtype), dh0=dh, dc0=dc,
+                dx=backend.ops.zeros((tape.batch, tape.steps, self.input_size), self.dtype), dh0=dh, dc0=dc,
                 dkernel=zero["kernel"], drecurrent_kernel=zero["recurrent_kernel"],
                 dbias=zero.get("bias", np.zeros(4 * self.units, self.dtype)))
         elif self._device != "cpu" and backend.accepts_grads_out and not accumulate:
@@ -348,4 +349,4 @@ class LSTM(LSTMWeights):
 
 def _to_host(backend, array):
     """``array`` as a host array (copied out of a device or a tf.Tensor; a host array as it is)."""
-    return array if registry.array_kind(array) == "host" else backend.to_numpy(array)
+    return array if registry.array_kind(array) == "host" else backend.ops.to_numpy(array)

@@ -196,7 +196,7 @@ def cell_options(case: Case, inputs: dict) -> SequenceOptions:
 def _on_device(backend, case: Case, inputs: dict) -> dict:
     """``inputs`` converted to the backend's arrays (the mask as bool)."""
     dtype = np.dtype(case.dtype)
-    return {name: None if array is None else backend.asarray(array, np.bool_ if name == "mask" else dtype)
+    return {name: None if array is None else backend.ops.asarray(array, np.bool_ if name == "mask" else dtype)
             for name, array in inputs.items()}
 
 
@@ -211,14 +211,14 @@ def run_backend(backend, case: Case, inputs: dict, training: bool = True) -> dic
     """Run forward (and backward when training) of ``backend`` on host ``inputs``; host results."""
     arrays = _on_device(backend, case, inputs)
     forward = _forward(backend, case, arrays, training)
-    result = {"outputs": backend.to_numpy(forward.outputs), "h": backend.to_numpy(forward.h),
-              "c": backend.to_numpy(forward.c)}
+    result = {"outputs": backend.ops.to_numpy(forward.outputs), "h": backend.ops.to_numpy(forward.h),
+              "c": backend.ops.to_numpy(forward.c)}
     if training:
         grads = backend.sequence_backward(arrays["doutputs"], arrays["dh"], arrays["dc"], forward.workspace)
         for name in ("dx", "dh0", "dc0", "dkernel", "drecurrent_kernel"):
-            result[name] = backend.to_numpy(getattr(grads, name))
+            result[name] = backend.ops.to_numpy(getattr(grads, name))
         if case.use_bias:
-            result["dbias"] = backend.to_numpy(grads.dbias)
+            result["dbias"] = backend.ops.to_numpy(grads.dbias)
     else:
         result["workspace"] = forward.workspace
     return result
@@ -270,7 +270,7 @@ def check_single_backward(backend_name: str, case: Case) -> None:
     arrays = _on_device(backend, case, inputs)
     forward = _forward(backend, case, arrays, training=True)
     step = backend.cell_forward(
-        backend.asarray(inputs["x"][:, 0], np.dtype(case.dtype)), arrays["h0"], arrays["c0"], arrays["kernel"],
+        backend.ops.asarray(inputs["x"][:, 0], np.dtype(case.dtype)), arrays["h0"], arrays["c0"], arrays["kernel"],
         arrays["recurrent_kernel"], arrays["bias"], arrays["input_dropout_mask"], arrays["recurrent_dropout_mask"],
         cell_options(case, inputs))
     calls = {"sequence_backward": lambda: backend.sequence_backward(arrays["doutputs"], arrays["dh"], arrays["dc"],
@@ -295,7 +295,7 @@ def check_cell(backend_name: str, case: Case) -> None:
     results = []
     for engine in (reference, backend):
         def device(array):
-            return None if array is None else engine.asarray(array, dtype)
+            return None if array is None else engine.ops.asarray(array, dtype)
         step = engine.cell_forward(
             device(inputs["x"][:, 0]), device(inputs["h0"]), device(inputs["c0"]), device(inputs["kernel"]),
             device(inputs["recurrent_kernel"]), device(inputs["bias"]),
@@ -303,9 +303,10 @@ def check_cell(backend_name: str, case: Case) -> None:
             cell_options(case, inputs))
         grads = engine.cell_backward(device(inputs["dh"]), device(inputs["dc"]), step.workspace)
         results.append({
-            "h": engine.to_numpy(step.h), "c": engine.to_numpy(step.c), "dx": engine.to_numpy(grads.dx),
-            "dh0": engine.to_numpy(grads.dh0), "dc0": engine.to_numpy(grads.dc0),
-            "dkernel": engine.to_numpy(grads.dkernel), "drecurrent_kernel": engine.to_numpy(grads.drecurrent_kernel)})
+            "h": engine.ops.to_numpy(step.h), "c": engine.ops.to_numpy(step.c), "dx": engine.ops.to_numpy(grads.dx),
+            "dh0": engine.ops.to_numpy(grads.dh0), "dc0": engine.ops.to_numpy(grads.dc0),
+            "dkernel": engine.ops.to_numpy(grads.dkernel),
+            "drecurrent_kernel": engine.ops.to_numpy(grads.drecurrent_kernel)})
     for name, value in results[0].items():
         assert_close(results[1][name], value, f"{case}: cell {name}", case.dtype, gradient=name.startswith("d"))
 

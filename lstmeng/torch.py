@@ -76,7 +76,7 @@ def _as_tensor(array, backend, device: torch.device) -> torch.Tensor:
         return torch.from_numpy(array).to(device)
     if device.type == "cuda":
         return torch.as_tensor(array, device=device)
-    return torch.from_numpy(np.ascontiguousarray(backend.to_numpy(array)))
+    return torch.from_numpy(np.ascontiguousarray(backend.ops.to_numpy(array)))
 
 
 @contextlib.contextmanager
@@ -100,7 +100,7 @@ def _numba_stream_order(device: torch.device):
 class _DirectionCall:
     """One layer direction's call of the backend contract, tensors in and out.
 
-    backend: the lstmeng Backend; device: where the tensors live; on_device:
+    backend: the lstmeng KernelBackend; device: where the tensors live; on_device:
     the backend takes the CUDA tensors themselves (numba_cuda on a GPU);
     mask: ``[B, T]`` bool NumPy array (packed input, ``mask=``) or None; reverse:
     process t = T-1 .. 0; recurrent_dropout_mask: ``[B, H]`` tensor or None.
@@ -204,7 +204,7 @@ def _choose_backend(requested: str, x: torch.Tensor, dtype: torch.dtype):
     dtype_name = str(dtype).replace("torch.", "")
     if x.device.type == "cuda":
         backend = registry.resolve(requested, x.detach(), dtype_name, "tanh", "sigmoid")
-        if not backend.owns(x.detach()):
+        if not backend.ops.owns(x.detach()):
             raise ValueError(f"backend {backend.name!r} computes on the CPU but the input is on {x.device}; "
                              "use backend='numba_cuda' (or 'auto') for CUDA tensors, or move module and input "
                              "to the CPU")

@@ -203,13 +203,13 @@ class Bidirectional:
 
     def _merge(self, backend, y_forward, y_backward):
         if self.merge_mode == "concat":
-            return backend.concatenate([y_forward, y_backward], axis=-1)
+            return backend.ops.concatenate([y_forward, y_backward], axis=-1)
         if self.merge_mode == "sum":
-            return backend.add(y_forward, y_backward)
+            return backend.ops.add(y_forward, y_backward)
         if self.merge_mode == "ave":
-            return backend.scale(backend.add(y_forward, y_backward), 0.5)
+            return backend.ops.scale(backend.ops.add(y_forward, y_backward), 0.5)
         if self.merge_mode == "mul":
-            return backend.multiply(y_forward, y_backward)
+            return backend.ops.multiply(y_forward, y_backward)
         return [y_forward, y_backward]
 
     def backward(self, dy, dstates=None):
@@ -246,8 +246,8 @@ class Bidirectional:
             self.forward_layer._grads = forward_grads_before
             raise
         self._tapes.pop()
-        dx = backend.add(forward_grads.dx, backward_grads.dx)
-        return backend.swap_batch_time(dx) if self.time_major else dx
+        dx = backend.ops.add(forward_grads.dx, backward_grads.dx)
+        return backend.ops.swap_batch_time(dx) if self.time_major else dx
 
     def _unmerge(self, backend, dy, y_forward, y_backward):
         if self.merge_mode is None:
@@ -265,15 +265,15 @@ class Bidirectional:
         if _validation.shape_of(dy) != expected:
             raise ValueError(f"dy must have shape {expected}, got {_validation.shape_of(dy)}")
         if registry.array_kind(dy) == "host":
-            dy = backend.asarray(np.asarray(dy), self.forward_layer.dtype)
+            dy = backend.ops.asarray(np.asarray(dy), self.forward_layer.dtype)
         if self.merge_mode == "concat":
-            return backend.split_last(dy, [self.forward_layer.units, self.backward_layer.units])
+            return backend.ops.split_last(dy, [self.forward_layer.units, self.backward_layer.units])
         if self.merge_mode == "sum":
             return dy, dy
         if self.merge_mode == "ave":
-            half = backend.scale(dy, 0.5)
+            half = backend.ops.scale(dy, 0.5)
             return half, half
-        return backend.multiply(dy, y_backward), backend.multiply(dy, y_forward)
+        return backend.ops.multiply(dy, y_backward), backend.ops.multiply(dy, y_forward)
 
     def __repr__(self) -> str:
         return f"Bidirectional({self.forward_layer!r}, merge_mode={self.merge_mode!r})"
@@ -323,9 +323,9 @@ class Dropout:
         if backend is None:
             self._tapes.push(("host", noise, shape))
             return np.asarray(x) * noise
-        noise = backend.asarray(noise, dtype)
+        noise = backend.ops.asarray(noise, dtype)
         self._tapes.push(("backend", (backend, noise), shape))
-        return backend.multiply(x, noise)
+        return backend.ops.multiply(x, noise)
 
     def backward(self, dy):
         """dy: the output's shape; returns dx (the most recent training call's, as LSTM.backward)."""
@@ -338,7 +338,7 @@ class Dropout:
         if kind == "host":
             return np.asarray(dy) * noise
         backend, noise = noise
-        return backend.multiply(dy, noise)
+        return backend.ops.multiply(dy, noise)
 
     def get_weights(self):
         return []
@@ -579,7 +579,7 @@ class Sequential:
             else:
                 if layer.device != "cpu" and registry.array_kind(x) == "host":
                     # One copy in for a run of GPU layers, instead of a round trip per layer.
-                    x = registry.get_backend_object("numba_cuda").asarray(
+                    x = registry.get_backend_object("numba_cuda").ops.asarray(
                         _validation.check_numeric_array(x, "x", layer.dtype), layer.dtype)
                 first = layer is recurrent[0]
                 x = layer(x, mask=mask, initial_state=initial_state if first else None, training=training,
@@ -612,7 +612,7 @@ class Sequential:
         for index in reversed(range(len(self.layers))):
             layer = self.layers[index]
             if kinds[index][0] == "cuda" and registry.array_kind(dy) == "host":
-                dy = registry.get_backend_object("numba_cuda").asarray(
+                dy = registry.get_backend_object("numba_cuda").ops.asarray(
                     _validation.check_numeric_array(dy, "dy", layer.dtype), layer.dtype)
             elif kinds[index][0] == "host":
                 dy = _to_host(dy)
@@ -667,7 +667,7 @@ def _to_host(array):
     """A CUDA or TensorFlow array copied to a host NumPy array; host arrays as they are."""
     if array is None or registry.array_kind(array) == "host":
         return array
-    return registry.backend_for_array(array).to_numpy(array)
+    return registry.backend_for_array(array).ops.to_numpy(array)
 
 
 def _short_name(layer) -> str:

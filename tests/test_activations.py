@@ -157,6 +157,6 @@ def test_backend_computes_the_named_activation(backend_name, activation, recurre
         backend.check_support(dtype, activation, recurrent_activation)
     except NotImplementedError as error:
         pytest.skip(str(error))
-    actual = sequence_forward(backend, *(backend.asarray(array, dtype) for array in arrays), activation=activation,
+    actual = sequence_forward(backend, *(backend.ops.asarray(array, dtype) for array in arrays), activation=activation,
                                       recurrent_activation=recurrent_activation)
-    np.testing.assert_allclose(backend.to_numpy(actual.outputs), expected.outputs, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(backend.ops.to_numpy(actual.outputs), expected.outputs, rtol=1e-9, atol=1e-12)

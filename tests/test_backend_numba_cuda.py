@@ -103,7 +103,7 @@ def test_float32_relative_error_against_float64_reference(backend, batch, units)
     expected_grads = reference.sequence_backward(dy, h0, h0, expected.workspace)
 
     def device(array):
-        return backend.asarray(array.astype(np.float32), np.float32)
+        return backend.ops.asarray(array.astype(np.float32), np.float32)
 
     actual = sequence_forward(backend, device(x), device(h0), device(h0), device(kernel), device(recurrent),
                                       device(bias), training=True)
@@ -112,7 +112,7 @@ def test_float32_relative_error_against_float64_reference(backend, batch, units)
              "drecurrent_kernel": (grads.drecurrent_kernel, expected_grads.drecurrent_kernel),
              "dkernel": (grads.dkernel, expected_grads.dkernel)}
     for name, (got, want) in pairs.items():
-        got = backend.to_numpy(got).astype(np.float64)
+        got = backend.ops.to_numpy(got).astype(np.float64)
         error = np.linalg.norm(got - want) / np.linalg.norm(want)
         assert error < 1e-5, f"{name}: relative error {error:.2e}"
 
@@ -188,7 +188,7 @@ def test_gpu_launch_partition_shrinks_the_grid_to_the_cooperative_limit(monkeypa
 
 # -- device arrays through the layers -----------------------------------------------------
 def _device_kind(array) -> bool:
-    return registry.array_kind(array) == "cuda" and _backend().owns(array)
+    return registry.array_kind(array) == "cuda" and _backend().ops.owns(array)
 
 
 class _HostCopies:
@@ -196,13 +196,13 @@ class _HostCopies:
 
     def __init__(self, backend, monkeypatch):
         self.shapes = []
-        original = backend.to_numpy
+        original = backend.ops.to_numpy
 
         def to_numpy(array):
             self.shapes.append(tuple(int(n) for n in array.shape))
             return original(array)
 
-        monkeypatch.setattr(backend, "to_numpy", to_numpy)
+        monkeypatch.setattr(backend.ops, "to_numpy", to_numpy)
 
 
 def _weights_only(shapes, model):
@@ -216,18 +216,18 @@ def _check_training_step_on_device(backend, monkeypatch, host, gpu, x, expected,
     outputs, dx and the weight gradients stay on the device (nothing comes to the host), and the
     outputs, dx and weight gradients match the numpy model's."""
     copies = _HostCopies(backend, monkeypatch)
-    actual = gpu(backend.asarray(x, np.float32), training=True, **call)
+    actual = gpu(backend.ops.asarray(x, np.float32), training=True, **call)
     assert _device_kind(actual)
     dy = rng.normal(size=expected.shape).astype(np.float32)
-    dx_device = gpu.backward(backend.asarray(dy, np.float32))
+    dx_device = gpu.backward(backend.ops.asarray(dy, np.float32))
     assert _device_kind(dx_device)
     assert _weights_only(copies.shapes, gpu) == []
-    np.testing.assert_allclose(backend.to_numpy(actual), expected, rtol=2e-5, atol=2e-5)
-    np.testing.assert_allclose(backend.to_numpy(dx_device), host.backward(dy), rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(backend.ops.to_numpy(actual), expected, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(backend.ops.to_numpy(dx_device), host.backward(dy), rtol=2e-4, atol=2e-5)
     for name in host.grads:
         # A GPU layer keeps its gradients on the device (issue 14): compared on the host.
         assert _device_kind(gpu.grads[name]), name
-        np.testing.assert_allclose(backend.to_numpy(gpu.grads[name]), host.grads[name], rtol=2e-4, atol=2e-5,
+        np.testing.assert_allclose(backend.ops.to_numpy(gpu.grads[name]), host.grads[name], rtol=2e-4, atol=2e-5,
                                    err_msg=name)
 
 
@@ -243,21 +243,21 @@ def test_lstm_device_array_in_device_array_out(backend, monkeypatch, go_backward
     expected = host(x, mask=mask, training=True)
     gpu.set_weights(host.get_weights())
     copies = _HostCopies(backend, monkeypatch)
-    x_device = backend.asarray(x, np.float32)
-    actual = gpu(x_device, mask=backend.asarray(mask, np.bool_), training=True)   # backend="auto"
+    x_device = backend.ops.asarray(x, np.float32)
+    actual = gpu(x_device, mask=backend.ops.asarray(mask, np.bool_), training=True)   # backend="auto"
     for got in actual:
         assert _device_kind(got), type(got)
     dy = rng.normal(size=expected[0].shape).astype(np.float32)
-    dx_device = gpu.backward(backend.asarray(dy, np.float32))
+    dx_device = gpu.backward(backend.ops.asarray(dy, np.float32))
     assert _device_kind(dx_device)
     assert _weights_only(copies.shapes, gpu) == []
     dx = host.backward(dy)
     for got, want in zip(actual, expected):
-        np.testing.assert_allclose(backend.to_numpy(got), want, rtol=2e-5, atol=2e-5)
-    np.testing.assert_allclose(backend.to_numpy(dx_device), dx, rtol=2e-4, atol=2e-5)
+        np.testing.assert_allclose(backend.ops.to_numpy(got), want, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(backend.ops.to_numpy(dx_device), dx, rtol=2e-4, atol=2e-5)
     for name in host.grads:
         assert _device_kind(gpu.grads[name]), name
-        np.testing.assert_allclose(backend.to_numpy(gpu.grads[name]), host.grads[name], rtol=2e-4, atol=2e-5)
+        np.testing.assert_allclose(backend.ops.to_numpy(gpu.grads[name]), host.grads[name], rtol=2e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("merge_mode", ["concat", "sum", "mul", "ave"])
@@ -302,10 +302,10 @@ def test_stateful_layer_keeps_states_on_device(backend):
     gpu = le.LSTM(4, stateful=True, return_sequences=True, backend="numba_cuda", seed=6)
     for chunk in chunks:
         expected = host(chunk)
-        actual = gpu(backend.asarray(chunk, np.float32))
+        actual = gpu(backend.ops.asarray(chunk, np.float32))
         assert _device_kind(actual) and all(_device_kind(state) for state in gpu.states)
-        np.testing.assert_allclose(backend.to_numpy(actual), expected, rtol=2e-5, atol=2e-5)
-    np.testing.assert_allclose(backend.to_numpy(gpu.states[1]), host.states[1], rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(backend.ops.to_numpy(actual), expected, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(backend.ops.to_numpy(gpu.states[1]), host.states[1], rtol=2e-5, atol=2e-5)
 
 
 def test_host_arrays_copy_in_and_out(backend):
@@ -344,14 +344,14 @@ def test_cell_on_device(backend):
     gpu = le.LSTMCell(3, backend="numba_cuda", seed=0)
     x = np.random.default_rng(3).normal(size=(2, 4)).astype(np.float32)
     h_host, _ = host(x, training=True)
-    h_gpu, states = gpu(backend.asarray(x, np.float32), training=True)
+    h_gpu, states = gpu(backend.ops.asarray(x, np.float32), training=True)
     assert _device_kind(h_gpu) and all(_device_kind(state) for state in states)
-    np.testing.assert_allclose(backend.to_numpy(h_gpu), h_host, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(backend.ops.to_numpy(h_gpu), h_host, rtol=2e-5, atol=2e-5)
     dh = np.ones((2, 3), np.float32)
     dx_host, _ = host.backward(dh)
-    dx_gpu, _ = gpu.backward(backend.asarray(dh, np.float32))
+    dx_gpu, _ = gpu.backward(backend.ops.asarray(dh, np.float32))
     assert _device_kind(dx_gpu) and tuple(dx_gpu.shape) == (2, 4)
-    np.testing.assert_allclose(backend.to_numpy(dx_gpu), dx_host, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(backend.ops.to_numpy(dx_gpu), dx_host, rtol=2e-4, atol=2e-5)
 
 
 # -- array helpers ---------------------------------------------------------------------------
@@ -360,41 +360,41 @@ def test_array_helpers_match_numpy(backend):
     a = rng.normal(size=(2, 3, 4)).astype(np.float32)
     b = rng.normal(size=(2, 3, 4)).astype(np.float32)
     c = rng.normal(size=(2, 3, 2)).astype(np.float32)
-    da, db, dc = (backend.asarray(v, np.float32) for v in (a, b, c))
+    da, db, dc = (backend.ops.asarray(v, np.float32) for v in (a, b, c))
     results = {
-        "add": (backend.add(da, db), a + b),
-        "multiply": (backend.multiply(da, db), a * b),
-        "scale": (backend.scale(da, 0.5), a * 0.5),
-        "concatenate": (backend.concatenate([da, dc], axis=-1), np.concatenate([a, c], axis=-1)),
-        "swap_batch_time": (backend.swap_batch_time(da), np.swapaxes(a, 0, 1)),
-        "flip_time": (backend.flip_time(da), a[:, ::-1]),
-        "expand_time": (backend.expand_time(backend.asarray(a[:, 0], np.float32)), a[:, :1]),
-        "zeros": (backend.zeros((2, 5), np.float64), np.zeros((2, 5))),
-        "asarray_cast": (backend.asarray(da, np.float64), a.astype(np.float64)),
-        "add_2d": (backend.add(da[:, 0], db[:, 0]), a[:, 0] + b[:, 0]),
-        "add_1d": (backend.add(backend.asarray(a[0, 0], np.float32), backend.asarray(b[0, 0], np.float32)),
+        "add": (backend.ops.add(da, db), a + b),
+        "multiply": (backend.ops.multiply(da, db), a * b),
+        "scale": (backend.ops.scale(da, 0.5), a * 0.5),
+        "concatenate": (backend.ops.concatenate([da, dc], axis=-1), np.concatenate([a, c], axis=-1)),
+        "swap_batch_time": (backend.ops.swap_batch_time(da), np.swapaxes(a, 0, 1)),
+        "flip_time": (backend.ops.flip_time(da), a[:, ::-1]),
+        "expand_time": (backend.ops.expand_time(backend.ops.asarray(a[:, 0], np.float32)), a[:, :1]),
+        "zeros": (backend.ops.zeros((2, 5), np.float64), np.zeros((2, 5))),
+        "asarray_cast": (backend.ops.asarray(da, np.float64), a.astype(np.float64)),
+        "add_2d": (backend.ops.add(da[:, 0], db[:, 0]), a[:, 0] + b[:, 0]),
+        "add_1d": (backend.ops.add(backend.ops.asarray(a[0, 0], np.float32), backend.ops.asarray(b[0, 0], np.float32)),
                    a[0, 0] + b[0, 0]),
     }
     for name, host_result, want in (
-            ("host add", backend.add(a, b), a + b), ("host scale", backend.scale(a, 2.0), a * 2),
-            ("host flip_time", backend.flip_time(a), a[:, ::-1]),
-            ("host swap_batch_time", backend.swap_batch_time(a), np.swapaxes(a, 0, 1)),
-            ("host concatenate", backend.concatenate([a, c]), np.concatenate([a, c], axis=-1))):
+            ("host add", backend.ops.add(a, b), a + b), ("host scale", backend.ops.scale(a, 2.0), a * 2),
+            ("host flip_time", backend.ops.flip_time(a), a[:, ::-1]),
+            ("host swap_batch_time", backend.ops.swap_batch_time(a), np.swapaxes(a, 0, 1)),
+            ("host concatenate", backend.ops.concatenate([a, c]), np.concatenate([a, c], axis=-1))):
         assert isinstance(host_result, np.ndarray), name      # host arrays stay on the host
         np.testing.assert_allclose(host_result, want, rtol=1e-6, err_msg=name)
-    pieces = backend.split_last(backend.concatenate([da, dc]), [4, 2])
+    pieces = backend.ops.split_last(backend.ops.concatenate([da, dc]), [4, 2])
     results["split_last_0"] = (pieces[0], a)
     results["split_last_1"] = (pieces[1], c)
     for name, (got, want) in results.items():
         assert _device_kind(got), name
-        host = backend.to_numpy(got)
+        host = backend.ops.to_numpy(got)
         assert host.dtype == want.dtype and host.shape == want.shape, name
         np.testing.assert_allclose(host, want, rtol=1e-6, atol=0, err_msg=name)
 
 
 def test_empty_batch_on_device(backend):
     lstm = le.LSTM(3, return_sequences=True, backend="numba_cuda", seed=0)
-    y = lstm(backend.asarray(np.zeros((0, 4, 2), np.float32), np.float32))
+    y = lstm(backend.ops.asarray(np.zeros((0, 4, 2), np.float32), np.float32))
     assert tuple(y.shape) == (0, 4, 3)
 
 

@@ -15,7 +15,7 @@ tf = pytest.importorskip("tensorflow")
 import lstmeng as le  # noqa: E402
 from lstmeng.backends import registry  # noqa: E402
 
-from _backends import sequence_forward
+from _backends import sequence_forward  # noqa: E402
 
 
 def _conformance_params():
@@ -164,11 +164,11 @@ def test_runs_inside_tf_function_and_xla():
 
 def test_array_helpers_use_tensors():
     backend = tf_backend()
-    a = backend.asarray(np.arange(12, dtype="float32").reshape(2, 3, 2), "float32")
-    assert backend.owns(a) and not backend.owns(np.zeros(2))
-    np.testing.assert_array_equal(backend.to_numpy(backend.swap_batch_time(a)), np.swapaxes(a.numpy(), 0, 1))
-    np.testing.assert_array_equal(backend.to_numpy(backend.flip_time(a)), a.numpy()[:, ::-1])
-    left, right = backend.split_last(backend.concatenate([a, backend.scale(a, 2.0)]), [2, 2])
+    a = backend.ops.asarray(np.arange(12, dtype="float32").reshape(2, 3, 2), "float32")
+    assert backend.ops.owns(a) and not backend.ops.owns(np.zeros(2))
+    np.testing.assert_array_equal(backend.ops.to_numpy(backend.ops.swap_batch_time(a)), np.swapaxes(a.numpy(), 0, 1))
+    np.testing.assert_array_equal(backend.ops.to_numpy(backend.ops.flip_time(a)), a.numpy()[:, ::-1])
+    left, right = backend.ops.split_last(backend.ops.concatenate([a, backend.ops.scale(a, 2.0)]), [2, 2])
     np.testing.assert_array_equal(right.numpy(), 2 * left.numpy())
-    np.testing.assert_array_equal(backend.to_numpy(backend.expand_time(a[:, 0])), a.numpy()[:, :1])
-    assert backend.zeros((2, 3), np.float64).dtype == tf.float64
+    np.testing.assert_array_equal(backend.ops.to_numpy(backend.ops.expand_time(a[:, 0])), a.numpy()[:, :1])
+    assert backend.ops.zeros((2, 3), np.float64).dtype == tf.float64

@@ -249,15 +249,17 @@ def test_backend_arrays_of_wrong_dtype_or_rank(backend_name):
     weights = _weights(layer)
     with backend_calls(backend_name) as calls:
         with pytest.raises(TypeError, match="float32"):
-            layer(backend.asarray(X.astype("float64"), np.float64))
+            layer(backend.ops.asarray(X.astype("float64"), np.float64))
         with pytest.raises(ValueError, match="rank 3"):
-            layer(backend.asarray(X[:, 0], np.float32))
+            layer(backend.ops.asarray(X[:, 0], np.float32))
         with pytest.raises(ValueError):
-            layer(backend.asarray(X, np.float32), initial_state=[backend.asarray(STATE[0][:1], np.float32), STATE[1]])
+            layer(backend.ops.asarray(X, np.float32),
+                  initial_state=[backend.ops.asarray(STATE[0][:1], np.float32), STATE[1]])
     assert calls["n"] == 0
     _assert_weights(layer, weights)
     expected = _lstm("numpy")(X)
-    assert_close(to_host(layer(backend.asarray(X, np.float32))), expected, f"{backend_name} device input", "float32")
+    assert_close(to_host(layer(backend.ops.asarray(X, np.float32))), expected, f"{backend_name} device input",
+                 "float32")
 
 
 @pytest.mark.parametrize("backend_name", backends())

@@ -231,7 +231,7 @@ def test_barrier_stress_thousands_of_steps(batch):
     dtype = np.float32
 
     def device(array):
-        return backend.asarray(array.astype(dtype), dtype)
+        return backend.ops.asarray(array.astype(dtype), dtype)
 
     x = device(rng.normal(size=(batch, steps, features)))
     kernel = device(rng.normal(size=(features, 4 * units)) / np.sqrt(features))
@@ -245,7 +245,7 @@ def test_barrier_stress_thousands_of_steps(batch):
             backend.recurrence_design = design
             forward = sequence_forward(backend, x, zeros, zeros, kernel, recurrent, bias, training=True)
             grads = backend.sequence_backward(dy, zeros, zeros, forward.workspace)
-            results[run] = {name: backend.to_numpy(value) for name, value in
+            results[run] = {name: backend.ops.to_numpy(value) for name, value in
                             (("outputs", forward.outputs), ("c", forward.c), ("dh0", grads.dh0),
                              ("drecurrent_kernel", grads.drecurrent_kernel))}
     finally:

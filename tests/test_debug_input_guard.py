@@ -141,7 +141,7 @@ def test_cuda_input_changed_in_place(debug):
     y = lstm(x, training=True)
     x.copy_to_device(x_host + 1.0)
     with pytest.raises(RuntimeError, match=MESSAGE):
-        lstm.backward(backend.asarray(np.ones(backend.to_numpy(y).shape, "float32"), np.dtype("float32")))
+        lstm.backward(backend.ops.asarray(np.ones(backend.ops.to_numpy(y).shape, "float32"), np.dtype("float32")))
 
 
 def test_host_input_of_a_gpu_layer_is_a_copy(debug):

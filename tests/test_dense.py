@@ -106,7 +106,7 @@ def test_embedding_bidirectional_lstm_dense_model_matches_finite_differences(bac
     cuda = le.backends.registry.get_backend_object("numba_cuda")
 
     def place_like(reference, host):
-        return host if isinstance(reference, np.ndarray) else cuda.asarray(host, np.dtype("float64"))
+        return host if isinstance(reference, np.ndarray) else cuda.ops.asarray(host, np.dtype("float64"))
 
     host_params = {key: np.array(le._weights.host_copy(value)) for key, value in model.params.items()}
     for key in ["1.forward.kernel", "2.recurrent_kernel", "2.bias", "3.kernel", "0.embeddings"]:

@@ -31,11 +31,11 @@ def backend():
 
 
 def _on_device(backend, array) -> bool:
-    return registry.array_kind(array) == "cuda" and backend.owns(array)
+    return registry.array_kind(array) == "cuda" and backend.ops.owns(array)
 
 
 def _host(backend, array):
-    return backend.to_numpy(array) if _on_device(backend, array) else np.asarray(array)
+    return backend.ops.to_numpy(array) if _on_device(backend, array) else np.asarray(array)
 
 
 def _reference_and_gpu(backend, units=3, features=2, **options):
@@ -67,7 +67,7 @@ def test_auto_layer_moves_to_the_gpu_at_its_first_call_on_a_cuda_array(backend):
     x = np.random.default_rng(0).normal(size=(2, 3, 2)).astype(np.float32)
     layer = le.LSTM(3, seed=0).build(2)        # built on the CPU, never called
     assert layer.device == "cpu"
-    layer(backend.asarray(x, np.float32))
+    layer(backend.ops.asarray(x, np.float32))
     assert layer.device == "cuda:0" and all(_on_device(backend, v) for v in layer.params.values())
 
 
@@ -76,7 +76,7 @@ def test_cuda_array_to_a_cpu_layer_names_both_devices(backend):
     layer = le.LSTM(3, seed=0)
     layer(x)                                    # used on the CPU: its device is settled
     with pytest.raises(ValueError, match=r"expected an array on cpu.*got an array on cuda:0.*layer\.to\('cuda'\)"):
-        layer(backend.asarray(x, np.float32))
+        layer(backend.ops.asarray(x, np.float32))
     assert layer.device == "cpu" and all(type(v) is np.ndarray for v in layer.params.values())
 
 
@@ -119,7 +119,7 @@ def test_training_steps_on_the_gpu_match_numpy(backend, host_inputs):
         dy = rng.normal(size=(2, 3, 3)).astype(np.float32)
         y_expected = reference(x, lengths=[3, 1], training=True)
         dx_expected = reference.backward(dy)
-        feed = (lambda a: a) if host_inputs else (lambda a: backend.asarray(a, np.float32))
+        feed = (lambda a: a) if host_inputs else (lambda a: backend.ops.asarray(a, np.float32))
         y = gpu(feed(x), lengths=[3, 1], training=True)
         dx = gpu.backward(feed(dy))
         assert (type(y) is np.ndarray) == host_inputs and (type(dx) is np.ndarray) == host_inputs
@@ -127,7 +127,7 @@ def test_training_steps_on_the_gpu_match_numpy(backend, host_inputs):
         np.testing.assert_allclose(_host(backend, dx), dx_expected, rtol=2e-4, atol=2e-5)
         for name, value in gpu.grads.items():
             assert _on_device(backend, value), name
-            np.testing.assert_allclose(backend.to_numpy(value), reference.grads[name], rtol=2e-4, atol=2e-5,
+            np.testing.assert_allclose(backend.ops.to_numpy(value), reference.grads[name], rtol=2e-4, atol=2e-5,
                                        err_msg=f"{name} step {step}")
         if gradient_arrays is not None:   # the second backward wrote into the first one's arrays
             assert all(gpu.grads[name] is gradient_arrays[name] for name in gradient_arrays)
@@ -152,7 +152,7 @@ def test_cell_and_wrappers_move_with_to(backend):
     np.testing.assert_allclose(dx, reference.backward(dy), rtol=2e-4, atol=2e-5)
     for name, value in model.grads.items():
         assert _on_device(backend, value), name
-        np.testing.assert_allclose(backend.to_numpy(value), reference.grads[name], rtol=2e-4, atol=2e-5)
+        np.testing.assert_allclose(backend.ops.to_numpy(value), reference.grads[name], rtol=2e-4, atol=2e-5)
     model.to("cpu")
     assert model.device == "cpu" and all(type(v) is np.ndarray for v in model.params.values())
     assert all(type(v) is np.ndarray for v in model.grads.values())
@@ -168,7 +168,7 @@ def test_cell_and_wrappers_move_with_to(backend):
     reference_cell.backward(np.ones((2, 3), np.float32))
     for name, value in cell.grads.items():
         assert _on_device(backend, value)
-        np.testing.assert_allclose(backend.to_numpy(value), reference_cell.grads[name], rtol=2e-4, atol=2e-5)
+        np.testing.assert_allclose(backend.ops.to_numpy(value), reference_cell.grads[name], rtol=2e-4, atol=2e-5)
 
 
 def test_bidirectional_makes_its_backward_copy_on_the_forward_layer_device(backend):
@@ -180,7 +180,7 @@ def test_stateful_states_move_with_the_layer(backend):
     layer = le.LSTM(3, stateful=True, backend="numba_cuda", seed=0)
     layer(np.ones((2, 2, 2), np.float32))
     assert all(_on_device(backend, state) for state in layer.states)
-    expected = [backend.to_numpy(state) for state in layer.states]
+    expected = [backend.ops.to_numpy(state) for state in layer.states]
     layer.to("cpu")
     assert all(type(state) is np.ndarray for state in layer.states)
     for got, want in zip(layer.states, expected):
@@ -275,8 +275,8 @@ def test_training_loop_moves_no_weight_between_host_and_device(backend, monkeypa
     layer = le.Sequential([le.LSTM(4, return_sequences=True, backend="numba_cuda", seed=0),
                            le.LSTM(3, backend="numba_cuda", seed=1)]).build(2)
     rng = np.random.default_rng(5)
-    batches = [(backend.asarray(rng.normal(size=(2, 3, 2)).astype(np.float32), np.float32),
-                backend.asarray(rng.normal(size=(2, 3)).astype(np.float32), np.float32)) for _ in range(3)]
+    batches = [(backend.ops.asarray(rng.normal(size=(2, 3, 2)).astype(np.float32), np.float32),
+                backend.ops.asarray(rng.normal(size=(2, 3)).astype(np.float32), np.float32)) for _ in range(3)]
     initial = [w.copy() for w in layer.get_weights()]
 
     def train_step(x, dy):
@@ -284,7 +284,7 @@ def test_training_loop_moves_no_weight_between_host_and_device(backend, monkeypa
         layer.backward(dy)
         for index, sublayer in enumerate(layer.layers):
             for name, grad in sublayer.grads.items():
-                sublayer.params[name] = backend.add(sublayer.params[name], backend.scale(grad, -0.1))
+                sublayer.params[name] = backend.ops.add(sublayer.params[name], backend.ops.scale(grad, -0.1))
 
     train_step(*batches[0])                     # compiles, fills the pool and the shared zeros
     transfers = _Transfers(backend, monkeypatch)
@@ -323,8 +323,8 @@ TRAINING_STEP_LAUNCHES = 8
 @pytest.mark.skipif(REAL_GPU, reason="counts the simulator's kernel dispatch")
 def test_one_training_step_launch_count(backend, monkeypatch):
     layer = le.LSTM(4, return_sequences=True, backend="numba_cuda", seed=0).build(3)
-    x = backend.asarray(np.ones((2, 3, 3), np.float32), np.float32)
-    dy = backend.asarray(np.ones((2, 3, 4), np.float32), np.float32)
+    x = backend.ops.asarray(np.ones((2, 3, 3), np.float32), np.float32)
+    dy = backend.ops.asarray(np.ones((2, 3, 4), np.float32), np.float32)
     layer(x, training=True)
     layer.backward(dy)                           # warm: shared zeros and the pool exist now
     counter = _Launches(monkeypatch)
@@ -337,8 +337,8 @@ def test_one_training_step_launch_count(backend, monkeypatch):
 
 def test_scratch_pool_is_flat_in_a_training_loop_and_released(backend):
     layer = le.LSTM(4, return_sequences=True, backend="numba_cuda", seed=0, dropout=0.2).build(3)
-    x = backend.asarray(np.ones((2, 3, 3), np.float32), np.float32)
-    dy = backend.asarray(np.ones((2, 3, 4), np.float32), np.float32)
+    x = backend.ops.asarray(np.ones((2, 3, 3), np.float32), np.float32)
+    dy = backend.ops.asarray(np.ones((2, 3, 4), np.float32), np.float32)
     counts = []
     for _ in range(4):
         layer(x, mask=np.array([[1, 1, 0], [1, 1, 1]], bool), training=True)
@@ -405,15 +405,15 @@ class _TorchLikeTensor:
 def test_foreign_cuda_arrays_are_used_in_place(backend):
     reference, gpu = _reference_and_gpu(backend, return_sequences=True)
     x = np.random.default_rng(7).normal(size=(2, 3, 2)).astype(np.float32)
-    y = gpu(_TorchLikeTensor(backend.asarray(x, np.float32)), training=True)
+    y = gpu(_TorchLikeTensor(backend.ops.asarray(x, np.float32)), training=True)
     assert _on_device(backend, y)               # outputs are Numba device arrays (documented)
-    np.testing.assert_allclose(backend.to_numpy(y), reference(x, training=True), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(backend.ops.to_numpy(y), reference(x, training=True), rtol=2e-5, atol=2e-5)
     # A mask from the same library (torch's bool prints as "torch.bool"): viewed in place too.
     mask = np.array([[True, True, False], [True, False, False]])
-    masked = gpu(_TorchLikeTensor(backend.asarray(x, np.float32)),
-                 mask=_TorchLikeTensor(backend.asarray(mask, np.bool_)))
-    np.testing.assert_allclose(backend.to_numpy(masked), reference(x, mask=mask), rtol=2e-5, atol=2e-5)
-    wrong = _TorchLikeTensor(backend.asarray(x.astype(np.float64), np.float64))
+    masked = gpu(_TorchLikeTensor(backend.ops.asarray(x, np.float32)),
+                 mask=_TorchLikeTensor(backend.ops.asarray(mask, np.bool_)))
+    np.testing.assert_allclose(backend.ops.to_numpy(masked), reference(x, mask=mask), rtol=2e-5, atol=2e-5)
+    wrong = _TorchLikeTensor(backend.ops.asarray(x.astype(np.float64), np.float64))
     with pytest.raises(TypeError, match="must have dtype float32 on this layer, got float64"):
         gpu(wrong)
 
@@ -427,11 +427,11 @@ def test_backend_takes_foreign_cuda_arrays_directly(backend):
             "c0": np.zeros((batch, units)), "kernel": rng.normal(size=(features, 4 * units)),
             "recurrent_kernel": rng.normal(size=(units, 4 * units)), "bias": rng.normal(size=4 * units)}
     host = {name: value.astype(np.float32) for name, value in host.items()}
-    foreign = {name: _TorchLikeTensor(backend.asarray(value, np.float32)) for name, value in host.items()}
+    foreign = {name: _TorchLikeTensor(backend.ops.asarray(value, np.float32)) for name, value in host.items()}
     got = sequence_forward(backend, **foreign)
     want = sequence_forward(registry.get_backend_object("numpy"), **host)
-    np.testing.assert_allclose(backend.to_numpy(got.outputs), want.outputs, rtol=2e-5, atol=2e-5)
-    np.testing.assert_allclose(backend.to_numpy(got.c), want.c, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(backend.ops.to_numpy(got.outputs), want.outputs, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(backend.ops.to_numpy(got.c), want.c, rtol=2e-5, atol=2e-5)
 
 
 # -- bugs found on the real GPU -----------------------------------------------------------------
@@ -455,7 +455,7 @@ def test_one_step_batch_with_all_rows_empty_matches_numpy(backend):
                                                              initial_state=[h0, -h0])])
         for got, want in zip(*results):
             np.testing.assert_array_equal(got, want)
-    device = backend.asarray(flipped, np.float32)
+    device = backend.ops.asarray(flipped, np.float32)
     assert tuple(device.strides) == (12, 12, 4)
 
 
@@ -526,7 +526,7 @@ def test_device_pool_reuses_bounds_and_frees(backend):
     from numba import cuda
     from lstmeng.backends._device_pool import DevicePool
     pool = DevicePool(lambda nbytes: cuda.device_array(nbytes, dtype=np.uint8), max_bytes=1000,
-                      wrap=backend._wrap)   # the simulator's wrapper there, the identity on a GPU
+                      wrap=backend.ops.wrap)   # the simulator's wrapper there, the identity on a GPU
     a = pool.take((10, 10), np.float32)                  # 400 bytes, new
     assert tuple(a.shape) == (10, 10) and np.dtype(a.dtype) == np.float32 and pool.allocations == 1
     pool.give(a)

@@ -22,7 +22,7 @@ import lstmeng as le  # noqa: E402
 import lstmeng.keras as lk  # noqa: E402
 from lstmeng.backends import numpy as numpy_backend  # noqa: E402
 
-from _backends import sequence_forward
+from _backends import sequence_forward  # noqa: E402
 
 OUTPUT_TOLERANCE = 1e-5
 GRADIENT_TOLERANCE = 1e-4

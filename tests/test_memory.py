@@ -199,14 +199,14 @@ def workspace_array_bytes_per_step(backend_name) -> float:
     recurrent_kernel = rng.normal(size=(units, 4 * units)).astype("float32")
 
     def held(steps):
-        x = backend.asarray(rng.normal(size=(batch, steps, input_size)).astype("float32"), np.float32)
+        x = backend.ops.asarray(rng.normal(size=(batch, steps, input_size)).astype("float32"), np.float32)
         mask = np.ones((batch, steps), bool)
         mask[0, -1] = False
         zeros = np.zeros((batch, units), "float32")
         forward = sequence_forward(backend,
-            x, backend.asarray(zeros, np.float32), backend.asarray(zeros, np.float32),
-            backend.asarray(kernel, np.float32), backend.asarray(recurrent_kernel, np.float32), None,
-            backend.asarray(mask, np.bool_), training=True)
+            x, backend.ops.asarray(zeros, np.float32), backend.ops.asarray(zeros, np.float32),
+            backend.ops.asarray(kernel, np.float32), backend.ops.asarray(recurrent_kernel, np.float32), None,
+            backend.ops.asarray(mask, np.bool_), training=True)
         return workspace_bytes(forward.workspace, caller_input=x)
 
     return _per_step_bytes(held, batch, short, long)

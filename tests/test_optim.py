@@ -320,7 +320,7 @@ def cuda_backend():
 
 
 def _device_model(backend, arrays: dict, dtype) -> ArrayModel:
-    return ArrayModel({name: backend.asarray(value, dtype) for name, value in arrays.items()}, {})
+    return ArrayModel({name: backend.ops.asarray(value, dtype) for name, value in arrays.items()}, {})
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -332,14 +332,14 @@ def test_device_matches_host(cuda_backend, name, dtype):
     live = dict(model.params)
     optimizer = make(model)
     for grads in gradient_sequence(dtype, steps=3):
-        model.grads = {key: cuda_backend.asarray(value, dtype) for key, value in grads.items()}
+        model.grads = {key: cuda_backend.ops.asarray(value, dtype) for key, value in grads.items()}
         optimizer.step()
     for key in host:
         assert live[key] is model.params[key]   # updated in place
-        assert cuda_backend.owns(live[key])
-        assert_close(cuda_backend.to_numpy(live[key]), host[key], dtype, f"{name} {key}")
+        assert cuda_backend.ops.owns(live[key])
+        assert_close(cuda_backend.ops.to_numpy(live[key]), host[key], dtype, f"{name} {key}")
     for slots in optimizer._state.values():      # the state stays next to the parameters
-        assert all(cuda_backend.owns(array) for array in slots.values())
+        assert all(cuda_backend.ops.owns(array) for array in slots.values())
     device_state, host_state = optimizer.state_dict(), host_optimizer.state_dict()
     assert device_state["config"] == host_state["config"]
     for key, value in host_state["state"].items():
@@ -353,15 +353,15 @@ def test_device_clip_grad_norm_and_zero_grad(cuda_backend, dtype, max_norm):
     grads = gradient_sequence(dtype, steps=1)[0]
     host = ArrayModel(random_arrays(dtype), {key: value.copy() for key, value in grads.items()})
     device = _device_model(cuda_backend, random_arrays(dtype), dtype)
-    device.grads = {key: cuda_backend.asarray(value, dtype) for key, value in grads.items()}
+    device.grads = {key: cuda_backend.ops.asarray(value, dtype) for key, value in grads.items()}
     assert optim.clip_grad_norm(device, max_norm) == pytest.approx(optim.clip_grad_norm(host, max_norm), rel=1e-6)
     allocations = cuda_backend.pool_allocations()
     optim.clip_grad_norm(device, 1e9)   # the norm's scalar comes back from the pool: no new allocation
     assert cuda_backend.pool_allocations() == allocations
     for key in grads:
-        assert_close(cuda_backend.to_numpy(device.grads[key]), host.grads[key], dtype, key)
+        assert_close(cuda_backend.ops.to_numpy(device.grads[key]), host.grads[key], dtype, key)
     optim.SGD(device, lr=0.1).zero_grad()
-    assert all(not cuda_backend.to_numpy(value).any() for value in device.grads.values())
+    assert all(not cuda_backend.ops.to_numpy(value).any() for value in device.grads.values())
 
 
 def test_device_state_dict_loads_onto_the_device(cuda_backend):
@@ -377,12 +377,12 @@ def test_device_state_dict_loads_onto_the_device(cuda_backend):
     device = _device_model(cuda_backend, host_params, "float32")
     resumed = make(device)
     resumed.load_state_dict(optimizer.state_dict())
-    assert all(cuda_backend.owns(array) for slots in resumed._state.values() for array in slots.values())
+    assert all(cuda_backend.ops.owns(array) for slots in resumed._state.values() for array in slots.values())
     for grads in sequence[2:]:
-        device.grads = {key: cuda_backend.asarray(value, "float32") for key, value in grads.items()}
+        device.grads = {key: cuda_backend.ops.asarray(value, "float32") for key, value in grads.items()}
         resumed.step()
     for key, value in uninterrupted.items():
-        assert_close(cuda_backend.to_numpy(device.params[key]), value, "float32", key)
+        assert_close(cuda_backend.ops.to_numpy(device.params[key]), value, "float32", key)
 
 
 def test_device_and_host_gradients_cannot_mix(cuda_backend):
@@ -403,15 +403,15 @@ def test_gpu_layer_trains_like_the_host_layer_without_host_copies(cuda_backend, 
     for step in range(3):
         host(x, training=True)
         host.backward(np.ones((2, 3), np.float32))
-        gpu(cuda_backend.asarray(x, np.float32), training=True)
-        gpu.backward(cuda_backend.asarray(np.ones((2, 3), np.float32), np.float32))
-        assert all(cuda_backend.owns(grad) for grad in gpu.grads.values())
+        gpu(cuda_backend.ops.asarray(x, np.float32), training=True)
+        gpu.backward(cuda_backend.ops.asarray(np.ones((2, 3), np.float32), np.float32))
+        assert all(cuda_backend.ops.owns(grad) for grad in gpu.grads.values())
         host_norm = optim.clip_grad_norm(host, 0.5)
         host_optimizer.step()
         with monkeypatch.context() as patch:
             for name in ("asarray", "to_numpy"):
-                original = getattr(cuda_backend, name)
-                patch.setattr(cuda_backend, name, lambda array, *rest, _name=name, _original=original: (
+                original = getattr(cuda_backend.ops, name)
+                patch.setattr(cuda_backend.ops, name, lambda array, *rest, _name=name, _original=original: (
                     transfers.append((step, _name, _shape_of_any(array))), _original(array, *rest))[1])
             gpu_norm = optim.clip_grad_norm(gpu, 0.5)
             gpu_optimizer.step()
@@ -419,7 +419,7 @@ def test_gpu_layer_trains_like_the_host_layer_without_host_copies(cuda_backend, 
     # The only crossing: clip_grad_norm's one-element sum of squares, once per step.
     assert transfers == [(step, "to_numpy", (1,)) for step in range(3)]
     for name, value in host.params.items():
-        assert_close(cuda_backend.to_numpy(gpu.params[name]), value, "float32", name)
+        assert_close(cuda_backend.ops.to_numpy(gpu.params[name]), value, "float32", name)
 
 
 def _shape_of_any(array):
@@ -430,7 +430,7 @@ def test_device_flat_views_are_built_once_and_leave_with_their_array(cuda_backen
     import gc
 
     from lstmeng.backends import _cuda_optim
-    array = cuda_backend.asarray(np.zeros((3, 4), np.float32), np.float32)
+    array = cuda_backend.ops.asarray(np.zeros((3, 4), np.float32), np.float32)
     first = _cuda_optim.flat_view(array, "param")
     assert _cuda_optim.flat_view(array, "param") is first
     assert first.shape == (12,)
@@ -440,4 +440,4 @@ def test_device_flat_views_are_built_once_and_leave_with_their_array(cuda_backen
     gc.collect()
     assert key not in _cuda_optim._FLAT_VIEWS
     with pytest.raises(ValueError, match="needs them C-contiguous"):
-        _cuda_optim.flat_view(cuda_backend.asarray(np.zeros((4, 6), np.float32), np.float32)[:, 1:3], "grad")
+        _cuda_optim.flat_view(cuda_backend.ops.asarray(np.zeros((4, 6), np.float32), np.float32)[:, 1:3], "grad")

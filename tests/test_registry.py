@@ -171,7 +171,7 @@ def test_plugin_raising_at_import_or_probe_or_of_wrong_type(plugins):
     assert len([w for w in caught if "plugin" in str(w.message)]) == 3
     assert rows["raises"].reason == "RuntimeError: driver exploded"
     assert rows["noprobe"].reason == "needs a device this machine lacks"
-    assert "is not an lstmeng.backends.Backend" in rows["wrongtype"].reason
+    assert "is not an lstmeng.backends.KernelBackend" in rows["wrongtype"].reason
     assert not any(rows[name].available for name in ("raises", "noprobe", "wrongtype"))
 
 

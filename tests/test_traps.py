@@ -325,7 +325,7 @@ def test_device_params_take_device_arrays_only(backend):
     with pytest.raises(ValueError, match=r"params\['bias'\]: expected an array on cuda.*got one on cpu"):
         lstm.params["bias"] = host_bias
     before = lstm.params["bias"]
-    lstm.params["bias"] = cuda.asarray(host_bias, np.dtype("float32"))
+    lstm.params["bias"] = cuda.ops.asarray(host_bias, np.dtype("float32"))
     assert lstm.params["bias"] is before                       # written into the same device array
     np.testing.assert_array_equal(lstm.get_weights()[2], host_bias)
     lstm.zero_grads()

@@ -118,7 +118,7 @@ def require_backend(name: str) -> None:
 def to_backend(name: str, array: np.ndarray):
     """Copy a host array to backend ``name``'s own array kind (device array, tf.Tensor)."""
     from lstmeng.backends import registry
-    return registry.get_backend_object(name).asarray(array, array.dtype)
+    return registry.get_backend_object(name).ops.asarray(array, array.dtype)
 
 
 def synchronizer(name: str):

@@ -4,7 +4,14 @@ Importing this package imports no backend library (TensorFlow, Numba): each
 backend module is loaded on first use by the registry.
 """
 
-from lstmeng.backends.base import Backend, SequenceForward, SequenceGrads
+from lstmeng.backends.base import (
+    ArrayOps,
+    KernelBackend,
+    SequenceForward,
+    SequenceGrads,
+    SequenceOptions,
+    Workspace,
+)
 from lstmeng.backends.registry import (
     BackendInfo,
     get_backend,
@@ -16,10 +23,13 @@ from lstmeng.backends.registry import (
 )
 
 __all__ = [
-    "Backend",
+    "ArrayOps",
     "BackendInfo",
+    "KernelBackend",
     "SequenceForward",
     "SequenceGrads",
+    "SequenceOptions",
+    "Workspace",
     "get_backend",
     "get_backend_object",
     "list_backends",

@@ -45,7 +45,7 @@ THREADS = elementwise.ELEMENTWISE_THREADS
 
 def is_device_array(array) -> bool:
     """True for a CUDA array (one the numba_cuda backend can use in place)."""
-    return _backend.owns(array)
+    return _backend.ops.owns(array)
 
 
 #: id(array) -> (weak reference to the array, its flat view). Parameters, moments
@@ -69,7 +69,7 @@ def flat_view(array, what: str):
     cached = _FLAT_VIEWS.get(key)
     if cached is not None and cached[0]() is array:
         return cached[1]
-    view = _backend._view(array)
+    view = _backend.ops.view(array)
     if not view.is_c_contiguous():
         raise ValueError(f"{what}: the optimizer updates device arrays in place and needs them C-contiguous, "
                          f"got strides {view.strides} for shape {view.shape}")
@@ -85,18 +85,18 @@ def flat_view(array, what: str):
 
 def zeros_like(array):
     """A zero-filled device array with the shape and dtype of the CUDA array ``array``."""
-    view = _backend._view(array)
-    return _backend.zeros(view.shape, view.dtype)
+    view = _backend.ops.view(array)
+    return _backend.ops.zeros(view.shape, view.dtype)
 
 
 def to_device(host: np.ndarray, dtype):
     """A device copy of host array ``host`` in ``dtype``."""
-    return _backend.asarray(host, np.dtype(dtype))
+    return _backend.ops.asarray(host, np.dtype(dtype))
 
 
 def to_host(array) -> np.ndarray:
     """A host copy of the CUDA array ``array``."""
-    return _backend.to_numpy(array)
+    return _backend.ops.to_numpy(array)
 
 
 def _launch_shape(count: int) -> tuple[int, int]:
@@ -234,7 +234,7 @@ def squared_norm(arrays) -> float:
             flat = flat_view(array, "grad")
             if flat.size:
                 _sum_of_squares[_launch_shape(flat.size)](flat, total)
-        return float(_backend.to_numpy(total)[0])
+        return float(_backend.ops.to_numpy(total)[0])
     finally:
         _backend._release(total)
 

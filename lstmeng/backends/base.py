@@ -1,9 +1,18 @@
 """The backend contract: what every lstmeng backend implements.
 
-A backend computes one LSTM layer in one direction over a whole sequence, and
-its explicit backward pass. It knows nothing of layers, masks given as lengths,
-go_backwards flips, Bidirectional merges or stacking: the layers in
-``lstmeng.layers`` reduce all of those to calls of this contract.
+The contract has two parts, as Keras 3 splits ``backend.lstm`` from ``keras.ops``:
+
+* ``KernelBackend``: the LSTM itself. One layer in one direction over a whole
+  sequence (``sequence_forward``/``sequence_backward``) and one step
+  (``cell_forward``/``cell_backward``), plus what the backend can do
+  (``probe``, ``check_support``). It knows nothing of layers, masks given as
+  lengths, go_backwards flips, Bidirectional merges or stacking: the layers in
+  ``lstmeng.layers`` reduce all of those to calls of this contract.
+* ``ArrayOps``: the few array helpers (``asarray``, ``zeros``, ``flip_time``,
+  ``concatenate``, ...) that the layers use to stay on the backend's device
+  between calls. Every ``KernelBackend`` has one as ``backend.ops``; the class
+  ``ArrayOps`` here is the NumPy implementation, which TensorFlow's and the
+  CUDA arrays' implementations extend (host arrays given to them stay NumPy).
 
 Shapes use these letters: B batch rows, T time steps, I input features,
 H units. Weights use Keras's layout and gate order (input, forget, cell
@@ -237,15 +246,88 @@ class SequenceGrads:
     dbias: Any
 
 
-class Backend(abc.ABC):
+class ArrayOps:
+    """The array helpers the layers use to stay on a backend's device: NumPy's.
+
+    A backend whose arrays live elsewhere (a GPU, TensorFlow) extends this
+    class so that stacked layers never round-trip through the host; its
+    helpers keep host arrays given to them on the host (NumPy in, NumPy out).
+    Shapes as in the module docstring; ``dtype`` is a NumPy dtype or its name.
+    """
+
+    def owns(self, array) -> bool:
+        """True when ``array`` is of the kind this backend returns (not a host ndarray here)."""
+        return False
+
+    def asarray(self, array, dtype):
+        """Convert ``array`` (host or this backend's kind) to this backend's array kind."""
+        return np.asarray(array, dtype=dtype)
+
+    def to_numpy(self, array) -> np.ndarray:
+        """Copy ``array`` to a host ndarray."""
+        return np.asarray(array)
+
+    def zeros(self, shape, dtype):
+        """A zero array of this backend's kind."""
+        return np.zeros(shape, dtype=dtype)
+
+    def zeros_like(self, array):
+        """A zero array of ``array``'s shape and dtype."""
+        return self.zeros(tuple(array.shape), array.dtype)
+
+    def zeros_constant(self, shape, dtype):
+        """A zero array that the caller promises never to write (default initial states and
+        state gradients); an implementation may hand the same array to every call."""
+        return self.zeros(shape, dtype)
+
+    def expand_time(self, x):
+        """``[B, I]`` -> ``[B, 1, I]``."""
+        return x[:, None, :]
+
+    def swap_batch_time(self, x):
+        """``[B, T, ...]`` <-> ``[T, B, ...]``."""
+        return np.swapaxes(x, 0, 1)
+
+    def flip_time(self, y):
+        """Reverse axis 1 of ``[B, T, ...]``."""
+        return y[:, ::-1]
+
+    def add(self, a, b):
+        """``a + b`` (same shapes)."""
+        return a + b
+
+    def multiply(self, a, b):
+        """``a * b`` (same shapes)."""
+        return a * b
+
+    def scale(self, a, factor: float):
+        """``a * factor``."""
+        return a * factor
+
+    def concatenate(self, arrays, axis: int = -1):
+        """Join ``arrays`` along ``axis`` (device implementations may support the last axis only)."""
+        return np.concatenate(arrays, axis=axis)
+
+    def split_last(self, array, sizes):
+        """Split the last axis into consecutive pieces of the given sizes."""
+        pieces, start = [], 0
+        for size in sizes:
+            pieces.append(array[..., start:start + size])
+            start += size
+        return pieces
+
+    def __repr__(self) -> str:
+        return f"<lstmeng {type(self).__name__}>"
+
+
+class KernelBackend(abc.ABC):
     """Base class of every backend (built in or a plugin): the LSTM kernels.
 
     Subclasses implement ``probe``, ``sequence_forward`` and
     ``sequence_backward``. The single-step cell calls default to a sequence of
-    length one; a backend may override them with a dedicated kernel. The array
-    helpers at the end default to NumPy; backends whose arrays live elsewhere
-    (a GPU, TensorFlow) override them so that stacked layers never round-trip
-    through the host.
+    length one; a backend may override them with a dedicated kernel. ``ops``
+    is the backend's ``ArrayOps`` (NumPy's by default; backends whose arrays
+    live elsewhere set their own).
     """
 
     #: Registry name, e.g. ``"cython"``.
@@ -255,6 +337,8 @@ class Backend(abc.ABC):
     #: True when ``sequence_backward`` takes ``grads_out=`` (a dict of the
     #: caller's weight-gradient arrays to overwrite in place; numba_cuda).
     accepts_grads_out: bool = False
+    #: The array helpers for this backend's arrays.
+    ops: ArrayOps = ArrayOps()
 
     # -- what the backend can do -------------------------------------------
     @abc.abstractmethod
@@ -334,7 +418,7 @@ class Backend(abc.ABC):
         if options.has_mask or options.return_sequences:
             raise ValueError("cell_forward takes the options of one step: has_mask and return_sequences "
                              f"must be False, got {options}")
-        return self.sequence_forward(self.expand_time(x), h, c, kernel, recurrent_kernel, bias, None,
+        return self.sequence_forward(self.ops.expand_time(x), h, c, kernel, recurrent_kernel, bias, None,
                                      input_dropout_mask, recurrent_dropout_mask, options)
 
     def cell_backward(self, dh, dc, workspace: Workspace) -> SequenceGrads:
@@ -342,71 +426,9 @@ class Backend(abc.ABC):
 
         Returns SequenceGrads with dx ``[B, I]``.
         """
-        grads = self.sequence_backward(self.zeros_like(dh), dh, dc, workspace)
+        grads = self.sequence_backward(self.ops.zeros_like(dh), dh, dc, workspace)
         grads.dx = grads.dx[:, 0, :]
         return grads
-
-    # -- array helpers (NumPy defaults) ---------------------------------------
-    def owns(self, array) -> bool:
-        """True when ``array`` is of the kind this backend returns (not a host ndarray here)."""
-        return False
-
-    def asarray(self, array, dtype):
-        """Convert ``array`` (host or this backend's kind) to this backend's array kind."""
-        return np.asarray(array, dtype=dtype)
-
-    def to_numpy(self, array) -> np.ndarray:
-        """Copy ``array`` to a host ndarray."""
-        return np.asarray(array)
-
-    def zeros(self, shape, dtype):
-        """A zero array of this backend's kind."""
-        return np.zeros(shape, dtype=dtype)
-
-    def zeros_like(self, array):
-        """A zero array of ``array``'s shape and dtype."""
-        return self.zeros(tuple(array.shape), array.dtype)
-
-    def zeros_constant(self, shape, dtype):
-        """A zero array that the caller promises never to write (default initial states and
-        state gradients); an implementation may hand the same array to every call."""
-        return self.zeros(shape, dtype)
-
-    def expand_time(self, x):
-        """``[B, I]`` -> ``[B, 1, I]``."""
-        return x[:, None, :]
-
-    def swap_batch_time(self, x):
-        """``[B, T, ...]`` <-> ``[T, B, ...]``."""
-        return np.swapaxes(x, 0, 1)
-
-    def flip_time(self, y):
-        """Reverse axis 1 of ``[B, T, ...]``."""
-        return y[:, ::-1]
-
-    def add(self, a, b):
-        """``a + b`` (same shapes)."""
-        return a + b
-
-    def multiply(self, a, b):
-        """``a * b`` (same shapes)."""
-        return a * b
-
-    def scale(self, a, factor: float):
-        """``a * factor``."""
-        return a * factor
-
-    def concatenate(self, arrays, axis: int = -1):
-        """Join ``arrays`` along ``axis`` (device implementations may support the last axis only)."""
-        return np.concatenate(arrays, axis=axis)
-
-    def split_last(self, array, sizes):
-        """Split the last axis into consecutive pieces of the given sizes."""
-        pieces, start = [], 0
-        for size in sizes:
-            pieces.append(array[..., start:start + size])
-            start += size
-        return pieces
 
     def __repr__(self) -> str:
         return f"<lstmeng backend {self.name!r}>"

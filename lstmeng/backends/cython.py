@@ -47,7 +47,7 @@ import numpy as np
 
 from lstmeng._runtime import threads
 from lstmeng.backends._buffer_cache import BufferCache
-from lstmeng.backends.base import Backend, SequenceForward, SequenceGrads, Workspace
+from lstmeng.backends.base import KernelBackend, SequenceForward, SequenceGrads, Workspace
 
 try:
     from lstmeng.backends import _cython_lstm
@@ -303,7 +303,7 @@ def _contiguous(array, dtype):
     return None if array is None else np.ascontiguousarray(array, dtype=dtype)
 
 
-class CythonBackend(Backend):
+class CythonBackend(KernelBackend):
     """Fused Cython kernels with BLAS GEMMs (float32 and float64, every activation).
 
     Args:

@@ -14,7 +14,8 @@ No CUDA C++ and no cuDNN: every kernel is Python compiled by ``numba.cuda.jit``.
   arrays on the host); any
   object with ``__cuda_array_interface__`` (Numba device arrays, CuPy,
   PyTorch CUDA tensors) is used in place, without a copy. The array helpers
-  (add, concatenate, flip_time, ...) run as small kernels, so a Sequential or
+  (``backend.ops``, a ``CudaArrayOps``: add, concatenate, flip_time, ...) run
+  as small kernels, so a Sequential or
   Bidirectional model on the GPU never round-trips through the host. Results
   are Numba device arrays (``numba.cuda.cudadrv.devicearray.DeviceNDArray``);
   ``cupy.asarray(result)`` or ``torch.as_tensor(result, device="cuda")`` wrap
@@ -54,7 +55,7 @@ from importlib import metadata
 
 import numpy as np
 
-from lstmeng.backends.base import Backend, SequenceForward, SequenceGrads, Workspace, numpy_dtype
+from lstmeng.backends.base import ArrayOps, KernelBackend, SequenceForward, SequenceGrads, Workspace, numpy_dtype
 
 try:  # numba is optional: without it the backend reports itself unavailable.
     import numba
@@ -118,7 +119,185 @@ DEVICE_POOL_MAX_BYTES = 1 << 30
 CONSTANT_ZEROS_KEPT = 16
 
 
-class NumbaCudaBackend(Backend):
+class CudaArrayOps(ArrayOps):
+    """The array helpers on CUDA arrays: Numba device arrays and any object with
+    ``__cuda_array_interface__`` (CuPy, PyTorch CUDA tensors), used in place.
+
+    Host arrays given to the helpers stay on the host (NumPy's helpers), so
+    NumPy in gives NumPy out and device arrays never round-trip through the
+    host. The elementwise helpers (add, concatenate, flip_time, ...) run as
+    small kernels (``_cuda_elementwise``). Beyond the ``ArrayOps`` contract it
+    holds the device-array plumbing the numba_cuda backend's kernels use:
+    ``view`` (a Numba view of any CUDA array), ``empty``, ``wrap`` (the
+    simulator's array class), ``copy``, ``copy_into``, ``contiguous``.
+    """
+
+    def __init__(self):
+        self._constant_zeros: dict = {}
+
+    def release_constants(self) -> None:
+        """Forget the shared zero arrays of ``zeros_constant``."""
+        self._constant_zeros.clear()
+
+    def owns(self, array) -> bool:
+        if cuda is None:
+            return False
+        if simulator_enabled():
+            # Simulator arrays, and stand-ins for CuPy/torch arrays in tests: any object
+            # with a CUDA array interface (its "device" memory is host memory there).
+            return isinstance(array, _fake_array_class()) or hasattr(array, "__cuda_array_interface__")
+        return cuda.is_cuda_array(array)
+
+    def view(self, array):
+        """A numba device array viewing ``array`` (one of ours or any CUDA array): no copy."""
+        if simulator_enabled():
+            return _simulated(array)
+        from numba.cuda.cudadrv.devicearray import DeviceNDArray
+        if isinstance(array, DeviceNDArray):
+            return _canonical_view(array)
+        return _canonical_view(cuda.as_cuda_array(array))
+
+    def empty(self, shape, dtype):
+        """An uninitialised device array (the simulator's array class under the simulator)."""
+        return _simulated(cuda.device_array(tuple(shape), dtype=np.dtype(dtype))) if simulator_enabled() \
+            else cuda.device_array(tuple(shape), dtype=np.dtype(dtype))
+
+    def asarray(self, array, dtype):
+        dtype = np.dtype(dtype)
+        if self.owns(array):
+            device = self.view(array)
+            if device.dtype == dtype:
+                return device
+            return self.copy(device, dtype)
+        host = _canonical_host(np.asarray(array, dtype=dtype))
+        device = cuda.to_device(host)
+        return _simulated(device) if simulator_enabled() else device
+
+    def to_numpy(self, array) -> np.ndarray:
+        if not self.owns(array):
+            return np.asarray(array)
+        device = self.view(array)
+        if not device.is_c_contiguous():
+            device = self.copy(device, device.dtype)
+        return device.copy_to_host()
+
+    def zeros(self, shape, dtype):
+        out = self.empty(shape, dtype)
+        if out.size:
+            from lstmeng.backends import _cuda_elementwise as ew
+            ew.fill_1d[ew.blocks_for(out.size), ew.ELEMENTWISE_THREADS](out.reshape(out.size), 0)
+        return out
+
+    def zeros_constant(self, shape, dtype):
+        """A shared zero array that no caller writes: default initial states and state
+        gradients, without a fill launch and an allocation per call."""
+        key = (tuple(int(n) for n in shape), np.dtype(dtype).name)
+        zeros = self._constant_zeros.get(key)
+        if zeros is None:
+            if len(self._constant_zeros) >= CONSTANT_ZEROS_KEPT:
+                self._constant_zeros.pop(next(iter(self._constant_zeros)))   # the oldest shape
+            zeros = self._constant_zeros[key] = self.zeros(key[0], dtype)
+        return zeros
+
+    def expand_time(self, x):
+        if not self.owns(x):
+            return super().expand_time(x)
+        x = self.contiguous(self.view(x))
+        return self.wrap(x.reshape(x.shape[0], 1, x.shape[1]))
+
+    def swap_batch_time(self, x):
+        return self._permute(x, 0) if self.owns(x) else super().swap_batch_time(x)
+
+    def flip_time(self, y):
+        return self._permute(y, 1) if self.owns(y) else super().flip_time(y)
+
+    def add(self, a, b):
+        return self._binary(1, a, b) if self.owns(a) or self.owns(b) else super().add(a, b)
+
+    def multiply(self, a, b):
+        return self._binary(2, a, b) if self.owns(a) or self.owns(b) else super().multiply(a, b)
+
+    def scale(self, a, factor: float):
+        return self._binary(3, a, None, factor) if self.owns(a) else super().scale(a, factor)
+
+    def concatenate(self, arrays, axis: int = -1):
+        if not any(self.owns(array) for array in arrays):
+            return super().concatenate(arrays, axis)
+        pieces = [self.asarray(array, np.result_type(array.dtype)) if not self.owns(array) else self.view(array)
+                  for array in arrays]
+        ndim = len(pieces[0].shape)
+        if axis not in (-1, ndim - 1):
+            raise NotImplementedError(f"numba_cuda concatenates along the last axis only, got axis={axis}")
+        # tuple(): the simulator's shapes take no negative indices.
+        shape = tuple(pieces[0].shape)[:-1] + (sum(tuple(p.shape)[-1] for p in pieces),)
+        out = self.empty(shape, pieces[0].dtype)
+        start = 0
+        for piece in pieces:
+            width = tuple(piece.shape)[-1]
+            self.copy_into(piece, _last_axis_slice(out, start, start + width))
+            start += width
+        return out
+
+    def split_last(self, array, sizes):
+        if not self.owns(array):
+            return super().split_last(array, sizes)
+        device = self.view(array)
+        pieces, start = [], 0
+        for size in sizes:
+            pieces.append(self.copy(_last_axis_slice(device, start, start + size), device.dtype))
+            start += size
+        return pieces
+
+    def wrap(self, device):
+        """``device`` as the array class callers get: the simulator's subclass there, itself on a GPU."""
+        return _simulated(device) if simulator_enabled() else device
+
+    def copy_into(self, source, target):
+        """target[...] = source (cast to target's dtype); any strides, same shape."""
+        from lstmeng.backends import _cuda_elementwise as ew
+        size = int(np.prod(target.shape))
+        if size:
+            ew.BINARY_KERNELS[len(target.shape)][ew.blocks_for(size), ew.ELEMENTWISE_THREADS](
+                ew.OP_COPY, source, source, 0.0, target)
+
+    def copy(self, source, dtype):
+        """A fresh C-contiguous device copy of ``source`` in ``dtype``."""
+        out = self.empty(source.shape, dtype)
+        self.copy_into(source, out)
+        return out
+
+    def contiguous(self, device):
+        """``device`` itself when C-contiguous, else a contiguous copy."""
+        return device if device.is_c_contiguous() else self.copy(device, device.dtype)
+
+    def _binary(self, op, a, b, factor=0.0):
+        from lstmeng.backends import _cuda_elementwise as ew
+        a = self.view(a) if self.owns(a) else self.asarray(a, np.result_type(b.dtype))
+        b = a if b is None else self.asarray(b, a.dtype)
+        if tuple(a.shape) != tuple(b.shape):
+            raise ValueError(f"numba_cuda elementwise operands must have equal shapes, got "
+                             f"{tuple(a.shape)} and {tuple(b.shape)}")
+        out = self.empty(a.shape, a.dtype)
+        size = int(np.prod(a.shape))
+        if size:
+            ew.BINARY_KERNELS[len(a.shape)][ew.blocks_for(size), ew.ELEMENTWISE_THREADS](
+                op, a, b, float(factor), out)
+        return out
+
+    def _permute(self, x, mode):
+        from lstmeng.backends import _cuda_elementwise as ew
+        x = self.view(x)
+        if len(x.shape) != 3:
+            raise NotImplementedError(f"numba_cuda swaps and flips 3-D arrays, got shape {tuple(x.shape)}")
+        n0, n1, n2 = (int(n) for n in x.shape)
+        shape = (n1, n0, n2) if mode == ew.PERMUTE_SWAP_01 else (n0, n1, n2)
+        out = self.empty(shape, x.dtype)
+        if n0 * n1 * n2:
+            ew.permute_3d[ew.blocks_for(n0 * n1 * n2), ew.ELEMENTWISE_THREADS](mode, x, out)
+        return out
+
+
+class NumbaCudaBackend(KernelBackend):
     """LSTM on NVIDIA GPUs through numba-cuda kernels (float32 and float64)."""
 
     name = "numba_cuda"
@@ -129,7 +308,8 @@ class NumbaCudaBackend(Backend):
     def __init__(self):
         self._partitions: dict = {}
         self._dummies: dict = {}
-        self._constant_zeros: dict = {}
+        #: The array helpers on this backend's device arrays.
+        self.ops = CudaArrayOps()
         self._pool = None   # created at the first scratch request (needs a device)
         #: Where the recurrence keeps each block's slice of the recurrent
         #: weights: None = shared memory when it fits (the fast path), False =
@@ -174,75 +354,17 @@ class NumbaCudaBackend(Backend):
             return 0
         return int(cuda.get_current_device().id)
 
-    def owns(self, array) -> bool:
-        if cuda is None:
-            return False
-        if simulator_enabled():
-            # Simulator arrays, and stand-ins for CuPy/torch arrays in tests: any object
-            # with a CUDA array interface (its "device" memory is host memory there).
-            return isinstance(array, _fake_array_class()) or hasattr(array, "__cuda_array_interface__")
-        return cuda.is_cuda_array(array)
-
-    def _view(self, array):
-        """A numba device array viewing ``array`` (one of ours or any CUDA array): no copy."""
-        if simulator_enabled():
-            return _simulated(array)
-        from numba.cuda.cudadrv.devicearray import DeviceNDArray
-        if isinstance(array, DeviceNDArray):
-            return _canonical_view(array)
-        return _canonical_view(cuda.as_cuda_array(array))
-
-    def _empty(self, shape, dtype):
-        return _simulated(cuda.device_array(tuple(shape), dtype=np.dtype(dtype))) if simulator_enabled() \
-            else cuda.device_array(tuple(shape), dtype=np.dtype(dtype))
-
-    def asarray(self, array, dtype):
-        dtype = np.dtype(dtype)
-        if self.owns(array):
-            device = self._view(array)
-            if device.dtype == dtype:
-                return device
-            return self._copy(device, dtype)
-        host = _canonical_host(np.asarray(array, dtype=dtype))
-        device = cuda.to_device(host)
-        return _simulated(device) if simulator_enabled() else device
-
-    def to_numpy(self, array) -> np.ndarray:
-        if not self.owns(array):
-            return np.asarray(array)
-        device = self._view(array)
-        if not device.is_c_contiguous():
-            device = self._copy(device, device.dtype)
-        return device.copy_to_host()
-
-    def zeros(self, shape, dtype):
-        out = self._empty(shape, dtype)
-        if out.size:
-            from lstmeng.backends import _cuda_elementwise as ew
-            ew.fill_1d[ew.blocks_for(out.size), ew.ELEMENTWISE_THREADS](out.reshape(out.size), 0)
-        return out
-
-    def zeros_constant(self, shape, dtype):
-        """A shared zero array that no caller writes: default initial states and state
-        gradients, without a fill launch and an allocation per call."""
-        key = (tuple(int(n) for n in shape), np.dtype(dtype).name)
-        zeros = self._constant_zeros.get(key)
-        if zeros is None:
-            if len(self._constant_zeros) >= CONSTANT_ZEROS_KEPT:
-                self._constant_zeros.pop(next(iter(self._constant_zeros)))   # the oldest shape
-            zeros = self._constant_zeros[key] = self.zeros(key[0], dtype)
-        return zeros
 
     # -- scratch memory ------------------------------------------------------------
     def _scratch(self, shape, dtype):
         """An uninitialised device array from the pool, for arrays that never reach the caller;
         hand it back with ``_release`` once the launches that use it are queued."""
         if not int(np.prod(shape)):
-            return self._empty(shape, dtype)
+            return self.ops.empty(shape, dtype)
         if self._pool is None:
             from lstmeng.backends._device_pool import DevicePool
             self._pool = DevicePool(lambda nbytes: cuda.device_array(nbytes, dtype=np.uint8),
-                                    DEVICE_POOL_MAX_BYTES, wrap=self._wrap)
+                                    DEVICE_POOL_MAX_BYTES, wrap=self.ops.wrap)
         return self._pool.take(shape, dtype)
 
     def _release(self, *arrays) -> None:
@@ -253,85 +375,13 @@ class NumbaCudaBackend(Backend):
         """Free the device pool's idle scratch and the shared zero arrays."""
         if self._pool is not None:
             self._pool.clear()
-        self._constant_zeros.clear()
+        self.ops.release_constants()
 
     def pool_allocations(self) -> int:
         """Device blocks the scratch pool has allocated so far (flat in a steady training loop)."""
         return 0 if self._pool is None else self._pool.allocations
 
-    # The helpers below keep host arrays on the host (the NumPy defaults) and
-    # device arrays on the device, so NumPy in gives NumPy out and device
-    # arrays never round-trip through the host.
-    def expand_time(self, x):
-        if not self.owns(x):
-            return super().expand_time(x)
-        x = self._contiguous(self._view(x))
-        return self._wrap(x.reshape(x.shape[0], 1, x.shape[1]))
-
-    def swap_batch_time(self, x):
-        return self._permute(x, 0) if self.owns(x) else super().swap_batch_time(x)
-
-    def flip_time(self, y):
-        return self._permute(y, 1) if self.owns(y) else super().flip_time(y)
-
-    def add(self, a, b):
-        return self._binary(1, a, b) if self.owns(a) or self.owns(b) else super().add(a, b)
-
-    def multiply(self, a, b):
-        return self._binary(2, a, b) if self.owns(a) or self.owns(b) else super().multiply(a, b)
-
-    def scale(self, a, factor: float):
-        return self._binary(3, a, None, factor) if self.owns(a) else super().scale(a, factor)
-
-    def concatenate(self, arrays, axis: int = -1):
-        if not any(self.owns(array) for array in arrays):
-            return super().concatenate(arrays, axis)
-        pieces = [self.asarray(array, np.result_type(array.dtype)) if not self.owns(array) else self._view(array)
-                  for array in arrays]
-        ndim = len(pieces[0].shape)
-        if axis not in (-1, ndim - 1):
-            raise NotImplementedError(f"numba_cuda concatenates along the last axis only, got axis={axis}")
-        # tuple(): the simulator's shapes take no negative indices.
-        shape = tuple(pieces[0].shape)[:-1] + (sum(tuple(p.shape)[-1] for p in pieces),)
-        out = self._empty(shape, pieces[0].dtype)
-        start = 0
-        for piece in pieces:
-            width = tuple(piece.shape)[-1]
-            self._copy_into(piece, _last_axis_slice(out, start, start + width))
-            start += width
-        return out
-
-    def split_last(self, array, sizes):
-        if not self.owns(array):
-            return super().split_last(array, sizes)
-        device = self._view(array)
-        pieces, start = [], 0
-        for size in sizes:
-            pieces.append(self._copy(_last_axis_slice(device, start, start + size), device.dtype))
-            start += size
-        return pieces
-
-    # -- array helper kernels ------------------------------------------------------
-    def _wrap(self, device):
-        return _simulated(device) if simulator_enabled() else device
-
-    def _copy_into(self, source, target):
-        """target[...] = source (cast to target's dtype); any strides, same shape."""
-        from lstmeng.backends import _cuda_elementwise as ew
-        size = int(np.prod(target.shape))
-        if size:
-            ew.BINARY_KERNELS[len(target.shape)][ew.blocks_for(size), ew.ELEMENTWISE_THREADS](
-                ew.OP_COPY, source, source, 0.0, target)
-
-    def _copy(self, source, dtype):
-        """A fresh C-contiguous device copy of ``source`` in ``dtype``."""
-        out = self._empty(source.shape, dtype)
-        self._copy_into(source, out)
-        return out
-
-    def _contiguous(self, device):
-        return device if device.is_c_contiguous() else self._copy(device, device.dtype)
-
+    # -- kernel helpers ------------------------------------------------------------------
     def _gemm_input(self, x, input_dropout_mask):
         """x ``[B, T, I]`` times the ``[B, I]`` input dropout mask (or None), C-contiguous.
 
@@ -341,42 +391,17 @@ class NumbaCudaBackend(Backend):
         """
         from lstmeng.backends import _cuda_elementwise as ew
         if input_dropout_mask is None:
-            return self._contiguous(x)
+            return self.ops.contiguous(x)
         out = self._scratch(tuple(x.shape), x.dtype)
         ew.scale_rows_3d[ew.blocks_for(out.size), ew.ELEMENTWISE_THREADS](x, input_dropout_mask, out)
         return out
 
-    def _binary(self, op, a, b, factor=0.0):
-        from lstmeng.backends import _cuda_elementwise as ew
-        a = self._view(a) if self.owns(a) else self.asarray(a, np.result_type(b.dtype))
-        b = a if b is None else self.asarray(b, a.dtype)
-        if tuple(a.shape) != tuple(b.shape):
-            raise ValueError(f"numba_cuda elementwise operands must have equal shapes, got "
-                             f"{tuple(a.shape)} and {tuple(b.shape)}")
-        out = self._empty(a.shape, a.dtype)
-        size = int(np.prod(a.shape))
-        if size:
-            ew.BINARY_KERNELS[len(a.shape)][ew.blocks_for(size), ew.ELEMENTWISE_THREADS](
-                op, a, b, float(factor), out)
-        return out
-
-    def _permute(self, x, mode):
-        from lstmeng.backends import _cuda_elementwise as ew
-        x = self._view(x)
-        if len(x.shape) != 3:
-            raise NotImplementedError(f"numba_cuda swaps and flips 3-D arrays, got shape {tuple(x.shape)}")
-        n0, n1, n2 = (int(n) for n in x.shape)
-        shape = (n1, n0, n2) if mode == ew.PERMUTE_SWAP_01 else (n0, n1, n2)
-        out = self._empty(shape, x.dtype)
-        if n0 * n1 * n2:
-            ew.permute_3d[ew.blocks_for(n0 * n1 * n2), ew.ELEMENTWISE_THREADS](mode, x, out)
-        return out
 
     def _dummy(self, ndim, dtype):
         """A placeholder array [1]*ndim for kernel arguments a configuration does not use."""
         key = (ndim, np.dtype(dtype).name)
         if key not in self._dummies:
-            self._dummies[key] = self.zeros((1,) * ndim, dtype)
+            self._dummies[key] = self.ops.zeros((1,) * ndim, dtype)
         return self._dummies[key]
 
     # -- the fused sequence call -----------------------------------------------------
@@ -389,16 +414,16 @@ class NumbaCudaBackend(Backend):
         return_sequences, training = options.return_sequences, options.training
 
         dtype = numpy_dtype(x)
-        copy_out = not self.owns(x)   # host inputs get host results (the workspace stays on the device)
-        x = self.asarray(x, dtype)
-        h0, c0 = self.asarray(h0, dtype), self.asarray(c0, dtype)
-        kernel, recurrent_kernel = self.asarray(kernel, dtype), self.asarray(recurrent_kernel, dtype)
-        bias = None if bias is None else self.asarray(bias, dtype)
+        copy_out = not self.ops.owns(x)   # host inputs get host results (the workspace stays on the device)
+        x = self.ops.asarray(x, dtype)
+        h0, c0 = self.ops.asarray(h0, dtype), self.ops.asarray(c0, dtype)
+        kernel, recurrent_kernel = self.ops.asarray(kernel, dtype), self.ops.asarray(recurrent_kernel, dtype)
+        bias = None if bias is None else self.ops.asarray(bias, dtype)
         batch, steps, features = (int(n) for n in x.shape)
         units = int(recurrent_kernel.shape[0])
 
         if input_dropout_mask is not None:
-            input_dropout_mask = self.asarray(input_dropout_mask, dtype)
+            input_dropout_mask = self.ops.asarray(input_dropout_mask, dtype)
         x_in = self._gemm_input(x, input_dropout_mask)   # a temporary unless it is x itself
         projection = self._scratch((batch, steps, 4 * units), dtype)
         gemm.launch_gemm(x_in.reshape(batch * steps, features), kernel,
@@ -408,7 +433,7 @@ class NumbaCudaBackend(Backend):
 
         has_mask = mask is not None
         if has_mask:
-            mask = self.asarray(mask, np.bool_)
+            mask = self.ops.asarray(mask, np.bool_)
             seen_before = self._scratch((batch, steps), np.bool_)
             last_output_rows = self._scratch((batch,), np.bool_)
             ew.mask_summary[ew.blocks_for(batch), ew.ELEMENTWISE_THREADS](
@@ -417,12 +442,12 @@ class NumbaCudaBackend(Backend):
             mask = seen_before = self._dummy(2, np.bool_)
             last_output_rows = self._dummy(1, np.bool_)
         has_recurrent_dropout = recurrent_dropout_mask is not None
-        recurrent_dropout = (self.asarray(recurrent_dropout_mask, dtype) if has_recurrent_dropout
+        recurrent_dropout = (self.ops.asarray(recurrent_dropout_mask, dtype) if has_recurrent_dropout
                              else self._dummy(2, dtype))
 
-        h_buffers = self._empty((2, batch, units), dtype)
-        c_state = self._empty((batch, units), dtype)
-        outputs = self._empty((batch, steps, units), dtype) if return_sequences else self._dummy(3, dtype)
+        h_buffers = self.ops.empty((2, batch, units), dtype)
+        c_state = self.ops.empty((batch, units), dtype)
+        outputs = self.ops.empty((batch, steps, units), dtype) if return_sequences else self._dummy(3, dtype)
         if training:
             h_in, c_prev = (self._scratch((batch, steps, units), dtype) for _ in range(2))
             gates = self._scratch((batch, steps, 4 * units), dtype)
@@ -436,9 +461,9 @@ class NumbaCudaBackend(Backend):
             options)
 
         self._release(projection)
-        h = self._wrap(h_buffers[steps % 2])   # a view: no extra launch
+        h = self.ops.wrap(h_buffers[steps % 2])   # a view: no extra launch
         if not return_sequences:
-            outputs = self._empty((batch, units), dtype)
+            outputs = self.ops.empty((batch, units), dtype)
             ew.select_rows[ew.blocks_for(outputs.size), ew.ELEMENTWISE_THREADS](
                 h, last_output_rows, has_mask, outputs)
         if has_mask and not training:
@@ -452,7 +477,7 @@ class NumbaCudaBackend(Backend):
                 recurrent_kernel=recurrent_kernel, input_dropout_mask=input_dropout_mask,
                 recurrent_dropout_mask=recurrent_dropout if has_recurrent_dropout else None)
         if copy_out:
-            outputs, h, c_state = self.to_numpy(outputs), self.to_numpy(h), self.to_numpy(c_state)
+            outputs, h, c_state = self.ops.to_numpy(outputs), self.ops.to_numpy(h), self.ops.to_numpy(c_state)
         return SequenceForward(outputs=outputs, h=h, c=c_state, workspace=workspace)
 
     def sequence_backward(self, doutputs, dh, dc, workspace, grads_out=None):
@@ -470,14 +495,14 @@ class NumbaCudaBackend(Backend):
         batch, steps, gate_columns = (int(n) for n in ws.gates.shape)
         units = gate_columns // 4
         features = int(ws.x.shape[2])
-        copy_out = not self.owns(doutputs)   # host gradients in, host gradients out
-        doutputs = self.asarray(doutputs, dtype)
-        dh, dc = self.asarray(dh, dtype), self.asarray(dc, dtype)
+        copy_out = not self.ops.owns(doutputs)   # host gradients in, host gradients out
+        doutputs = self.ops.asarray(doutputs, dtype)
+        dh, dc = self.ops.asarray(dh, dtype), self.ops.asarray(dc, dtype)
         has_mask = ws.mask is not None
 
         dkernel, drecurrent_kernel, dbias = self._weight_grad_arrays(grads_out, features, gate_columns, dtype)
-        dh_state = self._empty((batch, units), dtype)
-        dc_state = self._empty((batch, units), dtype)
+        dh_state = self.ops.empty((batch, units), dtype)
+        dc_state = self.ops.empty((batch, units), dtype)
         # One launch sets dh_state (plus the last output's gradient on the rows where the
         # last output is the final h), dc_state and zeroes dbias for column_sums.
         ew.backward_prologue[ew.blocks_for(max(batch * units, gate_columns)), ew.ELEMENTWISE_THREADS](
@@ -507,7 +532,7 @@ class NumbaCudaBackend(Backend):
         threads = ew.ELEMENTWISE_THREADS
         ew.column_sums[(math.ceil(gate_columns / threads), math.ceil(batch * steps / ew.COLUMN_SUM_ROWS)),
                        threads](flat_gate_grads, dbias)
-        dx = self._empty((batch, steps, features), dtype)
+        dx = self.ops.empty((batch, steps, features), dtype)
         gemm.launch_gemm(flat_gate_grads, ws.kernel, dx.reshape(batch * steps, features),
                          transpose_b=True, tiles=tiles, dummy_bias=no_bias)
         if ws.input_dropout_mask is not None:
@@ -518,7 +543,7 @@ class NumbaCudaBackend(Backend):
                               drecurrent_kernel=drecurrent_kernel, dbias=dbias)
         if copy_out:
             for field in dataclasses.fields(grads):
-                setattr(grads, field.name, self.to_numpy(getattr(grads, field.name)))
+                setattr(grads, field.name, self.ops.to_numpy(getattr(grads, field.name)))
         return grads
 
     def _weight_grad_arrays(self, grads_out, features, gate_columns, dtype):
@@ -529,19 +554,19 @@ class NumbaCudaBackend(Backend):
         arrays = []
         for name, shape in shapes.items():
             given = None if grads_out is None else grads_out.get(name)
-            usable = (given is not None and self.owns(given) and tuple(given.shape) == shape
-                      and numpy_dtype(given) == dtype and self._view(given).is_c_contiguous())
-            arrays.append(self._view(given) if usable else self._empty(shape, dtype))
+            usable = (given is not None and self.ops.owns(given) and tuple(given.shape) == shape
+                      and numpy_dtype(given) == dtype and self.ops.view(given).is_c_contiguous())
+            arrays.append(self.ops.view(given) if usable else self.ops.empty(shape, dtype))
         return tuple(arrays)
 
     def cell_backward(self, dh, dc, workspace) -> SequenceGrads:
-        doutputs = self.zeros_constant(tuple(dh.shape), workspace.gates.dtype)   # read only
-        if not self.owns(dh):
-            doutputs = self.to_numpy(doutputs)
+        doutputs = self.ops.zeros_constant(tuple(dh.shape), workspace.gates.dtype)   # read only
+        if not self.ops.owns(dh):
+            doutputs = self.ops.to_numpy(doutputs)
         grads = self.sequence_backward(doutputs, dh, dc, workspace)
         batch, _, features = (int(n) for n in grads.dx.shape)
         dx = grads.dx.reshape(batch, features)
-        grads.dx = dx if isinstance(dx, np.ndarray) else self._wrap(dx)
+        grads.dx = dx if isinstance(dx, np.ndarray) else self.ops.wrap(dx)
         return grads
 
     # -- launch configuration ----------------------------------------------------------
@@ -584,7 +609,7 @@ class NumbaCudaBackend(Backend):
         design = self.recurrence_design
         if design != "general" and (design == "small" or batch <= small.SMALL_BATCH_MAX_ROWS):
             if small.launch(direction, dtype, units, batch, arrays, options, weights_in_shared=self.weights_in_shared,
-                            allocate=self._empty, allow_dynamic_shared=_allow_dynamic_shared,
+                            allocate=self.ops.empty, allow_dynamic_shared=_allow_dynamic_shared,
                             launch_log=self.launch_log):
                 return
             if design == "small":

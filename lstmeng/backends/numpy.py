@@ -17,7 +17,7 @@ import platform
 import numpy as np
 
 from lstmeng import activations
-from lstmeng.backends.base import Backend, SequenceForward, SequenceGrads, Workspace
+from lstmeng.backends.base import KernelBackend, SequenceForward, SequenceGrads, Workspace
 
 
 @dataclasses.dataclass
@@ -104,7 +104,7 @@ def last_output_rows(mask_tb, reverse: bool, zero_output_for_mask: bool):
     return mask_tb.any(axis=0)
 
 
-class NumpyBackend(Backend):
+class NumpyBackend(KernelBackend):
     """Reference implementation in NumPy (float32 and float64, every activation)."""
 
     name = "numpy"

@@ -2,7 +2,7 @@
 
 Built-in backends live in one table ``name -> module``; third-party backends
 register through the entry-point group ``lstmeng.backends`` (the entry point
-loads a ``Backend`` instance or subclass). Nothing is imported until a backend
+loads a ``KernelBackend`` instance or subclass). Nothing is imported until a backend
 is asked for, and a backend that fails to import or probe becomes an
 "unavailable: <reason>" row, never an error at ``import lstmeng``.
 """
@@ -19,7 +19,7 @@ import threading
 import warnings
 from importlib import metadata
 
-from lstmeng.backends.base import Backend
+from lstmeng.backends.base import KernelBackend
 
 ENTRY_POINT_GROUP = "lstmeng.backends"
 ENVIRONMENT_VARIABLE = "LSTMENG_BACKEND"
@@ -51,7 +51,7 @@ class BackendInfo:
 
 
 _lock = threading.RLock()
-_cache: dict[str, tuple[Backend | None, BackendInfo]] = {}
+_cache: dict[str, tuple[KernelBackend | None, BackendInfo]] = {}
 _plugins: dict[str, metadata.EntryPoint] | None = None
 _default = threading.local()
 _process_default: list[str | None] = [None]
@@ -76,7 +76,7 @@ def known_backend_names() -> list[str]:
     return list(BUILTIN_BACKENDS) + sorted(_plugin_entry_points())
 
 
-def _load(name: str) -> tuple[Backend | None, BackendInfo]:
+def _load(name: str) -> tuple[KernelBackend | None, BackendInfo]:
     dependency = OPTIONAL_DEPENDENCIES.get(name)
     if dependency is not None and importlib.util.find_spec(dependency) is None:
         return None, BackendInfo(name, False, f"{dependency} is not installed (pip install {dependency})", "")
@@ -86,8 +86,8 @@ def _load(name: str) -> tuple[Backend | None, BackendInfo]:
         else:
             loaded = _plugin_entry_points()[name].load()
             backend = loaded() if isinstance(loaded, type) else loaded
-        if not isinstance(backend, Backend):
-            raise TypeError(f"{type(backend).__name__} is not an lstmeng.backends.Backend")
+        if not isinstance(backend, KernelBackend):
+            raise TypeError(f"{type(backend).__name__} is not an lstmeng.backends.KernelBackend")
         device = backend.probe()
         return backend, BackendInfo(name, True, "", device)
     except Exception as error:  # import errors, missing drivers, plugin bugs: all become reasons
@@ -97,7 +97,7 @@ def _load(name: str) -> tuple[Backend | None, BackendInfo]:
         return None, BackendInfo(name, False, reason.strip() or type(error).__name__, "")
 
 
-def _entry(name: str) -> tuple[Backend | None, BackendInfo]:
+def _entry(name: str) -> tuple[KernelBackend | None, BackendInfo]:
     with _lock:
         if name not in _cache:
             _cache[name] = _load(name)
@@ -133,8 +133,8 @@ def _unavailable_message(name: str) -> str:
     return message
 
 
-def get_backend_object(name: str) -> Backend:
-    """The Backend instance registered as ``name``; ValueError if unknown or unavailable.
+def get_backend_object(name: str) -> KernelBackend:
+    """The backend (a KernelBackend) registered as ``name``; ValueError if unknown or unavailable.
 
     A misspelt name close to a known one is answered at once with a "did you
     mean", before any backend is imported or probed.
@@ -216,13 +216,13 @@ def array_kind(array) -> str:
     return "host"
 
 
-def backend_for_array(array) -> Backend:
+def backend_for_array(array) -> KernelBackend:
     """The backend whose arrays ``array`` is: numba_cuda, tensorflow, or numpy for host arrays."""
     kind = array_kind(array)
     return get_backend_object({"tensorflow": "tensorflow", "cuda": "numba_cuda"}.get(kind, "numpy"))
 
 
-def resolve(requested: str, array, dtype, activation: str, recurrent_activation: str) -> Backend:
+def resolve(requested: str, array, dtype, activation: str, recurrent_activation: str) -> KernelBackend:
     """Choose the backend for one call.
 
     ``requested`` is a layer's ``backend`` argument. "auto" defers to the

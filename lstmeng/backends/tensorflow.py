@@ -23,7 +23,7 @@ import threading
 
 import numpy as np
 
-from lstmeng.backends.base import Backend, SequenceForward, SequenceGrads, SequenceOptions, Workspace
+from lstmeng.backends.base import ArrayOps, KernelBackend, SequenceForward, SequenceGrads, SequenceOptions, Workspace
 
 try:
     import tensorflow as tf
@@ -279,10 +279,72 @@ def _spec(rank, dtype):
     return tf.TensorSpec([None] * rank, dtype)
 
 
-class TensorflowBackend(Backend):
+class TensorflowArrayOps(ArrayOps):
+    """The array helpers in TF ops (``tf.Tensor`` and ``tf.Variable`` in, ``tf.Tensor`` out).
+
+    They keep the kind they are given: on host arrays (a layer called with
+    NumPy, whose results were already copied out) they are NumPy's, so NumPy in
+    gives NumPy out.
+    """
+
+    def owns(self, array) -> bool:
+        return tf is not None and isinstance(array, (tf.Tensor, tf.Variable))
+
+    def asarray(self, array, dtype):
+        dtype = _tf_dtype(dtype)
+        if self.owns(array):
+            return array if array.dtype == dtype else tf.cast(array, dtype)
+        return tf.convert_to_tensor(np.asarray(array, dtype=dtype.as_numpy_dtype))
+
+    def to_numpy(self, array) -> np.ndarray:
+        if self.owns(array):
+            return array.numpy()
+        return np.asarray(array)
+
+    def zeros(self, shape, dtype):
+        return tf.zeros(shape, _tf_dtype(dtype))
+
+    def zeros_like(self, array):
+        return tf.zeros_like(array)
+
+    def expand_time(self, x):
+        return tf.expand_dims(x, 1)
+
+    # The array helpers keep the kind they are given: on host arrays (a layer called with NumPy,
+    # whose results were already copied out) they are NumPy's, so NumPy in gives NumPy out.
+    def swap_batch_time(self, x):
+        if not self.owns(x):
+            return super().swap_batch_time(x)
+        rank = len(x.shape)
+        return tf.transpose(x, [1, 0] + list(range(2, rank)))
+
+    def flip_time(self, y):
+        return tf.reverse(y, axis=[1]) if self.owns(y) else super().flip_time(y)
+
+    def add(self, a, b):
+        return tf.add(a, b) if self.owns(a) or self.owns(b) else super().add(a, b)
+
+    def multiply(self, a, b):
+        return tf.multiply(a, b) if self.owns(a) or self.owns(b) else super().multiply(a, b)
+
+    def scale(self, a, factor: float):
+        return a * tf.cast(factor, a.dtype) if self.owns(a) else super().scale(a, factor)
+
+    def concatenate(self, arrays, axis: int = -1):
+        arrays = list(arrays)
+        if not any(self.owns(array) for array in arrays):
+            return super().concatenate(arrays, axis)
+        return tf.concat(arrays, axis=axis)
+
+    def split_last(self, array, sizes):
+        return tf.split(array, list(sizes), axis=-1) if self.owns(array) else super().split_last(array, sizes)
+
+
+class TensorflowBackend(KernelBackend):
     """LSTM in TensorFlow ops (float32 and float64, every activation, any TF device)."""
 
     name = "tensorflow"
+    ops = TensorflowArrayOps()
 
     def __init__(self):
         self._forward_functions = {}
@@ -353,10 +415,10 @@ class TensorflowBackend(Backend):
                          recurrent_dropout_mask, options):
         options.check_arrays(bias, mask, input_dropout_mask, recurrent_dropout_mask)
         dtype = _dtype_name(x)
-        tensors = [self.asarray(x, dtype), self.asarray(h0, dtype), self.asarray(c0, dtype),
-                   self.asarray(kernel, dtype), self.asarray(recurrent_kernel, dtype),
-                   _optional(self, bias, dtype), _optional(self, mask, "bool"),
-                   _optional(self, input_dropout_mask, dtype), _optional(self, recurrent_dropout_mask, dtype)]
+        tensors = [self.ops.asarray(x, dtype), self.ops.asarray(h0, dtype), self.ops.asarray(c0, dtype),
+                   self.ops.asarray(kernel, dtype), self.ops.asarray(recurrent_kernel, dtype),
+                   _optional(self.ops, bias, dtype), _optional(self.ops, mask, "bool"),
+                   _optional(self.ops, input_dropout_mask, dtype), _optional(self.ops, recurrent_dropout_mask, dtype)]
         results = self._forward_function(options, dtype)(*tensors)
         outputs, h, c = results[:3]
         workspace = None
@@ -381,7 +443,7 @@ class TensorflowBackend(Backend):
         empty_bool = tf.zeros([0], tf.bool)
         empty = tf.zeros([0], dtype)
         results = self._backward_function(options, dtype)(
-            self.asarray(doutputs, dtype), self.asarray(dh, dtype), self.asarray(dc, dtype),
+            self.ops.asarray(doutputs, dtype), self.ops.asarray(dh, dtype), self.ops.asarray(dc, dtype),
             ws.x, ws.h_in, ws.c_prev, ws.gates,
             ws.mask if options.has_mask else empty_bool,
             ws.seen_before if options.has_mask else empty_bool,
@@ -392,59 +454,6 @@ class TensorflowBackend(Backend):
         dx, dh0, dc0, dkernel, drecurrent_kernel, dbias = results
         return SequenceGrads(dx=dx, dh0=dh0, dc0=dc0, dkernel=dkernel,
                              drecurrent_kernel=drecurrent_kernel, dbias=dbias)
-
-    # -- array helpers in TF ops --------------------------------------------------------
-    def owns(self, array) -> bool:
-        return tf is not None and isinstance(array, (tf.Tensor, tf.Variable))
-
-    def asarray(self, array, dtype):
-        dtype = _tf_dtype(dtype)
-        if self.owns(array):
-            return array if array.dtype == dtype else tf.cast(array, dtype)
-        return tf.convert_to_tensor(np.asarray(array, dtype=dtype.as_numpy_dtype))
-
-    def to_numpy(self, array) -> np.ndarray:
-        if self.owns(array):
-            return array.numpy()
-        return np.asarray(array)
-
-    def zeros(self, shape, dtype):
-        return tf.zeros(shape, _tf_dtype(dtype))
-
-    def zeros_like(self, array):
-        return tf.zeros_like(array)
-
-    def expand_time(self, x):
-        return tf.expand_dims(x, 1)
-
-    # The array helpers keep the kind they are given: on host arrays (a layer called with NumPy,
-    # whose results were already copied out) they are NumPy's, so NumPy in gives NumPy out.
-    def swap_batch_time(self, x):
-        if not self.owns(x):
-            return super().swap_batch_time(x)
-        rank = len(x.shape)
-        return tf.transpose(x, [1, 0] + list(range(2, rank)))
-
-    def flip_time(self, y):
-        return tf.reverse(y, axis=[1]) if self.owns(y) else super().flip_time(y)
-
-    def add(self, a, b):
-        return tf.add(a, b) if self.owns(a) or self.owns(b) else super().add(a, b)
-
-    def multiply(self, a, b):
-        return tf.multiply(a, b) if self.owns(a) or self.owns(b) else super().multiply(a, b)
-
-    def scale(self, a, factor: float):
-        return a * tf.cast(factor, a.dtype) if self.owns(a) else super().scale(a, factor)
-
-    def concatenate(self, arrays, axis: int = -1):
-        arrays = list(arrays)
-        if not any(self.owns(array) for array in arrays):
-            return super().concatenate(arrays, axis)
-        return tf.concat(arrays, axis=axis)
-
-    def split_last(self, array, sizes):
-        return tf.split(array, list(sizes), axis=-1) if self.owns(array) else super().split_last(array, sizes)
 
 
 def _tf_dtype(dtype):
@@ -459,11 +468,11 @@ def _dtype_name(array) -> str:
     return dtype.name if isinstance(dtype, (np.dtype, tf.DType)) else np.dtype(dtype).name
 
 
-def _optional(backend, array, dtype):
+def _optional(ops, array, dtype):
     """The array as a tensor, or an empty rank-1 placeholder when it is absent."""
     if array is None:
         return tf.zeros([0], _tf_dtype(dtype))
-    return backend.asarray(array, dtype)
+    return ops.asarray(array, dtype)
 
 
 backend = TensorflowBackend()
