@@ -114,12 +114,12 @@ def lstmeng_runner(name: str, problem: Problem) -> dict[str, Callable[[], object
     backend = registry.get_backend_object(name)
     layer = le.LSTM(problem.shape.units, return_sequences=True, return_state=True, backend=name)
     layer.set_weights([problem.kernel, problem.recurrent_kernel, problem.bias])
-    x = backend.asarray(problem.x, np.dtype(np.float32))
-    dy = backend.asarray(problem.dy, np.dtype(np.float32))
+    x = backend.ops.asarray(problem.x, np.dtype(np.float32))
+    dy = backend.ops.asarray(problem.dy, np.dtype(np.float32))
 
     def infer():
         _, h, _ = layer(x)
-        return backend.to_numpy(h)  # waits for a device backend to finish; h [B, H] is small
+        return backend.ops.to_numpy(h)  # waits for a device backend to finish; h [B, H] is small
 
     def train():
         layer(x, training=True)
