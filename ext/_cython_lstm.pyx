@@ -656,7 +656,7 @@ cdef TeamShare whole_part(Py_ssize_t part, Py_ssize_t H) noexcept nogil:
     return share
 
 
-def forward(floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
+def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
             floating[:, ::1] kernel, floating[:, ::1] recurrent_kernel, floating[::1] bias,
             const unsigned char[:, ::1] mask,
             floating[:, ::1] input_dropout_mask, floating[:, ::1] recurrent_dropout_mask,
@@ -671,6 +671,12 @@ def forward(floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
             Py_ssize_t chunk_steps, Py_ssize_t part_chunk_rows,
             Py_ssize_t threads=1, bint split_units=False):
     """Whole-sequence forward of one layer and direction; writes into the given arrays.
+
+    Every argument is keyword-only: many are arrays of one dtype and shape
+    class, so a positional call that swapped two of them would pass every
+    check and compute garbage. Call a specialization explicitly
+    (``forward["float"]`` / ``forward["double"]``): Cython's automatic choice
+    looks at the first array argument, which may be None.
 
     x: [B, T, I]; h0, c0: [B, H]; kernel: [I, 4H]; recurrent_kernel: [H, 4H];
     bias: [4H] or None; mask: [B, T] (uint8, 1 = real) or None when every
@@ -963,7 +969,7 @@ cdef void publish_state_gradients(const LstmProblem *problem, const LstmBuffers 
         memcpy(dc0 + row * H + u0, dc_state + r * H + u0, width * sizeof(floating))
 
 
-def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_last,
+def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_last,
              floating[:, ::1] dh, floating[:, ::1] dc, floating[:, :, ::1] x,
              floating[:, ::1] kernel, floating[:, ::1] recurrent_kernel,
              const unsigned char[:, ::1] mask,
@@ -977,6 +983,7 @@ def backward(floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs_la
              floating[:, ::1] packed_x, Py_ssize_t threads=1, bint split_units=False,
              Py_ssize_t run_threads=0):
     """Backward of `forward` (training); the workspace arrays are overwritten.
+    Keyword-only arguments, as `forward`'s.
 
     doutputs_sequence: [B, T, H] or None; doutputs_last: [B, H] or None
     (exactly one given); dh, dc: [B, H] gradients of the final states;

@@ -396,14 +396,18 @@ class CythonBackend(KernelBackend):
         start = time.perf_counter()
         with _threads_for(layout):
             barrier_stats = _specialization(_cython_lstm.forward, dtype)(
-                x, h0, c0, kernel, recurrent_kernel, bias, layout.mask,
-                input_dropout_mask, recurrent_dropout_mask,
-                layout.order, layout.row_begin, layout.active, layout.offsets,
-                _cython_lstm.ACTIVATION_KINDS[activation],
-                _cython_lstm.ACTIVATION_KINDS[recurrent_activation],
-                reverse, zero_output_for_mask, sequence_outputs, last_output, h_out, c_out,
-                packed_x, gates, c_prev, h_in, h_state, c_state, h_in_step,
-                chunk_steps, part_chunk_rows, threads, split_units)
+                x=x, h0=h0, c0=c0, kernel=kernel, recurrent_kernel=recurrent_kernel, bias=bias,
+                mask=layout.mask, input_dropout_mask=input_dropout_mask,
+                recurrent_dropout_mask=recurrent_dropout_mask,
+                order=layout.order, row_begin=layout.row_begin, active=layout.active, offsets=layout.offsets,
+                act=_cython_lstm.ACTIVATION_KINDS[activation],
+                ract=_cython_lstm.ACTIVATION_KINDS[recurrent_activation],
+                reverse=reverse, zero_output_for_mask=zero_output_for_mask,
+                sequence_outputs=sequence_outputs, last_output=last_output, h_out=h_out, c_out=c_out,
+                packed_x=packed_x, gates=gates, c_prev_all=c_prev, h_in_all=h_in,
+                h_state=h_state, c_state=c_state, h_in_step=h_in_step,
+                chunk_steps=chunk_steps, part_chunk_rows=part_chunk_rows,
+                threads=threads, split_units=split_units)
         if split_units:
             self._split_governor.record(*barrier_stats, time.perf_counter() - start)
         self._buffers.give(packed_x, h_state, c_state, h_in_step, None if training else gates)
@@ -443,18 +447,21 @@ class CythonBackend(KernelBackend):
         start = time.perf_counter()
         with _threads_for(layout):
             barrier_stats = _specialization(_cython_lstm.backward, dtype)(
-                doutputs if options.return_sequences else None, None if options.return_sequences else doutputs,
-                _contiguous(dh, dtype), _contiguous(dc, dtype), ws.x, ws.kernel, ws.recurrent_kernel,
-                layout.mask, ws.input_dropout_mask, ws.recurrent_dropout_mask,
-                layout.order, layout.row_begin, layout.active, layout.offsets,
-                _cython_lstm.ACTIVATION_KINDS[options.activation],
-                _cython_lstm.ACTIVATION_KINDS[options.recurrent_activation],
-                options.reverse, options.zero_output_for_mask,
-                ws.gates, ws.c_prev, ws.h_in, dx, dh0, dc0, dkernel, drecurrent_kernel, dbias,
-                packed_x,
+                doutputs_sequence=doutputs if options.return_sequences else None,
+                doutputs_last=None if options.return_sequences else doutputs,
+                dh=_contiguous(dh, dtype), dc=_contiguous(dc, dtype), x=ws.x, kernel=ws.kernel,
+                recurrent_kernel=ws.recurrent_kernel, mask=layout.mask,
+                input_dropout_mask=ws.input_dropout_mask, recurrent_dropout_mask=ws.recurrent_dropout_mask,
+                order=layout.order, row_begin=layout.row_begin, active=layout.active, offsets=layout.offsets,
+                act=_cython_lstm.ACTIVATION_KINDS[options.activation],
+                ract=_cython_lstm.ACTIVATION_KINDS[options.recurrent_activation],
+                reverse=options.reverse, zero_output_for_mask=options.zero_output_for_mask,
+                gates=ws.gates, c_prev_all=ws.c_prev, h_in_all=ws.h_in,
+                dx=dx, dh0=dh0, dc0=dc0, dkernel=dkernel, drecurrent_kernel=drecurrent_kernel, dbias=dbias,
+                packed_x=packed_x,
                 # Every thread of the budget shares the weight-gradient GEMMs, also when the
                 # batch is one part.
-                threads, split_units, run_threads)
+                threads=threads, split_units=split_units, run_threads=run_threads)
         if split_units:
             self._split_governor.record(*barrier_stats, time.perf_counter() - start)
         # The consumed workspace and the scratch serve later calls; the workspace lets go of them.
