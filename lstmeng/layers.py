@@ -19,8 +19,8 @@ from lstmeng.backends.base import SequenceGrads, SequenceOptions
 
 
 @dataclasses.dataclass
-class _Tape:
-    """What one training forward left for ``backward`` (an entry of the layer's ``TrainingTape``)."""
+class _TapeEntry:
+    """What one training forward left for the backward (an entry of the layer's ``TrainingTape``)."""
 
     backend: Any
     workspace: Any            # None for an empty batch or zero time steps
@@ -31,10 +31,19 @@ class _Tape:
     input_guard: Any = None   # LSTMENG_DEBUG: checksum of the x the workspace references (InputGuard)
 
 
-@dataclasses.dataclass
-class _Call:
-    """A call's arguments after checking: x batch-major ``[B, T, I]`` in the backend's
-    kind, mask ``[B, T]`` or None, initial states ``[B, H]``."""
+@dataclasses.dataclass(frozen=True)
+class ForwardPlan:
+    """A call's arguments after every check, ready to run (``LSTM.plan`` makes it, ``LSTM.run`` runs it).
+
+    Attributes:
+        backend: the backend the call runs on.
+        x: ``[B, T, I]`` batch-major, in the backend's array kind.
+        mask: ``[B, T]`` bool, True = real step, or None.
+        h0, c0: ``[B, H]`` initial states.
+        got_initial_state: the caller passed ``initial_state`` (its gradients are reported).
+        batch, steps: B and T.
+        host_io: x was a host array, so results come back as host arrays.
+    """
 
     backend: Any
     x: Any
@@ -44,7 +53,20 @@ class _Call:
     got_initial_state: bool
     batch: int
     steps: int
-    host_io: bool = False     # x was a host array: results come back as host arrays
+    host_io: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class BackpropPlan:
+    """A backward's arguments after every check (``LSTM.plan_backprop`` makes it, ``LSTM.run_backprop``
+    runs it): dy batch-major in processing layout (``[B, T, H]`` or ``[B, H]``), dh and dc ``[B, H]``, on
+    the device of the training call they backpropagate (``entry``, the most recent one not yet
+    backpropagated when the plan was made)."""
+
+    entry: _TapeEntry
+    dy: Any
+    dh: Any
+    dc: Any
 
 
 class LSTM(LSTMWeights):
@@ -101,9 +123,40 @@ class LSTM(LSTMWeights):
         self._last_states = None
 
     @property
-    def _tape(self) -> _Tape | None:
-        """The most recent training call not yet backpropagated (None when there is none)."""
-        return self._tapes.last
+    def last_states(self):
+        """``[h, c]`` (each ``[B, H]``) of the most recent call, as it returned them; None before any."""
+        return self._last_states
+
+    def clone(self, **overrides) -> "LSTM":
+        """A new layer with this one's config (changed by ``overrides``, e.g. ``go_backwards=True``),
+        its weights if built, its carried states, its device and its dropout generator's state;
+        with a tape and gradients of its own.
+
+        ``Bidirectional`` runs clones, as Keras's rebuilds its sublayers from
+        config, so the layer a user passes is never changed.
+
+        Example:
+            >>> import lstmeng as le
+            >>> le.LSTM(4, seed=0).clone(go_backwards=True).go_backwards
+            True
+        """
+        config = self.get_config()
+        for key in ("kernel_initializer", "recurrent_initializer", "bias_initializer"):
+            config[key] = getattr(self, key)   # the initializer itself (a callable stays a callable)
+        unknown = sorted(set(overrides) - set(config))
+        if unknown:
+            raise TypeError(f"clone() got unknown options {unknown}; valid: {sorted(config)}")
+        config.update(overrides)
+        copy = type(self).from_config(config)
+        if self.device != "cpu":
+            copy.to(self.device)
+        if self.built:
+            copy.set_weights(self.get_weights())
+        if self.states is not None:
+            copy.reset_state([host_copy(state) for state in self.states])
+        copy._rng.bit_generator.state = self._rng.bit_generator.state
+        copy._device_chosen = self._device_chosen
+        return copy
 
     # -- configuration -----------------------------------------------------------
     def get_config(self) -> dict:
@@ -154,26 +207,27 @@ class LSTM(LSTMWeights):
             y, or ``[y, h, c]`` with return_state; y is ``[B, H]``, or
             ``[B, T, H]`` with return_sequences.
         """
-        outputs, h, c = self._forward(x, mask, lengths, initial_state, training, check_finite,
-                                      input_order=False)
+        outputs, h, c = self.run(self.plan(x, mask, lengths, initial_state, check_finite=check_finite), training)
         return [outputs, h, c] if self.return_state else outputs
 
-    def _forward(self, x, mask, lengths, initial_state, training, check_finite, input_order):
-        """The call proper. ``input_order=True`` leaves a go_backwards sequence in input order
-        (Bidirectional's backward direction needs it so) instead of reversing it."""
-        call = self._prepare_call(x, mask, lengths, initial_state, check_finite)
-        return self._run_call(call, training, input_order)
+    def plan(self, x, mask=None, lengths=None, initial_state=None, *, check_finite=False, build=True,
+             state_argument="initial_state", state_offset=0) -> ForwardPlan:
+        """Check every argument of a call (same as ``__call__``'s) and build the layer if needed;
+        computes nothing and changes nothing else.
 
-    def _prepare_call(self, x, mask, lengths, initial_state, check_finite, state_argument="initial_state",
-                      state_offset=0, build=True):
-        """Check every argument of a call and build the layer if needed; computes nothing.
+        The first half of ``__call__``, public so that a wrapper running several
+        layers as one call (``Bidirectional``, later fused multi-layer backends)
+        checks all of them before any runs: an error leaves states, dropout
+        generators and tapes untouched.
 
-        Kept apart from ``_run_call`` so that Bidirectional can check both
-        directions' arguments before either direction runs (an error must
-        leave states, dropout generators and tapes untouched).
-        ``state_argument``/``state_offset`` name the initial states in messages
-        (Bidirectional's backward states are ``initial_state[2]`` and ``[3]``);
-        ``build=False`` leaves building an unbuilt layer to the caller.
+        Args:
+            state_argument, state_offset: how error messages name the initial
+                states (Bidirectional's backward states are ``initial_state[2]`` and ``[3]``).
+            build: False leaves building an unbuilt layer to the caller (who
+                checks every layer first).
+
+        Returns:
+            ForwardPlan, for ``run``.
         """
         backend = self._resolve_backend(x)
         x = prepare_input(backend, x, self.dtype)
@@ -197,12 +251,19 @@ class LSTM(LSTMWeights):
         if build:
             # Built only once every argument is known good, so a bad first call leaves the layer unbuilt.
             self._ensure_built(features)
-        return _Call(backend, x, mask, h0, c0, got_initial_state, batch, steps, host_io)
+        return ForwardPlan(backend, x, mask, h0, c0, got_initial_state, batch, steps, host_io)
 
-    def _run_call(self, call, training, input_order):
-        """Run a call checked by ``_prepare_call``; returns (outputs, h, c)."""
-        backend, x, mask, batch, steps = call.backend, call.x, call.mask, call.batch, call.steps
-        h0, c0 = call.h0, call.c0
+    def run(self, plan: ForwardPlan, training=False, *, keep_input_order=False):
+        """Run a call checked by ``plan`` (the layer must be built); returns ``(outputs, h, c)``.
+
+        Args:
+            training: apply dropout and record the call for the backward.
+            keep_input_order: leave a go_backwards layer's sequence outputs in
+                input order (step t at index t) instead of reversed, as a
+                Bidirectional's backward direction needs them.
+        """
+        backend, x, mask, batch, steps = plan.backend, plan.x, plan.mask, plan.batch, plan.steps
+        h0, c0 = plan.h0, plan.c0
         if batch == 0 or steps == 0:
             outputs = (backend.ops.zeros((batch, steps, self.units), self.dtype) if self.return_sequences
                        else backend.ops.zeros((batch, self.units), self.dtype))
@@ -225,23 +286,32 @@ class LSTM(LSTMWeights):
                                               recurrent_dropout_mask, options)
             outputs, h, c, workspace = result.outputs, result.h, result.c, result.workspace
         if training:   # an inference call leaves the tape as it is
-            guard = None if workspace is None else self._input_guard(x, "x", call.host_io)
-            self._tapes.push(_Tape(backend, workspace, batch, steps, call.got_initial_state, call.host_io, guard))
+            guard = None if workspace is None else self._input_guard(x, "x", plan.host_io)
+            self._tapes.push(_TapeEntry(backend, workspace, batch, steps, plan.got_initial_state, plan.host_io,
+                                        guard))
         if self.stateful:
             # Host arrays are mutable: carry copies so that a caller editing the
             # returned h or c in place does not change the next call's state.
             # (tf.Tensor is immutable; device arrays are the caller's to keep.)
             self.states = [h.copy(), c.copy()] if isinstance(h, np.ndarray) else [h, c]
         if self.return_sequences:
-            if self.go_backwards and not input_order:
+            if self.go_backwards and not keep_input_order:
                 outputs = backend.ops.flip_time(outputs)
             if self.time_major:
                 outputs = backend.ops.swap_batch_time(outputs)
         self._device_chosen = True   # a call has run here: later CUDA inputs to a CPU layer are errors
-        if call.host_io:  # NumPy in, NumPy out; carried states stay in the backend's kind
+        if plan.host_io:  # NumPy in, NumPy out; carried states stay in the backend's kind
             outputs, h, c = (_to_host(backend, array) for array in (outputs, h, c))
         self._last_states = [h, c]
         return outputs, h, c
+
+    def discard_last_training_call(self) -> None:
+        """Drop the most recent training call not yet backpropagated (its workspace is freed).
+
+        For wrappers that run several layers as one call and must undo the
+        ones that ran when a later one fails.
+        """
+        self._tapes.drop_last()
 
     def _initial_states(self, backend, initial_state, batch, argument="initial_state", offset=0, steps=1):
         shape = (batch, self.units)
@@ -290,52 +360,87 @@ class LSTM(LSTMWeights):
             >>> encoder.backward(np.ones_like(y_b)).shape, encoder.backward(np.ones_like(y_a)).shape
             ((1, 2, 5), (2, 4, 5))
         """
-        backend, grads = self._backward(dy, dh, dc, input_order=False)
-        return backend.ops.swap_batch_time(grads.dx) if self.time_major else grads.dx
+        grads = self.run_backprop(self.plan_backprop(dy, dh, dc))
+        return grads.dx
 
-    def _backward(self, dy, dh, dc, input_order):
-        """Returns (backend, SequenceGrads) with dx batch-major ``[B, T, I]``."""
-        tape = self._tapes.peek()
-        if tape.input_guard is not None:   # LSTMENG_DEBUG: x unchanged since the forward?
-            tape.input_guard.check()
-        backend = tape.backend
-        state_shape = (tape.batch, self.units)
+    def plan_backprop(self, dy, dh=None, dc=None, *, keep_input_order=False, dy_argument="dy",
+                      state_arguments=("dh", "dc")) -> BackpropPlan:
+        """Check ``backward``'s arguments against the most recent training call not yet
+        backpropagated; computes nothing and consumes nothing.
+
+        The first half of ``backward``, public so that a wrapper checks every
+        layer's gradients before any layer's backward consumes its workspace.
+
+        Args:
+            keep_input_order: dy of a go_backwards layer is in input order (as
+                ``run(..., keep_input_order=True)`` returned its outputs).
+            dy_argument, state_arguments: how error messages name dy, dh and dc.
+
+        Returns:
+            BackpropPlan, for ``run_backprop``.
+        """
+        entry = self._tapes.peek()
+        if entry.input_guard is not None:   # LSTMENG_DEBUG: x unchanged since the forward?
+            entry.input_guard.check()
+        backend = entry.backend
+        state_shape = (entry.batch, self.units)
         if self.return_sequences:
-            expected = (tape.steps, tape.batch, self.units) if self.time_major else (tape.batch, tape.steps, self.units)
+            expected = ((entry.steps, entry.batch, self.units) if self.time_major
+                        else (entry.batch, entry.steps, self.units))
         else:
             expected = state_shape
-        dy = self._prepare_grad(backend, dy, "dy", expected)
+        dy = self._prepare_grad(backend, dy, dy_argument, expected)
         # Default state gradients are read only when there is a workspace (the backward copies
         # them); without one they are returned as the initial states' gradients: fresh zeros.
-        zeros = backend.ops.zeros_constant if tape.workspace is not None else backend.ops.zeros
-        dh = zeros(state_shape, self.dtype) if dh is None else self._prepare_grad(backend, dh, "dh", state_shape)
-        dc = zeros(state_shape, self.dtype) if dc is None else self._prepare_grad(backend, dc, "dc", state_shape)
+        zeros = backend.ops.zeros_constant if entry.workspace is not None else backend.ops.zeros
+        dh_argument, dc_argument = state_arguments
+        dh = zeros(state_shape, self.dtype) if dh is None else self._prepare_grad(backend, dh, dh_argument,
+                                                                                  state_shape)
+        dc = zeros(state_shape, self.dtype) if dc is None else self._prepare_grad(backend, dc, dc_argument,
+                                                                                  state_shape)
         dy, dh, dc = (self._to_call_device(backend, array) for array in (dy, dh, dc))
         if self.return_sequences:
             if self.time_major:
                 dy = backend.ops.swap_batch_time(dy)
-            if self.go_backwards and not input_order:
+            if self.go_backwards and not keep_input_order:
                 dy = backend.ops.flip_time(dy)
+        return BackpropPlan(entry, dy, dh, dc)
 
+    def run_backprop(self, plan: BackpropPlan) -> SequenceGrads:
+        """Backpropagate a training call checked by ``plan_backprop``: consumes its tape entry,
+        sets ``grads`` (replacing, or adding within a round: see ``backward``) and
+        ``initial_state_grads``.
+
+        Returns:
+            SequenceGrads; dx in x's layout (``[T, B, I]`` when time_major), host
+            arrays for dx and the state gradients when the call's x was a host array.
+        """
+        entry = plan.entry
+        if self._tapes.last is not entry:
+            raise RuntimeError("run_backprop: the plan is not for the most recent training call not yet "
+                               "backpropagated (another call or backward ran since plan_backprop)")
+        backend, dy, dh, dc = entry.backend, plan.dy, plan.dh, plan.dc
         accumulate = self._tapes.next_backward_adds   # a later backward of this round adds to grads
-        if tape.workspace is None:  # empty batch or zero steps: outputs were constants
+        if entry.workspace is None:  # empty batch or zero steps: outputs were constants
             zero = self._zero_weight_grads(backend)
             grads = SequenceGrads(
-                dx=backend.ops.zeros((tape.batch, tape.steps, self.input_size), self.dtype), dh0=dh, dc0=dc,
+                dx=backend.ops.zeros((entry.batch, entry.steps, self.input_size), self.dtype), dh0=dh, dc0=dc,
                 dkernel=zero["kernel"], drecurrent_kernel=zero["recurrent_kernel"],
                 dbias=zero.get("bias", np.zeros(4 * self.units, self.dtype)))
         elif self._device != "cpu" and backend.accepts_grads_out and not accumulate:
             # On the GPU the gradients are written into the arrays of the last backward (as
             # PyTorch's .grad): a training loop allocates none. Copy them to keep them.
-            grads = backend.sequence_backward(dy, dh, dc, tape.workspace, grads_out=self._grads)
+            grads = backend.sequence_backward(dy, dh, dc, entry.workspace, grads_out=self._grads)
         else:
-            grads = backend.sequence_backward(dy, dh, dc, tape.workspace)
+            grads = backend.sequence_backward(dy, dh, dc, entry.workspace)
         self._tapes.pop()
         self._store_grads(backend, grads, accumulate)
-        if tape.host_io:  # host dy in, host dx and state gradients out; weight gradients stay on the device
+        if self.time_major:
+            grads.dx = backend.ops.swap_batch_time(grads.dx)
+        if entry.host_io:  # host dy in, host dx and state gradients out; weight gradients stay on the device
             grads.dx, grads.dh0, grads.dc0 = (_to_host(backend, array) for array in (grads.dx, grads.dh0, grads.dc0))
-        self.initial_state_grads = [grads.dh0, grads.dc0] if tape.got_initial_state else None
-        return backend, grads
+        self.initial_state_grads = [grads.dh0, grads.dc0] if entry.got_initial_state else None
+        return grads
 
     def _prepare_grad(self, backend, array, argument, shape):
         array = prepare_input(backend, array, self.dtype, argument)

@@ -29,10 +29,16 @@ class Bidirectional:
             ``[y_forward, y_backward]``).
         backward_layer: an ``LSTM`` with go_backwards opposite to ``layer``'s.
 
+    Both directions are clones (``LSTM.clone``; Keras rebuilds its sublayers
+    from config): ``layer`` and ``backward_layer`` themselves are never
+    changed, and training updates ``forward_layer`` and ``backward_layer``.
     With return_sequences both directions output zeros at masked steps (as
     Keras forces), and the backward direction's output is put back in input
     order, so on a right-padded batch it starts at each row's last real step.
-    return_state gives ``[y, h_fw, c_fw, h_bw, c_bw]``.
+    return_state gives ``[y, h_fw, c_fw, h_bw, c_bw]``. The directions are run
+    through their public two-phase calls (``plan``/``run``,
+    ``plan_backprop``/``run_backprop``): every argument of both is checked
+    before either runs.
 
     Example:
         >>> import numpy as np, lstmeng as le
@@ -45,32 +51,36 @@ class Bidirectional:
         if not isinstance(layer, LSTM):
             raise TypeError(f"layer must be an lstmeng.LSTM, got {type(layer).__name__}")
         self.merge_mode = _validation.check_choice(merge_mode, "merge_mode", MERGE_MODES)
-        if backward_layer is None:
-            config = layer.get_config()
-            for key in ("kernel_initializer", "recurrent_initializer", "bias_initializer"):
-                config[key] = getattr(layer, key)  # a callable, not the name get_config gives it
-            config["go_backwards"] = not layer.go_backwards
-            if config["seed"] is not None:
-                config["seed"] += 1  # different weights and dropout masks from the forward copy
-            backward_layer = LSTM.from_config(config)
-            if layer.device != "cpu":
-                backward_layer.to(layer.device)   # the copy lives where the forward layer does
-        elif not isinstance(backward_layer, LSTM):
-            raise TypeError(f"backward_layer must be an lstmeng.LSTM, got {type(backward_layer).__name__}")
-        else:
+        if backward_layer is not None:
+            if not isinstance(backward_layer, LSTM):
+                raise TypeError(f"backward_layer must be an lstmeng.LSTM, got {type(backward_layer).__name__}")
             for option in ("return_sequences", "return_state", "stateful", "time_major", "dtype"):
                 if getattr(backward_layer, option) != getattr(layer, option):
                     raise ValueError(f"backward_layer.{option} must equal layer.{option} "
                                      f"({getattr(layer, option)!r}), got {getattr(backward_layer, option)!r}")
             if backward_layer.go_backwards == layer.go_backwards:
                 raise ValueError("backward_layer.go_backwards must be the opposite of layer.go_backwards")
-        self.forward_layer = layer
-        self.backward_layer = backward_layer
+        # Both directions are clones (Keras rebuilds its sublayers from config), configured here:
+        # with return_sequences both output zeros at masked steps, as Keras forces. The layers the
+        # caller passed are never changed; train and read the weights through forward_layer and
+        # backward_layer.
+        zero_output_for_mask = layer.return_sequences
+        self.forward_layer = layer.clone(zero_output_for_mask=zero_output_for_mask)
+        if backward_layer is None:
+            # The mirror of the forward layer; another seed gives it its own weights and dropout masks.
+            seed = None if layer.seed is None else layer.seed + 1
+            backward = LSTM.from_config({**self.forward_layer.get_config(), "go_backwards": not layer.go_backwards,
+                                         "seed": seed, "kernel_initializer": layer.kernel_initializer,
+                                         "recurrent_initializer": layer.recurrent_initializer,
+                                         "bias_initializer": layer.bias_initializer})
+            if layer.device != "cpu":
+                backward.to(layer.device)   # the mirror lives where the forward layer does
+            self.backward_layer = backward
+        else:
+            self.backward_layer = backward_layer.clone(zero_output_for_mask=zero_output_for_mask)
         self.return_sequences = layer.return_sequences
         self.return_state = layer.return_state
         self.time_major = layer.time_major
-        for direction in (self.forward_layer, self.backward_layer):
-            direction.zero_output_for_mask = self.return_sequences
         self._tapes = TrainingTape()   # per training call: (backend, y_forward, y_backward) for the unmerge
         self._last_states = None
 
@@ -122,8 +132,9 @@ class Bidirectional:
 
     def reset_tape(self):
         """Drop every training call not yet backpropagated; returns self."""
-        for tape in (self._tapes, self.forward_layer._tapes, self.backward_layer._tapes):
-            tape.clear()
+        self._tapes.clear()
+        self.forward_layer.reset_tape()
+        self.backward_layer.reset_tape()
         return self
 
     def get_weights(self) -> list:
@@ -163,6 +174,11 @@ class Bidirectional:
             self.backward_layer.reset_state(states[2:])
 
     @property
+    def last_states(self):
+        """``[h_fw, c_fw, h_bw, c_bw]`` of the most recent call; None before any."""
+        return self._last_states
+
+    @property
     def initial_state_grads(self):
         forward, backward = self.forward_layer.initial_state_grads, self.backward_layer.initial_state_grads
         return None if forward is None else forward + backward
@@ -177,21 +193,21 @@ class Bidirectional:
         states = (None, None) if initial_state is None else (list(initial_state[:2]), list(initial_state[2:]))
         # Both directions' arguments are checked before either direction runs or
         # is built: an error leaves states, dropout generators and weights as they were.
-        forward_call = self.forward_layer._prepare_call(x, mask, lengths, states[0], check_finite, build=False)
-        backward_call = self.backward_layer._prepare_call(x, mask, lengths, states[1], False, state_offset=2,
-                                                          build=False)
-        features = _validation.shape_of(forward_call.x)[2]
-        self.forward_layer._ensure_built(features)
-        self.backward_layer._ensure_built(features)
-        y_forward, h_forward, c_forward = self.forward_layer._run_call(forward_call, training, input_order=True)
+        forward_plan = self.forward_layer.plan(x, mask, lengths, states[0], check_finite=check_finite, build=False)
+        backward_plan = self.backward_layer.plan(x, mask, lengths, states[1], state_offset=2, build=False)
+        features = _validation.shape_of(forward_plan.x)[2]
+        for direction in (self.forward_layer, self.backward_layer):
+            if not direction.built:
+                direction.build(features)
+        y_forward, h_forward, c_forward = self.forward_layer.run(forward_plan, training, keep_input_order=True)
         try:
-            y_backward, h_backward, c_backward = self.backward_layer._run_call(backward_call, training,
-                                                                                input_order=True)
+            y_backward, h_backward, c_backward = self.backward_layer.run(backward_plan, training,
+                                                                          keep_input_order=True)
         except Exception:
             if training:
-                self.forward_layer._tapes.drop_last()
+                self.forward_layer.discard_last_training_call()
             raise
-        backend = forward_call.backend
+        backend = forward_plan.backend
         self._last_states = [h_forward, c_forward, h_backward, c_backward]
         if training:   # an inference call leaves the tape as it is
             self._tapes.push((backend, y_forward, y_backward))
@@ -228,26 +244,26 @@ class Bidirectional:
             dstates = [None] * 4
         elif len(dstates) != 4:
             raise ValueError("dstates must be [dh_fw, dc_fw, dh_bw, dc_bw] (entries may be None)")
-        # Checked here, before the forward direction's backward runs and consumes its tape.
-        directions = (self.forward_layer, self.forward_layer, self.backward_layer, self.backward_layer)
-        for index, (direction, state_grad) in enumerate(zip(directions, dstates)):
-            if state_grad is not None and direction._tape is not None:
-                _validation.check_shape(state_grad, f"dstates[{index}]", (direction._tape.batch, direction.units))
-        forward_entry, forward_accumulate = self.forward_layer._tape, self.forward_layer._tapes.next_backward_adds
-        forward_grads_before = dict(self.forward_layer._grads)
-        _, forward_grads = self.forward_layer._backward(dy_forward, dstates[0], dstates[1], input_order=True)
+        # Both directions' gradients are checked before either direction's backward consumes its workspace.
+        forward_plan = self.forward_layer.plan_backprop(dy_forward, dstates[0], dstates[1], keep_input_order=True,
+                                                        state_arguments=("dstates[0]", "dstates[1]"))
+        backward_plan = self.backward_layer.plan_backprop(dy_backward, dstates[2], dstates[3], keep_input_order=True,
+                                                          state_arguments=("dstates[2]", "dstates[3]"))
+        forward_grads_before = {name: value.copy() for name, value in self.forward_layer.grads.items()}
+        forward_grads = self.forward_layer.run_backprop(forward_plan)
         try:
-            _, backward_grads = self.backward_layer._backward(dy_backward, dstates[2], dstates[3], input_order=True)
+            backward_grads = self.backward_layer.run_backprop(backward_plan)
         except Exception:
-            # The tapes stay in step: the forward direction's entry goes back on its tape. Every
-            # argument was checked above, so only the backend itself fails here; the forward
-            # direction's workspace is then consumed, and a retry says to run the forward again.
-            self.forward_layer._tapes.undo_pop(forward_entry, forward_accumulate)
-            self.forward_layer._grads = forward_grads_before
+            # Only the backend itself fails here (every argument was checked above). The forward
+            # direction's workspace is consumed, so the call cannot be backpropagated again: it is
+            # dropped from every tape, and the forward direction's gradients are put back.
+            self.backward_layer.discard_last_training_call()
+            self._tapes.pop()
+            if forward_grads_before:
+                self.forward_layer.grads = forward_grads_before
             raise
         self._tapes.pop()
-        dx = backend.ops.add(forward_grads.dx, backward_grads.dx)
-        return backend.ops.swap_batch_time(dx) if self.time_major else dx
+        return backend.ops.add(forward_grads.dx, backward_grads.dx)   # both in x's layout
 
     def _unmerge(self, backend, dy, y_forward, y_backward):
         if self.merge_mode is None:
@@ -715,7 +731,7 @@ def _move_all(layers, device) -> None:
 
 def _final_states(layer):
     """The final states of the layer's last call (kept for ``Sequential.states``)."""
-    return layer._last_states
+    return layer.last_states
 
 
 def _expected_weight_names(layer):

@@ -125,7 +125,7 @@ def test_tensorflow_tensors_are_not_checksummed(debug):
     tf = pytest.importorskip("tensorflow")
     lstm = le.LSTM(3, seed=0, backend="tensorflow")
     y = lstm(tf.constant(make_x()), training=True)
-    assert lstm._tape.input_guard is None
+    assert lstm._tapes.last.input_guard is None
     lstm.backward(tf.ones_like(y))
 
 
@@ -150,6 +150,6 @@ def test_host_input_of_a_gpu_layer_is_a_copy(debug):
     lstm = le.LSTM(2, seed=0, backend="numba_cuda")
     x = make_x(1, 2, 2)
     y = lstm(x, training=True)
-    assert lstm._tape.input_guard is None
+    assert lstm._tapes.last.input_guard is None
     x[:] = 0.0
     assert lstm.backward(np.ones_like(y)).shape == x.shape

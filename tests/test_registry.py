@@ -78,7 +78,7 @@ def test_environment_variable(clean_default, monkeypatch):
     assert le.get_backend() == "numpy"
     lstm = le.LSTM(2, seed=0)
     lstm(np.ones((1, 2, 3)), training=True)
-    assert lstm._tape.backend.name == "numpy"
+    assert lstm._tapes.last.backend.name == "numpy"
     le.set_backend("auto")  # set_backend wins over the environment
     assert le.get_backend() == "auto"
     monkeypatch.setattr(registry, "_process_default", [None])
@@ -190,7 +190,7 @@ def test_working_plugin_is_listed_usable_and_conformant(plugins):
     assert [row.name for row in le.list_backends()][:4] == BUILTIN
     lstm = le.LSTM(3, dtype="float64", backend="myplugin", seed=0)
     lstm(np.ones((2, 4, 3)), training=True)
-    assert lstm._tape.backend.name == "myplugin"
+    assert lstm._tapes.last.backend.name == "myplugin"
     with pytest.raises(ValueError, match="backend 'myplugin' cannot run this layer.*float64.*not float32"):
         le.LSTM(3, backend="myplugin")(np.ones((2, 4, 3)))
     with le.use_backend("myplugin"):
