@@ -24,7 +24,9 @@ from lstmeng.masking import lengths_to_mask, pad_batch, pad_sequences
 from lstmeng import optim  # NumPy only: numba is imported when a device array is met
 from lstmeng.serialization import load, save
 from lstmeng.training import History, evaluate, fit
-from lstmeng.wrappers import Bidirectional, Dropout, Sequential
+from lstmeng.bidirectional import Bidirectional
+from lstmeng.dropout import Dropout
+from lstmeng.sequential import Sequential
 
 __version__ = "0.1.0"
 

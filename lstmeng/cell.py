@@ -17,12 +17,14 @@ over one sequence.
 from __future__ import annotations
 
 from lstmeng import _validation
-from lstmeng._weights import LSTMWeights, TrainingTape, prepare_input, prepare_state
+from lstmeng._arrays import prepare_input, prepare_state
+from lstmeng._lstm_base import LSTMBase
+from lstmeng._tape import TrainingTape
 from lstmeng.backends import registry
 from lstmeng.backends.base import SequenceOptions
 
 
-class LSTMCell(LSTMWeights):
+class LSTMCell(LSTMBase):
     """One LSTM step with Keras's cell options (see ``LSTM`` for them).
 
     Example:

@@ -11,7 +11,9 @@ import warnings
 import numpy as np
 
 from lstmeng.layers import LSTM
-from lstmeng.wrappers import Bidirectional, Dropout, Sequential
+from lstmeng.bidirectional import Bidirectional
+from lstmeng.dropout import Dropout
+from lstmeng.sequential import Sequential
 
 _KERAS_LSTM_OPTIONS = ("units", "activation", "recurrent_activation", "use_bias", "unit_forget_bias",
                        "dropout", "recurrent_dropout", "return_sequences", "return_state",

@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from lstmeng import _validation, initializers
-from lstmeng._weights import TrainingTape, grads_property, host_copy, params_property, zero_grads_of
+from lstmeng._arrays import grads_property, host_copy, params_property, zero_grads_of
+from lstmeng._tape import TrainingTape
 from lstmeng.backends import registry
 
 #: Dense activations: name -> (forward f(z), derivative as a function of the output y = f(z)).

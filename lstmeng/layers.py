@@ -14,7 +14,8 @@ import numpy as np
 
 from lstmeng import _validation, masking
 from lstmeng.backends import registry
-from lstmeng._weights import LSTMWeights, array_dtype_name, host_copy, prepare_input, prepare_state
+from lstmeng._arrays import array_dtype_name, host_copy, prepare_input, prepare_state
+from lstmeng._lstm_base import LSTMBase
 from lstmeng.backends.base import SequenceGrads, SequenceOptions
 
 
@@ -69,7 +70,7 @@ class BackpropPlan:
     dc: Any
 
 
-class LSTM(LSTMWeights):
+class LSTM(LSTMBase):
     """Long short-term memory layer with Keras 3's semantics and an explicit backward pass.
 
     Args:

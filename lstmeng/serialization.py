@@ -33,7 +33,9 @@ from lstmeng import initializers
 from lstmeng.cell import LSTMCell
 from lstmeng.dense import Dense, Embedding
 from lstmeng.layers import LSTM  # noqa: F401  (lstmeng.serialization.LSTM, as before)
-from lstmeng.wrappers import LAYER_CLASSES, Bidirectional, Dropout, Sequential
+from lstmeng.bidirectional import Bidirectional
+from lstmeng.dropout import Dropout
+from lstmeng.sequential import LAYER_CLASSES, Sequential
 
 FORMAT = "lstmeng"
 VERSION = 1
@@ -97,7 +99,7 @@ def _optimizer_entries(optimizer):
     keys = list(state_dict["state"])
     if not all(isinstance(key, str) for key in keys):
         raise ValueError("optimizer.state_dict()['state'] must have string keys")
-    from lstmeng._weights import host_copy  # device state (optimizer on the GPU) comes to the host here
+    from lstmeng._arrays import host_copy  # device state (optimizer on the GPU) comes to the host here
     arrays = {f"optimizer_state_{i}": host_copy(state_dict["state"][key]) for i, key in enumerate(keys)}
     return {"config": state_dict["config"], "state_keys": keys}, arrays
 
@@ -149,7 +151,7 @@ def load(path, device=None, optimizer=None):
     """
     path = os.fspath(path)
     if device is not None:
-        from lstmeng._weights import parse_device
+        from lstmeng._devices import parse_device
         parse_device(device)   # a bad or unavailable device is named before the file is read
     if not os.path.exists(path):
         raise FileNotFoundError(f"no lstmeng file at {path!r}")

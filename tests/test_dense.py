@@ -96,7 +96,7 @@ def test_embedding_bidirectional_lstm_dense_model_matches_finite_differences(bac
         logits = model(ids, training=True)
         loss, dlogits = le.losses.softmax_cross_entropy(logits, targets)
         assert model.backward(dlogits) is None
-        return loss, {key: np.array(le._weights.host_copy(value)) for key, value in model.grads.items()}
+        return loss, {key: np.array(le._arrays.host_copy(value)) for key, value in model.grads.items()}
 
     _, grads = loss_and_grads()    # builds the model
     if model.device == "cpu":
@@ -108,7 +108,7 @@ def test_embedding_bidirectional_lstm_dense_model_matches_finite_differences(bac
     def place_like(reference, host):
         return host if isinstance(reference, np.ndarray) else cuda.ops.asarray(host, np.dtype("float64"))
 
-    host_params = {key: np.array(le._weights.host_copy(value)) for key, value in model.params.items()}
+    host_params = {key: np.array(le._arrays.host_copy(value)) for key, value in model.params.items()}
     for key in ["1.forward.kernel", "2.recurrent_kernel", "2.bias", "3.kernel", "0.embeddings"]:
         array = host_params[key]
         index = np.unravel_index(rng.integers(array.size), array.shape)
