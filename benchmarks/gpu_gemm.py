@@ -41,6 +41,7 @@ import time
 import numpy as np
 
 from lstmeng._runtime import timing
+from lstmeng.testing import kernel_overrides
 
 LSTM_SHAPES = ((64, 100, 256, 256), (256, 100, 256, 1024), (64, 200, 512, 1024))
 SIMULATED_SHAPES = ((2, 3, 5, 3), (1, 4, 6, 5))
@@ -259,12 +260,8 @@ def _runner(path, product, device, output, gemm, torch, cublas_usable, cublas_re
         if not cublas_usable:
             return None, cublas_reason
         def run_cublas():
-            saved = gemm.FORCED_PATH
-            gemm.FORCED_PATH = "cublas"
-            try:
+            with kernel_overrides(cuda_gemm_path="cublas"):
                 gemm.launch_gemm(a, b, output, bias, **flags)
-            finally:
-                gemm.FORCED_PATH = saved
         return run_cublas, None
     if torch is None:
         return None, "torch with CUDA not available"

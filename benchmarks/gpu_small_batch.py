@@ -49,6 +49,7 @@ from lstmeng._runtime.timing import (
     numba_event_clock,
     torch_event_clock,
 )
+from lstmeng.testing import kernel_overrides
 
 SHAPES = [(1, 256, 256), (1, 256, 512), (1, 256, 1024), (8, 256, 256), (8, 256, 512), (8, 256, 1024),
           (1, 64, 128)]                       # (B, I, H)
@@ -192,10 +193,10 @@ def run_shape(backend, torch, np, batch, features, units, steps, simulated, over
     row = {"B": batch, "I": features, "H": units, "T": steps}
 
     def ours(design, training):
-        backend.recurrence_design = design
-        forward = backend.sequence_forward(dev["x"], dev["h0"], dev["c0"], dev["kernel"], dev["recurrent"],
-                                           dev["bias"], None, None, None, _options(dev["bias"], training))
-        grads = backend.sequence_backward(dev["dy"], zeros, zeros, forward.workspace) if training else None
+        with kernel_overrides(cuda_recurrence_design=design):
+            forward = backend.sequence_forward(dev["x"], dev["h0"], dev["c0"], dev["kernel"], dev["recurrent"],
+                                               dev["bias"], None, None, None, _options(dev["bias"], training))
+            grads = backend.sequence_backward(dev["dy"], zeros, zeros, forward.workspace) if training else None
         return forward, grads
 
     for design in ("small", "general"):
@@ -209,14 +210,12 @@ def run_shape(backend, torch, np, batch, features, units, steps, simulated, over
         report(f"check {design:<7} B={batch} I={features} H={units} T={steps}: max rel error y/h/c "
                f"{forward_error:.2e}, grads {backward_error:.2e}  {max(forward_error, backward_error):.2e}")
     if simulated or over_budget:
-        backend.recurrence_design = None
         if over_budget:
             report(f"# B={batch} H={units}: timings skipped, past the {TIME_BUDGET_S:.0f} s budget")
         return row
     for design in ("small", "general"):
         for mode, training in (("inference", False), ("train", True)):
             row[f"{design} {mode}"] = _median_ms(lambda: ours(design, training))
-    backend.recurrence_design = None
     if torch is not None:
         lstm, tx, tdy, params = _torch_lstm(torch, host)
 
@@ -339,11 +338,10 @@ def stress(report, backend, np, sizes):
         zeros = device(np.zeros((batch, units)))
         outputs = {}
         for run, design in (("small 1", "small"), ("small 2", "small"), ("general", "general")):
-            backend.recurrence_design = design
-            forward = backend.sequence_forward(x, zeros, zeros, kernel, recurrent, bias, None, None, None,
-                                               _options(bias, False))
+            with kernel_overrides(cuda_recurrence_design=design):
+                forward = backend.sequence_forward(x, zeros, zeros, kernel, recurrent, bias, None, None, None,
+                                                   _options(bias, False))
             outputs[run] = backend.ops.to_numpy(forward.outputs)
-        backend.recurrence_design = None
         identical = bool(np.array_equal(outputs["small 1"], outputs["small 2"]))
         difference = _relative_error(np, outputs["small 1"], outputs["general"])
         report(f"stress B={batch} H={units} T={steps}: two small runs bit-identical: {identical}; "

@@ -81,7 +81,7 @@ _ISA_NAMES = {code: name for name, code in ISA_CODES.items()}
 #: The kernel families this CPU (and this build) runs, best last: "scalar" always.
 SUPPORTED_ISAS = tuple(name for name, code in ISA_CODES.items() if code <= lstmeng_best_isa())
 
-#: The best of them, the one used unless a test chooses another (use_isa).
+#: The best of them, the one used unless a test chooses another (select_kernels).
 BEST_ISA = _ISA_NAMES[lstmeng_best_isa()]
 
 #: Whether float32 steps can use the packed-panel FMA kernels of lstm_gemm.h (AVX2 or
@@ -100,38 +100,36 @@ lstmeng_isa = lstmeng_best_isa()
 
 
 def isa():
-    """The name of the kernel family in use: "avx512", "avx2" or "scalar" (see use_isa)."""
+    """The name of the kernel family in use: "avx512", "avx2" or "scalar" (see select_kernels)."""
     return _ISA_NAMES[lstmeng_isa]
 
 
-def use_isa(name):
-    """Run the hand-written kernels of one instruction set, process-wide; returns the
-    previous name. "avx512" and "avx2": the packed step product and the fused gate
-    rows of that set; "scalar": BLAS for the step product and the compiler-vectorised
-    generic rows. For tests, which run every path the CPU supports: do not switch
-    between a training forward and its backward, nor while another thread runs a call.
+def fast_gate_math():
+    """Whether the fused gate kernels run now (see select_kernels)."""
+    return bool(lstmeng_fast_rows)
+
+
+def select_kernels(isa_name, bint fast_gate_math):
+    """Run the hand-written kernels of one instruction set, with or without the fused
+    gate kernels, process-wide. "avx512" and "avx2": the packed step product and (with
+    fast_gate_math, where the CPU has them) the fused gate rows of that set; "scalar":
+    BLAS for the step product and the compiler-vectorised generic rows.
+
+    The cython backend calls it at the start of each call from the caller's kernel
+    overrides (``lstmeng.testing.kernel_overrides``: tests run every path the CPU
+    supports; production uses BEST_ISA with the fused rows). Process-wide C switches:
+    a change while another thread runs a call reaches that call.
 
     Raises ValueError for a name this CPU or build does not run (see SUPPORTED_ISAS).
     """
-    global lstmeng_isa, packed_gemm, packed_projection
-    if name not in SUPPORTED_ISAS:
-        raise ValueError(f"instruction set {name!r} is not available here: this CPU and build "
+    global lstmeng_isa, packed_gemm, packed_projection, lstmeng_fast_rows
+    if isa_name not in SUPPORTED_ISAS:
+        raise ValueError(f"instruction set {isa_name!r} is not available here: this CPU and build "
                          f"run {SUPPORTED_ISAS}")
-    previous = isa()
-    lstmeng_isa = ISA_CODES[name]
+    lstmeng_isa = ISA_CODES[isa_name]
     packed_gemm = lstmeng_isa != LSTMENG_ISA_SCALAR
     packed_projection = lstmeng_isa == LSTMENG_ISA_AVX512
-    return previous
-
-
-def use_fast_gate_math(bint enabled):
-    """Switch the fused gate kernels on (where the CPU has them) or off, process-wide;
-    returns the previous setting. For tests, which run the generic row code on the same
-    CPU: do not switch between a training forward and its backward."""
-    global lstmeng_fast_rows
-    previous = bool(lstmeng_fast_rows)
-    lstmeng_fast_rows = enabled and FAST_GATE_MATH
-    return previous
+    lstmeng_fast_rows = fast_gate_math and FAST_GATE_MATH
 
 
 #: Activation names -> the kind numbers of lstm_rows.h.

@@ -16,7 +16,8 @@
  *
  * lstmeng_isa: the kernels in use, one of LSTMENG_ISA_*; set at import to the
  * best the CPU runs (lstmeng_best_isa()) and lowered by tests
- * (_cython_lstm.use_isa) to run every path on one machine. Read once per
+ * (_cython_lstm.select_kernels, from lstmeng.testing.kernel_overrides) to
+ * run every path on one machine. Read once per
  * call of a kernel (a step's product, a row), never inside its loops.
  */
 #ifndef LSTMENG_LSTM_CPU_H

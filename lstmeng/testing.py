@@ -19,6 +19,12 @@ return_sequences, initial states, dropout masks, every activation, no bias, in
 every dtype the backend claims. ``size`` scales the shapes for real-size runs
 on a device; every case stays well-conditioned at every size (see
 ``RECURRENT_GAIN``), so the same tight tolerances hold at size 1 and size 8.
+
+``kernel_overrides(**fields)`` (with its ``KernelOverrides`` fields) forces the
+built-in backends' internal paths within a ``with`` block, for tests and
+benchmarks only: the unit split of small batches, the cython instruction set
+and gate kernels, the numba_cuda recurrence design, weight placement and GEMM
+path. Production code never needs it.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import itertools
 import numpy as np
 
 from lstmeng.backends import registry
+from lstmeng.backends._kernel_overrides import KernelOverrides as KernelOverrides  # re-exported
+from lstmeng.backends._kernel_overrides import kernel_overrides as kernel_overrides  # re-exported
 from lstmeng.backends.base import SequenceOptions
 
 MASK_PATTERNS = ("none", "right", "left", "holes", "fully_masked", "random")

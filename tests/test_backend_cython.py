@@ -12,6 +12,7 @@ import pytest
 import lstmeng as le
 from lstmeng import testing
 from lstmeng.backends import registry
+from lstmeng.testing import kernel_overrides
 
 from _backends import sequence_forward
 
@@ -52,12 +53,12 @@ def split_units(request, monkeypatch):
     units; with 64 units, 3 threads get 0, 32 and 32 (a member with no units
     still takes part in every barrier).
     """
-    monkeypatch.setattr(cython_module.backend, "split_units", True)
     monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)
     monkeypatch.setenv("OMP_NUM_THREADS", str(request.param))
     if not cython_module._team(1, 6, True)[2]:
         pytest.skip("this build runs one thread (no OpenMP or no OpenBLAS thread control)")
-    return request.param
+    with kernel_overrides(cython_split_units=True):
+        yield request.param
 
 
 @pytest.mark.parametrize("case", testing.conformance_cases(), ids=str)
@@ -76,9 +77,8 @@ def test_conformance_split_units_packed_kernel_sizes(case, split_units):
 @pytest.fixture
 def generic_gate_math():
     """The generic row code instead of the fused AVX2 gate kernels (float32, tanh / sigmoid)."""
-    previous = cython_module._cython_lstm.use_fast_gate_math(False)
-    yield
-    cython_module._cython_lstm.use_fast_gate_math(previous)
+    with kernel_overrides(cython_fast_gate_math=False):
+        yield
 
 
 @pytest.mark.parametrize("case", testing.conformance_cases(dtypes=("float32",)), ids=str)
@@ -90,14 +90,11 @@ def _fast_and_generic(x, dy, units):
     """(outputs, dx, dbias, dkernel, drecurrent_kernel) with the fast and with the generic gate code."""
     results = []
     for fast in (True, False):
-        previous = cython_module._cython_lstm.use_fast_gate_math(fast)
-        try:
+        with kernel_overrides(cython_fast_gate_math=fast):
             layer = le.LSTM(units, return_sequences=True, backend="cython", seed=0)
             y = layer(x, training=True)
             dx = layer.backward(dy)
             results.append((y, dx, *(layer.grads[name] for name in sorted(layer.grads))))
-        finally:
-            cython_module._cython_lstm.use_fast_gate_math(previous)
     return results
 
 
@@ -130,14 +127,55 @@ def test_fast_gate_math_saturates_like_the_generic_code():
 
 def test_small_batches_split_units_by_default(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    if not cython_module._team(1, 128, "auto")[2]:
+    if not cython_module._team(1, 128, None)[2]:
         pytest.skip("this build runs one thread (no OpenMP or no OpenBLAS thread control)")
-    assert cython_module._team(1, 128, "auto") == (1, 2, True)
-    assert cython_module._team(1, cython_module.MIN_UNITS_TO_SPLIT - 1, "auto") == (1, 1, False)
-    assert cython_module._team(64, 128, "auto") == (2, 2, False)
+    assert cython_module._team(1, 128, None) == (1, 2, True)
+    assert cython_module._team(1, cython_module.MIN_UNITS_TO_SPLIT - 1, None) == (1, 1, False)
+    assert cython_module._team(64, 128, None) == (2, 2, False)
     assert cython_module._team(1, 128, False) == (1, 1, False)
-    with pytest.raises(ValueError, match="split_units"):
-        cython_module.CythonBackend(split_units="yes")
+
+
+def test_kernel_overrides_are_checked_scoped_and_restored():
+    """Values are checked before anything changes; blocks nest and restore on exit, also on an
+    error; the production class takes no testing switches."""
+    from lstmeng.backends import _kernel_overrides
+    for bad in ({"cython_split_units": "yes"}, {"cython_split_units": 1}, {"cython_isa": "sse9"},
+                {"cuda_recurrence_design": "medium"}):
+        with pytest.raises(ValueError, match=next(iter(bad))), kernel_overrides(**bad):
+            pass
+    with pytest.raises(TypeError), kernel_overrides(split_units=True):
+        pass
+    assert _kernel_overrides.current() == testing.KernelOverrides()
+    with kernel_overrides(cython_split_units=False, cython_fast_gate_math=False):
+        with pytest.raises(KeyError), kernel_overrides(cython_split_units=True) as inner:
+            assert inner == testing.KernelOverrides(cython_split_units=True, cython_fast_gate_math=False)
+            raise KeyError
+        assert _kernel_overrides.current() == testing.KernelOverrides(cython_split_units=False,
+                                                                      cython_fast_gate_math=False)
+    assert _kernel_overrides.current() == testing.KernelOverrides()
+    with pytest.raises(TypeError):
+        cython_module.CythonBackend(split_units=True)
+
+
+def test_kernel_overrides_belong_to_their_thread():
+    """A block on one thread leaves the calls of another thread on the automatic choice."""
+    from lstmeng.backends import _kernel_overrides
+    seen = []
+    with kernel_overrides(cython_split_units=True):
+        thread = threading.Thread(target=lambda: seen.append(_kernel_overrides.current()))
+        thread.start()
+        thread.join()
+    assert seen == [testing.KernelOverrides()]
+
+
+def test_isa_override_is_applied_per_call_and_undone_after_the_block():
+    extension = cython_module._cython_lstm
+    x = np.zeros((1, 2, 3), np.float32)
+    with kernel_overrides(cython_isa="scalar", cython_fast_gate_math=False):
+        le.LSTM(4, backend="cython", seed=0)(x)
+        assert (extension.isa(), extension.fast_gate_math()) == ("scalar", False)
+    le.LSTM(4, backend="cython", seed=0)(x)
+    assert (extension.isa(), extension.fast_gate_math()) == (extension.BEST_ISA, extension.FAST_GATE_MATH)
 
 
 # Units a multiple of 32 take the packed-panel FMA kernel for the per-step
@@ -244,14 +282,15 @@ def test_variable_length_path_matches_general_path(reverse, zero_output_for_mask
     }
     options = dict(reverse=reverse, zero_output_for_mask=zero_output_for_mask,
                    return_sequences=return_sequences)
-    packed = cython_module.CythonBackend(packed_variable_length=True)
-    general = cython_module.CythonBackend(packed_variable_length=False)
+    backend = cython_module.CythonBackend()
     # The two paths really differ: sorted rows and shrinking steps vs the full mask.
     layout = cython_module._layout(inputs["mask"], batch, steps, parts, True)
     assert layout.mask is None and layout.rows == lengths.sum()
     assert cython_module._layout(inputs["mask"], batch, steps, parts, False).mask is not None
-    for got, expected in zip(_forward_backward(packed, inputs, options),
-                             _forward_backward(general, inputs, options)):
+    packed = _forward_backward(backend, inputs, options)
+    with kernel_overrides(cython_packed_variable_length=False):
+        general = _forward_backward(backend, inputs, options)
+    for got, expected in zip(packed, general):
         np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -388,7 +427,8 @@ def test_split_calls_report_their_barriers(monkeypatch):
                               forward.workspace)
     assert len(records) == 2 and all(barriers >= steps and 0 <= slow for barriers, slow in records)
     records.clear()
-    sequence_forward(cython_module.CythonBackend(split_units=False), *args)
+    with kernel_overrides(cython_split_units=False):
+        sequence_forward(cython_module.CythonBackend(), *args)
     assert records == []
 
 
@@ -407,8 +447,7 @@ def test_busy_machine_fallback_gives_the_same_numbers(dtype, isa, monkeypatch):
     extension = cython_module._cython_lstm
     if isa not in extension.SUPPORTED_ISAS:
         pytest.skip(f"this CPU or build does not run {isa}")
-    previous = extension.use_isa(isa)
-    try:
+    with kernel_overrides(cython_isa=isa):
         rng = np.random.default_rng(3)
         batch, steps, inputs, units = 16, 32, 8, 128   # one part: a unit split by default
         # Weights of 0.1: a contracting recurrence, so rounding differences stay rounding.
@@ -425,8 +464,6 @@ def test_busy_machine_fallback_gives_the_same_numbers(dtype, isa, monkeypatch):
             results.append((forward.workspace.split_units, forward.outputs, forward.h, forward.c,
                             grads.dx, grads.dkernel, grads.drecurrent_kernel, grads.dbias,
                             grads.dh0))
-    finally:
-        extension.use_isa(previous)
     assert results[0][0] and not results[1][0]
     exact = dtype == "float64" or isa == "avx512"
     for got, want in zip(results[1][1:], results[0][1:]):

@@ -27,6 +27,7 @@ import pytest
 import lstmeng as le
 from lstmeng import testing
 from lstmeng.backends import registry
+from lstmeng.testing import kernel_overrides
 
 from _backends import REAL_GPU, fast_simulator_thread_switches, numba_cuda_backend, sequence_forward
 
@@ -37,10 +38,7 @@ _fast_simulator_thread_switches = pytest.fixture(autouse=True, scope="module")(f
 
 @pytest.fixture
 def backend():
-    backend = _backend()
-    yield backend
-    backend.weights_in_shared = None
-    backend.recurrence_design = None
+    return _backend()
 
 
 # -- conformance with the NumPy reference ---------------------------------------------
@@ -75,15 +73,15 @@ def test_cases_cover_the_contract():
 def test_conformance(backend, case, design):
     """Batches of up to 16 rows go to the small-batch kernels unless the general design is forced;
     both must pass every case (tests/test_cuda_small_batch.py tests the small design further)."""
-    backend.recurrence_design = design
-    testing.check_case("numba_cuda", case)
+    with kernel_overrides(cuda_recurrence_design=design):
+        testing.check_case("numba_cuda", case)
 
 
 @pytest.mark.parametrize("case", GLOBAL_WEIGHT_CASES, ids=str)
 def test_conformance_with_weights_in_global_memory(backend, case):
     """The fallback for weight slices that do not fit in shared memory computes the same."""
-    backend.weights_in_shared = False
-    testing.check_case("numba_cuda", case)
+    with kernel_overrides(cuda_weights_in_shared=False):
+        testing.check_case("numba_cuda", case)
 
 
 @pytest.mark.skipif(not REAL_GPU, reason="needs a real GPU (LSTMENG_REAL_CUDA=1)")

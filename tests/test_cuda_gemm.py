@@ -25,6 +25,7 @@ from numba import cuda  # noqa: E402
 
 from lstmeng.backends import _cuda_cublas as cublas_path  # noqa: E402
 from lstmeng.backends import _cuda_gemm as gemm  # noqa: E402
+from lstmeng.testing import kernel_overrides  # noqa: E402
 
 REAL_GPU = os.environ.get("LSTMENG_REAL_CUDA") == "1"
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
@@ -61,9 +62,9 @@ def run_gemm(launch, a, b, bias, c0, **flags):
 
 @pytest.fixture
 def path_switch(monkeypatch):
-    """A clean path switch: no LSTMENG_CUDA_GEMM, no module override, no cached CuPy status."""
+    """A clean path switch: no LSTMENG_CUDA_GEMM, no cached CuPy status (and no kernel override:
+    none is set outside a ``kernel_overrides`` block)."""
     monkeypatch.delenv(gemm.PATH_VARIABLE, raising=False)
-    monkeypatch.setattr(gemm, "FORCED_PATH", None)
     cublas_path.refresh()
     yield monkeypatch
     monkeypatch.undo()   # the real status() back before its cache is cleared
@@ -228,31 +229,32 @@ def test_auto_without_cupy_uses_numba(path_switch):
     assert gemm.gemm_path() == "Numba tiled GEMM (CuPy not installed)"
 
 
-@pytest.mark.parametrize("setting", ["environment", "module"])
+@pytest.mark.parametrize("setting", ["environment", "kernel_overrides"])
 def test_forced_paths(path_switch, setting):
     _fake_cublas_usable(path_switch)
+    with contextlib.ExitStack() as blocks:
+        def force(value):
+            if setting == "environment":
+                path_switch.setenv(gemm.PATH_VARIABLE, value)
+            else:
+                blocks.enter_context(kernel_overrides(cuda_gemm_path=value))
 
-    def force(value):
-        if setting == "environment":
-            path_switch.setenv(gemm.PATH_VARIABLE, value)
-        else:
-            path_switch.setattr(gemm, "FORCED_PATH", value)
-
-    force("numba")
-    assert gemm.choose_path(*BIG) == "numba"
-    assert gemm.gemm_path() == "Numba tiled GEMM (forced by LSTMENG_CUDA_GEMM=numba)"
-    force("cublas")
+        force("numba")
+        assert gemm.choose_path(*BIG) == "numba"
+        assert gemm.gemm_path() == "Numba tiled GEMM (forced by LSTMENG_CUDA_GEMM=numba)"
+        force("cublas")
+        assert gemm.choose_path(*SMALL) == "cublas"
+        assert gemm.gemm_path() == "cuBLAS via CuPy 14.2.0 (float32/float64, no TF32)"
+    path_switch.setenv(gemm.PATH_VARIABLE, "CUBLAS ")
     assert gemm.choose_path(*SMALL) == "cublas"
-    assert gemm.gemm_path() == "cuBLAS via CuPy 14.2.0 (float32/float64, no TF32)"
-    force("CUBLAS ")
-    assert gemm.choose_path(*SMALL) == "cublas"
 
 
-def test_module_switch_overrides_the_environment(path_switch):
+def test_kernel_override_overrides_the_environment(path_switch):
     _fake_cublas_usable(path_switch)
     path_switch.setenv(gemm.PATH_VARIABLE, "cublas")
-    path_switch.setattr(gemm, "FORCED_PATH", "numba")
-    assert gemm.choose_path(*BIG) == "numba"
+    with kernel_overrides(cuda_gemm_path="numba"):
+        assert gemm.choose_path(*BIG) == "numba"
+    assert gemm.choose_path(*BIG) == "cublas"
 
 
 def test_forced_cublas_without_cupy_fails_loudly(path_switch):

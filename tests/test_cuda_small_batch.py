@@ -21,6 +21,7 @@ import pytest
 
 from lstmeng import testing
 from lstmeng.backends.base import SequenceOptions
+from lstmeng.testing import kernel_overrides
 
 from _backends import REAL_GPU, fast_simulator_thread_switches, numba_cuda_backend, sequence_forward
 
@@ -32,11 +33,8 @@ _fast_simulator_thread_switches = pytest.fixture(autouse=True, scope="module")(f
 @pytest.fixture
 def small_backend():
     """The numba_cuda backend with the small-batch design forced (an error where it does not apply)."""
-    backend = _backend()
-    backend.recurrence_design = "small"
-    yield backend
-    backend.recurrence_design = None
-    backend.weights_in_shared = None
+    with kernel_overrides(cuda_recurrence_design="small"):
+        yield _backend()
 
 
 # -- direct comparisons with the reference: the flag combinations that change the code ----------
@@ -81,8 +79,8 @@ def test_forward_and_backward_match_the_reference(small_backend, case):
 @pytest.mark.parametrize("case", FLAG_CASES[2:5], ids=str)
 def test_weights_in_global_memory_match_the_reference(small_backend, case):
     """The placement for weight slices that do not fit in shared memory computes the same."""
-    small_backend.weights_in_shared = False
-    testing.check_case("numba_cuda", case)
+    with kernel_overrides(cuda_weights_in_shared=False):
+        testing.check_case("numba_cuda", case)
     entry = small_backend.launch_log[("forward", case.dtype, case.units, case.batch, "small")]
     assert entry[3] is False
 
@@ -109,12 +107,8 @@ def test_conformance_with_the_small_design(small_backend, case):
 @pytest.mark.parametrize("case", CONFORMANCE[::3], ids=str)
 def test_conformance_with_the_general_design_forced(case):
     """The fallback (version 1) still runs small batches correctly when chosen."""
-    backend = _backend()
-    backend.recurrence_design = "general"
-    try:
+    with kernel_overrides(cuda_recurrence_design="general"):
         testing.check_case("numba_cuda", case)
-    finally:
-        backend.recurrence_design = None
 
 
 # -- dispatch ---------------------------------------------------------------------------------------
@@ -122,7 +116,6 @@ def test_design_follows_the_batch_and_falls_back(monkeypatch):
     """B <= SMALL_BATCH_MAX_ROWS takes the small design, larger batches and shapes it cannot hold the
     general one; forcing "general" skips it; forcing "small" where it cannot apply is an error."""
     from lstmeng.backends import _cuda_recurrence_small as small
-    backend = _backend()
     calls = []
     original = small.launch
 
@@ -135,21 +128,17 @@ def test_design_follows_the_batch_and_falls_back(monkeypatch):
     case = _case(units=2, steps=2, batch=1)
     if REAL_GPU:
         pytest.skip("dispatch is checked under the simulator")
-    try:
-        for batch, units, expected in ((small.SMALL_BATCH_MAX_ROWS + 1, 2, None), (1, 2, True), (1, 40, False)):
-            calls.clear()
-            testing.check_case("numba_cuda", dataclasses.replace(case, batch=batch, units=units))
-            launched = {launched for direction, *_, launched in calls}
-            assert launched == ({expected} if expected is not None else set()), (batch, units, calls)
-        backend.recurrence_design = "general"
+    for batch, units, expected in ((small.SMALL_BATCH_MAX_ROWS + 1, 2, None), (1, 2, True), (1, 40, False)):
+        calls.clear()
+        testing.check_case("numba_cuda", dataclasses.replace(case, batch=batch, units=units))
+        launched = {launched for direction, *_, launched in calls}
+        assert launched == ({expected} if expected is not None else set()), (batch, units, calls)
+    with kernel_overrides(cuda_recurrence_design="general"):
         calls.clear()
         testing.check_case("numba_cuda", case)
         assert calls == []
-        backend.recurrence_design = "small"
-        with pytest.raises(RuntimeError, match="small-batch"):
-            testing.check_case("numba_cuda", dataclasses.replace(case, units=40))
-    finally:
-        backend.recurrence_design = None
+    with kernel_overrides(cuda_recurrence_design="small"), pytest.raises(RuntimeError, match="small-batch"):
+        testing.check_case("numba_cuda", dataclasses.replace(case, units=40))
 
 
 @pytest.mark.parametrize("direction,dtype,units,batch,expected", [
@@ -240,16 +229,13 @@ def test_barrier_stress_thousands_of_steps(batch):
     zeros = device(np.zeros((batch, units)))
     dy = device(rng.normal(size=(batch, steps, units)))
     results = {}
-    try:
-        for run, design in (("small 1", "small"), ("small 2", "small"), ("general", "general")):
-            backend.recurrence_design = design
+    for run, design in (("small 1", "small"), ("small 2", "small"), ("general", "general")):
+        with kernel_overrides(cuda_recurrence_design=design):
             forward = sequence_forward(backend, x, zeros, zeros, kernel, recurrent, bias, training=True)
             grads = backend.sequence_backward(dy, zeros, zeros, forward.workspace)
-            results[run] = {name: backend.ops.to_numpy(value) for name, value in
-                            (("outputs", forward.outputs), ("c", forward.c), ("dh0", grads.dh0),
-                             ("drecurrent_kernel", grads.drecurrent_kernel))}
-    finally:
-        backend.recurrence_design = None
+        results[run] = {name: backend.ops.to_numpy(value) for name, value in
+                        (("outputs", forward.outputs), ("c", forward.c), ("dh0", grads.dh0),
+                         ("drecurrent_kernel", grads.drecurrent_kernel))}
     for name in results["small 1"]:
         np.testing.assert_array_equal(results["small 1"][name], results["small 2"][name], err_msg=name)
         want = results["general"][name].astype(np.float64)

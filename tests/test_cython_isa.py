@@ -18,6 +18,7 @@ import pytest
 
 import lstmeng as le
 from lstmeng import testing
+from lstmeng.testing import kernel_overrides
 
 cython_module = pytest.importorskip("lstmeng.backends.cython")
 pytestmark = pytest.mark.skipif(
@@ -32,9 +33,8 @@ def isa(request):
     """Run the test with one kernel family forced (skipped where the CPU lacks it)."""
     if request.param not in extension.SUPPORTED_ISAS:
         pytest.skip(f"this CPU or build does not run {request.param}")
-    previous = extension.use_isa(request.param)
-    yield request.param
-    extension.use_isa(previous)
+    with kernel_overrides(cython_isa=request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("case", testing.conformance_cases(), ids=str)
@@ -59,11 +59,12 @@ def test_conformance_packed_kernel_sizes(case, isa):
 @pytest.fixture
 def two_thread_unit_split(monkeypatch):
     """Split the units of every batch between two threads (the per-gate-block products)."""
-    monkeypatch.setattr(cython_module.backend, "split_units", True)
     monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     if not cython_module._team(1, 64, True)[2]:
         pytest.skip("this build runs one thread (no OpenMP or no OpenBLAS thread control)")
+    with kernel_overrides(cython_split_units=True):
+        yield
 
 
 @pytest.mark.parametrize("case", [
@@ -90,11 +91,8 @@ def test_each_isa_agrees_with_the_generic_code(units, isa):
     x = (rng.normal(size=(3, 9, 5)) * 3).astype(np.float32)
     dy = rng.normal(size=(3, 9, units)).astype(np.float32)
     fast = _train(x, dy, units)
-    previous = extension.use_fast_gate_math(False)
-    try:
+    with kernel_overrides(cython_fast_gate_math=False):
         generic = _train(x, dy, units)
-    finally:
-        extension.use_fast_gate_math(previous)
     for fast_value, generic_value in zip(fast, generic):
         np.testing.assert_allclose(fast_value, generic_value, rtol=2e-5, atol=2e-5)
 
@@ -119,7 +117,9 @@ def test_nan_propagates(isa):
 
 
 def test_best_isa_is_the_default():
-    """The best family the CPU runs is chosen at import, and AVX-512 CPUs get it."""
+    """The best family the CPU runs is the one a call without overrides selects, and AVX-512
+    CPUs get it."""
+    le.LSTM(4, backend="cython", seed=0)(np.zeros((1, 2, 3), np.float32))
     assert extension.isa() == extension.BEST_ISA == extension.SUPPORTED_ISAS[-1]
     assert extension.SUPPORTED_ISAS[0] == "scalar"
     if os.path.exists("/proc/cpuinfo"):
@@ -131,12 +131,18 @@ def test_best_isa_is_the_default():
             assert extension.BEST_ISA == "avx2"
 
 
-def test_use_isa_rejects_what_the_cpu_lacks():
+def test_isa_override_rejects_what_the_cpu_lacks():
+    """An unknown name before the block starts; a family this CPU lacks at the call."""
+    x = np.zeros((1, 2, 3), np.float32)
+    with pytest.raises(ValueError, match="cython_isa"), kernel_overrides(cython_isa="sse9"):
+        pass
     with pytest.raises(ValueError, match="not available"):
-        extension.use_isa("sse9")
-    previous = extension.use_isa("scalar")
-    try:
-        assert extension.isa() == "scalar"
-    finally:
-        assert extension.use_isa(previous) == "scalar"
-    assert extension.isa() == previous
+        extension.select_kernels("sse9", True)
+    for name in ISAS:
+        with kernel_overrides(cython_isa=name):
+            if name in extension.SUPPORTED_ISAS:
+                le.LSTM(4, backend="cython", seed=0)(x)
+                assert extension.isa() == name
+            else:
+                with pytest.raises(ValueError, match="not available"):
+                    le.LSTM(4, backend="cython", seed=0)(x)

@@ -12,8 +12,9 @@ identity or the transpose. The LSTM uses it for
 Which path runs (``choose_path``): cuBLAS (``_cuda_cublas``) when CuPy is
 installed and usable, the CUDA simulator is off and the product is big enough
 for the library's call overhead not to matter; the Numba kernel below
-otherwise. ``LSTMENG_CUDA_GEMM=numba|cublas|auto`` (or ``FORCED_PATH``)
-forces a path; ``gemm_path()`` says in words which one is active and why.
+otherwise. ``LSTMENG_CUDA_GEMM=numba|cublas|auto`` forces a path (tests
+and benchmarks: the ``cuda_gemm_path`` of ``lstmeng.testing.kernel_overrides``,
+over the variable); ``gemm_path()`` says in words which one is active and why.
 Both paths compute in the array's dtype with plain FMAs: no TF32.
 
 Why a hand-written GEMM is kept beside cuBLAS: CuPy is an optional
@@ -56,6 +57,8 @@ import threading
 import numba
 import numpy as np
 from numba import cuda
+
+from lstmeng.backends import _kernel_overrides
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +118,6 @@ CUBLAS_MIN_MULTIPLY_ADDS = 1 << 21
 
 PATH_VARIABLE = "LSTMENG_CUDA_GEMM"
 PATHS = ("auto", "numba", "cublas")
-#: Module switch: "numba" or "cublas" overrides LSTMENG_CUDA_GEMM; None reads the variable.
-FORCED_PATH: str | None = None
 
 
 # -- path choice ----------------------------------------------------------------------------------------------
@@ -125,8 +126,9 @@ def _simulator_enabled() -> bool:
 
 
 def requested_path() -> str:
-    """The path asked for: FORCED_PATH, else LSTMENG_CUDA_GEMM, else "auto"."""
-    value = FORCED_PATH if FORCED_PATH is not None else os.environ.get(PATH_VARIABLE, "auto")
+    """The path asked for: the ``cuda_gemm_path`` kernel override, else LSTMENG_CUDA_GEMM, else "auto"."""
+    forced = _kernel_overrides.current().cuda_gemm_path
+    value = forced if forced is not None else os.environ.get(PATH_VARIABLE, "auto")
     value = (value or "auto").strip().lower()
     if value not in PATHS:
         raise ValueError(f"{PATH_VARIABLE} must be one of {', '.join(PATHS)}, got {value!r}")

@@ -46,6 +46,7 @@ import time
 import numpy as np
 
 from lstmeng._runtime import threads
+from lstmeng.backends import _kernel_overrides
 from lstmeng.backends._buffer_cache import BufferCache
 from lstmeng.backends.base import KernelBackend, SequenceForward, SequenceGrads, Workspace
 
@@ -116,13 +117,14 @@ def _parts(batch: int, threads: int | None = None) -> int:
     return max(1, min(threads, batch // MIN_ROWS_PER_PART))
 
 
-def _team(batch: int, units: int, split_units, flops: float | None = None) -> tuple[int, int, bool]:
+def _team(batch: int, units: int, split_units: bool | None,
+          flops: float | None = None) -> tuple[int, int, bool]:
     """(parts, threads, split_units) for a batch: parts by rows when the batch is large
-    enough, else (with ``split_units`` "auto" or True) one part whose units the
-    threads share. split_units True forces the unit split whenever threads
-    are available (tests use it to run that path at tiny sizes). flops: the
-    forward's FLOPs; below MIN_FLOPS_TO_THREAD a batch of one part runs one thread
-    (None: no limit)."""
+    enough, else (with ``split_units`` None, the automatic choice, or True) one part
+    whose units the threads share. split_units True forces the unit split whenever
+    threads are available (the ``cython_split_units`` kernel override: tests run that
+    path at tiny sizes); False never splits. flops: the forward's FLOPs; below
+    MIN_FLOPS_TO_THREAD a batch of one part runs one thread (None: no limit)."""
     threads = _kernel_threads()
     parts = _parts(batch, threads)
     if parts == 1 and flops is not None and flops < MIN_FLOPS_TO_THREAD:
@@ -293,6 +295,21 @@ class _Workspace(Workspace):
     input_shape: tuple
 
 
+#: (ISA, fast gate math) selected in the extension now: production's until an override asks
+#: for another (see _select_kernels).
+_selected_kernels = (None, None)
+
+
+def _select_kernels(overrides: _kernel_overrides.KernelOverrides) -> None:
+    """Set the extension's kernel family from the caller's overrides (the CPU's best and
+    the fused gate rows without any); a call into the extension only when it changes."""
+    global _selected_kernels
+    wanted = (overrides.cython_isa or _cython_lstm.BEST_ISA, overrides.cython_fast_gate_math is not False)
+    if wanted != _selected_kernels:
+        _cython_lstm.select_kernels(*wanted)
+        _selected_kernels = wanted
+
+
 def _specialization(kernel, dtype):
     """The float or double version of a fused kernel, chosen explicitly: Cython's
     automatic choice looks at the first array argument, which may be None."""
@@ -306,14 +323,12 @@ def _contiguous(array, dtype):
 class CythonBackend(KernelBackend):
     """Fused Cython kernels with BLAS GEMMs (float32 and float64, every activation).
 
+    A batch too small to split by rows has its units split among the threads
+    when the layer has at least ``MIN_UNITS_TO_SPLIT`` units; right-padded
+    masks take the sorted, shrinking-batch path. Tests and benchmarks force
+    other paths with ``lstmeng.testing.kernel_overrides`` (read at each call).
+
     Args:
-        packed_variable_length: take the sorted, shrinking-batch path for
-            right-padded masks (the default); False forces the general
-            masked path, which gives the same numbers (tests compare them).
-        split_units: "auto" (the default) splits the units of a batch too
-            small to split by rows among the threads when the layer has at
-            least ``MIN_UNITS_TO_SPLIT`` units; True whenever there are
-            threads (any size: tests use it); False never.
         buffer_cache_bytes: how many bytes of released scratch and consumed
             workspace arrays to keep for the next calls (a training loop then
             reuses its memory instead of having fresh pages zeroed every
@@ -322,14 +337,9 @@ class CythonBackend(KernelBackend):
 
     name = "cython"
 
-    def __init__(self, packed_variable_length: bool = True, split_units="auto",
-                 buffer_cache_bytes: int = BUFFER_CACHE_BYTES):
-        if split_units not in ("auto", True, False):
-            raise ValueError(f"split_units must be 'auto', True or False, got {split_units!r}")
+    def __init__(self, buffer_cache_bytes: int = BUFFER_CACHE_BYTES):
         if not isinstance(buffer_cache_bytes, (int, np.integer)) or buffer_cache_bytes < 0:
             raise ValueError(f"buffer_cache_bytes must be an int >= 0, got {buffer_cache_bytes!r}")
-        self.packed_variable_length = packed_variable_length
-        self.split_units = split_units
         self._buffers = BufferCache(int(buffer_cache_bytes))
         self._split_governor = _UnitSplitGovernor()
 
@@ -346,6 +356,8 @@ class CythonBackend(KernelBackend):
     def sequence_forward(self, x, h0, c0, kernel, recurrent_kernel, bias, mask, input_dropout_mask,
                          recurrent_dropout_mask, options):
         options.check_arrays(bias, mask, input_dropout_mask, recurrent_dropout_mask)
+        overrides = _kernel_overrides.current()
+        _select_kernels(overrides)
         activation, recurrent_activation = options.activation, options.recurrent_activation
         reverse, zero_output_for_mask = options.reverse, options.zero_output_for_mask
         return_sequences, training = options.return_sequences, options.training
@@ -361,18 +373,18 @@ class CythonBackend(KernelBackend):
         input_dropout_mask = _contiguous(input_dropout_mask, dtype)
         recurrent_dropout_mask = _contiguous(recurrent_dropout_mask, dtype)
         flops = 8.0 * batch * steps * units * (features + units)
-        parts, threads, split_units = _team(batch, units, self.split_units, flops)
+        parts, threads, split_units = _team(batch, units, overrides.cython_split_units, flops)
         # Shares of the backward's products after its time loop (weight gradients, dx):
         # one for a one-part call too small to thread, else one per thread. Fixed by
         # the shape alone, so the results never depend on the busy-machine fallback.
         thread_budget = threads if parts == 1 and flops < MIN_FLOPS_TO_THREAD else _gradient_threads()
         run_one_thread = False
-        if split_units and self.split_units == "auto" and not self._split_governor.allow():
+        if split_units and overrides.cython_split_units is None and not self._split_governor.allow():
             # The split has been losing: another process holds a core, and every
             # parallel region's end would wait for it too. One thread, backward included
             # (the same shares, run one after another).
             parts, threads, split_units, run_one_thread = 1, 1, False, True
-        layout = _layout(mask, batch, steps, parts, self.packed_variable_length)
+        layout = _layout(mask, batch, steps, parts, overrides.cython_packed_variable_length is not False)
 
         sequence_outputs = np.empty((batch, steps, units), dtype) if return_sequences else None
         last_output = None if return_sequences else np.empty((batch, units), dtype)
@@ -427,6 +439,8 @@ class CythonBackend(KernelBackend):
         ws, options = workspace, workspace.options
         # The backward overwrites the gates with their gradients: one backward per workspace.
         ws.consume(self.name)
+        overrides = _kernel_overrides.current()
+        _select_kernels(overrides)
         dtype = ws.gates.dtype
         batch, steps, features = ws.input_shape
         units = ws.recurrent_kernel.shape[0]
@@ -442,7 +456,7 @@ class CythonBackend(KernelBackend):
         # the same either way).
         split_units, threads = ws.split_units, max(ws.threads if ws.split_units else 1, ws.thread_budget)
         run_threads = 1 if ws.run_one_thread else 0
-        if split_units and self.split_units == "auto" and not self._split_governor.allow():
+        if split_units and overrides.cython_split_units is None and not self._split_governor.allow():
             split_units, run_threads = False, 1
         start = time.perf_counter()
         with _threads_for(layout):

@@ -55,6 +55,7 @@ from importlib import metadata
 
 import numpy as np
 
+from lstmeng.backends import _kernel_overrides
 from lstmeng.backends.base import ArrayOps, KernelBackend, SequenceForward, SequenceGrads, Workspace, numpy_dtype
 
 try:  # numba is optional: without it the backend reports itself unavailable.
@@ -311,15 +312,6 @@ class NumbaCudaBackend(KernelBackend):
         #: The array helpers on this backend's device arrays.
         self.ops = CudaArrayOps()
         self._pool = None   # created at the first scratch request (needs a device)
-        #: Where the recurrence keeps each block's slice of the recurrent
-        #: weights: None = shared memory when it fits (the fast path), False =
-        #: always global memory / L2 (the fallback for sizes that do not fit;
-        #: tests set it to cover that path at small sizes).
-        self.weights_in_shared: bool | None = None
-        #: Which recurrence design runs: None = chosen per call (the small-batch
-        #: kernels for B <= SMALL_BATCH_MAX_ROWS when they fit, else the general
-        #: ones); "small" or "general" force one (tests and benchmarks).
-        self.recurrence_design: str | None = None
         #: GPU recurrence launches so far: (direction, dtype, H, rows per chunk) ->
         #: (blocks, threads, units per block, weights in shared memory, shared bytes).
         self.launch_log: dict = {}
@@ -600,15 +592,19 @@ class NumbaCudaBackend(KernelBackend):
         Two designs: batches of at most ``SMALL_BATCH_MAX_ROWS`` rows run the
         small-batch kernels (``_cuda_recurrence_small``: a warp per unit, a
         counter barrier) when they fit this GPU; larger batches, and whatever
-        the small design cannot hold, the general kernels. The attribute
-        ``recurrence_design`` (tests, benchmarks) forces one: "small" (an error
-        when it does not apply) or "general"; None chooses.
+        the small design cannot hold, the general kernels. Each recurrence
+        keeps its block's slice of the recurrent weights in shared memory when
+        it fits (the fast path), else in global memory / L2. Tests and
+        benchmarks force a design (``cuda_recurrence_design``: "small", an
+        error when it does not apply, or "general") or global memory
+        (``cuda_weights_in_shared=False``) with ``lstmeng.testing.kernel_overrides``.
         """
         from lstmeng.backends import _cuda_recurrence as rec
         from lstmeng.backends import _cuda_recurrence_small as small
-        design = self.recurrence_design
+        overrides = _kernel_overrides.current()
+        design, weights_in_shared = overrides.cuda_recurrence_design, overrides.cuda_weights_in_shared
         if design != "general" and (design == "small" or batch <= small.SMALL_BATCH_MAX_ROWS):
-            if small.launch(direction, dtype, units, batch, arrays, options, weights_in_shared=self.weights_in_shared,
+            if small.launch(direction, dtype, units, batch, arrays, options, weights_in_shared=weights_in_shared,
                             allocate=self.ops.empty, allow_dynamic_shared=_allow_dynamic_shared,
                             launch_log=self.launch_log):
                 return
@@ -620,20 +616,23 @@ class NumbaCudaBackend(KernelBackend):
         kernel = make(dtype, shape, options)
         if simulator_enabled():
             # The simulator's cooperative grids hold one block (it runs blocks in turn).
-            in_shared = self.weights_in_shared is not False
+            in_shared = weights_in_shared is not False
             shared_bytes = shape.shared_values(units, units, in_shared) * dtype.itemsize
             kernel[1, shape.threads, 0, shared_bytes](*arrays, units, in_shared)
             return
         probe_arguments = (*arrays, units, False)
-        launch = self._partition(direction, kernel, probe_arguments, dtype, units, shape)
+        launch = self._partition(direction, kernel, probe_arguments, dtype, units, shape,
+                                 weights_in_shared=weights_in_shared)
         compiled, blocks, units_per_block, in_shared, shared_bytes = launch
         compiled[blocks, shape.threads, 0, shared_bytes](*arrays, units_per_block, in_shared)
 
-    def _partition(self, direction, kernel, arguments, dtype, units, shape):
-        """Grid size, unit slices and weight placement for one recurrence on this GPU (cached)."""
+    def _partition(self, direction, kernel, arguments, dtype, units, shape, *, weights_in_shared=None):
+        """Grid size, unit slices and weight placement for one recurrence on this GPU (cached);
+        weights_in_shared False (the ``cuda_weights_in_shared`` kernel override): global memory
+        whatever fits."""
         from lstmeng.backends import _cuda_recurrence as rec
         compiled = kernel.specialize(*arguments)
-        key = (direction, dtype.name, units, id(compiled), self.weights_in_shared)
+        key = (direction, dtype.name, units, id(compiled), weights_in_shared is False)
         if key in self._partitions:
             return self._partitions[key]
         device = cuda.get_current_device()
@@ -642,7 +641,7 @@ class NumbaCudaBackend(KernelBackend):
             optin_limit = int(device.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
         except Exception:
             optin_limit = DEFAULT_SHARED_LIMIT_BYTES
-        if self.weights_in_shared is False:
+        if weights_in_shared is False:
             optin_limit = 0
         max_blocks = int(device.MULTIPROCESSOR_COUNT)   # at most one block per SM
         for _ in range(64):
