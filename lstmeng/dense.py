@@ -20,7 +20,7 @@ import numpy as np
 
 from lstmeng import _validation, initializers
 from lstmeng._arrays import grads_property, host_copy, params_property, zero_grads_of
-from lstmeng._tape import TrainingTape
+from lstmeng._tape import InputGuard, TrainingTape, debug_checks
 from lstmeng.backends import registry
 
 #: Dense activations: name -> (forward f(z), derivative as a function of the output y = f(z)).
@@ -210,12 +210,16 @@ class Dense(_HostLayer):
         y = softmax(z) if self.activation == "softmax" else _ELEMENTWISE[self.activation or "linear"][0](z)
         y = y.astype(self.dtype, copy=False)
         if training:   # an inference call leaves the tape as it is
-            self._tapes.push((x, y))
+            # The tape references the caller's x (the kernel gradient reads it): LSTMENG_DEBUG checks it
+            # is unchanged at the backward, as LSTM does.
+            self._tapes.push((x, y, InputGuard.of(x, "x") if debug_checks() else None))
         return y
 
     def backward(self, dy):
         """dy: the output's shape; returns dx ``[..., F]`` and sets ``grads`` (see ``LSTM.backward``)."""
-        x, y = self._tapes.peek()
+        x, y, guard = self._tapes.peek()
+        if guard is not None:
+            guard.check()
         dy = _validation.check_numeric_array(_host_input(dy, "dy", "Dense"), "dy", self.dtype)
         _validation.check_shape(dy, "dy", y.shape)
         if self.activation == "softmax":
@@ -309,14 +313,16 @@ class Embedding(_HostLayer):
         ids = self._check_ids(ids)
         if not self.built:
             self.build()
-        if training:
-            self._tapes.push(ids)
+        if training:   # the tape references the caller's ids (checked under LSTMENG_DEBUG, as on LSTM)
+            self._tapes.push((ids, InputGuard.of(ids, "ids") if debug_checks() else None))
         return self._params["embeddings"][ids]
 
     def backward(self, dy):
         """dy: ``[..., output_dim]``; sets ``grads["embeddings"]`` (a row sums every place its id was looked
         up) and returns None (ids have no gradient)."""
-        ids = self._tapes.peek()
+        ids, guard = self._tapes.peek()
+        if guard is not None:
+            guard.check()
         dy = _validation.check_numeric_array(_host_input(dy, "dy", "Embedding"), "dy", self.dtype)
         _validation.check_shape(dy, "dy", ids.shape + (self.output_dim,))
         _, accumulate = self._tapes.pop()

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import lstmeng as le
+
 from _backends import CUDA_SIMULATED, backends, numba_cuda_backend
 
 RNG = np.random.default_rng(0)
@@ -153,3 +154,32 @@ def test_host_input_of_a_gpu_layer_is_a_copy(debug):
     assert lstm._tapes.last.input_guard is None
     x[:] = 0.0
     assert lstm.backward(np.ones_like(y)).shape == x.shape
+
+
+def test_dense_and_embedding_raise_on_input_changed_in_place(debug):
+    """Dense keeps the caller's x for its kernel gradient and Embedding the caller's ids for its
+    table's gradient: both are guarded like LSTM's x."""
+    dense = le.Dense(3, seed=0)
+    x = make_x()
+    y = dense(x, training=True)
+    x[0, 0, 0] += 1.0
+    with pytest.raises(RuntimeError, match=MESSAGE):
+        dense.backward(np.ones_like(y))
+    x[0, 0, 0] -= 1.0   # restored: the same backward now runs
+    assert dense.backward(np.ones_like(y)).shape == x.shape
+
+    embedding = le.Embedding(10, 4, seed=0)
+    ids = np.array([[1, 2, 3], [4, 5, 0]])
+    out = embedding(ids, training=True)
+    ids[1, 2] = 7
+    with pytest.raises(RuntimeError, match="ids was modified in place"):
+        embedding.backward(np.ones_like(out))
+
+
+def test_dense_unguarded_without_the_switch(monkeypatch):
+    monkeypatch.delenv("LSTMENG_DEBUG", raising=False)
+    dense = le.Dense(3, seed=0)
+    x = make_x()
+    y = dense(x, training=True)
+    x[0, 0, 0] += 1.0   # not checked (and not an error) with the switch off
+    dense.backward(np.ones_like(y))
