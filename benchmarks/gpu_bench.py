@@ -395,7 +395,8 @@ class _Inputs:
         self.bias = rng.uniform(-scale, scale, 4 * units).astype(np.float32)
         self.x = [rng.normal(size=(batch, steps, features)).astype(np.float32) for _ in range(3)]
         self.dy = rng.normal(size=(batch, steps, units)).astype(np.float32)
-        device = lambda array: backend.ops.asarray(array, np.float32)
+        def device(array):
+            return backend.ops.asarray(array, np.float32)
         self.device_x = [device(x) for x in self.x]
         self.device_weights = (device(self.kernel), device(self.recurrent), device(self.bias))
         self.device_zeros = device(np.zeros((batch, units), np.float32))

@@ -98,7 +98,8 @@ def main(argv=None) -> int:
 def benchmark(arguments) -> list[str]:
     from numba import cuda
 
-    from lstmeng.backends import _cuda_cublas, _cuda_gemm as gemm
+    from lstmeng.backends import _cuda_cublas
+    from lstmeng.backends import _cuda_gemm as gemm
 
     started = time.perf_counter()
     simulate = arguments.simulate
@@ -330,7 +331,7 @@ def _cuda_tools(cuda_bin):
     import shutil
     candidates = [cuda_bin] if cuda_bin else []
     try:
-        import nvidia.cu13   # pip's CUDA 13 compilers (nvidia-cuda-nvcc), a namespace package
+        import nvidia.cu13  # pip's CUDA 13 compilers (nvidia-cuda-nvcc), a namespace package
         candidates += [os.path.join(folder, "bin") for folder in nvidia.cu13.__path__]
     except Exception:
         pass

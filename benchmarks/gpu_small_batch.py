@@ -215,7 +215,7 @@ def run_shape(backend, torch, np, batch, features, units, steps, simulated, over
         return row
     for design in ("small", "general"):
         for mode, training in (("inference", False), ("train", True)):
-            row[f"{design} {mode}"] = _median_ms(lambda: ours(design, training))
+            row[f"{design} {mode}"] = _median_ms(lambda: ours(design, training))  # noqa: B023 (called in this iteration)
     if torch is not None:
         lstm, tx, tdy, params = _torch_lstm(torch, host)
 

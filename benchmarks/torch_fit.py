@@ -65,6 +65,7 @@ def parse_args():
 def build_models(shape: Shape, backend: str):
     """(torch model, lstmeng model): the same weights, differing only in the LSTM class."""
     import torch
+
     import lstmeng.torch
 
     class Regressor(torch.nn.Module):
@@ -143,6 +144,7 @@ def main():
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import numpy as np
     import torch
+
     from lstmeng._runtime import threads
     from lstmeng.backends import registry
 

@@ -8,6 +8,10 @@ Example:
     (2, 4)
 """
 
+from lstmeng import (
+    losses,
+    optim,  # NumPy only: numba is imported when a device array is met
+)
 from lstmeng.backends.registry import (
     BackendInfo,
     get_backend,
@@ -15,18 +19,16 @@ from lstmeng.backends.registry import (
     set_backend,
     use_backend,
 )
+from lstmeng.bidirectional import Bidirectional
 from lstmeng.cell import LSTMCell
 from lstmeng.conversion import from_keras, from_torch
 from lstmeng.dense import Dense, Embedding
+from lstmeng.dropout import Dropout
 from lstmeng.layers import LSTM
-from lstmeng import losses
 from lstmeng.masking import lengths_to_mask, pad_batch, pad_sequences
-from lstmeng import optim  # NumPy only: numba is imported when a device array is met
+from lstmeng.sequential import Sequential
 from lstmeng.serialization import load, save
 from lstmeng.training import History, evaluate, fit
-from lstmeng.bidirectional import Bidirectional
-from lstmeng.dropout import Dropout
-from lstmeng.sequential import Sequential
 
 __version__ = "0.1.0"
 

@@ -224,7 +224,7 @@ def zero_grads_of(layer) -> None:
         elif registry.array_kind(grads[name]) == "host":
             grads[name][...] = 0
         else:
-            from lstmeng.backends import _cuda_optim   # the optimizer's in-place fill: no allocation
+            from lstmeng.backends import _cuda_optim  # the optimizer's in-place fill: no allocation
             _cuda_optim.fill_zero(grads[name])
 
 

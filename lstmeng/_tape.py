@@ -16,7 +16,6 @@ import numpy as np
 
 from lstmeng.backends import registry
 
-
 DEBUG_ENV = "LSTMENG_DEBUG"
 
 

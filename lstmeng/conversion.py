@@ -10,9 +10,9 @@ import warnings
 
 import numpy as np
 
-from lstmeng.layers import LSTM
 from lstmeng.bidirectional import Bidirectional
 from lstmeng.dropout import Dropout
+from lstmeng.layers import LSTM
 from lstmeng.sequential import Sequential
 
 _KERAS_LSTM_OPTIONS = ("units", "activation", "recurrent_activation", "use_bias", "unit_forget_bias",
@@ -96,7 +96,7 @@ def from_torch(torch_lstm, backend="auto", dtype=None):
         directions = []
         for suffix in ("", "_reverse") if torch_lstm.bidirectional else ("",):
             def weight(name):
-                return getattr(torch_lstm, f"{name}_l{index}{suffix}").detach().cpu().numpy()
+                return getattr(torch_lstm, f"{name}_l{index}{suffix}").detach().cpu().numpy()  # noqa: B023 (called in this iteration)
             kernel = weight("weight_ih").T
             recurrent_kernel = weight("weight_hh").T
             use_bias = bool(torch_lstm.bias)

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 
 from lstmeng import _validation, masking
-from lstmeng.backends import registry
 from lstmeng._arrays import array_dtype_name, host_copy, prepare_input, prepare_state
 from lstmeng._lstm_base import LSTMBase
+from lstmeng.backends import registry
 from lstmeng.backends.base import SequenceGrads, SequenceOptions
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from lstmeng import _validation
-from lstmeng._composite import _move_all, _set_weights_all_or_nothing
 from lstmeng._arrays import PrefixedArrays
+from lstmeng._composite import _move_all, _set_weights_all_or_nothing
 from lstmeng._tape import TrainingTape
 from lstmeng.backends import registry
 from lstmeng.bidirectional import Bidirectional

@@ -30,11 +30,11 @@ import zipfile
 import numpy as np
 
 from lstmeng import initializers
+from lstmeng.bidirectional import Bidirectional
 from lstmeng.cell import LSTMCell
 from lstmeng.dense import Dense, Embedding
-from lstmeng.layers import LSTM  # noqa: F401  (lstmeng.serialization.LSTM, as before)
-from lstmeng.bidirectional import Bidirectional
 from lstmeng.dropout import Dropout
+from lstmeng.layers import LSTM  # noqa: F401  (lstmeng.serialization.LSTM, as before)
 from lstmeng.sequential import LAYER_CLASSES, Sequential
 
 FORMAT = "lstmeng"

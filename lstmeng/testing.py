@@ -89,7 +89,8 @@ class Case:
     def __str__(self) -> str:
         flags = [self.dtype, f"mask={self.mask}", "rev" if self.reverse else "fwd",
                  "zero" if self.zero_output_for_mask else "prev", "seq" if self.return_sequences else "last",
-                 f"{self.activation}/{self.recurrent_activation}", f"B{self.batch}T{self.steps}I{self.input_size}H{self.units}"]
+                 f"{self.activation}/{self.recurrent_activation}",
+                 f"B{self.batch}T{self.steps}I{self.input_size}H{self.units}"]
         if self.initial_state:
             flags.append("h0")
         if self.dropout:
@@ -155,7 +156,7 @@ def make_inputs(case: Case) -> dict:
     """Deterministic host inputs of a case: the arrays of ``sequence_forward`` and the upstream gradients."""
     rng = np.random.default_rng(case.seed)
     dtype = np.dtype(case.dtype)
-    B, T, I, H = case.batch, case.steps, case.input_size, case.units
+    B, T, I, H = case.batch, case.steps, case.input_size, case.units  # noqa: E741 (the shape letters of the contract)
     scale = 1.0 / np.sqrt(max(I, H))
     recurrent_gain = RECURRENT_GAIN[case.activation in UNBOUNDED_ACTIVATIONS]
 
@@ -303,7 +304,7 @@ def check_cell(backend_name: str, case: Case) -> None:
     results = []
     for engine in (reference, backend):
         def device(array):
-            return None if array is None else engine.ops.asarray(array, dtype)
+            return None if array is None else engine.ops.asarray(array, dtype)  # noqa: B023 (called in this iteration)
         step = engine.cell_forward(
             device(inputs["x"][:, 0]), device(inputs["h0"]), device(inputs["c0"]), device(inputs["kernel"]),
             device(inputs["recurrent_kernel"]), device(inputs["bias"]),

@@ -257,7 +257,8 @@ def plot_history(history: dict, path: str) -> bool:
     try:
         import matplotlib
     except ImportError:
-        warnings.warn("plot: matplotlib is not installed, so no plot was written (pip install matplotlib)")
+        warnings.warn("plot: matplotlib is not installed, so no plot was written (pip install matplotlib)",
+                      stacklevel=2)
         return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import lstmeng as le
-from lstmeng.cli import commands as cli
-from lstmeng.cli import bench, demo, info
 from lstmeng.backends import registry
+from lstmeng.cli import bench, demo
+from lstmeng.cli import commands as cli
 
 from _backends import numerical_gradient
 
@@ -311,8 +311,9 @@ def test_default_sentiment_demo_reaches_the_accuracy_target():
 
 def test_library_never_imports_the_cli():
     """Data flows one way: importing the library (every public module) loads nothing of lstmeng.cli."""
-    code = ("import sys, lstmeng, lstmeng.layers, lstmeng.cell, lstmeng.bidirectional, lstmeng.sequential, lstmeng.dropout, lstmeng.serialization, "
-            "lstmeng.initializers, lstmeng.training, lstmeng.optim, lstmeng.testing, lstmeng.backends.registry; "
+    code = ("import sys, lstmeng, lstmeng.layers, lstmeng.cell, lstmeng.bidirectional, lstmeng.sequential, "
+            "lstmeng.dropout, lstmeng.serialization, lstmeng.initializers, lstmeng.training, lstmeng.optim, "
+            "lstmeng.testing, lstmeng.backends.registry; "
             "lstmeng.list_backends(); "
             "print(sorted(name for name in sys.modules if name.startswith('lstmeng.cli')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

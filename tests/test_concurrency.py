@@ -81,7 +81,8 @@ def _check_two_threads_match_sequential(backend_name):
         except BaseException as error:  # surfaced in the main thread below
             errors.append(error)
 
-    threads = [threading.Thread(target=worker, args=(index, run)) for index, run in enumerate(_jobs(backend_name, dtype))]
+    threads = [threading.Thread(target=worker, args=(index, run))
+               for index, run in enumerate(_jobs(backend_name, dtype))]
     for thread in threads:
         thread.start()
     for thread in threads:

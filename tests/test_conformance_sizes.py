@@ -17,9 +17,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from _backends import backends
 from lstmeng import testing
 from lstmeng.backends import registry
+
+from _backends import backends
 
 REALISTIC_SIZE = 8
 REALISTIC_CASES = testing.conformance_cases(size=REALISTIC_SIZE)

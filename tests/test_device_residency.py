@@ -282,7 +282,7 @@ def test_training_loop_moves_no_weight_between_host_and_device(backend, monkeypa
     def train_step(x, dy):
         layer(x, training=True)
         layer.backward(dy)
-        for index, sublayer in enumerate(layer.layers):
+        for sublayer in layer.layers:
             for name, grad in sublayer.grads.items():
                 sublayer.params[name] = backend.ops.add(sublayer.params[name], backend.ops.scale(grad, -0.1))
 
@@ -444,13 +444,14 @@ def test_one_step_batch_with_all_rows_empty_matches_numpy(backend):
     assert flipped.strides[1] < 0               # the layout that broke
     h0 = np.full((2, 2), 0.5, np.float32)
     for return_sequences in (False, True):
-        results = []
+        results, cuda_weights = [], None
         for name in ("numba_cuda", "numpy"):
             layer = le.LSTM(2, backend=name, seed=0, return_sequences=return_sequences, return_state=True,
                             go_backwards=True).build(3)
-            if name == "numpy":
-                layer.set_weights(results_weights)
-            results_weights = layer.get_weights()
+            if cuda_weights is None:
+                cuda_weights = layer.get_weights()
+            else:
+                layer.set_weights(cuda_weights)   # the NumPy reference gets the CUDA layer's weights
             results.append([_host(backend, a) for a in layer(flipped, lengths=np.array([0, 0]),
                                                              initial_state=[h0, -h0])])
         for got, want in zip(*results):
@@ -463,7 +464,9 @@ def test_numba_device_arrays_keep_length_one_axes_whole():
     """What went wrong, in Numba's own terms: a length-1 axis with a negative stride becomes
     empty when the device array is sliced; the canonical strides the backend now uses do not."""
     import importlib.util
+
     import numba
+
     from lstmeng.backends import numba_cuda
     # The simulator replaces numba.cuda.cudadrv.dummyarray with a stub: load the real module
     # (pure Python and NumPy) from its file.
@@ -523,7 +526,9 @@ def test_gpu_bench_loop_modes_run_under_the_simulator(backend, capsys, mode):
 # -- the pool itself --------------------------------------------------------------------------
 def test_device_pool_reuses_bounds_and_frees(backend):
     import gc
+
     from numba import cuda
+
     from lstmeng.backends._device_pool import DevicePool
     pool = DevicePool(lambda nbytes: cuda.device_array(nbytes, dtype=np.uint8), max_bytes=1000,
                       wrap=backend.ops.wrap)   # the simulator's wrapper there, the identity on a GPU

@@ -169,7 +169,8 @@ CONSTRUCTOR_CASES = {
     "activation": (dict(activation="gelu"), ["activation", "tanh", "relu", "sigmoid", "linear", "'gelu'"]),
     "recurrent_activation": (dict(recurrent_activation="tanh"),
                              ["recurrent_activation", "sigmoid", "hard_sigmoid", "'tanh'"]),
-    "kernel_initializer": (dict(kernel_initializer="he_normal"), ["kernel_initializer", "glorot_uniform", "'he_normal'"]),
+    "kernel_initializer": (dict(kernel_initializer="he_normal"),
+                           ["kernel_initializer", "glorot_uniform", "'he_normal'"]),
     "recurrent_initializer": (dict(recurrent_initializer="identity"), ["recurrent_initializer", "orthogonal"]),
     "bias_initializer": (dict(bias_initializer=3), ["bias_initializer", "zeros", "3"]),
     "dropout 1": (dict(dropout=1.0), ["dropout", r"\[0, 1\)", "1.0"]),
@@ -236,7 +237,8 @@ SET_WEIGHTS_CASES = {
                         ["recurrent_kernel", r"\(4, 16\)", r"\(4, 12\)"]),
     "bias shape": ([np.ones((3, 16)), np.ones((4, 16)), np.ones(15)], ValueError, ["bias", r"\(16,\)", r"\(15,\)"]),
     "non-numeric": ([np.ones((3, 16)), np.ones((4, 16)), np.full(16, "a")], TypeError, ["bias", "real numbers", "<U1"]),
-    "complex": ([np.ones((3, 16)) + 1j, np.ones((4, 16)), np.ones(16)], TypeError, ["kernel", "real numbers", "complex"]),
+    "complex": ([np.ones((3, 16)) + 1j, np.ones((4, 16)), np.ones(16)], TypeError,
+                ["kernel", "real numbers", "complex"]),
 }
 
 

@@ -152,7 +152,8 @@ def test_stateful_parity_over_consecutive_batches(backend):
             mine.reset_state()
         assert_parity(reference, mine, x)  # each call advances both layers' states once
         for ref_state, my_state in zip(reference.states, mine.states):
-            np.testing.assert_allclose(my_state.numpy(), ref_state.numpy(), rtol=OUTPUT_TOLERANCE, atol=OUTPUT_TOLERANCE)
+            np.testing.assert_allclose(my_state.numpy(), ref_state.numpy(), rtol=OUTPUT_TOLERANCE,
+                                       atol=OUTPUT_TOLERANCE)
 
 
 # -- parity: Bidirectional -------------------------------------------------------------------

@@ -211,7 +211,7 @@ def test_stateful_two_calls_match_keras(masked):
         mine_outputs = mine(x, mask=mask, training=True)
         output_grads = random_output_grads(rng, mine_outputs)
         expected, dx, _, weight_grads = keras_forward_and_grads(
-            lambda x_tensor, _: keras_layer(x_tensor, mask=None if mask is None else tf.constant(mask)),
+            lambda x_tensor, _: keras_layer(x_tensor, mask=None if mask is None else tf.constant(mask)),  # noqa: B023 (called in this iteration)
             x, None, output_grads, keras_layer.trainable_weights)
         for name, actual, reference in zip(["y", "h", "c"], mine_outputs, expected):
             assert_outputs_close(actual, reference, f"call {call}: {name}")

@@ -106,7 +106,7 @@ def assert_matches_torch(reference, mine, kind, hx_given, batch_first, dtype, se
     tolerance, grad_tolerance = TOLERANCES[dtype], GRAD_TOLERANCES[dtype]
     for name, index in (("output", 0), ("h_n", 1), ("c_n", 2)):
         assert actual[index].dtype == dtype and actual[index].shape == expected[index].shape, name
-        torch.testing.assert_close(actual[index], expected[index], **tolerance, msg=lambda m: f"{label} {name}: {m}")
+        torch.testing.assert_close(actual[index], expected[index], **tolerance, msg=lambda m: f"{label} {name}: {m}")  # noqa: B023 (called in this iteration)
     if expected[3] is not None:
         expected_packed, actual_packed = expected[3], actual[3]
         torch.testing.assert_close(actual_packed.data, expected_packed.data, **tolerance)
@@ -119,7 +119,7 @@ def assert_matches_torch(reference, mine, kind, hx_given, batch_first, dtype, se
     for name, expected_grad in expected[4].items():
         assert actual[4][name] is not None, f"{label}: no gradient for {name}"
         torch.testing.assert_close(actual[4][name], expected_grad, **grad_tolerance,
-                                   msg=lambda m: f"{label} gradient of {name}: {m}")
+                                   msg=lambda m: f"{label} gradient of {name}: {m}")  # noqa: B023 (called in this iteration)
 
 
 # Inter-layer dropout needs two layers: (1 layer, dropout) is not a case.
@@ -252,10 +252,10 @@ def test_mask_with_holes_and_left_padding_matches_compressed_rows(backend, batch
     dx = x_leaf.grad if batch_first else x_leaf.grad.transpose(0, 1)
     for name, actual, wanted in [("output", output_batch_major, expected[0]), ("h_n", h_n, expected[1]),
                                  ("c_n", c_n, expected[2]), ("dx", dx, expected[3])]:
-        torch.testing.assert_close(actual, wanted, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(actual, wanted, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")  # noqa: B023 (called in this iteration)
     for name, parameter in mine.named_parameters():
         torch.testing.assert_close(parameter.grad, expected[4][name], rtol=1e-9, atol=1e-10,
-                                   msg=lambda m: f"gradient of {name}: {m}")
+                                   msg=lambda m: f"gradient of {name}: {m}")  # noqa: B023 (called in this iteration)
 
 
 def test_mask_errors():
@@ -729,6 +729,6 @@ def test_distributed_data_parallel_matches_one_process(tmp_path):
         assert result["grads"].keys() == expected_grads.keys()
         for name, expected in expected_grads.items():
             torch.testing.assert_close(result["grads"][name], expected, rtol=1e-10, atol=1e-12,
-                                       msg=lambda m: f"rank {rank} gradient of {name}: {m}")
+                                       msg=lambda m: f"rank {rank} gradient of {name}: {m}")  # noqa: B023 (called in this iteration)
         for name, expected in single.state_dict().items():
             torch.testing.assert_close(result["state"][name], expected, rtol=1e-10, atol=1e-12)

@@ -78,7 +78,7 @@ def test_from_torch_matches_packed_lstm(case, dtype):
             prefix = f"{layer_index}." + (("forward.", "backward.")[direction] if bidirectional else "")
 
             def torch_grad(name):
-                return getattr(torch_lstm, f"{name}_l{layer_index}{suffix}").grad.numpy()
+                return getattr(torch_lstm, f"{name}_l{layer_index}{suffix}").grad.numpy()  # noqa: B023 (called in this iteration)
 
             np.testing.assert_allclose(grads[prefix + "kernel"], torch_grad("weight_ih").T, **grad_tolerance)
             np.testing.assert_allclose(grads[prefix + "recurrent_kernel"], torch_grad("weight_hh").T,

@@ -27,7 +27,6 @@ Extra arguments after ``--`` go to ``asv run`` (e.g. ``-- --bench LayerForward``
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import subprocess
 import sys

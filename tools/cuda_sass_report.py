@@ -93,9 +93,11 @@ def _variants():
         for units in (1024, 256):
             owned, _, in_shared = general.choose_partition(units, 4, shape, 132, 227 * 1024)
             shared = shape.shared_values(units, owned, in_shared) * 4
-            variants.append((f"general forward  H={units} rows={rows}", general.forward_kernel(dt, shape, training_options).py_func,
+            variants.append((f"general forward  H={units} rows={rows}",
+                             general.forward_kernel(dt, shape, training_options).py_func,
                              general_forward, shared))
-            variants.append((f"general backward H={units} rows={rows}", general.backward_kernel(dt, shape, training_options).py_func,
+            variants.append((f"general backward H={units} rows={rows}",
+                             general.backward_kernel(dt, shape, training_options).py_func,
                              general_backward, shared))
     for units in (1024, 256):
         for batch in (1, 8):

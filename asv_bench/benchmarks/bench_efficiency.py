@@ -10,8 +10,18 @@ benchmarks record:
   device (> 1: lstmeng is faster), where torch is installed.
 """
 
-from .common import (BACKENDS, SHAPE_NAMES, SHAPES, Benchmark, LayerRun, TorchRun, best_seconds, forward_flops,
-                     matmul_peak_gflops, speed_ratio)
+from .common import (
+    BACKENDS,
+    SHAPE_NAMES,
+    SHAPES,
+    Benchmark,
+    LayerRun,
+    TorchRun,
+    best_seconds,
+    forward_flops,
+    matmul_peak_gflops,
+    speed_ratio,
+)
 
 
 class FractionOfMatmulPeak(Benchmark):

@@ -31,8 +31,9 @@ Compile time. Every launch-wide value is a constant of the generated source:
 H, B (= ROWS, the row count; one kernel per batch size <= 16), units per
 block, blocks, the call's options (``_cuda_recurrence.kernel_options``:
 activations, reverse, training, has_mask, zero_output_for_mask,
-return_sequences, recurrent dropout), weight placement, dtype. The per-row accumulators are separate scalars written out by the
-generator (a ``cuda.local.array`` indexed in a loop can land in local
+return_sequences, recurrent dropout), weight placement, dtype. The per-row
+accumulators are separate scalars written out by the generator (a
+``cuda.local.array`` indexed in a loop can land in local
 memory), and the FMA loop has a constant trip count with no branch. Kernels
 are cached per ``SmallRecurrenceConfig``. The source is generated (``exec``)
 rather than written with closures because the number of accumulators and
@@ -349,7 +350,8 @@ def forward_recurrence_small(projection, recurrent_kernel, recurrent_dropout, ma
             p_g = projection[row, t, 2 * H + unit]
             p_o = projection[row, t, 3 * H + unit]
 ''')
-    s.append(_staging(c, "h_buffers[current, r, k]", "recurrent_dropout[r, k]" if c.options.has_recurrent_dropout else None,
+    recurrent_dropout = "recurrent_dropout[r, k]" if c.options.has_recurrent_dropout else None
+    s.append(_staging(c, "h_buffers[current, r, k]", recurrent_dropout,
                       "        "))
     s.append('''        cuda.syncthreads()''')
     for name in acc:

@@ -66,7 +66,7 @@ def _plugin_entry_points() -> dict[str, metadata.EntryPoint]:
                 if entry_point.name not in BUILTIN_BACKENDS:
                     found[entry_point.name] = entry_point
         except Exception as error:  # a broken distribution must not break lstmeng
-            warnings.warn(f"lstmeng: could not read entry points {ENTRY_POINT_GROUP!r}: {error}")
+            warnings.warn(f"lstmeng: could not read entry points {ENTRY_POINT_GROUP!r}: {error}", stacklevel=2)
         _plugins = found
     return _plugins
 
@@ -93,7 +93,7 @@ def _load(name: str) -> tuple[KernelBackend | None, BackendInfo]:
     except Exception as error:  # import errors, missing drivers, plugin bugs: all become reasons
         reason = f"{type(error).__name__}: {error}" if not isinstance(error, NotImplementedError) else str(error)
         if name not in BUILTIN_BACKENDS:
-            warnings.warn(f"lstmeng backend plugin {name!r} is unavailable: {reason}")
+            warnings.warn(f"lstmeng backend plugin {name!r} is unavailable: {reason}", stacklevel=2)
         return None, BackendInfo(name, False, reason.strip() or type(error).__name__, "")
 
 

@@ -384,7 +384,8 @@ def render(result: BenchResult) -> str:
                          for index, (cell, width) in enumerate(zip(cells, widths))).rstrip()
 
     lines = [f"CPU: {result.cpu}; {result.threads} threads for every library",
-             f"float32 sgemm peak: {result.peak_gflops:.1f} GFLOP/s (SciPy BLAS, {result.peak_size}^3, best of the run)",
+             f"float32 sgemm peak: {result.peak_gflops:.1f} GFLOP/s "
+             f"(SciPy BLAS, {result.peak_size}^3, best of the run)",
              "FLOPs: forward 8*B*T*H*(I+H), train = forward+backward = 3x; "
              "'x peer' = peer's time / this time (above 1: faster than the peer)", "",
              line(header), line(["-" * width for width in widths])]

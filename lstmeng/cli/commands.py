@@ -116,8 +116,8 @@ def run_info(arguments) -> int:
 
 
 def run_demo(arguments) -> int:
-    from lstmeng.cli import demo
     from lstmeng.backends import registry
+    from lstmeng.cli import demo
 
     if arguments.backend != "auto":
         try:

@@ -35,7 +35,7 @@ import lstmeng as le
 from lstmeng import optim
 from lstmeng._runtime import threads
 from lstmeng.backends import registry
-from lstmeng.training import _progress_bar   # the same per-epoch bar as le.fit
+from lstmeng.training import _progress_bar  # the same per-epoch bar as le.fit
 
 TASKS = ("adding", "sentiment")
 

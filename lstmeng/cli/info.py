@@ -140,7 +140,8 @@ def render(info: dict) -> str:
     blas = info["blas"]
     lines += ["", "BLAS and OpenMP:", f"  numpy built with {blas['numpy']}", f"  scipy built with {blas['scipy']}"]
     if not blas["runtime"]:
-        lines.append("  threadpoolctl finds no BLAS or OpenMP runtime it can control: the cython kernels run one thread")
+        lines.append("  threadpoolctl finds no BLAS or OpenMP runtime it can control: "
+                     "the cython kernels run one thread")
     for library in blas["runtime"]:
         layer = f", {library['threading_layer']}" if library["threading_layer"] else ""
         version = f" {library['version']}" if library["version"] else ""
