@@ -12,16 +12,16 @@ costs about half of the full batch. Any other mask takes the general path,
 which checks the mask per row and step.
 
 Threads: one pool, OpenMP's. The batch is split into parts, one per thread
-(``lstmeng._runtime.threads.thread_count()``: ``OMP_NUM_THREADS``, the CPU quota,
-``threadpool_limits``); rows are independent,
-so each thread runs the whole sequence for its part without synchronising per
-step. A batch too small to split by rows (fewer than ``MIN_ROWS_PER_PART``
-rows per thread; a batch of one, say) is split by units instead: each thread
-owns a slice of the units and the threads meet at one barrier per step. BLAS
-is held at one thread meanwhile, so its pool never spins against ours.
-Without OpenMP or without a BLAS whose threads threadpoolctl can set, one
-thread runs and BLAS threads as it likes (``probe()`` says so). The GIL is released for the whole sequence, so layers on
-different Python threads run in parallel.
+(``lstmeng._runtime.threads.thread_count()``: ``OMP_NUM_THREADS``, the CPU
+quota, ``threadpool_limits``); rows are independent, so each thread runs the
+whole sequence for its part without synchronising per step. A batch too small
+to split by rows (fewer than ``MIN_ROWS_PER_PART`` rows per thread; a batch of
+one, say) is split by units instead: each thread owns a slice of the units and
+the threads meet at one barrier per step. BLAS is held at one thread
+meanwhile, so its pool never spins against ours. Without OpenMP or without a
+BLAS whose threads threadpoolctl can set, one thread runs and BLAS threads as
+it likes (``probe()`` says so). The GIL is released for the whole sequence, so
+layers on different Python threads run in parallel.
 
 Training keeps the theoretical workspace only: per processed (row, step) the
 activated gates (4H), c(t-1) and h(t-1) (H each); the backward recomputes
