@@ -23,6 +23,7 @@ def _blas_counts():
 def no_blas(monkeypatch):
     """threadpoolctl reporting no BLAS (MKL or OpenBLAS it cannot read, a sandbox without /proc, ...)."""
     monkeypatch.setattr(threads, "_libraries", lambda user_api: ())
+    monkeypatch.setattr(threads, "_knobs", lambda: ())
     yield
 
 

@@ -141,6 +141,7 @@ def refresh() -> None:
     with _LOCK:
         _controller.cache_clear()
         _libraries.cache_clear()
+        _knobs.cache_clear()
         cpu_quota.cache_clear()
 
 
@@ -159,25 +160,46 @@ def blas_report() -> list[dict]:
     return ThreadpoolController().info()
 
 
-def _set_threads(library, count: int) -> None:
-    """Set one library's process-wide thread count from whichever Python thread holds ``_LOCK``.
+class _Knob:
+    """One BLAS library's thread count, read and set from whichever Python thread holds ``_LOCK``.
 
     threadpoolctl (3.6 on) lets only one Python thread, the first to set it,
     change a process-wide OpenBLAS pool and silently ignores the others; the
     kernels run on any Python thread and ``_LOCK`` already serialises every
-    change. Its unrestricted setter (a private method, hence the fallback) costs
-    under a microsecond; the public route takes and gives back control, several.
+    change. For an OpenBLAS with its own threads (not OpenMP's) the knob holds
+    OpenBLAS's own get/set functions as threadpoolctl found them (through its
+    private ``_get_symbol``, hence the fallback): a kernel call reads and sets
+    them four times, and threadpoolctl's methods look the symbol up on every
+    call (a few microseconds per kernel call at batch 1). Any other library
+    goes through threadpoolctl's methods, taking and giving back control.
     """
-    setter = getattr(library, "_real_set_num_threads", None)
-    if setter is not None:
-        setter(count)
-        return
-    release = getattr(library, "clear_controlling_thread", None)
-    if release is not None:
-        release(force=True)
-    library.set_num_threads(count)
-    if release is not None:
-        release()
+
+    __slots__ = ("library", "get", "set")
+
+    def __init__(self, library):
+        self.library = library
+        get = set_ = None
+        if (getattr(library, "internal_api", None) == "openblas" and getattr(library, "threading_layer", None)
+                != "openmp" and hasattr(library, "_get_symbol")):
+            get = library._get_symbol("openblas_get_num_threads")
+            set_ = library._get_symbol("openblas_set_num_threads")
+        if get is None or set_ is None:
+            get, set_ = library.get_num_threads, self._set_through_threadpoolctl
+        self.get, self.set = get, set_
+
+    def _set_through_threadpoolctl(self, count: int) -> None:
+        release = getattr(self.library, "clear_controlling_thread", None)
+        if release is not None:
+            release(force=True)
+        self.library.set_num_threads(count)
+        if release is not None:
+            release()
+
+
+@functools.lru_cache(maxsize=None)
+def _knobs() -> tuple:
+    """A ``_Knob`` for every BLAS of the cached controller (cleared by ``refresh()``)."""
+    return tuple(_Knob(library) for library in _libraries("blas"))
 
 
 class _BlasLimits:
@@ -191,26 +213,26 @@ class _BlasLimits:
 
     def __init__(self):
         self._single_users = 0
-        self._outside: dict[int, tuple] = {}
+        self._outside: list[tuple] = []   # [(knob, count)]
 
     @staticmethod
-    def _counts(libraries) -> dict[int, tuple]:
-        return {id(library): (library, library.get_num_threads()) for library in libraries}
+    def _counts(knobs) -> list[tuple]:
+        return [(knob, knob.get()) for knob in knobs]
 
     @staticmethod
-    def _apply(counts: dict[int, tuple]) -> None:
-        for library, threads in counts.values():
-            _set_threads(library, threads)
+    def _apply(counts) -> None:
+        for knob, threads in counts:
+            knob.set(threads)
 
     # single_threaded_blas()'s block, written as __enter__/__exit__ rather than a generator:
     # it wraps every kernel call, and a @contextmanager costs a few microseconds more.
     def __enter__(self):
-        libraries = _libraries("blas")
+        knobs = _knobs()
         with _LOCK:
             if self._single_users == 0:
-                self._outside = self._counts(libraries)
-                for library in libraries:
-                    _set_threads(library, 1)
+                self._outside = self._counts(knobs)
+                for knob in knobs:
+                    knob.set(1)
             self._single_users += 1
         return self
 
@@ -227,11 +249,10 @@ class _BlasLimits:
             yield from self._limits(count)
 
     def _limits(self, count: int):
-        libraries = blas_libraries()
+        knobs = _knobs()
         with _LOCK:
-            current = self._outside if self._single_users else self._counts(libraries)
-            previous = dict(current)
-            wanted = {key: (library, count) for key, (library, _) in previous.items()}
+            previous = list(self._outside) if self._single_users else self._counts(knobs)
+            wanted = [(knob, count) for knob, _ in previous]
             if self._single_users:
                 self._outside = wanted
             else:

@@ -147,12 +147,14 @@ class SequenceOptions:
         if self.recurrent_activation not in RECURRENT_ACTIVATIONS:
             raise ValueError(f"SequenceOptions.recurrent_activation must be one of {RECURRENT_ACTIVATIONS}, "
                              f"got {self.recurrent_activation!r}")
-        for field in dataclasses.fields(self)[2:]:
-            value = getattr(self, field.name)
-            if not isinstance(value, (bool, np.bool_)):
-                raise ValueError(f"SequenceOptions.{field.name} must be a bool, got {value!r}")
+        for name in _SEQUENCE_OPTION_FLAGS:   # built once per call: a plain loop, no dataclasses.fields()
+            value = getattr(self, name)
+            if type(value) is bool:
+                continue
+            if not isinstance(value, np.bool_):
+                raise ValueError(f"SequenceOptions.{name} must be a bool, got {value!r}")
             # np.bool_ and bool hash alike, but a plain bool keeps reprs and compile-time constants simple.
-            object.__setattr__(self, field.name, bool(value))
+            object.__setattr__(self, name, bool(value))
 
     @classmethod
     def for_call(cls, *, bias, mask, input_dropout_mask, recurrent_dropout_mask, activation: str = "tanh",
@@ -176,6 +178,10 @@ class SequenceOptions:
                 given = "None" if array is None else "an array"
                 raise ValueError(f"{name} is {given} but SequenceOptions.{flag} is {getattr(self, flag)}; "
                                  "build the options with SequenceOptions.for_call")
+
+
+#: SequenceOptions' bool fields (all but the two activations).
+_SEQUENCE_OPTION_FLAGS = tuple(field.name for field in dataclasses.fields(SequenceOptions)[2:])
 
 
 @dataclasses.dataclass
