@@ -250,7 +250,9 @@ class Bidirectional:
                                                         state_arguments=("dstates[0]", "dstates[1]"))
         backward_plan = self.backward_layer.plan_backprop(dy_backward, dstates[2], dstates[3], keep_input_order=True,
                                                           state_arguments=("dstates[2]", "dstates[3]"))
-        forward_grads_before = {name: value.copy() for name, value in self.forward_layer.grads.items()}
+        # References, not copies (a training step allocates nothing for this): a backward that
+        # replaces the gradient arrays leaves these intact for the restore below.
+        forward_grads_before = dict(self.forward_layer.grads.items())
         forward_grads = self.forward_layer.run_backprop(forward_plan)
         try:
             backward_grads = self.backward_layer.run_backprop(backward_plan)

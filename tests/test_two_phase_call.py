@@ -119,3 +119,28 @@ def test_bidirectional_is_its_directions_run_through_the_public_calls():
     dx_forward = forward.run_backprop(forward.plan_backprop(dy)).dx
     dx_backward = backward.run_backprop(backward.plan_backprop(dy, keep_input_order=True)).dx
     np.testing.assert_allclose(dx, dx_forward + dx_backward, rtol=1e-6, atol=1e-6)
+
+
+def test_bidirectional_backward_failing_in_the_second_direction_leaves_tapes_in_step(monkeypatch):
+    """A backend failing in the backward direction's backward (every argument was checked): the call is
+    dropped from every tape (the forward direction's workspace is spent) and the forward direction's
+    gradients are the ones before the call."""
+    x, lengths = _inputs()
+    bi = le.Bidirectional(le.LSTM(6, return_sequences=True, seed=1, backend="numpy"))
+    y = bi(x, lengths=lengths, training=True)
+    bi.backward(np.ones_like(y))
+    before = {name: value.copy() for name, value in bi.forward_layer.grads.items()}
+    y = bi(x * 2, lengths=lengths, training=True)
+
+    def failing(plan):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(bi.backward_layer, "run_backprop", failing)
+    with pytest.raises(RuntimeError, match="device lost"):
+        bi.backward(np.ones_like(y))
+    assert len(bi._tapes) == len(bi.forward_layer._tapes) == len(bi.backward_layer._tapes) == 0
+    for name, value in before.items():
+        np.testing.assert_array_equal(bi.forward_layer.grads[name], value)
+    monkeypatch.undo()
+    y = bi(x, lengths=lengths, training=True)   # the wrapper keeps working
+    assert bi.backward(np.ones_like(y)).shape == x.shape
