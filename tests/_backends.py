@@ -2,7 +2,7 @@
 
 The reliability suites (properties, gradients, determinism, concurrency,
 memory, extremes, bad input) are parametrised over every backend that
-``le.list_backends()`` reports available at collection time, so a backend
+``le.list_backends(probe=True)`` reports available at collection time, so a backend
 joins them as soon as it lands. numba_cuda under the CUDA simulator
 (tests/conftest.py sets NUMBA_ENABLE_CUDASIM=1) runs every kernel thread in
 Python, so it gets tiny shapes and few examples.
@@ -21,8 +21,8 @@ from lstmeng import testing
 from lstmeng.backends import registry
 from lstmeng.backends.base import SequenceOptions
 
-AVAILABLE = [info.name for info in le.list_backends() if info.available]
-UNAVAILABLE = {info.name: info.reason for info in le.list_backends() if not info.available}
+AVAILABLE = [info.name for info in le.list_backends(probe=True) if info.available]
+UNAVAILABLE = {info.name: info.reason for info in le.list_backends(probe=True) if not info.available}
 CUDA_SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 

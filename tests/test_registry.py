@@ -264,3 +264,78 @@ def test_import_lstmeng_imports_neither_tensorflow_nor_numba():
                             env={**__import__("os").environ, "LSTMENG_BACKEND": ""})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", result.stdout
+
+
+# -- cheap probing (issue 18: list_backends took 6.8 s importing TensorFlow and numba) -------------------
+@pytest.mark.slow  # a fresh interpreter, so that nothing is imported or cached yet
+def test_list_backends_imports_no_heavy_library_until_asked():
+    script = textwrap.dedent("""
+        import json, sys, time
+        import lstmeng as le
+        from lstmeng.backends import registry
+        start = time.perf_counter()
+        rows = le.list_backends()
+        seconds = time.perf_counter() - start
+        heavy = sorted({name.split(".")[0] for name in sys.modules
+                        if name.split(".")[0] in ("tensorflow", "numba", "keras", "torch")})
+        print(json.dumps({"rows": [[r.name, r.available, r.probed, r.reason] for r in rows], "heavy": heavy,
+                          "seconds": seconds, "driver_reason": registry._cuda_driver_reason()}))
+        probed = le.list_backends(probe=True)
+        print(json.dumps([[r.name, r.available, r.probed] for r in probed]))
+    """)
+    env = {key: value for key, value in __import__("os").environ.items()
+           if key not in ("NUMBA_ENABLE_CUDASIM", "NUMBA_CUDA_DRIVER")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**env, "LSTMENG_BACKEND": ""})
+    assert result.returncode == 0, result.stderr
+    import json
+    first, second = (json.loads(line) for line in result.stdout.strip().splitlines()[-2:])
+    rows = {name: (available, probed, reason) for name, available, probed, reason in first["rows"]}
+    assert "tensorflow" not in first["heavy"] and "keras" not in first["heavy"]
+    if first["driver_reason"] is not None:   # no NVIDIA driver here: numba is not imported to find that out
+        assert "numba" not in first["heavy"]
+        assert rows["numba_cuda"][:2] == (False, True) and "no NVIDIA driver" in rows["numba_cuda"][2]
+    tensorflow_installed = __import__("importlib").util.find_spec("tensorflow") is not None
+    assert rows["tensorflow"][:2] == ((True, False) if tensorflow_installed else (False, True))
+    assert all(probed for _, _, probed in second)   # probe=True: every backend imported and checked
+
+
+def test_cuda_driver_check_without_numba(monkeypatch):
+    def no_library(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.delenv("NUMBA_CUDA_DRIVER", raising=False)
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "0")
+    monkeypatch.setattr(registry.ctypes, "CDLL", no_library)
+    monkeypatch.setattr(registry.sys, "platform", "linux")
+    assert registry._cuda_driver_reason() == ("no NVIDIA driver (none of libcuda.so.1, libcuda.so can be loaded; "
+                                              "NUMBA_ENABLE_CUDASIM=1 runs the simulator)")
+    monkeypatch.setattr(registry.sys, "platform", "darwin")
+    assert "no CUDA on darwin" in registry._cuda_driver_reason()
+    monkeypatch.setattr(registry.ctypes, "CDLL", lambda name: object())   # a driver library loads: probe it
+    monkeypatch.setattr(registry.sys, "platform", "linux")
+    assert registry._cuda_driver_reason() is None
+    monkeypatch.setattr(registry.ctypes, "CDLL", no_library)
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "1")          # the simulator needs no driver
+    assert registry._cuda_driver_reason() is None
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "0")
+    monkeypatch.setenv("NUMBA_CUDA_DRIVER", "/opt/driver/libcuda.so")   # numba's own override: numba decides
+    assert registry._cuda_driver_reason() is None
+
+
+def test_deferred_backend_row_until_used(monkeypatch):
+    """A deferred backend is listed as installed and unprobed, then from its probe once it was used."""
+    monkeypatch.setattr(registry, "DEFERRED_PROBES", frozenset({"numpy"}))
+    registry.refresh()
+    try:
+        row = next(row for row in le.list_backends() if row.name == "numpy")
+        assert (row.available, row.probed, row.reason) == (True, False, "")
+        assert row.device.startswith("not probed yet: numpy") and "probe=True" in row.device
+        registry.get_backend_object("numpy")   # first use: imported and probed
+        row = next(row for row in le.list_backends() if row.name == "numpy")
+        assert row.probed and "NumPy" in row.device
+        registry.refresh()
+        assert next(row for row in le.list_backends(probe=True) if row.name == "numpy").probed
+    finally:
+        monkeypatch.undo()
+        registry.refresh()

@@ -5,16 +5,24 @@ register through the entry-point group ``lstmeng.backends`` (the entry point
 loads a ``KernelBackend`` instance or subclass). Nothing is imported until a backend
 is asked for, and a backend that fails to import or probe becomes an
 "unavailable: <reason>" row, never an error at ``import lstmeng``.
+
+Probing is cheap first: a missing optional library (``importlib.util.find_spec``)
+or a missing NVIDIA driver library is reported without importing anything, and
+``list_backends()`` leaves the backends whose import costs seconds
+(``DEFERRED_PROBES``: TensorFlow) unprobed until they are used or
+``list_backends(probe=True)`` asks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import difflib
 import importlib
 import importlib.util
 import os
+import sys
 import threading
 import warnings
 from importlib import metadata
@@ -36,6 +44,10 @@ BUILTIN_BACKENDS = {
 #: the backend module is imported, so that a missing library costs nothing to report.
 OPTIONAL_DEPENDENCIES = {"numba_cuda": "numba", "tensorflow": "tensorflow"}
 
+#: Backends that ``list_backends()`` reports from the cheap checks alone (installed or not): importing
+#: them takes seconds (TensorFlow: 2-7 s), so they are probed when first used or on ``probe=True``.
+DEFERRED_PROBES = frozenset({"tensorflow"})
+
 # Preference order for "auto" on host (NumPy) arrays.
 HOST_PREFERENCE = ("cython", "numpy")
 
@@ -48,6 +60,9 @@ class BackendInfo:
     available: bool
     reason: str
     device: str
+    #: False for a row from the cheap checks alone (a deferred backend that is installed but not yet
+    #: imported): ``available`` then means "installed", and the first use imports and probes it.
+    probed: bool = True
 
 
 _lock = threading.RLock()
@@ -76,10 +91,42 @@ def known_backend_names() -> list[str]:
     return list(BUILTIN_BACKENDS) + sorted(_plugin_entry_points())
 
 
-def _load(name: str) -> tuple[KernelBackend | None, BackendInfo]:
+#: Where each platform keeps the NVIDIA driver's library (what numba-cuda loads).
+_CUDA_DRIVER_LIBRARIES = {"linux": ("libcuda.so.1", "libcuda.so"), "win32": ("nvcuda.dll",)}
+
+
+def _cuda_driver_reason() -> str | None:
+    """Why no CUDA driver can be there, found without importing numba (None: it may be, probe it).
+
+    The simulator needs no driver, and a driver named by NUMBA_CUDA_DRIVER is left to numba to find.
+    """
+    if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0") or os.environ.get("NUMBA_CUDA_DRIVER"):
+        return None
+    candidates = _CUDA_DRIVER_LIBRARIES.get(sys.platform, ())
+    for library in candidates:
+        try:
+            ctypes.CDLL(library)
+            return None
+        except OSError:
+            continue
+    where = f"none of {', '.join(candidates)} can be loaded" if candidates else f"no CUDA on {sys.platform}"
+    return f"no NVIDIA driver ({where}; NUMBA_ENABLE_CUDASIM=1 runs the simulator)"
+
+
+def _cheap_reason(name: str) -> str | None:
+    """Why ``name`` is unavailable, from checks that import nothing (None: it may be available)."""
     dependency = OPTIONAL_DEPENDENCIES.get(name)
     if dependency is not None and importlib.util.find_spec(dependency) is None:
-        return None, BackendInfo(name, False, f"{dependency} is not installed (pip install {dependency})", "")
+        return f"{dependency} is not installed (pip install {dependency})"
+    if name == "numba_cuda":
+        return _cuda_driver_reason()
+    return None
+
+
+def _load(name: str) -> tuple[KernelBackend | None, BackendInfo]:
+    reason = _cheap_reason(name)
+    if reason is not None:
+        return None, BackendInfo(name, False, reason, "")
     try:
         if name in BUILTIN_BACKENDS:
             backend = importlib.import_module(BUILTIN_BACKENDS[name]).backend
@@ -112,15 +159,45 @@ def refresh() -> None:
         _plugins = None
 
 
-def list_backends() -> list[BackendInfo]:
+def _unprobed(name: str) -> BackendInfo:
+    """The row of a deferred backend that passed the cheap checks: installed, not imported yet."""
+    dependency = OPTIONAL_DEPENDENCIES.get(name, name)
+    try:
+        version = " " + metadata.version(dependency)
+    except metadata.PackageNotFoundError:
+        version = ""
+    return BackendInfo(name, True, "", f"not probed yet: {dependency}{version} is installed and is imported at "
+                                       "first use (list_backends(probe=True) imports and checks it now)",
+                       probed=False)
+
+
+def list_backends(probe: bool = False) -> list[BackendInfo]:
     """Every known backend with whether it is available, why not, and its device.
+
+    Fast by default: a backend already in use is reported from its probe, a missing library or
+    NVIDIA driver is found without importing anything, and a backend whose import costs seconds
+    (``DEFERRED_PROBES``: TensorFlow) is reported as installed with ``probed=False`` and is
+    imported and checked at its first use. ``probe=True`` imports and probes every backend now
+    (what ``lstmeng info`` does).
 
     Example:
         >>> import lstmeng as le
         >>> [info.name for info in le.list_backends()][:2]
         ['numpy', 'cython']
     """
-    return [_entry(name)[1] for name in known_backend_names()]
+    rows = []
+    for name in known_backend_names():
+        with _lock:
+            cached = _cache.get(name)
+        if cached is not None or probe or name not in DEFERRED_PROBES:
+            rows.append(_entry(name)[1])
+            continue
+        reason = _cheap_reason(name)
+        if reason is not None:
+            rows.append(_entry(name)[1])   # as cheap as the check itself, and now cached
+        else:
+            rows.append(_unprobed(name))
+    return rows
 
 
 def _unavailable_message(name: str) -> str:

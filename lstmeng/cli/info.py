@@ -103,7 +103,7 @@ def gather() -> dict:
                 "cpu_quota": threads.cpu_quota(), "kernel_threads": threads.thread_count()},
         "gpu": {"devices": devices, "note": gpu_note, "gemm": cuda_gemm_path(devices)},
         "backends": [{"name": row.name, "available": row.available, "reason": row.reason, "device": row.device}
-                     for row in lstmeng.list_backends()],
+                     for row in lstmeng.list_backends(probe=True)],
         "default_backend": lstmeng.get_backend(),
         "blas": {
             "numpy": _blas_build("numpy"),
