@@ -37,6 +37,13 @@ def parse_device(device) -> str:
     return current
 
 
+def cuda_array_on_cpu_layer(argument: str) -> ValueError:
+    """The error for a CUDA array given to a layer whose parameters are on the CPU (PyTorch's rule:
+    no silent copy), naming both devices and the fix."""
+    return ValueError(f"{argument}: expected an array on cpu, where this layer's parameters are, got an array "
+                      f"on {current_cuda_device()}; call layer.to('cuda') first (or pass a NumPy array)")
+
+
 def _mover(target: str):
     """A function that returns its array on ``target`` ("cpu" or "cuda:N"), copying only when needed."""
     if target == "cpu":

@@ -21,7 +21,7 @@ import numpy as np
 
 from lstmeng import _validation, activations, initializers
 from lstmeng._arrays import grads_property, host_copy, params_property, zero_grads_of
-from lstmeng._devices import _mover, current_cuda_device, parse_device
+from lstmeng._devices import _mover, cuda_array_on_cpu_layer, current_cuda_device, parse_device
 from lstmeng._tape import InputGuard, TrainingTape, debug_checks
 from lstmeng.backends import registry
 
@@ -219,9 +219,7 @@ class LSTMBase:
             if not self._device_chosen and registry.get_backend() in ("auto", "numba_cuda"):
                 self.to("cuda")
             else:
-                raise ValueError(
-                    f"{argument}: expected an array on cpu, where this layer's parameters are, got an array "
-                    f"on {current_cuda_device()}; call layer.to('cuda') first (or pass a NumPy array)")
+                raise cuda_array_on_cpu_layer(argument)
         if self._device != "cpu":
             if kind == "tensorflow":
                 raise ValueError(f"{argument}: this layer lives on {self._device} and takes CUDA or NumPy "
