@@ -8,9 +8,15 @@ the loss, get a zero gradient, and are not counted in the mean::
 
     logits [B, T, C], targets [B, T], mask [[T, T, F], ...]  ->  mean over the True steps
 
-Host arrays (NumPy, or anything ``np.asarray`` converts, tf.Tensor included)
-on every backend. A CUDA device array raises NotImplementedError: copy the
-model's output to the host (a ``Sequential`` returns NumPy for NumPy input).
+The predictions decide where a loss computes. Host arrays (NumPy, or anything
+``np.asarray`` converts, tf.Tensor included): with NumPy, on every backend.
+CUDA device arrays (a model on the GPU): with numba-cuda kernels
+(``lstmeng.backends._cuda_layers``), and the gradient is a device array; the
+loss still comes back as a Python float, which costs one 24-byte copy to the
+host that waits for the queued work. Targets and mask on the other side are
+copied over (they are small next to a model's activations). Device
+predictions of a dtype other than float32 and float64 are computed in
+float32.
 
 Example:
     >>> import numpy as np, lstmeng as le
@@ -23,15 +29,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from lstmeng import _validation
+from lstmeng._arrays import array_dtype_name, host_copy
 from lstmeng.backends import registry
 
 __all__ = ["mean_squared_error", "softmax_cross_entropy", "binary_cross_entropy", "get", "LOSSES"]
 
 
 def _host(array, argument: str) -> np.ndarray:
-    if registry.array_kind(array) == "cuda":
-        raise NotImplementedError(f"{argument} is a CUDA device array; lstmeng.losses computes on host arrays only "
-                                  f"(pass {argument}.copy_to_host())")
+    if registry.array_kind(array) == "cuda":   # with host predictions: copied to the host
+        array = host_copy(array)
     array = np.asarray(array)
     if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise TypeError(f"{argument} must be a numeric array, got dtype {array.dtype}")
@@ -45,16 +52,28 @@ def _float(predictions, argument: str) -> np.ndarray:
     return predictions
 
 
+def _check_mask(mask, shape: tuple, argument: str) -> None:
+    """Raise unless ``mask`` (a host or device array) is boolean of ``shape``."""
+    dtype = array_dtype_name(mask, argument)
+    if dtype != "bool":
+        raise TypeError(f"{argument} must be boolean (True = counted), got dtype {dtype}")
+    if _validation.shape_of(mask) != tuple(shape):
+        raise ValueError(f"{argument} must have shape {tuple(shape)}, got {_validation.shape_of(mask)}")
+
+
 def _weights(mask, shape: tuple, argument: str = "mask") -> tuple[np.ndarray | None, float]:
     """The mask as 0/1 weights of ``shape`` (None = all counted) and the number of counted entries."""
     if mask is None:
         return None, float(np.prod(shape)) if shape else 1.0
     mask = _host(mask, argument)
-    if mask.dtype != bool:
-        raise TypeError(f"{argument} must be boolean (True = counted), got dtype {mask.dtype}")
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"{argument} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    _check_mask(mask, shape, argument)
     return mask, float(mask.sum())
+
+
+def _class_id_error(targets: np.ndarray, classes: int) -> ValueError:
+    """The error for host class ids ``targets`` of which some lie outside [0, classes) (names the first)."""
+    bad = targets[(targets < 0) | (targets >= classes)].flat[0]
+    return ValueError(f"targets must be class ids in [0, {classes}), got {int(bad)}")
 
 
 def _finish(total, gradient, count, predictions) -> tuple[float, np.ndarray]:
@@ -80,6 +99,8 @@ def mean_squared_error(predictions, targets, mask=None) -> tuple[float, np.ndarr
         >>> le.losses.mean_squared_error(np.array([[1.0], [3.0]]), np.array([[0.0], [1.0]]))[0]
         2.5
     """
+    if registry.array_kind(predictions) == "cuda":
+        return _device_mean_squared_error(predictions, targets, mask)
     predictions = _float(predictions, "predictions")
     targets = _host(targets, "targets")
     if targets.shape != predictions.shape:
@@ -117,6 +138,8 @@ def softmax_cross_entropy(logits, targets, mask=None) -> tuple[float, np.ndarray
         >>> round(loss, 4)                                         # only step 0 counts
         0.1269
     """
+    if registry.array_kind(logits) == "cuda":
+        return _device_softmax_cross_entropy(logits, targets, mask)
     logits = _float(logits, "logits")
     if logits.ndim < 1:
         raise ValueError(f"logits must have a class axis, got shape {logits.shape}")
@@ -124,8 +147,7 @@ def softmax_cross_entropy(logits, targets, mask=None) -> tuple[float, np.ndarray
     targets = _host(targets, "targets")
     if targets.shape == logits.shape[:-1] and np.issubdtype(targets.dtype, np.integer):
         if targets.size and (targets.min() < 0 or targets.max() >= classes):
-            bad = targets[(targets < 0) | (targets >= classes)].flat[0]
-            raise ValueError(f"targets must be class ids in [0, {classes}), got {int(bad)}")
+            raise _class_id_error(targets, classes)
         probabilities = np.zeros(logits.shape, logits.dtype)
         np.put_along_axis(probabilities, targets[..., None].astype(np.int64), 1.0, axis=-1)
     elif targets.shape == logits.shape:
@@ -159,6 +181,8 @@ def binary_cross_entropy(logits, targets, mask=None) -> tuple[float, np.ndarray]
         >>> round(le.losses.binary_cross_entropy(np.array([0.0]), np.array([1.0]))[0], 4)   # log 2
         0.6931
     """
+    if registry.array_kind(logits) == "cuda":
+        return _device_binary_cross_entropy(logits, targets, mask)
     logits = _float(logits, "logits")
     targets = _host(targets, "targets")
     if targets.shape != logits.shape:
@@ -171,6 +195,78 @@ def binary_cross_entropy(logits, targets, mask=None) -> tuple[float, np.ndarray]
     if weights is not None:
         per_entry, gradient = per_entry * weights, gradient * weights
     return _finish(np.sum(per_entry, dtype=np.float64), gradient, count, logits)
+
+
+# -- on the GPU: the same checks and messages, the numbers from numba-cuda kernels ------------------------------
+def _device():
+    """The numba_cuda array helpers and the loss kernels (numba is imported here, at the first device loss)."""
+    from lstmeng.backends import _cuda_layers
+    return registry.get_backend_object("numba_cuda").ops, _cuda_layers
+
+
+def _device_array(ops, array, argument: str):
+    """``array`` as a device array: a CUDA array in place, a host one checked and copied in."""
+    if registry.array_kind(array) == "cuda":
+        return ops.asarray(array, np.dtype(array_dtype_name(array, argument)))
+    host = _host(array, argument)
+    return ops.asarray(host, host.dtype)
+
+
+def _device_float(ops, predictions, argument: str):
+    """Device predictions in float32 or float64 (other dtypes are copied to float32)."""
+    predictions = _device_array(ops, predictions, argument)
+    if np.dtype(predictions.dtype).name not in ("float32", "float64"):
+        predictions = ops.copy(predictions, np.float32)
+    return predictions
+
+
+def _device_mask(ops, mask, shape: tuple):
+    if mask is None:
+        return None
+    mask = _device_array(ops, mask, "mask")
+    _check_mask(mask, shape, "mask")
+    return mask
+
+
+def _device_mean_squared_error(predictions, targets, mask):
+    ops, kernels = _device()
+    predictions = _device_float(ops, predictions, "predictions")
+    targets = _device_array(ops, targets, "targets")
+    shape = _validation.shape_of(predictions)
+    if _validation.shape_of(targets) != shape:
+        raise ValueError(f"targets must have the predictions' shape {shape}, got {_validation.shape_of(targets)}")
+    if not shape:
+        raise ValueError("predictions must be an array of shape (batch, ..., features), got a scalar")
+    return kernels.mean_squared_error(predictions, targets, _device_mask(ops, mask, shape[:-1]))
+
+
+def _device_softmax_cross_entropy(logits, targets, mask):
+    ops, kernels = _device()
+    logits = _device_float(ops, logits, "logits")
+    shape = _validation.shape_of(logits)
+    if not shape:
+        raise ValueError(f"logits must have a class axis, got shape {shape}")
+    targets = _device_array(ops, targets, "targets")
+    target_shape, target_dtype = _validation.shape_of(targets), np.dtype(targets.dtype)
+    class_ids = target_shape == shape[:-1] and np.issubdtype(target_dtype, np.integer)
+    if not class_ids and target_shape != shape:
+        raise ValueError(f"targets must be integer class ids of shape {shape[:-1]} or one-hot of shape "
+                         f"{shape}, got {target_dtype} of shape {target_shape}")
+    loss, gradient, bad = kernels.softmax_cross_entropy(logits, targets, _device_mask(ops, mask, shape[:-1]),
+                                                        class_ids)
+    if bad:   # flagged by the kernel; the host copy names the first bad id as the host check does
+        raise _class_id_error(ops.to_numpy(targets), shape[-1])
+    return loss, gradient
+
+
+def _device_binary_cross_entropy(logits, targets, mask):
+    ops, kernels = _device()
+    logits = _device_float(ops, logits, "logits")
+    targets = _device_array(ops, targets, "targets")
+    shape = _validation.shape_of(logits)
+    if _validation.shape_of(targets) != shape:
+        raise ValueError(f"targets must have the logits' shape {shape}, got {_validation.shape_of(targets)}")
+    return kernels.binary_cross_entropy(logits, targets, _device_mask(ops, mask, shape))
 
 
 #: Names ``le.fit`` accepts for ``loss``.
