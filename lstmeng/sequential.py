@@ -4,6 +4,12 @@ Same verbs as LSTM: ``__call__``, ``backward``, ``params`` / ``grads``,
 ``build``, ``get_weights`` / ``set_weights`` (in Keras's order, so a Keras
 model's weights load into the equivalent lstmeng model), ``get_config`` /
 ``from_config``, ``to(device)`` / ``device``, and ``summary()``.
+
+On the GPU (``model.to("cuda")``) every layer lives and computes on the
+device, Embedding and Dense included: a host input is copied in once, before
+the first layer on the GPU, and the output copied out (NumPy in, NumPy out);
+a device input gives a device output, and no activation, mask or gradient
+crosses the bus in between.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from lstmeng import _validation
-from lstmeng._arrays import PrefixedArrays
+from lstmeng._arrays import PrefixedArrays, array_dtype_name
 from lstmeng._composite import _move_all, _set_weights_all_or_nothing
 from lstmeng._tape import TrainingTape
 from lstmeng.backends import registry
@@ -23,7 +29,6 @@ from lstmeng.layers import LSTM
 LAYER_CLASSES = {"LSTM": LSTM, "Bidirectional": Bidirectional, "Dropout": Dropout, "Dense": Dense,
                  "Embedding": Embedding}
 _RECURRENT = (LSTM, Bidirectional)
-_HOST_ONLY = (Dense, Embedding)   # compute on host arrays: the model copies device activations to them
 
 
 class Sequential:
@@ -45,8 +50,9 @@ class Sequential:
     Training calls are backpropagated last-in-first-out, as on every layer
     (see ``LSTM.backward``); inference calls in between are not recorded.
 
-    On the GPU (``model.to("cuda")``) the recurrent layers live on the device
-    and Dense/Embedding on the host: activations are copied between them.
+    On the GPU (``model.to("cuda")``) every layer lives on the device: a host
+    input is copied in once (ids stay integers) and the output copied out; the
+    Embedding's mask is made on the device, and nothing else crosses the bus.
 
     Example:
         >>> import numpy as np, lstmeng as le
@@ -104,18 +110,18 @@ class Sequential:
             layer.reset_tape()
         return self
 
+    def _placed(self):
+        """The layers that live somewhere (all but Dropout)."""
+        return [layer for layer in self.layers if not isinstance(layer, Dropout)]
+
     @property
     def device(self) -> str:
-        """Where the recurrent layers' params, grads and states live ("cpu" without any)."""
-        recurrent = self._recurrent()
-        return recurrent[0].device if recurrent else "cpu"
+        """Where the layers' params, grads and states live: the first one's that is not on "cpu", else "cpu"."""
+        return next((layer.device for layer in self._placed() if layer.device != "cpu"), "cpu")
 
     def to(self, device):
-        """Move every recurrent layer to ``device`` ("cpu", "cuda", "cuda:N"); returns self.
-
-        Dense and Embedding stay on the host (they compute on host arrays).
-        """
-        _move_all(self._recurrent(), device)
+        """Move every layer to ``device`` ("cpu", "cuda", "cuda:N"); returns self (all or nothing)."""
+        _move_all(self._placed(), device)
         return self
 
     def build(self, input_size=None):
@@ -227,35 +233,30 @@ class Sequential:
         input_shape = _validation.shape_of(x) if hasattr(x, "shape") else np.shape(x)
         states, kinds = [], []
         for layer in self.layers:
+            if not isinstance(layer, Dropout) and layer.device != "cpu" and registry.array_kind(x) == "host":
+                # One copy in for a run of GPU layers, instead of a round trip per layer.
+                x = _copy_in(layer, x)
             if isinstance(layer, Embedding):
-                ids = _to_host(x)
-                made = layer.compute_mask(ids)
-                x = layer(ids, training=training)
+                made = layer.compute_mask(x)
+                x = layer(x, training=training)
                 if made is not None:
-                    mask = made if mask is None else np.logical_and(_to_host(mask), made)
-            elif isinstance(layer, Dense):
-                x = layer(_to_host(x), training=training)
-            elif isinstance(layer, Dropout):
+                    mask = made if mask is None else _both(mask, made)
+            elif isinstance(layer, (Dense, Dropout)):
                 x = layer(x, training=training)
             else:
-                if layer.device != "cpu" and registry.array_kind(x) == "host":
-                    # One copy in for a run of GPU layers, instead of a round trip per layer.
-                    x = registry.get_backend_object("numba_cuda").ops.asarray(
-                        _validation.check_numeric_array(x, "x", layer.dtype), layer.dtype)
                 first = layer is recurrent[0]
                 x = layer(x, mask=mask, initial_state=initial_state if first else None, training=training,
                           check_finite=check_finite and first)
                 if not layer.return_sequences:
                     mask = None
             states.append(_final_states(layer) if isinstance(layer, _RECURRENT) else None)
-            kinds.append((registry.array_kind(x), _validation.shape_of(x)))
+            kinds.append((registry.array_kind(x), _validation.shape_of(x), array_dtype_name(x)))
         if input_kind == "host":   # NumPy in, NumPy out: the output and the reported states too
             x = _to_host(x)
             states = [None if group is None else [_to_host(state) for state in group] for group in states]
         self.states = states
         if training:   # an inference call leaves the tape as it is
-            self._tapes.push((input_kind, input_shape, kinds, initial_state is not None,
-                              (registry.array_kind(x), _validation.shape_of(x))))
+            self._tapes.push((input_kind, input_shape, kinds, initial_state is not None, _validation.shape_of(x)))
         return x
 
     def backward(self, dy):
@@ -266,16 +267,17 @@ class Sequential:
             gradient). Sets every layer's ``grads`` and, when the call had an initial_state,
             ``initial_state_grads``.
         """
-        input_kind, input_shape, kinds, got_initial_state, (_, output_shape) = self._tapes.peek()
+        input_kind, input_shape, kinds, got_initial_state, output_shape = self._tapes.peek()
         # Checked before any layer consumes its tape: a bad dy leaves every tape as it was.
         _validation.check_shape(dy, "dy", output_shape)
         recurrent = self._recurrent()
         for index in reversed(range(len(self.layers))):
             layer = self.layers[index]
-            if kinds[index][0] == "cuda" and registry.array_kind(dy) == "host":
+            kind, _, dtype = kinds[index]   # dy goes to the layer in the kind of the layer's output
+            if kind == "cuda" and registry.array_kind(dy) == "host":
                 dy = registry.get_backend_object("numba_cuda").ops.asarray(
-                    _validation.check_numeric_array(dy, "dy", layer.dtype), layer.dtype)
-            elif kinds[index][0] == "host":
+                    _validation.check_numeric_array(dy, "dy", dtype), dtype)
+            elif kind == "host":
                 dy = _to_host(dy)
             dy = layer.backward(dy)
             if recurrent and layer is recurrent[0]:
@@ -289,6 +291,30 @@ class Sequential:
 
     def __repr__(self):
         return "Sequential([" + ", ".join(repr(layer) for layer in self.layers) + "])"
+
+
+def _copy_in(layer, x):
+    """A host input copied to the GPU for ``layer``: ids as integers for an Embedding (which checks them
+    there), features checked and cast to the layer's dtype for the others."""
+    ops = registry.get_backend_object("numba_cuda").ops
+    if isinstance(layer, Embedding):
+        ids = np.asarray(x)
+        return ops.asarray(ids, ids.dtype)
+    return ops.asarray(_validation.check_numeric_array(x, "x", layer.dtype), layer.dtype)
+
+
+def _both(mask, made):
+    """The caller's mask ``[B, T]`` and an Embedding's ``made`` one combined (True = real step in both);
+    on the device when either is there."""
+    if registry.array_kind(made) == "host":
+        return np.logical_and(_to_host(mask), made)
+    from lstmeng.backends import _cuda_layers
+    ops = registry.get_backend_object("numba_cuda").ops
+    _validation.check_shape(mask, "mask", _validation.shape_of(made))
+    device_mask = ops.asarray(mask, np.dtype(array_dtype_name(mask, "mask")))
+    if np.dtype(device_mask.dtype) != np.bool_:
+        raise TypeError(f"mask must be boolean (True = real step), got dtype {device_mask.dtype}")
+    return _cuda_layers.logical_and(device_mask, ops.view(made))
 
 
 def _to_host(array):
