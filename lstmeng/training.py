@@ -11,6 +11,13 @@ One step is the explicit-backward loop of the README, nothing hidden::
 with batches drawn from arrays, a tqdm progress bar, a per-epoch history,
 validation, early stopping on a monitored value and an optional loss plot
 (matplotlib, when installed).
+
+On the GPU (a model moved with ``to("cuda")``, trained with a built-in
+loss) each batch is sliced from the host arrays and copied to the device
+once (x in the model's dtype, ids as integers, targets and mask as they
+are); outputs, the loss gradient and every gradient stay there, and only the
+loss (a float) and, for metrics, the outputs come back to the host. A custom
+loss callable gets host arrays, as on the CPU (the model copies in and out).
 """
 
 from __future__ import annotations
@@ -21,8 +28,10 @@ import warnings
 
 import numpy as np
 
+from lstmeng import _validation, optim
 from lstmeng import losses as losses_module
-from lstmeng import optim
+from lstmeng._arrays import array_dtype_name, host_copy
+from lstmeng.backends import registry
 
 
 @dataclasses.dataclass
@@ -87,11 +96,41 @@ def _call(model, x, mask, training):
 
 
 def _loss(loss_function, outputs, targets, mask):
-    """The loss of a batch; the mask goes to the loss when the outputs are per step (``[B, T, ...]``)."""
-    outputs = np.asarray(outputs)
-    if mask is not None and outputs.shape[:mask.ndim] == mask.shape and targets.shape[:mask.ndim] == mask.shape:
-        return loss_function(outputs, targets, mask=mask)
+    """The loss of a batch; the mask goes to the loss when the outputs are per step (``[B, T, ...]``).
+    Device arrays (a GPU batch) stay on the device."""
+    if registry.array_kind(outputs) != "cuda":
+        outputs = np.asarray(outputs)
+    if mask is not None:
+        shapes = [_validation.shape_of(array) for array in (outputs, targets, mask)]
+        if shapes[0][:len(shapes[2])] == shapes[2] and shapes[1][:len(shapes[2])] == shapes[2]:
+            return loss_function(outputs, targets, mask=mask)
     return loss_function(outputs, targets)
+
+
+def _on_device(model, loss_function) -> bool:
+    """True when batches go to the GPU before the model sees them: a model on "cuda" trained with a built-in
+    loss, which computes on device arrays (a custom loss gets host arrays; the model then copies in and out)."""
+    return getattr(model, "device", "cpu") != "cpu" and loss_function in set(losses_module.LOSSES.values())
+
+
+def _to_device(model, x, targets, mask):
+    """One batch copied to the GPU, once: x in the dtype of the model's first parameter (ids stay
+    integers), targets and mask as they are. As it is while the model has no parameters yet (its first
+    call builds it and copies x in) or when its first parameter is on the host (a model whose first
+    layer is on the CPU takes host input)."""
+    first = next(iter(model.params.values()), None)
+    if first is None or registry.array_kind(first) != "cuda":
+        return x, targets, mask
+    ops = registry.get_backend_object("numba_cuda").ops
+    if not np.issubdtype(x.dtype, np.integer):
+        x = _validation.check_numeric_array(x, "x", np.dtype(array_dtype_name(first)))
+    return (ops.asarray(x, x.dtype), ops.asarray(targets, targets.dtype),
+            None if mask is None else ops.asarray(mask, mask.dtype))
+
+
+def _host_outputs(outputs) -> np.ndarray:
+    """The outputs as a host array for metrics (a device batch's are copied out)."""
+    return host_copy(outputs) if registry.array_kind(outputs) == "cuda" else np.asarray(outputs)
 
 
 def evaluate(model, loss, data, batch_size: int = 256, metrics=()) -> dict:
@@ -103,13 +142,21 @@ def evaluate(model, loss, data, batch_size: int = 256, metrics=()) -> dict:
     loss_function = losses_module.get(loss)
     x, targets, mask = _split(data, "data")
     metric_functions = _metric_functions(metrics)
+    on_device = _on_device(model, loss_function)
     totals = dict.fromkeys(["loss", *metric_functions], 0.0)
     for start in range(0, len(x), batch_size):
         rows = slice(start, start + batch_size)
         batch_mask = None if mask is None else mask[rows]
-        outputs = np.asarray(_call(model, x[rows], batch_mask, training=False))
+        batch = (x[rows], targets[rows], batch_mask)
+        if on_device:
+            batch = _to_device(model, *batch)
+        outputs = _call(model, batch[0], batch[2], training=False)
+        if registry.array_kind(outputs) != "cuda":
+            outputs = np.asarray(outputs)
         count = len(x[rows])
-        totals["loss"] += _loss(loss_function, outputs, targets[rows], batch_mask)[0] * count
+        totals["loss"] += _loss(loss_function, outputs, batch[1], batch[2])[0] * count
+        if metric_functions:
+            outputs = _host_outputs(outputs)
         for name, function in metric_functions.items():
             totals[name] += function(outputs, targets[rows], batch_mask) * count
     return {name: total / max(len(x), 1) for name, total in totals.items()}
@@ -194,6 +241,7 @@ def fit(model, loss, optimizer, data, *, epochs: int = 1, batch_size: int = 32, 
     if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 0):
         raise ValueError(f"patience must be an integer >= 0 or None, got {patience!r}")
 
+    on_device = _on_device(model, loss_function)
     rng = np.random.default_rng(seed)
     history = {name: [] for name in known}
     best_value, best_epoch, best_weights, waited = None, None, None, 0
@@ -207,8 +255,11 @@ def fit(model, loss, optimizer, data, *, epochs: int = 1, batch_size: int = 32, 
         for batch_number, start in enumerate(starts, start=1):
             rows = order[start:start + batch_size]
             batch_mask = None if mask is None else mask[rows]
-            outputs = _call(model, x[rows], batch_mask, training=True)
-            value, doutputs = _loss(loss_function, outputs, targets[rows], batch_mask)
+            batch = (x[rows], targets[rows], batch_mask)
+            if on_device:
+                batch = _to_device(model, *batch)
+            outputs = _call(model, batch[0], batch[2], training=True)
+            value, doutputs = _loss(loss_function, outputs, batch[1], batch[2])
             if not math.isfinite(value):
                 bar.close()
                 if hasattr(model, "reset_tape"):
@@ -220,8 +271,10 @@ def fit(model, loss, optimizer, data, *, epochs: int = 1, batch_size: int = 32, 
                 optim.clip_grad_norm(model, clip_norm)
             optimizer.step()
             sums["loss"] += value * len(rows)
+            if metric_functions:
+                outputs = _host_outputs(outputs)
             for name, function in metric_functions.items():
-                sums[name] += function(np.asarray(outputs), targets[rows], batch_mask) * len(rows)
+                sums[name] += function(outputs, targets[rows], batch_mask) * len(rows)
             bar.set_postfix(loss=f"{sums['loss'] / min(start + len(rows), len(x)):.4f}", refresh=False)
             bar.update(1)
         for name, total in sums.items():
