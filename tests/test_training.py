@@ -123,7 +123,8 @@ def test_fit_names_bad_arguments_and_a_diverging_loss():
 
 @pytest.mark.parametrize("backend", backends(only=("cython", "numba_cuda")))
 def test_fit_on_another_backend_matches_numpy(backend):
-    """The same fit on cython or the CUDA simulator (device LSTM, host Dense) ends with the NumPy weights."""
+    """The same fit on cython or the CUDA simulator (the whole model on the device, batches copied in once)
+    ends with the NumPy weights."""
     x, targets, mask = _data(rows=8)
     x = x[:, :3]
     mask = mask[:, :3]
