@@ -488,8 +488,9 @@ kernels += [("int", cl._first_out_of_range, (A(2, np.int64), numba.int64, A(1, n
             ("bool", cl._set_count, (numba.float64, A(3, np.float64)))]
 for name, kernel, signature in kernels:
     ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))
+    depot = re.findall(r"__local_depot\d+\[(\d+)\]", ptx)
     float64_ops = len(re.findall(r"\.f64", ptx))
-    print("OK", name, kernel.py_func.__name__, "float64 ops", float64_ops)
+    print("OK", name, kernel.py_func.__name__, "local bytes", depot[0] if depot else 0, "float64 ops", float64_ops)
 '''
 
 
@@ -497,8 +498,8 @@ for name, kernel, signature in kernels:
 @pytest.mark.skipif(REAL_GPU, reason="the GPU session compiles and runs the kernels for real")
 def test_layer_kernels_compile_to_ptx_for_hopper():
     """The simulator runs kernels as Python and type-checks nothing: numba compiles each kernel of
-    _cuda_layers to sm_90 PTX here (skipped without libnvvm), and float32 Dense kernels do no float64
-    arithmetic (their constants are typed)."""
+    _cuda_layers to sm_90 PTX here (skipped without libnvvm), none spills to local memory, and the
+    float32 Dense kernels do no float64 arithmetic (their constants are typed)."""
     env = {key: value for key, value in os.environ.items() if key != "NUMBA_ENABLE_CUDASIM"}
     result = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], capture_output=True, text=True, env=env,
                             timeout=600, cwd=REPO)
@@ -508,5 +509,6 @@ def test_layer_kernels_compile_to_ptx_for_hopper():
     lines = [line for line in result.stdout.splitlines() if line.startswith("OK")]
     assert len(lines) == 2 * 14 + 5, result.stdout
     for line in lines:
+        assert "local bytes 0 " in line, line
         if line.startswith("OK float32") and ("activate" in line or "softmax" in line or "backward" in line):
             assert line.endswith("float64 ops 0"), line
