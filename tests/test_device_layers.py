@@ -250,6 +250,15 @@ def test_device_losses_count_nothing_and_stay_finite(backend):
     assert loss == pytest.approx(800.0)
 
 
+def test_host_predictions_take_device_targets_and_mask_to_the_host(backend):
+    logits = np.random.default_rng(10).normal(size=(2, 3))
+    ids, mask = np.array([2, 0]), np.array([True, False])
+    loss, gradient = losses.softmax_cross_entropy(logits, _device(backend, ids), mask=_device(backend, mask))
+    expected_loss, expected_gradient = losses.softmax_cross_entropy(logits, ids, mask=mask)
+    assert loss == expected_loss and type(gradient) is np.ndarray
+    np.testing.assert_array_equal(gradient, expected_gradient)
+
+
 def test_device_losses_name_the_bad_argument(backend):
     logits = _device(backend, np.zeros((2, 3)))
     with pytest.raises(ValueError, match=r"class ids in \[0, 3\), got 3"):
@@ -428,13 +437,34 @@ def test_dense_and_embedding_move_with_to_and_keep_their_weights(backend):
         le.Dense(2).to("gpu")
 
 
-def test_sequential_to_moves_every_layer_and_back(backend):
+def test_sequential_to_moves_every_layer_and_back_and_loads_onto_the_gpu(backend, tmp_path):
     host, gpu = _gpu_and_host_models("float32")
+    le.save(gpu, tmp_path / "model.npz")                      # from the device
     gpu.to("cpu")
     assert gpu.device == "cpu" and all(layer.device == "cpu" for layer in gpu.layers)
     assert all(type(value) is np.ndarray for value in gpu.params.values())
     for got, want in zip(gpu.get_weights(), host.get_weights()):
         np.testing.assert_array_equal(got, want)
+    loaded = le.load(tmp_path / "model.npz", device="cuda")
+    assert all(layer.device == "cuda:0" for layer in loaded.layers)
+    assert all(_on_device(value) for value in loaded.params.values())
+    for got, want in zip(loaded.get_weights(), host.get_weights()):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_debug_guard_catches_a_device_input_changed_in_place(backend, monkeypatch):
+    monkeypatch.setenv("LSTMENG_DEBUG", "1")
+    x_host = np.ones((2, 3), np.float32)
+    x = _device(backend, x_host)
+    dense = le.Dense(2, seed=0).to("cuda")
+    y = dense(x, training=True)
+    x.copy_to_device(x_host + 1)
+    with pytest.raises(RuntimeError, match="x was modified in place"):
+        dense.backward(backend.ops.zeros((2, 2), np.float32))
+    x.copy_to_device(x_host)
+    assert _on_device(dense.backward(backend.ops.zeros(tuple(y.shape), np.float32)))
+    dense(np.ones((1, 3), np.float32), training=True)         # a host input: the layer's own copy, no guard
+    assert dense._tapes.last.guard is None
 
 
 def test_device_arrays_to_layers_on_the_cpu_name_both_devices(backend):
