@@ -9,9 +9,12 @@ same ``nn.Parameter`` names and layouts (``weight_ih_l0`` ``[4H, I]``,
 ``state_dict`` checkpoints load both ways, and optimizers, ``clip_grad_norm_``
 and ``DistributedDataParallel`` work unchanged. Added: ``backend=``, an
 lstmeng backend name or "auto" (the default in force, else numba_cuda for
-CUDA tensors and cython, then numpy, for CPU tensors), and two lstmeng-only
-options of ``LSTM``, off by default: ``recurrent_dropout=`` and
-``forward(..., mask=)`` (masks with holes or left padding).
+CUDA tensors and cython, then numpy, for CPU tensors), and lstmeng-only
+options of both modules, off by default: ``activation=`` and
+``recurrent_activation=`` (other activations than tanh and sigmoid; the
+parameters are the same, so state dicts still load both ways),
+``recurrent_dropout=`` and ``forward(..., mask=)`` (``LSTM``: masks with holes
+or left padding; ``LSTMCell``: rows that keep their state).
 
 How a call runs: each layer and direction is one ``torch.autograd.Function``
 whose forward is the backend's ``sequence_forward`` and whose backward is its
@@ -50,6 +53,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
+from lstmeng import activations
 from lstmeng.backends import registry
 from lstmeng.backends.base import SequenceOptions
 
@@ -103,7 +107,9 @@ class _DirectionCall:
     backend: the lstmeng KernelBackend; device: where the tensors live; on_device:
     the backend takes the CUDA tensors themselves (numba_cuda on a GPU);
     mask: ``[B, T]`` bool NumPy array (packed input, ``mask=``) or None; reverse:
-    process t = T-1 .. 0; recurrent_dropout_mask: ``[B, H]`` tensor or None.
+    process t = T-1 .. 0; recurrent_dropout_mask: ``[B, H]`` tensor or None;
+    activation, recurrent_activation: the module's (names of ``lstmeng.backends.base.ACTIVATIONS``
+    and ``RECURRENT_ACTIVATIONS``).
     """
 
     backend: object
@@ -112,6 +118,8 @@ class _DirectionCall:
     mask: np.ndarray | None
     reverse: bool
     recurrent_dropout_mask: torch.Tensor | None = None
+    activation: str = "tanh"
+    recurrent_activation: str = "sigmoid"
 
     def _array(self, tensor):
         if tensor is None:
@@ -138,7 +146,8 @@ class _DirectionCall:
             # means "as if the masked steps were removed").
             options = SequenceOptions.for_call(
                 bias=bias, mask=self.mask, input_dropout_mask=None, recurrent_dropout_mask=recurrent_dropout_mask,
-                reverse=self.reverse, zero_output_for_mask=True, return_sequences=True, training=training)
+                activation=self.activation, recurrent_activation=self.recurrent_activation, reverse=self.reverse,
+                zero_output_for_mask=True, return_sequences=True, training=training)
             result = self.backend.sequence_forward(
                 self._array(x), self._array(h0), self._array(c0), self._array(kernel),
                 self._array(recurrent_kernel), self._array(bias), self.mask, None, recurrent_dropout_mask, options)
@@ -199,11 +208,17 @@ def _run_direction(call, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
     return call.forward(*tensors, training=False)[:3]
 
 
-def _choose_backend(requested: str, x: torch.Tensor, dtype: torch.dtype):
-    """(backend, on_device) for a call on ``x``."""
-    dtype_name = str(dtype).replace("torch.", "")
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _choose_backend(requested: str, x: torch.Tensor, dtype: torch.dtype, activation: str,
+                    recurrent_activation: str):
+    """(backend, on_device) for a call on ``x``; ValueError with the reason when the backend named
+    cannot run this dtype and these activations (``registry.resolve``)."""
+    dtype_name = _dtype_name(dtype)
     if x.device.type == "cuda":
-        backend = registry.resolve(requested, x.detach(), dtype_name, "tanh", "sigmoid")
+        backend = registry.resolve(requested, x.detach(), dtype_name, activation, recurrent_activation)
         if not backend.ops.owns(x.detach()):
             raise ValueError(f"backend {backend.name!r} computes on the CPU but the input is on {x.device}; "
                              "use backend='numba_cuda' (or 'auto') for CUDA tensors, or move module and input "
@@ -217,7 +232,7 @@ def _choose_backend(requested: str, x: torch.Tensor, dtype: torch.dtype):
     if x.device.type != "cpu":
         raise ValueError(f"lstmeng computes on CPU and CUDA tensors, got a tensor on {x.device}")
     sample = np.empty((0,), dtype=dtype_name)
-    return registry.resolve(requested, sample, dtype_name, "tanh", "sigmoid"), False
+    return registry.resolve(requested, sample, dtype_name, activation, recurrent_activation), False
 
 
 def _check_devices(input: torch.Tensor, hx, parameter: torch.Tensor) -> None:
@@ -254,14 +269,20 @@ def _autocast_off(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _batch_major_mask(mask, expected_shape: tuple, is_batched: bool, batch_first: bool) -> np.ndarray:
-    """``mask`` (tensor or array, the input's layout without its feature axis) as ``[B, T]`` bool NumPy."""
+def _checked_mask(mask, expected_shape: tuple) -> np.ndarray:
+    """``mask`` (bool tensor or array of ``expected_shape``) as a bool NumPy array, else ValueError."""
     array = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
     if array.dtype != np.bool_:
         raise ValueError(f"mask must be bool (True = real step), got dtype {array.dtype}")
     if tuple(array.shape) != expected_shape:
         raise ValueError(f"mask must have the input's shape without its feature axis, {expected_shape}, "
                          f"got {tuple(array.shape)}")
+    return array
+
+
+def _batch_major_mask(mask, expected_shape: tuple, is_batched: bool, batch_first: bool) -> np.ndarray:
+    """``mask`` (tensor or array, the input's layout without its feature axis) as ``[B, T]`` bool NumPy."""
+    array = _checked_mask(mask, expected_shape)
     if not is_batched:
         return array[None, :]
     return array if batch_first else np.ascontiguousarray(array.T)
@@ -304,7 +325,75 @@ class _PackedIndex:
         return padded[self.rows, self.times]
 
 
-class LSTM(torch.nn.LSTM):
+class _LstmengOptions:
+    """The lstmeng-only options that ``LSTM`` and ``LSTMCell`` share: validated, shown and used in one place.
+
+    The class attributes are the defaults, so a module pickled before an option
+    existed unpickles with that option off.
+    """
+
+    backend = "auto"
+    activation = "tanh"
+    recurrent_activation = "sigmoid"
+    recurrent_dropout = 0.0
+
+    def _set_lstmeng_options(self, dtype: torch.dtype, *, backend, activation, recurrent_activation,
+                             recurrent_dropout) -> None:
+        """Check every option (ValueError naming the argument, the allowed and the given value), then set them."""
+        activation = activations.check_activation(activation, "activation")
+        recurrent_activation = activations.check_activation(recurrent_activation, "recurrent_activation")
+        if not isinstance(recurrent_dropout, (int, float)) or not 0 <= recurrent_dropout < 1:
+            raise ValueError(f"recurrent_dropout must be a number in [0, 1), got {recurrent_dropout!r}")
+        backend = _check_backend_name(backend)
+        if backend != "auto":
+            _check_named_backend_supports(backend, dtype, activation, recurrent_activation)
+        self.backend, self.activation, self.recurrent_activation = backend, activation, recurrent_activation
+        self.recurrent_dropout = float(recurrent_dropout)
+
+    def _lstmeng_repr(self) -> str:
+        """The options that differ from their defaults, then the backend, for ``extra_repr``."""
+        extra = "".join(f", {name}={getattr(self, name)!r}" for name, default in
+                        (("activation", "tanh"), ("recurrent_activation", "sigmoid"), ("recurrent_dropout", 0.0))
+                        if getattr(self, name) != default)
+        return f"{extra}, backend={self.backend!r}"
+
+    def _recurrent_dropout_mask(self, x):
+        """[B, H] inverted-dropout mask for one layer direction, or None (eval, or no recurrent dropout)."""
+        if not (self.training and self.recurrent_dropout > 0):
+            return None
+        keep = 1.0 - self.recurrent_dropout
+        return x.new_empty((x.shape[0], self.hidden_size)).bernoulli_(keep).div_(keep)
+
+    def _backend_for(self, x: torch.Tensor, dtype: torch.dtype):
+        """(backend, on_device) for a call on x [B, T, I] with parameters of ``dtype``."""
+        return _choose_backend(self.backend, x, dtype, self.activation, self.recurrent_activation)
+
+    def _direction_call(self, backend, on_device: bool, x, mask, reverse: bool) -> _DirectionCall:
+        """One layer direction's call on x [B, T, I]: the module's activations, and in training mode
+        with recurrent_dropout a fresh recurrent dropout mask."""
+        return _DirectionCall(backend, x.device, on_device, mask, reverse=reverse,
+                              recurrent_dropout_mask=self._recurrent_dropout_mask(x), activation=self.activation,
+                              recurrent_activation=self.recurrent_activation)
+
+
+def _check_named_backend_supports(name: str, dtype: torch.dtype, activation: str, recurrent_activation: str):
+    """At construction, a named backend that cannot run these activations raises ValueError with its reason.
+
+    Asked in the parameters' dtype when the backend computes in it, else in one it
+    does: the dtype itself is checked at each call (``module.double()`` may come
+    between), as for any backend chosen by "auto".
+    """
+    backend = registry.get_backend_object(name)
+    dtype_name = _dtype_name(dtype)
+    if dtype_name not in backend.dtypes and backend.dtypes:
+        dtype_name = backend.dtypes[0]
+    try:
+        backend.check_support(dtype_name, activation, recurrent_activation)
+    except NotImplementedError as error:
+        raise ValueError(f"backend {name!r} cannot run this layer: {error}") from None
+
+
+class LSTM(torch.nn.LSTM, _LstmengOptions):
     """``torch.nn.LSTM`` computed by an lstmeng backend.
 
     Args:
@@ -321,6 +410,16 @@ class LSTM(torch.nn.LSTM):
             call (0 or 1/(1 - rate), PyTorch's generator) that multiplies
             h(t-1) where it enters the recurrence at every step (the carried
             state is not dropped): Keras's recurrent dropout. Off in eval().
+        activation: lstmeng only, "tanh" by default (``torch.nn.LSTM``): the
+            cell input's and the cell state's activation, one of "tanh",
+            "relu", "sigmoid", "linear".
+        recurrent_activation: lstmeng only, "sigmoid" by default: the gates'
+            activation, "sigmoid" or "hard_sigmoid" (Keras 3's,
+            ``clip(x / 6 + 0.5, 0, 1)``, which is ``torch.nn.functional.hardsigmoid``).
+            Both activations apply to every layer and direction. A name
+            outside these raises ValueError here; a named backend that cannot
+            run them raises ValueError with its reason here, "auto" passes
+            over such backends at each call.
 
     ``forward(input, hx=None, *, mask=None) -> output, (h_n, c_n)`` exactly as
     ``torch.nn.LSTM``: input ``[T, B, I]`` (``[B, T, I]`` with batch_first),
@@ -337,19 +436,17 @@ class LSTM(torch.nn.LSTM):
     (x0, x2) at steps 0 and 2 and zeros at step 1.
     """
 
-    def __init__(self, *args, backend: str = "auto", recurrent_dropout: float = 0.0, **kwargs):
+    def __init__(self, *args, backend: str = "auto", recurrent_dropout: float = 0.0, activation: str = "tanh",
+                 recurrent_activation: str = "sigmoid", **kwargs):
         super().__init__(*args, **kwargs)
-        if not isinstance(recurrent_dropout, (int, float)) or not 0 <= recurrent_dropout < 1:
-            raise ValueError(f"recurrent_dropout must be a number in [0, 1), got {recurrent_dropout!r}")
-        self.recurrent_dropout = float(recurrent_dropout)
         if self.proj_size > 0:
             raise NotImplementedError(f"lstmeng.torch.LSTM: proj_size > 0 is not supported (got proj_size="
                                       f"{self.proj_size}); use torch.nn.LSTM for projected LSTMs")
-        self.backend = _check_backend_name(backend)
+        self._set_lstmeng_options(self.weight_ih_l0.dtype, backend=backend, activation=activation,
+                                  recurrent_activation=recurrent_activation, recurrent_dropout=recurrent_dropout)
 
     def extra_repr(self) -> str:
-        extra = f", recurrent_dropout={self.recurrent_dropout}" if self.recurrent_dropout else ""
-        return f"{super().extra_repr()}{extra}, backend={self.backend!r}"
+        return super().extra_repr() + self._lstmeng_repr()
 
     def forward(self, input, hx=None, *, mask=None):
         packed = isinstance(input, PackedSequence)
@@ -407,20 +504,13 @@ class LSTM(torch.nn.LSTM):
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return output, (h_n, c_n)
 
-    def _recurrent_dropout_mask(self, x):
-        """[B, H] inverted-dropout mask for one layer direction, or None (eval, or no recurrent dropout)."""
-        if not (self.training and self.recurrent_dropout > 0):
-            return None
-        keep = 1.0 - self.recurrent_dropout
-        return x.new_empty((x.shape[0], self.hidden_size)).bernoulli_(keep).div_(keep)
-
     @torch.compiler.disable
     def _layers(self, x, hx, mask):
         """The stacked layers on batch-major x [B, T, I] -> output [B, T, D*H], h_n, c_n [L*D, B, H].
 
         Kept out of torch.compile graphs (a graph break): the backends compute outside PyTorch.
         """
-        backend, on_device = _choose_backend(self.backend, x, self.weight_ih_l0.dtype)
+        backend, on_device = self._backend_for(x, self.weight_ih_l0.dtype)
         h0, c0 = hx
         directions = 2 if self.bidirectional else 1
         layer_input, h_n, c_n = x, [], []
@@ -431,8 +521,7 @@ class LSTM(torch.nn.LSTM):
                 parameters = [getattr(self, f"{name}{suffix}") for name in ("weight_ih", "weight_hh")]
                 parameters += ([getattr(self, f"{name}{suffix}") for name in ("bias_ih", "bias_hh")] if self.bias
                                else [None, None])
-                call = _DirectionCall(backend, x.device, on_device, mask, reverse=direction == 1,
-                                      recurrent_dropout_mask=self._recurrent_dropout_mask(x))
+                call = self._direction_call(backend, on_device, x, mask, reverse=direction == 1)
                 state = layer * directions + direction
                 outputs, h, c = _run_direction(call, layer_input, h0[state], c0[state], *parameters)
                 direction_outputs.append(outputs)
@@ -444,25 +533,47 @@ class LSTM(torch.nn.LSTM):
         return layer_input, torch.stack(h_n), torch.stack(c_n)
 
 
-class LSTMCell(torch.nn.LSTMCell):
+class LSTMCell(torch.nn.LSTMCell, _LstmengOptions):
     """``torch.nn.LSTMCell`` computed by an lstmeng backend (a one-step sequence call).
 
     Args:
         input_size, hidden_size, bias, device, dtype: as ``torch.nn.LSTMCell``.
-        backend: as for ``LSTM``.
+        backend, activation, recurrent_activation: as for ``LSTM``.
+        recurrent_dropout: as for ``LSTM``: in training mode each call draws
+            one ``[B, H]`` mask (PyTorch's generator) that multiplies h_0 where
+            it enters the gates; the carried state is not dropped. A call is
+            one step, so a loop over steps draws a new mask at every step
+            (``LSTM``, one call per sequence, keeps one over the sequence).
 
-    ``forward(input, hx=None) -> (h_1, c_1)``: input ``[B, I]`` or ``[I]``; hx
-    ``(h_0, c_0)`` each ``[B, H]`` or ``[H]``.
+    ``forward(input, hx=None, *, mask=None) -> (h_1, c_1)``: input ``[B, I]``
+    or ``[I]``; hx ``(h_0, c_0)`` each ``[B, H]`` or ``[H]``.
+
+    ``mask`` (lstmeng only): bool ``[B]`` (``[]`` for unbatched input), True =
+    real step. A masked row keeps its state, ``h_1 = h_0`` and ``c_1 = c_0``
+    (a masked step of ``LSTM``, or of Keras's masking): its input and the
+    weights get no gradient from it and the gradients of h_1, c_1 pass to
+    h_0, c_0 unchanged. For example, ``mask=torch.tensor([True, False])``
+    steps row 0 and returns row 1's hx as it was.
+
+    Example:
+        >>> import torch, lstmeng.torch
+        >>> cell = lstmeng.torch.LSTMCell(3, 8, activation="relu", recurrent_activation="hard_sigmoid")
+        >>> h, c = cell(torch.ones(2, 3))
+        >>> h_next, c_next = cell(torch.ones(2, 3), (h, c), mask=torch.tensor([True, False]))
+        >>> bool((h_next[1] == h[1]).all()), bool((c_next[1] == c[1]).all())
+        (True, True)
     """
 
-    def __init__(self, *args, backend: str = "auto", **kwargs):
+    def __init__(self, *args, backend: str = "auto", recurrent_dropout: float = 0.0, activation: str = "tanh",
+                 recurrent_activation: str = "sigmoid", **kwargs):
         super().__init__(*args, **kwargs)
-        self.backend = _check_backend_name(backend)
+        self._set_lstmeng_options(self.weight_ih.dtype, backend=backend, activation=activation,
+                                  recurrent_activation=recurrent_activation, recurrent_dropout=recurrent_dropout)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, backend={self.backend!r}"
+        return super().extra_repr() + self._lstmeng_repr()
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, *, mask=None):
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None:
@@ -479,8 +590,11 @@ class LSTMCell(torch.nn.LSTMCell):
             hx = tuple(_autocast_input(state if is_batched else state.unsqueeze(0), self.weight_ih.dtype)
                        for state in hx)
         self._check_cell_input(x, hx)
+        if mask is not None:
+            # [B, 1]: a one-step sequence mask; the backend's masked step keeps h and c.
+            mask = _checked_mask(mask, tuple(input.shape[:-1])).reshape(-1, 1)
         with _autocast_off(x.device):
-            h, c = self._step(x, hx)
+            h, c = self._step(x, hx, mask)
         if not is_batched:
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c
@@ -503,10 +617,12 @@ class LSTMCell(torch.nn.LSTMCell):
         _check_state_dtypes(hx, self.weight_ih.dtype)
 
     @torch.compiler.disable
-    def _step(self, x, hx):
-        """x [B, I], hx ([B, H], [B, H]) -> (h [B, H], c [B, H])."""
-        backend, on_device = _choose_backend(self.backend, x, self.weight_ih.dtype)
-        call = _DirectionCall(backend, x.device, on_device, None, reverse=False)
+    def _step(self, x, hx, mask):
+        """x [B, I], hx ([B, H], [B, H]), mask [B, 1] bool or None -> (h [B, H], c [B, H])."""
+        sequence = x.unsqueeze(1)                                 # [B, 1, I]
+        backend, on_device = self._backend_for(sequence, self.weight_ih.dtype)
+        call = self._direction_call(backend, on_device, sequence, mask, reverse=False)
         biases = (self.bias_ih, self.bias_hh) if self.bias else (None, None)
-        _, h, c = _run_direction(call, x.unsqueeze(1), hx[0], hx[1], self.weight_ih, self.weight_hh, *biases)
+        # h, c are the states after the step (h_0, c_0 on masked rows), not the step's output (zeros there).
+        _, h, c = _run_direction(call, sequence, hx[0], hx[1], self.weight_ih, self.weight_hh, *biases)
         return h, c
