@@ -83,7 +83,8 @@ def from_torch(torch_lstm, backend="auto", dtype=None):
     (``h_n[k]``, ``c_n[k]``), or ``[h_fw, c_fw, h_bw, c_bw]`` when
     bidirectional (``h_n[2k]``, ``c_n[2k]``, ``h_n[2k+1]``, ``c_n[2k+1]``);
     torch's inter-layer dropout becomes ``Dropout`` layers, whose entries are
-    None. ``proj_size`` is not supported.
+    None. ``proj_size`` is not supported. An ``lstmeng.torch.LSTM`` keeps its
+    ``activation`` and ``recurrent_activation`` (tanh and sigmoid for ``nn.LSTM``).
     """
     if type(torch_lstm).__name__ != "LSTM" or not hasattr(torch_lstm, "weight_ih_l0"):
         raise TypeError(f"from_torch expects a torch.nn.LSTM, got {type(torch_lstm).__name__}")
@@ -102,6 +103,8 @@ def from_torch(torch_lstm, backend="auto", dtype=None):
             use_bias = bool(torch_lstm.bias)
             lstm = LSTM(torch_lstm.hidden_size, return_sequences=True, use_bias=use_bias,
                         go_backwards=suffix == "_reverse", time_major=not torch_lstm.batch_first,
+                        activation=getattr(torch_lstm, "activation", "tanh"),
+                        recurrent_activation=getattr(torch_lstm, "recurrent_activation", "sigmoid"),
                         dtype=dtype, backend=backend)
             arrays = [kernel, recurrent_kernel] + ([weight("bias_ih") + weight("bias_hh")] if use_bias else [])
             directions.append(lstm.set_weights(arrays))

@@ -61,7 +61,7 @@ def lstmeng_layer(module, layer: int, suffix: str, **options):
 
 def lstmeng_model(module):
     """``module``'s stack as lstmeng layers: ``le.from_torch``'s layout (one LSTM or Bidirectional per layer),
-    built here because from_torch reads ``torch.nn.LSTM``'s options, which have no activations."""
+    built by hand so that the reference does not depend on the conversion (tested on its own below)."""
     layers = []
     for layer in range(module.num_layers):
         if module.bidirectional:
@@ -133,6 +133,24 @@ def test_stacked_bidirectional_activations_match_lstmeng_layers(pair, backend):
     for layer, (direction, suffix) in itertools.product(range(2), (("forward", ""), ("backward", "_reverse"))):
         assert_close_all(parameter_grads(mine, f"_l{layer}{suffix}"),
                          lstmeng_grads(model.grads, f"{layer}.{direction}."), GRAD_TOLERANCE)
+
+
+@pytest.mark.parametrize("pair", NON_DEFAULT_PAIRS, ids=pair_id)
+def test_from_torch_keeps_the_activations(pair):
+    """``le.from_torch`` of an lstmeng.torch.LSTM builds layers with its activations (it used to
+    build tanh / sigmoid ones), so its output is the module's."""
+    activation, recurrent_activation = pair
+    torch.manual_seed(4)
+    mine = lt.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=2, bidirectional=True, batch_first=True, backend="numpy",
+                   activation=activation, recurrent_activation=recurrent_activation).double()
+    x = randn(BATCH, STEPS, INPUT_SIZE, seed=5)
+    converted = le.from_torch(mine, backend="numpy")
+    for layer in converted.layers:
+        for direction in (layer.forward_layer, layer.backward_layer):
+            assert (direction.activation, direction.recurrent_activation) == pair
+    with torch.no_grad():
+        output, _ = mine(x)
+    torch.testing.assert_close(torch.from_numpy(converted(x.numpy())), output, **TOLERANCE)
 
 
 @pytest.mark.parametrize("pair, backend", [(pair, "cython") for pair in NON_DEFAULT_PAIRS]
