@@ -137,6 +137,30 @@ ACTIVATION_KINDS = {"tanh": 0, "relu": 1, "sigmoid": 2, "linear": 3, "hard_sigmo
 
 #: Packed-kernel panels are 16 columns and its kernels take them in pairs.
 cdef Py_ssize_t PANEL_PAIR = 32
+# When packing a weight matrix for the packed kernel pays, per call: packing reads and
+# writes the matrix once (memory-bound once it outgrows the caches: 16 MB took 1.1 ms
+# on a Zen 5 guest, where BLAS read it for a whole batch-1 step in 0.4 ms), and each
+# step's product then gains a fraction of one read over BLAS. So the recurrent kernel
+# is packed for calls of at least PACK_MIN_STEPS steps and one more step per
+# PACK_BYTES_PER_STEP of its size (H = 1024: 64 steps; H <= 256: 4), measured
+# crossovers at batch 1 (docs/cython.md); the input kernel and K^T for products of
+# at least MIN_ROWS_TO_PACK rows. Shorter calls (a cell step, streaming with T = 1)
+# use BLAS on the caller's arrays.
+cdef Py_ssize_t PACK_MIN_STEPS = 4
+cdef Py_ssize_t PACK_BYTES_PER_STEP = 256 * 1024
+cdef Py_ssize_t MIN_ROWS_TO_PACK = 32
+
+
+cdef inline bint packing_pays(Py_ssize_t steps, Py_ssize_t nbytes) noexcept nogil:
+    """Whether a matrix of nbytes, used by the product of each of ``steps`` steps, is worth
+    packing for the packed kernel (see PACK_MIN_STEPS)."""
+    return steps >= PACK_MIN_STEPS and steps * PACK_BYTES_PER_STEP >= nbytes
+
+
+def packs_recurrent_kernel(Py_ssize_t steps, Py_ssize_t units):
+    """Whether a float32 call of ``steps`` steps packs its recurrent kernel [units, 4 units]
+    for the packed kernel (never on the "scalar" ISA, which uses BLAS throughout)."""
+    return bool(packed_gemm and packing_pays(steps, 16 * units * units))
 # Packed rows of dz per chunk of the packed weight-gradient products: 256 x 32
 # floats (a panel pair) are 32 KB, within L1.
 cdef Py_ssize_t WEIGHT_GRADIENT_CHUNK = 256
@@ -712,12 +736,13 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
     cdef TeamShare share
     # The recurrent kernel [H, 4H] packed for every step's product (float32, AVX2 or AVX-512):
     # once here for whole parts, by each member for its own slice when units are split.
-    cdef float[::1] packed_weights = np.empty(H * G if floating is float and packed_gemm else 1,
-                                              np.float32)
+    cdef bint pack_recurrent = floating is float and packed_gemm and packing_pays(T, H * G * 4)
+    cdef float[::1] packed_weights = np.empty(H * G if pack_recurrent else 1, np.float32)
     cdef float *packed_base = NULL
     # The input kernel [I, 4H] packed the same way for the input projection, where the
     # ISA's kernel beats BLAS at it (packed_projection: AVX-512; see lstm_gemm.h).
-    cdef bint project_packed = floating is float and packed_projection and I > 0
+    cdef bint project_packed = floating is float and packed_projection and I > 0 \
+        and B * T >= MIN_ROWS_TO_PACK
     cdef float[::1] packed_input_weights = np.empty(I * G if project_packed else 1, np.float32)
     cdef float *packed_input_base = NULL
 
@@ -746,7 +771,7 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
     problem.part_chunk_rows = part_chunk_rows
 
     if floating is float:
-        if packed_gemm:
+        if pack_recurrent:
             packed_base = &packed_weights[0]
         if project_packed:
             packed_input_base = &packed_input_weights[0]
@@ -1037,12 +1062,13 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     cdef TeamShare share
     # R^T [4H, H] packed for every step's dh product (float32, AVX2 or AVX-512): once here for
     # whole parts, by each member for its own slice when units are split.
-    cdef float[::1] packed_weights = np.empty(H * G if floating is float and packed_gemm else 1,
-                                              np.float32)
+    cdef bint pack_recurrent = floating is float and packed_gemm and packing_pays(T, H * G * 4)
+    cdef float[::1] packed_weights = np.empty(H * G if pack_recurrent else 1, np.float32)
     cdef float *packed_base = NULL
     # K^T [4H, I] packed for dx = dz @ K^T where the input projection uses the packed
     # kernel too (AVX-512, I a multiple of 32).
-    cdef bint dx_packed = floating is float and packed_projection and I > 0 and I % PANEL_PAIR == 0
+    cdef bint dx_packed = floating is float and packed_projection and I > 0 and I % PANEL_PAIR == 0 \
+        and B * T >= MIN_ROWS_TO_PACK
     cdef float[::1] packed_kernel_t = np.empty(G * I if dx_packed else 1, np.float32)
 
     N, P = problem.packed_rows, problem.parts
@@ -1077,7 +1103,7 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     gradients.column_block = column_block
 
     if floating is float:
-        if packed_gemm:
+        if pack_recurrent:
             packed_base = &packed_weights[0]
         if not split_units:
             packed_base = pack_slice(packed_base, &recurrent_kernel[0, 0], H, H, 0, H, True)
