@@ -486,7 +486,7 @@ class CythonBackend(KernelBackend):
                 packed_x=packed_x, gates=gates, c_prev_all=c_prev, h_in_all=h_in,
                 h_state=h_state, c_state=c_state, h_in_step=h_in_step,
                 chunk_steps=chunk_steps, part_chunk_rows=part_chunk_rows,
-                threads=threads, split_units=split_units)
+                threads=threads, split_units=split_units, buffer_cache=self._buffers)
         if split_units:
             self._split_governor.record(*barrier_stats, time.perf_counter() - start)
         self._buffers.give(packed_x, h_state, c_state, h_in_step, None if training else gates)
@@ -542,7 +542,8 @@ class CythonBackend(KernelBackend):
                 packed_x=packed_x,
                 # Every thread of the budget shares the weight-gradient GEMMs, also when the
                 # batch is one part.
-                threads=threads, split_units=split_units, run_threads=run_threads)
+                threads=threads, split_units=split_units, run_threads=run_threads,
+                buffer_cache=self._buffers)
         if split_units:
             self._split_governor.record(*barrier_stats, time.perf_counter() - start)
         # The consumed workspace and the scratch serve later calls; the workspace lets go of them.
