@@ -137,24 +137,30 @@ ACTIVATION_KINDS = {"tanh": 0, "relu": 1, "sigmoid": 2, "linear": 3, "hard_sigmo
 
 #: Packed-kernel panels are 16 columns and its kernels take them in pairs.
 cdef Py_ssize_t PANEL_PAIR = 32
-# When packing a weight matrix for the packed kernel pays, per call: packing reads and
-# writes the matrix once (memory-bound once it outgrows the caches: 16 MB took 1.1 ms
-# on a Zen 5 guest, where BLAS read it for a whole batch-1 step in 0.4 ms), and each
-# step's product then gains a fraction of one read over BLAS. So the recurrent kernel
-# is packed for calls of at least PACK_MIN_STEPS steps and one more step per
-# PACK_BYTES_PER_STEP of its size (H = 1024: 64 steps; H <= 256: 4), measured
-# crossovers at batch 1 (docs/cython.md); the input kernel and K^T for products of
-# at least MIN_ROWS_TO_PACK rows. Shorter calls (a cell step, streaming with T = 1)
-# use BLAS on the caller's arrays.
+# When packing the recurrent kernel for the packed kernel pays, per call: packing
+# reads and writes it once (memory-bound once it outgrows the caches: 16 MB took
+# 1.1 ms on a Zen 5 guest), and each step's product then gains over BLAS. A product
+# of PACK_MIN_ROWS rows or more is compute-bound, where the packed kernel runs at
+# up to twice BLAS's rate: packing pays from PACK_MIN_STEPS steps. A thinner one
+# (batch 1) is bound by reading the kernel, where the packed layout gains only
+# while the kernel fits in the caches: there the call needs PACK_MIN_STEPS steps
+# and one more per PACK_BYTES_PER_STEP of the kernel (H = 1024: 64 steps;
+# H <= 256: 4), the crossovers of a sweep at batch 1 (docs/cython.md). Shorter
+# calls (a cell step, streaming with T = 1) use BLAS on the caller's arrays. The
+# input kernel and K^T are packed for products of at least MIN_ROWS_TO_PACK rows.
 cdef Py_ssize_t PACK_MIN_STEPS = 4
+cdef Py_ssize_t PACK_MIN_ROWS = 8
 cdef Py_ssize_t PACK_BYTES_PER_STEP = 256 * 1024
 cdef Py_ssize_t MIN_ROWS_TO_PACK = 32
 
 
-cdef inline bint packing_pays(Py_ssize_t steps, Py_ssize_t nbytes) noexcept nogil:
-    """Whether a matrix of nbytes, used by the product of each of ``steps`` steps, is worth
-    packing for the packed kernel (see PACK_MIN_STEPS)."""
-    return steps >= PACK_MIN_STEPS and steps * PACK_BYTES_PER_STEP >= nbytes
+cdef inline bint packing_pays(Py_ssize_t steps, Py_ssize_t rows, Py_ssize_t nbytes) noexcept nogil:
+    """Whether a matrix of nbytes, used by each of ``steps`` steps' products of ``rows``
+    rows (a part's, or the whole batch's in a unit split), is worth packing for the
+    packed kernel (see PACK_MIN_STEPS)."""
+    if steps < PACK_MIN_STEPS:
+        return False
+    return rows >= PACK_MIN_ROWS or steps * PACK_BYTES_PER_STEP >= nbytes
 
 
 cdef object take_float32(object buffer_cache, tuple shape):
@@ -165,10 +171,11 @@ cdef object take_float32(object buffer_cache, tuple shape):
     return np.empty(shape, np.float32) if buffer_cache is None else buffer_cache.take(shape, np.float32)
 
 
-def packs_recurrent_kernel(Py_ssize_t steps, Py_ssize_t units):
-    """Whether a float32 call of ``steps`` steps packs its recurrent kernel [units, 4 units]
-    for the packed kernel (never on the "scalar" ISA, which uses BLAS throughout)."""
-    return bool(packed_gemm and packing_pays(steps, 16 * units * units))
+def packs_recurrent_kernel(Py_ssize_t steps, Py_ssize_t rows, Py_ssize_t units):
+    """Whether a float32 call of ``steps`` steps whose step products have ``rows`` rows
+    packs its recurrent kernel [units, 4 units] for the packed kernel (never on the
+    "scalar" ISA, which uses BLAS throughout)."""
+    return bool(packed_gemm and packing_pays(steps, rows, 16 * units * units))
 # Packed rows of dz per chunk of the packed weight-gradient products: 256 x 32
 # floats (a panel pair) are 32 KB, within L1.
 cdef Py_ssize_t WEIGHT_GRADIENT_CHUNK = 256
@@ -744,7 +751,8 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
     cdef TeamShare share
     # The recurrent kernel [H, 4H] packed for every step's product (float32, AVX2 or AVX-512):
     # once here for whole parts, by each member for its own slice when units are split.
-    cdef bint pack_recurrent = floating is float and packed_gemm and packing_pays(T, H * G * 4)
+    cdef bint pack_recurrent = floating is float and packed_gemm and packing_pays(
+        T, B // (row_begin.shape[0] - 1), H * G * 4)
     packed_weights_array = take_float32(buffer_cache, (H * G if pack_recurrent else 1,))
     cdef float[::1] packed_weights = packed_weights_array
     cdef float *packed_base = NULL
@@ -1075,7 +1083,8 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     cdef TeamShare share
     # R^T [4H, H] packed for every step's dh product (float32, AVX2 or AVX-512): once here for
     # whole parts, by each member for its own slice when units are split.
-    cdef bint pack_recurrent = floating is float and packed_gemm and packing_pays(T, H * G * 4)
+    cdef bint pack_recurrent = floating is float and packed_gemm and packing_pays(
+        T, B // (row_begin.shape[0] - 1), H * G * 4)
     packed_weights_array = take_float32(buffer_cache, (H * G if pack_recurrent else 1,))
     cdef float[::1] packed_weights = packed_weights_array
     cdef float *packed_base = NULL

@@ -135,57 +135,6 @@ def test_small_batches_split_units_by_default(monkeypatch):
     assert cython_module._team(1, 128, False) == (1, 1, False)
 
 
-def test_large_recurrent_kernels_split_units(monkeypatch):
-    """A recurrent kernel of many L2 caches splits its units for small and medium batches
-    (each core then streams half of it per step), not for large ones, and a shrinking
-    (variable-length) batch does so from a smaller kernel on."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    if not cython_module._team(1, 128, None)[2]:
-        pytest.skip("this build runs one thread (no OpenMP or no OpenBLAS thread control)")
-    monkeypatch.setattr(cython_module, "l2_cache_bytes", lambda: 1 << 20)
-    team = cython_module._team
-    assert team(64, 1024, None) == (1, 2, True)          # 16 MiB = 16 L2s, float32
-    assert team(cython_module.SPLIT_LARGE_KERNEL_MAX_BATCH, 1024, None) == (1, 2, True)
-    assert team(256, 1024, None) == (2, 2, False)         # enough rows per part
-    assert team(64, 512, None) == (2, 2, False)           # 4 MiB: not with full-length steps
-    assert team(64, 512, None, itemsize=8) == (1, 2, True)   # 8 MiB of float64
-    assert team(32, 512, None, shrinking=True) == (1, 2, True)
-    assert team(64, 512, None, shrinking=True) == (2, 2, False)
-    assert team(32, 256, None, shrinking=True) == (2, 2, False)   # 1 MiB: one L2
-    assert team(64, 1024, False) == (2, 2, False)         # the override still rules
-    rng = np.random.default_rng(0)
-    mask = np.arange(6)[None, :] < np.array([6, 3, 1])[:, None]
-    assert cython_module._shrinks(mask, 6, True) and not cython_module._shrinks(mask, 6, False)
-    assert not cython_module._shrinks(np.ones((3, 6), bool), 6, True)      # every step real
-    assert not cython_module._shrinks(rng.random((3, 6)) < 0.5, 6, True)   # holes: general path
-
-
-def test_busy_machine_fallback_of_a_large_kernel_split_is_row_parts(monkeypatch):
-    """When the split of a large kernel loses (busy machine), a batch that row parts can take
-    runs as two row parts (no per-step barrier), not on one thread; same numbers."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    if not cython_module._team(1, 128, None)[2]:
-        pytest.skip("this build runs one thread (no OpenMP or no OpenBLAS thread control)")
-    monkeypatch.setattr(cython_module, "l2_cache_bytes", lambda: 1024)   # every kernel is "large"
-    rng = np.random.default_rng(5)
-    batch, steps, inputs, units = 32, 6, 8, 64
-    args = [rng.normal(size=shape) * scale for shape, scale in
-            [((batch, steps, inputs), 1), ((batch, units), 1), ((batch, units), 1),
-             ((inputs, 4 * units), 0.2), ((units, 4 * units), 0.2), ((4 * units,), 0.1)]]
-    dy = rng.normal(size=(batch, steps, units))
-    split, backed_off = cython_module.CythonBackend(), cython_module.CythonBackend()
-    backed_off._split_governor._skip = 10**9
-    results = []
-    for backend in (split, backed_off):
-        forward = sequence_forward(backend, *args, training=True)
-        workspace = forward.workspace
-        results.append(((workspace.split_units, workspace.threads, workspace.run_one_thread),
-                        forward.outputs, backend.sequence_backward(dy, args[1] * 0, args[2] * 0, workspace).dkernel))
-    assert results[0][0] == (True, 2, False) and results[1][0] == (False, 2, False)
-    for got, want in zip(results[1][1:], results[0][1:]):
-        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
-
-
 def test_variable_length_rows_are_dealt_so_parts_run_equal_steps():
     """Rows sorted by length go to the parts in snake order: with lengths 8, 7, .., 1 and
     two parts each part gets 18 steps (round-robin gave 20 and 16)."""
@@ -207,8 +156,12 @@ def test_short_calls_use_blas_and_long_calls_the_packed_kernel_with_the_same_res
     NumPy reference."""
     extension = cython_module._cython_lstm
     if extension.PACKED_GEMM and extension.isa() != "scalar":
-        assert extension.packs_recurrent_kernel(steps, units) == (steps >= 4)
-        assert not extension.packs_recurrent_kernel(63, 1024) and extension.packs_recurrent_kernel(64, 1024)
+        assert extension.packs_recurrent_kernel(steps, 2, units) == (steps >= 4)
+        # Thin products of a kernel larger than the caches: only with many steps;
+        # products of 8 rows or more: from 4 steps.
+        assert not extension.packs_recurrent_kernel(63, 1, 1024) and extension.packs_recurrent_kernel(64, 1, 1024)
+        assert extension.packs_recurrent_kernel(4, 8, 1024) and not extension.packs_recurrent_kernel(4, 7, 1024)
+        assert not extension.packs_recurrent_kernel(3, 64, 1024)
     rng = np.random.default_rng(steps)
     batch, inputs = 2, 32
     args = [rng.normal(size=shape).astype(np.float32) * scale for shape, scale in

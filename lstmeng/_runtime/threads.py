@@ -49,20 +49,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-#: A core's L2 cache where the system does not say (1 MiB: Zen 4/5; Xeons since Skylake-SP have 1-2 MiB).
-DEFAULT_L2_BYTES = 1 << 20
-
-
-@functools.lru_cache(maxsize=None)
-def l2_cache_bytes() -> int:
-    """One core's L2 cache in bytes (``sysconf``; DEFAULT_L2_BYTES where it does not answer)."""
-    try:
-        size = os.sysconf("SC_LEVEL2_CACHE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        size = 0
-    return int(size) if size and size > 0 else DEFAULT_L2_BYTES
-
-
 @functools.lru_cache(maxsize=None)
 def cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
     """CPUs' worth of time the process's cgroup may use (``2.5`` for "250000 100000"), or None if unlimited.

@@ -46,7 +46,6 @@ import time
 import numpy as np
 
 from lstmeng._runtime import threads
-from lstmeng._runtime.threads import l2_cache_bytes
 from lstmeng.backends import _kernel_overrides
 from lstmeng.backends._buffer_cache import BufferCache
 from lstmeng.backends.base import KernelBackend, SequenceForward, SequenceGrads, Workspace
@@ -69,19 +68,6 @@ SPLIT_CHUNK_STEPS = 32
 #: A part (a thread's share of the batch) gets at least this many rows: fewer
 #: would make its per-step GEMM too thin to run near the machine's peak.
 MIN_ROWS_PER_PART = 16
-#: A recurrent kernel at least this many L2 caches large has its units split among
-#: the threads for batches of up to SPLIT_LARGE_KERNEL_MAX_BATCH rows (see _team).
-#: Measured on a 2-core Zen 5 (1 MiB L2), split against two row parts: H = 1024
-#: (16 MiB), B = 64, T = 50: inference 1.19x, training 1.15x, with lengths
-#: 1.37x / 1.31x; B = 128 inference 1.10x / 1.25x; B = 256 training 0.89x (so
-#: not there); H = 512 (4 MiB), B = 32-64: 0.95-1.06x (so not there either).
-SPLIT_LARGE_KERNEL_L2S = 8
-SPLIT_LARGE_KERNEL_MAX_BATCH = 128
-#: The same for the variable-length path, whose shrinking steps reach the few-row
-#: regime sooner: H = 384-512 (2.25-4 MiB), B = 32, lengths uniform in 1..T:
-#: 1.06x; B = 64: 1.00-1.02x; H = 256 (1 MiB), B = 64: 0.91x (so not there).
-SPLIT_SHRINKING_L2S = 2
-SPLIT_SHRINKING_MAX_BATCH = 32
 #: Smallest layer whose units are split among threads when its batch is too
 #: small to split by rows: below it a step is too short to pay for a barrier.
 MIN_UNITS_TO_SPLIT = 64
@@ -135,30 +121,15 @@ def _parts(batch: int, threads: int | None = None) -> int:
 
 
 def _team(batch: int, units: int, split_units: bool | None,
-          flops: float | None = None, itemsize: int = 4, shrinking: bool = False) -> tuple[int, int, bool]:
+          flops: float | None = None) -> tuple[int, int, bool]:
     """(parts, threads, split_units) for a batch: parts by rows when the batch is large
     enough, else (with ``split_units`` None, the automatic choice, or True) one part
     whose units the threads share. split_units True forces the unit split whenever
     threads are available (the ``cython_split_units`` kernel override: tests run that
     path at tiny sizes); False never splits. flops: the forward's FLOPs; below
-    MIN_FLOPS_TO_THREAD a batch of one part runs one thread (None: no limit).
-    itemsize: bytes per element (4 float32, 8 float64). shrinking: the call takes the
-    variable-length path (its steps lose rows as sequences end).
-
-    The units are also split, automatically, for batches of up to
-    SPLIT_LARGE_KERNEL_MAX_BATCH rows whose recurrent kernel (4H x H elements) is
-    at least SPLIT_LARGE_KERNEL_L2S times a core's L2 cache (with shrinking steps:
-    up to SPLIT_SHRINKING_MAX_BATCH rows, from SPLIT_SHRINKING_L2S caches): there a
-    part of a few rows streams the whole kernel from L3 or memory every step, twice
-    over with two parts, and splitting the units halves each core's share of that
-    traffic."""
+    MIN_FLOPS_TO_THREAD a batch of one part runs one thread (None: no limit)."""
     threads = _kernel_threads()
     parts = _parts(batch, threads)
-    kernel_l2s = 4 * units * units * itemsize / l2_cache_bytes()
-    if parts > 1 and split_units is not False and (
-            (batch <= SPLIT_LARGE_KERNEL_MAX_BATCH and kernel_l2s >= SPLIT_LARGE_KERNEL_L2S)
-            or (shrinking and batch <= SPLIT_SHRINKING_MAX_BATCH and kernel_l2s >= SPLIT_SHRINKING_L2S)):
-        return 1, threads, True
     if parts == 1 and flops is not None and flops < MIN_FLOPS_TO_THREAD:
         threads = 1
     if parts == 1 and threads > 1 and split_units is not False and (
@@ -255,22 +226,6 @@ def _packed_offsets(active: np.ndarray) -> np.ndarray:
         [np.zeros((active.shape[0], 1), np.intp), np.cumsum(active, axis=1)], axis=1)).astype(np.intp)
 
 
-def _right_padded_lengths(mask, steps: int) -> np.ndarray | None:
-    """[B] each row's length when every row's mask [B, T] is a prefix (right padding,
-    as from ``lengths``), else None."""
-    mask = np.asarray(mask, dtype=bool)
-    lengths = mask.sum(axis=1)
-    return lengths if np.array_equal(mask, np.arange(steps)[None, :] < lengths[:, None]) else None
-
-
-def _shrinks(mask, steps: int, packed_variable_length: bool) -> bool:
-    """Whether a call takes the variable-length path, whose steps shrink as rows end."""
-    if mask is None or not packed_variable_length:
-        return False
-    lengths = _right_padded_lengths(mask, steps)
-    return lengths is not None and not bool((lengths == steps).all())
-
-
 def _layout(mask, batch: int, steps: int, parts: int, packed_variable_length: bool) -> _Layout:
     """Split the batch into ``parts`` and choose the general or the variable-length layout.
 
@@ -278,8 +233,8 @@ def _layout(mask, batch: int, steps: int, parts: int, packed_variable_length: bo
     """
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
-        lengths = _right_padded_lengths(mask, steps)
-        is_right_padded = lengths is not None
+        lengths = mask.sum(axis=1)
+        is_right_padded = np.array_equal(mask, np.arange(steps)[None, :] < lengths[:, None])
         if is_right_padded and bool((lengths == steps).all()):
             mask = None  # every step real
         elif is_right_padded and packed_variable_length:
@@ -427,9 +382,7 @@ class CythonBackend(KernelBackend):
         input_dropout_mask = _contiguous(input_dropout_mask, dtype)
         recurrent_dropout_mask = _contiguous(recurrent_dropout_mask, dtype)
         flops = 8.0 * batch * steps * units * (features + units)
-        packed_variable_length = overrides.cython_packed_variable_length is not False
-        parts, threads, split_units = _team(batch, units, overrides.cython_split_units, flops, dtype.itemsize,
-                                            _shrinks(mask, steps, packed_variable_length))
+        parts, threads, split_units = _team(batch, units, overrides.cython_split_units, flops)
         # Shares of the backward's products after its time loop (weight gradients, dx):
         # one for a one-part call too small to thread, else one per thread. Fixed by
         # the shape alone, so the results never depend on the busy-machine fallback.
@@ -437,16 +390,10 @@ class CythonBackend(KernelBackend):
         run_one_thread = False
         if split_units and overrides.cython_split_units is None and not self._split_governor.allow():
             # The split has been losing: another process holds a core, and every
-            # parallel region's end would wait for it too. A batch that can be split by
-            # rows (a large kernel's split) runs its row parts, which never wait for each
-            # other per step; a small one runs one thread, backward included (the same
-            # shares, run one after another).
-            row_parts = _parts(batch)
-            if row_parts > 1:
-                parts, threads, split_units = row_parts, row_parts, False
-            else:
-                parts, threads, split_units, run_one_thread = 1, 1, False, True
-        layout = _layout(mask, batch, steps, parts, packed_variable_length)
+            # parallel region's end would wait for it too. One thread, backward included
+            # (the same shares, run one after another).
+            parts, threads, split_units, run_one_thread = 1, 1, False, True
+        layout = _layout(mask, batch, steps, parts, overrides.cython_packed_variable_length is not False)
 
         sequence_outputs = np.empty((batch, steps, units), dtype) if return_sequences else None
         last_output = None if return_sequences else np.empty((batch, units), dtype)
