@@ -451,6 +451,54 @@ def test_unit_split_governor_backs_off_and_recovers():
     assert skipped_calls() == 0
 
 
+def test_split_chooser_times_both_and_keeps_the_faster():
+    """First call of a shape: split; second: one thread; then the faster of the two (the best of
+    the last SPLIT_TIMINGS per step), the other again every SPLIT_EXPLORE_EVERY calls; forgotten
+    shapes start over."""
+    chooser = cython_module._SplitChooser()
+    every = cython_module.SPLIT_EXPLORE_EVERY
+    key = ("forward", 1, 64, 128, False, "f")
+    assert chooser.choose(key) is True
+    chooser.observe(key, True, 2.0)
+    assert chooser.choose(key) is False
+    chooser.observe(key, False, 1.0)
+    choices = [chooser.choose(key) for _ in range(3, 2 * every + 1)]   # calls 3 .. 2 * every
+    assert [index + 3 for index, split in enumerate(choices) if split] == [every, 2 * every]
+    for _ in range(cython_module.SPLIT_TIMINGS - 1):
+        chooser.observe(key, False, 50.0)   # one thread disturbed twice: its best is still 1.0
+    assert chooser.choose(key) is False
+    chooser.observe(key, True, 0.5)         # the split got fast: it wins from the next call on
+    assert chooser.choose(key) is True
+    other = ("backward", 1, 64, 128, "f")
+    assert chooser.choose(other) is True and chooser.choose(key) is True   # shapes are separate
+    for size in range(cython_module.SPLIT_CHOOSER_SHAPES):
+        chooser.choose(("forward", size, 1, 1, False, "d"))
+    chooser.observe(key, False, 0.001)                  # forgotten: nothing recorded
+    assert chooser.choose(key) is True                  # starts over with the split
+
+
+def test_a_split_eligible_shape_is_timed_on_one_thread_too(monkeypatch):
+    """Automatic choice: the first call of a shape splits its units, the second runs one
+    thread, with the same numbers (exactly on the AVX-512 path and in float64)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)
+    if not cython_module._team(1, 64, None)[2]:
+        pytest.skip("this build runs one thread (no OpenMP or no OpenBLAS thread control)")
+    rng = np.random.default_rng(8)
+    args = [rng.normal(size=shape) * scale for shape, scale in
+            [((1, 7, 5), 1), ((1, 64), 1), ((1, 64), 1), ((5, 256), 0.2), ((64, 256), 0.2), ((256,), 0.1)]]
+    dy = rng.normal(size=(1, 7, 64))
+    backend = cython_module.CythonBackend()
+    results = []
+    for _ in range(2):
+        forward = sequence_forward(backend, *args, training=True)
+        grads = backend.sequence_backward(dy, args[1] * 0, args[2] * 0, forward.workspace)
+        results.append((forward.workspace.split_units, forward.outputs, grads.dx, grads.drecurrent_kernel))
+    assert [result[0] for result in results] == [True, False]
+    for got, want in zip(results[1][1:], results[0][1:]):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_split_calls_report_their_barriers(monkeypatch):
     """The kernels return (barriers per member, slow-wait seconds); a T-step unit split
     makes at least T barriers in the forward and T in the backward; whole parts none."""

@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import threading
@@ -87,6 +88,14 @@ MIN_FLOPS_TO_THREAD = 2**25
 LOSING_WAIT_FRACTION = 0.1
 #: Most calls a losing unit split is skipped before it is tried again.
 MAX_SPLIT_BACKOFF_CALLS = 256
+#: A call shape whose unit split and one thread have both been timed runs the slower
+#: of the two once every this many calls, to notice when the machine changed (see
+#: _SplitChooser).
+SPLIT_EXPLORE_EVERY = 64
+#: Timings of each choice the chooser compares (the best of them).
+SPLIT_TIMINGS = 3
+#: Call shapes the chooser remembers (least recently used go first).
+SPLIT_CHOOSER_SHAPES = 64
 #: Bytes of released scratch and workspace arrays a backend keeps for its next calls
 #: (see ``lstmeng.backends._buffer_cache``): a few workspaces of a mid-sized layer.
 BUFFER_CACHE_BYTES = 512 * 2**20
@@ -176,6 +185,57 @@ class _UnitSplitGovernor:
                 self._backoff = min(2 * self._backoff, MAX_SPLIT_BACKOFF_CALLS)
             else:
                 self._backoff = max(1, self._backoff // 2)
+
+
+class _SplitChooser:
+    """Per call shape, whether the unit split or one thread has been faster lately.
+
+    The split pays only when both cores run at full speed at once, which a process
+    cannot see from inside: on a 2-core cloud guest whose host placed its two virtual
+    CPUs badly (or ran other work beside them), a batch-1 forward of (1, 500, 64, 128)
+    took 1.85 ms split, its members busy rather than waiting at the barriers, against
+    0.94 ms on one thread; placed well, 0.66 ms split. So the backend measures: the
+    first eligible call of a shape runs split, the second one thread, and from then on
+    the faster of the two (seconds per step, the best of the last SPLIT_TIMINGS calls
+    that ran it: other processes only ever slow a call down, so the best is the
+    least disturbed), running the other one again every SPLIT_EXPLORE_EVERY calls. Forward and
+    backward calls are separate shapes. (The one-thread path computes the same numbers,
+    bitwise on the AVX-512 kernels and in float64; in float32 on the AVX2 and scalar
+    paths its BLAS products differ in the last bits.)
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        #: shape key -> [seconds per step of the last calls split, the same on one thread,
+        #: eligible calls so far]
+        self._shapes: collections.OrderedDict = collections.OrderedDict()
+
+    def choose(self, key) -> bool:
+        """Whether this call of shape ``key`` should split its units."""
+        with self._lock:
+            entry = self._shapes.get(key)
+            if entry is None:
+                entry = self._shapes[key] = [collections.deque(maxlen=SPLIT_TIMINGS),
+                                             collections.deque(maxlen=SPLIT_TIMINGS), 0]
+                while len(self._shapes) > SPLIT_CHOOSER_SHAPES:
+                    self._shapes.popitem(last=False)
+            self._shapes.move_to_end(key)
+            entry[2] += 1
+            split_times, one_times, calls = entry
+            if not split_times:
+                return True
+            if not one_times:
+                return False
+            split_faster = min(split_times) <= min(one_times)
+            return split_faster != (calls % SPLIT_EXPLORE_EVERY == 0)
+
+    def observe(self, key, split: bool, seconds_per_step: float) -> None:
+        """Account a call of shape ``key`` that ran split (or not) in ``seconds_per_step``."""
+        with self._lock:
+            entry = self._shapes.get(key)
+            if entry is None:
+                return
+            entry[0 if split else 1].append(seconds_per_step)
 
 
 def _threads_for(layout):
@@ -353,6 +413,7 @@ class CythonBackend(KernelBackend):
             raise ValueError(f"buffer_cache_bytes must be an int >= 0, got {buffer_cache_bytes!r}")
         self._buffers = BufferCache(int(buffer_cache_bytes))
         self._split_governor = _UnitSplitGovernor()
+        self._split_chooser = _SplitChooser()
 
     def release_buffers(self) -> None:
         """Free the scratch and workspace memory kept for later calls."""
@@ -390,11 +451,15 @@ class CythonBackend(KernelBackend):
         # the shape alone, so the results never depend on the busy-machine fallback.
         thread_budget = threads if parts == 1 and flops < MIN_FLOPS_TO_THREAD else _gradient_threads()
         run_one_thread = False
-        if split_units and overrides.cython_split_units is None and not self._split_governor.allow():
-            # The split has been losing: another process holds a core, and every
-            # parallel region's end would wait for it too. One thread, backward included
-            # (the same shares, run one after another).
-            parts, threads, split_units, run_one_thread = 1, 1, False, True
+        # A split the caller did not force: one thread instead while the split has been
+        # losing (another process holds a core, and every parallel region's end would
+        # wait for it too), or while one thread has been faster at this shape. One
+        # thread, backward included (the same shares, run one after another).
+        chooser_key = None
+        if split_units and overrides.cython_split_units is None:
+            chooser_key = ("forward", batch, features, units, training, dtype.char)
+            if not self._split_governor.allow() or not self._split_chooser.choose(chooser_key):
+                parts, threads, split_units, run_one_thread = 1, 1, False, True
         layout = _layout(mask, batch, steps, parts, overrides.cython_packed_variable_length is not False)
 
         sequence_outputs = np.empty((batch, steps, units), dtype) if return_sequences else None
@@ -436,8 +501,11 @@ class CythonBackend(KernelBackend):
                 h_state=h_state, c_state=c_state, h_in_step=h_in_step,
                 chunk_steps=chunk_steps, part_chunk_rows=part_chunk_rows,
                 threads=threads, split_units=split_units, buffer_cache=self._buffers)
+        elapsed = time.perf_counter() - start
         if split_units:
-            self._split_governor.record(*barrier_stats, time.perf_counter() - start)
+            self._split_governor.record(*barrier_stats, elapsed)
+        if chooser_key is not None:
+            self._split_chooser.observe(chooser_key, split_units, elapsed / max(steps, 1))
         self._buffers.give(packed_x, h_state, c_state, h_in_step, None if training else gates)
 
         workspace = None
@@ -472,8 +540,11 @@ class CythonBackend(KernelBackend):
         # the same either way).
         split_units, threads = ws.split_units, max(ws.threads if ws.split_units else 1, ws.thread_budget)
         run_threads = 1 if ws.run_one_thread else 0
-        if split_units and overrides.cython_split_units is None and not self._split_governor.allow():
-            split_units, run_threads = False, 1
+        chooser_key = None
+        if split_units and overrides.cython_split_units is None:
+            chooser_key = ("backward", batch, features, units, dtype.char)
+            if not self._split_governor.allow() or not self._split_chooser.choose(chooser_key):
+                split_units, run_threads = False, 1
         start = time.perf_counter()
         with _threads_for(layout):
             barrier_stats = _specialization(_cython_lstm.backward, dtype)(
@@ -493,8 +564,11 @@ class CythonBackend(KernelBackend):
                 # batch is one part.
                 threads=threads, split_units=split_units, run_threads=run_threads,
                 buffer_cache=self._buffers)
+        elapsed = time.perf_counter() - start
         if split_units:
-            self._split_governor.record(*barrier_stats, time.perf_counter() - start)
+            self._split_governor.record(*barrier_stats, elapsed)
+        if chooser_key is not None:
+            self._split_chooser.observe(chooser_key, split_units, elapsed / max(steps, 1))
         # The consumed workspace and the scratch serve later calls; the workspace lets go of them.
         self._buffers.give(packed_x, ws.gates, ws.c_prev, ws.h_in)
         ws.gates = ws.c_prev = ws.h_in = None
