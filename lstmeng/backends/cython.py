@@ -198,10 +198,10 @@ class _SplitChooser:
     first eligible call of a shape runs split, the second one thread, and from then on
     the faster of the two (seconds per step, the best of the last SPLIT_TIMINGS calls
     that ran it: other processes only ever slow a call down, so the best is the
-    least disturbed), running the other one again every SPLIT_EXPLORE_EVERY calls. Forward and
-    backward calls are separate shapes. (The one-thread path computes the same numbers,
-    bitwise on the AVX-512 kernels and in float64; in float32 on the AVX2 and scalar
-    paths its BLAS products differ in the last bits.)
+    least disturbed), running the other one again every SPLIT_EXPLORE_EVERY calls.
+    Forward and backward calls are separate shapes. (The one-thread path computes
+    the same numbers, bitwise on the AVX-512 kernels and in float64; in float32 on
+    the AVX2 and scalar paths its BLAS products differ in the last bits.)
     """
 
     def __init__(self):
