@@ -215,6 +215,23 @@ def column_sums(matrix, out):
         cuda.atomic.add(out, n, total)
 
 
+@cuda.jit(device=True)
+def block_sum(value, shared):
+    """The sum of every thread's ``value`` in this block, valid in thread 0 (other threads get a
+    partial sum). Every thread of a block of ELEMENTWISE_THREADS (a power of two) must call it;
+    shared: [ELEMENTWISE_THREADS] float64 shared memory of the caller's, reused afterwards."""
+    thread = cuda.threadIdx.x
+    shared[thread] = value
+    cuda.syncthreads()
+    half = ELEMENTWISE_THREADS // 2
+    while half > 0:
+        if thread < half:
+            shared[thread] += shared[thread + half]
+        cuda.syncthreads()
+        half //= 2
+    return shared[0]
+
+
 def blocks_for(count: int, threads: int = ELEMENTWISE_THREADS) -> int:
     """Blocks of a grid-stride launch over ``count`` elements (at least 1)."""
     return max(1, min(MAX_ELEMENTWISE_BLOCKS, math.ceil(count / threads)))

@@ -404,17 +404,9 @@ _TOTAL, _COUNT, _BAD = 0, 1, 2
 def _add_block_total(partial, shared, accumulator):
     """accumulator[0] += the sum of every thread's ``partial`` in this block (one atomic per block).
     Every thread of the block must call it; shared: [THREADS] float64."""
-    thread = cuda.threadIdx.x
-    shared[thread] = partial
-    cuda.syncthreads()
-    half = THREADS // 2
-    while half > 0:
-        if thread < half:
-            shared[thread] += shared[thread + half]
-        cuda.syncthreads()
-        half //= 2
-    if thread == 0:
-        cuda.atomic.add(accumulator, _TOTAL, shared[0])
+    total = ew.block_sum(partial, shared)
+    if cuda.threadIdx.x == 0:
+        cuda.atomic.add(accumulator, _TOTAL, total)
 
 
 @cuda.jit
@@ -426,17 +418,10 @@ def _count_mask(mask, per_entry, accumulator):
     for i in range(thread, mask.shape[0], THREADS):
         if mask[i]:
             count += 1.0
-    shared[thread] = count
-    cuda.syncthreads()
-    half = THREADS // 2
-    while half > 0:
-        if thread < half:
-            shared[thread] += shared[thread + half]
-        cuda.syncthreads()
-        half //= 2
+    total = ew.block_sum(count, shared)
     if thread == 0:
         accumulator[_TOTAL] = 0.0
-        accumulator[_COUNT] = shared[0] * per_entry
+        accumulator[_COUNT] = total * per_entry
         accumulator[_BAD] = 0.0
 
 

@@ -199,17 +199,10 @@ def _sum_of_squares(values, total):
     for i in range(start, values.shape[0], stride):
         value = float64(values[i])
         accumulated += value * value
-    partial[thread] = accumulated
-    cuda.syncthreads()
-    half = THREADS // 2
-    while half > 0:
-        if thread < half:
-            partial[thread] += partial[thread + half]
-        cuda.syncthreads()
-        half //= 2
+    block_total = elementwise.block_sum(accumulated, partial)
     if thread == 0:
         # One atomic per block, not per thread.
-        cuda.atomic.add(total, 0, partial[0])
+        cuda.atomic.add(total, 0, block_total)
 
 
 @cuda.jit
