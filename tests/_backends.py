@@ -139,3 +139,40 @@ def sequence_forward(backend, x, h0, c0, kernel, recurrent_kernel, bias, mask=No
                                        recurrent_dropout_mask=recurrent_dropout_mask, **flags)
     return backend.sequence_forward(x, h0, c0, kernel, recurrent_kernel, bias, mask, input_dropout_mask,
                                     recurrent_dropout_mask, options)
+
+
+# -- compiling CUDA kernels for a real GPU without one ------------------------------------------
+#: The start of a script that compiles kernels to sm_90 PTX in a subprocess (without the
+#: simulator): it prints "SKIP ..." and exits where numba finds no CUDA compiler libraries,
+#: lets device functions ask for a compute capability without a device, and defines
+#: ``A(shape, dtype)``, the numba type of such an array. The test's script follows it and
+#: prints one line starting with "OK" per kernel.
+PTX_CHECK_PREAMBLE = r'''
+import dataclasses, re, sys, types
+import numpy as np, numba
+from numba import cuda, typeof
+try:
+    cuda.compile_ptx(lambda a: None, (numba.float32[:],), cc=(9, 0))
+except Exception as error:
+    print("SKIP", type(error).__name__, str(error).splitlines()[0]); sys.exit(0)
+import numba.cuda.dispatcher as dispatcher
+# Device functions ask the current device for its compute capability; there may be none.
+dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
+def A(shape, dtype):
+    return typeof(np.empty(shape, dtype))
+'''
+
+
+def ptx_check_lines(script: str, timeout: float = 900) -> list[str]:
+    """Run PTX_CHECK_PREAMBLE + ``script`` in a fresh interpreter without the CUDA simulator,
+    from the repository root; its "OK" lines (skips the test where numba cannot compile)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {key: value for key, value in os.environ.items() if key != "NUMBA_ENABLE_CUDASIM"}
+    result = subprocess.run([sys.executable, "-c", PTX_CHECK_PREAMBLE + script], capture_output=True,
+                            text=True, env=env, timeout=timeout, cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stdout + result.stderr
+    if result.stdout.startswith("SKIP"):
+        pytest.skip(f"no CUDA compiler libraries: {result.stdout.strip()}")
+    return [line for line in result.stdout.splitlines() if line.startswith("OK")]

@@ -29,7 +29,7 @@ from lstmeng import testing
 from lstmeng.backends import registry
 from lstmeng.testing import kernel_overrides
 
-from _backends import REAL_GPU, fast_simulator_thread_switches, numba_cuda_backend, sequence_forward
+from _backends import REAL_GPU, fast_simulator_thread_switches, numba_cuda_backend, ptx_check_lines, sequence_forward
 
 REPO = Path(__file__).resolve().parent.parent
 _backend = numba_cuda_backend
@@ -467,21 +467,9 @@ def test_gpu_benchmark_script_runs_in_simulate_mode(capsys):
 
 # -- compiling for a real GPU without one ------------------------------------------------------
 _COMPILE_CHECK = r'''
-import dataclasses, re, sys, types
-import numpy as np, numba
-from numba import cuda, typeof
-try:
-    cuda.compile_ptx(lambda a: None, (numba.float32[:],), cc=(9, 0))
-except Exception as error:
-    print("SKIP", type(error).__name__, str(error).splitlines()[0]); sys.exit(0)
-import numba.cuda.dispatcher as dispatcher
-# Device functions ask the current device for its compute capability; there may be none.
-dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
 from lstmeng.backends import _cuda_elementwise as ew, _cuda_gemm as gm, _cuda_recurrence as rec
 from lstmeng.backends import _cuda_recurrence_small as small
 i64, b1, f64 = numba.int64, numba.boolean, numba.float64
-def A(shape, dtype):
-    return typeof(np.empty(shape, dtype))
 from lstmeng.backends.base import SequenceOptions
 for name in ("float32", "float64"):
     dt = np.dtype(name)
@@ -542,14 +530,8 @@ def test_kernels_compile_to_ptx_for_hopper():
     kernel to sm_90 PTX (needs libnvvm and nvrtc, e.g. pip install nvidia-nvvm nvidia-cuda-nvrtc
     with their lib folder on LD_LIBRARY_PATH; skipped without them), and the hot kernels must
     keep their accumulators in registers (no local-memory depot)."""
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], capture_output=True, text=True, env=env,
-                            timeout=900, cwd=REPO)
-    assert result.returncode == 0, result.stdout + result.stderr
-    if result.stdout.startswith("SKIP"):
-        pytest.skip(f"no CUDA compiler libraries: {result.stdout.strip()}")
-    lines = [line for line in result.stdout.splitlines() if line.startswith("OK")]
-    assert len(lines) == 2 * 21, result.stdout
+    lines = ptx_check_lines(_COMPILE_CHECK)
+    assert len(lines) == 2 * 21, lines
     for line in lines:
         if any(hot in line for hot in ("gemm", "forward", "backward")):
             assert line.endswith("local bytes 0"), line

@@ -9,10 +9,6 @@ are tiny; with LSTMENG_REAL_CUDA=1 the same tests run on a GPU.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
@@ -26,10 +22,10 @@ from _backends import (
     fast_simulator_thread_switches,
     numba_cuda_backend,
     numerical_gradient,
+    ptx_check_lines,
     to_host,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACTIVATIONS = [None, "tanh", "relu", "sigmoid", "softmax"]
 
 _fast_switches = pytest.fixture(autouse=True, scope="module")(fast_simulator_thread_switches)
@@ -488,18 +484,7 @@ def test_device_arrays_to_layers_on_the_cpu_name_both_devices(backend):
 
 # -- compiling for a real GPU without one ---------------------------------------------------------------------
 _COMPILE_CHECK = r'''
-import re, sys, types
-import numpy as np, numba
-from numba import cuda, typeof
-try:
-    cuda.compile_ptx(lambda a: None, (numba.float32[:],), cc=(9, 0))
-except Exception as error:
-    print("SKIP", type(error).__name__, str(error).splitlines()[0]); sys.exit(0)
-import numba.cuda.dispatcher as dispatcher
-dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
 from lstmeng.backends import _cuda_layers as cl
-def A(shape, dtype):
-    return typeof(np.empty(shape, dtype))
 kernels = []
 for name in ("float32", "float64"):
     f1, f2, m1, acc = A(2, name), A((2, 2), name), A(2, bool), A(3, np.float64)
@@ -530,14 +515,8 @@ def test_layer_kernels_compile_to_ptx_for_hopper():
     """The simulator runs kernels as Python and type-checks nothing: numba compiles each kernel of
     _cuda_layers to sm_90 PTX here (skipped without libnvvm), none spills to local memory, and the
     float32 Dense kernels do no float64 arithmetic (their constants are typed)."""
-    env = {key: value for key, value in os.environ.items() if key != "NUMBA_ENABLE_CUDASIM"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], capture_output=True, text=True, env=env,
-                            timeout=600, cwd=REPO)
-    assert result.returncode == 0, result.stdout + result.stderr
-    if result.stdout.startswith("SKIP"):
-        pytest.skip(f"no CUDA compiler libraries: {result.stdout.strip()}")
-    lines = [line for line in result.stdout.splitlines() if line.startswith("OK")]
-    assert len(lines) == 2 * 14 + 5, result.stdout
+    lines = ptx_check_lines(_COMPILE_CHECK, timeout=600)
+    assert len(lines) == 2 * 14 + 5, lines
     for line in lines:
         assert "local bytes 0 " in line, line
         if line.startswith("OK float32") and ("activate" in line or "softmax" in line or "backward" in line):
