@@ -452,18 +452,27 @@ def test_unit_split_governor_backs_off_and_recovers():
 
 
 def test_split_chooser_times_both_and_keeps_the_faster():
-    """First call of a shape: split; second: one thread; then the faster of the two (the best of
-    the last SPLIT_TIMINGS per step), the other again every SPLIT_EXPLORE_EVERY calls; forgotten
-    shapes start over."""
+    """The first calls of a shape alternate split and one thread (split first) until each ran
+    SPLIT_FIRST_TIMINGS times; then the faster of the two (the best of the last SPLIT_TIMINGS
+    per step) runs, the other again every SPLIT_EXPLORE_EVERY calls; forgotten shapes start
+    over."""
     chooser = cython_module._SplitChooser()
     every = cython_module.SPLIT_EXPLORE_EVERY
+    first = cython_module.SPLIT_FIRST_TIMINGS
+    assert first == 2
     key = ("forward", 1, 64, 128, False, "f")
-    assert chooser.choose(key) is True
+    # A cold first split call (20.0 per step) does not decide: the second split call does.
+    for split_seconds, one_seconds in ((20.0, 1.0), (0.9, 1.2)):
+        assert chooser.choose(key) is True
+        chooser.observe(key, True, split_seconds)
+        assert chooser.choose(key) is False
+        chooser.observe(key, False, one_seconds)
+    assert chooser.choose(key) is True                # 0.9 < 1.0
     chooser.observe(key, True, 2.0)
-    assert chooser.choose(key) is False
-    chooser.observe(key, False, 1.0)
-    choices = [chooser.choose(key) for _ in range(3, 2 * every + 1)]   # calls 3 .. 2 * every
-    assert [index + 3 for index, split in enumerate(choices) if split] == [every, 2 * every]
+    chooser.observe(key, True, 2.0)
+    chooser.observe(key, True, 2.0)                   # the split's last three: 2.0
+    choices = [chooser.choose(key) for _ in range(6, 2 * every + 1)]   # calls 6 .. 2 * every
+    assert [index + 6 for index, split in enumerate(choices) if split] == [every, 2 * every]
     for _ in range(cython_module.SPLIT_TIMINGS - 1):
         chooser.observe(key, False, 50.0)   # one thread disturbed twice: its best is still 1.0
     assert chooser.choose(key) is False

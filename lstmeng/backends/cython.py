@@ -94,6 +94,12 @@ MAX_SPLIT_BACKOFF_CALLS = 256
 SPLIT_EXPLORE_EVERY = 64
 #: Timings of each choice the chooser compares (the best of them).
 SPLIT_TIMINGS = 3
+#: Calls of each choice the chooser times, alternating, before it compares them: the
+#: first call of a shape is cold (the team's threads start, fresh scratch pages are
+#: touched): at (1, 500, 64, 128) training it ran 24 us per step split against 3.9
+#: for the next split call, so comparing one timing of each kept the shape on one
+#: thread for its first SPLIT_EXPLORE_EVERY calls even where the split was 1.5x faster.
+SPLIT_FIRST_TIMINGS = 2
 #: Call shapes the chooser remembers (least recently used go first).
 SPLIT_CHOOSER_SHAPES = 64
 #: Bytes of released scratch and workspace arrays a backend keeps for its next calls
@@ -195,10 +201,11 @@ class _SplitChooser:
     CPUs badly (or ran other work beside them), a batch-1 forward of (1, 500, 64, 128)
     took 1.85 ms split, its members busy rather than waiting at the barriers, against
     0.94 ms on one thread; placed well, 0.66 ms split. So the backend measures: the
-    first eligible call of a shape runs split, the second one thread, and from then on
-    the faster of the two (seconds per step, the best of the last SPLIT_TIMINGS calls
-    that ran it: other processes only ever slow a call down, so the best is the
-    least disturbed), running the other one again every SPLIT_EXPLORE_EVERY calls.
+    first eligible calls of a shape alternate split and one thread until each has run
+    SPLIT_FIRST_TIMINGS times (split first), and from then on the faster of the two
+    runs (seconds per step, the best of the last SPLIT_TIMINGS calls that ran it:
+    other processes only ever slow a call down, and the first call is cold, so the
+    best is the least disturbed), the other one again every SPLIT_EXPLORE_EVERY calls.
     Forward and backward calls are separate shapes. (The one-thread path computes
     the same numbers, bitwise on the AVX-512 kernels and in float64; in float32 on
     the AVX2 and scalar paths its BLAS products differ in the last bits.)
@@ -222,9 +229,9 @@ class _SplitChooser:
             self._shapes.move_to_end(key)
             entry[2] += 1
             split_times, one_times, calls = entry
-            if not split_times:
+            if len(split_times) < SPLIT_FIRST_TIMINGS and len(split_times) <= len(one_times):
                 return True
-            if not one_times:
+            if len(one_times) < SPLIT_FIRST_TIMINGS:
                 return False
             split_faster = min(split_times) <= min(one_times)
             return split_faster != (calls % SPLIT_EXPLORE_EVERY == 0)
@@ -519,7 +526,7 @@ class CythonBackend(KernelBackend):
         outputs = sequence_outputs if return_sequences else last_output
         return SequenceForward(outputs=outputs, h=h_out, c=c_out, workspace=workspace)
 
-    def sequence_backward(self, doutputs, dh, dc, workspace):
+    def sequence_backward(self, doutputs, dh, dc, workspace, *, input_grad=True):
         ws, options = workspace, workspace.options
         # The backward overwrites the gates with their gradients: one backward per workspace.
         ws.consume(self.name)
@@ -529,7 +536,7 @@ class CythonBackend(KernelBackend):
         batch, steps, features = ws.input_shape
         units = ws.recurrent_kernel.shape[0]
         doutputs = np.ascontiguousarray(doutputs, dtype=dtype)
-        dx = np.zeros((batch, steps, features), dtype)
+        dx = np.zeros((batch, steps, features), dtype) if input_grad else None
         dh0, dc0 = np.empty((batch, units), dtype), np.empty((batch, units), dtype)
         dkernel = np.empty((features, 4 * units), dtype)
         drecurrent_kernel = np.empty((units, 4 * units), dtype)
