@@ -1034,7 +1034,8 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     workspace arrays as written by `forward`: gates [N, 4H] (become the
     gate-input gradients dz), c_prev_all, h_in_all [N, H]. Outputs: dx
     [B, T, I] (must be zero on entry: steps outside the packed rows get no
-    gradient), dh0, dc0 [B, H], dkernel [I, 4H], drecurrent_kernel [H, 4H],
+    gradient), or None to skip its product (the caller needs no input gradient:
+    the first layer on embeddings, a frozen input), dh0, dc0 [B, H], dkernel [I, 4H], drecurrent_kernel [H, 4H],
     dbias [4H]. packed_x: [N, I] scratch (the inputs in packed rows for dK = X^T dz,
     then dz @ K^T on the way to dx). threads: OpenMP threads (the parts share them, or with
     split_units they split one part's units as in `forward`; the weight
@@ -1090,8 +1091,9 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     cdef float *packed_base = NULL
     # K^T [4H, I] packed for dx = dz @ K^T where the input projection uses the packed
     # kernel too (AVX-512, I a multiple of 32).
-    cdef bint dx_packed = floating is float and packed_projection and I > 0 and I % PANEL_PAIR == 0 \
-        and B * T >= MIN_ROWS_TO_PACK
+    cdef bint dx_wanted = dx is not None
+    cdef bint dx_packed = dx_wanted and floating is float and packed_projection and I > 0 \
+        and I % PANEL_PAIR == 0 and B * T >= MIN_ROWS_TO_PACK
     packed_kernel_t_array = take_float32(buffer_cache, (G * I if dx_packed else 1,))
     cdef float[::1] packed_kernel_t = packed_kernel_t_array
 
@@ -1112,7 +1114,7 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     gradients.doutputs_last = pointer2(doutputs_last)
     gradients.dh = &dh[0, 0]
     gradients.dc = &dc[0, 0]
-    gradients.dx = &dx[0, 0, 0]
+    gradients.dx = &dx[0, 0, 0] if dx_wanted else NULL
     gradients.dh0 = &dh0[0, 0]
     gradients.dc0 = &dc0[0, 0]
     gradients.dkernel = pointer2(dkernel)
@@ -1180,15 +1182,16 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
         # dx = dz @ K^T written over the packed input rows (consumed above), then
         # scattered to [B, T, I] with the input dropout mask; each thread a share
         # of the packed rows.
-        for part in prange(team_threads, num_threads=running_threads, schedule="static"):
-            dx_rows(part * N // team_threads, (part + 1) * N // team_threads, I, G,
-                    <floating *>buffers.kernel, gradients.kernel_t_packed,
-                    <floating *>buffers.gates, <floating *>buffers.packed_x)
-        for t in prange(T, num_threads=running_threads, schedule="static"):
-            for part in range(P):
-                scatter_step_gradients(&problem, part, t, <floating *>buffers.packed_x,
-                                       <floating *>gradients.dx,
-                                       <floating *>buffers.input_dropout)
+        if dx_wanted:
+            for part in prange(team_threads, num_threads=running_threads, schedule="static"):
+                dx_rows(part * N // team_threads, (part + 1) * N // team_threads, I, G,
+                        <floating *>buffers.kernel, gradients.kernel_t_packed,
+                        <floating *>buffers.gates, <floating *>buffers.packed_x)
+            for t in prange(T, num_threads=running_threads, schedule="static"):
+                for part in range(P):
+                    scatter_step_gradients(&problem, part, t, <floating *>buffers.packed_x,
+                                           <floating *>gradients.dx,
+                                           <floating *>buffers.input_dropout)
     if buffer_cache is not None:
         buffer_cache.give(packed_weights_array, packed_kernel_t_array, gradient_panels_array)
     return team_barrier_stats(&barrier_flags[0], team_threads)

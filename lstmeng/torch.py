@@ -154,12 +154,13 @@ class _DirectionCall:
         tensors = (_as_tensor(array, self.backend, self.device) for array in (result.outputs, result.h, result.c))
         return (*tensors, result.workspace)
 
-    def backward(self, doutputs, dh, dc, workspace):
-        """Gradients (dx [B, T, I], dh0, dc0 [B, H], dkernel [I, 4H], drecurrent_kernel [H, 4H], dbias [4H])."""
+    def backward(self, doutputs, dh, dc, workspace, input_grad: bool = True):
+        """Gradients (dx [B, T, I] or None without ``input_grad``, dh0, dc0 [B, H], dkernel [I, 4H],
+        drecurrent_kernel [H, 4H], dbias [4H])."""
         with _numba_stream_order(self.device):
             grads = self.backend.sequence_backward(self._array(doutputs), self._array(dh), self._array(dc),
-                                                   workspace)
-        return tuple(_as_tensor(array, self.backend, self.device)
+                                                   workspace, input_grad=input_grad)
+        return tuple(None if array is None else _as_tensor(array, self.backend, self.device)
                      for array in (grads.dx, grads.dh0, grads.dc0, grads.dkernel, grads.drecurrent_kernel,
                                    grads.dbias))
 
@@ -185,8 +186,11 @@ class _LSTMDirection(torch.autograd.Function):
             # A workspace is backpropagated once (the contract): a second backward through the
             # same graph (retain_graph=True) recomputes the forward.
             workspace = ctx.call.forward(*saved, training=True)[3]
-        dx, dh0, dc0, dkernel, drecurrent_kernel, dbias = ctx.call.backward(doutputs, dh, dc, workspace)
         needs = ctx.needs_input_grad
+        # An input that needs no gradient (the first layer's data or frozen embeddings) costs
+        # no dx product.
+        dx, dh0, dc0, dkernel, drecurrent_kernel, dbias = ctx.call.backward(doutputs, dh, dc, workspace,
+                                                                           input_grad=needs[1])
         has_bias = saved[5] is not None
         return (None,
                 dx if needs[1] else None,

@@ -103,3 +103,44 @@ def test_bidirectional_checks_both_gradients_before_either_direction_consumes_it
         layer.backward([np.ones_like(y_forward), np.ones((2, 4, 1), "float32")])
     # Nothing was consumed: the backward with good gradients runs.
     assert layer.backward([np.ones_like(y_forward), np.ones_like(y_backward)]).shape == x.shape
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "cython", "tensorflow", "numba_cuda"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4), (3, 12, 32, 8)], ids=["small", "packed-dx"])
+def test_backward_without_input_grad_skips_dx_and_keeps_the_other_gradients(backend_name, dtype, shape):
+    """``input_grad=False``: dx is None, every other gradient as with dx (masks, input and
+    recurrent dropout, reverse). The second shape reaches the cython backend's packed dx
+    product (I a multiple of 32, enough rows) on AVX-512 machines."""
+    if backend_name == "numba_cuda" and shape[1] > 5:
+        pytest.skip("the packed-dx shape is for the cython backend (20 s under the CUDA simulator)")
+    backend, info = registry._entry(backend_name)
+    if backend is None:
+        pytest.skip(f"{backend_name} unavailable: {info.reason}")
+    batch, steps, features, units = shape
+    rng = np.random.default_rng(3)
+    arrays = [rng.normal(size=size).astype(dtype) * scale for size, scale in [
+        ((batch, steps, features), 1), ((batch, units), 1), ((batch, units), 1),
+        ((features, 4 * units), 0.3), ((units, 4 * units), 0.3), ((4 * units,), 0.1)]]
+    lengths = rng.integers(1, steps + 1, size=batch)
+    mask = np.arange(steps)[None, :] < lengths[:, None]
+    input_dropout = (rng.random((batch, features)) < 0.8).astype(dtype) / dtype_scale(dtype, 0.8)
+    recurrent_dropout = (rng.random((batch, units)) < 0.8).astype(dtype) / dtype_scale(dtype, 0.8)
+    doutputs = rng.normal(size=(batch, steps, units)).astype(dtype)
+    dh, dc = rng.normal(size=(2, batch, units)).astype(dtype)
+    grads = {}
+    for input_grad in (True, False):
+        forward = sequence_forward(backend, *arrays, mask, input_dropout, recurrent_dropout, training=True,
+                                   reverse=True)
+        grads[input_grad] = backend.sequence_backward(doutputs, dh, dc, forward.workspace,
+                                                      input_grad=input_grad)
+    assert grads[False].dx is None
+    assert np.asarray(grads[True].dx).shape == (batch, steps, features)
+    for name in ("dh0", "dc0", "dkernel", "drecurrent_kernel", "dbias"):
+        np.testing.assert_array_equal(np.asarray(getattr(grads[False], name)),
+                                      np.asarray(getattr(grads[True], name)), err_msg=name)
+
+
+def dtype_scale(dtype, keep):
+    """``keep`` in ``dtype``: the inverted-dropout scale of the masks above."""
+    return np.asarray(keep, dtype)

@@ -419,6 +419,43 @@ def test_input_without_grad_and_frozen_module():
     torch.testing.assert_close(output, reference(x)[0].detach(), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend_name", ["cython", "numpy"])
+def test_dx_is_computed_only_where_an_input_needs_it(backend_name, monkeypatch):
+    """The first layer's backward skips its dx product when the input needs no gradient (the
+    backend is asked with input_grad=False), later layers always compute it; with the input
+    requiring grad every layer computes dx, and x.grad matches torch.nn.LSTM."""
+    from lstmeng.backends import registry
+
+    backend = registry.get_backend_object(backend_name)
+    asked = []
+    original_backward = backend.sequence_backward
+
+    def spy(*args, input_grad=True, **kwargs):
+        asked.append(input_grad)
+        grads = original_backward(*args, input_grad=input_grad, **kwargs)
+        assert (grads.dx is None) == (not input_grad)
+        return grads
+
+    monkeypatch.setattr(backend, "sequence_backward", spy)
+    reference, mine = make_pair(backend_name, torch.float64, num_layers=2, bidirectional=True)
+    for requires_grad in (False, True):
+        asked.clear()
+        x = torch.randn(4, 3, INPUT_SIZE, dtype=torch.float64, requires_grad=requires_grad)
+        for module in (mine, reference):
+            module.zero_grad()
+            module(x)[0].square().sum().backward()
+            x_grad, x.grad = x.grad, None
+            if module is mine:
+                mine_x_grad = x_grad
+        # Backward runs the second layer's two directions first, then the first layer's.
+        assert sorted(asked[2:]) == [requires_grad] * 2 and asked[:2] == [True, True]
+        assert (mine_x_grad is None) == (not requires_grad)
+        if requires_grad:
+            torch.testing.assert_close(mine_x_grad, x_grad, rtol=1e-10, atol=1e-10)
+        for (name, expected), actual in zip(reference.named_parameters(), mine.parameters()):
+            torch.testing.assert_close(actual.grad, expected.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_bias_gradients_do_not_share_memory():
     """clip_grad_norm_ scales gradients in place: bias_ih and bias_hh must not alias (else scaled twice)."""
     reference, mine = make_pair("cython", torch.float64, num_layers=2)

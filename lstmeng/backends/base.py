@@ -238,7 +238,8 @@ class SequenceGrads:
     """What a whole-sequence (or single-step) backward returns.
 
     Attributes:
-        dx: ``[B, T, I]`` (``[B, I]`` for a cell step).
+        dx: ``[B, T, I]`` (``[B, I]`` for a cell step), or None when the
+            backward was asked for no input gradient (``input_grad=False``).
         dh0, dc0: ``[B, H]`` gradients of the initial states.
         dkernel: ``[I, 4H]``; drecurrent_kernel: ``[H, 4H]``; dbias: ``[4H]``
             (zeros when the layer has no bias; the layer drops it).
@@ -392,7 +393,8 @@ class KernelBackend(abc.ABC):
         """
 
     @abc.abstractmethod
-    def sequence_backward(self, doutputs, dh, dc, workspace: Workspace) -> SequenceGrads:
+    def sequence_backward(self, doutputs, dh, dc, workspace: Workspace, *,
+                          input_grad: bool = True) -> SequenceGrads:
         """Backward pass of ``sequence_forward``; consumes ``workspace`` (see ``Workspace.consume``).
 
         Args:
@@ -401,9 +403,13 @@ class KernelBackend(abc.ABC):
             dh, dc: ``[B, H]`` gradients of the final states (zeros if unused).
             workspace: the forward's workspace; RuntimeError if a backward
                 already used it.
+            input_grad: False when the caller needs no dx (the first layer on
+                embeddings or on data, a frozen input): dx is then None and
+                its product ``dz @ kernel^T`` (a third of the backward's
+                weight-sized GEMMs) is skipped.
 
         Returns:
-            SequenceGrads with dx ``[B, T, I]``.
+            SequenceGrads with dx ``[B, T, I]`` (None without ``input_grad``).
         """
 
     # -- the single-step cell --------------------------------------------------

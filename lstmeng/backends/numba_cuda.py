@@ -472,10 +472,11 @@ class NumbaCudaBackend(KernelBackend):
             outputs, h, c_state = self.ops.to_numpy(outputs), self.ops.to_numpy(h), self.ops.to_numpy(c_state)
         return SequenceForward(outputs=outputs, h=h, c=c_state, workspace=workspace)
 
-    def sequence_backward(self, doutputs, dh, dc, workspace, grads_out=None):
-        """The contract's backward; ``grads_out`` (numba_cuda only): None, or a dict with device
-        arrays "kernel" [I, 4H], "recurrent_kernel" [H, 4H] and optionally "bias" [4H] that
-        receive the weight gradients in place (a GPU layer's ``grads``: no allocation per step).
+    def sequence_backward(self, doutputs, dh, dc, workspace, grads_out=None, *, input_grad=True):
+        """The contract's backward (``input_grad=False``: no dx GEMM, dx None). ``grads_out``
+        (numba_cuda only): None, or a dict with device arrays "kernel" [I, 4H], "recurrent_kernel"
+        [H, 4H] and optionally "bias" [4H] that receive the weight gradients in place (a GPU
+        layer's ``grads``: no allocation per step).
         The workspace's pooled arrays go back to the pool: each workspace is consumed once."""
         from lstmeng.backends import _cuda_elementwise as ew
         from lstmeng.backends import _cuda_gemm as gemm
@@ -524,18 +525,21 @@ class NumbaCudaBackend(KernelBackend):
         threads = ew.ELEMENTWISE_THREADS
         ew.column_sums[(math.ceil(gate_columns / threads), math.ceil(batch * steps / ew.COLUMN_SUM_ROWS)),
                        threads](flat_gate_grads, dbias)
-        dx = self.ops.empty((batch, steps, features), dtype)
-        gemm.launch_gemm(flat_gate_grads, ws.kernel, dx.reshape(batch * steps, features),
-                         transpose_b=True, tiles=tiles, dummy_bias=no_bias)
-        if ws.input_dropout_mask is not None:
-            ew.scale_rows_3d[ew.blocks_for(dx.size), threads](dx, ws.input_dropout_mask, dx)
+        dx = None
+        if input_grad:
+            dx = self.ops.empty((batch, steps, features), dtype)
+            gemm.launch_gemm(flat_gate_grads, ws.kernel, dx.reshape(batch * steps, features),
+                             transpose_b=True, tiles=tiles, dummy_bias=no_bias)
+            if ws.input_dropout_mask is not None:
+                ew.scale_rows_3d[ew.blocks_for(dx.size), threads](dx, ws.input_dropout_mask, dx)
         # Every launch that reads them is queued (one stream): the memory can serve the next call.
         self._release(gate_grads, ws.h_in, ws.c_prev, ws.gates, ws.seen_before, ws.last_output_rows)
         grads = SequenceGrads(dx=dx, dh0=dh_state, dc0=dc_state, dkernel=dkernel,
                               drecurrent_kernel=drecurrent_kernel, dbias=dbias)
         if copy_out:
             for field in dataclasses.fields(grads):
-                setattr(grads, field.name, self.ops.to_numpy(getattr(grads, field.name)))
+                value = getattr(grads, field.name)
+                setattr(grads, field.name, None if value is None else self.ops.to_numpy(value))
         return grads
 
     def _weight_grad_arrays(self, grads_out, features, gate_columns, dtype):

@@ -192,7 +192,7 @@ class NumpyBackend(KernelBackend):
             )
         return SequenceForward(outputs=outputs, h=h, c=c, workspace=workspace)
 
-    def sequence_backward(self, doutputs, dh, dc, workspace):
+    def sequence_backward(self, doutputs, dh, dc, workspace, *, input_grad=True):
         ws, options = workspace, workspace.options
         ws.consume(self.name)   # one backward per workspace, as on every backend (see base.Workspace)
         act = activations.FUNCTIONS[options.activation]
@@ -251,10 +251,12 @@ class NumpyBackend(KernelBackend):
         dkernel = _input_gradient_product(ws.x, ws.input_dropout_mask, gate_grads)
         drecurrent_kernel = ws.h_in.reshape(steps * batch, units).T @ flat_gate_grads
         dbias = flat_gate_grads.sum(axis=0)
-        dx_tb = (flat_gate_grads @ ws.kernel.T).reshape(steps, batch, -1)
-        if ws.input_dropout_mask is not None:
-            dx_tb *= ws.input_dropout_mask[None]
-        dx = np.ascontiguousarray(np.swapaxes(dx_tb, 0, 1))
+        dx = None
+        if input_grad:
+            dx_tb = (flat_gate_grads @ ws.kernel.T).reshape(steps, batch, -1)
+            if ws.input_dropout_mask is not None:
+                dx_tb *= ws.input_dropout_mask[None]
+            dx = np.ascontiguousarray(np.swapaxes(dx_tb, 0, 1))
         return SequenceGrads(dx=dx, dh0=dh, dc0=dc, dkernel=dkernel,
                              drecurrent_kernel=drecurrent_kernel, dbias=dbias)
 
