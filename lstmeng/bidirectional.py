@@ -229,15 +229,16 @@ class Bidirectional:
             return backend.ops.multiply(y_forward, y_backward)
         return [y_forward, y_backward]
 
-    def backward(self, dy, dstates=None):
+    def backward(self, dy, dstates=None, *, input_grad=True):
         """Gradients of the most recent training call not yet backpropagated (see ``LSTM.backward``).
 
         Args:
             dy: gradient of the merged output (a list ``[dy_fw, dy_bw]`` when merge_mode is None).
             dstates: ``[dh_fw, dc_fw, dh_bw, dc_bw]`` or None.
+            input_grad: False when x needs no gradient: neither direction computes dx.
 
         Returns:
-            dx, same shape as x.
+            dx, same shape as x (None without ``input_grad``).
         """
         backend, y_forward, y_backward = self._tapes.peek()
         dy_forward, dy_backward = self._unmerge(backend, dy, y_forward, y_backward)
@@ -253,9 +254,9 @@ class Bidirectional:
         # References, not copies (a training step allocates nothing for this): a backward that
         # replaces the gradient arrays leaves these intact for the restore below.
         forward_grads_before = dict(self.forward_layer.grads.items())
-        forward_grads = self.forward_layer.run_backprop(forward_plan)
+        forward_grads = self.forward_layer.run_backprop(forward_plan, input_grad=input_grad)
         try:
-            backward_grads = self.backward_layer.run_backprop(backward_plan)
+            backward_grads = self.backward_layer.run_backprop(backward_plan, input_grad=input_grad)
         except Exception:
             # Only the backend itself fails here (every argument was checked above). The forward
             # direction's workspace is consumed, so the call cannot be backpropagated again: it is
@@ -266,6 +267,8 @@ class Bidirectional:
                 self.forward_layer.grads = forward_grads_before
             raise
         self._tapes.pop()
+        if not input_grad:
+            return None
         return backend.ops.add(forward_grads.dx, backward_grads.dx)   # both in x's layout
 
     def _unmerge(self, backend, dy, y_forward, y_backward):

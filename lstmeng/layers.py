@@ -337,7 +337,7 @@ class LSTM(LSTMBase):
         return backend.ops.zeros(shape, self.dtype), backend.ops.zeros(shape, self.dtype), False
 
     # -- backward ----------------------------------------------------------------
-    def backward(self, dy, dh=None, dc=None):
+    def backward(self, dy, dh=None, dc=None, *, input_grad=True):
         """Gradients of the outputs of the most recent ``training=True`` call not yet backpropagated.
 
         Training calls are recorded on a tape and backpropagated last-in-first-out;
@@ -349,9 +349,12 @@ class LSTM(LSTMBase):
         Args:
             dy: same shape as the returned y.
             dh, dc: ``[B, H]`` gradients of the returned final states, or None.
+            input_grad: False when x needs no gradient (the first layer of a model on
+                data): the backend skips dx's product and None is returned.
 
         Returns:
-            dx, same shape as x. Also sets ``grads`` and ``initial_state_grads``.
+            dx, same shape as x (None without ``input_grad``). Also sets ``grads`` and
+            ``initial_state_grads``.
 
         Example:
             >>> import numpy as np, lstmeng as le
@@ -361,7 +364,7 @@ class LSTM(LSTMBase):
             >>> encoder.backward(np.ones_like(y_b)).shape, encoder.backward(np.ones_like(y_a)).shape
             ((1, 2, 5), (2, 4, 5))
         """
-        grads = self.run_backprop(self.plan_backprop(dy, dh, dc))
+        grads = self.run_backprop(self.plan_backprop(dy, dh, dc), input_grad=input_grad)
         return grads.dx
 
     def plan_backprop(self, dy, dh=None, dc=None, *, keep_input_order=False, dy_argument="dy",
@@ -407,14 +410,15 @@ class LSTM(LSTMBase):
                 dy = backend.ops.flip_time(dy)
         return BackpropPlan(entry, dy, dh, dc)
 
-    def run_backprop(self, plan: BackpropPlan) -> SequenceGrads:
+    def run_backprop(self, plan: BackpropPlan, *, input_grad: bool = True) -> SequenceGrads:
         """Backpropagate a training call checked by ``plan_backprop``: consumes its tape entry,
         sets ``grads`` (replacing, or adding within a round: see ``backward``) and
         ``initial_state_grads``.
 
         Returns:
-            SequenceGrads; dx in x's layout (``[T, B, I]`` when time_major), host
-            arrays for dx and the state gradients when the call's x was a host array.
+            SequenceGrads; dx in x's layout (``[T, B, I]`` when time_major), or None
+            without ``input_grad``; host arrays for dx and the state gradients when the
+            call's x was a host array.
         """
         entry = plan.entry
         if self._tapes.last is not entry:
@@ -425,21 +429,24 @@ class LSTM(LSTMBase):
         if entry.workspace is None:  # empty batch or zero steps: outputs were constants
             zero = self._zero_weight_grads(backend)
             grads = SequenceGrads(
-                dx=backend.ops.zeros((entry.batch, entry.steps, self.input_size), self.dtype), dh0=dh, dc0=dc,
+                dx=backend.ops.zeros((entry.batch, entry.steps, self.input_size), self.dtype) if input_grad else None,
+                dh0=dh, dc0=dc,
                 dkernel=zero["kernel"], drecurrent_kernel=zero["recurrent_kernel"],
                 dbias=zero.get("bias", np.zeros(4 * self.units, self.dtype)))
         elif self._device != "cpu" and backend.accepts_grads_out and not accumulate:
             # On the GPU the gradients are written into the arrays of the last backward (as
             # PyTorch's .grad): a training loop allocates none. Copy them to keep them.
-            grads = backend.sequence_backward(dy, dh, dc, entry.workspace, grads_out=self._grads)
+            grads = backend.sequence_backward(dy, dh, dc, entry.workspace, grads_out=self._grads,
+                                              input_grad=input_grad)
         else:
-            grads = backend.sequence_backward(dy, dh, dc, entry.workspace)
+            grads = backend.sequence_backward(dy, dh, dc, entry.workspace, input_grad=input_grad)
         self._tapes.pop()
         self._store_grads(backend, grads, accumulate)
-        if self.time_major:
+        if self.time_major and grads.dx is not None:
             grads.dx = backend.ops.swap_batch_time(grads.dx)
         if entry.host_io:  # host dy in, host dx and state gradients out; weight gradients stay on the device
-            grads.dx, grads.dh0, grads.dc0 = (_to_host(backend, array) for array in (grads.dx, grads.dh0, grads.dc0))
+            grads.dx, grads.dh0, grads.dc0 = (None if array is None else _to_host(backend, array)
+                                              for array in (grads.dx, grads.dh0, grads.dc0))
         self.initial_state_grads = [grads.dh0, grads.dc0] if entry.got_initial_state else None
         return grads
 

@@ -259,13 +259,18 @@ class Sequential:
             self._tapes.push((input_kind, input_shape, kinds, initial_state is not None, _validation.shape_of(x)))
         return x
 
-    def backward(self, dy):
+    def backward(self, dy, *, input_grad=True):
         """Backpropagate ``dy`` (the output's shape) through every layer, most recent training call first.
+
+        Args:
+            dy: the gradient of the model's output.
+            input_grad: False when x needs no gradient (``le.fit`` passes it): a recurrent first
+                layer then skips its dx product, and None is returned.
 
         Returns:
             dx in the array kind of the call's x, or None when layers[0] is an Embedding (ids have no
-            gradient). Sets every layer's ``grads`` and, when the call had an initial_state,
-            ``initial_state_grads``.
+            gradient) or without ``input_grad``. Sets every layer's ``grads`` and, when the call had an
+            initial_state, ``initial_state_grads``.
         """
         input_kind, input_shape, kinds, got_initial_state, output_shape = self._tapes.peek()
         # Checked before any layer consumes its tape: a bad dy leaves every tape as it was.
@@ -279,13 +284,16 @@ class Sequential:
                     _validation.check_numeric_array(dy, "dy", dtype), dtype)
             elif kind == "host":
                 dy = _to_host(dy)
-            dy = layer.backward(dy)
+            if index == 0 and not input_grad and isinstance(layer, (LSTM, Bidirectional)):
+                dy = layer.backward(dy, input_grad=False)
+            else:
+                dy = layer.backward(dy)
             if recurrent and layer is recurrent[0]:
                 grads = layer.initial_state_grads if got_initial_state else None
                 self.initial_state_grads = None if grads is None else [_to_host(g) if input_kind == "host" else g
                                                                        for g in grads]
         self._tapes.pop()
-        if dy is None:
+        if dy is None or not input_grad:
             return None
         return _to_host(dy) if input_kind == "host" else dy
 

@@ -266,7 +266,7 @@ def fit(model, loss, optimizer, data, *, epochs: int = 1, batch_size: int = 32, 
                     model.reset_tape()   # the failed batch's tape is never backpropagated
                 raise FloatingPointError(f"the loss is {value} at epoch {epoch}, batch {batch_number}; lower the "
                                          "learning rate, set clip_norm, or check the data for NaN/inf")
-            model.backward(doutputs)
+            _backward_without_input_grad(model, doutputs)
             if clip_norm is not None:
                 optim.clip_grad_norm(model, clip_norm)
             optimizer.step()
@@ -348,3 +348,16 @@ def _progress_bar(total: int, description: str, enabled: bool):
         return _NoBar()
     from tqdm.auto import tqdm
     return tqdm(total=total, desc=description, unit="batch", leave=True, dynamic_ncols=True)
+
+
+def _backward_without_input_grad(model, doutputs) -> None:
+    """``model.backward(doutputs)``, asking lstmeng's own models for no input gradient (``fit``
+    never uses dx, and a recurrent first layer then skips its product); other models as given."""
+    from lstmeng.bidirectional import Bidirectional
+    from lstmeng.layers import LSTM
+    from lstmeng.sequential import Sequential
+
+    if isinstance(model, (Sequential, LSTM, Bidirectional)):
+        model.backward(doutputs, input_grad=False)
+    else:
+        model.backward(doutputs)
