@@ -132,7 +132,7 @@ def test_bidirectional_backward_failing_in_the_second_direction_leaves_tapes_in_
     before = {name: value.copy() for name, value in bi.forward_layer.grads.items()}
     y = bi(x * 2, lengths=lengths, training=True)
 
-    def failing(plan):
+    def failing(plan, **options):
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(bi.backward_layer, "run_backprop", failing)
