@@ -91,6 +91,7 @@ cdef struct LstmProblem:
     bint reverse                   # process the steps from T - 1 down to 0
     bint zero_output_for_mask      # masked steps output zeros instead of repeating h
     bint training                  # forward: write the workspace (h_in_all, c_prev_all)
+    bint weights_transposed        # kernel given as K^T [4H, I], recurrent kernel as R^T [4H, H]
     Py_ssize_t chunk_steps         # forward: steps whose input projection is one GEMM
     Py_ssize_t part_chunk_rows     # forward: rows of packed_x (and inference gates) per part
     int64_t *barrier_flags         # [team, LSTMENG_FLAG_STRIDE]: lstm_sync.h's flags
@@ -103,8 +104,8 @@ cdef struct LstmBuffers:
     void *x                        # [B, T, I]
     void *h0                       # [B, H]
     void *c0                       # [B, H]
-    void *kernel                   # [I, 4H], or NULL when I = 0
-    void *recurrent_kernel         # [H, 4H]
+    void *kernel                   # [I, 4H] (K^T [4H, I] when weights_transposed), or NULL when I = 0
+    void *recurrent_kernel         # [H, 4H] (R^T [4H, H] when weights_transposed)
     void *bias                     # [4H], or NULL
     void *input_dropout            # [B, I] scale per batch row and input, or NULL
     void *recurrent_dropout        # [B, H] scale per batch row and unit, or NULL
@@ -184,18 +185,20 @@ cdef void gemm(bint trans_a, bint trans_b, Py_ssize_t m, Py_ssize_t n, Py_ssize_
                floating alpha, floating *a, Py_ssize_t lda, floating *b, Py_ssize_t ldb,
                floating beta, floating *c, Py_ssize_t ldc) noexcept nogil
 cdef void pack_weight_slice(const float *weights, Py_ssize_t K, Py_ssize_t H, Py_ssize_t u0,
-                            Py_ssize_t width, float *packed) noexcept nogil
+                            Py_ssize_t width, bint stored_transposed, float *packed) noexcept nogil
 cdef void pack_recurrent_transpose_slice(const float *recurrent_kernel, Py_ssize_t H,
-                                         Py_ssize_t u0, Py_ssize_t width,
+                                         Py_ssize_t u0, Py_ssize_t width, bint stored_transposed,
                                          float *packed) noexcept nogil
 cdef float *pack_slice(float *base, const float *weights, Py_ssize_t K, Py_ssize_t H,
-                       Py_ssize_t u0, Py_ssize_t u1, bint transpose) noexcept nogil
+                       Py_ssize_t u0, Py_ssize_t u1, bint transpose,
+                       bint stored_transposed) noexcept nogil
 cdef void gates_product(Py_ssize_t rows, Py_ssize_t K, floating *a, Py_ssize_t lda,
-                        floating *weights, float *packed, floating *gates, Py_ssize_t H,
-                        Py_ssize_t u0, Py_ssize_t width, floating beta) noexcept nogil
+                        floating *weights, bint stored_transposed, float *packed, floating *gates,
+                        Py_ssize_t H, Py_ssize_t u0, Py_ssize_t width, floating beta) noexcept nogil
 cdef void hidden_gradient_product(Py_ssize_t rows, Py_ssize_t H, floating *dz,
-                                  floating *recurrent_kernel, float *packed_t,
-                                  floating *dh, Py_ssize_t u0, Py_ssize_t width) noexcept nogil
+                                  floating *recurrent_kernel, bint stored_transposed,
+                                  float *packed_t, floating *dh, Py_ssize_t u0,
+                                  Py_ssize_t width) noexcept nogil
 cdef void copy_step_inputs(const LstmProblem *problem, Py_ssize_t part, Py_ssize_t t,
                            floating *x, floating *in_drop, floating *packed_x,
                            Py_ssize_t shift) noexcept nogil
@@ -246,7 +249,7 @@ cdef void gemm_columns_packed(Py_ssize_t I, Py_ssize_t H, Py_ssize_t G, Py_ssize
 cdef void sum_partials(floating *total, const floating *partials, Py_ssize_t count,
                        Py_ssize_t G, Py_ssize_t column_begin, Py_ssize_t column_end) noexcept nogil
 cdef void dx_rows(Py_ssize_t row_first, Py_ssize_t row_end, Py_ssize_t I, Py_ssize_t G,
-                  floating *kernel, float *kernel_t_packed, floating *dz,
+                  floating *kernel, bint stored_transposed, float *kernel_t_packed, floating *dz,
                   floating *packed_x) noexcept nogil
 cdef void scatter_step_gradients(const LstmProblem *problem, Py_ssize_t part, Py_ssize_t t,
                                  floating *packed_dx, floating *dx,

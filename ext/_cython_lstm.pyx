@@ -336,50 +336,66 @@ cdef inline bint packed_slice_usable(Py_ssize_t H, Py_ssize_t width, Py_ssize_t 
 
 
 cdef void pack_weight_slice(const float *weights, Py_ssize_t K, Py_ssize_t H, Py_ssize_t u0,
-                            Py_ssize_t width, float *packed) noexcept nogil:
+                            Py_ssize_t width, bint stored_transposed, float *packed) noexcept nogil:
     """Columns of units u0 .. u0 + width - 1 of weights [K, 4H] (the recurrent kernel,
     K = H, or the input kernel, K = I), packed: the whole [K, 4H] at once when
-    width = H, else the i, f, g, o blocks one after another ([K, width] each)."""
+    width = H, else the i, f, g, o blocks one after another ([K, width] each).
+    stored_transposed: the memory holds weights^T [4H, K] (PyTorch's layout), read
+    transposed by the packer (the same packed panels)."""
     cdef Py_ssize_t G = 4 * H, gate
     if width == H:
-        lstmeng_pack_panels_f32(weights, K, G, G, 0, packed)
+        if stored_transposed:
+            lstmeng_pack_panels_f32(weights, K, G, K, 1, packed)
+        else:
+            lstmeng_pack_panels_f32(weights, K, G, G, 0, packed)
     else:
         for gate in range(4):
-            lstmeng_pack_panels_f32(weights + gate * H + u0, K, width, G, 0,
-                                    packed + gate * K * width)
+            if stored_transposed:
+                lstmeng_pack_panels_f32(weights + (gate * H + u0) * K, K, width, K, 1,
+                                        packed + gate * K * width)
+            else:
+                lstmeng_pack_panels_f32(weights + gate * H + u0, K, width, G, 0,
+                                        packed + gate * K * width)
 
 
 cdef void pack_recurrent_transpose_slice(const float *recurrent_kernel, Py_ssize_t H,
-                                         Py_ssize_t u0, Py_ssize_t width,
+                                         Py_ssize_t u0, Py_ssize_t width, bint stored_transposed,
                                          float *packed) noexcept nogil:
-    """R^T [4H, H]'s columns u0 .. u0 + width - 1 (R's rows), packed."""
-    lstmeng_pack_panels_f32(recurrent_kernel + u0 * 4 * H, 4 * H, width, 4 * H, 1, packed)
+    """R^T [4H, H]'s columns u0 .. u0 + width - 1 (R's rows), packed; from R [H, 4H],
+    or from R^T itself when stored_transposed."""
+    if stored_transposed:
+        lstmeng_pack_panels_f32(recurrent_kernel + u0, 4 * H, width, H, 0, packed)
+    else:
+        lstmeng_pack_panels_f32(recurrent_kernel + u0 * 4 * H, 4 * H, width, 4 * H, 1, packed)
 
 
 cdef float *pack_slice(float *base, const float *weights, Py_ssize_t K, Py_ssize_t H,
-                       Py_ssize_t u0, Py_ssize_t u1, bint transpose) noexcept nogil:
+                       Py_ssize_t u0, Py_ssize_t u1, bint transpose,
+                       bint stored_transposed) noexcept nogil:
     """Units u0 .. u1 - 1 of weights [K, 4H] (forward: the recurrent kernel, K = H, or
     the input kernel, K = I) or of the recurrent kernel's transpose (backward,
     transpose, K = H) packed into their place in base [K * 4H] for the packed
-    kernel; NULL (use BLAS) when base is NULL or the slice cannot use it."""
+    kernel; NULL (use BLAS) when base is NULL or the slice cannot use it.
+    stored_transposed: weights is held as its transpose (``weights_transposed``)."""
     cdef Py_ssize_t width = u1 - u0
     cdef float *packed
     if base == NULL or K == 0 or not packed_slice_usable(H, width, H if transpose else 4 * H):
         return NULL
     packed = base + u0 * 4 * K
     if transpose:
-        pack_recurrent_transpose_slice(weights, H, u0, width, packed)
+        pack_recurrent_transpose_slice(weights, H, u0, width, stored_transposed, packed)
     else:
-        pack_weight_slice(weights, K, H, u0, width, packed)
+        pack_weight_slice(weights, K, H, u0, width, stored_transposed, packed)
     return packed
 
 
 cdef void gates_product(Py_ssize_t rows, Py_ssize_t K, floating *a, Py_ssize_t lda,
-                        floating *weights, float *packed, floating *gates, Py_ssize_t H,
-                        Py_ssize_t u0, Py_ssize_t width, floating beta) noexcept nogil:
+                        floating *weights, bint stored_transposed, float *packed, floating *gates,
+                        Py_ssize_t H, Py_ssize_t u0, Py_ssize_t width, floating beta) noexcept nogil:
     """gates[:, columns of units u0 .. u0 + width) = a @ weights[:, same] + beta * gates.
 
-    a: [rows, K] (row stride lda); weights: [K, 4H]; gates: [rows, 4H]. packed:
+    a: [rows, K] (row stride lda); weights: [K, 4H], held as weights^T [4H, K] when
+    stored_transposed (BLAS then reads it transposed); gates: [rows, 4H]. packed:
     weights' slice from pack_weight_slice (float32 only; beta must be 1), or
     NULL for BLAS.
     """
@@ -395,6 +411,14 @@ cdef void gates_product(Py_ssize_t rows, Py_ssize_t K, floating *a, Py_ssize_t l
                     lstmeng_gemm_packed_f32(rows, width, K, a, lda, packed + gate * K * width,
                                             gates + gate * H + u0, G)
             return
+    if stored_transposed:
+        if width == H:
+            gemm(False, True, rows, G, K, <floating>1, a, lda, weights, K, beta, gates, G)
+        else:
+            for gate in range(4):
+                gemm(False, True, rows, width, K, <floating>1, a, lda, weights + (gate * H + u0) * K, K,
+                     beta, gates + gate * H + u0, G)
+        return
     if width == H:
         gemm(False, False, rows, G, K, <floating>1, a, lda, weights, G, beta, gates, G)
     else:
@@ -404,12 +428,14 @@ cdef void gates_product(Py_ssize_t rows, Py_ssize_t K, floating *a, Py_ssize_t l
 
 
 cdef void hidden_gradient_product(Py_ssize_t rows, Py_ssize_t H, floating *dz,
-                                  floating *recurrent_kernel, float *packed_t,
-                                  floating *dh, Py_ssize_t u0, Py_ssize_t width) noexcept nogil:
+                                  floating *recurrent_kernel, bint stored_transposed,
+                                  float *packed_t, floating *dh, Py_ssize_t u0,
+                                  Py_ssize_t width) noexcept nogil:
     """dh[:, u0 .. u0 + width) = dz @ R[u0 .. u0 + width, :]^T.
 
-    dz: [rows, 4H]; recurrent_kernel R: [H, 4H]; dh: [rows, H]; packed_t:
-    from pack_recurrent_transpose_slice (float32), or NULL for BLAS.
+    dz: [rows, 4H]; recurrent_kernel R: [H, 4H] (R^T [4H, H] when stored_transposed);
+    dh: [rows, H]; packed_t: from pack_recurrent_transpose_slice (float32), or NULL
+    for BLAS.
     """
     cdef Py_ssize_t G = 4 * H, i
     if width == 0 or rows == 0:
@@ -420,6 +446,10 @@ cdef void hidden_gradient_product(Py_ssize_t rows, Py_ssize_t H, floating *dz,
                 memset(dh + i * H + u0, 0, width * sizeof(float))
             lstmeng_gemm_packed_f32(rows, width, G, dz, G, packed_t, dh + u0, H)
             return
+    if stored_transposed:
+        gemm(False, False, rows, width, G, <floating>1, dz, G, recurrent_kernel + u0, H,
+             <floating>0, dh + u0, H)
+        return
     gemm(False, True, rows, width, G, <floating>1, dz, G, recurrent_kernel + u0 * G, G,
          <floating>0, dh + u0, H)
 
@@ -544,7 +574,7 @@ cdef Py_ssize_t project_chunk(const LstmProblem *problem, const LstmBuffers *buf
                 else:
                     memset(step_gates + i * G + gate * H + u0, 0, width * sizeof(floating))
     gates_product(rows, I, packed_x + (first_row + x_shift) * I, I, <floating *>buffers.kernel,
-                  kernel_packed, step_gates, H, u0, width,
+                  problem.weights_transposed, kernel_packed, step_gates, H, u0, width,
                   <floating>(1 if bias != NULL or kernel_packed != NULL else 0))
     return gate_shift
 
@@ -580,8 +610,8 @@ cdef void recurrent_step_product(const LstmProblem *problem, const LstmBuffers *
                         rows_of(rec_drop, layout.order[r], H, u0), width)
     share.steps_run += 1
     team_wait(problem, share)
-    gates_product(n_rows, H, h_in, H, <floating *>buffers.recurrent_kernel, share.recurrent_packed,
-                  step_gates, H, u0, width, <floating>1)
+    gates_product(n_rows, H, h_in, H, <floating *>buffers.recurrent_kernel, problem.weights_transposed,
+                  share.recurrent_packed, step_gates, H, u0, width, <floating>1)
 
 
 cdef void cell_rows(const LstmProblem *problem, const LstmBuffers *buffers, TeamShare *share,
@@ -706,7 +736,8 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
             floating[:, ::1] c_prev_all, floating[:, ::1] h_in_all,
             floating[:, ::1] h_state, floating[:, ::1] c_state, floating[:, :, ::1] h_in_step,
             Py_ssize_t chunk_steps, Py_ssize_t part_chunk_rows,
-            Py_ssize_t threads=1, bint split_units=False, object buffer_cache=None):
+            Py_ssize_t threads=1, bint split_units=False, object buffer_cache=None,
+            bint weights_transposed=False):
     """Whole-sequence forward of one layer and direction; writes into the given arrays.
 
     Every argument is keyword-only: many are arrays of one dtype and shape
@@ -715,7 +746,9 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
     (``forward["float"]`` / ``forward["double"]``): Cython's automatic choice
     looks at the first array argument, which may be None.
 
-    x: [B, T, I]; h0, c0: [B, H]; kernel: [I, 4H]; recurrent_kernel: [H, 4H];
+    x: [B, T, I]; h0, c0: [B, H]; kernel: [I, 4H]; recurrent_kernel: [H, 4H]; or
+    with weights_transposed their transposes, kernel [4H, I] and recurrent_kernel
+    [4H, H] (PyTorch's weight_ih and weight_hh, read as they are: no copy);
     bias: [4H] or None; mask: [B, T] (uint8, 1 = real) or None when every
     packed row of a step is real; input_dropout_mask: [B, I] or None;
     recurrent_dropout_mask: [B, H] or None; order: [B]; row_begin: [P + 1];
@@ -740,7 +773,7 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
     began to yield its core (0 and 0.0 without a split); see lstm_sync.h.
     """
     cdef Py_ssize_t B = x.shape[0], T = x.shape[1], I = x.shape[2]
-    cdef Py_ssize_t H = recurrent_kernel.shape[0], G = 4 * H
+    cdef Py_ssize_t H = recurrent_kernel.shape[1 if weights_transposed else 0], G = 4 * H
     cdef Py_ssize_t part, member, team_threads = max(1, threads)
     cdef unsigned char[::1] seen = np.zeros(team_threads * (B + 1), np.uint8)
     cdef int64_t[::1] barrier_flags = np.zeros(team_threads * LSTMENG_FLAG_STRIDE, np.int64)
@@ -785,6 +818,7 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
     buffers.c_state = &c_state[0, 0]
     buffers.h_in_step = &h_in_step[0, 0, 0]
     problem.training = buffers.h_in_all != NULL
+    problem.weights_transposed = weights_transposed
     problem.chunk_steps = chunk_steps
     problem.part_chunk_rows = part_chunk_rows
 
@@ -794,9 +828,10 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
         if project_packed:
             packed_input_base = &packed_input_weights[0]
         if not split_units:
-            packed_base = pack_slice(packed_base, &recurrent_kernel[0, 0], H, H, 0, H, False)
+            packed_base = pack_slice(packed_base, &recurrent_kernel[0, 0], H, H, 0, H, False,
+                                     weights_transposed)
             packed_input_base = pack_slice(packed_input_base, <float *>buffers.kernel, I, H, 0, H,
-                                           False)
+                                           False, weights_transposed)
     check_blas_sizes(problem.packed_rows, G, I, H, part_chunk_rows * problem.parts)
     with nogil, parallel(num_threads=team_threads):
         member = lstmeng_thread_index()
@@ -809,9 +844,9 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
             share.seen = &seen[0] + member * (B + 1)
             if floating is float:
                 share.recurrent_packed = pack_slice(packed_base, &recurrent_kernel[0, 0], H, H,
-                                                    share.u0, share.u1, False)
+                                                    share.u0, share.u1, False, weights_transposed)
                 share.kernel_packed = pack_slice(packed_input_base, <float *>buffers.kernel, I, H,
-                                                 share.u0, share.u1, False)
+                                                 share.u0, share.u1, False, weights_transposed)
             forward_part(&problem, &buffers, &share, <floating>0)
         else:
             share.seen = &seen[0]
@@ -864,7 +899,7 @@ cdef void backward_part(const LstmProblem *problem, const LstmBuffers *buffers,
         # dh(t-1) = dz(t) @ R^T for the step's rows: a team needs every member's dz(t).
         team_wait(problem, share)
         hidden_gradient_product(n_rows, H, step_gates, <floating *>buffers.recurrent_kernel,
-                                share.recurrent_packed,
+                                problem.weights_transposed, share.recurrent_packed,
                                 <floating *>gradients.dh_recurrent + r_begin * H, u0, width)
     publish_state_gradients(problem, buffers, gradients, share, zero)
 
@@ -1024,7 +1059,7 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
              floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:, ::1] dc0,
              floating[:, ::1] dkernel, floating[:, ::1] drecurrent_kernel, floating[::1] dbias,
              floating[:, ::1] packed_x, Py_ssize_t threads=1, bint split_units=False,
-             Py_ssize_t run_threads=0, object buffer_cache=None):
+             Py_ssize_t run_threads=0, object buffer_cache=None, bint weights_transposed=False):
     """Backward of `forward` (training); the workspace arrays are overwritten.
     Keyword-only arguments, as `forward`'s.
 
@@ -1042,11 +1077,12 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     gradients are split by gate columns among them). run_threads: how many
     threads run those shares (0: threads); fewer than threads run the same
     shares one after another, so the results do not depend on it (without a
-    unit split; the busy-machine fallback uses it). Returns (barriers,
+    unit split; the busy-machine fallback uses it). weights_transposed: kernel and
+    recurrent_kernel are their transposes, as in `forward`. Returns (barriers,
     slow_wait_seconds) as `forward` does.
     """
     cdef Py_ssize_t B = dh.shape[0], T = x.shape[1]
-    cdef Py_ssize_t I = kernel.shape[0], H = recurrent_kernel.shape[0], G = 4 * H
+    cdef Py_ssize_t I = x.shape[2], H = recurrent_kernel.shape[1 if weights_transposed else 0], G = 4 * H
     cdef Py_ssize_t part, t, member, N, P
     cdef Py_ssize_t team_threads = max(1, threads)
     cdef Py_ssize_t running_threads = min(team_threads, run_threads) if run_threads > 0 else team_threads
@@ -1109,6 +1145,7 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     buffers.c_prev_all = pointer2(c_prev_all)
     buffers.h_in_all = pointer2(h_in_all)
     problem.training = True
+    problem.weights_transposed = weights_transposed
     gradients.doutputs_sequence = (NULL if doutputs_sequence is None
                                    else &doutputs_sequence[0, 0, 0])
     gradients.doutputs_last = pointer2(doutputs_last)
@@ -1132,10 +1169,14 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
         if pack_recurrent:
             packed_base = &packed_weights[0]
         if not split_units:
-            packed_base = pack_slice(packed_base, &recurrent_kernel[0, 0], H, H, 0, H, True)
+            packed_base = pack_slice(packed_base, &recurrent_kernel[0, 0], H, H, 0, H, True,
+                                     weights_transposed)
         if dx_packed:
             gradients.kernel_t_packed = &packed_kernel_t[0]
-            lstmeng_pack_panels_f32(<float *>buffers.kernel, G, I, G, 1, gradients.kernel_t_packed)
+            if weights_transposed:   # K^T itself
+                lstmeng_pack_panels_f32(<float *>buffers.kernel, G, I, I, 0, gradients.kernel_t_packed)
+            else:
+                lstmeng_pack_panels_f32(<float *>buffers.kernel, G, I, G, 1, gradients.kernel_t_packed)
     if packed_x.shape[0] != N or packed_x.shape[1] != I:
         raise ValueError(f"packed_x must be [{N}, {I}], got {list(packed_x.shape)[:2]}")
     check_blas_sizes(N, G, I, H)
@@ -1156,7 +1197,7 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
                 share.u1 = unit_bound(member + 1, share.team, H)
                 if floating is float:
                     share.recurrent_packed = pack_slice(packed_base, &recurrent_kernel[0, 0], H, H,
-                                                        share.u0, share.u1, True)
+                                                        share.u0, share.u1, True, weights_transposed)
                 backward_part(&problem, &buffers, &gradients, &share, <floating>0)
             else:
                 share.recurrent_packed = packed_base
@@ -1185,7 +1226,7 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
         if dx_wanted:
             for part in prange(team_threads, num_threads=running_threads, schedule="static"):
                 dx_rows(part * N // team_threads, (part + 1) * N // team_threads, I, G,
-                        <floating *>buffers.kernel, gradients.kernel_t_packed,
+                        <floating *>buffers.kernel, weights_transposed, gradients.kernel_t_packed,
                         <floating *>buffers.gates, <floating *>buffers.packed_x)
             for t in prange(T, num_threads=running_threads, schedule="static"):
                 for part in range(P):
@@ -1273,16 +1314,21 @@ cdef void sum_partials(floating *total, const floating *partials, Py_ssize_t cou
 
 
 cdef void dx_rows(Py_ssize_t row_first, Py_ssize_t row_end, Py_ssize_t I, Py_ssize_t G,
-                  floating *kernel, float *kernel_t_packed, floating *dz,
+                  floating *kernel, bint stored_transposed, float *kernel_t_packed, floating *dz,
                   floating *packed_x) noexcept nogil:
     """Packed rows row_first .. row_end - 1 of dz @ K^T into packed_x [N, I], through
-    the packed kernel when kernel_t_packed (K^T [4H, I] packed) is given, else BLAS."""
+    the packed kernel when kernel_t_packed (K^T [4H, I] packed) is given, else BLAS
+    (kernel: K [I, 4H], or K^T [4H, I] when stored_transposed)."""
     if floating is float:
         if kernel_t_packed != NULL:
             memset(packed_x + row_first * I, 0, (row_end - row_first) * I * sizeof(float))
             lstmeng_gemm_packed_f32(row_end - row_first, I, G, dz + row_first * G, G,
                                     kernel_t_packed, packed_x + row_first * I, I)
             return
+    if stored_transposed:
+        gemm(False, False, row_end - row_first, I, G, <floating>1, dz + row_first * G, G, kernel, I,
+             <floating>0, packed_x + row_first * I, I)
+        return
     gemm(False, True, row_end - row_first, I, G, <floating>1, dz + row_first * G, G, kernel, G,
          <floating>0, packed_x + row_first * I, I)
 

@@ -131,13 +131,21 @@ class _DirectionCall:
             return cuda.as_cuda_array(tensor.detach())
         return _host_array(tensor)
 
+    def _weight_array(self, weight: torch.Tensor):
+        """weight_ih or weight_hh ``[4H, K]`` as the contract's kernel ``[K, 4H]``: on the CPU a
+        transposed NumPy view of the parameter's memory (the cython backend reads it in place; a
+        transposing copy of both weights cost more than a batch-1 LSTMCell step's arithmetic),
+        on a GPU a contiguous copy (the CUDA kernels read row-major weights)."""
+        if self.on_device:
+            return self._array(weight.detach().t().contiguous())
+        return weight.detach().numpy().T
+
     def forward(self, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, training: bool):
         """x: [B, T, I]; h0, c0: [B, H]; weight_ih: [4H, I]; weight_hh: [4H, H]; biases: [4H] or None.
 
         Returns (outputs [B, T, H], h [B, H], c [B, H], workspace or None).
         """
-        kernel = weight_ih.detach().t().contiguous()              # [I, 4H]
-        recurrent_kernel = weight_hh.detach().t().contiguous()    # [H, 4H]
+        kernel, recurrent_kernel = self._weight_array(weight_ih), self._weight_array(weight_hh)  # [I, 4H], [H, 4H]
         bias = None if bias_ih is None else bias_ih.detach() + bias_hh.detach()
         with _numba_stream_order(self.device):
             recurrent_dropout_mask = self._array(self.recurrent_dropout_mask)
@@ -149,8 +157,8 @@ class _DirectionCall:
                 activation=self.activation, recurrent_activation=self.recurrent_activation, reverse=self.reverse,
                 zero_output_for_mask=True, return_sequences=True, training=training)
             result = self.backend.sequence_forward(
-                self._array(x), self._array(h0), self._array(c0), self._array(kernel),
-                self._array(recurrent_kernel), self._array(bias), self.mask, None, recurrent_dropout_mask, options)
+                self._array(x), self._array(h0), self._array(c0), kernel, recurrent_kernel, self._array(bias),
+                self.mask, None, recurrent_dropout_mask, options)
         tensors = (_as_tensor(array, self.backend, self.device) for array in (result.outputs, result.h, result.c))
         return (*tensors, result.workspace)
 

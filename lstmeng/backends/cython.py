@@ -351,7 +351,8 @@ class _Workspace(Workspace):
     dropout. threads, split_units: the forward's team; thread_budget: the
     shares of the backward's weight-gradient and dx products; run_one_thread:
     the forward fell back to one thread (busy machine); kernel: [I, 4H];
-    recurrent_kernel: [H, 4H]; input_dropout_mask: [B, I] or None;
+    recurrent_kernel: [H, 4H] (with weights_transposed: [4H, I] and [4H, H], see
+    _weights_for_kernels); input_dropout_mask: [B, I] or None;
     recurrent_dropout_mask: [B, H] or None. Once a backward has consumed it,
     gates, c_prev and h_in are None (their memory went back to the backend's
     buffer cache).
@@ -371,6 +372,7 @@ class _Workspace(Workspace):
     input_dropout_mask: np.ndarray | None
     recurrent_dropout_mask: np.ndarray | None
     input_shape: tuple
+    weights_transposed: bool = False
 
 
 #: (ISA, fast gate math) selected in the extension now: production's until an override asks
@@ -396,6 +398,25 @@ def _specialization(kernel, dtype):
 
 def _contiguous(array, dtype):
     return None if array is None else np.ascontiguousarray(array, dtype=dtype)
+
+
+def _weights_for_kernels(kernel, recurrent_kernel, dtype):
+    """(kernel, recurrent_kernel, transposed) as the extension reads them.
+
+    kernel [I, 4H] and recurrent_kernel [H, 4H] row-major (copied there when they are
+    not, or not of ``dtype``), or, when the recurrent kernel is the transpose of a
+    row-major [4H, H] array of ``dtype`` (``lstmeng.torch`` passes ``weight_hh.t()``,
+    a view), both as their row-major transposes [4H, I] and [4H, H] with transposed
+    True: the kernels read PyTorch's layout in place, where a transposing copy of each
+    weight cost more than a batch-1 LSTMCell step's arithmetic.
+    """
+    recurrent_kernel = np.asarray(recurrent_kernel)
+    kernel = np.asarray(kernel)
+    transposed = (recurrent_kernel.dtype == dtype and recurrent_kernel.T.flags.c_contiguous
+                  and not recurrent_kernel.flags.c_contiguous)
+    if transposed:
+        return np.ascontiguousarray(kernel.T, dtype=dtype), recurrent_kernel.T, True
+    return _contiguous(kernel, dtype), _contiguous(recurrent_kernel, dtype), False
 
 
 class CythonBackend(KernelBackend):
@@ -445,8 +466,7 @@ class CythonBackend(KernelBackend):
         x = np.ascontiguousarray(x, dtype=dtype)
         batch, steps, features = x.shape
         units = np.shape(recurrent_kernel)[0]
-        kernel = _contiguous(kernel, dtype)
-        recurrent_kernel = _contiguous(recurrent_kernel, dtype)
+        kernel, recurrent_kernel, weights_transposed = _weights_for_kernels(kernel, recurrent_kernel, dtype)
         bias = _contiguous(bias, dtype)
         h0, c0 = _contiguous(h0, dtype), _contiguous(c0, dtype)
         input_dropout_mask = _contiguous(input_dropout_mask, dtype)
@@ -507,7 +527,8 @@ class CythonBackend(KernelBackend):
                 packed_x=packed_x, gates=gates, c_prev_all=c_prev, h_in_all=h_in,
                 h_state=h_state, c_state=c_state, h_in_step=h_in_step,
                 chunk_steps=chunk_steps, part_chunk_rows=part_chunk_rows,
-                threads=threads, split_units=split_units, buffer_cache=self._buffers)
+                threads=threads, split_units=split_units, buffer_cache=self._buffers,
+                weights_transposed=weights_transposed)
         elapsed = time.perf_counter() - start
         if split_units:
             self._split_governor.record(*barrier_stats, elapsed)
@@ -522,7 +543,7 @@ class CythonBackend(KernelBackend):
                 thread_budget=thread_budget, run_one_thread=run_one_thread,
                 split_units=split_units, kernel=kernel, recurrent_kernel=recurrent_kernel,
                 input_dropout_mask=input_dropout_mask, recurrent_dropout_mask=recurrent_dropout_mask,
-                input_shape=x.shape)
+                input_shape=x.shape, weights_transposed=weights_transposed)
         outputs = sequence_outputs if return_sequences else last_output
         return SequenceForward(outputs=outputs, h=h_out, c=c_out, workspace=workspace)
 
@@ -534,7 +555,7 @@ class CythonBackend(KernelBackend):
         _select_kernels(overrides)
         dtype = ws.gates.dtype
         batch, steps, features = ws.input_shape
-        units = ws.recurrent_kernel.shape[0]
+        units = ws.recurrent_kernel.shape[1 if ws.weights_transposed else 0]
         doutputs = np.ascontiguousarray(doutputs, dtype=dtype)
         dx = np.zeros((batch, steps, features), dtype) if input_grad else None
         dh0, dc0 = np.empty((batch, units), dtype), np.empty((batch, units), dtype)
@@ -570,7 +591,7 @@ class CythonBackend(KernelBackend):
                 # Every thread of the budget shares the weight-gradient GEMMs, also when the
                 # batch is one part.
                 threads=threads, split_units=split_units, run_threads=run_threads,
-                buffer_cache=self._buffers)
+                buffer_cache=self._buffers, weights_transposed=ws.weights_transposed)
         elapsed = time.perf_counter() - start
         if split_units:
             self._split_governor.record(*barrier_stats, elapsed)
