@@ -24,8 +24,9 @@ weight_hh.T`` (the gate order i, f, g, o is the same) and ``bias = bias_ih +
 bias_hh``; the bias gradient goes to both biases.
 
 * CPU tensors reach the backend as ``tensor.numpy()`` views (no copy when the
-  tensor is contiguous; time-major input is made batch-major once) and the
-  results come back through ``torch.from_numpy`` (no copy).
+  tensor is contiguous; time-major input is made batch-major once), the weights
+  as transposed views ``weight.t()`` that the cython backend reads in place, and
+  the results come back through ``torch.from_numpy`` (no copy).
 * CUDA tensors reach the numba_cuda backend through ``__cuda_array_interface__``
   (no copy) and its device arrays come back through ``torch.as_tensor`` (no
   copy). numba launches on the legacy default stream; when PyTorch's current
@@ -77,18 +78,24 @@ def _as_tensor(array, backend, device: torch.device) -> torch.Tensor:
     if isinstance(array, np.ndarray):
         if not array.flags.writeable or any(stride < 0 for stride in array.strides):
             array = np.array(array)   # torch.from_numpy takes neither
-        return torch.from_numpy(array).to(device)
+        tensor = torch.from_numpy(array)
+        return tensor if device.type == "cpu" else tensor.to(device)
     if device.type == "cuda":
         return torch.as_tensor(array, device=device)
     return torch.from_numpy(np.ascontiguousarray(backend.ops.to_numpy(array)))
 
 
-@contextlib.contextmanager
 def _numba_stream_order(device: torch.device):
-    """Orders numba's launches (legacy default stream) after PyTorch's current stream and back."""
+    """Orders numba's launches (legacy default stream) after PyTorch's current stream and back
+    (nothing to order on the CPU: a null context, cheaper than a generator's)."""
     if device.type != "cuda":
-        yield
-        return
+        return contextlib.nullcontext()
+    return _cuda_stream_order(device)
+
+
+@contextlib.contextmanager
+def _cuda_stream_order(device: torch.device):
+    """_numba_stream_order on a CUDA device."""
     current, default = torch.cuda.current_stream(device), torch.cuda.default_stream(device)
     if current == default:
         yield
