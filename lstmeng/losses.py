@@ -228,13 +228,20 @@ def _device_mask(ops, mask, shape: tuple):
     return mask
 
 
-def _device_mean_squared_error(predictions, targets, mask):
+def _device_same_shape(predictions, targets, argument: str):
+    """(ops, kernels, predictions, targets, shape) for a loss whose targets have the predictions'
+    shape (mean squared error, binary cross-entropy): both on the device, ValueError otherwise."""
     ops, kernels = _device()
-    predictions = _device_float(ops, predictions, "predictions")
+    predictions = _device_float(ops, predictions, argument)
     targets = _device_array(ops, targets, "targets")
     shape = _validation.shape_of(predictions)
     if _validation.shape_of(targets) != shape:
-        raise ValueError(f"targets must have the predictions' shape {shape}, got {_validation.shape_of(targets)}")
+        raise ValueError(f"targets must have the {argument}' shape {shape}, got {_validation.shape_of(targets)}")
+    return ops, kernels, predictions, targets, shape
+
+
+def _device_mean_squared_error(predictions, targets, mask):
+    ops, kernels, predictions, targets, shape = _device_same_shape(predictions, targets, "predictions")
     if not shape:
         raise ValueError("predictions must be an array of shape (batch, ..., features), got a scalar")
     return kernels.mean_squared_error(predictions, targets, _device_mask(ops, mask, shape[:-1]))
@@ -260,12 +267,7 @@ def _device_softmax_cross_entropy(logits, targets, mask):
 
 
 def _device_binary_cross_entropy(logits, targets, mask):
-    ops, kernels = _device()
-    logits = _device_float(ops, logits, "logits")
-    targets = _device_array(ops, targets, "targets")
-    shape = _validation.shape_of(logits)
-    if _validation.shape_of(targets) != shape:
-        raise ValueError(f"targets must have the logits' shape {shape}, got {_validation.shape_of(targets)}")
+    ops, kernels, logits, targets, shape = _device_same_shape(logits, targets, "logits")
     return kernels.binary_cross_entropy(logits, targets, _device_mask(ops, mask, shape))
 
 

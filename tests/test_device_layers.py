@@ -269,6 +269,8 @@ def test_device_losses_name_the_bad_argument(backend):
         losses.mean_squared_error(logits, logits, mask=_device(backend, np.ones(3, bool)))
     with pytest.raises(ValueError, match=r"targets must have the predictions' shape \(2, 3\)"):
         losses.mean_squared_error(logits, np.zeros((3, 2)))
+    with pytest.raises(ValueError, match=r"targets must have the logits' shape \(2, 3\)"):
+        losses.binary_cross_entropy(logits, _device(backend, np.zeros((2, 2))))
 
 
 # -- whole models ---------------------------------------------------------------------------------------------
