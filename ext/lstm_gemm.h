@@ -195,14 +195,22 @@ LSTMENG_AVX2_FMA static void lstmeng_gemm_packed_avx2_f32(int64_t rows, int64_t 
  * the two, so each instantiation has the addressing of its own layout. */
 
 /* ROWS rows of A times two adjacent panels (32 columns): 2 ROWS independent FMA
- * chains in zmm registers. Called with constant ROWS (12, 8, 4), so after
- * inlining the row loops unroll and the accumulators stay in registers. */
+ * chains in zmm registers, of which the first STORED rows are added to C. Called
+ * with constant ROWS (12, 8, 4), so after inlining the row loops unroll and the
+ * accumulators stay in registers. STORED < ROWS (the 2 or 3 rows at the end of a
+ * step): the surplus rows repeat A's last stored row and are dropped, so a tail
+ * of 2 or 3 rows runs the 4-row code. gcc compiled a 3-row block with every FMA
+ * reading its panel from memory (9 loads per k), and a variable-length step of
+ * 3 or 7 rows cost more than one of 4 or 8. Each row's chain is the same
+ * either way, so C is bitwise the same. */
 LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_block_avx512_f32(
-        const int rows, const float *a, const int64_t row_step, const int64_t k_step,
+        const int rows, const int stored, const float *a, const int64_t row_step, const int64_t k_step,
         const float *panels, int64_t K, float *c, int64_t ldc) {
     __m512 left[LSTMENG_AVX512_BLOCK_ROWS], right[LSTMENG_AVX512_BLOCK_ROWS];
+    int64_t a_row[LSTMENG_AVX512_BLOCK_ROWS];
     int64_t k;
     int r;
+    for (r = 0; r < rows; r++) a_row[r] = (r < stored ? r : stored - 1) * row_step;
     /* From zero, C added at the end: a product over K in chunks (the weight
      * gradients, 256 rows of dz at a time) then sums each chunk apart, which kept
      * their float32 error at BLAS's (4.5e-6 -> below 1e-6 of the largest value
@@ -215,12 +223,12 @@ LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_block_a
         const __m512 p0 = _mm512_loadu_ps(panels + k * LSTMENG_PAIR);
         const __m512 p1 = _mm512_loadu_ps(panels + k * LSTMENG_PAIR + LSTMENG_PANEL);
         for (r = 0; r < rows; r++) {
-            const __m512 x = _mm512_set1_ps(a[r * row_step + k * k_step]);
+            const __m512 x = _mm512_set1_ps(a[a_row[r] + k * k_step]);
             left[r] = _mm512_fmadd_ps(x, p0, left[r]);
             right[r] = _mm512_fmadd_ps(x, p1, right[r]);
         }
     }
-    for (r = 0; r < rows; r++) {
+    for (r = 0; r < stored; r++) {
         _mm512_storeu_ps(c + r * ldc, _mm512_add_ps(_mm512_loadu_ps(c + r * ldc), left[r]));
         _mm512_storeu_ps(c + r * ldc + LSTMENG_PANEL,
                          _mm512_add_ps(_mm512_loadu_ps(c + r * ldc + LSTMENG_PANEL), right[r]));
@@ -266,27 +274,24 @@ LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_pair_av
         int64_t r0, int64_t r1, int64_t K, const float *a, const int64_t row_step,
         const int64_t k_step, const float *panels, float *c_pair, int64_t ldc) {
     for (; r0 + LSTMENG_AVX512_BLOCK_ROWS <= r1; r0 += LSTMENG_AVX512_BLOCK_ROWS)
-        lstmeng_block_avx512_f32(LSTMENG_AVX512_BLOCK_ROWS, a + r0 * row_step, row_step, k_step,
-                                 panels, K, c_pair + r0 * ldc, ldc);
+        lstmeng_block_avx512_f32(LSTMENG_AVX512_BLOCK_ROWS, LSTMENG_AVX512_BLOCK_ROWS, a + r0 * row_step,
+                                 row_step, k_step, panels, K, c_pair + r0 * ldc, ldc);
     if (r1 - r0 >= 8) {
-        lstmeng_block_avx512_f32(8, a + r0 * row_step, row_step, k_step, panels, K,
+        lstmeng_block_avx512_f32(8, 8, a + r0 * row_step, row_step, k_step, panels, K,
                                  c_pair + r0 * ldc, ldc);
         r0 += 8;
     }
-    if (r1 - r0 >= 4) {
-        lstmeng_block_avx512_f32(4, a + r0 * row_step, row_step, k_step, panels, K,
+    while (r1 - r0 >= 2) {
+        /* 4 rows, or 2 or 3 in the 4-row code: one pass over the panels (the single-row
+         * kernel would read them once per row; the shrinking steps of a variable-length
+         * batch end in such rows). At (rows, G, K) = (3 + 4n, 2048, 512) a step of the
+         * extension ran as fast as one of 4 + 4n rows. */
+        const int stored = r1 - r0 >= 4 ? 4 : (int)(r1 - r0);
+        lstmeng_block_avx512_f32(4, stored, a + r0 * row_step, row_step, k_step, panels, K,
                                  c_pair + r0 * ldc, ldc);
-        r0 += 4;
+        r0 += stored;
     }
-    /* 3 or 2 rows: one pass over the panels (the single-row kernel would read them
-     * once per row; the shrinking steps of a variable-length batch end in such rows). */
-    if (r1 - r0 == 3)
-        lstmeng_block_avx512_f32(3, a + r0 * row_step, row_step, k_step, panels, K,
-                                 c_pair + r0 * ldc, ldc);
-    else if (r1 - r0 == 2)
-        lstmeng_block_avx512_f32(2, a + r0 * row_step, row_step, k_step, panels, K,
-                                 c_pair + r0 * ldc, ldc);
-    else if (r1 - r0 == 1)
+    if (r1 - r0 == 1)
         lstmeng_row_avx512_f32(a + r0 * row_step, k_step, panels, K, c_pair + r0 * ldc);
 }
 
