@@ -62,6 +62,9 @@ cdef extern from "lstm_sync.h" nogil:
     void lstmeng_barrier_wait(int64_t *flags, int64_t member, int64_t team, int64_t calls)
     void lstmeng_team_slow_waits(const int64_t *flags, int64_t team, int64_t *barriers,
                                  int64_t *slow_wait_ns)
+    void lstmeng_progress_publish(int64_t *slot, int64_t value)
+    int64_t lstmeng_progress_claim(int64_t *counter)
+    void lstmeng_progress_wait(const int64_t *slot, int64_t value)
 
 
 cdef struct Layout:
@@ -165,6 +168,29 @@ cdef struct TeamShare:
     unsigned char *previous_real   # backward [B]: the row's later step was real
     Py_ssize_t *first_real         # backward [B]: position of the row's first real step
     Py_ssize_t *last_real          # backward [B]: position of its last real step
+    int64_t *pipeline_progress     # backward: where the time loop publishes how many packed
+                                   # rows have their final dz (pipelined backward), or NULL
+
+
+cdef struct Pipeline:
+    # The pipelined backward (see pipeline_work): while one thread runs the time
+    # loop, the others compute the weight gradients and dx of the rows whose dz
+    # is final. Work items in the order their rows become final.
+    Py_ssize_t items
+    const Py_ssize_t *kind         # [items] PIPELINE_WEIGHTS: a chunk of the weight gradients;
+                                   # PIPELINE_DX: one of the canonical dx shares
+    const Py_ssize_t *first        # [items] first packed row
+    const Py_ssize_t *end          # [items] one past the last packed row
+    const Py_ssize_t *column_block # [items] the weight-gradient column block (gradients.column_block wide)
+    const int64_t *threshold       # [items] the time loop's progress the item waits for
+    int64_t *progress              # packed rows whose dz is final (the time loop's count)
+    int64_t *next_item             # items claimed so far
+    int64_t *finished              # items finished so far
+    float *partials                # [chunks, I + H, 4H]: each chunk's share of dK, then of dR
+    float *packed_dx               # [N, I]: dz @ K^T in packed rows, before the scatter
+    int64_t *inputs_ready          # [chunks]: 1 once a chunk's inputs are in packed_x
+    bint inputs_in_place           # X is x itself (batch 1, no input dropout): nothing copied
+    Py_ssize_t column_threads      # column blocks of the weight gradients (gradient_panels' rows)
 
 
 # Building a call's structs (these raise: they run before the GIL is released).
@@ -254,3 +280,18 @@ cdef void dx_rows(Py_ssize_t row_first, Py_ssize_t row_end, Py_ssize_t I, Py_ssi
 cdef void scatter_step_gradients(const LstmProblem *problem, Py_ssize_t part, Py_ssize_t t,
                                  floating *packed_dx, floating *dx,
                                  floating *in_drop) noexcept nogil
+
+# The pipelined backward (one part, float32 through the packed kernel).
+cdef void copy_packed_input_rows(const LstmProblem *problem, Py_ssize_t first, Py_ssize_t end,
+                                 float *x, float *in_drop, float *packed_x) noexcept nogil
+cdef void scatter_packed_rows(const LstmProblem *problem, Py_ssize_t first, Py_ssize_t end,
+                              float *packed_dx, float *dx, float *in_drop) noexcept nogil
+cdef void weight_gradient_chunk(const LstmProblem *problem, const LstmBuffers *buffers,
+                                const LstmGradients *gradients, const Pipeline *pipeline,
+                                Py_ssize_t first, Py_ssize_t end, Py_ssize_t block,
+                                float *panels) noexcept nogil
+cdef void sum_chunk_partials(const Pipeline *pipeline, Py_ssize_t chunks, Py_ssize_t I, Py_ssize_t H,
+                             float *dkernel, float *drecurrent_kernel) noexcept nogil
+cdef void pipeline_work(const LstmProblem *problem, const LstmBuffers *buffers,
+                        const LstmGradients *gradients, const Pipeline *pipeline,
+                        Py_ssize_t member) noexcept nogil

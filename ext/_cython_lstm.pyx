@@ -179,6 +179,15 @@ def packs_recurrent_kernel(Py_ssize_t steps, Py_ssize_t rows, Py_ssize_t units):
 # Packed rows of dz per chunk of the packed weight-gradient products: 256 x 32
 # floats (a panel pair) are 32 KB, within L1.
 cdef Py_ssize_t WEIGHT_GRADIENT_CHUNK = 256
+# The pipelined backward's work items (Pipeline.kind), and the most bytes its
+# per-chunk partial weight gradients may take (batch 1, T = 500, I = H = 128:
+# 2 chunks, 0.5 MB; a long sequence of a wide layer does without).
+cdef Py_ssize_t PIPELINE_WEIGHTS = 0
+cdef Py_ssize_t PIPELINE_DX = 1
+cdef Py_ssize_t PIPELINE_MAX_BYTES = 64 * 2**20
+#: Whether the last `backward` call ran pipelined (the two ways give the same
+#: numbers, so this is how a test tells which one ran).
+last_backward_pipelined = False
 
 
 cdef Layout make_layout(const Py_ssize_t[::1] order, const Py_ssize_t[::1] row_begin,
@@ -884,6 +893,7 @@ cdef void backward_part(const LstmProblem *problem, const LstmBuffers *buffers,
     cdef Py_ssize_t T = problem.steps, H = problem.units, G = problem.gate_columns, part = share.part
     cdef Py_ssize_t u0 = share.u0, width = share.u1 - share.u0
     cdef Py_ssize_t r_begin = layout.row_begin[part], step, t, n_rows
+    cdef int64_t final_rows = 0
     cdef floating *gates = <floating *>buffers.gates
     cdef floating *step_gates
     share.barriers = 0
@@ -896,6 +906,10 @@ cdef void backward_part(const LstmProblem *problem, const LstmBuffers *buffers,
             continue
         step_gates = gates + step_offset(layout, part, t) * G
         gate_gradient_rows(problem, buffers, gradients, share, step, step_gates)
+        if share.pipeline_progress != NULL:
+            # The pipelined backward's other threads may read this step's dz from now on.
+            final_rows += n_rows
+            lstmeng_progress_publish(share.pipeline_progress, final_rows)
         # dh(t-1) = dz(t) @ R^T for the step's rows: a team needs every member's dz(t).
         team_wait(problem, share)
         hidden_gradient_product(n_rows, H, step_gates, <floating *>buffers.recurrent_kernel,
@@ -1059,7 +1073,8 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
              floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:, ::1] dc0,
              floating[:, ::1] dkernel, floating[:, ::1] drecurrent_kernel, floating[::1] dbias,
              floating[:, ::1] packed_x, Py_ssize_t threads=1, bint split_units=False,
-             Py_ssize_t run_threads=0, object buffer_cache=None, bint weights_transposed=False):
+             Py_ssize_t run_threads=0, object buffer_cache=None, bint weights_transposed=False,
+             bint pipeline=False):
     """Backward of `forward` (training); the workspace arrays are overwritten.
     Keyword-only arguments, as `forward`'s.
 
@@ -1078,8 +1093,13 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     threads run those shares (0: threads); fewer than threads run the same
     shares one after another, so the results do not depend on it (without a
     unit split; the busy-machine fallback uses it). weights_transposed: kernel and
-    recurrent_kernel are their transposes, as in `forward`. Returns (barriers,
-    slow_wait_seconds) as `forward` does.
+    recurrent_kernel are their transposes, as in `forward`. pipeline: when the
+    batch is one part on one thread's time loop (no unit split) and more threads
+    are given, the others compute the weight gradients and dx of the rows whose
+    dz is final while the loop runs (float32 on the AVX-512 path; elsewhere, or
+    when the per-chunk partial sums would take more than PIPELINE_MAX_BYTES, it
+    is ignored): bitwise the same results (see pipeline_work). Returns
+    (barriers, slow_wait_seconds) as `forward` does.
     """
     cdef Py_ssize_t B = dh.shape[0], T = x.shape[1]
     cdef Py_ssize_t I = x.shape[2], H = recurrent_kernel.shape[1 if weights_transposed else 0], G = 4 * H
@@ -1180,6 +1200,43 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     if packed_x.shape[0] != N or packed_x.shape[1] != I:
         raise ValueError(f"packed_x must be [{N}, {I}], got {list(packed_x.shape)[:2]}")
     check_blas_sizes(N, G, I, H)
+
+    # The pipelined backward's work items and counters.
+    cdef Pipeline work
+    cdef Py_ssize_t chunks = (N + WEIGHT_GRADIENT_CHUNK - 1) // WEIGHT_GRADIENT_CHUNK
+    cdef bint pipelined = (pipeline and weights_packed and P == 1 and not split_units and team_threads > 1
+                           and LSTMENG_HAVE_OPENMP and chunks > 1
+                           and chunks * (I + H) * G * 4 <= PIPELINE_MAX_BYTES)
+    cdef Py_ssize_t[:, ::1] items_array
+    cdef int64_t[::1] thresholds_array
+    cdef int64_t[::1] counters_array = np.zeros(3 * LSTMENG_FLAG_STRIDE, np.int64)
+    cdef int64_t[::1] inputs_ready
+    partials_array = packed_dx_array = None
+    cdef float[::1] partials, packed_dx
+    global last_backward_pipelined
+    last_backward_pipelined = pipelined
+    memset(&work, 0, sizeof(work))
+    if pipelined:
+        items_array, thresholds_array = pipeline_items(N, chunks, column_threads,
+                                                       team_threads if dx_wanted else 0, reverse)
+        inputs_ready_array = np.zeros(chunks, np.int64)
+        inputs_ready = inputs_ready_array
+        partials_array = take_float32(buffer_cache, (chunks * (I + H) * G,))
+        packed_dx_array = take_float32(buffer_cache, (N * I if dx_wanted else 1,))
+        partials, packed_dx = partials_array, packed_dx_array
+        work.items = items_array.shape[1]
+        work.kind, work.first, work.end = &items_array[0, 0], &items_array[1, 0], &items_array[2, 0]
+        work.column_block = &items_array[3, 0]
+        work.inputs_ready = &inputs_ready[0]
+        work.inputs_in_place = B == 1 and input_dropout_mask is None
+        work.threshold = &thresholds_array[0]
+        # Each counter on its own cache lines (the time loop writes one at every step).
+        work.progress = &counters_array[0]
+        work.next_item = &counters_array[LSTMENG_FLAG_STRIDE]
+        work.finished = &counters_array[2 * LSTMENG_FLAG_STRIDE]
+        work.partials, work.packed_dx = &partials[0], &packed_dx[0]
+        work.column_threads = column_threads
+        running_threads = team_threads
     with nogil:
         with parallel(num_threads=running_threads):
             member = lstmeng_thread_index()
@@ -1190,7 +1247,16 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
             share.previous_real = &previous_real[0] + member * per_thread_rows
             share.first_real = &first_real[0] + member * per_thread_rows
             share.last_real = &last_real[0] + member * per_thread_rows
-            if split_units:
+            if pipelined:
+                # Thread 0 runs the time loop, the others the rows it has finished; then
+                # thread 0 joins them.
+                if member == 0:
+                    share.recurrent_packed = packed_base
+                    share.pipeline_progress = work.progress
+                    backward_part(&problem, &buffers, &gradients, &share, <floating>0)
+                if floating is float:
+                    pipeline_work(&problem, &buffers, &gradients, &work, member)
+            elif split_units:
                 share.team = lstmeng_team_size()
                 share.member = member
                 share.u0 = unit_bound(member, share.team, H)
@@ -1207,6 +1273,18 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
                     backward_part(&problem, &buffers, &gradients, &share, <floating>0)
                     part = part + lstmeng_team_size()
 
+        if pipelined:
+            if floating is float:
+                sum_chunk_partials(&work, chunks, I, H, <float *>gradients.dkernel,
+                                   <float *>gradients.drecurrent_kernel)
+            sum_partials(<floating *>gradients.dbias, <floating *>gradients.dbias_partial, team_threads, G,
+                         0, G)
+    if pipelined:
+        if buffer_cache is not None:
+            buffer_cache.give(packed_weights_array, packed_kernel_t_array, gradient_panels_array,
+                              partials_array, packed_dx_array)
+        return team_barrier_stats(&barrier_flags[0], team_threads)
+    with nogil:
         # The inputs in packed rows, each thread a share of the steps.
         for t in prange(T, num_threads=running_threads, schedule="static"):
             for part in range(P):
@@ -1331,6 +1409,158 @@ cdef void dx_rows(Py_ssize_t row_first, Py_ssize_t row_end, Py_ssize_t I, Py_ssi
         return
     gemm(False, True, row_end - row_first, I, G, <floating>1, dz + row_first * G, G, kernel, G,
          <floating>0, packed_x + row_first * I, I)
+
+
+# The pipelined backward.
+#
+# At batch 1 (one part, no unit split: the split loses, or the chooser found one
+# thread faster) the time loop runs on one thread while the weight gradients
+# and dx, about 40 % of the backward at (1, 500, 128, 128), waited for it on the
+# others. Here those threads take them chunk by chunk as the loop finishes the
+# rows: a weight-gradient chunk is the canonical WEIGHT_GRADIENT_CHUNK packed
+# rows, a dx item one of the canonical per-thread shares of rows. Bitwise the
+# same results as the loop-then-products path: each chunk's dK and dR go to
+# their own partial sums, computed as the canonical path computes that chunk's
+# contribution (the kernel sums a chunk from zero, then adds it), which are then
+# added up in chunk order as that path accumulates them; dx rows are computed
+# over the same shares. The time loop's thread takes items too once it is done,
+# so a helper that another process keeps off its core costs at most the item it
+# holds.
+
+def pipeline_items(Py_ssize_t N, Py_ssize_t chunks, Py_ssize_t column_blocks, Py_ssize_t dx_shares,
+                   bint reverse):
+    """The pipelined backward's work items over N packed rows, as ([4, items] kind,
+    first, end, column block; [items] thresholds), in the order the time loop
+    finishes their rows: each of `chunks` weight-gradient chunks of
+    WEIGHT_GRADIENT_CHUNK rows in `column_blocks` items (the last chunk to finish
+    is then shared by the threads, as the loop-then-products path shares all of
+    them), and `dx_shares` shares of dx (0: no dx). A forward-direction layer's
+    loop runs the packed rows from the last one down, a reversed one's from the
+    first up; an item waits until the loop has finished this many rows."""
+    kinds, firsts, ends, blocks = [], [], [], []
+    for chunk in range(chunks):
+        for block in range(column_blocks):
+            kinds.append(PIPELINE_WEIGHTS)
+            firsts.append(chunk * WEIGHT_GRADIENT_CHUNK)
+            ends.append(min(N, (chunk + 1) * WEIGHT_GRADIENT_CHUNK))
+            blocks.append(block)
+    for share in range(dx_shares):
+        if share * N // dx_shares < (share + 1) * N // dx_shares:
+            kinds.append(PIPELINE_DX)
+            firsts.append(share * N // dx_shares)
+            ends.append((share + 1) * N // dx_shares)
+            blocks.append(0)
+    firsts_array, ends_array = np.array(firsts, np.intp), np.array(ends, np.intp)
+    thresholds = ends_array if reverse else N - firsts_array
+    order = np.argsort(thresholds, kind="stable")
+    items = np.stack([np.array(kinds, np.intp), firsts_array, ends_array, np.array(blocks, np.intp)])
+    return np.ascontiguousarray(items[:, order]), np.ascontiguousarray(thresholds[order], dtype=np.int64)
+
+
+cdef void pipeline_work(const LstmProblem *problem, const LstmBuffers *buffers,
+                        const LstmGradients *gradients, const Pipeline *pipeline,
+                        Py_ssize_t member) noexcept nogil:
+    """Claim the pipeline's items one after another until none is left; each waits
+    until the time loop has finished its rows."""
+    cdef Py_ssize_t I = problem.inputs, G = problem.gate_columns
+    cdef int64_t item
+    cdef float *panels = gradients.gradient_panels + member * WEIGHT_GRADIENT_CHUNK * gradients.column_block
+    while True:
+        item = lstmeng_progress_claim(pipeline.next_item)
+        if item >= pipeline.items:
+            return
+        lstmeng_progress_wait(pipeline.progress, pipeline.threshold[item])
+        if pipeline.kind[item] == PIPELINE_WEIGHTS:
+            weight_gradient_chunk(problem, buffers, gradients, pipeline, pipeline.first[item],
+                                  pipeline.end[item], pipeline.column_block[item], panels)
+        else:
+            dx_rows(pipeline.first[item], pipeline.end[item], I, G, <float *>buffers.kernel,
+                    problem.weights_transposed, gradients.kernel_t_packed, <float *>buffers.gates,
+                    pipeline.packed_dx)
+            scatter_packed_rows(problem, pipeline.first[item], pipeline.end[item], pipeline.packed_dx,
+                                <float *>gradients.dx, <float *>buffers.input_dropout)
+        lstmeng_progress_claim(pipeline.finished)
+
+
+cdef void weight_gradient_chunk(const LstmProblem *problem, const LstmBuffers *buffers,
+                                const LstmGradients *gradients, const Pipeline *pipeline,
+                                Py_ssize_t first, Py_ssize_t end, Py_ssize_t block,
+                                float *panels) noexcept nogil:
+    """Column block ``block`` of packed rows first .. end - 1 (one WEIGHT_GRADIENT_CHUNK
+    chunk) of dK = X^T dz and dR = H_in^T dz into the chunk's partial sums, as
+    gemm_columns_packed computes that block and chunk. X: x itself at batch 1
+    without input dropout (packed row n is x[0, n] on every layout), else the
+    chunk's inputs copied to packed_x by the chunk's block-0 item (the other
+    blocks wait for them)."""
+    cdef Py_ssize_t I = problem.inputs, H = problem.units, G = problem.gate_columns
+    cdef Py_ssize_t rows = end - first, chunk = first // WEIGHT_GRADIENT_CHUNK
+    cdef Py_ssize_t column_begin = block * gradients.column_block
+    cdef Py_ssize_t column_end = min(G, column_begin + gradients.column_block), row
+    cdef float *partial_kernel = pipeline.partials + chunk * (I + H) * G
+    cdef float *partial_recurrent = partial_kernel + I * G
+    cdef float *inputs = <float *>buffers.x if pipeline.inputs_in_place else <float *>buffers.packed_x
+    cdef float *dz = <float *>buffers.gates
+    if column_begin >= column_end:
+        return
+    for row in range(I):
+        memset(partial_kernel + row * G + column_begin, 0, (column_end - column_begin) * sizeof(float))
+    for row in range(H):
+        memset(partial_recurrent + row * G + column_begin, 0, (column_end - column_begin) * sizeof(float))
+    if I > 0 and not pipeline.inputs_in_place:
+        if block == 0:
+            copy_packed_input_rows(problem, first, end, <float *>buffers.x, <float *>buffers.input_dropout,
+                                   inputs)
+            lstmeng_progress_publish(pipeline.inputs_ready + chunk, 1)
+        else:
+            lstmeng_progress_wait(pipeline.inputs_ready + chunk, 1)
+    lstmeng_pack_panels_f32(dz + first * G + column_begin, rows, column_end - column_begin, G, 0, panels)
+    if I > 0:
+        lstmeng_gemm_at_packed_f32(I, column_end - column_begin, rows, inputs + first * I, I, panels,
+                                   partial_kernel + column_begin, G)
+    lstmeng_gemm_at_packed_f32(H, column_end - column_begin, rows, <float *>buffers.h_in_all + first * H,
+                               H, panels, partial_recurrent + column_begin, G)
+
+
+cdef void sum_chunk_partials(const Pipeline *pipeline, Py_ssize_t chunks, Py_ssize_t I, Py_ssize_t H,
+                             float *dkernel, float *drecurrent_kernel) noexcept nogil:
+    """dK [I, 4H] and dR [H, 4H] as the chunks' partial sums added up in chunk order
+    (dkernel NULL when I = 0)."""
+    cdef Py_ssize_t G = 4 * H, chunk
+    cdef float *partial
+    if I > 0:
+        memset(dkernel, 0, I * G * sizeof(float))
+    memset(drecurrent_kernel, 0, H * G * sizeof(float))
+    for chunk in range(chunks):
+        partial = pipeline.partials + chunk * (I + H) * G
+        if I > 0:
+            add_row(dkernel, partial, I * G)
+        add_row(drecurrent_kernel, partial + I * G, H * G)
+
+
+cdef void copy_packed_input_rows(const LstmProblem *problem, Py_ssize_t first, Py_ssize_t end,
+                                 float *x, float *in_drop, float *packed_x) noexcept nogil:
+    """Packed rows first .. end - 1 of a one-part layout from x [B, T, I], input dropout
+    applied, into packed_x [N, I] (copy_step_inputs for a range of rows)."""
+    cdef const Layout *layout = &problem.layout
+    cdef Py_ssize_t T = problem.steps, I = problem.inputs, t, offset, position, row
+    for t in range(T):
+        offset = step_offset(layout, 0, t)
+        for position in range(max(first, offset), min(end, offset + step_rows(layout, 0, t))):
+            row = layout.order[position - offset]
+            scaled_copy(packed_x + position * I, x + (row * T + t) * I, rows_of(in_drop, row, I), I)
+
+
+cdef void scatter_packed_rows(const LstmProblem *problem, Py_ssize_t first, Py_ssize_t end,
+                              float *packed_dx, float *dx, float *in_drop) noexcept nogil:
+    """Packed rows first .. end - 1 of packed_dx [N, I] into dx [B, T, I] through the input
+    dropout mask, for a one-part layout (scatter_step_gradients for a range of rows)."""
+    cdef const Layout *layout = &problem.layout
+    cdef Py_ssize_t T = problem.steps, I = problem.inputs, t, offset, position, row
+    for t in range(T):
+        offset = step_offset(layout, 0, t)
+        for position in range(max(first, offset), min(end, offset + step_rows(layout, 0, t))):
+            row = layout.order[position - offset]
+            scaled_copy(dx + (row * T + t) * I, packed_dx + position * I, rows_of(in_drop, row, I), I)
 
 
 cdef void scatter_step_gradients(const LstmProblem *problem, Py_ssize_t part, Py_ssize_t t,

@@ -112,6 +112,29 @@ static inline void lstmeng_barrier_wait(int64_t *flags, int64_t member, int64_t 
         flags[member * LSTMENG_FLAG_STRIDE + LSTMENG_SLOW_WAIT_NS] += lstmeng_now_ns() - slow_since;
 }
 
+/* The backward's pipeline (_cython_lstm.pyx, pipeline_work): one thread runs the
+ * time loop and raises a progress count (packed rows whose dz is final); the
+ * others claim work items in order and wait until the rows an item reads are
+ * done. Counts only grow. */
+static inline void lstmeng_progress_publish(int64_t *slot, int64_t value) {
+    __atomic_store_n(slot, value, __ATOMIC_RELEASE);
+}
+
+/* The next unclaimed item's index (every caller gets a different one). */
+static inline int64_t lstmeng_progress_claim(int64_t *counter) {
+    return __atomic_fetch_add(counter, 1, __ATOMIC_ACQ_REL);
+}
+
+/* Returns once *slot >= value, every write made before that publish visible. Spins,
+ * then yields its core (the time loop's thread may share it with other work). */
+static inline void lstmeng_progress_wait(const int64_t *slot, int64_t value) {
+    int64_t spins = 0;
+    while (__atomic_load_n(slot, __ATOMIC_ACQUIRE) < value) {
+        if (++spins < LSTMENG_SPINS_BEFORE_YIELD) lstmeng_cpu_relax();
+        else sched_yield();
+    }
+}
+
 /* After the team joined: the barriers each member made, and the longest time (ns)
  * any member spent in slow waits. */
 static inline void lstmeng_team_slow_waits(const int64_t *flags, int64_t team, int64_t *barriers,

@@ -350,7 +350,9 @@ class _Workspace(Workspace):
     gradients); c_prev, h_in: [N, H] c(t-1) and h(t-1) after recurrent
     dropout. threads, split_units: the forward's team; thread_budget: the
     shares of the backward's weight-gradient and dx products; run_one_thread:
-    the forward fell back to one thread (busy machine); kernel: [I, 4H];
+    the forward fell back to one thread (busy machine, or one thread was faster);
+    busy: the busy-machine rule made that choice (the backward then does not
+    pipeline either); kernel: [I, 4H];
     recurrent_kernel: [H, 4H] (with weights_transposed: [4H, I] and [4H, H], see
     _weights_for_kernels); input_dropout_mask: [B, I] or None;
     recurrent_dropout_mask: [B, H] or None. Once a backward has consumed it,
@@ -373,6 +375,7 @@ class _Workspace(Workspace):
     recurrent_dropout_mask: np.ndarray | None
     input_shape: tuple
     weights_transposed: bool = False
+    busy: bool = False
 
 
 #: (ISA, fast gate math) selected in the extension now: production's until an override asks
@@ -477,7 +480,7 @@ class CythonBackend(KernelBackend):
         # one for a one-part call too small to thread, else one per thread. Fixed by
         # the shape alone, so the results never depend on the busy-machine fallback.
         thread_budget = threads if parts == 1 and flops < MIN_FLOPS_TO_THREAD else _gradient_threads()
-        run_one_thread = False
+        run_one_thread = busy = False
         # A split the caller did not force: one thread instead while the split has been
         # losing (another process holds a core, and every parallel region's end would
         # wait for it too), or while one thread has been faster at this shape. One
@@ -485,7 +488,8 @@ class CythonBackend(KernelBackend):
         chooser_key = None
         if split_units and overrides.cython_split_units is None:
             chooser_key = ("forward", batch, features, units, training, dtype.char)
-            if not self._split_governor.allow() or not self._split_chooser.choose(chooser_key):
+            busy = not self._split_governor.allow()
+            if busy or not self._split_chooser.choose(chooser_key):
                 parts, threads, split_units, run_one_thread = 1, 1, False, True
         layout = _layout(mask, batch, steps, parts, overrides.cython_packed_variable_length is not False)
 
@@ -540,7 +544,7 @@ class CythonBackend(KernelBackend):
         if training:
             workspace = _Workspace(
                 options, layout=layout, x=x, gates=gates, c_prev=c_prev, h_in=h_in, threads=threads,
-                thread_budget=thread_budget, run_one_thread=run_one_thread,
+                thread_budget=thread_budget, run_one_thread=run_one_thread, busy=busy,
                 split_units=split_units, kernel=kernel, recurrent_kernel=recurrent_kernel,
                 input_dropout_mask=input_dropout_mask, recurrent_dropout_mask=recurrent_dropout_mask,
                 input_shape=x.shape, weights_transposed=weights_transposed)
@@ -569,10 +573,16 @@ class CythonBackend(KernelBackend):
         split_units, threads = ws.split_units, max(ws.threads if ws.split_units else 1, ws.thread_budget)
         run_threads = 1 if ws.run_one_thread else 0
         chooser_key = None
+        busy = ws.busy
         if split_units and overrides.cython_split_units is None:
             chooser_key = ("backward", batch, features, units, dtype.char)
-            if not self._split_governor.allow() or not self._split_chooser.choose(chooser_key):
+            busy = not self._split_governor.allow()
+            if busy or not self._split_chooser.choose(chooser_key):
                 split_units, run_threads = False, 1
+        # One part on one thread's time loop: the other threads take the weight gradients
+        # and dx of the finished rows meanwhile (the extension's pipelined backward), unless
+        # the split has been losing to another process, which would hold those threads too.
+        pipeline = not split_units and not busy and overrides.cython_pipeline_backward is not False
         start = time.perf_counter()
         with _threads_for(layout):
             barrier_stats = _specialization(_cython_lstm.backward, dtype)(
@@ -591,7 +601,8 @@ class CythonBackend(KernelBackend):
                 # Every thread of the budget shares the weight-gradient GEMMs, also when the
                 # batch is one part.
                 threads=threads, split_units=split_units, run_threads=run_threads,
-                buffer_cache=self._buffers, weights_transposed=ws.weights_transposed)
+                buffer_cache=self._buffers, weights_transposed=ws.weights_transposed,
+                pipeline=pipeline)
         elapsed = time.perf_counter() - start
         if split_units:
             self._split_governor.record(*barrier_stats, elapsed)

@@ -1,0 +1,131 @@
+"""The cython backend's pipelined backward: the weight gradients and dx of finished rows
+computed on the other threads while one thread runs the time loop.
+
+It applies to a one-part backward without a unit split (batch 1 when the split is off or
+has lost, small layers, batches under two parts) in float32 on the AVX-512 path. It must
+give bitwise the numbers of the loop-then-products path (``kernel_overrides(
+cython_pipeline_backward=False)``): each chunk of the weight gradients is summed on its own
+and the chunks added in the order that path accumulates them. Checked here on every layout
+it meets (batch 1 reading x in place, batches whose inputs are copied, right-padded and
+holed masks, reverse, both dropouts, no dx, several chunks), with the extension's
+``last_backward_pipelined`` confirming which path ran.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lstmeng.testing import kernel_overrides
+
+from _backends import sequence_forward
+
+cython_module = pytest.importorskip("lstmeng.backends.cython")
+pytestmark = pytest.mark.skipif(
+    cython_module._cython_lstm is None or "avx512" not in cython_module._cython_lstm.SUPPORTED_ISAS,
+    reason="the pipelined backward runs on the AVX-512 kernels (not built, or not this CPU)")
+extension = cython_module._cython_lstm
+
+GRADIENTS = ("dx", "dh0", "dc0", "dkernel", "drecurrent_kernel", "dbias")
+
+
+def _gradients(backend, arrays, options, *, pipeline, input_grad):
+    """(name -> gradient, whether the backward ran pipelined) of one training call."""
+    x, h0, c0, kernel, recurrent_kernel, bias, mask, input_dropout, recurrent_dropout, doutputs = arrays
+    with kernel_overrides(cython_isa="avx512", cython_split_units=False, cython_pipeline_backward=pipeline):
+        forward = sequence_forward(backend, x, h0, c0, kernel, recurrent_kernel, bias, mask, input_dropout,
+                                   recurrent_dropout, training=True, **options)
+        grads = backend.sequence_backward(doutputs, h0 * 0.5, c0 * 0.25, forward.workspace,
+                                          input_grad=input_grad)
+    return {name: getattr(grads, name) for name in GRADIENTS}, extension.last_backward_pipelined
+
+
+def _arrays(shape, mask_kind, dropout, seed):
+    batch, steps, features, units = shape
+    rng = np.random.default_rng(seed)
+    normal = lambda *size, scale=1.0: (rng.normal(size=size) * scale).astype(np.float32)  # noqa: E731
+    if mask_kind == "none":
+        mask = None
+    elif mask_kind == "right-padded":
+        lengths = rng.integers(1, steps + 1, size=batch)
+        lengths[0] = steps
+        mask = np.arange(steps)[None, :] < lengths[:, None]
+    else:  # holes: the general masked path
+        mask = rng.random((batch, steps)) < 0.8
+    input_dropout = ((rng.random((batch, features)) < 0.8) * 1.25).astype(np.float32) if dropout else None
+    recurrent_dropout = ((rng.random((batch, units)) < 0.8) * 1.25).astype(np.float32) if dropout else None
+    return (normal(batch, steps, features), normal(batch, units), normal(batch, units),
+            normal(features, 4 * units, scale=0.2), normal(units, 4 * units, scale=0.2),
+            normal(4 * units, scale=0.1), mask, input_dropout, recurrent_dropout,
+            normal(batch, steps, units))
+
+
+@pytest.mark.parametrize("shape", [(1, 300, 32, 64), (1, 700, 64, 32), (3, 200, 32, 64), (5, 120, 0, 32)],
+                         ids=["batch1", "batch1-3-chunks", "batch3", "no-inputs"])
+@pytest.mark.parametrize("mask_kind", ["none", "right-padded", "holes"])
+@pytest.mark.parametrize("dropout", [False, True], ids=["", "dropout"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["", "reverse"])
+@pytest.mark.parametrize("input_grad", [True, False], ids=["dx", "no-dx"])
+def test_pipelined_backward_gives_the_same_numbers(shape, mask_kind, dropout, reverse, input_grad, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)
+    backend = cython_module.CythonBackend()
+    arrays = _arrays(shape, mask_kind, dropout, seed=sum(shape))
+    options = {"reverse": reverse, "zero_output_for_mask": True}
+    expected, pipelined = _gradients(backend, arrays, options, pipeline=False, input_grad=input_grad)
+    assert not pipelined
+    actual, pipelined = _gradients(backend, arrays, options, pipeline=None, input_grad=input_grad)
+    assert pipelined, "the backward should have run pipelined"
+    for name in GRADIENTS:
+        if expected[name] is None:
+            assert actual[name] is None, name
+        else:
+            np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
+
+
+def test_pipelined_backward_agrees_with_the_reference(monkeypatch):
+    """Not only self-consistent: the pipelined gradients match the NumPy reference backend."""
+    from lstmeng.backends import numpy as numpy_backend_module
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)
+    arrays = _arrays((2, 400, 32, 32), "right-padded", True, seed=7)
+    actual, pipelined = _gradients(cython_module.CythonBackend(), arrays, {}, pipeline=None, input_grad=True)
+    assert pipelined
+    mask = arrays[6]
+    x, h0, c0, kernel, recurrent_kernel, bias, _, input_dropout, recurrent_dropout, doutputs = (
+        array if array is None or array is mask else np.asarray(array, np.float64) for array in arrays)
+    reference = numpy_backend_module.NumpyBackend()
+    forward = sequence_forward(reference, x, h0, c0, kernel, recurrent_kernel, bias, mask, input_dropout,
+                               recurrent_dropout, training=True)
+    grads = reference.sequence_backward(doutputs, h0 * 0.5, c0 * 0.25, forward.workspace)
+    for name in GRADIENTS:
+        want = getattr(grads, name)
+        np.testing.assert_allclose(actual[name], want, rtol=2e-4, atol=2e-4 * np.abs(want).max(), err_msg=name)
+
+
+def test_pipeline_is_skipped_where_it_does_not_apply(monkeypatch):
+    """A unit split, a batch of two parts, float64 or a single chunk run the usual path."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)
+    backend = cython_module.CythonBackend()
+    for shape, split, dtype in (((1, 300, 32, 64), True, np.float32), ((40, 20, 32, 32), None, np.float32),
+                                ((1, 300, 32, 64), False, np.float64), ((1, 100, 32, 64), False, np.float32)):
+        x, h0, c0, kernel, recurrent_kernel, bias, *_, doutputs = (
+            array if array is None else array.astype(dtype) for array in _arrays(shape, "none", False, 1))
+        with kernel_overrides(cython_split_units=split):
+            forward = sequence_forward(backend, x, h0, c0, kernel, recurrent_kernel, bias, training=True)
+            backend.sequence_backward(doutputs, h0, c0, forward.workspace)
+        assert not extension.last_backward_pipelined, (shape, split, dtype)
+
+
+def test_pipeline_items_follow_the_time_loop():
+    """Items come in the order the loop finishes their rows: from the last packed row down
+    for a forward-direction layer, from the first up for a reversed one."""
+    items, thresholds = extension.pipeline_items(600, 3, 2, 2, False)
+    kinds, firsts, ends, blocks = items
+    assert list(thresholds) == sorted(thresholds)
+    assert thresholds[0] == 600 - 512 and list(firsts[:2]) == [512, 512] and list(blocks[:2]) == [0, 1]
+    assert sorted(zip(firsts[kinds == 1], ends[kinds == 1])) == [(0, 300), (300, 600)]
+    items, thresholds = extension.pipeline_items(600, 3, 2, 0, True)
+    assert list(items[1][:2]) == [0, 0] and thresholds[0] == 256 and (items[0] == 0).all()
