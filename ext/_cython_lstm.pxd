@@ -57,6 +57,7 @@ cdef extern from "lstm_gemm.h" nogil:
 
 cdef extern from "lstm_sync.h" nogil:
     const int LSTMENG_FLAG_STRIDE
+    const int LSTMENG_SLOW_WAIT_NS
     int lstmeng_team_size()
     int lstmeng_thread_index()
     void lstmeng_barrier_wait(int64_t *flags, int64_t member, int64_t team, int64_t calls)
@@ -64,7 +65,8 @@ cdef extern from "lstm_sync.h" nogil:
                                  int64_t *slow_wait_ns)
     void lstmeng_progress_publish(int64_t *slot, int64_t value)
     int64_t lstmeng_progress_claim(int64_t *counter)
-    void lstmeng_progress_wait(const int64_t *slot, int64_t value)
+    bint lstmeng_progress_claim_exact(int64_t *counter, int64_t item)
+    int64_t lstmeng_progress_wait(const int64_t *slot, int64_t value)
 
 
 cdef struct Layout:
@@ -98,6 +100,9 @@ cdef struct LstmProblem:
     Py_ssize_t chunk_steps         # forward: steps whose input projection is one GEMM
     Py_ssize_t part_chunk_rows     # forward: rows of packed_x (and inference gates) per part
     int64_t *barrier_flags         # [team, LSTMENG_FLAG_STRIDE]: lstm_sync.h's flags
+    int64_t *projection_claims     # pipelined forward: [0] chunks claimed so far, [LSTMENG_FLAG_STRIDE]
+                                   # 1 once the other thread has projected its last chunk; NULL otherwise
+    int64_t *projection_done       # pipelined forward: [chunks] 1 once a chunk's projection is in
 
 
 cdef struct LstmBuffers:
@@ -235,9 +240,13 @@ cdef void forward_part(const LstmProblem *problem, const LstmBuffers *buffers,
                        TeamShare *share, floating zero) noexcept nogil
 cdef void load_initial_state(const LstmProblem *problem, const LstmBuffers *buffers,
                              TeamShare *share, floating zero) noexcept nogil
+cdef Py_ssize_t chunk_gate_shift(const LstmProblem *problem, Py_ssize_t part, Py_ssize_t slot,
+                                 Py_ssize_t chunk_first, Py_ssize_t chunk_last) noexcept nogil
 cdef Py_ssize_t project_chunk(const LstmProblem *problem, const LstmBuffers *buffers,
                               TeamShare *share, Py_ssize_t chunk_first, Py_ssize_t chunk_last,
-                              floating zero) noexcept nogil
+                              Py_ssize_t slot, floating zero) noexcept nogil
+cdef void projection_ahead(const LstmProblem *problem, const LstmBuffers *buffers, TeamShare *share,
+                           floating zero) noexcept nogil
 cdef void recurrent_step_product(const LstmProblem *problem, const LstmBuffers *buffers,
                                  TeamShare *share, Py_ssize_t t,
                                  floating *step_gates) noexcept nogil

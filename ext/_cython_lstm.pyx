@@ -185,8 +185,9 @@ cdef Py_ssize_t WEIGHT_GRADIENT_CHUNK = 256
 cdef Py_ssize_t PIPELINE_WEIGHTS = 0
 cdef Py_ssize_t PIPELINE_DX = 1
 cdef Py_ssize_t PIPELINE_MAX_BYTES = 64 * 2**20
-#: Whether the last `backward` call ran pipelined (the two ways give the same
-#: numbers, so this is how a test tells which one ran).
+#: Whether the last `forward` / `backward` call ran pipelined (the two ways give
+#: the same numbers, so this is how a test tells which one ran).
+last_forward_pipelined = False
 last_backward_pipelined = False
 
 
@@ -502,7 +503,8 @@ cdef void forward_part(const LstmProblem *problem, const LstmBuffers *buffers,
     per chunk of steps the input projection, then per step the recurrent product
     and the row math; the final states and outputs at the end."""
     cdef Py_ssize_t T = problem.steps, G = problem.gate_columns, part = share.part
-    cdef Py_ssize_t chunk_first = 0, chunk_last, step, t, gate_shift
+    cdef Py_ssize_t chunk_first = 0, chunk_last, step, t, gate_shift, chunk = 0
+    cdef int64_t *claims = problem.projection_claims
     cdef floating *gates = <floating *>buffers.gates
     cdef floating *step_gates
     share.barriers = 0
@@ -510,7 +512,19 @@ cdef void forward_part(const LstmProblem *problem, const LstmBuffers *buffers,
     load_initial_state(problem, buffers, share, zero)
     while chunk_first < T:
         chunk_last = min(chunk_first + problem.chunk_steps, T)
-        gate_shift = project_chunk(problem, buffers, share, chunk_first, chunk_last, zero)
+        if claims == NULL:
+            gate_shift = project_chunk(problem, buffers, share, chunk_first, chunk_last, part, zero)
+        elif chunk == 0 or lstmeng_progress_claim_exact(claims, chunk):
+            # The pipelined forward (see projection_ahead), and the chunk's projection
+            # is not taken yet: this thread does it.
+            gate_shift = project_chunk(problem, buffers, share, chunk_first, chunk_last, chunk, zero)
+            lstmeng_progress_publish(problem.projection_done + chunk, 1)
+        else:
+            # Time lost to a helper kept off its core counts as the split's barrier waits do.
+            problem.barrier_flags[LSTMENG_SLOW_WAIT_NS] += lstmeng_progress_wait(
+                problem.projection_done + chunk, 1)
+            gate_shift = 0 if problem.training else chunk_gate_shift(problem, part, chunk, chunk_first,
+                                                                     chunk_last)
         for step in range(chunk_first, chunk_last):
             t = T - 1 - step if problem.reverse else step
             if step_rows(&problem.layout, part, t) == 0:
@@ -519,7 +533,36 @@ cdef void forward_part(const LstmProblem *problem, const LstmBuffers *buffers,
             recurrent_step_product(problem, buffers, share, t, step_gates)
             cell_rows(problem, buffers, share, t, step_gates)
         chunk_first = chunk_last
+        chunk += 1
+    if claims != NULL:
+        # Meet the other thread here rather than in OpenMP's barrier at the end of the
+        # region, which spins: if another process keeps it off its core, this wait sleeps
+        # (the other thread may run here) and counts for the busy-machine rule.
+        problem.barrier_flags[LSTMENG_SLOW_WAIT_NS] += lstmeng_progress_wait(claims + LSTMENG_FLAG_STRIDE, 1)
     publish_part_outputs(problem, buffers, share, zero)
+
+
+cdef void projection_ahead(const LstmProblem *problem, const LstmBuffers *buffers, TeamShare *share,
+                           floating zero) noexcept nogil:
+    """The pipelined forward's other thread: the input projection of the chunks ahead
+    of the time loop's thread (forward_part), each claimed in order (the loop's
+    thread projects chunk 0, and claims a chunk that is still free when it gets there). Every chunk has a
+    slot of its own in packed_x and in the inference gates, so this thread never
+    waits for the loop: it runs ahead until every chunk is claimed (the projection is
+    a few times faster than the steps) and says so; the loop's thread waits for that
+    at its end.
+    A chunk's projection is the same computation whichever thread runs it."""
+    cdef int64_t *claims = problem.projection_claims
+    cdef Py_ssize_t T = problem.steps, chunk, chunk_first
+    while True:
+        chunk = lstmeng_progress_claim(claims)
+        chunk_first = chunk * problem.chunk_steps
+        if chunk_first >= T:
+            lstmeng_progress_publish(claims + LSTMENG_FLAG_STRIDE, 1)   # every chunk is projected
+            return
+        project_chunk(problem, buffers, share, chunk_first, min(chunk_first + problem.chunk_steps, T),
+                      chunk, zero)
+        lstmeng_progress_publish(problem.projection_done + chunk, 1)
 
 
 cdef void load_initial_state(const LstmProblem *problem, const LstmBuffers *buffers,
@@ -537,16 +580,26 @@ cdef void load_initial_state(const LstmProblem *problem, const LstmBuffers *buff
         share.seen[r] = 0
 
 
+cdef Py_ssize_t chunk_gate_shift(const LstmProblem *problem, Py_ssize_t part, Py_ssize_t slot,
+                                 Py_ssize_t chunk_first, Py_ssize_t chunk_last) noexcept nogil:
+    """The shift from a packed row of processing steps chunk_first .. chunk_last - 1
+    (part ``part``) to its row in slot ``slot`` of packed_x and of the inference
+    gates (slot * part_chunk_rows is the slot's first row)."""
+    cdef Py_ssize_t t_lo = problem.steps - chunk_last if problem.reverse else chunk_first
+    return slot * problem.part_chunk_rows - step_offset(&problem.layout, part, t_lo)
+
+
 cdef Py_ssize_t project_chunk(const LstmProblem *problem, const LstmBuffers *buffers,
                               TeamShare *share, Py_ssize_t chunk_first, Py_ssize_t chunk_last,
-                              floating zero) noexcept nogil:
+                              Py_ssize_t slot, floating zero) noexcept nogil:
     """The input projection x(t) @ K + bias of processing steps chunk_first ..
     chunk_last - 1 as one GEMM (per gate block for a unit slice) into the gate
     rows; returns the shift from a packed row to its row of the gates buffer.
 
-    The chunk's inputs go to this part's slice of packed_x; its gates to the
-    workspace (training: shift 0) or to the part's slice of the gate chunk
-    buffer (inference).
+    The chunk's inputs go to slot ``slot`` of packed_x (a part's own, or in the
+    pipelined forward one of two the chunks alternate between); its gates to
+    the workspace (training: shift 0) or to that slot of the gate chunk buffer
+    (inference).
     """
     cdef const Layout *layout = &problem.layout
     cdef Py_ssize_t T = problem.steps, I = problem.inputs, H = problem.units, G = problem.gate_columns
@@ -563,7 +616,7 @@ cdef Py_ssize_t project_chunk(const LstmProblem *problem, const LstmBuffers *buf
         t_lo, t_hi = chunk_first, chunk_last
     first_row = step_offset(layout, part, t_lo)
     rows = step_offset(layout, part, t_hi) - first_row
-    x_shift = part * problem.part_chunk_rows - first_row
+    x_shift = chunk_gate_shift(problem, part, slot, chunk_first, chunk_last)
     gate_shift = 0 if problem.training else x_shift
     # A team shares the copying (every team-th step each), then waits for all of it.
     for t in range(t_lo, t_hi):
@@ -746,7 +799,7 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
             floating[:, ::1] h_state, floating[:, ::1] c_state, floating[:, :, ::1] h_in_step,
             Py_ssize_t chunk_steps, Py_ssize_t part_chunk_rows,
             Py_ssize_t threads=1, bint split_units=False, object buffer_cache=None,
-            bint weights_transposed=False):
+            bint weights_transposed=False, bint pipeline=False):
     """Whole-sequence forward of one layer and direction; writes into the given arrays.
 
     Every argument is keyword-only: many are arrays of one dtype and shape
@@ -841,11 +894,38 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
                                      weights_transposed)
             packed_input_base = pack_slice(packed_input_base, <float *>buffers.kernel, I, H, 0, H,
                                            False, weights_transposed)
-    check_blas_sizes(problem.packed_rows, G, I, H, part_chunk_rows * problem.parts)
+    # The pipelined forward: one part's time loop on thread 0, the input projection of
+    # the chunks ahead on thread 1 (projection_ahead); packed_x and the inference gates
+    # have a slot of part_chunk_rows rows for every chunk.
+    cdef Py_ssize_t chunks = (T + chunk_steps - 1) // chunk_steps
+    cdef bint pipelined = (pipeline and problem.parts == 1 and not split_units and team_threads > 1
+                           and LSTMENG_HAVE_OPENMP and chunks > 1
+                           and packed_x.shape[0] >= chunks * part_chunk_rows
+                           and (problem.training or gates.shape[0] >= chunks * part_chunk_rows))
+    cdef int64_t[::1] claims = np.zeros(2 * LSTMENG_FLAG_STRIDE, np.int64)
+    cdef int64_t[::1] projections_done = np.zeros(chunks + 1, np.int64)
+    global last_forward_pipelined
+    last_forward_pipelined = pipelined
+    if pipelined:
+        # Chunk 0 is the loop's own: it would otherwise wait for the other thread to wake up.
+        claims[0] = 1
+        problem.projection_claims = &claims[0]
+        problem.projection_done = &projections_done[0]
+    else:
+        team_threads = 1 if not split_units and problem.parts == 1 else team_threads
+    check_blas_sizes(problem.packed_rows, G, I, H, part_chunk_rows * max(problem.parts, chunks))
     with nogil, parallel(num_threads=team_threads):
         member = lstmeng_thread_index()
         share = whole_part(0, H)
-        if split_units:
+        if pipelined:
+            share.seen = &seen[0]
+            share.recurrent_packed = packed_base
+            share.kernel_packed = packed_input_base
+            if member == 0:
+                forward_part(&problem, &buffers, &share, <floating>0)
+            elif member == 1:
+                projection_ahead(&problem, &buffers, &share, <floating>0)
+        elif split_units:
             share.team = lstmeng_team_size()
             share.member = member
             share.u0 = unit_bound(member, share.team, H)
@@ -868,6 +948,8 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
                 part = part + lstmeng_team_size()
     if buffer_cache is not None:
         buffer_cache.give(packed_weights_array, packed_input_array)
+    if pipelined:
+        return chunks, barrier_flags[LSTMENG_SLOW_WAIT_NS] * 1e-9
     return team_barrier_stats(&barrier_flags[0], team_threads)
 
 
@@ -1256,6 +1338,10 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
                     backward_part(&problem, &buffers, &gradients, &share, <floating>0)
                 if floating is float:
                     pipeline_work(&problem, &buffers, &gradients, &work, member)
+                if member == 0:
+                    # The items other threads still hold; time lost to one kept off its core
+                    # counts as the split's barrier waits do.
+                    barrier_flags[LSTMENG_SLOW_WAIT_NS] += lstmeng_progress_wait(work.finished, work.items)
             elif split_units:
                 share.team = lstmeng_team_size()
                 share.member = member
@@ -1283,7 +1369,7 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
         if buffer_cache is not None:
             buffer_cache.give(packed_weights_array, packed_kernel_t_array, gradient_panels_array,
                               partials_array, packed_dx_array)
-        return team_barrier_stats(&barrier_flags[0], team_threads)
+        return work.items, barrier_flags[LSTMENG_SLOW_WAIT_NS] * 1e-9
     with nogil:
         # The inputs in packed rows, each thread a share of the steps.
         for t in prange(T, num_threads=running_threads, schedule="static"):

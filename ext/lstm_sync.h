@@ -125,14 +125,34 @@ static inline int64_t lstmeng_progress_claim(int64_t *counter) {
     return __atomic_fetch_add(counter, 1, __ATOMIC_ACQ_REL);
 }
 
+/* Claims item `item` if it is the next unclaimed one (returns 1), else returns 0
+ * (another thread has claimed it). */
+static inline int lstmeng_progress_claim_exact(int64_t *counter, int64_t item) {
+    int64_t expected = item;
+    return __atomic_compare_exchange_n(counter, &expected, item + 1, 0, __ATOMIC_ACQ_REL,
+                                       __ATOMIC_ACQUIRE);
+}
+
 /* Returns once *slot >= value, every write made before that publish visible. Spins,
- * then yields its core (the time loop's thread may share it with other work). */
-static inline void lstmeng_progress_wait(const int64_t *slot, int64_t value) {
-    int64_t spins = 0;
+ * then sleeps LSTMENG_PROGRESS_NAP_NS at a time: the backward's helpers wait most of
+ * the call for rows to finish, and a waiter that kept yielding stays runnable, so
+ * on a busy machine it took time slices from the time loop's thread (a pipelined
+ * forward took 6-8 ms instead of 1 beside a CPU-bound process). Returns the
+ * nanoseconds it waited after the spins (0 when the wait was short): the time
+ * loop's thread adds them up for the busy-machine rule, as the split's barriers do. */
+#define LSTMENG_PROGRESS_NAP_NS 20000
+static inline int64_t lstmeng_progress_wait(const int64_t *slot, int64_t value) {
+    int64_t spins = 0, slow_since = 0;
+    const struct timespec nap = {0, LSTMENG_PROGRESS_NAP_NS};
     while (__atomic_load_n(slot, __ATOMIC_ACQUIRE) < value) {
-        if (++spins < LSTMENG_SPINS_BEFORE_YIELD) lstmeng_cpu_relax();
-        else sched_yield();
+        if (++spins < LSTMENG_SPINS_BEFORE_YIELD) {
+            lstmeng_cpu_relax();
+        } else {
+            if (spins == LSTMENG_SPINS_BEFORE_YIELD) slow_since = lstmeng_now_ns();
+            nanosleep(&nap, NULL);
+        }
     }
+    return slow_since != 0 ? lstmeng_now_ns() - slow_since : 0;
 }
 
 /* After the team joined: the barriers each member made, and the longest time (ns)

@@ -510,7 +510,8 @@ def test_a_split_eligible_shape_is_timed_on_one_thread_too(monkeypatch):
 
 def test_split_calls_report_their_barriers(monkeypatch):
     """The kernels return (barriers per member, slow-wait seconds); a T-step unit split
-    makes at least T barriers in the forward and T in the backward; whole parts none."""
+    makes at least T barriers in the forward and T in the backward; whole parts none
+    (a one-part call that may pipeline is reported, with no barriers when it did not)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     if not cython_module._team(1, 64, True)[2]:
         pytest.skip("this build runs one thread (no OpenMP or no OpenBLAS thread control)")
@@ -531,7 +532,7 @@ def test_split_calls_report_their_barriers(monkeypatch):
     records.clear()
     with kernel_overrides(cython_split_units=False):
         sequence_forward(cython_module.CythonBackend(), *args)
-    assert records == []
+    assert all(barriers == 0 for barriers, _ in records)
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])

@@ -1,13 +1,16 @@
-"""The cython backend's pipelined backward: the weight gradients and dx of finished rows
-computed on the other threads while one thread runs the time loop.
+"""The cython backend's pipelined calls: one thread runs a one-part time loop while another
+does the products that do not depend on it.
 
-It applies to a one-part backward without a unit split (batch 1 when the split is off or
-has lost, small layers, batches under two parts) in float32 on the AVX-512 path. It must
-give bitwise the numbers of the loop-then-products path (``kernel_overrides(
-cython_pipeline_backward=False)``): each chunk of the weight gradients is summed on its own
-and the chunks added in the order that path accumulates them. Checked here on every layout
-it meets (batch 1 reading x in place, batches whose inputs are copied, right-padded and
-holed masks, reverse, both dropouts, no dx, several chunks), with the extension's
+Forward: the input projection of the chunks of steps ahead (any dtype and ISA).
+Backward: the weight gradients and dx of the rows whose dz is final (float32, AVX-512
+path). Both apply to a one-part call without a unit split (batch 1 when the split is off
+or has lost, small layers, batches under two parts) and must give bitwise the numbers of
+the one-thread order (``kernel_overrides(cython_pipeline=False)``): a forward chunk's
+projection is the same computation whichever thread runs it; each chunk of the weight
+gradients is summed on its own and the chunks added in the order the unpipelined backward
+accumulates them. Checked on every layout they meet (batch 1 reading x in place, batches
+whose inputs are copied, right-padded and holed masks, reverse, both dropouts, no dx,
+several chunks), with the extension's ``last_forward_pipelined`` and
 ``last_backward_pipelined`` confirming which path ran.
 """
 
@@ -29,10 +32,20 @@ extension = cython_module._cython_lstm
 GRADIENTS = ("dx", "dh0", "dc0", "dkernel", "drecurrent_kernel", "dbias")
 
 
+@pytest.fixture
+def idle_machine(monkeypatch):
+    """Two threads, any call size threaded, and the busy-machine rule never engaged: at
+    these tiny sizes a helper thread's wake-up can be a tenth of a call, which the rule
+    would count as time lost (and then stop pipelining)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)
+    monkeypatch.setattr(cython_module._UnitSplitGovernor, "allow", lambda self: True)
+
+
 def _gradients(backend, arrays, options, *, pipeline, input_grad):
     """(name -> gradient, whether the backward ran pipelined) of one training call."""
     x, h0, c0, kernel, recurrent_kernel, bias, mask, input_dropout, recurrent_dropout, doutputs = arrays
-    with kernel_overrides(cython_isa="avx512", cython_split_units=False, cython_pipeline_backward=pipeline):
+    with kernel_overrides(cython_isa="avx512", cython_split_units=False, cython_pipeline=pipeline):
         forward = sequence_forward(backend, x, h0, c0, kernel, recurrent_kernel, bias, mask, input_dropout,
                                    recurrent_dropout, training=True, **options)
         grads = backend.sequence_backward(doutputs, h0 * 0.5, c0 * 0.25, forward.workspace,
@@ -66,9 +79,7 @@ def _arrays(shape, mask_kind, dropout, seed):
 @pytest.mark.parametrize("dropout", [False, True], ids=["", "dropout"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["", "reverse"])
 @pytest.mark.parametrize("input_grad", [True, False], ids=["dx", "no-dx"])
-def test_pipelined_backward_gives_the_same_numbers(shape, mask_kind, dropout, reverse, input_grad, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)
+def test_pipelined_backward_gives_the_same_numbers(shape, mask_kind, dropout, reverse, input_grad, idle_machine):
     backend = cython_module.CythonBackend()
     arrays = _arrays(shape, mask_kind, dropout, seed=sum(shape))
     options = {"reverse": reverse, "zero_output_for_mask": True}
@@ -83,12 +94,10 @@ def test_pipelined_backward_gives_the_same_numbers(shape, mask_kind, dropout, re
             np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
 
 
-def test_pipelined_backward_agrees_with_the_reference(monkeypatch):
+def test_pipelined_backward_agrees_with_the_reference(idle_machine):
     """Not only self-consistent: the pipelined gradients match the NumPy reference backend."""
     from lstmeng.backends import numpy as numpy_backend_module
 
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)
     arrays = _arrays((2, 400, 32, 32), "right-padded", True, seed=7)
     actual, pipelined = _gradients(cython_module.CythonBackend(), arrays, {}, pipeline=None, input_grad=True)
     assert pipelined
@@ -129,3 +138,63 @@ def test_pipeline_items_follow_the_time_loop():
     assert sorted(zip(firsts[kinds == 1], ends[kinds == 1])) == [(0, 300), (300, 600)]
     items, thresholds = extension.pipeline_items(600, 3, 2, 0, True)
     assert list(items[1][:2]) == [0, 0] and thresholds[0] == 256 and (items[0] == 0).all()
+
+
+FORWARD_RESULTS = ("outputs", "h", "c")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("shape", [(1, 200, 32, 64), (5, 70, 24, 40), (3, 100, 0, 32)],
+                         ids=["batch1", "batch5", "no-inputs"])
+@pytest.mark.parametrize("mask_kind", ["none", "right-padded", "holes"])
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_pipelined_forward_gives_the_same_numbers(dtype, isa, shape, mask_kind, training, idle_machine):
+    """Outputs and final states, and in training the whole backward of the two workspaces."""
+    if isa not in extension.SUPPORTED_ISAS:
+        pytest.skip(f"this CPU or build does not run {isa}")
+    backend = cython_module.CythonBackend()
+    arrays = [None if array is None or array.dtype == bool else array.astype(dtype)
+              for array in _arrays(shape, mask_kind, True, seed=sum(shape))]
+    arrays[6] = _arrays(shape, mask_kind, True, seed=sum(shape))[6]
+    x, h0, c0, kernel, recurrent_kernel, bias, mask, input_dropout, recurrent_dropout, doutputs = arrays
+    results = []
+    for pipeline in (False, None):
+        for reverse in (False, True):
+            with kernel_overrides(cython_isa=isa, cython_split_units=False, cython_pipeline=pipeline):
+                forward = sequence_forward(backend, x, h0, c0, kernel, recurrent_kernel, bias, mask,
+                                           input_dropout, recurrent_dropout, training=training, reverse=reverse)
+                assert extension.last_forward_pipelined == (pipeline is None), (pipeline, reverse)
+                got = [getattr(forward, name) for name in FORWARD_RESULTS]
+                if training:
+                    grads = backend.sequence_backward(doutputs, h0, c0, forward.workspace)
+                    got += [getattr(grads, name) for name in GRADIENTS]
+            results.append(got)
+    for expected, actual in zip(results[:2], results[2:]):
+        for name, want, got in zip(FORWARD_RESULTS + GRADIENTS, expected, actual):
+            np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def test_busy_machine_stops_the_pipeline(monkeypatch):
+    """While the busy-machine rule holds (a split or a pipelined call lost time waiting for a
+    thread another process kept off its core), one-part calls run on one thread; a pipelined
+    call reports its chunks and waits to that rule."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)
+    records = []
+    original_record = cython_module._UnitSplitGovernor.record
+    monkeypatch.setattr(cython_module._UnitSplitGovernor, "record",
+                        lambda self, *args: (records.append(args), original_record(self, *args)))
+    backend = cython_module.CythonBackend()
+    x, h0, c0, kernel, recurrent_kernel, bias, *_, doutputs = _arrays((1, 300, 32, 64), "none", False, 3)
+    with kernel_overrides(cython_split_units=False):
+        forward = sequence_forward(backend, x, h0, c0, kernel, recurrent_kernel, bias, training=True)
+        assert extension.last_forward_pipelined
+        chunks, slow_seconds, _ = records[-1]
+        assert chunks == -(-300 // cython_module.SPLIT_CHUNK_STEPS) and slow_seconds >= 0
+        backend.sequence_backward(doutputs, h0, c0, forward.workspace)
+        backend._split_governor._skip = 2       # as after a call that lost
+        forward = sequence_forward(backend, x, h0, c0, kernel, recurrent_kernel, bias, training=True)
+        assert not extension.last_forward_pipelined and forward.workspace.busy
+        backend.sequence_backward(doutputs, h0, c0, forward.workspace)
+        assert not extension.last_backward_pipelined

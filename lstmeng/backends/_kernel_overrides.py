@@ -51,10 +51,11 @@ class KernelOverrides:
         cython_fast_gate_math: False runs the generic row code instead of the
             fused gate kernels (float32, tanh / sigmoid); None (or True) uses
             them where the CPU has them.
-        cython_pipeline_backward: False runs the weight gradients and dx of a
-            one-part backward after its time loop instead of on the other
-            threads while the loop runs (the same numbers); None (or True)
-            pipelines where the extension can.
+        cython_pipeline: False runs a one-part call without a unit split on
+            one thread: the forward's input projection before each chunk of
+            steps, the backward's weight gradients and dx after its time loop,
+            instead of on the other threads while the loop runs (the same
+            numbers); None (or True) pipelines where the extension can.
         cuda_recurrence_design: "small" (an error where it does not apply) or
             "general" forces one numba_cuda recurrence design; None chooses
             per call.
@@ -70,7 +71,7 @@ class KernelOverrides:
     cython_packed_variable_length: bool | None = None
     cython_isa: str | None = None
     cython_fast_gate_math: bool | None = None
-    cython_pipeline_backward: bool | None = None
+    cython_pipeline: bool | None = None
     cuda_recurrence_design: str | None = None
     cuda_weights_in_shared: bool | None = None
     cuda_gemm_path: str | None = None

@@ -100,6 +100,9 @@ SPLIT_TIMINGS = 3
 #: for the next split call, so comparing one timing of each kept the shape on one
 #: thread for its first SPLIT_EXPLORE_EVERY calls even where the split was 1.5x faster.
 SPLIT_FIRST_TIMINGS = 2
+#: Most bytes of the chunk slots a pipelined forward keeps (inputs, and in inference the
+#: gates, of every chunk of steps: see ``_cython_lstm.projection_ahead``).
+PIPELINE_SLOT_BYTES = 32 * 2**20
 #: Call shapes the chooser remembers (least recently used go first).
 SPLIT_CHOOSER_SHAPES = 64
 #: Bytes of released scratch and workspace arrays a backend keeps for its next calls
@@ -243,6 +246,19 @@ class _SplitChooser:
             if entry is None:
                 return
             entry[0 if split else 1].append(seconds_per_step)
+
+
+def _pipelined_call_stats(stats, elapsed: float, thread_seconds: float) -> tuple:
+    """(hand-overs, seconds lost) of a pipelined call for the busy-machine rule: the longer of
+    the kernels' slow waits and the time the calling thread, which runs the time loop, was
+    off its core (wall time minus its CPU time). On a 2-core machine with another process
+    busy, the pipeline's second thread takes time slices from the loop's thread without
+    either waiting for the other. stats: the extension's (hand-overs, slow-wait seconds);
+    a call that did not pipeline reports no hand-overs and is left as it is."""
+    handovers, slow_seconds = stats
+    if handovers <= 0:
+        return stats
+    return handovers, max(slow_seconds, elapsed - thread_seconds)
 
 
 def _threads_for(layout):
@@ -492,6 +508,14 @@ class CythonBackend(KernelBackend):
             if busy or not self._split_chooser.choose(chooser_key):
                 parts, threads, split_units, run_one_thread = 1, 1, False, True
         layout = _layout(mask, batch, steps, parts, overrides.cython_packed_variable_length is not False)
+        # One part whose time loop runs on one thread while others are free: the input
+        # projection of the chunks ahead runs on another thread (the extension's pipelined
+        # forward), unless the busy-machine rule holds those threads back.
+        one_part_may_thread = (parts == 1 and not split_units and _kernel_threads() > 1
+                               and flops >= MIN_FLOPS_TO_THREAD)
+        if one_part_may_thread and chooser_key is None and overrides.cython_pipeline is not False:
+            busy = not self._split_governor.allow()
+        pipeline = one_part_may_thread and not busy and overrides.cython_pipeline is not False
 
         sequence_outputs = np.empty((batch, steps, units), dtype) if return_sequences else None
         last_output = None if return_sequences else np.empty((batch, units), dtype)
@@ -499,25 +523,36 @@ class CythonBackend(KernelBackend):
         # The inputs reach the projection GEMM a chunk of steps at a time, in packed rows.
         part_batch = layout.largest_part
         chunk_steps = max(1, min(steps, CHUNK_ROWS // max(part_batch, 1)))
-        if split_units:
+        if split_units or one_part_may_thread:
             # A unit split's steps read each step's gate rows just after the recurrent
             # product streamed the weights through the cache: a short chunk keeps them in
-            # L1/L2 (batch 1, H = 128: 1024 rows are 2 MB of gates).
+            # L1/L2 (batch 1, H = 128: 1024 rows are 2 MB of gates). A pipelined forward
+            # needs chunks to hand over. The same chunks whether the call splits, pipelines
+            # or not, so that the projection's results never depend on that choice.
             chunk_steps = min(chunk_steps, SPLIT_CHUNK_STEPS)
         part_chunk_rows = chunk_steps * part_batch
+        # A part's slot of the chunk buffers; a pipelined forward has one per chunk (within
+        # PIPELINE_SLOT_BYTES; else no pipeline).
+        slots = parts
+        chunks = -(-steps // chunk_steps)
+        if pipeline and chunks * part_chunk_rows * (features + (0 if training else 4 * units)) \
+                * dtype.itemsize <= PIPELINE_SLOT_BYTES:
+            slots, threads = chunks, _kernel_threads()
+        else:
+            pipeline = False
         take = self._buffers.take
-        packed_x = take((parts * part_chunk_rows, features), dtype)
+        packed_x = take((slots * part_chunk_rows, features), dtype)
         if training:
             rows = layout.rows
             gates = take((rows, 4 * units), dtype)
             c_prev, h_in = take((rows, units), dtype), take((rows, units), dtype)
         else:
-            gates = take((parts * part_chunk_rows, 4 * units), dtype)
+            gates = take((slots * part_chunk_rows, 4 * units), dtype)
             c_prev = h_in = None
         h_state, c_state = take((batch, units), dtype), take((batch, units), dtype)
         h_in_step = take((2, batch, units), dtype)
 
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         with _threads_for(layout):
             barrier_stats = _specialization(_cython_lstm.forward, dtype)(
                 x=x, h0=h0, c0=c0, kernel=kernel, recurrent_kernel=recurrent_kernel, bias=bias,
@@ -532,9 +567,11 @@ class CythonBackend(KernelBackend):
                 h_state=h_state, c_state=c_state, h_in_step=h_in_step,
                 chunk_steps=chunk_steps, part_chunk_rows=part_chunk_rows,
                 threads=threads, split_units=split_units, buffer_cache=self._buffers,
-                weights_transposed=weights_transposed)
+                weights_transposed=weights_transposed, pipeline=pipeline)
         elapsed = time.perf_counter() - start
-        if split_units:
+        if pipeline:
+            barrier_stats = _pipelined_call_stats(barrier_stats, elapsed, time.thread_time() - start_cpu)
+        if split_units or pipeline:
             self._split_governor.record(*barrier_stats, elapsed)
         if chooser_key is not None:
             self._split_chooser.observe(chooser_key, split_units, elapsed / max(steps, 1))
@@ -571,9 +608,12 @@ class CythonBackend(KernelBackend):
         # The forward's unit split, unless it has been losing since (the workspace is
         # the same either way).
         split_units, threads = ws.split_units, max(ws.threads if ws.split_units else 1, ws.thread_budget)
-        run_threads = 1 if ws.run_one_thread else 0
         chooser_key = None
         busy = ws.busy
+        # On a busy machine (the forward's verdict) the products after the loop run their
+        # shares one after another too: threads parted at the loop's end would each wait
+        # for the slowest.
+        run_threads = 1 if ws.run_one_thread or busy else 0
         if split_units and overrides.cython_split_units is None:
             chooser_key = ("backward", batch, features, units, dtype.char)
             busy = not self._split_governor.allow()
@@ -582,8 +622,8 @@ class CythonBackend(KernelBackend):
         # One part on one thread's time loop: the other threads take the weight gradients
         # and dx of the finished rows meanwhile (the extension's pipelined backward), unless
         # the split has been losing to another process, which would hold those threads too.
-        pipeline = not split_units and not busy and overrides.cython_pipeline_backward is not False
-        start = time.perf_counter()
+        pipeline = not split_units and not busy and overrides.cython_pipeline is not False
+        start, start_cpu = time.perf_counter(), time.thread_time()
         with _threads_for(layout):
             barrier_stats = _specialization(_cython_lstm.backward, dtype)(
                 doutputs_sequence=doutputs if options.return_sequences else None,
@@ -604,7 +644,9 @@ class CythonBackend(KernelBackend):
                 buffer_cache=self._buffers, weights_transposed=ws.weights_transposed,
                 pipeline=pipeline)
         elapsed = time.perf_counter() - start
-        if split_units:
+        if pipeline:
+            barrier_stats = _pipelined_call_stats(barrier_stats, elapsed, time.thread_time() - start_cpu)
+        if split_units or pipeline:
             self._split_governor.record(*barrier_stats, elapsed)
         if chooser_key is not None:
             self._split_chooser.observe(chooser_key, split_units, elapsed / max(steps, 1))
