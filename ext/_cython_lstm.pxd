@@ -291,10 +291,9 @@ cdef void scatter_step_gradients(const LstmProblem *problem, Py_ssize_t part, Py
                                  floating *in_drop) noexcept nogil
 
 # The pipelined backward (one part, float32 through the packed kernel).
-cdef void copy_packed_input_rows(const LstmProblem *problem, Py_ssize_t first, Py_ssize_t end,
-                                 float *x, float *in_drop, float *packed_x) noexcept nogil
-cdef void scatter_packed_rows(const LstmProblem *problem, Py_ssize_t first, Py_ssize_t end,
-                              float *packed_dx, float *dx, float *in_drop) noexcept nogil
+cdef void move_packed_rows(const LstmProblem *problem, Py_ssize_t first, Py_ssize_t end,
+                           float *batch_major, float *packed, float *in_drop,
+                           bint into_packed) noexcept nogil
 cdef void weight_gradient_chunk(const LstmProblem *problem, const LstmBuffers *buffers,
                                 const LstmGradients *gradients, const Pipeline *pipeline,
                                 Py_ssize_t first, Py_ssize_t end, Py_ssize_t block,

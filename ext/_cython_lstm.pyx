@@ -1563,8 +1563,8 @@ cdef void pipeline_work(const LstmProblem *problem, const LstmBuffers *buffers,
             dx_rows(pipeline.first[item], pipeline.end[item], I, G, <float *>buffers.kernel,
                     problem.weights_transposed, gradients.kernel_t_packed, <float *>buffers.gates,
                     pipeline.packed_dx)
-            scatter_packed_rows(problem, pipeline.first[item], pipeline.end[item], pipeline.packed_dx,
-                                <float *>gradients.dx, <float *>buffers.input_dropout)
+            move_packed_rows(problem, pipeline.first[item], pipeline.end[item], <float *>gradients.dx,
+                             pipeline.packed_dx, <float *>buffers.input_dropout, False)
         lstmeng_progress_claim(pipeline.finished)
 
 
@@ -1594,8 +1594,8 @@ cdef void weight_gradient_chunk(const LstmProblem *problem, const LstmBuffers *b
         memset(partial_recurrent + row * G + column_begin, 0, (column_end - column_begin) * sizeof(float))
     if I > 0 and not pipeline.inputs_in_place:
         if block == 0:
-            copy_packed_input_rows(problem, first, end, <float *>buffers.x, <float *>buffers.input_dropout,
-                                   inputs)
+            move_packed_rows(problem, first, end, <float *>buffers.x, inputs, <float *>buffers.input_dropout,
+                             True)
             lstmeng_progress_publish(pipeline.inputs_ready + chunk, 1)
         else:
             lstmeng_progress_wait(pipeline.inputs_ready + chunk, 1)
@@ -1623,30 +1623,22 @@ cdef void sum_chunk_partials(const Pipeline *pipeline, Py_ssize_t chunks, Py_ssi
         add_row(drecurrent_kernel, partial + I * G, H * G)
 
 
-cdef void copy_packed_input_rows(const LstmProblem *problem, Py_ssize_t first, Py_ssize_t end,
-                                 float *x, float *in_drop, float *packed_x) noexcept nogil:
-    """Packed rows first .. end - 1 of a one-part layout from x [B, T, I], input dropout
-    applied, into packed_x [N, I] (copy_step_inputs for a range of rows)."""
+cdef void move_packed_rows(const LstmProblem *problem, Py_ssize_t first, Py_ssize_t end,
+                           float *batch_major, float *packed, float *in_drop,
+                           bint into_packed) noexcept nogil:
+    """Packed rows first .. end - 1 of a one-part layout between batch_major [B, T, I] and
+    packed [N, I], through the input dropout mask: into packed (the inputs, as
+    copy_step_inputs copies a step's rows) or out of it (dx, as scatter_step_gradients)."""
     cdef const Layout *layout = &problem.layout
     cdef Py_ssize_t T = problem.steps, I = problem.inputs, t, offset, position, row
     for t in range(T):
         offset = step_offset(layout, 0, t)
         for position in range(max(first, offset), min(end, offset + step_rows(layout, 0, t))):
             row = layout.order[position - offset]
-            scaled_copy(packed_x + position * I, x + (row * T + t) * I, rows_of(in_drop, row, I), I)
-
-
-cdef void scatter_packed_rows(const LstmProblem *problem, Py_ssize_t first, Py_ssize_t end,
-                              float *packed_dx, float *dx, float *in_drop) noexcept nogil:
-    """Packed rows first .. end - 1 of packed_dx [N, I] into dx [B, T, I] through the input
-    dropout mask, for a one-part layout (scatter_step_gradients for a range of rows)."""
-    cdef const Layout *layout = &problem.layout
-    cdef Py_ssize_t T = problem.steps, I = problem.inputs, t, offset, position, row
-    for t in range(T):
-        offset = step_offset(layout, 0, t)
-        for position in range(max(first, offset), min(end, offset + step_rows(layout, 0, t))):
-            row = layout.order[position - offset]
-            scaled_copy(dx + (row * T + t) * I, packed_dx + position * I, rows_of(in_drop, row, I), I)
+            if into_packed:
+                scaled_copy(packed + position * I, batch_major + (row * T + t) * I, rows_of(in_drop, row, I), I)
+            else:
+                scaled_copy(batch_major + (row * T + t) * I, packed + position * I, rows_of(in_drop, row, I), I)
 
 
 cdef void scatter_step_gradients(const LstmProblem *problem, Py_ssize_t part, Py_ssize_t t,
