@@ -101,8 +101,11 @@ cdef struct LstmProblem:
     Py_ssize_t part_chunk_rows     # forward: rows of packed_x (and inference gates) per part
     int64_t *barrier_flags         # [team, LSTMENG_FLAG_STRIDE]: lstm_sync.h's flags
     int64_t *projection_claims     # pipelined forward: [0] chunks claimed so far, [LSTMENG_FLAG_STRIDE]
-                                   # 1 once the other thread has projected its last chunk; NULL otherwise
+                                   # 1 once the other thread has projected its last chunk,
+                                   # [2 * LSTMENG_FLAG_STRIDE] chunks the time loop has finished;
+                                   # NULL otherwise
     int64_t *projection_done       # pipelined forward: [chunks] 1 once a chunk's projection is in
+    Py_ssize_t projection_slots    # pipelined forward: slots of packed_x / inference gates chunks take in turn
 
 
 cdef struct LstmBuffers:

@@ -517,14 +517,15 @@ cdef void forward_part(const LstmProblem *problem, const LstmBuffers *buffers,
         elif chunk == 0 or lstmeng_progress_claim_exact(claims, chunk):
             # The pipelined forward (see projection_ahead), and the chunk's projection
             # is not taken yet: this thread does it.
-            gate_shift = project_chunk(problem, buffers, share, chunk_first, chunk_last, chunk, zero)
+            gate_shift = project_chunk(problem, buffers, share, chunk_first, chunk_last,
+                                       chunk % problem.projection_slots, zero)
             lstmeng_progress_publish(problem.projection_done + chunk, 1)
         else:
             # Time lost to a helper kept off its core counts as the split's barrier waits do.
             problem.barrier_flags[LSTMENG_SLOW_WAIT_NS] += lstmeng_progress_wait(
                 problem.projection_done + chunk, 1)
-            gate_shift = 0 if problem.training else chunk_gate_shift(problem, part, chunk, chunk_first,
-                                                                     chunk_last)
+            gate_shift = 0 if problem.training else chunk_gate_shift(
+                problem, part, chunk % problem.projection_slots, chunk_first, chunk_last)
         for step in range(chunk_first, chunk_last):
             t = T - 1 - step if problem.reverse else step
             if step_rows(&problem.layout, part, t) == 0:
@@ -534,6 +535,9 @@ cdef void forward_part(const LstmProblem *problem, const LstmBuffers *buffers,
             cell_rows(problem, buffers, share, t, step_gates)
         chunk_first = chunk_last
         chunk += 1
+        if claims != NULL:
+            # The chunk's slot of packed_x and of the inference gates is free again.
+            lstmeng_progress_publish(claims + 2 * LSTMENG_FLAG_STRIDE, chunk)
     if claims != NULL:
         # Meet the other thread here rather than in OpenMP's barrier at the end of the
         # region, which spins: if another process keeps it off its core, this wait sleeps
@@ -546,12 +550,13 @@ cdef void projection_ahead(const LstmProblem *problem, const LstmBuffers *buffer
                            floating zero) noexcept nogil:
     """The pipelined forward's other thread: the input projection of the chunks ahead
     of the time loop's thread (forward_part), each claimed in order (the loop's
-    thread projects chunk 0, and claims a chunk that is still free when it gets there). Every chunk has a
-    slot of its own in packed_x and in the inference gates, so this thread never
-    waits for the loop: it runs ahead until every chunk is claimed (the projection is
-    a few times faster than the steps) and says so; the loop's thread waits for that
-    at its end.
-    A chunk's projection is the same computation whichever thread runs it."""
+    thread projects chunk 0, and claims a chunk that is still free when it gets
+    there). The chunks take turns in projection_slots slots of packed_x and of the
+    inference gates (memory stays O(B H) in inference), so chunk k waits until the
+    loop has finished chunk k - projection_slots; the projection is a few times
+    faster than the steps, so this thread mostly sleeps there. When every chunk is
+    claimed it says so; the loop's thread waits for that at its end. A chunk's
+    projection is the same computation whichever thread runs it."""
     cdef int64_t *claims = problem.projection_claims
     cdef Py_ssize_t T = problem.steps, chunk, chunk_first
     while True:
@@ -560,8 +565,9 @@ cdef void projection_ahead(const LstmProblem *problem, const LstmBuffers *buffer
         if chunk_first >= T:
             lstmeng_progress_publish(claims + LSTMENG_FLAG_STRIDE, 1)   # every chunk is projected
             return
+        lstmeng_progress_wait(claims + 2 * LSTMENG_FLAG_STRIDE, chunk - problem.projection_slots + 1)
         project_chunk(problem, buffers, share, chunk_first, min(chunk_first + problem.chunk_steps, T),
-                      chunk, zero)
+                      chunk % problem.projection_slots, zero)
         lstmeng_progress_publish(problem.projection_done + chunk, 1)
 
 
@@ -895,14 +901,15 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
             packed_input_base = pack_slice(packed_input_base, <float *>buffers.kernel, I, H, 0, H,
                                            False, weights_transposed)
     # The pipelined forward: one part's time loop on thread 0, the input projection of
-    # the chunks ahead on thread 1 (projection_ahead); packed_x and the inference gates
-    # have a slot of part_chunk_rows rows for every chunk.
+    # the chunks ahead on thread 1 (projection_ahead), in the slots of part_chunk_rows
+    # rows that packed_x (and the inference gates) have room for.
     cdef Py_ssize_t chunks = (T + chunk_steps - 1) // chunk_steps
+    cdef Py_ssize_t slots = packed_x.shape[0] // max(part_chunk_rows, 1)
+    if not problem.training:
+        slots = min(slots, gates.shape[0] // max(part_chunk_rows, 1))
     cdef bint pipelined = (pipeline and problem.parts == 1 and not split_units and team_threads > 1
-                           and LSTMENG_HAVE_OPENMP and chunks > 1
-                           and packed_x.shape[0] >= chunks * part_chunk_rows
-                           and (problem.training or gates.shape[0] >= chunks * part_chunk_rows))
-    cdef int64_t[::1] claims = np.zeros(2 * LSTMENG_FLAG_STRIDE, np.int64)
+                           and LSTMENG_HAVE_OPENMP and chunks > 1 and slots >= 2)
+    cdef int64_t[::1] claims = np.zeros(3 * LSTMENG_FLAG_STRIDE, np.int64)
     cdef int64_t[::1] projections_done = np.zeros(chunks + 1, np.int64)
     global last_forward_pipelined
     last_forward_pipelined = pipelined
@@ -911,9 +918,10 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
         claims[0] = 1
         problem.projection_claims = &claims[0]
         problem.projection_done = &projections_done[0]
+        problem.projection_slots = slots
     else:
         team_threads = 1 if not split_units and problem.parts == 1 else team_threads
-    check_blas_sizes(problem.packed_rows, G, I, H, part_chunk_rows * max(problem.parts, chunks))
+    check_blas_sizes(problem.packed_rows, G, I, H, part_chunk_rows * max(problem.parts, slots))
     with nogil, parallel(num_threads=team_threads):
         member = lstmeng_thread_index()
         share = whole_part(0, H)

@@ -100,9 +100,10 @@ SPLIT_TIMINGS = 3
 #: for the next split call, so comparing one timing of each kept the shape on one
 #: thread for its first SPLIT_EXPLORE_EVERY calls even where the split was 1.5x faster.
 SPLIT_FIRST_TIMINGS = 2
-#: Most bytes of the chunk slots a pipelined forward keeps (inputs, and in inference the
-#: gates, of every chunk of steps: see ``_cython_lstm.projection_ahead``).
-PIPELINE_SLOT_BYTES = 32 * 2**20
+#: Chunks of steps whose inputs (and, in inference, gates) a pipelined forward holds at once
+#: (``_cython_lstm.projection_ahead``): its second thread projects up to this many minus one
+#: chunks ahead of the time loop. A constant, so inference memory stays O(B H).
+PIPELINE_SLOTS = 4
 #: Call shapes the chooser remembers (least recently used go first).
 SPLIT_CHOOSER_SHAPES = 64
 #: Bytes of released scratch and workspace arrays a backend keeps for its next calls
@@ -531,15 +532,11 @@ class CythonBackend(KernelBackend):
             # or not, so that the projection's results never depend on that choice.
             chunk_steps = min(chunk_steps, SPLIT_CHUNK_STEPS)
         part_chunk_rows = chunk_steps * part_batch
-        # A part's slot of the chunk buffers; a pipelined forward has one per chunk (within
-        # PIPELINE_SLOT_BYTES; else no pipeline).
+        # A part's slot of the chunk buffers; a pipelined forward's chunks take PIPELINE_SLOTS
+        # slots in turn.
         slots = parts
-        chunks = -(-steps // chunk_steps)
-        if pipeline and chunks * part_chunk_rows * (features + (0 if training else 4 * units)) \
-                * dtype.itemsize <= PIPELINE_SLOT_BYTES:
-            slots, threads = chunks, _kernel_threads()
-        else:
-            pipeline = False
+        if pipeline:
+            slots, threads = PIPELINE_SLOTS, _kernel_threads()
         take = self._buffers.take
         packed_x = take((slots * part_chunk_rows, features), dtype)
         if training:
