@@ -603,9 +603,9 @@ cdef Py_ssize_t project_chunk(const LstmProblem *problem, const LstmBuffers *buf
     rows; returns the shift from a packed row to its row of the gates buffer.
 
     The chunk's inputs go to slot ``slot`` of packed_x (a part's own, or in the
-    pipelined forward one of two the chunks alternate between); its gates to
-    the workspace (training: shift 0) or to that slot of the gate chunk buffer
-    (inference).
+    pipelined forward one of the projection_slots slots the chunks take in turn);
+    its gates to the workspace (training: shift 0) or to that slot of the gate
+    chunk buffer (inference).
     """
     cdef const Layout *layout = &problem.layout
     cdef Py_ssize_t T = problem.steps, I = problem.inputs, H = problem.units, G = problem.gate_columns
@@ -1509,8 +1509,8 @@ cdef void dx_rows(Py_ssize_t row_first, Py_ssize_t row_end, Py_ssize_t I, Py_ssi
 #
 # At batch 1 (one part, no unit split: the split loses, or the chooser found one
 # thread faster) the time loop runs on one thread while the weight gradients
-# and dx, about 40 % of the backward at (1, 500, 128, 128), waited for it on the
-# others. Here those threads take them chunk by chunk as the loop finishes the
+# and dx, a quarter to a third of a one-thread backward at (1, 500, 128, 128)
+# (perf), waited for it on the others. Here those threads take them chunk by chunk as the loop finishes the
 # rows: a weight-gradient chunk is the canonical WEIGHT_GRADIENT_CHUNK packed
 # rows, a dx item one of the canonical per-thread shares of rows. Bitwise the
 # same results as the loop-then-products path: each chunk's dK and dR go to

@@ -112,10 +112,11 @@ static inline void lstmeng_barrier_wait(int64_t *flags, int64_t member, int64_t 
         flags[member * LSTMENG_FLAG_STRIDE + LSTMENG_SLOW_WAIT_NS] += lstmeng_now_ns() - slow_since;
 }
 
-/* The backward's pipeline (_cython_lstm.pyx, pipeline_work): one thread runs the
- * time loop and raises a progress count (packed rows whose dz is final); the
- * others claim work items in order and wait until the rows an item reads are
- * done. Counts only grow. */
+/* The pipelined calls (_cython_lstm.pyx: projection_ahead in the forward,
+ * pipeline_work in the backward): one thread runs the time loop and raises a
+ * progress count (chunks of steps done; packed rows whose dz is final); the others
+ * claim work items in order and wait until what an item needs is done. Counts
+ * only grow. */
 static inline void lstmeng_progress_publish(int64_t *slot, int64_t value) {
     __atomic_store_n(slot, value, __ATOMIC_RELEASE);
 }

@@ -51,11 +51,12 @@ class KernelOverrides:
         cython_fast_gate_math: False runs the generic row code instead of the
             fused gate kernels (float32, tanh / sigmoid); None (or True) uses
             them where the CPU has them.
-        cython_pipeline: False runs a one-part call without a unit split on
-            one thread: the forward's input projection before each chunk of
-            steps, the backward's weight gradients and dx after its time loop,
-            instead of on the other threads while the loop runs (the same
-            numbers); None (or True) pipelines where the extension can.
+        cython_pipeline: False keeps a one-part call without a unit split
+            in its unpipelined order: the forward projects each chunk of steps
+            on the loop's thread before its steps, the backward computes its
+            weight gradients and dx after its time loop (shared by the
+            threads), instead of on another thread while the loop runs (the
+            same numbers); None (or True) pipelines where the extension can.
         cuda_recurrence_design: "small" (an error where it does not apply) or
             "general" forces one numba_cuda recurrence design; None chooses
             per call.
