@@ -512,8 +512,9 @@ class CythonBackend(KernelBackend):
         # One part whose time loop runs on one thread while others are free: the input
         # projection of the chunks ahead runs on another thread (the extension's pipelined
         # forward), unless the busy-machine rule holds those threads back.
-        one_part_may_thread = (parts == 1 and not split_units and _kernel_threads() > 1
-                               and flops >= MIN_FLOPS_TO_THREAD)
+        # (The cheap tests first: _kernel_threads() reads the environment, a few µs of a cell step.)
+        one_part_may_thread = (parts == 1 and not split_units and flops >= MIN_FLOPS_TO_THREAD
+                               and _kernel_threads() > 1)
         if one_part_may_thread and chooser_key is None and overrides.cython_pipeline is not False:
             busy = not self._split_governor.allow()
         pipeline = one_part_may_thread and not busy and overrides.cython_pipeline is not False
