@@ -72,6 +72,11 @@ def base_backend_module(folder: str):
         if working_contract is not None:
             sys.modules[contract_name] = working_contract
     module._cython_lstm = extension
+    # The kernel overrides the base reads are its own: their fields change between revisions (a
+    # base reading a field the working tree renamed failed). No override is set in its copy.
+    overrides = os.path.join(folder, "lstmeng", "backends", "_kernel_overrides.py")
+    if os.path.exists(overrides) and hasattr(module, "_kernel_overrides"):
+        module._kernel_overrides = _load("lstmeng_ab_base_overrides", overrides)
     return module
 
 
