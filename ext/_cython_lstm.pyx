@@ -909,11 +909,13 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
         slots = min(slots, gates.shape[0] // max(part_chunk_rows, 1))
     cdef bint pipelined = (pipeline and problem.parts == 1 and not split_units and team_threads > 1
                            and LSTMENG_HAVE_OPENMP and chunks > 1 and slots >= 2)
-    cdef int64_t[::1] claims = np.zeros(3 * LSTMENG_FLAG_STRIDE, np.int64)
-    cdef int64_t[::1] projections_done = np.zeros(chunks + 1, np.int64)
+    # Allocated only for a pipelined call (a one-step cell call pays every array it makes).
+    cdef int64_t[::1] claims, projections_done
     global last_forward_pipelined
     last_forward_pipelined = pipelined
     if pipelined:
+        claims = np.zeros(3 * LSTMENG_FLAG_STRIDE, np.int64)
+        projections_done = np.zeros(chunks + 1, np.int64)
         # Chunk 0 is the loop's own: it would otherwise wait for the other thread to wake up.
         claims[0] = 1
         problem.projection_claims = &claims[0]
@@ -1299,7 +1301,7 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
                            and chunks * (I + H) * G * 4 <= PIPELINE_MAX_BYTES)
     cdef Py_ssize_t[:, ::1] items_array
     cdef int64_t[::1] thresholds_array
-    cdef int64_t[::1] counters_array = np.zeros(3 * LSTMENG_FLAG_STRIDE, np.int64)
+    cdef int64_t[::1] counters_array
     cdef int64_t[::1] inputs_ready
     partials_array = packed_dx_array = None
     cdef float[::1] partials, packed_dx
@@ -1307,6 +1309,7 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     last_backward_pipelined = pipelined
     memset(&work, 0, sizeof(work))
     if pipelined:
+        counters_array = np.zeros(3 * LSTMENG_FLAG_STRIDE, np.int64)
         items_array, thresholds_array = pipeline_items(N, chunks, column_threads,
                                                        team_threads if dx_wanted else 0, reverse)
         inputs_ready_array = np.zeros(chunks, np.int64)

@@ -179,6 +179,28 @@ def test_pipelined_forward_gives_the_same_numbers(dtype, isa, shape, mask_kind, 
             np.testing.assert_array_equal(got, want, err_msg=name)
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["", "reverse"])
+def test_pipelined_forward_agrees_with_the_reference(training, reverse, idle_machine):
+    """Not only self-consistent: a pipelined forward's outputs and final states match the NumPy
+    reference backend (more chunks than slots, so the slots are reused)."""
+    from lstmeng.backends import numpy as numpy_backend_module
+
+    arrays = _arrays((3, 300, 24, 40), "right-padded", True, seed=11)
+    x, h0, c0, kernel, recurrent_kernel, bias, mask, input_dropout, recurrent_dropout, _ = arrays
+    with kernel_overrides(cython_split_units=False):
+        actual = sequence_forward(cython_module.CythonBackend(), x, h0, c0, kernel, recurrent_kernel, bias, mask,
+                                  input_dropout, recurrent_dropout, training=training, reverse=reverse)
+    assert extension.last_forward_pipelined
+    as64 = [None if a is None else np.asarray(a, np.float64)
+            for a in (x, h0, c0, kernel, recurrent_kernel, bias, input_dropout, recurrent_dropout)]
+    expected = sequence_forward(numpy_backend_module.NumpyBackend(), *as64[:6], mask, *as64[6:],
+                                training=training, reverse=reverse)
+    for name in FORWARD_RESULTS:
+        np.testing.assert_allclose(getattr(actual, name), getattr(expected, name), rtol=1e-4, atol=1e-5,
+                                   err_msg=name)
+
+
 def test_busy_machine_stops_the_pipeline(monkeypatch):
     """While the busy-machine rule holds (a split or a pipelined call lost time waiting for a
     thread another process kept off its core), one-part calls run on one thread; a pipelined
