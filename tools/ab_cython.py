@@ -19,6 +19,7 @@ delete them and run ``git worktree prune`` to clean up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import importlib.util
 import inspect
@@ -98,6 +99,9 @@ def main(argv=None) -> int:
     parser.add_argument("--mode", choices=("infer", "train"), default="train")
     parser.add_argument("--lengths", action="store_true", help="lengths uniform in 1..T (variable-length path)")
     parser.add_argument("--repeats", type=int, default=12)
+    parser.add_argument("--split", choices=("auto", "on", "off"), default="auto",
+                        help="force the unit split of one-part calls on or off in both builds (default: each "
+                             "build's own timing-based choice, which a noisy machine can tip either way)")
     args = parser.parse_args(argv)
 
     import lstmeng.backends.cython as working_tree
@@ -116,18 +120,27 @@ def main(argv=None) -> int:
         mask = np.arange(steps)[None, :] < lengths[:, None]
 
     backends = {"base": base.CythonBackend(), "tree": working_tree.CythonBackend()}
+    split = {"auto": None, "on": True, "off": False}[args.split]
+    overrides = {"base": getattr(base, "_kernel_overrides", None), "tree": working_tree._kernel_overrides}
     times = {name: [] for name in backends}
     results = {}
     for _ in range(args.repeats + 1):   # the first round warms up and is not counted
         for name, backend in backends.items():
-            start = time.perf_counter()
-            forward = sequence_forward(backend, x, zeros, kernel, recurrent_kernel, bias, mask, args.mode == "train")
-            if args.mode == "train":
-                grads = backend.sequence_backward(dy, zeros, zeros, forward.workspace)
-                results[name] = (forward.outputs, grads.dx, grads.dkernel, grads.drecurrent_kernel, grads.dbias)
-            else:
-                results[name] = (forward.outputs, forward.h, forward.c)
-            times[name].append(time.perf_counter() - start)
+            forced = contextlib.nullcontext()
+            if split is not None:
+                if overrides[name] is None:
+                    parser.error(f"--split: the {name} build has no kernel overrides")
+                forced = overrides[name].kernel_overrides(cython_split_units=split)
+            with forced:
+                start = time.perf_counter()
+                forward = sequence_forward(backend, x, zeros, kernel, recurrent_kernel, bias, mask,
+                                           args.mode == "train")
+                if args.mode == "train":
+                    grads = backend.sequence_backward(dy, zeros, zeros, forward.workspace)
+                    results[name] = (forward.outputs, grads.dx, grads.dkernel, grads.drecurrent_kernel, grads.dbias)
+                else:
+                    results[name] = (forward.outputs, forward.h, forward.c)
+                times[name].append(time.perf_counter() - start)
     flops = 8.0 * batch * steps * units * (inputs + units) * (3 if args.mode == "train" else 1)
     for name, measured in times.items():
         measured = measured[1:]
