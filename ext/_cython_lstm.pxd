@@ -52,6 +52,9 @@ cdef extern from "lstm_gemm.h" nogil:
                                  int transpose, float *packed)
     void lstmeng_gemm_packed_f32(Py_ssize_t rows, Py_ssize_t G, Py_ssize_t K, const float *a,
                                  Py_ssize_t lda, const float *packed, float *c, Py_ssize_t ldc)
+    void lstmeng_gemm_packed_bias_f32(Py_ssize_t rows, Py_ssize_t G, Py_ssize_t K, const float *a,
+                                      Py_ssize_t lda, const float *packed, const float *bias, float *c,
+                                      Py_ssize_t ldc)
     void lstmeng_gemm_at_packed_f32(Py_ssize_t rows, Py_ssize_t G, Py_ssize_t K, const float *a,
                                     Py_ssize_t lda, const float *packed, float *c, Py_ssize_t ldc)
 
@@ -228,7 +231,8 @@ cdef float *pack_slice(float *base, const float *weights, Py_ssize_t K, Py_ssize
                        bint stored_transposed) noexcept nogil
 cdef void gates_product(Py_ssize_t rows, Py_ssize_t K, floating *a, Py_ssize_t lda,
                         floating *weights, bint stored_transposed, float *packed, floating *gates,
-                        Py_ssize_t H, Py_ssize_t u0, Py_ssize_t width, floating beta) noexcept nogil
+                        Py_ssize_t H, Py_ssize_t u0, Py_ssize_t width, bint accumulate,
+                        floating *bias) noexcept nogil
 cdef void hidden_gradient_product(Py_ssize_t rows, Py_ssize_t H, floating *dz,
                                   floating *recurrent_kernel, bint stored_transposed,
                                   float *packed_t, floating *dh, Py_ssize_t u0,

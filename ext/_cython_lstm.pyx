@@ -401,17 +401,39 @@ cdef float *pack_slice(float *base, const float *weights, Py_ssize_t K, Py_ssize
 
 cdef void gates_product(Py_ssize_t rows, Py_ssize_t K, floating *a, Py_ssize_t lda,
                         floating *weights, bint stored_transposed, float *packed, floating *gates,
-                        Py_ssize_t H, Py_ssize_t u0, Py_ssize_t width, floating beta) noexcept nogil:
-    """gates[:, columns of units u0 .. u0 + width) = a @ weights[:, same] + beta * gates.
+                        Py_ssize_t H, Py_ssize_t u0, Py_ssize_t width, bint accumulate,
+                        floating *bias) noexcept nogil:
+    """gates[:, columns of units u0 .. u0 + width) = a @ weights[:, same] plus, when
+    accumulate, the gates' own values, else bias[same] (zeros when bias is NULL).
 
     a: [rows, K] (row stride lda); weights: [K, 4H], held as weights^T [4H, K] when
-    stored_transposed (BLAS then reads it transposed); gates: [rows, 4H]. packed:
-    weights' slice from pack_weight_slice (float32 only; beta must be 1), or
-    NULL for BLAS.
+    stored_transposed (BLAS then reads it transposed); gates: [rows, 4H]; bias: [4H]
+    or NULL (read only when not accumulate). packed: weights' slice from
+    pack_weight_slice (float32 only), or NULL for BLAS. Every path adds the same
+    start value to the product once, so the sums match bitwise across them.
     """
-    cdef Py_ssize_t G = 4 * H, gate
+    cdef Py_ssize_t G = 4 * H, gate, i
+    cdef floating beta = 1 if accumulate or bias != NULL else 0
     if width == 0 or rows == 0:
         return
+    if floating is float:
+        if packed != NULL and not accumulate and bias != NULL:
+            # The packed kernel starts from the bias itself (no bias rows to fill first).
+            if width == H:
+                lstmeng_gemm_packed_bias_f32(rows, G, K, a, lda, packed, bias, gates, G)
+            else:
+                for gate in range(4):
+                    lstmeng_gemm_packed_bias_f32(rows, width, K, a, lda, packed + gate * K * width,
+                                                 bias + gate * H + u0, gates + gate * H + u0, G)
+            return
+    if not accumulate and (bias != NULL or (floating is float and packed != NULL)):
+        # Bias rows (zeros without a bias: the packed kernel only accumulates), then beta = 1.
+        for i in range(rows):
+            for gate in range(4):
+                if bias != NULL:
+                    memcpy(gates + i * G + gate * H + u0, bias + gate * H + u0, width * sizeof(floating))
+                else:
+                    memset(gates + i * G + gate * H + u0, 0, width * sizeof(floating))
     if floating is float:
         if packed != NULL:
             if width == H:
@@ -610,7 +632,7 @@ cdef Py_ssize_t project_chunk(const LstmProblem *problem, const LstmBuffers *buf
     cdef const Layout *layout = &problem.layout
     cdef Py_ssize_t T = problem.steps, I = problem.inputs, H = problem.units, G = problem.gate_columns
     cdef Py_ssize_t part = share.part, u0 = share.u0, width = share.u1 - share.u0
-    cdef Py_ssize_t t_lo, t_hi, first_row, rows, x_shift, gate_shift, t, i, gate
+    cdef Py_ssize_t t_lo, t_hi, first_row, rows, x_shift, gate_shift, t
     cdef floating *bias = <floating *>buffers.bias
     cdef floating *packed_x = <floating *>buffers.packed_x
     cdef floating *step_gates
@@ -630,20 +652,9 @@ cdef Py_ssize_t project_chunk(const LstmProblem *problem, const LstmBuffers *buf
             copy_step_inputs(problem, part, t, <floating *>buffers.x,
                              <floating *>buffers.input_dropout, packed_x, x_shift)
     team_wait(problem, share)
-    # Bias folded in by starting from broadcast bias rows (zeros without bias
-    # where the packed kernel, which only accumulates, runs).
     step_gates = <floating *>buffers.gates + (first_row + gate_shift) * G
-    if bias != NULL or kernel_packed != NULL:
-        for i in range(rows):
-            for gate in range(4):
-                if bias != NULL:
-                    memcpy(step_gates + i * G + gate * H + u0, bias + gate * H + u0,
-                           width * sizeof(floating))
-                else:
-                    memset(step_gates + i * G + gate * H + u0, 0, width * sizeof(floating))
     gates_product(rows, I, packed_x + (first_row + x_shift) * I, I, <floating *>buffers.kernel,
-                  problem.weights_transposed, kernel_packed, step_gates, H, u0, width,
-                  <floating>(1 if bias != NULL or kernel_packed != NULL else 0))
+                  problem.weights_transposed, kernel_packed, step_gates, H, u0, width, False, bias)
     return gate_shift
 
 
@@ -679,7 +690,7 @@ cdef void recurrent_step_product(const LstmProblem *problem, const LstmBuffers *
     share.steps_run += 1
     team_wait(problem, share)
     gates_product(n_rows, H, h_in, H, <floating *>buffers.recurrent_kernel, problem.weights_transposed,
-                  share.recurrent_packed, step_gates, H, u0, width, <floating>1)
+                  share.recurrent_packed, step_gates, H, u0, width, True, NULL)
 
 
 cdef void cell_rows(const LstmProblem *problem, const LstmBuffers *buffers, TeamShare *share,

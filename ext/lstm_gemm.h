@@ -205,7 +205,7 @@ LSTMENG_AVX2_FMA static void lstmeng_gemm_packed_avx2_f32(int64_t rows, int64_t 
  * either way, so C is bitwise the same. */
 LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_block_avx512_f32(
         const int rows, const int stored, const float *a, const int64_t row_step, const int64_t k_step,
-        const float *panels, int64_t K, float *c, int64_t ldc) {
+        const float *panels, int64_t K, float *c, int64_t ldc, const float *bias) {
     __m512 left[LSTMENG_AVX512_BLOCK_ROWS], right[LSTMENG_AVX512_BLOCK_ROWS];
     int64_t a_row[LSTMENG_AVX512_BLOCK_ROWS];
     int64_t k;
@@ -229,9 +229,10 @@ LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_block_a
         }
     }
     for (r = 0; r < stored; r++) {
-        _mm512_storeu_ps(c + r * ldc, _mm512_add_ps(_mm512_loadu_ps(c + r * ldc), left[r]));
+        const float *start = bias != NULL ? bias : c + r * ldc;
+        _mm512_storeu_ps(c + r * ldc, _mm512_add_ps(_mm512_loadu_ps(start), left[r]));
         _mm512_storeu_ps(c + r * ldc + LSTMENG_PANEL,
-                         _mm512_add_ps(_mm512_loadu_ps(c + r * ldc + LSTMENG_PANEL), right[r]));
+                         _mm512_add_ps(_mm512_loadu_ps(start + LSTMENG_PANEL), right[r]));
     }
 }
 
@@ -240,7 +241,9 @@ LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_block_a
  * FMA units busy; a batch-1 step is all rows like this, bound by reading the
  * panels from L2 in one 128-byte-per-k stream). */
 LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_row_avx512_f32(
-        const float *a, const int64_t k_step, const float *panels, int64_t K, float *c) {
+        const float *a, const int64_t k_step, const float *panels, int64_t K, float *c,
+        const float *bias) {
+    const float *start = bias != NULL ? bias : c;
     const float *q = panels, *s = panels + LSTMENG_PANEL;
     __m512 acc[8];
     int64_t k;
@@ -260,25 +263,27 @@ LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_row_avx
         acc[0] = _mm512_fmadd_ps(x, _mm512_loadu_ps(q + k * LSTMENG_PAIR), acc[0]);
         acc[1] = _mm512_fmadd_ps(x, _mm512_loadu_ps(s + k * LSTMENG_PAIR), acc[1]);
     }
-    _mm512_storeu_ps(c, _mm512_add_ps(_mm512_loadu_ps(c),
+    _mm512_storeu_ps(c, _mm512_add_ps(_mm512_loadu_ps(start),
                                       _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]),
                                                     _mm512_add_ps(acc[4], acc[6]))));
     _mm512_storeu_ps(c + LSTMENG_PANEL,
-                     _mm512_add_ps(_mm512_loadu_ps(c + LSTMENG_PANEL),
+                     _mm512_add_ps(_mm512_loadu_ps(start + LSTMENG_PANEL),
                                    _mm512_add_ps(_mm512_add_ps(acc[1], acc[3]),
                                                  _mm512_add_ps(acc[5], acc[7]))));
 }
 
-/* Rows r0 .. r1 - 1 of C times one panel pair, in blocks of 12, 8, 4 and single rows. */
+/* Rows r0 .. r1 - 1 of C times one panel pair, in blocks of 12, 8, 4 and single rows.
+ * bias_pair: NULL (C += the product) or the pair's 32 bias columns (C = bias + the
+ * product: C's old values are not read). */
 LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_pair_avx512_f32(
         int64_t r0, int64_t r1, int64_t K, const float *a, const int64_t row_step,
-        const int64_t k_step, const float *panels, float *c_pair, int64_t ldc) {
+        const int64_t k_step, const float *panels, float *c_pair, int64_t ldc, const float *bias_pair) {
     for (; r0 + LSTMENG_AVX512_BLOCK_ROWS <= r1; r0 += LSTMENG_AVX512_BLOCK_ROWS)
         lstmeng_block_avx512_f32(LSTMENG_AVX512_BLOCK_ROWS, LSTMENG_AVX512_BLOCK_ROWS, a + r0 * row_step,
-                                 row_step, k_step, panels, K, c_pair + r0 * ldc, ldc);
+                                 row_step, k_step, panels, K, c_pair + r0 * ldc, ldc, bias_pair);
     if (r1 - r0 >= 8) {
         lstmeng_block_avx512_f32(8, 8, a + r0 * row_step, row_step, k_step, panels, K,
-                                 c_pair + r0 * ldc, ldc);
+                                 c_pair + r0 * ldc, ldc, bias_pair);
         r0 += 8;
     }
     while (r1 - r0 >= 2) {
@@ -288,14 +293,15 @@ LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_pair_av
          * extension ran as fast as one of 4 + 4n rows. */
         const int stored = r1 - r0 >= 4 ? 4 : (int)(r1 - r0);
         lstmeng_block_avx512_f32(4, stored, a + r0 * row_step, row_step, k_step, panels, K,
-                                 c_pair + r0 * ldc, ldc);
+                                 c_pair + r0 * ldc, ldc, bias_pair);
         r0 += stored;
     }
     if (r1 - r0 == 1)
-        lstmeng_row_avx512_f32(a + r0 * row_step, k_step, panels, K, c_pair + r0 * ldc);
+        lstmeng_row_avx512_f32(a + r0 * row_step, k_step, panels, K, c_pair + r0 * ldc, bias_pair);
 }
 
-/* C[rows, G] += A[rows, K] @ B, B packed by lstmeng_pack_panels_f32 (AVX-512).
+/* C[rows, G] += A[rows, K] @ B, B packed by lstmeng_pack_panels_f32 (AVX-512), or
+ * C = bias + A @ B when bias (G floats, the same for every row) is not NULL.
  * Panel pairs outside, rows inside, as in the AVX2 kernel: B streams once per
  * step and each pair (K x 32 floats) serves every row block from L1/L2. Taller
  * products (the input projection: a chunk of 1024 rows) go through the rows in
@@ -303,14 +309,15 @@ LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_pair_av
  * panel pair passes over it. */
 LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_gemm_avx512_f32(
         int64_t rows, int64_t G, int64_t K, const float *a, const int64_t row_step,
-        const int64_t k_step, const float *packed, float *c, int64_t ldc) {
+        const int64_t k_step, const float *packed, float *c, int64_t ldc, const float *bias) {
     int64_t pair, group, group_end;
     for (group = 0; group < rows; group = group_end) {
         group_end = rows - group <= LSTMENG_AVX512_ROW_GROUP + LSTMENG_AVX512_ROW_GROUP / 2
                         ? rows : group + LSTMENG_AVX512_ROW_GROUP;
         for (pair = 0; pair + 1 < G / LSTMENG_PANEL; pair += 2)
             lstmeng_pair_avx512_f32(group, group_end, K, a, row_step, k_step,
-                                    packed + pair * K * LSTMENG_PANEL, c + pair * LSTMENG_PANEL, ldc);
+                                    packed + pair * K * LSTMENG_PANEL, c + pair * LSTMENG_PANEL, ldc,
+                                    bias != NULL ? bias + pair * LSTMENG_PANEL : NULL);
     }
 }
 
@@ -319,7 +326,18 @@ LSTMENG_AVX512 static void lstmeng_gemm_packed_avx512_f32(int64_t rows, int64_t 
                                                          const float *a, int64_t lda,
                                                          const float *packed, float *c,
                                                          int64_t ldc) {
-    lstmeng_gemm_avx512_f32(rows, G, K, a, lda, 1, packed, c, ldc);
+    lstmeng_gemm_avx512_f32(rows, G, K, a, lda, 1, packed, c, ldc, NULL);
+}
+
+/* C[rows, G] = bias[G] (every row) + A[rows, K] @ B, A row-major: the input
+ * projection with its bias, without first filling C with bias rows (at batch 1 the
+ * 4 copies per row took 5 % of a unit-split member's step). The same sum as
+ * filling C and adding (one rounding of bias + the product). */
+LSTMENG_AVX512 static void lstmeng_gemm_packed_bias_avx512_f32(int64_t rows, int64_t G, int64_t K,
+                                                              const float *a, int64_t lda,
+                                                              const float *packed, const float *bias,
+                                                              float *c, int64_t ldc) {
+    lstmeng_gemm_avx512_f32(rows, G, K, a, lda, 1, packed, c, ldc, bias);
 }
 
 /* C[rows, G] += A^T[rows, K] @ B for a row-major A [K, rows] (row stride lda), read
@@ -328,7 +346,7 @@ LSTMENG_AVX512 static void lstmeng_gemm_at_packed_avx512_f32(int64_t rows, int64
                                                             const float *a, int64_t lda,
                                                             const float *packed, float *c,
                                                             int64_t ldc) {
-    lstmeng_gemm_avx512_f32(rows, G, K, a, 1, lda, packed, c, ldc);
+    lstmeng_gemm_avx512_f32(rows, G, K, a, 1, lda, packed, c, ldc, NULL);
 }
 #endif
 
@@ -347,6 +365,22 @@ static void lstmeng_gemm_packed_f32(int64_t rows, int64_t G, int64_t K, const fl
 #else
     (void)rows; (void)G; (void)K; (void)a; (void)lda; (void)packed; (void)c; (void)ldc;
 #endif
+}
+
+/* C[rows, G] = bias (every row) + A[rows, K] @ B: the AVX-512 kernel, or C filled
+ * with bias rows and then the kernel of lstmeng_isa. */
+static void lstmeng_gemm_packed_bias_f32(int64_t rows, int64_t G, int64_t K, const float *a,
+                                         int64_t lda, const float *packed, const float *bias,
+                                         float *c, int64_t ldc) {
+    int64_t r;
+#if LSTMENG_HAVE_AVX512
+    if (lstmeng_isa == LSTMENG_ISA_AVX512) {
+        lstmeng_gemm_packed_bias_avx512_f32(rows, G, K, a, lda, packed, bias, c, ldc);
+        return;
+    }
+#endif
+    for (r = 0; r < rows; r++) memcpy(c + r * ldc, bias, (size_t)G * sizeof(float));
+    lstmeng_gemm_packed_f32(rows, G, K, a, lda, packed, c, ldc);
 }
 
 /* C[rows, G] += A^T @ B, A [K, rows] row-major (lda), B packed: AVX-512 only (the
