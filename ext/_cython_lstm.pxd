@@ -46,6 +46,7 @@ cdef extern from "lstm_cpu.h" nogil:
     int lstmeng_best_isa()
     int lstmeng_isa
     const int LSTMENG_ISA_SCALAR, LSTMENG_ISA_AVX2, LSTMENG_ISA_AVX512
+    void lstmeng_prefetch_row(const void *p, int64_t bytes, int for_write)
 
 cdef extern from "lstm_gemm.h" nogil:
     void lstmeng_pack_panels_f32(const float *b, Py_ssize_t K, Py_ssize_t G, Py_ssize_t ld,

@@ -148,6 +148,8 @@ cdef Py_ssize_t PANEL_PAIR = 32
 # H <= 256: 4), the crossovers of a sweep at batch 1 (docs/cython.md). Shorter
 # calls (a cell step, streaming with T = 1) use BLAS on the caller's arrays. The
 # input kernel and K^T are packed for products of at least MIN_ROWS_TO_PACK rows.
+# Rows ahead whose caller rows (x, outputs) a row loop prefetches (lstmeng_prefetch_row).
+cdef Py_ssize_t ROW_PREFETCH_DISTANCE = 4
 cdef Py_ssize_t PACK_MIN_STEPS = 4
 cdef Py_ssize_t PACK_MIN_ROWS = 8
 cdef Py_ssize_t PACK_BYTES_PER_STEP = 256 * 1024
@@ -494,9 +496,12 @@ cdef void copy_step_inputs(const LstmProblem *problem, Py_ssize_t part, Py_ssize
     cdef const Layout *layout = &problem.layout
     cdef Py_ssize_t T = problem.steps, I = problem.inputs
     cdef Py_ssize_t r_begin = layout.row_begin[part], first = step_offset(layout, part, t)
-    cdef Py_ssize_t i, row
-    for i in range(step_rows(layout, part, t)):
+    cdef Py_ssize_t i, row, n_rows = step_rows(layout, part, t)
+    for i in range(n_rows):
         row = layout.order[r_begin + i]
+        if i + ROW_PREFETCH_DISTANCE < n_rows:
+            lstmeng_prefetch_row(x + (layout.order[r_begin + i + ROW_PREFETCH_DISTANCE] * T + t) * I,
+                                 I * sizeof(floating), 0)
         scaled_copy(packed_x + (first + i + shift) * I, x + (row * T + t) * I,
                     rows_of(in_drop, row, I), I)
 
@@ -711,9 +716,15 @@ cdef void cell_rows(const LstmProblem *problem, const LstmBuffers *buffers, Team
     cdef floating *c_prev_all = <floating *>buffers.c_prev_all
     cdef floating *sequence_outputs = <floating *>buffers.sequence_outputs
     cdef floating *out_row
-    for i in range(step_rows(layout, part, t)):
+    cdef Py_ssize_t n_rows = step_rows(layout, part, t)
+    for i in range(n_rows):
         r = r_begin + i
         row = layout.order[r]
+        if sequence_outputs != NULL and i + ROW_PREFETCH_DISTANCE < n_rows:
+            # The output row a few rows on: in the variable-length layout the caller rows
+            # come in length order, which the hardware prefetcher cannot follow.
+            lstmeng_prefetch_row(sequence_outputs + (layout.order[r + ROW_PREFETCH_DISTANCE] * T + t) * H + u0,
+                                 width * sizeof(floating), 1)
         real = mask == NULL or mask[row * T + t]
         if real:
             forward_row(step_gates + i * G + u0, c_state + r * H + u0,
@@ -1111,9 +1122,13 @@ cdef void gate_gradient_rows(const LstmProblem *problem, const LstmBuffers *buff
     cdef floating *dh_recurrent = <floating *>gradients.dh_recurrent
     cdef floating *dc_state = <floating *>gradients.dc_state
     cdef floating *dy
-    for i in range(step_rows(layout, part, t)):
+    cdef Py_ssize_t n_rows = step_rows(layout, part, t)
+    for i in range(n_rows):
         r = r_begin + i
         row = layout.order[r]
+        if doutputs_sequence != NULL and i + ROW_PREFETCH_DISTANCE < n_rows:
+            lstmeng_prefetch_row(doutputs_sequence + (layout.order[r + ROW_PREFETCH_DISTANCE] * T + t) * H + u0,
+                                 width * sizeof(floating), 0)
         real = mask == NULL or mask[row * T + t]
         # Gradient reaching h(t): from the recurrence (or the carry) plus this
         # step's output when that output is h (a real step, or a masked one
@@ -1670,7 +1685,10 @@ cdef void scatter_step_gradients(const LstmProblem *problem, Py_ssize_t part, Py
     cdef const Layout *layout = &problem.layout
     cdef Py_ssize_t T = problem.steps, I = problem.inputs
     cdef Py_ssize_t r_begin = layout.row_begin[part], first = step_offset(layout, part, t)
-    cdef Py_ssize_t i, row
-    for i in range(step_rows(layout, part, t)):
+    cdef Py_ssize_t i, row, n_rows = step_rows(layout, part, t)
+    for i in range(n_rows):
         row = layout.order[r_begin + i]
+        if i + ROW_PREFETCH_DISTANCE < n_rows:
+            lstmeng_prefetch_row(dx + (layout.order[r_begin + i + ROW_PREFETCH_DISTANCE] * T + t) * I,
+                                 I * sizeof(floating), 1)
         scaled_copy(dx + (row * T + t) * I, packed_dx + (first + i) * I, rows_of(in_drop, row, I), I)

@@ -37,6 +37,8 @@
 
 /* Kernel families, in increasing order of preference. SCALAR: no hand-written
  * SIMD (BLAS for the step product, the compiler-vectorised generic rows). */
+#include <stdint.h>
+
 enum { LSTMENG_ISA_SCALAR = 0, LSTMENG_ISA_AVX2 = 1, LSTMENG_ISA_AVX512 = 2 };
 
 static int lstmeng_avx2_fma_supported(void) {
@@ -66,5 +68,17 @@ static int lstmeng_best_isa(void) {
 }
 
 static int lstmeng_isa = LSTMENG_ISA_SCALAR;
+
+/* Asks the caches for the 64-byte lines of [p, p + bytes) ahead of their use: for
+ * writing (an output row about to be stored) when for_write, else for reading. For
+ * rows visited in an order the hardware prefetcher cannot follow (the variable-length
+ * layout's rows are sorted by length, so their caller rows come in no stride). */
+static inline void lstmeng_prefetch_row(const void *p, int64_t bytes, int for_write) {
+    const char *line = (const char *)p, *end = (const char *)p + bytes;
+    for (; line < end; line += 64) {
+        if (for_write) __builtin_prefetch(line, 1, 3);
+        else __builtin_prefetch(line, 0, 3);
+    }
+}
 
 #endif
