@@ -135,6 +135,10 @@ def select_kernels(isa_name, bint fast_gate_math):
 #: Activation names -> the kind numbers of lstm_rows.h.
 ACTIVATION_KINDS = {"tanh": 0, "relu": 1, "sigmoid": 2, "linear": 3, "hard_sigmoid": 4}
 
+# Rows ahead whose caller rows (x, outputs, dy, dx) a row loop prefetches
+# (lstmeng_prefetch_row): enough to cover a miss behind one row's gate math.
+cdef Py_ssize_t ROW_PREFETCH_DISTANCE = 4
+
 #: Packed-kernel panels are 16 columns and its kernels take them in pairs.
 cdef Py_ssize_t PANEL_PAIR = 32
 # When packing the recurrent kernel for the packed kernel pays, per call: packing
@@ -148,8 +152,6 @@ cdef Py_ssize_t PANEL_PAIR = 32
 # H <= 256: 4), the crossovers of a sweep at batch 1 (docs/cython.md). Shorter
 # calls (a cell step, streaming with T = 1) use BLAS on the caller's arrays. The
 # input kernel and K^T are packed for products of at least MIN_ROWS_TO_PACK rows.
-# Rows ahead whose caller rows (x, outputs) a row loop prefetches (lstmeng_prefetch_row).
-cdef Py_ssize_t ROW_PREFETCH_DISTANCE = 4
 cdef Py_ssize_t PACK_MIN_STEPS = 4
 cdef Py_ssize_t PACK_MIN_ROWS = 8
 cdef Py_ssize_t PACK_BYTES_PER_STEP = 256 * 1024

@@ -35,10 +35,10 @@
 #define LSTMENG_HAVE_AVX512 0
 #endif
 
-/* Kernel families, in increasing order of preference. SCALAR: no hand-written
- * SIMD (BLAS for the step product, the compiler-vectorised generic rows). */
 #include <stdint.h>
 
+/* Kernel families, in increasing order of preference. SCALAR: no hand-written
+ * SIMD (BLAS for the step product, the compiler-vectorised generic rows). */
 enum { LSTMENG_ISA_SCALAR = 0, LSTMENG_ISA_AVX2 = 1, LSTMENG_ISA_AVX512 = 2 };
 
 static int lstmeng_avx2_fma_supported(void) {
