@@ -102,6 +102,8 @@ def main(argv=None) -> int:
     parser.add_argument("--split", choices=("auto", "on", "off"), default="auto",
                         help="force the unit split of one-part calls on or off in both builds (default: each "
                              "build's own timing-based choice, which a noisy machine can tip either way)")
+    parser.add_argument("--isa", choices=("auto", "avx512", "avx2", "scalar"), default="auto",
+                        help="force one kernel family in both builds (default: the CPU's best)")
     args = parser.parse_args(argv)
 
     import lstmeng.backends.cython as working_tree
@@ -127,10 +129,15 @@ def main(argv=None) -> int:
     for _ in range(args.repeats + 1):   # the first round warms up and is not counted
         for name, backend in backends.items():
             forced = contextlib.nullcontext()
+            fields = {}
             if split is not None:
+                fields["cython_split_units"] = split
+            if args.isa != "auto":
+                fields["cython_isa"] = args.isa
+            if fields:
                 if overrides[name] is None:
-                    parser.error(f"--split: the {name} build has no kernel overrides")
-                forced = overrides[name].kernel_overrides(cython_split_units=split)
+                    parser.error(f"--split / --isa: the {name} build has no kernel overrides")
+                forced = overrides[name].kernel_overrides(**fields)
             with forced:
                 start = time.perf_counter()
                 forward = sequence_forward(backend, x, zeros, kernel, recurrent_kernel, bias, mask,
