@@ -421,8 +421,8 @@ cdef void gates_product(Py_ssize_t rows, Py_ssize_t K, floating *a, Py_ssize_t l
     if width == 0 or rows == 0:
         return
     if floating is float:
-        if packed != NULL and not accumulate and bias != NULL:
-            # The packed kernel starts from the bias itself (no bias rows to fill first).
+        if packed != NULL and not accumulate and bias != NULL and lstmeng_isa == LSTMENG_ISA_AVX512:
+            # The AVX-512 kernel starts from the bias itself (no bias rows to fill first).
             if width == H:
                 lstmeng_gemm_packed_bias_f32(rows, G, K, a, lda, packed, bias, gates, G)
             else:

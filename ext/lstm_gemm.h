@@ -367,20 +367,16 @@ static void lstmeng_gemm_packed_f32(int64_t rows, int64_t G, int64_t K, const fl
 #endif
 }
 
-/* C[rows, G] = bias (every row) + A[rows, K] @ B: the AVX-512 kernel, or C filled
- * with bias rows and then the kernel of lstmeng_isa. */
+/* C[rows, G] = bias (every row) + A[rows, K] @ B: AVX-512 only (the caller checks
+ * lstmeng_isa, and for the other kernels fills C with bias rows and accumulates). */
 static void lstmeng_gemm_packed_bias_f32(int64_t rows, int64_t G, int64_t K, const float *a,
                                          int64_t lda, const float *packed, const float *bias,
                                          float *c, int64_t ldc) {
-    int64_t r;
 #if LSTMENG_HAVE_AVX512
-    if (lstmeng_isa == LSTMENG_ISA_AVX512) {
-        lstmeng_gemm_packed_bias_avx512_f32(rows, G, K, a, lda, packed, bias, c, ldc);
-        return;
-    }
+    lstmeng_gemm_packed_bias_avx512_f32(rows, G, K, a, lda, packed, bias, c, ldc);
+#else
+    (void)rows; (void)G; (void)K; (void)a; (void)lda; (void)packed; (void)bias; (void)c; (void)ldc;
 #endif
-    for (r = 0; r < rows; r++) memcpy(c + r * ldc, bias, (size_t)G * sizeof(float));
-    lstmeng_gemm_packed_f32(rows, G, K, a, lda, packed, c, ldc);
 }
 
 /* C[rows, G] += A^T @ B, A [K, rows] row-major (lda), B packed: AVX-512 only (the
