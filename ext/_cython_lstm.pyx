@@ -193,6 +193,9 @@ cdef Py_ssize_t PIPELINE_MAX_BYTES = 64 * 2**20
 #: the same numbers, so this is how a test tells which one ran).
 last_forward_pipelined = False
 last_backward_pipelined = False
+#: Whether the last `forward` call ran its recurrent products as row_halves (batch 1,
+#: float32, AVX-512 packed kernel, H a multiple of 32), for the same reason.
+last_forward_row_halves = False
 
 
 cdef Layout make_layout(const Py_ssize_t[::1] order, const Py_ssize_t[::1] row_begin,
@@ -401,6 +404,21 @@ cdef float *pack_slice(float *base, const float *weights, Py_ssize_t K, Py_ssize
     else:
         pack_weight_slice(weights, K, H, u0, width, stored_transposed, packed)
     return packed
+
+
+cdef float *pack_recurrent_slice(const LstmProblem *problem, float *base, const float *recurrent_kernel,
+                                 Py_ssize_t u0, Py_ssize_t u1) noexcept nogil:
+    """The forward's recurrent kernel, units u0 .. u1 - 1, packed into their place in
+    base [H * 4H]: for row_halves when problem.recurrent_halves (the same floats in
+    another order), else as pack_slice packs it; NULL (BLAS) as pack_slice."""
+    cdef Py_ssize_t H = problem.units
+    if not problem.recurrent_halves:
+        return pack_slice(base, recurrent_kernel, H, H, u0, u1, False, problem.weights_transposed)
+    if base == NULL or not packed_slice_usable(H, u1 - u0, 4 * H):
+        return NULL
+    lstmeng_pack_halves_f32(recurrent_kernel, H, halves_split(H), u0, u1 - u0, problem.weights_transposed,
+                            base + u0 * 4 * H)
+    return base + u0 * 4 * H
 
 
 cdef void gates_product(Py_ssize_t rows, Py_ssize_t K, floating *a, Py_ssize_t lda,
@@ -695,9 +713,36 @@ cdef void recurrent_step_product(const LstmProblem *problem, const LstmBuffers *
             scaled_copy(h_in + i * H + u0, h_state + r * H + u0,
                         rows_of(rec_drop, layout.order[r], H, u0), width)
     share.steps_run += 1
-    team_wait(problem, share)
-    gates_product(n_rows, H, h_in, H, <floating *>buffers.recurrent_kernel, problem.weights_transposed,
-                  share.recurrent_packed, step_gates, H, u0, width, True, NULL)
+    if not (problem.recurrent_halves and share.recurrent_packed != NULL):
+        team_wait(problem, share)
+        gates_product(n_rows, H, h_in, H, <floating *>buffers.recurrent_kernel, problem.weights_transposed,
+                      share.recurrent_packed, step_gates, H, u0, width, True, NULL)
+    elif share.team == 2:
+        # This member's own half of h(t - 1) is its own work: that half of the product
+        # runs while the partner finishes its step and its half crosses over (the
+        # barrier's wait, 60-150 ns a step at batch 1, falls to ~20).
+        lstmeng_barrier_arrive(problem.barrier_flags, share.member, share.barriers)
+        row_halves(share, <float *>h_in, <float *>step_gates, H, LSTMENG_HALVES_OWN)
+        lstmeng_barrier_depart(problem.barrier_flags, share.member, share.team, share.barriers)
+        share.barriers += 1
+        row_halves(share, <float *>h_in, <float *>step_gates, H, LSTMENG_HALVES_OTHER)
+    else:
+        team_wait(problem, share)
+        row_halves(share, <float *>h_in, <float *>step_gates, H, LSTMENG_HALVES_BOTH)
+
+
+cdef inline Py_ssize_t halves_split(Py_ssize_t H) noexcept nogil:
+    """Where row_halves splits h: the first unit of the second member of a two-member
+    team (a multiple of 32 when H is)."""
+    return unit_bound(1, 2, H)
+
+
+cdef inline void row_halves(const TeamShare *share, float *h_in, float *step_gates, Py_ssize_t H,
+                            int phase) noexcept nogil:
+    """step_gates [4H] += h_in [H] @ R for the share's units, in halves of h
+    (lstmeng_row_halves_f32; phase: which halves)."""
+    lstmeng_row_halves_f32(H, halves_split(H), share.u0, share.u1 - share.u0, h_in, share.recurrent_packed,
+                           step_gates, phase)
 
 
 cdef void cell_rows(const LstmProblem *problem, const LstmBuffers *buffers, TeamShare *share,
@@ -919,11 +964,16 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
             packed_base = &packed_weights[0]
         if project_packed:
             packed_input_base = &packed_input_weights[0]
+        # Batch 1 on the AVX-512 kernels: each step's recurrent product in halves of h
+        # (row_halves), whether the units are split or not.
+        problem.recurrent_halves = (pack_recurrent and B == 1 and H % PANEL_PAIR == 0
+                                    and lstmeng_isa == LSTMENG_ISA_AVX512)
         if not split_units:
-            packed_base = pack_slice(packed_base, &recurrent_kernel[0, 0], H, H, 0, H, False,
-                                     weights_transposed)
+            packed_base = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0], 0, H)
             packed_input_base = pack_slice(packed_input_base, <float *>buffers.kernel, I, H, 0, H,
                                            False, weights_transposed)
+    global last_forward_row_halves
+    last_forward_row_halves = problem.recurrent_halves
     # The pipelined forward: one part's time loop on thread 0, the input projection of
     # the chunks ahead on thread 1 (projection_ahead), in the slots of part_chunk_rows
     # rows that packed_x (and the inference gates) have room for.
@@ -966,8 +1016,8 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
             share.u1 = unit_bound(member + 1, share.team, H)
             share.seen = &seen[0] + member * (B + 1)
             if floating is float:
-                share.recurrent_packed = pack_slice(packed_base, &recurrent_kernel[0, 0], H, H,
-                                                    share.u0, share.u1, False, weights_transposed)
+                share.recurrent_packed = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0],
+                                                              share.u0, share.u1)
                 share.kernel_packed = pack_slice(packed_input_base, <float *>buffers.kernel, I, H,
                                                  share.u0, share.u1, False, weights_transposed)
             forward_part(&problem, &buffers, &share, <floating>0)

@@ -90,13 +90,19 @@ static inline void lstmeng_cpu_relax(void) {
 #endif
 }
 
-/* flags: [team * LSTMENG_FLAG_STRIDE] int64, zero before the team's first call;
- * calls: how many times this member has called it before (the same count in
- * every member, since all make the same calls). */
-static inline void lstmeng_barrier_wait(int64_t *flags, int64_t member, int64_t team, int64_t calls) {
-    int64_t other, spins = 0, slow_since = 0;
-    if (team <= 1) return;
+/* A barrier in two halves, for work that needs only the member's own results in
+ * between (the batch-1 step's own half of h, lstmeng_row_halves_f32): arrive
+ * says this member has made its call number `calls` (counting from 0),
+ * depart returns once every member has. flags: [team * LSTMENG_FLAG_STRIDE]
+ * int64, zero before the team's first call; calls: how many barrier calls this
+ * member made before (the same count in every member, since all make the same
+ * calls). */
+static inline void lstmeng_barrier_arrive(int64_t *flags, int64_t member, int64_t calls) {
     __atomic_store_n(&flags[member * LSTMENG_FLAG_STRIDE], calls + 1, __ATOMIC_RELEASE);
+}
+
+static inline void lstmeng_barrier_depart(int64_t *flags, int64_t member, int64_t team, int64_t calls) {
+    int64_t other, spins = 0, slow_since = 0;
     for (other = 0; other < team; other++) {
         if (other == member) continue;
         while (__atomic_load_n(&flags[other * LSTMENG_FLAG_STRIDE], __ATOMIC_ACQUIRE) <= calls) {
@@ -110,6 +116,13 @@ static inline void lstmeng_barrier_wait(int64_t *flags, int64_t member, int64_t 
     }
     if (slow_since != 0)
         flags[member * LSTMENG_FLAG_STRIDE + LSTMENG_SLOW_WAIT_NS] += lstmeng_now_ns() - slow_since;
+}
+
+/* Both halves at once: returns once every member has made this call. */
+static inline void lstmeng_barrier_wait(int64_t *flags, int64_t member, int64_t team, int64_t calls) {
+    if (team <= 1) return;
+    lstmeng_barrier_arrive(flags, member, calls);
+    lstmeng_barrier_depart(flags, member, team, calls);
 }
 
 /* The pipelined calls (_cython_lstm.pyx: projection_ahead in the forward,
