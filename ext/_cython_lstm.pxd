@@ -60,9 +60,11 @@ cdef extern from "lstm_gemm.h" nogil:
                                     Py_ssize_t lda, const float *packed, float *c, Py_ssize_t ldc)
     const int LSTMENG_HALVES_BOTH, LSTMENG_HALVES_OWN, LSTMENG_HALVES_OTHER
     void lstmeng_row_halves_f32(Py_ssize_t H, Py_ssize_t k_split, Py_ssize_t u0, Py_ssize_t width,
-                                const float *a, const float *packed, float *gates, int phase)
-    void lstmeng_pack_halves_f32(const float *r, Py_ssize_t H, Py_ssize_t k_split, Py_ssize_t u0,
-                                 Py_ssize_t width, int stored_transposed, float *packed)
+                                int out_blocks, int k_blocks, const float *a, const float *packed, float *c,
+                                int phase)
+    void lstmeng_pack_halves_f32(const float *m, Py_ssize_t H, Py_ssize_t k_split, Py_ssize_t u0,
+                                 Py_ssize_t width, int out_blocks, int k_blocks, Py_ssize_t ld_i,
+                                 Py_ssize_t ld_j, float *packed)
 
 cdef extern from "lstm_sync.h" nogil:
     const int LSTMENG_FLAG_STRIDE
@@ -108,8 +110,8 @@ cdef struct LstmProblem:
     bint zero_output_for_mask      # masked steps output zeros instead of repeating h
     bint training                  # forward: write the workspace (h_in_all, c_prev_all)
     bint weights_transposed        # kernel given as K^T [4H, I], recurrent kernel as R^T [4H, H]
-    bint recurrent_halves          # forward: the batch-1 recurrent product in halves of h
-                                   # (row_halves; the recurrent kernel packed for it)
+    bint recurrent_halves          # batch 1: each step's recurrent product in halves (row_halves;
+                                   # the recurrent kernel packed for it)
     Py_ssize_t chunk_steps         # forward: steps whose input projection is one GEMM
     Py_ssize_t part_chunk_rows     # forward: rows of packed_x (and inference gates) per part
     int64_t *barrier_flags         # [team, LSTMENG_FLAG_STRIDE]: lstm_sync.h's flags

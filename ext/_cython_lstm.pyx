@@ -193,9 +193,10 @@ cdef Py_ssize_t PIPELINE_MAX_BYTES = 64 * 2**20
 #: the same numbers, so this is how a test tells which one ran).
 last_forward_pipelined = False
 last_backward_pipelined = False
-#: Whether the last `forward` call ran its recurrent products as row_halves (batch 1,
-#: float32, AVX-512 packed kernel, H a multiple of 32), for the same reason.
+#: Whether the last `forward` / `backward` call ran its recurrent products as row_halves
+#: (batch 1, float32, AVX-512 packed kernel, H a multiple of 32), for the same reason.
 last_forward_row_halves = False
+last_backward_row_halves = False
 
 
 cdef Layout make_layout(const Py_ssize_t[::1] order, const Py_ssize_t[::1] row_begin,
@@ -407,18 +408,30 @@ cdef float *pack_slice(float *base, const float *weights, Py_ssize_t K, Py_ssize
 
 
 cdef float *pack_recurrent_slice(const LstmProblem *problem, float *base, const float *recurrent_kernel,
-                                 Py_ssize_t u0, Py_ssize_t u1) noexcept nogil:
-    """The forward's recurrent kernel, units u0 .. u1 - 1, packed into their place in
-    base [H * 4H]: for row_halves when problem.recurrent_halves (the same floats in
-    another order), else as pack_slice packs it; NULL (BLAS) as pack_slice."""
-    cdef Py_ssize_t H = problem.units
+                                 Py_ssize_t u0, Py_ssize_t u1, bint backward) noexcept nogil:
+    """The recurrent kernel's units u0 .. u1 - 1 packed into their place in base
+    [H * 4H]: R's gate columns of those units for the forward's h @ R, or R's rows
+    (R^T's columns) for the backward's dz @ R^T. For row_halves when
+    problem.recurrent_halves (the same floats in another order), else as pack_slice
+    packs them; NULL (BLAS) as pack_slice."""
+    cdef Py_ssize_t H = problem.units, G = 4 * H, ld_i, ld_j
     if not problem.recurrent_halves:
-        return pack_slice(base, recurrent_kernel, H, H, u0, u1, False, problem.weights_transposed)
-    if base == NULL or not packed_slice_usable(H, u1 - u0, 4 * H):
+        return pack_slice(base, recurrent_kernel, H, H, u0, u1, backward, problem.weights_transposed)
+    if base == NULL or not packed_slice_usable(H, u1 - u0, H if backward else G):
         return NULL
-    lstmeng_pack_halves_f32(recurrent_kernel, H, halves_split(H), u0, u1 - u0, problem.weights_transposed,
-                            base + u0 * 4 * H)
-    return base + u0 * 4 * H
+    # M[i, j] = recurrent_kernel[i * ld_i + j * ld_j], M = R [H, 4H] (forward) or R^T [4H, H],
+    # the memory holding R, or R^T when weights_transposed.
+    if backward and problem.weights_transposed:
+        ld_i, ld_j = H, 1
+    elif backward:
+        ld_i, ld_j = 1, G
+    elif problem.weights_transposed:
+        ld_i, ld_j = 1, H
+    else:
+        ld_i, ld_j = G, 1
+    lstmeng_pack_halves_f32(recurrent_kernel, H, halves_split(H), u0, u1 - u0, 1 if backward else 4,
+                            4 if backward else 1, ld_i, ld_j, base + u0 * G)
+    return base + u0 * G
 
 
 cdef void gates_product(Py_ssize_t rows, Py_ssize_t K, floating *a, Py_ssize_t lda,
@@ -722,13 +735,13 @@ cdef void recurrent_step_product(const LstmProblem *problem, const LstmBuffers *
         # runs while the partner finishes its step and its half crosses over (the
         # barrier's wait, 60-150 ns a step at batch 1, falls to ~20).
         lstmeng_barrier_arrive(problem.barrier_flags, share.member, share.barriers)
-        row_halves(share, <float *>h_in, <float *>step_gates, H, LSTMENG_HALVES_OWN)
+        row_halves(share, <float *>h_in, <float *>step_gates, H, False, LSTMENG_HALVES_OWN)
         lstmeng_barrier_depart(problem.barrier_flags, share.member, share.team, share.barriers)
         share.barriers += 1
-        row_halves(share, <float *>h_in, <float *>step_gates, H, LSTMENG_HALVES_OTHER)
+        row_halves(share, <float *>h_in, <float *>step_gates, H, False, LSTMENG_HALVES_OTHER)
     else:
         team_wait(problem, share)
-        row_halves(share, <float *>h_in, <float *>step_gates, H, LSTMENG_HALVES_BOTH)
+        row_halves(share, <float *>h_in, <float *>step_gates, H, False, LSTMENG_HALVES_BOTH)
 
 
 cdef inline Py_ssize_t halves_split(Py_ssize_t H) noexcept nogil:
@@ -737,12 +750,13 @@ cdef inline Py_ssize_t halves_split(Py_ssize_t H) noexcept nogil:
     return unit_bound(1, 2, H)
 
 
-cdef inline void row_halves(const TeamShare *share, float *h_in, float *step_gates, Py_ssize_t H,
+cdef inline void row_halves(const TeamShare *share, float *a, float *c, Py_ssize_t H, bint backward,
                             int phase) noexcept nogil:
-    """step_gates [4H] += h_in [H] @ R for the share's units, in halves of h
-    (lstmeng_row_halves_f32; phase: which halves)."""
-    lstmeng_row_halves_f32(H, halves_split(H), share.u0, share.u1 - share.u0, h_in, share.recurrent_packed,
-                           step_gates, phase)
+    """The share's units of a batch-1 step's recurrent product in halves
+    (lstmeng_row_halves_f32; phase: which halves): forward, c = the step's gates [4H]
+    += a = h(t - 1) [H] @ R; backward, c = dh(t - 1) [H] += a = dz(t) [4H] @ R^T."""
+    lstmeng_row_halves_f32(H, halves_split(H), share.u0, share.u1 - share.u0, 1 if backward else 4,
+                           4 if backward else 1, a, share.recurrent_packed, c, phase)
 
 
 cdef void cell_rows(const LstmProblem *problem, const LstmBuffers *buffers, TeamShare *share,
@@ -969,7 +983,7 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
         problem.recurrent_halves = (pack_recurrent and B == 1 and H % PANEL_PAIR == 0
                                     and lstmeng_isa == LSTMENG_ISA_AVX512)
         if not split_units:
-            packed_base = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0], 0, H)
+            packed_base = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0], 0, H, False)
             packed_input_base = pack_slice(packed_input_base, <float *>buffers.kernel, I, H, 0, H,
                                            False, weights_transposed)
     global last_forward_row_halves
@@ -1017,7 +1031,7 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
             share.seen = &seen[0] + member * (B + 1)
             if floating is float:
                 share.recurrent_packed = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0],
-                                                              share.u0, share.u1)
+                                                              share.u0, share.u1, False)
                 share.kernel_packed = pack_slice(packed_input_base, <float *>buffers.kernel, I, H,
                                                  share.u0, share.u1, False, weights_transposed)
             forward_part(&problem, &buffers, &share, <floating>0)
@@ -1062,6 +1076,7 @@ cdef void backward_part(const LstmProblem *problem, const LstmBuffers *buffers,
     cdef int64_t final_rows = 0
     cdef floating *gates = <floating *>buffers.gates
     cdef floating *step_gates
+    cdef floating *dh
     share.barriers = 0
     find_real_steps(problem, share)
     load_output_gradients(problem, gradients, share, zero)
@@ -1077,10 +1092,24 @@ cdef void backward_part(const LstmProblem *problem, const LstmBuffers *buffers,
             final_rows += n_rows
             lstmeng_progress_publish(share.pipeline_progress, final_rows)
         # dh(t-1) = dz(t) @ R^T for the step's rows: a team needs every member's dz(t).
-        team_wait(problem, share)
-        hidden_gradient_product(n_rows, H, step_gates, <floating *>buffers.recurrent_kernel,
-                                problem.weights_transposed, share.recurrent_packed,
-                                <floating *>gradients.dh_recurrent + r_begin * H, u0, width)
+        dh = <floating *>gradients.dh_recurrent + r_begin * H
+        if not (problem.recurrent_halves and share.recurrent_packed != NULL):
+            team_wait(problem, share)
+            hidden_gradient_product(n_rows, H, step_gates, <floating *>buffers.recurrent_kernel,
+                                    problem.weights_transposed, share.recurrent_packed, dh, u0, width)
+            continue
+        # Batch 1 in halves, as the forward's product (recurrent_step_product): a member's
+        # own gate columns of dz(t) first, while the partner's cross over.
+        memset(dh + u0, 0, width * sizeof(floating))
+        if share.team == 2:
+            lstmeng_barrier_arrive(problem.barrier_flags, share.member, share.barriers)
+            row_halves(share, <float *>step_gates, <float *>dh, H, True, LSTMENG_HALVES_OWN)
+            lstmeng_barrier_depart(problem.barrier_flags, share.member, share.team, share.barriers)
+            share.barriers += 1
+            row_halves(share, <float *>step_gates, <float *>dh, H, True, LSTMENG_HALVES_OTHER)
+        else:
+            team_wait(problem, share)
+            row_halves(share, <float *>step_gates, <float *>dh, H, True, LSTMENG_HALVES_BOTH)
     publish_state_gradients(problem, buffers, gradients, share, zero)
 
 
@@ -1358,9 +1387,11 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     if floating is float:
         if pack_recurrent:
             packed_base = &packed_weights[0]
+        # Batch 1 on the AVX-512 kernels: dh(t - 1) = dz(t) @ R^T in halves, as the forward.
+        problem.recurrent_halves = (pack_recurrent and B == 1 and H % PANEL_PAIR == 0
+                                    and lstmeng_isa == LSTMENG_ISA_AVX512)
         if not split_units:
-            packed_base = pack_slice(packed_base, &recurrent_kernel[0, 0], H, H, 0, H, True,
-                                     weights_transposed)
+            packed_base = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0], 0, H, True)
         if dx_packed:
             gradients.kernel_t_packed = &packed_kernel_t[0]
             if weights_transposed:   # K^T itself
@@ -1383,8 +1414,9 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     cdef int64_t[::1] inputs_ready
     partials_array = packed_dx_array = None
     cdef float[::1] partials, packed_dx
-    global last_backward_pipelined
+    global last_backward_pipelined, last_backward_row_halves
     last_backward_pipelined = pipelined
+    last_backward_row_halves = problem.recurrent_halves
     memset(&work, 0, sizeof(work))
     if pipelined:
         counters_array = np.zeros(3 * LSTMENG_FLAG_STRIDE, np.int64)
@@ -1437,8 +1469,8 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
                 share.u0 = unit_bound(member, share.team, H)
                 share.u1 = unit_bound(member + 1, share.team, H)
                 if floating is float:
-                    share.recurrent_packed = pack_slice(packed_base, &recurrent_kernel[0, 0], H, H,
-                                                        share.u0, share.u1, True, weights_transposed)
+                    share.recurrent_packed = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0],
+                                                                  share.u0, share.u1, True)
                 backward_part(&problem, &buffers, &gradients, &share, <floating>0)
             else:
                 share.recurrent_packed = packed_base

@@ -183,33 +183,39 @@ LSTMENG_AVX2_FMA static void lstmeng_gemm_packed_avx2_f32(int64_t rows, int64_t 
 #define LSTMENG_HALVES_OWN 1
 #define LSTMENG_HALVES_OTHER 2
 
-/* The half of K a pair of columns starting at `unit` adds first (1: k < k_split) */
+/* Whether the output columns of units unit .. unit + 31 take the half k < k_split
+ * first (their own half: the one that holds their units), else k >= k_split. */
 static inline int lstmeng_own_half_is_low(int64_t unit, int64_t k_split) { return unit < k_split; }
 
-/* Pack units u0 .. u0 + width - 1 of R [H, 4H] (R^T [4H, H] when stored_transposed)
- * for lstmeng_row_halves_f32: each panel pair's rows in two pieces, its own half of
- * K and the other half; first every pair's own piece (gate blocks i, f, g, o, pairs
- * in order), then every other piece, so that each phase of the product reads one
- * contiguous stream. Measured: with the two pieces of a pair adjacent (the plain
- * packed layout), a phase read 8 KB pieces 8 KB apart, and the product of a member
- * took 1.05-1.15 us a step instead of 0.80-0.86 (the L1 prefetcher follows a load's
- * stream; each jump cost it). The same floats as lstmeng_pack_panels_f32's, in
- * another order. */
-static void lstmeng_pack_halves_f32(const float *r, int64_t H, int64_t k_split, int64_t u0, int64_t width,
-                                    int stored_transposed, float *packed) {
-    int own, gate;
+/* Pack a share's matrix for lstmeng_row_halves_f32: M [k_blocks * H, out_blocks *
+ * H] with M[i, j] = m[i * ld_i + j * ld_j] (the forward's R: k_blocks 1, out_blocks
+ * 4; the backward's R^T: k_blocks 4, out_blocks 1), output units u0 .. u0 + width
+ * - 1 of every output block. For each panel pair of output columns, the rows of its
+ * own half of every k block (k = kb * H + [0, k_split) or + [k_split, H)), then the
+ * other half's: first every pair's own pieces (output blocks in order, pairs in
+ * order, k blocks in order), then every pair's other pieces, so that each phase of
+ * the product reads one contiguous stream. Measured: with a pair's two halves
+ * adjacent (the plain packed layout), each phase read 8 KB pieces 8 KB apart and a
+ * member's forward product took 1.05-1.15 us a step instead of 0.80-0.86 (the
+ * hardware prefetcher follows each load's stream, and every jump cost it). */
+static void lstmeng_pack_halves_f32(const float *m, int64_t H, int64_t k_split, int64_t u0, int64_t width,
+                                    int out_blocks, int k_blocks, int64_t ld_i, int64_t ld_j, float *packed) {
+    int own, out_block, k_block;
     int64_t pair;
     for (own = 1; own >= 0; own--) {
-        for (gate = 0; gate < 4; gate++) {
+        for (out_block = 0; out_block < out_blocks; out_block++) {
             for (pair = 0; pair < width / LSTMENG_PAIR; pair++) {
-                const int64_t unit = u0 + pair * LSTMENG_PAIR, column = gate * H + unit;
+                const int64_t unit = u0 + pair * LSTMENG_PAIR;
                 const int low = lstmeng_own_half_is_low(unit, k_split) == own;
                 const int64_t k0 = low ? 0 : k_split, rows = low ? k_split : H - k_split;
-                if (stored_transposed)
-                    lstmeng_pack_panels_f32(r + column * H + k0, rows, LSTMENG_PAIR, H, 1, packed);
-                else
-                    lstmeng_pack_panels_f32(r + k0 * 4 * H + column, rows, LSTMENG_PAIR, 4 * H, 0, packed);
-                packed += rows * LSTMENG_PAIR;
+                for (k_block = 0; k_block < k_blocks; k_block++) {
+                    const float *block = m + (k_block * H + k0) * ld_i + (out_block * H + unit) * ld_j;
+                    if (ld_j == 1)
+                        lstmeng_pack_panels_f32(block, rows, LSTMENG_PAIR, ld_i, 0, packed);
+                    else
+                        lstmeng_pack_panels_f32(block, rows, LSTMENG_PAIR, ld_j, 1, packed);
+                    packed += rows * LSTMENG_PAIR;
+                }
             }
         }
     }
@@ -273,18 +279,16 @@ LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_block_a
 }
 
 /* One row of A times two (interleaved) panels over k = k_begin .. k_end - 1, k
- * unrolled by four: 8 independent FMA chains (one row alone would leave 2
- * chains, a quarter of the FMA units busy; a batch-1 step is all rows like
- * this, bound by reading the panels from L2 in one 128-byte-per-k stream),
- * reduced to the pair's two sums as (0 + 2) + (4 + 6) and (1 + 3) + (5 + 7). */
-LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_row_span_avx512_f32(
+ * unrolled by four, added to 8 independent FMA chains (one row alone would
+ * leave 2 chains, a quarter of the FMA units busy; a batch-1 step is all rows
+ * like this, bound by reading the panels from L2 in one 128-byte-per-k
+ * stream): lanes 2j and 2j + 1 take k = 4i + j of the left and right panel. */
+LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_row_chains_avx512_f32(
         const float *a, const int64_t k_step, const float *panels, int64_t k_begin, int64_t k_end,
-        __m512 *left, __m512 *right) {
+        __m512 acc[8]) {
     const float *q = panels, *s = panels + LSTMENG_PANEL;
-    __m512 acc[8];
     int64_t k;
     int lane;
-    for (lane = 0; lane < 8; lane++) acc[lane] = _mm512_setzero_ps();
     for (k = k_begin; k + 3 < k_end; k += 4) {
         for (lane = 0; lane < 4; lane++) {
             const __m512 x = _mm512_set1_ps(a[(k + lane) * k_step]);
@@ -299,8 +303,24 @@ LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_row_spa
         acc[0] = _mm512_fmadd_ps(x, _mm512_loadu_ps(q + k * LSTMENG_PAIR), acc[0]);
         acc[1] = _mm512_fmadd_ps(x, _mm512_loadu_ps(s + k * LSTMENG_PAIR), acc[1]);
     }
+}
+
+/* The chains' sums for the pair's two panels: (0 + 2) + (4 + 6) and (1 + 3) + (5 + 7). */
+LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_row_chains_sum_avx512_f32(
+        const __m512 acc[8], __m512 *left, __m512 *right) {
     *left = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[4], acc[6]));
     *right = _mm512_add_ps(_mm512_add_ps(acc[1], acc[3]), _mm512_add_ps(acc[5], acc[7]));
+}
+
+/* One row of A times two panels over k = k_begin .. k_end - 1: the chains from zero, summed. */
+LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_row_span_avx512_f32(
+        const float *a, const int64_t k_step, const float *panels, int64_t k_begin, int64_t k_end,
+        __m512 *left, __m512 *right) {
+    __m512 acc[8];
+    int lane;
+    for (lane = 0; lane < 8; lane++) acc[lane] = _mm512_setzero_ps();
+    lstmeng_row_chains_avx512_f32(a, k_step, panels, k_begin, k_end, acc);
+    lstmeng_row_chains_sum_avx512_f32(acc, left, right);
 }
 
 /* One row of A times a panel pair over all of K: C = start + the span's sums. */
@@ -391,52 +411,59 @@ LSTMENG_AVX512 static void lstmeng_gemm_at_packed_avx512_f32(int64_t rows, int64
     lstmeng_gemm_avx512_f32(rows, G, K, a, 1, lda, packed, c, ldc, NULL);
 }
 
-/* A batch-1 step's recurrent product, gates[4H] += a[H] @ R for the units u0 ..
- * u0 + width - 1 of a share (R packed by lstmeng_pack_halves_f32), summed over
- * the two halves of K = H apart: k < k_split and k >= k_split, each by the
- * single-row kernel's chains. A column adds its own half first (the half that
- * holds its unit), then the other: gates = (gates + own) + other.
+/* A batch-1 step's recurrent product in halves, c += a @ M for output units u0 ..
+ * u0 + width - 1 of every output block, M packed by lstmeng_pack_halves_f32 (the
+ * forward: a = h(t - 1) [H], M = R, c = the gates [4H], 4 output blocks, 1 k block;
+ * the backward: a = dz(t) [4H], M = R^T, c = dh(t - 1) [H], 1 output block, 4 k
+ * blocks). Each output column's sum is taken over the two halves of every k block
+ * apart (k < k_split and k >= k_split), each half by the single-row kernel's
+ * chains: the column's own half first (the one that holds its unit), then the
+ * other: c = (c + own) + other.
  *
- * Why: in a two-member unit split (each member's units one half), a member's
- * own half of h(t - 1) is ready once it has computed it, while the partner's
- * half comes over the barrier. Phase LSTMENG_HALVES_OWN adds the own halves
- * (before the barrier's wait), LSTMENG_HALVES_OTHER the others (after it),
- * LSTMENG_HALVES_BOTH one after the other (one thread): the same operations in
- * the same order, so the results are bitwise the same whichever runs.
- * u0, width and k_split are multiples of 32 (a panel pair's columns share a half). */
-/* One phase of lstmeng_row_halves_f32: every pair's own half (own = 1) or other
- * half (own = 0), its pieces read in order from panels. */
+ * Why: in a two-member unit split (each member's units one half), a member's own
+ * half of a is ready once it has computed it, while the partner's half comes over
+ * the barrier. Phase LSTMENG_HALVES_OWN adds the own halves (before the
+ * barrier's wait), LSTMENG_HALVES_OTHER the others (after it), LSTMENG_HALVES_BOTH
+ * one after the other (one thread, or a team of another size): the same
+ * operations in the same order, so the results are bitwise the same whichever
+ * runs. u0, width and k_split are multiples of 32 (a panel pair's columns share
+ * a half). */
 LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_halves_pass_avx512_f32(
-        int64_t H, int64_t k_split, int64_t u0, int64_t width, const float *a, const float *panels,
-        float *gates, int own) {
-    int gate;
+        int64_t H, int64_t k_split, int64_t u0, int64_t width, int out_blocks, int k_blocks,
+        const float *a, const float *panels, float *c, int own) {
+    int out_block, k_block, lane;
     int64_t pair;
-    for (gate = 0; gate < 4; gate++) {
+    for (out_block = 0; out_block < out_blocks; out_block++) {
         for (pair = 0; pair < width / LSTMENG_PAIR; pair++) {
             const int64_t unit = u0 + pair * LSTMENG_PAIR;
             const int low = lstmeng_own_half_is_low(unit, k_split) == own;
             const int64_t k0 = low ? 0 : k_split, rows = low ? k_split : H - k_split;
-            float *c = gates + gate * H + unit;
-            __m512 left, right;
+            float *out = c + out_block * H + unit;
+            __m512 acc[8], left, right;
             if (rows == 0) continue;   /* k_split = 0 (H = 32): no other half */
-            lstmeng_row_span_avx512_f32(a + k0, 1, panels, 0, rows, &left, &right);
-            _mm512_storeu_ps(c, _mm512_add_ps(_mm512_loadu_ps(c), left));
-            _mm512_storeu_ps(c + LSTMENG_PANEL, _mm512_add_ps(_mm512_loadu_ps(c + LSTMENG_PANEL), right));
-            panels += rows * LSTMENG_PAIR;
+            for (lane = 0; lane < 8; lane++) acc[lane] = _mm512_setzero_ps();
+            for (k_block = 0; k_block < k_blocks; k_block++) {
+                lstmeng_row_chains_avx512_f32(a + k_block * H + k0, 1, panels, 0, rows, acc);
+                panels += rows * LSTMENG_PAIR;
+            }
+            lstmeng_row_chains_sum_avx512_f32(acc, &left, &right);
+            _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), left));
+            _mm512_storeu_ps(out + LSTMENG_PANEL, _mm512_add_ps(_mm512_loadu_ps(out + LSTMENG_PANEL), right));
         }
     }
 }
 
 LSTMENG_AVX512 static void lstmeng_row_halves_avx512_f32(int64_t H, int64_t k_split, int64_t u0, int64_t width,
-                                                         const float *a, const float *packed, float *gates,
-                                                         int phase) {
+                                                         int out_blocks, int k_blocks, const float *a,
+                                                         const float *packed, float *c, int phase) {
     int64_t pair, own_rows = 0;
     for (pair = 0; pair < width / LSTMENG_PAIR; pair++)
         own_rows += lstmeng_own_half_is_low(u0 + pair * LSTMENG_PAIR, k_split) ? k_split : H - k_split;
     if (phase != LSTMENG_HALVES_OTHER)
-        lstmeng_halves_pass_avx512_f32(H, k_split, u0, width, a, packed, gates, 1);
+        lstmeng_halves_pass_avx512_f32(H, k_split, u0, width, out_blocks, k_blocks, a, packed, c, 1);
     if (phase != LSTMENG_HALVES_OWN)
-        lstmeng_halves_pass_avx512_f32(H, k_split, u0, width, a, packed + 4 * own_rows * LSTMENG_PAIR, gates, 0);
+        lstmeng_halves_pass_avx512_f32(H, k_split, u0, width, out_blocks, k_blocks, a,
+                                       packed + out_blocks * k_blocks * own_rows * LSTMENG_PAIR, c, 0);
 }
 #endif
 
@@ -481,12 +508,13 @@ static void lstmeng_gemm_at_packed_f32(int64_t rows, int64_t G, int64_t K, const
 }
 
 /* lstmeng_row_halves_avx512_f32: AVX-512 only (the caller checks lstmeng_isa). */
-static void lstmeng_row_halves_f32(int64_t H, int64_t k_split, int64_t u0, int64_t width, const float *a,
-                                   const float *packed, float *gates, int phase) {
+static void lstmeng_row_halves_f32(int64_t H, int64_t k_split, int64_t u0, int64_t width, int out_blocks,
+                                   int k_blocks, const float *a, const float *packed, float *c, int phase) {
 #if LSTMENG_HAVE_AVX512
-    lstmeng_row_halves_avx512_f32(H, k_split, u0, width, a, packed, gates, phase);
+    lstmeng_row_halves_avx512_f32(H, k_split, u0, width, out_blocks, k_blocks, a, packed, c, phase);
 #else
-    (void)H; (void)k_split; (void)u0; (void)width; (void)a; (void)packed; (void)gates; (void)phase;
+    (void)H; (void)k_split; (void)u0; (void)width; (void)out_blocks; (void)k_blocks; (void)a; (void)packed;
+    (void)c; (void)phase;
 #endif
 }
 

@@ -1,14 +1,16 @@
-"""The batch-1 recurrent product in halves of h (cython backend, float32, AVX-512 kernels).
+"""The batch-1 recurrent products in halves (cython backend, float32, AVX-512 kernels).
 
-At batch 1 each step's product h(t - 1) @ R is summed over the two halves of h apart
-(``row_halves`` in the extension): in a two-member unit split a member adds its own half
-while the partner's half is still on its way over the barrier, then the other half. One
+At batch 1 each step's product h(t - 1) @ R (forward) and dz(t) @ R^T (backward) is
+summed over two halves apart (``row_halves`` in the extension: the halves of h, or the
+gate columns of each half of the units): in a two-member unit split a member adds its own
+half while the partner's half is still on its way over the barrier, then the other. One
 thread, a team of two and a team of three (no overlap) must give bitwise the same numbers
 (the backward's products after the time loop with the same thread budget),
 for every H the path takes (a multiple of 32: halves of 0 + 32, 32 + 64, 64 + 64 units),
 both weight layouts (row-major, and PyTorch's transposed one), masks, dropout, reverse and
 the backward; and match the float64 NumPy reference. The extension's
-``last_forward_row_halves`` confirms the path ran, and that other calls do not take it.
+``last_forward_row_halves`` and ``last_backward_row_halves`` confirm the path ran, and that
+other calls do not take it.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def test_split_teams_and_one_thread_agree_bitwise(units, transposed, masked, rev
         for split in (False, True):
             with kernel_overrides(cython_isa="avx512", cython_split_units=split, cython_pipeline=False):
                 results[threads, split] = _run(cython_module.CythonBackend(), arrays, transposed, masked, reverse)
-                assert extension.last_forward_row_halves
+                assert extension.last_forward_row_halves and extension.last_backward_row_halves
         # The same thread budget shares the backward's products after the time loop alike.
         for name, got, want in zip(NAMES, results[threads, True], results[threads, False]):
             np.testing.assert_array_equal(got, want, err_msg=f"{name}: {threads} threads, split against not")
@@ -93,8 +95,9 @@ def test_split_teams_and_one_thread_agree_bitwise(units, transposed, masked, rev
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max(), err_msg=name)
 
 
-def test_the_pipelined_forward_takes_the_halves_too(monkeypatch):
-    """Batch 1 on one thread's time loop with the projection on another: the same numbers."""
+def test_the_pipelined_calls_take_the_halves_too(monkeypatch):
+    """Batch 1 on one thread's time loop, the projection (forward) or the weight gradients
+    (backward) on another: the same numbers."""
     monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     arrays = _arrays(1, 300, 32, 64, seed=5)
@@ -102,7 +105,8 @@ def test_the_pipelined_forward_takes_the_halves_too(monkeypatch):
     for pipeline in (False, True):
         with kernel_overrides(cython_isa="avx512", cython_split_units=False, cython_pipeline=pipeline):
             results.append(_run(cython_module.CythonBackend(), arrays, False, False, False))
-            assert extension.last_forward_row_halves
+            assert extension.last_forward_row_halves and extension.last_backward_row_halves
+            assert extension.last_forward_pipelined == extension.last_backward_pipelined == pipeline
     for name, got, want in zip(NAMES, results[1], results[0]):
         np.testing.assert_array_equal(got, want, err_msg=name)
 
@@ -120,4 +124,4 @@ def test_other_calls_keep_the_whole_product(batch, units, dtype, isa, monkeypatc
               for key, value in _arrays(batch, 30, 8, units, seed=1).items()}
     with kernel_overrides(cython_isa=isa):
         _run(cython_module.CythonBackend(), arrays, False, False, False)
-    assert not extension.last_forward_row_halves
+    assert not (extension.last_forward_row_halves or extension.last_backward_row_halves)
