@@ -417,6 +417,7 @@ def test_small_calls_run_one_thread(monkeypatch):
         pytest.skip("this build runs one thread (no OpenMP or no OpenBLAS thread control)")
     small = cython_module.MIN_FLOPS_TO_THREAD / 2
     assert cython_module._team(1, 128, "auto", small) == (1, 1, False)
+    assert cython_module._team(2 * cython_module.MIN_ROWS_PER_PART - 1, 128, "auto", small) == (1, 1, False)
     assert cython_module._team(1, 128, "auto", 2 * cython_module.MIN_FLOPS_TO_THREAD) == (1, 2, True)
     assert cython_module._team(64, 128, "auto", small) == (2, 2, False)
 
