@@ -110,7 +110,7 @@ cdef struct LstmProblem:
     bint zero_output_for_mask      # masked steps output zeros instead of repeating h
     bint training                  # forward: write the workspace (h_in_all, c_prev_all)
     bint weights_transposed        # kernel given as K^T [4H, I], recurrent kernel as R^T [4H, H]
-    bint recurrent_halves          # batch 1: each step's recurrent product in halves (row_halves;
+    bint recurrent_halves          # batch 1: each step's recurrent product in halves (product_in_halves;
                                    # the recurrent kernel packed for it)
     Py_ssize_t chunk_steps         # forward: steps whose input projection is one GEMM
     Py_ssize_t part_chunk_rows     # forward: rows of packed_x (and inference gates) per part

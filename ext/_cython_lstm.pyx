@@ -193,7 +193,7 @@ cdef Py_ssize_t PIPELINE_MAX_BYTES = 64 * 2**20
 #: the same numbers, so this is how a test tells which one ran).
 last_forward_pipelined = False
 last_backward_pipelined = False
-#: Whether the last `forward` / `backward` call ran its recurrent products as row_halves
+#: Whether the last `forward` / `backward` call ran its recurrent products in halves
 #: (batch 1, float32, AVX-512 packed kernel, H a multiple of 32), for the same reason.
 last_forward_row_halves = False
 last_backward_row_halves = False
@@ -411,7 +411,7 @@ cdef float *pack_recurrent_slice(const LstmProblem *problem, float *base, const 
                                  Py_ssize_t u0, Py_ssize_t u1, bint backward) noexcept nogil:
     """The recurrent kernel's units u0 .. u1 - 1 packed into their place in base
     [H * 4H]: R's gate columns of those units for the forward's h @ R, or R's rows
-    (R^T's columns) for the backward's dz @ R^T. For row_halves when
+    (R^T's columns) for the backward's dz @ R^T. For product_in_halves when
     problem.recurrent_halves (the same floats in another order), else as pack_slice
     packs them; NULL (BLAS) as pack_slice."""
     cdef Py_ssize_t H = problem.units, G = 4 * H, ld_i, ld_j
@@ -730,33 +730,41 @@ cdef void recurrent_step_product(const LstmProblem *problem, const LstmBuffers *
         team_wait(problem, share)
         gates_product(n_rows, H, h_in, H, <floating *>buffers.recurrent_kernel, problem.weights_transposed,
                       share.recurrent_packed, step_gates, H, u0, width, True, NULL)
-    elif share.team == 2:
-        # This member's own half of h(t - 1) is its own work: that half of the product
-        # runs while the partner finishes its step and its half crosses over (the
-        # barrier's wait, 60-150 ns a step at batch 1, falls to ~20).
-        lstmeng_barrier_arrive(problem.barrier_flags, share.member, share.barriers)
-        row_halves(share, <float *>h_in, <float *>step_gates, H, False, LSTMENG_HALVES_OWN)
-        lstmeng_barrier_depart(problem.barrier_flags, share.member, share.team, share.barriers)
-        share.barriers += 1
-        row_halves(share, <float *>h_in, <float *>step_gates, H, False, LSTMENG_HALVES_OTHER)
     else:
-        team_wait(problem, share)
-        row_halves(share, <float *>h_in, <float *>step_gates, H, False, LSTMENG_HALVES_BOTH)
+        product_in_halves(problem, share, <float *>h_in, <float *>step_gates, H, False)
 
 
 cdef inline Py_ssize_t halves_split(Py_ssize_t H) noexcept nogil:
-    """Where row_halves splits h: the first unit of the second member of a two-member
-    team (a multiple of 32 when H is)."""
+    """Where product_in_halves splits: the first unit of the second member of a
+    two-member team (a multiple of 32 when H is)."""
     return unit_bound(1, 2, H)
 
 
-cdef inline void row_halves(const TeamShare *share, float *a, float *c, Py_ssize_t H, bint backward,
-                            int phase) noexcept nogil:
-    """The share's units of a batch-1 step's recurrent product in halves
-    (lstmeng_row_halves_f32; phase: which halves): forward, c = the step's gates [4H]
-    += a = h(t - 1) [H] @ R; backward, c = dh(t - 1) [H] += a = dz(t) [4H] @ R^T."""
-    lstmeng_row_halves_f32(H, halves_split(H), share.u0, share.u1 - share.u0, 1 if backward else 4,
-                           4 if backward else 1, a, share.recurrent_packed, c, phase)
+cdef void product_in_halves(const LstmProblem *problem, TeamShare *share, float *a, float *c,
+                            Py_ssize_t H, bint backward) noexcept nogil:
+    """A batch-1 step's recurrent product for the share's units in halves
+    (lstmeng_row_halves_f32, the recurrent kernel packed by pack_recurrent_slice),
+    with the step's barrier: forward, c = the step's gates [4H] += a = h(t - 1) [H] @ R;
+    backward, c = dh(t - 1) [H] += a = dz(t) [4H] @ R^T.
+
+    In a two-member team the member's own half of a is its own work: that half runs
+    while the partner finishes its step and its half crosses over (the barrier's wait,
+    65-170 ns a step at (1, 500, 64, 128), falls to 15-30). Other teams (one thread,
+    three members) take both halves after the barrier: the same sums either way."""
+    cdef Py_ssize_t k_split = halves_split(H), u0 = share.u0, width = share.u1 - share.u0
+    cdef int out_blocks = 1 if backward else 4, k_blocks = 4 if backward else 1
+    if share.team == 2:
+        lstmeng_barrier_arrive(problem.barrier_flags, share.member, share.barriers)
+        lstmeng_row_halves_f32(H, k_split, u0, width, out_blocks, k_blocks, a, share.recurrent_packed, c,
+                               LSTMENG_HALVES_OWN)
+        lstmeng_barrier_depart(problem.barrier_flags, share.member, share.team, share.barriers)
+        share.barriers += 1
+        lstmeng_row_halves_f32(H, k_split, u0, width, out_blocks, k_blocks, a, share.recurrent_packed, c,
+                               LSTMENG_HALVES_OTHER)
+    else:
+        team_wait(problem, share)
+        lstmeng_row_halves_f32(H, k_split, u0, width, out_blocks, k_blocks, a, share.recurrent_packed, c,
+                               LSTMENG_HALVES_BOTH)
 
 
 cdef void cell_rows(const LstmProblem *problem, const LstmBuffers *buffers, TeamShare *share,
@@ -979,7 +987,7 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
         if project_packed:
             packed_input_base = &packed_input_weights[0]
         # Batch 1 on the AVX-512 kernels: each step's recurrent product in halves of h
-        # (row_halves), whether the units are split or not.
+        # (product_in_halves), whether the units are split or not.
         problem.recurrent_halves = (pack_recurrent and B == 1 and H % PANEL_PAIR == 0
                                     and lstmeng_isa == LSTMENG_ISA_AVX512)
         if not split_units:
@@ -1098,18 +1106,10 @@ cdef void backward_part(const LstmProblem *problem, const LstmBuffers *buffers,
             hidden_gradient_product(n_rows, H, step_gates, <floating *>buffers.recurrent_kernel,
                                     problem.weights_transposed, share.recurrent_packed, dh, u0, width)
             continue
-        # Batch 1 in halves, as the forward's product (recurrent_step_product): a member's
-        # own gate columns of dz(t) first, while the partner's cross over.
+        # Batch 1 in halves, as the forward's product: a member's own gate columns of dz(t)
+        # first, while the partner's cross over.
         memset(dh + u0, 0, width * sizeof(floating))
-        if share.team == 2:
-            lstmeng_barrier_arrive(problem.barrier_flags, share.member, share.barriers)
-            row_halves(share, <float *>step_gates, <float *>dh, H, True, LSTMENG_HALVES_OWN)
-            lstmeng_barrier_depart(problem.barrier_flags, share.member, share.team, share.barriers)
-            share.barriers += 1
-            row_halves(share, <float *>step_gates, <float *>dh, H, True, LSTMENG_HALVES_OTHER)
-        else:
-            team_wait(problem, share)
-            row_halves(share, <float *>step_gates, <float *>dh, H, True, LSTMENG_HALVES_BOTH)
+        product_in_halves(problem, share, <float *>step_gates, <float *>dh, H, True)
     publish_state_gradients(problem, buffers, gradients, share, zero)
 
 

@@ -1,7 +1,7 @@
 """The batch-1 recurrent products in halves (cython backend, float32, AVX-512 kernels).
 
 At batch 1 each step's product h(t - 1) @ R (forward) and dz(t) @ R^T (backward) is
-summed over two halves apart (``row_halves`` in the extension: the halves of h, or the
+summed over two halves apart (``product_in_halves`` in the extension: the halves of h, or the
 gate columns of each half of the units): in a two-member unit split a member adds its own
 half while the partner's half is still on its way over the barrier, then the other. One
 thread, a team of two and a team of three (no overlap) must give bitwise the same numbers
