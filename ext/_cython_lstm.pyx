@@ -1059,6 +1059,33 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
     return team_barrier_stats(&barrier_flags[0], team_threads)
 
 
+def step_inference(floating[:, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0, floating[:, ::1] kernel,
+                   floating[:, ::1] recurrent_kernel, floating[::1] bias, floating[:, ::1] gates,
+                   floating[:, ::1] h_out, floating[:, ::1] c_out, int act, int ract,
+                   bint weights_transposed):
+    """One step of a batch of one part, without a workspace (inference; no mask, no
+    dropout): what `forward` computes for T = 1, by the same products in the same order
+    (BLAS: packing does not pay for one step), without its setup (layout, team, chunk
+    and state buffers), which cost more than the arithmetic of a batch-1 cell step.
+
+    x: [B, I] (I > 0); h0, c0: [B, H]; kernel [I, 4H] and recurrent_kernel [H, 4H]
+    (their transposes when weights_transposed, as in `forward`); bias [4H] or None;
+    gates: [B, 4H] scratch; h_out, c_out: [B, H], the new states.
+    """
+    cdef Py_ssize_t B = x.shape[0], I = x.shape[1], H = h0.shape[1], r
+    if I == 0 or B == 0:
+        raise ValueError(f"step_inference needs rows and inputs, got x of shape {list(x.shape)[:2]}")
+    check_blas_sizes(B, 4 * H, I, H)
+    with nogil:
+        gates_product(B, I, &x[0, 0], I, &kernel[0, 0], weights_transposed, NULL, &gates[0, 0], H, 0, H,
+                      False, pointer1(bias))
+        gates_product(B, H, &h0[0, 0], H, &recurrent_kernel[0, 0], weights_transposed, NULL, &gates[0, 0],
+                      H, 0, H, True, NULL)
+        memcpy(&c_out[0, 0], &c0[0, 0], B * H * sizeof(floating))
+        for r in range(B):
+            forward_row(&gates[r, 0], &c_out[r, 0], NULL, &h_out[r, 0], H, H, act, ract)
+
+
 cdef tuple team_barrier_stats(const int64_t *flags, Py_ssize_t team):
     """(barriers per member, seconds) of a unit-split call ((0, 0.0) for whole parts):
     the longest time a member spent waiting at barriers after it began to yield its

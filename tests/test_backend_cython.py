@@ -575,3 +575,64 @@ def test_busy_machine_fallback_gives_the_same_numbers(dtype, isa, monkeypatch):
             np.testing.assert_array_equal(got, want)
         else:
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("batch", [1, 5, 2 * cython_module.MIN_ROWS_PER_PART - 1])
+@pytest.mark.parametrize("transposed", [False, True], ids=["row-major", "transposed"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_one_step_inference_takes_the_short_path_with_the_same_numbers(isa, dtype, batch, transposed, with_bias,
+                                                                      monkeypatch):
+    """A one-step inference call of one part (a cell step, a streaming call) runs the extension's
+    step_inference: bitwise what the general path computes (its training forward, which keeps a
+    workspace), and the float64 reference's numbers. Other calls keep the general path."""
+    extension = cython_module._cython_lstm
+    if isa not in extension.SUPPORTED_ISAS:
+        pytest.skip(f"this CPU or build does not run {isa}")
+    calls = []
+    short_path = cython_module.CythonBackend._step_inference
+    monkeypatch.setattr(cython_module.CythonBackend, "_step_inference",
+                        lambda self, *args: calls.append(args[0].shape) or short_path(self, *args))
+    rng = np.random.default_rng(batch)
+    units, features = 32, 7
+    x = rng.normal(size=(batch, 1, features)).astype(dtype)
+    h0, c0 = (rng.normal(size=(batch, units)).astype(dtype) for _ in range(2))
+    weight_ih = (rng.normal(size=(4 * units, features)) * 0.3).astype(dtype)   # PyTorch's layout
+    weight_hh = (rng.normal(size=(4 * units, units)) * 0.3).astype(dtype)
+    kernel, recurrent_kernel = ((weight_ih.T, weight_hh.T) if transposed else
+                                (np.ascontiguousarray(weight_ih.T), np.ascontiguousarray(weight_hh.T)))
+    bias = (rng.normal(size=4 * units) * 0.1).astype(dtype) if with_bias else None
+    arrays = (x, h0, c0, kernel, recurrent_kernel, bias)
+    from lstmeng.backends.numpy import NumpyBackend
+    backend, reference = cython_module.CythonBackend(), NumpyBackend()
+    with kernel_overrides(cython_isa=isa):
+        for return_sequences in (True, False):
+            calls.clear()
+            short = sequence_forward(backend, *arrays, return_sequences=return_sequences, training=False)
+            general = sequence_forward(backend, *arrays, return_sequences=return_sequences, training=True)
+            assert calls == [(batch, 1, features)]
+            assert short.workspace is None
+            for name in ("outputs", "h", "c"):
+                got, want = getattr(short, name), getattr(general, name)
+                assert got.shape == want.shape and got.dtype == want.dtype, name
+                np.testing.assert_array_equal(got, want, err_msg=name)
+            assert not np.shares_memory(short.outputs, short.h)   # separate arrays, as the general path's
+            expected = sequence_forward(reference, *(None if a is None else a.astype(np.float64) for a in arrays),
+                                        return_sequences=return_sequences)
+            tolerance = 1e-5 if dtype == "float32" else 1e-12
+            for name in ("outputs", "h", "c"):
+                np.testing.assert_allclose(getattr(short, name), getattr(expected, name), rtol=tolerance,
+                                           atol=tolerance, err_msg=name)
+        # Not one step, a batch of two parts, a mask, dropout, a forced unit split: the general path.
+        calls.clear()
+        mask = np.ones((batch, 1), bool)
+        sequence_forward(backend, np.concatenate([x, x], axis=1), *arrays[1:])
+        sequence_forward(backend, np.concatenate([x] * 40)[:2 * cython_module.MIN_ROWS_PER_PART],
+                         *(np.concatenate([a] * 40)[:2 * cython_module.MIN_ROWS_PER_PART] for a in (h0, c0)),
+                         *arrays[3:])
+        sequence_forward(backend, *arrays, mask)
+        sequence_forward(backend, *arrays, None, None, np.ones((batch, units), dtype))
+        with kernel_overrides(cython_split_units=True):
+            sequence_forward(backend, *arrays)
+        assert calls == []

@@ -498,6 +498,11 @@ class CythonBackend(KernelBackend):
         h0, c0 = _contiguous(h0, dtype), _contiguous(c0, dtype)
         input_dropout_mask = _contiguous(input_dropout_mask, dtype)
         recurrent_dropout_mask = _contiguous(recurrent_dropout_mask, dtype)
+        if (steps == 1 and not training and mask is None and input_dropout_mask is None
+                and recurrent_dropout_mask is None and features > 0 and 0 < batch < 2 * MIN_ROWS_PER_PART
+                and overrides.cython_split_units is not True):
+            return self._step_inference(x, h0, c0, kernel, recurrent_kernel, bias, weights_transposed,
+                                        options)
         flops = 8.0 * batch * steps * units * (features + units)
         parts, threads, split_units = _team(batch, units, overrides.cython_split_units, flops)
         # Shares of the backward's products after its time loop (weight gradients, dx):
@@ -592,6 +597,28 @@ class CythonBackend(KernelBackend):
                 input_shape=x.shape, weights_transposed=weights_transposed)
         outputs = sequence_outputs if return_sequences else last_output
         return SequenceForward(outputs=outputs, h=h_out, c=c_out, workspace=workspace)
+
+    def _step_inference(self, x, h0, c0, kernel, recurrent_kernel, bias, weights_transposed, options):
+        """sequence_forward of one step of one part without a workspace, mask or dropout (a cell
+        step, a streaming call): the extension's ``step_inference``, the same products as the
+        general path's at T = 1 (so bitwise the same results) without its setup, which cost a
+        batch-1 cell step of (I, H) = (64, 128) 18.6 us against about 6 here.
+
+        x: [B, 1, I]; h0, c0: [B, H]; kernel, recurrent_kernel as ``_weights_for_kernels``
+        returns them; bias: [4H] or None."""
+        dtype = x.dtype
+        batch, units = x.shape[0], h0.shape[1]
+        h_out, c_out = np.empty((batch, units), dtype), np.empty((batch, units), dtype)
+        gates = np.empty((batch, 4 * units), dtype)
+        with threads.single_threaded_blas():
+            _specialization(_cython_lstm.step_inference, dtype)(
+                x.reshape(batch, -1), h0, c0, kernel, recurrent_kernel, bias, gates, h_out, c_out,
+                _cython_lstm.ACTIVATION_KINDS[options.activation],
+                _cython_lstm.ACTIVATION_KINDS[options.recurrent_activation], weights_transposed)
+        outputs = h_out.copy()
+        if options.return_sequences:
+            outputs = outputs.reshape(batch, 1, units)
+        return SequenceForward(outputs=outputs, h=h_out, c=c_out, workspace=None)
 
     def sequence_backward(self, doutputs, dh, dc, workspace, *, input_grad=True):
         ws, options = workspace, workspace.options
