@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 
 import numpy as np
 import torch
@@ -76,9 +77,12 @@ def _host_array(tensor: torch.Tensor) -> np.ndarray:
 def _as_tensor(array, backend, device: torch.device) -> torch.Tensor:
     """A backend result as a tensor on ``device``: NumPy arrays and CUDA arrays are wrapped, not copied."""
     if isinstance(array, np.ndarray):
-        if not array.flags.writeable or any(stride < 0 for stride in array.strides):
-            array = np.array(array)   # torch.from_numpy takes neither
-        tensor = torch.from_numpy(array)
+        if not array.flags.writeable:
+            array = np.array(array)   # torch.from_numpy warns on read-only memory
+        try:
+            tensor = torch.from_numpy(array)
+        except ValueError:            # negative strides, which torch.from_numpy does not take
+            tensor = torch.from_numpy(np.array(array))
         return tensor if device.type == "cpu" else tensor.to(device)
     if device.type == "cuda":
         return torch.as_tensor(array, device=device)
@@ -153,18 +157,18 @@ class _DirectionCall:
         Returns (outputs [B, T, H], h [B, H], c [B, H], workspace or None).
         """
         kernel, recurrent_kernel = self._weight_array(weight_ih), self._weight_array(weight_hh)  # [I, 4H], [H, 4H]
-        bias = None if bias_ih is None else bias_ih.detach() + bias_hh.detach()
+        if bias_ih is None:
+            bias = None
+        elif self.on_device:
+            bias = self._array(bias_ih.detach() + bias_hh.detach())
+        else:   # NumPy's add of two views: a fraction of a torch op's dispatch on a cell step
+            bias = np.add(bias_ih.detach().numpy(), bias_hh.detach().numpy())
         with _numba_stream_order(self.device):
             recurrent_dropout_mask = self._array(self.recurrent_dropout_mask)
-            # Packed input: PyTorch's padded outputs are zeros, and h_n, c_n are taken at each
-            # row's last real step, which the contract's masked steps give (and mask= then
-            # means "as if the masked steps were removed").
-            options = SequenceOptions.for_call(
-                bias=bias, mask=self.mask, input_dropout_mask=None, recurrent_dropout_mask=recurrent_dropout_mask,
-                activation=self.activation, recurrent_activation=self.recurrent_activation, reverse=self.reverse,
-                zero_output_for_mask=True, return_sequences=True, training=training)
+            options = _call_options(bias is not None, self.mask is not None, recurrent_dropout_mask is not None,
+                                    self.activation, self.recurrent_activation, self.reverse, training)
             result = self.backend.sequence_forward(
-                self._array(x), self._array(h0), self._array(c0), kernel, recurrent_kernel, self._array(bias),
+                self._array(x), self._array(h0), self._array(c0), kernel, recurrent_kernel, bias,
                 self.mask, None, recurrent_dropout_mask, options)
         tensors = (_as_tensor(array, self.backend, self.device) for array in (result.outputs, result.h, result.c))
         return (*tensors, result.workspace)
@@ -178,6 +182,18 @@ class _DirectionCall:
         return tuple(None if array is None else _as_tensor(array, self.backend, self.device)
                      for array in (grads.dx, grads.dh0, grads.dc0, grads.dkernel, grads.drecurrent_kernel,
                                    grads.dbias))
+
+
+@functools.lru_cache(maxsize=256)
+def _call_options(has_bias: bool, has_mask: bool, has_recurrent_dropout: bool, activation: str,
+                  recurrent_activation: str, reverse: bool, training: bool) -> SequenceOptions:
+    """The SequenceOptions of a layer direction's call (built once per combination: a cell step
+    would otherwise pay the frozen dataclass's checks every call). Packed input: PyTorch's padded
+    outputs are zeros, and h_n, c_n are taken at each row's last real step, which the contract's
+    masked steps give (and mask= then means "as if the masked steps were removed")."""
+    return SequenceOptions(activation=activation, recurrent_activation=recurrent_activation, reverse=reverse,
+                           zero_output_for_mask=True, return_sequences=True, training=training, has_bias=has_bias,
+                           has_mask=has_mask, has_input_dropout=False, has_recurrent_dropout=has_recurrent_dropout)
 
 
 class _LSTMDirection(torch.autograd.Function):
