@@ -57,7 +57,8 @@ cdef extern from "lstm_gemm.h" nogil:
                                       Py_ssize_t lda, const float *packed, const float *bias, float *c,
                                       Py_ssize_t ldc)
     void lstmeng_gemm_at_packed_f32(Py_ssize_t rows, Py_ssize_t G, Py_ssize_t K, const float *a,
-                                    Py_ssize_t lda, const float *packed, float *c, Py_ssize_t ldc)
+                                    Py_ssize_t lda, const float *packed, const float *start, float *c,
+                                    Py_ssize_t ldc)
     const int LSTMENG_HALVES_BOTH, LSTMENG_HALVES_OWN, LSTMENG_HALVES_OTHER
     void lstmeng_row_halves_f32(Py_ssize_t H, Py_ssize_t k_split, Py_ssize_t u0, Py_ssize_t width,
                                 int out_blocks, int k_blocks, const float *a, const float *packed, float *c,
@@ -168,6 +169,7 @@ cdef struct LstmGradients:
     void *dbias_partial            # [threads, 4H] each thread's column sums of dz
     float *kernel_t_packed         # K^T [4H, I] packed for dx (float32), or NULL (BLAS)
     float *gradient_panels         # [column threads, WEIGHT_GRADIENT_CHUNK * column block]
+    const float *zero_row          # [4H] zeros: the start of a weight-gradient product's first chunk
     Py_ssize_t column_block        # gate columns per thread in the weight gradients
 
 
@@ -299,7 +301,7 @@ cdef void gemm_columns(Py_ssize_t I, Py_ssize_t H, Py_ssize_t G, Py_ssize_t N,
 cdef void gemm_columns_packed(Py_ssize_t I, Py_ssize_t H, Py_ssize_t G, Py_ssize_t N,
                               Py_ssize_t column_begin, Py_ssize_t column_end, float *packed_x,
                               float *h_in_all, float *dz, float *dkernel, float *drecurrent_kernel,
-                              float *panels) noexcept nogil
+                              float *panels, const float *zero_row) noexcept nogil
 cdef void sum_partials(floating *total, const floating *partials, Py_ssize_t count,
                        Py_ssize_t G, Py_ssize_t column_begin, Py_ssize_t column_end) noexcept nogil
 cdef void dx_rows(Py_ssize_t row_first, Py_ssize_t row_end, Py_ssize_t I, Py_ssize_t G,

@@ -1409,6 +1409,9 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     gradients.dbias_partial = &dbias_partial[0, 0]
     gradients.kernel_t_packed = NULL
     gradients.gradient_panels = &gradient_panels[0, 0]
+    zero_row_array = np.zeros(G if weights_packed else 1, np.float32)
+    cdef float[::1] zero_row = zero_row_array
+    gradients.zero_row = &zero_row[0]
     gradients.column_block = column_block
 
     if floating is float:
@@ -1567,7 +1570,7 @@ cdef void weight_gradient_columns(const LstmProblem *problem, const LstmBuffers 
                             <float *>buffers.h_in_all, <float *>buffers.gates,
                             <float *>gradients.dkernel, <float *>gradients.drecurrent_kernel,
                             gradients.gradient_panels
-                            + column_thread * WEIGHT_GRADIENT_CHUNK * column_block)
+                            + column_thread * WEIGHT_GRADIENT_CHUNK * column_block, gradients.zero_row)
     else:
         gemm_columns(I, H, G, N, column_begin, column_end, <floating *>buffers.packed_x,
                      <floating *>buffers.h_in_all, <floating *>buffers.gates,
@@ -1591,26 +1594,32 @@ cdef void gemm_columns(Py_ssize_t I, Py_ssize_t H, Py_ssize_t G, Py_ssize_t N,
 cdef void gemm_columns_packed(Py_ssize_t I, Py_ssize_t H, Py_ssize_t G, Py_ssize_t N,
                               Py_ssize_t column_begin, Py_ssize_t column_end, float *packed_x,
                               float *h_in_all, float *dz, float *dkernel, float *drecurrent_kernel,
-                              float *panels) noexcept nogil:
+                              float *panels, const float *zero_row) noexcept nogil:
     """gemm_columns with the packed kernel: dK = X^T dz and dR = H_in^T dz, X (packed_x
     [N, I]) and H_in ([N, H]) read transposed in place, dz's columns column_begin ..
     column_end - 1 (whole panel pairs) packed WEIGHT_GRADIENT_CHUNK rows at a time into
     panels [WEIGHT_GRADIENT_CHUNK * width] (one chunk of panels stays in L1/L2 while both
-    products use it)."""
+    products use it). zero_row: at least width zeros."""
     cdef Py_ssize_t width = column_end - column_begin, row, first, rows
-    for row in range(I):
-        memset(dkernel + row * G + column_begin, 0, width * sizeof(float))
-    for row in range(H):
-        memset(drecurrent_kernel + row * G + column_begin, 0, width * sizeof(float))
+    # The first chunk's products start from zero_row instead of C (no pass that zeroes
+    # C first and no read of it: at T = 1, (I, H) = (256, 512), those were two of the
+    # three passes over the 6 MB of dK and dR); the later chunks add to C.
+    cdef const float *start = zero_row
+    if N == 0:
+        for row in range(I):
+            memset(dkernel + row * G + column_begin, 0, width * sizeof(float))
+        for row in range(H):
+            memset(drecurrent_kernel + row * G + column_begin, 0, width * sizeof(float))
     first = 0
     while first < N:
         rows = min(WEIGHT_GRADIENT_CHUNK, N - first)
         lstmeng_pack_panels_f32(dz + first * G + column_begin, rows, width, G, 0, panels)
         if I > 0:
-            lstmeng_gemm_at_packed_f32(I, width, rows, packed_x + first * I, I, panels,
+            lstmeng_gemm_at_packed_f32(I, width, rows, packed_x + first * I, I, panels, start,
                                        dkernel + column_begin, G)
-        lstmeng_gemm_at_packed_f32(H, width, rows, h_in_all + first * H, H, panels,
+        lstmeng_gemm_at_packed_f32(H, width, rows, h_in_all + first * H, H, panels, start,
                                    drecurrent_kernel + column_begin, G)
+        start = NULL
         first += rows
 
 
@@ -1736,10 +1745,6 @@ cdef void weight_gradient_chunk(const LstmProblem *problem, const LstmBuffers *b
     cdef float *dz = <float *>buffers.gates
     if column_begin >= column_end:
         return
-    for row in range(I):
-        memset(partial_kernel + row * G + column_begin, 0, (column_end - column_begin) * sizeof(float))
-    for row in range(H):
-        memset(partial_recurrent + row * G + column_begin, 0, (column_end - column_begin) * sizeof(float))
     if I > 0 and not pipeline.inputs_in_place:
         if block == 0:
             move_packed_rows(problem, first, end, <float *>buffers.x, inputs, <float *>buffers.input_dropout,
@@ -1748,11 +1753,12 @@ cdef void weight_gradient_chunk(const LstmProblem *problem, const LstmBuffers *b
         else:
             lstmeng_progress_wait(pipeline.inputs_ready + chunk, 1)
     lstmeng_pack_panels_f32(dz + first * G + column_begin, rows, column_end - column_begin, G, 0, panels)
+    # From zero_row, as the unpipelined path's first chunk (C's old values not read).
     if I > 0:
         lstmeng_gemm_at_packed_f32(I, column_end - column_begin, rows, inputs + first * I, I, panels,
-                                   partial_kernel + column_begin, G)
+                                   gradients.zero_row, partial_kernel + column_begin, G)
     lstmeng_gemm_at_packed_f32(H, column_end - column_begin, rows, <float *>buffers.h_in_all + first * H,
-                               H, panels, partial_recurrent + column_begin, G)
+                               H, panels, gradients.zero_row, partial_recurrent + column_begin, G)
 
 
 cdef void sum_chunk_partials(const Pipeline *pipeline, Py_ssize_t chunks, Py_ssize_t I, Py_ssize_t H,

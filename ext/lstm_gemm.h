@@ -406,9 +406,9 @@ LSTMENG_AVX512 static void lstmeng_gemm_packed_bias_avx512_f32(int64_t rows, int
  * in place: the weight gradients X^T dz and H_in^T dz (lstmeng_gemm_at_packed_f32). */
 LSTMENG_AVX512 static void lstmeng_gemm_at_packed_avx512_f32(int64_t rows, int64_t G, int64_t K,
                                                             const float *a, int64_t lda,
-                                                            const float *packed, float *c,
-                                                            int64_t ldc) {
-    lstmeng_gemm_avx512_f32(rows, G, K, a, 1, lda, packed, c, ldc, NULL);
+                                                            const float *packed, const float *start,
+                                                            float *c, int64_t ldc) {
+    lstmeng_gemm_avx512_f32(rows, G, K, a, 1, lda, packed, c, ldc, start);
 }
 
 /* A batch-1 step's recurrent product in halves, c += a @ M for output units u0 ..
@@ -496,14 +496,17 @@ static void lstmeng_gemm_packed_bias_f32(int64_t rows, int64_t G, int64_t K, con
 #endif
 }
 
-/* C[rows, G] += A^T @ B, A [K, rows] row-major (lda), B packed: AVX-512 only (the
- * caller checks lstmeng_isa and uses BLAS otherwise). */
+/* C[rows, G] += A^T @ B, A [K, rows] row-major (lda), B packed; or C = start + A^T @ B
+ * when start (G floats, the same for every row: zeros for a product's first chunk) is
+ * not NULL, C's old values not read. AVX-512 only (the caller checks lstmeng_isa and
+ * uses BLAS otherwise). */
 static void lstmeng_gemm_at_packed_f32(int64_t rows, int64_t G, int64_t K, const float *a,
-                                       int64_t lda, const float *packed, float *c, int64_t ldc) {
+                                       int64_t lda, const float *packed, const float *start, float *c,
+                                       int64_t ldc) {
 #if LSTMENG_HAVE_AVX512
-    lstmeng_gemm_at_packed_avx512_f32(rows, G, K, a, lda, packed, c, ldc);
+    lstmeng_gemm_at_packed_avx512_f32(rows, G, K, a, lda, packed, start, c, ldc);
 #else
-    (void)rows; (void)G; (void)K; (void)a; (void)lda; (void)packed; (void)c; (void)ldc;
+    (void)rows; (void)G; (void)K; (void)a; (void)lda; (void)packed; (void)start; (void)c; (void)ldc;
 #endif
 }
 
