@@ -247,6 +247,35 @@ def test_auto_picks_fastest_available_host_backend(clean_default):
     assert chosen.name == expected
 
 
+def test_resolve_remembers_answers_per_default_and_forgets_them_on_refresh(clean_default, monkeypatch):
+    """resolve() keeps its answers keyed by the name in force, so a changed default or a
+    use_backend block is seen at once; refresh() forgets them, so a backend whose support
+    changed (a new plugin, a driver) is asked again; a refused configuration is refused
+    every time."""
+    host = np.zeros(1)
+    automatic = registry.resolve("auto", host, np.dtype("float32"), "tanh", "sigmoid")
+    assert registry.resolve("auto", host, np.dtype("float32"), "tanh", "sigmoid") is automatic
+    with le.use_backend("numpy"):
+        assert registry.resolve("auto", host, np.dtype("float32"), "tanh", "sigmoid").name == "numpy"
+    assert registry.resolve("auto", host, np.dtype("float32"), "tanh", "sigmoid") is automatic
+    numpy_backend = registry.get_backend_object("numpy")
+    refusals = []
+
+    def refuse(dtype, activation, recurrent_activation):
+        refusals.append(activation)
+        raise NotImplementedError("refused for this test")
+
+    monkeypatch.setattr(numpy_backend, "check_support", refuse)
+    assert registry.resolve("numpy", host, np.dtype("float32"), "tanh", "sigmoid") is numpy_backend   # remembered
+    registry.refresh()
+    for _ in range(2):
+        with pytest.raises(ValueError, match="refused for this test"):
+            registry.resolve("numpy", host, np.dtype("float32"), "tanh", "sigmoid")
+    assert len(refusals) == 2
+    monkeypatch.undo()
+    registry.refresh()
+
+
 @pytest.mark.slow  # a fresh interpreter; in an editable install its import also checks the build
 def test_import_lstmeng_imports_neither_tensorflow_nor_numba():
     script = textwrap.dedent("""

@@ -358,7 +358,10 @@ class KernelBackend(abc.ABC):
         """
 
     def check_support(self, dtype, activation: str, recurrent_activation: str) -> None:
-        """Raise NotImplementedError with the reason if this configuration is not supported."""
+        """Raise NotImplementedError with the reason if this configuration is not supported.
+
+        A function of its arguments: ``registry.resolve`` remembers a backend's answer for
+        them until ``registry.refresh()``."""
         if np.dtype(dtype).name not in self.dtypes:
             raise NotImplementedError(
                 f"backend {self.name!r} computes in {', '.join(self.dtypes)}, not {np.dtype(dtype).name}"
