@@ -1738,7 +1738,7 @@ cdef void weight_gradient_chunk(const LstmProblem *problem, const LstmBuffers *b
     cdef Py_ssize_t I = problem.inputs, H = problem.units, G = problem.gate_columns
     cdef Py_ssize_t rows = end - first, chunk = first // WEIGHT_GRADIENT_CHUNK
     cdef Py_ssize_t column_begin = block * gradients.column_block
-    cdef Py_ssize_t column_end = min(G, column_begin + gradients.column_block), row
+    cdef Py_ssize_t column_end = min(G, column_begin + gradients.column_block)
     cdef float *partial_kernel = pipeline.partials + chunk * (I + H) * G
     cdef float *partial_recurrent = partial_kernel + I * G
     cdef float *inputs = <float *>buffers.x if pipeline.inputs_in_place else <float *>buffers.packed_x

@@ -196,8 +196,9 @@ static inline int lstmeng_own_half_is_low(int64_t unit, int64_t k_split) { retur
  * order, k blocks in order), then every pair's other pieces, so that each phase of
  * the product reads one contiguous stream. Measured: with a pair's two halves
  * adjacent (the plain packed layout), each phase read 8 KB pieces 8 KB apart and a
- * member's forward product took 1.05-1.15 us a step instead of 0.80-0.86 (the
- * hardware prefetcher follows each load's stream, and every jump cost it). */
+ * member's forward product took 1.05-1.15 us a step instead of 0.80-0.86 (most
+ * likely the hardware prefetcher losing the stream at every jump; this guest has
+ * no counters to say). */
 static void lstmeng_pack_halves_f32(const float *m, int64_t H, int64_t k_split, int64_t u0, int64_t width,
                                     int out_blocks, int k_blocks, int64_t ld_i, int64_t ld_j, float *packed) {
     int own, out_block, k_block;
