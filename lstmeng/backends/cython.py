@@ -601,8 +601,8 @@ class CythonBackend(KernelBackend):
     def _step_inference(self, x, h0, c0, kernel, recurrent_kernel, bias, weights_transposed, options):
         """sequence_forward of one step of one part without a workspace, mask or dropout (a cell
         step, a streaming call): the extension's ``step_inference``, the same products as the
-        general path's at T = 1 (so bitwise the same results) without its setup, which cost a
-        batch-1 cell step of (I, H) = (64, 128) 18.6 us against about 6 here.
+        general path's at T = 1 (so bitwise the same results) without its setup: a batch-1
+        call at (I, H) = (64, 128) took 18.6 us through the general path, 9.2 this way.
 
         x: [B, 1, I]; h0, c0: [B, H]; kernel, recurrent_kernel as ``_weights_for_kernels``
         returns them; bias: [4H] or None."""
