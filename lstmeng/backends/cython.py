@@ -498,6 +498,10 @@ class CythonBackend(KernelBackend):
         h0, c0 = _contiguous(h0, dtype), _contiguous(c0, dtype)
         input_dropout_mask = _contiguous(input_dropout_mask, dtype)
         recurrent_dropout_mask = _contiguous(recurrent_dropout_mask, dtype)
+        # The short path is bitwise the general one only while the general path takes BLAS for
+        # both products of such a call: one step is under PACK_MIN_STEPS and fewer than 32 rows
+        # under MIN_ROWS_TO_PACK (the extension's constants; tests/test_backend_cython.py
+        # compares the two paths bitwise at B = 1, 5 and 31).
         if (steps == 1 and not training and mask is None and input_dropout_mask is None
                 and recurrent_dropout_mask is None and features > 0 and 0 < batch < 2 * MIN_ROWS_PER_PART
                 and overrides.cython_split_units is not True):
