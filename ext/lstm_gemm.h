@@ -13,11 +13,11 @@
  * BLAS instead.
  *
  *  - AVX2+FMA: 6 x 16 and 4 x 16 blocks (12 / 8 ymm accumulators of 16).
- *  - AVX-512:  a panel row is one zmm. Blocks of 12 x 32 (two panels: 24 of
- *    the 32 zmm registers accumulate, 2 hold the panel rows, the rest the
- *    broadcasts), then 8, 4, 3 or 2 rows x 32 and a single-row kernel for the
- *    rest of the rows: 2 panel loads and 12 broadcasts feed 24 FMAs, within
- *    the two load ports of a Xeon core. The AVX2 kernel on an AVX-512 Xeon
+ *  - AVX-512:  a panel row is one zmm. Blocks of up to 12 x 32 (two panels:
+ *    24 of the 32 zmm registers accumulate, 2 hold the panel rows, the rest the
+ *    broadcasts; a product's rows dealt evenly to as few blocks as that allows)
+ *    and a single-row kernel for a row alone: 2 panel loads and 12 broadcasts
+ *    feed 24 FMAs, within the two load ports of a Xeon core. The AVX2 kernel on an AVX-512 Xeon
  *    ran the step product at 1.8x the time OpenBLAS's AVX-512 sgemm took for
  *    the same FLOPs (/work/shared/cpu/xeon-avx512-profile.md, 43 % of an
  *    inference call); on a Zen 5 core this kernel reached 250-267 GFLOP/s at
@@ -239,7 +239,7 @@ static void lstmeng_pack_halves_f32(const float *m, int64_t H, int64_t k_split, 
 
 /* ROWS rows of A times two adjacent panels (32 columns): 2 ROWS independent FMA
  * chains in zmm registers, of which the first STORED rows are added to C. Called
- * with constant ROWS (12, 8, 4), so after inlining the row loops unroll and the
+ * with constant ROWS (4 to 12), so after inlining the row loops unroll and the
  * accumulators stay in registers. STORED < ROWS (the 2 or 3 rows at the end of a
  * step): the surplus rows repeat A's last stored row and are dropped, so a tail
  * of 2 or 3 rows runs the 4-row code. gcc compiled a 3-row block with every FMA
@@ -335,32 +335,53 @@ LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_row_avx
     _mm512_storeu_ps(c + LSTMENG_PANEL, _mm512_add_ps(_mm512_loadu_ps(start + LSTMENG_PANEL), right));
 }
 
-/* Rows r0 .. r1 - 1 of C times one panel pair, in blocks of 12, 8, 4 and single rows.
+/* A block of 2 to 12 rows (`rows`, any value there) times one panel pair: the block
+ * of exactly that many rows, or for 2 and 3 rows the 4-row block (see above). Each
+ * case is its own unrolled copy of lstmeng_block_avx512_f32. */
+#define LSTMENG_BLOCK_CASE(ROWS, STORED)                                                   \
+    case STORED:                                                                          \
+        lstmeng_block_avx512_f32(ROWS, STORED, a, row_step, k_step, panels, K, c, ldc, bias); \
+        break;
+LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_block_of_avx512_f32(
+        int rows, const float *a, const int64_t row_step, const int64_t k_step,
+        const float *panels, int64_t K, float *c, int64_t ldc, const float *bias) {
+    switch (rows) {
+        LSTMENG_BLOCK_CASE(12, 12) LSTMENG_BLOCK_CASE(11, 11) LSTMENG_BLOCK_CASE(10, 10)
+        LSTMENG_BLOCK_CASE(9, 9) LSTMENG_BLOCK_CASE(8, 8) LSTMENG_BLOCK_CASE(7, 7)
+        LSTMENG_BLOCK_CASE(6, 6) LSTMENG_BLOCK_CASE(5, 5) LSTMENG_BLOCK_CASE(4, 4)
+        LSTMENG_BLOCK_CASE(4, 3) LSTMENG_BLOCK_CASE(4, 2)
+        default: break;
+    }
+}
+#undef LSTMENG_BLOCK_CASE
+
+/* Rows r0 .. r1 - 1 of C times one panel pair, in as few passes over the pair as
+ * 12-row blocks allow, the rows dealt evenly to the passes (13 rows: 7 + 6), each
+ * pass one block of exactly its rows; a single row alone by the single-row kernel.
+ * Why: the first pass streams the pair's panels (K x 128 bytes) in from L3 or L2,
+ * every further pass again from L2, and a block's FMAs cost by its rows. Blocks
+ * of 12, 8 and 4 rows only ran a part's step of 6 rows as two 4-row passes
+ * (8 rows of FMAs and two streams) and one of 5 rows as 4 + a single row: at
+ * (rows, I, H) = (r, 128, 512) on one Zen 5 core a step of 5, 6 or 7 rows took
+ * 81, 107 and 110 us against 100 for 8 (dealt evenly: 69, 77 and 89), and the
+ * shrinking parts of a variable-length batch go through every row count. Each row's FMA chain is the
+ * same in every block, so C does not depend on how the rows are dealt to blocks.
  * bias_pair: NULL (C += the product) or the pair's 32 bias columns (C = bias + the
  * product: C's old values are not read). */
 LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_pair_avx512_f32(
         int64_t r0, int64_t r1, int64_t K, const float *a, const int64_t row_step,
         const int64_t k_step, const float *panels, float *c_pair, int64_t ldc, const float *bias_pair) {
-    for (; r0 + LSTMENG_AVX512_BLOCK_ROWS <= r1; r0 += LSTMENG_AVX512_BLOCK_ROWS)
-        lstmeng_block_avx512_f32(LSTMENG_AVX512_BLOCK_ROWS, LSTMENG_AVX512_BLOCK_ROWS, a + r0 * row_step,
-                                 row_step, k_step, panels, K, c_pair + r0 * ldc, ldc, bias_pair);
-    if (r1 - r0 >= 8) {
-        lstmeng_block_avx512_f32(8, 8, a + r0 * row_step, row_step, k_step, panels, K,
-                                 c_pair + r0 * ldc, ldc, bias_pair);
-        r0 += 8;
-    }
-    while (r1 - r0 >= 2) {
-        /* 4 rows, or 2 or 3 in the 4-row code: one pass over the panels (the single-row
-         * kernel would read them once per row; the shrinking steps of a variable-length
-         * batch end in such rows). At (rows, G, K) = (3 + 4n, 2048, 512) a step of the
-         * extension ran as fast as one of 4 + 4n rows. */
-        const int stored = r1 - r0 >= 4 ? 4 : (int)(r1 - r0);
-        lstmeng_block_avx512_f32(4, stored, a + r0 * row_step, row_step, k_step, panels, K,
-                                 c_pair + r0 * ldc, ldc, bias_pair);
-        r0 += stored;
-    }
-    if (r1 - r0 == 1)
+    int64_t passes = (r1 - r0 + LSTMENG_AVX512_BLOCK_ROWS - 1) / LSTMENG_AVX512_BLOCK_ROWS;
+    if (r1 - r0 == 1) {
         lstmeng_row_avx512_f32(a + r0 * row_step, k_step, panels, K, c_pair + r0 * ldc, bias_pair);
+        return;
+    }
+    for (; passes > 0; passes--) {
+        const int rows = (int)((r1 - r0 + passes - 1) / passes);
+        lstmeng_block_of_avx512_f32(rows, a + r0 * row_step, row_step, k_step, panels, K,
+                                    c_pair + r0 * ldc, ldc, bias_pair);
+        r0 += rows;
+    }
 }
 
 /* C[rows, G] += A[rows, K] @ B, B packed by lstmeng_pack_panels_f32 (AVX-512), or

@@ -44,9 +44,10 @@ def test_conformance(case, isa):
 
 # Units a multiple of 32 take the packed step product (float32), and on the AVX-512 path
 # the input projection too (any input size) and dx = dz @ K^T (input sizes a multiple of
-# 32); batches of 1, 3, 13, 16, 21, 31 rows leave every remainder of the AVX-512 row blocks
-# (12 + 1, 12 + 4, 12 + 8 + 1, 12 + 12 + 4 + 3) and of the AVX2 ones (6 + 6 + 1, 6 + 6 + 4,
-# ...); masks shrink the rows per step further.
+# 32); batches of 1, 3, 13, 16, 21, 31 rows reach the AVX-512 kernel's single row, the
+# 4-row block holding 3 rows and passes of 7 + 6, 8 + 8, 11 + 10 and 11 + 10 + 10 rows,
+# and every remainder of the AVX2 blocks (6 + 6 + 1, 6 + 6 + 4, ...); masks shrink the
+# rows per step further.
 @pytest.mark.parametrize("case", [
     dataclasses.replace(case, units=units, batch=batch, input_size=inputs)
     for units, batch, inputs in ((32, 1, 4), (32, 3, 32), (64, 13, 64), (32, 16, 5), (32, 21, 32),
@@ -54,6 +55,29 @@ def test_conformance(case, isa):
     for case in testing.conformance_cases(dtypes=("float32",), cases_per_dtype=4)], ids=str)
 def test_conformance_packed_kernel_sizes(case, isa):
     testing.check_case("cython", case)
+
+
+def test_avx512_rows_do_not_depend_on_their_block(monkeypatch):
+    """The AVX-512 step product deals a part's rows to blocks of 2 to 12 rows (as few
+    passes over the weights as 12-row blocks allow, rows dealt evenly). Each row's sum is
+    the same FMA chain in every block, so a row's outputs must be bitwise the same whatever
+    batch it is in: every batch of 2 to 25 rows (one thread, so one part) against the
+    first rows of the batch of 25, whose outputs match the float64 NumPy reference."""
+    if "avx512" not in extension.SUPPORTED_ISAS:
+        pytest.skip("this CPU or build does not run the AVX-512 kernels")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rng = np.random.default_rng(7)
+    # 16 steps: the packed kernels take the recurrent product (4 steps or more) and the
+    # input projection (32 packed rows or more) at every batch size here.
+    x = rng.normal(size=(25, 16, 6)).astype(np.float32)
+    layer = le.LSTM(32, return_sequences=True, backend="cython", seed=1)
+    with kernel_overrides(cython_isa="avx512"):
+        whole = layer(x)
+        assert extension.packs_recurrent_kernel(16, 2, 32)
+        for batch in range(2, 25):
+            np.testing.assert_array_equal(layer(x[:batch]), whole[:batch], err_msg=f"batch {batch}")
+    reference = le.LSTM(32, return_sequences=True, backend="numpy", seed=1, dtype="float64")(x.astype(np.float64))
+    testing.assert_close(whole, reference, "outputs", "float32")
 
 
 @pytest.fixture
