@@ -242,6 +242,102 @@ def packed_row_offset(const Py_ssize_t[:, ::1] active, const Py_ssize_t[:, ::1] 
     return step_offset(&layout, part, t)
 
 
+def right_padded_lengths(const unsigned char[:, ::1] mask):
+    """The rows' lengths [B] (intp) when every row of the [B, T] mask (bool or uint8, 1 =
+    real step) is a run of real steps from step 0 followed by padding only, else None.
+
+    One pass over the mask, for the variable-length layout (a NumPy version built
+    [B, T] comparisons: 45-180 us of a call at B = 256, T = 50).
+    """
+    cdef Py_ssize_t B = mask.shape[0], T = mask.shape[1], b, t, length
+    lengths_array = np.empty(B, np.intp)
+    cdef Py_ssize_t[::1] lengths = lengths_array
+    cdef bint padded = True
+    with nogil:
+        for b in range(B):
+            length = 0
+            while length < T and mask[b, length]:
+                length += 1
+            for t in range(length, T):
+                if mask[b, t]:
+                    padded = False
+                    break
+            if not padded:
+                break
+            lengths[b] = length
+    return lengths_array if padded else None
+
+
+def variable_length_layout(const Py_ssize_t[::1] lengths, Py_ssize_t T, Py_ssize_t parts):
+    """The variable-length layout of rows of the given lengths (each 0 .. T) in ``parts``
+    parts: (order [B], row_begin [P + 1], active [P, T], offsets [P, T + 1], the largest
+    part's rows), all intp (see the module comment).
+
+    Rows are sorted by decreasing length (ties in row order) and dealt to the parts in
+    snake order (0, 1, .., P - 1, P - 1, .., 0, 0, ...), so every part gets long and
+    short rows and the parts' total steps match (the call lasts as long as its longest
+    part: round-robin gave the first part the longer row of every pair, 7.5 % more
+    steps at B = 32, T = 200); each part's rows stay sorted, so its active rows at
+    step t, those longer than t, are a prefix.
+    """
+    cdef Py_ssize_t B = lengths.shape[0], P = parts, b, i, p, t, L, lap, seat, running
+    if P < 1:
+        raise ValueError(f"parts must be at least 1, got {P}")
+    for b in range(B):
+        if not 0 <= lengths[b] <= T:
+            raise ValueError(f"lengths must lie in 0 .. {T}, got {lengths[b]} at row {b}")
+    order_array = np.empty(B, np.intp)
+    row_begin_array = np.zeros(P + 1, np.intp)
+    active_array = np.zeros((P, T), np.intp)
+    offsets_array = np.empty((P, T + 1), np.intp)
+    cdef Py_ssize_t[::1] order = order_array, row_begin = row_begin_array
+    cdef Py_ssize_t[:, ::1] active = active_array, offsets = offsets_array
+    # Counting sort by decreasing length; then each part's rows counted by length.
+    cdef Py_ssize_t[::1] first_of_length = np.zeros(T + 2, np.intp)
+    cdef Py_ssize_t[::1] by_length = np.empty(B, np.intp)
+    cdef Py_ssize_t[::1] dealt_to = np.empty(B, np.intp)
+    cdef Py_ssize_t[:, ::1] part_lengths = np.zeros((P, T + 1), np.intp)
+    with nogil:
+        for b in range(B):
+            first_of_length[T - lengths[b] + 1] += 1
+        for L in range(1, T + 2):
+            first_of_length[L] += first_of_length[L - 1]
+        for b in range(B):
+            i = T - lengths[b]
+            by_length[first_of_length[i]] = b
+            first_of_length[i] += 1
+        for i in range(B):
+            lap, seat = i // P, i % P
+            p = seat if lap % 2 == 0 else P - 1 - seat
+            dealt_to[i] = p
+            row_begin[p + 1] += 1
+            part_lengths[p, lengths[by_length[i]]] += 1
+        for p in range(P):
+            row_begin[p + 1] += row_begin[p]
+        # Part by part, in the sorted order: each part's rows stay sorted.
+        for p in range(P):
+            seat = row_begin[p]
+            for i in range(B):
+                if dealt_to[i] == p:
+                    order[seat] = by_length[i]
+                    seat += 1
+        running = 0
+        for p in range(P):
+            # active[p, t]: the part's rows longer than t.
+            L = 0
+            for t in range(T - 1, -1, -1):
+                L += part_lengths[p, t + 1]
+                active[p, t] = L
+            offsets[p, 0] = running
+            for t in range(T):
+                offsets[p, t + 1] = offsets[p, t] + active[p, t]
+            running = offsets[p, T]
+    largest = 0
+    for p in range(P):
+        largest = max(largest, row_begin[p + 1] - row_begin[p])
+    return order_array, row_begin_array, active_array, offsets_array, largest
+
+
 cdef inline Py_ssize_t unit_bound(Py_ssize_t member, Py_ssize_t team, Py_ssize_t H) noexcept nogil:
     """First unit of team member ``member`` (member = team: H). Slices are whole panel
     pairs where H allows, so every slice can use the packed kernel."""

@@ -148,6 +148,47 @@ def test_variable_length_rows_are_dealt_so_parts_run_equal_steps():
         assert np.all(np.diff(lengths[rows]) <= 0)
 
 
+def test_variable_length_layout_matches_its_definition():
+    """The extension's layout builder against the layout's definition written with NumPy:
+    rows sorted by decreasing length (ties in row order), dealt in snake order, active[p,
+    t] = the part's rows longer than t, offsets the parts' packed rows one after another;
+    and the right-padding test against a [B, T] comparison, on random masks and lengths."""
+    extension = cython_module._cython_lstm
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        batch, steps, parts = int(rng.integers(0, 30)), int(rng.integers(0, 20)), int(rng.integers(1, 5))
+        lengths = rng.integers(0, steps + 1, size=batch)
+        padded = np.arange(steps)[None, :] < lengths[:, None]
+        holes = padded ^ (rng.random((batch, steps)) < 0.05)
+        for mask in (padded, holes):
+            real = mask.sum(axis=1)
+            expected = real if np.array_equal(mask, np.arange(steps)[None, :] < real[:, None]) else None
+            got = extension.right_padded_lengths(mask.view(np.uint8))
+            assert (got is None) == (expected is None)
+            if expected is not None:
+                np.testing.assert_array_equal(got, expected)
+        order, row_begin, active, offsets, largest = extension.variable_length_layout(
+            lengths.astype(np.intp), steps, parts)
+        by_length = np.argsort(-lengths, kind="stable")
+        lap, seat = np.divmod(np.arange(batch), parts)
+        dealt_to = np.where(lap % 2 == 0, seat, parts - 1 - seat)
+        part_rows = [by_length[dealt_to == part] for part in range(parts)]
+        np.testing.assert_array_equal(order, np.concatenate([[]] + part_rows))
+        np.testing.assert_array_equal(row_begin, np.cumsum([0] + [len(rows) for rows in part_rows]))
+        expected_active = np.array([[np.sum(lengths[rows] > t) for t in range(steps)] for rows in part_rows],
+                                   np.intp).reshape(parts, steps)
+        np.testing.assert_array_equal(active, expected_active)
+        starts = np.concatenate([[0], np.cumsum(expected_active.sum(axis=1))[:-1]])
+        np.testing.assert_array_equal(
+            offsets, starts[:, None] + np.concatenate([np.zeros((parts, 1), np.intp),
+                                                       np.cumsum(expected_active, axis=1)], axis=1))
+        assert largest == max(len(rows) for rows in part_rows)
+    with pytest.raises(ValueError, match="lengths must lie in 0 .. 4"):
+        extension.variable_length_layout(np.array([2, 5], np.intp), 4, 2)
+    with pytest.raises(ValueError, match="parts must be at least 1"):
+        extension.variable_length_layout(np.array([2], np.intp), 4, 0)
+
+
 @pytest.mark.parametrize("steps", [1, 3, 4, 5, 9])
 @pytest.mark.parametrize("units", [32, 64])
 def test_short_calls_use_blas_and_long_calls_the_packed_kernel_with_the_same_results(steps, units):

@@ -320,32 +320,15 @@ def _layout(mask, batch: int, steps: int, parts: int, packed_variable_length: bo
     mask: [B, T] bool or None.
     """
     if mask is not None:
-        mask = np.asarray(mask, dtype=bool)
-        lengths = mask.sum(axis=1)
-        is_right_padded = np.array_equal(mask, np.arange(steps)[None, :] < lengths[:, None])
-        if is_right_padded and bool((lengths == steps).all()):
+        mask = np.ascontiguousarray(mask, dtype=bool)
+        lengths = _cython_lstm.right_padded_lengths(mask.view(np.uint8))
+        if lengths is not None and bool((lengths == steps).all()):
             mask = None  # every step real
-        elif is_right_padded and packed_variable_length:
-            by_length = np.argsort(-lengths, kind="stable")
-            # Deal the sorted rows to the parts in snake order (0, 1, 1, 0, 0, 1, ...) so
-            # every part gets long and short rows and the parts' total steps match (the
-            # call lasts as long as its longest part: round-robin gave the first part
-            # the longer row of every pair, 7.5 % more steps at B = 32, T = 200); each
-            # part's rows stay sorted, so its active rows are always a prefix.
-            position = np.arange(batch)
-            lap, seat = np.divmod(position, parts)
-            dealt_to = np.where(lap % 2 == 0, seat, parts - 1 - seat)
-            part_rows = [by_length[dealt_to == part] for part in range(parts)]
-            order = np.concatenate(part_rows).astype(np.intp)
-            row_begin = np.concatenate([[0], np.cumsum([len(rows) for rows in part_rows])]).astype(np.intp)
-            # active[p, t]: part p's rows longer than t. Its lengths are descending, so
-            # that is where -t falls in the ascending -lengths (no [rows, T] comparison:
-            # the layout took 45 instead of 57 us at B = 256, T = 50).
-            negative_time = -np.arange(steps)
-            active = np.stack([np.searchsorted(-lengths[rows], negative_time, side="left")
-                               for rows in part_rows]).astype(np.intp)
-            return _Layout(order, row_begin, active, _packed_offsets(active), None, steps,
-                           max(len(rows) for rows in part_rows))
+        elif lengths is not None and packed_variable_length:
+            # Rows sorted by length, dealt to the parts in snake order (see the extension).
+            order, row_begin, active, offsets, largest_part = _cython_lstm.variable_length_layout(
+                lengths, steps, parts)
+            return _Layout(order, row_begin, active, offsets, None, steps, largest_part)
     if mask is None:
         return _uniform_layout(batch, steps, parts)   # cached, mask None (a copy cost 3 us a call)
     return dataclasses.replace(_uniform_layout(batch, steps, parts),
