@@ -352,6 +352,48 @@ def test_cell_matches_torch_lstm_cell(backend, bias):
             torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("kind", ["cell", "lstm"])
+def test_results_follow_every_kind_of_weight_change(kind):
+    """The CPU path keeps a NumPy view of each parameter's memory between calls
+    (``_parameter_view``): results must follow in-place steps (optimizers), ``.data``
+    writes, a new storage under the same Parameter, a new Parameter and ``.double()``."""
+    torch.manual_seed(5)
+    if kind == "cell":
+        mine, reference = lt.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, backend="cython"), torch.nn.LSTMCell(
+            INPUT_SIZE, HIDDEN_SIZE)
+        x = torch.randn(2, INPUT_SIZE)
+        hx = (torch.randn(2, HIDDEN_SIZE), torch.randn(2, HIDDEN_SIZE))   # not zeros: weight_hh counts
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+    else:
+        mine, reference = lt.LSTM(INPUT_SIZE, HIDDEN_SIZE, backend="cython"), torch.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE)
+        x = torch.randn(4, 2, INPUT_SIZE)
+        hx = None
+        names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+
+    def check():
+        reference.load_state_dict(mine.state_dict())
+        states = None if hx is None else tuple(state.to(x.dtype) for state in hx)
+        with torch.no_grad():
+            torch.testing.assert_close(mine(x, states)[0], reference(x, states)[0])
+
+    check()
+    with torch.no_grad():
+        getattr(mine, names[0]).add_(0.5)                          # an optimizer's in-place step
+    check()
+    getattr(mine, names[3]).data.copy_(torch.randn(4 * HIDDEN_SIZE))   # a .data write
+    check()
+    getattr(mine, names[1]).data = torch.randn(4 * HIDDEN_SIZE, HIDDEN_SIZE)   # new storage
+    check()
+    setattr(mine, names[2], torch.nn.Parameter(torch.randn(4 * HIDDEN_SIZE)))  # a new Parameter
+    if kind == "lstm":
+        mine._init_flat_weights()
+    check()
+    mine.double()
+    reference.double()
+    x = x.double()
+    check()
+
+
 def test_cell_errors_match_torch():
     torch.manual_seed(0)
     reference = torch.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE)
