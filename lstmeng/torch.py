@@ -280,6 +280,28 @@ def _run_direction(call, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, outp
     return call.forward(*tensors, training=False, outputs=outputs)[:3]
 
 
+@functools.lru_cache(maxsize=64)
+def _cell_options(has_bias: bool, activation: str, recurrent_activation: str) -> SequenceOptions:
+    """The SequenceOptions of an inference cell step (``KernelBackend.cell_forward``)."""
+    return SequenceOptions(activation=activation, recurrent_activation=recurrent_activation,
+                           return_sequences=False, has_bias=has_bias)
+
+
+def _cell_inference(backend, x, hx, weights, activation: str, recurrent_activation: str):
+    """An LSTMCell step on CPU tensors that records no gradient, mask or dropout: the backend's
+    ``cell_forward`` on NumPy views, without the autograd Function and the per-call
+    ``_DirectionCall`` of the general path (a third of the glue of a batch-1 step).
+
+    x [B, I], hx ([B, H], [B, H]), weights (weight_ih, weight_hh, bias_ih, bias_hh) -> (h, c).
+    """
+    weight_ih, weight_hh, bias_ih, bias_hh = weights
+    bias = None if bias_ih is None else np.add(_parameter_view(bias_ih), _parameter_view(bias_hh))
+    result = backend.cell_forward(_host_array(x), _host_array(hx[0]), _host_array(hx[1]),
+                                  _parameter_view(weight_ih).T, _parameter_view(weight_hh).T, bias, None, None,
+                                  _cell_options(bias is not None, activation, recurrent_activation))
+    return _as_tensor(result.h, backend, x.device), _as_tensor(result.c, backend, x.device)
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -703,6 +725,10 @@ class LSTMCell(torch.nn.LSTMCell, _LstmengOptions):
         bias_ih, bias_hh) (biases None without bias) -> (h [B, H], c [B, H])."""
         sequence = x.unsqueeze(1)                                 # [B, 1, I]
         backend, on_device = self._backend_for(sequence, weights[0].dtype)
+        if (not on_device and mask is None and not (self.training and self.recurrent_dropout > 0)
+                and not (torch.is_grad_enabled() and any(
+                    tensor is not None and tensor.requires_grad for tensor in (x, *hx, *weights)))):
+            return _cell_inference(backend, x, hx, weights, self.activation, self.recurrent_activation)
         call = self._direction_call(backend, on_device, sequence, mask, reverse=False)
         # h, c are the states after the step (h_0, c_0 on masked rows), not the step's output (zeros there).
         _, h, c = _run_direction(call, sequence, hx[0], hx[1], *weights, outputs=False)

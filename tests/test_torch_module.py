@@ -394,6 +394,46 @@ def test_results_follow_every_kind_of_weight_change(kind):
     check()
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cell_inference_path_matches_torch(bias, dtype, monkeypatch):
+    """A cell step that records no gradient (no_grad, or nothing requiring grad) goes straight to
+    the backend's cell_forward; h and c match torch.nn.LSTMCell's (batch 1, a batch of 40 that
+    takes the backend's general path, unbatched input, hx given or not). Steps that record
+    gradients, masked steps and recurrent dropout in training mode take the sequence path."""
+    from lstmeng.backends import registry
+
+    torch.manual_seed(6)
+    reference = torch.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, bias=bias).to(dtype)
+    mine = lt.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, bias=bias, backend="cython", recurrent_dropout=0.3).to(dtype)
+    mine.load_state_dict(reference.state_dict())
+    mine.eval()
+    backend = registry.get_backend_object("cython")
+    calls = []
+    original = backend.cell_forward
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "cell_forward", spy)
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for shape in [(1,), (40,), ()]:
+        x = torch.randn(*shape, INPUT_SIZE, dtype=dtype)
+        for hx in (None, tuple(torch.randn(*shape, HIDDEN_SIZE, dtype=dtype) for _ in range(2))):
+            with torch.no_grad():
+                for got, expected in zip(mine(x, hx), reference(x, hx)):
+                    torch.testing.assert_close(got, expected, **tolerance)
+    assert len(calls) == 6
+    x = torch.randn(2, INPUT_SIZE, dtype=dtype)
+    mine(x)                                               # the parameters require grad: sequence path
+    with torch.no_grad():
+        mine(x, mask=torch.tensor([True, False]))         # masked: sequence path
+        mine.train()
+        mine(x)                                           # recurrent dropout: sequence path
+    assert len(calls) == 6
+
+
 def test_cell_errors_match_torch():
     torch.manual_seed(0)
     reference = torch.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE)
