@@ -17,10 +17,10 @@
  *    24 of the 32 zmm registers accumulate, 2 hold the panel rows, the rest the
  *    broadcasts; a product's rows dealt evenly to as few blocks as that allows)
  *    and a single-row kernel for a row alone: 2 panel loads and 12 broadcasts
- *    feed 24 FMAs, within the two load ports of a Xeon core. The AVX2 kernel on an AVX-512 Xeon
- *    ran the step product at 1.8x the time OpenBLAS's AVX-512 sgemm took for
- *    the same FLOPs (/work/shared/cpu/xeon-avx512-profile.md, 43 % of an
- *    inference call); on a Zen 5 core this kernel reached 250-267 GFLOP/s at
+ *    feed 24 FMAs, within the two load ports of a Xeon core. The AVX2 kernel on
+ *    an AVX-512 Xeon ran the step product at 1.8x the time OpenBLAS's AVX-512
+ *    sgemm took for the same FLOPs (/work/shared/cpu/xeon-avx512-profile.md,
+ *    43 % of an inference call); on a Zen 5 core this kernel reached 250-267 GFLOP/s at
  *    step shapes against the AVX2 kernel's 128-134 (C microbenchmark, one
  *    core). The AVX-512 path also runs the input projection, dx and (A read
  *    transposed in place) the weight gradients through it: see docs/cython.md.
@@ -364,8 +364,9 @@ LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_block_o
  * (8 rows of FMAs and two streams) and one of 5 rows as 4 + a single row: at
  * (rows, I, H) = (r, 128, 512) on one Zen 5 core a step of 5, 6 or 7 rows took
  * 81, 107 and 110 us against 100 for 8 (dealt evenly: 69, 77 and 89), and the
- * shrinking parts of a variable-length batch go through every row count. Each row's FMA chain is the
- * same in every block, so C does not depend on how the rows are dealt to blocks.
+ * shrinking parts of a variable-length batch go through every row count. Each
+ * row's FMA chain is the same in every block, so C does not depend on how the
+ * rows are dealt to blocks.
  * bias_pair: NULL (C += the product) or the pair's 32 bias columns (C = bias + the
  * product: C's old values are not read). */
 LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_pair_avx512_f32(
