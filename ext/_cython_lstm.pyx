@@ -1155,31 +1155,42 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
     return team_barrier_stats(&barrier_flags[0], team_threads)
 
 
-def step_inference(floating[:, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0, floating[:, ::1] kernel,
-                   floating[:, ::1] recurrent_kernel, floating[::1] bias, floating[:, ::1] gates,
-                   floating[:, ::1] h_out, floating[:, ::1] c_out, int act, int ract,
-                   bint weights_transposed):
-    """One step of a batch of one part, without a workspace (inference; no mask, no
-    dropout): what `forward` computes for T = 1, by the same products in the same order
-    (BLAS: packing does not pay for one step), without its setup (layout, team, chunk
-    and state buffers), which cost more than the arithmetic of a batch-1 cell step.
+def step_forward(floating[:, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0, floating[:, ::1] kernel,
+                 floating[:, ::1] recurrent_kernel, floating[::1] bias, floating[:, ::1] gates,
+                 floating[:, ::1] h_out, floating[:, ::1] c_out, int act, int ract,
+                 bint weights_transposed, floating[:, ::1] c_prev=None, floating[:, ::1] h_in=None):
+    """One step of a batch of one part (no mask, no dropout): what `forward` computes for
+    T = 1, by the same products in the same order (BLAS: packing does not pay for one
+    step), without its setup (layout, team, chunk and state buffers), which cost more than
+    the arithmetic of a batch-1 cell step.
 
     x: [B, I] (I > 0); h0, c0: [B, H]; kernel [I, 4H] and recurrent_kernel [H, 4H]
     (their transposes when weights_transposed, as in `forward`); bias [4H] or None;
-    gates: [B, 4H] scratch; h_out, c_out: [B, H], the new states.
+    gates: [B, 4H], the activated gates afterwards; h_out, c_out: [B, H], the new states.
+    Training: c_prev and h_in [B, H] given, they receive c(t - 1) and h(t - 1), and with
+    gates they are the workspace `forward` writes for T = 1 in one part (its packed row r
+    is batch row r), which `backward` then takes.
     """
     cdef Py_ssize_t B = x.shape[0], I = x.shape[1], H = h0.shape[1], r
+    cdef floating *c_prev_rows = NULL
     if I == 0 or B == 0:
-        raise ValueError(f"step_inference needs rows and inputs, got x of shape {list(x.shape)[:2]}")
+        raise ValueError(f"step_forward needs rows and inputs, got x of shape {list(x.shape)[:2]}")
+    if (c_prev is None) != (h_in is None):
+        raise ValueError("step_forward takes c_prev and h_in together (training) or neither")
     check_blas_sizes(B, 4 * H, I, H)
+    if c_prev is not None:
+        c_prev_rows = &c_prev[0, 0]
     with nogil:
         gates_product(B, I, &x[0, 0], I, &kernel[0, 0], weights_transposed, NULL, &gates[0, 0], H, 0, H,
                       False, pointer1(bias))
         gates_product(B, H, &h0[0, 0], H, &recurrent_kernel[0, 0], weights_transposed, NULL, &gates[0, 0],
                       H, 0, H, True, NULL)
+        if c_prev_rows != NULL:
+            memcpy(&h_in[0, 0], &h0[0, 0], B * H * sizeof(floating))
         memcpy(&c_out[0, 0], &c0[0, 0], B * H * sizeof(floating))
         for r in range(B):
-            forward_row(&gates[r, 0], &c_out[r, 0], NULL, &h_out[r, 0], H, H, act, ract)
+            forward_row(&gates[r, 0], &c_out[r, 0], NULL if c_prev_rows == NULL else c_prev_rows + r * H,
+                        &h_out[r, 0], H, H, act, ract)
 
 
 cdef tuple team_barrier_stats(const int64_t *flags, Py_ssize_t team):
@@ -1647,6 +1658,59 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     if buffer_cache is not None:
         buffer_cache.give(packed_weights_array, packed_kernel_t_array, gradient_panels_array)
     return team_barrier_stats(&barrier_flags[0], team_threads)
+
+
+def step_backward(floating[:, ::1] doutputs, floating[:, ::1] dh, floating[:, ::1] dc,
+                  floating[:, ::1] x, floating[:, ::1] kernel, floating[:, ::1] recurrent_kernel,
+                  floating[:, ::1] gates, floating[:, ::1] c_prev, floating[:, ::1] h_in,
+                  floating[:, ::1] dx, floating[:, ::1] dh0, floating[:, ::1] dc0,
+                  floating[:, ::1] dkernel, floating[:, ::1] drecurrent_kernel, floating[::1] dbias,
+                  int act, int ract, bint weights_transposed):
+    """Backward of a one-step training forward of one part on one thread, without mask or
+    dropout (`step_forward`'s workspace, or `forward`'s for such a call): what `backward`
+    computes for it, by the same functions in the same order (so bitwise the same
+    results), without its setup (a dozen scratch arrays, the layout, three parallel
+    regions), which cost more than the arithmetic of a batch-1 cell step.
+
+    doutputs: [B, H] the gradient of the step's output; dh, dc: [B, H] of the final states;
+    x: [B, I] (I > 0); kernel, recurrent_kernel as in `forward`; the workspace gates
+    [B, 4H] (overwritten with dz), c_prev, h_in [B, H]; outputs dx [B, I] or None (no
+    input gradient), dh0, dc0 [B, H], dkernel [I, 4H], drecurrent_kernel [H, 4H], dbias [4H].
+    """
+    cdef Py_ssize_t B = x.shape[0], I = x.shape[1], H = dh.shape[1], G = 4 * H, r, j, gate
+    cdef bint weights_packed = floating is float and packed_projection and G % PANEL_PAIR == 0
+    if I == 0 or B == 0:
+        raise ValueError(f"step_backward needs rows and inputs, got x of shape {list(x.shape)[:2]}")
+    dtype = np.asarray(dh).dtype
+    cdef floating[::1] dh_total = np.empty(H, dtype)
+    cdef floating[::1] scratch = np.empty(6 * H, dtype)
+    cdef floating[::1] dbias_partial = np.zeros(G, dtype)
+    # The packed weight-gradient product's panels of dz (B rows: one chunk) and zero start row.
+    cdef float[::1] panels = np.empty(B * G if weights_packed else 1, np.float32)
+    cdef float[::1] zero_row = np.zeros(G if weights_packed else 1, np.float32)
+    check_blas_sizes(B, G, I, H)
+    with nogil:
+        for r in range(B):
+            # load_output_gradients, then gate_gradient_rows, for a real step with no step after it.
+            memcpy(&dh_total[0], &dh[r, 0], H * sizeof(floating))
+            for j in range(H):
+                dh_total[j] += doutputs[r, j]
+            memcpy(&dc0[r, 0], &dc[r, 0], H * sizeof(floating))
+            backward_row(&gates[r, 0], &c_prev[r, 0], &dh_total[0], &dc0[r, 0], &scratch[0], H, H, act, ract)
+            for gate in range(4):
+                add_row(&dbias_partial[gate * H], &gates[r, gate * H], H)
+        hidden_gradient_product(B, H, &gates[0, 0], &recurrent_kernel[0, 0], weights_transposed, NULL,
+                                &dh0[0, 0], 0, H)
+        if floating is float and weights_packed:
+            gemm_columns_packed(I, H, G, B, 0, G, <float *>&x[0, 0], <float *>&h_in[0, 0], <float *>&gates[0, 0],
+                                <float *>&dkernel[0, 0], <float *>&drecurrent_kernel[0, 0], &panels[0],
+                                &zero_row[0])
+        else:
+            gemm_columns(I, H, G, B, 0, G, &x[0, 0], &h_in[0, 0], &gates[0, 0], &dkernel[0, 0],
+                         &drecurrent_kernel[0, 0])
+        memcpy(&dbias[0], &dbias_partial[0], G * sizeof(floating))
+        if dx is not None:
+            dx_rows(0, B, I, G, &kernel[0, 0], weights_transposed, NULL, &gates[0, 0], &dx[0, 0])
 
 
 cdef void weight_gradient_columns(const LstmProblem *problem, const LstmBuffers *buffers,

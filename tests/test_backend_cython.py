@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import threading
 
@@ -623,18 +624,22 @@ def test_busy_machine_fallback_gives_the_same_numbers(dtype, isa, monkeypatch):
 @pytest.mark.parametrize("batch", [1, 5, 2 * cython_module.MIN_ROWS_PER_PART - 1])
 @pytest.mark.parametrize("transposed", [False, True], ids=["row-major", "transposed"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
-def test_one_step_inference_takes_the_short_path_with_the_same_numbers(isa, dtype, batch, transposed, with_bias,
-                                                                      monkeypatch):
-    """A one-step inference call of one part (a cell step, a streaming call) runs the extension's
-    step_inference: bitwise what the general path computes (its training forward, which keeps a
-    workspace), and the float64 reference's numbers. Other calls keep the general path."""
+def test_one_step_calls_take_the_short_path_with_the_same_numbers(isa, dtype, batch, transposed, with_bias,
+                                                                 monkeypatch):
+    """A one-step call of one part (a cell step, a streaming call) runs the extension's
+    step_forward, and its backward step_backward: bitwise what the general path computes
+    (forced with ``cython_one_step=False``), in inference and in training (outputs, states
+    and every gradient); and the float64 reference's numbers. Other calls keep the general
+    path."""
     extension = cython_module._cython_lstm
     if isa not in extension.SUPPORTED_ISAS:
         pytest.skip(f"this CPU or build does not run {isa}")
-    calls = []
-    short_path = cython_module.CythonBackend._step_inference
-    monkeypatch.setattr(cython_module.CythonBackend, "_step_inference",
+    calls, backward_calls = [], []
+    short_path, short_backward = cython_module.CythonBackend._one_step, cython_module.CythonBackend._one_step_backward
+    monkeypatch.setattr(cython_module.CythonBackend, "_one_step",
                         lambda self, *args: calls.append(args[0].shape) or short_path(self, *args))
+    monkeypatch.setattr(cython_module.CythonBackend, "_one_step_backward",
+                        lambda self, *args: backward_calls.append(args[3].input_shape) or short_backward(self, *args))
     rng = np.random.default_rng(batch)
     units, features = 32, 7
     x = rng.normal(size=(batch, 1, features)).astype(dtype)
@@ -647,24 +652,47 @@ def test_one_step_inference_takes_the_short_path_with_the_same_numbers(isa, dtyp
     arrays = (x, h0, c0, kernel, recurrent_kernel, bias)
     from lstmeng.backends.numpy import NumpyBackend
     backend, reference = cython_module.CythonBackend(), NumpyBackend()
+    names = ("dx", "dh0", "dc0", "dkernel", "drecurrent_kernel", "dbias")
     with kernel_overrides(cython_isa=isa):
-        for return_sequences in (True, False):
+        for return_sequences, training in itertools.product((True, False), (False, True)):
             calls.clear()
-            short = sequence_forward(backend, *arrays, return_sequences=return_sequences, training=False)
-            general = sequence_forward(backend, *arrays, return_sequences=return_sequences, training=True)
+            short = sequence_forward(backend, *arrays, return_sequences=return_sequences, training=training)
+            with kernel_overrides(cython_one_step=False):
+                general = sequence_forward(backend, *arrays, return_sequences=return_sequences, training=training)
             assert calls == [(batch, 1, features)]
-            assert short.workspace is None
+            assert (short.workspace is None) == (not training)
             for name in ("outputs", "h", "c"):
                 got, want = getattr(short, name), getattr(general, name)
                 assert got.shape == want.shape and got.dtype == want.dtype, name
                 np.testing.assert_array_equal(got, want, err_msg=name)
             assert not np.shares_memory(short.outputs, short.h)   # separate arrays, as the general path's
             expected = sequence_forward(reference, *(None if a is None else a.astype(np.float64) for a in arrays),
-                                        return_sequences=return_sequences)
+                                        return_sequences=return_sequences, training=training)
             tolerance = 1e-5 if dtype == "float32" else 1e-12
             for name in ("outputs", "h", "c"):
                 np.testing.assert_allclose(getattr(short, name), getattr(expected, name), rtol=tolerance,
                                            atol=tolerance, err_msg=name)
+            if training:
+                doutputs = rng.normal(size=short.outputs.shape).astype(dtype)
+                dh, dc = (rng.normal(size=(batch, units)).astype(dtype) for _ in range(2))
+                backward_calls.clear()
+                short_grads = backend.sequence_backward(doutputs, dh, dc, short.workspace)
+                with kernel_overrides(cython_one_step=False):
+                    general_grads = backend.sequence_backward(doutputs, dh, dc, general.workspace)
+                again = sequence_forward(backend, *arrays, return_sequences=return_sequences, training=True)
+                without_dx = backend.sequence_backward(doutputs, dh, dc, again.workspace, input_grad=False)
+                assert backward_calls == [(batch, 1, features)] * 2 and without_dx.dx is None
+                for name in names[1:]:
+                    np.testing.assert_array_equal(getattr(without_dx, name), getattr(short_grads, name), err_msg=name)
+                expected_grads = reference.sequence_backward(*(a.astype(np.float64) for a in (doutputs, dh, dc)),
+                                                             expected.workspace)
+                for name in names:
+                    if getattr(expected_grads, name) is None:   # no bias
+                        continue
+                    np.testing.assert_array_equal(getattr(short_grads, name), getattr(general_grads, name),
+                                                  err_msg=name)
+                    testing.assert_close(getattr(short_grads, name), getattr(expected_grads, name), name, dtype,
+                                         gradient=True)
         # Not one step, a batch of two parts, a mask, dropout, a forced unit split: the general path.
         calls.clear()
         mask = np.ones((batch, 1), bool)
@@ -677,3 +705,47 @@ def test_one_step_inference_takes_the_short_path_with_the_same_numbers(isa, dtyp
         with kernel_overrides(cython_split_units=True):
             sequence_forward(backend, *arrays)
         assert calls == []
+
+
+def test_one_step_backward_short_path_only_for_the_uniform_layout(monkeypatch):
+    """A one-step workspace of the variable-length layout (a right-padded mask with rows of
+    length 0: the rows are sorted by length and those rows not processed) keeps the general
+    backward, whose gradients match the NumPy reference; without the mask the short one runs."""
+    calls = []
+    short_backward = cython_module.CythonBackend._one_step_backward
+    monkeypatch.setattr(cython_module.CythonBackend, "_one_step_backward",
+                        lambda self, *args: calls.append(args[3].input_shape) or short_backward(self, *args))
+    from lstmeng.backends.numpy import NumpyBackend
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(3, 1, 2))
+    h0, c0 = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    arrays = (x, h0, c0, rng.normal(size=(2, 16)), rng.normal(size=(4, 16)), rng.normal(size=16))
+    doutputs, dh, dc = rng.normal(size=(3, 1, 4)), rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    backend, reference = cython_module.CythonBackend(), NumpyBackend()
+    for mask in (np.array([[True], [False], [True]]), None):
+        calls.clear()
+        ours = sequence_forward(backend, *arrays, mask, training=True)
+        theirs = sequence_forward(reference, *arrays, mask, training=True)
+        got = backend.sequence_backward(doutputs, dh, dc, ours.workspace)
+        want = reference.sequence_backward(doutputs, dh, dc, theirs.workspace)
+        assert calls == ([] if mask is not None else [(3, 1, 2)])
+        for name in ("dx", "dh0", "dc0", "dkernel", "drecurrent_kernel", "dbias"):
+            np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-10, atol=1e-12,
+                                       err_msg=name)
+
+
+def test_one_step_training_short_path_only_where_the_general_path_runs_one_thread(monkeypatch):
+    """A one-step training call whose forward reaches MIN_FLOPS_TO_THREAD keeps the general path
+    (its workspace may then ask for a unit split or more threads in the backward)."""
+    calls = []
+    short_path = cython_module.CythonBackend._one_step
+    monkeypatch.setattr(cython_module.CythonBackend, "_one_step",
+                        lambda self, *args: calls.append(args[7].training) or short_path(self, *args))
+    monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)
+    rng = np.random.default_rng(0)
+    arrays = (rng.normal(size=(2, 1, 3)), np.zeros((2, 4)), np.zeros((2, 4)), rng.normal(size=(3, 16)),
+              rng.normal(size=(4, 16)), None)
+    backend = cython_module.CythonBackend()
+    sequence_forward(backend, *arrays, training=True)
+    sequence_forward(backend, *arrays, training=False)
+    assert calls == [False]

@@ -46,6 +46,9 @@ class KernelOverrides:
         cython_packed_variable_length: False sends right-padded masks down the
             general masked path instead of the sorted, shrinking-batch one
             (the same numbers); None (or True) takes the packed path.
+        cython_one_step: False sends one-step calls down the general path
+            instead of the extension's ``step_forward`` (the same numbers); None
+            (or True) takes it where it applies (``CythonBackend._one_step``).
         cython_isa: "avx512", "avx2" or "scalar": the hand-written kernel
             family (one of ``_cython_lstm.SUPPORTED_ISAS``); None the CPU's best.
         cython_fast_gate_math: False runs the generic row code instead of the
@@ -70,6 +73,7 @@ class KernelOverrides:
 
     cython_split_units: bool | None = None
     cython_packed_variable_length: bool | None = None
+    cython_one_step: bool | None = None
     cython_isa: str | None = None
     cython_fast_gate_math: bool | None = None
     cython_pipeline: bool | None = None

@@ -481,16 +481,17 @@ class CythonBackend(KernelBackend):
         h0, c0 = _contiguous(h0, dtype), _contiguous(c0, dtype)
         input_dropout_mask = _contiguous(input_dropout_mask, dtype)
         recurrent_dropout_mask = _contiguous(recurrent_dropout_mask, dtype)
+        flops = 8.0 * batch * steps * units * (features + units)
         # The short path is bitwise the general one only while the general path takes BLAS for
         # both products of such a call: one step is under PACK_MIN_STEPS and fewer than 32 rows
         # under MIN_ROWS_TO_PACK (the extension's constants; tests/test_backend_cython.py
-        # compares the two paths bitwise at B = 1, 5 and 31).
-        if (steps == 1 and not training and mask is None and input_dropout_mask is None
-                and recurrent_dropout_mask is None and features > 0 and 0 < batch < 2 * MIN_ROWS_PER_PART
-                and overrides.cython_split_units is not True):
-            return self._step_inference(x, h0, c0, kernel, recurrent_kernel, bias, weights_transposed,
-                                        options)
-        flops = 8.0 * batch * steps * units * (features + units)
+        # compares the two paths bitwise at B = 1, 5 and 31). A training call takes it only
+        # where the general path runs one thread (under MIN_FLOPS_TO_THREAD), so that its
+        # workspace is the one the general path would hand the backward.
+        if (steps == 1 and mask is None and input_dropout_mask is None and recurrent_dropout_mask is None
+                and features > 0 and 0 < batch < 2 * MIN_ROWS_PER_PART and overrides.cython_split_units is not True
+                and overrides.cython_one_step is not False and (not training or flops < MIN_FLOPS_TO_THREAD)):
+            return self._one_step(x, h0, c0, kernel, recurrent_kernel, bias, weights_transposed, options)
         parts, threads, split_units = _team(batch, units, overrides.cython_split_units, flops)
         # Shares of the backward's products after its time loop (weight gradients, dx):
         # one for a one-part call too small to thread, else one per thread. Fixed by
@@ -585,27 +586,43 @@ class CythonBackend(KernelBackend):
         outputs = sequence_outputs if return_sequences else last_output
         return SequenceForward(outputs=outputs, h=h_out, c=c_out, workspace=workspace)
 
-    def _step_inference(self, x, h0, c0, kernel, recurrent_kernel, bias, weights_transposed, options):
-        """sequence_forward of one step of one part without a workspace, mask or dropout (a cell
-        step, a streaming call): the extension's ``step_inference``, the same products as the
-        general path's at T = 1 (so bitwise the same results) without its setup: a batch-1
-        call at (I, H) = (64, 128) took 18.6 us through the general path, 9.2 this way.
+    def _one_step(self, x, h0, c0, kernel, recurrent_kernel, bias, weights_transposed, options):
+        """sequence_forward of one step of one part without a mask or dropout (a cell step, a
+        streaming call): the extension's ``step_forward``, the same products as the general
+        path's at T = 1 (so bitwise the same results) without its setup: a batch-1 inference
+        call at (I, H) = (64, 128) took 18.6 us through the general path, 9.2 this way. In
+        training it also writes the workspace the general path's one-thread forward would
+        (gates, c(t - 1), h(t - 1) of the one-part layout), for the same backward.
 
         x: [B, 1, I]; h0, c0: [B, H]; kernel, recurrent_kernel as ``_weights_for_kernels``
         returns them; bias: [4H] or None."""
         dtype = x.dtype
         batch, units = x.shape[0], h0.shape[1]
         h_out, c_out = np.empty((batch, units), dtype), np.empty((batch, units), dtype)
-        gates = np.empty((batch, 4 * units), dtype)
+        take = self._buffers.take
+        gates = take((batch, 4 * units), dtype)
+        c_prev = h_in = None
+        if options.training:
+            c_prev, h_in = take((batch, units), dtype), take((batch, units), dtype)
         with threads.single_threaded_blas():
-            _specialization(_cython_lstm.step_inference, dtype)(
+            _specialization(_cython_lstm.step_forward, dtype)(
                 x.reshape(batch, -1), h0, c0, kernel, recurrent_kernel, bias, gates, h_out, c_out,
                 _cython_lstm.ACTIVATION_KINDS[options.activation],
-                _cython_lstm.ACTIVATION_KINDS[options.recurrent_activation], weights_transposed)
+                _cython_lstm.ACTIVATION_KINDS[options.recurrent_activation], weights_transposed, c_prev, h_in)
         outputs = h_out.copy()
         if options.return_sequences:
             outputs = outputs.reshape(batch, 1, units)
-        return SequenceForward(outputs=outputs, h=h_out, c=c_out, workspace=None)
+        workspace = None
+        if options.training:
+            # The general path's workspace for this call: one part, one thread, no split.
+            workspace = _Workspace(
+                options, layout=_uniform_layout(batch, 1, 1), x=x, gates=gates, c_prev=c_prev, h_in=h_in,
+                threads=1, thread_budget=1, run_one_thread=False, busy=False, split_units=False, kernel=kernel,
+                recurrent_kernel=recurrent_kernel, input_dropout_mask=None, recurrent_dropout_mask=None,
+                input_shape=x.shape, weights_transposed=weights_transposed)
+        else:
+            self._buffers.give(gates)
+        return SequenceForward(outputs=outputs, h=h_out, c=c_out, workspace=workspace)
 
     def sequence_backward(self, doutputs, dh, dc, workspace, *, input_grad=True):
         ws, options = workspace, workspace.options
@@ -617,6 +634,15 @@ class CythonBackend(KernelBackend):
         batch, steps, features = ws.input_shape
         units = ws.recurrent_kernel.shape[1 if ws.weights_transposed else 0]
         doutputs = np.ascontiguousarray(doutputs, dtype=dtype)
+        # One part in the uniform layout (offsets [P, 1]; a right-padded mask's layout has
+        # [P, T + 1] and rows sorted by length) without a mask: every row real, packed row r
+        # batch row r. On one thread, no dropout.
+        layout = ws.layout
+        if (steps == 1 and features > 0 and ws.threads == 1 and ws.thread_budget == 1 and not ws.split_units
+                and len(layout.row_begin) == 2 and layout.offsets.shape[1] == 1 and layout.mask is None
+                and ws.input_dropout_mask is None and ws.recurrent_dropout_mask is None
+                and overrides.cython_one_step is not False):
+            return self._one_step_backward(doutputs, dh, dc, ws, input_grad)
         dx = np.zeros((batch, steps, features), dtype) if input_grad else None
         dh0, dc0 = np.empty((batch, units), dtype), np.empty((batch, units), dtype)
         dkernel = np.empty((features, 4 * units), dtype)
@@ -671,6 +697,33 @@ class CythonBackend(KernelBackend):
             self._split_chooser.observe(chooser_key, split_units, elapsed / max(steps, 1))
         # The consumed workspace and the scratch serve later calls; the workspace lets go of them.
         self._buffers.give(packed_x, ws.gates, ws.c_prev, ws.h_in)
+        ws.gates = ws.c_prev = ws.h_in = None
+        return SequenceGrads(dx=dx, dh0=dh0, dc0=dc0, dkernel=dkernel,
+                             drecurrent_kernel=drecurrent_kernel, dbias=dbias)
+
+    def _one_step_backward(self, doutputs, dh, dc, ws, input_grad):
+        """sequence_backward of a one-step workspace of one part on one thread without mask or
+        dropout (``_one_step``'s, or the general forward's for such a call): the extension's
+        ``step_backward``, bitwise what ``backward`` computes for it, without its setup (a
+        batch-1 step at (I, H) = (64, 128): 48 us through ``backward``).
+
+        doutputs: [B, 1, H] or [B, H]; dh, dc: [B, H]; ws: the consumed workspace."""
+        options, dtype = ws.options, ws.gates.dtype
+        batch, _, features = ws.input_shape
+        units = ws.recurrent_kernel.shape[1 if ws.weights_transposed else 0]
+        dx = np.empty((batch, 1, features), dtype) if input_grad else None
+        dh0, dc0 = np.empty((batch, units), dtype), np.empty((batch, units), dtype)
+        dkernel = np.empty((features, 4 * units), dtype)
+        drecurrent_kernel = np.empty((units, 4 * units), dtype)
+        dbias = np.empty(4 * units, dtype)
+        with threads.single_threaded_blas():
+            _specialization(_cython_lstm.step_backward, dtype)(
+                doutputs.reshape(batch, units), _contiguous(dh, dtype), _contiguous(dc, dtype),
+                ws.x.reshape(batch, features), ws.kernel, ws.recurrent_kernel, ws.gates, ws.c_prev, ws.h_in,
+                None if dx is None else dx.reshape(batch, features), dh0, dc0, dkernel, drecurrent_kernel, dbias,
+                _cython_lstm.ACTIVATION_KINDS[options.activation],
+                _cython_lstm.ACTIVATION_KINDS[options.recurrent_activation], ws.weights_transposed)
+        self._buffers.give(ws.gates, ws.c_prev, ws.h_in)
         ws.gates = ws.c_prev = ws.h_in = None
         return SequenceGrads(dx=dx, dh0=dh0, dc0=dc0, dkernel=dkernel,
                              drecurrent_kernel=drecurrent_kernel, dbias=dbias)
