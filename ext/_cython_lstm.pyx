@@ -830,6 +830,13 @@ cdef void recurrent_step_product(const LstmProblem *problem, const LstmBuffers *
         product_in_halves(problem, share, <float *>h_in, <float *>step_gates, H, False)
 
 
+cdef inline bint takes_halves(bint pack_recurrent, Py_ssize_t B, Py_ssize_t H) noexcept nogil:
+    """Whether a call's recurrent products run in halves (product_in_halves): batch 1, the
+    recurrent kernel packed, the AVX-512 kernels and H a multiple of 32; the forward and
+    the backward decide alike."""
+    return pack_recurrent and B == 1 and H % PANEL_PAIR == 0 and lstmeng_isa == LSTMENG_ISA_AVX512
+
+
 cdef inline Py_ssize_t halves_split(Py_ssize_t H) noexcept nogil:
     """Where product_in_halves splits: the first unit of the second member of a
     two-member team (a multiple of 32 when H is)."""
@@ -1084,8 +1091,7 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
             packed_input_base = &packed_input_weights[0]
         # Batch 1 on the AVX-512 kernels: each step's recurrent product in halves of h
         # (product_in_halves), whether the units are split or not.
-        problem.recurrent_halves = (pack_recurrent and B == 1 and H % PANEL_PAIR == 0
-                                    and lstmeng_isa == LSTMENG_ISA_AVX512)
+        problem.recurrent_halves = takes_halves(pack_recurrent, B, H)
         if not split_units:
             packed_base = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0], 0, H, False)
             packed_input_base = pack_slice(packed_input_base, <float *>buffers.kernel, I, H, 0, H,
@@ -1525,8 +1531,7 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
         if pack_recurrent:
             packed_base = &packed_weights[0]
         # Batch 1 on the AVX-512 kernels: dh(t - 1) = dz(t) @ R^T in halves, as the forward.
-        problem.recurrent_halves = (pack_recurrent and B == 1 and H % PANEL_PAIR == 0
-                                    and lstmeng_isa == LSTMENG_ISA_AVX512)
+        problem.recurrent_halves = takes_halves(pack_recurrent, B, H)
         if not split_units:
             packed_base = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0], 0, H, True)
         if dx_packed:

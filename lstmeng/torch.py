@@ -108,6 +108,21 @@ def _parameter_view(parameter: torch.Tensor) -> np.ndarray:
     return view
 
 
+def _host_weights(weight_ih, weight_hh, bias_ih, bias_hh) -> tuple:
+    """CPU parameters as the contract's (kernel [I, 4H], recurrent_kernel [H, 4H], bias [4H] or
+    None): transposed NumPy views of the parameters' memory (the cython backend reads them in
+    place; a transposing copy of both weights cost more than a batch-1 LSTMCell step's
+    arithmetic) and the biases' sum (NumPy's add of two views: a fraction of a torch op's
+    dispatch on a cell step)."""
+    bias = None if bias_ih is None else np.add(_parameter_view(bias_ih), _parameter_view(bias_hh))
+    return _parameter_view(weight_ih).T, _parameter_view(weight_hh).T, bias
+
+
+def _records_gradient(tensors) -> bool:
+    """Whether autograd records a call on these tensors (None entries allowed)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _as_tensor(array, backend, device: torch.device) -> torch.Tensor:
     """A backend result as a tensor on ``device``: NumPy arrays and CUDA arrays are wrapped, not copied."""
     if isinstance(array, np.ndarray):
@@ -176,14 +191,12 @@ class _DirectionCall:
             return cuda.as_cuda_array(tensor.detach())
         return _host_array(tensor)
 
-    def _weight_array(self, weight: torch.Tensor):
-        """weight_ih or weight_hh ``[4H, K]`` as the contract's kernel ``[K, 4H]``: on the CPU a
-        transposed NumPy view of the parameter's memory (the cython backend reads it in place; a
-        transposing copy of both weights cost more than a batch-1 LSTMCell step's arithmetic),
-        on a GPU a contiguous copy (the CUDA kernels read row-major weights)."""
-        if self.on_device:
-            return self._array(weight.detach().t().contiguous())
-        return _parameter_view(weight).T
+    def _device_weights(self, weight_ih, weight_hh, bias_ih, bias_hh) -> tuple:
+        """_host_weights on a GPU: contiguous copies of the transposed weights (the CUDA kernels
+        read row-major weights) and the biases' sum, as device arrays."""
+        kernel, recurrent_kernel = (self._array(weight.detach().t().contiguous()) for weight in (weight_ih, weight_hh))
+        bias = None if bias_ih is None else self._array(bias_ih.detach() + bias_hh.detach())
+        return kernel, recurrent_kernel, bias
 
     def forward(self, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, training: bool, outputs: bool = True):
         """x: [B, T, I]; h0, c0: [B, H]; weight_ih: [4H, I]; weight_hh: [4H, H]; biases: [4H] or None.
@@ -191,13 +204,9 @@ class _DirectionCall:
         Returns (outputs [B, T, H] (None without ``outputs``: a cell step needs only the
         states), h [B, H], c [B, H], workspace or None).
         """
-        kernel, recurrent_kernel = self._weight_array(weight_ih), self._weight_array(weight_hh)  # [I, 4H], [H, 4H]
-        if bias_ih is None:
-            bias = None
-        elif self.on_device:
-            bias = self._array(bias_ih.detach() + bias_hh.detach())
-        else:   # NumPy's add of two views: a fraction of a torch op's dispatch on a cell step
-            bias = np.add(_parameter_view(bias_ih), _parameter_view(bias_hh))
+        weights = (weight_ih, weight_hh, bias_ih, bias_hh)
+        kernel, recurrent_kernel, bias = (self._device_weights(*weights) if self.on_device   # [I, 4H], [H, 4H]
+                                          else _host_weights(*weights))
         with _numba_stream_order(self.device):
             recurrent_dropout_mask = self._array(self.recurrent_dropout_mask)
             options = _call_options(bias is not None, self.mask is not None, recurrent_dropout_mask is not None,
@@ -275,7 +284,7 @@ def _run_direction(call, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, outp
     """(outputs [B, T, H], h [B, H], c [B, H]) with gradients when any input needs them
     (outputs None when not ``outputs`` and no gradient is recorded)."""
     tensors = (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if _records_gradient(tensors):
         return _LSTMDirection.apply(call, *tensors)
     return call.forward(*tensors, training=False, outputs=outputs)[:3]
 
@@ -294,11 +303,9 @@ def _cell_inference(backend, x, hx, weights, activation: str, recurrent_activati
 
     x [B, I], hx ([B, H], [B, H]), weights (weight_ih, weight_hh, bias_ih, bias_hh) -> (h, c).
     """
-    weight_ih, weight_hh, bias_ih, bias_hh = weights
-    bias = None if bias_ih is None else np.add(_parameter_view(bias_ih), _parameter_view(bias_hh))
-    result = backend.cell_forward(_host_array(x), _host_array(hx[0]), _host_array(hx[1]),
-                                  _parameter_view(weight_ih).T, _parameter_view(weight_hh).T, bias, None, None,
-                                  _cell_options(bias is not None, activation, recurrent_activation))
+    kernel, recurrent_kernel, bias = _host_weights(*weights)
+    result = backend.cell_forward(_host_array(x), _host_array(hx[0]), _host_array(hx[1]), kernel, recurrent_kernel,
+                                  bias, None, None, _cell_options(bias is not None, activation, recurrent_activation))
     return _as_tensor(result.h, backend, x.device), _as_tensor(result.c, backend, x.device)
 
 
@@ -726,8 +733,7 @@ class LSTMCell(torch.nn.LSTMCell, _LstmengOptions):
         sequence = x.unsqueeze(1)                                 # [B, 1, I]
         backend, on_device = self._backend_for(sequence, weights[0].dtype)
         if (not on_device and mask is None and not (self.training and self.recurrent_dropout > 0)
-                and not (torch.is_grad_enabled() and any(
-                    tensor is not None and tensor.requires_grad for tensor in (x, *hx, *weights)))):
+                and not _records_gradient((x, *hx, *weights))):
             return _cell_inference(backend, x, hx, weights, self.activation, self.recurrent_activation)
         call = self._direction_call(backend, on_device, sequence, mask, reverse=False)
         # h, c are the states after the step (h_0, c_0 on masked rows), not the step's output (zeros there).
