@@ -123,15 +123,21 @@ def _records_gradient(tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _host_tensor(array: np.ndarray) -> torch.Tensor:
+    """A NumPy result as a CPU tensor sharing its memory (copied only where ``torch.from_numpy``
+    cannot share it: read-only memory, on which it warns, and negative strides)."""
+    if not array.flags.writeable:
+        array = np.array(array)
+    try:
+        return torch.from_numpy(array)
+    except ValueError:
+        return torch.from_numpy(np.array(array))
+
+
 def _as_tensor(array, backend, device: torch.device) -> torch.Tensor:
     """A backend result as a tensor on ``device``: NumPy arrays and CUDA arrays are wrapped, not copied."""
     if isinstance(array, np.ndarray):
-        if not array.flags.writeable:
-            array = np.array(array)   # torch.from_numpy warns on read-only memory
-        try:
-            tensor = torch.from_numpy(array)
-        except ValueError:            # negative strides, which torch.from_numpy does not take
-            tensor = torch.from_numpy(np.array(array))
+        tensor = _host_tensor(array)
         return tensor if device.type == "cpu" else tensor.to(device)
     if device.type == "cuda":
         return torch.as_tensor(array, device=device)
@@ -306,7 +312,7 @@ def _cell_inference(backend, x, hx, weights, activation: str, recurrent_activati
     kernel, recurrent_kernel, bias = _host_weights(*weights)
     result = backend.cell_forward(_host_array(x), _host_array(hx[0]), _host_array(hx[1]), kernel, recurrent_kernel,
                                   bias, None, None, _cell_options(bias is not None, activation, recurrent_activation))
-    return _as_tensor(result.h, backend, x.device), _as_tensor(result.c, backend, x.device)
+    return _host_tensor(result.h), _host_tensor(result.c)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -318,21 +324,22 @@ def _choose_backend(requested: str, x: torch.Tensor, dtype: torch.dtype, activat
     """(backend, on_device) for a call on ``x``; ValueError with the reason when the backend named
     cannot run this dtype and these activations (``registry.resolve``)."""
     dtype_name = _dtype_name(dtype)
-    if x.device.type == "cuda":
-        backend = registry.resolve(requested, x.detach(), dtype_name, activation, recurrent_activation)
-        if not backend.ops.owns(x.detach()):
-            raise ValueError(f"backend {backend.name!r} computes on the CPU but the input is on {x.device}; "
-                             "use backend='numba_cuda' (or 'auto') for CUDA tensors, or move module and input "
-                             "to the CPU")
-        # numba launches on its current device; a tensor elsewhere would be read from the wrong GPU.
-        numba_device = getattr(backend, "device_index", lambda: x.device.index)()
-        if x.device.index is not None and x.device.index != numba_device:
-            raise ValueError(f"backend {backend.name!r} runs on CUDA device {numba_device} but the input is on "
-                             f"{x.device}; select the device first (numba.cuda.select_device({x.device.index}))")
-        return backend, True
-    if x.device.type != "cpu":
+    if x.is_cpu:   # first: a tensor's device object costs more than is_cpu (a cell step's glue)
+        return registry.resolve(requested, _host_sample(dtype_name), dtype_name, activation,
+                                recurrent_activation), False
+    if x.device.type != "cuda":
         raise ValueError(f"lstmeng computes on CPU and CUDA tensors, got a tensor on {x.device}")
-    return registry.resolve(requested, _host_sample(dtype_name), dtype_name, activation, recurrent_activation), False
+    backend = registry.resolve(requested, x.detach(), dtype_name, activation, recurrent_activation)
+    if not backend.ops.owns(x.detach()):
+        raise ValueError(f"backend {backend.name!r} computes on the CPU but the input is on {x.device}; "
+                         "use backend='numba_cuda' (or 'auto') for CUDA tensors, or move module and input "
+                         "to the CPU")
+    # numba launches on its current device; a tensor elsewhere would be read from the wrong GPU.
+    numba_device = getattr(backend, "device_index", lambda: x.device.index)()
+    if x.device.index is not None and x.device.index != numba_device:
+        raise ValueError(f"backend {backend.name!r} runs on CUDA device {numba_device} but the input is on "
+                         f"{x.device}; select the device first (numba.cuda.select_device({x.device.index}))")
+    return backend, True
 
 
 @functools.lru_cache(maxsize=None)
@@ -368,11 +375,15 @@ def _autocast_input(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor
 
 
+#: What ``_autocast_off`` returns outside autocast (reusable; building one per call costs more).
+_NO_CONTEXT = contextlib.nullcontext()
+
+
 def _autocast_off(device: torch.device):
     """Autocast disabled for the module's own ops (they run in the parameters' dtype)."""
     if torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
+    return _NO_CONTEXT
 
 
 def _checked_mask(mask, expected_shape: tuple) -> np.ndarray:
@@ -701,8 +712,10 @@ class LSTMCell(torch.nn.LSTMCell, _LstmengOptions):
         if mask is not None:
             # [B, 1]: a one-step sequence mask; the backend's masked step keeps h and c.
             mask = _checked_mask(mask, tuple(input.shape[:-1])).reshape(-1, 1)
+        # Called directly outside torch.compile: the graph break's wrapper costs ~0.5 us a step.
+        step = self._step_outside_graph if torch.compiler.is_compiling() else self._step
         with _autocast_off(x.device):
-            h, c = self._step(x, hx, mask, weights)
+            h, c = step(x, hx, mask, weights)
         if not is_batched:
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c
@@ -726,16 +739,18 @@ class LSTMCell(torch.nn.LSTMCell, _LstmengOptions):
         _check_devices(x, hx, weight_ih)
         _check_state_dtypes(hx, weight_ih.dtype)
 
-    @torch.compiler.disable
     def _step(self, x, hx, mask, weights):
         """x [B, I], hx ([B, H], [B, H]), mask [B, 1] bool or None, weights (weight_ih, weight_hh,
         bias_ih, bias_hh) (biases None without bias) -> (h [B, H], c [B, H])."""
-        sequence = x.unsqueeze(1)                                 # [B, 1, I]
-        backend, on_device = self._backend_for(sequence, weights[0].dtype)
+        backend, on_device = self._backend_for(x, weights[0].dtype)
         if (not on_device and mask is None and not (self.training and self.recurrent_dropout > 0)
                 and not _records_gradient((x, *hx, *weights))):
             return _cell_inference(backend, x, hx, weights, self.activation, self.recurrent_activation)
+        sequence = x.unsqueeze(1)                                 # [B, 1, I]
         call = self._direction_call(backend, on_device, sequence, mask, reverse=False)
         # h, c are the states after the step (h_0, c_0 on masked rows), not the step's output (zeros there).
         _, h, c = _run_direction(call, sequence, hx[0], hx[1], *weights, outputs=False)
         return h, c
+
+    #: ``_step`` kept out of torch.compile graphs (a graph break): the backends compute outside PyTorch.
+    _step_outside_graph = torch.compiler.disable(_step)

@@ -703,6 +703,67 @@ def test_torch_compile_runs_with_graph_break(allow_rnn):
         assert len(graphs) >= 2, "the Linear layers before and after the LSTM were not compiled"
 
 
+class _CellLoop(torch.nn.Module):
+    """Linear -> an LSTMCell stepped over T -> Linear: x [B, T, 2] -> [B, 1]."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.embed, self.cell, self.head = torch.nn.Linear(2, INPUT_SIZE), cell, torch.nn.Linear(HIDDEN_SIZE, 1)
+
+    def forward(self, x):
+        inputs = self.embed(x)
+        state = None
+        for step in range(inputs.shape[1]):
+            state = self.cell(inputs[:, step], state)
+        return self.head(state[0])
+
+
+def test_torch_compile_runs_a_cell_loop_with_graph_breaks(monkeypatch):
+    """A compiled model stepping ``LSTMCell`` gives the eager numbers, in training (gradients
+    too) and under no_grad (the cell's direct inference path); Dynamo compiles the layers
+    around the cell and breaks the graph at each step: the cell calls its step through the
+    graph break only while compiling, and directly otherwise (a spy counts which ran)."""
+    import torch._dynamo
+
+    outside_graph_steps = []
+    step = lt.LSTMCell._step
+
+    def counted_step(cell, *arguments):
+        outside_graph_steps.append(1)
+        return step(cell, *arguments)
+
+    monkeypatch.setattr(lt.LSTMCell, "_step_outside_graph", torch.compiler.disable(counted_step))
+    torch.manual_seed(0)
+    model = _CellLoop(lt.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, backend="cython"))
+    x = torch.randn(3, 4, 2)
+    expected = model(x)
+    expected.sum().backward()
+    expected_grads = [parameter.grad.clone() for parameter in model.parameters()]
+    with torch.no_grad():
+        expected_inference = model(x)
+    model.zero_grad(set_to_none=True)
+    assert not outside_graph_steps, "eager calls went through the graph break's wrapper"
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=counting_backend)
+    actual = compiled(x)
+    actual.sum().backward()
+    with torch.no_grad():
+        actual_inference = compiled(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(actual, expected)
+    torch.testing.assert_close(actual_inference, expected_inference)
+    for parameter, expected_grad in zip(model.parameters(), expected_grads):
+        torch.testing.assert_close(parameter.grad, expected_grad)
+    assert len(graphs) >= 2, "the Linear layers around the cell were not compiled"
+    assert len(outside_graph_steps) == 2 * x.shape[1], "a compiled step did not break the graph"
+
+
 class _LastOutput(torch.nn.Module):
     def __init__(self, lstm):
         super().__init__()
