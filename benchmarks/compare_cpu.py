@@ -15,6 +15,14 @@ Usage:
     python benchmarks/compare_cpu.py --shapes 64,100,256,256 --repeats 10
     python benchmarks/compare_cpu.py --no-keras --threads 1
     python benchmarks/compare_cpu.py --cpu-time            # one thread, CPU time
+    python benchmarks/compare_cpu.py --isa avx2            # both libraries' AVX2 code
+
+``--isa avx2`` (or ``avx512``) runs lstmeng's kernel family of that ISA
+(``kernel_overrides(cython_isa=...)``) and caps torch's oneDNN at the same ISA
+(``ONEDNN_MAX_CPU_ISA``, set before torch loads): on an AVX-512 CPU, the two
+libraries' AVX2 code on the same cores. It is not an AVX2 machine (caches,
+clocks and the sgemm peak stay this CPU's); Keras is skipped (TensorFlow's
+kernels cannot be capped the same way).
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from lstmeng._runtime import threads as runtime_threads
 from lstmeng._runtime import timing
 
 SHAPES = ((64, 100, 256, 256), (32, 200, 128, 512), (256, 50, 128, 128), (1, 500, 64, 128))
+#: --isa: oneDNN's name for the same instruction set (ONEDNN_MAX_CPU_ISA).
+ONEDNN_ISAS = {"avx2": "AVX2", "avx512": "AVX512_CORE"}
 #: The clock of every measurement: wall time, or process CPU time with --cpu-time.
 clock = time.perf_counter
 
@@ -128,8 +138,26 @@ def main(argv=None) -> int:
                         help="skip the lengths-uniform-in-1..T row")
     parser.add_argument("--cpu-time", action="store_true",
                         help="one thread everywhere, timed by process CPU time (for loaded machines)")
+    parser.add_argument("--isa", choices=sorted(ONEDNN_ISAS), default=None,
+                        help="lstmeng's kernel family of this ISA, torch's oneDNN capped at it; no Keras")
     args = parser.parse_args(argv)
+    if args.isa is None:
+        return run(args)
+    from lstmeng.backends import _cython_lstm
+    from lstmeng.testing import kernel_overrides
+    if args.isa not in _cython_lstm.SUPPORTED_ISAS:
+        parser.error(f"--isa {args.isa}: this CPU runs {', '.join(_cython_lstm.SUPPORTED_ISAS)}")
+    if "torch" in sys.modules:
+        parser.error("--isa: torch was imported before its ISA could be capped")
+    os.environ["ONEDNN_MAX_CPU_ISA"] = ONEDNN_ISAS[args.isa]
+    args.no_keras = True
+    print(f"ISA: lstmeng kernels {args.isa}, torch's oneDNN capped at {ONEDNN_ISAS[args.isa]}, Keras skipped")
+    with kernel_overrides(cython_isa=args.isa):
+        return run(args)
 
+
+def run(args) -> int:
+    """The comparison for parsed arguments (main's)."""
     global clock
     if args.cpu_time:
         clock = time.process_time
