@@ -158,6 +158,12 @@ cdef Py_ssize_t PACK_BYTES_PER_STEP = 256 * 1024
 cdef Py_ssize_t MIN_ROWS_TO_PACK = 32
 
 
+cdef inline bint packs_input_kernel(Py_ssize_t B, Py_ssize_t T) noexcept nogil:
+    """Whether a call's input projection (and dx) may run on the packed kernel: MIN_ROWS_TO_PACK
+    rows, or PACK_MIN_STEPS steps."""
+    return B * T >= MIN_ROWS_TO_PACK or T >= PACK_MIN_STEPS
+
+
 cdef inline bint packing_pays(Py_ssize_t steps, Py_ssize_t rows, Py_ssize_t nbytes) noexcept nogil:
     """Whether a matrix of nbytes, used by each of ``steps`` steps' products of ``rows``
     rows (a part's, or the whole batch's in a unit split), is worth packing for the
@@ -1054,7 +1060,7 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
     # The input kernel [I, 4H] packed the same way for the input projection, where the
     # ISA's kernel beats BLAS at it (packed_projection: AVX-512; see lstm_gemm.h).
     cdef bint project_packed = floating is float and packed_projection and I > 0 \
-        and B * T >= MIN_ROWS_TO_PACK
+        and packs_input_kernel(B, T)
     packed_input_array = take_float32(buffer_cache, (I * G if project_packed else 1,))
     cdef float[::1] packed_input_weights = packed_input_array
     cdef float *packed_input_base = NULL
@@ -1488,7 +1494,7 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     # kernel too (AVX-512, I a multiple of 32).
     cdef bint dx_wanted = dx is not None
     cdef bint dx_packed = dx_wanted and floating is float and packed_projection and I > 0 \
-        and I % PANEL_PAIR == 0 and B * T >= MIN_ROWS_TO_PACK
+        and I % PANEL_PAIR == 0 and packs_input_kernel(B, T)
     packed_kernel_t_array = take_float32(buffer_cache, (G * I if dx_packed else 1,))
     cdef float[::1] packed_kernel_t = packed_kernel_t_array
 
