@@ -453,15 +453,69 @@ def test_workspace_is_consumed_once():
 
 def test_small_calls_run_one_thread(monkeypatch):
     """A one-part call below MIN_FLOPS_TO_THREAD runs one thread instead of splitting its
-    units; batches split by rows keep their threads."""
+    units, unless it has the steps and units whose steps pay for a barrier; batches split
+    by rows keep their threads."""
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     if cython_module._team(64, 128, "auto")[1] != 2:
         pytest.skip("this build runs one thread (no OpenMP or no OpenBLAS thread control)")
     small = cython_module.MIN_FLOPS_TO_THREAD / 2
+    steps, units = cython_module.MIN_STEPS_TO_SPLIT, cython_module.MIN_UNITS_TO_SPLIT_SMALL_CALL
     assert cython_module._team(1, 128, "auto", small) == (1, 1, False)
     assert cython_module._team(2 * cython_module.MIN_ROWS_PER_PART - 1, 128, "auto", small) == (1, 1, False)
     assert cython_module._team(1, 128, "auto", 2 * cython_module.MIN_FLOPS_TO_THREAD) == (1, 2, True)
     assert cython_module._team(64, 128, "auto", small) == (2, 2, False)
+    assert cython_module._team(1, units, "auto", small, steps) == (1, 2, True)
+    assert cython_module._team(2 * cython_module.MIN_ROWS_PER_PART - 1, units, "auto", small, steps) == (1, 2, True)
+    assert cython_module._team(1, units, "auto", small, steps - 1) == (1, 1, False)
+    assert cython_module._team(1, units - 1, "auto", small, steps) == (1, 1, False)
+    assert cython_module._team(1, units, False, small, steps) == (1, 1, False)
+    assert cython_module._team(1, units, "auto", small, steps, in_run=False) == (1, 1, False)
+
+
+def test_short_calls_of_wide_layers_split_their_units(monkeypatch):
+    """A batch-1 call of MIN_STEPS_TO_SPLIT steps on a layer of MIN_UNITS_TO_SPLIT_SMALL_CALL
+    units, far below MIN_FLOPS_TO_THREAD, runs one thread alone (its team would have to
+    wake up) and, in a run of calls, reaches the extension with its units split over two
+    threads (forward and backward), computing what the NumPy reference does."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    if cython_module._team(64, 128, "auto")[1] != 2:
+        pytest.skip("this build runs one thread (no OpenMP or no OpenBLAS thread control)")
+    steps, units, features = cython_module.MIN_STEPS_TO_SPLIT, cython_module.MIN_UNITS_TO_SPLIT_SMALL_CALL, 8
+    assert 8 * steps * units * (features + units) < cython_module.MIN_FLOPS_TO_THREAD
+    calls = []
+    specialization = cython_module._specialization
+
+    def spy(kernel, dtype):
+        function = specialization(kernel, dtype)
+
+        def called(*args, **kwargs):
+            calls.append((kwargs.get("split_units"), kwargs.get("threads")))
+            return function(*args, **kwargs)
+        return called
+
+    monkeypatch.setattr(cython_module, "_specialization", spy)
+    rng = np.random.default_rng(0)
+    arrays = (rng.normal(size=(1, steps, features)).astype(np.float32), np.zeros((1, units), np.float32),
+              np.zeros((1, units), np.float32), (0.2 * rng.normal(size=(features, 4 * units))).astype(np.float32),
+              (0.1 * rng.normal(size=(units, 4 * units))).astype(np.float32), None)
+    backend, reference = cython_module.CythonBackend(), registry.get_backend_object("numpy")
+    # Timing-free: the busy-machine rule would run one thread after a slow team start.
+    monkeypatch.setattr(backend._split_governor, "allow", lambda: True)
+    with kernel_overrides(cython_split_units=None):
+        sequence_forward(backend, *arrays, training=False)
+        assert calls == [(False, 1)], "a call outside a run of calls split its units"
+        calls.clear()
+        monkeypatch.setattr(cython_module, "CALL_RUN_SECONDS", 3600.0)   # a slow CI machine's run too
+        # The chooser's first call of a shape splits (then it alternates to time both).
+        ours = sequence_forward(backend, *arrays, training=True)
+        dy = rng.normal(size=(1, steps, units)).astype(np.float32)
+        got = backend.sequence_backward(dy, arrays[1], arrays[2], ours.workspace)
+    assert calls == [(True, 2), (True, 2)]
+    theirs = sequence_forward(reference, *arrays, training=True)
+    want = reference.sequence_backward(dy, arrays[1], arrays[2], theirs.workspace)
+    np.testing.assert_allclose(ours.outputs, theirs.outputs, rtol=2e-5, atol=2e-6)
+    for name in ("dx", "dkernel", "drecurrent_kernel", "dbias"):
+        np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=2e-4, atol=2e-5, err_msg=name)
 
 
 def test_unit_split_governor_backs_off_and_recovers():

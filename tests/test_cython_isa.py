@@ -68,7 +68,7 @@ def test_avx512_rows_do_not_depend_on_their_block(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     rng = np.random.default_rng(7)
     # 16 steps: the packed kernels take the recurrent product (4 steps or more) and the
-    # input projection (32 packed rows or more) at every batch size here.
+    # input projection (4 steps or more) at every batch size here.
     x = rng.normal(size=(25, 16, 6)).astype(np.float32)
     layer = le.LSTM(32, return_sequences=True, backend="cython", seed=1)
     with kernel_overrides(cython_isa="avx512"):

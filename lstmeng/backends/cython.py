@@ -41,6 +41,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import math
 import threading
 import time
 
@@ -81,6 +82,22 @@ MIN_UNITS_TO_SPLIT = 64
 #: threads). Batches split by rows keep their threads: at (32, 50, 16, 32) and
 #: (64, 50, 16, 16), 13-20 MFLOP, two threads were 1.6-1.7x faster when idle.
 MIN_FLOPS_TO_THREAD = 2**25
+#: ... except a call of at least MIN_STEPS_TO_SPLIT steps on a layer of at least this many
+#: units, which still splits them (the split chooser then times both ways, as for larger
+#: calls): its steps are long enough to pay for a barrier each. Batch 1, one thread / split,
+#: best of 5 (Zen 5, 2 threads): (I, H) = (32, 128) 1.14x at T = 16, 1.38x at 64-128
+#: (inference; training 1.23x / 1.36-1.42x), (256, 128) 1.38-1.58x at 16-128; at H = 64
+#: the split lost at every T up to 256 ((32, 64): 0.78-0.98x; 0.8-1.07x at batch 4).
+MIN_UNITS_TO_SPLIT_SMALL_CALL = 128
+#: Steps a call below MIN_FLOPS_TO_THREAD needs to split its units (the team's start and the
+#: packing are paid once per call: at T = 8 the split gained 1.03-1.26x, less than at 16).
+MIN_STEPS_TO_SPLIT = 8
+#: Such a call splits only within a run of calls: the backend's last call ended less than
+#: this many seconds ago. Idle OpenMP workers spin a few milliseconds and then sleep, and
+#: waking one took 0.3-3 ms on the Zen 5 guest (batch 1, (I, H, T) = (64, 128, 16), calls
+#: 10 ms apart: 3.2 ms split against 0.31-0.38 on one thread; 2 ms apart, 110 against 116
+#: us; back to back, 70 against 82): an isolated call runs one thread.
+CALL_RUN_SECONDS = 0.002
 #: The unit split is "losing" in a call when a member spent more than this fraction
 #: of the call waiting at barriers after it began to yield its core (another member
 #: more than ~5 us late: descheduled); the next calls then run one thread (see
@@ -140,20 +157,24 @@ def _parts(batch: int, threads: int | None = None) -> int:
 
 
 def _team(batch: int, units: int, split_units: bool | None,
-          flops: float | None = None) -> tuple[int, int, bool]:
+          flops: float | None = None, steps: int = 0, in_run: bool = True) -> tuple[int, int, bool]:
     """(parts, threads, split_units) for a batch: parts by rows when the batch is large
     enough, else (with ``split_units`` None, the automatic choice, or True) one part
     whose units the threads share. split_units True forces the unit split whenever
     threads are available (the ``cython_split_units`` kernel override: tests run that
     path at tiny sizes); False never splits. flops: the forward's FLOPs; below
-    MIN_FLOPS_TO_THREAD a batch of one part runs one thread (None: no limit)."""
-    if batch < 2 * MIN_ROWS_PER_PART and flops is not None and flops < MIN_FLOPS_TO_THREAD:
+    MIN_FLOPS_TO_THREAD a batch of one part runs one thread (None: no limit) unless its
+    ``steps`` and units reach MIN_STEPS_TO_SPLIT and MIN_UNITS_TO_SPLIT_SMALL_CALL and the
+    call is part of a run of calls (``in_run``: see CALL_RUN_SECONDS)."""
+    one_thread = (flops is not None and flops < MIN_FLOPS_TO_THREAD
+                  and (steps < MIN_STEPS_TO_SPLIT or units < MIN_UNITS_TO_SPLIT_SMALL_CALL or not in_run))
+    if batch < 2 * MIN_ROWS_PER_PART and one_thread:
         # One part whatever the thread count, too small to thread: the answer without
         # asking for the thread count (2-3 us, a tenth of a one-step cell call).
         return 1, 1, False
     threads = _kernel_threads()
     parts = _parts(batch, threads)
-    if parts == 1 and flops is not None and flops < MIN_FLOPS_TO_THREAD:
+    if parts == 1 and one_thread:
         threads = 1
     if parts == 1 and threads > 1 and split_units is not False and (
             split_units is True or units >= MIN_UNITS_TO_SPLIT):
@@ -215,8 +236,10 @@ class _SplitChooser:
     other processes only ever slow a call down, and the first call is cold, so the
     best is the least disturbed), the other one again every SPLIT_EXPLORE_EVERY calls.
     Forward and backward calls are separate shapes. (The one-thread path computes
-    the same numbers, bitwise on the AVX-512 kernels and in float64; in float32 on
-    the AVX2 and scalar paths its BLAS products differ in the last bits.)
+    the same numbers, bitwise where the call's products all run on the AVX-512
+    kernels and in float64; where a float32 product runs on BLAS (the AVX2 and scalar
+    paths, dx with inputs not a multiple of 32, unit slices not a multiple of 32)
+    the members' column blocks may differ from one thread's in the last bits.)
     """
 
     def __init__(self):
@@ -452,6 +475,8 @@ class CythonBackend(KernelBackend):
         self._buffers = BufferCache(int(buffer_cache_bytes))
         self._split_governor = _UnitSplitGovernor()
         self._split_chooser = _SplitChooser()
+        #: perf_counter() at the end of this backend's last sequence call (see CALL_RUN_SECONDS).
+        self._last_call_end = -math.inf
 
     def release_buffers(self) -> None:
         """Free the scratch and workspace memory kept for later calls."""
@@ -492,7 +517,8 @@ class CythonBackend(KernelBackend):
                 and features > 0 and 0 < batch < 2 * MIN_ROWS_PER_PART and overrides.cython_split_units is not True
                 and overrides.cython_one_step is not False and (not training or flops < MIN_FLOPS_TO_THREAD)):
             return self._one_step(x, h0, c0, kernel, recurrent_kernel, bias, weights_transposed, options)
-        parts, threads, split_units = _team(batch, units, overrides.cython_split_units, flops)
+        parts, threads, split_units = _team(batch, units, overrides.cython_split_units, flops, steps,
+                                            time.perf_counter() - self._last_call_end < CALL_RUN_SECONDS)
         # Shares of the backward's products after its time loop (weight gradients, dx):
         # one for a one-part call too small to thread, else one per thread. Fixed by
         # the shape alone, so the results never depend on the busy-machine fallback.
@@ -567,6 +593,7 @@ class CythonBackend(KernelBackend):
                 threads=threads, split_units=split_units, buffer_cache=self._buffers,
                 weights_transposed=weights_transposed, pipeline=pipeline)
         elapsed = time.perf_counter() - start
+        self._last_call_end = start + elapsed
         if pipeline:
             barrier_stats = _pipelined_call_stats(barrier_stats, elapsed, time.thread_time() - start_cpu)
         if split_units or pipeline:
@@ -689,6 +716,7 @@ class CythonBackend(KernelBackend):
                 buffer_cache=self._buffers, weights_transposed=ws.weights_transposed,
                 pipeline=pipeline)
         elapsed = time.perf_counter() - start
+        self._last_call_end = start + elapsed
         if pipeline:
             barrier_stats = _pipelined_call_stats(barrier_stats, elapsed, time.thread_time() - start_cpu)
         if split_units or pipeline:
