@@ -156,6 +156,8 @@ cdef Py_ssize_t PACK_MIN_STEPS = 4
 cdef Py_ssize_t PACK_MIN_ROWS = 8
 cdef Py_ssize_t PACK_BYTES_PER_STEP = 256 * 1024
 cdef Py_ssize_t MIN_ROWS_TO_PACK = 32
+#: BLAS products of at most this many rows run as one GEMV per row (see gemm).
+cdef Py_ssize_t GEMV_MAX_ROWS = 3
 
 
 cdef inline bint packs_input_kernel(Py_ssize_t B, Py_ssize_t T) noexcept nogil:
@@ -360,9 +362,11 @@ cdef void gemm(bint trans_a, bint trans_b, Py_ssize_t m, Py_ssize_t n, Py_ssize_
     BLAS is column-major, and a row-major matrix read column-major is its
     transpose: so row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T,
     i.e. the same call with the operands (and m, n) swapped and the transpose
-    flags unchanged. A single row (batch of one) goes to GEMV, which BLAS
-    libraries serve much faster than a GEMM with one column. Sizes were checked
-    against INT_MAX by the caller.
+    flags unchanged. Up to GEMV_MAX_ROWS rows (a batch of one to three) go to GEMV
+    one row at a time, which BLAS libraries serve faster than a GEMM of so few rows:
+    OpenBLAS's SGEMM packs all of B at every call (K = 256, N = 1024: 2 rows 39 us
+    by SGEMM, 23 by two SGEMVs; 3 rows 59 / 35; from 4 rows about even, from 8 SGEMM
+    ahead; one thread, Zen 5). Sizes were checked against INT_MAX by the caller.
     """
     cdef char ta = b'T' if trans_a else b'N'
     cdef char tb = b'T' if trans_b else b'N'
@@ -376,19 +380,20 @@ cdef void gemm(bint trans_a, bint trans_b, Py_ssize_t m, Py_ssize_t n, Py_ssize_
             for row in range(m):
                 memset(c + row * ldc, 0, n * sizeof(floating))
         return
-    if m == 1 and not trans_a:
-        # c[n] = op(B)^T-as-stored times the row a[k]: column-major B is [n, k] ('N')
-        # when B is row-major [k, n], and [k, n] read transposed ('T') when it is [n, k].
-        if trans_b:
-            if floating is float:
-                sgemv(b'T', &ik, &im, &alpha, b, &ilda, a, &one, &beta, c, &one)
+    if m <= GEMV_MAX_ROWS and not trans_a:
+        # c[row, :n] = op(B)^T-as-stored times the row a[row, :k]: column-major B is [n, k]
+        # ('N') when B is row-major [k, n], and [k, n] read transposed ('T') when it is [n, k].
+        for row in range(m):
+            if trans_b:
+                if floating is float:
+                    sgemv(b'T', &ik, &im, &alpha, b, &ilda, a + row * lda, &one, &beta, c + row * ldc, &one)
+                else:
+                    dgemv(b'T', &ik, &im, &alpha, b, &ilda, a + row * lda, &one, &beta, c + row * ldc, &one)
             else:
-                dgemv(b'T', &ik, &im, &alpha, b, &ilda, a, &one, &beta, c, &one)
-        else:
-            if floating is float:
-                sgemv(b'N', &im, &ik, &alpha, b, &ilda, a, &one, &beta, c, &one)
-            else:
-                dgemv(b'N', &im, &ik, &alpha, b, &ilda, a, &one, &beta, c, &one)
+                if floating is float:
+                    sgemv(b'N', &im, &ik, &alpha, b, &ilda, a + row * lda, &one, &beta, c + row * ldc, &one)
+                else:
+                    dgemv(b'N', &im, &ik, &alpha, b, &ilda, a + row * lda, &one, &beta, c + row * ldc, &one)
         return
     if floating is float:
         sgemm(&tb, &ta, &im, &i_n, &ik, &alpha, b, &ilda, a, &ildb, &beta, c, &ildc)
