@@ -583,6 +583,29 @@ def test_split_chooser_times_both_and_keeps_the_faster():
     assert chooser.choose(key) is True                  # starts over with the split
 
 
+def test_split_chooser_times_each_length_class_apart(monkeypatch):
+    """Per-step times include each way's fixed cost per call, so calls of one layer whose
+    lengths differ by a factor of two or more are timed apart (8-15 steps share a class,
+    16 start the next): the forward and backward calls of 8 and 64 steps get four entries."""
+    length_class = cython_module._length_class
+    assert length_class(8) == length_class(15) != length_class(16) and length_class(0) == length_class(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)
+    if not cython_module._team(1, 64, None, 1.0)[2]:
+        pytest.skip("this build runs one thread (no OpenMP or no OpenBLAS thread control)")
+    backend = cython_module.CythonBackend()
+    monkeypatch.setattr(backend._split_governor, "allow", lambda: True)
+    rng = np.random.default_rng(0)
+    weights = (rng.normal(size=(4, 256)) * 0.1, rng.normal(size=(64, 256)) * 0.1, None)
+    for steps in (8, 64):
+        forward = sequence_forward(backend, rng.normal(size=(1, steps, 4)), np.zeros((1, 64)), np.zeros((1, 64)),
+                                   *weights, training=True)
+        backend.sequence_backward(np.ones((1, steps, 64)), np.zeros((1, 64)), np.zeros((1, 64)), forward.workspace)
+    keys = list(backend._split_chooser._shapes)
+    assert sorted((key[0], key[-1]) for key in keys) == sorted(
+        (way, length_class(steps)) for way in ("forward", "backward") for steps in (8, 64))
+
+
 def test_a_split_eligible_shape_is_timed_on_one_thread_too(monkeypatch):
     """Automatic choice: the first call of a shape splits its units, the second runs one
     thread, with the same numbers (exactly on the AVX-512 path and in float64)."""
