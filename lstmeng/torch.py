@@ -482,7 +482,8 @@ class _LstmengOptions:
         return x.new_empty((x.shape[0], self.hidden_size)).bernoulli_(keep).div_(keep)
 
     def _backend_for(self, x: torch.Tensor, dtype: torch.dtype):
-        """(backend, on_device) for a call on x [B, T, I] with parameters of ``dtype``."""
+        """(backend, on_device) for a call on x (``[B, T, I]``, or a cell's ``[B, I]``: only its device
+        counts) with parameters of ``dtype``."""
         return _choose_backend(self.backend, x, dtype, self.activation, self.recurrent_activation)
 
     def _direction_call(self, backend, on_device: bool, x, mask, reverse: bool) -> _DirectionCall:
