@@ -315,6 +315,12 @@ def _cell_inference(backend, x, hx, weights, activation: str, recurrent_activati
     return _host_tensor(result.h), _host_tensor(result.c)
 
 
+def _stacked(states: list) -> torch.Tensor:
+    """[L*D, B, H] from L*D states [B, H]: a view of the only one (a one-layer module's h_n),
+    else a stacked copy."""
+    return states[0].unsqueeze(0) if len(states) == 1 else torch.stack(states)
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -627,6 +633,9 @@ class LSTM(torch.nn.LSTM, _LstmengOptions):
         """The stacked layers on batch-major x [B, T, I] -> output [B, T, D*H], h_n, c_n [L*D, B, H].
 
         Kept out of torch.compile graphs (a graph break): the backends compute outside PyTorch.
+        Always through the wrapper, unlike LSTMCell's step: where Dynamo refuses the module
+        (RNN modules, ``allow_rnn`` off) it runs ``forward`` eagerly but still compiles the
+        frames it calls, and a plain ``_layers`` was traced then (a test counts the warnings).
         """
         backend, on_device = self._backend_for(x, self.weight_ih_l0.dtype)
         h0, c0 = hx
@@ -648,7 +657,7 @@ class LSTM(torch.nn.LSTM, _LstmengOptions):
             layer_input = torch.cat(direction_outputs, dim=2) if directions == 2 else direction_outputs[0]
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = torch.nn.functional.dropout(layer_input, self.dropout, training=True)
-        return layer_input, torch.stack(h_n), torch.stack(c_n)
+        return layer_input, _stacked(h_n), _stacked(c_n)
 
 
 class LSTMCell(torch.nn.LSTMCell, _LstmengOptions):

@@ -670,8 +670,11 @@ def test_torch_compile_runs_with_graph_break(allow_rnn):
 
     Dynamo refuses RNN modules by default (as for torch.nn.LSTM: the frame runs
     eagerly); with allow_rnn=True it compiles the layers around the module and
-    breaks the graph at the backend call.
+    breaks the graph at the backend call. Either way Dynamo never traces the module's
+    own code (it warns about the lru_cache'd helpers when it does).
     """
+    import warnings
+
     import torch._dynamo
 
     torch.manual_seed(0)
@@ -691,11 +694,14 @@ def test_torch_compile_runs_with_graph_break(allow_rnn):
         return graph_module.forward
 
     torch._dynamo.reset()
-    with torch._dynamo.config.patch(allow_rnn=allow_rnn):
+    with torch._dynamo.config.patch(allow_rnn=allow_rnn), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         compiled = torch.compile(model, backend=counting_backend)
         actual = compiled(x)
         actual.sum().backward()
     torch._dynamo.reset()
+    traced = [str(warning.message) for warning in caught if "lru_cache" in str(warning.message)]
+    assert not traced, traced
     torch.testing.assert_close(actual, expected)
     for parameter, expected_grad in zip(model.parameters(), expected_grads):
         torch.testing.assert_close(parameter.grad, expected_grad)
@@ -722,7 +728,10 @@ def test_torch_compile_runs_a_cell_loop_with_graph_breaks(monkeypatch):
     """A compiled model stepping ``LSTMCell`` gives the eager numbers, in training (gradients
     too) and under no_grad (the cell's direct inference path); Dynamo compiles the layers
     around the cell and breaks the graph at each step: the cell calls its step through the
-    graph break only while compiling, and directly otherwise (a spy counts which ran)."""
+    graph break only while compiling, and directly otherwise (a spy counts which ran);
+    Dynamo never traces the step itself (it warns about its lru_cache'd helpers when it does)."""
+    import warnings
+
     import torch._dynamo
 
     outside_graph_steps = []
@@ -750,12 +759,16 @@ def test_torch_compile_runs_a_cell_loop_with_graph_breaks(monkeypatch):
         return graph_module.forward
 
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=counting_backend)
-    actual = compiled(x)
-    actual.sum().backward()
-    with torch.no_grad():
-        actual_inference = compiled(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(model, backend=counting_backend)
+        actual = compiled(x)
+        actual.sum().backward()
+        with torch.no_grad():
+            actual_inference = compiled(x)
     torch._dynamo.reset()
+    traced = [str(warning.message) for warning in caught if "lru_cache" in str(warning.message)]
+    assert not traced, f"Dynamo traced the cell's own code: {traced}"
     torch.testing.assert_close(actual, expected)
     torch.testing.assert_close(actual_inference, expected_inference)
     for parameter, expected_grad in zip(model.parameters(), expected_grads):
