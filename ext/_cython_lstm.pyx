@@ -150,14 +150,26 @@ cdef Py_ssize_t PANEL_PAIR = 32
 # while the kernel fits in the caches: there the call needs PACK_MIN_STEPS steps
 # and one more per PACK_BYTES_PER_STEP of the kernel (H = 1024: 64 steps;
 # H <= 256: 4), the crossovers of a sweep at batch 1 (docs/cython.md). Shorter
-# calls (a cell step, streaming with T = 1) use BLAS on the caller's arrays. The
+# calls (a cell step, streaming with T = 1) read the caller's arrays as they are (BLAS,
+# or lstm_gemv.h's GEMV for up to GEMV_MAX_ROWS rows in float32). The
 # input kernel and K^T are packed for products of at least MIN_ROWS_TO_PACK rows.
 cdef Py_ssize_t PACK_MIN_STEPS = 4
 cdef Py_ssize_t PACK_MIN_ROWS = 8
 cdef Py_ssize_t PACK_BYTES_PER_STEP = 256 * 1024
 cdef Py_ssize_t MIN_ROWS_TO_PACK = 32
-#: BLAS products of at most this many rows run as one GEMV per row (see gemm).
-cdef Py_ssize_t GEMV_MAX_ROWS = 3
+#: Unpacked products of at most this many rows run as one GEMV per row (see gemm).
+cdef Py_ssize_t GEMV_MAX_ROWS = LSTMENG_GEMV_MAX_ROWS
+
+
+def step_calls_blas(bint float32, Py_ssize_t rows, Py_ssize_t units, bint backward):
+    """Whether step_forward (with backward: step_backward) of ``rows`` rows and ``units``
+    units calls BLAS, with the kernels in use now: the caller holds BLAS to one thread
+    around the call only then (threads.single_threaded_blas, ~2 us). In float32, up to
+    GEMV_MAX_ROWS rows, the products are lstm_gemv.h's, and the backward's weight
+    gradients the packed kernel's where that takes them (AVX-512, 4H a multiple of 32)."""
+    if not float32 or rows > GEMV_MAX_ROWS:
+        return True
+    return backward and not (packed_projection and (4 * units) % PANEL_PAIR == 0)
 
 
 cdef inline bint packs_input_kernel(Py_ssize_t B, Py_ssize_t T) noexcept nogil:
@@ -363,10 +375,11 @@ cdef void gemm(bint trans_a, bint trans_b, Py_ssize_t m, Py_ssize_t n, Py_ssize_
     transpose: so row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T,
     i.e. the same call with the operands (and m, n) swapped and the transpose
     flags unchanged. Up to GEMV_MAX_ROWS rows (a batch of one to three) go to GEMV
-    one row at a time, which BLAS libraries serve faster than a GEMM of so few rows:
-    OpenBLAS's SGEMM packs all of B at every call (K = 256, N = 1024: 2 rows 39 us
-    by SGEMM, 23 by two SGEMVs; 3 rows 59 / 35; from 4 rows about even, from 8 SGEMM
-    ahead; one thread, Zen 5). Sizes were checked against INT_MAX by the caller.
+    rather than GEMM: OpenBLAS's SGEMM packs all of B at every call (K = 256, N = 1024:
+    2 rows 39 us by SGEMM, 23 by two SGEMVs; 3 rows 59 / 35; from 4 rows about even,
+    from 8 SGEMM ahead; one thread, Zen 5). In float32 (alpha 1, as every caller
+    passes) that is lstm_gemv.h's kernel, all rows in one pass over B; in float64 one
+    BLAS DGEMV per row. Sizes were checked against INT_MAX by the caller.
     """
     cdef char ta = b'T' if trans_a else b'N'
     cdef char tb = b'T' if trans_b else b'N'
@@ -381,6 +394,11 @@ cdef void gemm(bint trans_a, bint trans_b, Py_ssize_t m, Py_ssize_t n, Py_ssize_
                 memset(c + row * ldc, 0, n * sizeof(floating))
         return
     if m <= GEMV_MAX_ROWS and not trans_a:
+        if floating is float and alpha == 1:
+            # lstm_gemv.h: every row in one pass over B, no BLAS call (so no BLAS thread
+            # limit needed around it). B row-major [n, k] when trans_b, else [k, n].
+            lstmeng_gemv_f32(m, trans_b, n, k, a, lda, b, ldb, beta != 0, c, ldc)
+            return
         # c[row, :n] = op(B)^T-as-stored times the row a[row, :k]: column-major B is [n, k]
         # ('N') when B is row-major [k, n], and [k, n] read transposed ('T') when it is [n, k].
         for row in range(m):

@@ -858,3 +858,61 @@ def test_rows_of_tiny_batches_match_the_single_row(dtype, transposed, one_step):
     for batch in (2, 3):
         for name, got, want in zip(("outputs", "h", "c", "dx", "dh0", "dc0"), results[batch], results[1]):
             np.testing.assert_array_equal(got, want, err_msg=f"{name}, batch {batch}")
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("sizes", [(19, 13), (70, 40)], ids=["tails-only", "full-blocks-and-tails"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["row_major", "torch_layout"])
+def test_small_batch_products_match_the_reference(isa, sizes, transposed):
+    """The float32 GEMV of one to three rows (lstm_gemv.h: a dot product per output on
+    PyTorch's layout, column blocks on lstmeng's) in every kernel family, at sizes that
+    leave vector tails (I = 19, H = 13: 4H = 52) and that fill whole blocks and then
+    tails (I = 70, H = 40: 4H = 160 = one 128-column block and 32): one-step forward
+    (input and accumulated recurrent product) and backward (dh0 and dx products) against
+    the float64 NumPy reference."""
+    if isa not in cython_module._cython_lstm.SUPPORTED_ISAS:
+        pytest.skip(f"this CPU or build does not run {isa}")
+    from lstmeng.backends.numpy import NumpyBackend
+    features, units = sizes
+    rng = np.random.default_rng(features)
+    kernel = 0.3 * rng.normal(size=(features, 4 * units))
+    recurrent_kernel = 0.3 * rng.normal(size=(units, 4 * units))
+    bias = 0.1 * rng.normal(size=4 * units)
+    backend, reference = cython_module.CythonBackend(), NumpyBackend()
+    for batch in (1, 2, 3):
+        x = rng.normal(size=(batch, 1, features))
+        h0, c0 = rng.normal(size=(batch, units)), rng.normal(size=(batch, units))
+        dy, dh, dc = (rng.normal(size=shape) for shape in ((batch, 1, units), (batch, units), (batch, units)))
+        arrays = [a.astype(np.float32) for a in (x, h0, c0, kernel, recurrent_kernel, bias)]
+        if transposed:   # lstmeng.torch's layout: weight_ih.t(), weight_hh.t(), read in place
+            arrays[3], arrays[4] = (np.ascontiguousarray(a.T).T for a in arrays[3:5])
+        with kernel_overrides(cython_isa=isa):
+            ours = sequence_forward(backend, *arrays, training=True)
+            grads = backend.sequence_backward(*(a.astype(np.float32) for a in (dy, dh, dc)), ours.workspace)
+        expected = sequence_forward(reference, x, h0, c0, kernel, recurrent_kernel, bias, training=True)
+        expected_grads = reference.sequence_backward(dy, dh, dc, expected.workspace)
+        for name in ("outputs", "h", "c"):
+            np.testing.assert_allclose(getattr(ours, name), getattr(expected, name), rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{name}, batch {batch}")
+        for name in ("dx", "dh0", "dc0", "dkernel", "drecurrent_kernel", "dbias"):
+            testing.assert_close(getattr(grads, name), getattr(expected_grads, name), f"{name}, batch {batch}",
+                                 "float32", gradient=True)
+
+
+def test_float32_steps_of_up_to_three_rows_leave_blas_threads_alone():
+    """A float32 one-step call of up to GEMV_MAX_ROWS rows calls no BLAS (lstm_gemv.h), so it
+    takes no BLAS thread limit (~2 us); float64 and larger batches do, and a backward does
+    unless the packed kernel takes its weight gradients (AVX-512, 4H a multiple of 32)."""
+    limit = type(cython_module.threads.single_threaded_blas())
+    guard = cython_module._blas_guard
+    assert not isinstance(guard(np.dtype(np.float32), 3, 13, backward=False), limit)
+    assert isinstance(guard(np.dtype(np.float32), 4, 13, backward=False), limit)
+    assert isinstance(guard(np.dtype(np.float64), 1, 13, backward=False), limit)
+    extension = cython_module._cython_lstm
+    for isa in extension.SUPPORTED_ISAS:
+        with kernel_overrides(cython_isa=isa):
+            cython_module._select_kernels(cython_module._kernel_overrides.current())
+            packed = isa == "avx512"
+            assert isinstance(guard(np.dtype(np.float32), 1, 32, backward=True), limit) != packed, isa
+            assert isinstance(guard(np.dtype(np.float32), 1, 13, backward=True), limit), isa   # 4H = 52
+    cython_module._select_kernels(cython_module._kernel_overrides.current())

@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import math
@@ -296,6 +297,19 @@ def _pipelined_call_stats(stats, elapsed: float, thread_seconds: float) -> tuple
     if handovers <= 0:
         return stats
     return handovers, max(slow_seconds, elapsed - thread_seconds)
+
+
+#: What ``_blas_guard`` returns for a call that makes no BLAS call (reused: one per call costs more).
+_NO_GUARD = contextlib.nullcontext()
+
+
+def _blas_guard(dtype, batch: int, units: int, backward: bool):
+    """Context for a one-step kernel call (``step_forward`` / ``step_backward``): BLAS held to one
+    thread when the call uses BLAS, else nothing (float32 batches of up to three rows run
+    lstm_gemv.h's kernels; taking the limit costs ~2 us of a ~10 us batch-1 cell step)."""
+    if _cython_lstm.step_calls_blas(dtype == np.float32, batch, units, backward):
+        return threads.single_threaded_blas()
+    return _NO_GUARD
 
 
 def _threads_for(layout):
@@ -640,7 +654,7 @@ class CythonBackend(KernelBackend):
         c_prev = h_in = None
         if options.training:
             c_prev, h_in = take((batch, units), dtype), take((batch, units), dtype)
-        with threads.single_threaded_blas():
+        with _blas_guard(dtype, batch, units, backward=False):
             _specialization(_cython_lstm.step_forward, dtype)(
                 x.reshape(batch, -1), h0, c0, kernel, recurrent_kernel, bias, gates, h_out, c_out,
                 _cython_lstm.ACTIVATION_KINDS[options.activation],
@@ -753,7 +767,7 @@ class CythonBackend(KernelBackend):
         dkernel = np.empty((features, 4 * units), dtype)
         drecurrent_kernel = np.empty((units, 4 * units), dtype)
         dbias = np.empty(4 * units, dtype)
-        with threads.single_threaded_blas():
+        with _blas_guard(dtype, batch, units, backward=True):
             _specialization(_cython_lstm.step_backward, dtype)(
                 doutputs.reshape(batch, units), _contiguous(dh, dtype), _contiguous(dc, dtype),
                 ws.x.reshape(batch, features), ws.kernel, ws.recurrent_kernel, ws.gates, ws.c_prev, ws.h_in,

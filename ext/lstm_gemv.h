@@ -1,0 +1,347 @@
+/*
+ * One to three rows times a matrix in float32, Y[m, n] = A[m, k] @ B (+ Y), for
+ * the unpacked products of a batch of one to three (a cell step, a short call):
+ * each row of Y is a GEMV, and all m rows are computed in one pass over B.
+ *
+ * Why not BLAS's SGEMV (what these products used before, one call per row): at a
+ * cell step's sizes B is L2-resident and the product is a stream of it, which
+ * OpenBLAS's SGEMV ran at 55-90 % of this kernel's speed on a Zen 5 core, and
+ * one SGEMV per row streams B m times. And an OpenBLAS with its own threads
+ * splits a GEMV this size over them, so the caller had to hold BLAS to one
+ * thread around every such call (threads.single_threaded_blas: ~2 us a call).
+ * These kernels need neither.
+ *
+ * B is the caller's matrix as it is stored, never packed (packing is what does
+ * not pay for so few rows):
+ *   b_transposed: B^T stored [n, k] (row stride ldb), PyTorch's weight_ih /
+ *       weight_hh layout: each Y[r, j] is a dot product of a row of it with
+ *       A[r]. Four rows of B^T at a time (AVX2 with three rows of A: two), a vector accumulator per
+ *       row of A and of B^T over k (masked tail), summed across lanes at the end.
+ *   otherwise:    B stored [k, n] (row stride ldb), lstmeng's kernel layout:
+ *       partial sums of up to LSTMENG_GEMV_CHUNK columns per row of A
+ *       (L1-resident) take A[r, kk] * B[kk, chunk] from four rows of B at a
+ *       time, so four contiguous streams feed them at any size (column blocks
+ *       of 128 held in registers had walked a 16 MiB B with 16 KiB jumps: 0.55x
+ *       SGEMV's speed).
+ * Measured against OpenBLAS's SGEMV on the Zen 5 guest, one thread, one row,
+ * AVX-512 / AVX2: [64, 512] 0.62-0.66 / 0.69-0.83 us against 0.72-1.14;
+ * [256, 1024] 5.5-7.5 / 7.4-8.2 against 7.9-8.6; [1024, 4096] (16 MiB,
+ * memory-bound) 161-171 / 167-186 against 173-192.
+ *
+ * Each Y[r, j] is summed in an order fixed by the kernel family alone (the
+ * lanes per vector; in the column form over k in order, in every family),
+ * never by m, by r or by which other outputs share a pass: a row's results are
+ * bitwise the same in a batch of one, two or three (tests/test_backend_cython.py).
+ * accumulate: Y = product + Y (Y read once, after the sum), else Y = product
+ * (Y's old values never read).
+ */
+#ifndef LSTMENG_LSTM_GEMV_H
+#define LSTMENG_LSTM_GEMV_H
+
+#include <stdint.h>
+
+#include "lstm_cpu.h"
+
+/* The most rows of A one call takes (the caller's GEMV_MAX_ROWS). */
+#define LSTMENG_GEMV_MAX_ROWS 3
+
+/* Columns of one column-form chunk: its partial sums, 4 KiB per row of A, stay
+ * in L1 while the chunk's segments of four rows of B at a time stream past. */
+#define LSTMENG_GEMV_CHUNK 1024
+
+#if defined(__GNUC__) || defined(__clang__)
+#define LSTMENG_INLINE inline __attribute__((always_inline))
+#else
+#define LSTMENG_INLINE inline
+#endif
+
+static void lstmeng_gemv_scalar_f32(int64_t m, int b_transposed, int64_t n, int64_t k, const float *a,
+                                    int64_t lda, const float *b, int64_t ldb, int accumulate, float *y,
+                                    int64_t ldy) {
+    int64_t r, j, kk;
+    for (r = 0; r < m; r++, a += lda, y += ldy)
+        for (j = 0; j < n; j++) {
+            float sum = 0.0f;
+            if (b_transposed)
+                for (kk = 0; kk < k; kk++) sum += b[j * ldb + kk] * a[kk];
+            else
+                for (kk = 0; kk < k; kk++) sum += a[kk] * b[kk * ldb + j];
+            y[j] = accumulate ? sum + y[j] : sum;
+        }
+}
+
+#if LSTMENG_HAVE_AVX512
+/* Dot form, M rows of A (a compile-time constant where inlined: the loops over
+ * rows unroll and the 4 x M accumulators stay in registers). */
+LSTMENG_AVX512
+static LSTMENG_INLINE void lstmeng_gemv_dot_avx512_rows(const int M, int64_t n, int64_t k, const float *a,
+                                                        int64_t lda, const float *b, int64_t ldb,
+                                                        int accumulate, float *y, int64_t ldy) {
+    const int64_t k_full = k - k % 16;
+    const __mmask16 tail = (__mmask16)((1u << (k % 16)) - 1u);
+    int64_t j = 0, kk;
+    int r, q;
+    for (; j < n; j += 4) {
+        const int outputs = n - j < 4 ? (int)(n - j) : 4;
+        const float *rows[4];
+        __m512 s[LSTMENG_GEMV_MAX_ROWS][4];
+        for (q = 0; q < 4; q++) rows[q] = b + (j + (q < outputs ? q : 0)) * ldb;
+        for (r = 0; r < M; r++)
+            for (q = 0; q < 4; q++) s[r][q] = _mm512_setzero_ps();
+        for (kk = 0; kk < k_full; kk += 16) {
+            const __m512 b0 = _mm512_loadu_ps(rows[0] + kk), b1 = _mm512_loadu_ps(rows[1] + kk);
+            const __m512 b2 = _mm512_loadu_ps(rows[2] + kk), b3 = _mm512_loadu_ps(rows[3] + kk);
+            for (r = 0; r < M; r++) {
+                const __m512 av = _mm512_loadu_ps(a + r * lda + kk);
+                s[r][0] = _mm512_fmadd_ps(b0, av, s[r][0]);
+                s[r][1] = _mm512_fmadd_ps(b1, av, s[r][1]);
+                s[r][2] = _mm512_fmadd_ps(b2, av, s[r][2]);
+                s[r][3] = _mm512_fmadd_ps(b3, av, s[r][3]);
+            }
+        }
+        if (tail) {
+            const __m512 b0 = _mm512_maskz_loadu_ps(tail, rows[0] + k_full);
+            const __m512 b1 = _mm512_maskz_loadu_ps(tail, rows[1] + k_full);
+            const __m512 b2 = _mm512_maskz_loadu_ps(tail, rows[2] + k_full);
+            const __m512 b3 = _mm512_maskz_loadu_ps(tail, rows[3] + k_full);
+            for (r = 0; r < M; r++) {
+                const __m512 av = _mm512_maskz_loadu_ps(tail, a + r * lda + k_full);
+                s[r][0] = _mm512_fmadd_ps(b0, av, s[r][0]);
+                s[r][1] = _mm512_fmadd_ps(b1, av, s[r][1]);
+                s[r][2] = _mm512_fmadd_ps(b2, av, s[r][2]);
+                s[r][3] = _mm512_fmadd_ps(b3, av, s[r][3]);
+            }
+        }
+        for (r = 0; r < M; r++)
+            for (q = 0; q < outputs; q++) {
+                const float sum = _mm512_reduce_add_ps(s[r][q]);
+                float *out = y + r * ldy + j + q;
+                *out = accumulate ? sum + *out : sum;
+            }
+    }
+}
+
+/* Column form, M rows of A (see lstmeng_gemv_dot_avx512_rows). */
+LSTMENG_AVX512
+static LSTMENG_INLINE void lstmeng_gemv_axpy_avx512_rows(const int M, int64_t n, int64_t k, const float *a,
+                                                         int64_t lda, const float *b, int64_t ldb,
+                                                         int accumulate, float *y, int64_t ldy) {
+    float sum[LSTMENG_GEMV_MAX_ROWS][LSTMENG_GEMV_CHUNK];
+    int64_t j0, j, kk;
+    int r;
+    for (j0 = 0; j0 < n; j0 += LSTMENG_GEMV_CHUNK) {
+        const int64_t width = n - j0 < LSTMENG_GEMV_CHUNK ? n - j0 : LSTMENG_GEMV_CHUNK;
+        const int64_t vectors = (width + 15) / 16;
+        const __mmask16 tail = width % 16 ? (__mmask16)((1u << (width % 16)) - 1u) : (__mmask16)0xFFFF;
+        const float *row = b + j0;
+        for (r = 0; r < M; r++)
+            for (j = 0; j < vectors * 16; j += 16) _mm512_storeu_ps(sum[r] + j, _mm512_setzero_ps());
+        for (kk = 0; kk + 4 <= k; kk += 4, row += 4 * ldb) {
+            __m512 av[LSTMENG_GEMV_MAX_ROWS][4];
+            for (r = 0; r < M; r++) {
+                av[r][0] = _mm512_set1_ps(a[r * lda + kk]);
+                av[r][1] = _mm512_set1_ps(a[r * lda + kk + 1]);
+                av[r][2] = _mm512_set1_ps(a[r * lda + kk + 2]);
+                av[r][3] = _mm512_set1_ps(a[r * lda + kk + 3]);
+            }
+            for (j = 0; j < vectors * 16; j += 16) {
+                const __mmask16 lanes = j + 16 <= width ? (__mmask16)0xFFFF : tail;
+                const __m512 b0 = _mm512_maskz_loadu_ps(lanes, row + j);
+                const __m512 b1 = _mm512_maskz_loadu_ps(lanes, row + ldb + j);
+                const __m512 b2 = _mm512_maskz_loadu_ps(lanes, row + 2 * ldb + j);
+                const __m512 b3 = _mm512_maskz_loadu_ps(lanes, row + 3 * ldb + j);
+                for (r = 0; r < M; r++) {
+                    __m512 s = _mm512_loadu_ps(sum[r] + j);
+                    s = _mm512_fmadd_ps(b0, av[r][0], s);
+                    s = _mm512_fmadd_ps(b1, av[r][1], s);
+                    s = _mm512_fmadd_ps(b2, av[r][2], s);
+                    s = _mm512_fmadd_ps(b3, av[r][3], s);
+                    _mm512_storeu_ps(sum[r] + j, s);
+                }
+            }
+        }
+        for (; kk < k; kk++, row += ldb)
+            for (j = 0; j < vectors * 16; j += 16) {
+                const __mmask16 lanes = j + 16 <= width ? (__mmask16)0xFFFF : tail;
+                const __m512 b0 = _mm512_maskz_loadu_ps(lanes, row + j);
+                for (r = 0; r < M; r++)
+                    _mm512_storeu_ps(sum[r] + j, _mm512_fmadd_ps(b0, _mm512_set1_ps(a[r * lda + kk]),
+                                                                 _mm512_loadu_ps(sum[r] + j)));
+            }
+        for (r = 0; r < M; r++)
+            for (j = 0; j < vectors * 16; j += 16) {
+                const __mmask16 lanes = j + 16 <= width ? (__mmask16)0xFFFF : tail;
+                float *out = y + r * ldy + j0 + j;
+                __m512 total = _mm512_loadu_ps(sum[r] + j);
+                if (accumulate) total = _mm512_add_ps(total, _mm512_maskz_loadu_ps(lanes, out));
+                _mm512_mask_storeu_ps(out, lanes, total);
+            }
+    }
+}
+
+LSTMENG_AVX512
+static void lstmeng_gemv_avx512_f32(int64_t m, int b_transposed, int64_t n, int64_t k, const float *a,
+                                    int64_t lda, const float *b, int64_t ldb, int accumulate, float *y,
+                                    int64_t ldy) {
+    if (b_transposed) {
+        if (m == 1) lstmeng_gemv_dot_avx512_rows(1, n, k, a, lda, b, ldb, accumulate, y, ldy);
+        else if (m == 2) lstmeng_gemv_dot_avx512_rows(2, n, k, a, lda, b, ldb, accumulate, y, ldy);
+        else lstmeng_gemv_dot_avx512_rows(3, n, k, a, lda, b, ldb, accumulate, y, ldy);
+    } else {
+        if (m == 1) lstmeng_gemv_axpy_avx512_rows(1, n, k, a, lda, b, ldb, accumulate, y, ldy);
+        else if (m == 2) lstmeng_gemv_axpy_avx512_rows(2, n, k, a, lda, b, ldb, accumulate, y, ldy);
+        else lstmeng_gemv_axpy_avx512_rows(3, n, k, a, lda, b, ldb, accumulate, y, ldy);
+    }
+}
+#endif
+
+#if LSTMENG_HAVE_AVX2_FMA
+LSTMENG_AVX2_FMA
+static inline float lstmeng_sum_lanes_avx2(__m256 v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+
+/* Lanes 0 .. count - 1 of a 256-bit mask (count in 0 .. 8) for maskload / maskstore. */
+LSTMENG_AVX2_FMA
+static inline __m256i lstmeng_lanes_avx2(int64_t count) {
+    const __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)count), index);
+}
+
+/* Dot form on AVX2: four rows of B^T at a time, two for three rows of A (the
+ * accumulators, one per row of A and of B^T, and the loads fit 16 ymm registers). */
+LSTMENG_AVX2_FMA
+static LSTMENG_INLINE void lstmeng_gemv_dot_avx2_rows(const int M, int64_t n, int64_t k, const float *a,
+                                                      int64_t lda, const float *b, int64_t ldb, int accumulate,
+                                                      float *y, int64_t ldy) {
+    const int GROUP = M == 3 ? 2 : 4;
+    const int64_t k_full = k - k % 8;
+    const __m256i tail = lstmeng_lanes_avx2(k % 8);
+    int64_t j = 0, kk;
+    int r, q;
+    for (; j < n; j += GROUP) {
+        const int outputs = n - j < GROUP ? (int)(n - j) : GROUP;
+        const float *rows[4];
+        __m256 s[LSTMENG_GEMV_MAX_ROWS][4];
+        for (q = 0; q < GROUP; q++) rows[q] = b + (j + (q < outputs ? q : 0)) * ldb;
+        for (r = 0; r < M; r++)
+            for (q = 0; q < GROUP; q++) s[r][q] = _mm256_setzero_ps();
+        for (kk = 0; kk < k_full; kk += 8) {
+            __m256 bv[4];
+            for (q = 0; q < GROUP; q++) bv[q] = _mm256_loadu_ps(rows[q] + kk);
+            for (r = 0; r < M; r++) {
+                const __m256 av = _mm256_loadu_ps(a + r * lda + kk);
+                for (q = 0; q < GROUP; q++) s[r][q] = _mm256_fmadd_ps(bv[q], av, s[r][q]);
+            }
+        }
+        if (k_full < k) {
+            __m256 bv[4];
+            for (q = 0; q < GROUP; q++) bv[q] = _mm256_maskload_ps(rows[q] + k_full, tail);
+            for (r = 0; r < M; r++) {
+                const __m256 av = _mm256_maskload_ps(a + r * lda + k_full, tail);
+                for (q = 0; q < GROUP; q++) s[r][q] = _mm256_fmadd_ps(bv[q], av, s[r][q]);
+            }
+        }
+        for (r = 0; r < M; r++)
+            for (q = 0; q < outputs; q++) {
+                const float sum = lstmeng_sum_lanes_avx2(s[r][q]);
+                float *out = y + r * ldy + j + q;
+                *out = accumulate ? sum + *out : sum;
+            }
+    }
+}
+
+/* Column form on AVX2 (see lstmeng_gemv_axpy_avx512_rows): eight rows of B per
+ * pass over the partial sums, whose load and store then come once per 8 FMAs;
+ * full vectors load B with plain loads, which fold into the FMAs (16 ymm). */
+LSTMENG_AVX2_FMA
+static LSTMENG_INLINE void lstmeng_gemv_axpy_avx2_rows(const int M, int64_t n, int64_t k, const float *a,
+                                                       int64_t lda, const float *b, int64_t ldb, int accumulate,
+                                                       float *y, int64_t ldy) {
+    float sum[LSTMENG_GEMV_MAX_ROWS][LSTMENG_GEMV_CHUNK];
+    int64_t j0, j, kk;
+    int r, p;
+    for (j0 = 0; j0 < n; j0 += LSTMENG_GEMV_CHUNK) {
+        const int64_t width = n - j0 < LSTMENG_GEMV_CHUNK ? n - j0 : LSTMENG_GEMV_CHUNK;
+        const int64_t full = width - width % 8;
+        const __m256i all = lstmeng_lanes_avx2(8), tail = lstmeng_lanes_avx2(width % 8);
+        const float *row = b + j0;
+        for (r = 0; r < M; r++)
+            for (j = 0; j < width; j += 8) _mm256_storeu_ps(sum[r] + j, _mm256_setzero_ps());
+        for (kk = 0; kk + 8 <= k; kk += 8, row += 8 * ldb)
+            for (r = 0; r < M; r++) {
+                __m256 av[8];
+                for (p = 0; p < 8; p++) av[p] = _mm256_broadcast_ss(a + r * lda + kk + p);
+                for (j = 0; j < full; j += 8) {
+                    __m256 s = _mm256_loadu_ps(sum[r] + j);
+                    for (p = 0; p < 8; p++) s = _mm256_fmadd_ps(_mm256_loadu_ps(row + p * ldb + j), av[p], s);
+                    _mm256_storeu_ps(sum[r] + j, s);
+                }
+                if (full < width) {
+                    __m256 s = _mm256_loadu_ps(sum[r] + full);
+                    for (p = 0; p < 8; p++) s = _mm256_fmadd_ps(_mm256_maskload_ps(row + p * ldb + full, tail), av[p], s);
+                    _mm256_storeu_ps(sum[r] + full, s);
+                }
+            }
+        for (; kk < k; kk++, row += ldb)
+            for (r = 0; r < M; r++) {
+                const __m256 a0 = _mm256_broadcast_ss(a + r * lda + kk);
+                for (j = 0; j < full; j += 8)
+                    _mm256_storeu_ps(sum[r] + j, _mm256_fmadd_ps(_mm256_loadu_ps(row + j), a0, _mm256_loadu_ps(sum[r] + j)));
+                if (full < width)
+                    _mm256_storeu_ps(sum[r] + full, _mm256_fmadd_ps(_mm256_maskload_ps(row + full, tail), a0,
+                                                                    _mm256_loadu_ps(sum[r] + full)));
+            }
+        for (r = 0; r < M; r++)
+            for (j = 0; j < width; j += 8) {
+                const __m256i lanes = j < full ? all : tail;
+                float *out = y + r * ldy + j0 + j;
+                __m256 total = _mm256_loadu_ps(sum[r] + j);
+                if (accumulate) total = _mm256_add_ps(total, _mm256_maskload_ps(out, lanes));
+                _mm256_maskstore_ps(out, lanes, total);
+            }
+    }
+}
+
+LSTMENG_AVX2_FMA
+static void lstmeng_gemv_avx2_f32(int64_t m, int b_transposed, int64_t n, int64_t k, const float *a,
+                                  int64_t lda, const float *b, int64_t ldb, int accumulate, float *y,
+                                  int64_t ldy) {
+    if (b_transposed) {
+        if (m == 1) lstmeng_gemv_dot_avx2_rows(1, n, k, a, lda, b, ldb, accumulate, y, ldy);
+        else if (m == 2) lstmeng_gemv_dot_avx2_rows(2, n, k, a, lda, b, ldb, accumulate, y, ldy);
+        else lstmeng_gemv_dot_avx2_rows(3, n, k, a, lda, b, ldb, accumulate, y, ldy);
+    } else {
+        if (m == 1) lstmeng_gemv_axpy_avx2_rows(1, n, k, a, lda, b, ldb, accumulate, y, ldy);
+        else if (m == 2) lstmeng_gemv_axpy_avx2_rows(2, n, k, a, lda, b, ldb, accumulate, y, ldy);
+        else lstmeng_gemv_axpy_avx2_rows(3, n, k, a, lda, b, ldb, accumulate, y, ldy);
+    }
+}
+#endif
+
+/* Y[m, n] = A[m, k] @ B, plus Y's old values when accumulate, with the kernels of
+ * lstmeng_isa (see the top of this file for B's two layouts). m: 1 to
+ * LSTMENG_GEMV_MAX_ROWS (the caller splits larger batches); A, Y row-major with
+ * row strides lda, ldy. */
+static void lstmeng_gemv_f32(int64_t m, int b_transposed, int64_t n, int64_t k, const float *a, int64_t lda,
+                             const float *b, int64_t ldb, int accumulate, float *y, int64_t ldy) {
+    if (m <= 0 || n <= 0) return;
+#if LSTMENG_HAVE_AVX512
+    if (lstmeng_isa == LSTMENG_ISA_AVX512) {
+        lstmeng_gemv_avx512_f32(m, b_transposed, n, k, a, lda, b, ldb, accumulate, y, ldy);
+        return;
+    }
+#endif
+#if LSTMENG_HAVE_AVX2_FMA
+    if (lstmeng_isa == LSTMENG_ISA_AVX2) {
+        lstmeng_gemv_avx2_f32(m, b_transposed, n, k, a, lda, b, ldb, accumulate, y, ldy);
+        return;
+    }
+#endif
+    lstmeng_gemv_scalar_f32(m, b_transposed, n, k, a, lda, b, ldb, accumulate, y, ldy);
+}
+
+#endif
