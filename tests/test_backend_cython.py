@@ -916,3 +916,42 @@ def test_float32_steps_of_up_to_three_rows_leave_blas_threads_alone():
             assert isinstance(guard(np.dtype(np.float32), 1, 32, backward=True), limit) != packed, isa
             assert isinstance(guard(np.dtype(np.float32), 1, 13, backward=True), limit), isa   # 4H = 52
     cython_module._select_kernels(cython_module._kernel_overrides.current())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("transposed", [False, True], ids=["row_major", "torch_layout"])
+def test_cell_forward_short_path_matches_the_sequence_path(dtype, transposed, monkeypatch):
+    """The backend's cell_forward takes an inference step of fewer than 2 * MIN_ROWS_PER_PART
+    rows straight to the one-step kernel: bitwise what the contract's generic cell_forward (a
+    one-step sequence call) gives, at batches 1, 3 and 31; a batch of 32 and training steps
+    take the generic path."""
+    from lstmeng.backends.base import KernelBackend, SequenceOptions
+
+    calls = []
+    short_path = cython_module.CythonBackend._one_step
+    monkeypatch.setattr(cython_module.CythonBackend, "_one_step",
+                        lambda self, *args: calls.append(args[0].ndim) or short_path(self, *args))
+    rng = np.random.default_rng(5)
+    features, units = 9, 24
+    kernel = (0.3 * rng.normal(size=(features, 4 * units))).astype(dtype)
+    recurrent_kernel = (0.3 * rng.normal(size=(units, 4 * units))).astype(dtype)
+    if transposed:
+        kernel, recurrent_kernel = np.ascontiguousarray(kernel.T).T, np.ascontiguousarray(recurrent_kernel.T).T
+    bias = rng.normal(size=4 * units).astype(dtype)
+    backend = cython_module.CythonBackend()
+    for batch, short in ((1, True), (3, True), (2 * cython_module.MIN_ROWS_PER_PART - 1, True),
+                         (2 * cython_module.MIN_ROWS_PER_PART, False)):
+        x = rng.normal(size=(batch, features)).astype(dtype)
+        h, c = rng.normal(size=(batch, units)).astype(dtype), rng.normal(size=(batch, units)).astype(dtype)
+        options = SequenceOptions(return_sequences=False, has_bias=True)
+        calls.clear()
+        got = backend.cell_forward(x, h, c, kernel, recurrent_kernel, bias, None, None, options)
+        assert calls == ([2] if short else []), batch
+        want = KernelBackend.cell_forward(backend, x, h, c, kernel, recurrent_kernel, bias, None, None, options)
+        for name in ("outputs", "h", "c"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=f"{name}, batch {batch}")
+        assert got.workspace is None and not np.shares_memory(got.outputs, got.h)
+    calls.clear()
+    training = SequenceOptions(return_sequences=False, has_bias=True, training=True)
+    step = backend.cell_forward(x[:1], h[:1], c[:1], kernel, recurrent_kernel, bias, None, None, training)
+    assert calls == [3] and step.workspace is not None   # the sequence call's short path, [B, 1, I]
