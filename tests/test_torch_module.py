@@ -434,6 +434,64 @@ def test_cell_inference_path_matches_torch(bias, dtype, monkeypatch):
     assert len(calls) == 6
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cell_streaming_step_skips_the_general_checks_with_the_same_numbers(bias, dtype, monkeypatch):
+    """A plain inference step (hx given, no mask, nothing recording gradients) skips the
+    forward's general checks and conversions (``_check_cell_input`` is not called): bitwise
+    the h and c of the general path, at batch 1 and 3. Anything else takes the general path:
+    no hx, a mask, gradients recorded, recurrent dropout in training mode, 1-D input, a
+    parametrized weight; and bad input raises PyTorch's errors from there."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(3)
+    mine = lt.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, bias=bias, backend="cython", recurrent_dropout=0.2).to(dtype).eval()
+    general_checks = []
+    check = lt.LSTMCell._check_cell_input
+    monkeypatch.setattr(lt.LSTMCell, "_check_cell_input",
+                        lambda cell, *args: general_checks.append(1) or check(cell, *args))
+    for batch in (1, 3):
+        x = torch.randn(batch, INPUT_SIZE, dtype=dtype)
+        hx = tuple(torch.randn(batch, HIDDEN_SIZE, dtype=dtype) for _ in range(2))
+        with torch.no_grad():
+            fast = mine(x, hx)
+            assert not general_checks
+            with monkeypatch.context() as patch:
+                patch.setattr(lt.LSTMCell, "_plain_inference_step", lambda *args: None)
+                general = mine(x, hx)
+            assert len(general_checks) == 1
+        for got, want in zip(fast, general):
+            assert torch.equal(got, want)
+        general_checks.clear()
+    x, hx = torch.randn(2, INPUT_SIZE, dtype=dtype), tuple(torch.randn(2, HIDDEN_SIZE, dtype=dtype) for _ in range(2))
+    with torch.no_grad():
+        mine(x)                                                    # no hx
+        mine(x, hx, mask=torch.tensor([True, False]))              # a mask
+        mine(x[0], tuple(state[0] for state in hx))                # unbatched
+        mine.train()
+        mine(x, hx)                                                # recurrent dropout in force
+        mine.eval()
+    mine(x, hx)                                                    # the parameters record gradients
+    assert len(general_checks) == 5
+    reference = torch.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, bias=bias).to(dtype)
+    reference.load_state_dict(mine.state_dict())
+
+    class Doubled(torch.nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    for module in (mine, reference):
+        parametrize.register_parametrization(module, "weight_hh", Doubled())
+    general_checks.clear()
+    with torch.no_grad():
+        for got, want in zip(mine(x, hx), reference(x, hx)):
+            torch.testing.assert_close(got, want)
+    assert len(general_checks) == 1
+    with torch.no_grad():                                          # errors: the general path's
+        assert_same_error(reference, mine, (torch.randn(2, INPUT_SIZE + 1, dtype=dtype), hx))
+        assert_same_error(reference, mine, (x, (hx[0][:1], hx[1])))
+
+
 def test_cell_errors_match_torch():
     torch.manual_seed(0)
     reference = torch.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE)
