@@ -437,11 +437,12 @@ def test_cell_inference_path_matches_torch(bias, dtype, monkeypatch):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cell_streaming_step_skips_the_general_checks_with_the_same_numbers(bias, dtype, monkeypatch):
-    """A plain inference step (hx given, no mask, nothing recording gradients) skips the
+    """A plain step (hx given, no mask, CPU tensors of the module's dtype and sizes) skips the
     forward's general checks and conversions (``_check_cell_input`` is not called): bitwise
-    the h and c of the general path, at batch 1 and 3. Anything else takes the general path:
-    no hx, a mask, gradients recorded, recurrent dropout in training mode, 1-D input, a
-    parametrized weight; and bad input raises PyTorch's errors from there."""
+    the h and c of the general path, at batch 1 and 3, in inference and in a two-step
+    training loop (every gradient too). Anything else takes the general path: no hx, a
+    mask, recurrent dropout in training mode, 1-D input, autocast, a parametrized weight;
+    and bad input raises PyTorch's errors from there."""
     from torch.nn.utils import parametrize
 
     torch.manual_seed(3)
@@ -450,19 +451,29 @@ def test_cell_streaming_step_skips_the_general_checks_with_the_same_numbers(bias
     check = lt.LSTMCell._check_cell_input
     monkeypatch.setattr(lt.LSTMCell, "_check_cell_input",
                         lambda cell, *args: general_checks.append(1) or check(cell, *args))
+
+    def two_steps(x, hx):
+        """(h, c) after two steps, and in training every gradient of h's sum (None under no_grad)."""
+        h, c = mine(x, mine(x, hx))
+        if not torch.is_grad_enabled():
+            return (h, c), None
+        inputs = (x, *hx, *mine.parameters())
+        return (h, c), torch.autograd.grad(h.sum() + c.sum(), inputs)
+
     for batch in (1, 3):
-        x = torch.randn(batch, INPUT_SIZE, dtype=dtype)
-        hx = tuple(torch.randn(batch, HIDDEN_SIZE, dtype=dtype) for _ in range(2))
-        with torch.no_grad():
-            fast = mine(x, hx)
-            assert not general_checks
-            with monkeypatch.context() as patch:
-                patch.setattr(lt.LSTMCell, "_plain_inference_step", lambda *args: None)
-                general = mine(x, hx)
-            assert len(general_checks) == 1
-        for got, want in zip(fast, general):
-            assert torch.equal(got, want)
-        general_checks.clear()
+        x = torch.randn(batch, INPUT_SIZE, dtype=dtype, requires_grad=True)
+        hx = tuple(torch.randn(batch, HIDDEN_SIZE, dtype=dtype, requires_grad=True) for _ in range(2))
+        for grad_mode in (False, True):
+            with torch.set_grad_enabled(grad_mode):
+                fast, fast_grads = two_steps(x, hx)
+                assert not general_checks
+                with monkeypatch.context() as patch:
+                    patch.setattr(lt.LSTMCell, "_plain_step", lambda *args: None)
+                    general, general_grads = two_steps(x, hx)
+                assert general_checks
+            for got, want in zip(fast + (fast_grads or ()), general + (general_grads or ())):
+                assert torch.equal(got, want)
+            general_checks.clear()
     x, hx = torch.randn(2, INPUT_SIZE, dtype=dtype), tuple(torch.randn(2, HIDDEN_SIZE, dtype=dtype) for _ in range(2))
     with torch.no_grad():
         mine(x)                                                    # no hx
@@ -471,7 +482,8 @@ def test_cell_streaming_step_skips_the_general_checks_with_the_same_numbers(bias
         mine.train()
         mine(x, hx)                                                # recurrent dropout in force
         mine.eval()
-    mine(x, hx)                                                    # the parameters record gradients
+        with torch.autocast("cpu"):
+            mine(x, hx)                                            # autocast
     assert len(general_checks) == 5
     reference = torch.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, bias=bias).to(dtype)
     reference.load_state_dict(mine.state_dict())
