@@ -615,14 +615,7 @@ class CythonBackend(KernelBackend):
                 chunk_steps=chunk_steps, part_chunk_rows=part_chunk_rows,
                 threads=threads, split_units=split_units, buffer_cache=self._buffers,
                 weights_transposed=weights_transposed, pipeline=pipeline)
-        elapsed = time.perf_counter() - start
-        self._last_call_end = start + elapsed
-        if pipeline:
-            barrier_stats = _pipelined_call_stats(barrier_stats, elapsed, time.thread_time() - start_cpu)
-        if split_units or pipeline:
-            self._split_governor.record(*barrier_stats, elapsed)
-        if chooser_key is not None:
-            self._split_chooser.observe(chooser_key, split_units, elapsed / max(steps, 1))
+        self._record_call(start, start_cpu, barrier_stats, pipeline, split_units, chooser_key, steps)
         self._buffers.give(packed_x, h_state, c_state, h_in_step, None if training else gates)
 
         workspace = None
@@ -635,6 +628,21 @@ class CythonBackend(KernelBackend):
                 input_shape=x.shape, weights_transposed=weights_transposed)
         outputs = sequence_outputs if return_sequences else last_output
         return SequenceForward(outputs=outputs, h=h_out, c=c_out, workspace=workspace)
+
+    def _record_call(self, start: float, start_cpu: float, barrier_stats: tuple, pipeline: bool,
+                     split_units: bool, chooser_key, steps: int) -> None:
+        """After a forward or backward kernel call that began at ``start`` (perf_counter) and
+        ``start_cpu`` (this thread's thread_time): its end for the run rule (CALL_RUN_SECONDS),
+        and what the busy-machine governor and the split chooser learn from it. barrier_stats:
+        the kernel's (barriers, slow-wait seconds), or a pipelined call's raw stats."""
+        elapsed = time.perf_counter() - start
+        self._last_call_end = start + elapsed
+        if pipeline:
+            barrier_stats = _pipelined_call_stats(barrier_stats, elapsed, time.thread_time() - start_cpu)
+        if split_units or pipeline:
+            self._split_governor.record(*barrier_stats, elapsed)
+        if chooser_key is not None:
+            self._split_chooser.observe(chooser_key, split_units, elapsed / max(steps, 1))
 
     def cell_forward(self, x, h, c, kernel, recurrent_kernel, bias, input_dropout_mask,
                      recurrent_dropout_mask, options):
@@ -762,14 +770,7 @@ class CythonBackend(KernelBackend):
                 threads=threads, split_units=split_units, run_threads=run_threads,
                 buffer_cache=self._buffers, weights_transposed=ws.weights_transposed,
                 pipeline=pipeline)
-        elapsed = time.perf_counter() - start
-        self._last_call_end = start + elapsed
-        if pipeline:
-            barrier_stats = _pipelined_call_stats(barrier_stats, elapsed, time.thread_time() - start_cpu)
-        if split_units or pipeline:
-            self._split_governor.record(*barrier_stats, elapsed)
-        if chooser_key is not None:
-            self._split_chooser.observe(chooser_key, split_units, elapsed / max(steps, 1))
+        self._record_call(start, start_cpu, barrier_stats, pipeline, split_units, chooser_key, steps)
         # The consumed workspace and the scratch serve later calls; the workspace lets go of them.
         self._buffers.give(packed_x, ws.gates, ws.c_prev, ws.h_in)
         ws.gates = ws.c_prev = ws.h_in = None
