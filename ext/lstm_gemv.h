@@ -49,6 +49,21 @@
  * in L1 while the chunk's segments of four rows of B at a time stream past. */
 #define LSTMENG_GEMV_CHUNK 1024
 
+/* The body of a family's entry point: its dot-form or column-form kernel with M = m
+ * as a compile-time constant (each call inlines the kernel for that M). */
+#define LSTMENG_GEMV_BY_ROWS(dot_rows, axpy_rows)                                  \
+    do {                                                                            \
+        if (b_transposed) {                                                         \
+            if (m == 1) dot_rows(1, n, k, a, lda, b, ldb, accumulate, y, ldy);      \
+            else if (m == 2) dot_rows(2, n, k, a, lda, b, ldb, accumulate, y, ldy); \
+            else dot_rows(3, n, k, a, lda, b, ldb, accumulate, y, ldy);             \
+        } else {                                                                    \
+            if (m == 1) axpy_rows(1, n, k, a, lda, b, ldb, accumulate, y, ldy);     \
+            else if (m == 2) axpy_rows(2, n, k, a, lda, b, ldb, accumulate, y, ldy);\
+            else axpy_rows(3, n, k, a, lda, b, ldb, accumulate, y, ldy);            \
+        }                                                                           \
+    } while (0)
+
 #if defined(__GNUC__) || defined(__clang__)
 #define LSTMENG_INLINE inline __attribute__((always_inline))
 #else
@@ -183,15 +198,7 @@ LSTMENG_AVX512
 static void lstmeng_gemv_avx512_f32(int64_t m, int b_transposed, int64_t n, int64_t k, const float *a,
                                     int64_t lda, const float *b, int64_t ldb, int accumulate, float *y,
                                     int64_t ldy) {
-    if (b_transposed) {
-        if (m == 1) lstmeng_gemv_dot_avx512_rows(1, n, k, a, lda, b, ldb, accumulate, y, ldy);
-        else if (m == 2) lstmeng_gemv_dot_avx512_rows(2, n, k, a, lda, b, ldb, accumulate, y, ldy);
-        else lstmeng_gemv_dot_avx512_rows(3, n, k, a, lda, b, ldb, accumulate, y, ldy);
-    } else {
-        if (m == 1) lstmeng_gemv_axpy_avx512_rows(1, n, k, a, lda, b, ldb, accumulate, y, ldy);
-        else if (m == 2) lstmeng_gemv_axpy_avx512_rows(2, n, k, a, lda, b, ldb, accumulate, y, ldy);
-        else lstmeng_gemv_axpy_avx512_rows(3, n, k, a, lda, b, ldb, accumulate, y, ldy);
-    }
+    LSTMENG_GEMV_BY_ROWS(lstmeng_gemv_dot_avx512_rows, lstmeng_gemv_axpy_avx512_rows);
 }
 #endif
 
@@ -310,15 +317,7 @@ LSTMENG_AVX2_FMA
 static void lstmeng_gemv_avx2_f32(int64_t m, int b_transposed, int64_t n, int64_t k, const float *a,
                                   int64_t lda, const float *b, int64_t ldb, int accumulate, float *y,
                                   int64_t ldy) {
-    if (b_transposed) {
-        if (m == 1) lstmeng_gemv_dot_avx2_rows(1, n, k, a, lda, b, ldb, accumulate, y, ldy);
-        else if (m == 2) lstmeng_gemv_dot_avx2_rows(2, n, k, a, lda, b, ldb, accumulate, y, ldy);
-        else lstmeng_gemv_dot_avx2_rows(3, n, k, a, lda, b, ldb, accumulate, y, ldy);
-    } else {
-        if (m == 1) lstmeng_gemv_axpy_avx2_rows(1, n, k, a, lda, b, ldb, accumulate, y, ldy);
-        else if (m == 2) lstmeng_gemv_axpy_avx2_rows(2, n, k, a, lda, b, ldb, accumulate, y, ldy);
-        else lstmeng_gemv_axpy_avx2_rows(3, n, k, a, lda, b, ldb, accumulate, y, ldy);
-    }
+    LSTMENG_GEMV_BY_ROWS(lstmeng_gemv_dot_avx2_rows, lstmeng_gemv_axpy_avx2_rows);
 }
 #endif
 
