@@ -1715,34 +1715,42 @@ def step_backward(floating[:, ::1] doutputs, floating[:, ::1] dh, floating[:, ::
     cdef bint weights_packed = floating is float and packed_projection and G % PANEL_PAIR == 0
     if I == 0 or B == 0:
         raise ValueError(f"step_backward needs rows and inputs, got x of shape {list(x.shape)[:2]}")
-    dtype = np.asarray(dh).dtype
-    cdef floating[::1] dh_total = np.empty(H, dtype)
-    cdef floating[::1] scratch = np.empty(6 * H, dtype)
-    cdef floating[::1] dbias_partial = np.zeros(G, dtype)
-    # The packed weight-gradient product's panels of dz (B rows: one chunk) and zero start row.
-    cdef float[::1] panels = np.empty(B * G if weights_packed else 1, np.float32)
-    cdef float[::1] zero_row = np.zeros(G if weights_packed else 1, np.float32)
+    # One scratch array (a batch-1 step's arrays cost more to make than to fill): dh_total [H],
+    # the row math's scratch [6H], dbias_partial [G]; float32 with the packed weight
+    # gradients also their panels of dz [B * G] (B rows: one chunk) and zero start row [G].
+    cdef Py_ssize_t packed_floats = (B + 1) * G if weights_packed else 0
+    cdef floating[::1] work = np.empty(7 * H + G + packed_floats, np.asarray(dh).dtype)
+    cdef floating *dh_total = &work[0]
+    cdef floating *scratch = dh_total + H
+    cdef floating *dbias_partial = scratch + 6 * H
+    cdef float *panels = NULL
+    cdef float *zero_row = NULL
+    if weights_packed:
+        panels = <float *>(dbias_partial + G)
+        zero_row = panels + B * G
     check_blas_sizes(B, G, I, H)
     with nogil:
+        memset(dbias_partial, 0, G * sizeof(floating))
+        if zero_row != NULL:
+            memset(zero_row, 0, G * sizeof(float))
         for r in range(B):
             # load_output_gradients, then gate_gradient_rows, for a real step with no step after it.
-            memcpy(&dh_total[0], &dh[r, 0], H * sizeof(floating))
+            memcpy(dh_total, &dh[r, 0], H * sizeof(floating))
             for j in range(H):
                 dh_total[j] += doutputs[r, j]
             memcpy(&dc0[r, 0], &dc[r, 0], H * sizeof(floating))
-            backward_row(&gates[r, 0], &c_prev[r, 0], &dh_total[0], &dc0[r, 0], &scratch[0], H, H, act, ract)
+            backward_row(&gates[r, 0], &c_prev[r, 0], dh_total, &dc0[r, 0], scratch, H, H, act, ract)
             for gate in range(4):
-                add_row(&dbias_partial[gate * H], &gates[r, gate * H], H)
+                add_row(dbias_partial + gate * H, &gates[r, gate * H], H)
         hidden_gradient_product(B, H, &gates[0, 0], &recurrent_kernel[0, 0], weights_transposed, NULL,
                                 &dh0[0, 0], 0, H)
         if floating is float and weights_packed:
             gemm_columns_packed(I, H, G, B, 0, G, <float *>&x[0, 0], <float *>&h_in[0, 0], <float *>&gates[0, 0],
-                                <float *>&dkernel[0, 0], <float *>&drecurrent_kernel[0, 0], &panels[0],
-                                &zero_row[0])
+                                <float *>&dkernel[0, 0], <float *>&drecurrent_kernel[0, 0], panels, zero_row)
         else:
             gemm_columns(I, H, G, B, 0, G, &x[0, 0], &h_in[0, 0], &gates[0, 0], &dkernel[0, 0],
                          &drecurrent_kernel[0, 0])
-        memcpy(&dbias[0], &dbias_partial[0], G * sizeof(floating))
+        memcpy(&dbias[0], dbias_partial, G * sizeof(floating))
         if dx is not None:
             dx_rows(0, B, I, G, &kernel[0, 0], weights_transposed, NULL, &gates[0, 0], &dx[0, 0])
 
