@@ -228,15 +228,23 @@ class _DirectionCall:
         return (*tensors, result.workspace)
 
     def backward(self, doutputs, dh, dc, workspace, input_grad: bool = True):
-        """Gradients (dx [B, T, I] or None without ``input_grad``, dh0, dc0 [B, H], dkernel [I, 4H],
-        drecurrent_kernel [H, 4H], dbias [4H])."""
+        """Gradients (dx [B, T, I] or None without ``input_grad``, dh0, dc0 [B, H], dweight_ih [4H, I],
+        dweight_hh [4H, H], dbias [4H]): the weight gradients in the parameters' layout (transposed
+        views of the contract's dkernel [I, 4H] and drecurrent_kernel [H, 4H])."""
         with _numba_stream_order(self.device):
             grads = self.backend.sequence_backward(self._array(doutputs), self._array(dh), self._array(dc),
                                                    workspace, input_grad=input_grad)
         on_host = self.device.type == "cpu"
-        return tuple(None if array is None else _as_tensor(array, self.backend, self.device, on_host)
-                     for array in (grads.dx, grads.dh0, grads.dc0, grads.dkernel, grads.drecurrent_kernel,
-                                   grads.dbias))
+
+        def wrapped(array):
+            return None if array is None else _as_tensor(array, self.backend, self.device, on_host)
+
+        if on_host and isinstance(grads.dkernel, np.ndarray):
+            # NumPy's transposed views, wrapped as they are: cheaper than torch's .t() afterwards.
+            weights = (wrapped(grads.dkernel.T), wrapped(grads.drecurrent_kernel.T))
+        else:
+            weights = tuple(wrapped(array).t() for array in (grads.dkernel, grads.drecurrent_kernel))
+        return wrapped(grads.dx), wrapped(grads.dh0), wrapped(grads.dc0), *weights, wrapped(grads.dbias)
 
 
 @functools.lru_cache(maxsize=256)
@@ -275,26 +283,28 @@ class _LSTMDirection(torch.autograd.Function):
         needs = ctx.needs_input_grad
         # An input that needs no gradient (the first layer's data or frozen embeddings) costs
         # no dx product.
-        dx, dh0, dc0, dkernel, drecurrent_kernel, dbias = ctx.call.backward(doutputs, dh, dc, workspace,
-                                                                           input_grad=needs[1])
+        dx, dh0, dc0, dweight_ih, dweight_hh, dbias = ctx.call.backward(doutputs, dh, dc, workspace,
+                                                                       input_grad=needs[1])
         has_bias = saved[5] is not None
         return (None,
                 dx if needs[1] else None,
                 dh0 if needs[2] else None,
                 dc0 if needs[3] else None,
-                dkernel.t() if needs[4] else None,
-                drecurrent_kernel.t() if needs[5] else None,
+                dweight_ih if needs[4] else None,
+                dweight_hh if needs[5] else None,
                 # The same tensor for both biases: AccumulateGrad copies a gradient that is
                 # referenced elsewhere, so the two .grad never share memory (a test checks).
                 dbias if has_bias and needs[6] else None,
                 dbias if has_bias and needs[7] else None)
 
 
-def _run_direction(call, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, outputs: bool = True):
+def _run_direction(call, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, outputs: bool = True,
+                   records: bool | None = None):
     """(outputs [B, T, H], h [B, H], c [B, H]) with gradients when any input needs them
-    (outputs None when not ``outputs`` and no gradient is recorded)."""
+    (outputs None when not ``outputs`` and no gradient is recorded). records: whether autograd
+    records the call, when the caller has asked already (``_records_gradient``)."""
     tensors = (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
-    if _records_gradient(tensors):
+    if _records_gradient(tensors) if records is None else records:
         return _LSTMDirection.apply(call, *tensors)
     return call.forward(*tensors, training=False, outputs=outputs)[:3]
 
@@ -797,13 +807,13 @@ class LSTMCell(torch.nn.LSTMCell, _LstmengOptions):
         """x [B, I], hx ([B, H], [B, H]), mask [B, 1] bool or None, weights (weight_ih, weight_hh,
         bias_ih, bias_hh) (biases None without bias) -> (h [B, H], c [B, H])."""
         backend, on_device = self._backend_for(x, weights[0].dtype)
-        if (not on_device and mask is None and not (self.training and self.recurrent_dropout > 0)
-                and not _records_gradient((x, *hx, *weights))):
+        records = _records_gradient((x, *hx, *weights))
+        if not on_device and mask is None and not (self.training and self.recurrent_dropout > 0) and not records:
             return _cell_inference(backend, x, hx, weights, self.activation, self.recurrent_activation)
         sequence = x.unsqueeze(1)                                 # [B, 1, I]
         call = self._direction_call(backend, on_device, sequence, mask, reverse=False)
         # h, c are the states after the step (h_0, c_0 on masked rows), not the step's output (zeros there).
-        _, h, c = _run_direction(call, sequence, hx[0], hx[1], *weights, outputs=False)
+        _, h, c = _run_direction(call, sequence, hx[0], hx[1], *weights, outputs=False, records=records)
         return h, c
 
     #: ``_step`` kept out of torch.compile graphs (a graph break): the backends compute outside PyTorch.
