@@ -73,6 +73,12 @@ cdef extern from "lstm_gemv.h" nogil:
                           Py_ssize_t lda, const float *b, Py_ssize_t ldb, int accumulate, float *y,
                           Py_ssize_t ldy)
 
+cdef extern from "lstm_transpose.h" nogil:
+    void lstmeng_transpose_f32(Py_ssize_t rows, Py_ssize_t cols, const float *src, Py_ssize_t lds, float *dst,
+                               Py_ssize_t ldd)
+    void lstmeng_transpose_f64(Py_ssize_t rows, Py_ssize_t cols, const double *src, Py_ssize_t lds, double *dst,
+                               Py_ssize_t ldd)
+
 cdef extern from "lstm_sync.h" nogil:
     const int LSTMENG_FLAG_STRIDE
     const int LSTMENG_SLOW_WAIT_NS

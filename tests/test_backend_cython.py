@@ -899,6 +899,26 @@ def test_small_batch_products_match_the_reference(isa, sizes, transposed):
                                  "float32", gradient=True)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_transposed_copy_is_the_transpose(dtype):
+    """The extension's transposing copy (lstm_transpose.h: 8 x 8 SIMD tiles in float32 with AVX2 or
+    better, element by element otherwise) in every kernel family, at sizes with and without
+    partial tiles and blocks: a C-contiguous array equal to the transpose."""
+    extension = cython_module._cython_lstm
+    rng = np.random.default_rng(7)
+    try:
+        for isa in extension.SUPPORTED_ISAS:
+            extension.select_kernels(isa, True)
+            for shape in [(1, 1), (3, 17), (8, 8), (9, 16), (64, 512), (70, 130), (130, 64)]:
+                array = rng.normal(size=shape).astype(dtype)
+                copy = extension.transposed_copy(array)
+                assert copy.flags.c_contiguous and copy.dtype == dtype and copy.shape == shape[::-1], (isa, shape)
+                np.testing.assert_array_equal(copy, array.T, err_msg=f"{isa} {shape}")
+    finally:
+        cython_module._selected_kernels = None
+        cython_module._select_kernels(cython_module._kernel_overrides.current())
+
+
 def test_float32_steps_of_up_to_three_rows_leave_blas_threads_alone():
     """A float32 one-step call of up to GEMV_MAX_ROWS rows calls no BLAS (lstm_gemv.h), so it
     takes no BLAS thread limit (~2 us); float64 and larger batches do, and a backward does

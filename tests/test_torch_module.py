@@ -504,6 +504,38 @@ def test_cell_streaming_step_skips_the_general_checks_with_the_same_numbers(bias
         assert_same_error(reference, mine, (x, (hx[0][:1], hx[1])))
 
 
+def test_weight_gradients_reach_autograd_in_the_parameters_layout_from_lstm_calls():
+    """An LSTM call hands autograd its weight gradients as contiguous tensors in the parameters'
+    layout (the extension's transposing copy): autograd then adds them into .grad (or keeps them
+    as .grad) without an element-by-element transposed pass. An LSTMCell step keeps the
+    transposed views (a loop's steps are summed first, in matching strides); either way .grad
+    equals torch's."""
+    torch.manual_seed(5)
+    reference_lstm = torch.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=2)
+    reference_cell = torch.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE)
+    modules = {"lstm": lt.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=2, backend="cython"),
+               "cell": lt.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, backend="cython")}
+    modules["lstm"].load_state_dict(reference_lstm.state_dict())
+    modules["cell"].load_state_dict(reference_cell.state_dict())
+    x = torch.randn(4, 2, INPUT_SIZE)
+    for name, module in modules.items():
+        contiguous = []
+        for parameter_name, parameter in module.named_parameters():
+            if parameter_name.startswith("weight"):
+                parameter.register_hook(lambda gradient, seen=contiguous: seen.append(gradient.is_contiguous()))
+        reference = reference_lstm if name == "lstm" else reference_cell
+        for model in (module, reference):
+            model.zero_grad(set_to_none=True)
+            for _ in range(2):          # the second round adds into .grad
+                if name == "lstm":
+                    model(x)[0].sum().backward()
+                else:
+                    model(x[0], model(x[1])).__getitem__(0).sum().backward()
+        assert contiguous and all(contiguous) == (name == "lstm") and any(contiguous) == (name == "lstm"), name
+        for (parameter_name, got), want in zip(module.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(got.grad, want.grad, msg=f"{name} {parameter_name}")
+
+
 def test_cell_errors_match_torch():
     torch.manual_seed(0)
     reference = torch.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE)
