@@ -504,6 +504,53 @@ def test_cell_streaming_step_skips_the_general_checks_with_the_same_numbers(bias
         assert_same_error(reference, mine, (x, (hx[0][:1], hx[1])))
 
 
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time_major", "batch_first"])
+@pytest.mark.parametrize("layers, bidirectional", [(1, False), (2, True)], ids=["1layer", "2layers_bidirectional"])
+def test_lstm_plain_call_skips_the_general_checks_with_the_same_numbers(batch_first, layers, bidirectional,
+                                                                          monkeypatch):
+    """A plain call (batched padded CPU input of the module's dtype and input size, hx None or of
+    the right shape, no mask) skips forward's general checks (torch's ``check_forward_args`` is not
+    called): bitwise the general path's outputs, h_n, c_n and every gradient, at T = 1 and T = 5,
+    hx given or not. Packed input, a mask, unbatched input and autocast take the general path; so
+    does bad input, which raises torch's errors (test_bad_input_errors_match_torch)."""
+    torch.manual_seed(4)
+    mine = lt.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first,
+                   backend="cython")
+    general_checks = []
+    check = lt.LSTM.check_forward_args
+    monkeypatch.setattr(lt.LSTM, "check_forward_args",
+                        lambda module, *args: general_checks.append(1) or check(module, *args))
+    states = layers * (2 if bidirectional else 1)
+
+    def outputs_and_gradients(x, hx):
+        output, (h_n, c_n) = mine(x, hx)
+        inputs = (x, *(hx or ()), *mine.parameters())
+        return (output, h_n, c_n, *torch.autograd.grad(output.sum() + h_n.sum() + 2 * c_n.sum(), inputs))
+
+    for steps in (1, 5):
+        shape = (3, steps, INPUT_SIZE) if batch_first else (steps, 3, INPUT_SIZE)
+        x = torch.randn(*shape, requires_grad=True)
+        for hx in (None, tuple(torch.randn(states, 3, HIDDEN_SIZE, requires_grad=True) for _ in range(2))):
+            fast = outputs_and_gradients(x, hx)
+            assert not general_checks
+            with monkeypatch.context() as patch:
+                patch.setattr(lt.LSTM, "_plain_call", lambda *args: None)
+                general = outputs_and_gradients(x, hx)
+            assert general_checks
+            general_checks.clear()
+            assert len(fast) == len(general)
+            for got, want in zip(fast, general):
+                assert torch.equal(got, want)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        mine(rnn_utils.pack_padded_sequence(x, [5, 3, 1], batch_first=batch_first))   # packed
+        mine(x, mask=torch.ones(x.shape[:2], dtype=torch.bool))                        # a mask
+        mine(x[0] if batch_first else x[:, 0])                                          # unbatched
+        with torch.autocast("cpu"):
+            mine(x)                                                                     # autocast
+    assert len(general_checks) == 4
+
+
 def test_weight_gradients_reach_autograd_in_the_parameters_layout_from_lstm_calls():
     """An LSTM call hands autograd its weight gradients as contiguous tensors in the parameters'
     layout (the extension's transposing copy): autograd then adds them into .grad (or keeps them
