@@ -261,8 +261,9 @@ class _DirectionCall:
 
     def backward(self, doutputs, dh, dc, workspace, input_grad: bool = True):
         """Gradients (dx [B, T, I] or None without ``input_grad``, dh0, dc0 [B, H], dweight_ih [4H, I],
-        dweight_hh [4H, H], dbias [4H]): the weight gradients in the parameters' layout (transposed
-        views of the contract's dkernel [I, 4H] and drecurrent_kernel [H, 4H])."""
+        dweight_hh [4H, H], dbias [4H]): the weight gradients in the parameters' layout, made from
+        the contract's dkernel [I, 4H] and drecurrent_kernel [H, 4H] (``_in_parameter_layout`` on
+        the host: contiguous copies or transposed views; ``.t()`` views on a device)."""
         with _numba_stream_order(self.device):
             grads = self.backend.sequence_backward(self._array(doutputs), self._array(dh), self._array(dc),
                                                    workspace, input_grad=input_grad)
@@ -273,10 +274,12 @@ class _DirectionCall:
 
         if on_host and isinstance(grads.dkernel, np.ndarray):
             # Wrapped as NumPy arrays in the parameters' layout: cheaper than torch's .t() afterwards.
-            weights = tuple(wrapped(_in_parameter_layout(array, self.contiguous_weight_grads))
+            contiguous = self.contiguous_weight_grads
+            weights = tuple(None if array is None else wrapped(_in_parameter_layout(array, contiguous))
                             for array in (grads.dkernel, grads.drecurrent_kernel))
         else:
-            weights = tuple(wrapped(array).t() for array in (grads.dkernel, grads.drecurrent_kernel))
+            weights = tuple(None if array is None else wrapped(array).t()
+                            for array in (grads.dkernel, grads.drecurrent_kernel))
         return wrapped(grads.dx), wrapped(grads.dh0), wrapped(grads.dc0), *weights, wrapped(grads.dbias)
 
 
@@ -842,7 +845,8 @@ class LSTMCell(torch.nn.LSTMCell, _LstmengOptions):
         weights = (weight_ih, weight_hh, parameters.get("bias_ih"), parameters.get("bias_hh"))
         if self.bias and (weights[2] is None or weights[3] is None):
             return None
-        if not isinstance(hx, tuple) or len(hx) != 2:
+        if not (isinstance(x, torch.Tensor) and isinstance(hx, tuple) and len(hx) == 2
+                and all(isinstance(state, torch.Tensor) for state in hx)):
             return None
         h0, c0 = hx
         dtype = weight_ih.dtype
