@@ -864,12 +864,12 @@ def test_rows_of_tiny_batches_match_the_single_row(dtype, transposed, one_step):
 @pytest.mark.parametrize("sizes", [(19, 13), (70, 40)], ids=["tails-only", "full-blocks-and-tails"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["row_major", "torch_layout"])
 def test_small_batch_products_match_the_reference(isa, sizes, transposed):
-    """The float32 GEMV of one to three rows (lstm_gemv.h: a dot product per output on
-    PyTorch's layout, column blocks on lstmeng's) in every kernel family, at sizes that
-    leave vector tails (I = 19, H = 13: 4H = 52) and that fill whole blocks and then
-    tails (I = 70, H = 40: 4H = 160 = one 128-column block and 32): one-step forward
-    (input and accumulated recurrent product) and backward (dh0 and dx products) against
-    the float64 NumPy reference."""
+    """The float32 GEMV of one to three rows (lstm_gemv.h: dot products on PyTorch's layout,
+    partial sums fed by groups of weight rows on lstmeng's) in every kernel family, at sizes
+    that leave only tails (I = 19, H = 13: 4H = 52 columns, 13 and 19 k) and whole vectors
+    and row groups plus tails (I = 70, H = 40: 4H = 160, 70 k = groups of 4 or 8 and a
+    remainder): one-step forward (input and accumulated recurrent product) and backward (dh0
+    and dx products) against the float64 NumPy reference."""
     if isa not in cython_module._cython_lstm.SUPPORTED_ISAS:
         pytest.skip(f"this CPU or build does not run {isa}")
     from lstmeng.backends.numpy import NumpyBackend
