@@ -4,29 +4,30 @@
  * each row of Y is a GEMV, and all m rows are computed in one pass over B.
  *
  * Why not BLAS's SGEMV (what these products used before, one call per row): at a
- * cell step's sizes B is L2-resident and the product is a stream of it, which
- * OpenBLAS's SGEMV ran at 55-90 % of this kernel's speed on a Zen 5 core, and
- * one SGEMV per row streams B m times. And an OpenBLAS with its own threads
- * splits a GEMV this size over them, so the caller had to hold BLAS to one
- * thread around every such call (threads.single_threaded_blas: ~2 us a call).
- * These kernels need neither.
+ * cell step's sizes B is L2-resident and the product is a stream of it, and one
+ * SGEMV per row streams B m times. And an OpenBLAS with its own threads splits a
+ * GEMV this size over them, so the caller had to hold BLAS to one thread around
+ * every such call (threads.single_threaded_blas: ~2 us a call). These kernels
+ * need neither.
  *
  * B is the caller's matrix as it is stored, never packed (packing is what does
  * not pay for so few rows):
  *   b_transposed: B^T stored [n, k] (row stride ldb), PyTorch's weight_ih /
  *       weight_hh layout: each Y[r, j] is a dot product of a row of it with
- *       A[r]. Four rows of B^T at a time (AVX2 with three rows of A: two), a vector accumulator per
- *       row of A and of B^T over k (masked tail), summed across lanes at the end.
+ *       A[r]. Four rows of B^T at a time (AVX2 with three rows of A: two), a
+ *       vector accumulator per row of A and of B^T over k (masked tail), summed
+ *       across lanes at the end.
  *   otherwise:    B stored [k, n] (row stride ldb), lstmeng's kernel layout:
  *       partial sums of up to LSTMENG_GEMV_CHUNK columns per row of A
- *       (L1-resident) take A[r, kk] * B[kk, chunk] from four rows of B at a
- *       time, so four contiguous streams feed them at any size (column blocks
- *       of 128 held in registers had walked a 16 MiB B with 16 KiB jumps: 0.55x
- *       SGEMV's speed).
- * Measured against OpenBLAS's SGEMV on the Zen 5 guest, one thread, one row,
- * AVX-512 / AVX2: [64, 512] 0.62-0.66 / 0.69-0.83 us against 0.72-1.14;
- * [256, 1024] 5.5-7.5 / 7.4-8.2 against 7.9-8.6; [1024, 4096] (16 MiB,
- * memory-bound) 161-171 / 167-186 against 173-192.
+ *       (L1-resident) take A[r, kk] * B[kk, chunk] from four (AVX2: eight) rows
+ *       of B at a time, so that many contiguous streams feed them at any size
+ *       (column blocks of 128 held in registers had walked a 16 MiB B with
+ *       16 KiB jumps: 0.56x SGEMV's speed).
+ * Measured against one OpenBLAS SGEMV per row on the Zen 5 guest, one thread
+ * (benchmarks/gemv_rows.c, three runs; docs/benchmarks/cpu-avx512-2026-11-26.md,
+ * "Session 13"): one row of [64, 512] about even to 1.5x faster; three rows
+ * 1.8-2.7x (AVX-512, lstmeng's layout); three rows of [1024, 4096] (16 MiB,
+ * memory-bound) 2.0-2.8x on AVX-512, 1.3-1.9x on AVX2.
  *
  * Each Y[r, j] is summed in an order fixed by the kernel family alone (the
  * lanes per vector; in the column form over k in order, in every family),
