@@ -706,10 +706,7 @@ class LSTM(torch.nn.LSTM, _LstmengOptions):
         if x.size(2) != self.input_size:
             return None
         expected = (self.num_layers * (2 if self.bidirectional else 1), batch, self.hidden_size)
-        if hx is None:
-            zeros = x.new_zeros(expected)
-            hx = (zeros, zeros)
-        elif not (isinstance(hx, tuple) and len(hx) == 2 and all(
+        if hx is not None and not (isinstance(hx, tuple) and len(hx) == 2 and all(
                 isinstance(state, torch.Tensor) and state.is_cpu and state.dtype == dtype
                 and state.shape == expected for state in hx)):
             return None
@@ -718,32 +715,48 @@ class LSTM(torch.nn.LSTM, _LstmengOptions):
             output = output.transpose(0, 1).contiguous()      # nn.LSTM returns contiguous outputs
         return output, (h_n, c_n)
 
+    @functools.cached_property
+    def _direction_parameter_names(self) -> tuple:
+        """Per layer direction (l0, l0_reverse, l1, ...): the names of its weight_ih, weight_hh,
+        bias_ih and bias_hh (the biases None without bias). Built once per module."""
+        suffixes = [f"_l{layer}" + ("_reverse" if direction else "") for layer in range(self.num_layers)
+                    for direction in range(2 if self.bidirectional else 1)]
+        return tuple(tuple(f"{name}{suffix}" if self.bias or name.startswith("weight") else None
+                           for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")) for suffix in suffixes)
+
     @torch.compiler.disable
     def _layers(self, x, hx, mask):
-        """The stacked layers on batch-major x [B, T, I] -> output [B, T, D*H], h_n, c_n [L*D, B, H].
+        """The stacked layers on batch-major x [B, T, I] -> output [B, T, D*H], h_n, c_n [L*D, B, H];
+        hx: (h_0, c_0) each [L*D, B, H], or None for zeros.
 
         Kept out of torch.compile graphs (a graph break): the backends compute outside PyTorch.
         Always through the wrapper, unlike LSTMCell's step: where Dynamo refuses the module
         (RNN modules, ``allow_rnn`` off) it runs ``forward`` eagerly but still compiles the
         frames it calls, and a plain ``_layers`` was traced then (a test counts the warnings).
         """
-        backend, on_device = self._backend_for(x, self.weight_ih_l0.dtype)
-        h0, c0 = hx
         directions = 2 if self.bidirectional else 1
+        names = self._direction_parameter_names
+        registered = self._parameters   # nn.Module.__getattr__ costs ~0.4 us a lookup
+        backend = on_device = None
+        if hx is None:
+            zeros = x.new_zeros((x.shape[0], self.hidden_size))   # every layer direction's h_0 and c_0
         layer_input, h_n, c_n = x, [], []
         for layer in range(self.num_layers):
             direction_outputs = []
             for direction in range(directions):
-                suffix = f"_l{layer}" + ("_reverse" if direction else "")
-                parameters = [getattr(self, f"{name}{suffix}") for name in ("weight_ih", "weight_hh")]
-                parameters += ([getattr(self, f"{name}{suffix}") for name in ("bias_ih", "bias_hh")] if self.bias
-                               else [None, None])
+                state = layer * directions + direction
+                # Registered parameters directly; a parametrized one (a property) through getattr.
+                parameters = [None if name is None else registered.get(name) for name in names[state]]
+                parameters = [getattr(self, name) if name is not None and value is None else value
+                              for name, value in zip(names[state], parameters)]
+                if backend is None:
+                    backend, on_device = self._backend_for(x, parameters[0].dtype)
                 # One call per layer direction and backward, as a rule: its weight gradients
                 # contiguous in the parameters' layout (a cell loop keeps the views).
                 call = self._direction_call(backend, on_device, x, mask, reverse=direction == 1,
                                             contiguous_weight_grads=True)
-                state = layer * directions + direction
-                outputs, h, c = _run_direction(call, layer_input, h0[state], c0[state], *parameters)
+                h0, c0 = (zeros, zeros) if hx is None else (hx[0][state], hx[1][state])
+                outputs, h, c = _run_direction(call, layer_input, h0, c0, *parameters)
                 direction_outputs.append(outputs)
                 h_n.append(h)
                 c_n.append(c)

@@ -551,6 +551,34 @@ def test_lstm_plain_call_skips_the_general_checks_with_the_same_numbers(batch_fi
     assert len(general_checks) == 4
 
 
+def test_lstm_with_a_parametrized_weight_matches_torch():
+    """A parametrized weight (torch.nn.utils.parametrize: a property, no longer in ``_parameters``)
+    is read through getattr by the layer loop, on the plain-call lane (here weight_hh_l1, with
+    weight_ih_l0 still registered) and on the general path (weight_ih_l0 parametrized): outputs and
+    every gradient match nn.LSTM's with the same parametrization."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    for name in ("weight_hh_l1", "weight_ih_l0"):
+        torch.manual_seed(8)
+        reference = torch.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=2, batch_first=True)
+        mine = lt.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=2, batch_first=True, backend="cython")
+        mine.load_state_dict(reference.state_dict())
+        for module in (reference, mine):
+            parametrize.register_parametrization(module, name, Doubled())
+        x = torch.randn(3, 4, INPUT_SIZE)
+        results = []
+        for module in (reference, mine):
+            output, (h_n, c_n) = module(x)
+            grads = torch.autograd.grad(output.sum() + h_n.sum() + c_n.sum(), list(module.parameters()))
+            results.append((output, h_n, c_n, *grads))
+        for got, want in zip(results[1], results[0]):
+            torch.testing.assert_close(got, want, msg=name)
+
+
 def test_weight_gradients_reach_autograd_in_the_parameters_layout_from_lstm_calls():
     """An LSTM call hands autograd its weight gradients as contiguous tensors in the parameters'
     layout (the extension's transposing copy): autograd then adds them into .grad (or keeps them
