@@ -644,30 +644,6 @@ class CythonBackend(KernelBackend):
         if chooser_key is not None:
             self._split_chooser.observe(chooser_key, split_units, elapsed / max(steps, 1))
 
-    def cell_forward(self, x, h, c, kernel, recurrent_kernel, bias, input_dropout_mask,
-                     recurrent_dropout_mask, options):
-        """``KernelBackend.cell_forward``. An inference step without dropout of a batch below
-        2 * MIN_ROWS_PER_PART rows (a streaming loop's) goes straight to ``_one_step``, which
-        ``sequence_forward`` would choose for it too (the same kernel call, so bitwise the same
-        results), without the sequence call's setup: 9 instead of 11.5 us a batch-1 step at
-        (I, H) = (64, 128). Every other call, a bad one included, takes the general path."""
-        x = np.asarray(x)
-        if (options.training or options.has_mask or options.return_sequences or input_dropout_mask is not None
-                or recurrent_dropout_mask is not None or x.ndim != 2 or x.dtype not in (np.float32, np.float64)
-                or not 0 < x.shape[0] < 2 * MIN_ROWS_PER_PART or x.shape[1] == 0):
-            return super().cell_forward(x, h, c, kernel, recurrent_kernel, bias, input_dropout_mask,
-                                        recurrent_dropout_mask, options)
-        overrides = _kernel_overrides.current()
-        if overrides.cython_split_units is True or overrides.cython_one_step is False:
-            return super().cell_forward(x, h, c, kernel, recurrent_kernel, bias, input_dropout_mask,
-                                        recurrent_dropout_mask, options)
-        options.check_arrays(bias, None, None, None)
-        _select_kernels(overrides)
-        dtype = x.dtype
-        kernel, recurrent_kernel, weights_transposed = _weights_for_kernels(kernel, recurrent_kernel, dtype)
-        return self._one_step(np.ascontiguousarray(x), _contiguous(h, dtype), _contiguous(c, dtype), kernel,
-                              recurrent_kernel, _contiguous(bias, dtype), weights_transposed, options)
-
     def _one_step(self, x, h0, c0, kernel, recurrent_kernel, bias, weights_transposed, options):
         """sequence_forward of one step of one part without a mask or dropout (a cell step, a
         streaming call): the extension's ``step_forward``, the same products as the general
@@ -676,8 +652,8 @@ class CythonBackend(KernelBackend):
         training it also writes the workspace the general path's one-thread forward would
         (gates, c(t - 1), h(t - 1) of the one-part layout), for the same backward.
 
-        x: [B, 1, I] (or [B, I] from ``cell_forward``, inference only); h0, c0: [B, H];
-        kernel, recurrent_kernel as ``_weights_for_kernels`` returns them; bias: [4H] or None."""
+        x: [B, 1, I]; h0, c0: [B, H]; kernel, recurrent_kernel as ``_weights_for_kernels``
+        returns them; bias: [4H] or None."""
         dtype = x.dtype
         batch, units = x.shape[0], h0.shape[1]
         h_out, c_out = np.empty((batch, units), dtype), np.empty((batch, units), dtype)
