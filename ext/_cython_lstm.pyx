@@ -157,8 +157,14 @@ cdef Py_ssize_t PACK_MIN_STEPS = 4
 cdef Py_ssize_t PACK_MIN_ROWS = 8
 cdef Py_ssize_t PACK_BYTES_PER_STEP = 256 * 1024
 cdef Py_ssize_t MIN_ROWS_TO_PACK = 32
-#: Unpacked products of at most this many rows run as one GEMV per row (see gemm).
+#: Unpacked products of at most this many rows run as GEMVs (see gemm).
 cdef Py_ssize_t GEMV_MAX_ROWS = LSTMENG_GEMV_MAX_ROWS
+
+
+cdef inline bint step_weights_packed(bint float32, Py_ssize_t G) noexcept nogil:
+    """Whether step_backward's weight gradients run on the packed kernel (float32 on the
+    AVX-512 kernels, G = 4H a multiple of PANEL_PAIR), else on BLAS."""
+    return float32 and packed_projection and G % PANEL_PAIR == 0
 
 
 def step_calls_blas(bint float32, Py_ssize_t rows, Py_ssize_t units, bint backward):
@@ -166,10 +172,10 @@ def step_calls_blas(bint float32, Py_ssize_t rows, Py_ssize_t units, bint backwa
     units calls BLAS, with the kernels in use now: the caller holds BLAS to one thread
     around the call only then (threads.single_threaded_blas, ~2 us). In float32, up to
     GEMV_MAX_ROWS rows, the products are lstm_gemv.h's, and the backward's weight
-    gradients the packed kernel's where that takes them (AVX-512, 4H a multiple of 32)."""
+    gradients the packed kernel's where that takes them (step_weights_packed)."""
     if not float32 or rows > GEMV_MAX_ROWS:
         return True
-    return backward and not (packed_projection and (4 * units) % PANEL_PAIR == 0)
+    return backward and not step_weights_packed(float32, 4 * units)
 
 
 cdef inline bint packs_input_kernel(Py_ssize_t B, Py_ssize_t T) noexcept nogil:
@@ -1728,7 +1734,7 @@ def step_backward(floating[:, ::1] doutputs, floating[:, ::1] dh, floating[:, ::
     input gradient), dh0, dc0 [B, H], dkernel [I, 4H], drecurrent_kernel [H, 4H], dbias [4H].
     """
     cdef Py_ssize_t B = x.shape[0], I = x.shape[1], H = dh.shape[1], G = 4 * H, r, j, gate
-    cdef bint weights_packed = floating is float and packed_projection and G % PANEL_PAIR == 0
+    cdef bint weights_packed = step_weights_packed(floating is float, G)
     if I == 0 or B == 0:
         raise ValueError(f"step_backward needs rows and inputs, got x of shape {list(x.shape)[:2]}")
     # One scratch array (a batch-1 step's arrays cost more to make than to fill): dh_total [H],
