@@ -39,6 +39,29 @@ def test_for_call_derives_the_presence_flags_from_the_arrays():
         options.check_arrays(None, None, array, None)
 
 
+def test_for_call_shares_one_options_object_per_combination():
+    """for_call builds each combination once (the options are frozen, so sharing is safe); any
+    differing field or flag gives other options, and activations outside the table still raise."""
+    array = np.zeros(3)
+
+    def options(**changes):
+        arguments = dict(bias=array, mask=None, input_dropout_mask=None, recurrent_dropout_mask=None,
+                         activation="relu", training=True)
+        return SequenceOptions.for_call(**{**arguments, **changes})
+
+    first = options()
+    assert options(bias=np.ones(2)) is first   # presence, not the array, counts
+    assert options() == SequenceOptions(activation="relu", training=True, has_bias=True)
+    others = [options(bias=None), options(mask=array), options(input_dropout_mask=array),
+              options(recurrent_dropout_mask=array), options(activation="tanh"),
+              options(recurrent_activation="hard_sigmoid"), options(reverse=True),
+              options(zero_output_for_mask=True), options(return_sequences=False), options(training=False)]
+    assert len({first, *others}) == 1 + len(others)
+    for bad in ("softmax", ["relu"]):   # a name outside the table, an unhashable value
+        with pytest.raises(ValueError, match="SequenceOptions.activation must be one of"):
+            options(activation=bad)
+
+
 @pytest.mark.parametrize("field,value,allowed", [
     ("activation", "hard_sigmoid", ACTIVATIONS), ("activation", "softmax", ACTIVATIONS),
     ("recurrent_activation", "tanh", RECURRENT_ACTIVATIONS)])
