@@ -657,11 +657,16 @@ class CythonBackend(KernelBackend):
         dtype = x.dtype
         batch, units = x.shape[0], h0.shape[1]
         h_out, c_out = np.empty((batch, units), dtype), np.empty((batch, units), dtype)
-        take = self._buffers.take
-        gates = take((batch, 4 * units), dtype)
         c_prev = h_in = None
         if options.training:
+            # The workspace's arrays come from the buffer cache, as the general path's do (the
+            # backward gives them back); an inference step's gates are scratch, and np.empty
+            # (0.13 us) costs a fifth of a cache take and give (0.63 us).
+            take = self._buffers.take
+            gates = take((batch, 4 * units), dtype)
             c_prev, h_in = take((batch, units), dtype), take((batch, units), dtype)
+        else:
+            gates = np.empty((batch, 4 * units), dtype)
         with _blas_guard(dtype, batch, units, backward=False):
             _specialization(_cython_lstm.step_forward, dtype)(
                 x.reshape(batch, -1), h0, c0, kernel, recurrent_kernel, bias, gates, h_out, c_out,
@@ -678,8 +683,6 @@ class CythonBackend(KernelBackend):
                 threads=1, thread_budget=1, run_one_thread=False, busy=False, split_units=False, kernel=kernel,
                 recurrent_kernel=recurrent_kernel, input_dropout_mask=None, recurrent_dropout_mask=None,
                 input_shape=x.shape, weights_transposed=weights_transposed)
-        else:
-            self._buffers.give(gates)
         return SequenceForward(outputs=outputs, h=h_out, c=c_out, workspace=workspace)
 
     def sequence_backward(self, doutputs, dh, dc, workspace, *, input_grad=True):
