@@ -167,3 +167,46 @@ def test_backward_without_input_grad_skips_dx_and_keeps_the_other_gradients(back
 def dtype_scale(dtype, keep):
     """``keep`` in ``dtype``: the inverted-dropout scale of the masks above."""
     return np.asarray(keep, dtype)
+
+
+def test_cell_inference_step_default_calls_cell_forward():
+    """The contract's default step function gives cell_forward's h and c (the NumPy backend keeps
+    the default) and takes only the options of one inference step without mask or dropout."""
+    backend = registry.get_backend_object("numpy")
+    rng = np.random.default_rng(4)
+    x, h, c = rng.normal(size=(2, 3)), rng.normal(size=(2, 4)), rng.normal(size=(2, 4))
+    kernel, recurrent_kernel, bias = rng.normal(size=(3, 16)), rng.normal(size=(4, 16)), rng.normal(size=16)
+    options = SequenceOptions(return_sequences=False)
+    step = backend.cell_inference_step(kernel, recurrent_kernel, options)
+    want = backend.cell_forward(x, h, c, kernel, recurrent_kernel, bias, None, None, options)
+    for got, expected in zip(step(x, h, c, bias), (want.h, want.c)):
+        np.testing.assert_array_equal(got, expected)
+    for changes in ({"training": True}, {"has_mask": True}, {"return_sequences": True},
+                    {"has_input_dropout": True}, {"has_recurrent_dropout": True}):
+        with pytest.raises(ValueError, match="cell_inference_step takes the options of one inference step"):
+            backend.cell_inference_step(kernel, recurrent_kernel, dataclasses.replace(options, **changes))
+
+
+def test_inference_step_slot_keeps_one_step_per_identity_and_copies_empty():
+    """The slot makes a step again only when the backend, either weight key or the options are
+    other objects; copies and pickles of it (and so of the cell that owns it) start empty."""
+    import copy
+    import pickle
+
+    from lstmeng.backends.base import InferenceStepSlot
+
+    slot, made = InferenceStepSlot(), []
+    backend, kernel, recurrent_kernel = object(), np.zeros(3), np.zeros(3)
+    options = SequenceOptions(return_sequences=False)
+
+    def make():
+        made.append(len(made))
+        return made[-1]
+
+    assert slot.step(backend, kernel, recurrent_kernel, options, make) == 0
+    assert slot.step(backend, kernel, recurrent_kernel, options, make) == 0
+    assert slot.step(backend, np.zeros(3), recurrent_kernel, options, make) == 1          # equal, not the same
+    assert slot.step(backend, kernel, recurrent_kernel, SequenceOptions(return_sequences=False), make) == 2
+    assert slot.step(object(), kernel, recurrent_kernel, options, make) == 3
+    assert copy.deepcopy(slot).entry is None and pickle.loads(pickle.dumps(slot)).entry is None
+    assert slot.entry is not None

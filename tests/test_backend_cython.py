@@ -784,6 +784,91 @@ def test_one_step_calls_take_the_short_path_with_the_same_numbers(isa, dtype, ba
         assert calls == []
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["row-major", "transposed"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_cell_inference_step_gives_cell_forwards_numbers(isa, dtype, transposed, with_bias, monkeypatch):
+    """The backend's cell_inference_step function: bitwise cell_forward's h and c at batches
+    1, 3 and 2 * MIN_ROWS_PER_PART - 1 (the one-step kernel, called directly) and at
+    2 * MIN_ROWS_PER_PART (cell_forward's general path); non-contiguous inputs are read as
+    cell_forward reads them; in-place changes of the weights' values are seen. Inputs of
+    another dtype and forced kernel paths go through cell_forward itself."""
+    extension = cython_module._cython_lstm
+    if isa not in extension.SUPPORTED_ISAS:
+        pytest.skip(f"this CPU or build does not run {isa}")
+    from lstmeng.backends.base import SequenceOptions
+
+    rng = np.random.default_rng(17)
+    units, features = 32, 7
+    weight_ih = (rng.normal(size=(4 * units, features)) * 0.3).astype(dtype)   # PyTorch's layout
+    weight_hh = (rng.normal(size=(4 * units, units)) * 0.3).astype(dtype)
+    kernel, recurrent_kernel = ((weight_ih.T, weight_hh.T) if transposed else
+                                (np.ascontiguousarray(weight_ih.T), np.ascontiguousarray(weight_hh.T)))
+    bias = (rng.normal(size=4 * units) * 0.1).astype(dtype) if with_bias else None
+    options = SequenceOptions.for_call(bias=bias, mask=None, input_dropout_mask=None, recurrent_dropout_mask=None,
+                                       return_sequences=False)
+    backend = cython_module.CythonBackend()
+    generic_calls = []
+    cell_forward = backend.cell_forward
+    monkeypatch.setattr(backend, "cell_forward",
+                        lambda *args: generic_calls.append(args[0].shape) or cell_forward(*args))
+
+    def check(x, h, c, direct):
+        generic_calls.clear()
+        got = step(x, h, c, bias)
+        assert generic_calls == ([] if direct else [x.shape])
+        want = cell_forward(x, h, c, kernel, recurrent_kernel, bias, None, None, options)
+        for name, array, expected in zip("hc", got, (want.h, want.c)):
+            assert array.dtype == expected.dtype and array.shape == expected.shape, name
+            np.testing.assert_array_equal(array, expected, err_msg=name)
+
+    with kernel_overrides(cython_isa=isa):
+        step = backend.cell_inference_step(kernel, recurrent_kernel, options)
+        for batch in (1, 3, 2 * cython_module.MIN_ROWS_PER_PART - 1, 2 * cython_module.MIN_ROWS_PER_PART):
+            x = rng.normal(size=(batch, features)).astype(dtype)
+            h, c = (rng.normal(size=(batch, units)).astype(dtype) for _ in range(2))
+            check(x, h, c, direct=batch < 2 * cython_module.MIN_ROWS_PER_PART)
+        wide = rng.normal(size=(3, 2 * features)).astype(dtype)
+        check(wide[:, ::2], h[:3], c[:3], direct=True)                       # strided x
+        check(x[:3].astype(np.float64 if dtype == "float32" else np.float32), h[:3], c[:3], direct=False)
+        with kernel_overrides(cython_one_step=False):
+            check(x[:3], h[:3], c[:3], direct=False)
+        before = step(x[:3], h[:3], c[:3], bias)
+        recurrent_kernel *= 0.5                   # in place (through the view when transposed)
+        after = step(x[:3], h[:3], c[:3], bias)
+        assert not np.array_equal(before[0], after[0])
+        check(x[:3], h[:3], c[:3], direct=True)
+
+
+def test_cell_inference_step_keeps_cell_forward_for_weights_it_would_copy(monkeypatch):
+    """Weights that the kernels cannot read in place (another dtype than the recurrent
+    kernel's, or a layout that needs a copy) take cell_forward at every step, so that
+    in-place changes of their values are seen, as cell_forward sees them."""
+    from lstmeng.backends.base import SequenceOptions
+
+    rng = np.random.default_rng(3)
+    units, features = 8, 5
+    options = SequenceOptions.for_call(bias=None, mask=None, input_dropout_mask=None, recurrent_dropout_mask=None,
+                                       return_sequences=False)
+    backend = cython_module.CythonBackend()
+    x, h, c = (rng.normal(size=(1, n)).astype(np.float32) for n in (features, units, units))
+    wide_kernel = rng.normal(size=(features, 8 * units)).astype(np.float32)
+    recurrent_kernel = rng.normal(size=(units, 4 * units)).astype(np.float32)
+    calls = []
+    cell_forward = backend.cell_forward
+    monkeypatch.setattr(backend, "cell_forward", lambda *args: calls.append(1) or cell_forward(*args))
+    for kernel in (wide_kernel[:, ::2], wide_kernel[:, :4 * units].astype(np.float64)):
+        step = backend.cell_inference_step(kernel, recurrent_kernel, options)
+        calls.clear()
+        first = step(x, h, c, None)
+        kernel *= 2
+        second = step(x, h, c, None)
+        assert calls == [1, 1] and not np.array_equal(first[0], second[0])
+        np.testing.assert_array_equal(second[0], cell_forward(x, h, c, kernel, recurrent_kernel, None, None, None,
+                                                              options).h)
+
+
 def test_one_step_backward_short_path_only_for_the_uniform_layout(monkeypatch):
     """A one-step workspace of the variable-length layout (a right-padded mask with rows of
     length 0: the rows are sorted by length and those rows not processed) keeps the general

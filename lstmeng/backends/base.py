@@ -342,6 +342,32 @@ class ArrayOps:
         return f"<lstmeng {type(self).__name__}>"
 
 
+class InferenceStepSlot:
+    """Where a cell keeps its last ``KernelBackend.cell_inference_step`` function, with the
+    backend, weights and options it was made for.
+
+    Copies and pickles of the cell get an empty slot: the function closes over the backend,
+    which holds locks and buffers that neither ``copy.deepcopy`` nor ``pickle`` can take.
+    """
+
+    __slots__ = ("entry",)
+
+    def __init__(self):
+        self.entry = None
+
+    def __reduce__(self):
+        return type(self), ()
+
+    def step(self, backend, kernel_key, recurrent_key, options, make):
+        """The step function kept for these objects (compared by identity: the weights'
+        arrays, or what identifies them), else ``make()``'s, kept in their place."""
+        entry = self.entry
+        if (entry is None or entry[0] is not backend or entry[1] is not kernel_key or entry[2] is not recurrent_key
+                or entry[3] is not options):
+            entry = self.entry = (backend, kernel_key, recurrent_key, options, make())
+        return entry[4]
+
+
 class KernelBackend(abc.ABC):
     """Base class of every backend (built in or a plugin): the LSTM kernels.
 
@@ -450,6 +476,33 @@ class KernelBackend(abc.ABC):
                              f"must be False, got {options}")
         return self.sequence_forward(self.ops.expand_time(x), h, c, kernel, recurrent_kernel, bias, None,
                                      input_dropout_mask, recurrent_dropout_mask, options)
+
+    def cell_inference_step(self, kernel, recurrent_kernel, options: SequenceOptions):
+        """A function ``step(x, h, c, bias) -> (h_new, c_new)`` for a loop of inference steps
+        with these weights: what ``cell_forward(x, h, c, kernel, recurrent_kernel, bias, None,
+        None, options)`` gives as its ``h`` and ``c``.
+
+        Args:
+            kernel, recurrent_kernel: as for ``sequence_forward``. The function reads them at
+                every call, so in-place changes of their values are seen; a caller that replaces
+                the arrays asks for a new function.
+            options: SequenceOptions of one inference step: no mask, no dropout, training and
+                return_sequences False.
+
+        A backend overrides it to do once what depends only on the weights and options (the
+        default calls ``cell_forward``, which prepares them at every call): a per-step loop at
+        batch 1 spends most of its time outside the arithmetic.
+        """
+        if (options.training or options.has_mask or options.return_sequences or options.has_input_dropout
+                or options.has_recurrent_dropout):
+            raise ValueError("cell_inference_step takes the options of one inference step without mask or "
+                             f"dropout, got {options}")
+
+        def step(x, h, c, bias):
+            result = self.cell_forward(x, h, c, kernel, recurrent_kernel, bias, None, None, options)
+            return result.h, result.c
+
+        return step
 
     def cell_backward(self, dh, dc, workspace: Workspace) -> SequenceGrads:
         """Backward of ``cell_forward``: dh, dc ``[B, H]`` of the new states; consumes ``workspace``.

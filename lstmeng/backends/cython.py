@@ -456,6 +456,22 @@ def _contiguous(array, dtype):
     return None if array is None else np.ascontiguousarray(array, dtype=dtype)
 
 
+def _takes_one_step(batch: int, steps: int, features: int, training: bool, flops: float, overrides) -> bool:
+    """Whether a call without mask or dropout runs ``_one_step`` (the extension's
+    ``step_forward``) rather than the general path.
+
+    The short path is bitwise the general one only while the general path takes BLAS for
+    both products of such a call: one step is under PACK_MIN_STEPS and fewer than 32 rows
+    under MIN_ROWS_TO_PACK (the extension's constants; tests/test_backend_cython.py
+    compares the two paths bitwise at B = 1, 5 and 31). A training call takes it only
+    where the general path runs one thread (under MIN_FLOPS_TO_THREAD), so that its
+    workspace is the one the general path would hand the backward.
+    """
+    return (steps == 1 and features > 0 and 0 < batch < 2 * MIN_ROWS_PER_PART
+            and overrides.cython_split_units is not True and overrides.cython_one_step is not False
+            and (not training or flops < MIN_FLOPS_TO_THREAD))
+
+
 def _weights_for_kernels(kernel, recurrent_kernel, dtype):
     """(kernel, recurrent_kernel, transposed) as the extension reads them.
 
@@ -530,15 +546,8 @@ class CythonBackend(KernelBackend):
         input_dropout_mask = _contiguous(input_dropout_mask, dtype)
         recurrent_dropout_mask = _contiguous(recurrent_dropout_mask, dtype)
         flops = 8.0 * batch * steps * units * (features + units)
-        # The short path is bitwise the general one only while the general path takes BLAS for
-        # both products of such a call: one step is under PACK_MIN_STEPS and fewer than 32 rows
-        # under MIN_ROWS_TO_PACK (the extension's constants; tests/test_backend_cython.py
-        # compares the two paths bitwise at B = 1, 5 and 31). A training call takes it only
-        # where the general path runs one thread (under MIN_FLOPS_TO_THREAD), so that its
-        # workspace is the one the general path would hand the backward.
-        if (steps == 1 and mask is None and input_dropout_mask is None and recurrent_dropout_mask is None
-                and features > 0 and 0 < batch < 2 * MIN_ROWS_PER_PART and overrides.cython_split_units is not True
-                and overrides.cython_one_step is not False and (not training or flops < MIN_FLOPS_TO_THREAD)):
+        if (mask is None and input_dropout_mask is None and recurrent_dropout_mask is None
+                and _takes_one_step(batch, steps, features, training, flops, overrides)):
             return self._one_step(x, h0, c0, kernel, recurrent_kernel, bias, weights_transposed, options)
         parts, threads, split_units = _team(batch, units, overrides.cython_split_units, flops, steps,
                                             time.perf_counter() - self._last_call_end < CALL_RUN_SECONDS)
@@ -643,6 +652,56 @@ class CythonBackend(KernelBackend):
             self._split_governor.record(*barrier_stats, elapsed)
         if chooser_key is not None:
             self._split_chooser.observe(chooser_key, split_units, elapsed / max(steps, 1))
+
+    def cell_inference_step(self, kernel, recurrent_kernel, options):
+        """``KernelBackend.cell_inference_step``: a step that ``cell_forward`` would give to
+        ``_one_step`` goes straight to the extension's ``step_forward`` with the weights'
+        layout, kernel specialization and activation codes found once, the same kernel call
+        (so bitwise the same results); any other step (another dtype, shape or batch size,
+        a forced kernel path) takes ``cell_forward``. Weights that the kernels cannot read
+        in place (a copy would miss in-place changes) always take ``cell_forward``."""
+        generic = super().cell_inference_step(kernel, recurrent_kernel, options)
+        dtype = getattr(recurrent_kernel, "dtype", None)
+        if dtype not in (np.float32, np.float64):
+            return generic
+        prepared_kernel, prepared_recurrent, transposed = _weights_for_kernels(kernel, recurrent_kernel, dtype)
+        if not (np.may_share_memory(prepared_kernel, kernel) and np.may_share_memory(prepared_recurrent,
+                                                                                    recurrent_kernel)):
+            return generic
+        # [4H, I] and [4H, H] transposed, else [I, 4H] and [H, 4H].
+        gate_axis = 0 if transposed else 1
+        features, units = prepared_kernel.shape[1 - gate_axis], prepared_recurrent.shape[1 - gate_axis]
+        gate_columns = 4 * units
+        if prepared_kernel.shape[gate_axis] != gate_columns or prepared_recurrent.shape[gate_axis] != gate_columns:
+            return generic
+        step_forward = _specialization(_cython_lstm.step_forward, dtype)
+        kinds = _cython_lstm.ACTIVATION_KINDS
+        activation, recurrent_activation = kinds[options.activation], kinds[options.recurrent_activation]
+        has_bias = options.has_bias
+
+        def step(x, h, c, bias):
+            """x [B, I], h, c [B, H], bias [4H] or None -> (h [B, H], c [B, H])."""
+            overrides = _kernel_overrides.current()
+            try:
+                batch, width = x.shape
+                direct = (width == features and h.shape == c.shape == (batch, units)
+                          and x.dtype == h.dtype == c.dtype == dtype and (bias is not None) == has_bias
+                          and (bias is None or (bias.shape == (gate_columns,) and bias.dtype == dtype))
+                          and _takes_one_step(batch, 1, features, False, 0.0, overrides))
+            except (AttributeError, TypeError, ValueError):   # not arrays, or x not 2-D
+                direct = False
+            if not direct:
+                return generic(x, h, c, bias)
+            _select_kernels(overrides)
+            h_out, c_out = np.empty((batch, units), dtype), np.empty((batch, units), dtype)
+            with _blas_guard(dtype, batch, units, backward=False):
+                step_forward(np.ascontiguousarray(x), np.ascontiguousarray(h), np.ascontiguousarray(c),
+                             prepared_kernel, prepared_recurrent, None if bias is None else np.ascontiguousarray(bias),
+                             np.empty((batch, gate_columns), dtype), h_out, c_out, activation, recurrent_activation,
+                             transposed)
+            return h_out, c_out
+
+        return step
 
     def _one_step(self, x, h0, c0, kernel, recurrent_kernel, bias, weights_transposed, options):
         """sequence_forward of one step of one part without a mask or dropout (a cell step, a
