@@ -21,7 +21,7 @@ from lstmeng._arrays import prepare_input, prepare_state
 from lstmeng._lstm_base import LSTMBase
 from lstmeng._tape import TrainingTape
 from lstmeng.backends import registry
-from lstmeng.backends.base import SequenceOptions
+from lstmeng.backends.base import InferenceStepSlot, SequenceOptions
 
 
 class LSTMCell(LSTMBase):
@@ -41,6 +41,7 @@ class LSTMCell(LSTMBase):
         super().__init__(units, **options)
         self._tapes = TrainingTape(warn_after=100_000)   # one entry per step: unrolls are long
         self._sequence_dropout = (None, None)
+        self._inference_steps = InferenceStepSlot()
 
     def get_config(self) -> dict:
         return self._options_config()
@@ -93,9 +94,19 @@ class LSTMCell(LSTMBase):
                 bias=bias, mask=None, input_dropout_mask=input_dropout_mask,
                 recurrent_dropout_mask=recurrent_dropout_mask, activation=self.activation,
                 recurrent_activation=self.recurrent_activation, return_sequences=False, training=training)
-            result = backend.cell_forward(x_t, h, c, kernel, recurrent_kernel, bias, input_dropout_mask,
-                                          recurrent_dropout_mask, options)
-            h_new, c_new, workspace = result.h, result.c, result.workspace
+            if training:
+                result = backend.cell_forward(x_t, h, c, kernel, recurrent_kernel, bias, input_dropout_mask,
+                                              recurrent_dropout_mask, options)
+                h_new, c_new, workspace = result.h, result.c, result.workspace
+            else:
+                # The backend's step for these weights and options, made once while they stay
+                # (for_call shares one options object per combination; new weight arrays, e.g.
+                # from set_weights, get a new step; it reads in-place changes itself).
+                step = self._inference_steps.step(
+                    backend, kernel, recurrent_kernel, options,
+                    lambda: backend.cell_inference_step(kernel, recurrent_kernel, options))
+                h_new, c_new = step(x_t, h, c, bias)
+                workspace = None
         self._device_chosen = True   # a call has run here: later CUDA inputs to a CPU cell are errors
         if training:
             guard = None if workspace is None else self._input_guard(x_t, "x_t", host_io)

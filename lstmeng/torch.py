@@ -58,7 +58,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from lstmeng import activations
 from lstmeng.backends import registry
-from lstmeng.backends.base import SequenceOptions
+from lstmeng.backends.base import InferenceStepSlot, SequenceOptions
 
 __all__ = ["LSTM", "LSTMCell"]
 
@@ -362,19 +362,6 @@ def _cell_options(has_bias: bool, activation: str, recurrent_activation: str) ->
     """The SequenceOptions of an inference cell step (``KernelBackend.cell_forward``)."""
     return SequenceOptions(activation=activation, recurrent_activation=recurrent_activation,
                            return_sequences=False, has_bias=has_bias)
-
-
-def _cell_inference(backend, x, hx, weights, activation: str, recurrent_activation: str):
-    """An LSTMCell step on CPU tensors that records no gradient, mask or dropout: the backend's
-    ``cell_forward`` on NumPy views, without the autograd Function and the per-call
-    ``_DirectionCall`` of the general path (a third of the glue of a batch-1 step).
-
-    x [B, I], hx ([B, H], [B, H]), weights (weight_ih, weight_hh, bias_ih, bias_hh) -> (h, c).
-    """
-    kernel, recurrent_kernel, bias = _host_weights(*weights)
-    result = backend.cell_forward(_host_array(x), _host_array(hx[0]), _host_array(hx[1]), kernel, recurrent_kernel,
-                                  bias, None, None, _cell_options(bias is not None, activation, recurrent_activation))
-    return _host_tensor(result.h), _host_tensor(result.c)
 
 
 def _stacked(states: list) -> torch.Tensor:
@@ -895,12 +882,34 @@ class LSTMCell(torch.nn.LSTMCell, _LstmengOptions):
         backend, on_device = self._backend_for(x, weights[0].dtype)
         records = _records_gradient((x, *hx, *weights))
         if not on_device and mask is None and not (self.training and self.recurrent_dropout > 0) and not records:
-            return _cell_inference(backend, x, hx, weights, self.activation, self.recurrent_activation)
+            return self._inference(backend, x, hx, weights)
         sequence = x.unsqueeze(1)                                 # [B, 1, I]
         call = self._direction_call(backend, on_device, sequence, mask, reverse=False)
         # h, c are the states after the step (h_0, c_0 on masked rows), not the step's output (zeros there).
         _, h, c = _run_direction(call, sequence, hx[0], hx[1], *weights, outputs=False, records=records)
         return h, c
+
+    def _inference(self, backend, x, hx, weights):
+        """A step on CPU tensors that records no gradient, mask or dropout: the backend's
+        ``cell_inference_step`` on NumPy views, without the autograd Function and the per-call
+        ``_DirectionCall`` of the general path, made once per weight storage (the views of
+        ``_parameter_view``) and options, and reused while they stay.
+
+        x [B, I], hx ([B, H], [B, H]), weights (weight_ih, weight_hh, bias_ih, bias_hh) -> (h, c).
+        """
+        weight_ih, weight_hh, bias_ih, bias_hh = weights
+        input_view, hidden_view = _parameter_view(weight_ih), _parameter_view(weight_hh)
+        options = _cell_options(bias_ih is not None, self.activation, self.recurrent_activation)
+        slot = self.__dict__.get("_inference_steps")
+        if slot is None:   # made here, not in __init__: modules pickled by older versions lack it
+            slot = self._inference_steps = InferenceStepSlot()
+        # The contract's layout, [I, 4H] and [H, 4H]: transposed views of PyTorch's [4H, I] and
+        # [4H, H], which the cython backend reads in place.
+        step = slot.step(backend, input_view, hidden_view, options,
+                         lambda: backend.cell_inference_step(input_view.T, hidden_view.T, options))
+        bias = None if bias_ih is None else np.add(_parameter_view(bias_ih), _parameter_view(bias_hh))
+        h, c = step(_host_array(x), _host_array(hx[0]), _host_array(hx[1]), bias)
+        return _host_tensor(h), _host_tensor(c)
 
     #: ``_step`` kept out of torch.compile graphs (a graph break): the backends compute outside PyTorch.
     _step_outside_graph = torch.compiler.disable(_step)

@@ -247,6 +247,40 @@ def test_cell_steps_equal_the_sequence_layer_forward_and_backward():
 
 
 @pytest.mark.parametrize("backend", ["numpy", "cython"])
+def test_cell_inference_steps_follow_weight_changes_and_copies_work(backend):
+    """Inference steps run the backend's cell_inference_step function, made once while the
+    weights' arrays and the options stay: its numbers are those of a fresh cell with the same
+    weights after an in-place change of a weight's values and after set_weights (new arrays);
+    a cell that has stepped can be deep-copied, and the copy steps alike."""
+    import copy
+
+    cell = le.LSTMCell(UNITS, backend=backend, seed=3)
+    x = RNG.normal(size=(1, FEATURES)).astype("float32")
+    states = [RNG.normal(size=(1, UNITS)).astype("float32") for _ in range(2)]
+
+    def fresh_result():
+        twin = le.LSTMCell(UNITS, backend=backend).set_weights(cell.get_weights())
+        return twin(x, states)[0]
+
+    made = []
+    backend_class = type(le.backends.registry.get_backend_object(backend))
+    original = backend_class.cell_inference_step
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backend_class, "cell_inference_step", lambda self, *args: made.append(1) or original(self, *args))
+        first = cell(x, states)[0]
+        np.testing.assert_array_equal(cell(x, states)[0], first)
+        assert len(made) == 1
+    cell.params["recurrent_kernel"][...] *= 0.5                   # in place: the same step reads it
+    changed = cell(x, states)[0]
+    assert not np.array_equal(changed, first)
+    np.testing.assert_array_equal(changed, fresh_result())
+    cell.set_weights([2 * w for w in cell.get_weights()])        # new arrays: a new step
+    np.testing.assert_array_equal(cell(x, states)[0], fresh_result())
+    twin = copy.deepcopy(cell)
+    np.testing.assert_array_equal(twin(x, states)[0], cell(x, states)[0])
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cython"])
 def test_cell_unroll_adds_its_gradients_in_place(backend):
     """A cell's unroll sums its steps' weight gradients into the round's own arrays (no new
     array per step: a cell step at I = 256, H = 512 spent more on allocating them than on its

@@ -398,9 +398,10 @@ def test_results_follow_every_kind_of_weight_change(kind):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cell_inference_path_matches_torch(bias, dtype, monkeypatch):
     """A cell step that records no gradient (no_grad, or nothing requiring grad) goes straight to
-    the backend's cell_forward; h and c match torch.nn.LSTMCell's (batch 1, a batch of 40 that
-    takes the backend's general path, unbatched input, hx given or not). Steps that record
-    gradients, masked steps and recurrent dropout in training mode take the sequence path."""
+    the backend's cell_inference_step function, made once for the module's weights; h and c
+    match torch.nn.LSTMCell's (batch 1, a batch of 40 that takes the backend's general path,
+    unbatched input, hx given or not). Steps that record gradients, masked steps and recurrent
+    dropout in training mode take the sequence path."""
     from lstmeng.backends import registry
 
     torch.manual_seed(6)
@@ -409,14 +410,20 @@ def test_cell_inference_path_matches_torch(bias, dtype, monkeypatch):
     mine.load_state_dict(reference.state_dict())
     mine.eval()
     backend = registry.get_backend_object("cython")
-    calls = []
-    original = backend.cell_forward
+    calls, made = [], []
+    original = backend.cell_inference_step
 
     def spy(*args, **kwargs):
-        calls.append(args[0].shape)
-        return original(*args, **kwargs)
+        step = original(*args, **kwargs)
+        made.append(step)
 
-    monkeypatch.setattr(backend, "cell_forward", spy)
+        def counted(x, h, c, bias):
+            calls.append(x.shape)
+            return step(x, h, c, bias)
+
+        return counted
+
+    monkeypatch.setattr(backend, "cell_inference_step", spy)
     tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     for shape in [(1,), (40,), ()]:
         x = torch.randn(*shape, INPUT_SIZE, dtype=dtype)
@@ -424,7 +431,7 @@ def test_cell_inference_path_matches_torch(bias, dtype, monkeypatch):
             with torch.no_grad():
                 for got, expected in zip(mine(x, hx), reference(x, hx)):
                     torch.testing.assert_close(got, expected, **tolerance)
-    assert len(calls) == 6
+    assert len(calls) == 6 and len(made) == 1
     x = torch.randn(2, INPUT_SIZE, dtype=dtype)
     mine(x)                                               # the parameters require grad: sequence path
     with torch.no_grad():
@@ -432,6 +439,42 @@ def test_cell_inference_path_matches_torch(bias, dtype, monkeypatch):
         mine.train()
         mine(x)                                           # recurrent dropout: sequence path
     assert len(calls) == 6
+
+
+def test_cell_inference_step_follows_parameter_changes_and_the_module_copies():
+    """The inference step function made for a module's weights sees an optimizer step and a
+    ``.data`` write (in place), and a new storage (``.data = ...``, ``double()``) gets a new one:
+    h matches torch.nn.LSTMCell with the same parameters after each change. A module that has
+    stepped can be deep-copied and pickled (the step is not copied), and the copies step alike."""
+    import copy
+    import pickle
+
+    torch.manual_seed(8)
+    mine = lt.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, backend="cython")
+    reference = torch.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE)
+    x = torch.randn(1, INPUT_SIZE)
+    hx = (torch.randn(1, HIDDEN_SIZE), torch.randn(1, HIDDEN_SIZE))
+
+    def check(module=mine, inputs=(x, hx)):
+        reference.load_state_dict(module.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(module(*inputs)[0], reference(*inputs)[0], rtol=1e-5, atol=1e-6)
+
+    check()
+    optimizer = torch.optim.SGD(mine.parameters(), lr=0.5)
+    mine(x, hx)[0].sum().backward()
+    optimizer.step()
+    check()
+    mine.weight_hh.data.mul_(0.5)
+    mine.bias_ih.data.add_(0.25)
+    check()
+    mine.weight_ih.data = torch.randn_like(mine.weight_ih)
+    check()
+    for twin in (copy.deepcopy(mine), pickle.loads(pickle.dumps(mine))):
+        check(twin)
+    mine.double()
+    reference.double()
+    check(mine, (x.double(), tuple(state.double() for state in hx)))
 
 
 @pytest.mark.parametrize("bias", [True, False])
