@@ -37,6 +37,7 @@
 #define LSTMENG_PANEL 16
 
 #include "lstm_cpu.h"
+#include "lstm_transpose.h"
 
 /* Floats per k of a packed block: a pair of 16-column panels, interleaved. The
  * kernels take panels in pairs (an AVX-512 block reads both per k; the AVX2
@@ -72,19 +73,13 @@ static void lstmeng_pack_panels_f32(const float *b, int64_t K, int64_t G, int64_
         }
         return;
     }
-    /* Transposed: B[k, col] = b[col * ld + k]. Tiles of 16 k by the pair's columns:
-     * each column's 16 k are one 64-byte run of b, and the tile's writes (16 rows of
-     * 32 floats) stay in L1. */
-    for (pair = 0; pair < G / LSTMENG_PAIR; pair++) {
-        float *out = packed + pair * K * LSTMENG_PAIR;
-        const float *in = b + pair * LSTMENG_PAIR * ld;
-        for (k0 = 0; k0 < K; k0 += 16) {
-            const int64_t k1 = k0 + 16 < K ? k0 + 16 : K;
-            for (col = 0; col < LSTMENG_PAIR; col++)
-                for (k = k0; k < k1; k++)
-                    out[k * LSTMENG_PAIR + col] = in[col * ld + k];
-        }
-    }
+    /* Transposed: B[k, col] = b[col * ld + k], so a pair's [K, 32] block is the transpose
+     * of b's [32, K] block at its first column: lstm_transpose.h's 8 x 8 register tiles.
+     * The element-by-element loop it replaced took 14-24 us of a 65-90 us batch-1 call at
+     * (T, I, H) = (16, 64, 128) in PyTorch's layout (lstmeng.torch's weights). */
+    for (pair = 0; pair < G / LSTMENG_PAIR; pair++)
+        lstmeng_transpose_f32(LSTMENG_PAIR, K, b + pair * LSTMENG_PAIR * ld, ld, packed + pair * K * LSTMENG_PAIR,
+                              LSTMENG_PAIR);
 }
 
 #if LSTMENG_HAVE_AVX2_FMA

@@ -102,6 +102,9 @@ def main(argv=None) -> int:
     parser.add_argument("--split", choices=("auto", "on", "off"), default="auto",
                         help="force the unit split of one-part calls on or off in both builds (default: each "
                              "build's own timing-based choice, which a noisy machine can tip either way)")
+    parser.add_argument("--layout", choices=("lstmeng", "torch"), default="lstmeng",
+                        help="weights as lstmeng's [K, 4H] arrays, or as transposed views of PyTorch's "
+                             "[4H, K] parameters (what lstmeng.torch passes)")
     parser.add_argument("--isa", choices=("auto", "avx512", "avx2", "scalar"), default="auto",
                         help="force one kernel family in both builds (default: the CPU's best)")
     args = parser.parse_args(argv)
@@ -114,6 +117,8 @@ def main(argv=None) -> int:
     dy = rng.standard_normal((batch, steps, units), dtype=np.float32)
     kernel = (0.05 * rng.standard_normal((inputs, 4 * units))).astype(np.float32)
     recurrent_kernel = (0.05 * rng.standard_normal((units, 4 * units))).astype(np.float32)
+    if args.layout == "torch":
+        kernel, recurrent_kernel = np.ascontiguousarray(kernel.T).T, np.ascontiguousarray(recurrent_kernel.T).T
     bias = np.zeros(4 * units, np.float32)
     zeros = np.zeros((batch, units), np.float32)
     mask = None
