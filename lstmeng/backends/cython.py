@@ -129,17 +129,38 @@ SPLIT_CHOOSER_SHAPES = 64
 BUFFER_CACHE_BYTES = 512 * 2**20
 
 
+class _ThreadCounts:
+    """A call's thread counts, from at most one reading of ``threads.thread_count()`` (2-3 us:
+    OMP_NUM_THREADS, the affinity mask and the OpenMP runtime's limit, any of which may change
+    between calls; a forward asked up to four times).
+
+    kernel: threads the kernels may run: one pool, OpenMP's, with BLAS on one thread each; 1
+    without OpenMP or without control over BLAS's threads (``probe()`` says which).
+    gradient: threads the backward's weight-gradient products may use (BLAS at one thread each).
+    """
+
+    __slots__ = ("_count",)
+
+    def __init__(self):
+        self._count = None
+
+    def _read(self) -> int:
+        if self._count is None:
+            self._count = threads.thread_count() if threads.blas_controllable() else 1
+        return self._count
+
+    @property
+    def kernel(self) -> int:
+        return self._read() if _cython_lstm is not None and _cython_lstm.HAVE_OPENMP else 1
+
+    @property
+    def gradient(self) -> int:
+        return self._read()
+
+
 def _kernel_threads() -> int:
-    """Threads the kernels may run: one pool, OpenMP's, with BLAS on one thread each;
-    1 without OpenMP or without control over BLAS's threads (``probe()`` says which)."""
-    if not (_cython_lstm is not None and _cython_lstm.HAVE_OPENMP and threads.blas_controllable()):
-        return 1
-    return threads.thread_count()
-
-
-def _gradient_threads() -> int:
-    """Threads the backward's weight-gradient products may use (BLAS at one thread each)."""
-    return threads.thread_count() if threads.blas_controllable() else 1
+    """``_ThreadCounts.kernel`` read now."""
+    return _ThreadCounts().kernel
 
 
 def _one_thread_reason() -> str:
@@ -157,8 +178,8 @@ def _parts(batch: int, threads: int | None = None) -> int:
     return max(1, min(threads, batch // MIN_ROWS_PER_PART))
 
 
-def _team(batch: int, units: int, split_units: bool | None,
-          flops: float | None = None, steps: int = 0, in_run: bool = True) -> tuple[int, int, bool]:
+def _team(batch: int, units: int, split_units: bool | None, flops: float | None = None, steps: int = 0,
+          in_run: bool = True, counts: _ThreadCounts | None = None) -> tuple[int, int, bool]:
     """(parts, threads, split_units) for a batch: parts by rows when the batch is large
     enough, else (with ``split_units`` None, the automatic choice, or True) one part
     whose units the threads share. split_units True forces the unit split whenever
@@ -166,14 +187,15 @@ def _team(batch: int, units: int, split_units: bool | None,
     path at tiny sizes); False never splits. flops: the forward's FLOPs; below
     MIN_FLOPS_TO_THREAD a batch of one part runs one thread (None: no limit) unless its
     ``steps`` and units reach MIN_STEPS_TO_SPLIT and MIN_UNITS_TO_SPLIT_SMALL_CALL and the
-    call is part of a run of calls (``in_run``: see CALL_RUN_SECONDS)."""
+    call is part of a run of calls (``in_run``: see CALL_RUN_SECONDS). counts: the call's
+    thread counts (read now when None)."""
     one_thread = (flops is not None and flops < MIN_FLOPS_TO_THREAD
                   and (steps < MIN_STEPS_TO_SPLIT or units < MIN_UNITS_TO_SPLIT_SMALL_CALL or not in_run))
     if batch < 2 * MIN_ROWS_PER_PART and one_thread:
         # One part whatever the thread count, too small to thread: the answer without
         # asking for the thread count (2-3 us, a tenth of a one-step cell call).
         return 1, 1, False
-    threads = _kernel_threads()
+    threads = (counts or _ThreadCounts()).kernel
     parts = _parts(batch, threads)
     if parts == 1 and one_thread:
         threads = 1
@@ -549,12 +571,13 @@ class CythonBackend(KernelBackend):
         if (mask is None and input_dropout_mask is None and recurrent_dropout_mask is None
                 and _takes_one_step(batch, steps, features, training, flops, overrides)):
             return self._one_step(x, h0, c0, kernel, recurrent_kernel, bias, weights_transposed, options)
+        counts = _ThreadCounts()
         parts, threads, split_units = _team(batch, units, overrides.cython_split_units, flops, steps,
-                                            time.perf_counter() - self._last_call_end < CALL_RUN_SECONDS)
+                                            time.perf_counter() - self._last_call_end < CALL_RUN_SECONDS, counts)
         # Shares of the backward's products after its time loop (weight gradients, dx):
         # one for a one-part call too small to thread, else one per thread. Fixed by
         # the shape alone, so the results never depend on the busy-machine fallback.
-        thread_budget = threads if parts == 1 and flops < MIN_FLOPS_TO_THREAD else _gradient_threads()
+        thread_budget = threads if parts == 1 and flops < MIN_FLOPS_TO_THREAD else counts.gradient
         run_one_thread = busy = False
         # A split the caller did not force: one thread instead while the split has been
         # losing (another process holds a core, and every parallel region's end would
@@ -570,9 +593,9 @@ class CythonBackend(KernelBackend):
         # One part whose time loop runs on one thread while others are free: the input
         # projection of the chunks ahead runs on another thread (the extension's pipelined
         # forward), unless the busy-machine rule holds those threads back.
-        # (The cheap tests first: _kernel_threads() reads the environment, a few µs of a cell step.)
+        # (The cheap tests first: a first reading of the thread count costs a few µs.)
         one_part_may_thread = (parts == 1 and not split_units and flops >= MIN_FLOPS_TO_THREAD
-                               and _kernel_threads() > 1)
+                               and counts.kernel > 1)
         if one_part_may_thread and chooser_key is None and overrides.cython_pipeline is not False:
             busy = not self._split_governor.allow()
         pipeline = one_part_may_thread and not busy and overrides.cython_pipeline is not False
@@ -595,7 +618,7 @@ class CythonBackend(KernelBackend):
         # slots in turn.
         slots = parts
         if pipeline:
-            slots, threads = PIPELINE_SLOTS, _kernel_threads()
+            slots, threads = PIPELINE_SLOTS, counts.kernel
         take = self._buffers.take
         packed_x = take((slots * part_chunk_rows, features), dtype)
         if training:
