@@ -293,13 +293,14 @@ class TorchRun:
     tensorflow when TF sees a GPU), else the CPU.
     """
 
-    def __init__(self, backend: str, shape_name: str):
+    def __init__(self, backend: str, shape_name: str, on_gpu: bool | None = None):
         torch = self.torch = import_torch()
         shape = SHAPES[shape_name]
-        on_gpu = backend == "numba_cuda"
-        if backend == "tensorflow":
-            import tensorflow as tf
-            on_gpu = bool(tf.config.list_logical_devices("GPU"))
+        if on_gpu is None:
+            on_gpu = backend == "numba_cuda"
+            if backend == "tensorflow":
+                import tensorflow as tf
+                on_gpu = bool(tf.config.list_logical_devices("GPU"))
         if on_gpu and not torch.cuda.is_available():
             raise NotImplementedError("torch has no CUDA device to compare a GPU backend with")
         device = "cuda" if on_gpu else "cpu"
@@ -336,3 +337,23 @@ class TorchRun:
         self.x.grad = None
         self._outputs().backward(self.dy)
         self.synchronize()
+
+
+class TorchModuleRun(TorchRun):
+    """``lstmeng.torch.LSTM`` computing with backend ``backend`` in place of ``torch.nn.LSTM``: the
+    same weights (its state dict), inputs and calls, as a PyTorch model that swapped the module
+    runs it: CUDA tensors for numba_cuda, CPU tensors for numpy and cython. Not tracked with the
+    tensorflow backend (skipped before TensorFlow is imported: the module's "auto" never picks it,
+    and its cases cost the suite's smoke run a TensorFlow import each)."""
+
+    def __init__(self, backend: str, shape_name: str):
+        if backend == "tensorflow":
+            raise NotImplementedError("lstmeng.torch with the tensorflow backend is not tracked")
+        require_backend(backend)
+        super().__init__(backend, shape_name, on_gpu=backend == "numba_cuda")
+        import lstmeng.torch
+        shape = SHAPES[shape_name]
+        module = lstmeng.torch.LSTM(shape.inputs, shape.units, batch_first=True, backend=backend)
+        module.load_state_dict(self.lstm.state_dict())
+        self.lstm = module.to(self.x.device)
+
