@@ -201,18 +201,14 @@ def test_discovery_imports_no_optional_library_and_survives_their_absence(tmp_pa
         loaded = sorted(name for name in ("torch", "tensorflow", "numba") if name in sys.modules)
         assert not loaded, loaded
         benchmarks.bench_layer.LayerForward().setup("numpy", "mid-B64")
-        try:
-            benchmarks.bench_efficiency.SpeedVersusTorch().setup("numpy", "mid-B64")
-        except NotImplementedError as error:
-            assert "torch" in str(error), error
-        else:
-            raise AssertionError("SpeedVersusTorch did not skip without torch")
-        try:
-            benchmarks.bench_torch_module.TorchModuleCall().setup("numpy", "mid-B64")
-        except NotImplementedError as error:
-            assert "torch" in str(error), error
-        else:
-            raise AssertionError("TorchModuleCall did not skip without torch")
+        for needs_torch in (benchmarks.bench_efficiency.SpeedVersusTorch,
+                            benchmarks.bench_torch_module.TorchModuleCall):
+            try:
+                needs_torch().setup("numpy", "mid-B64")
+            except NotImplementedError as error:
+                assert "torch" in str(error), error
+            else:
+                raise AssertionError(needs_torch.__name__ + " did not skip without torch")
         for name in ("tensorflow", "numba_cuda"):
             try:
                 common.require_backend(name)
