@@ -34,29 +34,22 @@ def parse_args():
     return parser.parse_args()
 
 
-def best_per_call(modules: dict, x, training: bool, calls: int, repeats: int) -> dict:
-    """Seconds per call of each module's best loop, the modules' loops interleaved."""
+def call_loop(module, x, training: bool, calls: int):
+    """A loop of ``calls`` calls of ``module`` on ``x``: under ``torch.no_grad()``, or each call
+    followed by a backward from its outputs' sum."""
     import torch
 
-    def loop(module):
-        if training:
+    def inference():
+        with torch.no_grad():
             for _ in range(calls):
-                output, _ = module(x)
-                output.sum().backward()
-        else:
-            with torch.no_grad():
-                for _ in range(calls):
-                    module(x)
+                module(x)
 
-    for module in modules.values():
-        loop(module)   # warm-up: thread pools, buffer caches, the split chooser
-    best = {name: float("inf") for name in modules}
-    for _ in range(repeats):
-        for name, module in modules.items():
-            start = time.perf_counter()
-            loop(module)
-            best[name] = min(best[name], (time.perf_counter() - start) / calls)
-    return best
+    def train():
+        for _ in range(calls):
+            output, _ = module(x)
+            output.sum().backward()
+
+    return train if training else inference
 
 
 def main() -> int:
@@ -65,6 +58,7 @@ def main() -> int:
     import torch
 
     import lstmeng.torch
+    from lstmeng._runtime import timing
 
     torch.set_num_threads(args.threads)
     inputs, units = (int(value) for value in args.sizes.split(","))
@@ -77,9 +71,14 @@ def main() -> int:
         mine.load_state_dict(reference.state_dict())
         x = torch.randn(args.batch, steps, inputs)
         for training in (False, True):
-            best = best_per_call({"torch": reference, "lstmeng": mine}, x, training, args.calls, args.repeats)
-            print(f"T={steps} {'training' if training else 'inference'}: torch.nn.LSTM {best['torch'] * 1e6:.1f} us, "
-                  f"lstmeng.torch.LSTM {best['lstmeng'] * 1e6:.1f} us ({best['torch'] / best['lstmeng']:.2f}x)")
+            # The two modules' loops in turn (a busy moment falls on both); one warm-up loop each
+            # (thread pools, buffer caches, the split chooser).
+            best = timing.interleaved_best_times(
+                {name: call_loop(module, x, training, args.calls) for name, module in
+                 (("torch", reference), ("lstmeng", mine))}, args.repeats, warmup=1, clock=time.perf_counter)
+            theirs, ours = (best[name].seconds / args.calls for name in ("torch", "lstmeng"))
+            print(f"T={steps} {'training' if training else 'inference'}: torch.nn.LSTM {theirs * 1e6:.1f} us, "
+                  f"lstmeng.torch.LSTM {ours * 1e6:.1f} us ({theirs / ours:.2f}x)")
     return 0
 
 
