@@ -409,12 +409,14 @@ def test_cell_inference_path_matches_torch(bias, dtype, monkeypatch):
     mine = lt.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, bias=bias, backend="cython", recurrent_dropout=0.3).to(dtype)
     mine.load_state_dict(reference.state_dict())
     mine.eval()
-    backend = registry.get_backend_object("cython")
+    # Patched on the class: undoing a patch of the registry's instance would leave the bound
+    # method behind as an instance attribute, hiding later class-level patches from other tests.
+    backend_class = type(registry.get_backend_object("cython"))
     calls, made = [], []
-    original = backend.cell_inference_step
+    original = backend_class.cell_inference_step
 
-    def spy(*args, **kwargs):
-        step = original(*args, **kwargs)
+    def spy(self, *args, **kwargs):
+        step = original(self, *args, **kwargs)
         made.append(step)
 
         def counted(x, h, c, bias):
@@ -423,7 +425,7 @@ def test_cell_inference_path_matches_torch(bias, dtype, monkeypatch):
 
         return counted
 
-    monkeypatch.setattr(backend, "cell_inference_step", spy)
+    monkeypatch.setattr(backend_class, "cell_inference_step", spy)
     tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     for shape in [(1,), (40,), ()]:
         x = torch.randn(*shape, INPUT_SIZE, dtype=dtype)
