@@ -494,6 +494,23 @@ def _takes_one_step(batch: int, steps: int, features: int, training: bool, flops
             and (not training or flops < MIN_FLOPS_TO_THREAD))
 
 
+def _step_states(step_forward, x, h0, c0, kernel, recurrent_kernel, bias, gates, activation: int,
+                 recurrent_activation: int, weights_transposed: bool, c_prev=None, h_in=None) -> tuple:
+    """One call of the extension's one-step kernel: (h [B, H], c [B, H]) after the step, new arrays.
+
+    step_forward: its specialization for the arrays' dtype; x [B, I], h0, c0 [B, H] C-contiguous;
+    kernel, recurrent_kernel as ``_weights_for_kernels`` returns them; bias [4H] or None; gates
+    [B, 4H] receives the activated gates; activation codes from ``ACTIVATION_KINDS``; c_prev, h_in
+    [B, H] (training) receive c(t - 1) and h(t - 1). BLAS is held to one thread only where the call
+    uses it (``_blas_guard``)."""
+    batch, units = h0.shape
+    h_out, c_out = np.empty((batch, units), h0.dtype), np.empty((batch, units), h0.dtype)
+    with _blas_guard(h0.dtype, batch, units, backward=False):
+        step_forward(x, h0, c0, kernel, recurrent_kernel, bias, gates, h_out, c_out, activation, recurrent_activation,
+                     weights_transposed, c_prev, h_in)
+    return h_out, c_out
+
+
 def _weights_for_kernels(kernel, recurrent_kernel, dtype):
     """(kernel, recurrent_kernel, transposed) as the extension reads them.
 
@@ -716,13 +733,10 @@ class CythonBackend(KernelBackend):
             if not direct:
                 return generic(x, h, c, bias)
             _select_kernels(overrides)
-            h_out, c_out = np.empty((batch, units), dtype), np.empty((batch, units), dtype)
-            with _blas_guard(dtype, batch, units, backward=False):
-                step_forward(np.ascontiguousarray(x), np.ascontiguousarray(h), np.ascontiguousarray(c),
-                             prepared_kernel, prepared_recurrent, None if bias is None else np.ascontiguousarray(bias),
-                             np.empty((batch, gate_columns), dtype), h_out, c_out, activation, recurrent_activation,
-                             transposed)
-            return h_out, c_out
+            return _step_states(step_forward, np.ascontiguousarray(x), np.ascontiguousarray(h),
+                                np.ascontiguousarray(c), prepared_kernel, prepared_recurrent,
+                                None if bias is None else np.ascontiguousarray(bias),
+                                np.empty((batch, gate_columns), dtype), activation, recurrent_activation, transposed)
 
         return step
 
@@ -738,7 +752,6 @@ class CythonBackend(KernelBackend):
         returns them; bias: [4H] or None."""
         dtype = x.dtype
         batch, units = x.shape[0], h0.shape[1]
-        h_out, c_out = np.empty((batch, units), dtype), np.empty((batch, units), dtype)
         c_prev = h_in = None
         if options.training:
             # The workspace's arrays come from the buffer cache, as the general path's do (the
@@ -749,11 +762,10 @@ class CythonBackend(KernelBackend):
             c_prev, h_in = take((batch, units), dtype), take((batch, units), dtype)
         else:
             gates = np.empty((batch, 4 * units), dtype)
-        with _blas_guard(dtype, batch, units, backward=False):
-            _specialization(_cython_lstm.step_forward, dtype)(
-                x.reshape(batch, -1), h0, c0, kernel, recurrent_kernel, bias, gates, h_out, c_out,
-                _cython_lstm.ACTIVATION_KINDS[options.activation],
-                _cython_lstm.ACTIVATION_KINDS[options.recurrent_activation], weights_transposed, c_prev, h_in)
+        kinds = _cython_lstm.ACTIVATION_KINDS
+        h_out, c_out = _step_states(_specialization(_cython_lstm.step_forward, dtype), x.reshape(batch, -1), h0, c0,
+                                    kernel, recurrent_kernel, bias, gates, kinds[options.activation],
+                                    kinds[options.recurrent_activation], weights_transposed, c_prev, h_in)
         outputs = h_out.copy()
         if options.return_sequences:
             outputs = outputs.reshape(batch, 1, units)
