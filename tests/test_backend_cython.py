@@ -814,14 +814,23 @@ def test_cell_inference_step_gives_cell_forwards_numbers(isa, dtype, transposed,
     monkeypatch.setattr(backend, "cell_forward",
                         lambda *args: generic_calls.append(args[0].shape) or cell_forward(*args))
 
+    from lstmeng.backends.numpy import NumpyBackend
+
+    reference = NumpyBackend()
+
     def check(x, h, c, direct):
         generic_calls.clear()
         got = step(x, h, c, bias)
         assert generic_calls == ([] if direct else [x.shape])
         want = cell_forward(x, h, c, kernel, recurrent_kernel, bias, None, None, options)
-        for name, array, expected in zip("hc", got, (want.h, want.c)):
+        # And the NumPy reference in float64, independently of the cython code.
+        exact = reference.cell_forward(*(None if a is None else np.asarray(a, np.float64)
+                                         for a in (x, h, c, kernel, recurrent_kernel, bias)), None, None, options)
+        tolerance = 1e-5 if np.float32 in (x.dtype, kernel.dtype) else 1e-12
+        for name, array, expected, value in zip("hc", got, (want.h, want.c), (exact.h, exact.c)):
             assert array.dtype == expected.dtype and array.shape == expected.shape, name
             np.testing.assert_array_equal(array, expected, err_msg=name)
+            np.testing.assert_allclose(array, value, rtol=tolerance, atol=tolerance, err_msg=name)
 
     with kernel_overrides(cython_isa=isa):
         step = backend.cell_inference_step(kernel, recurrent_kernel, options)
