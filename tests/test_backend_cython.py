@@ -520,10 +520,13 @@ def test_short_calls_of_wide_layers_split_their_units(monkeypatch):
 
 def test_unit_split_governor_backs_off_and_recovers():
     """A losing split (members waiting a noticeable part of the call) is skipped for 1, 2,
-    4, ... calls, capped; calls where it does not lose halve the back-off again."""
+    4, ... calls, capped; each run of as many split calls as the back-off that do not lose
+    halves it again, and a loss within such a run starts the run over."""
     governor = cython_module._UnitSplitGovernor()
     losing = (100, 1.01 * cython_module.LOSING_WAIT_FRACTION, 1.0)
     fine = (100, 0.99 * cython_module.LOSING_WAIT_FRACTION, 1.0)
+    cap = cython_module.MAX_SPLIT_BACKOFF_CALLS
+    assert cap == 4096
 
     def skipped_calls():
         count = 0
@@ -533,19 +536,28 @@ def test_unit_split_governor_backs_off_and_recovers():
 
     assert skipped_calls() == 0
     skips = []
-    for _ in range(9):
+    for _ in range(13):
         governor.record(*losing)
         skips.append(skipped_calls())
-    assert skips == [1, 2, 4, 8, 16, 32, 64, 128, 256]
-    for _ in range(2):
-        governor.record(*losing)
-        assert skipped_calls() == cython_module.MAX_SPLIT_BACKOFF_CALLS == 256
-    governor.record(*fine)
-    governor.record(*fine)
+    assert skips == [2**n for n in range(13)]
     governor.record(*losing)
-    assert skipped_calls() == 64
+    assert skipped_calls() == cap
+    # Calls that do not lose between stalls (a CPU hog on the other core) keep the back-off.
+    for _ in range(cap - 1):
+        governor.record(*fine)
+    governor.record(*losing)
+    assert skipped_calls() == cap
+    # A whole run of cap calls halves it, the next run of cap / 2 halves it again.
+    for _ in range(cap + cap // 2):
+        governor.record(*fine)
+    governor.record(*losing)
+    assert skipped_calls() == cap // 4
     governor.record(0, 0.0, 1.0)  # no split made: nothing learnt
     assert skipped_calls() == 0
+    for _ in range(2 * cap):        # an idle machine: back to one call
+        governor.record(*fine)
+    governor.record(*losing)
+    assert skipped_calls() == 1
 
 
 def test_split_chooser_times_both_and_keeps_the_faster():
