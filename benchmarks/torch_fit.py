@@ -17,10 +17,16 @@ Shapes (the issue's targets):
 Threads: ``--threads`` (default 2) for both: ``torch.set_num_threads`` and
 OMP_NUM_THREADS, which the cython backend reads.
 
+``--device cuda``: both models and the data on the GPU (torch.nn.LSTM on cuDNN, lstmeng's
+"auto" on numba_cuda, which takes the CUDA tensors without copies); each epoch ends with a
+device synchronise, so queued work counts. The first (warm-up) epoch includes numba's
+compilation of the kernels.
+
 Usage:
     python benchmarks/torch_fit.py                 # both shapes, 5 timed epochs each
     python benchmarks/torch_fit.py --quick         # smaller epochs, 1 timed epoch (a minute)
     python benchmarks/torch_fit.py --shape online --backend numpy
+    python benchmarks/torch_fit.py --device cuda --quick     # on a GPU, against cuDNN
 """
 
 from __future__ import annotations
@@ -59,11 +65,12 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backend", default="auto", help="lstmeng backend (auto: cython, else numpy)")
     parser.add_argument("--quick", action="store_true", help="fewer sequences per epoch and one timed epoch")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (models and data on the GPU)")
     return parser.parse_args()
 
 
-def build_models(shape: Shape, backend: str):
-    """(torch model, lstmeng model): the same weights, differing only in the LSTM class."""
+def build_models(shape: Shape, backend: str, device: str = "cpu"):
+    """(torch model, lstmeng model) on ``device``: the same weights, differing only in the LSTM class."""
     import torch
 
     import lstmeng.torch
@@ -83,16 +90,16 @@ def build_models(shape: Shape, backend: str):
     mine = Regressor(lstmeng.torch.LSTM(shape.features, shape.units, num_layers=shape.layers, batch_first=True,
                                         backend=backend))
     mine.load_state_dict(reference.state_dict())
-    return reference, mine
+    return reference.to(device), mine.to(device)
 
 
-def make_data(shape: Shape, samples: int):
+def make_data(shape: Shape, samples: int, device: str = "cpu"):
     import torch
 
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(samples, shape.steps, shape.features, generator=generator)
     target = x[:, 0, :1] * x[:, -1, 1:2]     # needs memory across the whole sequence
-    return x, target
+    return x.to(device), target.to(device)
 
 
 class Trainer:
@@ -115,6 +122,8 @@ class Trainer:
             loss = torch.nn.functional.mse_loss(self.model(x[first:first + batch]), target[first:first + batch])
             loss.backward()
             self.optimizer.step()
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
         self.loss = float(loss.detach())
         return time.perf_counter() - start
 
@@ -124,8 +133,8 @@ def measure(shape: Shape, args) -> dict:
 
     samples = shape.quick_samples if args.quick else shape.samples
     repeats = 1 if args.quick else args.repeats
-    x, target = make_data(shape, samples)
-    reference, mine = build_models(shape, args.backend)
+    x, target = make_data(shape, samples, args.device)
+    reference, mine = build_models(shape, args.backend, args.device)
     trainers = {"torch.nn.LSTM": Trainer(reference), "lstmeng.torch.LSTM": Trainer(mine)}
     for trainer in trainers.values():
         trainer.epoch(x, target, shape.batch)             # warm-up: allocator, thread pools
@@ -149,12 +158,14 @@ def main():
     from lstmeng.backends import registry
 
     torch.set_num_threads(args.threads)
-    if args.backend == "auto":
+    on_gpu = torch.device(args.device).type == "cuda"
+    if args.backend == "auto" and not on_gpu:
         # What the module's "auto" picks for CPU float32 tensors (cython, else numpy).
         args.backend = registry.resolve("auto", np.empty(0, np.float32), "float32", "tanh", "sigmoid").name
     backend = args.backend
-    print(f"CPU: {threads.cpu_model()}, {args.threads} threads, load average {os.getloadavg()[0]:.1f}; "
-          f"torch {torch.__version__}; lstmeng backend {backend!r}{'; --quick' if args.quick else ''}")
+    where = (f"GPU: {torch.cuda.get_device_name(args.device)}, cuDNN {torch.backends.cudnn.version()}" if on_gpu
+             else f"CPU: {threads.cpu_model()}, {args.threads} threads, load average {os.getloadavg()[0]:.1f}")
+    print(f"{where}; torch {torch.__version__}; lstmeng backend {backend!r}{'; --quick' if args.quick else ''}")
     names = list(SHAPES) if args.shape == "both" else [args.shape]
     print(f"{'shape':<42} {'torch s/epoch':>14} {'lstmeng s/epoch':>16} {'speed-up':>9}   "
           "final losses (torch, lstmeng)")

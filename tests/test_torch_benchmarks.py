@@ -32,3 +32,11 @@ def test_torch_cell_prints_the_three_cells_per_mode():
     for mode in ("inference", "training"):
         assert re.search(rf"^I=8, H=16 {mode}: torch\.nn\.LSTMCell [\d.]+ us \(1\.00x\); lstmeng\.torch\.LSTMCell "
                          rf"[\d.]+ us \([\d.]+x\); lstmeng\.LSTMCell [\d.]+ us \([\d.]+x\)$", out, flags=re.MULTILINE)
+
+
+def test_torch_fit_prints_the_online_row_with_equal_losses():
+    out = _run("torch_fit.py", "--shape", "online", "--quick")
+    row = re.search(r"^online: B=1 T=500 I=64 H=128 L=2 x8 +[\d.]+ \([\d.]+\) +[\d.]+ \([\d.]+\) +[\d.]+x +"
+                    r"([\d.]+), ([\d.]+)$", out, flags=re.MULTILINE)
+    assert row is not None, out
+    assert abs(float(row.group(1)) - float(row.group(2))) < 1e-4   # the same model trained both ways

@@ -7,11 +7,14 @@
 #
 #     bash tools/gpu_session.sh [PHASE ...]
 #
-# Phases (default: all, in this order, most valuable first so that a cut-off run
-# still returns them): env small gemm overhead trainloop tests ncu sanitizer asv.
-# Every phase appends to $OUT/session.log (the device tool returns at most 8
-# files); a phase that runs past its limit is killed and the next one starts. The image's NumPy 2.5 cannot compile numba-cuda
-# 0.30.4 kernels, so NumPy 2.4 is installed from the carried wheels first.
+# Phases: env small torch tests (the group "first", ~9.5 min of limits: a device
+# call may run 10 min) and gemm overhead trainloop ncu sanitizer asv (the group
+# "second", ~9.5 min). Default: "first"; "all" runs both, most valuable first,
+# for a machine without the 10-minute cap. Every phase appends to
+# $OUT/session.log (the device tool returns at most 8 files); a phase that runs
+# past its limit is killed and the next one starts. The image's NumPy 2.5 cannot
+# compile numba-cuda 0.30.4 kernels, so NumPy 2.4 is installed from the carried
+# wheels first.
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -21,8 +24,17 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LSTMENG_REAL_CUDA=1
 unset NUMBA_ENABLE_CUDASIM
 
-phases=("$@")
-[ ${#phases[@]} -eq 0 ] && phases=(env small gemm overhead trainloop tests ncu sanitizer asv)
+first=(env small torch tests)
+second=(gemm overhead trainloop ncu sanitizer asv)
+phases=()
+for name in "${@:-first}"; do
+    case $name in
+    first) phases+=("${first[@]}") ;;
+    second) phases+=("${second[@]}") ;;
+    all) phases+=("${first[@]}" "${second[@]}") ;;
+    *) phases+=("$name") ;;
+    esac
+done
 START=$(date +%s)
 
 run_phase() {   # name, limit in seconds, command...
@@ -40,12 +52,17 @@ run_phase() {   # name, limit in seconds, command...
 for phase in "${phases[@]}"; do
     case $phase in
     env)
-        run_phase env 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv;
+        run_phase env 45 bash -c 'nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv;
             python3 -c "import numpy, numba, numba_cuda, torch, cupy; print(\"numpy\", numpy.__version__, \"numba\", numba.__version__,
             \"numba-cuda\", numba_cuda.__version__, \"torch\", torch.__version__, \"cudnn\", torch.backends.cudnn.version(), \"cupy\", cupy.__version__)";
             python3 -m lstmeng info 2>&1 | tail -n 30' ;;
     small)
         run_phase small 170 python3 benchmarks/gpu_small_batch.py --out "$OUT" ;;
+    torch)
+        # Issue 19 on a GPU: lstmeng.torch on CUDA tensors (zero-copy numba_cuda, PyTorch's
+        # streams) against torch.nn.LSTM, then the training benchmark against cuDNN.
+        run_phase torch 150 bash -c 'python3 -m pytest -q -p no:cacheprovider --timeout=100 tests/test_torch_module.py -k cuda;
+            python3 benchmarks/torch_fit.py --device cuda --quick' ;;
     gemm)
         run_phase gemm 100 python3 benchmarks/gpu_gemm.py --out "$OUT" ;;
     overhead)
