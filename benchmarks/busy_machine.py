@@ -8,8 +8,9 @@ calls with the automatic choice (``OMP_NUM_THREADS`` = ``--threads``; the unit s
 busy-machine governor and the split chooser decide) and a block on one thread
 (``OMP_NUM_THREADS=1``, read by the backend at every call), alternating ``--rounds`` times,
 each block after its own warm-up (the backend's governor and chooser keep what they learnt
-across blocks and shapes, as in one long-running program). Long blocks: the cost of the split under load is its
-rare stalls (a member that lost its core for a scheduler slice), which only the mean shows.
+across blocks and shapes, as in one long-running program). Long blocks: the cost of the
+split under load is its rare stalls (a member that lost its core for a scheduler slice),
+which only the mean shows.
 
     python benchmarks/busy_machine.py --hog                  # the shapes of docs/cython.md
     python benchmarks/busy_machine.py --calls 2000 --rounds 1 # quick look, quiet machine

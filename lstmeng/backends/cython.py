@@ -106,7 +106,7 @@ CALL_RUN_SECONDS = 0.002
 LOSING_WAIT_FRACTION = 0.1
 #: Most calls a losing unit split is skipped before it is tried again (see
 #: _UnitSplitGovernor: with a CPU-bound process on the other core, a retry of a short
-#: call's split costs a few ms, so retries every 256 calls of 0.16 ms cost 20 % of them).
+#: call's split can stall for several ms, 20 % more on 256 calls of 0.16 ms).
 MAX_SPLIT_BACKOFF_CALLS = 4096
 #: A call shape whose unit split and one thread have both been timed runs the slower
 #: of the two once every this many calls, to notice when the machine changed (see
@@ -224,7 +224,8 @@ class _UnitSplitGovernor:
     split calls of (1, 64, 64, 128) ran faster than one thread (0.10 against 0.16 ms)
     while one every few dozen stalled for milliseconds, waiting for a member that had
     lost its core; halving the back-off after every call that did not lose kept the
-    split running between stalls, and calls averaged 1.38x the one-thread time.
+    split running between stalls, and calls averaged 1.2-1.4x the one-thread time
+    (``benchmarks/busy_machine.py --hog``; 1.02-1.04x since).
     """
 
     def __init__(self):
