@@ -1,9 +1,11 @@
 /*
- * ext/lstm_gemv.h against OpenBLAS's SGEMV (one call per row), one thread, on the
- * same arrays: first a correctness check of every kernel family, layout, row count
- * (1-3), accumulate flag and some odd sizes against a double-precision sum (and of
- * each row against the same row computed alone, bitwise), then the best of many
- * timings at a cell step's sizes and at a 16 MiB matrix. Exits non-zero on a failure.
+ * ext/lstm_gemv.h against OpenBLAS's SGEMV (one call per row) and SGEMM (one call for
+ * all rows), one thread, on the same arrays: first a correctness check of every
+ * kernel family, layout, row count (1-8: one block of rows and more), accumulate
+ * flag and some odd sizes against a double-precision sum (and of each row against
+ * the same row computed alone, bitwise), then the best of many timings at a cell
+ * step's sizes and at a 16 MiB matrix, for 1 to 32 rows: the crossover with SGEMM
+ * is what LSTMENG_GEMV_MAX_ROWS is set from. Exits non-zero on a failure.
  *
  * Build and run (the OpenBLAS SciPy ships, whose symbols carry a scipy_ prefix):
  *   SO=$(python -c "import glob, os, scipy; print(glob.glob(os.path.dirname(scipy.__file__) + '.libs/libscipy_openblas-*.so')[0])")
@@ -21,6 +23,9 @@
 
 extern void scipy_sgemv_(const char *, const int *, const int *, const float *, const float *, const int *,
                          const float *, const int *, const float *, float *, const int *);
+extern void scipy_sgemm_(const char *, const char *, const int *, const int *, const int *, const float *,
+                         const float *, const int *, const float *, const int *, const float *, float *,
+                         const int *);
 extern void scipy_openblas_set_num_threads(int);
 
 static double now_ns(void) {
@@ -39,7 +44,7 @@ static int check(void) {
         for (s = 0; s < 10; s++)
             for (transposed = 0; transposed < 2; transposed++)
                 for (accumulate = 0; accumulate < 2; accumulate++)
-                    for (m = 1; m <= LSTMENG_GEMV_MAX_ROWS; m++) {
+                    for (m = 1; m <= 8; m++) {
                         const int n = sizes[s][0], k = sizes[s][1];
                         const int ldb = (transposed ? k : n) + 3, lda = k + 2, ldy = n + 5;
                         float *b = malloc(sizeof(float) * ldb * (transposed ? n : k));
@@ -82,36 +87,45 @@ static int check(void) {
 
 int main(void) {
     static const int shapes[][2] = {{64, 512}, {128, 512}, {256, 1024}, {1024, 4096}};
+    static const int row_counts[] = {1, 2, 3, 4, 6, 8, 12, 16, 24, 32};
     const float one = 1, zero = 0;
     const int inc = 1;
-    int s, m, r, it, isa;
+    int s, c, m, r, it, isa;
     scipy_openblas_set_num_threads(1);
     if (check()) return 1;
+    printf("ns per call of m rows; T: B^T stored [n, k] (PyTorch's layout), N: B stored [k, n] (lstmeng's)\n");
     for (s = 0; s < 4; s++)
-        for (m = 1; m <= LSTMENG_GEMV_MAX_ROWS; m += 2) {
+        for (c = 0; c < 10; c++) {
             int k = shapes[s][0], n = shapes[s][1];
-            float *w = malloc(sizeof(float) * n * k), *x = malloc(sizeof(float) * k * m);
-            float *y = malloc(sizeof(float) * n * m);
-            double best[6] = {1e18, 1e18, 1e18, 1e18, 1e18, 1e18}, t;
+            float *w, *x, *y;
+            double best[8] = {1e18, 1e18, 1e18, 1e18, 1e18, 1e18, 1e18, 1e18}, t;
+            m = row_counts[c];
+            w = malloc(sizeof(float) * n * k); x = malloc(sizeof(float) * k * m); y = malloc(sizeof(float) * n * m);
             for (r = 0; r < n * k; r++) w[r] = uniform();
             for (r = 0; r < k * m; r++) x[r] = uniform();
-            for (it = 0; it < (n * k > 1000000 ? 100 : 3000); it++) {
+            for (it = 0; it < (n * k > 1000000 ? 60 : 1500); it++) {
                 t = now_ns();
                 for (r = 0; r < m; r++) scipy_sgemv_("T", &k, &n, &one, w, &k, x + r * k, &inc, &zero, y + r * n, &inc);
                 t = now_ns() - t; if (t < best[0]) best[0] = t;
                 t = now_ns();
                 for (r = 0; r < m; r++) scipy_sgemv_("N", &n, &k, &one, w, &n, x + r * k, &inc, &zero, y + r * n, &inc);
                 t = now_ns() - t; if (t < best[1]) best[1] = t;
+                /* Row-major Y = X W^T (W [n, k]) and Y = X W (W [k, n]), as column-major Y^T. */
+                t = now_ns(); scipy_sgemm_("T", "N", &n, &m, &k, &one, w, &k, x, &k, &zero, y, &n); t = now_ns() - t;
+                if (t < best[2]) best[2] = t;
+                t = now_ns(); scipy_sgemm_("N", "N", &n, &m, &k, &one, w, &n, x, &k, &zero, y, &n); t = now_ns() - t;
+                if (t < best[3]) best[3] = t;
                 for (isa = LSTMENG_ISA_AVX2; isa <= lstmeng_best_isa(); isa++) {
                     lstmeng_isa = isa;
                     t = now_ns(); lstmeng_gemv_f32(m, 1, n, k, x, k, w, k, 0, y, n); t = now_ns() - t;
-                    if (t < best[2 * isa]) best[2 * isa] = t;
+                    if (t < best[2 + 2 * isa]) best[2 + 2 * isa] = t;
                     t = now_ns(); lstmeng_gemv_f32(m, 0, n, k, x, k, w, n, 0, y, n); t = now_ns() - t;
-                    if (t < best[2 * isa + 1]) best[2 * isa + 1] = t;
+                    if (t < best[3 + 2 * isa]) best[3 + 2 * isa] = t;
                 }
             }
-            printf("m=%d k=%4d n=%4d ns: OpenBLAS T %7.0f N %7.0f | AVX2 T %7.0f N %7.0f | AVX-512 T %7.0f N %7.0f\n",
-                   m, k, n, best[0], best[1], best[2], best[3], best[4], best[5]);
+            printf("m=%2d k=%4d n=%4d | SGEMV T %8.0f N %8.0f | SGEMM T %8.0f N %8.0f | AVX2 T %8.0f N %8.0f"
+                   " | AVX-512 T %8.0f N %8.0f\n", m, k, n, best[0], best[1], best[2], best[3], best[4], best[5],
+                   best[6], best[7]);
             free(w); free(x); free(y);
         }
     return 0;

@@ -151,14 +151,21 @@ cdef Py_ssize_t PANEL_PAIR = 32
 # and one more per PACK_BYTES_PER_STEP of the kernel (H = 1024: 64 steps;
 # H <= 256: 4), the crossovers of a sweep at batch 1 (docs/cython.md). Shorter
 # calls (a cell step, streaming with T = 1) read the caller's arrays as they are (BLAS,
-# or lstm_gemv.h's GEMV for up to GEMV_MAX_ROWS rows in float32). The
+# or in float32 lstm_gemv.h's kernels for small batches: takes_gemv). The
 # input kernel and K^T are packed for products of at least MIN_ROWS_TO_PACK rows.
 cdef Py_ssize_t PACK_MIN_STEPS = 4
 cdef Py_ssize_t PACK_MIN_ROWS = 8
 cdef Py_ssize_t PACK_BYTES_PER_STEP = 256 * 1024
 cdef Py_ssize_t MIN_ROWS_TO_PACK = 32
-#: Unpacked products of at most this many rows run as GEMVs (see gemm).
-cdef Py_ssize_t GEMV_MAX_ROWS = LSTMENG_GEMV_MAX_ROWS
+#: Unpacked float64 products of at most this many rows run as one BLAS DGEMV per row (see gemm).
+cdef Py_ssize_t DGEMV_MAX_ROWS = 3
+
+
+cdef inline bint takes_gemv(bint float32, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k) noexcept nogil:
+    """Whether gemm computes an unpacked product of m rows, B n x k, as GEMVs rather than one
+    GEMM: lstm_gemv.h's kernels in float32 (lstmeng_gemv_takes_f32: up to 16 rows of a
+    cache-sized B), one DGEMV per row in float64."""
+    return lstmeng_gemv_takes_f32(m, n, k) if float32 else m <= DGEMV_MAX_ROWS
 
 
 cdef inline bint step_weights_packed(bint float32, Py_ssize_t G) noexcept nogil:
@@ -167,13 +174,15 @@ cdef inline bint step_weights_packed(bint float32, Py_ssize_t G) noexcept nogil:
     return float32 and packed_projection and G % PANEL_PAIR == 0
 
 
-def step_calls_blas(bint float32, Py_ssize_t rows, Py_ssize_t units, bint backward):
-    """Whether step_forward (with backward: step_backward) of ``rows`` rows and ``units``
-    units calls BLAS, with the kernels in use now: the caller holds BLAS to one thread
-    around the call only then (threads.single_threaded_blas, ~2 us). In float32, up to
-    GEMV_MAX_ROWS rows, the products are lstm_gemv.h's, and the backward's weight
+def step_calls_blas(bint float32, Py_ssize_t rows, Py_ssize_t features, Py_ssize_t units, bint backward):
+    """Whether step_forward (with backward: step_backward) of ``rows`` rows, ``features``
+    inputs and ``units`` units calls BLAS, with the kernels in use now: the caller holds
+    BLAS to one thread around the call only then (threads.single_threaded_blas, ~2 us).
+    In float32 the products with the kernel [features, 4 units] and the recurrent kernel
+    [units, 4 units] are lstm_gemv.h's where takes_gemv says so, and the backward's weight
     gradients the packed kernel's where that takes them (step_weights_packed)."""
-    if not float32 or rows > GEMV_MAX_ROWS:
+    if not float32 or not (takes_gemv(float32, rows, 4 * units, features)
+                           and takes_gemv(float32, rows, 4 * units, units)):
         return True
     return backward and not step_weights_packed(float32, 4 * units)
 
@@ -380,12 +389,14 @@ cdef void gemm(bint trans_a, bint trans_b, Py_ssize_t m, Py_ssize_t n, Py_ssize_
     BLAS is column-major, and a row-major matrix read column-major is its
     transpose: so row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T,
     i.e. the same call with the operands (and m, n) swapped and the transpose
-    flags unchanged. Up to GEMV_MAX_ROWS rows (a batch of one to three) go to GEMV
-    rather than GEMM: OpenBLAS's SGEMM packs all of B at every call (K = 256, N = 1024:
-    2 rows 39 us by SGEMM, 23 by two SGEMVs; 3 rows 59 / 35; from 4 rows about even,
-    from 8 SGEMM ahead; one thread, Zen 5). In float32 (alpha 1, as every caller
-    passes) that is lstm_gemv.h's kernel, all rows in one pass over B; in float64 one
-    BLAS DGEMV per row. Sizes were checked against INT_MAX by the caller.
+    flags unchanged. Products of a few rows (takes_gemv) go to GEMVs rather than GEMM:
+    OpenBLAS's SGEMM packs all of B at every call (K = 256, N = 1024: 2 rows 39 us by
+    SGEMM, 23 by two SGEMVs; 3 rows 59 / 35; from 4 rows about even, from 8 SGEMM ahead;
+    one thread, Zen 5). In float32 (alpha 1, as every caller passes) that is
+    lstm_gemv.h's kernel, which takes up to three rows per pass over B and so leads
+    SGEMM further (to 16 rows of a cache-sized B; see lstm_gemv.h); in float64 one BLAS
+    DGEMV per row, up to DGEMV_MAX_ROWS rows. Sizes were checked against INT_MAX by the
+    caller.
     """
     cdef char ta = b'T' if trans_a else b'N'
     cdef char tb = b'T' if trans_b else b'N'
@@ -399,9 +410,9 @@ cdef void gemm(bint trans_a, bint trans_b, Py_ssize_t m, Py_ssize_t n, Py_ssize_
             for row in range(m):
                 memset(c + row * ldc, 0, n * sizeof(floating))
         return
-    if m <= GEMV_MAX_ROWS and not trans_a:
+    if not trans_a and takes_gemv(floating is float, m, n, k):
         if floating is float and alpha == 1:
-            # lstm_gemv.h: every row in one pass over B, no BLAS call (so no BLAS thread
+            # lstm_gemv.h: up to three rows per pass over B, no BLAS call (so no BLAS thread
             # limit needed around it). B row-major [n, k] when trans_b, else [k, n].
             lstmeng_gemv_f32(m, trans_b, n, k, a, lda, b, ldb, beta != 0, c, ldc)
             return

@@ -1,7 +1,8 @@
 /*
- * One to three rows times a matrix in float32, Y[m, n] = A[m, k] @ B (+ Y), for
- * the unpacked products of a batch of one to three (a cell step, a short call):
- * each row of Y is a GEMV, and all m rows are computed in one pass over B.
+ * A few rows times a matrix in float32, Y[m, n] = A[m, k] @ B (+ Y), for the
+ * unpacked products of a small batch (a cell step, a short call): each row of Y
+ * is a GEMV; the kernels compute up to LSTMENG_GEMV_BLOCK_ROWS rows in one pass
+ * over B, and lstmeng_gemv_f32 takes m rows as blocks of that many.
  *
  * Why not BLAS's SGEMV (what these products used before, one call per row): at a
  * cell step's sizes B is L2-resident and the product is a stream of it, and one
@@ -43,26 +44,59 @@
 
 #include "lstm_cpu.h"
 
-/* The most rows of A one call takes (the caller's GEMV_MAX_ROWS). */
-#define LSTMENG_GEMV_MAX_ROWS 3
+/* Rows of A per pass over B (a register block: the dot form's accumulators are
+ * 4 x LSTMENG_GEMV_BLOCK_ROWS vectors). */
+#define LSTMENG_GEMV_BLOCK_ROWS 3
+
+/* Which float32 products the caller (_cython_lstm.pyx's gemm) gives these kernels
+ * rather than BLAS's SGEMM: up to LSTMENG_GEMV_MAX_ROWS rows while B (n x k) has
+ * at most LSTMENG_GEMV_CACHED_FLOATS floats (1 MiB: it stays in L2 from one block's
+ * pass to the next), up to LSTMENG_GEMV_STREAMED_MAX_ROWS rows of a larger B (each
+ * pass streams it from memory). Why more than one block: OpenBLAS's SGEMM packs all
+ * of B at every call, which a step-sized product cannot amortise. Crossovers
+ * measured with benchmarks/gemv_rows.c (one thread, Zen 5, session 16): at
+ * [128, 512] SGEMM took 23-27 us for 1-8 rows, these kernels 2-7 us (lstmeng's
+ * layout) and 2-14 us (PyTorch's); at 16 rows 13 / 27 us against 34; they fall
+ * behind from 24-32 rows (AVX2 and PyTorch's layout first). At [1024, 4096]
+ * (16 MiB) they lead up to 6 rows in every family and layout, and the AVX2 dot
+ * form falls behind from 8. The scalar family (no AVX2: plain loops) keeps to one
+ * block, LSTMENG_GEMV_SCALAR_MAX_ROWS, as before these measurements. */
+#define LSTMENG_GEMV_MAX_ROWS 16
+#define LSTMENG_GEMV_STREAMED_MAX_ROWS 6
+#define LSTMENG_GEMV_SCALAR_MAX_ROWS 3
+#define LSTMENG_GEMV_CACHED_FLOATS (1 << 18)
+
+static inline int lstmeng_gemv_takes_f32(int64_t m, int64_t n, int64_t k) {
+    if (lstmeng_isa == LSTMENG_ISA_SCALAR) return m <= LSTMENG_GEMV_SCALAR_MAX_ROWS;
+    return m <= (n * k <= LSTMENG_GEMV_CACHED_FLOATS ? LSTMENG_GEMV_MAX_ROWS : LSTMENG_GEMV_STREAMED_MAX_ROWS);
+}
 
 /* Columns of one column-form chunk: its partial sums, 4 KiB per row of A, stay
  * in L1 while the chunk's segments of four rows of B at a time stream past. */
 #define LSTMENG_GEMV_CHUNK 1024
 
-/* The body of a family's entry point: its dot-form or column-form kernel with M = m
- * as a compile-time constant (each call inlines the kernel for that M). */
-#define LSTMENG_GEMV_BY_ROWS(dot_rows, axpy_rows)                                  \
-    do {                                                                            \
-        if (b_transposed) {                                                         \
-            if (m == 1) dot_rows(1, n, k, a, lda, b, ldb, accumulate, y, ldy);      \
-            else if (m == 2) dot_rows(2, n, k, a, lda, b, ldb, accumulate, y, ldy); \
-            else dot_rows(3, n, k, a, lda, b, ldb, accumulate, y, ldy);             \
-        } else {                                                                    \
-            if (m == 1) axpy_rows(1, n, k, a, lda, b, ldb, accumulate, y, ldy);     \
-            else if (m == 2) axpy_rows(2, n, k, a, lda, b, ldb, accumulate, y, ldy);\
-            else axpy_rows(3, n, k, a, lda, b, ldb, accumulate, y, ldy);            \
-        }                                                                           \
+/* The body of a family's entry point: its dot-form or column-form kernel on blocks
+ * of up to LSTMENG_GEMV_BLOCK_ROWS rows, with the block's row count a compile-time
+ * constant (each call inlines the kernel for that M). A row's sums do not depend
+ * on which block it is in or on the other rows of its block. */
+#define LSTMENG_GEMV_BY_ROWS(dot_rows, axpy_rows)                                       \
+    do {                                                                                 \
+        int64_t first;                                                                   \
+        for (first = 0; first < m; first += LSTMENG_GEMV_BLOCK_ROWS) {                   \
+            const int64_t rows = m - first < LSTMENG_GEMV_BLOCK_ROWS ? m - first          \
+                                                                     : LSTMENG_GEMV_BLOCK_ROWS; \
+            const float *block_a = a + first * lda;                                      \
+            float *block_y = y + first * ldy;                                            \
+            if (b_transposed) {                                                          \
+                if (rows == 1) dot_rows(1, n, k, block_a, lda, b, ldb, accumulate, block_y, ldy);       \
+                else if (rows == 2) dot_rows(2, n, k, block_a, lda, b, ldb, accumulate, block_y, ldy);  \
+                else dot_rows(3, n, k, block_a, lda, b, ldb, accumulate, block_y, ldy);                 \
+            } else {                                                                     \
+                if (rows == 1) axpy_rows(1, n, k, block_a, lda, b, ldb, accumulate, block_y, ldy);      \
+                else if (rows == 2) axpy_rows(2, n, k, block_a, lda, b, ldb, accumulate, block_y, ldy); \
+                else axpy_rows(3, n, k, block_a, lda, b, ldb, accumulate, block_y, ldy);                \
+            }                                                                            \
+        }                                                                                \
     } while (0)
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -100,7 +134,7 @@ static LSTMENG_INLINE void lstmeng_gemv_dot_avx512_rows(const int M, int64_t n, 
     for (; j < n; j += 4) {
         const int outputs = n - j < 4 ? (int)(n - j) : 4;
         const float *rows[4];
-        __m512 s[LSTMENG_GEMV_MAX_ROWS][4];
+        __m512 s[LSTMENG_GEMV_BLOCK_ROWS][4];
         for (q = 0; q < 4; q++) rows[q] = b + (j + (q < outputs ? q : 0)) * ldb;
         for (r = 0; r < M; r++)
             for (q = 0; q < 4; q++) s[r][q] = _mm512_setzero_ps();
@@ -142,7 +176,7 @@ LSTMENG_AVX512
 static LSTMENG_INLINE void lstmeng_gemv_axpy_avx512_rows(const int M, int64_t n, int64_t k, const float *a,
                                                          int64_t lda, const float *b, int64_t ldb,
                                                          int accumulate, float *y, int64_t ldy) {
-    float sum[LSTMENG_GEMV_MAX_ROWS][LSTMENG_GEMV_CHUNK];
+    float sum[LSTMENG_GEMV_BLOCK_ROWS][LSTMENG_GEMV_CHUNK];
     int64_t j0, j, kk;
     int r;
     for (j0 = 0; j0 < n; j0 += LSTMENG_GEMV_CHUNK) {
@@ -153,7 +187,7 @@ static LSTMENG_INLINE void lstmeng_gemv_axpy_avx512_rows(const int M, int64_t n,
         for (r = 0; r < M; r++)
             for (j = 0; j < vectors * 16; j += 16) _mm512_storeu_ps(sum[r] + j, _mm512_setzero_ps());
         for (kk = 0; kk + 4 <= k; kk += 4, row += 4 * ldb) {
-            __m512 av[LSTMENG_GEMV_MAX_ROWS][4];
+            __m512 av[LSTMENG_GEMV_BLOCK_ROWS][4];
             for (r = 0; r < M; r++) {
                 av[r][0] = _mm512_set1_ps(a[r * lda + kk]);
                 av[r][1] = _mm512_set1_ps(a[r * lda + kk + 1]);
@@ -233,7 +267,7 @@ static LSTMENG_INLINE void lstmeng_gemv_dot_avx2_rows(const int M, int64_t n, in
     for (; j < n; j += GROUP) {
         const int outputs = n - j < GROUP ? (int)(n - j) : GROUP;
         const float *rows[4];
-        __m256 s[LSTMENG_GEMV_MAX_ROWS][4];
+        __m256 s[LSTMENG_GEMV_BLOCK_ROWS][4];
         for (q = 0; q < GROUP; q++) rows[q] = b + (j + (q < outputs ? q : 0)) * ldb;
         for (r = 0; r < M; r++)
             for (q = 0; q < GROUP; q++) s[r][q] = _mm256_setzero_ps();
@@ -269,7 +303,7 @@ LSTMENG_AVX2_FMA
 static LSTMENG_INLINE void lstmeng_gemv_axpy_avx2_rows(const int M, int64_t n, int64_t k, const float *a,
                                                        int64_t lda, const float *b, int64_t ldb, int accumulate,
                                                        float *y, int64_t ldy) {
-    float sum[LSTMENG_GEMV_MAX_ROWS][LSTMENG_GEMV_CHUNK];
+    float sum[LSTMENG_GEMV_BLOCK_ROWS][LSTMENG_GEMV_CHUNK];
     int64_t j0, j, kk;
     int r, p;
     for (j0 = 0; j0 < n; j0 += LSTMENG_GEMV_CHUNK) {
@@ -323,9 +357,9 @@ static void lstmeng_gemv_avx2_f32(int64_t m, int b_transposed, int64_t n, int64_
 #endif
 
 /* Y[m, n] = A[m, k] @ B, plus Y's old values when accumulate, with the kernels of
- * lstmeng_isa (see the top of this file for B's two layouts). m: 1 to
- * LSTMENG_GEMV_MAX_ROWS (the caller splits larger batches); A, Y row-major with
- * row strides lda, ldy. */
+ * lstmeng_isa (see the top of this file for B's two layouts), any m (blocks of
+ * LSTMENG_GEMV_BLOCK_ROWS, B streamed once per block); A, Y row-major with row
+ * strides lda, ldy. */
 static void lstmeng_gemv_f32(int64_t m, int b_transposed, int64_t n, int64_t k, const float *a, int64_t lda,
                              const float *b, int64_t ldb, int accumulate, float *y, int64_t ldy) {
     if (m <= 0 || n <= 0) return;

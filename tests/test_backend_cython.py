@@ -938,10 +938,12 @@ def test_one_step_training_short_path_only_where_the_general_path_runs_one_threa
 @pytest.mark.parametrize("transposed", [False, True], ids=["row_major", "torch_layout"])
 @pytest.mark.parametrize("one_step", [None, False], ids=["short_path", "general_path"])
 def test_rows_of_tiny_batches_match_the_single_row(dtype, transposed, one_step):
-    """BLAS products of one to three rows run one GEMV per row (the extension's gemm), so a
-    row's outputs, states and input and state gradients are bitwise the same in a one-step
-    call of 1, 2 or 3 rows, on the short path and the general one (whose kernels are not
-    packed for one step). With SGEMM for two or three rows they differed in the last bits."""
+    """Products of a few rows run as GEMVs (the extension's gemm: lstm_gemv.h's kernels in
+    float32 for up to 16 rows, blocks of three per pass; one BLAS DGEMV per row in float64
+    for up to three), so a row's outputs, states and input and state gradients are bitwise
+    the same in a one-step call of one row or more, on the short path and the general one
+    (whose kernels are not packed for one step). With SGEMM for two or three rows they
+    differed in the last bits."""
     rng = np.random.default_rng(3)
     features, units = 24, 40
     kernel = (0.2 * rng.normal(size=(features, 4 * units))).astype(dtype)
@@ -949,19 +951,21 @@ def test_rows_of_tiny_batches_match_the_single_row(dtype, transposed, one_step):
     if transposed:   # lstmeng.torch's layout: weight_hh.t(), read in place
         kernel, recurrent_kernel = np.ascontiguousarray(kernel.T).T, np.ascontiguousarray(recurrent_kernel.T).T
     bias = rng.normal(size=4 * units).astype(dtype)
-    x = rng.normal(size=(3, 1, features)).astype(dtype)
-    h0, c0 = rng.normal(size=(3, units)).astype(dtype), rng.normal(size=(3, units)).astype(dtype)
-    dy, dh, dc = (rng.normal(size=shape).astype(dtype) for shape in ((3, 1, units), (3, units), (3, units)))
+    batches = (1, 2, 3, 7, 16) if dtype == np.float32 else (1, 2, 3)
+    most = batches[-1]
+    x = rng.normal(size=(most, 1, features)).astype(dtype)
+    h0, c0 = rng.normal(size=(most, units)).astype(dtype), rng.normal(size=(most, units)).astype(dtype)
+    dy, dh, dc = (rng.normal(size=shape).astype(dtype) for shape in ((most, 1, units), (most, units), (most, units)))
     backend = cython_module.CythonBackend()
     results = {}
     with kernel_overrides(cython_one_step=one_step):
-        for batch in (1, 2, 3):
+        for batch in batches:
             forward = sequence_forward(backend, x[:batch], h0[:batch], c0[:batch], kernel, recurrent_kernel, bias,
                                        training=True)
             grads = backend.sequence_backward(dy[:batch], dh[:batch], dc[:batch], forward.workspace)
             results[batch] = (forward.outputs[0], forward.h[0], forward.c[0], grads.dx[0], grads.dh0[0],
                               grads.dc0[0])
-    for batch in (2, 3):
+    for batch in batches[1:]:
         for name, got, want in zip(("outputs", "h", "c", "dx", "dh0", "dc0"), results[batch], results[1]):
             np.testing.assert_array_equal(got, want, err_msg=f"{name}, batch {batch}")
 
@@ -970,8 +974,9 @@ def test_rows_of_tiny_batches_match_the_single_row(dtype, transposed, one_step):
 @pytest.mark.parametrize("sizes", [(19, 13), (70, 40)], ids=["tails-only", "full-blocks-and-tails"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["row_major", "torch_layout"])
 def test_small_batch_products_match_the_reference(isa, sizes, transposed):
-    """The float32 GEMV of one to three rows (lstm_gemv.h: dot products on PyTorch's layout,
-    partial sums fed by groups of weight rows on lstmeng's) in every kernel family, at sizes
+    """The float32 GEMVs of small batches (lstm_gemv.h: dot products on PyTorch's layout,
+    partial sums fed by groups of weight rows on lstmeng's; blocks of up to three rows, so 5
+    and 16 rows take full and partial blocks) in every kernel family, at sizes
     that leave only tails (I = 19, H = 13: 4H = 52 columns, 13 and 19 k) and whole vectors
     and row groups plus tails (I = 70, H = 40: 4H = 160, 70 k = groups of 4 or 8 and a
     remainder): one-step forward (input and accumulated recurrent product) and backward (dh0
@@ -985,7 +990,7 @@ def test_small_batch_products_match_the_reference(isa, sizes, transposed):
     recurrent_kernel = 0.3 * rng.normal(size=(units, 4 * units))
     bias = 0.1 * rng.normal(size=4 * units)
     backend, reference = cython_module.CythonBackend(), NumpyBackend()
-    for batch in (1, 2, 3):
+    for batch in (1, 2, 3, 5, 16):
         x = rng.normal(size=(batch, 1, features))
         h0, c0 = rng.normal(size=(batch, units)), rng.normal(size=(batch, units))
         dy, dh, dc = (rng.normal(size=shape) for shape in ((batch, 1, units), (batch, units), (batch, units)))
@@ -1025,20 +1030,27 @@ def test_transposed_copy_is_the_transpose(dtype):
         cython_module._select_kernels(cython_module._kernel_overrides.current())
 
 
-def test_float32_steps_of_up_to_three_rows_leave_blas_threads_alone():
-    """A float32 one-step call of up to GEMV_MAX_ROWS rows calls no BLAS (lstm_gemv.h), so it
-    takes no BLAS thread limit (~2 us); float64 and larger batches do, and a backward does
-    unless the packed kernel takes its weight gradients (AVX-512, 4H a multiple of 32)."""
+def test_float32_steps_of_small_batches_leave_blas_threads_alone():
+    """A float32 one-step call of up to 16 rows (6 where a weight matrix outgrows 1 MiB; 3 on
+    the scalar kernels) calls no BLAS (lstm_gemv.h), so it takes no BLAS thread limit (~2 us);
+    float64 and larger batches do, and a backward does unless the packed kernel takes its
+    weight gradients (AVX-512, 4H a multiple of 32)."""
     limit = type(cython_module.threads.single_threaded_blas())
     guard = cython_module._blas_guard
-    assert not isinstance(guard(np.dtype(np.float32), 3, 13, backward=False), limit)
-    assert isinstance(guard(np.dtype(np.float32), 4, 13, backward=False), limit)
-    assert isinstance(guard(np.dtype(np.float64), 1, 13, backward=False), limit)
+    float32, float64 = np.dtype(np.float32), np.dtype(np.float64)
     extension = cython_module._cython_lstm
     for isa in extension.SUPPORTED_ISAS:
         with kernel_overrides(cython_isa=isa):
             cython_module._select_kernels(cython_module._kernel_overrides.current())
+            cached, streamed = (3, 3) if isa == "scalar" else (16, 6)
+            assert not isinstance(guard(float32, cached, 64, 13, backward=False), limit), isa
+            assert isinstance(guard(float32, cached + 1, 64, 13, backward=False), limit), isa
+            # H = 512: the recurrent kernel [512, 2048] is 4 MiB, streamed at every pass of three rows.
+            assert not isinstance(guard(float32, streamed, 64, 512, backward=False), limit), isa
+            assert isinstance(guard(float32, streamed + 1, 64, 512, backward=False), limit), isa
+            assert isinstance(guard(float32, streamed + 1, 2048, 64, backward=False), limit), isa   # K: 2 MiB
+            assert isinstance(guard(float64, 1, 64, 13, backward=False), limit), isa
             packed = isa == "avx512"
-            assert isinstance(guard(np.dtype(np.float32), 1, 32, backward=True), limit) != packed, isa
-            assert isinstance(guard(np.dtype(np.float32), 1, 13, backward=True), limit), isa   # 4H = 52
+            assert isinstance(guard(float32, 1, 64, 32, backward=True), limit) != packed, isa
+            assert isinstance(guard(float32, 1, 64, 13, backward=True), limit), isa   # 4H = 52
     cython_module._select_kernels(cython_module._kernel_overrides.current())

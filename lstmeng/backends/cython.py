@@ -339,11 +339,12 @@ def _pipelined_call_stats(stats, elapsed: float, thread_seconds: float) -> tuple
 _NO_GUARD = contextlib.nullcontext()
 
 
-def _blas_guard(dtype, batch: int, units: int, backward: bool):
+def _blas_guard(dtype, batch: int, features: int, units: int, backward: bool):
     """Context for a one-step kernel call (``step_forward`` / ``step_backward``): BLAS held to one
-    thread when the call uses BLAS, else nothing (float32 batches of up to three rows run
-    lstm_gemv.h's kernels; taking the limit costs ~2 us of a ~10 us batch-1 cell step)."""
-    if _cython_lstm.step_calls_blas(dtype == np.float32, batch, units, backward):
+    thread when the call uses BLAS, else nothing (float32 batches of up to 16 rows run
+    lstm_gemv.h's kernels where the weights are cache-sized; taking the limit costs ~2 us of a
+    ~10 us batch-1 cell step)."""
+    if _cython_lstm.step_calls_blas(dtype == np.float32, batch, features, units, backward):
         return threads.single_threaded_blas()
     return _NO_GUARD
 
@@ -519,7 +520,7 @@ def _step_states(step_forward, x, h0, c0, kernel, recurrent_kernel, bias, gates,
     uses it (``_blas_guard``)."""
     batch, units = h0.shape
     h_out, c_out = np.empty((batch, units), h0.dtype), np.empty((batch, units), h0.dtype)
-    with _blas_guard(h0.dtype, batch, units, backward=False):
+    with _blas_guard(h0.dtype, batch, x.shape[1], units, backward=False):
         step_forward(x, h0, c0, kernel, recurrent_kernel, bias, gates, h_out, c_out, activation, recurrent_activation,
                      weights_transposed, c_prev, h_in)
     return h_out, c_out
@@ -879,7 +880,7 @@ class CythonBackend(KernelBackend):
         dkernel = np.empty((features, 4 * units), dtype)
         drecurrent_kernel = np.empty((units, 4 * units), dtype)
         dbias = np.empty(4 * units, dtype)
-        with _blas_guard(dtype, batch, units, backward=True):
+        with _blas_guard(dtype, batch, features, units, backward=True):
             _specialization(_cython_lstm.step_backward, dtype)(
                 doutputs.reshape(batch, units), _contiguous(dh, dtype), _contiguous(dc, dtype),
                 ws.x.reshape(batch, features), ws.kernel, ws.recurrent_kernel, ws.gates, ws.c_prev, ws.h_in,
