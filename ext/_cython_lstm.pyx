@@ -143,18 +143,24 @@ cdef Py_ssize_t ROW_PREFETCH_DISTANCE = 4
 cdef Py_ssize_t PANEL_PAIR = 32
 # When packing the recurrent kernel for the packed kernel pays, per call: packing
 # reads and writes it once (memory-bound once it outgrows the caches: 16 MB took
-# 1.1 ms on a Zen 5 guest), and each step's product then gains over BLAS. A product
-# of PACK_MIN_ROWS rows or more is compute-bound, where the packed kernel runs at
-# up to twice BLAS's rate: packing pays from PACK_MIN_STEPS steps. A thinner one
-# (batch 1) is bound by reading the kernel, where the packed layout gains only
-# while the kernel fits in the caches: there the call needs PACK_MIN_STEPS steps
-# and one more per PACK_BYTES_PER_STEP of the kernel (H = 1024: 64 steps;
-# H <= 256: 4), the crossovers of a sweep at batch 1 (docs/cython.md). Shorter
-# calls (a cell step, streaming with T = 1) read the caller's arrays as they are (BLAS,
-# or in float32 lstm_gemv.h's kernels for small batches: takes_gemv). The
-# input kernel and K^T are packed for products of at least MIN_ROWS_TO_PACK rows.
+# 1.1 ms on a Zen 5 guest), and each step's product then gains over the unpacked one.
+# A product too thick for lstm_gemv.h (takes_gemv: over 16 rows of a kernel of up to
+# 1 MiB, over 6 of a larger one) goes to BLAS's SGEMM, which packs the whole kernel
+# at every call, so packing once pays from PACK_MIN_STEPS_THICK steps (session 16:
+# 2-3-step calls of 17-64 rows per part 1.4-1.8x faster; at one step, 48 rows in
+# parts of 24, packing lost: 0.85x). Products of PACK_MIN_ROWS rows or more (more
+# than one of lstm_gemv.h's passes, each reading the whole kernel) pay from
+# PACK_MIN_STEPS steps (session 16, H = 1024, 4-6 rows: 1.16x at 4 steps, 1.9x at
+# 16, where they needed 64). A thinner one (batch 1-3) is bound by reading the
+# kernel once a step either way, where the packed layout gains only while the kernel
+# fits in the caches: there the call needs PACK_MIN_STEPS steps and one more per
+# PACK_BYTES_PER_STEP of the kernel (H = 1024: 64 steps; H <= 256: 4), the
+# crossovers of a sweep at batch 1 (docs/cython.md). Shorter calls (a cell step,
+# streaming with T = 1) read the caller's arrays as they are. The input kernel and
+# K^T are packed for products of at least MIN_ROWS_TO_PACK rows.
 cdef Py_ssize_t PACK_MIN_STEPS = 4
-cdef Py_ssize_t PACK_MIN_ROWS = 8
+cdef Py_ssize_t PACK_MIN_ROWS = 4
+cdef Py_ssize_t PACK_MIN_STEPS_THICK = 2
 cdef Py_ssize_t PACK_BYTES_PER_STEP = 256 * 1024
 cdef Py_ssize_t MIN_ROWS_TO_PACK = 32
 #: Unpacked float64 products of at most this many rows run as one BLAS DGEMV per row (see gemm).
@@ -197,6 +203,8 @@ cdef inline bint packing_pays(Py_ssize_t steps, Py_ssize_t rows, Py_ssize_t nbyt
     """Whether a matrix of nbytes, used by each of ``steps`` steps' products of ``rows``
     rows (a part's, or the whole batch's in a unit split), is worth packing for the
     packed kernel (see PACK_MIN_STEPS)."""
+    if not lstmeng_gemv_takes_f32(rows, nbytes // sizeof(float), 1):   # (n x k: its floats)
+        return steps >= PACK_MIN_STEPS_THICK
     if steps < PACK_MIN_STEPS:
         return False
     return rows >= PACK_MIN_ROWS or steps * PACK_BYTES_PER_STEP >= nbytes

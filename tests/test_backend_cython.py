@@ -199,11 +199,16 @@ def test_short_calls_use_blas_and_long_calls_the_packed_kernel_with_the_same_res
     extension = cython_module._cython_lstm
     if extension.PACKED_GEMM and extension.isa() != "scalar":
         assert extension.packs_recurrent_kernel(steps, 2, units) == (steps >= 4)
-        # Thin products of a kernel larger than the caches: only with many steps;
-        # products of 8 rows or more: from 4 steps.
-        assert not extension.packs_recurrent_kernel(63, 1, 1024) and extension.packs_recurrent_kernel(64, 1, 1024)
-        assert extension.packs_recurrent_kernel(4, 8, 1024) and not extension.packs_recurrent_kernel(4, 7, 1024)
-        assert not extension.packs_recurrent_kernel(3, 64, 1024)
+        # Thin products (1-3 rows) of a kernel larger than the caches: only with many steps;
+        # of 4 rows or more, or of a cached kernel: from 4 steps.
+        assert not extension.packs_recurrent_kernel(63, 3, 1024) and extension.packs_recurrent_kernel(64, 3, 1024)
+        assert extension.packs_recurrent_kernel(4, 4, 1024) and not extension.packs_recurrent_kernel(3, 4, 1024)
+        assert extension.packs_recurrent_kernel(4, 16, 128) and not extension.packs_recurrent_kernel(3, 16, 128)
+        # Products that would go to SGEMM (which packs the kernel at every call): more than 16
+        # rows of a kernel of up to 1 MiB, more than 6 of a larger one: from 2 steps.
+        assert extension.packs_recurrent_kernel(2, 17, 128) and not extension.packs_recurrent_kernel(1, 17, 128)
+        assert extension.packs_recurrent_kernel(2, 7, 1024) and not extension.packs_recurrent_kernel(3, 6, 1024)
+        assert extension.packs_recurrent_kernel(2, 64, 1024) and not extension.packs_recurrent_kernel(1, 64, 1024)
     rng = np.random.default_rng(steps)
     batch, inputs = 2, 32
     args = [rng.normal(size=shape).astype(np.float32) * scale for shape, scale in
