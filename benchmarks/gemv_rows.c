@@ -86,7 +86,7 @@ static int check(void) {
 }
 
 int main(void) {
-    static const int shapes[][2] = {{64, 512}, {128, 512}, {256, 1024}, {1024, 4096}};
+    static const int shapes[][2] = {{64, 512}, {128, 512}, {256, 1024}, {512, 2048}, {1024, 4096}};
     static const int row_counts[] = {1, 2, 3, 4, 6, 8, 12, 16, 24, 32};
     const float one = 1, zero = 0;
     const int inc = 1;
@@ -94,7 +94,7 @@ int main(void) {
     scipy_openblas_set_num_threads(1);
     if (check()) return 1;
     printf("ns per call of m rows; T: B^T stored [n, k] (PyTorch's layout), N: B stored [k, n] (lstmeng's)\n");
-    for (s = 0; s < 4; s++)
+    for (s = 0; s < 5; s++)
         for (c = 0; c < 10; c++) {
             int k = shapes[s][0], n = shapes[s][1];
             float *w, *x, *y;

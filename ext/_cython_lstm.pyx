@@ -144,14 +144,19 @@ cdef Py_ssize_t PANEL_PAIR = 32
 # When packing the recurrent kernel for the packed kernel pays, per call: packing
 # reads and writes it once (memory-bound once it outgrows the caches: 16 MB took
 # 1.1 ms on a Zen 5 guest), and each step's product then gains over the unpacked one.
-# A product too thick for lstm_gemv.h (takes_gemv: over 16 rows of a kernel of up to
-# 1 MiB, over 6 of a larger one) goes to BLAS's SGEMM, which packs the whole kernel
+# A product too thick for lstm_gemv.h (takes_gemv: over 16 rows; on the AVX2 kernels
+# over 6 of a kernel over 4 MiB) goes to BLAS's SGEMM, which packs the whole kernel
 # at every call, so packing once pays from PACK_MIN_STEPS_THICK steps (session 16:
 # 2-3-step calls of 17-64 rows per part 1.4-1.8x faster; at one step, 48 rows in
 # parts of 24, packing lost: 0.85x). Products of PACK_MIN_ROWS rows or more (more
 # than one of lstm_gemv.h's passes, each reading the whole kernel) pay from
-# PACK_MIN_STEPS steps (session 16, H = 1024, 4-6 rows: 1.16x at 4 steps, 1.9x at
-# 16, where they needed 64). A thinner one (batch 1-3) is bound by reading the
+# PACK_MIN_STEPS steps, and products of PACK_MIN_ROWS_UNCACHED rows or more (three
+# passes or more) from PACK_MIN_STEPS_THICK where the kernel outgrows
+# PACK_CACHED_BYTES (each pass then streams it from beyond L2). Session 16: H = 512,
+# 8-16 rows at 2-3 steps: the GEMV took 1.16-1.65x as long as packing; H = 1024, 4-6
+# rows: packing 1.16x faster at 4 steps, 1.9x at 16 (it needed 64 steps before),
+# 0.83-0.96x at 2; at H = 128 (256 KiB) the GEMV of 8-16 rows beat packing at 2
+# steps (0.92-0.95x packed). A thinner one (batch 1-3) is bound by reading the
 # kernel once a step either way, where the packed layout gains only while the kernel
 # fits in the caches: there the call needs PACK_MIN_STEPS steps and one more per
 # PACK_BYTES_PER_STEP of the kernel (H = 1024: 64 steps; H <= 256: 4), the
@@ -161,6 +166,8 @@ cdef Py_ssize_t PANEL_PAIR = 32
 cdef Py_ssize_t PACK_MIN_STEPS = 4
 cdef Py_ssize_t PACK_MIN_ROWS = 4
 cdef Py_ssize_t PACK_MIN_STEPS_THICK = 2
+cdef Py_ssize_t PACK_CACHED_BYTES = 1024 * 1024
+cdef Py_ssize_t PACK_MIN_ROWS_UNCACHED = 7
 cdef Py_ssize_t PACK_BYTES_PER_STEP = 256 * 1024
 cdef Py_ssize_t MIN_ROWS_TO_PACK = 32
 #: Unpacked float64 products of at most this many rows run as one BLAS DGEMV per row (see gemm).
@@ -169,8 +176,8 @@ cdef Py_ssize_t DGEMV_MAX_ROWS = 3
 
 cdef inline bint takes_gemv(bint float32, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k) noexcept nogil:
     """Whether gemm computes an unpacked product of m rows, B n x k, as GEMVs rather than one
-    GEMM: lstm_gemv.h's kernels in float32 (lstmeng_gemv_takes_f32: up to 16 rows of a
-    cache-sized B), one DGEMV per row in float64."""
+    GEMM: lstm_gemv.h's kernels in float32 (lstmeng_gemv_takes_f32: up to 16 rows, fewer
+    for the AVX2 and scalar families in places), one DGEMV per row in float64."""
     return lstmeng_gemv_takes_f32(m, n, k) if float32 else m <= DGEMV_MAX_ROWS
 
 
@@ -204,6 +211,8 @@ cdef inline bint packing_pays(Py_ssize_t steps, Py_ssize_t rows, Py_ssize_t nbyt
     rows (a part's, or the whole batch's in a unit split), is worth packing for the
     packed kernel (see PACK_MIN_STEPS)."""
     if not lstmeng_gemv_takes_f32(rows, nbytes // sizeof(float), 1):   # (n x k: its floats)
+        return steps >= PACK_MIN_STEPS_THICK
+    if rows >= PACK_MIN_ROWS_UNCACHED and nbytes > PACK_CACHED_BYTES:
         return steps >= PACK_MIN_STEPS_THICK
     if steps < PACK_MIN_STEPS:
         return False
@@ -402,7 +411,7 @@ cdef void gemm(bint trans_a, bint trans_b, Py_ssize_t m, Py_ssize_t n, Py_ssize_
     SGEMM, 23 by two SGEMVs; 3 rows 59 / 35; from 4 rows about even, from 8 SGEMM ahead;
     one thread, Zen 5). In float32 (alpha 1, as every caller passes) that is
     lstm_gemv.h's kernel, which takes up to three rows per pass over B and so leads
-    SGEMM further (to 16 rows of a cache-sized B; see lstm_gemv.h); in float64 one BLAS
+    SGEMM further (to 16 rows; see lstm_gemv.h); in float64 one BLAS
     DGEMV per row, up to DGEMV_MAX_ROWS rows. Sizes were checked against INT_MAX by the
     caller.
     """

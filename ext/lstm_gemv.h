@@ -49,26 +49,27 @@
 #define LSTMENG_GEMV_BLOCK_ROWS 3
 
 /* Which float32 products the caller (_cython_lstm.pyx's gemm) gives these kernels
- * rather than BLAS's SGEMM: up to LSTMENG_GEMV_MAX_ROWS rows while B (n x k) has
- * at most LSTMENG_GEMV_CACHED_FLOATS floats (1 MiB: it stays in L2 from one block's
- * pass to the next), up to LSTMENG_GEMV_STREAMED_MAX_ROWS rows of a larger B (each
- * pass streams it from memory). Why more than one block: OpenBLAS's SGEMM packs all
- * of B at every call, which a step-sized product cannot amortise. Crossovers
- * measured with benchmarks/gemv_rows.c (one thread, Zen 5, session 16): at
- * [128, 512] SGEMM took 23-27 us for 1-8 rows, these kernels 2-7 us (lstmeng's
- * layout) and 2-14 us (PyTorch's); at 16 rows 13 / 27 us against 34; they fall
- * behind from 24-32 rows (AVX2 and PyTorch's layout first). At [1024, 4096]
- * (16 MiB) they lead up to 6 rows in every family and layout, and the AVX2 dot
- * form falls behind from 8. The scalar family (no AVX2: plain loops) keeps to one
- * block, LSTMENG_GEMV_SCALAR_MAX_ROWS, as before these measurements. */
+ * rather than BLAS's SGEMM: up to LSTMENG_GEMV_MAX_ROWS rows; on the AVX2 family up to
+ * LSTMENG_GEMV_AVX2_STREAMED_MAX_ROWS rows of a B over LSTMENG_GEMV_AVX2_CACHED_FLOATS
+ * (4 MiB); on the scalar family (plain loops) one block, as before these measurements.
+ * Why more than one block: OpenBLAS's SGEMM packs all of B at every call, which a
+ * step-sized product cannot amortise. Crossovers measured with benchmarks/gemv_rows.c
+ * (one thread, Zen 5, session 16): at [128, 512] SGEMM took 23-27 us for 1-8 rows and
+ * 35 for 16, these kernels 2-7 and 13 us (lstmeng's layout), 2-14 and 27 (PyTorch's),
+ * falling behind from 24-32 rows (AVX2 and PyTorch's layout first); at [512, 2048]
+ * (4 MiB) 16 rows 0.29-0.33 ms (AVX-512), 0.44-0.52 (AVX2) against 0.59; at [1024,
+ * 4096] (16 MiB, streamed at every pass) AVX-512 1.9-2.3 ms against 2.5 at 16 rows,
+ * while the AVX2 dot form falls behind from 8 rows (2.4 against 1.8 ms). */
 #define LSTMENG_GEMV_MAX_ROWS 16
-#define LSTMENG_GEMV_STREAMED_MAX_ROWS 6
+#define LSTMENG_GEMV_AVX2_STREAMED_MAX_ROWS 6
+#define LSTMENG_GEMV_AVX2_CACHED_FLOATS (1 << 20)
 #define LSTMENG_GEMV_SCALAR_MAX_ROWS 3
-#define LSTMENG_GEMV_CACHED_FLOATS (1 << 18)
 
 static inline int lstmeng_gemv_takes_f32(int64_t m, int64_t n, int64_t k) {
     if (lstmeng_isa == LSTMENG_ISA_SCALAR) return m <= LSTMENG_GEMV_SCALAR_MAX_ROWS;
-    return m <= (n * k <= LSTMENG_GEMV_CACHED_FLOATS ? LSTMENG_GEMV_MAX_ROWS : LSTMENG_GEMV_STREAMED_MAX_ROWS);
+    if (lstmeng_isa == LSTMENG_ISA_AVX2 && n * k > LSTMENG_GEMV_AVX2_CACHED_FLOATS)
+        return m <= LSTMENG_GEMV_AVX2_STREAMED_MAX_ROWS;
+    return m <= LSTMENG_GEMV_MAX_ROWS;
 }
 
 /* Columns of one column-form chunk: its partial sums, 4 KiB per row of A, stay

@@ -207,7 +207,9 @@ def test_short_calls_use_blas_and_long_calls_the_packed_kernel_with_the_same_res
         # Products that would go to SGEMM (which packs the kernel at every call): more than 16
         # rows of a kernel of up to 1 MiB, more than 6 of a larger one: from 2 steps.
         assert extension.packs_recurrent_kernel(2, 17, 128) and not extension.packs_recurrent_kernel(1, 17, 128)
-        assert extension.packs_recurrent_kernel(2, 7, 1024) and not extension.packs_recurrent_kernel(3, 6, 1024)
+        assert extension.packs_recurrent_kernel(2, 17, 1024) and not extension.packs_recurrent_kernel(3, 6, 1024)
+        # Three GEMV passes or more over a kernel beyond 1 MiB: from 2 steps too; over a cached one, from 4.
+        assert extension.packs_recurrent_kernel(2, 7, 512) and not extension.packs_recurrent_kernel(3, 7, 128)
         assert extension.packs_recurrent_kernel(2, 64, 1024) and not extension.packs_recurrent_kernel(1, 64, 1024)
     rng = np.random.default_rng(steps)
     batch, inputs = 2, 32
@@ -1036,10 +1038,10 @@ def test_transposed_copy_is_the_transpose(dtype):
 
 
 def test_float32_steps_of_small_batches_leave_blas_threads_alone():
-    """A float32 one-step call of up to 16 rows (6 where a weight matrix outgrows 1 MiB; 3 on
-    the scalar kernels) calls no BLAS (lstm_gemv.h), so it takes no BLAS thread limit (~2 us);
-    float64 and larger batches do, and a backward does unless the packed kernel takes its
-    weight gradients (AVX-512, 4H a multiple of 32)."""
+    """A float32 one-step call of up to 16 rows (on the AVX2 kernels 6 where a weight matrix
+    outgrows 4 MiB; 3 on the scalar kernels) calls no BLAS (lstm_gemv.h), so it takes no BLAS
+    thread limit (~2 us); float64 and larger batches do, and a backward does unless the packed
+    kernel takes its weight gradients (AVX-512, 4H a multiple of 32)."""
     limit = type(cython_module.threads.single_threaded_blas())
     guard = cython_module._blas_guard
     float32, float64 = np.dtype(np.float32), np.dtype(np.float64)
@@ -1047,13 +1049,15 @@ def test_float32_steps_of_small_batches_leave_blas_threads_alone():
     for isa in extension.SUPPORTED_ISAS:
         with kernel_overrides(cython_isa=isa):
             cython_module._select_kernels(cython_module._kernel_overrides.current())
-            cached, streamed = (3, 3) if isa == "scalar" else (16, 6)
+            cached, streamed = {"scalar": (3, 3), "avx2": (16, 6), "avx512": (16, 16)}[isa]
             assert not isinstance(guard(float32, cached, 64, 13, backward=False), limit), isa
             assert isinstance(guard(float32, cached + 1, 64, 13, backward=False), limit), isa
-            # H = 512: the recurrent kernel [512, 2048] is 4 MiB, streamed at every pass of three rows.
-            assert not isinstance(guard(float32, streamed, 64, 512, backward=False), limit), isa
-            assert isinstance(guard(float32, streamed + 1, 64, 512, backward=False), limit), isa
-            assert isinstance(guard(float32, streamed + 1, 2048, 64, backward=False), limit), isa   # K: 2 MiB
+            # H = 512: the recurrent kernel [512, 2048] is 4 MiB; H = 1024: 16 MiB, which the
+            # AVX2 kernels stream from memory too slowly at every pass of three rows.
+            assert not isinstance(guard(float32, cached, 64, 512, backward=False), limit), isa
+            assert not isinstance(guard(float32, streamed, 64, 1024, backward=False), limit), isa
+            assert isinstance(guard(float32, streamed + 1, 64, 1024, backward=False), limit), isa
+            assert isinstance(guard(float32, streamed + 1, 4100, 64, backward=False), limit), isa   # K over 4 MiB
             assert isinstance(guard(float64, 1, 64, 13, backward=False), limit), isa
             packed = isa == "avx512"
             assert isinstance(guard(float32, 1, 64, 32, backward=True), limit) != packed, isa

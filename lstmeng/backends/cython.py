@@ -342,8 +342,8 @@ _NO_GUARD = contextlib.nullcontext()
 def _blas_guard(dtype, batch: int, features: int, units: int, backward: bool):
     """Context for a one-step kernel call (``step_forward`` / ``step_backward``): BLAS held to one
     thread when the call uses BLAS, else nothing (float32 batches of up to 16 rows run
-    lstm_gemv.h's kernels where the weights are cache-sized; taking the limit costs ~2 us of a
-    ~10 us batch-1 cell step)."""
+    lstm_gemv.h's kernels, with exceptions there; taking the limit costs ~2 us of a ~10 us
+    batch-1 cell step)."""
     if _cython_lstm.step_calls_blas(dtype == np.float32, batch, features, units, backward):
         return threads.single_threaded_blas()
     return _NO_GUARD
