@@ -200,10 +200,13 @@ def step_calls_blas(bint float32, Py_ssize_t rows, Py_ssize_t features, Py_ssize
     return backward and not step_weights_packed(float32, 4 * units)
 
 
-cdef inline bint packs_input_kernel(Py_ssize_t B, Py_ssize_t T) noexcept nogil:
+cdef inline bint packs_input_kernel(Py_ssize_t B, Py_ssize_t T, Py_ssize_t I, Py_ssize_t G) noexcept nogil:
     """Whether a call's input projection (and dx) may run on the packed kernel: MIN_ROWS_TO_PACK
-    rows, or PACK_MIN_STEPS steps."""
-    return B * T >= MIN_ROWS_TO_PACK or T >= PACK_MIN_STEPS
+    rows, or PACK_MIN_STEPS steps, or from PACK_MIN_STEPS_THICK steps rows that lstm_gemv.h
+    would not take (SGEMM would pack the input kernel [I, G] itself; one-step calls keep
+    SGEMM, as the short path, which must match them bitwise, does)."""
+    return (B * T >= MIN_ROWS_TO_PACK or T >= PACK_MIN_STEPS
+            or (T >= PACK_MIN_STEPS_THICK and not lstmeng_gemv_takes_f32(B * T, G, I)))
 
 
 cdef inline bint packing_pays(Py_ssize_t steps, Py_ssize_t rows, Py_ssize_t nbytes) noexcept nogil:
@@ -1133,7 +1136,7 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
     # The input kernel [I, 4H] packed the same way for the input projection, where the
     # ISA's kernel beats BLAS at it (packed_projection: AVX-512; see lstm_gemm.h).
     cdef bint project_packed = floating is float and packed_projection and I > 0 \
-        and packs_input_kernel(B, T)
+        and packs_input_kernel(B, T, I, G)
     packed_input_array = take_float32(buffer_cache, (I * G if project_packed else 1,))
     cdef float[::1] packed_input_weights = packed_input_array
     cdef float *packed_input_base = NULL
@@ -1567,7 +1570,7 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     # kernel too (AVX-512, I a multiple of 32).
     cdef bint dx_wanted = dx is not None
     cdef bint dx_packed = dx_wanted and floating is float and packed_projection and I > 0 \
-        and I % PANEL_PAIR == 0 and packs_input_kernel(B, T)
+        and I % PANEL_PAIR == 0 and packs_input_kernel(B, T, I, G)
     packed_kernel_t_array = take_float32(buffer_cache, (G * I if dx_packed else 1,))
     cdef float[::1] packed_kernel_t = packed_kernel_t_array
 

@@ -1017,6 +1017,45 @@ def test_small_batch_products_match_the_reference(isa, sizes, transposed):
                                  "float32", gradient=True)
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["row_major", "torch_layout"])
+@pytest.mark.parametrize("batch, steps, units", [(8, 2, 32), (8, 3, 32), (12, 2, 32), (17, 3, 32), (20, 2, 32),
+                                                 (64, 2, 32), (4, 4, 288), (8, 2, 288), (6, 2, 288)])
+def test_short_calls_of_small_batches_on_each_product_path_match_the_reference(isa, transposed, batch, steps,
+                                                                             units):
+    """Short calls of small batches, which session 16 moved between product paths: step
+    products on the GEMV (up to 16 rows, unpacked) or on the packed recurrent kernel (from 2
+    steps where SGEMM would have taken them, more than 16 rows; from 2 steps for 7+ rows of a
+    kernel over 1 MiB: H = 288; from 4 steps for 4+ rows), and the input projection and dx on
+    the packed input kernel from 2 steps of more than 16 rows (AVX-512, I = 32). Forward
+    and backward against the float64 NumPy reference."""
+    if isa not in cython_module._cython_lstm.SUPPORTED_ISAS:
+        pytest.skip(f"this CPU or build does not run {isa}")
+    from lstmeng.backends.numpy import NumpyBackend
+    features = 32
+    rng = np.random.default_rng(batch * 100 + steps)
+    scale = 1 / np.sqrt(units)
+    kernel = scale * rng.normal(size=(features, 4 * units))
+    recurrent_kernel = scale * rng.normal(size=(units, 4 * units))
+    bias = 0.1 * rng.normal(size=4 * units)
+    x = rng.normal(size=(batch, steps, features))
+    h0, c0 = rng.normal(size=(batch, units)), rng.normal(size=(batch, units))
+    dy, dh, dc = (rng.normal(size=shape) for shape in ((batch, steps, units), (batch, units), (batch, units)))
+    arrays = [a.astype(np.float32) for a in (x, h0, c0, kernel, recurrent_kernel, bias)]
+    if transposed:   # lstmeng.torch's layout: weight_ih.t(), weight_hh.t(), read in place
+        arrays[3], arrays[4] = (np.ascontiguousarray(a.T).T for a in arrays[3:5])
+    backend, reference = cython_module.CythonBackend(), NumpyBackend()
+    with kernel_overrides(cython_isa=isa):
+        ours = sequence_forward(backend, *arrays, training=True)
+        grads = backend.sequence_backward(*(a.astype(np.float32) for a in (dy, dh, dc)), ours.workspace)
+    expected = sequence_forward(reference, x, h0, c0, kernel, recurrent_kernel, bias, training=True)
+    expected_grads = reference.sequence_backward(dy, dh, dc, expected.workspace)
+    for name in ("outputs", "h", "c"):
+        testing.assert_close(getattr(ours, name), getattr(expected, name), name, "float32")
+    for name in ("dx", "dh0", "dc0", "dkernel", "drecurrent_kernel", "dbias"):
+        testing.assert_close(getattr(grads, name), getattr(expected_grads, name), name, "float32", gradient=True)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_transposed_copy_is_the_transpose(dtype):
     """The extension's transposing copy (lstm_transpose.h: 8 x 8 SIMD tiles in float32 with AVX2 or
