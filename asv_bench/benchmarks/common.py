@@ -65,8 +65,15 @@ SHAPES = {
     "large-H512": Shape(batch=16, steps=8, inputs=128, units=512),
     # The mid batch with rows of 8..32 real steps.
     "varlen-B64": Shape(batch=64, steps=32, inputs=64, units=128, variable_length=True),
+    # A small batch fed a few steps at a time (a streaming model over a batch of streams,
+    # a batch of environments): which path the step products take and the per-call setup
+    # dominate. Only bench_layer.ShortCall runs it (SHORT_SHAPE_NAMES).
+    "short-B8": Shape(batch=8, steps=3, inputs=64, units=128),
 }
-SHAPE_NAMES = tuple(SHAPES)
+#: The shapes only the short-call benchmarks run.
+SHORT_SHAPE_NAMES = ("short-B8",)
+#: The shapes every other benchmark runs.
+SHAPE_NAMES = tuple(name for name in SHAPES if name not in SHORT_SHAPE_NAMES)
 
 
 class Benchmark:
