@@ -147,8 +147,10 @@ cdef Py_ssize_t PANEL_PAIR = 32
 # A product too thick for lstm_gemv.h (takes_gemv: over 16 rows; on the AVX2 kernels
 # over 6 of a kernel over 4 MiB) goes to BLAS's SGEMM, which packs the whole kernel
 # at every call, so packing once pays from PACK_MIN_STEPS_THICK steps (session 16:
-# 2-3-step calls of 17-64 rows per part 1.4-1.8x faster; at one step, 48 rows in
-# parts of 24, packing lost: 0.85x). Products of PACK_MIN_ROWS rows or more (more
+# 2-3-step calls of 17-64 rows per part 1.4-1.8x faster), and from one step at
+# MIN_ROWS_TO_PACK rows per part (one-step calls of 64-128 rows 1.15-1.58x faster;
+# 48 rows in parts of 24 lost, 0.85x; the short path's calls, under 32 rows, must stay
+# bitwise the general path's anyway). Products of PACK_MIN_ROWS rows or more (more
 # than one of lstm_gemv.h's passes, each reading the whole kernel) pay from
 # PACK_MIN_STEPS steps, and products of PACK_MIN_ROWS_UNCACHED rows or more (three
 # passes or more) from PACK_MIN_STEPS_THICK where the kernel outgrows
@@ -214,7 +216,7 @@ cdef inline bint packing_pays(Py_ssize_t steps, Py_ssize_t rows, Py_ssize_t nbyt
     rows (a part's, or the whole batch's in a unit split), is worth packing for the
     packed kernel (see PACK_MIN_STEPS)."""
     if not lstmeng_gemv_takes_f32(rows, nbytes // sizeof(float), 1):   # (n x k: its floats)
-        return steps >= PACK_MIN_STEPS_THICK
+        return steps >= PACK_MIN_STEPS_THICK or rows >= MIN_ROWS_TO_PACK
     if rows >= PACK_MIN_ROWS_UNCACHED and nbytes > PACK_CACHED_BYTES:
         return steps >= PACK_MIN_STEPS_THICK
     if steps < PACK_MIN_STEPS:

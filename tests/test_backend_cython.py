@@ -206,11 +206,12 @@ def test_short_calls_use_blas_and_long_calls_the_packed_kernel_with_the_same_res
         assert extension.packs_recurrent_kernel(4, 16, 128) and not extension.packs_recurrent_kernel(3, 16, 128)
         # Products that would go to SGEMM (which packs the kernel at every call): more than 16
         # rows of a kernel of up to 1 MiB, more than 6 of a larger one: from 2 steps.
-        assert extension.packs_recurrent_kernel(2, 17, 128) and not extension.packs_recurrent_kernel(1, 17, 128)
+        assert extension.packs_recurrent_kernel(2, 17, 128) and not extension.packs_recurrent_kernel(1, 31, 128)
+        assert extension.packs_recurrent_kernel(1, 32, 128)   # and from one step at 32 rows (a part's)
         assert extension.packs_recurrent_kernel(2, 17, 1024) and not extension.packs_recurrent_kernel(3, 6, 1024)
         # Three GEMV passes or more over a kernel beyond 1 MiB: from 2 steps too; over a cached one, from 4.
         assert extension.packs_recurrent_kernel(2, 7, 512) and not extension.packs_recurrent_kernel(3, 7, 128)
-        assert extension.packs_recurrent_kernel(2, 64, 1024) and not extension.packs_recurrent_kernel(1, 64, 1024)
+        assert extension.packs_recurrent_kernel(2, 24, 1024) and not extension.packs_recurrent_kernel(1, 24, 1024)
     rng = np.random.default_rng(steps)
     batch, inputs = 2, 32
     args = [rng.normal(size=shape).astype(np.float32) * scale for shape, scale in
@@ -1020,13 +1021,14 @@ def test_small_batch_products_match_the_reference(isa, sizes, transposed):
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["row_major", "torch_layout"])
 @pytest.mark.parametrize("batch, steps, units", [(8, 2, 32), (8, 3, 32), (12, 2, 32), (17, 3, 32), (20, 2, 32),
-                                                 (64, 2, 32), (4, 4, 288), (8, 2, 288), (6, 2, 288)])
+                                                 (64, 2, 32), (64, 1, 32), (4, 4, 288), (8, 2, 288), (6, 2, 288)])
 def test_short_calls_of_small_batches_on_each_product_path_match_the_reference(isa, transposed, batch, steps,
                                                                              units):
     """Short calls of small batches, which session 16 moved between product paths: step
     products on the GEMV (up to 16 rows, unpacked) or on the packed recurrent kernel (from 2
-    steps where SGEMM would have taken them, more than 16 rows; from 2 steps for 7+ rows of a
-    kernel over 1 MiB: H = 288; from 4 steps for 4+ rows), and the input projection and dx on
+    steps where SGEMM would have taken them, more than 16 rows, and from one step at 32 rows
+    per part; from 2 steps for 7+ rows of a kernel over 1 MiB: H = 288; from 4 steps for 4+
+    rows), and the input projection and dx on
     the packed input kernel from 2 steps of more than 16 rows (AVX-512, I = 32). Forward
     and backward against the float64 NumPy reference."""
     if isa not in cython_module._cython_lstm.SUPPORTED_ISAS:
