@@ -978,6 +978,30 @@ def test_rows_of_tiny_batches_match_the_single_row(dtype, transposed, one_step):
             np.testing.assert_array_equal(got, want, err_msg=f"{name}, batch {batch}")
 
 
+def _check_float32_call(isa, transposed, inputs, output_grads, label):
+    """A float32 training call and its backward on the cython backend's ``isa`` kernels against the
+    float64 NumPy reference. inputs: float64 (x [B, T, I], h0, c0 [B, H], kernel [I, 4H],
+    recurrent_kernel [H, 4H], bias [4H]); output_grads: (dy [B, T, H], dh, dc [B, H]);
+    transposed: the weights as lstmeng.torch passes them (weight_ih.t(), weight_hh.t(), read in
+    place)."""
+    from lstmeng.backends.numpy import NumpyBackend
+    arrays = [a.astype(np.float32) for a in inputs]
+    if transposed:
+        arrays[3], arrays[4] = (np.ascontiguousarray(a.T).T for a in arrays[3:5])
+    backend, reference = cython_module.CythonBackend(), NumpyBackend()
+    with kernel_overrides(cython_isa=isa):
+        ours = sequence_forward(backend, *arrays, training=True)
+        grads = backend.sequence_backward(*(a.astype(np.float32) for a in output_grads), ours.workspace)
+    expected = sequence_forward(reference, *inputs, training=True)
+    expected_grads = reference.sequence_backward(*output_grads, expected.workspace)
+    for name in ("outputs", "h", "c"):
+        np.testing.assert_allclose(getattr(ours, name), getattr(expected, name), rtol=1e-5, atol=1e-5,
+                                   err_msg=f"{name}, {label}")
+    for name in ("dx", "dh0", "dc0", "dkernel", "drecurrent_kernel", "dbias"):
+        testing.assert_close(getattr(grads, name), getattr(expected_grads, name), f"{name}, {label}", "float32",
+                             gradient=True)
+
+
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 @pytest.mark.parametrize("sizes", [(19, 13), (70, 40)], ids=["tails-only", "full-blocks-and-tails"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["row_major", "torch_layout"])
@@ -991,31 +1015,17 @@ def test_small_batch_products_match_the_reference(isa, sizes, transposed):
     and dx products) against the float64 NumPy reference."""
     if isa not in cython_module._cython_lstm.SUPPORTED_ISAS:
         pytest.skip(f"this CPU or build does not run {isa}")
-    from lstmeng.backends.numpy import NumpyBackend
     features, units = sizes
     rng = np.random.default_rng(features)
     kernel = 0.3 * rng.normal(size=(features, 4 * units))
     recurrent_kernel = 0.3 * rng.normal(size=(units, 4 * units))
     bias = 0.1 * rng.normal(size=4 * units)
-    backend, reference = cython_module.CythonBackend(), NumpyBackend()
     for batch in (1, 2, 3, 5, 16):
         x = rng.normal(size=(batch, 1, features))
         h0, c0 = rng.normal(size=(batch, units)), rng.normal(size=(batch, units))
         dy, dh, dc = (rng.normal(size=shape) for shape in ((batch, 1, units), (batch, units), (batch, units)))
-        arrays = [a.astype(np.float32) for a in (x, h0, c0, kernel, recurrent_kernel, bias)]
-        if transposed:   # lstmeng.torch's layout: weight_ih.t(), weight_hh.t(), read in place
-            arrays[3], arrays[4] = (np.ascontiguousarray(a.T).T for a in arrays[3:5])
-        with kernel_overrides(cython_isa=isa):
-            ours = sequence_forward(backend, *arrays, training=True)
-            grads = backend.sequence_backward(*(a.astype(np.float32) for a in (dy, dh, dc)), ours.workspace)
-        expected = sequence_forward(reference, x, h0, c0, kernel, recurrent_kernel, bias, training=True)
-        expected_grads = reference.sequence_backward(dy, dh, dc, expected.workspace)
-        for name in ("outputs", "h", "c"):
-            np.testing.assert_allclose(getattr(ours, name), getattr(expected, name), rtol=1e-5, atol=1e-5,
-                                       err_msg=f"{name}, batch {batch}")
-        for name in ("dx", "dh0", "dc0", "dkernel", "drecurrent_kernel", "dbias"):
-            testing.assert_close(getattr(grads, name), getattr(expected_grads, name), f"{name}, batch {batch}",
-                                 "float32", gradient=True)
+        _check_float32_call(isa, transposed, (x, h0, c0, kernel, recurrent_kernel, bias), (dy, dh, dc),
+                            f"batch {batch}")
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
@@ -1033,7 +1043,6 @@ def test_short_calls_of_small_batches_on_each_product_path_match_the_reference(i
     and backward against the float64 NumPy reference."""
     if isa not in cython_module._cython_lstm.SUPPORTED_ISAS:
         pytest.skip(f"this CPU or build does not run {isa}")
-    from lstmeng.backends.numpy import NumpyBackend
     features = 32
     rng = np.random.default_rng(batch * 100 + steps)
     scale = 1 / np.sqrt(units)
@@ -1043,19 +1052,8 @@ def test_short_calls_of_small_batches_on_each_product_path_match_the_reference(i
     x = rng.normal(size=(batch, steps, features))
     h0, c0 = rng.normal(size=(batch, units)), rng.normal(size=(batch, units))
     dy, dh, dc = (rng.normal(size=shape) for shape in ((batch, steps, units), (batch, units), (batch, units)))
-    arrays = [a.astype(np.float32) for a in (x, h0, c0, kernel, recurrent_kernel, bias)]
-    if transposed:   # lstmeng.torch's layout: weight_ih.t(), weight_hh.t(), read in place
-        arrays[3], arrays[4] = (np.ascontiguousarray(a.T).T for a in arrays[3:5])
-    backend, reference = cython_module.CythonBackend(), NumpyBackend()
-    with kernel_overrides(cython_isa=isa):
-        ours = sequence_forward(backend, *arrays, training=True)
-        grads = backend.sequence_backward(*(a.astype(np.float32) for a in (dy, dh, dc)), ours.workspace)
-    expected = sequence_forward(reference, x, h0, c0, kernel, recurrent_kernel, bias, training=True)
-    expected_grads = reference.sequence_backward(dy, dh, dc, expected.workspace)
-    for name in ("outputs", "h", "c"):
-        testing.assert_close(getattr(ours, name), getattr(expected, name), name, "float32")
-    for name in ("dx", "dh0", "dc0", "dkernel", "drecurrent_kernel", "dbias"):
-        testing.assert_close(getattr(grads, name), getattr(expected_grads, name), name, "float32", gradient=True)
+    _check_float32_call(isa, transposed, (x, h0, c0, kernel, recurrent_kernel, bias), (dy, dh, dc),
+                        f"batch {batch}, {steps} steps, {units} units")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
