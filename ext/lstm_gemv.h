@@ -33,7 +33,8 @@
  * Each Y[r, j] is summed in an order fixed by the kernel family alone (the
  * lanes per vector; in the column form over k in order, in every family),
  * never by m, by r or by which other outputs share a pass: a row's results are
- * bitwise the same in a batch of one, two or three (tests/test_backend_cython.py).
+ * bitwise the same in a batch of any size (tests/test_backend_cython.py checks
+ * 1-16 rows).
  * accumulate: Y = product + Y (Y read once, after the sum), else Y = product
  * (Y's old values never read).
  */

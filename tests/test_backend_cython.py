@@ -204,14 +204,16 @@ def test_short_calls_use_blas_and_long_calls_the_packed_kernel_with_the_same_res
         assert not extension.packs_recurrent_kernel(63, 3, 1024) and extension.packs_recurrent_kernel(64, 3, 1024)
         assert extension.packs_recurrent_kernel(4, 4, 1024) and not extension.packs_recurrent_kernel(3, 4, 1024)
         assert extension.packs_recurrent_kernel(4, 16, 128) and not extension.packs_recurrent_kernel(3, 16, 128)
-        # Products that would go to SGEMM (which packs the kernel at every call): more than 16
-        # rows of a kernel of up to 1 MiB, more than 6 of a larger one: from 2 steps.
+        # Products that would go to SGEMM (which packs the kernel at every call: more than 16
+        # rows; on AVX2 more than 6 of a kernel over 4 MiB): from 2 steps, and from one step
+        # at 32 rows (a part's).
         assert extension.packs_recurrent_kernel(2, 17, 128) and not extension.packs_recurrent_kernel(1, 31, 128)
-        assert extension.packs_recurrent_kernel(1, 32, 128)   # and from one step at 32 rows (a part's)
-        assert extension.packs_recurrent_kernel(2, 17, 1024) and not extension.packs_recurrent_kernel(3, 6, 1024)
-        # Three GEMV passes or more over a kernel beyond 1 MiB: from 2 steps too; over a cached one, from 4.
-        assert extension.packs_recurrent_kernel(2, 7, 512) and not extension.packs_recurrent_kernel(3, 7, 128)
+        assert extension.packs_recurrent_kernel(1, 32, 128)
         assert extension.packs_recurrent_kernel(2, 24, 1024) and not extension.packs_recurrent_kernel(1, 24, 1024)
+        # Three GEMV passes or more (7+ rows) over a kernel beyond 1 MiB: from 2 steps too;
+        # fewer passes, or a cached kernel: from 4.
+        assert extension.packs_recurrent_kernel(2, 7, 512) and not extension.packs_recurrent_kernel(3, 7, 128)
+        assert not extension.packs_recurrent_kernel(3, 6, 1024)
     rng = np.random.default_rng(steps)
     batch, inputs = 2, 32
     args = [rng.normal(size=shape).astype(np.float32) * scale for shape, scale in
@@ -1038,9 +1040,8 @@ def test_short_calls_of_small_batches_on_each_product_path_match_the_reference(i
     products on the GEMV (up to 16 rows, unpacked) or on the packed recurrent kernel (from 2
     steps where SGEMM would have taken them, more than 16 rows, and from one step at 32 rows
     per part; from 2 steps for 7+ rows of a kernel over 1 MiB: H = 288; from 4 steps for 4+
-    rows), and the input projection and dx on
-    the packed input kernel from 2 steps of more than 16 rows (AVX-512, I = 32). Forward
-    and backward against the float64 NumPy reference."""
+    rows), and the input projection and dx on the packed input kernel from 2 steps of more
+    than 16 rows (AVX-512, I = 32). Forward and backward against the float64 NumPy reference."""
     if isa not in cython_module._cython_lstm.SUPPORTED_ISAS:
         pytest.skip(f"this CPU or build does not run {isa}")
     features = 32
