@@ -1,8 +1,8 @@
 /*
  * A few rows times a matrix in float32, Y[m, n] = A[m, k] @ B (+ Y), for the
  * unpacked products of a small batch (a cell step, a short call): each row of Y
- * is a GEMV; the kernels compute up to LSTMENG_GEMV_BLOCK_ROWS rows in one pass
- * over B, and lstmeng_gemv_f32 takes m rows as blocks of that many.
+ * is a GEMV; the kernels compute a block of rows in one pass over B (3 rows, 4 on
+ * AVX-512), and lstmeng_gemv_f32 takes m rows as blocks of that many.
  *
  * Why not BLAS's SGEMV (what these products used before, one call per row): at a
  * cell step's sizes B is L2-resident and the product is a stream of it, and one
@@ -45,9 +45,14 @@
 
 #include "lstm_cpu.h"
 
-/* Rows of A per pass over B (a register block: the dot form's accumulators are
- * 4 x LSTMENG_GEMV_BLOCK_ROWS vectors). */
+/* Rows of A per pass over B: a register block (the dot form's accumulators are 4 x
+ * block vectors, the column form's broadcasts as many), 3 rows on the AVX2 family's 16
+ * registers, 4 on AVX-512's 32. Four rather than three on AVX-512 (session 16,
+ * benchmarks/gemv_rows.c, one core): 8 rows of [128, 512] 7.3-7.5 -> 4.7 us on PyTorch's
+ * layout, 4.7 -> 4.5 on lstmeng's; 16 rows of [512, 2048] 284-306 -> 170-177 and
+ * 280-285 -> 212 us. Six rows per pass gained as much at 16 rows and less at 8. */
 #define LSTMENG_GEMV_BLOCK_ROWS 3
+#define LSTMENG_GEMV_AVX512_BLOCK_ROWS 4
 
 /* Which float32 products the caller (_cython_lstm.pyx's gemm) gives these kernels
  * rather than BLAS's SGEMM: up to LSTMENG_GEMV_MAX_ROWS rows; on the AVX2 family up to
@@ -78,27 +83,28 @@ static inline int lstmeng_gemv_takes_f32(int64_t m, int64_t n, int64_t k) {
 #define LSTMENG_GEMV_CHUNK 1024
 
 /* The body of a family's entry point: its dot-form or column-form kernel on blocks
- * of up to LSTMENG_GEMV_BLOCK_ROWS rows, with the block's row count a compile-time
+ * of up to block_rows rows (at most 4), with the block's row count a compile-time
  * constant (each call inlines the kernel for that M). A row's sums do not depend
  * on which block it is in or on the other rows of its block. */
-#define LSTMENG_GEMV_BY_ROWS(dot_rows, axpy_rows)                                       \
+#define LSTMENG_GEMV_BY_ROWS(dot_rows, axpy_rows, block_rows)                          \
     do {                                                                                 \
         int64_t first;                                                                   \
-        for (first = 0; first < m; first += LSTMENG_GEMV_BLOCK_ROWS) {                   \
-            const int64_t rows = m - first < LSTMENG_GEMV_BLOCK_ROWS ? m - first          \
-                                                                     : LSTMENG_GEMV_BLOCK_ROWS; \
+        for (first = 0; first < m; first += (block_rows)) {                              \
+            const int64_t rows = m - first < (block_rows) ? m - first : (block_rows);    \
             const float *block_a = a + first * lda;                                      \
             float *block_y = y + first * ldy;                                            \
-            if (b_transposed) {                                                          \
-                if (rows == 1) dot_rows(1, n, k, block_a, lda, b, ldb, accumulate, block_y, ldy);       \
-                else if (rows == 2) dot_rows(2, n, k, block_a, lda, b, ldb, accumulate, block_y, ldy);  \
-                else dot_rows(3, n, k, block_a, lda, b, ldb, accumulate, block_y, ldy);                 \
-            } else {                                                                     \
-                if (rows == 1) axpy_rows(1, n, k, block_a, lda, b, ldb, accumulate, block_y, ldy);      \
-                else if (rows == 2) axpy_rows(2, n, k, block_a, lda, b, ldb, accumulate, block_y, ldy); \
-                else axpy_rows(3, n, k, block_a, lda, b, ldb, accumulate, block_y, ldy);                \
+            switch (rows) {                                                              \
+            case 1: LSTMENG_GEMV_BLOCK(dot_rows, axpy_rows, 1); break;                   \
+            case 2: LSTMENG_GEMV_BLOCK(dot_rows, axpy_rows, 2); break;                   \
+            case 3: LSTMENG_GEMV_BLOCK(dot_rows, axpy_rows, 3); break;                   \
+            default: if ((block_rows) >= 4) LSTMENG_GEMV_BLOCK(dot_rows, axpy_rows, 4); break; \
             }                                                                            \
         }                                                                                \
+    } while (0)
+#define LSTMENG_GEMV_BLOCK(dot_rows, axpy_rows, M)                                       \
+    do {                                                                                 \
+        if (b_transposed) dot_rows(M, n, k, block_a, lda, b, ldb, accumulate, block_y, ldy);  \
+        else axpy_rows(M, n, k, block_a, lda, b, ldb, accumulate, block_y, ldy);         \
     } while (0)
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -125,9 +131,8 @@ static void lstmeng_gemv_scalar_f32(int64_t m, int b_transposed, int64_t n, int6
 #if LSTMENG_HAVE_AVX512
 /* The lane sums of four vectors as one 4-float vector [sum s0, sum s1, sum s2, sum s3]:
  * pairs of lanes added by unpacking, then quarters by shuffling, then the four 128-bit
- * blocks; 11 instructions where four _mm512_reduce_add_ps take about 32. A dot-form
- * pass of three rows ends in twelve such sums, as many instructions as its 48 FMAs
- * at k = 64 (session 16). The order of the additions is fixed (it is this function's),
+ * blocks; 11 instructions where four _mm512_reduce_add_ps take about 32, which had cost
+ * as many instructions as a 3-row dot-form pass's 48 FMAs at k = 64 (session 16). The order of the additions is fixed (it is this function's),
  * so a row's sums still do not depend on the other rows. */
 LSTMENG_AVX512
 static inline __m128 lstmeng_sum4_avx512(__m512 s0, __m512 s1, __m512 s2, __m512 s3) {
@@ -154,7 +159,7 @@ static LSTMENG_INLINE void lstmeng_gemv_dot_avx512_rows(const int M, int64_t n, 
     for (; j < n; j += 4) {
         const int outputs = n - j < 4 ? (int)(n - j) : 4;
         const float *rows[4];
-        __m512 s[LSTMENG_GEMV_BLOCK_ROWS][4];
+        __m512 s[LSTMENG_GEMV_AVX512_BLOCK_ROWS][4];
         for (q = 0; q < 4; q++) rows[q] = b + (j + (q < outputs ? q : 0)) * ldb;
         for (r = 0; r < M; r++)
             for (q = 0; q < 4; q++) s[r][q] = _mm512_setzero_ps();
@@ -197,7 +202,7 @@ LSTMENG_AVX512
 static LSTMENG_INLINE void lstmeng_gemv_axpy_avx512_rows(const int M, int64_t n, int64_t k, const float *a,
                                                          int64_t lda, const float *b, int64_t ldb,
                                                          int accumulate, float *y, int64_t ldy) {
-    float sum[LSTMENG_GEMV_BLOCK_ROWS][LSTMENG_GEMV_CHUNK];
+    float sum[LSTMENG_GEMV_AVX512_BLOCK_ROWS][LSTMENG_GEMV_CHUNK];
     int64_t j0, j, kk;
     int r;
     for (j0 = 0; j0 < n; j0 += LSTMENG_GEMV_CHUNK) {
@@ -208,7 +213,7 @@ static LSTMENG_INLINE void lstmeng_gemv_axpy_avx512_rows(const int M, int64_t n,
         for (r = 0; r < M; r++)
             for (j = 0; j < vectors * 16; j += 16) _mm512_storeu_ps(sum[r] + j, _mm512_setzero_ps());
         for (kk = 0; kk + 4 <= k; kk += 4, row += 4 * ldb) {
-            __m512 av[LSTMENG_GEMV_BLOCK_ROWS][4];
+            __m512 av[LSTMENG_GEMV_AVX512_BLOCK_ROWS][4];
             for (r = 0; r < M; r++) {
                 av[r][0] = _mm512_set1_ps(a[r * lda + kk]);
                 av[r][1] = _mm512_set1_ps(a[r * lda + kk + 1]);
@@ -254,7 +259,8 @@ LSTMENG_AVX512
 static void lstmeng_gemv_avx512_f32(int64_t m, int b_transposed, int64_t n, int64_t k, const float *a,
                                     int64_t lda, const float *b, int64_t ldb, int accumulate, float *y,
                                     int64_t ldy) {
-    LSTMENG_GEMV_BY_ROWS(lstmeng_gemv_dot_avx512_rows, lstmeng_gemv_axpy_avx512_rows);
+    LSTMENG_GEMV_BY_ROWS(lstmeng_gemv_dot_avx512_rows, lstmeng_gemv_axpy_avx512_rows,
+                         LSTMENG_GEMV_AVX512_BLOCK_ROWS);
 }
 #endif
 
@@ -373,13 +379,13 @@ LSTMENG_AVX2_FMA
 static void lstmeng_gemv_avx2_f32(int64_t m, int b_transposed, int64_t n, int64_t k, const float *a,
                                   int64_t lda, const float *b, int64_t ldb, int accumulate, float *y,
                                   int64_t ldy) {
-    LSTMENG_GEMV_BY_ROWS(lstmeng_gemv_dot_avx2_rows, lstmeng_gemv_axpy_avx2_rows);
+    LSTMENG_GEMV_BY_ROWS(lstmeng_gemv_dot_avx2_rows, lstmeng_gemv_axpy_avx2_rows, LSTMENG_GEMV_BLOCK_ROWS);
 }
 #endif
 
 /* Y[m, n] = A[m, k] @ B, plus Y's old values when accumulate, with the kernels of
- * lstmeng_isa (see the top of this file for B's two layouts), any m (blocks of
- * LSTMENG_GEMV_BLOCK_ROWS, B streamed once per block); A, Y row-major with row
+ * lstmeng_isa (see the top of this file for B's two layouts), any m (blocks of the
+ * family's block rows, B streamed once per block); A, Y row-major with row
  * strides lda, ldy. */
 static void lstmeng_gemv_f32(int64_t m, int b_transposed, int64_t n, int64_t k, const float *a, int64_t lda,
                              const float *b, int64_t ldb, int accumulate, float *y, int64_t ldy) {

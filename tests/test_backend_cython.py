@@ -949,7 +949,7 @@ def test_one_step_training_short_path_only_where_the_general_path_runs_one_threa
 @pytest.mark.parametrize("one_step", [None, False], ids=["short_path", "general_path"])
 def test_rows_of_tiny_batches_match_the_single_row(dtype, transposed, one_step):
     """Products of a few rows run as GEMVs (the extension's gemm: lstm_gemv.h's kernels in
-    float32 for up to 16 rows, blocks of three per pass; one BLAS DGEMV per row in float64
+    float32 for up to 16 rows, blocks of three or four per pass; one BLAS DGEMV per row in float64
     for up to three), so a row's outputs, states and input and state gradients are bitwise
     the same in a one-step call of one row or more, on the short path and the general one
     (whose kernels are not packed for one step). With SGEMM for two or three rows they
@@ -1009,8 +1009,8 @@ def _check_float32_call(isa, transposed, inputs, output_grads, label):
 @pytest.mark.parametrize("transposed", [False, True], ids=["row_major", "torch_layout"])
 def test_small_batch_products_match_the_reference(isa, sizes, transposed):
     """The float32 GEMVs of small batches (lstm_gemv.h: dot products on PyTorch's layout,
-    partial sums fed by groups of weight rows on lstmeng's; blocks of up to three rows, so 5
-    and 16 rows take full and partial blocks) in every kernel family, at sizes
+    partial sums fed by groups of weight rows on lstmeng's; blocks of three rows, four on
+    AVX-512, so 5, 7 and 16 rows take full and partial blocks) in every kernel family, at sizes
     that leave only tails (I = 19, H = 13: 4H = 52 columns, 13 and 19 k) and whole vectors
     and row groups plus tails (I = 70, H = 40: 4H = 160, 70 k = groups of 4 or 8 and a
     remainder): one-step forward (input and accumulated recurrent product) and backward (dh0
@@ -1022,7 +1022,7 @@ def test_small_batch_products_match_the_reference(isa, sizes, transposed):
     kernel = 0.3 * rng.normal(size=(features, 4 * units))
     recurrent_kernel = 0.3 * rng.normal(size=(units, 4 * units))
     bias = 0.1 * rng.normal(size=4 * units)
-    for batch in (1, 2, 3, 5, 16):
+    for batch in (1, 2, 3, 5, 7, 16):
         x = rng.normal(size=(batch, 1, features))
         h0, c0 = rng.normal(size=(batch, units)), rng.normal(size=(batch, units))
         dy, dh, dc = (rng.normal(size=shape) for shape in ((batch, 1, units), (batch, units), (batch, units)))
