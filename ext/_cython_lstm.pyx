@@ -517,19 +517,49 @@ cdef inline bint packed_slice_usable(Py_ssize_t H, Py_ssize_t width, Py_ssize_t 
     return columns % PANEL_PAIR == 0 if width == H else width % PANEL_PAIR == 0
 
 
+#: A whole matrix packed before a call's parallel region (the row-split parts and the
+#: pipelined calls share one packed copy) is packed by all the call's threads from this
+#: many floats (128 KiB). Packing is memory-bound, and one thread packing a 4 MiB recurrent
+#: kernel (H = 512) took about a third of a one-step call of 64 rows. Session 17, 2 threads,
+#: Zen 5, against packing on one thread (tools/ab_cython.py, results bitwise the same):
+#: (64, 1, 128, 512) 1.14-1.19x, (64, 2, 256, 1024) training 1.10x, (32, 1, 128, 256) 1.09-1.13x,
+#: (64, 2, 64, 128) training 1.06-1.08x (a 256 KiB kernel), (32, 2, 32, 64) 0.99-1.00x (64 KiB).
+cdef Py_ssize_t PARALLEL_PACK_MIN_FLOATS = 32 * 1024
+
+
+cdef void pack_panels(const float *b, Py_ssize_t K, Py_ssize_t columns, Py_ssize_t ld, bint transpose,
+                      float *packed, Py_ssize_t threads) noexcept nogil:
+    """lstmeng_pack_panels_f32 of b's [K, columns] block (row stride ld; with transpose the
+    block of b^T), its panel pairs dealt to ``threads`` threads when it has at least
+    PARALLEL_PACK_MIN_FLOATS floats. A pair's packed floats come from its own 32 columns
+    alone, at (pair * K) * 32, so the layout is the same whichever thread writes a pair.
+    Called outside any parallel region (threads = 1 inside one)."""
+    cdef Py_ssize_t pairs = columns // PANEL_PAIR, share, first, end
+    if threads <= 1 or not LSTMENG_HAVE_OPENMP or pairs < threads or K * columns < PARALLEL_PACK_MIN_FLOATS:
+        lstmeng_pack_panels_f32(b, K, columns, ld, transpose, packed)
+        return
+    for share in prange(threads, num_threads=threads, schedule="static"):
+        first = share * pairs // threads
+        end = (share + 1) * pairs // threads
+        lstmeng_pack_panels_f32(b + first * PANEL_PAIR * (ld if transpose else 1), K, (end - first) * PANEL_PAIR,
+                                ld, transpose, packed + first * PANEL_PAIR * K)
+
+
 cdef void pack_weight_slice(const float *weights, Py_ssize_t K, Py_ssize_t H, Py_ssize_t u0,
-                            Py_ssize_t width, bint stored_transposed, float *packed) noexcept nogil:
+                            Py_ssize_t width, bint stored_transposed, float *packed,
+                            Py_ssize_t threads=1) noexcept nogil:
     """Columns of units u0 .. u0 + width - 1 of weights [K, 4H] (the recurrent kernel,
     K = H, or the input kernel, K = I), packed: the whole [K, 4H] at once when
     width = H, else the i, f, g, o blocks one after another ([K, width] each).
     stored_transposed: the memory holds weights^T [4H, K] (PyTorch's layout), read
-    transposed by the packer (the same packed panels)."""
+    transposed by the packer (the same packed panels). threads: pack_panels' (whole
+    matrices only)."""
     cdef Py_ssize_t G = 4 * H, gate
     if width == H:
         if stored_transposed:
-            lstmeng_pack_panels_f32(weights, K, G, K, 1, packed)
+            pack_panels(weights, K, G, K, True, packed, threads)
         else:
-            lstmeng_pack_panels_f32(weights, K, G, G, 0, packed)
+            pack_panels(weights, K, G, G, False, packed, threads)
     else:
         for gate in range(4):
             if stored_transposed:
@@ -542,45 +572,48 @@ cdef void pack_weight_slice(const float *weights, Py_ssize_t K, Py_ssize_t H, Py
 
 cdef void pack_recurrent_transpose_slice(const float *recurrent_kernel, Py_ssize_t H,
                                          Py_ssize_t u0, Py_ssize_t width, bint stored_transposed,
-                                         float *packed) noexcept nogil:
+                                         float *packed, Py_ssize_t threads=1) noexcept nogil:
     """R^T [4H, H]'s columns u0 .. u0 + width - 1 (R's rows), packed; from R [H, 4H],
-    or from R^T itself when stored_transposed."""
+    or from R^T itself when stored_transposed. threads: pack_panels'."""
     if stored_transposed:
-        lstmeng_pack_panels_f32(recurrent_kernel + u0, 4 * H, width, H, 0, packed)
+        pack_panels(recurrent_kernel + u0, 4 * H, width, H, False, packed, threads)
     else:
-        lstmeng_pack_panels_f32(recurrent_kernel + u0 * 4 * H, 4 * H, width, 4 * H, 1, packed)
+        pack_panels(recurrent_kernel + u0 * 4 * H, 4 * H, width, 4 * H, True, packed, threads)
 
 
 cdef float *pack_slice(float *base, const float *weights, Py_ssize_t K, Py_ssize_t H,
                        Py_ssize_t u0, Py_ssize_t u1, bint transpose,
-                       bint stored_transposed) noexcept nogil:
+                       bint stored_transposed, Py_ssize_t threads=1) noexcept nogil:
     """Units u0 .. u1 - 1 of weights [K, 4H] (forward: the recurrent kernel, K = H, or
     the input kernel, K = I) or of the recurrent kernel's transpose (backward,
     transpose, K = H) packed into their place in base [K * 4H] for the packed
     kernel; NULL (use BLAS) when base is NULL or the slice cannot use it.
-    stored_transposed: weights is held as its transpose (``weights_transposed``)."""
+    stored_transposed: weights is held as its transpose (``weights_transposed``).
+    threads: how many threads pack a whole matrix (pack_panels; a caller outside any
+    parallel region)."""
     cdef Py_ssize_t width = u1 - u0
     cdef float *packed
     if base == NULL or K == 0 or not packed_slice_usable(H, width, H if transpose else 4 * H):
         return NULL
     packed = base + u0 * 4 * K
     if transpose:
-        pack_recurrent_transpose_slice(weights, H, u0, width, stored_transposed, packed)
+        pack_recurrent_transpose_slice(weights, H, u0, width, stored_transposed, packed, threads)
     else:
-        pack_weight_slice(weights, K, H, u0, width, stored_transposed, packed)
+        pack_weight_slice(weights, K, H, u0, width, stored_transposed, packed, threads)
     return packed
 
 
 cdef float *pack_recurrent_slice(const LstmProblem *problem, float *base, const float *recurrent_kernel,
-                                 Py_ssize_t u0, Py_ssize_t u1, bint backward) noexcept nogil:
+                                 Py_ssize_t u0, Py_ssize_t u1, bint backward, Py_ssize_t threads=1) noexcept nogil:
     """The recurrent kernel's units u0 .. u1 - 1 packed into their place in base
     [H * 4H]: R's gate columns of those units for the forward's h @ R, or R's rows
     (R^T's columns) for the backward's dz @ R^T. For product_in_halves when
     problem.recurrent_halves (the same floats in another order), else as pack_slice
-    packs them; NULL (BLAS) as pack_slice."""
+    packs them; NULL (BLAS) as pack_slice. threads: pack_slice's (the halves layout, a
+    batch-1 layout whose units are split anyway, packs on one)."""
     cdef Py_ssize_t H = problem.units, G = 4 * H, ld_i, ld_j
     if not problem.recurrent_halves:
-        return pack_slice(base, recurrent_kernel, H, H, u0, u1, backward, problem.weights_transposed)
+        return pack_slice(base, recurrent_kernel, H, H, u0, u1, backward, problem.weights_transposed, threads)
     if base == NULL or not packed_slice_usable(H, u1 - u0, H if backward else G):
         return NULL
     # M[i, j] = recurrent_kernel[i * ld_i + j * ld_j], M = R [H, 4H] (forward) or R^T [4H, H],
@@ -716,6 +749,25 @@ def transposed_copy(floating[:, ::1] array):
                 lstmeng_transpose_f32(rows, cols, &array[0, 0], cols, &out[0, 0], rows)
             else:
                 lstmeng_transpose_f64(rows, cols, &array[0, 0], cols, &out[0, 0], rows)
+    return result
+
+
+def packed_panels(const float[:, ::1] matrix, bint transpose=False, Py_ssize_t threads=1):
+    """The packed kernel's layout of ``matrix`` [K, G] (with transpose: of its transpose,
+    ``matrix`` then [G, K]) as pack_panels writes it on ``threads`` threads: a new float32
+    array [G / 32, K, 32] whose [p, k, c] is B[k, 32 p + c]. For tests: the layout must
+    not depend on how many threads wrote it. G must be a multiple of 32."""
+    cdef Py_ssize_t K = matrix.shape[1] if transpose else matrix.shape[0]
+    cdef Py_ssize_t G = matrix.shape[0] if transpose else matrix.shape[1]
+    if G % PANEL_PAIR != 0 or K == 0:
+        raise ValueError(f"packed_panels: the packed matrix must have K > 0 rows and a multiple of "
+                         f"{PANEL_PAIR} columns, got K = {K}, G = {G}")
+    if threads < 1:
+        raise ValueError(f"packed_panels: threads must be >= 1, got {threads}")
+    result = np.empty((G // PANEL_PAIR, K, PANEL_PAIR), np.float32)
+    cdef float[:, :, ::1] out = result
+    with nogil:
+        pack_panels(&matrix[0, 0], K, G, matrix.shape[1], transpose, &out[0, 0, 0], threads)
     return result
 
 
@@ -1177,9 +1229,12 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
         # (product_in_halves), whether the units are split or not.
         problem.recurrent_halves = takes_halves(pack_recurrent, B, H)
         if not split_units:
-            packed_base = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0], 0, H, False)
+            # Whole matrices, shared by the parts (or a pipelined call's threads): packed by
+            # all of the call's threads.
+            packed_base = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0], 0, H, False,
+                                               team_threads)
             packed_input_base = pack_slice(packed_input_base, <float *>buffers.kernel, I, H, 0, H,
-                                           False, weights_transposed)
+                                           False, weights_transposed, team_threads)
     global last_forward_row_halves
     last_forward_row_halves = problem.recurrent_halves
     # The pipelined forward: one part's time loop on thread 0, the input projection of
@@ -1617,13 +1672,14 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
         # Batch 1 on the AVX-512 kernels: dh(t - 1) = dz(t) @ R^T in halves, as the forward.
         problem.recurrent_halves = takes_halves(pack_recurrent, B, H)
         if not split_units:
-            packed_base = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0], 0, H, True)
+            packed_base = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0], 0, H, True,
+                                               running_threads)
         if dx_packed:
             gradients.kernel_t_packed = &packed_kernel_t[0]
             if weights_transposed:   # K^T itself
-                lstmeng_pack_panels_f32(<float *>buffers.kernel, G, I, I, 0, gradients.kernel_t_packed)
+                pack_panels(<float *>buffers.kernel, G, I, I, False, gradients.kernel_t_packed, running_threads)
             else:
-                lstmeng_pack_panels_f32(<float *>buffers.kernel, G, I, G, 1, gradients.kernel_t_packed)
+                pack_panels(<float *>buffers.kernel, G, I, G, True, gradients.kernel_t_packed, running_threads)
     if packed_x.shape[0] != N or packed_x.shape[1] != I:
         raise ValueError(f"packed_x must be [{N}, {I}], got {list(packed_x.shape)[:2]}")
     check_blas_sizes(N, G, I, H)

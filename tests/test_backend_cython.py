@@ -1033,7 +1033,8 @@ def test_small_batch_products_match_the_reference(isa, sizes, transposed):
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["row_major", "torch_layout"])
 @pytest.mark.parametrize("batch, steps, units", [(8, 2, 32), (8, 3, 32), (12, 2, 32), (17, 3, 32), (20, 2, 32),
-                                                 (64, 2, 32), (64, 1, 32), (4, 4, 288), (8, 2, 288), (6, 2, 288)])
+                                                 (64, 2, 32), (64, 1, 32), (4, 4, 288), (8, 2, 288), (6, 2, 288),
+                                                 (64, 2, 96), (64, 1, 96)])
 def test_short_calls_of_small_batches_on_each_product_path_match_the_reference(isa, transposed, batch, steps,
                                                                              units):
     """Short calls of small batches, which session 16 moved between product paths: step
@@ -1041,7 +1042,9 @@ def test_short_calls_of_small_batches_on_each_product_path_match_the_reference(i
     steps where SGEMM would have taken them, more than 16 rows, and from one step at 32 rows
     per part; from 2 steps for 7+ rows of a kernel over 1 MiB: H = 288; from 4 steps for 4+
     rows), and the input projection and dx on the packed input kernel from 2 steps of more
-    than 16 rows (AVX-512, I = 32). Forward and backward against the float64 NumPy reference."""
+    than 16 rows (AVX-512, I = 32); batch 64 at H = 96 in two parts that share a recurrent kernel
+    packed by both threads (session 17: 36 K floats, over PARALLEL_PACK_MIN_FLOATS, its 12 panel
+    pairs dealt 6 and 6). Forward and backward against the float64 NumPy reference."""
     if isa not in cython_module._cython_lstm.SUPPORTED_ISAS:
         pytest.skip(f"this CPU or build does not run {isa}")
     features = 32
@@ -1075,6 +1078,30 @@ def test_transposed_copy_is_the_transpose(dtype):
     finally:
         cython_module._selected_kernels = None
         cython_module._select_kernels(cython_module._kernel_overrides.current())
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("transpose", [False, True], ids=["row_major", "transposed"])
+@pytest.mark.parametrize("rows, columns", [(8, 64), (300, 1024), (400, 96), (33, 1056)])
+def test_packed_panels_do_not_depend_on_the_threads_that_pack_them(threads, transpose, rows, columns):
+    """The packed kernel's layout (lstm_gemm.h: pairs of 16-column panels, [p, k, c] = B[k, 32 p + c])
+    as pack_panels writes it on 1-3 threads: the pairs dealt among the threads where the matrix has
+    PARALLEL_PACK_MIN_FLOATS floats or more (all but 8 x 64; 400 x 96 is three pairs, dealt 1 and 2),
+    read row-major or transposed (PyTorch's layout), equal to NumPy's reshape of the matrix."""
+    extension = cython_module._cython_lstm
+    matrix = np.random.default_rng(rows).normal(size=(rows, columns)).astype(np.float32)
+    stored = np.ascontiguousarray(matrix.T) if transpose else matrix
+    packed = extension.packed_panels(stored, transpose, threads)
+    expected = matrix.reshape(rows, columns // 32, 32).transpose(1, 0, 2)
+    np.testing.assert_array_equal(packed, expected)
+
+
+def test_packed_panels_reject_bad_arguments():
+    extension = cython_module._cython_lstm
+    with pytest.raises(ValueError, match="multiple of 32 columns, got K = 4, G = 48"):
+        extension.packed_panels(np.zeros((4, 48), np.float32))
+    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
+        extension.packed_panels(np.zeros((4, 64), np.float32), False, 0)
 
 
 def test_float32_steps_of_small_batches_leave_blas_threads_alone():
