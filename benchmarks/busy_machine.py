@@ -1,6 +1,7 @@
-"""Short batch-1 calls of the cython backend on a busy machine: the automatic thread choice
-against one thread, mean and median per call (issue 17's busy-machine target: no slower than
-1.2x the one-thread time).
+"""Calls of the cython backend on a busy machine: the automatic thread choice against one
+thread, mean and median per call (issue 17's busy-machine target: no slower than 1.2x the
+one-thread time). By default the short batch-1 calls that split their units; ``--shapes``
+for others, e.g. the whole parts of larger batches.
 
 With ``--hog`` a CPU-bound process (``python -c "while True: pass"``) runs beside the
 measurement, as another program on one of the two cores would. Each shape runs a block of
@@ -14,6 +15,8 @@ which only the mean shows.
 
     python benchmarks/busy_machine.py --hog                  # the shapes of docs/cython.md
     python benchmarks/busy_machine.py --calls 2000 --rounds 1 # quick look, quiet machine
+    python benchmarks/busy_machine.py --hog --shapes 64,1,128,512:infer:3000 \
+        256,50,128,128:train:60 64,100,256,256:infer:60 64,50,64,128:train:200   # whole parts
 """
 
 from __future__ import annotations
@@ -27,8 +30,20 @@ import time
 
 import numpy as np
 
-#: (steps, training, calls): batch 1, I = 64, H = 128: calls the unit split takes since session 12.
-SHAPES = ((64, False, 30000), (16, True, 15000))
+#: (B, T, I, H), training, calls: batch 1 calls the unit split takes since session 12.
+SHAPES = (((1, 64, 64, 128), False, 30000), ((1, 16, 64, 128), True, 15000))
+
+
+def parse_shape(text: str) -> tuple:
+    """"B,T,I,H:infer|train:calls" -> ((B, T, I, H), training, calls)."""
+    try:
+        sizes, mode, calls = text.split(":")
+        shape = tuple(int(size) for size in sizes.split(","))
+        if len(shape) != 4 or mode not in ("infer", "train") or int(calls) < 1:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shape is B,T,I,H:infer|train:calls, got {text!r}") from None
+    return shape, mode == "train", int(calls)
 
 
 def parse_args():
@@ -37,6 +52,8 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--calls", type=int, default=None, help="calls per block (default: per shape)")
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=SHAPES,
+                        help="B,T,I,H:infer|train:calls each (default: the batch-1 shapes)")
     return parser.parse_args()
 
 
@@ -82,15 +99,15 @@ def main():
     print("|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     with cpu_hog(args.hog):
-        for steps, training, default_calls in SHAPES:
+        for (batch, steps, features, units), training, default_calls in args.shapes:
             calls = args.calls or default_calls
-            x = rng.normal(size=(1, steps, 64)).astype(np.float32)
-            dy = np.ones((1, steps, 128), np.float32)
-            layer = le.LSTM(128, return_sequences=True, backend="cython", seed=0).build(64)
+            x = rng.normal(size=(batch, steps, features)).astype(np.float32)
+            dy = np.ones((batch, steps, units), np.float32)
+            layer = le.LSTM(units, return_sequences=True, backend="cython", seed=0).build(features)
             for _ in range(args.rounds):
                 auto = block(layer, x, dy, training, calls, args.threads)
                 one = block(layer, x, dy, training, calls, 1)
-                print(f"| 1,{steps},64,128 | {'train' if training else 'infer'} | "
+                print(f"| {batch},{steps},{features},{units} | {'train' if training else 'infer'} | "
                       f"{auto.mean() * 1e3:.3f} / {np.median(auto) * 1e3:.3f} | "
                       f"{one.mean() * 1e3:.3f} / {np.median(one) * 1e3:.3f} | {auto.mean() / one.mean():.2f}x |",
                       flush=True)

@@ -1293,6 +1293,10 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
                 share.part = part
                 forward_part(&problem, &buffers, &share, <floating>0)
                 part = part + lstmeng_team_size()
+            # The parts' own end (the region's join would wait anyway): a member that waits
+            # here long, after it began to yield its core, reports it (team_barrier_stats) for
+            # the busy-machine governor, as a unit split's per-step barriers do.
+            lstmeng_barrier_wait(&barrier_flags[0], member, lstmeng_team_size(), 0)
     if buffer_cache is not None:
         buffer_cache.give(packed_weights_array, packed_input_array)
     if pipelined:
@@ -1339,9 +1343,9 @@ def step_forward(floating[:, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0, f
 
 
 cdef tuple team_barrier_stats(const int64_t *flags, Py_ssize_t team):
-    """(barriers per member, seconds) of a unit-split call ((0, 0.0) for whole parts):
-    the longest time a member spent waiting at barriers after it began to yield its
-    core (lstm_sync.h)."""
+    """(barriers per member, seconds) of a unit-split call, or of whole parts on more than
+    one thread (one barrier, at the parts' end; (0, 0.0) on one thread): the longest time
+    a member spent waiting at barriers after it began to yield its core (lstm_sync.h)."""
     cdef int64_t barriers, slow_wait_ns
     lstmeng_team_slow_waits(flags, team, &barriers, &slow_wait_ns)
     return barriers, slow_wait_ns * 1e-9
@@ -1605,7 +1609,10 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     cdef floating[:, ::1] dc_state = np.empty((B, H), dtype)
     cdef floating[:, ::1] dh_total = np.empty((team_threads, H), dtype)
     cdef floating[:, ::1] scratch = np.empty((team_threads, 6 * H), dtype)
-    cdef floating[:, ::1] dbias_partial = np.zeros((team_threads, G), dtype)
+    # Column sums of dz per member, or per part where whole parts run (so that parts run one
+    # after another on fewer threads, the busy-machine fallback, sum them the same way).
+    cdef Py_ssize_t partial_rows = max(team_threads, row_begin.shape[0] - 1)
+    cdef floating[:, ::1] dbias_partial = np.zeros((partial_rows, G), dtype)
     cdef unsigned char[::1] previous_real = np.zeros(team_threads * (B + 1), np.uint8)
     cdef Py_ssize_t[::1] first_real = np.empty(team_threads * (B + 1), np.intp)
     cdef Py_ssize_t[::1] last_real = np.empty(team_threads * (B + 1), np.intp)
@@ -1759,14 +1766,17 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
                 part = member
                 while part < P:
                     share.part = part
+                    share.dbias_partial = &dbias_partial[0, 0] + part * G
                     backward_part(&problem, &buffers, &gradients, &share, <floating>0)
                     part = part + lstmeng_team_size()
+                # The parts' end, timed for the busy-machine governor (as in `forward`).
+                lstmeng_barrier_wait(&barrier_flags[0], member, lstmeng_team_size(), 0)
 
         if pipelined:
             if floating is float:
                 sum_chunk_partials(&work, chunks, I, H, <float *>gradients.dkernel,
                                    <float *>gradients.drecurrent_kernel)
-            sum_partials(<floating *>gradients.dbias, <floating *>gradients.dbias_partial, team_threads, G,
+            sum_partials(<floating *>gradients.dbias, <floating *>gradients.dbias_partial, partial_rows, G,
                          0, G)
     if pipelined:
         if buffer_cache is not None:
@@ -1784,7 +1794,7 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
         # Weight gradients over all packed rows, each thread a block of gate columns.
         for part in prange(column_threads, num_threads=min(column_threads, running_threads),
                            schedule="static"):
-            weight_gradient_columns(&problem, &buffers, &gradients, part, team_threads,
+            weight_gradient_columns(&problem, &buffers, &gradients, part, partial_rows,
                                     weights_packed, <floating>0)
 
         # dx = dz @ K^T written over the packed input rows (consumed above), then
@@ -1868,10 +1878,10 @@ def step_backward(floating[:, ::1] doutputs, floating[:, ::1] dh, floating[:, ::
 
 cdef void weight_gradient_columns(const LstmProblem *problem, const LstmBuffers *buffers,
                                   const LstmGradients *gradients, Py_ssize_t column_thread,
-                                  Py_ssize_t threads, bint packed, floating zero) noexcept nogil:
+                                  Py_ssize_t partials, bint packed, floating zero) noexcept nogil:
     """Gate column block ``column_thread`` of the weight gradients over all packed
     rows: dK = X^T dz, dR = H_in^T dz (through the packed kernel when ``packed``),
-    and db = the ``threads`` threads' column sums of dz added up."""
+    and db = the ``partials`` rows of column sums of dz (per member, or per part) added up."""
     cdef Py_ssize_t I = problem.inputs, H = problem.units, G = problem.gate_columns, N = problem.packed_rows
     cdef Py_ssize_t column_block = gradients.column_block
     cdef Py_ssize_t column_begin = column_thread * column_block
@@ -1888,7 +1898,7 @@ cdef void weight_gradient_columns(const LstmProblem *problem, const LstmBuffers 
         gemm_columns(I, H, G, N, column_begin, column_end, <floating *>buffers.packed_x,
                      <floating *>buffers.h_in_all, <floating *>buffers.gates,
                      <floating *>gradients.dkernel, <floating *>gradients.drecurrent_kernel)
-    sum_partials(<floating *>gradients.dbias, <floating *>gradients.dbias_partial, threads, G,
+    sum_partials(<floating *>gradients.dbias, <floating *>gradients.dbias_partial, partials, G,
                  column_begin, column_end)
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -716,6 +717,66 @@ def test_busy_machine_fallback_gives_the_same_numbers(dtype, isa, monkeypatch):
             np.testing.assert_array_equal(got, want)
         else:
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("lengths", [False, True], ids=["full", "variable-length"])
+def test_whole_parts_report_their_end_and_run_one_thread_while_the_governor_holds_back(dtype, lengths,
+                                                                                       monkeypatch):
+    """A batch of two parts on two threads meets once, at the parts' end: the forward and the
+    backward each report that barrier to the busy-machine governor (a losing wait there makes
+    the next calls run the parts one after another on one thread), and a backend whose governor
+    holds back gives the same numbers, bitwise, its backward on one thread too (the forward's
+    verdict, kept in the workspace). Waits under PARTS_MIN_SLOW_WAIT_SECONDS do not count."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    batch, steps, inputs, units = 2 * cython_module.MIN_ROWS_PER_PART, 12, 8, 32
+    if cython_module._team(batch, units, None)[0] != 2:
+        pytest.skip("this build runs one thread (no OpenMP)")
+    records = []
+    original_record = cython_module._UnitSplitGovernor.record
+    monkeypatch.setattr(cython_module._UnitSplitGovernor, "record",
+                        lambda self, *args: (records.append(args), original_record(self, *args)))
+    rng = np.random.default_rng(4)
+    args = [(rng.normal(size=shape) * scale).astype(dtype) for shape, scale in
+            [((batch, steps, inputs), 1), ((batch, units), 1), ((batch, units), 1),
+             ((inputs, 4 * units), 0.3), ((units, 4 * units), 0.3), ((4 * units,), 0.1)]]
+    mask = np.arange(steps)[None, :] < rng.integers(1, steps + 1, batch)[:, None] if lengths else None
+    dy = rng.normal(size=(batch, steps, units)).astype(dtype)
+    teamed, backed_off = cython_module.CythonBackend(), cython_module.CythonBackend()
+    backed_off._split_governor._skip = 10**9
+    results = []
+    for backend in (teamed, backed_off):
+        del records[:]
+        forward = sequence_forward(backend, *args, mask=mask, training=True)
+        grads = backend.sequence_backward(dy, args[1] * 0, args[2] * 0, forward.workspace)
+        barriers = sum(record[0] for record in records)
+        results.append((forward.workspace.busy, barriers, forward.outputs, forward.h, forward.c, grads.dx,
+                        grads.dkernel, grads.drecurrent_kernel, grads.dbias, grads.dh0, grads.dc0))
+        if backend is teamed:
+            # One barrier each, its slow wait (none, or at least the floor) within the call; on
+            # one thread none (the governor learns nothing from such calls).
+            assert [record[0] for record in records] == [1, 1]
+            assert all(record[1] == 0 or cython_module.PARTS_MIN_SLOW_WAIT_SECONDS <= record[1] <= record[2]
+                       for record in records)
+    assert results[0][:2] == (False, 2) and results[1][:2] == (True, 0)
+    for got, want in zip(results[1][2:], results[0][2:]):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_short_waits_at_the_parts_end_do_not_count():
+    """A waking partner or a slightly slower part keeps a whole-parts call's slow wait under
+    PARTS_MIN_SLOW_WAIT_SECONDS: not losing, however short the call. A unit split's waits
+    count from the first (its members meet at every step)."""
+    floor = cython_module.PARTS_MIN_SLOW_WAIT_SECONDS
+    backend = cython_module.CythonBackend()
+    start = time.perf_counter() - 1e-3    # a 1 ms call: a wait of 0.9 floor is over 10 % of it
+    backend._record_call(start, time.thread_time(), (1, 0.9 * floor), False, True, None, 10, False)
+    assert backend._split_governor.allow()
+    backend._record_call(start, time.thread_time(), (1, 0.9 * floor), False, True, None, 10, True)
+    assert not backend._split_governor.allow()
+    backend = cython_module.CythonBackend()
+    backend._record_call(start, time.thread_time(), (1, 1.1 * floor), False, True, None, 10, False)
+    assert not backend._split_governor.allow()
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])

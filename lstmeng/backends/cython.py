@@ -104,6 +104,12 @@ CALL_RUN_SECONDS = 0.002
 #: more than ~5 us late: descheduled); the next calls then run one thread (see
 #: _UnitSplitGovernor).
 LOSING_WAIT_FRACTION = 0.1
+#: Whole parts meet only at the call's end, where a part's thread also waits for a partner
+#: that started late (waking an idle OpenMP thread) or had the slower part: on an idle
+#: Zen 5 guest such waits were 50-110 us (1-2 % of calls over LOSING_WAIT_FRACTION, and
+#: the back-off doubling on runs of them), where a core lost to another process cost
+#: 2-35 ms. Shorter waits at the parts' end do not count (session 17).
+PARTS_MIN_SLOW_WAIT_SECONDS = 250e-6
 #: Most calls a losing unit split is skipped before it is tried again (see
 #: _UnitSplitGovernor: with a CPU-bound process on the other core, a retry of a short
 #: call's split can stall for several ms, 20 % more on 256 calls of 0.16 ms).
@@ -208,7 +214,8 @@ def _team(batch: int, units: int, split_units: bool | None, flops: float | None 
 
 
 class _UnitSplitGovernor:
-    """Whether to split units now: stops the split for a while after a call in which it lost.
+    """Whether to split units (or run whole parts on their threads) now: stops that for a while
+    after a call in which it lost.
 
     The unit split meets at a barrier every step; when another process holds
     one of the cores, a member is descheduled and every barrier waits for it
@@ -219,6 +226,14 @@ class _UnitSplitGovernor:
     MAX_SPLIT_BACKOFF_CALLS) each time the split loses again, halving back
     after each run of ``backoff`` split calls that did not: the split is retried
     ever more rarely while the machine stays busy, and runs on as soon as it is idle.
+
+    Whole parts (batches of 32 rows or more, a part per thread) meet once, at the call's
+    end; since session 17 the time a part's thread waits there after it began to yield
+    its core counts as the split's barrier waits do, and while the governor holds back
+    the parts run one after another on one thread (the same numbers). With a CPU-bound
+    process on the other core, such calls had taken 1.08-2.15x their one-thread time on
+    average, 0.96-1.07x since (docs/cython.md, "Whole parts back off too"); waits under
+    PARTS_MIN_SLOW_WAIT_SECONDS there do not count.
 
     A run, not a single call: with a CPU-bound process on the other core, most short
     split calls of (1, 64, 64, 128) ran faster than one thread (0.10 against 0.16 ms)
@@ -621,6 +636,13 @@ class CythonBackend(KernelBackend):
             busy = not self._split_governor.allow()
             if busy or not self._split_chooser.choose(chooser_key):
                 parts, threads, split_units, run_one_thread = 1, 1, False, True
+        elif parts > 1 and threads > 1:
+            # Whole parts on their threads, which meet only at the call's end: while that
+            # wait has been losing (another process holding a core) the same parts run one
+            # after another on one thread (the same numbers), the backward's too.
+            busy = not self._split_governor.allow()
+            if busy:
+                threads = 1
         layout = _layout(mask, batch, steps, parts, overrides.cython_packed_variable_length is not False)
         # One part whose time loop runs on one thread while others are free: the input
         # projection of the chunks ahead runs on another thread (the extension's pipelined
@@ -679,7 +701,8 @@ class CythonBackend(KernelBackend):
                 chunk_steps=chunk_steps, part_chunk_rows=part_chunk_rows,
                 threads=threads, split_units=split_units, buffer_cache=self._buffers,
                 weights_transposed=weights_transposed, pipeline=pipeline)
-        self._record_call(start, start_cpu, barrier_stats, pipeline, split_units, chooser_key, steps)
+        self._record_call(start, start_cpu, barrier_stats, pipeline, split_units or parts > 1, chooser_key, steps,
+                          split_units)
         self._buffers.give(packed_x, h_state, c_state, h_in_step, None if training else gates)
 
         workspace = None
@@ -694,16 +717,21 @@ class CythonBackend(KernelBackend):
         return SequenceForward(outputs=outputs, h=h_out, c=c_out, workspace=workspace)
 
     def _record_call(self, start: float, start_cpu: float, barrier_stats: tuple, pipeline: bool,
-                     split_units: bool, chooser_key, steps: int) -> None:
+                     teamed: bool, chooser_key, steps: int, split_units: bool) -> None:
         """After a forward or backward kernel call that began at ``start`` (perf_counter) and
         ``start_cpu`` (this thread's thread_time): its end for the run rule (CALL_RUN_SECONDS),
         and what the busy-machine governor and the split chooser learn from it. barrier_stats:
-        the kernel's (barriers, slow-wait seconds), or a pipelined call's raw stats."""
+        the kernel's (barriers, slow-wait seconds), or a pipelined call's raw stats; teamed:
+        the call ran a unit split or whole parts (barriers where its threads meet; a call on
+        one thread reports none, and the governor ignores it); split_units: it ran a unit
+        split (what the chooser learns)."""
         elapsed = time.perf_counter() - start
         self._last_call_end = start + elapsed
         if pipeline:
             barrier_stats = _pipelined_call_stats(barrier_stats, elapsed, time.thread_time() - start_cpu)
-        if split_units or pipeline:
+        elif teamed and not split_units and barrier_stats[1] < PARTS_MIN_SLOW_WAIT_SECONDS:
+            barrier_stats = (barrier_stats[0], 0.0)
+        if teamed or pipeline:
             self._split_governor.record(*barrier_stats, elapsed)
         if chooser_key is not None:
             self._split_chooser.observe(chooser_key, split_units, elapsed / max(steps, 1))
@@ -858,7 +886,10 @@ class CythonBackend(KernelBackend):
                 threads=threads, split_units=split_units, run_threads=run_threads,
                 buffer_cache=self._buffers, weights_transposed=ws.weights_transposed,
                 pipeline=pipeline)
-        self._record_call(start, start_cpu, barrier_stats, pipeline, split_units, chooser_key, steps)
+        # (The extension pipelines one part only; whole parts report their end's barrier.)
+        parts = len(layout.row_begin) - 1
+        self._record_call(start, start_cpu, barrier_stats, pipeline and parts == 1, split_units or parts > 1,
+                          chooser_key, steps, split_units)
         # The consumed workspace and the scratch serve later calls; the workspace lets go of them.
         self._buffers.give(packed_x, ws.gates, ws.c_prev, ws.h_in)
         ws.gates = ws.c_prev = ws.h_in = None
