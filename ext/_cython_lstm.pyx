@@ -254,6 +254,20 @@ last_backward_pipelined = False
 #: (batch 1, float32, AVX-512 packed kernel, H a multiple of 32), for the same reason.
 last_forward_row_halves = False
 last_backward_row_halves = False
+#: How many members met at the parts' end in the last `forward` / `backward` call of whole
+#: parts on more than one thread (0 otherwise): those that had a part, never a member
+#: without one, whose wait would be the whole call. For tests.
+last_forward_parts_met = 0
+last_backward_parts_met = 0
+
+
+cdef Py_ssize_t members_met(const int64_t *flags, Py_ssize_t team) noexcept nogil:
+    """How many of a team's members made at least one barrier call (lstm_sync.h's flags)."""
+    cdef Py_ssize_t member, met = 0
+    for member in range(team):
+        if flags[member * LSTMENG_FLAG_STRIDE] > 0:
+            met += 1
+    return met
 
 
 cdef Layout make_layout(const Py_ssize_t[::1] order, const Py_ssize_t[::1] row_begin,
@@ -1248,8 +1262,9 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
                            and LSTMENG_HAVE_OPENMP and chunks > 1 and slots >= 2)
     # Allocated only for a pipelined call (a one-step cell call pays every array it makes).
     cdef int64_t[::1] claims, projections_done
-    global last_forward_pipelined
+    global last_forward_pipelined, last_forward_parts_met
     last_forward_pipelined = pipelined
+    last_forward_parts_met = 0
     if pipelined:
         claims = np.zeros(3 * LSTMENG_FLAG_STRIDE, np.int64)
         projections_done = np.zeros(chunks + 1, np.int64)
@@ -1295,12 +1310,15 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
                 part = part + lstmeng_team_size()
             # The parts' own end (the region's join would wait anyway): a member that waits
             # here long, after it began to yield its core, reports it (team_barrier_stats) for
-            # the busy-machine governor, as a unit split's per-step barriers do.
-            lstmeng_barrier_wait(&barrier_flags[0], member, lstmeng_team_size(), 0)
+            # the busy-machine governor, as a unit split's per-step barriers do. Only members
+            # that had a part meet (one without would report the whole call as its wait).
+            if member < problem.parts:
+                lstmeng_barrier_wait(&barrier_flags[0], member, min(lstmeng_team_size(), problem.parts), 0)
     if buffer_cache is not None:
         buffer_cache.give(packed_weights_array, packed_input_array)
     if pipelined:
         return chunks, barrier_flags[LSTMENG_SLOW_WAIT_NS] * 1e-9
+    last_forward_parts_met = 0 if split_units else members_met(&barrier_flags[0], team_threads)
     return team_barrier_stats(&barrier_flags[0], team_threads)
 
 
@@ -1703,8 +1721,9 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     cdef int64_t[::1] inputs_ready
     partials_array = packed_dx_array = None
     cdef float[::1] partials, packed_dx
-    global last_backward_pipelined, last_backward_row_halves
+    global last_backward_pipelined, last_backward_row_halves, last_backward_parts_met
     last_backward_pipelined = pipelined
+    last_backward_parts_met = 0
     last_backward_row_halves = problem.recurrent_halves
     memset(&work, 0, sizeof(work))
     if pipelined:
@@ -1769,8 +1788,10 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
                     share.dbias_partial = &dbias_partial[0, 0] + part * G
                     backward_part(&problem, &buffers, &gradients, &share, <floating>0)
                     part = part + lstmeng_team_size()
-                # The parts' end, timed for the busy-machine governor (as in `forward`).
-                lstmeng_barrier_wait(&barrier_flags[0], member, lstmeng_team_size(), 0)
+                # The parts' end, timed for the busy-machine governor (as in `forward`): the
+                # members that had a part (the backward's team can outnumber the parts).
+                if member < P:
+                    lstmeng_barrier_wait(&barrier_flags[0], member, min(lstmeng_team_size(), P), 0)
 
         if pipelined:
             if floating is float:
@@ -1812,6 +1833,7 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
                                            <floating *>buffers.input_dropout)
     if buffer_cache is not None:
         buffer_cache.give(packed_weights_array, packed_kernel_t_array, gradient_panels_array)
+    last_backward_parts_met = 0 if split_units else members_met(&barrier_flags[0], team_threads)
     return team_barrier_stats(&barrier_flags[0], team_threads)
 
 

@@ -763,6 +763,29 @@ def test_whole_parts_report_their_end_and_run_one_thread_while_the_governor_hold
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("batch, parts", [(32, 2), (48, 3), (64, 4)])
+def test_only_members_with_a_part_meet_at_the_parts_end(batch, parts, monkeypatch):
+    """With 4 threads, a batch of 32 rows is two parts (16 rows each at least): the forward runs
+    a member per part, while the backward's team has a member per thread, two of them without a
+    part. Only members with a part meet at the parts' end (``last_*_parts_met``): one without
+    would wait there for the whole call and report that as a slow wait, every call."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    if cython_module._ThreadCounts().kernel != 4:
+        pytest.skip("this build cannot run 4 OpenMP threads")
+    extension = cython_module._cython_lstm
+    backend = cython_module.CythonBackend()
+    rng = np.random.default_rng(batch)
+    units, steps, inputs = 32, 6, 8
+    args = [rng.normal(size=shape).astype(np.float32) for shape in
+            [(batch, steps, inputs), (batch, units), (batch, units), (inputs, 4 * units), (units, 4 * units),
+             (4 * units,)]]
+    forward = sequence_forward(backend, *args, training=True)
+    assert extension.last_forward_parts_met == parts
+    backend.sequence_backward(rng.normal(size=(batch, steps, units)).astype(np.float32), args[1], args[2],
+                              forward.workspace)
+    assert extension.last_backward_parts_met == parts
+
+
 def test_short_waits_at_the_parts_end_do_not_count():
     """A waking partner or a slightly slower part keeps a whole-parts call's slow wait under
     PARTS_MIN_SLOW_WAIT_SECONDS: not losing, however short the call. A unit split's waits
