@@ -69,6 +69,7 @@ cdef extern from "lstm_gemm.h" nogil:
 
 cdef extern from "lstm_gemv.h" nogil:
     bint lstmeng_gemv_takes_f32(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k)
+    bint lstmeng_gemv_took_f32(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k)
     void lstmeng_gemv_f32(Py_ssize_t m, int b_transposed, Py_ssize_t n, Py_ssize_t k, const float *a,
                           Py_ssize_t lda, const float *b, Py_ssize_t ldb, int accumulate, float *y,
                           Py_ssize_t ldy)

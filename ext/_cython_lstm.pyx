@@ -178,8 +178,8 @@ cdef Py_ssize_t DGEMV_MAX_ROWS = 3
 
 cdef inline bint takes_gemv(bint float32, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k) noexcept nogil:
     """Whether gemm computes an unpacked product of m rows, B n x k, as GEMVs rather than one
-    GEMM: lstm_gemv.h's kernels in float32 (lstmeng_gemv_takes_f32: up to 16 rows, fewer
-    for the AVX2 and scalar families in places), one DGEMV per row in float64."""
+    GEMM: lstm_gemv.h's kernels in float32 (lstmeng_gemv_takes_f32: up to 16 rows, 32 on
+    AVX-512, fewer for the AVX2 and scalar families in places), one DGEMV per row in float64."""
     return lstmeng_gemv_takes_f32(m, n, k) if float32 else m <= DGEMV_MAX_ROWS
 
 
@@ -205,17 +205,20 @@ def step_calls_blas(bint float32, Py_ssize_t rows, Py_ssize_t features, Py_ssize
 cdef inline bint packs_input_kernel(Py_ssize_t B, Py_ssize_t T, Py_ssize_t I, Py_ssize_t G) noexcept nogil:
     """Whether a call's input projection (and dx) may run on the packed kernel: MIN_ROWS_TO_PACK
     rows, or PACK_MIN_STEPS steps, or from PACK_MIN_STEPS_THICK steps rows that lstm_gemv.h
-    would not take (SGEMM would pack the input kernel [I, G] itself; one-step calls keep
-    SGEMM, as the short path, which must match them bitwise, does)."""
+    did not take when these rules were measured (lstmeng_gemv_took_f32: SGEMM would pack the
+    input kernel [I, G] itself; one-step calls stay unpacked, as the short path, which must
+    match them bitwise, is)."""
     return (B * T >= MIN_ROWS_TO_PACK or T >= PACK_MIN_STEPS
-            or (T >= PACK_MIN_STEPS_THICK and not lstmeng_gemv_takes_f32(B * T, G, I)))
+            or (T >= PACK_MIN_STEPS_THICK and not lstmeng_gemv_took_f32(B * T, G, I)))
 
 
 cdef inline bint packing_pays(Py_ssize_t steps, Py_ssize_t rows, Py_ssize_t nbytes) noexcept nogil:
     """Whether a matrix of nbytes, used by each of ``steps`` steps' products of ``rows``
     rows (a part's, or the whole batch's in a unit split), is worth packing for the
-    packed kernel (see PACK_MIN_STEPS)."""
-    if not lstmeng_gemv_takes_f32(rows, nbytes // sizeof(float), 1):   # (n x k: its floats)
+    packed kernel (see PACK_MIN_STEPS). Products of more than 16 rows count as SGEMM's
+    (lstmeng_gemv_took_f32), as when the rule was measured, also where the AVX-512 GEMV
+    takes them unpacked since (up to 32 rows: one step, or one part of 17-31 rows)."""
+    if not lstmeng_gemv_took_f32(rows, nbytes // sizeof(float), 1):   # (n x k: its floats)
         return steps >= PACK_MIN_STEPS_THICK or rows >= MIN_ROWS_TO_PACK
     if rows >= PACK_MIN_ROWS_UNCACHED and nbytes > PACK_CACHED_BYTES:
         return steps >= PACK_MIN_STEPS_THICK

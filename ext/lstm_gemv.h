@@ -55,7 +55,8 @@
 #define LSTMENG_GEMV_AVX512_BLOCK_ROWS 4
 
 /* Which float32 products the caller (_cython_lstm.pyx's gemm) gives these kernels
- * rather than BLAS's SGEMM: up to LSTMENG_GEMV_MAX_ROWS rows; on the AVX2 family up to
+ * rather than BLAS's SGEMM: up to LSTMENG_GEMV_MAX_ROWS rows (on the AVX-512 family
+ * LSTMENG_GEMV_AVX512_MAX_ROWS); on the AVX2 family up to
  * LSTMENG_GEMV_AVX2_STREAMED_MAX_ROWS rows of a B over LSTMENG_GEMV_AVX2_CACHED_FLOATS
  * (4 MiB); on the scalar family (plain loops) one block, as before these measurements.
  * Why more than one block: OpenBLAS's SGEMM packs all of B at every call, which a
@@ -65,8 +66,14 @@
  * falling behind from 24-32 rows (AVX2 and PyTorch's layout first); at [512, 2048]
  * (4 MiB) 16 rows 0.29-0.33 ms (AVX-512), 0.44-0.52 (AVX2) against 0.59; at [1024,
  * 4096] (16 MiB, streamed at every pass) AVX-512 1.9-2.3 ms against 2.5 at 16 rows,
- * while the AVX2 dot form falls behind from 8 rows (2.4 against 1.8 ms). */
+ * while the AVX2 dot form falls behind from 8 rows (2.4 against 1.8 ms). Session 17,
+ * with four-row passes on AVX-512 (LSTMENG_GEMV_AVX512_MAX_ROWS): 24 and 32 rows took
+ * 58-70 / 90-93 us at [256, 1024], 0.30-0.37 / 0.40-0.49 ms at [512, 2048] and
+ * 1.6-1.7 / 2.1-2.3 ms at [1024, 4096] against SGEMM's 179-180 / 216-217 us, 0.71 / 0.86
+ * ms and 2.86 / 3.45-3.51 ms; the AVX2 kernels stay at 16 (24 rows in lstmeng's layout:
+ * 195 against SGEMM's 179 us at [256, 1024]). */
 #define LSTMENG_GEMV_MAX_ROWS 16
+#define LSTMENG_GEMV_AVX512_MAX_ROWS 32
 #define LSTMENG_GEMV_AVX2_STREAMED_MAX_ROWS 6
 #define LSTMENG_GEMV_AVX2_CACHED_FLOATS (1 << 20)
 #define LSTMENG_GEMV_SCALAR_MAX_ROWS 3
@@ -75,7 +82,15 @@ static inline int lstmeng_gemv_takes_f32(int64_t m, int64_t n, int64_t k) {
     if (lstmeng_isa == LSTMENG_ISA_SCALAR) return m <= LSTMENG_GEMV_SCALAR_MAX_ROWS;
     if (lstmeng_isa == LSTMENG_ISA_AVX2 && n * k > LSTMENG_GEMV_AVX2_CACHED_FLOATS)
         return m <= LSTMENG_GEMV_AVX2_STREAMED_MAX_ROWS;
-    return m <= LSTMENG_GEMV_MAX_ROWS;
+    return m <= (lstmeng_isa == LSTMENG_ISA_AVX512 ? LSTMENG_GEMV_AVX512_MAX_ROWS : LSTMENG_GEMV_MAX_ROWS);
+}
+
+/* Whether an unpacked float32 product of m rows would have gone to SGEMM under the
+ * rows limit the packing rules were measured against (LSTMENG_GEMV_MAX_ROWS on every
+ * family; _cython_lstm.pyx's packing_pays and packs_input_kernel): a product the
+ * AVX-512 GEMV takes since session 17 (17-32 rows) is packed where it was before. */
+static inline int lstmeng_gemv_took_f32(int64_t m, int64_t n, int64_t k) {
+    return m <= LSTMENG_GEMV_MAX_ROWS && lstmeng_gemv_takes_f32(m, n, k);
 }
 
 /* Columns of one column-form chunk: its partial sums, 4 KiB per row of A, stay

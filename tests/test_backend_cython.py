@@ -1033,8 +1033,8 @@ def test_one_step_training_short_path_only_where_the_general_path_runs_one_threa
 @pytest.mark.parametrize("one_step", [None, False], ids=["short_path", "general_path"])
 def test_rows_of_tiny_batches_match_the_single_row(dtype, transposed, one_step):
     """Products of a few rows run as GEMVs (the extension's gemm: lstm_gemv.h's kernels in
-    float32 for up to 16 rows, blocks of three or four per pass; one BLAS DGEMV per row in float64
-    for up to three), so a row's outputs, states and input and state gradients are bitwise
+    float32 for up to 16 rows, 32 on the AVX-512 kernels, blocks of three or four per pass; one
+    BLAS DGEMV per row in float64 for up to three), so a row's outputs, states and input and state gradients are bitwise
     the same in a one-step call of one row or more, on the short path and the general one
     (whose kernels are not packed for one step). With SGEMM for two or three rows they
     differed in the last bits."""
@@ -1045,7 +1045,8 @@ def test_rows_of_tiny_batches_match_the_single_row(dtype, transposed, one_step):
     if transposed:   # lstmeng.torch's layout: weight_hh.t(), read in place
         kernel, recurrent_kernel = np.ascontiguousarray(kernel.T).T, np.ascontiguousarray(recurrent_kernel.T).T
     bias = rng.normal(size=4 * units).astype(dtype)
-    batches = (1, 2, 3, 7, 16) if dtype == np.float32 else (1, 2, 3)
+    wide = cython_module._cython_lstm.isa() == "avx512"   # the kernels in use take 32 rows
+    batches = ((1, 2, 3, 7, 16) + ((24, 31) if wide else ())) if dtype == np.float32 else (1, 2, 3)
     most = batches[-1]
     x = rng.normal(size=(most, 1, features)).astype(dtype)
     h0, c0 = rng.normal(size=(most, units)).astype(dtype), rng.normal(size=(most, units)).astype(dtype)
@@ -1094,7 +1095,8 @@ def _check_float32_call(isa, transposed, inputs, output_grads, label):
 def test_small_batch_products_match_the_reference(isa, sizes, transposed):
     """The float32 GEMVs of small batches (lstm_gemv.h: dot products on PyTorch's layout,
     partial sums fed by groups of weight rows on lstmeng's; blocks of three rows, four on
-    AVX-512, so 5, 7 and 16 rows take full and partial blocks) in every kernel family, at sizes
+    AVX-512, so 5, 7, 16 and 31 rows take full and partial blocks; 24 and 31 rows on AVX-512
+    only since session 17, elsewhere SGEMM's) in every kernel family, at sizes
     that leave only tails (I = 19, H = 13: 4H = 52 columns, 13 and 19 k) and whole vectors
     and row groups plus tails (I = 70, H = 40: 4H = 160, 70 k = groups of 4 or 8 and a
     remainder): one-step forward (input and accumulated recurrent product) and backward (dh0
@@ -1106,7 +1108,7 @@ def test_small_batch_products_match_the_reference(isa, sizes, transposed):
     kernel = 0.3 * rng.normal(size=(features, 4 * units))
     recurrent_kernel = 0.3 * rng.normal(size=(units, 4 * units))
     bias = 0.1 * rng.normal(size=4 * units)
-    for batch in (1, 2, 3, 5, 7, 16):
+    for batch in (1, 2, 3, 5, 7, 16, 24, 31):
         x = rng.normal(size=(batch, 1, features))
         h0, c0 = rng.normal(size=(batch, units)), rng.normal(size=(batch, units))
         dy, dh, dc = (rng.normal(size=shape) for shape in ((batch, 1, units), (batch, units), (batch, units)))
@@ -1118,7 +1120,7 @@ def test_small_batch_products_match_the_reference(isa, sizes, transposed):
 @pytest.mark.parametrize("transposed", [False, True], ids=["row_major", "torch_layout"])
 @pytest.mark.parametrize("batch, steps, units", [(8, 2, 32), (8, 3, 32), (12, 2, 32), (17, 3, 32), (20, 2, 32),
                                                  (64, 2, 32), (64, 1, 32), (4, 4, 288), (8, 2, 288), (6, 2, 288),
-                                                 (64, 2, 96), (64, 1, 96)])
+                                                 (64, 2, 96), (64, 1, 96), (24, 1, 32), (48, 1, 96)])
 def test_short_calls_of_small_batches_on_each_product_path_match_the_reference(isa, transposed, batch, steps,
                                                                              units):
     """Short calls of small batches, which session 16 moved between product paths: step
@@ -1128,7 +1130,9 @@ def test_short_calls_of_small_batches_on_each_product_path_match_the_reference(i
     rows), and the input projection and dx on the packed input kernel from 2 steps of more
     than 16 rows (AVX-512, I = 32); batch 64 at H = 96 in two parts that share a recurrent kernel
     packed by both threads (session 17: 36 K floats, over PARALLEL_PACK_MIN_FLOATS, its 12 panel
-    pairs dealt 6 and 6). Forward and backward against the float64 NumPy reference."""
+    pairs dealt 6 and 6); one step of 24 rows (the short path) and of two parts of 24, unpacked:
+    the AVX-512 GEMV's since session 17, SGEMM's on AVX2. Forward and backward against the
+    float64 NumPy reference."""
     if isa not in cython_module._cython_lstm.SUPPORTED_ISAS:
         pytest.skip(f"this CPU or build does not run {isa}")
     features = 32
@@ -1189,8 +1193,8 @@ def test_packed_panels_reject_bad_arguments():
 
 
 def test_float32_steps_of_small_batches_leave_blas_threads_alone():
-    """A float32 one-step call of up to 16 rows (on the AVX2 kernels 6 where a weight matrix
-    outgrows 4 MiB; 3 on the scalar kernels) calls no BLAS (lstm_gemv.h), so it takes no BLAS
+    """A float32 one-step call of up to 16 rows (32 on the AVX-512 kernels; on the AVX2 kernels 6
+    where a weight matrix outgrows 4 MiB; 3 on the scalar kernels) calls no BLAS (lstm_gemv.h), so it takes no BLAS
     thread limit (~2 us); float64 and larger batches do, and a backward does unless the packed
     kernel takes its weight gradients (AVX-512, 4H a multiple of 32)."""
     limit = type(cython_module.threads.single_threaded_blas())
@@ -1200,7 +1204,7 @@ def test_float32_steps_of_small_batches_leave_blas_threads_alone():
     for isa in extension.SUPPORTED_ISAS:
         with kernel_overrides(cython_isa=isa):
             cython_module._select_kernels(cython_module._kernel_overrides.current())
-            cached, streamed = {"scalar": (3, 3), "avx2": (16, 6), "avx512": (16, 16)}[isa]
+            cached, streamed = {"scalar": (3, 3), "avx2": (16, 6), "avx512": (32, 32)}[isa]
             assert not isinstance(guard(float32, cached, 64, 13, backward=False), limit), isa
             assert isinstance(guard(float32, cached + 1, 64, 13, backward=False), limit), isa
             # H = 512: the recurrent kernel [512, 2048] is 4 MiB; H = 1024: 16 MiB, which the
