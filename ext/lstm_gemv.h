@@ -85,10 +85,11 @@ static inline int lstmeng_gemv_takes_f32(int64_t m, int64_t n, int64_t k) {
     return m <= (lstmeng_isa == LSTMENG_ISA_AVX512 ? LSTMENG_GEMV_AVX512_MAX_ROWS : LSTMENG_GEMV_MAX_ROWS);
 }
 
-/* Whether an unpacked float32 product of m rows would have gone to SGEMM under the
- * rows limit the packing rules were measured against (LSTMENG_GEMV_MAX_ROWS on every
- * family; _cython_lstm.pyx's packing_pays and packs_input_kernel): a product the
- * AVX-512 GEMV takes since session 17 (17-32 rows) is packed where it was before. */
+/* Whether these kernels took an unpacked float32 product of m rows under the rows limit
+ * the packing rules were measured against (LSTMENG_GEMV_MAX_ROWS on every family), for
+ * _cython_lstm.pyx's packing_pays and packs_input_kernel: products of 17-32 rows, which
+ * the AVX-512 GEMV takes since session 17, count as SGEMM's there, so a call packs where
+ * it packed before. */
 static inline int lstmeng_gemv_took_f32(int64_t m, int64_t n, int64_t k) {
     return m <= LSTMENG_GEMV_MAX_ROWS && lstmeng_gemv_takes_f32(m, n, k);
 }
