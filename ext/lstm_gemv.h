@@ -34,7 +34,7 @@
  * lanes per vector; in the column form over k in order, in every family),
  * never by m, by r or by which other outputs share a pass: a row's results are
  * bitwise the same in a batch of any size (tests/test_backend_cython.py checks
- * 1-16 rows).
+ * 1-16 rows, and 24 and 31 on AVX-512, whose GEMV takes up to 32).
  * accumulate: Y = product + Y (Y read once, after the sum), else Y = product
  * (Y's old values never read).
  */
@@ -148,8 +148,9 @@ static void lstmeng_gemv_scalar_f32(int64_t m, int b_transposed, int64_t n, int6
 /* The lane sums of four vectors as one 4-float vector [sum s0, sum s1, sum s2, sum s3]:
  * pairs of lanes added by unpacking, then quarters by shuffling, then the four 128-bit
  * blocks; 11 instructions where four _mm512_reduce_add_ps take about 32, which had cost
- * as many instructions as a 3-row dot-form pass's 48 FMAs at k = 64 (session 16). The order of the additions is fixed (it is this function's),
- * so a row's sums still do not depend on the other rows. */
+ * as many instructions as a 3-row dot-form pass's 48 FMAs at k = 64 (session 16). The
+ * order of the additions is fixed (it is this function's), so a row's sums still do not
+ * depend on the other rows. */
 LSTMENG_AVX512
 static inline __m128 lstmeng_sum4_avx512(__m512 s0, __m512 s1, __m512 s2, __m512 s3) {
     /* Per 128-bit block: [s0 lanes 0+2, s1 0+2, s0 1+3, s1 1+3] and the same for s2, s3. */

@@ -787,19 +787,24 @@ def test_only_members_with_a_part_meet_at_the_parts_end(batch, parts, monkeypatc
 
 
 def test_short_waits_at_the_parts_end_do_not_count():
-    """A waking partner or a slightly slower part keeps a whole-parts call's slow wait under
-    PARTS_MIN_SLOW_WAIT_SECONDS: not losing, however short the call. A unit split's waits
-    count from the first (its members meet at every step)."""
-    floor = cython_module.PARTS_MIN_SLOW_WAIT_SECONDS
-    backend = cython_module.CythonBackend()
-    start = time.perf_counter() - 1e-3    # a 1 ms call: a wait of 0.9 floor is over 10 % of it
-    backend._record_call(start, time.thread_time(), (1, 0.9 * floor), False, True, None, 10, False)
-    assert backend._split_governor.allow()
-    backend._record_call(start, time.thread_time(), (1, 0.9 * floor), False, True, None, 10, True)
-    assert not backend._split_governor.allow()
-    backend = cython_module.CythonBackend()
-    backend._record_call(start, time.thread_time(), (1, 1.1 * floor), False, True, None, 10, False)
-    assert not backend._split_governor.allow()
+    """A waking partner, a slightly slower part or a noisy host keeps a whole-parts call's wait
+    under PARTS_MIN_SLOW_WAIT_SECONDS or under PARTS_LOSING_WAIT_FRACTION of the call: not
+    losing. A unit split's waits count from LOSING_WAIT_FRACTION (its members meet every step)."""
+    floor, fraction = cython_module.PARTS_MIN_SLOW_WAIT_SECONDS, cython_module.PARTS_LOSING_WAIT_FRACTION
+
+    def losing(slow_wait, call_seconds, split_units):
+        backend = cython_module.CythonBackend()
+        backend._record_call(time.perf_counter() - call_seconds, time.thread_time(), (1, slow_wait),
+                             pipeline=False, teamed=True, chooser_key=None, steps=10, split_units=split_units)
+        return not backend._split_governor.allow()
+
+    short_call = 0.9 * floor / (fraction + 0.05)      # 0.9 floor is over the fraction of it
+    assert not losing(0.9 * floor, short_call, split_units=False)
+    assert losing(0.9 * floor, short_call, split_units=True)
+    long_call = 10 * floor                           # 2.5 floor is 25 % of it: over 10 %, under 30 %
+    assert not losing(2.5 * floor, long_call, split_units=False)
+    assert losing(2.5 * floor, long_call, split_units=True)
+    assert losing(3.5 * floor, long_call, split_units=False)
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])

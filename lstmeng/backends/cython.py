@@ -110,6 +110,13 @@ LOSING_WAIT_FRACTION = 0.1
 #: the back-off doubling on runs of them), where a core lost to another process cost
 #: 2-35 ms. Shorter waits at the parts' end do not count (session 17).
 PARTS_MIN_SLOW_WAIT_SECONDS = 250e-6
+#: ... nor do waits under this fraction of the call (the unit split's LOSING_WAIT_FRACTION is
+#: 10 %). Two parts of work W each, whose call ends after a wait of a fraction f of it, took
+#: W / (1 - f) where one thread takes 2 W: slower only from f = 1/2, while a split call's
+#: waits recur at every step. On an idle but noisy guest, (32, 200, 128, 512) inference waited
+#: 10-13 % in 7 of 64 calls, and at 10 % the governor ran 36 of them on one thread (median
+#: 0.73x the previous build's); 0.3 keeps the calls where a core was really lost (30-89 %).
+PARTS_LOSING_WAIT_FRACTION = 0.3
 #: Most calls a losing unit split is skipped before it is tried again (see
 #: _UnitSplitGovernor: with a CPU-bound process on the other core, a retry of a short
 #: call's split can stall for several ms, 20 % more on 256 calls of 0.16 ms).
@@ -232,8 +239,8 @@ class _UnitSplitGovernor:
     its core counts as the split's barrier waits do, and while the governor holds back
     the parts run one after another on one thread (the same numbers). With a CPU-bound
     process on the other core, such calls had taken 1.08-2.15x their one-thread time on
-    average, 0.96-1.07x since (docs/cython.md, "Whole parts back off too"); waits under
-    PARTS_MIN_SLOW_WAIT_SECONDS there do not count.
+    average, 0.96-1.07x since (docs/cython.md, "Whole parts back off too"); waits there under
+    PARTS_MIN_SLOW_WAIT_SECONDS or PARTS_LOSING_WAIT_FRACTION of the call do not count.
 
     A run, not a single call: with a CPU-bound process on the other core, most short
     split calls of (1, 64, 64, 128) ran faster than one thread (0.10 against 0.16 ms)
@@ -729,7 +736,8 @@ class CythonBackend(KernelBackend):
         self._last_call_end = start + elapsed
         if pipeline:
             barrier_stats = _pipelined_call_stats(barrier_stats, elapsed, time.thread_time() - start_cpu)
-        elif teamed and not split_units and barrier_stats[1] < PARTS_MIN_SLOW_WAIT_SECONDS:
+        elif teamed and not split_units and (barrier_stats[1] < PARTS_MIN_SLOW_WAIT_SECONDS
+                                             or barrier_stats[1] < PARTS_LOSING_WAIT_FRACTION * elapsed):
             barrier_stats = (barrier_stats[0], 0.0)
         if teamed or pipeline:
             self._split_governor.record(*barrier_stats, elapsed)
