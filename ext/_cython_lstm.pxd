@@ -47,6 +47,7 @@ cdef extern from "lstm_cpu.h" nogil:
     int lstmeng_isa
     const int LSTMENG_ISA_SCALAR, LSTMENG_ISA_AVX2, LSTMENG_ISA_AVX512
     void lstmeng_prefetch_row(const void *p, int64_t bytes, int for_write)
+    int64_t lstmeng_l1d_bytes()
 
 cdef extern from "lstm_gemm.h" nogil:
     void lstmeng_pack_panels_f32(const float *b, Py_ssize_t K, Py_ssize_t G, Py_ssize_t ld,
@@ -59,13 +60,21 @@ cdef extern from "lstm_gemm.h" nogil:
     void lstmeng_gemm_at_packed_f32(Py_ssize_t rows, Py_ssize_t G, Py_ssize_t K, const float *a,
                                     Py_ssize_t lda, const float *packed, const float *start, float *c,
                                     Py_ssize_t ldc)
-    const int LSTMENG_HALVES_BOTH, LSTMENG_HALVES_OWN, LSTMENG_HALVES_OTHER
-    void lstmeng_row_halves_f32(Py_ssize_t H, Py_ssize_t k_split, Py_ssize_t u0, Py_ssize_t width,
-                                int out_blocks, int k_blocks, const float *a, const float *packed, float *c,
-                                int phase)
+    const int LSTMENG_HALVES_OWN, LSTMENG_HALVES_OTHER
+    ctypedef struct LstmengHalvesOrder:
+        int64_t out_blocks, pairs, pieces, early, own_turn, other_turn, own_start, other_start
+    LstmengHalvesOrder lstmeng_halves_order(Py_ssize_t H, Py_ssize_t k_split, Py_ssize_t u0, Py_ssize_t width,
+                                            int out_blocks, int k_blocks, int member, int64_t l1_bytes)
+    void lstmeng_halves_order_next(LstmengHalvesOrder *order)
+    void lstmeng_row_halves_member_f32(Py_ssize_t H, Py_ssize_t k_split, Py_ssize_t u0, int k_blocks,
+                                       const float *a, const float *packed, float *c, int phase,
+                                       const LstmengHalvesOrder *order)
+    void lstmeng_row_halves_whole_f32(Py_ssize_t H, Py_ssize_t k_split, Py_ssize_t u0, int k_blocks,
+                                      const float *a, const float *packed, float *c,
+                                      const LstmengHalvesOrder *order)
     void lstmeng_pack_halves_f32(const float *m, Py_ssize_t H, Py_ssize_t k_split, Py_ssize_t u0,
                                  Py_ssize_t width, int out_blocks, int k_blocks, Py_ssize_t ld_i,
-                                 Py_ssize_t ld_j, float *packed)
+                                 Py_ssize_t ld_j, int paired, float *packed)
 
 cdef extern from "lstm_gemv.h" nogil:
     bint lstmeng_gemv_takes_f32(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k)
@@ -196,6 +205,7 @@ cdef struct TeamShare:
     Py_ssize_t team, member
     int64_t barriers               # barrier calls made so far
     Py_ssize_t steps_run           # forward steps with rows run so far (picks h_in_step's half)
+    LstmengHalvesOrder halves_order  # batch 1 in halves: the order of this step's product
     float *kernel_packed           # forward: this slice of the input kernel packed, or NULL (BLAS)
     float *recurrent_packed        # this slice of R (forward) or R^T (backward) packed, or NULL
     # Scratch of the thread that runs the share (indexed by packed row where [B]).

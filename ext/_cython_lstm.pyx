@@ -98,6 +98,44 @@ FAST_GATE_MATH = PACKED_GEMM
 lstmeng_fast_rows = FAST_GATE_MATH
 lstmeng_isa = lstmeng_best_isa()
 
+#: Bytes of one core's L1 data cache (lstmeng_l1d_bytes in lstm_cpu.h): what the
+#: batch-1 products in halves plan their order with (lstmeng_halves_order in lstm_gemm.h).
+L1D_BYTES = lstmeng_l1d_bytes()
+cdef int64_t halves_l1_bytes = L1D_BYTES
+
+
+def halves_l1_size(size=None):
+    """The L1 data cache bytes the batch-1 products in halves plan their order with
+    (L1D_BYTES unless set). With ``size`` (bytes, >= 0; 0: one fixed order), set it
+    process-wide and return the previous value: tests make small layers turn and
+    benchmarks compare orders. The results do not depend on it."""
+    global halves_l1_bytes
+    previous = halves_l1_bytes
+    if size is not None:
+        if size < 0:
+            raise ValueError(f"size must be >= 0 bytes, got {size}")
+        halves_l1_bytes = size
+    return previous
+
+
+def halves_order(Py_ssize_t H, bint backward, member=None, l1_size=None):
+    """The order of a share's batch-1 products in halves at layer size H (lstmeng_halves_order):
+    forward (R) or backward (R^T); a whole share (member None: one thread) or member 0 or 1
+    of a two-member split; an L1 of l1_size bytes (default halves_l1_size()). A dict of
+    pieces (output pairs), early (own pieces before the barrier: all of them but for a
+    turning member), own_turn and other_turn (pieces a step starts earlier; 0: one fixed
+    order)."""
+    cdef Py_ssize_t u0 = 0, u1 = H
+    if member is not None:
+        if member not in (0, 1):
+            raise ValueError(f"member must be None, 0 or 1, got {member!r}")
+        u0, u1 = unit_bound(member, 2, H), unit_bound(member + 1, 2, H)
+    cdef LstmengHalvesOrder order = lstmeng_halves_order(
+        H, halves_split(H), u0, u1 - u0, 1 if backward else 4, 4 if backward else 1, member is not None,
+        halves_l1_bytes if l1_size is None else l1_size)
+    return {"pieces": order.pieces, "early": order.early, "own_turn": order.own_turn,
+            "other_turn": order.other_turn}
+
 
 def isa():
     """The name of the kernel family in use: "avx512", "avx2" or "scalar" (see select_kernels)."""
@@ -621,13 +659,17 @@ cdef float *pack_slice(float *base, const float *weights, Py_ssize_t K, Py_ssize
 
 
 cdef float *pack_recurrent_slice(const LstmProblem *problem, float *base, const float *recurrent_kernel,
-                                 Py_ssize_t u0, Py_ssize_t u1, bint backward, Py_ssize_t threads=1) noexcept nogil:
+                                 Py_ssize_t u0, Py_ssize_t u1, bint backward, bint whole_share,
+                                 Py_ssize_t threads=1) noexcept nogil:
     """The recurrent kernel's units u0 .. u1 - 1 packed into their place in base
     [H * 4H]: R's gate columns of those units for the forward's h @ R, or R's rows
     (R^T's columns) for the backward's dz @ R^T. For product_in_halves when
     problem.recurrent_halves (the same floats in another order), else as pack_slice
     packs them; NULL (BLAS) as pack_slice. threads: pack_slice's (the halves layout, a
-    batch-1 layout whose units are split anyway, packs on one)."""
+    batch-1 layout whose units are split anyway, packs on one). whole_share: the slice is
+    read by one thread (lstmeng_row_halves_whole_f32: each pair's halves adjacent), not
+    by a member of a two-member split (lstmeng_row_halves_member_f32: the own halves
+    first)."""
     cdef Py_ssize_t H = problem.units, G = 4 * H, ld_i, ld_j
     if not problem.recurrent_halves:
         return pack_slice(base, recurrent_kernel, H, H, u0, u1, backward, problem.weights_transposed, threads)
@@ -644,7 +686,7 @@ cdef float *pack_recurrent_slice(const LstmProblem *problem, float *base, const 
     else:
         ld_i, ld_j = G, 1
     lstmeng_pack_halves_f32(recurrent_kernel, H, halves_split(H), u0, u1 - u0, 1 if backward else 4,
-                            4 if backward else 1, ld_i, ld_j, base + u0 * G)
+                            4 if backward else 1, ld_i, ld_j, whole_share, base + u0 * G)
     return base + u0 * G
 
 
@@ -818,6 +860,7 @@ cdef void forward_part(const LstmProblem *problem, const LstmBuffers *buffers,
     cdef floating *step_gates
     share.barriers = 0
     share.steps_run = 0
+    start_halves_order(share, problem.units, False)
     load_initial_state(problem, buffers, share, zero)
     while chunk_first < T:
         chunk_last = min(chunk_first + problem.chunk_steps, T)
@@ -998,29 +1041,38 @@ cdef inline Py_ssize_t halves_split(Py_ssize_t H) noexcept nogil:
 
 cdef void product_in_halves(const LstmProblem *problem, TeamShare *share, float *a, float *c,
                             Py_ssize_t H, bint backward) noexcept nogil:
-    """A batch-1 step's recurrent product for the share's units in halves
-    (lstmeng_row_halves_f32, the recurrent kernel packed by pack_recurrent_slice),
-    with the step's barrier: forward, c = the step's gates [4H] += a = h(t - 1) [H] @ R;
-    backward, c = dh(t - 1) [H] += a = dz(t) [4H] @ R^T.
+    """A batch-1 step's recurrent product for the share's units in halves (lstm_gemm.h,
+    the recurrent kernel packed by pack_recurrent_slice), with the step's barrier:
+    forward, c = the step's gates [4H] += a = h(t - 1) [H] @ R; backward, c = dh(t - 1)
+    [H] += a = dz(t) [4H] @ R^T.
 
     In a two-member team the member's own half of a is its own work: that half runs
     while the partner finishes its step and its half crosses over (the barrier's wait,
     65-170 ns a step at (1, 500, 64, 128), falls to 15-30). Other teams (one thread,
-    three members) take both halves after the barrier: the same sums either way."""
-    cdef Py_ssize_t k_split = halves_split(H), u0 = share.u0, width = share.u1 - share.u0
-    cdef int out_blocks = 1 if backward else 4, k_blocks = 4 if backward else 1
+    three members) take a pair's two halves together after the barrier. Each step in
+    the share's order (lstmeng_halves_order: starting on what the last step read
+    last, still in L1); the same sums whoever runs them."""
+    cdef Py_ssize_t k_split = halves_split(H), u0 = share.u0
+    cdef int k_blocks = 4 if backward else 1
     if share.team == 2:
         lstmeng_barrier_arrive(problem.barrier_flags, share.member, share.barriers)
-        lstmeng_row_halves_f32(H, k_split, u0, width, out_blocks, k_blocks, a, share.recurrent_packed, c,
-                               LSTMENG_HALVES_OWN)
+        lstmeng_row_halves_member_f32(H, k_split, u0, k_blocks, a, share.recurrent_packed, c, LSTMENG_HALVES_OWN,
+                                      &share.halves_order)
         lstmeng_barrier_depart(problem.barrier_flags, share.member, share.team, share.barriers)
         share.barriers += 1
-        lstmeng_row_halves_f32(H, k_split, u0, width, out_blocks, k_blocks, a, share.recurrent_packed, c,
-                               LSTMENG_HALVES_OTHER)
+        lstmeng_row_halves_member_f32(H, k_split, u0, k_blocks, a, share.recurrent_packed, c, LSTMENG_HALVES_OTHER,
+                                      &share.halves_order)
     else:
         team_wait(problem, share)
-        lstmeng_row_halves_f32(H, k_split, u0, width, out_blocks, k_blocks, a, share.recurrent_packed, c,
-                               LSTMENG_HALVES_BOTH)
+        lstmeng_row_halves_whole_f32(H, k_split, u0, k_blocks, a, share.recurrent_packed, c, &share.halves_order)
+    lstmeng_halves_order_next(&share.halves_order)
+
+
+cdef inline void start_halves_order(TeamShare *share, Py_ssize_t H, bint backward) noexcept nogil:
+    """The share's products in halves at their first step (lstmeng_halves_order)."""
+    share.halves_order = lstmeng_halves_order(H, halves_split(H), share.u0, share.u1 - share.u0,
+                                              1 if backward else 4, 4 if backward else 1, share.team == 2,
+                                              halves_l1_bytes)
 
 
 cdef void cell_rows(const LstmProblem *problem, const LstmBuffers *buffers, TeamShare *share,
@@ -1248,7 +1300,7 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
         if not split_units:
             # Whole matrices, shared by the parts (or a pipelined call's threads): packed by
             # all of the call's threads.
-            packed_base = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0], 0, H, False,
+            packed_base = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0], 0, H, False, True,
                                                team_threads)
             packed_input_base = pack_slice(packed_input_base, <float *>buffers.kernel, I, H, 0, H,
                                            False, weights_transposed, team_threads)
@@ -1298,7 +1350,7 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
             share.seen = &seen[0] + member * (B + 1)
             if floating is float:
                 share.recurrent_packed = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0],
-                                                              share.u0, share.u1, False)
+                                                              share.u0, share.u1, False, share.team != 2)
                 share.kernel_packed = pack_slice(packed_input_base, <float *>buffers.kernel, I, H,
                                                  share.u0, share.u1, False, weights_transposed)
             forward_part(&problem, &buffers, &share, <floating>0)
@@ -1390,6 +1442,7 @@ cdef void backward_part(const LstmProblem *problem, const LstmBuffers *buffers,
     cdef floating *step_gates
     cdef floating *dh
     share.barriers = 0
+    start_halves_order(share, H, True)
     find_real_steps(problem, share)
     load_output_gradients(problem, gradients, share, zero)
     for step in range(T - 1, -1, -1):
@@ -1700,7 +1753,7 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
         # Batch 1 on the AVX-512 kernels: dh(t - 1) = dz(t) @ R^T in halves, as the forward.
         problem.recurrent_halves = takes_halves(pack_recurrent, B, H)
         if not split_units:
-            packed_base = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0], 0, H, True,
+            packed_base = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0], 0, H, True, True,
                                                running_threads)
         if dx_packed:
             gradients.kernel_t_packed = &packed_kernel_t[0]
@@ -1781,7 +1834,7 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
                 share.u1 = unit_bound(member + 1, share.team, H)
                 if floating is float:
                     share.recurrent_packed = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0],
-                                                                  share.u0, share.u1, True)
+                                                                  share.u0, share.u1, True, share.team != 2)
                 backward_part(&problem, &buffers, &gradients, &share, <floating>0)
             else:
                 share.recurrent_packed = packed_base

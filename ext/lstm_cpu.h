@@ -36,6 +36,7 @@
 #endif
 
 #include <stdint.h>
+#include <unistd.h>
 
 /* Kernel families, in increasing order of preference. SCALAR: no hand-written
  * SIMD (BLAS for the step product, the compiler-vectorised generic rows). */
@@ -68,6 +69,18 @@ static int lstmeng_best_isa(void) {
 }
 
 static int lstmeng_isa = LSTMENG_ISA_SCALAR;
+
+/* Bytes of one core's L1 data cache, as the C library reports it (sysconf); 32 KB,
+ * the smallest of the cores these kernels target, where it reports nothing. The
+ * batch-1 products in halves keep that much of the weights in L1 across steps
+ * (lstm_gemm.h, lstmeng_halves_order). */
+static int64_t lstmeng_l1d_bytes(void) {
+    long reported = -1;
+#ifdef _SC_LEVEL1_DCACHE_SIZE
+    reported = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+#endif
+    return reported >= 16384 && reported <= (1L << 20) ? (int64_t)reported : 32768;
+}
 
 /* Asks the caches for the 64-byte lines of [p, p + bytes) ahead of their use: for
  * writing (an output row about to be stored) when for_write, else for reading. For

@@ -8,7 +8,8 @@ thread, a team of two and a team of three (no overlap) must give bitwise the sam
 (the backward's products after the time loop with the same thread budget),
 for every H the path takes (a multiple of 32: halves of 0 + 32, 32 + 64, 64 + 64 units),
 both weight layouts (row-major, and PyTorch's transposed one), masks, dropout, reverse and
-the backward; and match the float64 NumPy reference. The extension's
+the backward, in the fixed order and in the turning orders that keep part of a share
+in L1 from step to step; and match the float64 NumPy reference. The extension's
 ``last_forward_row_halves`` and ``last_backward_row_halves`` confirm the path ran, and that
 other calls do not take it.
 """
@@ -93,6 +94,75 @@ def test_split_teams_and_one_thread_agree_bitwise(units, transposed, masked, rev
                      transposed, masked, reverse)
     for name, got, want in zip(NAMES, results[2, True], reference):
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max(), err_msg=name)
+
+
+@pytest.fixture
+def l1_size():
+    """Sets the L1 size the products in halves plan their order with; restores it after."""
+    real = extension.halves_l1_size()
+    yield lambda size: extension.halves_l1_size(size)
+    extension.halves_l1_size(real)
+
+
+def _turns(units, backward, member):
+    order = extension.halves_order(units, backward, member)
+    return order["own_turn"] > 0 or order["other_turn"] > 0
+
+
+@pytest.mark.parametrize("units, size", [
+    (64, 16384),    # the members turn (2 of 4 own pieces early)
+    (96, 32768),    # both members turn (their shares differ: 32 and 64 units), a whole share does not
+    (128, 40960),   # the members turn, keeping no other piece
+    (128, None),    # this CPU's L1 (48 KB on the machine the docs measured: members turn)
+    (64, None),     # a whole share turns (5 of 8 pairs at 48 KB), a member fits
+    (96, None),
+])
+def test_turning_orders_give_the_fixed_orders_bits(units, size, l1_size, monkeypatch):
+    """Each step starting on what the last one read last (lstmeng_halves_order), for a member
+    of a two-member split and for a whole share: bitwise the fixed order's results, forward
+    and backward, over enough steps for the starts to come round several times."""
+    monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    if not cython_module._team(1, units, True)[2]:
+        pytest.skip("this build runs one thread (no OpenMP or no OpenBLAS thread control)")
+    arrays = _arrays(1, 40, 16, units, seed=units + 1)
+    results = {}
+    for l1 in (0, size if size is not None else extension.L1D_BYTES):
+        l1_size(l1)
+        if l1:   # the sizes chosen so that something turns: a test that turns nothing proves nothing
+            assert any(_turns(units, backward, member) for backward in (False, True) for member in (None, 0, 1))
+        for split in (False, True):
+            with kernel_overrides(cython_isa="avx512", cython_split_units=split, cython_pipeline=False):
+                results[l1, split] = _run(cython_module.CythonBackend(), arrays, False, True, False)
+                assert extension.last_forward_row_halves and extension.last_backward_row_halves
+    fixed = results[0, False]
+    for key, got in results.items():
+        for name, value, want in zip(NAMES, got, fixed):
+            np.testing.assert_array_equal(value, want, err_msg=f"{name}: L1 {key[0]}, split {key[1]}")
+
+
+def test_the_order_keeps_what_fits_in_l1(l1_size):
+    """The planned orders at a 48 KB L1 (what the docs' measurements used), and none without
+    room or where too little of a share would stay."""
+    l1_size(48 * 1024)
+    # A member of a two-member split at H = 128: 8 own pieces of 8 KB (R), 4 of them before the
+    # barrier and 1 other piece kept (40 KB); the backward's R^T: 2 pieces of 32 KB, 1 early.
+    for member in (0, 1):
+        assert extension.halves_order(128, False, member) == {"pieces": 8, "early": 4, "own_turn": 4,
+                                                              "other_turn": 1}
+        assert extension.halves_order(128, True, member) == {"pieces": 2, "early": 1, "own_turn": 1,
+                                                             "other_turn": 0}
+    # A whole share of H = 64 (8 pairs of 8 KB) turns 5 pairs; at H = 128 2 of 16 pairs would stay:
+    # under a quarter, so one fixed order, as for a member at H = 256 and a member that fits.
+    assert extension.halves_order(64, False) == {"pieces": 8, "early": 8, "own_turn": 5, "other_turn": 0}
+    for units, member in ((128, None), (256, 0), (64, 0)):
+        order = extension.halves_order(units, False, member)
+        assert order["own_turn"] == order["other_turn"] == 0 and order["early"] == order["pieces"]
+    assert extension.halves_order(128, False, 0, l1_size=0)["own_turn"] == 0
+    with pytest.raises(ValueError, match="size must be >= 0"):
+        extension.halves_l1_size(-1)
+    with pytest.raises(ValueError, match="member must be"):
+        extension.halves_order(128, False, 2)
 
 
 def test_the_pipelined_calls_take_the_halves_too(monkeypatch):
