@@ -361,7 +361,7 @@ typedef struct {
 
 static inline LstmengPairWalk lstmeng_pair_walk(int64_t first, int64_t pairs) {
     LstmengPairWalk walk = {first, 0, first};
-    while (walk.pair >= pairs) {   /* at most out_blocks - 1 times */
+    while (pairs > 0 && walk.pair >= pairs) {   /* at most out_blocks - 1 times */
         walk.pair -= pairs;
         walk.out_block++;
     }
