@@ -659,17 +659,16 @@ cdef float *pack_slice(float *base, const float *weights, Py_ssize_t K, Py_ssize
 
 
 cdef float *pack_recurrent_slice(const LstmProblem *problem, float *base, const float *recurrent_kernel,
-                                 Py_ssize_t u0, Py_ssize_t u1, bint backward, bint whole_share,
+                                 Py_ssize_t u0, Py_ssize_t u1, bint backward, Py_ssize_t team,
                                  Py_ssize_t threads=1) noexcept nogil:
     """The recurrent kernel's units u0 .. u1 - 1 packed into their place in base
     [H * 4H]: R's gate columns of those units for the forward's h @ R, or R's rows
     (R^T's columns) for the backward's dz @ R^T. For product_in_halves when
     problem.recurrent_halves (the same floats in another order), else as pack_slice
     packs them; NULL (BLAS) as pack_slice. threads: pack_slice's (the halves layout, a
-    batch-1 layout whose units are split anyway, packs on one). whole_share: the slice is
-    read by one thread (lstmeng_row_halves_whole_f32: each pair's halves adjacent), not
-    by a member of a two-member split (lstmeng_row_halves_member_f32: the own halves
-    first)."""
+    batch-1 layout whose units are split anyway, packs on one). team: the size of the
+    team the slice's reader belongs to (2: a member of a two-member split; else a whole
+    share, whose layout depends on whether its order turns: halves_paired)."""
     cdef Py_ssize_t H = problem.units, G = 4 * H, ld_i, ld_j
     if not problem.recurrent_halves:
         return pack_slice(base, recurrent_kernel, H, H, u0, u1, backward, problem.weights_transposed, threads)
@@ -686,7 +685,7 @@ cdef float *pack_recurrent_slice(const LstmProblem *problem, float *base, const 
     else:
         ld_i, ld_j = G, 1
     lstmeng_pack_halves_f32(recurrent_kernel, H, halves_split(H), u0, u1 - u0, 1 if backward else 4,
-                            4 if backward else 1, ld_i, ld_j, whole_share, base + u0 * G)
+                            4 if backward else 1, ld_i, ld_j, halves_paired(H, u0, u1, backward, team), base + u0 * G)
     return base + u0 * G
 
 
@@ -1068,6 +1067,16 @@ cdef void product_in_halves(const LstmProblem *problem, TeamShare *share, float 
     lstmeng_halves_order_next(&share.halves_order)
 
 
+cdef inline bint halves_paired(Py_ssize_t H, Py_ssize_t u0, Py_ssize_t u1, bint backward,
+                               Py_ssize_t team) noexcept nogil:
+    """Whether the products in halves of a share (units u0 .. u1 - 1, read by a team of
+    `team`) read a paired layout (lstmeng_pack_halves_f32): a whole share whose order
+    turns, pair by pair. A member of a two-member split, or a whole share in one fixed
+    order, reads each half's pass as one stream."""
+    return team != 2 and lstmeng_halves_order(H, halves_split(H), u0, u1 - u0, 1 if backward else 4,
+                                              4 if backward else 1, False, halves_l1_bytes).own_turn > 0
+
+
 cdef inline void start_halves_order(TeamShare *share, Py_ssize_t H, bint backward) noexcept nogil:
     """The share's products in halves at their first step (lstmeng_halves_order)."""
     share.halves_order = lstmeng_halves_order(H, halves_split(H), share.u0, share.u1 - share.u0,
@@ -1300,7 +1309,7 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
         if not split_units:
             # Whole matrices, shared by the parts (or a pipelined call's threads): packed by
             # all of the call's threads.
-            packed_base = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0], 0, H, False, True,
+            packed_base = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0], 0, H, False, 1,
                                                team_threads)
             packed_input_base = pack_slice(packed_input_base, <float *>buffers.kernel, I, H, 0, H,
                                            False, weights_transposed, team_threads)
@@ -1350,7 +1359,7 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
             share.seen = &seen[0] + member * (B + 1)
             if floating is float:
                 share.recurrent_packed = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0],
-                                                              share.u0, share.u1, False, share.team != 2)
+                                                              share.u0, share.u1, False, share.team)
                 share.kernel_packed = pack_slice(packed_input_base, <float *>buffers.kernel, I, H,
                                                  share.u0, share.u1, False, weights_transposed)
             forward_part(&problem, &buffers, &share, <floating>0)
@@ -1753,7 +1762,7 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
         # Batch 1 on the AVX-512 kernels: dh(t - 1) = dz(t) @ R^T in halves, as the forward.
         problem.recurrent_halves = takes_halves(pack_recurrent, B, H)
         if not split_units:
-            packed_base = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0], 0, H, True, True,
+            packed_base = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0], 0, H, True, 1,
                                                running_threads)
         if dx_packed:
             gradients.kernel_t_packed = &packed_kernel_t[0]
@@ -1834,7 +1843,7 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
                 share.u1 = unit_bound(member + 1, share.team, H)
                 if floating is float:
                     share.recurrent_packed = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0],
-                                                                  share.u0, share.u1, True, share.team != 2)
+                                                                  share.u0, share.u1, True, share.team)
                 backward_part(&problem, &buffers, &gradients, &share, <floating>0)
             else:
                 share.recurrent_packed = packed_base

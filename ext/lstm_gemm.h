@@ -235,8 +235,8 @@ static inline float *lstmeng_pack_half_f32(const float *m, int64_t H, int64_t k_
  * apart and a member's forward product took 1.05-1.15 us a step instead of
  * 0.80-0.86 (most likely the hardware prefetcher losing the stream at every jump;
  * this guest has no counters to say).
- * paired = 1, for a whole share, which reads pair by pair: each pair's own rows,
- * then its other rows, pair after pair. */
+ * paired = 1, for a whole share that turns (lstmeng_halves_order), which reads pair
+ * by pair: each pair's own rows, then its other rows, pair after pair. */
 static void lstmeng_pack_halves_f32(const float *m, int64_t H, int64_t k_split, int64_t u0, int64_t width,
                                     int out_blocks, int k_blocks, int64_t ld_i, int64_t ld_j, int paired,
                                     float *packed) {
@@ -278,12 +278,13 @@ static void lstmeng_pack_halves_f32(const float *m, int64_t H, int64_t k_split, 
  *
  * Measured (Zen 5, 48 KB L1; the previous build, this build in one
  * fixed order and this build turning, calls interleaved in rotating order, the median
- * of the per-round ratios, two runs each): a two-member split at (1, 500, 64, 128)
- * 1.02-1.09x inference and 1.00-1.05x training (one fixed order 0.98x and 0.99-1.02x);
- * one thread at (1, 500, 32, 64) 1.05x inference, 1.03-1.09x training, at (1, 200,
- * 32, 96) 1.04x, at (1, 500, 64, 128) (no turn: 2 of 16 pairs) 1.04x, most of it from
- * the paired layout (pair by pair in one order: 1.03-1.06x). Two identical paths
- * differed by up to 8 % in the same runs, so single ratios are rough. In a C
+ * of the per-round ratios): a two-member split at (1, 500, 64, 128) 1.00-1.07x
+ * inference (four runs of 400 rounds against 2f5f3ce), 1.00-1.02x training; one
+ * thread at (1, 500, 32, 64) 1.04-1.12x inference, 1.03-1.06x training, at (1, 200,
+ * 32, 96) 1.04x. Two identical paths differed by up to 8 % in runs of 100 rounds,
+ * so single ratios are rough. (A whole share read pair by pair in one fixed order,
+ * at H = 128 where it does not turn, was 0.99x of the two passes in the backward:
+ * a share that does not turn keeps them.) In a C
  * microbenchmark of the product alone (one core): R of H = 64 on one thread 349 ns a
  * step in one order, 229 starting 48 KB back, 365 at 56 KB (more than L1 holds
  * evicts what it meant to reuse). The first version found each next piece with
@@ -711,15 +712,27 @@ LSTMENG_AVX512 static void lstmeng_row_halves_member_avx512_f32(
     }
 }
 
-/* A whole share (the matrix packed with paired = 1): pair by pair from
- * order->own_start on, each pair's own half's sum and then its other half's. */
+/* A whole share: turning (the matrix packed with paired = 1), pair by pair from
+ * order->own_start on, each pair's own half's sum and then its other half's; in one
+ * fixed order (paired = 0), the two halves' passes. */
 LSTMENG_AVX512 static void lstmeng_row_halves_whole_avx512_f32(
         int64_t H, int64_t k_split, int64_t u0, int k_blocks, const float *a, const float *packed, float *c,
         const LstmengHalvesOrder *order) {
     const int64_t pairs = order->pairs, pieces = order->pieces;
     LstmengPairWalk walk;
-    int64_t i, k0, rows;
+    int64_t i, k0, rows, own_rows = 0;
     int own;
+    if (order->own_turn == 0) {
+        /* One fixed order (packed with paired = 0): every own half, then every other half.
+         * Pair by pair from the paired layout measured 0.99x of this for the backward
+         * at H = 128 on one thread. */
+        for (i = 0; i < pairs; i++) own_rows += lstmeng_half_rows(H, k_split, u0 + i * LSTMENG_PAIR, 1, &k0);
+        lstmeng_halves_pass_avx512_f32(H, k_split, u0, pairs * LSTMENG_PAIR, (int)order->out_blocks, k_blocks, a,
+                                       packed, c, 1);
+        lstmeng_halves_pass_avx512_f32(H, k_split, u0, pairs * LSTMENG_PAIR, (int)order->out_blocks, k_blocks, a,
+                                       packed + order->out_blocks * k_blocks * own_rows * LSTMENG_PAIR, c, 0);
+        return;
+    }
     for (walk = lstmeng_pair_walk(order->own_start, pairs), i = 0; i < pieces;
          i++, lstmeng_pair_walk_next(&walk, pairs, pieces)) {
         const int64_t unit = u0 + walk.pair * LSTMENG_PAIR;
