@@ -58,6 +58,8 @@ from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
 import numpy as np
 
+from lstmeng.backends._buffer_cache import aligned_empty
+
 # The C headers, the structs (LstmProblem, LstmBuffers, LstmGradients, TeamShare,
 # Layout) and the kernel signatures are declared in _cython_lstm.pxd.
 
@@ -265,12 +267,26 @@ cdef inline bint packing_pays(Py_ssize_t steps, Py_ssize_t rows, Py_ssize_t nbyt
     return rows >= PACK_MIN_ROWS or steps * PACK_BYTES_PER_STEP >= nbytes
 
 
+cdef inline Py_ssize_t member_flag_stride(Py_ssize_t B) noexcept nogil:
+    """Entries between two members' per-row arrays ([B] flags of a byte and positions of
+    8 bytes, one spare): B + 1 rounded up to 64 entries, whole cache lines of either, so
+    that no two members' entries share a line when the arrays start on one (aligned_empty)."""
+    return (B + 1 + 63) // 64 * 64
+
+
+cdef object zeroed_flags(Py_ssize_t count):
+    """count zero bytes starting on a cache line."""
+    flags = aligned_empty((count,), np.uint8)
+    flags.fill(0)
+    return flags
+
+
 cdef object take_float32(object buffer_cache, tuple shape):
     """An uninitialised float32 array of ``shape``: from ``buffer_cache`` (an object with
     take(shape, dtype), the backend's BufferCache) when given, else a new one. The
     packed weights of a large layer are megabytes, and fresh pages every call were
     5 % of an inference call at B = 16, T = 64, H = 1024 (page zeroing)."""
-    return np.empty(shape, np.float32) if buffer_cache is None else buffer_cache.take(shape, np.float32)
+    return aligned_empty(shape, np.float32) if buffer_cache is None else buffer_cache.take(shape, np.float32)
 
 
 def packs_recurrent_kernel(Py_ssize_t steps, Py_ssize_t rows, Py_ssize_t units):
@@ -1251,7 +1267,11 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
     cdef Py_ssize_t B = x.shape[0], T = x.shape[1], I = x.shape[2]
     cdef Py_ssize_t H = recurrent_kernel.shape[1 if weights_transposed else 0], G = 4 * H
     cdef Py_ssize_t part, member, team_threads = max(1, threads)
-    cdef unsigned char[::1] seen = np.zeros(team_threads * (B + 1), np.uint8)
+    # A member's flags start on their own cache line (member_flag_stride): seen[r] is
+    # written at every step, and two members' flags on one line made it cross between the
+    # cores at every step of a batch-1 unit split.
+    cdef Py_ssize_t flag_stride = member_flag_stride(B)
+    cdef unsigned char[::1] seen = zeroed_flags(team_threads * flag_stride)
     cdef int64_t[::1] barrier_flags = np.zeros(team_threads * LSTMENG_FLAG_STRIDE, np.int64)
     cdef LstmProblem problem = make_problem(order, row_begin, active, offsets, B, T, I, H, mask,
                                             act, ract, reverse, zero_output_for_mask,
@@ -1356,7 +1376,7 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
             share.member = member
             share.u0 = unit_bound(member, share.team, H)
             share.u1 = unit_bound(member + 1, share.team, H)
-            share.seen = &seen[0] + member * (B + 1)
+            share.seen = &seen[0] + member * flag_stride
             if floating is float:
                 share.recurrent_packed = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0],
                                                               share.u0, share.u1, False, share.team)
@@ -1682,23 +1702,29 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     gradient_panels_array = take_float32(
         buffer_cache, (column_threads, WEIGHT_GRADIENT_CHUNK * column_block if weights_packed else 1))
     cdef float[:, ::1] gradient_panels = gradient_panels_array
-    cdef Py_ssize_t per_thread_rows = B + 1 if split_units else 0
+    # Each member's per-row flags and positions on their own cache lines (member_flag_stride).
+    cdef Py_ssize_t per_thread_rows = member_flag_stride(B) if split_units else 0
     dtype = np.asarray(dh).dtype
     # Per-row state of the backward time loop, in packed row order: dh_carry is the
     # gradient reaching h for rows whose later step was masked or not processed,
     # dh_recurrent = dz @ R^T for rows whose later step was real.
-    cdef floating[:, ::1] dh_carry = np.empty((B, H), dtype)
-    cdef floating[:, ::1] dh_recurrent = np.empty((B, H), dtype)
-    cdef floating[:, ::1] dc_state = np.empty((B, H), dtype)
-    cdef floating[:, ::1] dh_total = np.empty((team_threads, H), dtype)
-    cdef floating[:, ::1] scratch = np.empty((team_threads, 6 * H), dtype)
+    # (On cache lines: in a unit split the members write the halves of each row, and the
+    # threads their own rows of dh_total and scratch; see aligned_empty.)
+    cdef floating[:, ::1] dh_carry = aligned_empty((B, H), dtype)
+    cdef floating[:, ::1] dh_recurrent = aligned_empty((B, H), dtype)
+    cdef floating[:, ::1] dc_state = aligned_empty((B, H), dtype)
+    cdef floating[:, ::1] dh_total = aligned_empty((team_threads, H), dtype)
+    cdef floating[:, ::1] scratch = aligned_empty((team_threads, 6 * H), dtype)
     # Column sums of dz per member, or per part where whole parts run (so that parts run one
     # after another on fewer threads, the busy-machine fallback, sum them the same way).
     cdef Py_ssize_t partial_rows = max(team_threads, row_begin.shape[0] - 1)
-    cdef floating[:, ::1] dbias_partial = np.zeros((partial_rows, G), dtype)
-    cdef unsigned char[::1] previous_real = np.zeros(team_threads * (B + 1), np.uint8)
-    cdef Py_ssize_t[::1] first_real = np.empty(team_threads * (B + 1), np.intp)
-    cdef Py_ssize_t[::1] last_real = np.empty(team_threads * (B + 1), np.intp)
+    dbias_partial_array = aligned_empty((partial_rows, G), dtype)
+    dbias_partial_array.fill(0)
+    cdef floating[:, ::1] dbias_partial = dbias_partial_array
+    cdef Py_ssize_t flag_stride = member_flag_stride(B)
+    cdef unsigned char[::1] previous_real = zeroed_flags(team_threads * flag_stride)
+    cdef Py_ssize_t[::1] first_real = aligned_empty((team_threads * flag_stride,), np.intp)
+    cdef Py_ssize_t[::1] last_real = aligned_empty((team_threads * flag_stride,), np.intp)
     cdef int64_t[::1] barrier_flags = np.zeros(team_threads * LSTMENG_FLAG_STRIDE, np.int64)
     cdef LstmProblem problem = make_problem(order, row_begin, active, offsets, B, T, I, H, mask,
                                             act, ract, reverse, zero_output_for_mask,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lstmeng.backends import cython as cython_backend
-from lstmeng.backends._buffer_cache import BufferCache
+from lstmeng.backends._buffer_cache import ALIGNMENT, BufferCache, aligned_empty
 
 from _backends import sequence_forward
 
@@ -82,6 +82,51 @@ def test_small_arrays_bypass_the_cache():
     large = cache.take((256, 1024), np.float32)  # 1 MiB
     cache.give(large)
     assert cache.cached_bytes() == large.nbytes
+
+
+def _on_a_line(array):
+    return array.ctypes.data % ALIGNMENT == 0
+
+
+@pytest.mark.parametrize("shape, dtype", [((3, 5), np.float64), ((1, 128), np.float32), ((7,), np.uint8),
+                                          ((2, 1, 100), np.float32)])
+def test_aligned_empty_starts_on_a_cache_line(shape, dtype):
+    """Why: a unit split's two threads write the halves of each row; rows off a line shared
+    the line at the halves' boundary, which crossed between the cores at every step."""
+    array = aligned_empty(shape, dtype)
+    assert array.shape == shape and array.dtype == dtype and array.flags.c_contiguous
+    assert array.flags.writeable and _on_a_line(array)
+
+
+def test_every_array_taken_starts_on_a_cache_line():
+    cache = BufferCache(2**24, min_bytes=4096)
+    small = cache.take((10, 3), np.float32)           # under min_bytes: never cached
+    large = cache.take((300, 257), np.float32)        # a new owner
+    assert _on_a_line(small) and _on_a_line(large)
+    cache.give(large)
+    again = cache.take((290, 257), np.float32)        # served by large's owner
+    assert np.shares_memory(again, large) and _on_a_line(again)
+    cache.give(again)
+    assert cache.cached_bytes() == large.nbytes       # an owner counts what it serves
+
+
+def test_unit_split_arrays_start_on_cache_lines(monkeypatch):
+    """The cython backend's outputs and the scratch it takes, in a batch-1 unit split."""
+    backend = cython_backend.CythonBackend()
+    taken = []
+    take = backend._buffers.take
+    monkeypatch.setattr(backend._buffers, "take", lambda shape, dtype: taken.append(take(shape, dtype)) or taken[-1])
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 20, 8), dtype=np.float32)
+    zeros = np.zeros((1, 64), np.float32)
+    kernel = rng.standard_normal((8, 256), dtype=np.float32)
+    recurrent_kernel = rng.standard_normal((64, 256), dtype=np.float32)
+    from lstmeng.testing import kernel_overrides
+    with kernel_overrides(cython_split_units=True):
+        result = sequence_forward(backend, x, zeros, zeros, kernel, recurrent_kernel, np.zeros(256, np.float32),
+                                  None, None, None, training=False)
+    assert taken and all(_on_a_line(array) for array in taken)
+    assert _on_a_line(result.outputs) and _on_a_line(result.h) and _on_a_line(result.c)
 
 
 def test_negative_max_bytes_rejected():

@@ -61,18 +61,28 @@ def _load(name: str, path: str):
 
 
 def base_backend_module(folder: str):
-    """The backend module of the build in ``folder``, bound to that build's extension and contract
-    (its ``backends/base.py``: the contract's classes change between revisions)."""
-    extension = _load("_cython_lstm", glob.glob(os.path.join(folder, "lstmeng", "backends", "_cython_lstm*.so"))[0])
-    contract_name = "lstmeng.backends.base"
-    working_contract = sys.modules.get(contract_name)
-    sys.modules[contract_name] = _load("lstmeng_ab_base_contract", os.path.join(folder, "lstmeng", "backends",
-                                                                                "base.py"))
+    """The backend module of the build in ``folder``, bound to that build's extension, contract
+    (its ``backends/base.py``: the contract's classes change between revisions) and buffer cache."""
+    # The base's own copies of the modules its backend module imports that change between
+    # revisions: the contract's classes, and the buffer cache (whose arrays' alignment is the
+    # base's, not the working tree's). Its extension imports the buffer cache too (since
+    # session 18): it is loaded while the base's copy is in place.
+    own_modules = {"lstmeng.backends.base": "base.py", "lstmeng.backends._buffer_cache": "_buffer_cache.py"}
+    working = {name: sys.modules.get(name) for name in own_modules}
+    for name, file in own_modules.items():
+        path = os.path.join(folder, "lstmeng", "backends", file)
+        if os.path.exists(path):
+            sys.modules[name] = _load("lstmeng_ab_base_" + file[:-3].lstrip("_"), path)
     try:
+        extension = _load("_cython_lstm", glob.glob(os.path.join(folder, "lstmeng", "backends",
+                                                             "_cython_lstm*.so"))[0])
         module = _load("lstmeng_ab_base_cython", os.path.join(folder, "lstmeng", "backends", "cython.py"))
     finally:
-        if working_contract is not None:
-            sys.modules[contract_name] = working_contract
+        for name, previous in working.items():
+            if previous is not None:
+                sys.modules[name] = previous
+            else:
+                sys.modules.pop(name, None)
     module._cython_lstm = extension
     # The kernel overrides the base reads are its own: their fields change between revisions (a
     # base reading a field the working tree renamed failed). No override is set in its copy.

@@ -34,6 +34,32 @@ import numpy as np
 #: Smaller arrays are allocated and freed as usual (see the module comment).
 MIN_CACHED_BYTES = 256 * 1024
 
+#: Where every array this module hands out starts: a cache line (64 bytes on x86-64).
+ALIGNMENT = 64
+
+
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array of ``shape`` and ``dtype`` that starts on a cache line.
+
+    Why: NumPy's allocations start 16 bytes into a line. The cython kernels load their
+    packed weights 64 bytes at a time (one zmm register), so a weight buffer 32 bytes
+    off a line made every load of a batch-1 step's product a split load; and in a unit
+    split two threads write the two halves of each row of gates and states, so a row
+    that does not start on a line shares the line at the halves' boundary, which then
+    crosses between the cores at every step (false sharing).
+    """
+    dtype = np.dtype(dtype)
+    needed = math.prod(shape) * dtype.itemsize
+    raw = np.empty(needed + ALIGNMENT, np.uint8)
+    offset = -raw.ctypes.data % ALIGNMENT
+    return raw[offset:offset + needed].view(dtype).reshape(shape)
+
+
+def _capacity(owner: np.ndarray) -> int:
+    """Bytes an owner serves from a cache line on, wherever it starts: its size less one
+    line (exactly what was asked of an ``aligned_empty`` owner)."""
+    return owner.nbytes - ALIGNMENT
+
 
 class BufferCache:
     """A bounded pool of host buffers, handed out as arrays of any shape and dtype.
@@ -54,21 +80,22 @@ class BufferCache:
         self._free: list[np.ndarray] = []   # arrays owning their memory, oldest first
 
     def take(self, shape: tuple[int, ...], dtype) -> np.ndarray:
-        """An uninitialised C-contiguous array of ``shape`` and ``dtype``: a cached buffer of
-        at least its size (and at most twice it, so small requests do not pin large buffers),
-        or a new one."""
+        """An uninitialised C-contiguous array of ``shape`` and ``dtype`` starting on a cache
+        line (``aligned_empty``): a cached buffer of at least its size (and at most twice it,
+        so small requests do not pin large buffers), or a new one."""
         dtype = np.dtype(dtype)
         needed = math.prod(shape) * dtype.itemsize
         if needed < self.min_bytes or not self._free:
-            return np.empty(shape, dtype)
+            return aligned_empty(shape, dtype)
         with self._lock:
             fitting = [index for index, owner in enumerate(self._free)
-                       if needed <= owner.nbytes <= 2 * needed]
+                       if needed <= _capacity(owner) <= 2 * needed]
             owner = (self._free.pop(min(fitting, key=lambda index: self._free[index].nbytes))
                      if fitting else None)
         if owner is None:
-            return np.empty(shape, dtype)
-        return owner.reshape(-1).view(np.uint8)[:needed].view(dtype).reshape(shape)
+            return aligned_empty(shape, dtype)
+        offset = -owner.ctypes.data % ALIGNMENT
+        return owner.reshape(-1).view(np.uint8)[offset:offset + needed].view(dtype).reshape(shape)
 
     def give(self, *arrays: np.ndarray | None) -> None:
         """Return arrays from ``take`` (None is skipped) for reuse. The caller must keep no
@@ -79,19 +106,19 @@ class BufferCache:
             # NumPy points a view's base at the array owning the memory.
             owner = array if array.base is None else array.base
             if not isinstance(owner, np.ndarray) or owner.base is not None \
-                    or not owner.flags.c_contiguous or owner.nbytes > self.max_bytes:
+                    or not owner.flags.c_contiguous or not 0 < _capacity(owner) <= self.max_bytes:
                 continue
             with self._lock:
                 if any(kept is owner for kept in self._free):
                     continue  # given back twice: one entry
                 self._free.append(owner)
-                while sum(kept.nbytes for kept in self._free) > self.max_bytes:
+                while sum(_capacity(kept) for kept in self._free) > self.max_bytes:
                     self._free.pop(0)
 
     def cached_bytes(self) -> int:
         """Bytes kept for reuse now."""
         with self._lock:
-            return sum(owner.nbytes for owner in self._free)
+            return sum(_capacity(owner) for owner in self._free)
 
     def clear(self) -> None:
         """Drop every cached buffer (their memory goes back to the allocator)."""

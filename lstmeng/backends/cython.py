@@ -50,7 +50,7 @@ import numpy as np
 
 from lstmeng._runtime import threads
 from lstmeng.backends import _kernel_overrides
-from lstmeng.backends._buffer_cache import BufferCache
+from lstmeng.backends._buffer_cache import BufferCache, aligned_empty
 from lstmeng.backends.base import KernelBackend, SequenceForward, SequenceGrads, Workspace
 
 try:
@@ -661,9 +661,10 @@ class CythonBackend(KernelBackend):
             busy = not self._split_governor.allow()
         pipeline = one_part_may_thread and not busy and overrides.cython_pipeline is not False
 
-        sequence_outputs = np.empty((batch, steps, units), dtype) if return_sequences else None
-        last_output = None if return_sequences else np.empty((batch, units), dtype)
-        h_out, c_out = np.empty((batch, units), dtype), np.empty((batch, units), dtype)
+        # On cache lines (aligned_empty): a unit split's members write the two halves of each row.
+        sequence_outputs = aligned_empty((batch, steps, units), dtype) if return_sequences else None
+        last_output = None if return_sequences else aligned_empty((batch, units), dtype)
+        h_out, c_out = aligned_empty((batch, units), dtype), aligned_empty((batch, units), dtype)
         # The inputs reach the projection GEMM a chunk of steps at a time, in packed rows.
         part_batch = layout.largest_part
         chunk_steps = max(1, min(steps, CHUNK_ROWS // max(part_batch, 1)))
