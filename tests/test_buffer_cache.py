@@ -8,6 +8,7 @@ its backward consumed it, and results are bit-identical with and without it.
 import numpy as np
 import pytest
 
+from lstmeng.backends import _buffer_cache as buffer_cache_module
 from lstmeng.backends import cython as cython_backend
 from lstmeng.backends._buffer_cache import ALIGNMENT, BufferCache, aligned_empty
 
@@ -90,12 +91,17 @@ def _on_a_line(array):
 
 @pytest.mark.parametrize("shape, dtype", [((3, 5), np.float64), ((1, 128), np.float32), ((7,), np.uint8),
                                           ((2, 1, 100), np.float32)])
-def test_aligned_empty_starts_on_a_cache_line(shape, dtype):
+@pytest.mark.parametrize("implementation", ["module", "python"])
+def test_aligned_empty_starts_on_a_cache_line(shape, dtype, implementation):
     """Why: a unit split's two threads write the halves of each row; rows off a line shared
-    the line at the halves' boundary, which crossed between the cores at every step."""
-    array = aligned_empty(shape, dtype)
+    the line at the halves' boundary, which crossed between the cores at every step. Both
+    the extension's function (what the module uses where it is built) and the fallback."""
+    make = aligned_empty if implementation == "module" else buffer_cache_module._python_aligned_empty
+    array = make(list(shape), dtype)
     assert array.shape == shape and array.dtype == dtype and array.flags.c_contiguous
     assert array.flags.writeable and _on_a_line(array)
+    array[...] = 1
+    assert array.sum() == array.size
 
 
 def test_every_array_taken_starts_on_a_cache_line():

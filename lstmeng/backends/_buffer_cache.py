@@ -38,21 +38,32 @@ MIN_CACHED_BYTES = 256 * 1024
 ALIGNMENT = 64
 
 
-def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+def _python_data_address(array: np.ndarray) -> int:
+    return array.ctypes.data
+
+
+def _python_aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     """An uninitialised C-contiguous array of ``shape`` and ``dtype`` that starts on a cache line.
 
-    Why: NumPy's allocations start 16 bytes into a line. The cython kernels load their
-    packed weights 64 bytes at a time (one zmm register), so a weight buffer 32 bytes
-    off a line made every load of a batch-1 step's product a split load; and in a unit
-    split two threads write the two halves of each row of gates and states, so a row
+    Why: NumPy's allocations start 16 bytes into a line, and in a unit split the cython
+    backend's two threads write the two halves of each row of gates and states: a row
     that does not start on a line shares the line at the halves' boundary, which then
-    crosses between the cores at every step (false sharing).
+    crosses between the cores at every step (false sharing; a batch-1 split step took
+    1.14-1.40x as long). The extension's version of this function (used where it is
+    built) takes 0.26 us an array, this one 1.7.
     """
     dtype = np.dtype(dtype)
     needed = math.prod(shape) * dtype.itemsize
     raw = np.empty(needed + ALIGNMENT, np.uint8)
-    offset = -raw.ctypes.data % ALIGNMENT
+    offset = -_python_data_address(raw) % ALIGNMENT
     return raw[offset:offset + needed].view(dtype).reshape(shape)
+
+
+try:   # the same two functions in C, where the extension is built
+    from lstmeng.backends._cython_lstm import aligned_empty
+    from lstmeng.backends._cython_lstm import data_address as _data_address
+except ImportError:
+    aligned_empty, _data_address = _python_aligned_empty, _python_data_address
 
 
 def _capacity(owner: np.ndarray) -> int:
@@ -94,7 +105,7 @@ class BufferCache:
                      if fitting else None)
         if owner is None:
             return aligned_empty(shape, dtype)
-        offset = -owner.ctypes.data % ALIGNMENT
+        offset = -_data_address(owner) % ALIGNMENT
         return owner.reshape(-1).view(np.uint8)[offset:offset + needed].view(dtype).reshape(shape)
 
     def give(self, *arrays: np.ndarray | None) -> None:
