@@ -177,6 +177,9 @@ def run(args) -> int:
         tf.config.threading.set_inter_op_parallelism_threads(1)
 
     peak = timing.blas_gemm_peak(2048, args.repeats, clock=clock)
+    # Its threads spin on: timed right after, a batch-1 unit split ran on one thread at
+    # 1.0 ms instead of 0.55 (a single-shape run).
+    time.sleep(timing.BLAS_SPIN_SECONDS)
     print(f"CPU: {runtime_threads.cpu_model()}; threads: {threads}; float32; best of {args.repeats}; "
           f"{'process CPU time' if args.cpu_time else 'wall time'}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")

@@ -218,6 +218,13 @@ def square_matmul_gflops(product: Callable[[], object], size: int, repeats: int,
     return 2.0 * size ** 3 / timing.seconds / 1e9
 
 
+#: How long OpenBLAS's workers keep busy-waiting after a multi-threaded call (its thread
+#: timeout, 2^28 cycles, ~0.1 s), with a margin: what a benchmark waits after measuring the
+#: BLAS peak before it times anything else. Timed within that window, a two-thread call shares
+#: its two cores with them (a batch-1 unit split then ran at one thread's speed).
+BLAS_SPIN_SECONDS = 0.25
+
+
 def blas_gemm_peak(size: int = 2048, repeats: int = 3, *, dtype="float32", min_repeats: int = 1,
                    budget_s: float = math.inf, clock: Callable[[], float] | None = None) -> float:
     """Best GFLOP/s of SciPy's BLAS GEMM (sgemm for float32, dgemm for float64; the BLAS the cython

@@ -30,6 +30,7 @@ import numpy as np
 
 from lstmeng._runtime import threads as runtime_threads
 from lstmeng._runtime.timing import (
+    BLAS_SPIN_SECONDS,
     FLOPS_FORMULA,
     Shape,
     blas_gemm_peak,
@@ -39,9 +40,6 @@ from lstmeng._runtime.timing import (
 MODES = ("infer", "train")
 PEERS = ("torch", "keras")
 DEFAULT_SHAPES = "64,100,256,256;32,200,128,512;256,50,128,128;1,500,64,128"
-#: How long OpenBLAS's workers keep busy-waiting after a multi-threaded call (its thread
-#: timeout, 2^28 cycles, ~0.1 s), with a margin: the pause after each sgemm peak measurement.
-BLAS_SPIN_SECONDS = 0.25
 #: Seconds of timed calls after which a slow runner (the NumPy backend at large shapes) stops
 #: early, always after at least one call; the others take their ``repeats`` turns.
 RUNNER_BUDGET_S = 30.0
