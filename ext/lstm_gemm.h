@@ -282,7 +282,10 @@ static void lstmeng_pack_halves_f32(const float *m, int64_t H, int64_t k_split, 
  * inference (four runs of 400 rounds against 2f5f3ce), 1.00-1.02x training; one
  * thread at (1, 500, 32, 64) 1.04-1.12x inference, 1.03-1.06x training, at (1, 200,
  * 32, 96) 1.04x. Two identical paths differed by up to 8 % in runs of 100 rounds,
- * so single ratios are rough. (A whole share read pair by pair in one fixed order,
+ * so single ratios are rough. With the rows on their own cache lines (session 18's
+ * next change), this build turning against itself in one order (halves_l1_size(0)):
+ * split (1, 500, 64, 128) 1.07x inference, 1.05x training, two runs each. (A whole
+ * share read pair by pair in one fixed order,
  * at H = 128 where it does not turn, was 0.99x of the two passes in the backward:
  * a share that does not turn keeps them.) In a C
  * microbenchmark of the product alone (one core): R of H = 64 on one thread 349 ns a
