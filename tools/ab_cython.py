@@ -65,8 +65,8 @@ def base_backend_module(folder: str):
     (its ``backends/base.py``: the contract's classes change between revisions) and buffer cache."""
     # The base's own copies of the modules its backend module imports that change between
     # revisions: the contract's classes, and the buffer cache (whose arrays' alignment is the
-    # base's, not the working tree's). Its extension imports the buffer cache too (since
-    # session 18): it is loaded while the base's copy is in place.
+    # base's, not the working tree's; a base copy from session 18 on takes its aligned_empty
+    # from the working tree's extension, which only allocates).
     own_modules = {"lstmeng.backends.base": "base.py", "lstmeng.backends._buffer_cache": "_buffer_cache.py"}
     working = {name: sys.modules.get(name) for name in own_modules}
     for name, file in own_modules.items():
