@@ -625,8 +625,30 @@ def test_split_chooser_times_each_length_class_apart(monkeypatch):
                                    *weights, training=True)
         backend.sequence_backward(np.ones((1, steps, 64)), np.zeros((1, 64)), np.zeros((1, 64)), forward.workspace)
     keys = list(backend._split_chooser._shapes)
-    assert sorted((key[0], key[-1]) for key in keys) == sorted(
+    assert sorted((key[0], key[-2]) for key in keys) == sorted(
         (way, length_class(steps)) for way in ("forward", "backward") for steps in (8, 64))
+    assert all(key[-1] is None for key in keys)   # no kernel family forced
+
+
+def test_split_chooser_times_each_forced_kernel_family_apart(monkeypatch):
+    """A process that forces kernel families in turn (tests, `compare_cpu.py --isa`) keeps a
+    verdict per family: one family's timings said nothing of another's (a stale avx2 verdict
+    kept an avx512 batch-1 call on one thread at 0.85 ms where it splits in 0.55)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)
+    if not cython_module._team(1, 64, None, 1.0)[2]:
+        pytest.skip("this build runs one thread (no OpenMP or no OpenBLAS thread control)")
+    families = [isa for isa in ("avx2", "avx512") if isa in cython_module._cython_lstm.SUPPORTED_ISAS]
+    if len(families) < 2:
+        pytest.skip("this CPU runs one kernel family with a packed product")
+    backend = cython_module.CythonBackend()
+    monkeypatch.setattr(backend._split_governor, "allow", lambda: True)
+    rng = np.random.default_rng(1)
+    weights = (rng.normal(size=(4, 256)) * 0.1, rng.normal(size=(64, 256)) * 0.1, None)
+    for isa in families:
+        with kernel_overrides(cython_isa=isa):
+            sequence_forward(backend, rng.normal(size=(1, 16, 4)), np.zeros((1, 64)), np.zeros((1, 64)), *weights)
+    assert sorted(key[-1] for key in backend._split_chooser._shapes) == sorted(families)
 
 
 def test_a_split_eligible_shape_is_timed_on_one_thread_too(monkeypatch):

@@ -639,7 +639,10 @@ class CythonBackend(KernelBackend):
         # thread, backward included (the same shares, run one after another).
         chooser_key = None
         if split_units and overrides.cython_split_units is None:
-            chooser_key = ("forward", batch, features, units, training, dtype.char, _length_class(steps))
+            # The forced kernel family too (None in production): a process that switches it
+            # (tests, `compare_cpu.py --isa`) keeps one verdict per family.
+            chooser_key = ("forward", batch, features, units, training, dtype.char, _length_class(steps),
+                           overrides.cython_isa)
             busy = not self._split_governor.allow()
             if busy or not self._split_chooser.choose(chooser_key):
                 parts, threads, split_units, run_one_thread = 1, 1, False, True
@@ -867,7 +870,8 @@ class CythonBackend(KernelBackend):
         # for the slowest.
         run_threads = 1 if ws.run_one_thread or busy else 0
         if split_units and overrides.cython_split_units is None:
-            chooser_key = ("backward", batch, features, units, dtype.char, _length_class(steps))
+            chooser_key = ("backward", batch, features, units, dtype.char, _length_class(steps),
+                           overrides.cython_isa)
             busy = not self._split_governor.allow()
             if busy or not self._split_chooser.choose(chooser_key):
                 split_units, run_threads = False, 1
