@@ -120,7 +120,8 @@ def _turns(units, backward, member):
 def test_turning_orders_give_the_fixed_orders_bits(units, size, l1_size, monkeypatch):
     """Each step starting on what the last one read last (lstmeng_halves_order), for a member
     of a two-member split and for a whole share: bitwise the fixed order's results, forward
-    and backward, over enough steps for the starts to come round several times."""
+    and backward, over enough steps for the starts to come round several times, and close to
+    the float64 NumPy reference."""
     monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     if not cython_module._team(1, units, True)[2]:
@@ -139,6 +140,13 @@ def test_turning_orders_give_the_fixed_orders_bits(units, size, l1_size, monkeyp
     for key, got in results.items():
         for name, value, want in zip(NAMES, got, fixed):
             np.testing.assert_array_equal(value, want, err_msg=f"{name}: L1 {key[0]}, split {key[1]}")
+    # And all of them against the float64 NumPy reference, not only against each other.
+    reference = _run(numpy_backend_module.NumpyBackend(), {key: value if value.dtype == bool else
+                                                           value.astype(np.float64)
+                                                           for key, value in arrays.items()},
+                     False, True, False)
+    for name, got, want in zip(NAMES, fixed, reference):
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max(), err_msg=name)
 
 
 def test_the_order_keeps_what_fits_in_l1(l1_size):
