@@ -60,6 +60,8 @@ cdef extern from "lstm_gemm.h" nogil:
     void lstmeng_gemm_at_packed_f32(Py_ssize_t rows, Py_ssize_t G, Py_ssize_t K, const float *a,
                                     Py_ssize_t lda, const float *packed, const float *start, float *c,
                                     Py_ssize_t ldc)
+
+cdef extern from "lstm_halves.h" nogil:
     const int LSTMENG_HALVES_OWN, LSTMENG_HALVES_OTHER
     ctypedef struct LstmengHalvesOrder:
         int64_t out_blocks, pairs, pieces, early, own_turn, other_turn, own_start, other_start

@@ -102,8 +102,9 @@ BEST_ISA = _ISA_NAMES[lstmeng_best_isa()]
 PACKED_GEMM = lstmeng_best_isa() >= LSTMENG_ISA_AVX2
 # Whether they are used now: the ISA in use is not "scalar".
 cdef bint packed_gemm = PACKED_GEMM
-# Whether the input projection uses them too (AVX-512 only: the AVX2 kernel lost to
-# OpenBLAS at 1024-row chunks, 56-59 against 70 GFLOP/s; see docs/cython.md).
+# Whether the input projection, dx and the weight gradients use them too at any size
+# (AVX-512; the AVX2 kernel lost to OpenBLAS at 1024-row chunks, 56-59 against 70
+# GFLOP/s, see docs/cython.md, and takes only short chunks: projects_packed).
 cdef bint packed_projection = lstmeng_best_isa() == LSTMENG_ISA_AVX512
 
 #: Whether this CPU runs the fused gate kernels (float32, tanh / sigmoid; lstm_rows_fast.h).
@@ -112,7 +113,7 @@ lstmeng_fast_rows = FAST_GATE_MATH
 lstmeng_isa = lstmeng_best_isa()
 
 #: Bytes of one core's L1 data cache (lstmeng_l1d_bytes in lstm_cpu.h): what the
-#: batch-1 products in halves plan their order with (lstmeng_halves_order in lstm_gemm.h).
+#: batch-1 products in halves plan their order with (lstmeng_halves_order in lstm_halves.h).
 L1D_BYTES = lstmeng_l1d_bytes()
 cdef int64_t halves_l1_bytes = L1D_BYTES
 
@@ -223,6 +224,19 @@ cdef Py_ssize_t PACK_CACHED_BYTES = 1024 * 1024
 cdef Py_ssize_t PACK_MIN_ROWS_UNCACHED = 7
 cdef Py_ssize_t PACK_BYTES_PER_STEP = 256 * 1024
 cdef Py_ssize_t MIN_ROWS_TO_PACK = 32
+# On the AVX2 kernels the input projection takes the packed kernel for chunks of at most
+# AVX2_PROJECTION_MAX_CHUNK_ROWS rows (a unit split's or a pipelined call's chunks of 32
+# steps of up to 16 rows), where OpenBLAS's sgemm, which packs the input kernel and the
+# chunk again at every call, spent more time packing than multiplying: at batch 1 a
+# member projects 32 rows of I = 64 into its 256 gate columns (perf at (1, 500, 64, 128),
+# split: sgemm's copies 9 % and its kernel 15 % of the call). tools/ab_cython.py --isa
+# avx2 on the Zen 5, packed against BLAS (inference): batch 1 split 1.20x with the
+# halves' 1.05x, batch 2 1.10x, 4 and 8 1.08-1.09x, (16, 100, 128, 256) 1.05x; training
+# at batch 1 1.11x. The 1024-row chunks of larger batches keep BLAS: 1.01-1.03x here,
+# and on the Zen 3 this kernel (which does not pack A) lost to OpenBLAS there (56-59
+# against 70 GFLOP/s, docs/cython.md). (Batch 2 had lost, 0.96x, until the AVX2 kernel
+# started from the bias row as the AVX-512 one does, instead of C filled with it.)
+cdef Py_ssize_t AVX2_PROJECTION_MAX_CHUNK_ROWS = 512
 #: Unpacked float64 products of at most this many rows run as one BLAS DGEMV per row (see gemm).
 cdef Py_ssize_t DGEMV_MAX_ROWS = 3
 
@@ -232,6 +246,13 @@ cdef inline bint takes_gemv(bint float32, Py_ssize_t m, Py_ssize_t n, Py_ssize_t
     GEMM: lstm_gemv.h's kernels in float32 (lstmeng_gemv_takes_f32: up to 16 rows, 32 on
     AVX-512, fewer for the AVX2 and scalar families in places), one DGEMV per row in float64."""
     return lstmeng_gemv_takes_f32(m, n, k) if float32 else m <= DGEMV_MAX_ROWS
+
+
+cdef inline bint projects_packed(Py_ssize_t part_chunk_rows) noexcept nogil:
+    """Whether a float32 call's input projection, in chunks of part_chunk_rows rows, may run
+    on the packed kernel of the family in use: always on AVX-512, on AVX2 for chunks of
+    at most AVX2_PROJECTION_MAX_CHUNK_ROWS rows, never on the scalar family (BLAS)."""
+    return packed_projection or (packed_gemm and part_chunk_rows <= AVX2_PROJECTION_MAX_CHUNK_ROWS)
 
 
 cdef inline bint step_weights_packed(bint float32, Py_ssize_t G) noexcept nogil:
@@ -770,8 +791,8 @@ cdef void gates_product(Py_ssize_t rows, Py_ssize_t K, floating *a, Py_ssize_t l
     if width == 0 or rows == 0:
         return
     if floating is float:
-        if packed != NULL and not accumulate and bias != NULL and lstmeng_isa == LSTMENG_ISA_AVX512:
-            # The AVX-512 kernel starts from the bias itself (no bias rows to fill first).
+        if packed != NULL and not accumulate and bias != NULL:
+            # The packed kernels start from the bias itself (no bias rows to fill first).
             if width == H:
                 lstmeng_gemm_packed_bias_f32(rows, G, K, a, lda, packed, bias, gates, G)
             else:
@@ -1090,9 +1111,9 @@ cdef void recurrent_step_product(const LstmProblem *problem, const LstmBuffers *
 
 cdef inline bint takes_halves(bint pack_recurrent, Py_ssize_t B, Py_ssize_t H) noexcept nogil:
     """Whether a call's recurrent products run in halves (product_in_halves): batch 1, the
-    recurrent kernel packed, the AVX-512 kernels and H a multiple of 32; the forward and
-    the backward decide alike."""
-    return pack_recurrent and B == 1 and H % PANEL_PAIR == 0 and lstmeng_isa == LSTMENG_ISA_AVX512
+    recurrent kernel packed (float32 on the AVX-512 or AVX2 kernels) and H a multiple of
+    32; the forward and the backward decide alike."""
+    return pack_recurrent and B == 1 and H % PANEL_PAIR == 0 and lstmeng_isa != LSTMENG_ISA_SCALAR
 
 
 cdef inline Py_ssize_t halves_split(Py_ssize_t H) noexcept nogil:
@@ -1103,7 +1124,7 @@ cdef inline Py_ssize_t halves_split(Py_ssize_t H) noexcept nogil:
 
 cdef void product_in_halves(const LstmProblem *problem, TeamShare *share, float *a, float *c,
                             Py_ssize_t H, bint backward) noexcept nogil:
-    """A batch-1 step's recurrent product for the share's units in halves (lstm_gemm.h,
+    """A batch-1 step's recurrent product for the share's units in halves (lstm_halves.h,
     the recurrent kernel packed by pack_recurrent_slice), with the step's barrier:
     forward, c = the step's gates [4H] += a = h(t - 1) [H] @ R; backward, c = dh(t - 1)
     [H] += a = dz(t) [4H] @ R^T.
@@ -1333,8 +1354,8 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
     cdef float[::1] packed_weights = packed_weights_array
     cdef float *packed_base = NULL
     # The input kernel [I, 4H] packed the same way for the input projection, where the
-    # ISA's kernel beats BLAS at it (packed_projection: AVX-512; see lstm_gemm.h).
-    cdef bint project_packed = floating is float and packed_projection and I > 0 \
+    # ISA's kernel beats BLAS at it (projects_packed: AVX-512, AVX2 in short chunks).
+    cdef bint project_packed = floating is float and projects_packed(part_chunk_rows) and I > 0 \
         and packs_input_kernel(B, T, I, G)
     packed_input_array = take_float32(buffer_cache, (I * G if project_packed else 1,))
     cdef float[::1] packed_input_weights = packed_input_array
@@ -1370,7 +1391,7 @@ def forward(*, floating[:, :, ::1] x, floating[:, ::1] h0, floating[:, ::1] c0,
             packed_base = &packed_weights[0]
         if project_packed:
             packed_input_base = &packed_input_weights[0]
-        # Batch 1 on the AVX-512 kernels: each step's recurrent product in halves of h
+        # Batch 1 on the AVX-512 or AVX2 kernels: each step's recurrent product in halves of h
         # (product_in_halves), whether the units are split or not.
         problem.recurrent_halves = takes_halves(pack_recurrent, B, H)
         if not split_units:
@@ -1832,7 +1853,7 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     if floating is float:
         if pack_recurrent:
             packed_base = &packed_weights[0]
-        # Batch 1 on the AVX-512 kernels: dh(t - 1) = dz(t) @ R^T in halves, as the forward.
+        # Batch 1 on the AVX-512 or AVX2 kernels: dh(t - 1) = dz(t) @ R^T in halves, as the forward.
         problem.recurrent_halves = takes_halves(pack_recurrent, B, H)
         if not split_units:
             packed_base = pack_recurrent_slice(&problem, packed_base, &recurrent_kernel[0, 0], 0, H, True, 1,

@@ -73,7 +73,7 @@ static int lstmeng_isa = LSTMENG_ISA_SCALAR;
 /* Bytes of one core's L1 data cache, as the C library reports it (sysconf); 32 KB,
  * the smallest of the cores these kernels target, where it reports nothing. The
  * batch-1 products in halves keep that much of the weights in L1 across steps
- * (lstm_gemm.h, lstmeng_halves_order). */
+ * (lstm_halves.h, lstmeng_halves_order). */
 static int64_t lstmeng_l1d_bytes(void) {
     long reported = -1;
 #ifdef _SC_LEVEL1_DCACHE_SIZE

@@ -24,7 +24,7 @@
  * (two layers on two Python threads, say) still makes progress.
  * lstmeng_barrier_arrive + lstmeng_barrier_depart are the same barrier in two
  * halves, with work in between that needs only the member's own results (the
- * batch-1 products in halves: lstm_gemm.h, lstmeng_row_halves_f32).
+ * batch-1 products in halves: lstm_halves.h, lstmeng_row_halves_member_f32).
  *
  * The time of each wait that had to yield (another member was
  * LSTMENG_SPINS_BEFORE_YIELD pauses, ~5 us, late: on an idle machine a

@@ -1,4 +1,4 @@
-"""The batch-1 recurrent products in halves (cython backend, float32, AVX-512 kernels).
+"""The batch-1 recurrent products in halves (cython backend, float32, AVX-512 and AVX2 kernels).
 
 At batch 1 each step's product h(t - 1) @ R (forward) and dz(t) @ R^T (backward) is
 summed over two halves apart (``product_in_halves`` in the extension: the halves of h, or the
@@ -9,7 +9,8 @@ thread, a team of two and a team of three (no overlap) must give bitwise the sam
 for every H the path takes (a multiple of 32: halves of 0 + 32, 32 + 64, 64 + 64 units),
 both weight layouts (row-major, and PyTorch's transposed one), masks, dropout, reverse and
 the backward, in the fixed order and in the turning orders that keep part of a share
-in L1 from step to step; and match the float64 NumPy reference. The extension's
+in L1 from step to step, on both kernel families (each with its own piece kernel under
+the same order logic); and match the float64 NumPy reference. The extension's
 ``last_forward_row_halves`` and ``last_backward_row_halves`` confirm the path ran, and that
 other calls do not take it.
 """
@@ -27,10 +28,16 @@ from _backends import sequence_forward
 cython_module = pytest.importorskip("lstmeng.backends.cython")
 pytestmark = [
     pytest.mark.skipif(cython_module._cython_lstm is None, reason="the cython extension is not built"),
-    pytest.mark.skipif(cython_module._cython_lstm is None or "avx512" not in cython_module._cython_lstm.SUPPORTED_ISAS,
-                       reason="the halves product runs on the AVX-512 kernels, which this CPU or build lacks"),
+    pytest.mark.skipif(cython_module._cython_lstm is None or "avx2" not in cython_module._cython_lstm.SUPPORTED_ISAS,
+                       reason="the halves product runs on the AVX-512 or AVX2 kernels, which this CPU or build lacks"),
 ]
 extension = cython_module._cython_lstm
+
+#: The kernel families that run the products in halves, each a parameter of the tests below
+#: (skipped where this CPU or build lacks it).
+HALVES_ISAS = [pytest.param(isa, marks=pytest.mark.skipif(
+    extension is None or isa not in extension.SUPPORTED_ISAS, reason=f"this CPU or build does not run {isa}"))
+    for isa in ("avx512", "avx2")]
 
 NAMES = ("outputs", "h", "c", "dx", "dh0", "dc0", "dkernel", "drecurrent_kernel", "dbias")
 
@@ -67,11 +74,12 @@ def _run(backend, arrays, transposed, masked, reverse):
              grads.drecurrent_kernel, grads.dbias)]
 
 
+@pytest.mark.parametrize("isa", HALVES_ISAS)
 @pytest.mark.parametrize("units", [32, 96, 128])
 @pytest.mark.parametrize("transposed", [False, True], ids=["row-major", "transposed"])
 @pytest.mark.parametrize("masked", [False, True], ids=["", "mask-dropout"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["", "reverse"])
-def test_split_teams_and_one_thread_agree_bitwise(units, transposed, masked, reverse, monkeypatch):
+def test_split_teams_and_one_thread_agree_bitwise(isa, units, transposed, masked, reverse, monkeypatch):
     monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)
     arrays = _arrays(1, 45, 16, units, seed=units)
     results = {}
@@ -80,7 +88,7 @@ def test_split_teams_and_one_thread_agree_bitwise(units, transposed, masked, rev
         if not cython_module._team(1, units, True)[2]:
             pytest.skip("this build runs one thread (no OpenMP or no OpenBLAS thread control)")
         for split in (False, True):
-            with kernel_overrides(cython_isa="avx512", cython_split_units=split, cython_pipeline=False):
+            with kernel_overrides(cython_isa=isa, cython_split_units=split, cython_pipeline=False):
                 results[threads, split] = _run(cython_module.CythonBackend(), arrays, transposed, masked, reverse)
                 assert extension.last_forward_row_halves and extension.last_backward_row_halves
         # The same thread budget shares the backward's products after the time loop alike.
@@ -109,6 +117,7 @@ def _turns(units, backward, member):
     return order["own_turn"] > 0 or order["other_turn"] > 0
 
 
+@pytest.mark.parametrize("isa", HALVES_ISAS)
 @pytest.mark.parametrize("units, size", [
     (64, 16384),    # the members turn (2 of 4 own pieces early)
     (96, 32768),    # both members turn (their shares differ: 32 and 64 units), a whole share does not
@@ -117,7 +126,7 @@ def _turns(units, backward, member):
     (64, None),     # a whole share turns (5 of 8 pairs at 48 KB), a member fits
     (96, None),
 ])
-def test_turning_orders_give_the_fixed_orders_bits(units, size, l1_size, monkeypatch):
+def test_turning_orders_give_the_fixed_orders_bits(isa, units, size, l1_size, monkeypatch):
     """Each step starting on what the last one read last (lstmeng_halves_order), for a member
     of a two-member split and for a whole share: bitwise the fixed order's results, forward
     and backward, over enough steps for the starts to come round several times, and close to
@@ -133,7 +142,7 @@ def test_turning_orders_give_the_fixed_orders_bits(units, size, l1_size, monkeyp
         if l1:   # the sizes chosen so that something turns: a test that turns nothing proves nothing
             assert any(_turns(units, backward, member) for backward in (False, True) for member in (None, 0, 1))
         for split in (False, True):
-            with kernel_overrides(cython_isa="avx512", cython_split_units=split, cython_pipeline=False):
+            with kernel_overrides(cython_isa=isa, cython_split_units=split, cython_pipeline=False):
                 results[l1, split] = _run(cython_module.CythonBackend(), arrays, False, True, False)
                 assert extension.last_forward_row_halves and extension.last_backward_row_halves
     fixed = results[0, False]
@@ -173,18 +182,21 @@ def test_the_order_keeps_what_fits_in_l1(l1_size):
         extension.halves_order(128, False, 2)
 
 
-def test_the_pipelined_calls_take_the_halves_too(monkeypatch):
+@pytest.mark.parametrize("isa", HALVES_ISAS)
+def test_the_pipelined_calls_take_the_halves_too(isa, monkeypatch):
     """Batch 1 on one thread's time loop, the projection (forward) or the weight gradients
-    (backward) on another: the same numbers."""
+    (backward, AVX-512) on another: the same numbers."""
     monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     arrays = _arrays(1, 300, 32, 64, seed=5)
     results = []
     for pipeline in (False, True):
-        with kernel_overrides(cython_isa="avx512", cython_split_units=False, cython_pipeline=pipeline):
+        with kernel_overrides(cython_isa=isa, cython_split_units=False, cython_pipeline=pipeline):
             results.append(_run(cython_module.CythonBackend(), arrays, False, False, False))
             assert extension.last_forward_row_halves and extension.last_backward_row_halves
-            assert extension.last_forward_pipelined == extension.last_backward_pipelined == pipeline
+            assert extension.last_forward_pipelined == pipeline
+            # The backward pipelines its weight gradients on the packed AVX-512 kernels only.
+            assert extension.last_backward_pipelined == (pipeline and isa == "avx512")
     for name, got, want in zip(NAMES, results[1], results[0]):
         np.testing.assert_array_equal(got, want, err_msg=name)
 
@@ -193,7 +205,9 @@ def test_the_pipelined_calls_take_the_halves_too(monkeypatch):
     (2, 64, np.float32, "avx512"),     # two rows: the block kernels
     (1, 48, np.float32, "avx512"),     # H not whole panel pairs
     (1, 64, np.float64, "avx512"),     # BLAS
-    (1, 64, np.float32, "avx2"),       # the AVX2 kernels keep one sum over h
+    (2, 64, np.float32, "avx2"),
+    (1, 48, np.float32, "avx2"),
+    (1, 64, np.float32, "scalar"),     # BLAS for every product
 ])
 def test_other_calls_keep_the_whole_product(batch, units, dtype, isa, monkeypatch):
     if isa not in extension.SUPPORTED_ISAS:
