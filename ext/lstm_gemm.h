@@ -12,7 +12,8 @@
  * time (lstm_cpu.h); on other CPUs, compilers or in float64 the caller uses
  * BLAS instead.
  *
- *  - AVX2+FMA: 6 x 16 and 4 x 16 blocks (12 / 8 ymm accumulators of 16).
+ *  - AVX2+FMA: blocks of 6 x 16, 5 x 16 and 4 x 16 (12 / 10 / 8 ymm accumulators
+ *    of 16), a single-row kernel for batch 1 and a tail of 1-3 rows.
  *  - AVX-512:  a panel row is one zmm. Blocks of up to 12 x 32 (two panels:
  *    24 of the 32 zmm registers accumulate, 2 hold the panel rows, the rest the
  *    broadcasts; a product's rows dealt evenly to as few blocks as that allows)
@@ -82,24 +83,38 @@ static void lstmeng_pack_panels_f32(const float *b, int64_t K, int64_t G, int64_
                               LSTMENG_PAIR);
 }
 
+/* Products with at most this many k (a cell step's weight gradients, K = its rows; an
+ * input projection of a few features) go through C a block of rows at a time
+ * (lstmeng_gemm_packed_avx2_f32, lstmeng_gemm_avx512_f32). */
+#define LSTMENG_SMALL_K 8
+
 #if LSTMENG_HAVE_AVX2_FMA
 
-/* ROWS rows of A times one panel: 2 ROWS accumulators, two 8-float halves per
- * row. Called with a constant ROWS (6 for the main blocks, 4 for the rows a
- * part of 16 or 10 leaves), so after inlining the row loops unroll and every
- * accumulator lives in a register: 12 (or 8) independent FMA chains. Each chain
- * starts from C's row, or from the panel's 16 bias columns when bias is not NULL
- * (C's old values then not read). */
-LSTMENG_AVX2_FMA static inline __attribute__((always_inline)) void lstmeng_block_f32(
-        const int rows, const float *a, int64_t lda, const float *panel, int64_t K, float *c,
-        int64_t ldc, const float *bias) {
-    __m256 low[6], high[6];
+/* Rows of A per AVX2 block: ROWS x 2 ymm accumulators (12 of the 16 registers; 2 hold
+ * the panel's row, the rest the broadcasts). */
+#define LSTMENG_AVX2_BLOCK_ROWS 6
+#ifndef LSTMENG_AVX2_ROW_GROUP
+/* Rows of A per pass over all of B in tall products (a multiple of 6): a group's A
+ * (96 rows of K = 256: 96 KB) stays in L2 while every panel passes over it, also in
+ * the 256-512 KB L2 of the AVX2 cores (Haswell to Zen 3). */
+#define LSTMENG_AVX2_ROW_GROUP 96
+#endif
+
+/* ROWS rows of A times one panel (16 columns, a row stride of 32 floats in its pair):
+ * 2 ROWS independent FMA chains from zero, added to C at the end: C = start + the
+ * chains, start C's row or the panel's 16 bias columns when bias is not NULL (C's old
+ * values then not read). Called with constant ROWS (4 to 6), so after inlining the
+ * row loops unroll and the accumulators stay in registers. Each row's chain is the
+ * same in any block. */
+LSTMENG_AVX2_FMA static inline __attribute__((always_inline)) void lstmeng_block_avx2_f32(
+        const int rows, const float *a, int64_t lda, const float *panel, int64_t K, float *c, int64_t ldc,
+        const float *bias) {
+    __m256 low[LSTMENG_AVX2_BLOCK_ROWS], high[LSTMENG_AVX2_BLOCK_ROWS];
     int64_t k;
     int r;
     for (r = 0; r < rows; r++) {
-        const float *start = bias != NULL ? bias : c + r * ldc;
-        low[r] = _mm256_loadu_ps(start);
-        high[r] = _mm256_loadu_ps(start + 8);
+        low[r] = _mm256_setzero_ps();
+        high[r] = _mm256_setzero_ps();
     }
     for (k = 0; k < K; k++) {
         const __m256 p0 = _mm256_loadu_ps(panel + k * LSTMENG_PAIR);
@@ -111,8 +126,9 @@ LSTMENG_AVX2_FMA static inline __attribute__((always_inline)) void lstmeng_block
         }
     }
     for (r = 0; r < rows; r++) {
-        _mm256_storeu_ps(c + r * ldc, low[r]);
-        _mm256_storeu_ps(c + r * ldc + 8, high[r]);
+        const float *start = bias != NULL ? bias : c + r * ldc;
+        _mm256_storeu_ps(c + r * ldc, _mm256_add_ps(_mm256_loadu_ps(start), low[r]));
+        _mm256_storeu_ps(c + r * ldc + 8, _mm256_add_ps(_mm256_loadu_ps(start + 8), high[r]));
     }
 }
 
@@ -139,11 +155,12 @@ LSTMENG_AVX2_FMA static inline __attribute__((always_inline)) void lstmeng_row_c
     }
 }
 
-/* One row of A times a panel pair over all of K: c[0 .. 31] = start + the chains'
- * sums (acc[j] + acc[4 + j] for columns 8j .. 8j + 7), start the pair's 32 bias
- * columns, or c itself when bias is NULL. */
-LSTMENG_AVX2_FMA static inline void lstmeng_row_f32(const float *a, const float *pair_data,
-                                                      int64_t K, float *c, const float *bias) {
+/* One row of A times a panel pair over all of K (a single row: 8 chains instead of a
+ * block's 2, for batch 1): c[0 .. 31] = start + the chains' sums (acc[j] + acc[4 + j]
+ * for columns 8j .. 8j + 7), start the pair's 32 bias columns, or c itself when bias
+ * is NULL. */
+LSTMENG_AVX2_FMA static inline __attribute__((always_inline)) void lstmeng_row_avx2_f32(
+        const float *a, const float *pair_data, int64_t K, float *c, const float *bias) {
     const float *start = bias != NULL ? bias : c;
     __m256 acc[8];
     int j;
@@ -154,34 +171,59 @@ LSTMENG_AVX2_FMA static inline void lstmeng_row_f32(const float *a, const float 
                          _mm256_add_ps(_mm256_loadu_ps(start + 8 * j), _mm256_add_ps(acc[j], acc[4 + j])));
 }
 
-/* C[rows, G] += A[rows, K] @ B, B packed by lstmeng_pack_panels_f32 (AVX2+FMA), or
- * C = bias + A @ B when bias (G floats, the same for every row) is not NULL: the
- * same single rounding of bias + the product as filling C with bias rows first. */
-LSTMENG_AVX2_FMA static void lstmeng_gemm_packed_avx2_f32(int64_t rows, int64_t G, int64_t K,
-                                                       const float *a, int64_t lda,
-                                                       const float *packed, float *c, int64_t ldc,
-                                                       const float *bias) {
-    int64_t pair, panel, r0;
-    const int64_t blocked = rows - rows % 6;
-    /* Panels outside, rows inside: B (the recurrent kernel, often larger than L2)
-     * streams from memory once per step, and each panel (K x 16 floats) serves
-     * every row block from L1/L2 while A (a few rows) stays in L2. The other
-     * order re-read all of B once per six rows: measured 70 -> 99 GFLOP/s at
-     * (rows, G, K) = (16, 2048, 512). */
-    for (pair = 0; pair + 1 < G / LSTMENG_PANEL; pair += 2) {
-        for (panel = pair; panel < pair + 2; panel++) {
-            const float *panel_data = packed + pair * K * LSTMENG_PANEL + (panel - pair) * LSTMENG_PANEL;
-            const float *panel_bias = bias != NULL ? bias + panel * LSTMENG_PANEL : NULL;
-            for (r0 = 0; r0 < blocked; r0 += 6)
-                lstmeng_block_f32(6, a + r0 * lda, lda, panel_data, K, c + r0 * ldc + panel * LSTMENG_PANEL, ldc,
-                                  panel_bias);
-            if (rows - blocked >= 4)
-                lstmeng_block_f32(4, a + blocked * lda, lda, panel_data, K,
-                                  c + blocked * ldc + panel * LSTMENG_PANEL, ldc, panel_bias);
-        }
-        for (r0 = rows - blocked >= 4 ? blocked + 4 : blocked; r0 < rows; r0++)
-            lstmeng_row_f32(a + r0 * lda, packed + pair * K * LSTMENG_PANEL, K,
-                            c + r0 * ldc + pair * LSTMENG_PANEL, bias != NULL ? bias + pair * LSTMENG_PANEL : NULL);
+/* Rows r0 .. r1 - 1 of C times one panel pair: each panel by blocks of 6 rows, the
+ * last 4 or 5 rows by one block of that many, and the last 1 to 3 rows by the
+ * single-row kernel over the pair (row by row). Measured one core, C microbenchmark,
+ * GFLOP/s at (G, K) = (1024, 256): blocks of 6 rows 127, of 5 115, of 4 117; 2 rows
+ * as single rows 85 and as the 4-row block with 2 repeated rows 66; 32 rows as 6 x 5
+ * + 2 single rows 127, dealt evenly to blocks (6, 6, 5, 5, 5, 5) 125; 5 rows as one
+ * block 115, as 4 + a single row 104. bias_pair: NULL (C += the product) or the
+ * pair's 32 bias columns (C = bias + the product). */
+LSTMENG_AVX2_FMA static inline __attribute__((always_inline)) void lstmeng_pair_avx2_f32(
+        int64_t r0, int64_t r1, int64_t K, const float *a, int64_t lda, const float *pair_data, float *c_pair,
+        int64_t ldc, const float *bias_pair) {
+    const int64_t full = (r1 - r0) / LSTMENG_AVX2_BLOCK_ROWS * LSTMENG_AVX2_BLOCK_ROWS;
+    const int64_t tail = (r1 - r0) % LSTMENG_AVX2_BLOCK_ROWS;
+    const int64_t single_from = tail >= 4 ? r1 : r0 + full;
+    int64_t r;
+    int panel;
+    for (panel = 0; panel < 2; panel++) {
+        const float *panel_data = pair_data + panel * LSTMENG_PANEL;
+        const float *bias = bias_pair != NULL ? bias_pair + panel * LSTMENG_PANEL : NULL;
+        float *c = c_pair + panel * LSTMENG_PANEL;
+        for (r = r0; r < r0 + full; r += LSTMENG_AVX2_BLOCK_ROWS)
+            lstmeng_block_avx2_f32(6, a + r * lda, lda, panel_data, K, c + r * ldc, ldc, bias);
+        if (tail == 5)
+            lstmeng_block_avx2_f32(5, a + r * lda, lda, panel_data, K, c + r * ldc, ldc, bias);
+        else if (tail == 4)
+            lstmeng_block_avx2_f32(4, a + r * lda, lda, panel_data, K, c + r * ldc, ldc, bias);
+    }
+    for (r = single_from; r < r1; r++)
+        lstmeng_row_avx2_f32(a + r * lda, pair_data, K, c_pair + r * ldc, bias_pair);
+}
+
+/* C[rows, G] += A[rows, K] @ B (row stride lda), B packed by lstmeng_pack_panels_f32
+ * (AVX2+FMA), or C = bias + A @ B when bias (G floats, the same for every row) is not
+ * NULL. Panel pairs outside, rows inside: B (the recurrent kernel, often larger than
+ * L2) streams once per step and each panel (K x 16 floats) serves every row block from
+ * L1/L2 while A (a few rows) stays in L2 (the other order re-read all of B once per
+ * six rows: 70 -> 99 GFLOP/s at (rows, G, K) = (16, 2048, 512) on the Zen 3). Taller
+ * products (the input projection's chunks) go through the rows in groups of
+ * LSTMENG_AVX2_ROW_GROUP so a group's A stays in L2 while every pair passes over it,
+ * and products with few k (LSTMENG_SMALL_K) a block of rows at a time, as in the
+ * AVX-512 kernel below. (On the Zen 5, 1 MB of L2, groups of 96, 192, 384 and none
+ * ran 1024 rows at 122-129 GFLOP/s alike; the group is for the smaller L2 of the
+ * AVX2 cores.) */
+LSTMENG_AVX2_FMA static void lstmeng_gemm_packed_avx2_f32(int64_t rows, int64_t G, int64_t K, const float *a,
+                                                        int64_t lda, const float *packed, float *c, int64_t ldc,
+                                                        const float *bias) {
+    const int64_t group_rows = K <= LSTMENG_SMALL_K ? LSTMENG_AVX2_BLOCK_ROWS : LSTMENG_AVX2_ROW_GROUP;
+    int64_t pair, group, group_end;
+    for (group = 0; group < rows; group = group_end) {
+        group_end = rows - group <= group_rows + group_rows / 2 ? rows : group + group_rows;
+        for (pair = 0; pair + 1 < G / LSTMENG_PANEL; pair += 2)
+            lstmeng_pair_avx2_f32(group, group_end, K, a, lda, packed + pair * K * LSTMENG_PANEL,
+                                  c + pair * LSTMENG_PANEL, ldc, bias != NULL ? bias + pair * LSTMENG_PANEL : NULL);
     }
 }
 #endif
@@ -349,17 +391,13 @@ LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_pair_av
     }
 }
 
-/* Products with at most this many k (a cell step's weight gradients, K = its rows) go
- * through C a block of rows at a time (see lstmeng_gemm_avx512_f32). */
-#define LSTMENG_AVX512_SMALL_K 8
-
 /* C[rows, G] += A[rows, K] @ B, B packed by lstmeng_pack_panels_f32 (AVX-512), or
  * C = bias + A @ B when bias (G floats, the same for every row) is not NULL.
  * Panel pairs outside, rows inside, as in the AVX2 kernel: B streams once per
  * step and each pair (K x 32 floats) serves every row block from L1/L2. Taller
  * products (the input projection: a chunk of 1024 rows) go through the rows in
  * groups of LSTMENG_AVX512_ROW_GROUP, so a group's A stays in L2 while every
- * panel pair passes over it. With few k (LSTMENG_AVX512_SMALL_K) the groups are
+ * panel pair passes over it. With few k (LSTMENG_SMALL_K) the groups are
  * one block of rows: there C is the traffic (rows x G written, B only K x G), and
  * pair by pair over all rows wrote it column strip by column strip, G floats
  * apart; a block of rows at a time writes it row after row. A cell step's weight
@@ -368,7 +406,7 @@ LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_pair_av
 LSTMENG_AVX512 static inline __attribute__((always_inline)) void lstmeng_gemm_avx512_f32(
         int64_t rows, int64_t G, int64_t K, const float *a, const int64_t row_step,
         const int64_t k_step, const float *packed, float *c, int64_t ldc, const float *bias) {
-    const int64_t group_rows = K <= LSTMENG_AVX512_SMALL_K ? LSTMENG_AVX512_BLOCK_ROWS : LSTMENG_AVX512_ROW_GROUP;
+    const int64_t group_rows = K <= LSTMENG_SMALL_K ? LSTMENG_AVX512_BLOCK_ROWS : LSTMENG_AVX512_ROW_GROUP;
     int64_t pair, group, group_end;
     for (group = 0; group < rows; group = group_end) {
         group_end = rows - group <= group_rows + group_rows / 2 ? rows : group + group_rows;
