@@ -173,12 +173,13 @@ LSTMENG_AVX2_FMA static inline __attribute__((always_inline)) void lstmeng_row_a
 
 /* Rows r0 .. r1 - 1 of C times one panel pair: each panel by blocks of 6 rows, the
  * last 4 or 5 rows by one block of that many, and the last 1 to 3 rows by the
- * single-row kernel over the pair (row by row). Measured one core, C microbenchmark,
- * GFLOP/s at (G, K) = (1024, 256): blocks of 6 rows 127, of 5 115, of 4 117; 2 rows
- * as single rows 85 and as the 4-row block with 2 repeated rows 66; 32 rows as 6 x 5
- * + 2 single rows 127, dealt evenly to blocks (6, 6, 5, 5, 5, 5) 125; 5 rows as one
- * block 115, as 4 + a single row 104. bias_pair: NULL (C += the product) or the
- * pair's 32 bias columns (C = bias + the product). */
+ * single-row kernel over the pair (row by row). Measured one Zen 5 core, C
+ * microbenchmark, GFLOP/s at (G, K) = (1024, 256), three runs: blocks of 6 rows
+ * 125-127, of 4 117-118; 5 rows as one block 115-122, as 4 + a single row 104-116; 2
+ * rows as single rows 85-88 and as the 4-row block with 2 repeated rows 66; 32 rows as
+ * 6 x 5 + 2 single rows 127-129, dealt evenly to blocks (6, 6, 5, 5, 5, 5) 125.
+ * bias_pair: NULL (C += the product) or the pair's 32 bias columns (C = bias + the
+ * product). */
 LSTMENG_AVX2_FMA static inline __attribute__((always_inline)) void lstmeng_pair_avx2_f32(
         int64_t r0, int64_t r1, int64_t K, const float *a, int64_t lda, const float *pair_data, float *c_pair,
         int64_t ldc, const float *bias_pair) {
