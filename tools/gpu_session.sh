@@ -12,7 +12,8 @@
 # "second", ~9.5 min). Default: "first"; "all" runs both, most valuable first,
 # for a machine without the 10-minute cap. Every phase appends to
 # $OUT/session.log (the device tool returns at most 8 files); a phase that runs
-# past its limit is killed and the next one starts. The image's NumPy 2.5 cannot
+# past its limit is killed and the next one starts. GPU_SESSION_SECONDS=N caps the
+# whole run at N seconds (each phase gets at most what is left). The image's NumPy 2.5 cannot
 # compile numba-cuda 0.30.4 kernels, so NumPy 2.4 is installed from the carried
 # wheels first.
 set -u
@@ -40,12 +41,19 @@ START=$(date +%s)
 run_phase() {   # name, limit in seconds, command...
     local name=$1 limit=$2; shift 2
     local t0=$(date +%s)
+    if [ -n "${GPU_SESSION_SECONDS:-}" ]; then
+        # One device call's budget for all phases: a phase gets what is left of it (less 10 s
+        # for the copy back), and none starts with under 20 s.
+        local left=$(( START + GPU_SESSION_SECONDS - t0 - 10 ))
+        if [ "$left" -lt 20 ]; then echo "== $name skipped: ${left}s left" | tee -a "$OUT/session.log"; return; fi
+        [ "$left" -lt "$limit" ] && limit=$left
+    fi
     echo "== $name (limit ${limit}s) at +$((t0 - START))s"
     echo "==== phase $name" >> "$OUT/session.log"
-    timeout --signal=INT --kill-after=10 "$limit" "$@" > "/tmp/phase_$name.txt" 2>&1
-    local rc=$?
-    echo "== $name rc=$rc in $(( $(date +%s) - t0 ))s" >> "/tmp/phase_$name.txt"
-    cat "/tmp/phase_$name.txt" >> "$OUT/session.log"
+    # Streamed into session.log as it runs, so a phase cut short by the call's end still reports.
+    timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$OUT/session.log" > "/tmp/phase_$name.txt"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name rc=$rc in $(( $(date +%s) - t0 ))s" | tee -a "$OUT/session.log" >> "/tmp/phase_$name.txt"
     tail -n 25 "/tmp/phase_$name.txt"
 }
 
@@ -70,9 +78,9 @@ for phase in "${phases[@]}"; do
     trainloop)
         run_phase trainloop 75 python3 benchmarks/gpu_bench.py --train-loop ;;
     tests)
-        run_phase tests 200 python3 -m pytest -q -x -p no:cacheprovider --timeout=150 \
+        run_phase tests 200 python3 -m pytest -q -rfE --durations=8 -p no:cacheprovider --timeout=150 \
             tests/test_cuda_small_batch.py tests/test_cuda_gemm.py tests/test_device_residency.py \
-            tests/test_optim.py tests/test_backend_numba_cuda.py ;;
+            tests/test_optim.py tests/test_backend_numba_cuda.py tests/test_device_layers.py ;;
     ncu)
         # One kernel of the small-batch forward at B=1, H=1024, T=200 (clocks left alone).
         run_phase ncu 90 ncu --clock-control none --kernel-name regex:'forward' --launch-skip 2 --launch-count 1 \

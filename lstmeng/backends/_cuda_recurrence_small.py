@@ -685,7 +685,8 @@ def launch(direction, dtype, units, batch, arrays, options, *, weights_in_shared
         launch_log[(direction, dtype.name, units, batch, "small")] = (
             1, config.threads, config.units_per_block, config.weights_in_shared, shared_bytes)
         return True
-    key = (_device_id(), direction, dtype.name, units, batch, kernel_options(options), weights_in_shared)
+    key = (_device_id(), direction, dtype.name, units, batch, kernel_options(options), weights_in_shared,
+           argument_types(arrays))
     if key not in _launch_plans:
         _launch_plans[key] = _plan_on_device(direction, dtype, units, batch, options, arrays, weights_in_shared,
                                              allocate, allow_dynamic_shared)
@@ -700,7 +701,21 @@ def launch(direction, dtype, units, batch, arrays, options, *, weights_in_shared
     return True
 
 
+#: (device, direction, dtype, H, B, kernel options, weights_in_shared, argument types) ->
+#: (config, specialized kernel, shared bytes), or None where the design does not fit.
 _launch_plans: dict = {}
+
+
+def argument_types(arrays) -> tuple:
+    """The numba types of the kernel's array arguments (dtype, rank and layout), part of a plan's key.
+
+    A specialized dispatcher runs its one compiled overload on whatever it is given, without
+    checking types: a kernel compiled for C-contiguous arrays reads a strided view (the halves of
+    a bidirectional layer's output gradient that PyTorch hands back) as if it were contiguous,
+    silently wrong. Keying the plan by the layouts compiles one specialization per layout instead.
+    ``_numba_type_`` is a cached property of numba's device arrays (no typeof dispatch per call).
+    """
+    return tuple(getattr(array, "_numba_type_", None) or numba.typeof(array) for array in arrays)
 
 
 def _plan_on_device(direction, dtype, units, batch, options, arrays, weights_in_shared, allocate,
