@@ -11,6 +11,7 @@ Usage (on a machine with an NVIDIA GPU, numba-cuda and PyTorch with CUDA)::
     python benchmarks/gpu_bench.py --overhead      # per-call overhead at B=1, T=1 and device memory
                                                    # over 1,000 training steps (< 60 s)
     python benchmarks/gpu_bench.py --overhead --simulate   # (either mode) the logic under the simulator
+    python benchmarks/gpu_bench.py --overhead --profile    # also: where a call's host time goes
 
 Method: both engines run in this one process on the same inputs and weights
 (torch's weight_ih / weight_hh are the transposes of lstmeng's kernel /
@@ -45,6 +46,12 @@ fixed cost of a call is all there is (issue 14's targets: inference <= 150 us,
 training step <= 500 us), and reports the device memory in use before and
 after 1,000 training steps (``cuda.current_context().get_memory_info()``;
 flat means no growth per step).
+
+``--profile`` (with ``--overhead``) then says where that time goes on the
+host: the cost of launching an empty numba kernel with one and with fifteen
+array arguments (plain and specialized dispatcher), and cProfile's top
+functions over 200 inference calls and 200 training steps, with the number of
+kernel launches per call.
 """
 
 from __future__ import annotations
@@ -97,6 +104,8 @@ def parse_arguments(argv=None):
                        help="per-call wall time at B=1, T=1, I=256, H=1024, and device memory over 1,000 steps")
     parser.add_argument("--simulate", action="store_true",
                         help="tiny shapes under the CUDA simulator (checks the logic; no timings)")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --overhead: kernel launch cost and cProfile of the calls (host time)")
     parser.add_argument("--repeats", type=int, default=30, help="most timed runs per shape and engine")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs first")
     parser.add_argument("--budget", type=float, default=2.0,
@@ -226,6 +235,9 @@ def run_loop_modes(report, backend, torch, np, args, simulated):
         report("simulator run: the loop ran; no timings are claimed.")
     if args.overhead:
         _report_memory(report, backend, setup, simulated)
+        if args.profile:
+            _report_launch_cost(report, backend, np, simulated)
+            _report_profile(report, setup, simulated)
 
 
 def _adam_factory(le):
@@ -302,6 +314,62 @@ class _LoopSetup:
 def _wall_median(run, synchronize, warmup, repeats):
     """Median microseconds of ``run(); synchronize()`` by wall clock, after ``warmup`` calls."""
     return median_time(run, repeats, warmup=warmup, synchronize=synchronize) * 1e6
+
+
+def _report_launch_cost(report, backend, np, simulated):
+    """Wall microseconds of launching an empty kernel (no synchronise): numba's host cost per launch,
+    with 1 and 15 array arguments, through the plain dispatcher and a specialized one."""
+    @cuda.jit
+    def empty_kernel(a, b=None, c=None, d=None, e=None, f=None, g=None, h=None, i=None, j=None, k=None, m=None,
+                     n=None, o=None, p=None):
+        pass
+
+    one = (backend.ops.empty((4,), np.float32),)
+    fifteen = tuple(backend.ops.empty((2, 3, 4), np.float32) for _ in range(15))
+    repeats = 3 if simulated else 2000
+    report()
+    report("# host cost of one kernel launch (wall us, median of "
+           f"{repeats}, no synchronise){': simulator, not a GPU timing' if simulated else ''}")
+    for label, arguments in (("1 array argument", one), ("15 array arguments", fifteen)):
+        specialized = empty_kernel.specialize(*arguments)
+        plain, fast = (median_time(lambda kernel=kernel, arguments=arguments: kernel[1, 32](*arguments), repeats,
+                                   warmup=3) * 1e6 for kernel in (empty_kernel, specialized))
+        report(f"  {label:<20} dispatcher {fmt(None if simulated else plain, 7, 1)} us | "
+               f"specialized {fmt(None if simulated else fast, 7, 1)} us")
+    cuda.synchronize()
+
+
+def _report_profile(report, setup, simulated):
+    """cProfile of 200 inference calls and 200 training steps (host time): the top functions by own
+    time, and kernel launches per call (calls of numba's launch)."""
+    import cProfile
+    import io
+    import pstats
+
+    calls = 3 if simulated else 200
+    for label, run in (("inference", setup.ours_inference), ("train step", setup.ours_train)):
+        run()
+        cuda.synchronize()
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(calls):
+            run()
+        cuda.synchronize()
+        profile.disable()
+        stats = pstats.Stats(profile)
+        # numba's _Kernel.launch on a GPU; the simulator's kernel __call__ there.
+        simulator_kernel = os.path.join("simulator", "kernel.py")
+        launches = sum(count for (filename, _, name), (count, *_) in stats.stats.items()
+                       if (name == "launch" and filename.endswith("dispatcher.py"))
+                       or (simulated and name == "__call__" and filename.endswith(simulator_kernel)))
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
+        report()
+        report(f"# cProfile, {calls} {label} calls{' (simulator)' if simulated else ''}: "
+               f"{launches / calls:.1f} kernel launches per call; top 25 by own time")
+        for line in text.getvalue().splitlines():
+            if line.strip() and not line.startswith(("   Ordered by", "   List reduced")):
+                report(line.rstrip())
 
 
 def _report_memory(report, backend, setup, simulated):

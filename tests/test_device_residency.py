@@ -504,7 +504,7 @@ def test_probe_reports_a_failing_compile_with_its_fix(backend, monkeypatch):
 
 # -- the benchmark's training-loop and overhead modes -------------------------------------------
 @pytest.mark.skipif(REAL_GPU, reason="the simulator is off in this session")
-@pytest.mark.parametrize("mode", ["--train-loop", "--overhead"])
+@pytest.mark.parametrize("mode", ["--train-loop", "--overhead", "--overhead --profile"])
 def test_gpu_bench_loop_modes_run_under_the_simulator(backend, capsys, mode):
     import importlib.util
     from pathlib import Path
@@ -512,15 +512,23 @@ def test_gpu_bench_loop_modes_run_under_the_simulator(backend, capsys, mode):
     spec = importlib.util.spec_from_file_location("gpu_bench_loop", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.main([mode, "--simulate"]) == 0
+    assert module.main([*mode.split(), "--simulate"]) == 0
     output = capsys.readouterr().out
     rows = [line for line in output.splitlines() if line.startswith(("inference", "train step"))]
-    assert [row.split()[0] for row in rows] == (["inference", "train"] if mode == "--overhead" else ["train"])
+    overhead = mode.startswith("--overhead")
+    assert [row.split()[0] for row in rows] == (["inference", "train"] if overhead else ["train"])
     for line in output.splitlines():
         if "outputs agree with torch" in line:
             assert float(line.rsplit(" ", 1)[-1]) < 1e-5, line
-    if mode == "--overhead":
+    if overhead:
         assert "device memory over 5 training steps" in output and "blocks allocated during them: 0" in output
+    if mode.endswith("--profile"):
+        # The launch count comes from the profile: a one-layer inference call is at least the
+        # projection GEMM and the recurrence, a training step more.
+        launches = [float(line.split(": ")[1].split()[0]) for line in output.splitlines()
+                    if "kernel launches per call" in line]
+        assert len(launches) == 2 and launches[0] >= 2 and launches[1] > launches[0], output
+        assert "15 array arguments" in output
 
 
 # -- the pool itself --------------------------------------------------------------------------
