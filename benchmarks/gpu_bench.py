@@ -320,8 +320,11 @@ def _report_launch_cost(report, backend, np, simulated):
     """Wall microseconds of launching an empty kernel (no synchronise): numba's host cost per launch,
     with 1 and 15 array arguments, through the plain dispatcher and a specialized one."""
     @cuda.jit
-    def empty_kernel(a, b=None, c=None, d=None, e=None, f=None, g=None, h=None, i=None, j=None, k=None, m=None,
-                     n=None, o=None, p=None):
+    def empty_kernel_1(a):
+        pass
+
+    @cuda.jit
+    def empty_kernel_15(a, b, c, d, e, f, g, h, i, j, k, m, n, o, p):
         pass
 
     one = (backend.ops.empty((4,), np.float32),)
@@ -330,7 +333,8 @@ def _report_launch_cost(report, backend, np, simulated):
     report()
     report("# host cost of one kernel launch (wall us, median of "
            f"{repeats}, no synchronise){': simulator, not a GPU timing' if simulated else ''}")
-    for label, arguments in (("1 array argument", one), ("15 array arguments", fifteen)):
+    for label, empty_kernel, arguments in (("1 array argument", empty_kernel_1, one),
+                                           ("15 array arguments", empty_kernel_15, fifteen)):
         specialized = empty_kernel.specialize(*arguments)
         plain, fast = (median_time(lambda kernel=kernel, arguments=arguments: kernel[1, 32](*arguments), repeats,
                                    warmup=3) * 1e6 for kernel in (empty_kernel, specialized))
