@@ -49,7 +49,8 @@ flat means no growth per step).
 
 ``--profile`` (with ``--overhead``) then says where that time goes on the
 host: the cost of launching an empty numba kernel with one and with fifteen
-array arguments (plain and specialized dispatcher), and cProfile's top
+array arguments (plain and specialized dispatcher), of allocating and freeing
+a device array (4 KB, 4 MB), and cProfile's top
 functions over 200 inference calls and 200 training steps, with the number of
 kernel launches per call.
 """
@@ -341,6 +342,20 @@ def _report_launch_cost(report, backend, np, simulated):
         report(f"  {label:<20} dispatcher {fmt(None if simulated else plain, 7, 1)} us | "
                f"specialized {fmt(None if simulated else fast, 7, 1)} us")
     cuda.synchronize()
+    # A call allocates its results (3 arrays in inference, 6 in a training step) with
+    # cuda.device_array; numba queues the frees and flushes them in batches. Each sample here
+    # allocates one array and flushes its free, so it pays both.
+    allocations = max(3, repeats // 4)
+    report("# host cost of cuda.device_array + its free (wall us, median of "
+           f"{allocations}){': simulator, not a GPU timing' if simulated else ''}")
+    for nbytes in (4 * 1024, 4 * 1024 * 1024):
+        def allocate_and_free(count=nbytes // 4):
+            array = cuda.device_array(count, dtype=np.float32)
+            del array
+            if not simulated:   # the memory manager's queue of frees (numba's default manager)
+                cuda.current_context().memory_manager.deallocations.clear()
+        cost = median_time(allocate_and_free, allocations, warmup=3) * 1e6
+        report(f"  {nbytes // 1024:>5} KB {fmt(None if simulated else cost, 9, 1)} us")
 
 
 def _report_profile(report, setup, simulated):
