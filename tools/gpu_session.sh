@@ -79,11 +79,13 @@ for phase in "${phases[@]}"; do
     trainloop)
         run_phase trainloop 75 python3 benchmarks/gpu_bench.py --train-loop ;;
     tests)
-        # Files never run on a GPU first: on an H200 (2026-11-28) each small-batch case took 14-30 s
-        # (JIT compilation of its kernels), and the first 8 filled the phase.
-        run_phase tests 200 python3 -m pytest -q -rfE --durations=8 -p no:cacheprovider --timeout=150 \
-            tests/test_backend_numba_cuda.py tests/test_cuda_gemm.py tests/test_device_residency.py \
-            tests/test_optim.py tests/test_device_layers.py tests/test_cuda_small_batch.py ;;
+        # On an H200 (2026-11-28) each small-batch case took 14-30 s, nearly all of it compiling
+        # (numba, NVVM, the cooperative-launch link), and the first 8 of 621 cases filled the
+        # phase: 12 pytest-xdist workers compile on 12 of the 16 cores, the files with few
+        # conformance cases first (collection order is the order workers take cases in).
+        run_phase tests 200 python3 -m pytest -q -n 12 -rfE --durations=8 -p no:cacheprovider --timeout=150 \
+            tests/test_cuda_gemm.py tests/test_optim.py tests/test_device_layers.py \
+            tests/test_device_residency.py tests/test_cuda_small_batch.py tests/test_backend_numba_cuda.py ;;
     ncu)
         # One kernel of the small-batch forward at B=1, H=1024, T=200 (clocks left alone).
         run_phase ncu 90 ncu --clock-control none --kernel-name regex:'forward' --launch-skip 2 --launch-count 1 \
