@@ -12,6 +12,7 @@ Usage (on a machine with an NVIDIA GPU, numba-cuda and PyTorch with CUDA)::
                                                    # over 1,000 training steps (< 60 s)
     python benchmarks/gpu_bench.py --overhead --simulate   # (either mode) the logic under the simulator
     python benchmarks/gpu_bench.py --overhead --profile    # also: where a call's host time goes
+    python benchmarks/gpu_bench.py --overhead --caching-allocator   # numba allocating through a cache
 
 Method: both engines run in this one process on the same inputs and weights
 (torch's weight_ih / weight_hh are the transposes of lstmeng's kernel /
@@ -46,6 +47,11 @@ fixed cost of a call is all there is (issue 14's targets: inference <= 150 us,
 training step <= 500 us), and reports the device memory in use before and
 after 1,000 training steps (``cuda.current_context().get_memory_info()``;
 flat means no growth per step).
+
+``--caching-allocator`` (a GPU experiment) runs the same with numba's device
+allocations through ``cuda_caching_memory_manager.py`` (freed blocks reused,
+as PyTorch's caching allocator does): against a run without it, it says what
+cuMemAlloc / cuMemFree cost per call.
 
 ``--profile`` (with ``--overhead``) then says where that time goes on the
 host: the cost of launching an empty numba kernel with one and with fifteen
@@ -107,6 +113,9 @@ def parse_arguments(argv=None):
                         help="tiny shapes under the CUDA simulator (checks the logic; no timings)")
     parser.add_argument("--profile", action="store_true",
                         help="with --overhead: kernel launch cost and cProfile of the calls (host time)")
+    parser.add_argument("--caching-allocator", action="store_true",
+                        help="numba allocates through benchmarks/cuda_caching_memory_manager.py (an experiment: "
+                             "is the per-call cost cuMemAlloc/cuMemFree?); on a GPU only")
     parser.add_argument("--repeats", type=int, default=30, help="most timed runs per shape and engine")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs first")
     parser.add_argument("--budget", type=float, default=2.0,
@@ -120,6 +129,8 @@ def main(argv=None) -> int:
     args = parse_arguments(argv)
     if args.simulate:
         os.environ["NUMBA_ENABLE_CUDASIM"] = "1"    # before numba is first imported
+    elif args.caching_allocator:
+        _use_caching_allocator()                    # before numba creates a context
     import numpy as np
 
     from lstmeng.backends import registry
@@ -234,6 +245,7 @@ def run_loop_modes(report, backend, torch, np, args, simulated):
                f"{fmt(None if simulated or theirs is None else theirs, 14, 1)} | {fmt(target, 9, 0)} {met:>4}")
     if simulated:
         report("simulator run: the loop ran; no timings are claimed.")
+    _report_allocator(report, simulated)
     if args.overhead:
         _report_memory(report, backend, setup, simulated)
         if args.profile:
@@ -315,6 +327,27 @@ class _LoopSetup:
 def _wall_median(run, synchronize, warmup, repeats):
     """Median microseconds of ``run(); synchronize()`` by wall clock, after ``warmup`` calls."""
     return median_time(run, repeats, warmup=warmup, synchronize=synchronize) * 1e6
+
+
+def _use_caching_allocator():
+    """numba's device allocations through the caching EMM plugin beside this script."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import cuda_caching_memory_manager
+    from numba import cuda as numba_cuda_api
+    numba_cuda_api.set_memory_manager(cuda_caching_memory_manager.CachingMemoryManager)
+
+
+def _report_allocator(report, simulated):
+    """Which device allocator ran, and the caching one's counts (driver allocations, reuses)."""
+    if simulated:
+        return
+    manager = cuda.current_context().memory_manager
+    if hasattr(manager, "driver_allocations"):
+        report(f"# device allocator: caching (benchmarks/cuda_caching_memory_manager.py): "
+               f"{manager.driver_allocations} cuMemAlloc calls, {manager.reuses} allocations served "
+               f"from its free lists")
+    else:
+        report(f"# device allocator: numba's {type(manager).__name__} (cuMemAlloc / cuMemFree per array)")
 
 
 def _report_launch_cost(report, backend, np, simulated):

@@ -566,3 +566,52 @@ def test_device_pool_reuses_bounds_and_frees(backend):
     assert len(pool._lent) == record_count
     pool.clear()
     assert pool.cached_bytes() == 0
+
+
+# -- the benchmark's caching allocator (an experiment for the GPU run) -------------------------
+_CACHING_MANAGER_CHECK = r"""
+import gc, sys, types
+sys.path.insert(0, "benchmarks")
+import cuda_caching_memory_manager as module
+addresses = iter(range(0x10000, 0x100000000, 0x100000))
+stand_in = types.SimpleNamespace(cuMemAlloc=lambda nbytes: next(addresses), freed=[],
+                                 cuMemGetInfo=lambda: (1 << 30, 1 << 31))
+stand_in.cuMemFree = stand_in.freed.append
+module.numba_driver.driver = stand_in          # no GPU: a stand-in for numba's driver object
+
+class Context:   # weakly referenced by the pointers, as numba's contexts are
+    pass
+
+context = Context()
+manager = module.CachingMemoryManager(context=context)
+manager.initialize()
+first = manager.memalloc(1000)
+address = first.device_ctypes_pointer.value
+assert manager.driver_allocations == 1 and manager.reuses == 0
+other = manager.memalloc(5000)                       # another size: another block
+del first
+gc.collect()
+assert manager.cached_blocks() == 1, manager.cached_blocks()
+again = manager.memalloc(900)                        # rounds to the same 1024-byte size
+assert again.device_ctypes_pointer.value == address
+assert (manager.driver_allocations, manager.reuses) == (2, 1)
+del again, other
+gc.collect()
+manager.reset()
+assert manager.cached_blocks() == 0 and len(stand_in.freed) == 2, stand_in.freed
+print("OK")
+"""
+
+
+def test_caching_memory_manager_reuses_freed_blocks():
+    """``benchmarks/cuda_caching_memory_manager.py`` with a stand-in driver (numba's real driver
+    module: a subprocess without the simulator): a freed block goes to the free list of its
+    rounded size and is handed out again instead of a new cuMemAlloc; reset() frees them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {key: value for key, value in os.environ.items() if key != "NUMBA_ENABLE_CUDASIM"}
+    result = subprocess.run([sys.executable, "-c", _CACHING_MANAGER_CHECK], capture_output=True, text=True,
+                            env=env, timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0 and result.stdout.strip() == "OK", result.stdout + result.stderr

@@ -74,8 +74,10 @@ for phase in "${phases[@]}"; do
     gemm)
         run_phase gemm 100 python3 benchmarks/gpu_gemm.py --out "$OUT" ;;
     overhead)
-        # --profile: launch cost of an empty kernel and cProfile of the calls (where the host time goes).
-        run_phase overhead 75 python3 benchmarks/gpu_bench.py --overhead --profile ;;
+        # --profile: launch and allocation costs and cProfile of the calls (where the host time goes);
+        # then the same calls with numba allocating through a cache (is it cuMemAlloc / cuMemFree?).
+        run_phase overhead 120 bash -c 'python3 benchmarks/gpu_bench.py --overhead --profile;
+            python3 benchmarks/gpu_bench.py --overhead --caching-allocator' ;;
     trainloop)
         run_phase trainloop 75 python3 benchmarks/gpu_bench.py --train-loop ;;
     tests)
