@@ -247,7 +247,8 @@ def test_barrier_stress_thousands_of_steps(batch):
 def test_strided_views_compute_what_contiguous_copies_do():
     """Inputs and output gradients given as strided views (what ``lstmeng.torch`` hands over for a
     bidirectional layer: each direction's half of the output gradient) give bitwise the results of
-    contiguous copies, also when the contiguous call came first. On a GPU the first call's plan
+    contiguous copies, also when the contiguous call came first, and both match the float64 NumPy
+    reference. On a GPU the first call's plan
     holds a kernel specialized for its arguments' layouts, and a specialized kernel does not check
     the types it is given: reused for a strided view it read the view as contiguous (the CUDA-tensor
     test of ``lstmeng.torch`` failed on an H200, 2026-11-28, after a CPU-tensor test in the same process)."""
@@ -280,6 +281,19 @@ def test_strided_views_compute_what_contiguous_copies_do():
                                 ("drecurrent_kernel", grads.drecurrent_kernel))}
     for name, value in results["contiguous"].items():
         np.testing.assert_array_equal(results["strided"][name], value, err_msg=name)
+    # The independent reference: the NumPy backend in float64 on the same values.
+    from lstmeng.backends import registry
+    reference = registry.get_backend_object("numpy")
+    host = {name: backend.ops.to_numpy(array).astype(np.float64) for name, array in
+            (("x", views["contiguous"][0]), ("dy", views["contiguous"][1]), ("kernel", kernel),
+             ("recurrent", recurrent), ("bias", bias), ("zeros", zeros))}
+    forward = sequence_forward(reference, host["x"], host["zeros"], host["zeros"], host["kernel"],
+                               host["recurrent"], host["bias"], training=True)
+    grads = reference.sequence_backward(host["dy"], host["zeros"], host["zeros"], forward.workspace)
+    for name, value, gradient in (("outputs", forward.outputs, False), ("c", forward.c, False),
+                                  ("dx", grads.dx, True), ("dh0", grads.dh0, True), ("dkernel", grads.dkernel, True),
+                                  ("drecurrent_kernel", grads.drecurrent_kernel, True)):
+        testing.assert_close(results["strided"][name], value, name, "float32", gradient)
 
 
 def test_launch_plans_are_keyed_by_argument_layouts(monkeypatch):
