@@ -36,17 +36,17 @@ def rounded_size(nbytes: int) -> int:
     return max(1, -(-int(nbytes) // ROUNDING_BYTES)) * ROUNDING_BYTES
 
 
-class CachingMemoryManager(numba_driver.GetIpcHandleMixin, numba_driver.HostOnlyCUDAMemoryManager):
-    """numba's on-device memory manager with a free list per block size instead of cuMemFree.
+class CachingMemoryManager(numba_driver.NumbaCUDAMemoryManager):
+    """numba's own on-device memory manager with a free list per block size instead of cuMemFree
+    (memory info, IPC handles and the interface version are numba's).
 
     Counters: ``driver_allocations`` (cuMemAlloc calls) and ``reuses`` (requests served from a
     free list), for the benchmark's report."""
 
     def initialize(self):
+        super().initialize()
         self._free: dict[int, list] = collections.defaultdict(list)
         self.driver_allocations = self.reuses = 0
-        if self.deallocations.memory_capacity == numba_driver._SizeNotSet:
-            self.deallocations.memory_capacity = self.get_memory_info().total
 
     def memalloc(self, size):
         block_size = rounded_size(size)
@@ -57,7 +57,6 @@ class CachingMemoryManager(numba_driver.GetIpcHandleMixin, numba_driver.HostOnly
         else:
             pointer = self._attempt_allocation(lambda: numba_driver.driver.cuMemAlloc(block_size))
             self.driver_allocations += 1
-
         allocations, key = self.allocations, int(pointer)
 
         def back_to_the_free_list():
@@ -80,14 +79,6 @@ class CachingMemoryManager(numba_driver.GetIpcHandleMixin, numba_driver.HostOnly
 
     def cached_blocks(self) -> int:
         return sum(len(blocks) for blocks in self._free.values())
-
-    def get_memory_info(self):
-        free, total = numba_driver.driver.cuMemGetInfo()
-        return numba_driver.MemoryInfo(free=free, total=total)
-
-    @property
-    def interface_version(self):
-        return 1
 
 
 #: What ``NUMBA_CUDA_MEMORY_MANAGER=cuda_caching_memory_manager`` looks up (numba's EMM protocol).
