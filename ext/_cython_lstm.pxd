@@ -220,6 +220,8 @@ cdef struct TeamShare:
     Py_ssize_t *last_real          # backward [B]: position of its last real step
     int64_t *pipeline_progress     # backward: where the time loop publishes how many packed
                                    # rows have their final dz (pipelined backward), or NULL
+    float *dx_step                 # backward: [part rows, I] this thread's dx of a step when
+                                   # the time loop computes dx (step_input_gradients), or NULL
 
 
 cdef struct Pipeline:
@@ -332,6 +334,11 @@ cdef void sum_partials(floating *total, const floating *partials, Py_ssize_t cou
 cdef void dx_rows(Py_ssize_t row_first, Py_ssize_t row_end, Py_ssize_t I, Py_ssize_t G,
                   floating *kernel, bint stored_transposed, float *kernel_t_packed, floating *dz,
                   floating *packed_x) noexcept nogil
+cdef void step_input_gradients(const LstmProblem *problem, const LstmBuffers *buffers,
+                               const LstmGradients *gradients, TeamShare *share, Py_ssize_t t,
+                               float *dz) noexcept nogil
+cdef Py_ssize_t smallest_step(const LstmProblem *problem) noexcept nogil
+cdef Py_ssize_t max_part_rows(const LstmProblem *problem) noexcept nogil
 cdef void scatter_step_gradients(const LstmProblem *problem, Py_ssize_t part, Py_ssize_t t,
                                  floating *packed_dx, floating *dx,
                                  floating *in_drop) noexcept nogil

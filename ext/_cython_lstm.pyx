@@ -384,6 +384,10 @@ last_backward_row_halves = False
 #: without one, whose wait would be the whole call. For tests.
 last_forward_parts_met = 0
 last_backward_parts_met = 0
+#: Whether the last `backward` call computed dx in its time loop (step_input_gradients)
+#: rather than in a product over all rows after it (the same numbers on the AVX-512
+#: kernels). For tests.
+last_backward_dx_in_loop = False
 
 
 cdef Py_ssize_t members_met(const int64_t *flags, Py_ssize_t team) noexcept nogil:
@@ -1549,6 +1553,9 @@ cdef void backward_part(const LstmProblem *problem, const LstmBuffers *buffers,
             continue
         step_gates = gates + step_offset(layout, part, t) * G
         gate_gradient_rows(problem, buffers, gradients, share, step, step_gates)
+        if floating is float:
+            if share.dx_step != NULL:
+                step_input_gradients(problem, buffers, gradients, share, t, step_gates)
         if share.pipeline_progress != NULL:
             # The pipelined backward's other threads may read this step's dz from now on.
             final_rows += n_rows
@@ -1807,15 +1814,34 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     packed_weights_array = take_float32(buffer_cache, (H * G if pack_recurrent else 1,))
     cdef float[::1] packed_weights = packed_weights_array
     cdef float *packed_base = NULL
-    # K^T [4H, I] packed for dx = dz @ K^T where the input projection uses the packed
-    # kernel too (AVX-512, I a multiple of 32).
     cdef bint dx_wanted = dx is not None
-    cdef bint dx_packed = dx_wanted and floating is float and packed_projection and I > 0 \
+    N, P = problem.packed_rows, problem.parts
+    # The pipelined backward (one part on one thread's time loop, the other threads on the
+    # finished rows' weight gradients and dx; see pipeline_work).
+    cdef Py_ssize_t chunks = (N + WEIGHT_GRADIENT_CHUNK - 1) // WEIGHT_GRADIENT_CHUNK
+    cdef bint pipelined = (pipeline and weights_packed and P == 1 and not split_units and team_threads > 1
+                           and LSTMENG_HAVE_OPENMP and chunks > 1
+                           and chunks * (I + H) * G * 4 <= PIPELINE_MAX_BYTES)
+    # K^T [4H, I] packed for dx = dz @ K^T (float32, I a multiple of 32, calls long enough
+    # to pay for the packing): on the AVX-512 kernels always, on the AVX2 kernels where the
+    # time loop computes dx (dx_in_loop).
+    cdef bint dx_packable = dx_wanted and floating is float and packed_gemm and I > 0 \
         and I % PANEL_PAIR == 0 and packs_input_kernel(B, T, I, G)
+    # Whole parts (no unit split, not pipelined) compute each step's dx in the time loop,
+    # right after its dz (in L1/L2 then), into their rows of dx: no pass over all of dz and
+    # no scatter afterwards. Not with a step of one row: the packed kernel runs a row alone
+    # with other FMA chains than a block, and dx would then differ in the last bits from the
+    # pipelined backward's (which computes the same rows in blocks).
+    cdef bint dx_in_loop = dx_packable and not split_units and not pipelined \
+        and smallest_step(&problem) >= 2
+    cdef bint dx_packed = dx_packable and (packed_projection or dx_in_loop)
     packed_kernel_t_array = take_float32(buffer_cache, (G * I if dx_packed else 1,))
     cdef float[::1] packed_kernel_t = packed_kernel_t_array
-
-    N, P = problem.packed_rows, problem.parts
+    # Each thread's dx rows of one step (dx_in_loop), on their own cache lines.
+    cdef Py_ssize_t part_rows_max = max_part_rows(&problem) if dx_in_loop else 0
+    cdef Py_ssize_t dx_step_stride = (part_rows_max * I + 15) // 16 * 16
+    dx_step_array = take_float32(buffer_cache, (team_threads * dx_step_stride if dx_in_loop else 1,))
+    cdef float[::1] dx_step = dx_step_array
     memset(&buffers, 0, sizeof(buffers))
     buffers.x = &x[0, 0, 0]
     buffers.kernel = pointer2(kernel)
@@ -1845,7 +1871,7 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     gradients.dbias_partial = &dbias_partial[0, 0]
     gradients.kernel_t_packed = NULL
     gradients.gradient_panels = &gradient_panels[0, 0]
-    zero_row_array = np.zeros(G if weights_packed else 1, np.float32)
+    zero_row_array = np.zeros(max(G if weights_packed else 1, I if dx_in_loop else 1), np.float32)
     cdef float[::1] zero_row = zero_row_array
     gradients.zero_row = &zero_row[0]
     gradients.column_block = column_block
@@ -1870,18 +1896,15 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
 
     # The pipelined backward's work items and counters.
     cdef Pipeline work
-    cdef Py_ssize_t chunks = (N + WEIGHT_GRADIENT_CHUNK - 1) // WEIGHT_GRADIENT_CHUNK
-    cdef bint pipelined = (pipeline and weights_packed and P == 1 and not split_units and team_threads > 1
-                           and LSTMENG_HAVE_OPENMP and chunks > 1
-                           and chunks * (I + H) * G * 4 <= PIPELINE_MAX_BYTES)
     cdef Py_ssize_t[:, ::1] items_array
     cdef int64_t[::1] thresholds_array
     cdef int64_t[::1] counters_array
     cdef int64_t[::1] inputs_ready
     partials_array = packed_dx_array = None
     cdef float[::1] partials, packed_dx
-    global last_backward_pipelined, last_backward_row_halves, last_backward_parts_met
+    global last_backward_pipelined, last_backward_row_halves, last_backward_parts_met, last_backward_dx_in_loop
     last_backward_pipelined = pipelined
+    last_backward_dx_in_loop = dx_in_loop
     last_backward_parts_met = 0
     last_backward_row_halves = problem.recurrent_halves
     memset(&work, 0, sizeof(work))
@@ -1941,6 +1964,8 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
                 backward_part(&problem, &buffers, &gradients, &share, <floating>0)
             else:
                 share.recurrent_packed = packed_base
+                if dx_in_loop:
+                    share.dx_step = &dx_step[0] + member * dx_step_stride
                 part = member
                 while part < P:
                     share.part = part
@@ -1980,7 +2005,7 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
         # dx = dz @ K^T written over the packed input rows (consumed above), then
         # scattered to [B, T, I] with the input dropout mask; each thread a share
         # of the packed rows.
-        if dx_wanted:
+        if dx_wanted and not dx_in_loop:
             for part in prange(team_threads, num_threads=running_threads, schedule="static"):
                 dx_rows(part * N // team_threads, (part + 1) * N // team_threads, I, G,
                         <floating *>buffers.kernel, weights_transposed, gradients.kernel_t_packed,
@@ -1991,7 +2016,7 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
                                            <floating *>gradients.dx,
                                            <floating *>buffers.input_dropout)
     if buffer_cache is not None:
-        buffer_cache.give(packed_weights_array, packed_kernel_t_array, gradient_panels_array)
+        buffer_cache.give(packed_weights_array, packed_kernel_t_array, gradient_panels_array, dx_step_array)
     last_backward_parts_met = 0 if split_units else members_met(&barrier_flags[0], team_threads)
     return team_barrier_stats(&barrier_flags[0], team_threads)
 
@@ -2297,6 +2322,45 @@ cdef void move_packed_rows(const LstmProblem *problem, Py_ssize_t first, Py_ssiz
                 scaled_copy(packed + position * I, batch_major + (row * T + t) * I, rows_of(in_drop, row, I), I)
             else:
                 scaled_copy(batch_major + (row * T + t) * I, packed + position * I, rows_of(in_drop, row, I), I)
+
+
+cdef void step_input_gradients(const LstmProblem *problem, const LstmBuffers *buffers,
+                               const LstmGradients *gradients, TeamShare *share, Py_ssize_t t,
+                               float *dz) noexcept nogil:
+    """dx of step t's rows of the share's part, in the time loop: dz(t) [rows, 4H] @ K^T
+    through the packed K^T into the share's dx_step, then into dx [B, T, I] through the
+    input dropout mask. Each row's numbers are those of dx_rows on the packed kernel (the
+    sum starts from a zero row as dx_rows' from zeroed rows: the same arithmetic)."""
+    cdef const Layout *layout = &problem.layout
+    cdef Py_ssize_t T = problem.steps, I = problem.inputs, G = problem.gate_columns, part = share.part
+    cdef Py_ssize_t r_begin = layout.row_begin[part], i, row
+    cdef Py_ssize_t n_rows = step_rows(layout, part, t)
+    cdef float *dx = <float *>gradients.dx
+    cdef float *in_drop = <float *>buffers.input_dropout
+    lstmeng_gemm_packed_bias_f32(n_rows, I, G, dz, G, gradients.kernel_t_packed, gradients.zero_row,
+                                 share.dx_step, I)
+    for i in range(n_rows):
+        row = layout.order[r_begin + i]
+        scaled_copy(dx + (row * T + t) * I, share.dx_step + i * I, rows_of(in_drop, row, I), I)
+
+
+cdef Py_ssize_t smallest_step(const LstmProblem *problem) noexcept nogil:
+    """The fewest rows of any step that has rows, over all parts (0 when none has)."""
+    cdef Py_ssize_t part, t, rows, fewest = 0
+    for part in range(problem.parts):
+        for t in range(problem.steps):
+            rows = step_rows(&problem.layout, part, t)
+            if rows > 0 and (fewest == 0 or rows < fewest):
+                fewest = rows
+    return fewest
+
+
+cdef Py_ssize_t max_part_rows(const LstmProblem *problem) noexcept nogil:
+    """The most rows of any part."""
+    cdef Py_ssize_t part, most = 0
+    for part in range(problem.parts):
+        most = max(most, problem.layout.row_begin[part + 1] - problem.layout.row_begin[part])
+    return most
 
 
 cdef void scatter_step_gradients(const LstmProblem *problem, Py_ssize_t part, Py_ssize_t t,

@@ -12,6 +12,12 @@ accumulates them. Checked on every layout they meet (batch 1 reading x in place,
 whose inputs are copied, right-padded and holed masks, reverse, both dropouts, no dx,
 several chunks), with the extension's ``last_forward_pipelined`` and
 ``last_backward_pipelined`` confirming which path ran.
+
+Also here, as the other place where a backward's dx is computed: whole parts (no unit
+split, not pipelined) compute each step's dx in the time loop right after its dz
+(``last_backward_dx_in_loop``), float32 on the AVX-512 and AVX2 kernels. On AVX-512 that
+is bitwise the pipelined backward's dx (the unpipelined side of the comparison above runs
+it at batch 3); on both families it matches the NumPy reference in float64.
 """
 
 from __future__ import annotations
@@ -88,6 +94,9 @@ def test_pipelined_backward_gives_the_same_numbers(shape, mask_kind, dropout, re
     options = {"reverse": reverse, "zero_output_for_mask": True}
     expected, pipelined = _gradients(backend, arrays, options, pipeline=False, input_grad=input_grad)
     assert not pipelined
+    # Batch 3 without a row alone at any step: the unpipelined side computed dx in its time
+    # loop, so this also compares that with the pipelined dx shares.
+    assert extension.last_backward_dx_in_loop == (input_grad and shape[0] == 3 and mask_kind != "right-padded")
     actual, pipelined = _gradients(backend, arrays, options, pipeline=None, input_grad=input_grad)
     assert pipelined, "the backward should have run pipelined"
     for name in GRADIENTS:
@@ -100,20 +109,12 @@ def test_pipelined_backward_gives_the_same_numbers(shape, mask_kind, dropout, re
 @needs_avx512
 def test_pipelined_backward_agrees_with_the_reference(idle_machine):
     """Not only self-consistent: the pipelined gradients match the NumPy reference backend."""
-    from lstmeng.backends import numpy as numpy_backend_module
-
     arrays = _arrays((2, 400, 32, 32), "right-padded", True, seed=7)
     actual, pipelined = _gradients(cython_module.CythonBackend(), arrays, {}, pipeline=None, input_grad=True)
     assert pipelined
-    mask = arrays[6]
-    x, h0, c0, kernel, recurrent_kernel, bias, _, input_dropout, recurrent_dropout, doutputs = (
-        array if array is None or array is mask else np.asarray(array, np.float64) for array in arrays)
-    reference = numpy_backend_module.NumpyBackend()
-    forward = sequence_forward(reference, x, h0, c0, kernel, recurrent_kernel, bias, mask, input_dropout,
-                               recurrent_dropout, training=True)
-    grads = reference.sequence_backward(doutputs, h0 * 0.5, c0 * 0.25, forward.workspace)
+    reference = _float64_reference_gradients(arrays, {})
     for name in GRADIENTS:
-        want = getattr(grads, name)
+        want = reference[name]
         np.testing.assert_allclose(actual[name], want, rtol=2e-4, atol=2e-4 * np.abs(want).max(), err_msg=name)
 
 
@@ -130,6 +131,72 @@ def test_pipeline_is_skipped_where_it_does_not_apply(monkeypatch):
             forward = sequence_forward(backend, x, h0, c0, kernel, recurrent_kernel, bias, training=True)
             backend.sequence_backward(doutputs, h0, c0, forward.workspace)
         assert not extension.last_backward_pipelined, (shape, split, dtype)
+
+
+def _float64_reference_gradients(arrays, options):
+    """The NumPy reference backend's gradients of ``arrays`` in float64 (``_gradients``' call)."""
+    from lstmeng.backends import numpy as numpy_backend_module
+
+    mask = arrays[6]
+    x, h0, c0, kernel, recurrent_kernel, bias, _, input_dropout, recurrent_dropout, doutputs = (
+        array if array is None or array is mask else np.asarray(array, np.float64) for array in arrays)
+    reference = numpy_backend_module.NumpyBackend()
+    forward = sequence_forward(reference, x, h0, c0, kernel, recurrent_kernel, bias, mask, input_dropout,
+                               recurrent_dropout, training=True, **options)
+    grads = reference.sequence_backward(doutputs, h0 * 0.5, c0 * 0.25, forward.workspace)
+    return {name: getattr(grads, name) for name in GRADIENTS}
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("mask_kind", ["none", "right-padded", "holes"])
+@pytest.mark.parametrize("dropout", [False, True], ids=["", "dropout"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["", "reverse"])
+def test_dx_in_the_time_loop_agrees_with_the_reference(isa, mask_kind, dropout, reverse, idle_machine):
+    """Two parts of 20 rows (rows in length order where right-padded, so a step's rows are
+    not the batch's in order), through the input dropout mask: dx and the other gradients
+    match the float64 NumPy reference."""
+    if isa not in extension.SUPPORTED_ISAS:
+        pytest.skip(f"this CPU or build lacks the {isa} kernels")
+    arrays = list(_arrays((40, 30, 32, 32), mask_kind, dropout, seed=11))
+    if mask_kind == "right-padded":   # every step keeps at least two rows per part
+        arrays[6][:8] = True
+    options = {"reverse": reverse, "zero_output_for_mask": True}
+    backend = cython_module.CythonBackend()
+    x, h0, c0, kernel, recurrent_kernel, bias, mask, input_dropout, recurrent_dropout, doutputs = arrays
+    with kernel_overrides(cython_isa=isa, cython_split_units=False):
+        forward = sequence_forward(backend, x, h0, c0, kernel, recurrent_kernel, bias, mask, input_dropout,
+                                   recurrent_dropout, training=True, **options)
+        grads = backend.sequence_backward(doutputs, h0 * 0.5, c0 * 0.25, forward.workspace)
+    assert extension.last_backward_dx_in_loop
+    reference = _float64_reference_gradients(arrays, options)
+    for name in GRADIENTS:
+        want = reference[name]
+        np.testing.assert_allclose(getattr(grads, name), want, rtol=2e-4, atol=2e-4 * np.abs(want).max(),
+                                   err_msg=name)
+
+
+def test_dx_in_the_time_loop_is_skipped_where_it_does_not_apply(idle_machine):
+    """A step of one row, a unit split, float64, inputs not a multiple of 32, no dx wanted, the
+    scalar kernels: dx is computed after the loop (or not at all)."""
+    backend = cython_module.CythonBackend()
+    cases = (((1, 300, 32, 64), {"cython_split_units": False, "cython_pipeline": False}, np.float32, True),
+             ((1, 300, 32, 64), {"cython_split_units": True}, np.float32, True),
+             ((40, 30, 32, 32), {}, np.float64, True),
+             ((40, 30, 24, 32), {}, np.float32, True),
+             ((40, 30, 32, 32), {}, np.float32, False),
+             ((40, 30, 32, 32), {"cython_isa": "scalar"}, np.float32, True))
+    for shape, overrides, dtype, input_grad in cases:
+        x, h0, c0, kernel, recurrent_kernel, bias, *_, doutputs = (
+            array if array is None else array.astype(dtype) for array in _arrays(shape, "none", False, 1))
+        with kernel_overrides(**overrides):
+            forward = sequence_forward(backend, x, h0, c0, kernel, recurrent_kernel, bias, training=True)
+            backend.sequence_backward(doutputs, h0, c0, forward.workspace, input_grad=input_grad)
+        assert not extension.last_backward_dx_in_loop, (shape, overrides, dtype, input_grad)
+    # And the same call as the first two parts' case does take it.
+    x, h0, c0, kernel, recurrent_kernel, bias, *_, doutputs = _arrays((40, 30, 32, 32), "none", False, 1)
+    forward = sequence_forward(backend, x, h0, c0, kernel, recurrent_kernel, bias, training=True)
+    backend.sequence_backward(doutputs, h0, c0, forward.workspace)
+    assert extension.last_backward_dx_in_loop == (extension.isa() != "scalar")
 
 
 def test_pipeline_items_follow_the_time_loop():
