@@ -12,6 +12,14 @@ beyond rounding).
 
     python tools/ab_cython.py --base HEAD~1 --shape 64,100,256,256 --mode train --repeats 16
 
+A caveat on medians: the two builds share one process, and each backend's busy-machine
+rule (lstmeng/backends/cython.py) reads the waits of its own calls. Where the builds'
+allocations leave one of them faulting fresh pages in every other call (seen at
+(64, 100, 256, 256) with ``--lengths``, AVX-512, also with the two builds' kernels the same),
+that build's waits at the parts' end grow, the rule runs its next call on one thread, and its
+median doubles while its best does not move: compare the best times, and check a surprising
+median in a loop of that build alone before believing it.
+
 The working tree's extension is the one the editable install builds on import.
 The builds stay in the temp folder (lstmeng-ab-COMMIT, and its -src worktree);
 delete them and run ``git worktree prune`` to clean up.
