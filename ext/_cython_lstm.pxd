@@ -340,7 +340,7 @@ cdef void step_input_gradients(const LstmProblem *problem, const LstmBuffers *bu
 cdef Py_ssize_t smallest_step(const LstmProblem *problem) noexcept nogil
 cdef Py_ssize_t max_part_rows(const LstmProblem *problem) noexcept nogil
 cdef void scatter_step_gradients(const LstmProblem *problem, Py_ssize_t part, Py_ssize_t t,
-                                 floating *packed_dx, floating *dx,
+                                 const floating *step_dx, floating *dx,
                                  floating *in_drop) noexcept nogil
 
 # The pipelined backward (one part, float32 through the packed kernel).

@@ -2012,7 +2012,8 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
                         <floating *>buffers.gates, <floating *>buffers.packed_x)
             for t in prange(T, num_threads=running_threads, schedule="static"):
                 for part in range(P):
-                    scatter_step_gradients(&problem, part, t, <floating *>buffers.packed_x,
+                    scatter_step_gradients(&problem, part, t, <floating *>buffers.packed_x
+                                           + step_offset(&problem.layout, part, t) * I,
                                            <floating *>gradients.dx,
                                            <floating *>buffers.input_dropout)
     if buffer_cache is not None:
@@ -2331,17 +2332,11 @@ cdef void step_input_gradients(const LstmProblem *problem, const LstmBuffers *bu
     through the packed K^T into the share's dx_step, then into dx [B, T, I] through the
     input dropout mask. Each row's numbers are those of dx_rows on the packed kernel (the
     sum starts from a zero row as dx_rows' from zeroed rows: the same arithmetic)."""
-    cdef const Layout *layout = &problem.layout
-    cdef Py_ssize_t T = problem.steps, I = problem.inputs, G = problem.gate_columns, part = share.part
-    cdef Py_ssize_t r_begin = layout.row_begin[part], i, row
-    cdef Py_ssize_t n_rows = step_rows(layout, part, t)
-    cdef float *dx = <float *>gradients.dx
-    cdef float *in_drop = <float *>buffers.input_dropout
-    lstmeng_gemm_packed_bias_f32(n_rows, I, G, dz, G, gradients.kernel_t_packed, gradients.zero_row,
-                                 share.dx_step, I)
-    for i in range(n_rows):
-        row = layout.order[r_begin + i]
-        scaled_copy(dx + (row * T + t) * I, share.dx_step + i * I, rows_of(in_drop, row, I), I)
+    cdef Py_ssize_t I = problem.inputs, G = problem.gate_columns
+    lstmeng_gemm_packed_bias_f32(step_rows(&problem.layout, share.part, t), I, G, dz, G,
+                                 gradients.kernel_t_packed, gradients.zero_row, share.dx_step, I)
+    scatter_step_gradients(problem, share.part, t, share.dx_step, <float *>gradients.dx,
+                           <float *>buffers.input_dropout)
 
 
 cdef Py_ssize_t smallest_step(const LstmProblem *problem) noexcept nogil:
@@ -2364,16 +2359,18 @@ cdef Py_ssize_t max_part_rows(const LstmProblem *problem) noexcept nogil:
 
 
 cdef void scatter_step_gradients(const LstmProblem *problem, Py_ssize_t part, Py_ssize_t t,
-                                 floating *packed_dx, floating *dx,
+                                 const floating *step_dx, floating *dx,
                                  floating *in_drop) noexcept nogil:
-    """Step t's packed rows of part ``part`` into dx [B, T, I], through the input dropout mask."""
+    """Step t's rows of part ``part`` (step_dx [rows, I], in packed row order: the step's rows
+    of the packed [N, I] array, or the time loop's dx_step) into dx [B, T, I], through the
+    input dropout mask."""
     cdef const Layout *layout = &problem.layout
     cdef Py_ssize_t T = problem.steps, I = problem.inputs
-    cdef Py_ssize_t r_begin = layout.row_begin[part], first = step_offset(layout, part, t)
+    cdef Py_ssize_t r_begin = layout.row_begin[part]
     cdef Py_ssize_t i, row, n_rows = step_rows(layout, part, t)
     for i in range(n_rows):
         row = layout.order[r_begin + i]
         if i + ROW_PREFETCH_DISTANCE < n_rows:
             lstmeng_prefetch_row(dx + (layout.order[r_begin + i + ROW_PREFETCH_DISTANCE] * T + t) * I,
                                  I * sizeof(floating), 1)
-        scaled_copy(dx + (row * T + t) * I, packed_dx + (first + i) * I, rows_of(in_drop, row, I), I)
+        scaled_copy(dx + (row * T + t) * I, step_dx + i * I, rows_of(in_drop, row, I), I)
