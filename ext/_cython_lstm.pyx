@@ -2037,10 +2037,15 @@ def step_backward(floating[:, ::1] doutputs, floating[:, ::1] dh, floating[:, ::
     doutputs: [B, H] the gradient of the step's output; dh, dc: [B, H] of the final states;
     x: [B, I] (I > 0); kernel, recurrent_kernel as in `forward`; the workspace gates
     [B, 4H] (overwritten with dz), c_prev, h_in [B, H]; outputs dx [B, I] or None (no
-    input gradient), dh0, dc0 [B, H], dkernel [I, 4H], drecurrent_kernel [H, 4H], dbias [4H].
+    input gradient), dh0, dc0 [B, H], dkernel [I, 4H], drecurrent_kernel [H, 4H], dbias [4H]
+    or all three None: no weight gradients, the caller forms them from dz in gates
+    (lstmeng.torch's cell loops, one product over all their steps).
     """
     cdef Py_ssize_t B = x.shape[0], I = x.shape[1], H = dh.shape[1], G = 4 * H, r, j, gate
-    cdef bint weights_packed = step_weights_packed(floating is float, G)
+    cdef bint weight_gradients = dkernel is not None
+    if weight_gradients and (drecurrent_kernel is None or dbias is None):
+        raise ValueError("step_backward: dkernel, drecurrent_kernel and dbias are given together or not at all")
+    cdef bint weights_packed = weight_gradients and step_weights_packed(floating is float, G)
     if I == 0 or B == 0:
         raise ValueError(f"step_backward needs rows and inputs, got x of shape {list(x.shape)[:2]}")
     # One scratch array (a batch-1 step's arrays cost more to make than to fill): dh_total [H],
@@ -2068,17 +2073,19 @@ def step_backward(floating[:, ::1] doutputs, floating[:, ::1] dh, floating[:, ::
                 dh_total[j] += doutputs[r, j]
             memcpy(&dc0[r, 0], &dc[r, 0], H * sizeof(floating))
             backward_row(&gates[r, 0], &c_prev[r, 0], dh_total, &dc0[r, 0], scratch, H, H, act, ract)
-            for gate in range(4):
-                add_row(dbias_partial + gate * H, &gates[r, gate * H], H)
+            if weight_gradients:
+                for gate in range(4):
+                    add_row(dbias_partial + gate * H, &gates[r, gate * H], H)
         hidden_gradient_product(B, H, &gates[0, 0], &recurrent_kernel[0, 0], weights_transposed, NULL,
                                 &dh0[0, 0], 0, H)
         if floating is float and weights_packed:
             gemm_columns_packed(I, H, G, B, 0, G, <float *>&x[0, 0], <float *>&h_in[0, 0], <float *>&gates[0, 0],
                                 <float *>&dkernel[0, 0], <float *>&drecurrent_kernel[0, 0], panels, zero_row)
-        else:
+        elif weight_gradients:
             gemm_columns(I, H, G, B, 0, G, &x[0, 0], &h_in[0, 0], &gates[0, 0], &dkernel[0, 0],
                          &drecurrent_kernel[0, 0])
-        memcpy(&dbias[0], dbias_partial, G * sizeof(floating))
+        if weight_gradients:
+            memcpy(&dbias[0], dbias_partial, G * sizeof(floating))
         if dx is not None:
             dx_rows(0, B, I, G, &kernel[0, 0], weights_transposed, NULL, &gates[0, 0], &dx[0, 0])
 

@@ -1011,6 +1011,48 @@ def test_cell_inference_step_keeps_cell_forward_for_weights_it_would_copy(monkey
                                                               options).h)
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_sequence_backward_gates_gives_the_one_step_kernels_dz(isa, dtype, batch):
+    """sequence_backward_gates of a one-step call (lstmeng.torch's cell loops): dz in place of the
+    weight gradients, with x^T dz, h0^T dz and dz's column sums the weight gradients
+    sequence_backward gives for the same step, and dx, dh0, dc0 bitwise its; with a recurrent
+    dropout mask (the general path) it is sequence_backward."""
+    if isa not in cython_module._cython_lstm.SUPPORTED_ISAS:
+        pytest.skip(f"this CPU or build does not run {isa}")
+    rng = np.random.default_rng(batch + 10)
+    units, features = 32, 16
+    x = rng.normal(size=(batch, 1, features)).astype(dtype)
+    h0, c0 = (rng.normal(size=(batch, units)).astype(dtype) for _ in range(2))
+    kernel = (rng.normal(size=(features, 4 * units)) * 0.3).astype(dtype)
+    recurrent_kernel = (rng.normal(size=(units, 4 * units)) * 0.3).astype(dtype)
+    bias = (rng.normal(size=4 * units) * 0.1).astype(dtype)
+    arrays = (x, h0, c0, kernel, recurrent_kernel, bias)
+    dh, dc = (rng.normal(size=(batch, units)).astype(dtype) for _ in range(2))
+    doutputs = np.zeros((batch, 1, units), dtype)
+    backend = cython_module.CythonBackend()
+    with kernel_overrides(cython_isa=isa):
+        gates = backend.sequence_backward_gates(doutputs, dh, dc, sequence_forward(
+            backend, *arrays, return_sequences=True, training=True).workspace)
+        full = backend.sequence_backward(doutputs, dh, dc, sequence_forward(
+            backend, *arrays, return_sequences=True, training=True).workspace)
+        dropout = np.full((batch, units), 2.0, dtype)
+        with_dropout = backend.sequence_backward_gates(doutputs, dh, dc, sequence_forward(
+            backend, *arrays, recurrent_dropout_mask=dropout, return_sequences=True, training=True).workspace)
+    assert gates.dkernel is None and gates.drecurrent_kernel is None and gates.dbias is None
+    assert gates.dgates.shape == (batch, 4 * units) and gates.dgates.dtype == np.dtype(dtype)
+    for name in ("dx", "dh0", "dc0"):
+        np.testing.assert_array_equal(getattr(gates, name), getattr(full, name), err_msg=name)
+    assert full.dgates is None
+    tolerance = 1e-5 if dtype == "float32" else 1e-12
+    for got, want, name in ((x[:, 0].T @ gates.dgates, full.dkernel, "dkernel"),
+                            (h0.T @ gates.dgates, full.drecurrent_kernel, "drecurrent_kernel"),
+                            (gates.dgates.sum(0), full.dbias, "dbias")):
+        np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance, err_msg=name)
+    assert with_dropout.dgates is None and with_dropout.dkernel.shape == (features, 4 * units)
+
+
 def test_one_step_backward_short_path_only_for_the_uniform_layout(monkeypatch):
     """A one-step workspace of the variable-length layout (a right-padded mask with rows of
     length 0: the rows are sorted by length and those rows not processed) keeps the general

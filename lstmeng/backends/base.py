@@ -258,6 +258,10 @@ class SequenceGrads:
         dh0, dc0: ``[B, H]`` gradients of the initial states.
         dkernel: ``[I, 4H]``; drecurrent_kernel: ``[H, 4H]``; dbias: ``[4H]``
             (zeros when the layer has no bias; the layer drops it).
+        dgates: None, except from ``sequence_backward_gates`` where the
+            backend gave the gates' gradient instead of the weight gradients
+            (then None): ``[B, 4H]`` dz of a one-step call, gates in Keras's
+            order (i, f, c, o).
     """
 
     dx: Any
@@ -266,6 +270,7 @@ class SequenceGrads:
     dkernel: Any
     drecurrent_kernel: Any
     dbias: Any
+    dgates: Any = None
 
 
 class ArrayOps:
@@ -455,6 +460,21 @@ class KernelBackend(abc.ABC):
         Returns:
             SequenceGrads with dx ``[B, T, I]`` (None without ``input_grad``).
         """
+
+    def sequence_backward_gates(self, doutputs, dh, dc, workspace: Workspace, *,
+                                input_grad: bool = True) -> SequenceGrads:
+        """``sequence_backward``, or, where the backend can give it cheaply, the gates'
+        gradient in place of the weight gradients: for a caller that adds up the weight
+        gradients of many one-step calls (a cell loop) as one product at the end, instead of
+        one weight-sized array per step.
+
+        When ``dgates`` (``[B, 4H]``) is not None, dkernel, drecurrent_kernel and dbias are None
+        and are, for the forward's x ``[B, 1, I]`` and h0 ``[B, H]``: ``x[:, 0]^T @ dgates``,
+        ``h0^T @ dgates`` and ``dgates`` summed over rows. A backend gives it only for a
+        one-step call without mask or dropout (where those products are exactly the weight
+        gradients); otherwise, and by default, this is ``sequence_backward``.
+        """
+        return self.sequence_backward(doutputs, dh, dc, workspace, input_grad=input_grad)
 
     # -- the single-step cell --------------------------------------------------
     def cell_forward(self, x, h, c, kernel, recurrent_kernel, bias, input_dropout_mask,

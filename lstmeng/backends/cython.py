@@ -835,6 +835,15 @@ class CythonBackend(KernelBackend):
         return SequenceForward(outputs=outputs, h=h_out, c=c_out, workspace=workspace)
 
     def sequence_backward(self, doutputs, dh, dc, workspace, *, input_grad=True):
+        return self._backward(doutputs, dh, dc, workspace, input_grad, weight_grads=True)
+
+    def sequence_backward_gates(self, doutputs, dh, dc, workspace, *, input_grad=True):
+        """The contract's: dgates from the one-step kernel (a step of one part on one thread
+        without mask or dropout, as cell loops at small batches take), else ``sequence_backward``."""
+        return self._backward(doutputs, dh, dc, workspace, input_grad, weight_grads=False)
+
+    def _backward(self, doutputs, dh, dc, workspace, input_grad: bool, weight_grads: bool):
+        """sequence_backward; without ``weight_grads`` sequence_backward_gates."""
         ws, options = workspace, workspace.options
         # The backward overwrites the gates with their gradients: one backward per workspace.
         ws.consume(self.name)
@@ -852,7 +861,7 @@ class CythonBackend(KernelBackend):
                 and len(layout.row_begin) == 2 and layout.offsets.shape[1] == 1 and layout.mask is None
                 and ws.input_dropout_mask is None and ws.recurrent_dropout_mask is None
                 and overrides.cython_one_step is not False):
-            return self._one_step_backward(doutputs, dh, dc, ws, input_grad)
+            return self._one_step_backward(doutputs, dh, dc, ws, input_grad, weight_grads)
         dx = np.zeros((batch, steps, features), dtype) if input_grad else None
         dh0, dc0 = np.empty((batch, units), dtype), np.empty((batch, units), dtype)
         dkernel = np.empty((features, 4 * units), dtype)
@@ -909,11 +918,12 @@ class CythonBackend(KernelBackend):
         return SequenceGrads(dx=dx, dh0=dh0, dc0=dc0, dkernel=dkernel,
                              drecurrent_kernel=drecurrent_kernel, dbias=dbias)
 
-    def _one_step_backward(self, doutputs, dh, dc, ws, input_grad):
+    def _one_step_backward(self, doutputs, dh, dc, ws, input_grad, weight_grads=True):
         """sequence_backward of a one-step workspace of one part on one thread without mask or
         dropout (``_one_step``'s, or the general forward's for such a call): the extension's
         ``step_backward``, bitwise what ``backward`` computes for it, without its setup (a
-        batch-1 step at (I, H) = (64, 128): 48 us through ``backward``).
+        batch-1 step at (I, H) = (64, 128): 48 us through ``backward``). Without
+        ``weight_grads``: sequence_backward_gates' result (dgates, no weight gradients).
 
         doutputs: [B, 1, H] or [B, H]; dh, dc: [B, H]; ws: the consumed workspace."""
         options, dtype = ws.options, ws.gates.dtype
@@ -921,20 +931,24 @@ class CythonBackend(KernelBackend):
         units = ws.recurrent_kernel.shape[1 if ws.weights_transposed else 0]
         dx = np.empty((batch, 1, features), dtype) if input_grad else None
         dh0, dc0 = np.empty((batch, units), dtype), np.empty((batch, units), dtype)
-        dkernel = np.empty((features, 4 * units), dtype)
-        drecurrent_kernel = np.empty((units, 4 * units), dtype)
-        dbias = np.empty(4 * units, dtype)
-        with _blas_guard(dtype, batch, features, units, backward=True):
+        dkernel = drecurrent_kernel = dbias = None
+        if weight_grads:
+            dkernel = np.empty((features, 4 * units), dtype)
+            drecurrent_kernel = np.empty((units, 4 * units), dtype)
+            dbias = np.empty(4 * units, dtype)
+        with _blas_guard(dtype, batch, features, units, backward=weight_grads):
             _specialization(_cython_lstm.step_backward, dtype)(
                 doutputs.reshape(batch, units), _contiguous(dh, dtype), _contiguous(dc, dtype),
                 ws.x.reshape(batch, features), ws.kernel, ws.recurrent_kernel, ws.gates, ws.c_prev, ws.h_in,
                 None if dx is None else dx.reshape(batch, features), dh0, dc0, dkernel, drecurrent_kernel, dbias,
                 _cython_lstm.ACTIVATION_KINDS[options.activation],
                 _cython_lstm.ACTIVATION_KINDS[options.recurrent_activation], ws.weights_transposed)
-        self._buffers.give(ws.gates, ws.c_prev, ws.h_in)
+        # The gates now hold dz: without weight gradients they are the result, no longer scratch.
+        dgates = None if weight_grads else ws.gates
+        self._buffers.give(ws.c_prev, ws.h_in, *((ws.gates,) if weight_grads else ()))
         ws.gates = ws.c_prev = ws.h_in = None
         return SequenceGrads(dx=dx, dh0=dh0, dc0=dc0, dkernel=dkernel,
-                             drecurrent_kernel=drecurrent_kernel, dbias=dbias)
+                             drecurrent_kernel=drecurrent_kernel, dbias=dbias, dgates=dgates)
 
 
 backend = CythonBackend()
