@@ -303,6 +303,19 @@ class _DirectionCall:
                             for array in (grads.dkernel, grads.drecurrent_kernel))
         return wrapped(grads.dx), wrapped(grads.dh0), wrapped(grads.dc0), *weights, wrapped(grads.dbias)
 
+    def backward_gates(self, dh, dc, workspace, input_grad: bool = True):
+        """A host cell step's backward for ``_CellUnroll``: (dx [B, I] tensor or None, dh0 and dc0
+        [B, H] tensors, the backend's SequenceGrads). dh, dc: [B, H] gradients of the step's
+        new states. The SequenceGrads holds either ``dgates`` [B, 4H] (the backend's
+        ``sequence_backward_gates``) or the contract's weight gradients, as NumPy arrays."""
+        dh = self._array(dh)
+        # The step's output is its new h: its gradient arrives as dh, the output's is zero.
+        doutputs = np.zeros((dh.shape[0], 1, dh.shape[1]), dh.dtype)
+        grads = self.backend.sequence_backward_gates(doutputs, dh, self._array(dc), workspace,
+                                                     input_grad=input_grad)
+        dx = None if grads.dx is None else self._tensor(grads.dx.reshape(grads.dx.shape[0], -1))
+        return dx, self._tensor(grads.dh0), self._tensor(grads.dc0), grads
+
 
 @functools.lru_cache(maxsize=256)
 def _call_options(has_bias: bool, has_mask: bool, has_recurrent_dropout: bool, activation: str,
@@ -364,6 +377,217 @@ def _run_direction(call, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, outp
     if _records_gradient(tensors) if records is None else records:
         return _LSTMDirection.apply(call, *tensors)
     return call.forward(*tensors, training=False, outputs=outputs)[:3]
+
+
+#: torch's id of the backward pass running now, or None where this torch lacks it (private API;
+#: torch.utils.checkpoint uses it too). A cell loop's weight node takes only the steps of its own
+#: pass (``_CellUnroll``); without it cell steps return their weight gradients each.
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def _cell_step_backward(call, x, h0, c0, parameters: tuple, workspace, dh, dc, input_grad: bool) -> tuple:
+    """The backward of a host cell step that leaves its weight gradients as a record:
+    (dx [B, I] or None, dh0, dc0 [B, H], record). x [B, I], h0, c0 [B, H] and parameters
+    (weight_ih, weight_hh, bias_ih, bias_hh) the step's; workspace its forward's (recomputed
+    when a backward already consumed it: a second pass with retain_graph=True); dh, dc [B, H].
+
+    record: (x, h0, dz [B, 4H], None), or (None, None, None, (weight_ih [4H, I], weight_hh
+    [4H, H], bias [4H] gradients)) where the backend gave no dz (``sequence_backward_gates``).
+    """
+    if workspace.consumed:
+        workspace = call.forward(x.unsqueeze(1), h0, c0, *parameters, training=True, outputs=False)[3]
+    dx, dh0, dc0, grads = call.backward_gates(dh, dc, workspace, input_grad=input_grad)
+    wrapped = call._tensor
+    if grads.dgates is not None:
+        return dx, dh0, dc0, (x.detach(), h0.detach(), wrapped(grads.dgates), None)
+    weights = (wrapped(grads.dkernel).t(), wrapped(grads.drecurrent_kernel).t(), wrapped(grads.dbias))
+    return dx, dh0, dc0, (None, None, None, weights)
+
+
+def _summed_weight_gradients(records, needs: tuple, parameters: tuple) -> tuple:
+    """(weight_ih [4H, I], weight_hh [4H, H], bias [4H]) gradients of the steps whose records
+    (``_cell_step_backward``'s) these are, each None where ``needs`` (the same three) wants none:
+    from the steps' dz as one product over all of them, ``dz^T x`` and ``dz^T h0`` (the
+    parameters' layout, contiguous) and dz's column sums, plus the gradients the others gave.
+    No records: zeros, as autograd gives a parameter no step reached."""
+    totals = [None, None, None]
+    deferred = [record for record in records if record[2] is not None]
+    if deferred:
+        dz = deferred[0][2] if len(deferred) == 1 else torch.cat([record[2] for record in deferred])  # [S B, 4H]
+        for position in (0, 1):
+            if needs[position]:
+                factor = (deferred[0][position] if len(deferred) == 1
+                          else torch.cat([record[position] for record in deferred]))              # [S B, I or H]
+                totals[position] = dz.t().mm(factor)
+        if needs[2]:
+            totals[2] = dz.sum(0)
+    for record in records:
+        if record[3] is None:
+            continue
+        for position, piece in enumerate(record[3]):
+            if needs[position]:
+                totals[position] = piece.clone() if totals[position] is None else totals[position].add_(piece)
+    for position, parameter in enumerate(parameters[:3]):
+        if needs[position] and totals[position] is None:
+            totals[position] = torch.zeros_like(parameter)
+    return tuple(totals)
+
+
+class _CellUnroll:
+    """The steps of one ``LSTMCell`` loop in training, and the weight gradients they leave behind.
+
+    Called once per step, a cell would have each step's backward return gradients the size of
+    the weights ([4H, I] and [4H, H]) for autograd to add into their sum: at (I, H) = (256, 512)
+    and batch 1 that is 6 MB written and 18 MB more moved per step for a rank-1 update, and four
+    additions a step at any size. Instead the steps of a loop reach the parameters through one
+    node (``_UnrollWeights``), whose backward autograd runs after all of theirs: each step leaves
+    its gates' gradient dz [B, 4H] with its x [B, I] and h0 [B, H] (a record), and the node forms
+    weight_ih's gradient ``dz^T x``, weight_hh's ``dz^T h0`` and both biases' (the column sums of
+    dz) as one product over the steps (``_summed_weight_gradients``). A step whose backend gives
+    no dz (larger batches on the cython backend's general path, the numpy backend) leaves its
+    weight gradients instead.
+
+    A step continues a chain when its hx are the states the chain's last step returned
+    (``_cell_chain``), so a detached state (truncated backpropagation) starts a new one; the
+    chain's first step runs alone (``_CellStep``), the unroll begins with its second. Each
+    record carries the id of the backward pass that made it: a pass that does not reach the
+    weights (``torch.autograd.grad`` of the states only) leaves records the node's next pass
+    ignores, and ``retain_graph`` passes each count once.
+
+    parameters: (weight_ih, weight_hh, bias_ih, bias_hh), biases None without bias; versions:
+    their ``_version`` when the unroll began (a step joins only while they hold; an in-place
+    change of a weight before the backward is PyTorch's error, as for ``torch.nn.LSTMCell``);
+    token: the node's output, a size-0 tensor each step takes as its autograd edge to the
+    parameters; records: (backward pass id, record) per step backward.
+    """
+
+    __slots__ = ("parameters", "versions", "token", "records", "__weakref__")
+
+    def __init__(self, parameters: tuple):
+        self.parameters = parameters
+        self.versions = tuple(None if p is None else p._version for p in parameters)
+        self.records = []
+        self.token = _UnrollWeights.apply(self, *parameters)
+
+    def current(self, parameters: tuple) -> bool:
+        """Whether a step with these parameters may join: the same tensors, not changed in place."""
+        return all(p is q and (p is None or p._version == version)
+                   for p, q, version in zip(parameters, self.parameters, self.versions))
+
+    def check_versions(self) -> None:
+        """PyTorch's error when a weight was changed in place after a step of the unroll used it (a
+        step's backward reads the weights; the biases it does not, as torch.nn.LSTMCell's does not)."""
+        for parameter, version in zip(self.parameters[:2], self.versions):
+            if parameter._version != version:
+                raise RuntimeError(
+                    "one of the variables needed for gradient computation has been modified by an inplace "
+                    f"operation: [{type(parameter).__name__} of shape {list(parameter.shape)}] is at version "
+                    f"{parameter._version}; expected version {version} instead (lstmeng.torch.LSTMCell)")
+
+    def gradients(self, task_id, needs: tuple) -> tuple:
+        """``_summed_weight_gradients`` of this backward pass's records; forgets every record (this
+        pass's are used, other passes' can no longer be)."""
+        records, self.records = [record for task, record in self.records if task == task_id], []
+        return _summed_weight_gradients(records, needs, self.parameters)
+
+
+class _UnrollWeights(torch.autograd.Function):
+    """A cell loop's parameters, reached by its steps through one size-0 token: autograd runs this
+    backward after every step's, and it returns the loop's weight gradients (``_CellUnroll``)."""
+
+    @staticmethod
+    def forward(ctx, unroll, weight_ih, weight_hh, bias_ih, bias_hh):
+        ctx.unroll = unroll
+        # The steps return no gradient for the token: None here, not zeros.
+        ctx.set_materialize_grads(False)
+        return weight_ih.new_empty(0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, _):
+        needs = ctx.needs_input_grad
+        dw_ih, dw_hh, dbias = ctx.unroll.gradients(_graph_task_id(), (needs[1], needs[2], needs[3] or needs[4]))
+        # The same tensor for both biases: AccumulateGrad copies one that is referenced elsewhere.
+        return None, dw_ih, dw_hh, dbias if needs[3] else None, dbias if needs[4] else None
+
+
+class _DeferredCellStep(torch.autograd.Function):
+    """A cell step of a ``_CellUnroll``: the backend's one-step forward, and a backward that gives
+    the input's and states' gradients and leaves the weights' to the unroll."""
+
+    @staticmethod
+    def forward(ctx, call, unroll, x, h0, c0, token):
+        _, h, c, workspace = call.forward(x.unsqueeze(1), h0, c0, *unroll.parameters, training=True, outputs=False)
+        ctx.call, ctx.unroll, ctx.workspace = call, unroll, workspace
+        ctx.save_for_backward(x, h0, c0)
+        return h, c
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dh, dc):
+        unroll = ctx.unroll
+        unroll.check_versions()
+        x, h0, c0 = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dx, dh0, dc0, record = _cell_step_backward(ctx.call, x, h0, c0, unroll.parameters, ctx.workspace, dh, dc,
+                                                   input_grad=needs[2])
+        unroll.records.append((_graph_task_id(), record))
+        return None, None, dx if needs[2] else None, dh0 if needs[3] else None, dc0 if needs[4] else None, None
+
+
+class _CellStep(torch.autograd.Function):
+    """A chain's first cell step (``_CellUnroll``), which may be the only one of its backward pass
+    (online learning): the weights are its inputs, and its backward returns their gradients
+    from dz as the unroll's node would, in the parameters' layout (contiguous: autograd then adds
+    them into ``.grad`` without a transposed pass)."""
+
+    @staticmethod
+    def forward(ctx, call, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
+        _, h, c, workspace = call.forward(x.unsqueeze(1), h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
+                                          training=True, outputs=False)
+        ctx.call, ctx.workspace = call, workspace
+        ctx.save_for_backward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
+        return h, c
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dh, dc):
+        x, h0, c0, *parameters = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dx, dh0, dc0, record = _cell_step_backward(ctx.call, x, h0, c0, parameters, ctx.workspace, dh, dc,
+                                                   input_grad=needs[1])
+        dw_ih, dw_hh, dbias = _summed_weight_gradients([record], (needs[4], needs[5], needs[6] or needs[7]),
+                                                       parameters)
+        return (None, dx if needs[1] else None, dh0 if needs[2] else None, dc0 if needs[3] else None,
+                dw_ih, dw_hh, dbias if needs[6] else None, dbias if needs[7] else None)
+
+
+#: Per LSTMCell (weakly, so modules pickle and die as before): {id(h): (h, c, unroll)} with weak
+#: references to the states the last step of each live chain of steps returned, and its unroll
+#: (None after the chain's first step); a step given those states continues the chain.
+_CELL_CHAINS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _cell_chain(module, hx, parameters: tuple) -> _CellUnroll | None:
+    """The unroll a training step of ``module`` on states hx joins: that of the chain whose last
+    step returned hx (made now at the chain's second step), or None for a chain's first step."""
+    chains = _CELL_CHAINS.get(module)
+    if chains is None:
+        chains = _CELL_CHAINS[module] = {}
+    entry = chains.pop(id(hx[0]), None)
+    if entry is None or entry[0]() is not hx[0] or entry[1]() is not hx[1]:
+        if len(chains) >= 16:   # chains that stopped (their states died or were detached)
+            for key in [key for key, value in chains.items() if value[0]() is None]:
+                del chains[key]
+        return None
+    unroll = entry[2]
+    return unroll if unroll is not None and unroll.current(parameters) else _CellUnroll(parameters)
+
+
+def _continue_cell_chain(module, h, c, unroll: _CellUnroll | None) -> None:
+    """Note h, c [B, H] as the states the last step of a chain returned (unroll: its unroll, None
+    after its first step)."""
+    _CELL_CHAINS[module][id(h)] = (weakref.ref(h), weakref.ref(c), unroll)
 
 
 @functools.lru_cache(maxsize=64)
@@ -890,12 +1114,33 @@ class LSTMCell(torch.nn.LSTMCell, _LstmengOptions):
         bias_ih, bias_hh) (biases None without bias) -> (h [B, H], c [B, H])."""
         backend, on_device = self._backend_for(x, weights[0].dtype)
         records = _records_gradient((x, *hx, *weights))
-        if not on_device and mask is None and not (self.training and self.recurrent_dropout > 0) and not records:
+        dropout = self.training and self.recurrent_dropout > 0
+        if not on_device and mask is None and not dropout and not records:
             return self._inference(backend, x, hx, weights)
+        if (records and not on_device and mask is None and not dropout and _graph_task_id is not None
+                and x.device.type == "cpu" and all(w is None or w.requires_grad for w in weights)):
+            return self._unrolled_step(backend, x, hx, weights)
         sequence = x.unsqueeze(1)                                 # [B, 1, I]
         call = self._direction_call(backend, on_device, sequence, mask, reverse=False)
         # h, c are the states after the step (h_0, c_0 on masked rows), not the step's output (zeros there).
         _, h, c = _run_direction(call, sequence, hx[0], hx[1], *weights, outputs=False, records=records)
+        return h, c
+
+    def _unrolled_step(self, backend, x, hx, weights):
+        """A training step on CPU tensors whose every parameter takes a gradient, no mask or dropout.
+        The first step of a chain runs alone, its weight gradients contiguous in the parameters'
+        layout (a step that is its own backward pass, as in online learning, would otherwise pay
+        a second autograd node); the chain's later steps join an unroll (``_CellUnroll``), which
+        adds up their weight gradients at its end. x [B, I], hx ([B, H], [B, H]), weights as
+        ``_step``'s -> (h, c)."""
+        unroll = _cell_chain(self, hx, weights)
+        call = _DirectionCall(backend, x.device, False, None, reverse=False, activation=self.activation,
+                              recurrent_activation=self.recurrent_activation)
+        if unroll is None:
+            h, c = _CellStep.apply(call, x, hx[0], hx[1], *weights)
+        else:
+            h, c = _DeferredCellStep.apply(call, unroll, x, hx[0], hx[1], unroll.token)
+        _continue_cell_chain(self, h, c, unroll)
         return h, c
 
     def _inference(self, backend, x, hx, weights):

@@ -1,0 +1,299 @@
+"""lstmeng.torch.LSTMCell loops in training: the weight gradients of a loop's steps are added up
+by one node at its end (``_CellUnroll``). Every gradient against torch.nn.LSTMCell run the same
+way (an independent implementation), and against finite differences (gradcheck)."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import lstmeng.torch as lt  # noqa: E402
+from lstmeng.backends import cython as cython_module  # noqa: E402
+
+INPUT_SIZE, HIDDEN_SIZE, STEPS = 5, 6, 4
+
+pytestmark = pytest.mark.skipif(lt._graph_task_id is None, reason="this torch has no graph task id")
+
+
+def _pair(bias: bool = True, backend: str = "cython", dtype=torch.float64, sizes=(INPUT_SIZE, HIDDEN_SIZE)):
+    """(torch.nn.LSTMCell, lstmeng.torch.LSTMCell) with the same parameters."""
+    torch.manual_seed(11)
+    reference = torch.nn.LSTMCell(*sizes, bias=bias, dtype=dtype)
+    mine = lt.LSTMCell(*sizes, bias=bias, backend=backend, dtype=dtype)
+    mine.load_state_dict(reference.state_dict())
+    return reference, mine
+
+
+def _loop(module, x, hx, steps=STEPS):
+    """h, c after ``steps`` steps of module over x [T, B, I] from hx."""
+    h, c = hx
+    for t in range(steps):
+        h, c = module(x[t], (h, c))
+    return h, c
+
+
+def _leaves(batch: int, dtype, seed: int = 3):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(STEPS, batch, INPUT_SIZE, generator=generator, dtype=dtype)
+    h0 = torch.randn(batch, HIDDEN_SIZE, generator=generator, dtype=dtype)
+    c0 = torch.randn(batch, HIDDEN_SIZE, generator=generator, dtype=dtype)
+    dh = torch.randn(batch, HIDDEN_SIZE, generator=generator, dtype=dtype)
+    dc = torch.randn(batch, HIDDEN_SIZE, generator=generator, dtype=dtype)
+    return x, h0, c0, dh, dc
+
+
+def _loop_gradients(module, x, h0, c0, dh, dc):
+    """(h, c, dx, dh0, dc0, every parameter's .grad) of one loop and backward."""
+    module.zero_grad(set_to_none=True)
+    x, h0, c0 = (tensor.clone().requires_grad_(True) for tensor in (x, h0, c0))
+    h, c = _loop(module, x, (h0, c0))
+    ((h * dh).sum() + (c * dc).sum()).backward()
+    return [h, c, x.grad, h0.grad, c0.grad] + [parameter.grad for parameter in module.parameters()]
+
+
+def _count_unrolls(monkeypatch) -> list:
+    """A list that receives every _CellUnroll made from now on."""
+    made = []
+    original_init = lt._CellUnroll.__init__
+
+    def init(self, *args):
+        made.append(self)
+        original_init(self, *args)
+
+    monkeypatch.setattr(lt._CellUnroll, "__init__", init)
+    return made
+
+
+class _GatesSpy:
+    """Counts the one-step backwards that gave dz (the deferred weight gradients ran)."""
+
+    def __init__(self, monkeypatch):
+        self.with_gates = self.without = 0
+        original = cython_module.CythonBackend.sequence_backward_gates
+
+        def spy(backend, *args, **kwargs):
+            grads = original(backend, *args, **kwargs)
+            if grads.dgates is None:
+                self.without += 1
+            else:
+                self.with_gates += 1
+            return grads
+
+        monkeypatch.setattr(cython_module.CythonBackend, "sequence_backward_gates", spy)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_loop_gives_torch_gradients_through_one_weight_node(bias, batch, monkeypatch):
+    spy = _GatesSpy(monkeypatch)
+    made = _count_unrolls(monkeypatch)
+    reference, mine = _pair(bias)
+    leaves = _leaves(batch, torch.float64)
+    want = _loop_gradients(reference, *leaves)
+    got = _loop_gradients(mine, *leaves)
+    for index, (actual, expected) in enumerate(zip(got, want)):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12, msg=f"result {index}")
+    # The first step alone, one unroll for the others; every step gave dz.
+    assert len(made) == 1 and spy.with_gates == STEPS and spy.without == 0
+    assert made[0].records == []
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cython-general"])
+def test_steps_whose_backend_gives_weight_gradients_are_added_too(backend, monkeypatch):
+    """The numpy backend gives no dz (the contract's default), nor does the cython backend's general
+    path (a batch past its one-step kernel): the node adds those steps' weight gradients."""
+    spy = _GatesSpy(monkeypatch)
+    made = _count_unrolls(monkeypatch)
+    reference, mine = _pair(backend="numpy" if backend == "numpy" else "cython")
+    if backend == "cython-general":
+        monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)   # every training step threads
+    leaves = _leaves(4, torch.float64)
+    want = _loop_gradients(reference, *leaves)
+    got = _loop_gradients(mine, *leaves)
+    for index, (actual, expected) in enumerate(zip(got, want)):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12, msg=f"result {index}")
+    assert len(made) == 1
+    if backend == "cython-general":
+        assert spy.without == STEPS and spy.with_gates == 0
+
+
+def test_float32_loop_at_batch_one_matches_torch():
+    reference, mine = _pair(dtype=torch.float32, sizes=(INPUT_SIZE, 32))
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(STEPS, 1, INPUT_SIZE, generator=generator)
+    zeros = torch.zeros(1, 32)
+    results = []
+    for module in (reference, mine):
+        module.zero_grad(set_to_none=True)
+        h, c = _loop(module, x, (zeros, zeros))
+        h.sum().backward()
+        results.append([h] + [parameter.grad for parameter in module.parameters()])
+    for actual, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_truncated_backpropagation_with_optimizer_steps_matches_torch():
+    """Chunks of steps, a backward and an SGD step each, the states detached between them: a new
+    unroll per chunk, and the parameters' in-place updates are no error."""
+    reference, mine = _pair()
+    x, h0, c0, _, _ = _leaves(2, torch.float64)
+    results = []
+    for module in (reference, mine):
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+        h, c = h0, c0
+        for _ in range(3):
+            optimizer.zero_grad()
+            h, c = _loop(module, x, (h.detach(), c.detach()))
+            (h.sum() + c.pow(2).sum()).backward()
+            optimizer.step()
+        results.append([h.detach()] + [parameter.detach().clone() for parameter in module.parameters()])
+    for actual, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_a_pass_that_skips_the_weights_leaves_nothing_for_the_next_one():
+    """torch.autograd.grad of the states only runs the steps, not the weight node: their records
+    must not count in a later backward through the same graph."""
+    reference, mine = _pair()
+    x, h0, c0, dh, _ = _leaves(2, torch.float64)
+    results = []
+    for module in (reference, mine):
+        module.zero_grad(set_to_none=True)
+        h0_leaf = h0.clone().requires_grad_(True)
+        h, _ = _loop(module, x, (h0_leaf, c0))
+        loss = (h * dh).sum()
+        (dh0,) = torch.autograd.grad(loss, h0_leaf, retain_graph=True)
+        (dweight_hh,) = torch.autograd.grad(loss, module.weight_hh, retain_graph=True)
+        loss.backward()
+        results.append([dh0, dweight_hh] + [parameter.grad for parameter in module.parameters()])
+    for actual, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_retain_graph_passes_each_count_once():
+    reference, mine = _pair()
+    x, h0, c0, dh, dc = _leaves(1, torch.float64)
+    results = []
+    for module in (reference, mine):
+        module.zero_grad(set_to_none=True)
+        h, c = _loop(module, x, (h0, c0))
+        loss = (h * dh).sum() + (c * dc).sum()
+        loss.backward(retain_graph=True)
+        loss.backward()          # .grad doubles
+        results.append([parameter.grad for parameter in module.parameters()])
+    for actual, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_interleaved_and_branching_loops_on_one_module_match_torch():
+    """Two sequences stepped alternately (two unrolls at once), and a state that feeds two steps."""
+    reference, mine = _pair()
+    x, h0, c0, dh, _ = _leaves(2, torch.float64)
+    results = []
+    for module in (reference, mine):
+        module.zero_grad(set_to_none=True)
+        first, second = (h0, c0), (c0, h0)
+        for t in range(STEPS):
+            first = module(x[t], first)
+            second = module(x[STEPS - 1 - t], second)
+        branch_a = module(x[0], first)
+        branch_b = module(x[1], first)
+        loss = (first[0] * dh).sum() + second[1].sum() + branch_a[0].sum() + (branch_b[1] * dh).sum()
+        loss.backward()
+        results.append([parameter.grad for parameter in module.parameters()])
+    for actual, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_frozen_parameters_take_the_general_path(monkeypatch):
+    made = _count_unrolls(monkeypatch)
+    reference, mine = _pair()
+    for module in (reference, mine):
+        module.weight_ih.requires_grad_(False)
+    leaves = _leaves(2, torch.float64)
+    want = _loop_gradients(reference, *leaves)
+    got = _loop_gradients(mine, *leaves)
+    for actual, expected in zip(got, want):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+    assert made == []
+
+
+def test_an_in_place_change_before_the_backward_is_torch_error():
+    for module in _pair():
+        x, h0, c0, _, _ = _leaves(1, torch.float64)
+        h, _ = _loop(module, x, (h0, c0))
+        with torch.no_grad():
+            module.weight_hh.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            h.sum().backward()
+
+
+def test_a_weight_change_between_steps_is_torch_error_at_the_backward():
+    """An optimizer-like in-place change of a weight in the middle of a loop, before its backward:
+    both raise there (the earlier steps' backward reads the old weight)."""
+    x, h0, c0, _, _ = _leaves(1, torch.float64)
+    for module in _pair():
+        h, c = _loop(module, x, (h0, c0), steps=3)
+        with torch.no_grad():
+            module.weight_hh.add_(0.5)
+        h, c = _loop(module, x, (h, c), steps=2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            h.sum().backward()
+
+
+def test_a_chain_starts_its_unroll_at_its_second_step(monkeypatch):
+    """One step per backward pass (online learning, states detached) makes no unroll; a chain of
+    two makes one, and a detached state starts a new chain."""
+    made = _count_unrolls(monkeypatch)
+    reference, mine = _pair()
+    x, h0, c0, _, _ = _leaves(1, torch.float64)
+    results = []
+    for module in (reference, mine):
+        module.zero_grad(set_to_none=True)
+        h, c = h0, c0
+        for t in range(STEPS):
+            h, c = module(x[t], (h.detach(), c.detach()))
+            (h.sum() + c.sum()).backward()
+        results.append([h] + [parameter.grad for parameter in module.parameters()])
+    assert made == []
+    for actual, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+    h, c = _loop(mine, x, (h0, c0), steps=2)
+    assert len(made) == 1
+    _loop(mine, x, (h.detach(), c), steps=1)
+    assert len(made) == 1
+
+
+def test_gradcheck_of_a_loop():
+    _, mine = _pair(sizes=(3, 4))
+    x = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    parameters = tuple(mine.parameters())
+
+    def loop(x, h0, c0, *weights):
+        # The parameters as gradcheck's inputs: they are the module's own tensors.
+        h, c = h0, c0
+        for t in range(3):
+            h, c = mine(x[t], (h, c))
+        return h, c
+
+    assert torch.autograd.gradcheck(loop, (x, h0, c0, *parameters), eps=1e-6, atol=1e-6)
+
+
+def test_the_module_still_copies_and_saves_after_training_loops():
+    _, mine = _pair()
+    x, h0, c0, _, _ = _leaves(1, torch.float64)
+    h, c = _loop(mine, x, (h0, c0))
+    copied = copy.deepcopy(mine)
+    buffer = io.BytesIO()
+    torch.save(mine, buffer)
+    h.sum().backward()
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for module in (copied, loaded):
+        torch.testing.assert_close(_loop(module, x, (h0, c0))[0], h)
