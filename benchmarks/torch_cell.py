@@ -9,7 +9,9 @@ per step:
 * inference: the loop under ``torch.no_grad()`` (NumPy for ``lstmeng.LSTMCell``);
 * training: the loop with autograd recording, then one backward from the sum
   of the last h (``lstmeng.LSTMCell``: its explicit backward through the
-  unrolled steps).
+  unrolled steps);
+* online: a backward after every step from the sum of its h, the states
+  detached before the next (learning from a stream one step at a time).
 
 Usage:
     python benchmarks/torch_cell.py                  # (I, H) = (64, 128) and (256, 512)
@@ -29,7 +31,7 @@ STEPS = 50
 
 
 def torch_loops(cell, x, batch: int, units: int):
-    """(inference, training) loops of a torch.nn.LSTMCell-like module over STEPS steps."""
+    """(inference, training, online) loops of a torch.nn.LSTMCell-like module over STEPS steps."""
     import torch
 
     def inference():
@@ -44,11 +46,17 @@ def torch_loops(cell, x, batch: int, units: int):
             h, c = cell(x, (h, c))
         h.sum().backward()
 
-    return inference, training
+    def online():
+        h = c = torch.zeros(batch, units)
+        for _ in range(STEPS):
+            h, c = cell(x, (h.detach(), c.detach()))
+            h.sum().backward()
+
+    return inference, training, online
 
 
 def numpy_loops(cell, x, batch: int, units: int):
-    """(inference, training) loops of lstmeng.LSTMCell (NumPy in and out, explicit backward)."""
+    """(inference, training, online) loops of lstmeng.LSTMCell (NumPy in and out, explicit backward)."""
     zeros = np.zeros((batch, units), np.float32)
     ones = np.ones((batch, units), np.float32)
 
@@ -65,7 +73,13 @@ def numpy_loops(cell, x, batch: int, units: int):
         for _ in range(STEPS):
             _, (dh, dc) = cell.backward(dh, dc)
 
-    return inference, training
+    def online():
+        state = [zeros, zeros]
+        for _ in range(STEPS):
+            _, state = cell(x, state, training=True)
+            cell.backward(ones, None)
+
+    return inference, training, online
 
 
 def main(argv=None) -> int:
@@ -98,7 +112,7 @@ def main(argv=None) -> int:
         loops = {"torch.nn.LSTMCell": torch_loops(theirs, x, args.batch, units),
                  "lstmeng.torch.LSTMCell": torch_loops(ours, x, args.batch, units),
                  "lstmeng.LSTMCell": numpy_loops(numpy_cell, x.numpy(), args.batch, units)}
-        for mode, index in (("inference", 0), ("training", 1)):
+        for mode, index in (("inference", 0), ("training", 1), ("online", 2)):
             best = timing.interleaved_best_times({name: pair[index] for name, pair in loops.items()},
                                                  args.repeats, warmup=2, clock=time.perf_counter)
             reference = best["torch.nn.LSTMCell"].seconds

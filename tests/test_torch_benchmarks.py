@@ -29,7 +29,7 @@ def test_torch_short_calls_prints_each_length_and_mode():
 
 def test_torch_cell_prints_the_three_cells_per_mode():
     out = _run("torch_cell.py", "--sizes", "8,16", "--repeats", "1")
-    for mode in ("inference", "training"):
+    for mode in ("inference", "training", "online"):
         assert re.search(rf"^I=8, H=16 {mode}: torch\.nn\.LSTMCell [\d.]+ us \(1\.00x\); lstmeng\.torch\.LSTMCell "
                          rf"[\d.]+ us \([\d.]+x\); lstmeng\.LSTMCell [\d.]+ us \([\d.]+x\)$", out, flags=re.MULTILINE)
 
