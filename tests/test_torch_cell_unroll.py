@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 
 import lstmeng.torch as lt  # noqa: E402
 from lstmeng.backends import cython as cython_module  # noqa: E402
+from lstmeng.testing import kernel_overrides  # noqa: E402
 
 INPUT_SIZE, HIDDEN_SIZE, STEPS = 5, 6, 4
 
@@ -99,13 +100,14 @@ def test_a_loop_gives_torch_gradients_through_one_weight_node(bias, batch, monke
         torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12, msg=f"result {index}")
     # The first step alone, one unroll for the others; every step gave dz.
     assert len(made) == 1 and spy.with_gates == STEPS and spy.without == 0
-    assert made[0].records == []
+    assert made[0].deferred == [] and made[0].given == {}
 
 
 @pytest.mark.parametrize("backend", ["numpy", "cython-general"])
-def test_steps_whose_backend_gives_weight_gradients_are_added_too(backend, monkeypatch):
+def test_steps_whose_backend_gives_weight_gradients_stay_alone(backend, monkeypatch):
     """The numpy backend gives no dz (the contract's default), nor does the cython backend's general
-    path (a batch past its one-step kernel): the node adds those steps' weight gradients."""
+    path (a batch past its one-step kernel): such steps make no unroll, autograd adds up their
+    weight gradients."""
     spy = _GatesSpy(monkeypatch)
     made = _count_unrolls(monkeypatch)
     reference, mine = _pair(backend="numpy" if backend == "numpy" else "cython")
@@ -116,9 +118,28 @@ def test_steps_whose_backend_gives_weight_gradients_are_added_too(backend, monke
     got = _loop_gradients(mine, *leaves)
     for index, (actual, expected) in enumerate(zip(got, want)):
         torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12, msg=f"result {index}")
-    assert len(made) == 1
+    assert made == []
     if backend == "cython-general":
         assert spy.without == STEPS and spy.with_gates == 0
+
+
+def test_an_unroll_adds_the_weight_gradients_of_steps_that_gave_no_dz(monkeypatch):
+    """A chain's steps that give weight gradients at their backward after all (here: the one-step
+    kernel switched off between the forward and the backward) are added up by the unroll too."""
+    spy = _GatesSpy(monkeypatch)
+    made = _count_unrolls(monkeypatch)
+    reference, mine = _pair()
+    x, h0, c0, dh, dc = _leaves(2, torch.float64)
+    results = []
+    for module in (reference, mine):
+        module.zero_grad(set_to_none=True)
+        h, c = _loop(module, x, (h0, c0))
+        with kernel_overrides(cython_one_step=False):
+            ((h * dh).sum() + (c * dc).sum()).backward()
+        results.append([parameter.grad for parameter in module.parameters()])
+    for actual, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+    assert len(made) == 1 and spy.without == STEPS and spy.with_gates == 0
 
 
 def test_float32_loop_at_batch_one_matches_torch():

@@ -476,6 +476,12 @@ class KernelBackend(abc.ABC):
         """
         return self.sequence_backward(doutputs, dh, dc, workspace, input_grad=input_grad)
 
+    def gives_gates(self, workspace: Workspace) -> bool:
+        """Whether ``sequence_backward_gates`` of ``workspace`` (not yet consumed) gives ``dgates``
+        (False by default): lets a caller choose, right after the forward, between adding up
+        the steps' dz itself and taking their weight gradients."""
+        return False
+
     # -- the single-step cell --------------------------------------------------
     def cell_forward(self, x, h, c, kernel, recurrent_kernel, bias, input_dropout_mask,
                      recurrent_dropout_mask, options: SequenceOptions) -> SequenceForward:

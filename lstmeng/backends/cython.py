@@ -531,6 +531,18 @@ def _takes_one_step(batch: int, steps: int, features: int, training: bool, flops
             and (not training or flops < MIN_FLOPS_TO_THREAD))
 
 
+def _takes_one_step_backward(ws, overrides) -> bool:
+    """Whether the backward of workspace ``ws`` runs the extension's ``step_backward``: one step
+    of one part in the uniform layout (offsets [P, 1]; a right-padded mask's layout has
+    [P, T + 1] and rows sorted by length) without a mask, so every row is real and packed row
+    r is batch row r; on one thread, no dropout."""
+    layout = ws.layout
+    return (ws.input_shape[1] == 1 and ws.input_shape[2] > 0 and ws.threads == 1 and ws.thread_budget == 1
+            and not ws.split_units and len(layout.row_begin) == 2 and layout.offsets.shape[1] == 1
+            and layout.mask is None and ws.input_dropout_mask is None and ws.recurrent_dropout_mask is None
+            and overrides.cython_one_step is not False)
+
+
 def _step_states(step_forward, x, h0, c0, kernel, recurrent_kernel, bias, gates, activation: int,
                  recurrent_activation: int, weights_transposed: bool, c_prev=None, h_in=None) -> tuple:
     """One call of the extension's one-step kernel: (h [B, H], c [B, H]) after the step, new arrays.
@@ -842,6 +854,9 @@ class CythonBackend(KernelBackend):
         without mask or dropout, as cell loops at small batches take), else ``sequence_backward``."""
         return self._backward(doutputs, dh, dc, workspace, input_grad, weight_grads=False)
 
+    def gives_gates(self, workspace) -> bool:
+        return _takes_one_step_backward(workspace, _kernel_overrides.current())
+
     def _backward(self, doutputs, dh, dc, workspace, input_grad: bool, weight_grads: bool):
         """sequence_backward; without ``weight_grads`` sequence_backward_gates."""
         ws, options = workspace, workspace.options
@@ -853,14 +868,7 @@ class CythonBackend(KernelBackend):
         batch, steps, features = ws.input_shape
         units = ws.recurrent_kernel.shape[1 if ws.weights_transposed else 0]
         doutputs = np.ascontiguousarray(doutputs, dtype=dtype)
-        # One part in the uniform layout (offsets [P, 1]; a right-padded mask's layout has
-        # [P, T + 1] and rows sorted by length) without a mask: every row real, packed row r
-        # batch row r. On one thread, no dropout.
-        layout = ws.layout
-        if (steps == 1 and features > 0 and ws.threads == 1 and ws.thread_budget == 1 and not ws.split_units
-                and len(layout.row_begin) == 2 and layout.offsets.shape[1] == 1 and layout.mask is None
-                and ws.input_dropout_mask is None and ws.recurrent_dropout_mask is None
-                and overrides.cython_one_step is not False):
+        if _takes_one_step_backward(ws, overrides):
             return self._one_step_backward(doutputs, dh, dc, ws, input_grad, weight_grads)
         dx = np.zeros((batch, steps, features), dtype) if input_grad else None
         dh0, dc0 = np.empty((batch, units), dtype), np.empty((batch, units), dtype)
