@@ -405,8 +405,8 @@ def _cell_step_backward(call, x, h0, c0, parameters: tuple, workspace, dh, dc, i
     wrapped = call._tensor
     if grads.dgates is not None:
         return dx, dh0, dc0, wrapped(grads.dgates), None
-    # NumPy's transposed views wrapped as tensors, not .t() views: autograd adds into a
-    # gradient that is no view in place (a view costs a new tensor per step, 1.05x at B = 32).
+    # NumPy's transposed views wrapped as tensors, not .t() views: autograd adds into a gradient
+    # that is no view in place, and makes a new tensor for the sum of views.
     weights = tuple(wrapped(array.T) if isinstance(array, np.ndarray) else wrapped(array).t()
                     for array in (grads.dkernel, grads.drecurrent_kernel)) + (wrapped(grads.dbias),)
     return dx, dh0, dc0, None, weights
@@ -449,9 +449,10 @@ class _CellUnroll:
     node (``_UnrollWeights``), whose backward autograd runs after all of theirs: each step leaves
     its gates' gradient dz [B, 4H] with its x [B, I] and h0 [B, H], and the node forms
     weight_ih's gradient ``dz^T x``, weight_hh's ``dz^T h0`` and both biases' (the column sums of
-    dz) as one product over the steps (``_summed_weight_gradients``). A step whose backend gives
-    no dz (larger batches on the cython backend's general path, the numpy backend) leaves its
-    weight gradients instead.
+    dz) as one product over the steps (``_summed_weight_gradients``). Only steps whose backend
+    says after their forward that their backward gives dz (``gives_gates``) continue a chain; one
+    whose backward gives weight gradients after all (kernel overrides changed in between) leaves
+    those instead.
 
     A step continues a chain when its hx are the states the chain's last step returned
     (``_cell_chain``), so a detached state (truncated backpropagation) starts a new one; the
@@ -466,7 +467,7 @@ class _CellUnroll:
     token: the node's output, a size-0 tensor each step takes as its autograd edge to the
     parameters; deferred: (backward pass id, x, h0, dz) of each step backward that gave dz;
     given: {backward pass id: [weight_ih, weight_hh, bias] gradients} added up, in place as
-    they come (a step's arrays kept until the end cost page faults: 1.6x slower at batch 32).
+    they come (kept until the end, every step's arrays would be new memory, page faults).
     """
 
     __slots__ = ("parameters", "versions", "token", "deferred", "given", "__weakref__")
@@ -559,10 +560,11 @@ class _DeferredCellStep(torch.autograd.Function):
 
 
 class _CellStep(torch.autograd.Function):
-    """A chain's first cell step (``_CellUnroll``), which may be the only one of its backward pass
-    (online learning): the weights are its inputs, and its backward returns their gradients
-    from dz as the unroll's node would, in the parameters' layout (contiguous: autograd then adds
-    them into ``.grad`` without a transposed pass)."""
+    """A cell step on its own: a chain's first, which may be the only one of its backward pass
+    (online learning), or one whose backend gives no dz. The weights are its inputs, and its
+    backward returns their gradients: from dz as the unroll's node forms them (contiguous, in the
+    parameters' layout: autograd adds them into ``.grad`` without a transposed pass), else the
+    backend's."""
 
     @staticmethod
     def forward(ctx, call, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
@@ -1153,11 +1155,10 @@ class LSTMCell(torch.nn.LSTMCell, _LstmengOptions):
 
     def _unrolled_step(self, backend, x, hx, weights):
         """A training step on CPU tensors whose every parameter takes a gradient, no mask or dropout.
-        The first step of a chain runs alone, its weight gradients contiguous in the parameters'
-        layout (a step that is its own backward pass, as in online learning, would otherwise pay
-        a second autograd node); the chain's later steps join an unroll (``_CellUnroll``), which
-        adds up their weight gradients at its end. x [B, I], hx ([B, H], [B, H]), weights as
-        ``_step``'s -> (h, c)."""
+        The first step of a chain runs alone (``_CellStep``; a step that is its own backward pass,
+        as in online learning, would otherwise pay a second autograd node); the chain's later
+        steps join an unroll (``_CellUnroll``), which adds up their weight gradients at its end.
+        x [B, I], hx ([B, H], [B, H]), weights as ``_step``'s -> (h, c)."""
         unroll = _cell_chain(self, hx, weights)
         call = _DirectionCall(backend, x.device, False, None, reverse=False, activation=self.activation,
                               recurrent_activation=self.recurrent_activation)
@@ -1166,8 +1167,8 @@ class LSTMCell(torch.nn.LSTMCell, _LstmengOptions):
         else:
             h, c = _DeferredCellStep.apply(call, unroll, x, hx[0], hx[1], unroll.token)
         if call.gives_gates:
-            # Steps whose backward gives weight gradients (larger batches) stay alone: autograd adds
-            # those up in C++ (1.08x faster than the unroll at (32, 64, 128)).
+            # A step whose backward will give weight gradients (larger batches) ends its chain:
+            # autograd adds those up in C++, where an unroll would add them in Python.
             _continue_cell_chain(self, h, c, unroll)
         return h, c
 
