@@ -8,6 +8,7 @@ ratio against ``torch.nn.LSTM`` on the same inputs is issue 19's measure.
 from .common import (
     BACKENDS,
     SHAPE_NAMES,
+    SHAPES,
     Benchmark,
     TorchModuleRun,
     TorchRun,
@@ -59,27 +60,33 @@ class TorchModuleVersusTorch(Benchmark):
 
 
 class TorchCellLoop(Benchmark):
-    """A 50-step ``lstmeng.torch.LSTMCell`` loop at batch 1 on the cython backend, as PyTorch code
+    """``lstmeng.torch.LSTMCell`` stepped over the shape's T steps on CPU tensors, as PyTorch code
     steps a cell: training (autograd records every step, one backward from the last h into the
-    parameters' ``.grad``; the loop's weight gradients are added up once at its end, see
-    ``lstmeng.torch._CellUnroll``) and online (a backward after every step, the states detached),
-    and each against ``torch.nn.LSTMCell`` on the same inputs (> 1: lstmeng faster)."""
+    parameters' ``.grad``; a loop's weight gradients are added up once at its end where the
+    backend gives dz, see ``lstmeng.torch._CellUnroll``) and online (a backward after every
+    step, the states detached), and each against ``torch.nn.LSTMCell`` on the same inputs (> 1:
+    lstmeng faster). Not tracked: variable-length shapes (a cell has no lengths), the tensorflow
+    backend (as ``TorchModuleRun``) and numba_cuda (cell loops on CUDA tensors)."""
 
-    params = (("64x128", "256x512"),)
-    param_names = ("cell",)
-    steps = 50
+    params = (BACKENDS, SHAPE_NAMES)
+    param_names = ("backend", "shape")
 
-    def setup(self, cell):
+    def setup(self, backend, shape):
+        shape = SHAPES[shape]
+        if shape.variable_length:
+            raise NotImplementedError("a cell loop has no variable-length form")
+        if backend in ("tensorflow", "numba_cuda"):
+            raise NotImplementedError(f"lstmeng.torch cell loops with the {backend} backend are not tracked")
         torch = import_torch()
-        require_backend("cython")
+        require_backend(backend)
         import lstmeng.torch
-        features, units = (int(size) for size in cell.split("x"))
         torch.manual_seed(0)
-        self.reference = torch.nn.LSTMCell(features, units)
-        self.mine = lstmeng.torch.LSTMCell(features, units, backend="cython")
+        self.steps = shape.steps
+        self.reference = torch.nn.LSTMCell(shape.inputs, shape.units)
+        self.mine = lstmeng.torch.LSTMCell(shape.inputs, shape.units, backend=backend)
         self.mine.load_state_dict(self.reference.state_dict())
-        self.x = torch.randn(1, features)
-        self.zeros = torch.zeros(1, units)
+        self.x = torch.randn(shape.batch, shape.inputs)
+        self.zeros = torch.zeros(shape.batch, shape.units)
         for module in (self.reference, self.mine):
             self._training(module)
             self._online(module)
@@ -96,16 +103,16 @@ class TorchCellLoop(Benchmark):
             h, c = module(self.x, (h.detach(), c.detach()))
             h.sum().backward()
 
-    def time_training_loop(self, cell):
+    def time_training_loop(self, backend, shape):
         self._training(self.mine)
 
-    def time_online_loop(self, cell):
+    def time_online_loop(self, backend, shape):
         self._online(self.mine)
 
-    def track_training_speed_vs_torch(self, cell):
+    def track_training_speed_vs_torch(self, backend, shape):
         return speed_ratio(lambda: self._training(self.reference), lambda: self._training(self.mine),
                            budget_seconds=0.5)
 
-    def track_online_speed_vs_torch(self, cell):
+    def track_online_speed_vs_torch(self, backend, shape):
         return speed_ratio(lambda: self._online(self.reference), lambda: self._online(self.mine),
                            budget_seconds=0.5)
