@@ -12,13 +12,25 @@ backpropagation are dropped then, automatically, so a new sequence never
 inherits them (``reset_tape()`` drops them explicitly). Dropout masks are
 drawn when an unroll starts and reused over it, as Keras's cell reuses them
 over one sequence.
+
+Where the backend's backward of a step gives the gates' gradient dz instead of
+the weight gradients (``KernelBackend.gives_gates``: the cython backend's
+one-step kernel, on the CPU), a step's backward keeps dz with its x and h and
+the weight gradients of all such steps are formed at once, ``x^T dz`` and
+``h^T dz`` over every step (one product each), when the round's last step is
+backpropagated or when ``grads`` is read, whichever comes first: a per-step
+sum moved the whole gradient through memory at every step (12 MB at I = 256,
+H = 512). ``grads`` reads as it always did.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from lstmeng import _validation
 from lstmeng._arrays import prepare_input, prepare_state
 from lstmeng._lstm_base import LSTMBase
+from lstmeng._runtime import threads
 from lstmeng._tape import TrainingTape
 from lstmeng.backends import registry
 from lstmeng.backends.base import InferenceStepSlot, SequenceOptions
@@ -38,6 +50,9 @@ class LSTMCell(LSTMBase):
     """
 
     def __init__(self, units, **options):
+        # Steps whose weight gradients wait to be formed (see the module docstring); before
+        # super().__init__, which sets _grads.
+        self.__dict__["_pending_grads"] = None
         super().__init__(units, **options)
         self._tapes = TrainingTape(warn_after=100_000)   # one entry per step: unrolls are long
         self._sequence_dropout = (None, None)
@@ -110,11 +125,56 @@ class LSTMCell(LSTMBase):
         self._device_chosen = True   # a call has run here: later CUDA inputs to a CPU cell are errors
         if training:
             guard = None if workspace is None else self._input_guard(x_t, "x_t", host_io)
-            self._tapes.push((backend, workspace, batch, host_io, guard))
+            # The step's x_t and h, kept where its backward will give dz (h copied: the caller may
+            # reuse its array; x_t is referenced by the workspace anyway).
+            deferred = self._device == "cpu" and workspace is not None and backend.gives_gates(workspace)
+            self._tapes.push((backend, workspace, batch, host_io, guard,
+                              x_t if deferred else None, h.copy() if deferred else None))
             self._sequence_dropout = (input_mask, recurrent_mask)
         if host_io and registry.array_kind(h_new) != "host":  # NumPy in, NumPy out
             h_new, c_new = backend.ops.to_numpy(h_new), backend.ops.to_numpy(c_new)
         return h_new, [h_new, c_new]
+
+    # -- weight gradients formed late (see the module docstring) -------------------
+    @property
+    def _grads(self) -> dict:
+        """The gradient arrays, with the deferred steps' weight gradients added first."""
+        if self.__dict__.get("_pending_grads") is not None:
+            self._add_pending_grads()
+        return self.__dict__["_grad_arrays"]
+
+    @_grads.setter
+    def _grads(self, value: dict) -> None:
+        self.__dict__["_pending_grads"] = None
+        self.__dict__["_grad_arrays"] = value
+
+    def _defer_weight_grads(self, x, h, dz, accumulate: bool) -> None:
+        """Keep a step backward's x [B, I], h [B, H] and dz [B, 4H] for ``_add_pending_grads``;
+        ``accumulate`` False (the round's first backward): they replace the gradients, as
+        ``_set_grads`` would."""
+        pending = self.__dict__.get("_pending_grads")
+        if pending is None or not accumulate:
+            pending = self.__dict__["_pending_grads"] = {"replace": not accumulate, "steps": []}
+        pending["steps"].append((x, h, dz))
+        if not len(self._tapes):   # the round's last step: form them now
+            self._add_pending_grads()
+
+    def _add_pending_grads(self) -> None:
+        """The deferred steps' weight gradients, x^T dz, h^T dz and dz's column sums over all of
+        them, put into the gradients by ``_set_grads``."""
+        pending = self.__dict__["_pending_grads"]
+        self.__dict__["_pending_grads"] = None
+        steps = pending["steps"]
+        x, h, dz = ((steps[0][part] if len(steps) == 1 else np.concatenate([step[part] for step in steps]))
+                    for part in range(3))                                  # [S B, I], [S B, H], [S B, 4H]
+        # np.dot, not @: NumPy's matmul took 33 us for a one-row [64, 1] @ [1, 512], np.dot 3.6.
+        # BLAS on one thread: a pool started here spins on after the products, and took a core
+        # from the rest of the process (torch.nn.LSTMCell's loop beside it ran 1.7x slower).
+        with threads.single_threaded_blas():
+            fresh = {"kernel": np.dot(x.T, dz), "recurrent_kernel": np.dot(h.T, dz)}
+        if self.use_bias:
+            fresh["bias"] = dz.sum(axis=0)
+        self._set_grads(fresh, not pending["replace"])
 
     def reset_tape(self):
         """Drop the steps not yet backpropagated and the current unroll's dropout masks; returns self.
@@ -138,9 +198,11 @@ class LSTMCell(LSTMBase):
 
         Returns:
             ``dx_t [B, I], [dh_prev, dc_prev]``; adds the step's weight gradients to ``grads``
-            (the first backward of an unroll replaces them).
+            (the first backward of an unroll replaces them; on the cython backend they may be
+            formed with the round's other steps', at its last backward or when ``grads`` is read
+            first: see the module docstring).
         """
-        backend, workspace, batch, host_io, input_guard = self._tapes.peek()
+        backend, workspace, batch, host_io, input_guard, x_t, h_t = self._tapes.peek()
         if input_guard is not None:   # LSTMENG_DEBUG: x_t unchanged since the forward?
             input_guard.check()
         shape = (batch, self.units)
@@ -157,6 +219,16 @@ class LSTMCell(LSTMBase):
             dh_prev, dc_prev = dh, dc
             _, accumulate = self._tapes.pop()
             self._set_grads(self._zero_weight_grads(backend), accumulate)
+        elif h_t is not None and (len(self._tapes) > 1 or self.__dict__.get("_pending_grads") is not None):
+            # (A round's only step, as in online learning, gains nothing from waiting: the backend
+            # forms its weight gradients, below.)
+            grads = backend.sequence_backward_gates(backend.ops.zeros_like(dh), dh, dc, workspace)
+            _, accumulate = self._tapes.pop()
+            dx, dh_prev, dc_prev = grads.dx[:, 0, :], grads.dh0, grads.dc0
+            if grads.dgates is not None:
+                self._defer_weight_grads(np.array(x_t), h_t, grads.dgates, accumulate)
+            else:
+                self._store_grads(backend, grads, accumulate)
         else:
             grads = backend.cell_backward(dh, dc, workspace)
             _, accumulate = self._tapes.pop()

@@ -309,6 +309,70 @@ def test_cell_unroll_adds_its_gradients_in_place(backend):
     assert np.all(given == 7.0)
 
 
+def test_cython_cell_forms_a_rounds_weight_gradients_at_once_with_the_per_step_numbers(monkeypatch):
+    """On the cython backend a cell's one-step backwards give dz, and the round's weight gradients
+    are formed from all of them at once (at the round's last backward, or when grads is read
+    earlier): the same gradients as the numpy backend's per-step sums, after the whole round, read
+    half-way through (the later steps then add on), after a truncated round and across a new
+    round, and mixed with a step whose backward gives weight gradients."""
+    pytest.importorskip("lstmeng.backends._cython_lstm")
+    from lstmeng.testing import kernel_overrides
+    formed = []
+    original = le.LSTMCell._add_pending_grads
+    monkeypatch.setattr(le.LSTMCell, "_add_pending_grads",
+                        lambda self: formed.append(len(self.__dict__["_pending_grads"]["steps"])) or original(self))
+    reference = le.LSTMCell(UNITS, dtype="float64", seed=4, backend="numpy").build(FEATURES)
+    cell = le.LSTMCell(UNITS, dtype="float64", backend="cython").set_weights(reference.get_weights())
+    x = x_of()
+    dy = RNG.normal(size=(STEPS, BATCH, UNITS))
+
+    def forward(layer, steps=STEPS):
+        states = None
+        for t in range(steps):
+            _, states = layer(x[:, t], states, training=True)
+
+    def backward(layer, steps, start=STEPS - 1, one_step=None):
+        dh, dc = np.zeros((BATCH, UNITS)), None
+        for t in range(start, start - steps, -1):
+            if one_step is not None and t == one_step:   # this step's backward: the general path
+                with kernel_overrides(cython_one_step=False):
+                    _, (dh, dc) = layer.backward(dy[t] + dh, dc)
+            else:
+                _, (dh, dc) = layer.backward(dy[t] + dh, dc)
+
+    def assert_same_grads():
+        for name in reference.grads:
+            np.testing.assert_allclose(cell.grads[name], reference.grads[name], rtol=1e-10, atol=1e-12,
+                                       err_msg=name)
+
+    for layer in (reference, cell):         # a whole round
+        forward(layer)
+        backward(layer, STEPS)
+    assert formed == [STEPS]
+    assert_same_grads()
+    for layer in (reference, cell):         # read half-way: the steps so far, then the rest added on
+        forward(layer)
+        backward(layer, 2)
+    assert_same_grads()
+    kernel = cell.grads["kernel"]
+    for layer in (reference, cell):
+        backward(layer, STEPS - 2, start=STEPS - 3)
+    assert cell.grads["kernel"] is kernel
+    assert_same_grads()
+    for layer in (reference, cell):         # a truncated round (never read), then a new one
+        forward(layer)
+        backward(layer, 2)
+        forward(layer, 2)
+        backward(layer, 2, start=1)
+    assert_same_grads()
+    formed.clear()
+    for layer in (reference, cell):         # one step's backward gives weight gradients
+        forward(layer)
+        backward(layer, STEPS, one_step=2)
+    assert_same_grads()
+    assert formed == [2, STEPS - 3]         # the steps before it, when it adds its own; then the rest
+
+
 def test_cell_grads_restart_with_a_new_sequence_and_tape_is_lifo():
     cell = le.LSTMCell(UNITS, dtype="float64", seed=4, backend="numpy").build(FEATURES)
     x = x_of()
