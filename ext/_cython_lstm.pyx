@@ -2039,7 +2039,7 @@ def step_backward(floating[:, ::1] doutputs, floating[:, ::1] dh, floating[:, ::
     [B, 4H] (overwritten with dz), c_prev, h_in [B, H]; outputs dx [B, I] or None (no
     input gradient), dh0, dc0 [B, H], dkernel [I, 4H], drecurrent_kernel [H, 4H], dbias [4H]
     or all three None: no weight gradients, the caller forms them from dz in gates
-    (lstmeng.torch's cell loops, one product over all their steps).
+    (the cell loops of lstmeng.torch and lstmeng.cell, one product over all their steps).
     """
     cdef Py_ssize_t B = x.shape[0], I = x.shape[1], H = dh.shape[1], G = 4 * H, r, j, gate
     cdef bint weight_gradients = dkernel is not None

@@ -219,9 +219,11 @@ class LSTMCell(LSTMBase):
             dh_prev, dc_prev = dh, dc
             _, accumulate = self._tapes.pop()
             self._set_grads(self._zero_weight_grads(backend), accumulate)
-        elif h_t is not None and (len(self._tapes) > 1 or self.__dict__.get("_pending_grads") is not None):
-            # (A round's only step, as in online learning, gains nothing from waiting: the backend
-            # forms its weight gradients, below.)
+        elif (h_t is not None and self._device == "cpu"
+              and (len(self._tapes) > 1 or self.__dict__.get("_pending_grads") is not None)):
+            # (A round's only step, as in online learning, gains nothing from waiting, and a layer
+            # moved to a GPU since the forward keeps its gradients there: the backend forms them,
+            # below.)
             grads = backend.sequence_backward_gates(backend.ops.zeros_like(dh), dh, dc, workspace)
             _, accumulate = self._tapes.pop()
             dx, dh_prev, dc_prev = grads.dx[:, 0, :], grads.dh0, grads.dc0
