@@ -57,6 +57,16 @@ def _loop_gradients(module, x, h0, c0, dh, dc):
     return [h, c, x.grad, h0.grad, c0.grad] + [parameter.grad for parameter in module.parameters()]
 
 
+def _assert_matches_torch(run, reference, mine, rtol=1e-10, atol=1e-12):
+    """``run(module)`` -> a list of tensors, run on torch.nn.LSTMCell and then on the lstmeng module:
+    each of the lstmeng module's equals torch's."""
+    want = run(reference)
+    got = run(mine)
+    assert len(got) == len(want)
+    for index, (actual, expected) in enumerate(zip(got, want)):
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=f"result {index}")
+
+
 def _count_unrolls(monkeypatch) -> list:
     """A list that receives every _CellUnroll made from now on."""
     made = []
@@ -95,10 +105,7 @@ def test_a_loop_gives_torch_gradients_through_one_weight_node(bias, batch, monke
     made = _count_unrolls(monkeypatch)
     reference, mine = _pair(bias)
     leaves = _leaves(batch, torch.float64)
-    want = _loop_gradients(reference, *leaves)
-    got = _loop_gradients(mine, *leaves)
-    for index, (actual, expected) in enumerate(zip(got, want)):
-        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12, msg=f"result {index}")
+    _assert_matches_torch(lambda module: _loop_gradients(module, *leaves), reference, mine)
     # The first step alone, one unroll for the others; every step gave dz.
     assert len(made) == 1 and spy.with_gates == STEPS and spy.without == 0
     assert made[0].deferred == [] and made[0].given == {}
@@ -115,10 +122,7 @@ def test_steps_whose_backend_gives_weight_gradients_stay_alone(backend, monkeypa
     if backend == "cython-general":
         monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)   # every training step threads
     leaves = _leaves(4, torch.float64)
-    want = _loop_gradients(reference, *leaves)
-    got = _loop_gradients(mine, *leaves)
-    for index, (actual, expected) in enumerate(zip(got, want)):
-        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12, msg=f"result {index}")
+    _assert_matches_torch(lambda module: _loop_gradients(module, *leaves), reference, mine)
     assert made == []
     if backend == "cython-general":
         assert spy.without == STEPS and spy.with_gates == 0
@@ -131,15 +135,15 @@ def test_an_unroll_adds_the_weight_gradients_of_steps_that_gave_no_dz(monkeypatc
     made = _count_unrolls(monkeypatch)
     reference, mine = _pair()
     x, h0, c0, dh, dc = _leaves(2, torch.float64)
-    results = []
-    for module in (reference, mine):
+
+    def run(module):
         module.zero_grad(set_to_none=True)
         h, c = _loop(module, x, (h0, c0))
         with kernel_overrides(cython_one_step=False):
             ((h * dh).sum() + (c * dc).sum()).backward()
-        results.append([parameter.grad for parameter in module.parameters()])
-    for actual, expected in zip(results[1], results[0]):
-        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+        return [parameter.grad for parameter in module.parameters()]
+
+    _assert_matches_torch(run, reference, mine)
     assert len(made) == 1 and spy.without == STEPS and spy.with_gates == 0
 
 
@@ -148,14 +152,14 @@ def test_float32_loop_at_batch_one_matches_torch():
     generator = torch.Generator().manual_seed(8)
     x = torch.randn(STEPS, 1, INPUT_SIZE, generator=generator)
     zeros = torch.zeros(1, 32)
-    results = []
-    for module in (reference, mine):
+
+    def run(module):
         module.zero_grad(set_to_none=True)
         h, c = _loop(module, x, (zeros, zeros))
         h.sum().backward()
-        results.append([h] + [parameter.grad for parameter in module.parameters()])
-    for actual, expected in zip(results[1], results[0]):
-        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+        return [h] + [parameter.grad for parameter in module.parameters()]
+
+    _assert_matches_torch(run, reference, mine, rtol=1e-5, atol=1e-6)
 
 
 def test_truncated_backpropagation_with_optimizer_steps_matches_torch():
@@ -163,8 +167,8 @@ def test_truncated_backpropagation_with_optimizer_steps_matches_torch():
     unroll per chunk, and the parameters' in-place updates are no error."""
     reference, mine = _pair()
     x, h0, c0, _, _ = _leaves(2, torch.float64)
-    results = []
-    for module in (reference, mine):
+
+    def run(module):
         optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
         h, c = h0, c0
         for _ in range(3):
@@ -172,9 +176,9 @@ def test_truncated_backpropagation_with_optimizer_steps_matches_torch():
             h, c = _loop(module, x, (h.detach(), c.detach()))
             (h.sum() + c.pow(2).sum()).backward()
             optimizer.step()
-        results.append([h.detach()] + [parameter.detach().clone() for parameter in module.parameters()])
-    for actual, expected in zip(results[1], results[0]):
-        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+        return [h.detach()] + [parameter.detach().clone() for parameter in module.parameters()]
+
+    _assert_matches_torch(run, reference, mine)
 
 
 def test_a_pass_that_skips_the_weights_leaves_nothing_for_the_next_one():
@@ -182,8 +186,8 @@ def test_a_pass_that_skips_the_weights_leaves_nothing_for_the_next_one():
     must not count in a later backward through the same graph."""
     reference, mine = _pair()
     x, h0, c0, dh, _ = _leaves(2, torch.float64)
-    results = []
-    for module in (reference, mine):
+
+    def run(module):
         module.zero_grad(set_to_none=True)
         h0_leaf = h0.clone().requires_grad_(True)
         h, _ = _loop(module, x, (h0_leaf, c0))
@@ -191,32 +195,32 @@ def test_a_pass_that_skips_the_weights_leaves_nothing_for_the_next_one():
         (dh0,) = torch.autograd.grad(loss, h0_leaf, retain_graph=True)
         (dweight_hh,) = torch.autograd.grad(loss, module.weight_hh, retain_graph=True)
         loss.backward()
-        results.append([dh0, dweight_hh] + [parameter.grad for parameter in module.parameters()])
-    for actual, expected in zip(results[1], results[0]):
-        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+        return [dh0, dweight_hh] + [parameter.grad for parameter in module.parameters()]
+
+    _assert_matches_torch(run, reference, mine)
 
 
 def test_retain_graph_passes_each_count_once():
     reference, mine = _pair()
     x, h0, c0, dh, dc = _leaves(1, torch.float64)
-    results = []
-    for module in (reference, mine):
+
+    def run(module):
         module.zero_grad(set_to_none=True)
         h, c = _loop(module, x, (h0, c0))
         loss = (h * dh).sum() + (c * dc).sum()
         loss.backward(retain_graph=True)
         loss.backward()          # .grad doubles
-        results.append([parameter.grad for parameter in module.parameters()])
-    for actual, expected in zip(results[1], results[0]):
-        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+        return [parameter.grad for parameter in module.parameters()]
+
+    _assert_matches_torch(run, reference, mine)
 
 
 def test_interleaved_and_branching_loops_on_one_module_match_torch():
     """Two sequences stepped alternately (two unrolls at once), and a state that feeds two steps."""
     reference, mine = _pair()
     x, h0, c0, dh, _ = _leaves(2, torch.float64)
-    results = []
-    for module in (reference, mine):
+
+    def run(module):
         module.zero_grad(set_to_none=True)
         first, second = (h0, c0), (c0, h0)
         for t in range(STEPS):
@@ -226,9 +230,9 @@ def test_interleaved_and_branching_loops_on_one_module_match_torch():
         branch_b = module(x[1], first)
         loss = (first[0] * dh).sum() + second[1].sum() + branch_a[0].sum() + (branch_b[1] * dh).sum()
         loss.backward()
-        results.append([parameter.grad for parameter in module.parameters()])
-    for actual, expected in zip(results[1], results[0]):
-        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+        return [parameter.grad for parameter in module.parameters()]
+
+    _assert_matches_torch(run, reference, mine)
 
 
 def test_frozen_parameters_take_the_general_path(monkeypatch):
@@ -237,10 +241,7 @@ def test_frozen_parameters_take_the_general_path(monkeypatch):
     for module in (reference, mine):
         module.weight_ih.requires_grad_(False)
     leaves = _leaves(2, torch.float64)
-    want = _loop_gradients(reference, *leaves)
-    got = _loop_gradients(mine, *leaves)
-    for actual, expected in zip(got, want):
-        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+    _assert_matches_torch(lambda module: _loop_gradients(module, *leaves), reference, mine)
     assert made == []
 
 
@@ -273,17 +274,17 @@ def test_a_chain_starts_its_unroll_at_its_second_step(monkeypatch):
     made = _count_unrolls(monkeypatch)
     reference, mine = _pair()
     x, h0, c0, _, _ = _leaves(1, torch.float64)
-    results = []
-    for module in (reference, mine):
+
+    def run(module):
         module.zero_grad(set_to_none=True)
         h, c = h0, c0
         for t in range(STEPS):
             h, c = module(x[t], (h.detach(), c.detach()))
             (h.sum() + c.sum()).backward()
-        results.append([h] + [parameter.grad for parameter in module.parameters()])
+        return [h] + [parameter.grad for parameter in module.parameters()]
+
+    _assert_matches_torch(run, reference, mine)
     assert made == []
-    for actual, expected in zip(results[1], results[0]):
-        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
     h, c = _loop(mine, x, (h0, c0), steps=2)
     assert len(made) == 1
     _loop(mine, x, (h.detach(), c), steps=1)
