@@ -64,6 +64,7 @@ __all__ = ["LSTM", "LSTMCell"]
 
 #: Floating dtypes that autocast may hand the module; they are cast to the parameters' dtype.
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16)
+_CPU = torch.device("cpu")
 
 
 _check_backend_name = registry.check_backend_choice
@@ -240,10 +241,6 @@ class _DirectionCall:
     recurrent_activation: str = "sigmoid"
     contiguous_weight_grads: bool = False
     on_host: bool = dataclasses.field(init=False)
-    #: Set by a cell step's forward (``_CellStep``, ``_DeferredCellStep``): whether the backend's
-    #: backward of the step gives dz (``KernelBackend.gives_gates``), so that a chain of such
-    #: steps pays to add up.
-    gives_gates: bool = dataclasses.field(init=False, default=False)
 
     def __post_init__(self):
         self.on_host = self.device.type == "cpu"
@@ -307,18 +304,49 @@ class _DirectionCall:
                             for array in (grads.dkernel, grads.drecurrent_kernel))
         return wrapped(grads.dx), wrapped(grads.dh0), wrapped(grads.dc0), *weights, wrapped(grads.dbias)
 
-    def backward_gates(self, dh, dc, workspace, input_grad: bool = True):
-        """A host cell step's backward for ``_CellUnroll``: (dx [B, I] tensor or None, dh0 and dc0
+
+class _CellStepCall:
+    """One host training step of an ``LSTMCell`` (``_CellStep``, ``_DeferredCellStep``), tensors in
+    and out: the backend's ``cell_training_step`` function for the module's weights, made once
+    per weight storage and options (``LSTMCell._training_step``), and the backend's backward.
+
+    A batch-1 step's arithmetic takes a few microseconds; the general path's per-call setup
+    (``_DirectionCall.forward``, then ``sequence_forward``'s checks) cost ~13 us more of a
+    ~40 us training forward at (I, H) = (64, 128).
+
+    backend: the KernelBackend; step: its ``cell_training_step`` function; gives_gates: set by
+    the forward, whether the backend's backward of the step gives dz
+    (``KernelBackend.gives_gates``), so that a chain of such steps pays to add up.
+    """
+
+    __slots__ = ("backend", "step", "gives_gates")
+
+    def __init__(self, backend, step):
+        self.backend, self.step, self.gives_gates = backend, step, False
+
+    def _tensor(self, array) -> torch.Tensor:
+        """A backend result as a CPU tensor (NumPy arrays shared, not copied)."""
+        return _host_tensor(array) if isinstance(array, np.ndarray) else _as_tensor(array, self.backend, _CPU, True)
+
+    def forward(self, x, h0, c0, bias_ih, bias_hh) -> tuple:
+        """x [B, I], h0, c0 [B, H], the biases [4H] or None (the weights are the step function's)
+        -> (h [B, H], c [B, H] tensors, the backend's workspace)."""
+        bias = None if bias_ih is None else np.add(_parameter_view(bias_ih), _parameter_view(bias_hh))
+        h, c, workspace = self.step(_host_array(x), _host_array(h0), _host_array(c0), bias)
+        return self._tensor(h), self._tensor(c), workspace
+
+    def backward_gates(self, dh, dc, workspace, input_grad: bool = True) -> tuple:
+        """The step's backward for ``_cell_step_backward``: (dx [B, I] tensor or None, dh0 and dc0
         [B, H] tensors, the backend's SequenceGrads). dh, dc: [B, H] gradients of the step's
         new states. The SequenceGrads holds either ``dgates`` [B, 4H] (the backend's
         ``sequence_backward_gates``) or the contract's weight gradients, as NumPy arrays."""
-        dh = self._array(dh)
+        dh = _host_array(dh)
         # The step's output is its new h: its gradient arrives as dh, the output's is zero.
-        doutputs = np.zeros((dh.shape[0], 1, dh.shape[1]), dh.dtype)
-        grads = self.backend.sequence_backward_gates(doutputs, dh, self._array(dc), workspace,
+        grads = self.backend.sequence_backward_gates(np.zeros(dh.shape, dh.dtype), dh, _host_array(dc), workspace,
                                                      input_grad=input_grad)
-        dx = None if grads.dx is None else self._tensor(grads.dx.reshape(grads.dx.shape[0], -1))
-        return dx, self._tensor(grads.dh0), self._tensor(grads.dc0), grads
+        tensor = self._tensor
+        dx = None if grads.dx is None else tensor(grads.dx.reshape(grads.dx.shape[0], -1))
+        return dx, tensor(grads.dh0), tensor(grads.dc0), grads
 
 
 @functools.lru_cache(maxsize=256)
@@ -391,16 +419,17 @@ _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
 
 def _cell_step_backward(call, x, h0, c0, parameters: tuple, workspace, dh, dc, input_grad: bool) -> tuple:
     """The backward of a host cell step that leaves its weight gradients to its caller:
-    (dx [B, I] or None, dh0, dc0 [B, H], dz, weights). x [B, I], h0, c0 [B, H] and parameters
-    (weight_ih, weight_hh, bias_ih, bias_hh) the step's; workspace its forward's (recomputed
-    when a backward already consumed it: a second pass with retain_graph=True); dh, dc [B, H].
+    (dx [B, I] or None, dh0, dc0 [B, H], dz, weights). call: the step's ``_CellStepCall``; x [B, I],
+    h0, c0 [B, H] and parameters (weight_ih, weight_hh, bias_ih, bias_hh) the step's; workspace its
+    forward's (recomputed when a backward already consumed it: a second pass with
+    retain_graph=True); dh, dc [B, H].
 
     dz: the gates' gradient [B, 4H] (``sequence_backward_gates``), weights None; or, where the
     backend gave the weight gradients instead, dz None and weights their tensors in the
     parameters' layout, (weight_ih [4H, I], weight_hh [4H, H], bias [4H]), new memory.
     """
     if workspace.consumed:
-        workspace = call.forward(x.unsqueeze(1), h0, c0, *parameters, training=True, outputs=False)[3]
+        workspace = call.forward(x, h0, c0, parameters[2], parameters[3])[2]
     dx, dh0, dc0, grads = call.backward_gates(dh, dc, workspace, input_grad=input_grad)
     wrapped = call._tensor
     if grads.dgates is not None:
@@ -426,7 +455,11 @@ def _summed_weight_gradients(deferred, given, needs: tuple, parameters: tuple) -
             if needs[position]:
                 factor = (deferred[0][position] if len(deferred) == 1
                           else torch.cat([step[position] for step in deferred]))                 # [S B, I or H]
-                product = dz.t().mm(factor)
+                # One row (a batch-1 step on its own, as online learning runs): an outer product,
+                # which a broadcast multiply forms in one pass over the result, with the same
+                # roundings (one product per element). torch.mm with K = 1 took 2-3x longer there
+                # (e.g. 79 against 36 us for both weights at (I, H) = (256, 512)).
+                product = dz.t() * factor if dz.shape[0] == 1 else dz.t().mm(factor)
                 totals[position] = product if totals[position] is None else product.add_(totals[position])
         if needs[2]:
             sums = dz.sum(0)
@@ -540,7 +573,7 @@ class _DeferredCellStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, call, unroll, x, h0, c0, token):
-        _, h, c, workspace = call.forward(x.unsqueeze(1), h0, c0, *unroll.parameters, training=True, outputs=False)
+        h, c, workspace = call.forward(x, h0, c0, unroll.parameters[2], unroll.parameters[3])
         call.gives_gates = call.backend.gives_gates(workspace)
         ctx.call, ctx.unroll, ctx.workspace = call, unroll, workspace
         ctx.save_for_backward(x, h0, c0)
@@ -568,8 +601,7 @@ class _CellStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, call, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
-        _, h, c, workspace = call.forward(x.unsqueeze(1), h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
-                                          training=True, outputs=False)
+        h, c, workspace = call.forward(x, h0, c0, bias_ih, bias_hh)
         call.gives_gates = call.backend.gives_gates(workspace)
         ctx.call, ctx.workspace = call, workspace
         ctx.save_for_backward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
@@ -618,10 +650,11 @@ def _continue_cell_chain(module, h, c, unroll: _CellUnroll | None) -> None:
 
 
 @functools.lru_cache(maxsize=64)
-def _cell_options(has_bias: bool, activation: str, recurrent_activation: str) -> SequenceOptions:
-    """The SequenceOptions of an inference cell step (``KernelBackend.cell_forward``)."""
+def _cell_options(has_bias: bool, activation: str, recurrent_activation: str,
+                  training: bool = False) -> SequenceOptions:
+    """The SequenceOptions of a cell step (``KernelBackend.cell_forward``), inference or training."""
     return SequenceOptions(activation=activation, recurrent_activation=recurrent_activation,
-                           return_sequences=False, has_bias=has_bias)
+                           return_sequences=False, has_bias=has_bias, training=training)
 
 
 def _stacked(states: list) -> torch.Tensor:
@@ -1160,8 +1193,7 @@ class LSTMCell(torch.nn.LSTMCell, _LstmengOptions):
         steps join an unroll (``_CellUnroll``), which adds up their weight gradients at its end.
         x [B, I], hx ([B, H], [B, H]), weights as ``_step``'s -> (h, c)."""
         unroll = _cell_chain(self, hx, weights)
-        call = _DirectionCall(backend, x.device, False, None, reverse=False, activation=self.activation,
-                              recurrent_activation=self.recurrent_activation)
+        call = _CellStepCall(backend, self._training_step(backend, weights))
         if unroll is None:
             h, c = _CellStep.apply(call, x, hx[0], hx[1], *weights)
         else:
@@ -1171,6 +1203,19 @@ class LSTMCell(torch.nn.LSTMCell, _LstmengOptions):
             # autograd adds those up in C++, where an unroll would add them in Python.
             _continue_cell_chain(self, h, c, unroll)
         return h, c
+
+    def _training_step(self, backend, weights):
+        """The backend's ``cell_training_step`` function for these weights (weight_ih, weight_hh,
+        bias_ih, bias_hh; biases None without bias), kept while the weights' storage and the
+        options stay, as ``_inference`` keeps its inference step function."""
+        input_view, hidden_view = _parameter_view(weights[0]), _parameter_view(weights[1])
+        options = _cell_options(weights[2] is not None, self.activation, self.recurrent_activation, True)
+        slot = self.__dict__.get("_training_steps")
+        if slot is None:   # made here, not in __init__: modules pickled by older versions lack it
+            slot = self._training_steps = InferenceStepSlot()
+        # The contract's layout, as for _inference: transposed views the cython backend reads in place.
+        return slot.step(backend, input_view, hidden_view, options,
+                         lambda: backend.cell_training_step(input_view.T, hidden_view.T, options))
 
     def _inference(self, backend, x, hx, weights):
         """A step on CPU tensors that records no gradient, mask or dropout: the backend's

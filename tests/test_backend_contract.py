@@ -187,6 +187,30 @@ def test_cell_inference_step_default_calls_cell_forward():
             backend.cell_inference_step(kernel, recurrent_kernel, dataclasses.replace(options, **changes))
 
 
+def test_cell_training_step_default_calls_cell_forward():
+    """The contract's default training step function gives cell_forward's h, c and a workspace
+    that cell_backward takes as cell_forward's (the NumPy backend keeps the default), and takes
+    only the options of one training step without mask or dropout."""
+    backend = registry.get_backend_object("numpy")
+    rng = np.random.default_rng(5)
+    x, h, c = rng.normal(size=(2, 3)), rng.normal(size=(2, 4)), rng.normal(size=(2, 4))
+    kernel, recurrent_kernel, bias = rng.normal(size=(3, 16)), rng.normal(size=(4, 16)), rng.normal(size=16)
+    dh, dc = rng.normal(size=(2, 4)), rng.normal(size=(2, 4))
+    options = SequenceOptions(return_sequences=False, training=True)
+    step = backend.cell_training_step(kernel, recurrent_kernel, options)
+    got_h, got_c, workspace = step(x, h, c, bias)
+    want = backend.cell_forward(x, h, c, kernel, recurrent_kernel, bias, None, None, options)
+    for got, expected in zip((got_h, got_c), (want.h, want.c)):
+        np.testing.assert_array_equal(got, expected)
+    got_grads, want_grads = backend.cell_backward(dh, dc, workspace), backend.cell_backward(dh, dc, want.workspace)
+    for field in ("dx", "dh0", "dc0", "dkernel", "drecurrent_kernel", "dbias"):
+        np.testing.assert_array_equal(getattr(got_grads, field), getattr(want_grads, field), err_msg=field)
+    for changes in ({"training": False}, {"has_mask": True}, {"return_sequences": True},
+                    {"has_input_dropout": True}, {"has_recurrent_dropout": True}):
+        with pytest.raises(ValueError, match="cell_training_step takes the options of one training step"):
+            backend.cell_training_step(kernel, recurrent_kernel, dataclasses.replace(options, **changes))
+
+
 def test_inference_step_slot_keeps_one_step_per_identity_and_copies_empty():
     """The slot makes a step again only when the backend, either weight key or the options are
     other objects; copies and pickles of it (and so of the cell that owns it) start empty."""

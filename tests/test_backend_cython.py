@@ -983,6 +983,81 @@ def test_cell_inference_step_gives_cell_forwards_numbers(isa, dtype, transposed,
         check(x[:3], h[:3], c[:3], direct=True)
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["row-major", "transposed"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_cell_training_step_gives_cell_forwards_numbers_and_workspace(isa, dtype, transposed, with_bias,
+                                                                      monkeypatch):
+    """The backend's cell_training_step function: bitwise cell_forward's h and c, and a workspace
+    whose backward (sequence_backward_gates, the cell loops' call, and cell_backward) is bitwise
+    that of cell_forward's workspace, at batches 1, 3 and 2 * MIN_ROWS_PER_PART - 1 (the one-step
+    kernel, called directly) and 2 * MIN_ROWS_PER_PART (cell_forward's general path); forced
+    kernel paths and other dtypes go through cell_forward; in-place weight changes are seen."""
+    extension = cython_module._cython_lstm
+    if isa not in extension.SUPPORTED_ISAS:
+        pytest.skip(f"this CPU or build does not run {isa}")
+    from lstmeng.backends.base import SequenceOptions
+
+    rng = np.random.default_rng(23)
+    units, features = 32, 7
+    weight_ih = (rng.normal(size=(4 * units, features)) * 0.3).astype(dtype)   # PyTorch's layout
+    weight_hh = (rng.normal(size=(4 * units, units)) * 0.3).astype(dtype)
+    kernel, recurrent_kernel = ((weight_ih.T, weight_hh.T) if transposed else
+                                (np.ascontiguousarray(weight_ih.T), np.ascontiguousarray(weight_hh.T)))
+    bias = (rng.normal(size=4 * units) * 0.1).astype(dtype) if with_bias else None
+    options = SequenceOptions.for_call(bias=bias, mask=None, input_dropout_mask=None, recurrent_dropout_mask=None,
+                                       return_sequences=False, training=True)
+    backend = cython_module.CythonBackend()
+    generic_calls = []
+    cell_forward = backend.cell_forward
+    monkeypatch.setattr(backend, "cell_forward",
+                        lambda *args: generic_calls.append(args[0].shape) or cell_forward(*args))
+
+    def check(x, h, c, direct):
+        generic_calls.clear()
+        got_h, got_c, got_workspace = step(x, h, c, bias)
+        assert generic_calls == ([] if direct else [x.shape])
+        want = cell_forward(x, h, c, kernel, recurrent_kernel, bias, None, None, options)
+        for name, array, expected in (("h", got_h, want.h), ("c", got_c, want.c)):
+            assert array.dtype == expected.dtype and array.shape == expected.shape, name
+            np.testing.assert_array_equal(array, expected, err_msg=name)
+        assert backend.gives_gates(got_workspace) == backend.gives_gates(want.workspace)
+        dh, dc = (rng.normal(size=h.shape).astype(h.dtype) for _ in range(2))
+        # The cell loops' backward (dz where the one-step kernel gives it) on a second pair of
+        # workspaces, cell_backward on the first.
+        for backward in ("cell", "gates"):
+            if backward == "gates":
+                got_workspace = step(x, h, c, bias)[2]
+                want = cell_forward(x, h, c, kernel, recurrent_kernel, bias, None, None, options)
+                got_grads, want_grads = (backend.sequence_backward_gates(np.zeros_like(dh), dh, dc, workspace)
+                                         for workspace in (got_workspace, want.workspace))
+            else:
+                got_grads, want_grads = (backend.cell_backward(dh, dc, workspace)
+                                         for workspace in (got_workspace, want.workspace))
+            for field in ("dx", "dh0", "dc0", "dkernel", "drecurrent_kernel", "dbias", "dgates"):
+                got_array, want_array = getattr(got_grads, field), getattr(want_grads, field)
+                assert (got_array is None) == (want_array is None), (backward, field)
+                if got_array is not None:
+                    np.testing.assert_array_equal(got_array, want_array, err_msg=f"{backward} {field}")
+
+    with kernel_overrides(cython_isa=isa):
+        step = backend.cell_training_step(kernel, recurrent_kernel, options)
+        for batch in (1, 3, 2 * cython_module.MIN_ROWS_PER_PART - 1, 2 * cython_module.MIN_ROWS_PER_PART):
+            x = rng.normal(size=(batch, features)).astype(dtype)
+            h, c = (rng.normal(size=(batch, units)).astype(dtype) for _ in range(2))
+            check(x, h, c, direct=batch < 2 * cython_module.MIN_ROWS_PER_PART)
+        check(x[:3].astype(np.float64 if dtype == "float32" else np.float32), h[:3], c[:3], direct=False)
+        with kernel_overrides(cython_one_step=False):
+            check(x[:3], h[:3], c[:3], direct=False)
+        before = step(x[:1], h[:1], c[:1], bias)[0]
+        recurrent_kernel *= 0.5                   # in place (through the view when transposed)
+        assert not np.array_equal(before, step(x[:1], h[:1], c[:1], bias)[0])
+        check(x[:1], h[:1], c[:1], direct=True)
+    with pytest.raises(ValueError, match="cell_training_step takes the options of one training step"):
+        backend.cell_training_step(kernel, recurrent_kernel, dataclasses.replace(options, training=False))
+
+
 def test_cell_inference_step_keeps_cell_forward_for_weights_it_would_copy(monkeypatch):
     """Weights that the kernels cannot read in place (another dtype than the recurrent
     kernel's, or a layout that needs a copy) take cell_forward at every step, so that

@@ -320,3 +320,54 @@ def test_the_module_still_copies_and_saves_after_training_loops():
     loaded = torch.load(buffer, weights_only=False)
     for module in (copied, loaded):
         torch.testing.assert_close(_loop(module, x, (h0, c0))[0], h)
+
+
+def test_training_steps_run_one_training_step_function_per_weight_storage(monkeypatch):
+    """Training steps on the cython backend call its cell_training_step function, made once for the
+    module's weights and kept while their storage stays: an optimizer step (in place) keeps it, a
+    new storage (``.data = ...``) or dtype (``double()``) gets a new one. After each change an
+    online step (a backward per step, batch 1) gives torch.nn.LSTMCell's gradients."""
+    backend_class = cython_module.CythonBackend
+    made, calls = [], []
+    original = backend_class.cell_training_step
+
+    def spy(self, *args, **kwargs):
+        step = original(self, *args, **kwargs)
+        made.append(step)
+
+        def counted(x, h, c, bias):
+            calls.append(x.shape)
+            return step(x, h, c, bias)
+
+        return counted
+
+    monkeypatch.setattr(backend_class, "cell_training_step", spy)
+    reference, mine = _pair(dtype=torch.float32)
+    x, h0, c0, dh, dc = _leaves(1, torch.float32)
+    optimizers = [torch.optim.SGD(module.parameters(), lr=0.5) for module in (reference, mine)]
+
+    def online_step(module):
+        module.zero_grad(set_to_none=True)
+        h, c = module(x[0], (h0, c0))
+        ((h * dh).sum() + (c * dc).sum()).backward()
+        return [h, c] + [parameter.grad for parameter in module.parameters()]
+
+    def check():
+        _assert_matches_torch(online_step, reference, mine, rtol=1e-5, atol=1e-6)
+
+    check()
+    assert len(made) == 1 and calls == [(1, INPUT_SIZE)]
+    for optimizer in optimizers:
+        optimizer.step()
+    check()
+    assert len(made) == 1 and len(calls) == 2
+    new_weight = torch.randn_like(mine.weight_ih)
+    for module in (reference, mine):
+        module.weight_ih.data = new_weight.clone()
+    check()
+    assert len(made) == 2 and len(calls) == 3
+    reference.double()
+    mine.double()
+    x, h0, c0, dh, dc = (tensor.double() for tensor in (x, h0, c0, dh, dc))
+    check()
+    assert len(made) == 3 and len(calls) == 4

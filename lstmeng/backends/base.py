@@ -348,8 +348,8 @@ class ArrayOps:
 
 
 class InferenceStepSlot:
-    """Where a cell keeps its last ``KernelBackend.cell_inference_step`` function, with the
-    backend, weights and options it was made for.
+    """Where a cell keeps its last ``KernelBackend.cell_inference_step`` (or
+    ``cell_training_step``) function, with the backend, weights and options it was made for.
 
     Copies and pickles of the cell get an empty slot: the function closes over the backend,
     which holds locks and buffers that neither ``copy.deepcopy`` nor ``pickle`` can take.
@@ -527,6 +527,32 @@ class KernelBackend(abc.ABC):
         def step(x, h, c, bias):
             result = self.cell_forward(x, h, c, kernel, recurrent_kernel, bias, None, None, options)
             return result.h, result.c
+
+        return step
+
+    def cell_training_step(self, kernel, recurrent_kernel, options: SequenceOptions):
+        """A function ``step(x, h, c, bias) -> (h_new, c_new, workspace)`` for a loop of training
+        steps with these weights: what ``cell_forward(x, h, c, kernel, recurrent_kernel, bias,
+        None, None, options)`` gives as its ``h``, ``c`` and ``workspace``, which goes to
+        ``cell_backward`` or ``sequence_backward_gates`` (with doutputs ``[B, H]``) as that
+        call's would.
+
+        Args:
+            kernel, recurrent_kernel: as for ``cell_inference_step`` (read at every call).
+            options: SequenceOptions of one training step: no mask, no dropout, training True,
+                return_sequences False.
+
+        The same bargain as ``cell_inference_step``: a backend overrides it to do once what
+        depends only on the weights and options (the default calls ``cell_forward``).
+        """
+        if (not options.training or options.has_mask or options.return_sequences or options.has_input_dropout
+                or options.has_recurrent_dropout):
+            raise ValueError("cell_training_step takes the options of one training step without mask or "
+                             f"dropout, got {options}")
+
+        def step(x, h, c, bias):
+            result = self.cell_forward(x, h, c, kernel, recurrent_kernel, bias, None, None, options)
+            return result.h, result.c, result.workspace
 
         return step
 
