@@ -1746,7 +1746,9 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     [B, T, I] (must be zero on entry: steps outside the packed rows get no
     gradient), or None to skip its product (the caller needs no input gradient:
     the first layer on embeddings, a frozen input), dh0, dc0 [B, H], dkernel [I, 4H], drecurrent_kernel [H, 4H],
-    dbias [4H]. packed_x: [N, I] scratch (the inputs in packed rows for dK = X^T dz,
+    dbias [4H], or these three None: no weight gradients, their products skipped, the caller
+    forms them from dz left in gates (a one-step call of a cell loop, as `step_backward`
+    without them: lstmeng.torch adds up a loop's dz^T x in one product). packed_x: [N, I] scratch (the inputs in packed rows for dK = X^T dz,
     then dz @ K^T on the way to dx). threads: OpenMP threads (the parts share them, or with
     split_units they split one part's units as in `forward`; the weight
     gradients are split by gate columns among them). run_threads: how many
@@ -1764,6 +1766,9 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     cdef Py_ssize_t B = dh.shape[0], T = x.shape[1]
     cdef Py_ssize_t I = x.shape[2], H = recurrent_kernel.shape[1 if weights_transposed else 0], G = 4 * H
     cdef Py_ssize_t part, t, member, N, P
+    cdef bint weight_gradients = dkernel is not None
+    if weight_gradients != (drecurrent_kernel is not None) or weight_gradients != (dbias is not None):
+        raise ValueError("backward: dkernel, drecurrent_kernel and dbias are given together or not at all")
     cdef Py_ssize_t team_threads = max(1, threads)
     cdef Py_ssize_t running_threads = min(team_threads, run_threads) if run_threads > 0 else team_threads
     # Gate columns per thread for the weight gradients, a multiple of 16 (whole cache lines).
@@ -1819,7 +1824,8 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     # The pipelined backward (one part on one thread's time loop, the other threads on the
     # finished rows' weight gradients and dx; see pipeline_work).
     cdef Py_ssize_t chunks = (N + WEIGHT_GRADIENT_CHUNK - 1) // WEIGHT_GRADIENT_CHUNK
-    cdef bint pipelined = (pipeline and weights_packed and P == 1 and not split_units and team_threads > 1
+    cdef bint pipelined = (pipeline and weight_gradients and weights_packed and P == 1 and not split_units
+                           and team_threads > 1
                            and LSTMENG_HAVE_OPENMP and chunks > 1
                            and chunks * (I + H) * G * 4 <= PIPELINE_MAX_BYTES)
     # K^T [4H, I] packed for dx = dz @ K^T (float32, I a multiple of 32, calls long enough
@@ -1863,8 +1869,8 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     gradients.dh0 = &dh0[0, 0]
     gradients.dc0 = &dc0[0, 0]
     gradients.dkernel = pointer2(dkernel)
-    gradients.drecurrent_kernel = &drecurrent_kernel[0, 0]
-    gradients.dbias = &dbias[0]
+    gradients.drecurrent_kernel = pointer2(drecurrent_kernel)
+    gradients.dbias = pointer1(dbias)
     gradients.dh_carry = &dh_carry[0, 0]
     gradients.dh_recurrent = &dh_recurrent[0, 0]
     gradients.dc_state = &dc_state[0, 0]
@@ -1989,18 +1995,19 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
                               partials_array, packed_dx_array)
         return work.items, barrier_flags[LSTMENG_SLOW_WAIT_NS] * 1e-9
     with nogil:
-        # The inputs in packed rows, each thread a share of the steps.
-        for t in prange(T, num_threads=running_threads, schedule="static"):
-            for part in range(P):
-                copy_step_inputs(&problem, part, t, <floating *>buffers.x,
-                                 <floating *>buffers.input_dropout,
-                                 <floating *>buffers.packed_x, 0)
+        if weight_gradients:
+            # The inputs in packed rows, each thread a share of the steps.
+            for t in prange(T, num_threads=running_threads, schedule="static"):
+                for part in range(P):
+                    copy_step_inputs(&problem, part, t, <floating *>buffers.x,
+                                     <floating *>buffers.input_dropout,
+                                     <floating *>buffers.packed_x, 0)
 
-        # Weight gradients over all packed rows, each thread a block of gate columns.
-        for part in prange(column_threads, num_threads=min(column_threads, running_threads),
-                           schedule="static"):
-            weight_gradient_columns(&problem, &buffers, &gradients, part, partial_rows,
-                                    weights_packed, <floating>0)
+            # Weight gradients over all packed rows, each thread a block of gate columns.
+            for part in prange(column_threads, num_threads=min(column_threads, running_threads),
+                               schedule="static"):
+                weight_gradient_columns(&problem, &buffers, &gradients, part, partial_rows,
+                                        weights_packed, <floating>0)
 
         # dx = dz @ K^T written over the packed input rows (consumed above), then
         # scattered to [B, T, I] with the input dropout mask; each thread a share

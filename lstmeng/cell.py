@@ -15,7 +15,8 @@ over one sequence.
 
 Where the backend's backward of a step gives the gates' gradient dz instead of
 the weight gradients (``KernelBackend.gives_gates``: the cython backend's
-one-step kernel, on the CPU), a step's backward keeps dz with its x and h and
+one-step calls of small batches, on the CPU) and the step has at most
+``DEFERRED_GRADS_MAX_ROWS`` rows, a step's backward keeps dz with its x and h and
 the weight gradients of all such steps are formed at once, ``x^T dz`` and
 ``h^T dz`` over every step (one product each), when the round's last step is
 backpropagated or when ``grads`` is read, whichever comes first: a per-step
@@ -34,6 +35,12 @@ from lstmeng._runtime import threads
 from lstmeng._tape import TrainingTape
 from lstmeng.backends import registry
 from lstmeng.backends.base import InferenceStepSlot, SequenceOptions
+
+#: The most rows a training step may have for its weight gradients to be formed late (see the
+#: module docstring). The late products run on NumPy's BLAS on one thread; the backend's
+#: per-step products run threaded: forming them late measured 1.09x (64, 128) at batch 8,
+#: 1.32x and 1.11x (256, 512) at batches 12 and 16, but 0.92-0.95x at batch 24.
+DEFERRED_GRADS_MAX_ROWS = 16
 
 
 class LSTMCell(LSTMBase):
@@ -127,7 +134,8 @@ class LSTMCell(LSTMBase):
             guard = None if workspace is None else self._input_guard(x_t, "x_t", host_io)
             # The step's x_t and h, kept where its backward will give dz (h copied: the caller may
             # reuse its array; x_t is referenced by the workspace anyway).
-            deferred = self._device == "cpu" and workspace is not None and backend.gives_gates(workspace)
+            deferred = (self._device == "cpu" and workspace is not None and batch <= DEFERRED_GRADS_MAX_ROWS
+                        and backend.gives_gates(workspace))
             self._tapes.push((backend, workspace, batch, host_io, guard,
                               x_t if deferred else None, h.copy() if deferred else None))
             self._sequence_dropout = (input_mask, recurrent_mask)

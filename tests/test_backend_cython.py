@@ -1088,14 +1088,28 @@ def test_cell_inference_step_keeps_cell_forward_for_weights_it_would_copy(monkey
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("batch", [1, 5])
-def test_sequence_backward_gates_gives_the_one_step_kernels_dz(isa, dtype, batch):
-    """sequence_backward_gates of a one-step call (lstmeng.torch's cell loops): dz in place of the
-    weight gradients, with x^T dz, h0^T dz and dz's column sums the weight gradients
-    sequence_backward gives for the same step, and dx, dh0, dc0 bitwise its; with a recurrent
-    dropout mask (the general path) it is sequence_backward."""
+@pytest.mark.parametrize("path, batch", [("one-step", 1), ("one-step", 5), ("units", 1), ("one-part", 5),
+                                         ("parts", 34)])
+def test_sequence_backward_gates_gives_dz_of_one_step_calls(isa, dtype, path, batch, monkeypatch):
+    """sequence_backward_gates of a one-step call of fewer than 2 * MIN_ROWS_PER_PART rows (the cell
+    loops' call): dz in place of the weight gradients, with x^T dz, h0^T dz and dz's column sums
+    the weight gradients sequence_backward gives for the same step, and dx, dh0, dc0 bitwise its;
+    on the one-step kernel and on the threaded general path (its weight-gradient products
+    skipped) with a unit split or one part of rows (which would pipeline its weight gradients).
+    With two parts of rows (34 rows), a recurrent dropout mask,
+    a right-padded mask (rows sorted by length) or the one-step path switched off it is
+    sequence_backward."""
     if isa not in cython_module._cython_lstm.SUPPORTED_ISAS:
         pytest.skip(f"this CPU or build does not run {isa}")
+    one_step_calls = []
+    one_step_backward = cython_module.CythonBackend._one_step_backward
+    monkeypatch.setattr(cython_module.CythonBackend, "_one_step_backward",
+                        lambda self, *args: one_step_calls.append(1) or one_step_backward(self, *args))
+    overrides = {"cython_isa": isa}
+    if path != "one-step":
+        monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)   # every training call threads
+        monkeypatch.setattr(cython_module, "_kernel_threads", lambda: 2)
+        overrides["cython_split_units"] = path == "units"   # one part ("one-part") is not split
     rng = np.random.default_rng(batch + 10)
     units, features = 32, 16
     x = rng.normal(size=(batch, 1, features)).astype(dtype)
@@ -1107,14 +1121,34 @@ def test_sequence_backward_gates_gives_the_one_step_kernels_dz(isa, dtype, batch
     dh, dc = (rng.normal(size=(batch, units)).astype(dtype) for _ in range(2))
     doutputs = np.zeros((batch, 1, units), dtype)
     backend = cython_module.CythonBackend()
-    with kernel_overrides(cython_isa=isa):
-        gates = backend.sequence_backward_gates(doutputs, dh, dc, sequence_forward(
-            backend, *arrays, return_sequences=True, training=True).workspace)
-        full = backend.sequence_backward(doutputs, dh, dc, sequence_forward(
-            backend, *arrays, return_sequences=True, training=True).workspace)
+
+    def workspace(**kwargs):
+        return sequence_forward(backend, *arrays, return_sequences=True, training=True, **kwargs).workspace
+
+    with kernel_overrides(**overrides):
+        forward = workspace()
+        teams = (len(forward.layout.row_begin) - 1, forward.split_units)
+        assert backend.gives_gates(forward) == (path != "parts")
+        gates = backend.sequence_backward_gates(doutputs, dh, dc, forward)
+        full = backend.sequence_backward(doutputs, dh, dc, workspace())
+        assert len(one_step_calls) == (2 if path == "one-step" else 0)
+        assert teams == {"one-step": (1, False), "one-part": (1, False), "parts": (2, False),
+                         "units": (1, True)}[path]
+        if path == "parts":
+            assert gates.dgates is None
+            for name in ("dx", "dh0", "dc0", "dkernel", "drecurrent_kernel", "dbias"):
+                np.testing.assert_array_equal(getattr(gates, name), getattr(full, name), err_msg=name)
+            return
         dropout = np.full((batch, units), 2.0, dtype)
-        with_dropout = backend.sequence_backward_gates(doutputs, dh, dc, sequence_forward(
-            backend, *arrays, recurrent_dropout_mask=dropout, return_sequences=True, training=True).workspace)
+        right_padded = np.ones((batch, 1), bool)
+        right_padded[0] = False
+        others = [workspace(recurrent_dropout_mask=dropout), workspace(mask=right_padded)]
+        with kernel_overrides(cython_one_step=False):
+            others.append(workspace())
+            for other in others:
+                assert not backend.gives_gates(other)
+                grads = backend.sequence_backward_gates(doutputs, dh, dc, other)
+                assert grads.dgates is None and grads.dkernel.shape == (features, 4 * units)
     assert gates.dkernel is None and gates.drecurrent_kernel is None and gates.dbias is None
     assert gates.dgates.shape == (batch, 4 * units) and gates.dgates.dtype == np.dtype(dtype)
     for name in ("dx", "dh0", "dc0"):
@@ -1125,7 +1159,6 @@ def test_sequence_backward_gates_gives_the_one_step_kernels_dz(isa, dtype, batch
                             (h0.T @ gates.dgates, full.drecurrent_kernel, "drecurrent_kernel"),
                             (gates.dgates.sum(0), full.dbias, "dbias")):
         np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance, err_msg=name)
-    assert with_dropout.dgates is None and with_dropout.dkernel.shape == (features, 4 * units)
 
 
 def test_one_step_backward_short_path_only_for_the_uniform_layout(monkeypatch):

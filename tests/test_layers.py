@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import lstmeng as le
+import lstmeng.cell as cell_module
 
 RNG = np.random.default_rng(0)
 BATCH, STEPS, FEATURES, UNITS = 3, 5, 2, 4
@@ -371,6 +372,32 @@ def test_cython_cell_forms_a_rounds_weight_gradients_at_once_with_the_per_step_n
         backward(layer, STEPS, one_step=2)
     assert_same_grads()
     assert formed == [2, STEPS - 3]         # the steps before it, when it adds its own; then the rest
+
+
+@pytest.mark.parametrize("batch", [cell_module.DEFERRED_GRADS_MAX_ROWS, cell_module.DEFERRED_GRADS_MAX_ROWS + 1])
+def test_cython_cell_forms_late_only_the_weight_gradients_of_small_batches(batch, monkeypatch):
+    """Steps of up to DEFERRED_GRADS_MAX_ROWS rows have their weight gradients formed late; a
+    larger batch keeps the backend's per-step sums (its threaded products), though the backend
+    would give dz for it too; both the numpy backend's gradients."""
+    pytest.importorskip("lstmeng.backends._cython_lstm")
+    formed = []
+    original = le.LSTMCell._add_pending_grads
+    monkeypatch.setattr(le.LSTMCell, "_add_pending_grads",
+                        lambda self: formed.append(len(self.__dict__["_pending_grads"]["steps"])) or original(self))
+    reference = le.LSTMCell(UNITS, dtype="float64", seed=4, backend="numpy").build(FEATURES)
+    cell = le.LSTMCell(UNITS, dtype="float64", backend="cython").set_weights(reference.get_weights())
+    x = RNG.normal(size=(batch, STEPS, FEATURES))
+    dy = RNG.normal(size=(STEPS, batch, UNITS))
+    for layer in (reference, cell):
+        states = None
+        for t in range(STEPS):
+            _, states = layer(x[:, t], states, training=True)
+        dh, dc = np.zeros((batch, UNITS)), None
+        for t in range(STEPS - 1, -1, -1):
+            _, (dh, dc) = layer.backward(dy[t] + dh, dc)
+    assert formed == ([STEPS] if batch <= cell_module.DEFERRED_GRADS_MAX_ROWS else [])
+    for name in reference.grads:
+        np.testing.assert_allclose(cell.grads[name], reference.grads[name], rtol=1e-10, atol=1e-12, err_msg=name)
 
 
 def test_cell_grads_restart_with_a_new_sequence_and_tape_is_lifo():

@@ -85,9 +85,12 @@ class _GatesSpy:
 
     def __init__(self, monkeypatch):
         self.with_gates = self.without = 0
+        self.teams = []   # (parts, units split) of each backward's workspace
         original = cython_module.CythonBackend.sequence_backward_gates
 
         def spy(backend, *args, **kwargs):
+            workspace = args[3]
+            self.teams.append((len(workspace.layout.row_begin) - 1, workspace.split_units))
             grads = original(backend, *args, **kwargs)
             if grads.dgates is None:
                 self.without += 1
@@ -111,21 +114,47 @@ def test_a_loop_gives_torch_gradients_through_one_weight_node(bias, batch, monke
     assert made[0].deferred == [] and made[0].given == {}
 
 
-@pytest.mark.parametrize("backend", ["numpy", "cython-general"])
+@pytest.mark.parametrize("backend", ["numpy", "cython-forced-general", "cython-parts-of-rows"])
 def test_steps_whose_backend_gives_weight_gradients_stay_alone(backend, monkeypatch):
     """The numpy backend gives no dz (the contract's default), nor does the cython backend's general
-    path (a batch past its one-step kernel): such steps make no unroll, autograd adds up their
-    weight gradients."""
+    path where the one-step path is switched off (``cython_one_step=False``) or where the batch
+    runs in parts of rows (34 rows on two threads): such steps make no unroll, autograd adds up
+    their weight gradients."""
     spy = _GatesSpy(monkeypatch)
     made = _count_unrolls(monkeypatch)
     reference, mine = _pair(backend="numpy" if backend == "numpy" else "cython")
-    if backend == "cython-general":
+    batch = 4
+    if backend == "cython-parts-of-rows":
         monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)   # every training step threads
-    leaves = _leaves(4, torch.float64)
-    _assert_matches_torch(lambda module: _loop_gradients(module, *leaves), reference, mine)
+        monkeypatch.setattr(cython_module, "_kernel_threads", lambda: 2)
+        batch = 34
+    leaves = _leaves(batch, torch.float64)
+    with kernel_overrides(cython_one_step=False if backend == "cython-forced-general" else None):
+        _assert_matches_torch(lambda module: _loop_gradients(module, *leaves), reference, mine)
     assert made == []
-    if backend == "cython-general":
+    if backend != "numpy":
         assert spy.without == STEPS and spy.with_gates == 0
+        assert set(spy.teams) == {(2, False) if backend == "cython-parts-of-rows" else (1, False)}
+
+
+def test_the_general_paths_unit_split_steps_give_dz_and_join_the_unroll(monkeypatch):
+    """Cell steps of a small batch past the one-step kernel's FLOPs (threaded: forced here at every
+    size; in production from 2^25 FLOPs, (I, H) = (256, 512) from 11 rows) run the cython
+    backend's general path with the units split between the threads, whose backward then skips
+    its weight-gradient products and gives dz: the chain's steps join one unroll, whose node
+    forms the weight gradients, equal to torch.nn.LSTMCell's."""
+    spy = _GatesSpy(monkeypatch)
+    made = _count_unrolls(monkeypatch)
+    monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)   # every training step threads
+    monkeypatch.setattr(cython_module, "_kernel_threads", lambda: 2)
+    reference, mine = _pair(sizes=(INPUT_SIZE, 64))
+    generator = torch.Generator().manual_seed(9)
+    leaves = [torch.randn(STEPS, 1, INPUT_SIZE, generator=generator, dtype=torch.float64)] + [
+        torch.randn(1, 64, generator=generator, dtype=torch.float64) for _ in range(4)]
+    with kernel_overrides(cython_split_units=True):
+        _assert_matches_torch(lambda module: _loop_gradients(module, *leaves), reference, mine)
+    assert len(made) == 1 and spy.with_gates == STEPS and spy.without == 0
+    assert set(spy.teams) == {(1, True)}
 
 
 def test_an_unroll_adds_the_weight_gradients_of_steps_that_gave_no_dz(monkeypatch):

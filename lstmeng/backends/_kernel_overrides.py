@@ -47,8 +47,9 @@ class KernelOverrides:
             general masked path instead of the sorted, shrinking-batch one
             (the same numbers); None (or True) takes the packed path.
         cython_one_step: False sends one-step calls down the general path
-            instead of the extension's ``step_forward`` (the same numbers); None
-            (or True) takes it where it applies (``CythonBackend._one_step``).
+            instead of the extension's ``step_forward`` (the same numbers), and
+            their ``sequence_backward_gates`` gives weight gradients, not dz;
+            None (or True) takes it where it applies (``CythonBackend._one_step``).
         cython_isa: "avx512", "avx2" or "scalar": the hand-written kernel
             family (one of ``_cython_lstm.SUPPORTED_ISAS``); None the CPU's best.
         cython_fast_gate_math: False runs the generic row code instead of the

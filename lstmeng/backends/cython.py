@@ -543,6 +543,25 @@ def _takes_one_step_backward(ws, overrides) -> bool:
             and overrides.cython_one_step is not False)
 
 
+def _gives_gates(ws, overrides) -> bool:
+    """Whether ``sequence_backward_gates`` of workspace ``ws`` gives dz instead of the weight
+    gradients: a one-step call in the uniform layout (offsets [P, 1]: packed row r is batch
+    row r) without mask or dropout, where dz^T x and dz^T h0 are exactly the weight gradients,
+    of fewer than 2 * MIN_ROWS_PER_PART rows: the one-step kernel's (``_takes_one_step_backward``)
+    or, past its FLOPs, the general path's (one part, its units split among the threads).
+
+    Not from 2 * MIN_ROWS_PER_PART rows (parts of rows on their threads): there the step's own
+    weight-gradient products are large enough to run near the kernels' peak, which a caller's
+    product over a loop's steps may not reach (torch.mm on MKL's AVX2 code on an AMD CPU, NumPy's
+    BLAS on one thread): loops at batch 32 measured 0.91-0.95x (lstmeng.torch) and 0.84-0.85x
+    (lstmeng.LSTMCell) the per-step sums' speed, where batch 16 at (I, H) = (256, 512) gained
+    1.26x and 1.11x."""
+    layout = ws.layout
+    return (ws.input_shape[1] == 1 and ws.input_shape[2] > 0 and ws.input_shape[0] < 2 * MIN_ROWS_PER_PART
+            and layout.offsets.shape[1] == 1 and layout.mask is None and ws.input_dropout_mask is None
+            and ws.recurrent_dropout_mask is None and overrides.cython_one_step is not False)
+
+
 def _step_states(step_forward, x, h0, c0, kernel, recurrent_kernel, bias, gates, activation: int,
                  recurrent_activation: int, weights_transposed: bool, c_prev=None, h_in=None) -> tuple:
     """One call of the extension's one-step kernel: (h [B, H], c [B, H]) after the step, new arrays.
@@ -911,15 +930,18 @@ class CythonBackend(KernelBackend):
         return self._backward(doutputs, dh, dc, workspace, input_grad, weight_grads=True)
 
     def sequence_backward_gates(self, doutputs, dh, dc, workspace, *, input_grad=True):
-        """The contract's: dgates from the one-step kernel (a step of one part on one thread
-        without mask or dropout, as cell loops at small batches take), else ``sequence_backward``."""
-        return self._backward(doutputs, dh, dc, workspace, input_grad, weight_grads=False)
+        """The contract's: dgates for a one-step call without mask or dropout (``_gives_gates``:
+        the one-step kernel's, or the general path's with its weight-gradient products
+        skipped), else ``sequence_backward``."""
+        return self._backward(doutputs, dh, dc, workspace, input_grad,
+                              weight_grads=not _gives_gates(workspace, _kernel_overrides.current()))
 
     def gives_gates(self, workspace) -> bool:
-        return _takes_one_step_backward(workspace, _kernel_overrides.current())
+        return _gives_gates(workspace, _kernel_overrides.current())
 
     def _backward(self, doutputs, dh, dc, workspace, input_grad: bool, weight_grads: bool):
-        """sequence_backward; without ``weight_grads`` sequence_backward_gates."""
+        """sequence_backward; without ``weight_grads`` (a workspace ``_gives_gates`` holds for)
+        sequence_backward_gates' dgates in place of the weight gradients."""
         ws, options = workspace, workspace.options
         # The backward overwrites the gates with their gradients: one backward per workspace.
         ws.consume(self.name)
@@ -933,9 +955,11 @@ class CythonBackend(KernelBackend):
             return self._one_step_backward(doutputs, dh, dc, ws, input_grad, weight_grads)
         dx = np.zeros((batch, steps, features), dtype) if input_grad else None
         dh0, dc0 = np.empty((batch, units), dtype), np.empty((batch, units), dtype)
-        dkernel = np.empty((features, 4 * units), dtype)
-        drecurrent_kernel = np.empty((units, 4 * units), dtype)
-        dbias = np.empty(4 * units, dtype)
+        dkernel = drecurrent_kernel = dbias = None
+        if weight_grads:
+            dkernel = np.empty((features, 4 * units), dtype)
+            drecurrent_kernel = np.empty((units, 4 * units), dtype)
+            dbias = np.empty(4 * units, dtype)
         layout = ws.layout
         packed_x = self._buffers.take((layout.rows, features), dtype)
         # The forward's unit split, unless it has been losing since (the workspace is
@@ -982,10 +1006,13 @@ class CythonBackend(KernelBackend):
         self._record_call(start, start_cpu, barrier_stats, pipeline and parts == 1, split_units or parts > 1,
                           chooser_key, steps, split_units)
         # The consumed workspace and the scratch serve later calls; the workspace lets go of them.
-        self._buffers.give(packed_x, ws.gates, ws.c_prev, ws.h_in)
+        # Without weight gradients the gates hold dz [B, 4H] (one step, packed row r = batch
+        # row r): the result, no longer scratch.
+        dgates = None if weight_grads else ws.gates
+        self._buffers.give(packed_x, ws.c_prev, ws.h_in, *((ws.gates,) if weight_grads else ()))
         ws.gates = ws.c_prev = ws.h_in = None
         return SequenceGrads(dx=dx, dh0=dh0, dc0=dc0, dkernel=dkernel,
-                             drecurrent_kernel=drecurrent_kernel, dbias=dbias)
+                             drecurrent_kernel=drecurrent_kernel, dbias=dbias, dgates=dgates)
 
     def _one_step_backward(self, doutputs, dh, dc, ws, input_grad, weight_grads=True):
         """sequence_backward of a one-step workspace of one part on one thread without mask or
