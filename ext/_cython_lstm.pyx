@@ -1748,7 +1748,8 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     the first layer on embeddings, a frozen input), dh0, dc0 [B, H], dkernel [I, 4H], drecurrent_kernel [H, 4H],
     dbias [4H], or these three None: no weight gradients, their products skipped, the caller
     forms them from dz left in gates (a one-step call of a cell loop, as `step_backward`
-    without them: lstmeng.torch adds up a loop's dz^T x in one product). packed_x: [N, I] scratch (the inputs in packed rows for dK = X^T dz,
+    without them: lstmeng.torch adds up a loop's dz^T x in one product).
+    packed_x: [N, I] scratch (the inputs in packed rows for dK = X^T dz,
     then dz @ K^T on the way to dx). threads: OpenMP threads (the parts share them, or with
     split_units they split one part's units as in `forward`; the weight
     gradients are split by gate columns among them). run_threads: how many
