@@ -141,6 +141,28 @@ def sequence_forward(backend, x, h0, c0, kernel, recurrent_kernel, bias, mask=No
                                     recurrent_dropout_mask, options)
 
 
+def spy_step_functions(monkeypatch, backend_class, maker: str) -> tuple[list, list]:
+    """Count what ``backend_class.<maker>`` (``cell_inference_step`` or ``cell_training_step``)
+    makes and how its functions are called: (made: each function made, calls: the x shape of
+    each call). Patched on the class: undoing a patch of the registry's instance would leave the
+    bound method behind as an instance attribute, hiding later class-level patches."""
+    made, calls = [], []
+    original = getattr(backend_class, maker)
+
+    def spy(self, *args, **kwargs):
+        step = original(self, *args, **kwargs)
+        made.append(step)
+
+        def counted(x, h, c, bias):
+            calls.append(x.shape)
+            return step(x, h, c, bias)
+
+        return counted
+
+    monkeypatch.setattr(backend_class, maker, spy)
+    return made, calls
+
+
 # -- compiling CUDA kernels for a real GPU without one ------------------------------------------
 #: The start of a script that compiles kernels to sm_90 PTX in a subprocess (without the
 #: simulator): it prints "SKIP ..." and exits where numba finds no CUDA compiler libraries,

@@ -917,6 +917,34 @@ def test_one_step_calls_take_the_short_path_with_the_same_numbers(isa, dtype, ba
         assert calls == []
 
 
+def _cell_step_case(isa, dtype, transposed: bool, with_bias: bool, training: bool, monkeypatch) -> tuple:
+    """What the tests of cell_inference_step and cell_training_step start from: (rng, backend,
+    kernel [I, 4H], recurrent_kernel [H, 4H], bias [4H] or None, options of one step, generic_calls,
+    cell_forward) with I = 7, H = 32, the weights made in PyTorch's layout and passed as their
+    transposed views (read in place) or as row-major copies; backend a new CythonBackend whose
+    cell_forward appends each call's x shape to generic_calls (cell_forward: the unpatched one).
+    Skips an ISA this CPU or build does not run."""
+    if isa not in cython_module._cython_lstm.SUPPORTED_ISAS:
+        pytest.skip(f"this CPU or build does not run {isa}")
+    from lstmeng.backends.base import SequenceOptions
+
+    rng = np.random.default_rng(23 if training else 17)
+    units, features = 32, 7
+    weight_ih = (rng.normal(size=(4 * units, features)) * 0.3).astype(dtype)   # PyTorch's layout
+    weight_hh = (rng.normal(size=(4 * units, units)) * 0.3).astype(dtype)
+    kernel, recurrent_kernel = ((weight_ih.T, weight_hh.T) if transposed else
+                                (np.ascontiguousarray(weight_ih.T), np.ascontiguousarray(weight_hh.T)))
+    bias = (rng.normal(size=4 * units) * 0.1).astype(dtype) if with_bias else None
+    options = SequenceOptions.for_call(bias=bias, mask=None, input_dropout_mask=None, recurrent_dropout_mask=None,
+                                       return_sequences=False, training=training)
+    backend = cython_module.CythonBackend()
+    generic_calls = []
+    cell_forward = backend.cell_forward
+    monkeypatch.setattr(backend, "cell_forward",
+                        lambda *args: generic_calls.append(args[0].shape) or cell_forward(*args))
+    return rng, backend, kernel, recurrent_kernel, bias, options, generic_calls, cell_forward
+
+
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["row-major", "transposed"])
@@ -927,25 +955,9 @@ def test_cell_inference_step_gives_cell_forwards_numbers(isa, dtype, transposed,
     2 * MIN_ROWS_PER_PART (cell_forward's general path); non-contiguous inputs are read as
     cell_forward reads them; in-place changes of the weights' values are seen. Inputs of
     another dtype and forced kernel paths go through cell_forward itself."""
-    extension = cython_module._cython_lstm
-    if isa not in extension.SUPPORTED_ISAS:
-        pytest.skip(f"this CPU or build does not run {isa}")
-    from lstmeng.backends.base import SequenceOptions
-
-    rng = np.random.default_rng(17)
-    units, features = 32, 7
-    weight_ih = (rng.normal(size=(4 * units, features)) * 0.3).astype(dtype)   # PyTorch's layout
-    weight_hh = (rng.normal(size=(4 * units, units)) * 0.3).astype(dtype)
-    kernel, recurrent_kernel = ((weight_ih.T, weight_hh.T) if transposed else
-                                (np.ascontiguousarray(weight_ih.T), np.ascontiguousarray(weight_hh.T)))
-    bias = (rng.normal(size=4 * units) * 0.1).astype(dtype) if with_bias else None
-    options = SequenceOptions.for_call(bias=bias, mask=None, input_dropout_mask=None, recurrent_dropout_mask=None,
-                                       return_sequences=False)
-    backend = cython_module.CythonBackend()
-    generic_calls = []
-    cell_forward = backend.cell_forward
-    monkeypatch.setattr(backend, "cell_forward",
-                        lambda *args: generic_calls.append(args[0].shape) or cell_forward(*args))
+    rng, backend, kernel, recurrent_kernel, bias, options, generic_calls, cell_forward = _cell_step_case(
+        isa, dtype, transposed, with_bias, False, monkeypatch)
+    features, units = kernel.shape[0], recurrent_kernel.shape[0]
 
     from lstmeng.backends.numpy import NumpyBackend
 
@@ -994,25 +1006,9 @@ def test_cell_training_step_gives_cell_forwards_numbers_and_workspace(isa, dtype
     that of cell_forward's workspace, at batches 1, 3 and 2 * MIN_ROWS_PER_PART - 1 (the one-step
     kernel, called directly) and 2 * MIN_ROWS_PER_PART (cell_forward's general path); forced
     kernel paths and other dtypes go through cell_forward; in-place weight changes are seen."""
-    extension = cython_module._cython_lstm
-    if isa not in extension.SUPPORTED_ISAS:
-        pytest.skip(f"this CPU or build does not run {isa}")
-    from lstmeng.backends.base import SequenceOptions
-
-    rng = np.random.default_rng(23)
-    units, features = 32, 7
-    weight_ih = (rng.normal(size=(4 * units, features)) * 0.3).astype(dtype)   # PyTorch's layout
-    weight_hh = (rng.normal(size=(4 * units, units)) * 0.3).astype(dtype)
-    kernel, recurrent_kernel = ((weight_ih.T, weight_hh.T) if transposed else
-                                (np.ascontiguousarray(weight_ih.T), np.ascontiguousarray(weight_hh.T)))
-    bias = (rng.normal(size=4 * units) * 0.1).astype(dtype) if with_bias else None
-    options = SequenceOptions.for_call(bias=bias, mask=None, input_dropout_mask=None, recurrent_dropout_mask=None,
-                                       return_sequences=False, training=True)
-    backend = cython_module.CythonBackend()
-    generic_calls = []
-    cell_forward = backend.cell_forward
-    monkeypatch.setattr(backend, "cell_forward",
-                        lambda *args: generic_calls.append(args[0].shape) or cell_forward(*args))
+    rng, backend, kernel, recurrent_kernel, bias, options, generic_calls, cell_forward = _cell_step_case(
+        isa, dtype, transposed, with_bias, True, monkeypatch)
+    features, units = kernel.shape[0], recurrent_kernel.shape[0]
 
     def check(x, h, c, direct):
         generic_calls.clear()

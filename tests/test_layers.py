@@ -310,6 +310,16 @@ def test_cell_unroll_adds_its_gradients_in_place(backend):
     assert np.all(given == 7.0)
 
 
+def _count_formed_steps(monkeypatch) -> list:
+    """A list that receives, each time an LSTMCell forms its deferred weight gradients, how many
+    steps' it formed at once."""
+    formed = []
+    original = le.LSTMCell._add_pending_grads
+    monkeypatch.setattr(le.LSTMCell, "_add_pending_grads",
+                        lambda self: formed.append(len(self.__dict__["_pending_grads"]["steps"])) or original(self))
+    return formed
+
+
 def test_cython_cell_forms_a_rounds_weight_gradients_at_once_with_the_per_step_numbers(monkeypatch):
     """On the cython backend a cell's one-step backwards give dz, and the round's weight gradients
     are formed from all of them at once (at the round's last backward, or when grads is read
@@ -318,10 +328,7 @@ def test_cython_cell_forms_a_rounds_weight_gradients_at_once_with_the_per_step_n
     round, and mixed with a step whose backward gives weight gradients."""
     pytest.importorskip("lstmeng.backends._cython_lstm")
     from lstmeng.testing import kernel_overrides
-    formed = []
-    original = le.LSTMCell._add_pending_grads
-    monkeypatch.setattr(le.LSTMCell, "_add_pending_grads",
-                        lambda self: formed.append(len(self.__dict__["_pending_grads"]["steps"])) or original(self))
+    formed = _count_formed_steps(monkeypatch)
     reference = le.LSTMCell(UNITS, dtype="float64", seed=4, backend="numpy").build(FEATURES)
     cell = le.LSTMCell(UNITS, dtype="float64", backend="cython").set_weights(reference.get_weights())
     x = x_of()
@@ -380,10 +387,7 @@ def test_cython_cell_forms_late_only_the_weight_gradients_of_small_batches(batch
     larger batch keeps the backend's per-step sums (its threaded products), though the backend
     would give dz for it too; both the numpy backend's gradients."""
     pytest.importorskip("lstmeng.backends._cython_lstm")
-    formed = []
-    original = le.LSTMCell._add_pending_grads
-    monkeypatch.setattr(le.LSTMCell, "_add_pending_grads",
-                        lambda self: formed.append(len(self.__dict__["_pending_grads"]["steps"])) or original(self))
+    formed = _count_formed_steps(monkeypatch)
     reference = le.LSTMCell(UNITS, dtype="float64", seed=4, backend="numpy").build(FEATURES)
     cell = le.LSTMCell(UNITS, dtype="float64", backend="cython").set_weights(reference.get_weights())
     x = RNG.normal(size=(batch, STEPS, FEATURES))

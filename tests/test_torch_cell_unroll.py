@@ -9,6 +9,8 @@ import io
 
 import pytest
 
+from _backends import spy_step_functions
+
 torch = pytest.importorskip("torch")
 
 import lstmeng.torch as lt  # noqa: E402
@@ -356,21 +358,7 @@ def test_training_steps_run_one_training_step_function_per_weight_storage(monkey
     module's weights and kept while their storage stays: an optimizer step (in place) keeps it, a
     new storage (``.data = ...``) or dtype (``double()``) gets a new one. After each change an
     online step (a backward per step, batch 1) gives torch.nn.LSTMCell's gradients."""
-    backend_class = cython_module.CythonBackend
-    made, calls = [], []
-    original = backend_class.cell_training_step
-
-    def spy(self, *args, **kwargs):
-        step = original(self, *args, **kwargs)
-        made.append(step)
-
-        def counted(x, h, c, bias):
-            calls.append(x.shape)
-            return step(x, h, c, bias)
-
-        return counted
-
-    monkeypatch.setattr(backend_class, "cell_training_step", spy)
+    made, calls = spy_step_functions(monkeypatch, cython_module.CythonBackend, "cell_training_step")
     reference, mine = _pair(dtype=torch.float32)
     x, h0, c0, dh, dc = _leaves(1, torch.float32)
     optimizers = [torch.optim.SGD(module.parameters(), lr=0.5) for module in (reference, mine)]

@@ -21,6 +21,8 @@ import textwrap
 import numpy as np
 import pytest
 
+from _backends import spy_step_functions
+
 torch = pytest.importorskip("torch")
 rnn_utils = pytest.importorskip("torch.nn.utils.rnn")
 
@@ -413,23 +415,7 @@ def test_cell_inference_path_matches_torch(bias, dtype, monkeypatch):
     mine = lt.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, bias=bias, backend="cython", recurrent_dropout=0.3).to(dtype)
     mine.load_state_dict(reference.state_dict())
     mine.eval()
-    # Patched on the class: undoing a patch of the registry's instance would leave the bound
-    # method behind as an instance attribute, hiding later class-level patches from other tests.
-    backend_class = type(registry.get_backend_object("cython"))
-    calls, made = [], []
-    original = backend_class.cell_inference_step
-
-    def spy(self, *args, **kwargs):
-        step = original(self, *args, **kwargs)
-        made.append(step)
-
-        def counted(x, h, c, bias):
-            calls.append(x.shape)
-            return step(x, h, c, bias)
-
-        return counted
-
-    monkeypatch.setattr(backend_class, "cell_inference_step", spy)
+    made, calls = spy_step_functions(monkeypatch, type(registry.get_backend_object("cython")), "cell_inference_step")
     tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     for shape in [(1,), (40,), ()]:
         x = torch.randn(*shape, INPUT_SIZE, dtype=dtype)
