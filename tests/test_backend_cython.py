@@ -1092,9 +1092,8 @@ def test_sequence_backward_gates_gives_dz_of_one_step_calls(isa, dtype, path, ba
     the weight gradients sequence_backward gives for the same step, and dx, dh0, dc0 bitwise its;
     on the one-step kernel and on the threaded general path (its weight-gradient products
     skipped) with a unit split or one part of rows (which would pipeline its weight gradients).
-    With two parts of rows (34 rows), a recurrent dropout mask,
-    a right-padded mask (rows sorted by length) or the one-step path switched off it is
-    sequence_backward."""
+    With two parts of rows (34 rows), a recurrent dropout mask, a right-padded mask (rows sorted
+    by length) or the one-step path switched off it is sequence_backward."""
     if isa not in cython_module._cython_lstm.SUPPORTED_ISAS:
         pytest.skip(f"this CPU or build does not run {isa}")
     one_step_calls = []
