@@ -1009,6 +1009,9 @@ def test_cell_training_step_gives_cell_forwards_numbers_and_workspace(isa, dtype
     rng, backend, kernel, recurrent_kernel, bias, options, generic_calls, cell_forward = _cell_step_case(
         isa, dtype, transposed, with_bias, True, monkeypatch)
     features, units = kernel.shape[0], recurrent_kernel.shape[0]
+    from lstmeng.backends.numpy import NumpyBackend
+
+    reference = NumpyBackend()
 
     def check(x, h, c, direct):
         generic_calls.clear()
@@ -1036,6 +1039,19 @@ def test_cell_training_step_gives_cell_forwards_numbers_and_workspace(isa, dtype
                 assert (got_array is None) == (want_array is None), (backward, field)
                 if got_array is not None:
                     np.testing.assert_array_equal(got_array, want_array, err_msg=f"{backward} {field}")
+            if backward == "cell":
+                # And the NumPy reference in float64, independently of the cython code.
+                as64 = [None if a is None else np.asarray(a, np.float64) for a in (x, h, c, kernel,
+                                                                                   recurrent_kernel, bias)]
+                exact = reference.cell_forward(*as64, None, None, options)
+                exact_grads = reference.cell_backward(np.asarray(dh, np.float64), np.asarray(dc, np.float64),
+                                                      exact.workspace)
+                tolerance = 1e-4 if np.float32 in (x.dtype, kernel.dtype) else 1e-10
+                for name, array, value in (("h", got_h, exact.h), ("c", got_c, exact.c)) + tuple(
+                        (field, getattr(got_grads, field), getattr(exact_grads, field))
+                        for field in ("dx", "dh0", "dc0", "dkernel", "drecurrent_kernel", "dbias")
+                        if getattr(exact_grads, field) is not None):
+                    np.testing.assert_allclose(array, value, rtol=tolerance, atol=tolerance, err_msg=name)
 
     with kernel_overrides(cython_isa=isa):
         step = backend.cell_training_step(kernel, recurrent_kernel, options)
