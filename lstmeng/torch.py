@@ -316,13 +316,15 @@ class _CellStepCall:
 
     backend: the KernelBackend; step: its ``cell_training_step`` function; gives_gates: set by
     the forward, whether the backend's backward of the step gives dz
-    (``KernelBackend.gives_gates``), so that a chain of such steps pays to add up.
+    (``KernelBackend.gives_gates``), so that a chain of such steps pays to add up; linked: the
+    step took states another step returned, or gave its states to another step
+    (``_link_weight_gradient_steps``), so that autograd adds its weight gradients to theirs.
     """
 
-    __slots__ = ("backend", "step", "gives_gates")
+    __slots__ = ("backend", "step", "gives_gates", "linked")
 
     def __init__(self, backend, step):
-        self.backend, self.step, self.gives_gates = backend, step, False
+        self.backend, self.step, self.gives_gates, self.linked = backend, step, False, False
 
     def _tensor(self, array) -> torch.Tensor:
         """A backend result as a CPU tensor (NumPy arrays shared, not copied)."""
@@ -335,15 +337,16 @@ class _CellStepCall:
         h, c, workspace = self.step(_host_array(x), _host_array(h0), _host_array(c0), bias)
         return self._tensor(h), self._tensor(c), workspace
 
-    def backward_gates(self, dh, dc, workspace, input_grad: bool = True) -> tuple:
+    def backward_gates(self, dh, dc, workspace, input_grad: bool = True, prefer_gates: bool = False) -> tuple:
         """The step's backward for ``_cell_step_backward``: (dx [B, I] tensor or None, dh0 and dc0
         [B, H] tensors, the backend's SequenceGrads). dh, dc: [B, H] gradients of the step's
         new states. The SequenceGrads holds either ``dgates`` [B, 4H] (the backend's
-        ``sequence_backward_gates``) or the contract's weight gradients, as NumPy arrays."""
+        ``sequence_backward_gates``, given ``prefer_gates``) or the contract's weight gradients,
+        as NumPy arrays."""
         dh = _host_array(dh)
         # The step's output is its new h: its gradient arrives as dh, the output's is zero.
         grads = self.backend.sequence_backward_gates(np.zeros(dh.shape, dh.dtype), dh, _host_array(dc), workspace,
-                                                     input_grad=input_grad)
+                                                     input_grad=input_grad, prefer_gates=prefer_gates)
         tensor = self._tensor
         dx = None if grads.dx is None else tensor(grads.dx.reshape(grads.dx.shape[0], -1))
         return dx, tensor(grads.dh0), tensor(grads.dc0), grads
@@ -417,12 +420,13 @@ def _run_direction(call, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, outp
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
 
 
-def _cell_step_backward(call, x, h0, c0, parameters: tuple, workspace, dh, dc, input_grad: bool) -> tuple:
+def _cell_step_backward(call, x, h0, c0, parameters: tuple, workspace, dh, dc, input_grad: bool,
+                        prefer_gates: bool = False) -> tuple:
     """The backward of a host cell step that leaves its weight gradients to its caller:
     (dx [B, I] or None, dh0, dc0 [B, H], dz, weights). call: the step's ``_CellStepCall``; x [B, I],
     h0, c0 [B, H] and parameters (weight_ih, weight_hh, bias_ih, bias_hh) the step's; workspace its
     forward's (recomputed when a backward already consumed it: a second pass with
-    retain_graph=True); dh, dc [B, H].
+    retain_graph=True); dh, dc [B, H]; prefer_gates: the backend's ``sequence_backward_gates``'.
 
     dz: the gates' gradient [B, 4H] (``sequence_backward_gates``), weights None; or, where the
     backend gave the weight gradients instead, dz None and weights their tensors in the
@@ -430,7 +434,7 @@ def _cell_step_backward(call, x, h0, c0, parameters: tuple, workspace, dh, dc, i
     """
     if workspace.consumed:
         workspace = call.forward(x, h0, c0, parameters[2], parameters[3])[2]
-    dx, dh0, dc0, grads = call.backward_gates(dh, dc, workspace, input_grad=input_grad)
+    dx, dh0, dc0, grads = call.backward_gates(dh, dc, workspace, input_grad=input_grad, prefer_gates=prefer_gates)
     wrapped = call._tensor
     if grads.dgates is not None:
         return dx, dh0, dc0, wrapped(grads.dgates), None
@@ -592,12 +596,29 @@ class _DeferredCellStep(torch.autograd.Function):
         return None, None, dx if needs[2] else None, dh0 if needs[3] else None, dc0 if needs[4] else None, None
 
 
+#: The most rows of a lone cell step (``_CellStep``) whose backward asks for dz. Online loops
+#: (one step per backward) on a Zen 5 CPU with AVX-512, lstmeng.torch.LSTMCell's time a step
+#: with dz against with the backend's weight gradients: at (I, H) = (256, 512) 1.50x faster at
+#: batch 32, 1.18x at 64, 1.07x at 128, 0.91x at 256; at (64, 128) 1.08x, 1.02x, 1.00x, 0.90x.
+#: Past it the weight-gradient product, torch.mm on MKL's AVX2 code there, costs more than the
+#: layout change saves.
+LONE_STEP_GATES_MAX_ROWS = 128
+
+
 class _CellStep(torch.autograd.Function):
     """A cell step on its own: a chain's first, which may be the only one of its backward pass
-    (online learning), or one whose backend gives no dz. The weights are its inputs, and its
-    backward returns their gradients: from dz as the unroll's node forms them (contiguous, in the
-    parameters' layout: autograd adds them into ``.grad`` without a transposed pass), else the
-    backend's."""
+    (online learning), or one whose backend gives no dz by default (larger batches). The weights
+    are its inputs, and its backward returns their gradients: from dz as the unroll's node forms
+    them (contiguous, in the parameters' layout: autograd adds them into ``.grad`` without a
+    transposed pass), else the backend's.
+
+    A step linked to no other (``_CellStepCall.linked``) of up to ``LONE_STEP_GATES_MAX_ROWS``
+    rows asks the backend for dz (``prefer_gates``) also where it would give weight gradients:
+    those are autograd's to add into ``.grad`` as they are, and the backend's, in the contract's
+    layout, would cost a transposed pass over weight-sized arrays (1.4 ms at (I, H) = (256, 512)
+    and batch 32) where dz^T x makes them in the parameters' layout. Steps that autograd adds
+    up keep the backend's products, which run faster than torch.mm's there (``CythonBackend``'s
+    ``_gives_gates``)."""
 
     @staticmethod
     def forward(ctx, call, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
@@ -613,12 +634,37 @@ class _CellStep(torch.autograd.Function):
         x, h0, c0, *parameters = ctx.saved_tensors
         needs = ctx.needs_input_grad
         dx, dh0, dc0, dz, weights = _cell_step_backward(ctx.call, x, h0, c0, parameters, ctx.workspace, dh, dc,
-                                                        input_grad=needs[1])
+                                                        input_grad=needs[1],
+                                                        prefer_gates=not ctx.call.linked
+                                                        and x.shape[0] <= LONE_STEP_GATES_MAX_ROWS)
         deferred = [] if dz is None else [(x.detach(), h0.detach(), dz)]
         dw_ih, dw_hh, dbias = _summed_weight_gradients(deferred, weights, (needs[4], needs[5], needs[6] or needs[7]),
                                                        parameters)
         return (None, dx if needs[1] else None, dh0 if needs[2] else None, dc0 if needs[3] else None,
                 dw_ih, dw_hh, dbias if needs[6] else None, dbias if needs[7] else None)
+
+
+#: Per LSTMCell (weakly): {id(h): (h, c, call)} with weak references to the states the last
+#: step of each live sequence of steps whose backward gives weight gradients returned, and its
+#: ``_CellStepCall``.
+_WEIGHT_GRADIENT_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _link_weight_gradient_steps(module, hx, h, c, call: _CellStepCall) -> None:
+    """Mark a step whose backward gives weight gradients (``call``; hx its states before, h, c
+    [B, H] after) and the step whose states it took, if any, as ``linked``: autograd adds their
+    weight gradients up. A step linked to no other is its backward pass's only step of the
+    module (online learning, one step per backward)."""
+    steps = _WEIGHT_GRADIENT_STEPS.get(module)
+    if steps is None:
+        steps = _WEIGHT_GRADIENT_STEPS[module] = {}
+    previous = steps.pop(id(hx[0]), None)
+    if previous is not None and previous[0]() is hx[0] and previous[1]() is hx[1]:
+        previous[2].linked = call.linked = True
+    elif len(steps) >= 16:   # sequences that stopped (their states died or were detached)
+        for key in [key for key, value in steps.items() if value[0]() is None]:
+            del steps[key]
+    steps[id(h)] = (weakref.ref(h), weakref.ref(c), call)
 
 
 #: Per LSTMCell (weakly, so modules pickle and die as before): {id(h): (h, c, unroll)} with weak
@@ -1199,9 +1245,11 @@ class LSTMCell(torch.nn.LSTMCell, _LstmengOptions):
         else:
             h, c = _DeferredCellStep.apply(call, unroll, x, hx[0], hx[1], unroll.token)
         if call.gives_gates:
+            _continue_cell_chain(self, h, c, unroll)
+        else:
             # A step whose backward will give weight gradients (larger batches) ends its chain:
             # autograd adds those up in C++, where an unroll would add them in Python.
-            _continue_cell_chain(self, h, c, unroll)
+            _link_weight_gradient_steps(self, hx, h, c, call)
         return h, c
 
     def _training_step(self, backend, weights):

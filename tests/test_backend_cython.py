@@ -1108,8 +1108,9 @@ def test_sequence_backward_gates_gives_dz_of_one_step_calls(isa, dtype, path, ba
     the weight gradients sequence_backward gives for the same step, and dx, dh0, dc0 bitwise its;
     on the one-step kernel and on the threaded general path (its weight-gradient products
     skipped) with a unit split or one part of rows (which would pipeline its weight gradients).
-    With two parts of rows (34 rows), a recurrent dropout mask, a right-padded mask (rows sorted
-    by length) or the one-step path switched off it is sequence_backward."""
+    With two parts of rows (34 rows) it is sequence_backward unless asked with ``prefer_gates``;
+    with a recurrent dropout mask, a right-padded mask (rows sorted by length) or the one-step
+    path switched off it is sequence_backward either way."""
     if isa not in cython_module._cython_lstm.SUPPORTED_ISAS:
         pytest.skip(f"this CPU or build does not run {isa}")
     one_step_calls = []
@@ -1140,26 +1141,29 @@ def test_sequence_backward_gates_gives_dz_of_one_step_calls(isa, dtype, path, ba
         forward = workspace()
         teams = (len(forward.layout.row_begin) - 1, forward.split_units)
         assert backend.gives_gates(forward) == (path != "parts")
-        gates = backend.sequence_backward_gates(doutputs, dh, dc, forward)
+        if path == "parts":
+            by_default = backend.sequence_backward_gates(doutputs, dh, dc, forward)
+            forward = workspace()
+        gates = backend.sequence_backward_gates(doutputs, dh, dc, forward, prefer_gates=path == "parts")
         full = backend.sequence_backward(doutputs, dh, dc, workspace())
         assert len(one_step_calls) == (2 if path == "one-step" else 0)
         assert teams == {"one-step": (1, False), "one-part": (1, False), "parts": (2, False),
                          "units": (1, True)}[path]
         if path == "parts":
-            assert gates.dgates is None
+            assert by_default.dgates is None
             for name in ("dx", "dh0", "dc0", "dkernel", "drecurrent_kernel", "dbias"):
-                np.testing.assert_array_equal(getattr(gates, name), getattr(full, name), err_msg=name)
-            return
+                np.testing.assert_array_equal(getattr(by_default, name), getattr(full, name), err_msg=name)
         dropout = np.full((batch, units), 2.0, dtype)
         right_padded = np.ones((batch, 1), bool)
         right_padded[0] = False
-        others = [workspace(recurrent_dropout_mask=dropout), workspace(mask=right_padded)]
-        with kernel_overrides(cython_one_step=False):
-            others.append(workspace())
-            for other in others:
-                assert not backend.gives_gates(other)
-                grads = backend.sequence_backward_gates(doutputs, dh, dc, other)
-                assert grads.dgates is None and grads.dkernel.shape == (features, 4 * units)
+        for prefer_gates in (False, True):
+            others = [workspace(recurrent_dropout_mask=dropout), workspace(mask=right_padded)]
+            with kernel_overrides(cython_one_step=False):
+                others.append(workspace())
+                for other in others:
+                    assert not backend.gives_gates(other)
+                    grads = backend.sequence_backward_gates(doutputs, dh, dc, other, prefer_gates=prefer_gates)
+                    assert grads.dgates is None and grads.dkernel.shape == (features, 4 * units)
     assert gates.dkernel is None and gates.drecurrent_kernel is None and gates.dbias is None
     assert gates.dgates.shape == (batch, 4 * units) and gates.dgates.dtype == np.dtype(dtype)
     for name in ("dx", "dh0", "dc0"):

@@ -88,11 +88,13 @@ class _GatesSpy:
     def __init__(self, monkeypatch):
         self.with_gates = self.without = 0
         self.teams = []   # (parts, units split) of each backward's workspace
+        self.preferred = []   # each call's prefer_gates
         original = cython_module.CythonBackend.sequence_backward_gates
 
         def spy(backend, *args, **kwargs):
             workspace = args[3]
             self.teams.append((len(workspace.layout.row_begin) - 1, workspace.split_units))
+            self.preferred.append(kwargs.get("prefer_gates", False))
             grads = original(backend, *args, **kwargs)
             if grads.dgates is None:
                 self.without += 1
@@ -135,8 +137,47 @@ def test_steps_whose_backend_gives_weight_gradients_stay_alone(backend, monkeypa
         _assert_matches_torch(lambda module: _loop_gradients(module, *leaves), reference, mine)
     assert made == []
     if backend != "numpy":
-        assert spy.without == STEPS and spy.with_gates == 0
+        assert spy.without == STEPS and spy.with_gates == 0 and not any(spy.preferred)
         assert set(spy.teams) == {(2, False) if backend == "cython-parts-of-rows" else (1, False)}
+
+
+@pytest.mark.parametrize("most_rows", [34, 33])
+def test_a_lone_step_of_parts_of_rows_asks_for_dz(most_rows, monkeypatch):
+    """Online learning at a batch the backend gives weight gradients for (34 rows in two parts of
+    rows): each step is its backward pass's only one, asks for dz (``prefer_gates``) when it has
+    at most LONE_STEP_GATES_MAX_ROWS rows and forms its weight gradients from it; with fewer
+    allowed rows it takes the backend's. Steps of one loop ask for none
+    (``test_steps_whose_backend_gives_weight_gradients_stay_alone``); a step that gives its
+    states to another is linked too. Gradients and states equal torch.nn.LSTMCell's run the
+    same way."""
+    spy = _GatesSpy(monkeypatch)
+    made = _count_unrolls(monkeypatch)
+    monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)   # every training step threads
+    monkeypatch.setattr(cython_module, "_kernel_threads", lambda: 2)
+    monkeypatch.setattr(lt, "LONE_STEP_GATES_MAX_ROWS", most_rows)
+    reference, mine = _pair()
+    x, h0, c0, dh, dc = _leaves(34, torch.float64)
+
+    def online(module):
+        module.zero_grad(set_to_none=True)
+        h, c, results = h0, c0, []
+        for t in range(STEPS):
+            h, c = module(x[t], (h.detach(), c.detach()))
+            ((h * dh).sum() + (c * dc).sum()).backward()
+            results += [h] + [parameter.grad.clone() for parameter in module.parameters()]
+        return results
+
+    _assert_matches_torch(online, reference, mine)
+    lone = most_rows == 34
+    assert made == [] and spy.preferred == [lone] * STEPS and set(spy.teams) == {(2, False)}
+    assert (spy.with_gates, spy.without) == ((STEPS, 0) if lone else (0, STEPS))
+
+    # A step whose states the next step takes is linked, though its backward pass runs first.
+    spy.preferred.clear()
+    h, c = mine(x[0], (h0, c0))
+    mine(x[1], (h, c))
+    h.sum().backward()
+    assert spy.preferred == [False]
 
 
 def test_the_general_paths_unit_split_steps_give_dz_and_join_the_unroll(monkeypatch):

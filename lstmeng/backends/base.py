@@ -462,7 +462,7 @@ class KernelBackend(abc.ABC):
         """
 
     def sequence_backward_gates(self, doutputs, dh, dc, workspace: Workspace, *,
-                                input_grad: bool = True) -> SequenceGrads:
+                                input_grad: bool = True, prefer_gates: bool = False) -> SequenceGrads:
         """``sequence_backward``, or, where the backend can give it cheaply, the gates'
         gradient in place of the weight gradients: for a caller that adds up the weight
         gradients of many one-step calls (a cell loop) as one product at the end, instead of
@@ -473,6 +473,12 @@ class KernelBackend(abc.ABC):
         ``h0^T @ dgates`` and ``dgates`` summed over rows. A backend gives it only for a
         one-step call without mask or dropout (where those products are exactly the weight
         gradients); otherwise, and by default, this is ``sequence_backward``.
+
+        ``prefer_gates``: give ``dgates`` wherever the call allows it, also where the backend
+        would give the weight gradients for speed (``gives_gates`` False for larger batches,
+        whose products it runs well itself): for a caller with one step to form weight
+        gradients for, in a layout of its own (``lstmeng.torch.LSTMCell``'s online step, whose
+        parameters are the transposes of the contract's weights).
         """
         return self.sequence_backward(doutputs, dh, dc, workspace, input_grad=input_grad)
 

@@ -543,23 +543,33 @@ def _takes_one_step_backward(ws, overrides) -> bool:
             and overrides.cython_one_step is not False)
 
 
+def _may_give_gates(ws, overrides) -> bool:
+    """Whether the backward of workspace ``ws`` can give dz instead of the weight gradients: a
+    one-step call in the uniform layout (offsets [P, 1]: packed row r is batch row r) without
+    mask or dropout, where dz^T x and dz^T h0 are exactly the weight gradients, unless
+    ``kernel_overrides(cython_one_step=False)``. ``sequence_backward_gates(prefer_gates=True)``
+    gives it then."""
+    layout = ws.layout
+    return (ws.input_shape[1] == 1 and ws.input_shape[2] > 0 and layout.offsets.shape[1] == 1
+            and layout.mask is None and ws.input_dropout_mask is None and ws.recurrent_dropout_mask is None
+            and overrides.cython_one_step is not False)
+
+
 def _gives_gates(ws, overrides) -> bool:
     """Whether ``sequence_backward_gates`` of workspace ``ws`` gives dz instead of the weight
-    gradients: a one-step call in the uniform layout (offsets [P, 1]: packed row r is batch
-    row r) without mask or dropout, where dz^T x and dz^T h0 are exactly the weight gradients,
-    of fewer than 2 * MIN_ROWS_PER_PART rows: the one-step kernel's (``_takes_one_step_backward``)
-    or, past its FLOPs, the general path's (one part, its units split among the threads).
+    gradients by default: where it can (``_may_give_gates``), for fewer than 2 * MIN_ROWS_PER_PART
+    rows: the one-step kernel's (``_takes_one_step_backward``) or, past its FLOPs, the general
+    path's (one part, its units split among the threads).
 
     Not from 2 * MIN_ROWS_PER_PART rows (parts of rows on their threads): there the step's own
     weight-gradient products are large enough to run near the kernels' peak, which a caller's
     product over a loop's steps may not reach (torch.mm on MKL's AVX2 code on an AMD CPU, NumPy's
     BLAS on one thread): loops at batch 32 measured 0.91-0.95x (lstmeng.torch) and 0.84-0.85x
     (lstmeng.LSTMCell) the per-step sums' speed, where batch 16 at (I, H) = (256, 512) gained
-    1.26x and 1.11x."""
-    layout = ws.layout
-    return (ws.input_shape[1] == 1 and ws.input_shape[2] > 0 and ws.input_shape[0] < 2 * MIN_ROWS_PER_PART
-            and layout.offsets.shape[1] == 1 and layout.mask is None and ws.input_dropout_mask is None
-            and ws.recurrent_dropout_mask is None and overrides.cython_one_step is not False)
+    1.26x and 1.11x. (A caller with one step to form weight gradients for, which no loop adds
+    up, asks for dz with ``prefer_gates``: there the step's weight-sized arrays and autograd's
+    transposed pass over them are what it saves.)"""
+    return ws.input_shape[0] < 2 * MIN_ROWS_PER_PART and _may_give_gates(ws, overrides)
 
 
 def _step_states(step_forward, x, h0, c0, kernel, recurrent_kernel, bias, gates, activation: int,
@@ -929,12 +939,13 @@ class CythonBackend(KernelBackend):
     def sequence_backward(self, doutputs, dh, dc, workspace, *, input_grad=True):
         return self._backward(doutputs, dh, dc, workspace, input_grad, weight_grads=True)
 
-    def sequence_backward_gates(self, doutputs, dh, dc, workspace, *, input_grad=True):
-        """The contract's: dgates for a one-step call without mask or dropout (``_gives_gates``:
-        the one-step kernel's, or the general path's with its weight-gradient products
-        skipped), else ``sequence_backward``."""
-        return self._backward(doutputs, dh, dc, workspace, input_grad,
-                              weight_grads=not _gives_gates(workspace, _kernel_overrides.current()))
+    def sequence_backward_gates(self, doutputs, dh, dc, workspace, *, input_grad=True, prefer_gates=False):
+        """The contract's: dgates for a one-step call without mask or dropout (``_gives_gates``,
+        any number of rows with ``prefer_gates``: ``_may_give_gates``), the one-step kernel's or
+        the general path's with its weight-gradient products skipped; else ``sequence_backward``."""
+        overrides = _kernel_overrides.current()
+        gates = (_may_give_gates if prefer_gates else _gives_gates)(workspace, overrides)
+        return self._backward(doutputs, dh, dc, workspace, input_grad, weight_grads=not gates)
 
     def gives_gates(self, workspace) -> bool:
         return _gives_gates(workspace, _kernel_overrides.current())
