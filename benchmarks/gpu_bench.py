@@ -57,8 +57,11 @@ cuMemAlloc / cuMemFree cost per call.
 host: the cost of launching an empty numba kernel with one and with fifteen
 array arguments (plain and specialized dispatcher), of allocating and freeing
 a device array (4 KB, 4 MB), and cProfile's top
-functions over 200 inference calls and 200 training steps, with the number of
-kernel launches per call.
+functions over 200 inference calls and 200 training steps, by own time and by
+cumulative time (where a call's time goes, from the layer down), with the
+number of kernel launches and of numba's uncached context lookups per call; the
+raw profiles go to ``$OUT/profile_<what>.pstats`` when ``OUT`` is set (the
+device tool's folder; ``python -m pstats`` reads them).
 """
 
 from __future__ import annotations
@@ -393,7 +396,10 @@ def _report_launch_cost(report, backend, np, simulated):
 
 def _report_profile(report, setup, simulated):
     """cProfile of 200 inference calls and 200 training steps (host time): the top functions by own
-    time, and kernel launches per call (calls of numba's launch)."""
+    and by cumulative time, kernel launches per call (calls of numba's launch) and numba's context
+    lookups outside a ``require_context`` scope per call (each queries the driver, takes a lock
+    and re-initializes the memory manager: 8 per inference call on an H200, session 24). Saves
+    each profile as ``$OUT/profile_<label>.pstats`` when ``OUT`` is set."""
     import cProfile
     import io
     import pstats
@@ -414,14 +420,21 @@ def _report_profile(report, setup, simulated):
         launches = sum(count for (filename, _, name), (count, *_) in stats.stats.items()
                        if (name == "launch" and filename.endswith("dispatcher.py"))
                        or (simulated and name == "__call__" and filename.endswith(simulator_kernel)))
-        text = io.StringIO()
-        pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
+        lookups = sum(count for (filename, _, name), (count, *_) in stats.stats.items()
+                      if name == "_get_or_create_context_uncached")
+        if os.environ.get("OUT"):
+            os.makedirs(os.environ["OUT"], exist_ok=True)
+            stats.dump_stats(os.path.join(os.environ["OUT"], f"profile_{label.replace(' ', '_')}.pstats"))
         report()
         report(f"# cProfile, {calls} {label} calls{' (simulator)' if simulated else ''}: "
-               f"{launches / calls:.1f} kernel launches per call; top 25 by own time")
-        for line in text.getvalue().splitlines():
-            if line.strip() and not line.startswith(("   Ordered by", "   List reduced")):
-                report(line.rstrip())
+               f"{launches / calls:.1f} kernel launches and {lookups / calls:.1f} uncached context lookups per call")
+        for order, count in (("tottime", 25), ("cumulative", 40)):
+            text = io.StringIO()
+            pstats.Stats(profile, stream=text).sort_stats(order).print_stats(count)
+            report(f"# top {count} by {'own' if order == 'tottime' else 'cumulative'} time")
+            for line in text.getvalue().splitlines():
+                if line.strip() and not line.startswith(("   Ordered by", "   List reduced")):
+                    report(line.rstrip())
 
 
 def _report_memory(report, backend, setup, simulated):

@@ -7,9 +7,10 @@
 #
 #     bash tools/gpu_session.sh [PHASE ...]
 #
-# Phases: env torch overhead trainloop tests (the group "first": what the run of
-# 2026-11-28 left open; its limits add up to ~10 min, so give GPU_SESSION_SECONDS=565
-# in a 600 s call) and small gemm ncu sanitizer asv (the group "second", ~10 min).
+# Phases: env overhead asv tests (the group "first": what session 24's run, 2026-11-28,
+# left open or could not read; its limits add up to ~9 min, so give GPU_SESSION_SECONDS=565
+# in a 600 s call, carry .whl and .git) and torch trainloop small gemm ncu sanitizer (the
+# group "second", ~10 min).
 # Default: "first"; "all" runs both, most valuable first,
 # for a machine without the 10-minute cap. Every phase appends to
 # $OUT/session.log (the device tool returns at most 8 files); a phase that runs
@@ -26,8 +27,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LSTMENG_REAL_CUDA=1
 unset NUMBA_ENABLE_CUDASIM
 
-first=(env torch overhead trainloop tests)
-second=(small gemm ncu sanitizer asv)
+first=(env overhead asv tests)
+second=(torch trainloop small gemm ncu sanitizer)
 phases=()
 for name in "${@:-first}"; do
     case $name in
@@ -83,12 +84,14 @@ for phase in "${phases[@]}"; do
         run_phase trainloop 75 python3 benchmarks/gpu_bench.py --train-loop ;;
     tests)
         # On an H200 (2026-11-28) each small-batch case took 14-30 s, nearly all of it compiling
-        # (numba, NVVM, the cooperative-launch link), and the first 8 of 621 cases filled the
-        # phase: 12 pytest-xdist workers compile on 12 of the 16 cores, the files with few
-        # conformance cases first (collection order is the order workers take cases in).
+        # (numba, NVVM, the cooperative-launch link): 12 pytest-xdist workers compile on 12 of
+        # the 16 cores (collection order is the order workers take cases in). Session 24's run
+        # (cfb74ac) held 295 of these 621 cases in 200 s, the light files first, and
+        # test_backend_numba_cuda.py whole in a call of its own; the small-batch file, least run
+        # on a GPU, goes first now.
         run_phase tests 200 python3 -m pytest -q -n 12 -rfE --durations=8 -p no:cacheprovider --timeout=150 \
-            tests/test_cuda_gemm.py tests/test_optim.py tests/test_device_layers.py \
-            tests/test_device_residency.py tests/test_cuda_small_batch.py tests/test_backend_numba_cuda.py ;;
+            tests/test_cuda_small_batch.py tests/test_cuda_gemm.py tests/test_optim.py tests/test_device_layers.py \
+            tests/test_device_residency.py tests/test_backend_numba_cuda.py ;;
     ncu)
         # One kernel of the small-batch forward at B=1, H=1024, T=200 (clocks left alone).
         run_phase ncu 90 ncu --clock-control none --kernel-name regex:'forward' --launch-skip 2 --launch-count 1 \
@@ -99,7 +102,15 @@ for phase in "${phases[@]}"; do
             compute-sanitizer --tool $tool --print-limit 20 python3 benchmarks/gpu_profile_one.py --small; done' ;;
     asv)
         # numba_cuda rows of the asv suite for this commit, filed under the GPU's machine name.
-        run_phase asv 150 bash -c 'cd asv_bench && machine=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr " " "-" | tr A-Z a-z) &&
+        # The image has no asv (2026-11-28): its wheels are carried in .whl/asv (docs/numba_cuda.md)
+        # and installed apart. asv drops PYTHONPATH in the benchmarks' processes and sets
+        # ASV_PYTHONPATH there instead: NumPy 2.4 and the project must come from it. asv reads
+        # the commit's hash and date from git: the call carries .git too.
+        run_phase asv 150 bash -c 'git rev-parse HEAD > /dev/null 2>&1 || { echo "no git repository here: carry .git"; exit 1; }
+            python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/asvsite .whl/asv/*.whl \
+                > /tmp/asv_wheels.txt 2>&1 || { echo "asv wheels missing in .whl/asv"; cat /tmp/asv_wheels.txt; exit 1; }
+            export ASV_PYTHONPATH=$PYTHONPATH:/tmp/asvsite PYTHONPATH=/tmp/asvsite:$PYTHONPATH PATH=/tmp/asvsite/bin:$PATH
+            cd asv_bench && machine=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr " " "-" | tr A-Z a-z) &&
             asv machine --yes --machine "$machine" > /dev/null &&
             LSTMENG_ASV_BACKENDS=numba_cuda asv run -E existing:python3 --set-commit-hash $(git rev-parse HEAD) --machine "$machine" \
                 -a repeat=5 -a warmup_time=0.2 --show-stderr &&
