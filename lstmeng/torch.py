@@ -426,7 +426,7 @@ def _cell_step_backward(call, x, h0, c0, parameters: tuple, workspace, dh, dc, i
     (dx [B, I] or None, dh0, dc0 [B, H], dz, weights). call: the step's ``_CellStepCall``; x [B, I],
     h0, c0 [B, H] and parameters (weight_ih, weight_hh, bias_ih, bias_hh) the step's; workspace its
     forward's (recomputed when a backward already consumed it: a second pass with
-    retain_graph=True); dh, dc [B, H]; prefer_gates: the backend's ``sequence_backward_gates``'.
+    retain_graph=True); dh, dc [B, H]; prefer_gates: passed to the backend's ``sequence_backward_gates``.
 
     dz: the gates' gradient [B, 4H] (``sequence_backward_gates``), weights None; or, where the
     backend gave the weight gradients instead, dz None and weights their tensors in the
