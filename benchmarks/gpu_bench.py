@@ -13,6 +13,7 @@ Usage (on a machine with an NVIDIA GPU, numba-cuda and PyTorch with CUDA)::
     python benchmarks/gpu_bench.py --overhead --simulate   # (either mode) the logic under the simulator
     python benchmarks/gpu_bench.py --overhead --profile    # also: where a call's host time goes
     python benchmarks/gpu_bench.py --overhead --caching-allocator   # numba allocating through a cache
+    python benchmarks/gpu_bench.py --overhead --context-scope       # each call in one require_context scope
 
 Method: both engines run in this one process on the same inputs and weights
 (torch's weight_ih / weight_hh are the transposes of lstmeng's kernel /
@@ -119,6 +120,9 @@ def parse_arguments(argv=None):
     parser.add_argument("--caching-allocator", action="store_true",
                         help="numba allocates through benchmarks/cuda_caching_memory_manager.py (an experiment: "
                              "is the per-call cost cuMemAlloc/cuMemFree?); on a GPU only")
+    parser.add_argument("--context-scope", action="store_true",
+                        help="with --overhead or --train-loop: time each lstmeng call inside one numba "
+                             "require_context scope (an experiment: what do numba's per-API context lookups cost?)")
     parser.add_argument("--repeats", type=int, default=30, help="most timed runs per shape and engine")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs first")
     parser.add_argument("--budget", type=float, default=2.0,
@@ -229,8 +233,14 @@ def run_loop_modes(report, backend, torch, np, args, simulated):
         for kind in kinds:
             train_label = "train step (fwd+bwd+Adam)" if adam is not None else "train step (fwd+bwd)"
             label = "inference" if kind == "inference" else train_label
-            ours = _wall_median(setup.ours_inference if kind == "inference" else setup.ours_train,
-                                setup.synchronize_ours, args.warmup, repeats)
+            run = setup.ours_inference if kind == "inference" else setup.ours_train
+            if args.context_scope:
+                # Every top-level numba call (device_array, a launch, ...) resolves the CUDA context
+                # outside such a scope: two driver queries, a lock and the memory manager's
+                # initialize() each, 8 times per inference call on an H200 (session 24). Inside one
+                # scope they reuse the context it attached.
+                run = _numba_devices().require_context(run)
+            ours = _wall_median(run, setup.synchronize_ours, args.warmup, repeats)
             theirs = None
             if setup.torch_lstm is not None:
                 theirs = _wall_median(setup.theirs_inference if kind == "inference" else setup.theirs_train,
@@ -248,12 +258,25 @@ def run_loop_modes(report, backend, torch, np, args, simulated):
                f"{fmt(None if simulated or theirs is None else theirs, 14, 1)} | {fmt(target, 9, 0)} {met:>4}")
     if simulated:
         report("simulator run: the loop ran; no timings are claimed.")
+    if args.context_scope:
+        report("# each lstmeng call ran inside one numba require_context scope (--context-scope)")
     _report_allocator(report, simulated)
     if args.overhead:
         _report_memory(report, backend, setup, simulated)
         if args.profile:
             _report_launch_cost(report, backend, np, simulated)
             _report_profile(report, setup, simulated)
+
+
+def _numba_devices():
+    """numba's ``cudadrv.devices`` module (the simulator's under NUMBA_ENABLE_CUDASIM), which holds
+    ``require_context``."""
+    import numba
+    if numba.config.ENABLE_CUDASIM:
+        from numba.cuda.simulator.cudadrv import devices
+    else:
+        from numba.cuda.cudadrv import devices
+    return devices
 
 
 def _adam_factory(le):

@@ -504,19 +504,26 @@ def test_probe_reports_a_failing_compile_with_its_fix(backend, monkeypatch):
 
 # -- the benchmark's training-loop and overhead modes -------------------------------------------
 @pytest.mark.skipif(REAL_GPU, reason="the simulator is off in this session")
-@pytest.mark.parametrize("mode", ["--train-loop", "--overhead", "--overhead --profile"])
-def test_gpu_bench_loop_modes_run_under_the_simulator(backend, capsys, mode):
+@pytest.mark.parametrize("mode", ["--train-loop --context-scope", "--overhead", "--overhead --profile"])
+def test_gpu_bench_loop_modes_run_under_the_simulator(backend, capsys, mode, monkeypatch):
     import importlib.util
+    import types
     from pathlib import Path
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_bench.py"
     spec = importlib.util.spec_from_file_location("gpu_bench_loop", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    scoped = []   # the functions --context-scope wrapped in numba's require_context
+    devices = module._numba_devices()
+    monkeypatch.setattr(module, "_numba_devices", lambda: types.SimpleNamespace(
+        require_context=lambda function: scoped.append(function) or devices.require_context(function)))
     assert module.main([*mode.split(), "--simulate"]) == 0
+    assert len(scoped) == (1 if "--context-scope" in mode else 0)
     output = capsys.readouterr().out
     rows = [line for line in output.splitlines() if line.startswith(("inference", "train step"))]
     overhead = mode.startswith("--overhead")
     assert [row.split()[0] for row in rows] == (["inference", "train"] if overhead else ["train"])
+    assert ("require_context scope" in output) == ("--context-scope" in mode)
     for line in output.splitlines():
         if "outputs agree with torch" in line:
             assert float(line.rsplit(" ", 1)[-1]) < 1e-5, line

@@ -77,9 +77,11 @@ for phase in "${phases[@]}"; do
         run_phase gemm 100 python3 benchmarks/gpu_gemm.py --out "$OUT" ;;
     overhead)
         # --profile: launch and allocation costs and cProfile of the calls (where the host time goes);
-        # then the same calls with numba allocating through a cache (is it cuMemAlloc / cuMemFree?).
-        run_phase overhead 120 bash -c 'python3 benchmarks/gpu_bench.py --overhead --profile;
-            python3 benchmarks/gpu_bench.py --overhead --caching-allocator' ;;
+        # then the same calls with numba allocating through a cache (is it cuMemAlloc / cuMemFree?),
+        # and inside one require_context scope each (what do numba's context lookups cost?).
+        run_phase overhead 150 bash -c 'python3 benchmarks/gpu_bench.py --overhead --profile;
+            python3 benchmarks/gpu_bench.py --overhead --caching-allocator;
+            python3 benchmarks/gpu_bench.py --overhead --context-scope' ;;
     trainloop)
         run_phase trainloop 75 python3 benchmarks/gpu_bench.py --train-loop ;;
     tests)
