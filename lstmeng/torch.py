@@ -644,10 +644,43 @@ class _CellStep(torch.autograd.Function):
                 dw_ih, dw_hh, dbias if needs[6] else None, dbias if needs[7] else None)
 
 
-#: Per LSTMCell (weakly): {id(h): (h, c, call)} with weak references to the states the last
-#: step of each live sequence of steps whose backward gives weight gradients returned, and its
-#: ``_CellStepCall``.
-_WEIGHT_GRADIENT_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+class _StatesLedger:
+    """Per LSTMCell (weakly, so modules pickle and die as before): {id(h): (h, c, value)} with weak
+    references to the states the last step of each live sequence of a module's steps returned,
+    and a value noted with them; a step given those states continues that sequence."""
+
+    __slots__ = ("_modules",)
+
+    def __init__(self):
+        self._modules = weakref.WeakKeyDictionary()
+
+    def take(self, module, hx, missing=None):
+        """The value noted with the states hx ([B, H] pair), forgotten now, or ``missing`` where hx
+        are not the last states of a noted step."""
+        entries = self._modules.get(module)
+        if entries is None:
+            entries = self._modules[module] = {}
+        entry = entries.pop(id(hx[0]), None)
+        if entry is not None and entry[0]() is hx[0] and entry[1]() is hx[1]:
+            return entry[2]
+        if len(entries) >= 16:   # sequences that stopped (their states died or were detached)
+            for key in [key for key, value in entries.items() if value[0]() is None]:
+                del entries[key]
+        return missing
+
+    def note(self, module, h, c, value) -> None:
+        """Note h, c [B, H] as the states the last step of a sequence returned, with ``value``."""
+        self._modules.setdefault(module, {})[id(h)] = (weakref.ref(h), weakref.ref(c), value)
+
+
+#: The chains of steps whose backward gives dz, each noted with its unroll (None after the
+#: chain's first step).
+_CELL_CHAINS = _StatesLedger()
+#: The sequences of steps whose backward gives weight gradients, each noted with its last
+#: step's ``_CellStepCall``.
+_WEIGHT_GRADIENT_STEPS = _StatesLedger()
+#: ``_CELL_CHAINS.take``'s answer for states that continue no chain (an unroll may be None).
+_NO_CHAIN = object()
 
 
 def _link_weight_gradient_steps(module, hx, h, c, call: _CellStepCall) -> None:
@@ -655,44 +688,25 @@ def _link_weight_gradient_steps(module, hx, h, c, call: _CellStepCall) -> None:
     [B, H] after) and the step whose states it took, if any, as ``linked``: autograd adds their
     weight gradients up. A step linked to no other is its backward pass's only step of the
     module (online learning, one step per backward)."""
-    steps = _WEIGHT_GRADIENT_STEPS.get(module)
-    if steps is None:
-        steps = _WEIGHT_GRADIENT_STEPS[module] = {}
-    previous = steps.pop(id(hx[0]), None)
-    if previous is not None and previous[0]() is hx[0] and previous[1]() is hx[1]:
-        previous[2].linked = call.linked = True
-    elif len(steps) >= 16:   # sequences that stopped (their states died or were detached)
-        for key in [key for key, value in steps.items() if value[0]() is None]:
-            del steps[key]
-    steps[id(h)] = (weakref.ref(h), weakref.ref(c), call)
-
-
-#: Per LSTMCell (weakly, so modules pickle and die as before): {id(h): (h, c, unroll)} with weak
-#: references to the states the last step of each live chain of steps returned, and its unroll
-#: (None after the chain's first step); a step given those states continues the chain.
-_CELL_CHAINS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+    previous = _WEIGHT_GRADIENT_STEPS.take(module, hx)
+    if previous is not None:
+        previous.linked = call.linked = True
+    _WEIGHT_GRADIENT_STEPS.note(module, h, c, call)
 
 
 def _cell_chain(module, hx, parameters: tuple) -> _CellUnroll | None:
     """The unroll a training step of ``module`` on states hx joins: that of the chain whose last
     step returned hx (made now at the chain's second step), or None for a chain's first step."""
-    chains = _CELL_CHAINS.get(module)
-    if chains is None:
-        chains = _CELL_CHAINS[module] = {}
-    entry = chains.pop(id(hx[0]), None)
-    if entry is None or entry[0]() is not hx[0] or entry[1]() is not hx[1]:
-        if len(chains) >= 16:   # chains that stopped (their states died or were detached)
-            for key in [key for key, value in chains.items() if value[0]() is None]:
-                del chains[key]
+    unroll = _CELL_CHAINS.take(module, hx, _NO_CHAIN)
+    if unroll is _NO_CHAIN:
         return None
-    unroll = entry[2]
     return unroll if unroll is not None and unroll.current(parameters) else _CellUnroll(parameters)
 
 
 def _continue_cell_chain(module, h, c, unroll: _CellUnroll | None) -> None:
     """Note h, c [B, H] as the states the last step of a chain returned (unroll: its unroll, None
     after its first step)."""
-    _CELL_CHAINS[module][id(h)] = (weakref.ref(h), weakref.ref(c), unroll)
+    _CELL_CHAINS.note(module, h, c, unroll)
 
 
 @functools.lru_cache(maxsize=64)
