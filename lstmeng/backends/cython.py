@@ -892,12 +892,14 @@ class CythonBackend(KernelBackend):
             x = np.ascontiguousarray(x)
             result = self._one_step(x.reshape(x.shape[0], 1, x.shape[1]), np.ascontiguousarray(h),
                                     np.ascontiguousarray(c), cell.kernel, cell.recurrent_kernel,
-                                    None if bias is None else np.ascontiguousarray(bias), cell.transposed, options)
+                                    None if bias is None else np.ascontiguousarray(bias), cell.transposed, options,
+                                    outputs=False)
             return result.h, result.c, result.workspace
 
         return step
 
-    def _one_step(self, x, h0, c0, kernel, recurrent_kernel, bias, weights_transposed, options):
+    def _one_step(self, x, h0, c0, kernel, recurrent_kernel, bias, weights_transposed, options,
+                  outputs: bool = True):
         """sequence_forward of one step of one part without a mask or dropout (a cell step, a
         streaming call): the extension's ``step_forward``, the same products as the general
         path's at T = 1 (so bitwise the same results) without its setup: a batch-1 inference
@@ -906,7 +908,8 @@ class CythonBackend(KernelBackend):
         (gates, c(t - 1), h(t - 1) of the one-part layout), for the same backward.
 
         x: [B, 1, I]; h0, c0: [B, H]; kernel, recurrent_kernel as ``_weights_for_kernels``
-        returns them; bias: [4H] or None."""
+        returns them; bias: [4H] or None; outputs: False for a caller that reads only h and c (a
+        cell step): the result's outputs are then None instead of a copy of h."""
         dtype = x.dtype
         batch, units = x.shape[0], h0.shape[1]
         c_prev = h_in = None
@@ -923,8 +926,8 @@ class CythonBackend(KernelBackend):
         h_out, c_out = _step_states(_specialization(_cython_lstm.step_forward, dtype), x.reshape(batch, -1), h0, c0,
                                     kernel, recurrent_kernel, bias, gates, kinds[options.activation],
                                     kinds[options.recurrent_activation], weights_transposed, c_prev, h_in)
-        outputs = h_out.copy()
-        if options.return_sequences:
+        outputs = h_out.copy() if outputs else None
+        if outputs is not None and options.return_sequences:
             outputs = outputs.reshape(batch, 1, units)
         workspace = None
         if options.training:
