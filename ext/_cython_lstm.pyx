@@ -1561,6 +1561,10 @@ cdef void backward_part(const LstmProblem *problem, const LstmBuffers *buffers,
             final_rows += n_rows
             lstmeng_progress_publish(share.pipeline_progress, final_rows)
         # dh(t-1) = dz(t) @ R^T for the step's rows: a team needs every member's dz(t).
+        # Not after the last step processed when the caller wants no state gradients: that
+        # product only reaches dh0 (every member skips it, so the team's barriers still pair).
+        if step == 0 and gradients.dh0 == NULL:
+            continue
         dh = <floating *>gradients.dh_recurrent + r_begin * H
         if not (problem.recurrent_halves and share.recurrent_packed != NULL):
             team_wait(problem, share)
@@ -1701,7 +1705,8 @@ cdef void gate_gradient_rows(const LstmProblem *problem, const LstmBuffers *buff
 cdef void publish_state_gradients(const LstmProblem *problem, const LstmBuffers *buffers,
                                   const LstmGradients *gradients, TeamShare *share,
                                   floating zero) noexcept nogil:
-    """dh0, dc0 of the share's rows and units, in the caller's row order."""
+    """dh0, dc0 of the share's rows and units, in the caller's row order (nothing when the
+    caller wants no state gradients: dh0 NULL)."""
     cdef const Layout *layout = &problem.layout
     cdef Py_ssize_t H = problem.units, part = share.part
     cdef Py_ssize_t u0 = share.u0, width = share.u1 - share.u0, r, row
@@ -1711,6 +1716,8 @@ cdef void publish_state_gradients(const LstmProblem *problem, const LstmBuffers 
     cdef floating *dh_carry = <floating *>gradients.dh_carry
     cdef floating *dh_recurrent = <floating *>gradients.dh_recurrent
     cdef floating *dc_state = <floating *>gradients.dc_state
+    if dh0 == NULL:
+        return
     for r in range(layout.row_begin[part], layout.row_begin[part + 1]):
         row = layout.order[r]
         if share.previous_real[r]:
@@ -1745,7 +1752,9 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     gate-input gradients dz), c_prev_all, h_in_all [N, H]. Outputs: dx
     [B, T, I] (must be zero on entry: steps outside the packed rows get no
     gradient), or None to skip its product (the caller needs no input gradient:
-    the first layer on embeddings, a frozen input), dh0, dc0 [B, H], dkernel [I, 4H], drecurrent_kernel [H, 4H],
+    the first layer on embeddings, a frozen input), dh0, dc0 [B, H] or both None (the caller
+    needs no gradient of the initial states: the product of the last step processed with R^T,
+    which reaches only dh0, is skipped), dkernel [I, 4H], drecurrent_kernel [H, 4H],
     dbias [4H], or these three None: no weight gradients, their products skipped, the caller
     forms them from dz left in gates (a one-step call of a cell loop, as `step_backward`
     without them: lstmeng.torch adds up a loop's dz^T x in one product).
@@ -1770,6 +1779,9 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     cdef bint weight_gradients = dkernel is not None
     if weight_gradients != (drecurrent_kernel is not None) or weight_gradients != (dbias is not None):
         raise ValueError("backward: dkernel, drecurrent_kernel and dbias are given together or not at all")
+    cdef bint state_gradients = dh0 is not None
+    if state_gradients != (dc0 is not None):
+        raise ValueError("backward: dh0 and dc0 are given together or not at all")
     cdef Py_ssize_t team_threads = max(1, threads)
     cdef Py_ssize_t running_threads = min(team_threads, run_threads) if run_threads > 0 else team_threads
     # Gate columns per thread for the weight gradients, a multiple of 16 (whole cache lines).
@@ -1814,9 +1826,10 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     cdef LstmGradients gradients
     cdef TeamShare share
     # R^T [4H, H] packed for every step's dh product (float32, AVX2 or AVX-512): once here for
-    # whole parts, by each member for its own slice when units are split.
-    cdef bint pack_recurrent = floating is float and packed_gemm and packing_pays(
-        T, B // (row_begin.shape[0] - 1), H * G * 4)
+    # whole parts, by each member for its own slice when units are split. (One step without
+    # state gradients has no product with R^T.)
+    cdef bint pack_recurrent = floating is float and packed_gemm and (T > 1 or state_gradients) \
+        and packing_pays(T, B // (row_begin.shape[0] - 1), H * G * 4)
     packed_weights_array = take_float32(buffer_cache, (H * G if pack_recurrent else 1,))
     cdef float[::1] packed_weights = packed_weights_array
     cdef float *packed_base = NULL
@@ -1867,8 +1880,8 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
     gradients.dh = &dh[0, 0]
     gradients.dc = &dc[0, 0]
     gradients.dx = &dx[0, 0, 0] if dx_wanted else NULL
-    gradients.dh0 = &dh0[0, 0]
-    gradients.dc0 = &dc0[0, 0]
+    gradients.dh0 = &dh0[0, 0] if state_gradients else NULL
+    gradients.dc0 = &dc0[0, 0] if state_gradients else NULL
     gradients.dkernel = pointer2(dkernel)
     gradients.drecurrent_kernel = pointer2(drecurrent_kernel)
     gradients.dbias = pointer1(dbias)
@@ -2033,7 +2046,7 @@ def backward(*, floating[:, :, ::1] doutputs_sequence, floating[:, ::1] doutputs
 def step_backward(floating[:, ::1] doutputs, floating[:, ::1] dh, floating[:, ::1] dc,
                   floating[:, ::1] x, floating[:, ::1] kernel, floating[:, ::1] recurrent_kernel,
                   floating[:, ::1] gates, floating[:, ::1] c_prev, floating[:, ::1] h_in,
-                  floating[:, ::1] dx, floating[:, ::1] dh0, floating[:, ::1] dc0,
+                  floating[:, ::1] dx, floating[:, ::1] dh0, floating[:, ::1] dc0 not None,
                   floating[:, ::1] dkernel, floating[:, ::1] drecurrent_kernel, floating[::1] dbias,
                   int act, int ract, bint weights_transposed):
     """Backward of a one-step training forward of one part on one thread, without mask or
@@ -2045,7 +2058,8 @@ def step_backward(floating[:, ::1] doutputs, floating[:, ::1] dh, floating[:, ::
     doutputs: [B, H] the gradient of the step's output; dh, dc: [B, H] of the final states;
     x: [B, I] (I > 0); kernel, recurrent_kernel as in `forward`; the workspace gates
     [B, 4H] (overwritten with dz), c_prev, h_in [B, H]; outputs dx [B, I] or None (no
-    input gradient), dh0, dc0 [B, H], dkernel [I, 4H], drecurrent_kernel [H, 4H], dbias [4H]
+    input gradient), dh0 [B, H] or None (no gradient of h0: its product with R^T skipped),
+    dc0 [B, H] (also scratch: given either way), dkernel [I, 4H], drecurrent_kernel [H, 4H], dbias [4H]
     or all three None: no weight gradients, the caller forms them from dz in gates
     (the cell loops of lstmeng.torch and lstmeng.cell, one product over all their steps).
     """
@@ -2054,6 +2068,7 @@ def step_backward(floating[:, ::1] doutputs, floating[:, ::1] dh, floating[:, ::
     if weight_gradients and (drecurrent_kernel is None or dbias is None):
         raise ValueError("step_backward: dkernel, drecurrent_kernel and dbias are given together or not at all")
     cdef bint weights_packed = weight_gradients and step_weights_packed(floating is float, G)
+    cdef bint state_gradient = dh0 is not None
     if I == 0 or B == 0:
         raise ValueError(f"step_backward needs rows and inputs, got x of shape {list(x.shape)[:2]}")
     # One scratch array (a batch-1 step's arrays cost more to make than to fill): dh_total [H],
@@ -2084,8 +2099,9 @@ def step_backward(floating[:, ::1] doutputs, floating[:, ::1] dh, floating[:, ::
             if weight_gradients:
                 for gate in range(4):
                     add_row(dbias_partial + gate * H, &gates[r, gate * H], H)
-        hidden_gradient_product(B, H, &gates[0, 0], &recurrent_kernel[0, 0], weights_transposed, NULL,
-                                &dh0[0, 0], 0, H)
+        if state_gradient:
+            hidden_gradient_product(B, H, &gates[0, 0], &recurrent_kernel[0, 0], weights_transposed, NULL,
+                                    &dh0[0, 0], 0, H)
         if floating is float and weights_packed:
             gemm_columns_packed(I, H, G, B, 0, G, <float *>&x[0, 0], <float *>&h_in[0, 0], <float *>&gates[0, 0],
                                 <float *>&dkernel[0, 0], <float *>&drecurrent_kernel[0, 0], panels, zero_row)

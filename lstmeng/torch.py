@@ -337,18 +337,22 @@ class _CellStepCall:
         h, c, workspace = self.step(_host_array(x), _host_array(h0), _host_array(c0), bias)
         return self._tensor(h), self._tensor(c), workspace
 
-    def backward_gates(self, dh, dc, workspace, input_grad: bool = True, prefer_gates: bool = False) -> tuple:
+    def backward_gates(self, dh, dc, workspace, input_grad: bool = True, prefer_gates: bool = False,
+                       state_grads: bool = True) -> tuple:
         """The step's backward for ``_cell_step_backward``: (dx [B, I] tensor or None, dh0 and dc0
-        [B, H] tensors, the backend's SequenceGrads). dh, dc: [B, H] gradients of the step's
-        new states. The SequenceGrads holds either ``dgates`` [B, 4H] (the backend's
-        ``sequence_backward_gates``, given ``prefer_gates``) or the contract's weight gradients,
-        as NumPy arrays."""
+        [B, H] tensors, or None without ``state_grads``, the backend's SequenceGrads). dh, dc:
+        [B, H] gradients of the step's new states. The SequenceGrads holds either ``dgates``
+        [B, 4H] (the backend's ``sequence_backward_gates``, given ``prefer_gates``) or the
+        contract's weight gradients, as NumPy arrays."""
         dh = _host_array(dh)
         # The step's output is its new h: its gradient arrives as dh, the output's is zero.
         grads = self.backend.sequence_backward_gates(np.zeros(dh.shape, dh.dtype), dh, _host_array(dc), workspace,
-                                                     input_grad=input_grad, prefer_gates=prefer_gates)
+                                                     input_grad=input_grad, prefer_gates=prefer_gates,
+                                                     state_grads=state_grads)
         tensor = self._tensor
         dx = None if grads.dx is None else tensor(grads.dx.reshape(grads.dx.shape[0], -1))
+        if not state_grads:
+            return dx, None, None, grads
         return dx, tensor(grads.dh0), tensor(grads.dc0), grads
 
 
@@ -421,12 +425,14 @@ _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
 
 
 def _cell_step_backward(call, x, h0, c0, parameters: tuple, workspace, dh, dc, input_grad: bool,
-                        prefer_gates: bool = False) -> tuple:
+                        prefer_gates: bool = False, state_grads: bool = True) -> tuple:
     """The backward of a host cell step that leaves its weight gradients to its caller:
     (dx [B, I] or None, dh0, dc0 [B, H], dz, weights). call: the step's ``_CellStepCall``; x [B, I],
     h0, c0 [B, H] and parameters (weight_ih, weight_hh, bias_ih, bias_hh) the step's; workspace its
     forward's (recomputed when a backward already consumed it: a second pass with
-    retain_graph=True); dh, dc [B, H]; prefer_gates: passed to the backend's ``sequence_backward_gates``.
+    retain_graph=True); dh, dc [B, H]; prefer_gates, state_grads: passed to the backend's
+    ``sequence_backward_gates`` (without ``state_grads``, dh0 and dc0 are None: states that need no
+    gradient, as online learning's detached ones, cost no product with the recurrent kernel).
 
     dz: the gates' gradient [B, 4H] (``sequence_backward_gates``), weights None; or, where the
     backend gave the weight gradients instead, dz None and weights their tensors in the
@@ -434,7 +440,8 @@ def _cell_step_backward(call, x, h0, c0, parameters: tuple, workspace, dh, dc, i
     """
     if workspace.consumed:
         workspace = call.forward(x, h0, c0, parameters[2], parameters[3])[2]
-    dx, dh0, dc0, grads = call.backward_gates(dh, dc, workspace, input_grad=input_grad, prefer_gates=prefer_gates)
+    dx, dh0, dc0, grads = call.backward_gates(dh, dc, workspace, input_grad=input_grad, prefer_gates=prefer_gates,
+                                              state_grads=state_grads)
     wrapped = call._tensor
     if grads.dgates is not None:
         return dx, dh0, dc0, wrapped(grads.dgates), None
@@ -595,7 +602,8 @@ class _DeferredCellStep(torch.autograd.Function):
         x, h0, c0 = ctx.saved_tensors
         needs = ctx.needs_input_grad
         dx, dh0, dc0, dz, weights = _cell_step_backward(ctx.call, x, h0, c0, unroll.parameters, ctx.workspace,
-                                                        dh, dc, input_grad=needs[2])
+                                                        dh, dc, input_grad=needs[2],
+                                                        state_grads=needs[3] or needs[4])
         unroll.add_step(_graph_task_id(), x.detach(), h0.detach(), dz, weights)
         return None, None, dx if needs[2] else None, dh0 if needs[3] else None, dc0 if needs[4] else None, None
 
@@ -640,7 +648,8 @@ class _CellStep(torch.autograd.Function):
         dx, dh0, dc0, dz, weights = _cell_step_backward(ctx.call, x, h0, c0, parameters, ctx.workspace, dh, dc,
                                                         input_grad=needs[1],
                                                         prefer_gates=not ctx.call.linked
-                                                        and x.shape[0] <= LONE_STEP_GATES_MAX_ROWS)
+                                                        and x.shape[0] <= LONE_STEP_GATES_MAX_ROWS,
+                                                        state_grads=needs[2] or needs[3])
         deferred = [] if dz is None else [(x.detach(), h0.detach(), dz)]
         dw_ih, dw_hh, dbias = _summed_weight_gradients(deferred, weights, (needs[4], needs[5], needs[6] or needs[7]),
                                                        parameters)

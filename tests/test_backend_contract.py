@@ -164,6 +164,43 @@ def test_backward_without_input_grad_skips_dx_and_keeps_the_other_gradients(back
                                       np.asarray(getattr(grads[True], name)), err_msg=name)
 
 
+@pytest.mark.parametrize("backend_name", ["numpy", "cython", "tensorflow", "numba_cuda"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("steps", [1, 5])
+def test_backward_gates_without_state_grads_gives_none_for_them_and_keeps_the_rest(backend_name, dtype, steps):
+    """``sequence_backward_gates(state_grads=False)``: dh0 and dc0 are None, every other result
+    (dx, dgates or the weight gradients) as with them: one-step calls (a cell step on detached
+    states) and sequences with a mask, dropout and reverse (where only the product reaching dh0
+    may be skipped)."""
+    backend, info = registry._entry(backend_name)
+    if backend is None:
+        pytest.skip(f"{backend_name} unavailable: {info.reason}")
+    batch, features, units = 3, 4, 5
+    rng = np.random.default_rng(steps)
+    arrays = [rng.normal(size=size).astype(dtype) * scale for size, scale in [
+        ((batch, steps, features), 1), ((batch, units), 1), ((batch, units), 1),
+        ((features, 4 * units), 0.3), ((units, 4 * units), 0.3), ((4 * units,), 0.1)]]
+    extras, flags = (), {}
+    if steps > 1:
+        mask = np.arange(steps)[None, :] < rng.integers(1, steps + 1, size=batch)[:, None]
+        recurrent_dropout = (rng.random((batch, units)) < 0.8).astype(dtype) / dtype_scale(dtype, 0.8)
+        extras, flags = (mask, None, recurrent_dropout), {"reverse": True}
+    doutputs = rng.normal(size=(batch, steps, units)).astype(dtype)
+    dh, dc = rng.normal(size=(2, batch, units)).astype(dtype)
+    grads = {}
+    for state_grads in (True, False):
+        forward = sequence_forward(backend, *arrays, *extras, training=True, return_sequences=True, **flags)
+        grads[state_grads] = backend.sequence_backward_gates(doutputs, dh, dc, forward.workspace,
+                                                             state_grads=state_grads)
+    assert grads[False].dh0 is None and grads[False].dc0 is None
+    assert np.asarray(grads[True].dh0).shape == np.asarray(grads[True].dc0).shape == (batch, units)
+    for name in ("dx", "dkernel", "drecurrent_kernel", "dbias", "dgates"):
+        got, want = getattr(grads[False], name), getattr(grads[True], name)
+        assert (got is None) == (want is None), name
+        if want is not None:
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
+
+
 def dtype_scale(dtype, keep):
     """``keep`` in ``dtype``: the inverted-dropout scale of the masks above."""
     return np.asarray(keep, dtype)

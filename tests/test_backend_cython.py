@@ -1176,6 +1176,58 @@ def test_sequence_backward_gates_gives_dz_of_one_step_calls(isa, dtype, path, ba
         np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance, err_msg=name)
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("path, batch, steps", [
+    ("one-step", 5, 1), ("units", 1, 1), ("one-part", 5, 1), ("parts", 34, 1),
+    ("units", 1, 6), ("one-part", 2, 300), ("parts", 34, 6), ("packed", 34, 6)])
+def test_backward_without_state_grads_keeps_every_other_result_bitwise(isa, dtype, path, batch, steps,
+                                                                         monkeypatch):
+    """``sequence_backward_gates(state_grads=False)`` on every path of the extension's backward:
+    the one-step kernel, a unit split (batch 1: the products in halves where packed), one part
+    (300 steps of 2 rows: the pipelined backward on AVX-512), two parts of rows, and the packed
+    variable-length layout (a right-padded mask, reversed): dh0 and dc0 None, and dx, dz or the
+    weight gradients bitwise those of the same call with them; the skipped product is the last
+    step's only, so a sequence's earlier steps are unchanged."""
+    if isa not in cython_module._cython_lstm.SUPPORTED_ISAS:
+        pytest.skip(f"this CPU or build does not run {isa}")
+    overrides = {"cython_isa": isa}
+    if path != "one-step":
+        monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)   # every training call threads
+        monkeypatch.setattr(cython_module, "_kernel_threads", lambda: 2)
+        monkeypatch.setattr(cython_module._UnitSplitGovernor, "allow", lambda self: True)
+        overrides["cython_split_units"] = path == "units"
+    rng = np.random.default_rng(batch + steps)
+    units, features = 32, 32
+    arrays = [(rng.normal(size=size) * scale).astype(dtype) for size, scale in [
+        ((batch, steps, features), 1), ((batch, units), 1), ((batch, units), 1),
+        ((features, 4 * units), 0.3), ((units, 4 * units), 0.3), ((4 * units,), 0.1)]]
+    mask, flags = None, {}
+    if path == "packed":
+        mask = np.arange(steps)[None, :] < rng.integers(1, steps + 1, size=batch)[:, None]
+        flags = {"reverse": True}
+    doutputs = rng.normal(size=(batch, steps, units)).astype(dtype)
+    dh, dc = (rng.normal(size=(batch, units)).astype(dtype) for _ in range(2))
+    backend = cython_module.CythonBackend()
+    grads = {}
+    with kernel_overrides(**overrides):
+        for state_grads in (True, False):
+            forward = sequence_forward(backend, *arrays, mask, training=True, return_sequences=True, **flags)
+            teams = (len(forward.workspace.layout.row_begin) - 1, forward.workspace.split_units)
+            grads[state_grads] = backend.sequence_backward_gates(doutputs, dh, dc, forward.workspace,
+                                                                 prefer_gates=True, state_grads=state_grads)
+    assert teams == {"one-step": (1, False), "units": (1, True), "one-part": (1, False), "parts": (2, False),
+                     "packed": (2, False)}[path]
+    assert grads[False].dh0 is None and grads[False].dc0 is None
+    assert grads[True].dh0.shape == grads[True].dc0.shape == (batch, units)
+    assert (grads[True].dgates is None) == (steps > 1)
+    for name in ("dx", "dkernel", "drecurrent_kernel", "dbias", "dgates"):
+        got, want = getattr(grads[False], name), getattr(grads[True], name)
+        assert (got is None) == (want is None), name
+        if want is not None:
+            np.testing.assert_array_equal(got, want, err_msg=name)
+
+
 def test_one_step_backward_short_path_only_for_the_uniform_layout(monkeypatch):
     """A one-step workspace of the variable-length layout (a right-padded mask with rows of
     length 0: the rows are sorted by length and those rows not processed) keeps the general

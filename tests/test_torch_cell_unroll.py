@@ -89,12 +89,14 @@ class _GatesSpy:
         self.with_gates = self.without = 0
         self.teams = []   # (parts, units split) of each backward's workspace
         self.preferred = []   # each call's prefer_gates
+        self.state_grads = []   # each call's state_grads
         original = cython_module.CythonBackend.sequence_backward_gates
 
         def spy(backend, *args, **kwargs):
             workspace = args[3]
             self.teams.append((len(workspace.layout.row_begin) - 1, workspace.split_units))
             self.preferred.append(kwargs.get("prefer_gates", False))
+            self.state_grads.append(kwargs.get("state_grads", True))
             grads = original(backend, *args, **kwargs)
             if grads.dgates is None:
                 self.without += 1
@@ -178,6 +180,49 @@ def test_a_lone_step_of_parts_of_rows_asks_for_dz(most_rows, monkeypatch):
     mine(x[1], (h, c))
     h.sum().backward()
     assert spy.preferred == [False]
+
+
+@pytest.mark.parametrize("batch", [1, 34])
+def test_steps_on_states_that_need_no_gradient_ask_for_none(batch, monkeypatch):
+    """A step whose h0 and c0 take no gradient (online learning's detached states) asks the backend
+    for no state gradients (``state_grads=False``: no product of dz with the recurrent kernel);
+    one whose h0 or c0 does (a leaf that requires it, or the states of a loop's earlier step)
+    asks for them and gets torch's. At batch 1 (the one-step kernel) and 34 rows in two parts."""
+    spy = _GatesSpy(monkeypatch)
+    if batch == 34:
+        monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)   # every training step threads
+        monkeypatch.setattr(cython_module, "_kernel_threads", lambda: 2)
+    reference, mine = _pair()
+    x, h0, c0, dh, dc = _leaves(batch, torch.float64)
+
+    def online(module):
+        module.zero_grad(set_to_none=True)
+        h, c, results = h0, c0, []
+        for t in range(STEPS):
+            h, c = module(x[t], (h.detach(), c.detach()))
+            ((h * dh).sum() + (c * dc).sum()).backward()
+            results += [h, c] + [parameter.grad.clone() for parameter in module.parameters()]
+        return results
+
+    _assert_matches_torch(online, reference, mine)
+    assert spy.state_grads == [False] * STEPS
+
+    for wanted in ("h0", "c0", "both"):
+        def one_step(module, wanted=wanted):
+            module.zero_grad(set_to_none=True)
+            leaves = [state.clone().requires_grad_(wanted in (name, "both"))
+                      for name, state in (("h0", h0), ("c0", c0))]
+            h, c = module(x[0], tuple(leaves))
+            ((h * dh).sum() + (c * dc).sum()).backward()
+            return [leaf.grad for leaf in leaves if leaf.requires_grad] + [p.grad for p in module.parameters()]
+
+        spy.state_grads.clear()
+        _assert_matches_torch(one_step, reference, mine)
+        assert spy.state_grads == [True], wanted
+
+    spy.state_grads.clear()
+    _assert_matches_torch(lambda module: _loop_gradients(module, x, h0, c0, dh, dc), reference, mine)
+    assert spy.state_grads == [True] * STEPS
 
 
 def test_the_general_paths_unit_split_steps_give_dz_and_join_the_unroll(monkeypatch):

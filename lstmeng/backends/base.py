@@ -255,7 +255,8 @@ class SequenceGrads:
     Attributes:
         dx: ``[B, T, I]`` (``[B, I]`` for a cell step), or None when the
             backward was asked for no input gradient (``input_grad=False``).
-        dh0, dc0: ``[B, H]`` gradients of the initial states.
+        dh0, dc0: ``[B, H]`` gradients of the initial states (None from
+            ``sequence_backward_gates`` asked for none: ``state_grads=False``).
         dkernel: ``[I, 4H]``; drecurrent_kernel: ``[H, 4H]``; dbias: ``[4H]``
             (zeros when the layer has no bias; the layer drops it).
         dgates: None, except from ``sequence_backward_gates`` where the
@@ -462,7 +463,8 @@ class KernelBackend(abc.ABC):
         """
 
     def sequence_backward_gates(self, doutputs, dh, dc, workspace: Workspace, *,
-                                input_grad: bool = True, prefer_gates: bool = False) -> SequenceGrads:
+                                input_grad: bool = True, prefer_gates: bool = False,
+                                state_grads: bool = True) -> SequenceGrads:
         """``sequence_backward``, or, where the backend can give it cheaply, the gates'
         gradient in place of the weight gradients: for a caller that adds up the weight
         gradients of many one-step calls (a cell loop) as one product at the end, instead of
@@ -479,8 +481,17 @@ class KernelBackend(abc.ABC):
         whose products it runs well itself): for a caller with one step to form weight
         gradients for, in a layout of its own (``lstmeng.torch.LSTMCell``'s online step, whose
         parameters are the transposes of the contract's weights).
+
+        ``state_grads``: False when the caller needs no gradient of the initial states (a cell
+        step on detached states, as online learning runs): dh0 and dc0 are then None, and a
+        backend may skip the product that forms dh0 (the cython backend does: for one step,
+        the backward's only product with the recurrent kernel). By default this backend
+        computes them and drops them.
         """
-        return self.sequence_backward(doutputs, dh, dc, workspace, input_grad=input_grad)
+        grads = self.sequence_backward(doutputs, dh, dc, workspace, input_grad=input_grad)
+        if not state_grads:
+            grads.dh0 = grads.dc0 = None
+        return grads
 
     def gives_gates(self, workspace: Workspace) -> bool:
         """Whether ``sequence_backward_gates`` of ``workspace`` (not yet consumed) gives ``dgates``

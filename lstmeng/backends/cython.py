@@ -942,20 +942,26 @@ class CythonBackend(KernelBackend):
     def sequence_backward(self, doutputs, dh, dc, workspace, *, input_grad=True):
         return self._backward(doutputs, dh, dc, workspace, input_grad, weight_grads=True)
 
-    def sequence_backward_gates(self, doutputs, dh, dc, workspace, *, input_grad=True, prefer_gates=False):
+    def sequence_backward_gates(self, doutputs, dh, dc, workspace, *, input_grad=True, prefer_gates=False,
+                                state_grads=True):
         """The contract's: dgates for a one-step call without mask or dropout (``_gives_gates``,
         any number of rows with ``prefer_gates``: ``_may_give_gates``), the one-step kernel's or
-        the general path's with its weight-gradient products skipped; else ``sequence_backward``."""
+        the general path's with its weight-gradient products skipped; else ``sequence_backward``.
+        Without ``state_grads`` the extension skips the last step's product with the recurrent
+        kernel (it reaches only dh0; a one-step call's only one)."""
         overrides = _kernel_overrides.current()
         gates = (_may_give_gates if prefer_gates else _gives_gates)(workspace, overrides)
-        return self._backward(doutputs, dh, dc, workspace, input_grad, weight_grads=not gates)
+        return self._backward(doutputs, dh, dc, workspace, input_grad, weight_grads=not gates,
+                              state_grads=state_grads)
 
     def gives_gates(self, workspace) -> bool:
         return _gives_gates(workspace, _kernel_overrides.current())
 
-    def _backward(self, doutputs, dh, dc, workspace, input_grad: bool, weight_grads: bool):
+    def _backward(self, doutputs, dh, dc, workspace, input_grad: bool, weight_grads: bool,
+                  state_grads: bool = True):
         """sequence_backward; without ``weight_grads`` (a workspace ``_gives_gates`` holds for)
-        sequence_backward_gates' dgates in place of the weight gradients."""
+        sequence_backward_gates' dgates in place of the weight gradients; without
+        ``state_grads`` dh0 and dc0 None (sequence_backward_gates')."""
         ws, options = workspace, workspace.options
         # The backward overwrites the gates with their gradients: one backward per workspace.
         ws.consume(self.name)
@@ -966,9 +972,11 @@ class CythonBackend(KernelBackend):
         units = ws.recurrent_kernel.shape[1 if ws.weights_transposed else 0]
         doutputs = np.ascontiguousarray(doutputs, dtype=dtype)
         if _takes_one_step_backward(ws, overrides):
-            return self._one_step_backward(doutputs, dh, dc, ws, input_grad, weight_grads)
+            return self._one_step_backward(doutputs, dh, dc, ws, input_grad, weight_grads, state_grads)
         dx = np.zeros((batch, steps, features), dtype) if input_grad else None
-        dh0, dc0 = np.empty((batch, units), dtype), np.empty((batch, units), dtype)
+        dh0 = dc0 = None
+        if state_grads:
+            dh0, dc0 = np.empty((batch, units), dtype), np.empty((batch, units), dtype)
         dkernel = drecurrent_kernel = dbias = None
         if weight_grads:
             dkernel = np.empty((features, 4 * units), dtype)
@@ -1028,19 +1036,21 @@ class CythonBackend(KernelBackend):
         return SequenceGrads(dx=dx, dh0=dh0, dc0=dc0, dkernel=dkernel,
                              drecurrent_kernel=drecurrent_kernel, dbias=dbias, dgates=dgates)
 
-    def _one_step_backward(self, doutputs, dh, dc, ws, input_grad, weight_grads=True):
+    def _one_step_backward(self, doutputs, dh, dc, ws, input_grad, weight_grads=True, state_grads=True):
         """sequence_backward of a one-step workspace of one part on one thread without mask or
         dropout (``_one_step``'s, or the general forward's for such a call): the extension's
         ``step_backward``, bitwise what ``backward`` computes for it, without its setup (a
         batch-1 step at (I, H) = (64, 128): 48 us through ``backward``). Without
-        ``weight_grads``: sequence_backward_gates' result (dgates, no weight gradients).
+        ``weight_grads``: sequence_backward_gates' result (dgates, no weight gradients); without
+        ``state_grads`` no dh0 product, and dh0, dc0 None (dc0's rows are the kernel's scratch).
 
         doutputs: [B, 1, H] or [B, H]; dh, dc: [B, H]; ws: the consumed workspace."""
         options, dtype = ws.options, ws.gates.dtype
         batch, _, features = ws.input_shape
         units = ws.recurrent_kernel.shape[1 if ws.weights_transposed else 0]
         dx = np.empty((batch, 1, features), dtype) if input_grad else None
-        dh0, dc0 = np.empty((batch, units), dtype), np.empty((batch, units), dtype)
+        dh0 = np.empty((batch, units), dtype) if state_grads else None
+        dc0 = np.empty((batch, units), dtype)
         dkernel = drecurrent_kernel = dbias = None
         if weight_grads:
             dkernel = np.empty((features, 4 * units), dtype)
@@ -1057,7 +1067,7 @@ class CythonBackend(KernelBackend):
         dgates = None if weight_grads else ws.gates
         self._buffers.give(ws.c_prev, ws.h_in, *((ws.gates,) if weight_grads else ()))
         ws.gates = ws.c_prev = ws.h_in = None
-        return SequenceGrads(dx=dx, dh0=dh0, dc0=dc0, dkernel=dkernel,
+        return SequenceGrads(dx=dx, dh0=dh0, dc0=dc0 if state_grads else None, dkernel=dkernel,
                              drecurrent_kernel=drecurrent_kernel, dbias=dbias, dgates=dgates)
 
 
