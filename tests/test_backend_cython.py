@@ -903,18 +903,91 @@ def test_one_step_calls_take_the_short_path_with_the_same_numbers(isa, dtype, ba
                                                   err_msg=name)
                     testing.assert_close(getattr(short_grads, name), getattr(expected_grads, name), name, dtype,
                                          gradient=True)
-        # Not one step, a batch of two parts, a mask, dropout, a forced unit split: the general path.
+        # Not one step, a batch of two parts past the GEMV's rows, a mask, dropout, a forced unit
+        # split: the general path.
         calls.clear()
         mask = np.ones((batch, 1), bool)
         sequence_forward(backend, np.concatenate([x, x], axis=1), *arrays[1:])
-        sequence_forward(backend, np.concatenate([x] * 40)[:2 * cython_module.MIN_ROWS_PER_PART],
-                         *(np.concatenate([a] * 40)[:2 * cython_module.MIN_ROWS_PER_PART] for a in (h0, c0)),
+        sequence_forward(backend, np.concatenate([x] * 40)[:2 * cython_module.MIN_ROWS_PER_PART + 1],
+                         *(np.concatenate([a] * 40)[:2 * cython_module.MIN_ROWS_PER_PART + 1] for a in (h0, c0)),
                          *arrays[3:])
         sequence_forward(backend, *arrays, mask)
         sequence_forward(backend, *arrays, None, None, np.ones((batch, units), dtype))
         with kernel_overrides(cython_split_units=True):
             sequence_forward(backend, *arrays)
         assert calls == []
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["row-major", "transposed"])
+def test_one_step_calls_of_32_rows_take_the_short_path_where_its_gemv_takes_them(isa, dtype, transposed,
+                                                                                   monkeypatch):
+    """A one-step call of 2 * MIN_ROWS_PER_PART rows (where the general path splits the rows into
+    parts on threads) runs the one-step kernel only in float32 on the AVX-512 kernels (its GEMV
+    takes 32 rows, no BLAS call) and under MIN_FLOPS_TO_THREAD (in training under
+    ONE_STEP_TRAINING_MAX_FLOPS); there it agrees with the general
+    path within rounding (not bitwise: the general path packs the input kernel and sums the bias
+    gradient per part), and with the float64 NumPy reference, outputs and every gradient. A
+    larger layer (over MIN_FLOPS_TO_THREAD) keeps the general path."""
+    if isa not in cython_module._cython_lstm.SUPPORTED_ISAS:
+        pytest.skip(f"this CPU or build does not run {isa}")
+    monkeypatch.setattr(cython_module, "_kernel_threads", lambda: 2)
+    calls = []
+    short_path = cython_module.CythonBackend._one_step
+    monkeypatch.setattr(cython_module.CythonBackend, "_one_step",
+                        lambda self, *args, **kwargs: calls.append(args[0].shape) or short_path(self, *args, **kwargs))
+    batch, units, features = 2 * cython_module.MIN_ROWS_PER_PART, 32, 64
+    rng = np.random.default_rng(32)
+    x = rng.normal(size=(batch, 1, features)).astype(dtype)
+    h0, c0 = (rng.normal(size=(batch, units)).astype(dtype) for _ in range(2))
+    weight_ih = (rng.normal(size=(4 * units, features)) * 0.3).astype(dtype)   # PyTorch's layout
+    weight_hh = (rng.normal(size=(4 * units, units)) * 0.3).astype(dtype)
+    kernel, recurrent_kernel = ((weight_ih.T, weight_hh.T) if transposed else
+                                (np.ascontiguousarray(weight_ih.T), np.ascontiguousarray(weight_hh.T)))
+    bias = (rng.normal(size=4 * units) * 0.1).astype(dtype)
+    arrays = (x, h0, c0, kernel, recurrent_kernel, bias)
+    doutputs = rng.normal(size=(batch, 1, units)).astype(dtype)
+    dh, dc = (rng.normal(size=(batch, units)).astype(dtype) for _ in range(2))
+    from lstmeng.backends.numpy import NumpyBackend
+    backend, reference = cython_module.CythonBackend(), NumpyBackend()
+    expected = sequence_forward(reference, *(a.astype(np.float64) for a in arrays), return_sequences=True,
+                                training=True)
+    expected_grads = reference.sequence_backward(*(a.astype(np.float64) for a in (doutputs, dh, dc)),
+                                                 expected.workspace)
+    tolerance = 1e-4 if dtype == "float32" else 1e-10
+    names = ("dx", "dh0", "dc0", "dkernel", "drecurrent_kernel", "dbias")
+    with kernel_overrides(cython_isa=isa):
+        for one_step in (None, False):
+            calls.clear()
+            with kernel_overrides(cython_one_step=one_step):
+                forward = sequence_forward(backend, *arrays, return_sequences=True, training=True)
+                grads = backend.sequence_backward(doutputs, dh, dc, forward.workspace)
+            assert calls == ([(batch, 1, features)] if one_step is None and _gemv_takes_32_rows(isa, dtype)
+                             else [])
+            for name in ("outputs", "h", "c"):
+                np.testing.assert_allclose(getattr(forward, name), getattr(expected, name), rtol=tolerance,
+                                           atol=tolerance, err_msg=name)
+            for name in names:
+                testing.assert_close(getattr(grads, name), getattr(expected_grads, name), name, dtype,
+                                     gradient=True)
+        # Training over ONE_STEP_TRAINING_MAX_FLOPS, and any call over MIN_FLOPS_TO_THREAD: the rows
+        # run in parts on their threads.
+        monkeypatch.setattr(cython_module, "ONE_STEP_TRAINING_MAX_FLOPS", 0)
+        calls.clear()
+        sequence_forward(backend, *arrays, return_sequences=True, training=True)
+        sequence_forward(backend, *arrays, return_sequences=True, training=False)
+        assert calls == ([(batch, 1, features)] if _gemv_takes_32_rows(isa, dtype) else [])
+        monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)
+        calls.clear()
+        sequence_forward(backend, *arrays, return_sequences=True, training=False)
+        assert calls == []
+
+
+def _gemv_takes_32_rows(isa: str, dtype) -> bool:
+    """Whether a one-step call of 2 * MIN_ROWS_PER_PART rows (small layers) runs the one-step
+    kernel: float32 on the AVX-512 kernels, whose GEMV takes 32 rows (``_takes_one_step``)."""
+    return np.dtype(dtype) == np.float32 and isa == "avx512"
 
 
 def _cell_step_case(isa, dtype, transposed: bool, with_bias: bool, training: bool, monkeypatch) -> tuple:
@@ -952,7 +1025,8 @@ def _cell_step_case(isa, dtype, transposed: bool, with_bias: bool, training: boo
 def test_cell_inference_step_gives_cell_forwards_numbers(isa, dtype, transposed, with_bias, monkeypatch):
     """The backend's cell_inference_step function: bitwise cell_forward's h and c at batches
     1, 3 and 2 * MIN_ROWS_PER_PART - 1 (the one-step kernel, called directly) and at
-    2 * MIN_ROWS_PER_PART (cell_forward's general path); non-contiguous inputs are read as
+    2 * MIN_ROWS_PER_PART (the one-step kernel in float32 on the AVX-512 kernels, whose GEMV
+    takes 32 rows, else cell_forward's general path); non-contiguous inputs are read as
     cell_forward reads them; in-place changes of the weights' values are seen. Inputs of
     another dtype and forced kernel paths go through cell_forward itself."""
     rng, backend, kernel, recurrent_kernel, bias, options, generic_calls, cell_forward = _cell_step_case(
@@ -982,7 +1056,7 @@ def test_cell_inference_step_gives_cell_forwards_numbers(isa, dtype, transposed,
         for batch in (1, 3, 2 * cython_module.MIN_ROWS_PER_PART - 1, 2 * cython_module.MIN_ROWS_PER_PART):
             x = rng.normal(size=(batch, features)).astype(dtype)
             h, c = (rng.normal(size=(batch, units)).astype(dtype) for _ in range(2))
-            check(x, h, c, direct=batch < 2 * cython_module.MIN_ROWS_PER_PART)
+            check(x, h, c, direct=batch < 2 * cython_module.MIN_ROWS_PER_PART or _gemv_takes_32_rows(isa, dtype))
         wide = rng.normal(size=(3, 2 * features)).astype(dtype)
         check(wide[:, ::2], h[:3], c[:3], direct=True)                       # strided x
         check(x[:3].astype(np.float64 if dtype == "float32" else np.float32), h[:3], c[:3], direct=False)
@@ -1004,7 +1078,8 @@ def test_cell_training_step_gives_cell_forwards_numbers_and_workspace(isa, dtype
     """The backend's cell_training_step function: bitwise cell_forward's h and c, and a workspace
     whose backward (sequence_backward_gates, the cell loops' call, and cell_backward) is bitwise
     that of cell_forward's workspace, at batches 1, 3 and 2 * MIN_ROWS_PER_PART - 1 (the one-step
-    kernel, called directly) and 2 * MIN_ROWS_PER_PART (cell_forward's general path); forced
+    kernel, called directly) and 2 * MIN_ROWS_PER_PART (the one-step kernel where its GEMV takes
+    32 rows, float32 on the AVX-512 kernels, else cell_forward's general path); forced
     kernel paths and other dtypes go through cell_forward; in-place weight changes are seen."""
     rng, backend, kernel, recurrent_kernel, bias, options, generic_calls, cell_forward = _cell_step_case(
         isa, dtype, transposed, with_bias, True, monkeypatch)
@@ -1058,7 +1133,7 @@ def test_cell_training_step_gives_cell_forwards_numbers_and_workspace(isa, dtype
         for batch in (1, 3, 2 * cython_module.MIN_ROWS_PER_PART - 1, 2 * cython_module.MIN_ROWS_PER_PART):
             x = rng.normal(size=(batch, features)).astype(dtype)
             h, c = (rng.normal(size=(batch, units)).astype(dtype) for _ in range(2))
-            check(x, h, c, direct=batch < 2 * cython_module.MIN_ROWS_PER_PART)
+            check(x, h, c, direct=batch < 2 * cython_module.MIN_ROWS_PER_PART or _gemv_takes_32_rows(isa, dtype))
         check(x[:3].astype(np.float64 if dtype == "float32" else np.float32), h[:3], c[:3], direct=False)
         with kernel_overrides(cython_one_step=False):
             check(x[:3], h[:3], c[:3], direct=False)

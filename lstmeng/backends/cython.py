@@ -83,6 +83,13 @@ MIN_UNITS_TO_SPLIT = 64
 #: threads). Batches split by rows keep their threads: at (32, 50, 16, 32) and
 #: (64, 50, 16, 16), 13-20 MFLOP, two threads were 1.6-1.7x faster when idle.
 MIN_FLOPS_TO_THREAD = 2**25
+#: A training step of 2 * MIN_ROWS_PER_PART rows or more takes the one-step kernel (one thread)
+#: only under this many forward FLOPs (``_takes_one_step``): its backward then computes the
+#: weight gradients on that thread too, where the general path splits them among the threads.
+#: Zen 5, 2 threads, lstmeng.torch.LSTMCell training loops at batch 32 against the general
+#: path: (I, H) = (64, 128), 6.3 MFLOP, faster (1.05-1.09x -> 1.26-1.29x torch); (96, 192),
+#: 14 MFLOP, 1.31-1.33x -> 1.26-1.27x; (128, 256), 25 MFLOP, 1.41-1.47x -> 1.30-1.32x.
+ONE_STEP_TRAINING_MAX_FLOPS = 2**23
 #: ... except a call of at least MIN_STEPS_TO_SPLIT steps on a layer of at least this many
 #: units, which still splits them (the split chooser then times both ways, as for larger
 #: calls): its steps are long enough to pay for a barrier each. Batch 1, one thread / split,
@@ -515,20 +522,38 @@ def _contiguous(array, dtype):
     return None if array is None else np.ascontiguousarray(array, dtype=dtype)
 
 
-def _takes_one_step(batch: int, steps: int, features: int, training: bool, flops: float, overrides) -> bool:
+def _takes_one_step(batch: int, steps: int, features: int, training: bool, flops: float, overrides,
+                    units: int = 0, dtype=None) -> bool:
     """Whether a call without mask or dropout runs ``_one_step`` (the extension's
-    ``step_forward``) rather than the general path.
+    ``step_forward``) rather than the general path. units, dtype: the layer's (they matter
+    from 2 * MIN_ROWS_PER_PART rows). Call with the kernels of ``overrides`` selected.
 
-    The short path is bitwise the general one only while the general path takes BLAS for
-    both products of such a call: one step is under PACK_MIN_STEPS and fewer than 32 rows
-    under MIN_ROWS_TO_PACK (the extension's constants; tests/test_backend_cython.py
-    compares the two paths bitwise at B = 1, 5 and 31). A training call takes it only
-    where the general path runs one thread (under MIN_FLOPS_TO_THREAD), so that its
-    workspace is the one the general path would hand the backward.
+    Under 2 * MIN_ROWS_PER_PART rows the short path is bitwise the general one: the general path
+    takes the same unpacked products for such a call (one step is under PACK_MIN_STEPS and fewer
+    than 32 rows under MIN_ROWS_TO_PACK, the extension's constants; tests/test_backend_cython.py
+    compares the two paths bitwise at B = 1, 5 and 31). A training call takes it only where
+    the general path runs one thread (under MIN_FLOPS_TO_THREAD), so that its workspace is the
+    one the general path would hand the backward.
+
+    From 2 * MIN_ROWS_PER_PART rows the general path splits the rows into parts on their threads
+    and packs the input kernel; the short path takes such a call where one thread is enough
+    (under MIN_FLOPS_TO_THREAD; in training under ONE_STEP_TRAINING_MAX_FLOPS, as its backward's
+    weight gradients then run on one thread too) and its kernel calls no BLAS (``step_calls_blas``: float32, both
+    products on its GEMV, 32 rows on the AVX-512 kernels, and in training the weight gradients
+    on the packed kernel). There it agrees with the general path within rounding, not bitwise
+    (the input projection's and the bias gradient's sums are grouped otherwise). Measured on the
+    Zen 5 (2 threads, ``lstmeng.torch.LSTMCell`` against ``torch.nn.LSTMCell``, 50-step loops at
+    (I, H) = (64, 128), batch 32, two alternated runs): inference 1.21-1.22x -> 1.53-1.58x,
+    training 1.05-1.06x -> 1.27-1.29x, online 0.74-0.75x -> 1.02x; at batch 48 (SGEMM) the short
+    path lost (inference 0.85x), hence the GEMV condition.
     """
-    return (steps == 1 and features > 0 and 0 < batch < 2 * MIN_ROWS_PER_PART
-            and overrides.cython_split_units is not True and overrides.cython_one_step is not False
-            and (not training or flops < MIN_FLOPS_TO_THREAD))
+    if not (steps == 1 and features > 0 and batch > 0 and overrides.cython_split_units is not True
+            and overrides.cython_one_step is not False):
+        return False
+    if batch < 2 * MIN_ROWS_PER_PART:
+        return not training or flops < MIN_FLOPS_TO_THREAD
+    return (flops < (ONE_STEP_TRAINING_MAX_FLOPS if training else MIN_FLOPS_TO_THREAD) and dtype == np.float32
+            and not _cython_lstm.step_calls_blas(True, batch, features, units, training))
 
 
 def _takes_one_step_backward(ws, overrides) -> bool:
@@ -657,7 +682,8 @@ class _CellWeights:
             return (width == self.features and h.shape == c.shape == (batch, units)
                     and x.dtype == h.dtype == c.dtype == self.dtype and (bias is not None) == self.has_bias
                     and (bias is None or (bias.shape == (self.gate_columns,) and bias.dtype == self.dtype))
-                    and _takes_one_step(batch, 1, width, training, 8.0 * batch * units * (width + units), overrides))
+                    and _takes_one_step(batch, 1, width, training, 8.0 * batch * units * (width + units), overrides,
+                                        units, self.dtype))
         except (AttributeError, TypeError, ValueError):   # not arrays, or x not 2-D
             return False
 
@@ -718,7 +744,7 @@ class CythonBackend(KernelBackend):
         recurrent_dropout_mask = _contiguous(recurrent_dropout_mask, dtype)
         flops = 8.0 * batch * steps * units * (features + units)
         if (mask is None and input_dropout_mask is None and recurrent_dropout_mask is None
-                and _takes_one_step(batch, steps, features, training, flops, overrides)):
+                and _takes_one_step(batch, steps, features, training, flops, overrides, units, dtype)):
             return self._one_step(x, h0, c0, kernel, recurrent_kernel, bias, weights_transposed, options)
         counts = _ThreadCounts()
         parts, threads, split_units = _team(batch, units, overrides.cython_split_units, flops, steps,
@@ -861,9 +887,9 @@ class CythonBackend(KernelBackend):
         def step(x, h, c, bias):
             """x [B, I], h, c [B, H], bias [4H] or None -> (h [B, H], c [B, H])."""
             overrides = _kernel_overrides.current()
+            _select_kernels(overrides)   # before takes(): from 32 rows it asks the kernels in use
             if not cell.takes(x, h, c, bias, False, overrides):
                 return generic(x, h, c, bias)
-            _select_kernels(overrides)
             return _step_states(step_forward, np.ascontiguousarray(x), np.ascontiguousarray(h),
                                 np.ascontiguousarray(c), cell.kernel, cell.recurrent_kernel,
                                 None if bias is None else np.ascontiguousarray(bias),
@@ -886,9 +912,9 @@ class CythonBackend(KernelBackend):
         def step(x, h, c, bias):
             """x [B, I], h, c [B, H], bias [4H] or None -> (h [B, H], c [B, H], workspace)."""
             overrides = _kernel_overrides.current()
+            _select_kernels(overrides)   # before takes(): from 32 rows it asks the kernels in use
             if not cell.takes(x, h, c, bias, True, overrides):
                 return generic(x, h, c, bias)
-            _select_kernels(overrides)
             x = np.ascontiguousarray(x)
             result = self._one_step(x.reshape(x.shape[0], 1, x.shape[1]), np.ascontiguousarray(h),
                                     np.ascontiguousarray(c), cell.kernel, cell.recurrent_kernel,
@@ -901,9 +927,10 @@ class CythonBackend(KernelBackend):
     def _one_step(self, x, h0, c0, kernel, recurrent_kernel, bias, weights_transposed, options,
                   outputs: bool = True):
         """sequence_forward of one step of one part without a mask or dropout (a cell step, a
-        streaming call): the extension's ``step_forward``, the same products as the general
-        path's at T = 1 (so bitwise the same results) without its setup: a batch-1 inference
-        call at (I, H) = (64, 128) took 18.6 us through the general path, 9.2 this way. In
+        streaming call): the extension's ``step_forward``, under 32 rows the same products as the
+        general path's at T = 1 (so bitwise the same results; ``_takes_one_step``) without its
+        setup: a batch-1 inference call at (I, H) = (64, 128) took 18.6 us through the general
+        path, 9.2 this way. In
         training it also writes the workspace the general path's one-thread forward would
         (gates, c(t - 1), h(t - 1) of the one-part layout), for the same backward.
 
