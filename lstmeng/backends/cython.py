@@ -538,10 +538,11 @@ def _takes_one_step(batch: int, steps: int, features: int, training: bool, flops
     From 2 * MIN_ROWS_PER_PART rows the general path splits the rows into parts on their threads
     and packs the input kernel; the short path takes such a call where one thread is enough
     (under MIN_FLOPS_TO_THREAD; in training under ONE_STEP_TRAINING_MAX_FLOPS, as its backward's
-    weight gradients then run on one thread too) and its kernel calls no BLAS (``step_calls_blas``: float32, both
-    products on its GEMV, 32 rows on the AVX-512 kernels, and in training the weight gradients
-    on the packed kernel). There it agrees with the general path within rounding, not bitwise
-    (the input projection's and the bias gradient's sums are grouped otherwise). Measured on the
+    weight gradients then run on one thread too) and its kernel calls no BLAS
+    (``step_calls_blas``: float32, both products on its GEMV, 32 rows on the AVX-512 kernels, and
+    in training the weight gradients on the packed kernel). There it agrees with the general
+    path within rounding, not bitwise (the input projection's and the bias gradient's sums are
+    grouped otherwise). Measured on the
     Zen 5 (2 threads, ``lstmeng.torch.LSTMCell`` against ``torch.nn.LSTMCell``, 50-step loops at
     (I, H) = (64, 128), batch 32, two alternated runs): inference 1.21-1.22x -> 1.53-1.58x,
     training 1.05-1.06x -> 1.27-1.29x, online 0.74-0.75x -> 1.02x; at batch 48 (SGEMM) the short
@@ -930,9 +931,9 @@ class CythonBackend(KernelBackend):
         streaming call): the extension's ``step_forward``, under 32 rows the same products as the
         general path's at T = 1 (so bitwise the same results; ``_takes_one_step``) without its
         setup: a batch-1 inference call at (I, H) = (64, 128) took 18.6 us through the general
-        path, 9.2 this way. In
-        training it also writes the workspace the general path's one-thread forward would
-        (gates, c(t - 1), h(t - 1) of the one-part layout), for the same backward.
+        path, 9.2 this way. In training it also writes the workspace the general path's
+        one-thread forward would (gates, c(t - 1), h(t - 1) of the one-part layout), for the
+        same backward.
 
         x: [B, 1, I]; h0, c0: [B, H]; kernel, recurrent_kernel as ``_weights_for_kernels``
         returns them; bias: [4H] or None; outputs: False for a caller that reads only h and c (a
