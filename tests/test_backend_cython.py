@@ -829,6 +829,20 @@ def test_short_waits_at_the_parts_end_do_not_count():
     assert losing(3.5 * floor, long_call, split_units=False)
 
 
+def _one_step_arrays(rng, batch: int, features: int, units: int, dtype, transposed: bool, with_bias: bool) -> tuple:
+    """(x [B, 1, I], h0, c0 [B, H], kernel [I, 4H], recurrent_kernel [H, 4H], bias [4H] or None) of a
+    one-step call, the weights made in PyTorch's layout and passed as their transposed views (read
+    in place) or as row-major copies."""
+    x = rng.normal(size=(batch, 1, features)).astype(dtype)
+    h0, c0 = (rng.normal(size=(batch, units)).astype(dtype) for _ in range(2))
+    weight_ih = (rng.normal(size=(4 * units, features)) * 0.3).astype(dtype)   # PyTorch's layout
+    weight_hh = (rng.normal(size=(4 * units, units)) * 0.3).astype(dtype)
+    kernel, recurrent_kernel = ((weight_ih.T, weight_hh.T) if transposed else
+                                (np.ascontiguousarray(weight_ih.T), np.ascontiguousarray(weight_hh.T)))
+    bias = (rng.normal(size=4 * units) * 0.1).astype(dtype) if with_bias else None
+    return x, h0, c0, kernel, recurrent_kernel, bias
+
+
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("batch", [1, 5, 2 * cython_module.MIN_ROWS_PER_PART - 1])
@@ -852,14 +866,8 @@ def test_one_step_calls_take_the_short_path_with_the_same_numbers(isa, dtype, ba
                         lambda self, *args: backward_calls.append(args[3].input_shape) or short_backward(self, *args))
     rng = np.random.default_rng(batch)
     units, features = 32, 7
-    x = rng.normal(size=(batch, 1, features)).astype(dtype)
-    h0, c0 = (rng.normal(size=(batch, units)).astype(dtype) for _ in range(2))
-    weight_ih = (rng.normal(size=(4 * units, features)) * 0.3).astype(dtype)   # PyTorch's layout
-    weight_hh = (rng.normal(size=(4 * units, units)) * 0.3).astype(dtype)
-    kernel, recurrent_kernel = ((weight_ih.T, weight_hh.T) if transposed else
-                                (np.ascontiguousarray(weight_ih.T), np.ascontiguousarray(weight_hh.T)))
-    bias = (rng.normal(size=4 * units) * 0.1).astype(dtype) if with_bias else None
-    arrays = (x, h0, c0, kernel, recurrent_kernel, bias)
+    arrays = _one_step_arrays(rng, batch, features, units, dtype, transposed, with_bias)
+    x, h0, c0, kernel, recurrent_kernel, bias = arrays
     from lstmeng.backends.numpy import NumpyBackend
     backend, reference = cython_module.CythonBackend(), NumpyBackend()
     names = ("dx", "dh0", "dc0", "dkernel", "drecurrent_kernel", "dbias")
@@ -939,14 +947,7 @@ def test_one_step_calls_of_32_rows_take_the_short_path_where_its_gemv_takes_them
                         lambda self, *args, **kwargs: calls.append(args[0].shape) or short_path(self, *args, **kwargs))
     batch, units, features = 2 * cython_module.MIN_ROWS_PER_PART, 32, 64
     rng = np.random.default_rng(32)
-    x = rng.normal(size=(batch, 1, features)).astype(dtype)
-    h0, c0 = (rng.normal(size=(batch, units)).astype(dtype) for _ in range(2))
-    weight_ih = (rng.normal(size=(4 * units, features)) * 0.3).astype(dtype)   # PyTorch's layout
-    weight_hh = (rng.normal(size=(4 * units, units)) * 0.3).astype(dtype)
-    kernel, recurrent_kernel = ((weight_ih.T, weight_hh.T) if transposed else
-                                (np.ascontiguousarray(weight_ih.T), np.ascontiguousarray(weight_hh.T)))
-    bias = (rng.normal(size=4 * units) * 0.1).astype(dtype)
-    arrays = (x, h0, c0, kernel, recurrent_kernel, bias)
+    arrays = _one_step_arrays(rng, batch, features, units, dtype, transposed, with_bias=True)
     doutputs = rng.normal(size=(batch, 1, units)).astype(dtype)
     dh, dc = (rng.normal(size=(batch, units)).astype(dtype) for _ in range(2))
     from lstmeng.backends.numpy import NumpyBackend

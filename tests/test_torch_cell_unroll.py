@@ -59,6 +59,18 @@ def _loop_gradients(module, x, h0, c0, dh, dc):
     return [h, c, x.grad, h0.grad, c0.grad] + [parameter.grad for parameter in module.parameters()]
 
 
+def _online_gradients(module, x, h0, c0, dh, dc):
+    """Online learning (a backward per step, the states detached before the next) over x [T, B, I]
+    from h0, c0: after each step its h, c and a copy of every parameter's .grad."""
+    module.zero_grad(set_to_none=True)
+    h, c, results = h0, c0, []
+    for t in range(STEPS):
+        h, c = module(x[t], (h.detach(), c.detach()))
+        ((h * dh).sum() + (c * dc).sum()).backward()
+        results += [h, c] + [parameter.grad.clone() for parameter in module.parameters()]
+    return results
+
+
 def _assert_matches_torch(run, reference, mine, rtol=1e-10, atol=1e-12):
     """``run(module)`` -> a list of tensors, run on torch.nn.LSTMCell and then on the lstmeng module:
     each of the lstmeng module's equals torch's."""
@@ -158,18 +170,9 @@ def test_a_lone_step_of_parts_of_rows_asks_for_dz(most_rows, monkeypatch):
     monkeypatch.setattr(cython_module, "_kernel_threads", lambda: 2)
     monkeypatch.setattr(lt, "LONE_STEP_GATES_MAX_ROWS", most_rows)
     reference, mine = _pair()
-    x, h0, c0, dh, dc = _leaves(34, torch.float64)
-
-    def online(module):
-        module.zero_grad(set_to_none=True)
-        h, c, results = h0, c0, []
-        for t in range(STEPS):
-            h, c = module(x[t], (h.detach(), c.detach()))
-            ((h * dh).sum() + (c * dc).sum()).backward()
-            results += [h] + [parameter.grad.clone() for parameter in module.parameters()]
-        return results
-
-    _assert_matches_torch(online, reference, mine)
+    leaves = _leaves(34, torch.float64)
+    x, h0, c0 = leaves[:3]
+    _assert_matches_torch(lambda module: _online_gradients(module, *leaves), reference, mine)
     lone = most_rows == 34
     assert made == [] and spy.preferred == [lone] * STEPS and set(spy.teams) == {(2, False)}
     assert (spy.with_gates, spy.without) == ((STEPS, 0) if lone else (0, STEPS))
@@ -193,18 +196,9 @@ def test_steps_on_states_that_need_no_gradient_ask_for_none(batch, monkeypatch):
         monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)   # every training step threads
         monkeypatch.setattr(cython_module, "_kernel_threads", lambda: 2)
     reference, mine = _pair()
-    x, h0, c0, dh, dc = _leaves(batch, torch.float64)
-
-    def online(module):
-        module.zero_grad(set_to_none=True)
-        h, c, results = h0, c0, []
-        for t in range(STEPS):
-            h, c = module(x[t], (h.detach(), c.detach()))
-            ((h * dh).sum() + (c * dc).sum()).backward()
-            results += [h, c] + [parameter.grad.clone() for parameter in module.parameters()]
-        return results
-
-    _assert_matches_torch(online, reference, mine)
+    leaves = _leaves(batch, torch.float64)
+    x, h0, c0, dh, dc = leaves
+    _assert_matches_torch(lambda module: _online_gradients(module, *leaves), reference, mine)
     assert spy.state_grads == [False] * STEPS
 
     for wanted in ("h0", "c0", "both"):
