@@ -542,9 +542,9 @@ def _takes_one_step(batch: int, steps: int, features: int, training: bool, flops
     (``step_calls_blas``: float32, both products on its GEMV, 32 rows on the AVX-512 kernels, and
     in training the weight gradients on the packed kernel). There it agrees with the general
     path within rounding, not bitwise (the input projection's and the bias gradient's sums are
-    grouped otherwise). Measured on the
-    Zen 5 (2 threads, ``lstmeng.torch.LSTMCell`` against ``torch.nn.LSTMCell``, 50-step loops at
-    (I, H) = (64, 128), batch 32, two alternated runs): inference 1.21-1.22x -> 1.53-1.58x,
+    grouped otherwise). Measured on the Zen 5 (2 threads, ``lstmeng.torch.LSTMCell`` against
+    ``torch.nn.LSTMCell``, 50-step loops at (I, H) = (64, 128), batch 32, two alternated runs):
+    inference 1.21-1.22x -> 1.53-1.58x,
     training 1.05-1.06x -> 1.27-1.29x, online 0.74-0.75x -> 1.02x; at batch 48 (SGEMM) the short
     path lost (inference 0.85x), hence the GEMV condition.
     """
