@@ -65,6 +65,8 @@ __all__ = ["LSTM", "LSTMCell"]
 #: Floating dtypes that autocast may hand the module; they are cast to the parameters' dtype.
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16)
 _CPU = torch.device("cpu")
+#: Tensor dtypes whose ``.numpy()`` views are backend arrays.
+_NUMPY_FLOATS = (torch.float32, torch.float64)
 
 
 _check_backend_name = registry.check_backend_choice
@@ -452,25 +454,32 @@ def _cell_step_backward(call, x, h0, c0, parameters: tuple, workspace, dh, dc, i
     return dx, dh0, dc0, None, weights
 
 
-def _summed_weight_gradients(deferred, given, needs: tuple, parameters: tuple) -> tuple:
+def _summed_weight_gradients(deferred, given, needs: tuple, parameters: tuple, backend=None) -> tuple:
     """(weight_ih [4H, I], weight_hh [4H, H], bias [4H]) gradients of some cell steps, each None
     where ``needs`` (the same three) wants none. deferred: (x [B, I], h0 [B, H], dz [B, 4H]) of the
     steps that gave dz, whose weight gradients are ``dz^T x``, ``dz^T h0`` (one product over all
     of them, contiguous in the parameters' layout) and dz's column sums; given: the other steps'
-    gradients already added up (a list of the three, or None). No steps: zeros, as autograd gives
-    a parameter that no step reached."""
+    gradients already added up (a list of the three, or None); backend: the steps' KernelBackend,
+    whose ``gates_weight_gradients`` forms both products where it offers them (host steps of
+    several rows; the cython backend's AVX-512 kernel), else torch.mm does. No steps: zeros, as
+    autograd gives a parameter that no step reached."""
     totals = list(given) if given is not None else [None, None, None]
     if deferred:
         dz = deferred[0][2] if len(deferred) == 1 else torch.cat([step[2] for step in deferred])  # [S B, 4H]
+        factors = [None, None]
         for position in (0, 1):
             if needs[position]:
-                factor = (deferred[0][position] if len(deferred) == 1
-                          else torch.cat([step[position] for step in deferred]))                 # [S B, I or H]
+                factors[position] = (deferred[0][position] if len(deferred) == 1
+                                     else torch.cat([step[position] for step in deferred]))  # [S B, I or H]
+        products = _backend_weight_products(backend, dz, *factors)
+        for position in (0, 1):
+            if needs[position]:
                 # One row (a batch-1 step on its own, as online learning runs): an outer product,
                 # which a broadcast multiply forms in one pass over the result, with the same
                 # roundings (one product per element). torch.mm with K = 1 took 2-3x longer there
                 # (e.g. 79 against 36 us for both weights at (I, H) = (256, 512)).
-                product = dz.t() * factor if dz.shape[0] == 1 else dz.t().mm(factor)
+                product = (products[position] if products is not None
+                           else dz.t() * factors[position] if dz.shape[0] == 1 else dz.t().mm(factors[position]))
                 totals[position] = product if totals[position] is None else product.add_(totals[position])
         if needs[2] and dz.shape[0] == 1 and totals[2] is None:
             # One row and nothing to add to it: the row itself, which is its sum exactly (a view of
@@ -485,6 +494,22 @@ def _summed_weight_gradients(deferred, given, needs: tuple, parameters: tuple) -
         elif totals[position] is None:
             totals[position] = torch.zeros_like(parameter)
     return tuple(totals)
+
+
+def _backend_weight_products(backend, dz, x, h0):
+    """(dz^T x [4H, I], dz^T h0 [4H, H]) tensors from the backend's ``gates_weight_gradients``, or
+    None where it does not form them: it is not asked for a step of one row (the broadcast outer
+    products of ``_summed_weight_gradients`` are as fast there), for CUDA tensors, or where the caller
+    needs only one of them. On a Zen 5 its AVX-512 kernel ran 2.0-2.4x faster than torch.mm (MKL's
+    AVX2 code on that CPU) from 32 rows: at (I, H) = (64, 128) and 64 rows 35 against 72 us,
+    at (256, 512) and 32 rows 234 against 536."""
+    if (backend is None or x is None or h0 is None or dz.shape[0] < 2 or dz.device.type != "cpu"
+            or dz.dtype not in _NUMPY_FLOATS):
+        return None
+    products = backend.gates_weight_gradients(dz.numpy(), x.numpy(), h0.numpy())
+    if products is None:
+        return None
+    return _host_tensor(products[0]), _host_tensor(products[1])
 
 
 class _CellUnroll:
@@ -518,12 +543,13 @@ class _CellUnroll:
     they come (kept until the end, every step's arrays would be new memory, page faults).
     """
 
-    __slots__ = ("parameters", "versions", "token", "deferred", "given", "__weakref__")
+    __slots__ = ("parameters", "versions", "token", "deferred", "given", "backend", "__weakref__")
 
     def __init__(self, parameters: tuple):
         self.parameters = parameters
         self.versions = tuple(None if p is None else p._version for p in parameters)
         self.deferred, self.given = [], {}
+        self.backend = None   # the steps' backend (the last to add one)
         self.token = _UnrollWeights.apply(self, *parameters)
 
     def current(self, parameters: tuple) -> bool:
@@ -541,8 +567,10 @@ class _CellUnroll:
                     f"operation: [{type(parameter).__name__} of shape {list(parameter.shape)}] is at version "
                     f"{parameter._version}; expected version {version} instead (lstmeng.torch.LSTMCell)")
 
-    def add_step(self, task_id, x, h0, dz, weights) -> None:
-        """Keep a step backward's contribution (``_cell_step_backward``'s dz or weights)."""
+    def add_step(self, task_id, x, h0, dz, weights, backend) -> None:
+        """Keep a step backward's contribution (``_cell_step_backward``'s dz or weights; backend:
+        the step's, which forms the products of dz where it can)."""
+        self.backend = backend
         if dz is not None:
             self.deferred.append((task_id, x, h0, dz))
             return
@@ -559,7 +587,7 @@ class _CellUnroll:
         deferred = [step[1:] for step in self.deferred if step[0] == task_id]
         given = self.given.get(task_id)
         self.deferred, self.given = [], {}
-        return _summed_weight_gradients(deferred, given, needs, self.parameters)
+        return _summed_weight_gradients(deferred, given, needs, self.parameters, self.backend)
 
 
 class _UnrollWeights(torch.autograd.Function):
@@ -589,7 +617,7 @@ class _DeferredCellStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call, unroll, x, h0, c0, token):
         h, c, workspace = call.forward(x, h0, c0, unroll.parameters[2], unroll.parameters[3])
-        call.gives_gates = call.backend.gives_gates(workspace)
+        call.gives_gates = _chained_step_gives_gates(call.backend, workspace, x, h0)
         ctx.call, ctx.unroll, ctx.workspace = call, unroll, workspace
         ctx.save_for_backward(x, h0, c0)
         return h, c
@@ -603,9 +631,33 @@ class _DeferredCellStep(torch.autograd.Function):
         needs = ctx.needs_input_grad
         dx, dh0, dc0, dz, weights = _cell_step_backward(ctx.call, x, h0, c0, unroll.parameters, ctx.workspace,
                                                         dh, dc, input_grad=needs[2],
+                                                        prefer_gates=ctx.call.gives_gates,
                                                         state_grads=needs[3] or needs[4])
-        unroll.add_step(_graph_task_id(), x.detach(), h0.detach(), dz, weights)
+        unroll.add_step(_graph_task_id(), x.detach(), h0.detach(), dz, weights, ctx.call.backend)
         return None, None, dx if needs[2] else None, dh0 if needs[3] else None, dc0 if needs[4] else None, None
+
+
+#: The most rows of a chained cell step (a loop's, which autograd would otherwise add up) whose
+#: backward asks for dz where the backend forms the products of dz itself
+#: (``KernelBackend.takes_gates_weight_gradients``; below 2 * 16 rows the cython backend gives dz
+#: anyway). lstmeng.torch.LSTMCell training loops (50 steps, Zen 5 with AVX-512, 2 threads), dz
+#: against the steps' own weight gradients: at (I, H) = (64, 128) 1.10x faster at batch 32,
+#: 1.01x at 64, 0.93x at 128; at (256, 512) 1.30x, 1.06x, 1.05x.
+CHAINED_STEP_GATES_MAX_ROWS = 64
+
+
+def _backend_forms_products(backend, x, h0) -> bool:
+    """Whether ``backend`` forms the weight-gradient products of a step on x [B, I] and h0 [B, H]
+    (CPU tensors) from its dz (``takes_gates_weight_gradients``)."""
+    return backend.takes_gates_weight_gradients(x.shape[0], x.shape[1], h0.shape[1], np.dtype(_dtype_name(x.dtype)))
+
+
+def _chained_step_gives_gates(backend, workspace, x, h0) -> bool:
+    """Whether a cell step's backward will give dz (``_CellStepCall.gives_gates``): where the backend
+    gives it by default (``gives_gates``), or where its rows are at most CHAINED_STEP_GATES_MAX_ROWS
+    and the backend forms the products of dz (then asked with ``prefer_gates``)."""
+    return backend.gives_gates(workspace) or (x.shape[0] <= CHAINED_STEP_GATES_MAX_ROWS
+                                              and _backend_forms_products(backend, x, h0))
 
 
 #: The most rows of a lone cell step (``_CellStep``) whose backward asks for dz. Online loops
@@ -613,7 +665,9 @@ class _DeferredCellStep(torch.autograd.Function):
 #: with dz against with the backend's weight gradients: at (I, H) = (256, 512) 1.50x faster at
 #: batch 32, 1.18x at 64, 1.07x at 128, 0.91x at 256; at (64, 128) 1.08x, 1.02x, 1.00x, 0.90x.
 #: Past it the weight-gradient product, torch.mm on MKL's AVX2 code there, costs more than the
-#: layout change saves.
+#: layout change saves. No limit where the backend forms the products itself
+#: (``_backend_forms_products``): online loops (session 26, the same machine) with dz 1.01-1.20x
+#: faster at (64, 128) from 32 to 256 rows (0.98x at 512), 1.16-2.22x at (256, 512) to 512 rows.
 LONE_STEP_GATES_MAX_ROWS = 128
 
 
@@ -628,14 +682,17 @@ class _CellStep(torch.autograd.Function):
     rows asks the backend for dz (``prefer_gates``) also where it would give weight gradients:
     those are autograd's to add into ``.grad`` as they are, and the backend's, in the contract's
     layout, would cost a transposed pass over weight-sized arrays (1.4 ms at (I, H) = (256, 512)
-    and batch 32) where dz^T x makes them in the parameters' layout. Steps that autograd adds
-    up keep the backend's products, which run faster than torch.mm's there (``CythonBackend``'s
-    ``_gives_gates``)."""
+    and batch 32) where dz^T x makes them in the parameters' layout (any number of rows where the
+    backend forms dz^T x itself: ``_backend_forms_products``). Steps that autograd adds up keep
+    the backend's products, which run faster than torch.mm's there (``CythonBackend``'s
+    ``_gives_gates``), unless the backend forms dz^T x itself and they have at most
+    CHAINED_STEP_GATES_MAX_ROWS rows: those give dz and continue a chain
+    (``_chained_step_gives_gates``)."""
 
     @staticmethod
     def forward(ctx, call, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
         h, c, workspace = call.forward(x, h0, c0, bias_ih, bias_hh)
-        call.gives_gates = call.backend.gives_gates(workspace)
+        call.gives_gates = _chained_step_gives_gates(call.backend, workspace, x, h0)
         ctx.call, ctx.workspace = call, workspace
         ctx.save_for_backward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
         return h, c
@@ -647,12 +704,13 @@ class _CellStep(torch.autograd.Function):
         needs = ctx.needs_input_grad
         dx, dh0, dc0, dz, weights = _cell_step_backward(ctx.call, x, h0, c0, parameters, ctx.workspace, dh, dc,
                                                         input_grad=needs[1],
-                                                        prefer_gates=not ctx.call.linked
-                                                        and x.shape[0] <= LONE_STEP_GATES_MAX_ROWS,
+                                                        prefer_gates=ctx.call.gives_gates or not ctx.call.linked
+                                                        and (x.shape[0] <= LONE_STEP_GATES_MAX_ROWS
+                                                             or _backend_forms_products(ctx.call.backend, x, h0)),
                                                         state_grads=needs[2] or needs[3])
         deferred = [] if dz is None else [(x.detach(), h0.detach(), dz)]
         dw_ih, dw_hh, dbias = _summed_weight_gradients(deferred, weights, (needs[4], needs[5], needs[6] or needs[7]),
-                                                       parameters)
+                                                       parameters, ctx.call.backend)
         return (None, dx if needs[1] else None, dh0 if needs[2] else None, dc0 if needs[3] else None,
                 dw_ih, dw_hh, dbias if needs[6] else None, dbias if needs[7] else None)
 

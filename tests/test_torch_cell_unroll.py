@@ -468,3 +468,55 @@ def test_training_steps_run_one_training_step_function_per_weight_storage(monkey
     x, h0, c0, dh, dc = (tensor.double() for tensor in (x, h0, c0, dh, dc))
     check()
     assert len(made) == 3 and len(calls) == 4
+
+
+def _backend_products_spy(monkeypatch) -> list:
+    """A list that receives the row count of every ``CythonBackend.gates_weight_gradients`` call
+    that formed the products (not None)."""
+    formed = []
+    original = cython_module.CythonBackend.gates_weight_gradients
+
+    def spy(backend, dgates, inputs, states):
+        products = original(backend, dgates, inputs, states)
+        if products is not None:
+            formed.append(dgates.shape[0])
+        return products
+
+    monkeypatch.setattr(cython_module.CythonBackend, "gates_weight_gradients", spy)
+    return formed
+
+
+@pytest.mark.parametrize("isa, batch", [("avx512", 34), ("avx512", 65), ("avx2", 34)])
+@pytest.mark.parametrize("mode", ["online", "loop"])
+def test_float32_steps_whose_backend_forms_the_products_ask_for_dz(mode, isa, batch, monkeypatch):
+    """Where the backend forms dz^T x and dz^T h0 itself (float32, the avx512 kernels, I and H
+    multiples of 32: ``takes_gates_weight_gradients``), a lone step asks for dz at any batch
+    (here past a LONE_STEP_GATES_MAX_ROWS of 1), and the steps of a loop of at most
+    CHAINED_STEP_GATES_MAX_ROWS rows give dz and join one unroll, whose node has the backend form
+    the products over all of them; 65 rows stay alone in a loop, and the avx2 kernels (torch.mm
+    would form the products) leave both as they were. Every gradient equals torch.nn.LSTMCell's
+    (float32)."""
+    if isa not in cython_module._cython_lstm.SUPPORTED_ISAS:
+        pytest.skip(f"this CPU or build does not run {isa}")
+    spy = _GatesSpy(monkeypatch)
+    made = _count_unrolls(monkeypatch)
+    formed = _backend_products_spy(monkeypatch)
+    monkeypatch.setattr(cython_module, "MIN_FLOPS_TO_THREAD", 0)   # parts of rows on two threads
+    monkeypatch.setattr(cython_module, "_kernel_threads", lambda: 2)
+    monkeypatch.setattr(lt, "LONE_STEP_GATES_MAX_ROWS", 1)
+    sizes = (32, 64)
+    reference, mine = _pair(dtype=torch.float32, sizes=sizes)
+    generator = torch.Generator().manual_seed(5)
+    leaves = [torch.randn(STEPS, batch, sizes[0], generator=generator)] + [
+        torch.randn(batch, sizes[1], generator=generator) for _ in range(4)]
+    run = _online_gradients if mode == "online" else _loop_gradients
+    with kernel_overrides(cython_isa=isa):
+        _assert_matches_torch(lambda module: run(module, *leaves), reference, mine, rtol=1e-4, atol=1e-5)
+    forms = isa == "avx512" and (mode == "online" or batch <= lt.CHAINED_STEP_GATES_MAX_ROWS)
+    assert (spy.with_gates, spy.without) == ((STEPS, 0) if forms else (0, STEPS))
+    if mode == "online":
+        # Each step its own backward pass: its dz's products, formed by the backend.
+        assert made == [] and formed == ([batch] * STEPS if forms else [])
+    else:
+        # The chain's first step forms its own; the unroll those of the other steps at once.
+        assert (len(made), sorted(formed)) == ((1, [batch, (STEPS - 1) * batch]) if forms else (0, []))

@@ -499,6 +499,24 @@ class KernelBackend(abc.ABC):
         the steps' dz itself and taking their weight gradients."""
         return False
 
+    def gates_weight_gradients(self, dgates, inputs, states):
+        """The weight gradients of one-step calls from their ``dgates``, in the transposed layout
+        (PyTorch's ``weight_ih`` and ``weight_hh``): ``(dgates^T @ inputs [4H, I], dgates^T @ states
+        [4H, H])``, new arrays, for dgates ``[N, 4H]`` (the calls' rows stacked), inputs ``[N, I]``
+        and states ``[N, H]`` (each row's x and h0), host arrays of one dtype.
+
+        None (the default) where the backend has no faster way than the caller's own matrix
+        product (``takes_gates_weight_gradients`` False; the caller multiplies then): an optional
+        speed-up for a caller that adds up a cell loop's ``dgates`` (``lstmeng.torch.LSTMCell``),
+        not a computation every backend owes.
+        """
+        return None
+
+    def takes_gates_weight_gradients(self, rows: int, inputs: int, units: int, dtype) -> bool:
+        """Whether ``gates_weight_gradients`` forms the products for these sizes and dtype (False by
+        default): lets a caller choose, before a step's backward, to ask for ``dgates``."""
+        return False
+
     # -- the single-step cell --------------------------------------------------
     def cell_forward(self, x, h, c, kernel, recurrent_kernel, bias, input_dropout_mask,
                      recurrent_dropout_mask, options: SequenceOptions) -> SequenceForward:

@@ -83,13 +83,6 @@ MIN_UNITS_TO_SPLIT = 64
 #: threads). Batches split by rows keep their threads: at (32, 50, 16, 32) and
 #: (64, 50, 16, 16), 13-20 MFLOP, two threads were 1.6-1.7x faster when idle.
 MIN_FLOPS_TO_THREAD = 2**25
-#: A training step of 2 * MIN_ROWS_PER_PART rows or more takes the one-step kernel (one thread)
-#: only under this many forward FLOPs (``_takes_one_step``): its backward then computes the
-#: weight gradients on that thread too, where the general path splits them among the threads.
-#: Zen 5, 2 threads, lstmeng.torch.LSTMCell training loops at batch 32 against the general
-#: path: (I, H) = (64, 128), 6.3 MFLOP, faster (1.05-1.09x -> 1.26-1.29x torch); (96, 192),
-#: 14 MFLOP, 1.31-1.33x -> 1.26-1.27x; (128, 256), 25 MFLOP, 1.41-1.47x -> 1.30-1.32x.
-ONE_STEP_TRAINING_MAX_FLOPS = 2**23
 #: ... except a call of at least MIN_STEPS_TO_SPLIT steps on a layer of at least this many
 #: units, which still splits them (the split chooser then times both ways, as for larger
 #: calls): its steps are long enough to pay for a barrier each. Batch 1, one thread / split,
@@ -97,6 +90,19 @@ ONE_STEP_TRAINING_MAX_FLOPS = 2**23
 #: (inference; training 1.23x / 1.36-1.42x), (256, 128) 1.38-1.58x at 16-128; at H = 64
 #: the split lost at every T up to 256 ((32, 64): 0.78-0.98x; 0.8-1.07x at batch 4).
 MIN_UNITS_TO_SPLIT_SMALL_CALL = 128
+#: A training step of 2 * MIN_ROWS_PER_PART rows or more takes the one-step kernel (one thread)
+#: only under this many forward FLOPs (``_takes_one_step``): its backward then computes the
+#: weight gradients on that thread too, where the general path splits them among the threads.
+#: Zen 5, 2 threads, lstmeng.torch.LSTMCell training loops at batch 32 against the general
+#: path: (I, H) = (64, 128), 6.3 MFLOP, faster (1.05-1.09x -> 1.26-1.29x torch); (96, 192),
+#: 14 MFLOP, 1.31-1.33x -> 1.26-1.27x; (128, 256), 25 MFLOP, 1.41-1.47x -> 1.30-1.32x.
+ONE_STEP_TRAINING_MAX_FLOPS = 2**23
+#: ``gates_weight_gradients`` runs the kernel threads from this many FLOPs (one thread below).
+#: One parallel region, no barriers: two threads of a Zen 5 took 6.4 against 8.3 us at 0.8 MFLOP
+#: ((rows, I, H) = (4, 64, 128)), 10.6 against 16.5 at 3.1 MFLOP, even at 0.03; the limit keeps
+#: the tiniest products off a second thread that may be asleep (waking one took 0.3-3 ms on that
+#: guest: CALL_RUN_SECONDS).
+GATES_WEIGHT_GRADIENTS_MIN_FLOPS_TO_THREAD = 2**21
 #: Steps a call below MIN_FLOPS_TO_THREAD needs to split its units (the team's start and the
 #: packing are paid once per call: at T = 8 the split gained 1.03-1.26x, less than at 16).
 MIN_STEPS_TO_SPLIT = 8
@@ -262,6 +268,10 @@ class _UnitSplitGovernor:
         self._skip = 0       # calls still to run on one thread
         self._backoff = 1    # what the next losing call sets _skip to
         self._wins = 0       # split calls that did not lose since the last loss or halving
+
+    def holding_back(self) -> bool:
+        """Whether calls run on one thread now (a reading: no call is counted)."""
+        return self._skip > 0
 
     def allow(self) -> bool:
         """Whether this call may split (counts the call when it may not)."""
@@ -984,6 +994,32 @@ class CythonBackend(KernelBackend):
 
     def gives_gates(self, workspace) -> bool:
         return _gives_gates(workspace, _kernel_overrides.current())
+
+    def takes_gates_weight_gradients(self, rows, inputs, units, dtype) -> bool:
+        if dtype != np.float32 or _cython_lstm is None:
+            return False
+        _select_kernels(_kernel_overrides.current())
+        return _cython_lstm.gates_weight_gradients_take(rows, inputs, units)
+
+    def gates_weight_gradients(self, dgates, inputs, states):
+        """The contract's, on the packed AVX-512 kernel (``_cython_lstm.gates_weight_gradients``:
+        dgates read transposed in place, the 4H rows of the results shared by the threads), where
+        it takes the call: float32, the avx512 kernels selected, I and H multiples of 32; else None.
+        On a Zen 5 (2 threads) 2.0-2.4x faster than torch.mm (MKL's AVX2 code on that CPU) from 32
+        rows, 1.2-1.5x from 2 (docs/cython.md, "Cell-loop weight gradients")."""
+        rows, inputs_width, units = dgates.shape[0], inputs.shape[1], states.shape[1]
+        if (inputs.dtype != dgates.dtype or states.dtype != dgates.dtype
+                or not self.takes_gates_weight_gradients(rows, inputs_width, units, dgates.dtype)):
+            return None
+        flops = 2 * rows * dgates.shape[1] * (inputs_width + units)
+        count = 1
+        if flops >= GATES_WEIGHT_GRADIENTS_MIN_FLOPS_TO_THREAD and not self._split_governor.holding_back():
+            count = _kernel_threads()
+        dinput_weights = np.empty((dgates.shape[1], inputs_width), np.float32)
+        dstate_weights = np.empty((dgates.shape[1], units), np.float32)
+        _cython_lstm.gates_weight_gradients(np.ascontiguousarray(dgates), np.ascontiguousarray(inputs),
+                                            np.ascontiguousarray(states), dinput_weights, dstate_weights, count)
+        return dinput_weights, dstate_weights
 
     def _backward(self, doutputs, dh, dc, workspace, input_grad: bool, weight_grads: bool,
                   state_grads: bool = True):
