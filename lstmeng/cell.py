@@ -18,7 +18,9 @@ the weight gradients (``KernelBackend.gives_gates``: the cython backend's
 one-step calls of small batches, on the CPU) and the step has at most
 ``DEFERRED_GRADS_MAX_ROWS`` rows, a step's backward keeps dz with its x and h and
 the weight gradients of all such steps are formed at once, ``x^T dz`` and
-``h^T dz`` over every step (one product each), when the round's last step is
+``h^T dz`` over every step (one product each: the backend's
+``gates_weight_gradients`` where it forms them, up to
+``BACKEND_DEFERRED_GRADS_MAX_ROWS`` rows, else NumPy's), when the round's last step is
 backpropagated or when ``grads`` is read, whichever comes first: a per-step
 sum moved the whole gradient through memory at every step (12 MB at I = 256,
 H = 512). ``grads`` reads as it always did.
@@ -41,6 +43,12 @@ from lstmeng.backends.base import InferenceStepSlot, SequenceOptions
 #: per-step products run threaded: forming them late measured 1.09x (64, 128) at batch 8,
 #: 1.32x and 1.11x (256, 512) at batches 12 and 16, but 0.92-0.95x at batch 24.
 DEFERRED_GRADS_MAX_ROWS = 16
+#: The same where the backend forms the late products itself (``takes_gates_weight_gradients``:
+#: the cython backend's AVX-512 kernel, threaded) and the step has no dropout (whose steps give no
+#: dz). 50-step training loops against session 25's (late products on NumPy to 16 rows), Zen 5:
+#: (I, H) = (256, 512) 1.43x faster at batch 16, 1.38x at 32, 1.24x at 64, 1.02x at 96 with the limit
+#: there; (64, 128) 1.29x / 1.14x at 16 / 32, 0.96-1.07x at 40-64 (noise).
+BACKEND_DEFERRED_GRADS_MAX_ROWS = 64
 
 
 class LSTMCell(LSTMBase):
@@ -134,8 +142,10 @@ class LSTMCell(LSTMBase):
             guard = None if workspace is None else self._input_guard(x_t, "x_t", host_io)
             # The step's x_t and h, kept where its backward will give dz (h copied: the caller may
             # reuse its array; x_t is referenced by the workspace anyway).
-            deferred = (self._device == "cpu" and workspace is not None and batch <= DEFERRED_GRADS_MAX_ROWS
-                        and backend.gives_gates(workspace))
+            deferred = self._device == "cpu" and workspace is not None and (
+                batch <= DEFERRED_GRADS_MAX_ROWS and backend.gives_gates(workspace)
+                or batch <= BACKEND_DEFERRED_GRADS_MAX_ROWS and input_mask is None and recurrent_mask is None
+                and backend.takes_gates_weight_gradients(batch, self.input_size, self.units, np.dtype(self.dtype)))
             self._tapes.push((backend, workspace, batch, host_io, guard,
                               x_t if deferred else None, h.copy() if deferred else None))
             self._sequence_dropout = (input_mask, recurrent_mask)
@@ -156,13 +166,13 @@ class LSTMCell(LSTMBase):
         self.__dict__["_pending_grads"] = None
         self.__dict__["_grad_arrays"] = value
 
-    def _defer_weight_grads(self, x, h, dz, accumulate: bool) -> None:
+    def _defer_weight_grads(self, x, h, dz, accumulate: bool, backend) -> None:
         """Keep a step backward's x [B, I], h [B, H] and dz [B, 4H] for ``_add_pending_grads``;
         ``accumulate`` False (the round's first backward): they replace the gradients, as
-        ``_set_grads`` would."""
+        ``_set_grads`` would. backend: the step's, which may form the products."""
         pending = self.__dict__.get("_pending_grads")
         if pending is None or not accumulate:
-            pending = self.__dict__["_pending_grads"] = {"replace": not accumulate, "steps": []}
+            pending = self.__dict__["_pending_grads"] = {"replace": not accumulate, "steps": [], "backend": backend}
         pending["steps"].append((x, h, dz))
         if not len(self._tapes):   # the round's last step: form them now
             self._add_pending_grads()
@@ -175,11 +185,18 @@ class LSTMCell(LSTMBase):
         steps = pending["steps"]
         x, h, dz = ((steps[0][part] if len(steps) == 1 else np.concatenate([step[part] for step in steps]))
                     for part in range(3))                                  # [S B, I], [S B, H], [S B, 4H]
-        # np.dot, not @: NumPy's matmul took 33 us for a one-row [64, 1] @ [1, 512], np.dot 3.6.
-        # BLAS on one thread: a pool started here spins on after the products, and took a core
-        # from the rest of the process (torch.nn.LSTMCell's loop beside it ran 1.7x slower).
-        with threads.single_threaded_blas():
-            fresh = {"kernel": np.dot(x.T, dz), "recurrent_kernel": np.dot(h.T, dz)}
+        # The backend's products where it forms them (the cython backend's AVX-512 kernel, threaded;
+        # not for one row, where np.dot's outer products are as fast), else NumPy's.
+        products = (pending["backend"].gates_weight_gradients(dz, x, h, transposed=False) if dz.shape[0] > 1
+                    else None)
+        if products is not None:
+            fresh = {"kernel": products[0], "recurrent_kernel": products[1]}
+        else:
+            # np.dot, not @: NumPy's matmul took 33 us for a one-row [64, 1] @ [1, 512], np.dot 3.6.
+            # BLAS on one thread: a pool started here spins on after the products, and took a core
+            # from the rest of the process (torch.nn.LSTMCell's loop beside it ran 1.7x slower).
+            with threads.single_threaded_blas():
+                fresh = {"kernel": np.dot(x.T, dz), "recurrent_kernel": np.dot(h.T, dz)}
         if self.use_bias:
             fresh["bias"] = dz.sum(axis=0)
         self._set_grads(fresh, not pending["replace"])
@@ -232,11 +249,13 @@ class LSTMCell(LSTMBase):
             # (A round's only step, as in online learning, gains nothing from waiting, and a layer
             # moved to a GPU since the forward keeps its gradients there: the backend forms them,
             # below.)
-            grads = backend.sequence_backward_gates(backend.ops.zeros_like(dh), dh, dc, workspace)
+            # prefer_gates: dz also where the backend would give weight gradients by default, when
+            # it forms the products of dz itself (the forward's choice: BACKEND_DEFERRED_GRADS_MAX_ROWS).
+            grads = backend.sequence_backward_gates(backend.ops.zeros_like(dh), dh, dc, workspace, prefer_gates=True)
             _, accumulate = self._tapes.pop()
             dx, dh_prev, dc_prev = grads.dx[:, 0, :], grads.dh0, grads.dc0
             if grads.dgates is not None:
-                self._defer_weight_grads(np.array(x_t), h_t, grads.dgates, accumulate)
+                self._defer_weight_grads(np.array(x_t), h_t, grads.dgates, accumulate, backend)
             else:
                 self._store_grads(backend, grads, accumulate)
         else:

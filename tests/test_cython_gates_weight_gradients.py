@@ -28,8 +28,10 @@ def _arrays(rows: int, inputs: int, units: int, dtype=np.float32, seed: int = 0)
             rng.standard_normal((rows, units)).astype(dtype))
 
 
-def _reference(dz, x, h0):
-    return dz.astype(np.float64).T @ x.astype(np.float64), dz.astype(np.float64).T @ h0.astype(np.float64)
+def _reference(dz, x, h0, transposed=True):
+    """dz^T x and dz^T h0 in float64 (their transposes without ``transposed``)."""
+    products = dz.astype(np.float64).T @ x.astype(np.float64), dz.astype(np.float64).T @ h0.astype(np.float64)
+    return products if transposed else tuple(product.T for product in products)
 
 
 @pytest.fixture
@@ -40,23 +42,28 @@ def backend():
 @needs_avx512
 @pytest.mark.parametrize("rows", [1, 2, 13, 256, 257, 700])   # one chunk, a chunk and a row, several
 @pytest.mark.parametrize("sizes", [(32, 32), (64, 128), (96, 64)])
-def test_the_products_match_a_float64_reference_and_any_thread_count(rows, sizes, backend, monkeypatch):
+@pytest.mark.parametrize("transposed", [True, False], ids=["torch-layout", "contract-layout"])
+def test_the_products_match_a_float64_reference_and_any_thread_count(rows, sizes, transposed, backend, monkeypatch):
     inputs, units = sizes
     dz, x, h0 = _arrays(rows, inputs, units)
-    wanted = _reference(dz, x, h0)
+    wanted = _reference(dz, x, h0, transposed)
+    shapes = [(4 * units, inputs), (4 * units, units)]
+    if not transposed:
+        shapes = [shape[::-1] for shape in shapes]
     results = []
-    for threads in (1, 2, 3):
+    # At (32, 32) 4H has 4 panel pairs: 3 threads take unequal shares, 5 more threads than pairs.
+    for threads in (1, 2, 3, 5):
         monkeypatch.setattr(cython_module, "GATES_WEIGHT_GRADIENTS_MIN_FLOPS_TO_THREAD", 0)
         monkeypatch.setattr(cython_module, "_kernel_threads", lambda threads=threads: threads)
         with kernel_overrides(cython_isa="avx512"):
             assert backend.takes_gates_weight_gradients(rows, inputs, units, np.float32)
-            results.append(backend.gates_weight_gradients(dz, x, h0))
+            results.append(backend.gates_weight_gradients(dz, x, h0, transposed=transposed))
     for got in results:
-        for array, expected, shape in zip(got, wanted, ((4 * units, inputs), (4 * units, units))):
+        for array, expected, shape in zip(got, wanted, shapes):
             assert array.shape == shape and array.dtype == np.float32 and array.flags.c_contiguous
             # float32 sums of `rows` products: a few ulps of the terms' magnitude per term.
             np.testing.assert_allclose(array, expected, rtol=1e-5, atol=1e-5 * np.sqrt(rows))
-    # Each row of the results is one FMA chain, whichever thread runs it: bitwise equal.
+    # Each element of the results is one FMA chain, whichever thread runs it: bitwise equal.
     for got in results[1:]:
         np.testing.assert_array_equal(got[0], results[0][0])
         np.testing.assert_array_equal(got[1], results[0][1])
@@ -80,7 +87,7 @@ def test_threads_run_from_the_flop_limit_and_not_while_the_governor_holds_back(b
     original = extension.gates_weight_gradients
 
     def spy(*args):
-        asked.append(args[-1])
+        asked.append(args[5])   # threads
         return original(*args)
 
     monkeypatch.setattr(extension, "gates_weight_gradients", spy)

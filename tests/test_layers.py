@@ -404,6 +404,47 @@ def test_cython_cell_forms_late_only_the_weight_gradients_of_small_batches(batch
         np.testing.assert_allclose(cell.grads[name], reference.grads[name], rtol=1e-10, atol=1e-12, err_msg=name)
 
 
+@pytest.mark.parametrize("case", ["avx512", "avx512-past-the-limit", "avx512-dropout", "avx2"])
+def test_cython_cell_forms_late_the_weight_gradients_its_backend_forms(case, monkeypatch):
+    """float32 steps of up to BACKEND_DEFERRED_GRADS_MAX_ROWS rows (here 34, past
+    DEFERRED_GRADS_MAX_ROWS) whose backend forms the products of dz itself (the avx512 kernels,
+    I and H multiples of 32) have their weight gradients formed late, by the backend, in the
+    contract's layout; past the limit, with dropout (whose steps give no dz) or on the avx2
+    kernels they keep the backend's per-step sums. Gradients: the numpy backend's (float32)."""
+    extension = pytest.importorskip("lstmeng.backends._cython_lstm")
+    isa = "avx2" if case == "avx2" else "avx512"
+    if isa not in extension.SUPPORTED_ISAS:
+        pytest.skip(f"this CPU or build does not run {isa}")
+    from lstmeng.backends import cython as cython_module
+    from lstmeng.testing import kernel_overrides
+    formed = _count_formed_steps(monkeypatch)
+    by_backend = []
+    original = cython_module.CythonBackend.gates_weight_gradients
+    monkeypatch.setattr(cython_module.CythonBackend, "gates_weight_gradients",
+                        lambda backend, *args, **kwargs: by_backend.append(kwargs) or original(backend, *args, **kwargs))
+    batch = cell_module.BACKEND_DEFERRED_GRADS_MAX_ROWS + (1 if case == "avx512-past-the-limit" else -30)
+    features, units, steps = 32, 32, 3
+    options = {"dropout": 0.25, "recurrent_dropout": 0.25} if case == "avx512-dropout" else {}
+    reference = le.LSTMCell(units, seed=4, backend="numpy", **options).build(features)
+    cell = le.LSTMCell(units, backend="cython", **options).set_weights(reference.get_weights())
+    x = RNG.normal(size=(batch, steps, features)).astype(np.float32)
+    dy = RNG.normal(size=(steps, batch, units)).astype(np.float32)
+    with kernel_overrides(cython_isa=isa):
+        for layer in (reference, cell):
+            layer._rng = np.random.default_rng(8)   # the same dropout masks
+            states = None
+            for t in range(steps):
+                _, states = layer(x[:, t], states, training=True)
+            dh, dc = np.zeros((batch, units), np.float32), None
+            for t in range(steps - 1, -1, -1):
+                _, (dh, dc) = layer.backward(dy[t] + dh, dc)
+    late = case == "avx512"
+    assert formed == ([steps] if late else [])
+    assert by_backend == ([{"transposed": False}] if late else [])
+    for name in reference.grads:
+        np.testing.assert_allclose(cell.grads[name], reference.grads[name], rtol=1e-4, atol=1e-4, err_msg=name)
+
+
 def test_cell_grads_restart_with_a_new_sequence_and_tape_is_lifo():
     cell = le.LSTMCell(UNITS, dtype="float64", seed=4, backend="numpy").build(FEATURES)
     x = x_of()

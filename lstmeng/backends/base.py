@@ -499,16 +499,17 @@ class KernelBackend(abc.ABC):
         the steps' dz itself and taking their weight gradients."""
         return False
 
-    def gates_weight_gradients(self, dgates, inputs, states):
-        """The weight gradients of one-step calls from their ``dgates``, in the transposed layout
-        (PyTorch's ``weight_ih`` and ``weight_hh``): ``(dgates^T @ inputs [4H, I], dgates^T @ states
-        [4H, H])``, new arrays, for dgates ``[N, 4H]`` (the calls' rows stacked), inputs ``[N, I]``
-        and states ``[N, H]`` (each row's x and h0), host arrays of one dtype.
+    def gates_weight_gradients(self, dgates, inputs, states, *, transposed: bool = True):
+        """The weight gradients of one-step calls from their ``dgates``: in the transposed layout
+        (PyTorch's ``weight_ih`` and ``weight_hh``) ``(dgates^T @ inputs [4H, I], dgates^T @ states
+        [4H, H])``, or without ``transposed`` in the contract's ``(inputs^T @ dgates [I, 4H],
+        states^T @ dgates [H, 4H])``; new arrays, for dgates ``[N, 4H]`` (the calls' rows stacked),
+        inputs ``[N, I]`` and states ``[N, H]`` (each row's x and h0), host arrays of one dtype.
 
         None (the default) where the backend has no faster way than the caller's own matrix
         product (``takes_gates_weight_gradients`` False; the caller multiplies then): an optional
-        speed-up for a caller that adds up a cell loop's ``dgates`` (``lstmeng.torch.LSTMCell``),
-        not a computation every backend owes.
+        speed-up for a caller that adds up a cell loop's ``dgates`` (``lstmeng.torch.LSTMCell``, and
+        ``le.LSTMCell`` without ``transposed``), not a computation every backend owes.
         """
         return None
 
