@@ -420,8 +420,12 @@ def test_cython_cell_forms_late_the_weight_gradients_its_backend_forms(case, mon
     formed = _count_formed_steps(monkeypatch)
     by_backend = []
     original = cython_module.CythonBackend.gates_weight_gradients
-    monkeypatch.setattr(cython_module.CythonBackend, "gates_weight_gradients",
-                        lambda backend, *args, **kwargs: by_backend.append(kwargs) or original(backend, *args, **kwargs))
+
+    def spy(backend, *args, **kwargs):
+        by_backend.append(kwargs)
+        return original(backend, *args, **kwargs)
+
+    monkeypatch.setattr(cython_module.CythonBackend, "gates_weight_gradients", spy)
     batch = cell_module.BACKEND_DEFERRED_GRADS_MAX_ROWS + (1 if case == "avx512-past-the-limit" else -30)
     features, units, steps = 32, 32, 3
     options = {"dropout": 0.25, "recurrent_dropout": 0.25} if case == "avx512-dropout" else {}
