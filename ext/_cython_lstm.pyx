@@ -2116,25 +2116,27 @@ def step_backward(floating[:, ::1] doutputs, floating[:, ::1] dh, floating[:, ::
 
 def gates_weight_gradients(const float[:, ::1] dz, const float[:, ::1] inputs, const float[:, ::1] states,
                            float[:, ::1] dinput_weights, float[:, ::1] dstate_weights, Py_ssize_t threads=1,
-                           bint transposed=True):
+                           bint transposed=True, object buffer_cache=None):
     """The weight gradients of cell steps from their gate gradients dz [N, 4H] (the steps' rows
     stacked), inputs [N, I] and states [N, H] (each row's x and h0), overwritten: in PyTorch's
     layout (``transposed``) dinput_weights [4H, I] = dz^T inputs and dstate_weights [4H, H] =
     dz^T states; else in the contract's, dinput_weights [I, 4H] = inputs^T dz and dstate_weights
     [H, 4H] = states^T dz.
 
-    On the packed AVX-512 kernel, ``threads`` threads each a share of the results: transposed,
-    dz read transposed in place and the inputs and states packed WEIGHT_GRADIENT_CHUNK rows at a
-    time (a chunk's panels stay in L2 while every row block of the results passes over them),
-    each thread a share of the 4H rows; else the backward's own weight-gradient products
-    (``gemm_columns_packed``: dz's columns packed a chunk at a time, the inputs and states read
+    On the packed AVX-512 kernel, ``threads`` threads each a share of the results, a chunk of
+    WEIGHT_GRADIENT_CHUNK rows at a time (a chunk's panels stay in L2 while the results pass
+    over them): transposed, dz read transposed in place and each thread packing the chunk's
+    inputs and states for its share of the 4H rows; else the backward's own weight-gradient
+    products (``gemm_columns_packed``: dz's columns packed, the inputs and states read
     transposed in place), each thread a block of the 4H columns. Each element is one FMA chain
-    either way: the same numbers on any thread count.
+    either way: the same numbers on any thread count. The panels come from ``buffer_cache``
+    when given (the backend's: megabytes at (I, H) = (256, 512), whose fresh pages at every call
+    cost more than the products of a few rows).
 
     Only where the AVX-512 kernels are selected, with I and H multiples of 32 (the panel
     pair): ValueError otherwise (the caller checks ``gates_weight_gradients_take``)."""
     cdef Py_ssize_t N = dz.shape[0], G = dz.shape[1], I = inputs.shape[1], H = states.shape[1]
-    cdef Py_ssize_t first, rows, share, row_begin, row_end, offset, pairs
+    cdef Py_ssize_t first, rows, share, row_begin, row_end, pairs
     if not gates_weight_gradients_take(N, I, H):
         raise ValueError(f"gates_weight_gradients: needs the avx512 kernels (selected: {_ISA_NAMES[lstmeng_isa]}), "
                          f"rows and I, H multiples of {PANEL_PAIR}; got N = {N}, I = {I}, H = {H}")
@@ -2149,14 +2151,15 @@ def gates_weight_gradients(const float[:, ::1] dz, const float[:, ::1] inputs, c
         raise ValueError(f"gates_weight_gradients: threads must be >= 1, got {threads}")
     pairs = G // PANEL_PAIR
     threads = min(threads, pairs)
-    # Transposed: every chunk's panels, inputs' then states', one after another (N (I + H)
-    # floats); else each thread's panels of a chunk of its columns of dz. Then the zero row the
-    # first chunk's products start from.
+    # Each thread's panels of one chunk (transposed: the chunk's inputs then states; else its
+    # columns of dz), then the zero row the first chunk's products start from.
+    cdef Py_ssize_t chunk_rows = min(N, WEIGHT_GRADIENT_CHUNK)
     cdef Py_ssize_t column_block = (pairs + threads - 1) // threads * PANEL_PAIR
-    cdef Py_ssize_t panel_floats = N * (I + H) if transposed else threads * WEIGHT_GRADIENT_CHUNK * column_block
-    panels_array = np.empty(panel_floats + max(I, H, G), np.float32)
+    cdef Py_ssize_t thread_floats = chunk_rows * ((I + H) if transposed else column_block)
+    panels_array = take_float32(buffer_cache, (threads * thread_floats + max(I, H, G),))
     cdef float[::1] panels = panels_array
-    cdef float *zero_row = &panels[0] + panel_floats
+    cdef float *zero_row = &panels[0] + threads * thread_floats
+    cdef float *own
     with nogil:
         memset(zero_row, 0, max(I, H, G) * sizeof(float))
         if not transposed:
@@ -2165,28 +2168,26 @@ def gates_weight_gradients(const float[:, ::1] dz, const float[:, ::1] inputs, c
                 row_end = (share + 1) * pairs // threads * PANEL_PAIR
                 gemm_columns_packed(I, H, G, N, row_begin, row_end, <float *>&inputs[0, 0], <float *>&states[0, 0],
                                     <float *>&dz[0, 0], &dinput_weights[0, 0], &dstate_weights[0, 0],
-                                    &panels[0] + share * WEIGHT_GRADIENT_CHUNK * column_block, zero_row)
+                                    &panels[0] + share * thread_floats, zero_row)
         else:
-            first = 0
-            while first < N:
-                rows = min(WEIGHT_GRADIENT_CHUNK, N - first)
-                pack_panels(&inputs[first, 0], rows, I, I, False, &panels[0] + first * (I + H), 1)
-                pack_panels(&states[first, 0], rows, H, H, False, &panels[0] + first * (I + H) + rows * I, 1)
-                first += rows
             for share in prange(threads, num_threads=threads, schedule="static"):
                 row_begin = share * G // threads
                 row_end = (share + 1) * G // threads
+                own = &panels[0] + share * thread_floats
                 first = 0
                 while first < N:
                     rows = min(WEIGHT_GRADIENT_CHUNK, N - first)
-                    offset = first * (I + H)
+                    lstmeng_pack_panels_f32(&inputs[first, 0], rows, I, I, 0, own)
+                    lstmeng_pack_panels_f32(&states[first, 0], rows, H, H, 0, own + rows * I)
                     lstmeng_gemm_at_packed_f32(row_end - row_begin, I, rows, &dz[first, row_begin], G,
-                                               &panels[0] + offset, zero_row if first == 0 else NULL,
+                                               own, zero_row if first == 0 else NULL,
                                                &dinput_weights[row_begin, 0], I)
                     lstmeng_gemm_at_packed_f32(row_end - row_begin, H, rows, &dz[first, row_begin], G,
-                                               &panels[0] + offset + rows * I, zero_row if first == 0 else NULL,
+                                               own + rows * I, zero_row if first == 0 else NULL,
                                                &dstate_weights[row_begin, 0], H)
                     first = first + rows
+    if buffer_cache is not None:
+        buffer_cache.give(panels_array)
 
 
 def gates_weight_gradients_take(Py_ssize_t rows, Py_ssize_t inputs, Py_ssize_t units):

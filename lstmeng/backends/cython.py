@@ -1022,7 +1022,7 @@ class CythonBackend(KernelBackend):
         dstate_weights = np.empty((gate_columns, units) if transposed else (units, gate_columns), np.float32)
         _cython_lstm.gates_weight_gradients(np.ascontiguousarray(dgates), np.ascontiguousarray(inputs),
                                             np.ascontiguousarray(states), dinput_weights, dstate_weights, count,
-                                            transposed)
+                                            transposed, self._buffers)
         return dinput_weights, dstate_weights
 
     def _backward(self, doutputs, dh, dc, workspace, input_grad: bool, weight_grads: bool,
