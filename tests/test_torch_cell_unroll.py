@@ -486,7 +486,7 @@ def _backend_products_spy(monkeypatch) -> list:
     return formed
 
 
-@pytest.mark.parametrize("isa, batch", [("avx512", 34), ("avx512", 65), ("avx2", 34)])
+@pytest.mark.parametrize("isa, batch", [("avx512", 3), ("avx512", 34), ("avx512", 65), ("avx2", 3), ("avx2", 34)])
 @pytest.mark.parametrize("mode", ["online", "loop"])
 def test_float32_steps_whose_backend_forms_the_products_ask_for_dz(mode, isa, batch, monkeypatch):
     """Where the backend forms dz^T x and dz^T h0 itself (float32, the avx512 kernels, I and H
@@ -494,8 +494,9 @@ def test_float32_steps_whose_backend_forms_the_products_ask_for_dz(mode, isa, ba
     (here past a LONE_STEP_GATES_MAX_ROWS of 1), and the steps of a loop of at most
     CHAINED_STEP_GATES_MAX_ROWS rows give dz and join one unroll, whose node has the backend form
     the products over all of them; 65 rows stay alone in a loop, and the avx2 kernels (torch.mm
-    would form the products) leave both as they were. Every gradient equals torch.nn.LSTMCell's
-    (float32)."""
+    would form the products) leave both as they were. 3 rows give dz on either (the backend's
+    default below 32 rows), whose products the backend forms on avx512 only. Every gradient equals
+    torch.nn.LSTMCell's (float32)."""
     if isa not in cython_module._cython_lstm.SUPPORTED_ISAS:
         pytest.skip(f"this CPU or build does not run {isa}")
     spy = _GatesSpy(monkeypatch)
@@ -512,11 +513,14 @@ def test_float32_steps_whose_backend_forms_the_products_ask_for_dz(mode, isa, ba
     run = _online_gradients if mode == "online" else _loop_gradients
     with kernel_overrides(cython_isa=isa):
         _assert_matches_torch(lambda module: run(module, *leaves), reference, mine, rtol=1e-4, atol=1e-5)
-    forms = isa == "avx512" and (mode == "online" or batch <= lt.CHAINED_STEP_GATES_MAX_ROWS)
-    assert (spy.with_gates, spy.without) == ((STEPS, 0) if forms else (0, STEPS))
+    avx512 = isa == "avx512"
+    gives_dz = batch < 2 * cython_module.MIN_ROWS_PER_PART or avx512 and (
+        mode == "online" or batch <= lt.CHAINED_STEP_GATES_MAX_ROWS)
+    assert (spy.with_gates, spy.without) == ((STEPS, 0) if gives_dz else (0, STEPS))
     if mode == "online":
-        # Each step its own backward pass: its dz's products, formed by the backend.
-        assert made == [] and formed == ([batch] * STEPS if forms else [])
+        # Each step its own backward pass: its dz's products, formed by the backend on avx512.
+        assert made == [] and formed == ([batch] * STEPS if gives_dz and avx512 else [])
     else:
         # The chain's first step forms its own; the unroll those of the other steps at once.
-        assert (len(made), sorted(formed)) == ((1, [batch, (STEPS - 1) * batch]) if forms else (0, []))
+        assert len(made) == (1 if gives_dz else 0)
+        assert sorted(formed) == ([batch, (STEPS - 1) * batch] if gives_dz and avx512 else [])
