@@ -8,6 +8,7 @@ the backward (PyTorch's version counter, done by content).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 import zlib
@@ -17,6 +18,23 @@ import numpy as np
 from lstmeng.backends import registry
 
 DEBUG_ENV = "LSTMENG_DEBUG"
+#: A round that keeps more workspace memory than this without a backward warns (as at
+#: ``TrainingTape``'s call count): at (B, T, I, H) = (64, 100, 256, 256) a training call keeps
+#: ~39 MB, so 256 calls were 10 GB before the count warned; the process slowed 5x from the tenth
+#: call on (fresh pages for every workspace) and could run out of memory first.
+WARN_AFTER_BYTES = 2**30
+#: Workspace fields that reference the caller's arrays (kept alive, not made, by the workspace).
+_REFERENCED_FIELDS = frozenset({"x", "kernel", "recurrent_kernel", "bias", "options"})
+
+
+def workspace_bytes(workspace) -> int:
+    """The bytes of the arrays a backend's workspace made for its backward (those with ``nbytes``:
+    NumPy and numba-cuda arrays; TensorFlow tensors count nothing), not those it references (x,
+    the weights). 0 for None or a workspace that is no dataclass."""
+    if workspace is None or not dataclasses.is_dataclass(workspace):
+        return 0
+    return sum(int(getattr(getattr(workspace, field.name), "nbytes", 0) or 0)
+               for field in dataclasses.fields(workspace) if field.name not in _REFERENCED_FIELDS)
 
 
 def debug_checks() -> bool:
@@ -95,26 +113,34 @@ class TrainingTape:
     sequence never inherits a half-used tape.
     """
 
-    def __init__(self, warn_after: int = 256):
+    def __init__(self, warn_after: int = 256, warn_after_bytes: int | None = None):
         self._entries: list = []
         self._backward_ran = False   # a backward consumed an entry of the current round
         # Training calls never backpropagated keep their workspaces alive (training=True used for
-        # inference, e.g. Monte Carlo dropout): say so once, when a round grows this long.
+        # inference, e.g. Monte Carlo dropout): say so once, when a round grows this long or keeps
+        # this many bytes.
         self._warn_after = warn_after
+        self._warn_after_bytes = WARN_AFTER_BYTES if warn_after_bytes is None else warn_after_bytes
+        self._round_bytes = 0
         self._warned = False
 
-    def push(self, entry) -> bool:
-        """Record a training call; returns True when it starts a new round."""
+    def push(self, entry, nbytes: int = 0) -> bool:
+        """Record a training call (``nbytes``: what its entry keeps in memory, ``workspace_bytes``);
+        returns True when it starts a new round."""
         if self._backward_ran:
             self._entries.clear()   # a new round over leftovers of a truncated one: start clean
             self._backward_ran = False
         new_round = not self._entries
+        if new_round:
+            self._round_bytes = 0
         self._entries.append(entry)
-        if len(self._entries) > self._warn_after and not self._warned:
+        self._round_bytes += nbytes
+        if (len(self._entries) > self._warn_after or self._round_bytes > self._warn_after_bytes) and not self._warned:
             self._warned = True
-            warnings.warn(f"{len(self._entries)} training calls are recorded and none was backpropagated: "
-                          "their workspaces stay in memory until backward() or reset_tape(); call with "
-                          "training=False where no backward follows", ResourceWarning, stacklevel=4)
+            warnings.warn(f"{len(self._entries)} training calls are recorded ({self._round_bytes / 2**20:.0f} MiB "
+                          "of workspaces) and none was backpropagated: their workspaces stay in memory until "
+                          "backward() or reset_tape(); call with training=False where no backward follows",
+                          ResourceWarning, stacklevel=4)
         return new_round
 
     @property

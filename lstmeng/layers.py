@@ -15,6 +15,7 @@ import numpy as np
 from lstmeng import _validation, masking
 from lstmeng._arrays import array_dtype_name, host_copy, prepare_input, prepare_state
 from lstmeng._lstm_base import LSTMBase
+from lstmeng._tape import workspace_bytes
 from lstmeng.backends import registry
 from lstmeng.backends.base import SequenceGrads, SequenceOptions
 
@@ -289,7 +290,7 @@ class LSTM(LSTMBase):
         if training:   # an inference call leaves the tape as it is
             guard = None if workspace is None else self._input_guard(x, "x", plan.host_io)
             self._tapes.push(_TapeEntry(backend, workspace, batch, steps, plan.got_initial_state, plan.host_io,
-                                        guard))
+                                        guard), workspace_bytes(workspace))
         if self.stateful:
             # Host arrays are mutable: carry copies so that a caller editing the
             # returned h or c in place does not change the next call's state.

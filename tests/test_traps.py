@@ -8,6 +8,7 @@
 """
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -185,6 +186,33 @@ def test_two_training_calls_backpropagate_last_in_first_out_and_sum(name):
     assert dx1[index] == pytest.approx((up - down) / (2 * step), rel=1e-5, abs=1e-8)
     with pytest.raises(RuntimeError, match="backward needs"):
         model.backward(w1)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cython"])
+def test_training_calls_that_keep_much_memory_warn_before_the_count(backend, monkeypatch):
+    """The tape warns once a round keeps more workspace bytes than WARN_AFTER_BYTES without a
+    backward, long before the call count (a large layer's 256 calls were gigabytes); a backward
+    starts the count again."""
+    if backend == "cython":
+        pytest.importorskip("lstmeng.backends._cython_lstm")
+    import lstmeng._tape as tape_module
+    lstm = le.LSTM(8, backend=backend, return_sequences=True, seed=0)
+    x = np.ones((4, 10, 3), "float32")
+    lstm(x, training=True)
+    one_call = tape_module.workspace_bytes(lstm._tapes.last.workspace)
+    # gates, c(t-1) and h(t-1) of 40 rows (or more: backends may round their buffers up), not x
+    assert 40 * 6 * 8 * 4 <= one_call < 40 * 6 * 8 * 4 + x.nbytes
+    lstm.backward(np.ones((4, 10, 8), "float32"))
+    monkeypatch.setattr(tape_module, "WARN_AFTER_BYTES", 3 * one_call)
+    lstm = le.LSTM(8, backend=backend, return_sequences=True, seed=0)
+    with pytest.warns(ResourceWarning, match=r"4 training calls are recorded \(0 MiB of workspaces\)"):
+        for _ in range(6):
+            lstm(x, training=True)
+    lstm.backward(np.ones((4, 10, 8), "float32"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # warned once already
+        for _ in range(6):
+            lstm(x, training=True)
 
 
 def test_training_calls_never_backpropagated_warn_once():
