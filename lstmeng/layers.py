@@ -290,7 +290,7 @@ class LSTM(LSTMBase):
         if training:   # an inference call leaves the tape as it is
             guard = None if workspace is None else self._input_guard(x, "x", plan.host_io)
             self._tapes.push(_TapeEntry(backend, workspace, batch, steps, plan.got_initial_state, plan.host_io,
-                                        guard), workspace_bytes(workspace))
+                                        guard), lambda: workspace_bytes(workspace))
         if self.stateful:
             # Host arrays are mutable: carry copies so that a caller editing the
             # returned h or c in place does not change the next call's state.
