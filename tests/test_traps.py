@@ -191,8 +191,8 @@ def test_two_training_calls_backpropagate_last_in_first_out_and_sum(name):
 @pytest.mark.parametrize("backend", ["numpy", "cython"])
 def test_training_calls_that_keep_much_memory_warn_before_the_count(backend, monkeypatch):
     """The tape warns once a round keeps more workspace bytes than WARN_AFTER_BYTES without a
-    backward, long before the call count (a large layer's 256 calls were gigabytes); a backward
-    starts the count again."""
+    backward, long before the call count (a large layer's 256 calls were gigabytes); once per
+    layer, as the count's warning (a later round as large says nothing)."""
     if backend == "cython":
         pytest.importorskip("lstmeng.backends._cython_lstm")
     import lstmeng._tape as tape_module
