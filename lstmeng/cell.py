@@ -145,7 +145,7 @@ class LSTMCell(LSTMBase):
             deferred = self._device == "cpu" and workspace is not None and (
                 batch <= DEFERRED_GRADS_MAX_ROWS and backend.gives_gates(workspace)
                 or batch <= BACKEND_DEFERRED_GRADS_MAX_ROWS and input_mask is None and recurrent_mask is None
-                and backend.takes_gates_weight_gradients(batch, self.input_size, self.units, np.dtype(self.dtype)))
+                and backend.takes_gates_weight_gradients(batch, self.input_size, self.units, self.dtype))
             self._tapes.push((backend, workspace, batch, host_io, guard,
                               x_t if deferred else None, h.copy() if deferred else None))
             self._sequence_dropout = (input_mask, recurrent_mask)
