@@ -418,8 +418,9 @@ class LSTM(LSTMBase):
 
         Returns:
             SequenceGrads; dx in x's layout (``[T, B, I]`` when time_major), or None
-            without ``input_grad``; host arrays for dx and the state gradients when the
-            call's x was a host array.
+            without ``input_grad``; dh0 and dc0 None when the call got no ``initial_state``
+            (nothing to backpropagate to: the backend skips dh0's product); host arrays for
+            dx and the state gradients when the call's x was a host array.
         """
         entry = plan.entry
         if self._tapes.last is not entry:
@@ -438,9 +439,13 @@ class LSTM(LSTMBase):
             # On the GPU the gradients are written into the arrays of the last backward (as
             # PyTorch's .grad): a training loop allocates none. Copy them to keep them.
             grads = backend.sequence_backward(dy, dh, dc, entry.workspace, grads_out=self._grads,
-                                              input_grad=input_grad)
+                                              input_grad=input_grad, state_grads=entry.got_initial_state)
         else:
-            grads = backend.sequence_backward(dy, dh, dc, entry.workspace, input_grad=input_grad)
+            # Initial states the caller did not give (zeros, or a stateful layer's carried ones)
+            # take no gradient: the backend may skip dh0's product (a one-step call's only
+            # product with the recurrent kernel).
+            grads = backend.sequence_backward(dy, dh, dc, entry.workspace, input_grad=input_grad,
+                                              state_grads=entry.got_initial_state)
         self._tapes.pop()
         self._store_grads(backend, grads, accumulate)
         if self.time_major and grads.dx is not None:

@@ -287,14 +287,15 @@ class _DirectionCall:
         """A backend result as a tensor on the call's device (None stays None)."""
         return None if array is None else _as_tensor(array, self.backend, self.device, self.on_host)
 
-    def backward(self, doutputs, dh, dc, workspace, input_grad: bool = True):
-        """Gradients (dx [B, T, I] or None without ``input_grad``, dh0, dc0 [B, H], dweight_ih [4H, I],
-        dweight_hh [4H, H], dbias [4H]): the weight gradients in the parameters' layout, made from
+    def backward(self, doutputs, dh, dc, workspace, input_grad: bool = True, state_grads: bool = True):
+        """Gradients (dx [B, T, I] or None without ``input_grad``, dh0, dc0 [B, H] or None without
+        ``state_grads``, dweight_ih [4H, I], dweight_hh [4H, H], dbias [4H]): the weight
+        gradients in the parameters' layout, made from
         the contract's dkernel [I, 4H] and drecurrent_kernel [H, 4H] (``_in_parameter_layout`` on
         the host: contiguous copies or transposed views; ``.t()`` views on a device)."""
         with _numba_stream_order(self.device, self.on_host):
             grads = self.backend.sequence_backward(self._array(doutputs), self._array(dh), self._array(dc),
-                                                   workspace, input_grad=input_grad)
+                                                   workspace, input_grad=input_grad, state_grads=state_grads)
         wrapped = self._tensor
         if self.on_host and isinstance(grads.dkernel, np.ndarray):
             # Wrapped as NumPy arrays in the parameters' layout: cheaper than torch's .t() afterwards.
@@ -393,9 +394,10 @@ class _LSTMDirection(torch.autograd.Function):
             workspace = ctx.call.forward(*saved, training=True)[3]
         needs = ctx.needs_input_grad
         # An input that needs no gradient (the first layer's data or frozen embeddings) costs
-        # no dx product.
+        # no dx product; initial states that need none (hx None: zeros) no dh0 product.
         dx, dh0, dc0, dweight_ih, dweight_hh, dbias = ctx.call.backward(doutputs, dh, dc, workspace,
-                                                                       input_grad=needs[1])
+                                                                       input_grad=needs[1],
+                                                                       state_grads=needs[2] or needs[3])
         has_bias = saved[5] is not None
         return (None,
                 dx if needs[1] else None,

@@ -167,11 +167,13 @@ def test_backward_without_input_grad_skips_dx_and_keeps_the_other_gradients(back
 @pytest.mark.parametrize("backend_name", ["numpy", "cython", "tensorflow", "numba_cuda"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("steps", [1, 5])
-def test_backward_gates_without_state_grads_gives_none_for_them_and_keeps_the_rest(backend_name, dtype, steps):
-    """``sequence_backward_gates(state_grads=False)``: dh0 and dc0 are None, every other result
-    (dx, dgates or the weight gradients) as with them: one-step calls (a cell step on detached
-    states) and sequences with a mask, dropout and reverse (where only the product reaching dh0
-    may be skipped)."""
+@pytest.mark.parametrize("method", ["sequence_backward_gates", "sequence_backward"])
+def test_backward_without_state_grads_gives_none_for_them_and_keeps_the_rest(backend_name, dtype, steps, method):
+    """``sequence_backward_gates(state_grads=False)`` and ``sequence_backward(state_grads=False)``
+    (a layer called without initial states): dh0 and dc0 are None, every other result (dx,
+    dgates or the weight gradients) as with them: one-step calls (a cell step on detached states)
+    and sequences with a mask, dropout and reverse (where only the product reaching dh0 may be
+    skipped)."""
     backend, info = registry._entry(backend_name)
     if backend is None:
         pytest.skip(f"{backend_name} unavailable: {info.reason}")
@@ -190,9 +192,10 @@ def test_backward_gates_without_state_grads_gives_none_for_them_and_keeps_the_re
     grads = {}
     for state_grads in (True, False):
         forward = sequence_forward(backend, *arrays, *extras, training=True, return_sequences=True, **flags)
-        grads[state_grads] = backend.sequence_backward_gates(doutputs, dh, dc, forward.workspace,
-                                                             state_grads=state_grads)
+        grads[state_grads] = getattr(backend, method)(doutputs, dh, dc, forward.workspace, state_grads=state_grads)
     assert grads[False].dh0 is None and grads[False].dc0 is None
+    if method == "sequence_backward":
+        assert grads[False].dgates is None and grads[False].dkernel is not None
     assert np.asarray(grads[True].dh0).shape == np.asarray(grads[True].dc0).shape == (batch, units)
     for name in ("dx", "dkernel", "drecurrent_kernel", "dbias", "dgates"):
         got, want = getattr(grads[False], name), getattr(grads[True], name)

@@ -13,6 +13,7 @@ import pytest
 
 import lstmeng as le
 import lstmeng.cell as cell_module
+from lstmeng.backends import registry
 
 RNG = np.random.default_rng(0)
 BATCH, STEPS, FEATURES, UNITS = 3, 5, 2, 4
@@ -151,6 +152,45 @@ def test_initial_state_grads_only_when_initial_state_given():
     layer(x, initial_state=state, training=True)
     layer.backward(np.ones_like(y), dh=np.ones_like(h))
     assert [g.shape for g in layer.initial_state_grads] == [(BATCH, UNITS)] * 2
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cython"])
+@pytest.mark.parametrize("steps", [1, STEPS])
+@pytest.mark.parametrize("stateful", [False, True])
+def test_backward_asks_for_state_gradients_only_when_initial_state_given(backend, steps, stateful, monkeypatch):
+    """Without ``initial_state`` (zeros, or a stateful layer's carried states) the backend is asked
+    for no dh0, dc0 (``state_grads=False``: the cython backend skips dh0's product, a one-step
+    call's only one with the recurrent kernel), and dx and the weight gradients are those of the
+    same call given its initial states explicitly; with them, their gradients are reported."""
+    layer = lstm(backend=backend, return_sequences=True, stateful=stateful)
+    engine = registry.get_backend_object(backend)
+    asked = []
+    original = type(engine).sequence_backward
+
+    def spy(self, *args, **kwargs):
+        asked.append(kwargs.get("state_grads", True))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(engine), "sequence_backward", spy)
+    x = x_of(steps=steps)
+    dy = RNG.normal(size=(BATCH, steps, UNITS))
+    if stateful:
+        layer(x_of(steps=2))   # states to carry into the calls below
+    states = [np.array(s) for s in layer.last_states] if stateful else [np.zeros((BATCH, UNITS))] * 2
+    results = {}
+    for given in (False, True):
+        if stateful:
+            layer.reset_state(states)
+        layer(x, initial_state=states if given else None, training=True)
+        dx = layer.backward(dy)
+        results[given] = (dx, {name: np.array(grad) for name, grad in layer.grads.items()},
+                          layer.initial_state_grads)
+    assert asked == [False, True]
+    assert results[False][2] is None
+    assert [g.shape for g in results[True][2]] == [(BATCH, UNITS)] * 2
+    np.testing.assert_array_equal(results[False][0], results[True][0])
+    for name, grad in results[True][1].items():
+        np.testing.assert_array_equal(results[False][1][name], grad, err_msg=name)
 
 
 # -- stateful -----------------------------------------------------------------------------

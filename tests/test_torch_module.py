@@ -747,6 +747,48 @@ def test_dx_is_computed_only_where_an_input_needs_it(backend_name, monkeypatch):
             torch.testing.assert_close(actual.grad, expected.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("backend_name", ["cython", "numpy"])
+def test_state_gradients_are_computed_only_where_hx_needs_them(backend_name, monkeypatch):
+    """Without hx (zeros) or with an hx that takes no gradient, every layer direction's backward
+    asks the backend for no dh0, dc0 (``state_grads=False``: the cython backend skips dh0's
+    product); with h0 or c0 requiring grad every direction computes them, and hx's gradients and
+    every parameter's match torch.nn.LSTM."""
+    from lstmeng.backends import registry
+
+    backend = registry.get_backend_object(backend_name)
+    asked = []
+    original_backward = backend.sequence_backward
+
+    def spy(*args, state_grads=True, **kwargs):
+        asked.append(state_grads)
+        grads = original_backward(*args, state_grads=state_grads, **kwargs)
+        assert (grads.dh0 is None) == (grads.dc0 is None) == (not state_grads)
+        return grads
+
+    monkeypatch.setattr(backend, "sequence_backward", spy)
+    reference, mine = make_pair(backend_name, torch.float64, num_layers=2, bidirectional=True)
+    x = torch.randn(4, 3, INPUT_SIZE, dtype=torch.float64)
+    for hx_kind in ("none", "constant", "h0", "c0"):
+        asked.clear()
+        gradients = {}
+        for module in (mine, reference):
+            module.zero_grad()
+            hx = None
+            if hx_kind != "none":   # [layers x directions, B, H]; x is [T, B, I]
+                hx = tuple(torch.randn(4, 3, HIDDEN_SIZE, dtype=torch.float64,
+                                       generator=torch.Generator().manual_seed(k), requires_grad=hx_kind == name)
+                           for k, name in enumerate(("h0", "c0")))
+            module(x, hx)[0].square().sum().backward()
+            gradients[module] = [None if hx is None else tensor.grad for tensor in (hx or ())]
+        assert asked == [hx_kind in ("h0", "c0")] * 4
+        for actual, expected in zip(gradients[mine], gradients[reference]):
+            assert (actual is None) == (expected is None)
+            if expected is not None:
+                torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+        for (name, expected), actual in zip(reference.named_parameters(), mine.parameters()):
+            torch.testing.assert_close(actual.grad, expected.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_bias_gradients_do_not_share_memory():
     """clip_grad_norm_ scales gradients in place: bias_ih and bias_hh must not alias (else scaled twice)."""
     reference, mine = make_pair("cython", torch.float64, num_layers=2)

@@ -255,8 +255,8 @@ class SequenceGrads:
     Attributes:
         dx: ``[B, T, I]`` (``[B, I]`` for a cell step), or None when the
             backward was asked for no input gradient (``input_grad=False``).
-        dh0, dc0: ``[B, H]`` gradients of the initial states (None from
-            ``sequence_backward_gates`` asked for none: ``state_grads=False``).
+        dh0, dc0: ``[B, H]`` gradients of the initial states (None from a
+            backward asked for none: ``state_grads=False``).
         dkernel: ``[I, 4H]``; drecurrent_kernel: ``[H, 4H]``; dbias: ``[4H]``
             (zeros when the layer has no bias; the layer drops it).
         dgates: None, except from ``sequence_backward_gates`` where the
@@ -444,7 +444,7 @@ class KernelBackend(abc.ABC):
 
     @abc.abstractmethod
     def sequence_backward(self, doutputs, dh, dc, workspace: Workspace, *,
-                          input_grad: bool = True) -> SequenceGrads:
+                          input_grad: bool = True, state_grads: bool = True) -> SequenceGrads:
         """Backward pass of ``sequence_forward``; consumes ``workspace`` (see ``Workspace.consume``).
 
         Args:
@@ -457,9 +457,15 @@ class KernelBackend(abc.ABC):
                 embeddings or on data, a frozen input): dx is then None and
                 its product ``dz @ kernel^T`` (a third of the backward's
                 weight-sized GEMMs) is skipped.
+            state_grads: False when the caller needs no gradient of the initial
+                states (a layer called without ``initial_state``): dh0 and dc0
+                are then None, and a backend may skip the product that forms
+                dh0 (the cython backend does: the last step's product with the
+                recurrent kernel, the only one of a one-step call).
 
         Returns:
-            SequenceGrads with dx ``[B, T, I]`` (None without ``input_grad``).
+            SequenceGrads with dx ``[B, T, I]`` (None without ``input_grad``),
+            dh0 and dc0 ``[B, H]`` (None without ``state_grads``).
         """
 
     def sequence_backward_gates(self, doutputs, dh, dc, workspace: Workspace, *,
@@ -485,13 +491,9 @@ class KernelBackend(abc.ABC):
         ``state_grads``: False when the caller needs no gradient of the initial states (a cell
         step on detached states, as online learning runs): dh0 and dc0 are then None, and a
         backend may skip the product that forms dh0 (the cython backend does: for one step,
-        the backward's only product with the recurrent kernel). By default this backend
-        computes them and drops them.
+        the backward's only product with the recurrent kernel); as ``sequence_backward``'s.
         """
-        grads = self.sequence_backward(doutputs, dh, dc, workspace, input_grad=input_grad)
-        if not state_grads:
-            grads.dh0 = grads.dc0 = None
-        return grads
+        return self.sequence_backward(doutputs, dh, dc, workspace, input_grad=input_grad, state_grads=state_grads)
 
     def gives_gates(self, workspace: Workspace) -> bool:
         """Whether ``sequence_backward_gates`` of ``workspace`` (not yet consumed) gives ``dgates``

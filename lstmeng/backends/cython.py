@@ -977,8 +977,8 @@ class CythonBackend(KernelBackend):
                 input_shape=x.shape, weights_transposed=weights_transposed)
         return SequenceForward(outputs=outputs, h=h_out, c=c_out, workspace=workspace)
 
-    def sequence_backward(self, doutputs, dh, dc, workspace, *, input_grad=True):
-        return self._backward(doutputs, dh, dc, workspace, input_grad, weight_grads=True)
+    def sequence_backward(self, doutputs, dh, dc, workspace, *, input_grad=True, state_grads=True):
+        return self._backward(doutputs, dh, dc, workspace, input_grad, weight_grads=True, state_grads=state_grads)
 
     def sequence_backward_gates(self, doutputs, dh, dc, workspace, *, input_grad=True, prefer_gates=False,
                                 state_grads=True):

@@ -472,8 +472,10 @@ class NumbaCudaBackend(KernelBackend):
             outputs, h, c_state = self.ops.to_numpy(outputs), self.ops.to_numpy(h), self.ops.to_numpy(c_state)
         return SequenceForward(outputs=outputs, h=h, c=c_state, workspace=workspace)
 
-    def sequence_backward(self, doutputs, dh, dc, workspace, grads_out=None, *, input_grad=True):
-        """The contract's backward (``input_grad=False``: no dx GEMM, dx None). ``grads_out``
+    def sequence_backward(self, doutputs, dh, dc, workspace, grads_out=None, *, input_grad=True,
+                          state_grads=True):
+        """The contract's backward (``input_grad=False``: no dx GEMM, dx None; ``state_grads=False``:
+        dh0 and dc0 None, computed all the same by the recurrence). ``grads_out``
         (numba_cuda only): None, or a dict with device arrays "kernel" [I, 4H], "recurrent_kernel"
         [H, 4H] and optionally "bias" [4H] that receive the weight gradients in place (a GPU
         layer's ``grads``: no allocation per step).
@@ -534,6 +536,8 @@ class NumbaCudaBackend(KernelBackend):
                 ew.scale_rows_3d[ew.blocks_for(dx.size), threads](dx, ws.input_dropout_mask, dx)
         # Every launch that reads them is queued (one stream): the memory can serve the next call.
         self._release(gate_grads, ws.h_in, ws.c_prev, ws.gates, ws.seen_before, ws.last_output_rows)
+        if not state_grads:   # the recurrence forms them as it goes: dropped, not skipped
+            dh_state = dc_state = None
         grads = SequenceGrads(dx=dx, dh0=dh_state, dc0=dc_state, dkernel=dkernel,
                               drecurrent_kernel=drecurrent_kernel, dbias=dbias)
         if copy_out:

@@ -192,7 +192,7 @@ class NumpyBackend(KernelBackend):
             )
         return SequenceForward(outputs=outputs, h=h, c=c, workspace=workspace)
 
-    def sequence_backward(self, doutputs, dh, dc, workspace, *, input_grad=True):
+    def sequence_backward(self, doutputs, dh, dc, workspace, *, input_grad=True, state_grads=True):
         ws, options = workspace, workspace.options
         ws.consume(self.name)   # one backward per workspace, as on every backend (see base.Workspace)
         act = activations.FUNCTIONS[options.activation]
@@ -257,6 +257,8 @@ class NumpyBackend(KernelBackend):
             if ws.input_dropout_mask is not None:
                 dx_tb *= ws.input_dropout_mask[None]
             dx = np.ascontiguousarray(np.swapaxes(dx_tb, 0, 1))
+        if not state_grads:   # computed all the same: the reference keeps one loop body
+            dh = dc = None
         return SequenceGrads(dx=dx, dh0=dh, dc0=dc, dkernel=dkernel,
                              drecurrent_kernel=drecurrent_kernel, dbias=dbias)
 

@@ -435,7 +435,7 @@ class TensorflowBackend(KernelBackend):
                 recurrent_dropout_mask=tensors[8] if options.has_recurrent_dropout else None)
         return SequenceForward(outputs=outputs, h=h, c=c, workspace=workspace)
 
-    def sequence_backward(self, doutputs, dh, dc, workspace, *, input_grad=True):
+    def sequence_backward(self, doutputs, dh, dc, workspace, *, input_grad=True, state_grads=True):
         ws = workspace
         ws.consume(self.name)   # one backward per workspace, as on every backend (see base.Workspace)
         options = ws.options
@@ -452,7 +452,10 @@ class TensorflowBackend(KernelBackend):
             ws.input_dropout_mask if options.has_input_dropout else empty,
             ws.recurrent_dropout_mask if options.has_recurrent_dropout else empty)
         dx, dh0, dc0, dkernel, drecurrent_kernel, dbias = results
-        # Without input_grad the traced function still computes dx (one trace serves both).
+        # Without input_grad (state_grads) the traced function still computes dx (dh0, dc0): one
+        # trace serves every call.
+        if not state_grads:
+            dh0 = dc0 = None
         return SequenceGrads(dx=dx if input_grad else None, dh0=dh0, dc0=dc0, dkernel=dkernel,
                              drecurrent_kernel=drecurrent_kernel, dbias=dbias)
 
