@@ -56,7 +56,9 @@ def test_the_products_match_a_float64_reference_and_any_thread_count(rows, sizes
         monkeypatch.setattr(cython_module, "GATES_WEIGHT_GRADIENTS_MIN_FLOPS_TO_THREAD", 0)
         monkeypatch.setattr(cython_module, "_kernel_threads", lambda threads=threads: threads)
         with kernel_overrides(cython_isa="avx512"):
-            assert backend.takes_gates_weight_gradients(rows, inputs, units, np.float32)
+            # Any spelling of the dtype that NumPy reads as float32.
+            for dtype in (np.float32, np.dtype(np.float32), "float32"):
+                assert backend.takes_gates_weight_gradients(rows, inputs, units, dtype), dtype
             results.append(backend.gates_weight_gradients(dz, x, h0, transposed=transposed))
     for got in results:
         for array, expected, shape in zip(got, wanted, shapes):

@@ -710,24 +710,38 @@ def test_input_without_grad_and_frozen_module():
     torch.testing.assert_close(output, reference(x)[0].detach(), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("backend_name", ["cython", "numpy"])
-def test_dx_is_computed_only_where_an_input_needs_it(backend_name, monkeypatch):
-    """The first layer's backward skips its dx product when the input needs no gradient (the
-    backend is asked with input_grad=False), later layers always compute it; with the input
-    requiring grad every layer computes dx, and x.grad matches torch.nn.LSTM."""
+#: The results each flag of a backend's ``sequence_backward`` leaves None when it is False.
+BACKWARD_FLAG_RESULTS = {"input_grad": ("dx",), "state_grads": ("dh0", "dc0")}
+
+
+def spy_backward_flag(monkeypatch, backend_name, flag):
+    """A list that receives ``flag``'s value (a keyword of the backend's ``sequence_backward``,
+    True when not passed) at each call from now on; each call's results that the flag turns off
+    are checked to be None exactly when it is False."""
     from lstmeng.backends import registry
 
     backend = registry.get_backend_object(backend_name)
     asked = []
     original_backward = backend.sequence_backward
 
-    def spy(*args, input_grad=True, **kwargs):
-        asked.append(input_grad)
-        grads = original_backward(*args, input_grad=input_grad, **kwargs)
-        assert (grads.dx is None) == (not input_grad)
+    def spy(*args, **kwargs):
+        value = kwargs.get(flag, True)
+        asked.append(value)
+        grads = original_backward(*args, **kwargs)
+        for name in BACKWARD_FLAG_RESULTS[flag]:
+            assert (getattr(grads, name) is None) == (not value), name
         return grads
 
     monkeypatch.setattr(backend, "sequence_backward", spy)
+    return asked
+
+
+@pytest.mark.parametrize("backend_name", ["cython", "numpy"])
+def test_dx_is_computed_only_where_an_input_needs_it(backend_name, monkeypatch):
+    """The first layer's backward skips its dx product when the input needs no gradient (the
+    backend is asked with input_grad=False), later layers always compute it; with the input
+    requiring grad every layer computes dx, and x.grad matches torch.nn.LSTM."""
+    asked = spy_backward_flag(monkeypatch, backend_name, "input_grad")
     reference, mine = make_pair(backend_name, torch.float64, num_layers=2, bidirectional=True)
     for requires_grad in (False, True):
         asked.clear()
@@ -753,19 +767,7 @@ def test_state_gradients_are_computed_only_where_hx_needs_them(backend_name, mon
     asks the backend for no dh0, dc0 (``state_grads=False``: the cython backend skips dh0's
     product); with h0 or c0 requiring grad every direction computes them, and hx's gradients and
     every parameter's match torch.nn.LSTM."""
-    from lstmeng.backends import registry
-
-    backend = registry.get_backend_object(backend_name)
-    asked = []
-    original_backward = backend.sequence_backward
-
-    def spy(*args, state_grads=True, **kwargs):
-        asked.append(state_grads)
-        grads = original_backward(*args, state_grads=state_grads, **kwargs)
-        assert (grads.dh0 is None) == (grads.dc0 is None) == (not state_grads)
-        return grads
-
-    monkeypatch.setattr(backend, "sequence_backward", spy)
+    asked = spy_backward_flag(monkeypatch, backend_name, "state_grads")
     reference, mine = make_pair(backend_name, torch.float64, num_layers=2, bidirectional=True)
     x = torch.randn(4, 3, INPUT_SIZE, dtype=torch.float64)
     for hx_kind in ("none", "constant", "h0", "c0"):

@@ -996,7 +996,7 @@ class CythonBackend(KernelBackend):
         return _gives_gates(workspace, _kernel_overrides.current())
 
     def takes_gates_weight_gradients(self, rows, inputs, units, dtype) -> bool:
-        if dtype != np.float32 or _cython_lstm is None:
+        if _cython_lstm is None or np.dtype(dtype) != np.float32:   # a dtype, a scalar type or its name
             return False
         _select_kernels(_kernel_overrides.current())
         return _cython_lstm.gates_weight_gradients_take(rows, inputs, units)
