@@ -432,7 +432,7 @@ class LSTM(LSTMBase):
             zero = self._zero_weight_grads(backend)
             grads = SequenceGrads(
                 dx=backend.ops.zeros((entry.batch, entry.steps, self.input_size), self.dtype) if input_grad else None,
-                dh0=dh, dc0=dc,
+                dh0=dh if entry.got_initial_state else None, dc0=dc if entry.got_initial_state else None,
                 dkernel=zero["kernel"], drecurrent_kernel=zero["recurrent_kernel"],
                 dbias=zero.get("bias", np.zeros(4 * self.units, self.dtype)))
         elif self._device != "cpu" and backend.accepts_grads_out and not accumulate:

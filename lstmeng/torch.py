@@ -289,10 +289,10 @@ class _DirectionCall:
 
     def backward(self, doutputs, dh, dc, workspace, input_grad: bool = True, state_grads: bool = True):
         """Gradients (dx [B, T, I] or None without ``input_grad``, dh0, dc0 [B, H] or None without
-        ``state_grads``, dweight_ih [4H, I], dweight_hh [4H, H], dbias [4H]): the weight
-        gradients in the parameters' layout, made from
-        the contract's dkernel [I, 4H] and drecurrent_kernel [H, 4H] (``_in_parameter_layout`` on
-        the host: contiguous copies or transposed views; ``.t()`` views on a device)."""
+        ``state_grads``, dweight_ih [4H, I], dweight_hh [4H, H], dbias [4H]): the weight gradients
+        in the parameters' layout, made from the contract's dkernel [I, 4H] and drecurrent_kernel
+        [H, 4H] (``_in_parameter_layout`` on the host: contiguous copies or transposed views;
+        ``.t()`` views on a device)."""
         with _numba_stream_order(self.device, self.on_host):
             grads = self.backend.sequence_backward(self._array(doutputs), self._array(dh), self._array(dc),
                                                    workspace, input_grad=input_grad, state_grads=state_grads)

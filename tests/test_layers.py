@@ -183,8 +183,9 @@ def test_backward_asks_for_state_gradients_only_when_initial_state_given(backend
         if stateful:
             layer.reset_state(states)
         layer(x, initial_state=states if given else None, training=True)
-        dx = layer.backward(dy)
-        results[given] = (dx, {name: np.array(grad) for name, grad in layer.grads.items()},
+        grads = layer.run_backprop(layer.plan_backprop(dy))
+        assert (grads.dh0 is None) == (grads.dc0 is None) == (not given)
+        results[given] = (grads.dx, {name: np.array(grad) for name, grad in layer.grads.items()},
                           layer.initial_state_grads)
     assert asked == [False, True]
     assert results[False][2] is None
@@ -689,6 +690,9 @@ def test_empty_batch_and_zero_steps(batch, steps, return_sequences):
     assert {name: g.shape for name, g in layer.grads.items()} == {
         "kernel": (FEATURES, 16), "recurrent_kernel": (UNITS, 16), "bias": (16,)}
     assert all(np.all(g == 0) for g in layer.grads.values())
+    layer(x, training=True)   # without initial states their gradients are None, as with a workspace
+    grads = layer.run_backprop(layer.plan_backprop(np.ones_like(y)))
+    assert grads.dh0 is None and grads.dc0 is None and layer.initial_state_grads is None
     if steps == 0:
         assert layer(x, lengths=np.zeros(batch, int), initial_state=[h0, c0])[1].shape == (batch, UNITS)
 
