@@ -165,7 +165,7 @@ def test_backward_asks_for_state_gradients_only_when_initial_state_given(backend
     layer = lstm(backend=backend, return_sequences=True, stateful=stateful)
     engine = registry.get_backend_object(backend)
     asked = []
-    # On the instance, as other tests' spies are (their undo leaves the bound method there).
+    # A spy on the backend object the layer resolves to (the registry's singleton).
     original = engine.sequence_backward
 
     def spy(*args, **kwargs):
